@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   builds (or reuses) the tiny model pair and authenticates its images
+#   make test   runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU wheel these machines carry; a machine that already has a CUDA
+# torch keeps it (TORCH_SPEC= skips the pin).
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test env clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch present"; \
+	elif [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(VENV)/bin/cgidm demo --out $(DEMO_OUT)
+
+test: env
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)

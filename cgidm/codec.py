@@ -1,0 +1,67 @@
+"""Image <-> latent codecs: the pipeline's VAE, or an identity codec for tiny models.
+
+A codec maps images ``[B, 3, H, W]`` in [-1, 1] to scaled latents
+``[B, C, H/f, W/f]`` (``encode``, sampled as the paper does) and back (``decode``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+IDENTITY_CODEC_CLASS = "IdentityCodec"
+
+
+class VaeCodec:
+    """A diffusers ``AutoencoderKL``: ``latent = vae.encode(img).latent_dist.sample() * s``."""
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.dtype)).latent_dist
+        return dist.sample(generator=generator).float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
+        return out.float()
+
+    def to(self, device=None, dtype=None) -> "VaeCodec":
+        self.vae.to(device=device, dtype=dtype)
+        return self
+
+
+class IdentityCodec:
+    """Pixels are the latent (``C = 3``, ``f = 1``): the codec of the tiny model world,
+    where a VAE would only blur what the test is about."""
+
+    scaling_factor = 1.0
+    factor = 1
+    latent_channels = 3
+    dtype = torch.float32
+
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return images.float().clone()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float().clone()
+
+    def to(self, device=None, dtype=None) -> "IdentityCodec":
+        return self
+
+    @staticmethod
+    def save(directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"_class_name": IDENTITY_CODEC_CLASS}) + "\n")

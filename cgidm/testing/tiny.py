@@ -1,0 +1,261 @@
+"""Tiny SD-shaped pipelines, built from configs and trained on the synthetic world.
+
+``build_tiny_world(root)`` writes, deterministically and cached by a version key:
+
+- ``root/base``       a "pretrained" pipeline directory (unet, text_encoder, tokenizer,
+                      scheduler, identity codec) trained on every style of the world;
+- ``root/finetuned``  a DreamBooth-style full fine-tune of the UNet on the member images;
+- ``root/lora.safetensors`` a LoRA fine-tune (diffusers/PEFT key names) of the same;
+- ``root/images/{members,holdouts,controls}`` PNGs: members were fine-tuned on,
+  holdouts are unseen images of the same style, controls unseen images for calibration.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgidm.codec import IdentityCodec
+from cgidm.testing.world import STYLES, make_images
+
+log = logging.getLogger(__name__)
+
+WORLD_VERSION = 1
+MEMBER_STYLE = "ember"
+INSTANCE_PROMPT = "a sks pattern"
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    size: int = 16
+    pretrain_per_style: int = 24
+    pretrain_steps: int = 500
+    members: int = 6
+    holdouts: int = 6
+    controls: int = 12
+    finetune_steps: int = 300
+    lora_steps: int = 400
+    lora_rank: int = 16
+    batch: int = 16
+    seed: int = 0
+
+
+def tiny_unet_config(size: int = 16) -> dict:
+    return dict(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_tokenizer(directory: Path) -> None:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges: it spells words out
+    character by character, which is all a tiny text encoder needs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    cfg = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def build_tiny_pipeline(directory: Path, size: int = 16, seed: int = 0) -> None:
+    """Write an untrained tiny pipeline directory (random weights, seeded)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    directory = Path(directory)
+    write_tiny_tokenizer(directory / "tokenizer")
+    torch.manual_seed(seed)
+    text_cfg = CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
+        eos_token_id=513, pad_token_id=513, projection_dim=32,
+    )
+    CLIPTextModel(text_cfg).save_pretrained(directory / "text_encoder")
+    torch.manual_seed(seed + 1)
+    UNet2DConditionModel(**tiny_unet_config(size)).save_pretrained(directory / "unet")
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", prediction_type="epsilon",
+    ).save_pretrained(directory / "scheduler")
+    IdentityCodec.save(directory / "codec")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, steps: int,
+               lr: float, batch: int, seed: int, params=None, desc: str = "train") -> float:
+    """Epsilon-prediction training: ``cond [N, L, D]`` per image, ``x0 [N, C, H, W]``."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in (params or unet.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.1)
+    unet.train()
+    last = float("nan")
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=None)
+    for _ in bar:
+        idx = torch.randint(0, x0.shape[0], (min(batch, x0.shape[0]),), generator=g)
+        t = torch.randint(0, abar.shape[0], (idx.shape[0],), generator=g)
+        noise = torch.randn(x0[idx].shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0[idx] + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, encoder_hidden_states=cond[idx]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = loss.item()
+        bar.set_postfix(loss=f"{last:.4f}")
+    unet.eval()
+    return last
+
+
+def default_root() -> Path:
+    env = os.environ.get("CGIDM_TINY_WORLD")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cgidm" / f"tiny-world-v{WORLD_VERSION}"
+
+
+def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldConfig(), force: bool = False) -> Path:
+    """Build (or reuse) the tiny world under ``root``; returns ``root``.
+
+    Reuse is keyed by the config: a finished world carries ``world.json``.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(root) if root is not None else default_root()
+    stamp = {"version": WORLD_VERSION, **asdict(cfg)}
+    marker = root / "world.json"
+    if not force and marker.exists() and json.loads(marker.read_text()) == stamp:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(cfg.seed)
+
+    build_tiny_pipeline(tmp / "base", cfg.size, cfg.seed)
+    tok = CLIPTokenizer.from_pretrained(tmp / "base" / "tokenizer")
+    te = CLIPTextModel.from_pretrained(tmp / "base" / "text_encoder").eval()
+    sched = DDPMScheduler.from_pretrained(tmp / "base" / "scheduler")
+    abar = sched.alphas_cumprod.float()
+
+    @torch.no_grad()
+    def embed(prompts: list[str]) -> torch.Tensor:
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        return te(ids)[0]
+
+    # Pretraining: every style, indices far from those of the member/holdout/control sets.
+    images, prompts = [], []
+    for style in STYLES:
+        images += make_images(style, range(1000, 1000 + cfg.pretrain_per_style), cfg.size)
+        prompts += [f"a {style} pattern"] * cfg.pretrain_per_style
+    x0 = _to_tensor(images)
+    cond = embed(prompts)
+    unet = UNet2DConditionModel.from_pretrained(tmp / "base" / "unet")
+    log.info("pretraining the tiny UNet on %d images", len(images))
+    train_unet(unet, cond, x0, abar, cfg.pretrain_steps, 2e-3, cfg.batch * 2, cfg.seed, desc="pretrain")
+    unet.save_pretrained(tmp / "base" / "unet")
+
+    # Member / holdout / control images.
+    sets = {
+        "members": make_images(MEMBER_STYLE, range(cfg.members), cfg.size),
+        "holdouts": make_images(MEMBER_STYLE, range(100, 100 + cfg.holdouts), cfg.size),
+        "controls": make_images(MEMBER_STYLE, range(200, 200 + cfg.controls), cfg.size),
+    }
+    for name, ims in sets.items():
+        d = tmp / "images" / name
+        d.mkdir(parents=True)
+        for i, im in enumerate(ims):
+            im.save(d / f"{name[:-1]}_{i:02d}.png")
+
+    xm = _to_tensor(sets["members"])
+    cm = embed([INSTANCE_PROMPT] * len(sets["members"]))
+
+    # DreamBooth-style full fine-tune of the UNet (text encoder kept).
+    ft = UNet2DConditionModel.from_pretrained(tmp / "base" / "unet")
+    log.info("fine-tuning (full) on %d member images", xm.shape[0])
+    train_unet(ft, cm, xm, abar, cfg.finetune_steps, 1e-3, cfg.batch, cfg.seed + 1, desc="finetune")
+    ft_dir = tmp / "finetuned"
+    shutil.copytree(tmp / "base", ft_dir)
+    ft.save_pretrained(ft_dir / "unet")
+
+    # LoRA fine-tune on attention and resnet convolutions.
+    lora_unet = UNet2DConditionModel.from_pretrained(tmp / "base" / "unet")
+    lora_unet.requires_grad_(False)
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                      target_modules=LORA_TARGETS)
+    lora_unet.add_adapter(lcfg)
+    log.info("fine-tuning (LoRA r=%d) on %d member images", cfg.lora_rank, xm.shape[0])
+    train_unet(lora_unet, cm, xm, abar, cfg.lora_steps, 3e-3, cfg.batch, cfg.seed + 2, desc="lora")
+    state = get_peft_model_state_dict(lora_unet)
+    state = {f"unet.{k}": v.contiguous() for k, v in state.items()}
+    save_file(state, tmp / "lora.safetensors", metadata={"format": "pt"})
+
+    (tmp / "world.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    tmp.rename(root)
+    return root
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]

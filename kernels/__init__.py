@@ -1,0 +1,1 @@
+"""Triton kernels of the PGD update, installed as ``cgidm.kernels``."""
