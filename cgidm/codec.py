@@ -37,8 +37,8 @@ class VaeCodec:
         out = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
         return out.float()
 
-    def to(self, device=None, dtype=None) -> "VaeCodec":
-        self.vae.to(device=device, dtype=dtype)
+    def to(self, **kw) -> "VaeCodec":
+        self.vae.to(**kw)
         return self
 
 
@@ -57,7 +57,7 @@ class IdentityCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.float().clone()
 
-    def to(self, device=None, dtype=None) -> "IdentityCodec":
+    def to(self, **kw) -> "IdentityCodec":
         return self
 
     @staticmethod

@@ -23,15 +23,14 @@ def block_mask(
 ) -> torch.Tensor:
     """Kept-entry mask ``[channels, height, width]`` (1 = kept, 0 = to recover).
 
-    Sizes that ``blocks_per_side`` does not divide use blocks of ``ceil(size / blocks)``
-    cells, so that odd latents (e.g. 17×23) still get the same local pattern.
+    Blocks are square, ``ceil(min(height, width) / blocks_per_side)`` cells a side, so a
+    non-square or odd latent (40×56, 17×23) still gets the same local pattern.
     """
     if height < 1 or width < 1 or channels < 1:
         raise ValueError(f"mask size must be positive, got {channels}x{height}x{width}")
     if blocks_per_side < 1 or pass_rate < 1:
         raise ValueError("blocks_per_side and pass_rate must be >= 1")
-    bh = max(1, math.ceil(height / blocks_per_side))
-    bw = max(1, math.ceil(width / blocks_per_side))
+    bh = bw = max(1, math.ceil(min(height, width) / blocks_per_side))
     if 2 * pass_rate > min(bh, bw):
         raise ValueError(
             f"pass_rate {pass_rate} too large for blocks of {bh}x{bw} cells "

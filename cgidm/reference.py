@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -174,6 +174,42 @@ def sample_timesteps(
     return t.reshape(-1)
 
 
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def draw_step(
+    cfg: PGDConfig,
+    b: int,
+    latent_shape,
+    generator: Generators,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One step's random draws: ``t [N]``, ``noise_ft [N, C, H, W]`` and ``noise_pre``
+    (``None`` in shared mode). Per-image generators draw each image's share in turn."""
+    k = cfg.k
+    if generator is None or isinstance(generator, torch.Generator):
+        t = sample_timesteps(b, k, cfg, generator, device)
+        noise_ft = torch.randn(b * k, *latent_shape, generator=generator, device=device)
+        noise_pre = (
+            None if cfg.noise == "shared"
+            else torch.randn(b * k, *latent_shape, generator=generator, device=device)
+        )
+        return t, noise_ft, noise_pre
+    gens = list(generator)
+    if len(gens) != b:
+        raise ValueError(f"{len(gens)} generators for {b} images")
+    if cfg.noise == "paper":
+        t = sample_timesteps(b, k, cfg, gens[0], device)
+    else:
+        t = torch.cat([sample_timesteps(1, k, cfg, g, device) for g in gens])
+    noise_ft = torch.cat([torch.randn(k, *latent_shape, generator=g, device=device) for g in gens])
+    noise_pre = (
+        None if cfg.noise == "shared"
+        else torch.cat([torch.randn(k, *latent_shape, generator=g, device=device) for g in gens])
+    )
+    return t, noise_ft, noise_pre
+
+
 @dataclass
 class InversionResult:
     x_rec: torch.Tensor  # [B, C, H, W] recovered latent
@@ -192,7 +228,7 @@ def invert(
     cond_pre: torch.Tensor,  # [1 or B, L, D]
     abar: torch.Tensor,  # [T] alphas_cumprod of the scheduler
     cfg: PGDConfig = PGDConfig(),
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     ops: SimpleNamespace = REFERENCE_OPS,
     callback: Optional[Callable[[int, float], None]] = None,
 ) -> InversionResult:
@@ -200,6 +236,8 @@ def invert(
 
     ``ops`` supplies ``pair_noise``, ``pair_contrast_loss`` and ``pgd_update``; the
     default is this module's plain-torch twins, and the compiled ops are drop-in.
+    ``generator`` is one generator for the batch or one per image; with one per image,
+    an image's draws (and so its result) do not depend on what it is batched with.
     """
     b = x0.shape[0]
     k = cfg.k
@@ -215,15 +253,9 @@ def invert(
     skipped = torch.zeros(b, dtype=torch.long, device=device)
     history: list[float] = []
     for step in range(cfg.steps):
-        t = sample_timesteps(b, k, cfg, generator, device)
+        t, noise_ft, noise_pre = draw_step(cfg, b, x0.shape[1:], generator, device)
         sa = abar[t].sqrt().float()
         sb = (1 - abar[t]).sqrt().float()
-        noise_ft = torch.randn(n, *x0.shape[1:], generator=generator, device=device)
-        noise_pre = (
-            None
-            if cfg.noise == "shared"
-            else torch.randn(n, *x0.shape[1:], generator=generator, device=device)
-        )
         x = (x_init + delta).requires_grad_(True)
         _, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
         out_ft = eps_ft(x_t[0], t, cond_ft)

@@ -174,14 +174,23 @@ def default_root() -> Path:
 def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldConfig(), force: bool = False) -> Path:
     """Build (or reuse) the tiny world under ``root``; returns ``root``.
 
-    Reuse is keyed by the config: a finished world carries ``world.json``.
+    Reuse is keyed by the config: a finished world carries ``world.json``. A file lock
+    lets parallel test workers share one build.
     """
+    from filelock import FileLock
+
+    root = Path(root) if root is not None else default_root()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        return _build_locked(root, cfg, force)
+
+
+def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = Path(root) if root is not None else default_root()
     stamp = {"version": WORLD_VERSION, **asdict(cfg)}
     marker = root / "world.json"
     if not force and marker.exists() and json.loads(marker.read_text()) == stamp:
@@ -259,3 +268,12 @@ def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldCon
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+def demo_defaults() -> dict:
+    """Inversion settings for the tiny world (the paper's are for 4×64×64 SD latents:
+    a 16×16×3 latent has 1/21 of the entries, so the step and radius shrink with it)."""
+    return {"prompt": INSTANCE_PROMPT, "pgd": dict(DEMO_PGD), "metric": "latent_cos"}
+
+
+DEMO_PGD = {"steps": 200, "alpha": 0.5, "eps": 20.0}

@@ -1,0 +1,432 @@
+"""Offline loading of a model pair: the pretrained base and the suspect fine-tune.
+
+Base: a diffusers pipeline directory. Fine-tune: (a) a diffusers pipeline directory, or a
+``unet/`` (+ optional ``text_encoder/``) folder, or a UNet folder itself; (b) a single-file
+SD 1.x checkpoint (``.safetensors``); (c) a LoRA (diffusers/PEFT or kohya key names)
+applied on the base. Nothing is ever downloaded. Pickle files (``.ckpt``, ``.bin``,
+``.pt``, ``.pth``) are refused unless ``allow_pickle``, and then only loaded with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; real headers are a few MB at most
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded, with the file and the reason."""
+
+
+@dataclass
+class ModelPair:
+    """The pretrained and fine-tuned denoisers with everything the algorithm needs.
+
+    Both UNets have ``requires_grad`` off: only the input gradient is ever taken.
+    """
+
+    unet_pre: torch.nn.Module
+    unet_ft: torch.nn.Module
+    text_encoder_pre: torch.nn.Module
+    text_encoder_ft: torch.nn.Module
+    tokenizer_pre: object
+    tokenizer_ft: object
+    codec: object
+    abar: torch.Tensor  # [T] alphas_cumprod, fp64
+    info: dict = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet_pre.config.sample_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_pre.config.in_channels)
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * self.codec.factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet_pre.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "ModelPair":
+        mods = {id(m): m for m in (self.unet_pre, self.unet_ft, self.text_encoder_pre, self.text_encoder_ft)}
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for m in mods.values():
+            m.to(**kw)
+        self.codec.to(**kw)
+        return self
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model encodes the prompt with its own text encoder: ``(c_ft, c_pre)``,
+        each ``[1, L, D]`` fp32."""
+        return (
+            _encode(self.tokenizer_ft, self.text_encoder_ft, prompt, self.device),
+            _encode(self.tokenizer_pre, self.text_encoder_pre, prompt, self.device),
+        )
+
+
+def _encode(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
+    ids = tokenizer(
+        [prompt], padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids.to(device)
+    return text_encoder(ids)[0].float()
+
+
+# --------------------------------------------------------------------------- file checks
+
+
+def _check_local(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~"))
+        hint = (
+            " It looks like a model-hub id: cgidm never downloads. Download the model"
+            " yourself and pass its local folder."
+            if looks_like_hub_id
+            else ""
+        )
+        raise ModelLoadError(f"{what} not found: {path}.{hint}")
+    return p
+
+
+def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded and are refused. "
+            "Use a .safetensors file, or pass --allow-pickle to load it with "
+            "torch.load(weights_only=True) if you trust its source."
+        )
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and bound-check the JSON header of a safetensors file before loading it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_SAFETENSORS_HEADER or n > size - 8:
+            raise ModelLoadError(
+                f"{path}: malformed safetensors header (declares {n} bytes, file has {size - 8})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path}: malformed safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: malformed safetensors header (not a JSON object)")
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            lo, hi = meta["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ModelLoadError(f"{path}: malformed safetensors entry {key!r}") from e
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    return header
+
+
+def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors: safetensors, or pickle only with ``allow_pickle``
+    (and then ``weights_only=True``)."""
+    p = _check_local(path, "checkpoint")
+    if p.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        read_safetensors_header(p)
+        try:
+            return load_file(str(p))
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelLoadError(f"{p}: cannot read safetensors file ({e})") from e
+    check_pickle_allowed(p, allow_pickle)
+    if p.suffix.lower() not in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{p}: unknown checkpoint format {p.suffix!r} (expected .safetensors)")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{p}: cannot load with weights_only=True ({e})") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{p}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _weights_in(folder: Path, allow_pickle: bool) -> bool:
+    """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
+    if any(folder.glob("*.safetensors")):
+        return True
+    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        check_pickle_allowed(pickles[0], allow_pickle)
+        return False
+    raise ModelLoadError(f"{folder}: no weights file (expected *.safetensors)")
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _load_unet(folder: Path, allow_pickle: bool):
+    from diffusers import UNet2DConditionModel
+
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder}: missing UNet config.json")
+    use_st = _weights_in(folder, allow_pickle)
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load UNet ({e})") from e
+
+
+def _load_text_encoder(folder: Path, allow_pickle: bool):
+    from transformers import CLIPTextModel
+
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder}: missing text encoder config.json")
+    use_st = _weights_in(folder, allow_pickle)
+    try:
+        return CLIPTextModel.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load text encoder ({e})") from e
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: missing tokenizer folder")
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load tokenizer ({e})") from e
+
+
+def _load_codec(base: Path, allow_pickle: bool):
+    if (base / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        use_st = _weights_in(base / "vae", allow_pickle)
+        try:
+            vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st)
+        except Exception as e:
+            raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
+        return VaeCodec(vae.eval().requires_grad_(False))
+    cfg = base / "codec" / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == IDENTITY_CODEC_CLASS:
+        return IdentityCodec()
+    raise ModelLoadError(f"{base}: missing component 'vae' (no vae/ folder)")
+
+
+def _load_abar(base: Path) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    folder = base / "scheduler"
+    if not (folder / "scheduler_config.json").exists():
+        raise ModelLoadError(f"{folder}: missing scheduler_config.json")
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ModelLoadError(
+            f"{folder}: prediction_type {pred!r} is not supported; CGI-DM as specified uses "
+            "epsilon-prediction models (Stable Diffusion 1.x)"
+        )
+    sched = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    return sched.alphas_cumprod.double()
+
+
+def _base_dir(base: str | Path) -> Path:
+    p = _check_local(base, "base model")
+    if not p.is_dir():
+        raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory")
+    for comp in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if not (p / comp).is_dir():
+            raise ModelLoadError(f"{p}: missing component '{comp}' (not a diffusers pipeline directory?)")
+    return p
+
+
+# --------------------------------------------------------------------------- fine-tunes
+
+
+def is_lora_state_dict(state: dict) -> bool:
+    return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
+
+
+def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: float):
+    """Copies of the base UNet (and text encoder, if the LoRA touches it) with the LoRA on."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a LoRA that diffusers can read ({e})") from e
+    unet_keys = {k: v for k, v in converted.items() if k.startswith("unet.")}
+    te_keys = {k: v for k, v in converted.items() if k.startswith("text_encoder.")}
+    if not unet_keys and not te_keys:
+        raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder")
+    unet = copy.deepcopy(unet_base)
+    if unet_keys:
+        u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
+        try:
+            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name="ft")
+        except Exception as e:
+            raise ModelLoadError(f"{path}: LoRA does not fit the base UNet ({e})") from e
+        n = _count_lora_layers(unet)
+        if n == 0:
+            raise ModelLoadError(f"{path}: LoRA keys match no layer of the base UNet")
+        if scale != 1.0:
+            unet.set_adapters(["ft"], weights=[scale])
+    te = text_encoder_base
+    if te_keys:
+        te = copy.deepcopy(text_encoder_base)
+        t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")} or None
+        try:
+            StableDiffusionPipeline.load_lora_into_text_encoder(
+                te_keys, t_alphas, text_encoder=te, prefix="text_encoder", lora_scale=scale,
+                adapter_name="ft",
+            )
+        except Exception as e:
+            raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder ({e})") from e
+    return unet, te
+
+
+def _count_lora_layers(module) -> int:
+    return sum(1 for m in module.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
+
+
+def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
+    from diffusers import UNet2DConditionModel
+
+    if not any(k.startswith("model.diffusion_model.") for k in state):
+        raise ModelLoadError(
+            f"{path}: not an SD 1.x single-file checkpoint (no 'model.diffusion_model.' keys) "
+            "and not a LoRA"
+        )
+    try:
+        unet = UNet2DConditionModel.from_single_file(
+            state, config=str(base), subfolder="unet", local_files_only=True
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{path}: UNet does not match the base model's architecture ({e})") from e
+    te = text_encoder_base
+    te_state = {k: v for k, v in state.items() if k.startswith("cond_stage_model.transformer.")}
+    if te_state:
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+        te = copy.deepcopy(text_encoder_base)
+        converted = convert_ldm_clip_checkpoint(te_state)
+        missing, unexpected = te.load_state_dict(converted, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{path}: text encoder does not match the base model's "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    return unet, te
+
+
+def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:
+    a, b = unet_pre.config, unet_ft.config
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+        if a.get(key) != b.get(key):
+            raise ModelLoadError(
+                f"{where}: fine-tuned UNet does not match the base: {key} {b.get(key)} vs {a.get(key)}"
+            )
+    if int(a["in_channels"]) != codec.latent_channels:
+        raise ModelLoadError(
+            f"{where}: UNet expects {a['in_channels']} latent channels, the codec gives {codec.latent_channels}"
+        )
+    width = int(te_ft.config.hidden_size)
+    if width != int(b["cross_attention_dim"]):
+        raise ModelLoadError(
+            f"{where}: text encoder width {width} does not match the UNet's cross-attention "
+            f"width {b['cross_attention_dim']}"
+        )
+
+
+def load_pair(
+    base: str | Path,
+    finetuned: str | Path | None = None,
+    lora: str | Path | None = None,
+    *,
+    allow_pickle: bool = False,
+    lora_scale: float = 1.0,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+) -> ModelPair:
+    """Load the base pipeline and the fine-tune (directory, single file or LoRA).
+
+    ``lora`` is applied on top of the fine-tuned UNet (the base's when ``finetuned`` is
+    None); a LoRA file passed as ``finetuned`` is detected and treated the same way.
+    """
+    if finetuned is None and lora is None:
+        raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base_p = _base_dir(base)
+    unet_pre = _load_unet(base_p / "unet", allow_pickle)
+    te_pre = _load_text_encoder(base_p / "text_encoder", allow_pickle)
+    tok = _load_tokenizer(base_p / "tokenizer")
+    codec = _load_codec(base_p, allow_pickle)
+    abar = _load_abar(base_p)
+    unet_ft, te_ft, tok_ft = unet_pre, te_pre, tok
+    info = {"base": str(base_p)}
+
+    if finetuned is not None:
+        fp = _check_local(finetuned, "fine-tuned model")
+        info["finetuned"] = str(fp)
+        if fp.is_dir():
+            if (fp / "unet").is_dir():
+                unet_ft = _load_unet(fp / "unet", allow_pickle)
+                if (fp / "text_encoder").is_dir():
+                    te_ft = _load_text_encoder(fp / "text_encoder", allow_pickle)
+                if (fp / "tokenizer").is_dir():
+                    tok_ft = _load_tokenizer(fp / "tokenizer")
+                info["finetuned_format"] = "diffusers"
+            elif (fp / "config.json").exists():
+                unet_ft = _load_unet(fp, allow_pickle)
+                info["finetuned_format"] = "diffusers-unet"
+            else:
+                raise ModelLoadError(f"{fp}: missing component 'unet' (no unet/ folder or UNet config.json)")
+        else:
+            state = load_state_dict(fp, allow_pickle)
+            if is_lora_state_dict(state):
+                unet_ft, te_ft = _apply_lora(state, unet_pre, te_pre, fp, lora_scale)
+                info["finetuned_format"] = "lora"
+            else:
+                unet_ft, te_ft = _single_file(state, base_p, fp, te_pre)
+                info["finetuned_format"] = "single-file"
+    if lora is not None:
+        lp = _check_local(lora, "LoRA")
+        state = load_state_dict(lp, allow_pickle)
+        if not is_lora_state_dict(state):
+            raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)")
+        unet_ft, te_ft = _apply_lora(state, unet_ft, te_ft, lp, lora_scale)
+        info["lora"] = str(lp)
+    _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))
+
+    for m in {id(m): m for m in (unet_pre, unet_ft, te_pre, te_ft)}.values():
+        m.eval().requires_grad_(False)
+    pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info)
+    return pair.to(device=device, dtype=dtype)

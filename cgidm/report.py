@@ -1,0 +1,144 @@
+"""``report.html``: what people look at — summary, ROC curve, score histograms per label,
+and a sortable table of every image with its triptych (original | partial | recovered)."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+from jinja2 import Environment, select_autoescape
+
+from cgidm.files import atomic_write_text
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>cgidm report</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+h1{margin:0 0 4px} .sub{color:#666;margin-bottom:16px}
+.cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}
+.card b{display:block;font-size:22px}
+.plots img{max-width:420px;margin-right:12px;border:1px solid #eee}
+table{border-collapse:collapse;margin-top:16px;width:100%}
+th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-align:middle}
+th{cursor:pointer;background:#fafafa;position:sticky;top:0} th:hover{background:#eef}
+td img{height:96px;image-rendering:pixelated}
+.member{color:#b00}.holdout{color:#06a}.control{color:#666}.error{color:#b00;font-weight:bold}
+.flag{background:#fee}
+</style></head><body>
+<h1>cgidm report</h1>
+<div class="sub">CGI-DM: half of each image's latent was removed and recovered from the contrast
+between the fine-tuned and the pretrained model. Images the model was fine-tuned on come back;
+others do not. Each row shows <i>original | partial | recovered</i>.</div>
+<div class="cards">
+<div class="card">images<b>{{ s.images }}</b></div>
+<div class="card">scored<b>{{ s.scored }}</b></div>
+<div class="card">failed<b>{{ s.failed }}</b></div>
+{% if s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ "%.3f"|format(s.auc) }}</b></div>
+<div class="card">accuracy<b>{{ "%.3f"|format(s.accuracy) }}</b></div>
+<div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
+{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.alpha }})<b>{{ s.flagged }}</b></div>{% endif %}
+</div>
+{% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
+{% if s.models %}<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+<div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
+<table id="rows"><thead><tr>
+<th data-k="s">image</th><th data-k="s">label</th><th data-k="n">score</th>
+{% for f in fields %}<th data-k="n">{{ f }}</th>{% endfor %}
+<th data-k="n">p-value</th><th data-k="s">verdict</th><th>original | partial | recovered</th></tr></thead>
+<tbody>{% for r in rows %}
+<tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
+<td>{{ r.id }}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>
+{% if r.error %}<td class="error" colspan="{{ fields|length + 3 }}">failed: {{ r.error }}</td><td></td>
+{% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
+<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
+<td>{% if r.triptych %}<a href="{{ r.triptych }}"><img loading="lazy" alt="triptych of {{ r.id }}" src="{{ r.triptych }}"></a>{% endif %}</td>{% endif %}
+</tr>{% endfor %}</tbody></table>
+<script>
+document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
+  let asc = false;
+  th.addEventListener('click', () => {
+    asc = !asc;
+    const body = document.querySelector('#rows tbody');
+    const num = th.dataset.k === 'n';
+    const key = tr => { const t = tr.children[col] ? tr.children[col].textContent.trim() : '';
+                        return num ? (t === '' ? -Infinity : parseFloat(t)) : t; };
+    [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+  });
+});
+</script>
+</body></html>
+"""
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    good = [r for r in rows if "error" not in r]
+    if good:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        groups: dict[str, list[float]] = {}
+        for r in good:
+            groups.setdefault(r.get("label") or "unlabelled", []).append(r["score"])
+        lo = min(min(v) for v in groups.values())
+        hi = max(max(v) for v in groups.values())
+        bins = 20 if hi > lo else 1
+        colors = {"member": "#c33", "holdout": "#27c", "control": "#888", "unlabelled": "#5a5"}
+        for label, vals in sorted(groups.items()):
+            ax.hist(vals, bins=bins, range=(lo, hi + 1e-12), alpha=0.55, label=f"{label} ({len(vals)})",
+                    color=colors.get(label))
+        ax.set_xlabel(f"score ({summary.get('metric')})")
+        ax.set_ylabel("images")
+        ax.set_title("scores by label")
+        ax.legend(fontsize=8)
+        plots.append({"alt": "score histogram", "data": _png(fig)})
+        plt.close(fig)
+    roc = summary.get("roc")
+    if roc:
+        fig, ax = plt.subplots(figsize=(3.4, 3.2))
+        ax.plot(roc["fpr"], roc["tpr"], color="#c33", lw=2, label=f"AUC {summary['auc']:.3f}")
+        ax.plot([0, 1], [0, 1], color="#aaa", ls="--", lw=1)
+        ax.set_xlabel("false positive rate (hold-outs)")
+        ax.set_ylabel("true positive rate (members)")
+        ax.set_title("ROC")
+        ax.legend(loc="lower right", fontsize=8)
+        plots.append({"alt": "ROC curve", "data": _png(fig)})
+        plt.close(fig)
+    return plots
+
+
+def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
+    """Render ``out/report.html`` (atomically); triptych paths are relative to ``out``."""
+    out = Path(out)
+    fields = [f for f in ("latent_cos", "latent_mse", "ssim", "psnr", "embed_cos")
+              if any(f in r for r in rows)]
+    env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+    html = env.from_string(TEMPLATE).render(
+        s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),
+        fields=fields, plots=_plots(rows, summary), fmt=_fmt,
+    )
+    path = out / "report.html"
+    atomic_write_text(path, html)
+    return path

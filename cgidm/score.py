@@ -1,0 +1,154 @@
+"""How well an image came back, and what a set of scores says.
+
+Per image: similarity of original and recovered on the recovered half in latent space
+(cosine and MSE over the removed entries), SSIM/PSNR in pixel space (scikit-image), and
+optionally the cosine of CLIP or DINO image embeddings (the paper's metrics) from a local
+weights folder. Over labelled sets: AUC, best-threshold accuracy, TPR at 1 % FPR
+(scikit-learn). Against controls: an empirical p-value, a z-score and a verdict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")
+DEFAULT_SCORE = "latent_cos"
+HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True}
+
+
+def latent_scores(x0: torch.Tensor, x_rec: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image ``[B]``: cosine and MSE between ``x0`` and ``x_rec`` on the removed
+    entries only (the kept half is copied and would only dilute the score)."""
+    free = (1 - mask.float()).expand_as(x0).flatten(1).bool()
+    a = x0.float().flatten(1)
+    b = x_rec.float().flatten(1)
+    cos, mse = [], []
+    for i in range(a.shape[0]):
+        ai, bi = a[i][free[i]], b[i][free[i]]
+        cos.append(torch.nn.functional.cosine_similarity(ai, bi, dim=0))
+        mse.append((ai - bi).pow(2).mean())
+    return {"latent_cos": torch.stack(cos), "latent_mse": torch.stack(mse)}
+
+
+def _to_unit(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [-1, 1] -> ``[H, W, 3]`` float64 in [0, 1]."""
+    return ((image.detach().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().double().numpy()
+
+
+def pixel_scores(original: torch.Tensor, recovered: torch.Tensor) -> dict[str, float]:
+    """SSIM and PSNR (scikit-image) between two images ``[3, H, W]`` in [-1, 1]."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = _to_unit(original), _to_unit(recovered)
+    win = min(7, min(a.shape[:2]) // 2 * 2 - 1)
+    ssim = structural_similarity(a, b, channel_axis=2, data_range=1.0, win_size=max(win, 3))
+    with np.errstate(divide="ignore"):
+        psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
+    return {"ssim": float(ssim), "psnr": float(min(psnr, 100.0))}
+
+
+class Embedder:
+    """CLIP or DINO image embeddings from a local folder (never downloaded): a
+    transformers vision model with its image processor config."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"embedding model folder not found: {folder}")
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if cfg.model_type in ("clip", "clip_vision_model"):
+            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+            self.kind = "clip"
+        else:
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
+            self.kind = cfg.model_type
+        self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> unit embeddings ``[B, D]``."""
+        arr = [(_to_unit(im) * 255).round().astype(np.uint8) for im in images]
+        inputs = self.processor(images=arr, return_tensors="pt").to(self.device)
+        out = self.model(**inputs)
+        if hasattr(out, "image_embeds") and out.image_embeds is not None:
+            emb = out.image_embeds
+        else:  # DINO-style: the CLS token of the last layer
+            emb = out.last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    def cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (self(a) * self(b)).sum(-1)
+
+
+# --------------------------------------------------------------------------- set metrics
+
+
+def _oriented(scores: Sequence[float], metric: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    return s if HIGHER_IS_BETTER.get(metric, True) else -s
+
+
+def set_metrics(scores: Sequence[float], is_member: Sequence[bool], metric: str = DEFAULT_SCORE) -> dict:
+    """AUC, best-threshold accuracy and TPR at 1 % FPR of members against hold-outs."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(is_member, dtype=bool)
+    s = _oriented(scores, metric)
+    if y.all() or (~y).all():
+        return {"auc": None, "accuracy": None, "tpr_at_1fpr": None, "n_members": int(y.sum()),
+                "n_holdouts": int((~y).sum())}
+    fpr, tpr, thr = roc_curve(y, s)
+    p, n = y.sum(), (~y).sum()
+    acc = (tpr * p + (1 - fpr) * n) / (p + n)
+    best = int(np.argmax(acc))
+    ok = fpr <= 0.01
+    return {
+        "auc": float(roc_auc_score(y, s)),
+        "accuracy": float(acc[best]),
+        "threshold": float(thr[best]) if HIGHER_IS_BETTER.get(metric, True) else float(-thr[best]),
+        "tpr_at_1fpr": float(tpr[ok].max()) if ok.any() else 0.0,
+        "n_members": int(p),
+        "n_holdouts": int(n),
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Scores of control images (known not to be in the fine-tune)."""
+
+    scores: tuple[float, ...]
+    metric: str = DEFAULT_SCORE
+    alpha: float = 0.05
+
+    def min_p(self) -> float:
+        return 1.0 / (len(self.scores) + 1)
+
+    def judge(self, score: float) -> dict:
+        """Empirical p-value (share of controls at least as extreme, with the +1 rule),
+        z-score against the controls, and the verdict at level ``alpha``."""
+        c = _oriented(self.scores, self.metric)
+        s = float(_oriented([score], self.metric)[0])
+        if not math.isfinite(s):
+            return {"p_value": None, "z": None, "verdict": "failed"}
+        p = (1 + int((c >= s).sum())) / (len(c) + 1)
+        sd = float(c.std(ddof=1)) if len(c) > 1 else 0.0
+        z = (s - float(c.mean())) / sd if sd > 0 else None
+        verdict = "fine-tuned on" if p <= self.alpha else "no evidence"
+        return {"p_value": p, "z": z, "verdict": verdict}
+
+
+def calibrate(control_scores: Sequence[float], metric: str = DEFAULT_SCORE, alpha: float = 0.05) -> Calibration:
+    finite = tuple(float(s) for s in control_scores if s is not None and math.isfinite(s))
+    if len(finite) < 2:
+        raise ValueError("need at least 2 scored control images to calibrate a verdict")
+    return Calibration(finite, metric, alpha)

@@ -1,0 +1,24 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """The trained tiny world (built once per machine, then reused from the cache)."""
+    from cgidm.testing.tiny import build_tiny_world
+
+    return build_tiny_world()

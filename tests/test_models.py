@@ -1,0 +1,158 @@
+"""Offline loaders on the tiny world: every fine-tune format, and what is refused."""
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from cgidm.models import ModelLoadError, load_pair, load_state_dict, read_safetensors_header
+
+
+def _out(pair, x=None):
+    """The fine-tuned and pretrained UNets' outputs on a fixed input."""
+    g = torch.Generator().manual_seed(0)
+    c = pair.latent_channels
+    s = pair.latent_size
+    x = torch.randn(1, c, s, s, generator=g) if x is None else x
+    t = torch.tensor([500])
+    c_ft, c_pre = pair.encode_prompt("a sks pattern")
+    with torch.no_grad():
+        return (pair.unet_ft(x, t, encoder_hidden_states=c_ft).sample,
+                pair.unet_pre(x, t, encoder_hidden_states=c_pre).sample)
+
+
+def test_diffusers_directory_pair(tiny_world):
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    ft, pre = _out(pair)
+    assert not torch.allclose(ft, pre)
+    assert pair.info["finetuned_format"] == "diffusers"
+    assert not any(p.requires_grad for p in pair.unet_ft.parameters())
+    assert not any(p.requires_grad for p in pair.unet_pre.parameters())
+    assert pair.resolution == 16 and pair.latent_channels == 3
+
+
+def test_unet_folder_alone(tiny_world):
+    a = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    b = load_pair(tiny_world / "base", tiny_world / "finetuned" / "unet")
+    assert b.info["finetuned_format"] == "diffusers-unet"
+    assert torch.equal(_out(a)[0], _out(b)[0])
+
+
+def test_lora_on_base_changes_only_the_finetuned_side(tiny_world):
+    base_only = load_pair(tiny_world / "base", tiny_world / "base")
+    pair = load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors")
+    ft, pre = _out(pair)
+    ft0, pre0 = _out(base_only)
+    assert torch.equal(pre, pre0)  # the base copy is untouched
+    assert not torch.allclose(ft, ft0, atol=1e-4)
+    # a LoRA file given as --finetuned is detected
+    same = load_pair(tiny_world / "base", tiny_world / "lora.safetensors")
+    assert same.info["finetuned_format"] == "lora"
+    assert torch.allclose(_out(same)[0], ft)
+
+
+def test_lora_scale_zero_is_the_base(tiny_world):
+    pair = load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors", lora_scale=0.0)
+    ft, pre = _out(pair)
+    assert torch.allclose(ft, pre, atol=1e-6)
+
+
+def test_hub_id_fails_at_once_without_network(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="never downloads"):
+        load_pair("runwayml/stable-diffusion-v1-5", "someone/suspect")
+
+
+def test_missing_component_is_named(tiny_world, tmp_path):
+    broken = tmp_path / "base"
+    shutil.copytree(tiny_world / "base", broken)
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(ModelLoadError, match="scheduler"):
+        load_pair(broken, tiny_world / "finetuned")
+    empty = tmp_path / "ft"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="unet"):
+        load_pair(tiny_world / "base", empty)
+
+
+def _pickle_folder(tiny_world, tmp_path):
+    src = tiny_world / "finetuned" / "unet"
+    dst = tmp_path / "ft_bin" / "unet"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(src / "diffusion_pytorch_model.safetensors")), dst / "diffusion_pytorch_model.bin")
+    return dst.parent
+
+
+def test_pickle_refused_by_default_and_weights_only_when_allowed(tiny_world, tmp_path):
+    ft_bin = _pickle_folder(tiny_world, tmp_path)
+    with pytest.raises(ModelLoadError, match="allow-pickle"):
+        load_pair(tiny_world / "base", ft_bin)
+    pair = load_pair(tiny_world / "base", ft_bin, allow_pickle=True)
+    ref = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    assert torch.equal(_out(pair)[0], _out(ref)[0])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['CGIDM_PWNED']}",))
+
+
+def test_malicious_pickle_never_runs(tmp_path, monkeypatch):
+    flag = tmp_path / "pwned"
+    monkeypatch.setenv("CGIDM_PWNED", str(flag))
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": _Evil()}, f)
+    with pytest.raises(ModelLoadError, match="allow-pickle"):
+        load_state_dict(evil)
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load_state_dict(evil, allow_pickle=True)
+    assert not flag.exists()
+
+
+def test_safetensors_header_bounds(tmp_path):
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ModelLoadError, match="malformed"):
+        read_safetensors_header(huge)
+    trunc = tmp_path / "trunc.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    trunc.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_state_dict(trunc)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{{{{{")
+    with pytest.raises(ModelLoadError, match="malformed"):
+        load_state_dict(junk)
+
+
+def test_mismatched_architecture_is_refused_before_compute(tiny_world, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from cgidm.testing.tiny import tiny_unet_config
+
+    cfg = tiny_unet_config(16)
+    cfg["cross_attention_dim"] = 48
+    UNet2DConditionModel(**cfg).save_pretrained(tmp_path / "wide" / "unet")
+    with pytest.raises(ModelLoadError, match="cross_attention_dim"):
+        load_pair(tiny_world / "base", tmp_path / "wide")
+    cfg = tiny_unet_config(16)
+    cfg["in_channels"] = cfg["out_channels"] = 4
+    UNet2DConditionModel(**cfg).save_pretrained(tmp_path / "four" / "unet")
+    with pytest.raises(ModelLoadError, match="in_channels"):
+        load_pair(tiny_world / "base", tmp_path / "four")
+
+
+def test_lora_matching_nothing_is_refused(tiny_world, tmp_path):
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "bogus.safetensors"
+    save_file({"unet.nowhere.block.lora_A.weight": torch.zeros(4, 8),
+               "unet.nowhere.block.lora_B.weight": torch.zeros(8, 4)}, str(bogus))
+    with pytest.raises(ModelLoadError):
+        load_pair(tiny_world / "base", lora=bogus)

@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from cgidm.score import calibrate, latent_scores, pixel_scores, set_metrics
+
+
+def test_latent_scores_use_only_the_removed_half():
+    mask = torch.tensor([[[1.0, 0.0, 1.0, 0.0]]])
+    x0 = torch.tensor([[[[9.0, 1.0, -9.0, 2.0]]]])
+    rec = torch.tensor([[[[0.0, 2.0, 0.0, 4.0]]]])  # kept entries differ: must not count
+    s = latent_scores(x0, rec, mask)
+    assert s["latent_cos"].item() == pytest.approx(1.0)
+    assert s["latent_mse"].item() == pytest.approx((1 + 4) / 2)
+
+
+def test_pixel_scores_identity_and_difference():
+    img = torch.rand(3, 32, 32) * 2 - 1
+    same = pixel_scores(img, img)
+    assert same["ssim"] == pytest.approx(1.0) and same["psnr"] == 100.0
+    other = pixel_scores(img, -img)
+    assert other["ssim"] < 0.5 and other["psnr"] < 20
+
+
+def test_set_metrics_on_known_scores():
+    m = set_metrics([0.9, 0.8, 0.7, 0.1, 0.2, 0.75], [True, True, True, False, False, False])
+    # members 0.9 0.8 0.7 vs holdouts 0.1 0.2 0.75: 8 of 9 pairs ordered
+    assert m["auc"] == pytest.approx(8 / 9)
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["tpr_at_1fpr"] == pytest.approx(2 / 3)
+    inv = set_metrics([0.1, 0.2, 5.0, 6.0], [True, True, False, False], metric="latent_mse")
+    assert inv["auc"] == 1.0  # lower MSE is better
+
+
+def test_set_metrics_without_both_labels_has_no_auc():
+    assert set_metrics([0.1, 0.2], [True, True])["auc"] is None
+
+
+def test_calibration_p_value_z_and_verdict():
+    cal = calibrate([0.1 * i for i in range(19)], alpha=0.05)  # 0.0 .. 1.8
+    top = cal.judge(5.0)
+    assert top["p_value"] == pytest.approx(1 / 20) and top["verdict"] == "fine-tuned on"
+    mid = cal.judge(0.95)
+    assert mid["p_value"] == pytest.approx((1 + 9) / 20) and mid["verdict"] == "no evidence"
+    assert mid["z"] == pytest.approx((0.95 - 0.9) / torch.tensor([0.1 * i for i in range(19)]).std().item())
+    assert cal.judge(float("nan"))["verdict"] == "failed"
+    assert calibrate([1.0, 2.0, 3.0]).min_p() == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        calibrate([1.0, math.nan])
