@@ -30,11 +30,43 @@ EXTRAS = {
 }
 
 
+CSRC = "csrc"
+CPU_SOURCES = ["ops.cpp", "bindings.cpp", "pair_noise_cpu.cpp", "pair_contrast_loss_cpu.cpp", "pgd_update_cpu.cpp"]
+CUDA_SOURCES = ["pair_noise.cu", "pair_contrast_loss.cu", "pgd_update.cu"]
+
+
 def ext_modules():
+    """``cgidm._C``: CUDA + CPU kernels when torch has CUDA and nvcc is found, CPU kernels
+    otherwise, nothing with ``CGIDM_BUILD_EXT=0``."""
     if os.environ.get("CGIDM_BUILD_EXT", "1") == "0":
         print("cgidm: CGIDM_BUILD_EXT=0, building without the compiled core")
         return [], {}
-    return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("cgidm: torch is not importable at build time, building without the compiled core")
+        return [], {}
+    # -O2: these kernels are memory-bound loops; -O3 only lengthens the build. The C++
+    # standard is torch's choice (it adds the flag its headers need).
+    cxx = ["-O2"]
+    sources = [os.path.join(CSRC, f) for f in CPU_SOURCES]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "cgidm._C",
+            sources + [os.path.join(CSRC, f) for f in CUDA_SOURCES],
+            define_macros=[("CGIDM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O2"]},
+        )
+        kind = "CPU + CUDA kernels"
+    else:
+        ext = cpp_extension.CppExtension("cgidm._C", sources, extra_compile_args={"cxx": cxx})
+        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found (CUDA_HOME)"
+        kind = f"CPU kernels only ({why})"
+    print(f"cgidm: building cgidm._C with {kind}")
+    # MAX_JOBS (read by torch's ninja build) bounds the parallel compiles.
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 exts, cmdclass = ext_modules()

@@ -1,0 +1,401 @@
+"""The compiled core's torch ops: schemas, fake kernels, autograd, and the one place that
+picks an implementation.
+
+Three ops, namespace ``cgidm`` (semantics: the ``*_ref`` twins in ``cgidm/reference.py``):
+
+- ``cgidm::pair_noise``: compose ``z = x0*M + x*(1-M)`` and noise it for both models;
+- ``cgidm::pair_contrast_loss``: per-sample ``MSE(eps_ft, n) - MSE(eps_pre, n')`` and both
+  gradient seeds in one pass;
+- ``cgidm::pgd_update``: one fused L2 PGD step.
+
+Each schema is declared once, here. The plain-torch reference is registered as the
+default kernel (every device), so installs without the extension still work; the
+extension ``cgidm._C`` (csrc/) adds CPU and CUDA kernels on top, and the Triton PGD update
+(``cgidm.kernels.pgd_update``) serves CUDA tensors when the CUDA kernels are absent.
+
+``get_ops(impl)`` returns a namespace with exactly the reference signatures, so
+``cgidm.reference.invert(..., ops=get_ops("cpp"))`` runs unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import warnings
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from cgidm import reference
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
+
+_LIB = torch.library.Library("cgidm", "FRAGMENT")
+
+# One schema per op. Tensor shapes: B images, K timesteps per image, N = B*K samples,
+# latents [C, H, W]; mask [C, H, W] or [B, C, H, W].
+_LIB.define(
+    # z [B, C, H, W], x_t [2, N, C, H, W] (0: fine-tuned model's input, 1: pretrained's)
+    "pair_noise(Tensor x0, Tensor x, Tensor mask, Tensor noise_ft, Tensor? noise_pre, "
+    "Tensor sqrt_abar, Tensor sqrt_one_minus_abar) -> (Tensor z, Tensor x_t)"
+)
+_LIB.define(
+    # loss [N] fp32; seed_ft = 2(eps_ft-n)/M, seed_pre = -2(eps_pre-n')/M, fp32, [N, C, H, W]
+    "pair_contrast_loss(Tensor eps_ft, Tensor eps_pre, Tensor noise_ft, Tensor? noise_pre) "
+    "-> (Tensor loss, Tensor seed_ft, Tensor seed_pre)"
+)
+_LIB.define(
+    # delta, z [B, C, H, W] fp32
+    "pgd_update(Tensor delta, Tensor grad, Tensor x0, Tensor x_init, Tensor mask, "
+    "float alpha, float eps, float clamp_min=-100., float clamp_max=100., "
+    "bool per_sample=True) -> (Tensor delta_out, Tensor z)"
+)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre) -> tuple[torch.dtype, torch.dtype]:
+    """``(z dtype, x_t dtype)`` under torch's promotion, as the reference computes them."""
+    z_dtype = torch.promote_types(torch.promote_types(x0.dtype, mask.dtype), x.dtype)
+    xt_dtype = torch.promote_types(z_dtype, noise_ft.dtype)
+    if noise_pre is not None:
+        xt_dtype = torch.promote_types(xt_dtype, noise_pre.dtype)
+    return z_dtype, xt_dtype
+
+
+def _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar) -> None:
+    torch._check(x0.dim() == 4, lambda: f"x0 must be [B, C, H, W], got {tuple(x0.shape)}")
+    torch._check(x.shape == x0.shape, lambda: "x must have x0's shape")
+    b = x0.shape[0]
+    n = noise_ft.shape[0]
+    torch._check(
+        noise_ft.dim() == 4 and noise_ft.shape[1:] == x0.shape[1:],
+        lambda: "noise_ft must be [N, C, H, W] with x0's latent shape",
+    )
+    torch._check(n % b == 0, lambda: f"noise batch {n} is not a multiple of the image batch {b}")
+    torch._check(
+        noise_pre is None or noise_pre.shape == noise_ft.shape,
+        lambda: "noise_pre must have noise_ft's shape",
+    )
+    m = x0[0].numel()
+    torch._check(
+        mask.numel() in (m, b * m), lambda: "mask must be [C, H, W] or [B, C, H, W]"
+    )
+    torch._check(
+        sqrt_abar.numel() == n and sqrt_one_minus_abar.numel() == n,
+        lambda: "sqrt_abar and sqrt_one_minus_abar must have one entry per sample",
+    )
+
+
+@torch.library.register_fake("cgidm::pair_noise")
+def _pair_noise_fake(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
+    _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
+    z_dtype, xt_dtype = _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre)
+    z = x0.new_empty(x0.shape, dtype=z_dtype)
+    x_t = noise_ft.new_empty((2, *noise_ft.shape), dtype=xt_dtype)
+    return z, x_t
+
+
+@torch.library.register_fake("cgidm::pair_contrast_loss")
+def _pair_contrast_loss_fake(eps_ft, eps_pre, noise_ft, noise_pre):
+    torch._check(
+        eps_ft.shape == eps_pre.shape == noise_ft.shape
+        and (noise_pre is None or noise_pre.shape == noise_ft.shape),
+        lambda: "eps_ft, eps_pre and the noises must have one shape",
+    )
+    torch._check(eps_ft.dim() >= 2, lambda: "inputs must be [N, ...]")
+    loss = eps_ft.new_empty((eps_ft.shape[0],), dtype=torch.float32)
+    seed_ft = eps_ft.new_empty(eps_ft.shape, dtype=torch.float32)
+    seed_pre = eps_ft.new_empty(eps_ft.shape, dtype=torch.float32)
+    return loss, seed_ft, seed_pre
+
+
+@torch.library.register_fake("cgidm::pgd_update")
+def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample):
+    torch._check(
+        grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape,
+        lambda: "delta, grad, x0 and x_init must have one shape",
+    )
+    m = delta[0].numel()
+    torch._check(
+        mask.numel() in (m, delta.shape[0] * m), lambda: "mask must be [C, H, W] or [B, C, H, W]"
+    )
+    out = delta.new_empty(delta.shape, dtype=torch.float32)
+    return out, torch.empty_like(out)
+
+
+# --------------------------------------------------------------------------- default kernels
+
+
+def _pair_noise_default(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
+    _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
+    mask = mask.reshape(-1, *x0.shape[1:]) if mask.numel() != x0[0].numel() else mask.reshape(x0.shape[1:])
+    z, x_t = reference.pair_noise_ref(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
+    _, xt_dtype = _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre)
+    return z, x_t.to(xt_dtype)
+
+
+def _pair_contrast_loss_default(eps_ft, eps_pre, noise_ft, noise_pre):
+    n_pre = noise_ft if noise_pre is None else noise_pre
+    m = eps_ft[0].numel()
+    loss = reference.pair_contrast_loss_ref(eps_ft, eps_pre, noise_ft, noise_pre)
+    seed_ft = (eps_ft.float() - noise_ft.float()) * (2.0 / m)
+    seed_pre = (eps_pre.float() - n_pre.float()) * (-2.0 / m)
+    return loss, seed_ft, seed_pre
+
+
+def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample):
+    mask = mask.reshape(-1, *delta.shape[1:]) if mask.numel() != delta[0].numel() else mask.reshape(delta.shape[1:])
+    new_delta, z = reference.pgd_update_ref(
+        delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample
+    )
+    return new_delta, z
+
+
+torch.library.register_kernel("cgidm::pair_noise", None, _pair_noise_default)
+torch.library.register_kernel("cgidm::pair_contrast_loss", None, _pair_contrast_loss_default)
+torch.library.register_kernel("cgidm::pgd_update", None, _pgd_update_default)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _pair_noise_setup(ctx, inputs, output):
+    x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar = inputs
+    z, _ = output
+    ctx.shared = noise_pre is None
+    ctx.mask_batched = mask.numel() != x0[0].numel()
+    ctx.mask_shape = mask.shape
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+    ctx.save_for_backward(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar, z)
+
+
+def _pair_noise_backward(ctx, grad_z, grad_x_t):
+    x0, x, mask, noise_ft, noise_pre, sa, sb, z = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    b, k = x0.shape[0], noise_ft.shape[0] // x0.shape[0]
+    a = sa.float().view(-1, 1, 1, 1)
+    s = sb.float().view(-1, 1, 1, 1)
+    g_ft = grad_x_t[0].float() if grad_x_t is not None else torch.zeros_like(noise_ft, dtype=torch.float32)
+    g_pre = grad_x_t[1].float() if grad_x_t is not None else torch.zeros_like(g_ft)
+    # d x_t / d z = sqrt_abar for both halves; the K samples of an image share its z.
+    g_both = g_ft + g_pre
+    g_z = (a * g_both).view(b, k, *x0.shape[1:]).sum(1)
+    if grad_z is not None:
+        g_z = g_z + grad_z.float()
+    m = mask.float().reshape(-1, *x0.shape[1:]) if ctx.mask_batched else mask.float().reshape(x0.shape[1:])
+    grads = [None] * 7
+
+    def cast(g, i):
+        return g.to(ctx.dtypes[i])
+
+    if needs[0]:
+        grads[0] = cast(g_z * m, 0)
+    if needs[1]:
+        grads[1] = cast(g_z * (1 - m), 1)
+    if needs[2]:
+        g_m = g_z * (x0.float() - x.float())
+        if not ctx.mask_batched:
+            g_m = g_m.sum(0)
+        grads[2] = cast(g_m.reshape(ctx.mask_shape), 2)
+    if needs[3]:
+        grads[3] = cast(s * (g_both if ctx.shared else g_ft), 3)
+    if needs[4] and not ctx.shared:
+        grads[4] = cast(s * g_pre, 4)
+    if needs[5]:
+        zk = z.float().repeat_interleave(k, dim=0)
+        grads[5] = cast((zk * g_both).flatten(1).sum(1).view(sa.shape), 5)
+    if needs[6]:
+        n_pre = noise_ft if ctx.shared else noise_pre
+        g_s = noise_ft.float() * g_ft + n_pre.float() * g_pre
+        grads[6] = cast(g_s.flatten(1).sum(1).view(sb.shape), 6)
+    return tuple(grads)
+
+
+def _pair_contrast_loss_setup(ctx, inputs, output):
+    eps_ft, eps_pre, noise_ft, noise_pre = inputs
+    _, seed_ft, seed_pre = output
+    ctx.shared = noise_pre is None
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
+    ctx.save_for_backward(seed_ft, seed_pre)
+
+
+def _pair_contrast_loss_backward(ctx, grad_loss, grad_seed_ft, grad_seed_pre):
+    seed_ft, seed_pre = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    m = seed_ft[0].numel()
+    shape = (-1,) + (1,) * (seed_ft.dim() - 1)
+    g_ft = torch.zeros_like(seed_ft)
+    g_pre = torch.zeros_like(seed_pre)
+    if grad_loss is not None:
+        g = grad_loss.float().view(shape)
+        g_ft = seed_ft * g
+        g_pre = seed_pre * g
+    # The seeds are outputs too (seed = +-2(eps - n)/M): their own gradients, for completeness.
+    if grad_seed_ft is not None:
+        g_ft = g_ft + grad_seed_ft.float() * (2.0 / m)
+    if grad_seed_pre is not None:
+        g_pre = g_pre - grad_seed_pre.float() * (2.0 / m)
+    grads = [None] * 4
+    if needs[0]:
+        grads[0] = g_ft.to(ctx.dtypes[0])
+    if needs[1]:
+        grads[1] = g_pre.to(ctx.dtypes[1])
+    if needs[2]:
+        grads[2] = (-(g_ft + g_pre) if ctx.shared else -g_ft).to(ctx.dtypes[2])
+    if needs[3] and not ctx.shared:
+        grads[3] = (-g_pre).to(ctx.dtypes[3])
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "cgidm::pair_noise", _pair_noise_backward, setup_context=_pair_noise_setup
+)
+torch.library.register_autograd(
+    "cgidm::pair_contrast_loss", _pair_contrast_loss_backward, setup_context=_pair_contrast_loss_setup
+)
+
+
+# --------------------------------------------------------------------------- extension
+
+_EXT_ERROR: Optional[str] = None
+try:
+    importlib.import_module("cgidm._C")
+except Exception as e:  # noqa: BLE001 - an unbuilt or stale extension must never crash cgidm
+    _EXT_ERROR = f"{type(e).__name__}: {e}"
+
+_warned: set[str] = set()
+_logged: set[str] = set()
+
+
+def _has_kernel(key: str) -> bool:
+    """Whether ``cgidm._C`` registered kernels of every op for dispatch key ``key``."""
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"cgidm::{name}", key)
+        for name in ("pair_noise", "pair_contrast_loss", "pgd_update")
+    )
+
+
+def has_cpp() -> bool:
+    return _has_kernel("CPU")
+
+
+def has_cuda() -> bool:
+    return _has_kernel("CUDA")
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _missing_ext_reason() -> str:
+    return _EXT_ERROR or "it was built without these kernels"
+
+
+# --------------------------------------------------------------------------- public wrappers
+
+
+def _pair_noise_op(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
+    return torch.ops.cgidm.pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
+
+
+def _pair_contrast_loss_op(eps_ft, eps_pre, noise_ft, noise_pre):
+    return torch.ops.cgidm.pair_contrast_loss(eps_ft, eps_pre, noise_ft, noise_pre)[0]
+
+
+def _pgd_update_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+    return torch.ops.cgidm.pgd_update(
+        delta, grad, x0, x_init, mask, float(alpha), float(eps), float(clamp_min), float(clamp_max), bool(per_sample)
+    )
+
+
+def _pgd_update_triton():
+    from cgidm.kernels.pgd_update import pgd_update_triton
+
+    return pgd_update_triton
+
+
+def _auto_pgd_update(cuda_kernel):
+    """On CUDA tensors the Triton kernel stands in for the missing CUDA one; everything
+    else goes through the dispatcher (CPU: the C++ kernel when built, else the reference)."""
+
+    def pgd_update(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+        if delta.is_cuda:
+            return cuda_kernel(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample)
+        return _pgd_update_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample)
+
+    return pgd_update
+
+
+def _dispatcher_ops(pgd_update=_pgd_update_op) -> SimpleNamespace:
+    return SimpleNamespace(
+        pair_noise=_pair_noise_op, pair_contrast_loss=_pair_contrast_loss_op, pgd_update=pgd_update
+    )
+
+
+def _resolve(impl: str) -> tuple[str, SimpleNamespace]:
+    if impl == "ref":
+        return "ref", reference.REFERENCE_OPS
+    if impl == "cpp":
+        if has_cpp():
+            return "cpp", _dispatcher_ops()
+        _warn_once("cpp", f"cgidm: C++ CPU kernels unavailable ({_missing_ext_reason()}); using the reference ops")
+        return "ref", reference.REFERENCE_OPS
+    if impl == "cuda":
+        if has_cuda():
+            return "cuda", _dispatcher_ops()
+        fallback = "triton" if has_triton() else "ref"
+        _warn_once("cuda", f"cgidm: CUDA kernels unavailable ({_missing_ext_reason()}); using {fallback}")
+        return _resolve(fallback)
+    if impl == "triton":
+        if has_triton():
+            return "triton", _dispatcher_ops(_pgd_update_triton())
+        _warn_once("triton", "cgidm: triton is not installed; using the reference ops")
+        return "ref", reference.REFERENCE_OPS
+    if impl == "auto":
+        cpu = "cpp" if has_cpp() else "ref"
+        if has_cuda():
+            cuda_name, cuda_pgd = "cuda", _pgd_update_op
+        elif has_triton():
+            cuda_name, cuda_pgd = "triton+ref", None
+        else:
+            cuda_name, cuda_pgd = "ref", _pgd_update_op
+        if not (has_cpp() or has_cuda()):
+            _warn_once("auto", f"cgidm: compiled core unavailable ({_missing_ext_reason()}); using the reference ops")
+        if cuda_pgd is None:
+            # Resolved here, not at import: importing triton is slow and may touch the driver.
+            def cuda_pgd(*args):
+                return _pgd_update_triton()(*args)
+
+        return f"auto(cpu={cpu}, cuda={cuda_name})", _dispatcher_ops(_auto_pgd_update(cuda_pgd))
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def get_ops(impl: str = "auto") -> SimpleNamespace:
+    """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update)`` with the reference
+    signatures, backed by ``impl``:
+
+    - ``"ref"``: the plain-torch functions of ``cgidm.reference``;
+    - ``"cpp"`` / ``"cuda"``: the extension's kernels through the dispatcher;
+    - ``"triton"``: the Triton PGD update (interpreted on CPU tensors), the other two ops
+      through the dispatcher;
+    - ``"auto"``: by the tensors' device — CPU: ``cpp`` if built, else ``ref``; CUDA:
+      ``cuda`` if built, else the Triton PGD update and the reference for the rest.
+
+    A missing implementation falls back with one warning; the choice is logged once.
+    """
+    name, ops = _resolve(impl)
+    if impl not in _logged:
+        _logged.add(impl)
+        log.debug("cgidm ops: impl=%r -> %s", impl, name)
+    return ops

@@ -1,0 +1,212 @@
+// Tensor glue of the compiled core: checks, dtype choice, layout, and the call into the
+// CPU or CUDA kernel of launch.h. Built with CGIDM_WITH_CUDA only when torch has CUDA.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+
+#include "launch.h"
+
+#ifdef CGIDM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace cgidm {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "cgidm: unsupported dtype ", t, " (float32, float16 or bfloat16)");
+  }
+}
+
+// Inputs in the compute dtype, dense: kernels index flat arrays. Upcasts only, so exact.
+at::Tensor prepare(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
+}
+
+void check_same_device(const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK(t->device() == ref.device(), "cgidm: all tensors must be on ", ref.device(),
+                ", got one on ", t->device());
+  }
+}
+
+bool mask_is_batched(const at::Tensor& mask, int64_t B, int64_t M) {
+  TORCH_CHECK(mask.numel() == M || mask.numel() == B * M,
+              "cgidm: mask must be [C, H, W] or [B, C, H, W]");
+  return mask.numel() != M;
+}
+
+#ifdef CGIDM_WITH_CUDA
+void* stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "cgidm: CUDA launch of ", op, " failed (cudaError_t ", err, ")");
+}
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pair_noise(
+    const at::Tensor& x0, const at::Tensor& x, const at::Tensor& mask,
+    const at::Tensor& noise_ft, const std::optional<at::Tensor>& noise_pre,
+    const at::Tensor& sqrt_abar, const at::Tensor& sqrt_one_minus_abar) {
+  TORCH_CHECK(x0.dim() == 4, "cgidm: x0 must be [B, C, H, W], got ", x0.sizes());
+  TORCH_CHECK(x.sizes() == x0.sizes(), "cgidm: x must have x0's shape");
+  TORCH_CHECK(noise_ft.dim() == 4 && noise_ft.sizes().slice(1) == x0.sizes().slice(1),
+              "cgidm: noise_ft must be [N, C, H, W] with x0's latent shape");
+  const bool shared = !noise_pre.has_value();
+  TORCH_CHECK(shared || noise_pre->sizes() == noise_ft.sizes(),
+              "cgidm: noise_pre must have noise_ft's shape");
+  const int64_t B = x0.size(0), N = noise_ft.size(0);
+  TORCH_CHECK(B > 0 && N % B == 0, "cgidm: noise batch ", N, " is not a multiple of the image batch ", B);
+  const int64_t K = N / B, M = x0.numel() / B;
+  const bool batched = mask_is_batched(mask, B, M);
+  TORCH_CHECK(sqrt_abar.numel() == N && sqrt_one_minus_abar.numel() == N,
+              "cgidm: sqrt_abar and sqrt_one_minus_abar must have one entry per sample");
+  check_same_device(x0, {&x, &mask, &noise_ft, &sqrt_abar, &sqrt_one_minus_abar});
+  if (!shared) check_same_device(x0, {&*noise_pre});
+
+  // The reference promotes z over (x0, mask, x) and x_t over (z, noises); the kernel
+  // computes both in the wider dtype (fp32 math inside) and narrows z afterwards.
+  const auto z_dtype = at::promote_types(at::promote_types(x0.scalar_type(), mask.scalar_type()), x.scalar_type());
+  auto xt_dtype = at::promote_types(z_dtype, noise_ft.scalar_type());
+  if (!shared) xt_dtype = at::promote_types(xt_dtype, noise_pre->scalar_type());
+  const DType dt = to_dtype(xt_dtype);
+
+  const at::Tensor x0c = prepare(x0, xt_dtype), xc = prepare(x, xt_dtype),
+                   mc = prepare(mask, xt_dtype), nft = prepare(noise_ft, xt_dtype);
+  const at::Tensor npre = shared ? at::Tensor() : prepare(*noise_pre, xt_dtype);
+  const at::Tensor sa = prepare(sqrt_abar, at::kFloat), sb = prepare(sqrt_one_minus_abar, at::kFloat);
+  at::Tensor z = at::empty(x0.sizes(), x0.options().dtype(xt_dtype));
+  std::vector<int64_t> xt_shape{2};
+  xt_shape.insert(xt_shape.end(), noise_ft.sizes().begin(), noise_ft.sizes().end());
+  at::Tensor x_t = at::empty(xt_shape, x0.options().dtype(xt_dtype));
+  const void* npre_ptr = shared ? nullptr : npre.data_ptr();
+
+  if (N * M > 0) {
+    if (x0.is_cuda()) {
+#ifdef CGIDM_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x0.device());
+      check_launch(cuda::pair_noise(dt, x0c.data_ptr(), xc.data_ptr(), mc.data_ptr(), batched,
+                                    nft.data_ptr(), npre_ptr, sa.data_ptr<float>(),
+                                    sb.data_ptr<float>(), B, K, M, z.data_ptr(), x_t.data_ptr(),
+                                    stream_of(x0)),
+                   "pair_noise");
+#else
+      TORCH_CHECK(false, "cgidm: built without CUDA");
+#endif
+    } else {
+      cpu::pair_noise(dt, x0c.data_ptr(), xc.data_ptr(), mc.data_ptr(), batched, nft.data_ptr(),
+                      npre_ptr, sa.data_ptr<float>(), sb.data_ptr<float>(), B, K, M,
+                      z.data_ptr(), x_t.data_ptr());
+    }
+  }
+  return {z_dtype == xt_dtype ? z : z.to(z_dtype), x_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_contrast_loss(
+    const at::Tensor& eps_ft, const at::Tensor& eps_pre, const at::Tensor& noise_ft,
+    const std::optional<at::Tensor>& noise_pre) {
+  const bool shared = !noise_pre.has_value();
+  TORCH_CHECK(eps_ft.dim() >= 2, "cgidm: inputs must be [N, ...]");
+  TORCH_CHECK(eps_pre.sizes() == eps_ft.sizes() && noise_ft.sizes() == eps_ft.sizes() &&
+                  (shared || noise_pre->sizes() == eps_ft.sizes()),
+              "cgidm: eps_ft, eps_pre and the noises must have one shape");
+  check_same_device(eps_ft, {&eps_pre, &noise_ft});
+  if (!shared) check_same_device(eps_ft, {&*noise_pre});
+  const int64_t N = eps_ft.size(0);
+  const int64_t M = N > 0 ? eps_ft.numel() / N : 0;
+
+  // UNets hand back eps in their own dtype while the noise stays fp32: that pair has its
+  // own instantiation, so neither side is copied. Any other mix is upcast first (exact).
+  const auto eps_dtype = at::promote_types(eps_ft.scalar_type(), eps_pre.scalar_type());
+  auto noise_dtype = shared ? noise_ft.scalar_type()
+                            : at::promote_types(noise_ft.scalar_type(), noise_pre->scalar_type());
+  if (noise_dtype != eps_dtype) {
+    noise_dtype = at::kFloat;
+  }
+  const at::Tensor eft = prepare(eps_ft, eps_dtype), epre = prepare(eps_pre, eps_dtype);
+  const at::Tensor nft = prepare(noise_ft, noise_dtype);
+  const at::Tensor npre = shared ? at::Tensor() : prepare(*noise_pre, noise_dtype);
+  const DType edt = to_dtype(eps_dtype), ndt = to_dtype(noise_dtype);
+
+  const auto f32 = eps_ft.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({N}, f32);
+  at::Tensor seed_ft = at::empty(eps_ft.sizes(), f32);
+  at::Tensor seed_pre = at::empty(eps_ft.sizes(), f32);
+  const void* npre_ptr = shared ? nullptr : npre.data_ptr();
+  if (N > 0) {
+    TORCH_CHECK(M > 0, "cgidm: the loss of an empty latent is undefined");
+    if (eps_ft.is_cuda()) {
+#ifdef CGIDM_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(eps_ft.device());
+      check_launch(cuda::pair_contrast_loss(edt, ndt, eft.data_ptr(), epre.data_ptr(),
+                                            nft.data_ptr(), npre_ptr, N, M,
+                                            loss.data_ptr<float>(), seed_ft.data_ptr<float>(),
+                                            seed_pre.data_ptr<float>(), stream_of(eps_ft)),
+                   "pair_contrast_loss");
+#else
+      TORCH_CHECK(false, "cgidm: built without CUDA");
+#endif
+    } else {
+      cpu::pair_contrast_loss(edt, ndt, eft.data_ptr(), epre.data_ptr(), nft.data_ptr(),
+                              npre_ptr, N, M, loss.data_ptr<float>(),
+                              seed_ft.data_ptr<float>(), seed_pre.data_ptr<float>());
+    }
+  }
+  return {loss, seed_ft, seed_pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> pgd_update(
+    const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x0,
+    const at::Tensor& x_init, const at::Tensor& mask, double alpha, double eps,
+    double clamp_min, double clamp_max, bool per_sample) {
+  TORCH_CHECK(delta.dim() >= 1, "cgidm: delta must be [B, ...]");
+  TORCH_CHECK(grad.sizes() == delta.sizes() && x0.sizes() == delta.sizes() &&
+                  x_init.sizes() == delta.sizes(),
+              "cgidm: delta, grad, x0 and x_init must have one shape");
+  check_same_device(delta, {&grad, &x0, &x_init, &mask});
+  const int64_t B = delta.size(0);
+  const int64_t M = B > 0 ? delta.numel() / B : 0;
+  const bool batched = mask_is_batched(mask, B, M);
+
+  // The reference upcasts every input to fp32 first; so does this.
+  const at::Tensor d = prepare(delta, at::kFloat), g = prepare(grad, at::kFloat),
+                   a = prepare(x0, at::kFloat), xi = prepare(x_init, at::kFloat),
+                   m = prepare(mask, at::kFloat);
+  const auto f32 = delta.options().dtype(at::kFloat);
+  at::Tensor delta_out = at::empty(delta.sizes(), f32);
+  at::Tensor z = at::empty(delta.sizes(), f32);
+  if (B * M > 0) {
+    if (delta.is_cuda()) {
+#ifdef CGIDM_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(delta.device());
+      check_launch(cuda::pgd_update(d.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
+                                    xi.data_ptr<float>(), m.data_ptr<float>(), batched, B, M,
+                                    static_cast<float>(alpha), static_cast<float>(eps),
+                                    static_cast<float>(clamp_min), static_cast<float>(clamp_max),
+                                    per_sample, delta_out.data_ptr<float>(), z.data_ptr<float>(),
+                                    stream_of(delta)),
+                   "pgd_update");
+#else
+      TORCH_CHECK(false, "cgidm: built without CUDA");
+#endif
+    } else {
+      cpu::pgd_update(d.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
+                      xi.data_ptr<float>(), m.data_ptr<float>(), batched, B, M,
+                      static_cast<float>(alpha), static_cast<float>(eps),
+                      static_cast<float>(clamp_min), static_cast<float>(clamp_max), per_sample,
+                      delta_out.data_ptr<float>(), z.data_ptr<float>());
+    }
+  }
+  return {delta_out, z};
+}
+
+}  // namespace cgidm

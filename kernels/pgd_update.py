@@ -1,0 +1,134 @@
+"""Triton kernel of the fused L2 PGD update (semantics: ``cgidm.reference.pgd_update_ref``).
+
+Design limits:
+- One program per image (``per_sample=True``) or one program for the whole batch
+  (``per_sample=False``, the paper's whole-tensor norm): a segment is reduced inside one
+  program, so no atomics, no second launch, no host sync, and the result does not depend on
+  the launch. The whole-batch mode runs on one SM; the update is a tiny part of a step.
+- Three sweeps over the segment: gradient norm on the free entries; step + clamp + norm of
+  the stepped delta (stored); projection + compose. Inputs are read in any float dtype,
+  math and outputs are fp32, norms accumulate in fp32 BLOCK-wide partial sums.
+- Inputs must be contiguous (the launcher makes them so); offsets are int64.
+- CPU tensors run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is first
+  imported; slow: tests only).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+INTERPRET_BLOCK = 4096  # the interpreter pays per op, not per element: fewer, wider sweeps
+
+
+@triton.jit
+def _pgd_update_kernel(
+    delta_ptr,  # [B, C, H, W]
+    grad_ptr,  # [B, C, H, W]
+    x0_ptr,  # [B, C, H, W]
+    x_init_ptr,  # [B, C, H, W]
+    mask_ptr,  # [C, H, W] or [B, C, H, W]
+    delta_out_ptr,  # [B, C, H, W] fp32
+    z_ptr,  # [B, C, H, W] fp32
+    length,  # elements per program: C*H*W, or B*C*H*W for the whole-tensor norm
+    m,  # C*H*W
+    alpha,
+    eps,
+    clamp_min,
+    clamp_max,
+    MASK_BATCHED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    base = tl.program_id(0).to(tl.int64) * length
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = base + start + tl.arange(0, BLOCK)
+        inb = (start + tl.arange(0, BLOCK)) < length
+        moffs = offs if MASK_BATCHED else offs % m
+        g = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        free = 1.0 - tl.load(mask_ptr + moffs, mask=inb, other=0.0).to(tl.float32)
+        gf = g * free
+        acc += gf * gf
+    norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    # NaN fails both comparisons: a non-finite gradient anywhere means no step.
+    ok = (norm > 0.0) & (norm < float("inf"))
+    safe_norm = tl.where(ok, norm, 1.0)
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = base + start + tl.arange(0, BLOCK)
+        inb = (start + tl.arange(0, BLOCK)) < length
+        moffs = offs if MASK_BATCHED else offs % m
+        g = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        free = 1.0 - tl.load(mask_ptr + moffs, mask=inb, other=0.0).to(tl.float32)
+        gn = tl.where(ok, tl.div_rn(g * free, safe_norm), 0.0)
+        d = tl.load(delta_ptr + offs, mask=inb, other=0.0).to(tl.float32) - alpha * gn
+        xi = tl.load(x_init_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        d = tl.minimum(tl.maximum(xi + d, clamp_min), clamp_max) - xi
+        tl.store(delta_out_ptr + offs, d, mask=inb)
+        acc += tl.where(inb, d * d, 0.0)
+    dnorm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    factor = tl.where(dnorm > eps, tl.div_rn(eps, tl.maximum(dnorm, 1e-12)), 1.0)
+    # The third sweep reads back what this program stored in the second.
+    tl.debug_barrier()
+
+    for start in range(0, length, BLOCK):
+        offs = base + start + tl.arange(0, BLOCK)
+        inb = (start + tl.arange(0, BLOCK)) < length
+        moffs = offs if MASK_BATCHED else offs % m
+        d = tl.load(delta_out_ptr + offs, mask=inb, other=0.0) * factor
+        mk = tl.load(mask_ptr + moffs, mask=inb, other=0.0).to(tl.float32)
+        x0 = tl.load(x0_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        xi = tl.load(x_init_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        tl.store(delta_out_ptr + offs, d, mask=inb)
+        tl.store(z_ptr + offs, x0 * mk + (xi + d) * (1.0 - mk), mask=inb)
+
+
+def pgd_update_triton(
+    delta: torch.Tensor,  # [B, C, H, W]
+    grad: torch.Tensor,  # [B, C, H, W]
+    x0: torch.Tensor,  # [B, C, H, W]
+    x_init: torch.Tensor,  # [B, C, H, W]
+    mask: torch.Tensor,  # [C, H, W] or [B, C, H, W]
+    alpha: float,
+    eps: float,
+    clamp_min: float = -100.0,
+    clamp_max: float = 100.0,
+    per_sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One L2 PGD step; returns ``(delta [B, C, H, W] fp32, z [B, C, H, W] fp32)``."""
+    if not (grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape):
+        raise ValueError("delta, grad, x0 and x_init must have one shape")
+    b = delta.shape[0]
+    m = delta[0].numel()
+    if mask.numel() not in (m, b * m):
+        raise ValueError("mask must be [C, H, W] or [B, C, H, W]")
+    mask_batched = mask.numel() != m
+    if mask.dtype == torch.bool:
+        mask = mask.float()
+    delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
+    z = torch.empty_like(delta_out)
+    if delta.numel() == 0:
+        return delta_out, z
+    tensors = [t.contiguous() for t in (delta, grad, x0, x_init, mask)]
+    if delta.is_cuda:
+        kernel, block, launch = _pgd_update_kernel, BLOCK, {"num_warps": 8}
+    else:
+        # numpy has no bfloat16: the interpreter gets fp32 copies (exact).
+        tensors = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
+        if isinstance(_pgd_update_kernel, triton.runtime.JITFunction):
+            raise RuntimeError(
+                "the Triton PGD update runs on CPU tensors only in Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before triton is first imported"
+            )
+        kernel, block, launch = _pgd_update_kernel, INTERPRET_BLOCK, {}
+    grid = (b,) if per_sample else (1,)
+    kernel[grid](
+        *tensors, delta_out, z,
+        m if per_sample else b * m, m,
+        float(alpha), float(eps), float(clamp_min), float(clamp_max),
+        MASK_BATCHED=mask_batched, BLOCK=block, **launch,
+    )
+    return delta_out, z
