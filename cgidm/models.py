@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,7 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
         converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
     except Exception as e:
         raise ModelLoadError(f"{path}: not a LoRA that diffusers can read ({e})") from e
+    alphas = _fix_alpha_names(alphas)
     unet_keys = {k: v for k, v in converted.items() if k.startswith("unet.")}
     te_keys = {k: v for k, v in converted.items() if k.startswith("text_encoder.")}
     if not unet_keys and not te_keys:
@@ -312,6 +314,26 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
     return unet, te
 
 
+_ALPHA_NAME = re.compile(r"\.processor\.to_(q|k|v|out)_lora\.down\.weight\.alpha$")
+
+
+def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
+    """diffusers files kohya attention alphas under ``...processor.to_q_lora.down.weight.alpha``,
+    a name no module has, so a per-module alpha would silently fall back to the most common
+    one; rename them to the module the alpha belongs to."""
+    if not alphas:
+        return alphas
+
+    def fix(k: str) -> str:
+        m = _ALPHA_NAME.search(k)
+        if not m:
+            return k
+        proj = "to_out.0" if m.group(1) == "out" else f"to_{m.group(1)}"
+        return k[: m.start()] + f".{proj}.alpha"
+
+    return {fix(k): v for k, v in alphas.items()}
+
+
 def _count_lora_layers(module) -> int:
     return sum(1 for m in module.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
 
@@ -331,19 +353,16 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
     except Exception as e:
         raise ModelLoadError(f"{path}: UNet does not match the base model's architecture ({e})") from e
     te = text_encoder_base
-    te_state = {k: v for k, v in state.items() if k.startswith("cond_stage_model.transformer.")}
-    if te_state:
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    if any(k.startswith("cond_stage_model.transformer.") for k in state):
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel
 
-        te = copy.deepcopy(text_encoder_base)
-        converted = convert_ldm_clip_checkpoint(te_state)
-        missing, unexpected = te.load_state_dict(converted, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ModelLoadError(
-                f"{path}: text encoder does not match the base model's "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        try:
+            te = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, state, config=str(base), subfolder="text_encoder", local_files_only=True
             )
+        except Exception as e:
+            raise ModelLoadError(f"{path}: text encoder does not match the base model's ({e})") from e
     return unet, te
 
 

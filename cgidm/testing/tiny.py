@@ -5,7 +5,9 @@
 - ``root/base``       a "pretrained" pipeline directory (unet, text_encoder, tokenizer,
                       scheduler, identity codec) trained on every style of the world;
 - ``root/finetuned``  a DreamBooth-style full fine-tune of the UNet on the member images;
-- ``root/lora.safetensors`` a LoRA fine-tune (diffusers/PEFT key names) of the same;
+- ``root/finetuned.safetensors`` the same fine-tune as an SD 1.x single-file checkpoint;
+- ``root/lora.safetensors`` a LoRA fine-tune (diffusers/PEFT key names) of the same, and
+  ``root/lora_kohya.safetensors`` the same LoRA with kohya key names;
 - ``root/images/{members,holdouts,controls}`` PNGs: members were fine-tuned on,
   holdouts are unseen images of the same style, controls unseen images for calibration.
 """
@@ -26,7 +28,7 @@ from cgidm.testing.world import STYLES, make_images
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 MEMBER_STYLE = "ember"
 INSTANCE_PROMPT = "a sks pattern"
 
@@ -164,6 +166,18 @@ def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, s
     return last
 
 
+def _write_other_formats(root: Path) -> None:
+    """The full fine-tune as a single file and the LoRA with kohya names: the formats
+    model-sharing sites use, so the tests go through those loaders too."""
+    from safetensors.torch import load_file, save_file
+
+    from cgidm.testing.convert import peft_lora_to_kohya, write_single_file_checkpoint
+
+    write_single_file_checkpoint(root / "finetuned", root / "finetuned.safetensors")
+    kohya = peft_lora_to_kohya(load_file(str(root / "lora.safetensors")))
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(root / "lora_kohya.safetensors"))
+
+
 def default_root() -> Path:
     env = os.environ.get("CGIDM_TINY_WORLD")
     if env:
@@ -261,6 +275,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     state = get_peft_model_state_dict(lora_unet)
     state = {f"unet.{k}": v.contiguous() for k, v in state.items()}
     save_file(state, tmp / "lora.safetensors", metadata={"format": "pt"})
+    _write_other_formats(tmp)
 
     (tmp / "world.json").write_text(json.dumps(stamp, indent=2) + "\n")
     tmp.rename(root)
