@@ -24,7 +24,7 @@ def _pgd_args(p: argparse.ArgumentParser, steps_default) -> None:
                    help="shared: same t and noise for both models (default); paper: the official independent draws")
     g.add_argument("--timesteps-per-image", type=int, default=1, help="K stratified timesteps per image per step")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=8, help="images inverted together")
+    g.add_argument("--batch-size", type=int, default=None, help="images inverted together (default 8)")
     g.add_argument("--impl", default="ref", choices=("auto", "ref", "cpp", "triton", "cuda"),
                    help="implementation of the step ops (default: the plain-torch reference)")
     g.add_argument("--metric", default=None, choices=("latent_cos", "latent_mse", "ssim", "psnr", "embed_cos"),
@@ -77,7 +77,7 @@ def _config(args, defaults: dict):
     return AuthConfig(
         prompt=args.prompt or defaults.get("prompt", "a figure"),
         pgd=PGDConfig(**pgd),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or defaults.get("batch_size", 8),
         seed=args.seed,
         metric=args.metric or defaults.get("metric", "latent_cos"),
         alpha=args.level,

@@ -288,7 +288,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 def demo_defaults() -> dict:
     """Inversion settings for the tiny world (the paper's are for 4×64×64 SD latents:
     a 16×16×3 latent has 1/21 of the entries, so the step and radius shrink with it)."""
-    return {"prompt": INSTANCE_PROMPT, "pgd": dict(DEMO_PGD), "metric": "latent_cos"}
+    return {"prompt": INSTANCE_PROMPT, "pgd": dict(DEMO_PGD), "metric": "latent_cos", "batch_size": 16}
 
 
-DEMO_PGD = {"steps": 200, "alpha": 0.5, "eps": 20.0}
+DEMO_PGD = {"steps": 100, "alpha": 0.5, "eps": 20.0}
