@@ -115,7 +115,7 @@ def _pair_contrast_loss_fake(eps_ft, eps_pre, noise_ft, noise_pre):
 
 
 @torch.library.register_fake("cgidm::pgd_update")
-def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample):
+def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
     torch._check(
         grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape,
         lambda: "delta, grad, x0 and x_init must have one shape",
@@ -148,7 +148,8 @@ def _pair_contrast_loss_default(eps_ft, eps_pre, noise_ft, noise_pre):
     return loss, seed_ft, seed_pre
 
 
-def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample):
+def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+    # Defaults as in the schema: the dispatcher leaves trailing default arguments out.
     mask = mask.reshape(-1, *delta.shape[1:]) if mask.numel() != delta[0].numel() else mask.reshape(delta.shape[1:])
     new_delta, z = reference.pgd_update_ref(
         delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample
@@ -292,14 +293,20 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: str, message: str, stacklevel: int = 5) -> None:
+    """``stacklevel`` points the warning at get_ops' caller."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
-def _missing_ext_reason() -> str:
-    return _EXT_ERROR or "it was built without these kernels"
+def _warn_missing(impl: str, what: str, fallback: str) -> None:
+    """One warning per process for a missing extension, whichever impl asked for it;
+    one per impl for kernels a present extension was built without."""
+    if _EXT_ERROR is not None:
+        _warn_once("no-extension", f"cgidm: {what} unavailable, cgidm._C is not built ({_EXT_ERROR}); using {fallback}")
+    else:
+        _warn_once(impl, f"cgidm: {what} unavailable (cgidm._C was built without them); using {fallback}")
 
 
 # --------------------------------------------------------------------------- public wrappers
@@ -349,18 +356,18 @@ def _resolve(impl: str) -> tuple[str, SimpleNamespace]:
     if impl == "cpp":
         if has_cpp():
             return "cpp", _dispatcher_ops()
-        _warn_once("cpp", f"cgidm: C++ CPU kernels unavailable ({_missing_ext_reason()}); using the reference ops")
+        _warn_missing("cpp", "C++ CPU kernels", "the reference ops")
         return "ref", reference.REFERENCE_OPS
     if impl == "cuda":
         if has_cuda():
             return "cuda", _dispatcher_ops()
         fallback = "triton" if has_triton() else "ref"
-        _warn_once("cuda", f"cgidm: CUDA kernels unavailable ({_missing_ext_reason()}); using {fallback}")
+        _warn_missing("cuda", "CUDA kernels", fallback)
         return _resolve(fallback)
     if impl == "triton":
         if has_triton():
             return "triton", _dispatcher_ops(_pgd_update_triton())
-        _warn_once("triton", "cgidm: triton is not installed; using the reference ops")
+        _warn_once("triton", "cgidm: triton is not installed; using the reference ops", stacklevel=4)
         return "ref", reference.REFERENCE_OPS
     if impl == "auto":
         cpu = "cpp" if has_cpp() else "ref"
@@ -371,7 +378,7 @@ def _resolve(impl: str) -> tuple[str, SimpleNamespace]:
         else:
             cuda_name, cuda_pgd = "ref", _pgd_update_op
         if not (has_cpp() or has_cuda()):
-            _warn_once("auto", f"cgidm: compiled core unavailable ({_missing_ext_reason()}); using the reference ops")
+            _warn_missing("auto", "compiled core", "the reference ops")
         if cuda_pgd is None:
             # Resolved here, not at import: importing triton is slow and may touch the driver.
             def cuda_pgd(*args):

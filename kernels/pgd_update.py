@@ -86,6 +86,14 @@ def _pgd_update_kernel(
         tl.store(z_ptr + offs, x0 * mk + (xi + d) * (1.0 - mk), mask=inb)
 
 
+def interpreting() -> bool:
+    """Whether CPU tensors can run here: triton itself (its library of @jit functions, not
+    only this kernel) was imported in interpreter mode."""
+    return not isinstance(tl.zeros, triton.runtime.JITFunction) and not isinstance(
+        _pgd_update_kernel, triton.runtime.JITFunction
+    )
+
+
 def pgd_update_triton(
     delta: torch.Tensor,  # [B, C, H, W]
     grad: torch.Tensor,  # [B, C, H, W]
@@ -118,7 +126,7 @@ def pgd_update_triton(
     else:
         # numpy has no bfloat16: the interpreter gets fp32 copies (exact).
         tensors = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
-        if isinstance(_pgd_update_kernel, triton.runtime.JITFunction):
+        if not interpreting():
             raise RuntimeError(
                 "the Triton PGD update runs on CPU tensors only in Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported"

@@ -431,3 +431,59 @@ def test_get_ops_dispatches_cpu_tensors_to_the_extension(impl):
     assert "cgidm::pgd_update" in names
     # The default kernel is the reference, which would show up as a vector norm.
     assert "aten::linalg_vector_norm" not in names
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A random tiny SD-shaped UNet and a slightly perturbed copy as the "fine-tuned" one,
+    with the scheduler's abar. Latents [3, 16, 16], prompts [77, 32]."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from cgidm.testing.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    build_tiny_pipeline(root, size=16)
+    pre = UNet2DConditionModel.from_pretrained(root / "unet").eval().requires_grad_(False)
+    ft = UNet2DConditionModel.from_pretrained(root / "unet").eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    abar = DDPMScheduler.from_pretrained(root / "scheduler").alphas_cumprod
+    return SimpleNamespace(ft=ft, pre=pre, abar=abar)
+
+
+def run_invert(tiny_pair, ops, noise: str, k: int, device: str = "cpu", steps: int = 5):
+    from cgidm.masks import block_mask
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 16, 16, generator=g)
+    mask = block_mask(16, 16, channels=3, blocks_per_side=4)
+    x_init = x0 * mask + torch.randn(2, 3, 16, 16, generator=g) * (1 - mask)
+    cond_ft, cond_pre = torch.randn(2, 1, 77, 32, generator=g)
+    ft, pre = tiny_pair.ft.to(device), tiny_pair.pre.to(device)
+    cfg = reference.PGDConfig(steps=steps, noise=noise, k=k)
+    return reference.invert(
+        reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), *to((x0, x_init, mask, cond_ft, cond_pre), device=device),
+        tiny_pair.abar, cfg, generator=torch.Generator(device).manual_seed(4), ops=ops,
+    )
+
+
+def assert_same_inversion(got, want) -> None:
+    assert (want.delta.abs().sum(dim=(1, 2, 3)) > 0).all(), "the reference run did not move"
+    torch.testing.assert_close(got.x_rec.cpu(), want.x_rec, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.delta.cpu(), want.delta, rtol=1e-4, atol=1e-4)
+    assert got.skipped_steps.cpu().tolist() == want.skipped_steps.tolist()
+    assert got.loss_history == pytest.approx(want.loss_history, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "cuda"])
+@pytest.mark.parametrize("noise,k", [("shared", 2), ("paper", 1)])
+def test_invert_with_compiled_ops_recovers_the_reference_latents(tiny_pair, impl, noise, k):
+    device = require(impl)
+    want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k)
+    got = run_invert(tiny_pair, cgidm_ops.get_ops(impl), noise, k, device=device)
+    assert_same_inversion(got, want)

@@ -1,0 +1,95 @@
+"""Build of the compiled core: setup.py's choice, the CUDA sources (compiled, never run,
+on machines without a GPU), the CMake build with its C++ tests, and a missing extension."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_cuda_source_compiles_with_nvcc():
+    if shutil.which(os.environ.get("NVCC", "nvcc")) is None:
+        pytest.skip("nvcc not found")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "csrc" / "check_cuda_compile.sh")],
+        env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    compiled = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")}
+    assert {p.name for p in (ROOT / "csrc").glob("*.cu")} <= compiled
+
+
+def test_cmake_builds_the_cpu_kernels_and_their_cpp_tests_pass():
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found")
+    # Kept between runs (build/ is ignored): a rebuild only recompiles what changed.
+    build = ROOT / "build" / "cmake-test"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", "2"))
+    steps = [
+        ["cmake", "-S", str(ROOT), "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+        ["cmake", "--build", str(build)],
+        ["ctest", "--test-dir", str(build), "--output-on-failure"],
+    ]
+    for cmd in steps:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "100% tests passed" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"CGIDM_BUILD_EXT": "0"}, "cgidm: CGIDM_BUILD_EXT=0, building without the compiled core"),
+        (
+            {},
+            "cgidm: building cgidm._C with CPU + CUDA kernels"
+            if torch.version.cuda and torch.utils.cpp_extension.CUDA_HOME
+            else "cgidm: building cgidm._C with CPU kernels only",
+        ),
+    ],
+)
+def test_setup_says_in_one_line_what_it_builds(env, expected):
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("cgidm:")]
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stdout
+
+
+def test_missing_extension_degrades_to_the_reference_with_one_warning():
+    script = textwrap.dedent(
+        """
+        import logging, sys, warnings
+        sys.modules["cgidm._C"] = None  # what an install with CGIDM_BUILD_EXT=0 looks like
+        import torch
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s %(message)s", stream=sys.stdout)
+        from cgidm import ops, reference
+        assert not torch.cuda.is_initialized(), "importing cgidm.ops touched the GPU"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [ops.get_ops(impl) for impl in ("cpp", "auto", "cpp", "cuda", "auto")]
+        assert got[0] is reference.REFERENCE_OPS, got[0]
+        assert not torch.cuda.is_initialized(), "get_ops touched the GPU"
+        print("WARNINGS", len(caught), caught[0].message if caught else "")
+        x, mask = torch.randn(2, 3, 5, 7), (torch.rand(3, 5, 7) > 0.5).float()
+        for g, w in zip(got[1].pgd_update(x, x, x, x, mask, 2.0, 70.0), reference.pgd_update_ref(x, x, x, x, mask, 2.0, 70.0)):
+            torch.testing.assert_close(g, w)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNINGS 1 cgidm: " in proc.stdout and "cgidm._C is not built" in proc.stdout, proc.stdout
+    debug = [line for line in proc.stdout.splitlines() if line.startswith("cgidm.ops cgidm ops: impl=")]
+    assert len(debug) == 3, debug  # one per distinct impl asked for
