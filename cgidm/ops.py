@@ -229,18 +229,19 @@ def _pair_contrast_loss_backward(ctx, grad_loss, grad_seed_ft, grad_seed_pre):
     seed_ft, seed_pre = ctx.saved_tensors
     needs = ctx.needs_input_grad
     m = seed_ft[0].numel()
-    shape = (-1,) + (1,) * (seed_ft.dim() - 1)
-    g_ft = torch.zeros_like(seed_ft)
-    g_pre = torch.zeros_like(seed_pre)
+    g_ft = g_pre = None
     if grad_loss is not None:
-        g = grad_loss.float().view(shape)
-        g_ft = seed_ft * g
-        g_pre = seed_pre * g
+        g = grad_loss.float().view((-1,) + (1,) * (seed_ft.dim() - 1))
+        g_ft, g_pre = seed_ft * g, seed_pre * g
     # The seeds are outputs too (seed = +-2(eps - n)/M): their own gradients, for completeness.
     if grad_seed_ft is not None:
-        g_ft = g_ft + grad_seed_ft.float() * (2.0 / m)
+        g_ft = grad_seed_ft.float() * (2.0 / m) + (0 if g_ft is None else g_ft)
     if grad_seed_pre is not None:
-        g_pre = g_pre - grad_seed_pre.float() * (2.0 / m)
+        g_pre = grad_seed_pre.float() * (-2.0 / m) + (0 if g_pre is None else g_pre)
+    if g_ft is None:
+        g_ft = torch.zeros_like(seed_ft)
+    if g_pre is None:
+        g_pre = torch.zeros_like(seed_pre)
     grads = [None] * 4
     if needs[0]:
         grads[0] = g_ft.to(ctx.dtypes[0])

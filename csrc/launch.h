@@ -12,6 +12,7 @@ namespace cgidm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// CPU: kFloat32 and kBFloat16 (the glue widens fp16 to fp32 first, see ops.cpp).
 namespace cpu {
 
 void pair_noise(

@@ -2,7 +2,10 @@
 // CPU or CUDA kernel of launch.h. Built with CGIDM_WITH_CUDA only when torch has CUDA.
 #include "ops.h"
 
-#include <ATen/ATen.h>
+// Only the headers used: ATen/ATen.h would triple this file's compile time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
 
 #include "launch.h"
 
@@ -21,6 +24,13 @@ DType to_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     default: TORCH_CHECK(false, "cgidm: unsupported dtype ", t, " (float32, float16 or bfloat16)");
   }
+}
+
+// The dtype the kernels read and write for `t` on `device`. fp16 on CPU goes through fp32:
+// a generic x86-64 build converts c10::Half in software, several times slower than
+// torch's own vectorised .to() on the way in and out.
+at::ScalarType storage_dtype(at::ScalarType t, const at::Device& device) {
+  return device.is_cpu() && t == at::kHalf ? at::kFloat : t;
 }
 
 // Inputs in the compute dtype, dense: kernels index flat arrays. Upcasts only, so exact.
@@ -75,19 +85,20 @@ std::tuple<at::Tensor, at::Tensor> pair_noise(
 
   // The reference promotes z over (x0, mask, x) and x_t over (z, noises); the kernel
   // computes both in the wider dtype (fp32 math inside) and narrows z afterwards.
-  const auto z_dtype = at::promote_types(at::promote_types(x0.scalar_type(), mask.scalar_type()), x.scalar_type());
-  auto xt_dtype = at::promote_types(z_dtype, noise_ft.scalar_type());
-  if (!shared) xt_dtype = at::promote_types(xt_dtype, noise_pre->scalar_type());
-  const DType dt = to_dtype(xt_dtype);
+  const auto z_dtype = c10::promoteTypes(c10::promoteTypes(x0.scalar_type(), mask.scalar_type()), x.scalar_type());
+  auto xt_dtype = c10::promoteTypes(z_dtype, noise_ft.scalar_type());
+  if (!shared) xt_dtype = c10::promoteTypes(xt_dtype, noise_pre->scalar_type());
+  const auto st = storage_dtype(xt_dtype, x0.device());
+  const DType dt = to_dtype(st);
 
-  const at::Tensor x0c = prepare(x0, xt_dtype), xc = prepare(x, xt_dtype),
-                   mc = prepare(mask, xt_dtype), nft = prepare(noise_ft, xt_dtype);
-  const at::Tensor npre = shared ? at::Tensor() : prepare(*noise_pre, xt_dtype);
+  const at::Tensor x0c = prepare(x0, st), xc = prepare(x, st), mc = prepare(mask, st),
+                   nft = prepare(noise_ft, st);
+  const at::Tensor npre = shared ? at::Tensor() : prepare(*noise_pre, st);
   const at::Tensor sa = prepare(sqrt_abar, at::kFloat), sb = prepare(sqrt_one_minus_abar, at::kFloat);
-  at::Tensor z = at::empty(x0.sizes(), x0.options().dtype(xt_dtype));
+  at::Tensor z = at::empty(x0.sizes(), x0.options().dtype(st));
   std::vector<int64_t> xt_shape{2};
   xt_shape.insert(xt_shape.end(), noise_ft.sizes().begin(), noise_ft.sizes().end());
-  at::Tensor x_t = at::empty(xt_shape, x0.options().dtype(xt_dtype));
+  at::Tensor x_t = at::empty(xt_shape, x0.options().dtype(st));
   const void* npre_ptr = shared ? nullptr : npre.data_ptr();
 
   if (N * M > 0) {
@@ -108,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> pair_noise(
                       z.data_ptr(), x_t.data_ptr());
     }
   }
-  return {z_dtype == xt_dtype ? z : z.to(z_dtype), x_t};
+  return {z.to(z_dtype), x_t.to(xt_dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_contrast_loss(
@@ -126,11 +137,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_contrast_loss(
 
   // UNets hand back eps in their own dtype while the noise stays fp32: that pair has its
   // own instantiation, so neither side is copied. Any other mix is upcast first (exact).
-  const auto eps_dtype = at::promote_types(eps_ft.scalar_type(), eps_pre.scalar_type());
+  auto eps_dtype = c10::promoteTypes(eps_ft.scalar_type(), eps_pre.scalar_type());
   auto noise_dtype = shared ? noise_ft.scalar_type()
-                            : at::promote_types(noise_ft.scalar_type(), noise_pre->scalar_type());
+                            : c10::promoteTypes(noise_ft.scalar_type(), noise_pre->scalar_type());
   if (noise_dtype != eps_dtype) {
     noise_dtype = at::kFloat;
+  }
+  if (storage_dtype(eps_dtype, eps_ft.device()) != eps_dtype) {
+    eps_dtype = noise_dtype = at::kFloat;
   }
   const at::Tensor eft = prepare(eps_ft, eps_dtype), epre = prepare(eps_pre, eps_dtype);
   const at::Tensor nft = prepare(noise_ft, noise_dtype);

@@ -3,11 +3,12 @@
 // in a fixed order afterwards, so the loss does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
+#include "cpu_common.h"
 #include "launch.h"
 
 namespace cgidm::cpu {
@@ -21,7 +22,6 @@ void pair_contrast_loss_impl(
     int64_t M, float* loss, float* seed_ft, float* seed_pre) {
   const Nz* n_pre = noise_pre ? noise_pre : noise_ft;
   const int64_t chunks = (M + kChunk - 1) / kChunk;
-  // Squared errors accumulate in double: M terms of one sign, no cancellation to hide.
   std::vector<double> part_ft(N * chunks), part_pre(N * chunks);
   const float scale = 2.0f / static_cast<float>(M);
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -29,17 +29,16 @@ void pair_contrast_loss_impl(
       const int64_t n = item / chunks;
       const int64_t i0 = n * M + (item % chunks) * kChunk;
       const int64_t i1 = std::min(i0 + kChunk, (n + 1) * M);
-      double s_ft = 0.0, s_pre = 0.0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const float d_ft = static_cast<float>(eps_ft[i]) - static_cast<float>(noise_ft[i]);
-        const float d_pre = static_cast<float>(eps_pre[i]) - static_cast<float>(n_pre[i]);
-        s_ft += static_cast<double>(d_ft) * d_ft;
-        s_pre += static_cast<double>(d_pre) * d_pre;
-        seed_ft[i] = d_ft * scale;
-        seed_pre[i] = -d_pre * scale;
-      }
-      part_ft[item] = s_ft;
-      part_pre[item] = s_pre;
+      part_ft[item] = lane_sum(i0, i1, [&](int64_t i) {
+        const float d = static_cast<float>(eps_ft[i]) - static_cast<float>(noise_ft[i]);
+        seed_ft[i] = d * scale;
+        return d * d;
+      });
+      part_pre[item] = lane_sum(i0, i1, [&](int64_t i) {
+        const float d = static_cast<float>(eps_pre[i]) - static_cast<float>(n_pre[i]);
+        seed_pre[i] = -d * scale;
+        return d * d;
+      });
     }
   });
   for (int64_t n = 0; n < N; ++n) {
@@ -81,8 +80,7 @@ void pair_contrast_loss(
       run_eps<float>(noise_dtype, eps_ft, eps_pre, noise_ft, noise_pre, N, M, loss, seed_ft, seed_pre);
       break;
     case DType::kFloat16:
-      run_eps<c10::Half>(noise_dtype, eps_ft, eps_pre, noise_ft, noise_pre, N, M, loss, seed_ft, seed_pre);
-      break;
+      throw std::invalid_argument("cgidm::cpu::pair_contrast_loss: fp16 is widened by the caller");
     case DType::kBFloat16:
       run_eps<c10::BFloat16>(noise_dtype, eps_ft, eps_pre, noise_ft, noise_pre, N, M, loss, seed_ft, seed_pre);
       break;

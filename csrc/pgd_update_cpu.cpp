@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_common.h"
 #include "launch.h"
 
 namespace cgidm::cpu {
@@ -62,10 +63,10 @@ void pgd_update(
       double s = 0.0;
       for_runs(seg.begin(item), seg.end(item), M, mask_batched,
                [&](int64_t j0, int64_t j1, int64_t moff) {
-                 for (int64_t j = j0; j < j1; ++j) {
+                 s += lane_sum(j0, j1, [&](int64_t j) {
                    const float gf = grad[j] * (1.0f - mask[j + moff]);
-                   s += static_cast<double>(gf) * gf;
-                 }
+                   return gf * gf;
+                 });
                });
       part[item] = s;
     }
@@ -89,13 +90,13 @@ void pgd_update(
       double s = 0.0;
       for_runs(seg.begin(item), seg.end(item), M, mask_batched,
                [&](int64_t j0, int64_t j1, int64_t moff) {
-                 for (int64_t j = j0; j < j1; ++j) {
+                 s += lane_sum(j0, j1, [&](int64_t j) {
                    const float gn = step ? grad[j] * (1.0f - mask[j + moff]) / norm : 0.0f;
                    const float xi = x_init[j];
                    const float d = std::min(std::max(xi + (delta[j] - alpha * gn), clamp_min), clamp_max) - xi;
                    delta_out[j] = d;
-                   s += static_cast<double>(d) * d;
-                 }
+                   return d * d;
+                 });
                });
       part[item] = s;
     }

@@ -436,7 +436,7 @@ def test_get_ops_dispatches_cpu_tensors_to_the_extension(impl):
 # --------------------------------------------------------------------------- the engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """A random tiny SD-shaped UNet and a slightly perturbed copy as the "fine-tuned" one,
     with the scheduler's abar. Latents [3, 16, 16], prompts [77, 32]."""
