@@ -14,8 +14,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from cgidm.files import append_jsonl, atomic_save_image, atomic_write_text, safe_name
-from cgidm.images import ImageError, list_images, load_image, to_pil
+from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_text, output_path
+from cgidm.images import ImageError, list_images, load_image_with_notes, to_pil
 from cgidm.masks import block_mask
 from cgidm.models import ModelPair
 from cgidm.reference import PGDConfig, invert, partial_representation, unet_eps_fn
@@ -173,26 +173,45 @@ def run_items(
     on_row=None,
 ) -> list[dict]:
     """Authenticate ``items`` in batches; write triptychs and one JSONL row per image
-    (through ``on_row``, default: append to ``out/results.jsonl``)."""
+    (through ``on_row``, default: append to ``out/results.jsonl``).
+
+    An unreadable image becomes an ``error`` row and the run goes on; a write that fails
+    (full disk, permission) raises ``OutputError`` and stops the run, the rows written
+    before it complete."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    (out / "triptychs").mkdir(parents=True, exist_ok=True)
-    on_row = on_row or (lambda row: append_jsonl(out / "results.jsonl", row))
+    results = out / "results.jsonl"
+    try:
+        (out / "triptychs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(out / "triptychs", e) from e
+    on_row = on_row or (lambda row: append_jsonl(results, row))
     rows: list[dict] = []
     bar = tqdm(total=len(items), desc="images", unit="img", disable=not progress)
+
+    def emit(row: dict) -> None:
+        try:
+            on_row(row)
+        except OutputError:
+            raise
+        except OSError as e:
+            raise OutputError(e.filename or results, e) from e
+        rows.append(row)
+        bar.update(1)
+
     for start in range(0, len(items), cfg.batch_size):
         batch = items[start:start + cfg.batch_size]
-        ok, tensors = [], []
+        ok, tensors, notes = [], [], []
         for it in batch:
             try:
-                tensors.append(load_image(it.path, pair.resolution))
-                ok.append(it)
+                x, note = load_image_with_notes(it.path, pair.resolution)
             except ImageError as e:
-                row = {"image": str(it.path), "id": it.id, "label": it.label, "error": e.reason}
-                on_row(row)
-                rows.append(row)
-                bar.update(1)
+                emit({"image": str(it.path), "id": it.id, "label": it.label, "error": e.reason})
+                continue
+            tensors.append(x)
+            notes.append(note)
+            ok.append(it)
         if not ok:
             continue
         prep = prepare(pair, torch.stack(tensors), [it.id for it in ok], cfg)
@@ -207,18 +226,20 @@ def run_items(
         step_bar.close()
         recovered = pair.codec.decode(result.x_rec)
         for it, sc, i in zip(ok, score_batch(pair, prep, result, recovered, embedder), range(len(ok))):
-            name = safe_name(it.id) + ".png"
-            atomic_save_image(triptych(prep.images[i], prep.partial_images[i], recovered[i]), out / "triptychs" / name)
             finite = all(math.isfinite(v) for v in sc.values() if isinstance(v, float))
             if not finite or not torch.isfinite(result.x_rec[i]).all():
+                # no triptych and no score; NaN is not JSON that other tools read
+                sc = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in sc.items()}
                 row = {"image": str(it.path), "id": it.id, "label": it.label,
                        "error": "result is not finite", **sc}
             else:
-                row = {"image": str(it.path), "id": it.id, "label": it.label, "triptych": f"triptychs/{name}",
-                       "score": sc[cfg.metric], **sc}
-            on_row(row)
-            rows.append(row)
-            bar.update(1)
+                path = output_path(out / "triptychs", it.id)
+                atomic_save_image(triptych(prep.images[i], prep.partial_images[i], recovered[i]), path)
+                row = {"image": str(it.path), "id": it.id, "label": it.label,
+                       "triptych": f"triptychs/{path.name}", "score": sc[cfg.metric], **sc}
+            if notes[i]:
+                row["notes"] = notes[i]
+            emit(row)
     bar.close()
     return rows
 
@@ -231,6 +252,8 @@ def summarize(rows: Sequence[dict], cfg: AuthConfig, info: Optional[dict] = None
         "scored": len(good),
         "failed": len(rows) - len(good),
         "metric": cfg.metric,
+        "errors": {r["id"]: r["error"] for r in rows if "error" in r},
+        "auc": None,  # set below when there are labelled images; the report reads it always
         "config": cfg.to_json(),
     }
     if info:
@@ -277,14 +300,17 @@ def authenticate(
 ) -> dict:
     """Authenticate images against a model pair; writes ``out/results.jsonl``,
     ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``.
-    Returns the summary."""
+    Returns the summary. Raises ``OutputError`` when an output cannot be written; the
+    rows finished before it stay complete in ``results.jsonl``."""
     from cgidm.report import write_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    if results.exists():
-        results.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        results.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(out, e) from e
     rows = run_items(pair, list(items), out, cfg, embedder, progress)
     summary = summarize(rows, cfg, pair.info)
     if "verdicts" in summary:  # rewrite rows with their verdicts

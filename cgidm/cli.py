@@ -1,7 +1,10 @@
 """``cgidm`` command line: ``authenticate`` and ``demo``.
 
 Exit status: 0 all images scored; 1 some images failed (the summary says which);
-2 bad usage or a model/folder that cannot be used (nothing was computed).
+2 bad usage or a model/folder that cannot be used (nothing was computed);
+3 an output could not be written (full disk, permission): the run stopped, the rows
+finished before it are complete in results.jsonl; 4 the run stopped on an unexpected
+error during compute (same guarantee; ``-v`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
 
 
 def _pgd_args(p: argparse.ArgumentParser, steps_default) -> None:
@@ -87,6 +90,11 @@ def _config(args, defaults: dict):
 
 def _print_summary(summary: dict) -> None:
     print(f"images: {summary['images']}  scored: {summary['scored']}  failed: {summary['failed']}")
+    errors = list(summary.get("errors", {}).items())
+    for image_id, reason in errors[:10]:
+        print(f"  failed {image_id}: {reason}")
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more (see results.jsonl)")
     if summary.get("auc") is not None:
         print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
               f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
@@ -156,18 +164,33 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from cgidm.files import OutputError
     from cgidm.models import ModelLoadError
 
+    kept = "rows finished before it are complete in results.jsonl"
     try:
         if args.command == "authenticate":
             return cmd_authenticate(args)
         return cmd_demo(args)
+    except OutputError as e:
+        print(f"cgidm: error: {_one_line(e)}; the run stopped, {kept}", file=sys.stderr)
+        return EXIT_OUTPUT
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
-        print(f"cgidm: error: {e}", file=sys.stderr)
+        print(f"cgidm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cgidm: interrupted; rows already in results.jsonl are complete", file=sys.stderr)
         return 130
+    except Exception as e:
+        logging.getLogger("cgidm").debug("the run stopped", exc_info=True)
+        print(f"cgidm: error: the run stopped ({type(e).__name__}: {_one_line(e)}); {kept}", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    """Library errors (diffusers, safetensors) span many lines; a terminal wants one."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

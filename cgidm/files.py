@@ -1,41 +1,122 @@
 """Output files written so that a crash never leaves half of one: temporary file +
-rename for whole files, one ``write`` per JSONL line for appends."""
+rename for whole files, one ``write`` per JSONL line for appends.
+
+A write that fails (full disk, permission) raises ``OutputError`` naming the file, after
+removing its temporary file or cutting the half-written line back off: what was complete
+before stays complete, and nothing half-written is left where results are read.
+"""
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
+
+MAX_NAME_CHARS = 120  # + "-" + 16 hex + a suffix stays far below NAME_MAX (255 bytes)
+
+
+class OutputError(OSError):
+    """An output file that could not be written: ``path``, ``errno``, ``strerror``."""
+
+    def __init__(self, path, cause: OSError) -> None:
+        strerror = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno if cause.errno is not None else _errno.EIO, strerror, str(path))
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror}"
+
+
+def _tmp_path(path: Path) -> Path:
+    # a leading dot and no image suffix: never listed as an input image or taken for a
+    # result; pid and thread in the name: writer threads and processes never share one
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
+def _replace_from_tmp(path: Path, write) -> None:
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OutputError:
+        _discard(tmp)
+        raise
+    except OSError as e:
+        _discard(tmp)
+        raise OutputError(path, e) from e
+    except BaseException:
+        _discard(tmp)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace_from_tmp(path, lambda f: f.write(text.encode()))
 
 
 def atomic_save_image(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    _replace_from_tmp(path, lambda f: image.save(f, format="PNG"))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    """One complete line or nothing: a single ``write`` of the whole line, then fsync."""
+    """One complete line or nothing: a single ``write`` of the whole line, then fsync.
+    A short or failed write (a full disk) is cut back off before ``OutputError``."""
     line = (json.dumps(row, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(path, e) from e
+    try:
+        start = os.fstat(fd).st_size
+        done = 0
+        try:
+            while done < len(line):
+                n = os.write(fd, line[done:])
+                if n <= 0:
+                    raise OSError(_errno.ENOSPC, os.strerror(_errno.ENOSPC))
+                done += n
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                if os.fstat(fd).st_size > start:
+                    os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise OutputError(path, e) from e
     finally:
         os.close(fd)
 
 
 def safe_name(image_id: str) -> str:
-    """A file name from an image id that cannot leave the output folder."""
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id.replace("/", "__"))
+    """A file name from an image id that cannot leave the output folder: ASCII letters,
+    digits, ``-_.`` only (no separators, no NUL, no leading dot, so no ``..``), at most
+    ``MAX_NAME_CHARS`` + 17 characters, and a hash of the whole id so that ids differing
+    only in dropped characters (or past the cut) still get different names."""
+    keep = "".join(
+        c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in image_id.replace("/", "__")
+    )
     keep = keep.lstrip(".") or "image"
-    return keep[:120] + "-" + hashlib.sha256(image_id.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return keep[:MAX_NAME_CHARS] + "-" + digest
+
+
+def output_path(folder: str | Path, image_id: str, suffix: str = ".png") -> Path:
+    """``folder / (safe_name(image_id) + suffix)``, checked to stay directly in ``folder``."""
+    folder = Path(folder)
+    name = safe_name(image_id) + suffix
+    path = folder / name
+    if path.parent != folder or path.name != name or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"unsafe output name for image id {image_id!r}")
+    return path

@@ -1,6 +1,13 @@
-"""Image files in and out: the paper's preprocessing (DESIGN.md step 1) and PNG output."""
+"""Image files in and out: the paper's preprocessing (DESIGN.md step 1) and PNG output.
+
+Every image file is untrusted input. ``load_image`` either returns a finite ``[3, R, R]``
+tensor in [-1, 1] or raises ``ImageError`` with the file and the reason; nothing else
+escapes, whatever the bytes.
+"""
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +15,20 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
+# pixel is decoded, so a small file that declares a huge image costs nothing. Raising it
+# above 2 * PIL.Image.MAX_IMAGE_PIXELS also needs PIL's limit raised: PIL refuses first.
+MAX_IMAGE_PIXELS = 89_478_485
+# Images whose short side is below this (or below a quarter of the model's resolution)
+# would be upscaled so much that the recovered half says nothing about the original.
+MIN_SIDE_PX = 8
+# Beyond this aspect ratio the long side is cut down before resizing: the centre crop
+# never sees it, and resizing it first could take gigabytes (128 x 700 000 px -> 512 x 2.8 M).
+_MAX_ASPECT = 2
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageError(ValueError):
@@ -20,32 +41,163 @@ class ImageError(ValueError):
 
 
 def list_images(directory: str | Path) -> list[Path]:
+    """Image files of a folder, sorted. Hidden files are skipped: macOS leaves ``._x.png``
+    resource forks next to every image, and cgidm's own temporary files start with a dot."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"image folder not found: {d}")
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in d.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
-def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Short side to ``resolution`` (bilinear), centre crop, [-1, 1]: ``[3, R, R]``."""
-    img = ImageOps.exif_transpose(img).convert("RGB")
+def min_side(resolution: int) -> int:
+    """The shortest image side accepted for a model of ``resolution`` px."""
+    return min(resolution, max(MIN_SIDE_PX, math.ceil(resolution / 4)))
+
+
+def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale -> 8-bit ``L`` by scaling the value
+    range (PIL's own ``convert`` clips everything above 255 to white)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("non-finite pixel values")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode in _SIXTEEN_BIT:
+        top = 65535.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        top = 1.0
+    elif lo >= 0 and hi <= 255:
+        top = 255.0
+    elif img.mode == "I" and lo >= 0 and hi <= 65535:
+        top = 65535.0
+    else:
+        # No known range: stretch what is there, and say so.
+        arr = arr - lo
+        top = max(hi - lo, 1e-12)
+        notes.append(f"{img.mode}-mode values [{lo:g}, {hi:g}] stretched to 8 bits")
+    out = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, upright.
+
+    - EXIF orientation is applied (phone photos are stored sideways).
+    - Transparency (RGBA, LA, PA, palette or greyscale with a transparent colour) is
+      composited on **white**: the paper's images are artworks on paper-like grounds,
+      and a black ground would change what the models see far more.
+    - 16-bit (``I;16``), 32-bit integer (``I``) and float (``F``) greyscale are scaled to
+      8 bits over their range (65535, 255 or [0, 1]; else min..max, with a note).
+    - CMYK, palette, greyscale, 1-bit, YCbCr, LAB, HSV: PIL's conversion (CMYK without
+      colour management). Animated images: the first frame.
+
+    Non-obvious changes are appended to ``notes``.
+    """
+    notes = [] if notes is None else notes
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a corrupt EXIF block should not cost the picture
+        notes.append("EXIF orientation unreadable, ignored")
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        img = _high_depth_to_l(img, notes)
+    if img.mode == "CMYK":
+        notes.append("CMYK converted to RGB without colour management")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            notes.append("transparency flattened on white")
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_crop(img: Image.Image, resolution: int) -> Image.Image:
     w, h = img.size
+    short = min(w, h)
+    if max(w, h) > _MAX_ASPECT * short:
+        keep = _MAX_ASPECT * short
+        if w > h:
+            left = (w - keep) // 2
+            img = img.crop((left, 0, left + keep, h))
+        else:
+            top = (h - keep) // 2
+            img = img.crop((0, top, w, top + keep))
+        w, h = img.size
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
     img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Short side to ``resolution`` (bilinear), centre crop, [-1, 1]: ``[3, R, R]``."""
+    img = _resize_crop(to_rgb(img), resolution)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+def _reason(e: BaseException) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image (unrecognised format)"
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"cannot open ({e.strerror or e})"
+    text = str(e) or type(e).__name__
+    if "truncated" in text.lower():
+        return f"truncated image ({text})"
+    return f"corrupt or unreadable image ({type(e).__name__}: {text})"
+
+
+def load_image_with_notes(
+    path: str | Path, resolution: int, max_pixels: int | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """``load_image`` that also returns the notes of what was changed on the way
+    (upscaled, transparency flattened, first frame of an animation ...)."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    notes: list[str] = []
     try:
-        with Image.open(path) as img:
-            img.load()
-            return preprocess(img, resolution)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"cannot read image ({e})") from e
+        with warnings.catch_warnings():
+            # our own limit below replaces PIL's warning; PIL's hard error still applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > limit:
+                    raise ImageError(
+                        path, f"too large ({w}x{h} = {w * h} pixels, limit {limit}; decompression-bomb guard)"
+                    )
+                if getattr(img, "is_animated", False):
+                    notes.append("animated: first frame used")
+                img.load()
+                rgb = to_rgb(img, notes)
+                w, h = rgb.size
+                need = min_side(resolution)
+                if min(w, h) < need:
+                    raise ImageError(
+                        path, f"too small ({w}x{h}) for {resolution}x{resolution}: "
+                        f"the short side must be at least {need} px"
+                    )
+                if min(w, h) < resolution:
+                    notes.append(f"upscaled from {w}x{h}")
+                image = _resize_crop(rgb, resolution)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"too large ({e}; decompression-bomb guard)") from e
+    except Exception as e:  # PIL parses untrusted bytes: any failure means a bad file
+        raise ImageError(path, _reason(e)) from e
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), notes
+
+
+def load_image(path: str | Path, resolution: int, max_pixels: int | None = None) -> torch.Tensor:
+    """An image file as ``[3, R, R]`` in [-1, 1], or ``ImageError`` with the reason.
+
+    ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) bounds the declared size before
+    decoding; images whose short side is below ``min_side(resolution)`` are refused."""
+    return load_image_with_notes(path, resolution, max_pixels)[0]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -132,7 +132,7 @@ def read_safetensors_header(path: Path) -> dict:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
             raise ModelLoadError(f"{path}: malformed safetensors header ({e})") from e
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: malformed safetensors header (not a JSON object)")
@@ -140,11 +140,13 @@ def read_safetensors_header(path: Path) -> dict:
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        try:
-            lo, hi = meta["data_offsets"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise ModelLoadError(f"{path}: malformed safetensors entry {key!r}") from e
-        end = max(end, int(hi))
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2
+            and all(type(v) is int for v in offsets) and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ModelLoadError(f"{path}: malformed safetensors entry {key[:80]!r} (bad data_offsets)")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
     return header
@@ -178,7 +180,11 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 
 def _weights_in(folder: Path, allow_pickle: bool) -> bool:
     """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
-    if any(folder.glob("*.safetensors")):
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        # diffusers would only say the folder failed; this names the file and the fault
+        for f in found:
+            read_safetensors_header(f)
         return True
     pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
@@ -241,20 +247,33 @@ def _load_codec(base: Path, allow_pickle: bool):
     raise ModelLoadError(f"{base}: missing component 'vae' (no vae/ folder)")
 
 
+def _prediction_type(folder: Path) -> str:
+    path = folder / "scheduler_config.json"
+    if not path.exists():
+        raise ModelLoadError(f"{folder}: missing scheduler_config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: unreadable scheduler config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: unreadable scheduler config (not a JSON object)")
+    return str(cfg.get("prediction_type", "epsilon"))
+
+
 def _load_abar(base: Path) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
     folder = base / "scheduler"
-    if not (folder / "scheduler_config.json").exists():
-        raise ModelLoadError(f"{folder}: missing scheduler_config.json")
-    cfg = json.loads((folder / "scheduler_config.json").read_text())
-    pred = cfg.get("prediction_type", "epsilon")
+    pred = _prediction_type(folder)
     if pred != "epsilon":
         raise ModelLoadError(
             f"{folder}: prediction_type {pred!r} is not supported; CGI-DM as specified uses "
             "epsilon-prediction models (Stable Diffusion 1.x)"
         )
-    sched = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    try:
+        sched = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load scheduler ({e})") from e
     return sched.alphas_cumprod.double()
 
 
@@ -370,8 +389,10 @@ def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:
     a, b = unet_pre.config, unet_ft.config
     for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
         if a.get(key) != b.get(key):
+            # 1024 vs 768 is the usual case: an SD 2.x fine-tune against an SD 1.x base
+            hint = " (Stable Diffusion 2.x against 1.x?)" if key == "cross_attention_dim" else ""
             raise ModelLoadError(
-                f"{where}: fine-tuned UNet does not match the base: {key} {b.get(key)} vs {a.get(key)}"
+                f"{where}: fine-tuned UNet does not match the base: {key} {b.get(key)} vs {a.get(key)}{hint}"
             )
     if int(a["in_channels"]) != codec.latent_channels:
         raise ModelLoadError(
@@ -417,6 +438,13 @@ def load_pair(
         info["finetuned"] = str(fp)
         if fp.is_dir():
             if (fp / "unet").is_dir():
+                has_sched = (fp / "scheduler" / "scheduler_config.json").exists()
+                pred = _prediction_type(fp / "scheduler") if has_sched else "epsilon"
+                if pred != "epsilon":
+                    raise ModelLoadError(
+                        f"{fp / 'scheduler'}: the fine-tune is a {pred!r}-prediction model "
+                        "(Stable Diffusion 2.x?); the base predicts 'epsilon'"
+                    )
                 unet_ft = _load_unet(fp / "unet", allow_pickle)
                 if (fp / "text_encoder").is_dir():
                     te_ft = _load_text_encoder(fp / "text_encoder", allow_pickle)

@@ -168,6 +168,7 @@ torch.library.register_kernel("cgidm::pgd_update", None, _pgd_update_default)
 def _pair_noise_setup(ctx, inputs, output):
     x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar = inputs
     z, _ = output
+    ctx.set_materialize_grads(False)
     ctx.shared = noise_pre is None
     ctx.mask_batched = mask.numel() != x0[0].numel()
     ctx.mask_shape = mask.shape
@@ -220,6 +221,9 @@ def _pair_noise_backward(ctx, grad_z, grad_x_t):
 def _pair_contrast_loss_setup(ctx, inputs, output):
     eps_ft, eps_pre, noise_ft, noise_pre = inputs
     _, seed_ft, seed_pre = output
+    # The seeds are rarely used as outputs: zero-filled gradients for them would cost two
+    # full passes (more than the kernel itself).
+    ctx.set_materialize_grads(False)
     ctx.shared = noise_pre is None
     ctx.dtypes = [None if t is None else t.dtype for t in inputs]
     ctx.save_for_backward(seed_ft, seed_pre)

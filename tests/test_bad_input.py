@@ -1,0 +1,287 @@
+"""Untrusted models and names: mismatches and broken files are refused with the file
+named before any compute, safetensors headers are bounded whatever their bytes, and no
+image id can place an output outside the folder the user named."""
+import json
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from cgidm import cli
+from cgidm.files import MAX_NAME_CHARS, output_path, safe_name
+from cgidm.models import ModelLoadError, load_pair, load_state_dict
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # two cores shared with other work: a second thread only adds contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fails the test if anything past model loading runs."""
+    import cgidm.api
+
+    def refuse(*a, **k):
+        raise AssertionError("compute started although the models are unusable")
+
+    monkeypatch.setattr(cgidm.api, "prepare", refuse)
+    monkeypatch.setattr(cgidm.api, "recover", refuse)
+
+
+def _sd2_like(tiny_world, root: Path, scheduler: bool = True) -> Path:
+    """A tiny fine-tune shaped like SD 2.x against the SD 1.x-like base: a wider text
+    encoder and cross-attention, and a v-prediction scheduler."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cgidm.testing.tiny import tiny_unet_config
+
+    cfg = tiny_unet_config(16)
+    cfg["cross_attention_dim"] = 48
+    UNet2DConditionModel(**cfg).save_pretrained(root / "unet")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=77,
+    )).save_pretrained(root / "text_encoder")
+    shutil.copytree(tiny_world / "base" / "tokenizer", root / "tokenizer")
+    if scheduler:
+        DDPMScheduler(prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd2_like_finetune_against_sd1_base(tiny_world, tmp_path):
+    ft = _sd2_like(tiny_world, tmp_path / "sd2")
+    with pytest.raises(ModelLoadError, match=r"v_prediction.*2\.x") as e:
+        load_pair(tiny_world / "base", ft)
+    assert str(ft / "scheduler") in str(e.value)
+    shutil.rmtree(ft / "scheduler")  # without its scheduler the UNet still gives it away
+    with pytest.raises(ModelLoadError, match=r"cross_attention_dim 48 vs 32.*2\.x"):
+        load_pair(tiny_world / "base", ft)
+
+
+def test_v_prediction_base_is_refused(tiny_world, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world / "base", base)
+    cfg = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    cfg["prediction_type"] = "v_prediction"
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="v_prediction"):
+        load_pair(base, tiny_world / "finetuned")
+    (base / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="scheduler_config.json"):
+        load_pair(base, tiny_world / "finetuned")
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "tokenizer", "unet"])
+def test_base_missing_component_is_named(tiny_world, tmp_path, component):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world / "base", base)
+    shutil.rmtree(base / component)
+    with pytest.raises(ModelLoadError, match=f"missing component '{component}'"):
+        load_pair(base, tiny_world / "finetuned")
+
+
+def test_finetune_text_encoder_without_weights_is_named(tiny_world, tmp_path):
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_world / "finetuned", ft)
+    (ft / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no weights file") as e:
+        load_pair(tiny_world / "base", ft)
+    assert str(ft / "text_encoder") in str(e.value)
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_safetensors_inside_a_diffusers_folder(tiny_world, tmp_path):
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_world / "finetuned", ft)
+    weights = ft / "unet" / "diffusion_pytorch_model.safetensors"
+    _truncate(weights)
+    with pytest.raises(ModelLoadError, match="truncated") as e:
+        load_pair(tiny_world / "base", ft)
+    assert str(weights) in str(e.value)
+
+
+def _errors(err: str) -> list[str]:
+    """cgidm's own lines on stderr (transformers draws loading bars there too)."""
+    return [line for line in err.splitlines() if line.startswith("cgidm:")]
+
+
+def _cli(tiny_world, out, *model_args):
+    imgs = tiny_world / "images"
+    return cli.main(["authenticate", "--base", str(tiny_world / "base"), *model_args,
+                     "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"),
+                     "--out", str(out), "--steps", "2", "-q"])
+
+
+@pytest.mark.parametrize("what", ["folder", "single-file", "lora", "header-junk"])
+def test_cli_broken_model_exits_2_naming_the_file(tiny_world, tmp_path, capsys, no_compute, what):
+    if what == "folder":
+        ft = tmp_path / "ft"
+        shutil.copytree(tiny_world / "finetuned", ft)
+        bad = ft / "text_encoder" / "model.safetensors"
+        _truncate(bad, 0.9)
+        args = ["--finetuned", str(ft)]
+    elif what in ("single-file", "lora"):
+        bad = tmp_path / f"{what}.safetensors"
+        src = "finetuned.safetensors" if what == "single-file" else "lora.safetensors"
+        bad.write_bytes((tiny_world / src).read_bytes())
+        _truncate(bad, 0.7)
+        args = ["--finetuned", str(bad)] if what == "single-file" else ["--lora", str(bad)]
+    else:
+        bad = tmp_path / "junk.safetensors"
+        bad.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{[")
+        args = ["--finetuned", str(bad)]
+    code = _cli(tiny_world, tmp_path / "out", *args)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert len(_errors(err)) == 1 and str(bad) in _errors(err)[0], err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_cli_sd2_like_finetune_exits_2(tiny_world, tmp_path, capsys, no_compute):
+    ft = _sd2_like(tiny_world, tmp_path / "sd2", scheduler=False)
+    code = _cli(tiny_world, tmp_path / "out", "--finetuned", str(ft))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and len(_errors(err)) == 1, err
+    assert str(ft) in _errors(err)[0] and "cross_attention_dim" in err
+
+
+# --------------------------------------------------------------------------- safetensors fuzz
+
+FUZZ_DIR = Path(tempfile.mkdtemp(prefix="cgidm-st-fuzz-"))
+NAME_DIR = Path(tempfile.mkdtemp(prefix="cgidm-name-fuzz-"))
+
+
+def _load(data: bytes) -> None:
+    path = FUZZ_DIR / "fuzz.safetensors"
+    path.write_bytes(data)
+    try:
+        state = load_state_dict(path)
+    except ModelLoadError as e:
+        assert str(path) in str(e)
+        return
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+entries = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X"]),
+    "shape": st.lists(st.integers(-2, 6), max_size=3),
+    "data_offsets": st.one_of(
+        st.lists(st.integers(-4, 200), min_size=2, max_size=2),
+        json_values,
+    ),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(length=st.integers(0, 2**64 - 1), body=st.binary(max_size=256))
+def test_fuzz_header_length_field(length, body):
+    _load(struct.pack("<Q", length) + body)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=st.one_of(json_values, st.dictionaries(st.text(max_size=12), entries, max_size=3)),
+       pad=st.integers(0, 8), data=st.binary(max_size=200), slack=st.integers(-8, 8))
+def test_fuzz_header_json(header, pad, data, slack):
+    raw = json.dumps(header).encode() + b" " * pad
+    length = max(0, len(raw) + slack)
+    _load(struct.pack("<Q", length) + raw + data)
+
+
+def test_valid_tiny_safetensors_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ok.safetensors"
+    save_file({"w": torch.arange(6.0).view(2, 3)}, str(path))
+    assert torch.equal(load_state_dict(path)["w"], torch.arange(6.0).view(2, 3))
+
+
+# --------------------------------------------------------------------------- output names
+
+NASTY_IDS = [
+    "..", ".", "../../etc/passwd", "member/../../../x", "/etc/passwd", "C:\\Windows\\system32",
+    "a\0b", "x" * 10_000, "ünïcödé/画像.png", "画" * 200, "", "....", "a/b/", "\udcff\udcfe",
+    "CON", "name\n.png", " ", "~/.ssh/id_rsa",
+]
+
+
+def _check_name(image_id: str, folder: Path) -> Path:
+    name = safe_name(image_id)
+    assert name.isascii() and name.isprintable()
+    assert not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
+    assert len(name) <= MAX_NAME_CHARS + 17
+    path = output_path(folder, image_id)
+    assert path.resolve().parent == folder.resolve()
+    path.write_bytes(b"x")  # the file system accepts it, where we said
+    assert path.name in {p.name for p in folder.iterdir()}
+    return path
+
+
+@pytest.mark.parametrize("image_id", NASTY_IDS, ids=range(len(NASTY_IDS)))
+def test_nasty_ids_stay_inside_the_output_folder(tmp_path, image_id):
+    _check_name(image_id, tmp_path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(image_id=st.text(st.characters(exclude_categories=[]), max_size=300))
+def test_fuzz_safe_name_stays_inside(image_id):
+    _check_name(image_id, NAME_DIR)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.text(st.characters(exclude_categories=[]), max_size=40),
+       b=st.text(st.characters(exclude_categories=[]), max_size=40))
+def test_fuzz_different_ids_get_different_names(a, b):
+    assume(a != b)
+    assert safe_name(a) != safe_name(b)
+
+
+def test_ids_differing_only_in_dropped_characters_or_past_the_cut():
+    assert safe_name("a/b") != safe_name("a__b") != safe_name("a_b")
+    assert safe_name("x" * 500 + "1") != safe_name("x" * 500 + "2")
+    assert safe_name("Image.png") != safe_name("image.png")
+
+
+def test_run_with_hostile_ids_writes_only_inside_out(tiny_world, tmp_path):
+    from cgidm.api import AuthConfig, ImageItem, authenticate
+    from cgidm.reference import PGDConfig
+    from cgidm.testing.tiny import demo_defaults
+
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    src = sorted((tiny_world / "images" / "members").iterdir())[0]
+    ids = ["../../escaped", "/tmp/absolute", "a\0b"]
+    items = [ImageItem(src, "member", id=i) for i in ids]
+    d = demo_defaults()
+    cfg = AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": 2}), batch_size=3)
+    out = tmp_path / "nest" / "out"
+    authenticate(pair, items, out, cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ids
+    for r in rows:
+        p = (out / r["triptych"]).resolve()
+        assert p.parent == (out / "triptychs").resolve() and p.is_file()
+    outside = {p for p in tmp_path.rglob("*") if not p.resolve().is_relative_to(out.resolve())}
+    assert outside == {tmp_path / "nest"}

@@ -1,0 +1,375 @@
+"""Faults during a run: bad images, non-finite numbers, failed writes, an exception inside
+a step and SIGKILL. Whatever happens, results.jsonl holds complete rows, each image at
+most once, and every row that was finished before the fault."""
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import cgidm.api
+import cgidm.files
+from cgidm import cli
+from cgidm.api import AuthConfig, authenticate, collect_items, run_items
+from cgidm.files import OutputError, append_jsonl, atomic_write_text
+from cgidm.models import load_pair
+from cgidm.reference import PGDConfig, invert
+from cgidm.testing.tiny import demo_defaults
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # two cores shared with other work: a second thread only adds contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_world):
+    return load_pair(tiny_world / "base", tiny_world / "finetuned")
+
+
+@pytest.fixture(scope="module")
+def items(tiny_world):
+    imgs = tiny_world / "images"
+    return collect_items(None, imgs / "members", imgs / "holdouts")[:5]
+
+
+def _cfg(batch_size=2, steps=STEPS):
+    d = demo_defaults()
+    return AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": steps}), batch_size=batch_size)
+
+
+def _strict(text: str):
+    """JSON as other tools read it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _rows(out: Path) -> list[dict]:
+    """The rows of results.jsonl, checking that every line is complete and no image repeats."""
+    text = (out / "results.jsonl").read_text() if (out / "results.jsonl").exists() else ""
+    assert text == "" or text.endswith("\n"), "last line is incomplete"
+    rows = [_strict(line) for line in text.splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"duplicated rows: {ids}"
+    return rows
+
+
+def _no_temp_files(out: Path) -> None:
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+class _Faulty(torch.nn.Module):
+    """A UNet whose output ``fault(call, out)`` rewrites (or raises on) a given call."""
+
+    def __init__(self, unet, fault):
+        super().__init__()
+        self.unet = unet
+        self.fault = fault
+        self.calls = 0
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, encoder_hidden_states=None, return_dict=True):
+        self.calls += 1
+        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return (self.fault(self.calls, out),)
+
+
+def _with_faulty_ft(pair, fault):
+    return dataclasses.replace(pair, unet_ft=_Faulty(pair.unet_ft, fault))
+
+
+def _fail_on_call(n, exc_factory):
+    """A wrapper that calls through, except on the n-th call where it raises."""
+    calls = {"n": 0}
+
+    def wrap(real):
+        def f(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise exc_factory()
+            return real(*a, **k)
+        return f
+
+    return wrap
+
+
+def _enospc():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# --------------------------------------------------------------------------- bad images in a run
+
+
+def _mixed_folder(tiny_world, tmp_path) -> Path:
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for p in sorted((tiny_world / "images" / "members").iterdir())[:2]:
+        shutil.copy(p, d / p.name)
+    (d / "zz_text.png").write_bytes(b"not an image at all")
+    (d / "zz_tiny.png").write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(d / "zz_small.png")
+    Image.new("RGBA", (16, 16), (255, 0, 0, 100)).save(d / "zz_alpha.png")
+    return d
+
+
+def test_bad_images_are_rows_and_the_run_goes_on(pair, tiny_world, tmp_path):
+    folder = _mixed_folder(tiny_world, tmp_path)
+    summary = authenticate(pair, collect_items(folder), tmp_path / "out", _cfg(batch_size=4), progress=False)
+    rows = {r["id"].split("/")[-1]: r for r in _rows(tmp_path / "out")}
+    assert len(rows) == 6 and summary["images"] == 6
+    assert summary["failed"] == 3 and summary["scored"] == 3
+    assert "not an image" in rows["zz_text.png"]["error"]
+    assert "not an image" in rows["zz_tiny.png"]["error"]
+    assert "too small (4x4)" in rows["zz_small.png"]["error"]
+    assert "score" in rows["zz_alpha.png"] and "transparency flattened on white" in rows["zz_alpha.png"]["notes"]
+    assert set(summary["errors"]) == {"image/zz_text.png", "image/zz_tiny.png", "image/zz_small.png"}
+
+
+def test_cli_exit_1_and_failures_printed(tiny_world, tmp_path, capsys):
+    folder = _mixed_folder(tiny_world, tmp_path)
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--images", str(folder), "--out", str(tmp_path / "out"), "--steps", "2", "-q"])
+    printed = capsys.readouterr().out
+    assert code == cli.EXIT_SOME_FAILED
+    assert "failed: 3" in printed and "failed image/zz_small.png: too small" in printed
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8)
+    mask = torch.zeros(3, 8, 8)
+    mask[:, ::2] = 1
+    cond = torch.zeros(1, 4, 8)
+    abar = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    calls = {"n": 0}
+    bad = {2: "nan", 4: "inf", 5: "img1"}
+
+    def eps_ft(x_t, t, c):
+        # multiplied in, as a real model's overflow would be: it reaches the gradient
+        calls["n"] += 1
+        scale = torch.ones_like(x_t)
+        kind = bad.get(calls["n"])
+        if kind == "nan":
+            scale.fill_(float("nan"))
+        elif kind == "inf":
+            scale[:, 0, 0, 0] = float("inf")
+        elif kind == "img1":
+            scale[1] = float("nan")
+        return 0.9 * x_t * scale
+
+    def eps_pre(x_t, t, c):
+        return 0.5 * x_t
+
+    cfg = PGDConfig(steps=6, alpha=0.5, eps=5.0)
+    res = invert(eps_ft, eps_pre, x0, x0.clone(), mask, cond, cond, abar, cfg, generator=torch.Generator().manual_seed(0))
+    assert res.skipped_steps.tolist() == [2, 3]
+    assert torch.isfinite(res.x_rec).all() and torch.isfinite(res.delta).all()
+    assert not torch.equal(res.delta, torch.zeros_like(res.delta))  # the good steps moved
+
+
+def test_nan_steps_in_a_run_are_counted_in_the_rows(pair, items, tmp_path):
+    nan_calls = {1, 3}
+    faulty = _with_faulty_ft(pair, lambda n, out: out * float("nan") if n in nan_calls else out)
+    rows = run_items(faulty, items[:2], tmp_path, _cfg(batch_size=2, steps=4), progress=False)
+    assert [r["skipped_steps"] for r in rows] == [2, 2]
+    assert all("score" in r and "error" not in r for r in rows)
+
+
+def test_non_finite_result_is_a_failed_row_not_a_score(pair, items, tmp_path, monkeypatch):
+    real = cgidm.api.recover
+
+    def poisoned(*a, **k):
+        res = real(*a, **k)
+        res.x_rec[1, 0, 0, 0] = float("nan")
+        return res
+
+    monkeypatch.setattr(cgidm.api, "recover", poisoned)
+    summary = authenticate(pair, items[:3], tmp_path, _cfg(batch_size=3), progress=False)
+    rows = _rows(tmp_path)  # strict JSON: no NaN written
+    assert summary["failed"] == 1 and summary["scored"] == 2
+    bad = rows[1]
+    assert bad["error"] == "result is not finite" and "score" not in bad and "triptych" not in bad
+    assert all("score" in r for r in (rows[0], rows[2]))
+    assert summary["errors"] == {bad["id"]: "result is not finite"}
+
+
+# --------------------------------------------------------------------------- failed writes
+
+
+def test_row_append_fails_on_the_third_row(pair, items, tmp_path, monkeypatch):
+    monkeypatch.setattr(cgidm.api, "append_jsonl", _fail_on_call(3, _enospc)(append_jsonl))
+    with pytest.raises(OutputError) as e:
+        authenticate(pair, items, tmp_path, _cfg(), progress=False)
+    assert e.value.errno == errno.ENOSPC and e.value.path == str(tmp_path / "results.jsonl")
+    rows = _rows(tmp_path)
+    assert [r["id"] for r in rows] == [it.id for it in items[:2]]
+    assert all("score" in r for r in rows)
+    _no_temp_files(tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_half_written_row_is_cut_back(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    append_jsonl(path, {"id": "a"})
+    real_write = os.write
+
+    def short_then_full(fd, data):
+        n = real_write(fd, data[: len(data) // 2])
+        if n:
+            raise _enospc()
+        return n
+
+    monkeypatch.setattr(cgidm.files.os, "write", short_then_full)
+    with pytest.raises(OutputError, match="No space left"):
+        append_jsonl(path, {"id": "b", "payload": "x" * 100})
+    monkeypatch.undo()
+    assert path.read_text() == '{"id": "a"}\n'
+    append_jsonl(path, {"id": "c"})
+    assert [r["id"] for r in _rows(tmp_path)] == ["a", "c"]
+
+
+def test_triptych_rename_fails(pair, items, tmp_path, monkeypatch):
+    monkeypatch.setattr(cgidm.files.os, "replace", _fail_on_call(2, _enospc)(os.replace))
+    with pytest.raises(OutputError) as e:
+        authenticate(pair, items, tmp_path, _cfg(), progress=False)
+    assert "triptychs" in e.value.path
+    rows = _rows(tmp_path)
+    assert [r["id"] for r in rows] == [items[0].id]
+    assert (tmp_path / rows[0]["triptych"]).is_file()
+    _no_temp_files(tmp_path)
+
+
+def test_permission_error_on_summary_keeps_every_row(pair, items, tmp_path, monkeypatch):
+    real = os.replace
+
+    def denied(src, dst):
+        if Path(dst).name == "summary.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(cgidm.files.os, "replace", denied)
+    with pytest.raises(OutputError, match="Permission denied") as e:
+        authenticate(pair, items, tmp_path, _cfg(), progress=False)
+    assert e.value.path == str(tmp_path / "summary.json")
+    assert [r["id"] for r in _rows(tmp_path)] == [it.id for it in items]
+    _no_temp_files(tmp_path)
+
+
+def test_atomic_write_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    path.write_text("old\n")
+    monkeypatch.setattr(cgidm.files.os, "replace", _fail_on_call(1, _enospc)(os.replace))
+    with pytest.raises(OutputError) as e:
+        atomic_write_text(path, "new\n")
+    assert e.value.path == str(path)
+    assert path.read_text() == "old\n"
+    _no_temp_files(tmp_path)
+
+
+def test_cli_full_disk_exits_3_naming_the_file(tiny_world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cgidm.api, "append_jsonl", _fail_on_call(2, _enospc)(append_jsonl))
+    out = tmp_path / "out"
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--members", str(tiny_world / "images" / "members"), "--holdouts",
+                     str(tiny_world / "images" / "holdouts"), "--out", str(out), "--steps", "2",
+                     "--batch-size", "1", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cgidm:")]
+    assert code == cli.EXIT_OUTPUT
+    assert len(err) == 1 and str(out / "results.jsonl") in err[0] and "No space left" in err[0]
+    assert len(_rows(out)) == 1
+
+
+# --------------------------------------------------------------------------- an exception inside a step
+
+
+def _raise_on(call):
+    def fault(n, out):
+        if n == call:
+            raise RuntimeError("injected fault in the UNet forward")
+        return out
+    return fault
+
+
+def test_exception_in_a_step_keeps_finished_batches(pair, items, tmp_path):
+    # batches of 2, 2 steps each: call 3 is the first step of the second batch
+    faulty = _with_faulty_ft(pair, _raise_on(3))
+    with pytest.raises(RuntimeError, match="injected"):
+        authenticate(faulty, items, tmp_path, _cfg(batch_size=2), progress=False)
+    rows = _rows(tmp_path)
+    assert [r["id"] for r in rows] == [it.id for it in items[:2]]
+    assert all("score" in r for r in rows)
+    _no_temp_files(tmp_path)
+
+
+def test_cli_exception_in_a_step_exits_4(tiny_world, pair, tmp_path, capsys, monkeypatch):
+    import cgidm.models
+
+    monkeypatch.setattr(cgidm.models, "load_pair", lambda *a, **k: _with_faulty_ft(pair, _raise_on(5)))
+    out = tmp_path / "out"
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--members", str(tiny_world / "images" / "members"), "--holdouts",
+                     str(tiny_world / "images" / "holdouts"), "--out", str(out), "--steps", "2",
+                     "--batch-size", "1", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cgidm:")]
+    assert code == cli.EXIT_STOPPED
+    assert len(err) == 1 and "RuntimeError: injected" in err[0] and "results.jsonl" in err[0]
+    assert len(_rows(out)) == 2
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def test_sigkill_between_steps_leaves_only_complete_rows(tiny_world, tmp_path):
+    out = tmp_path / "out"
+    imgs = tiny_world / "images"
+    d = demo_defaults()
+    cmd = [sys.executable, "-m", "cgidm.cli", "authenticate", "--base", str(tiny_world / "base"),
+           "--finetuned", str(tiny_world / "finetuned"), "--members", str(imgs / "members"),
+           "--holdouts", str(imgs / "holdouts"), "--out", str(out), "--batch-size", "1",
+           "--steps", "40", "--prompt", d["prompt"], "--step-size", str(d["pgd"]["alpha"]),
+           "--radius", str(d["pgd"]["eps"]), "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / "results.jsonl"
+    try:
+        while proc.poll() is None and not (results.exists() and results.stat().st_size > 0):
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    rows = _rows(out)
+    assert 1 <= len(rows) < 12
+    for r in rows:
+        with Image.open(out / r["triptych"]) as im:
+            im.verify()
+    # temporary files may survive a SIGKILL, but hidden and never taken for inputs or results
+    assert all(p.name.startswith(".") for p in out.rglob("*") if ".tmp" in p.name)

@@ -1,0 +1,285 @@
+"""Every image file is untrusted input: odd modes are handled, bad files become an
+``ImageError`` with the reason, and fuzzed bytes never produce anything else."""
+import io
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cgidm.images import ImageError, list_images, load_image, load_image_with_notes, min_side
+
+
+def _grey(value: float) -> float:
+    """An 8-bit value as the loader's [-1, 1] float, rounded the way it rounds (fp32)."""
+    return float(np.float32(value) / np.float32(127.5) - np.float32(1.0))
+
+
+def _save(tmp_path, im, name, **kw) -> Path:
+    path = tmp_path / name
+    im.save(path, **kw)
+    return path
+
+
+def _png(w: int, h: int, bit_depth: int, colour_type: int, raw: bytes) -> bytes:
+    """A PNG written by hand: PIL cannot write 16-bit RGB, and a bomb needs a header that
+    lies about its size."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_greyscale_and_bilevel_become_equal_channels(tmp_path):
+    x = load_image(_save(tmp_path, Image.new("L", (20, 20), 64), "g.png"), 16)
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x, torch.full_like(x, _grey(64)))
+    x = load_image(_save(tmp_path, Image.new("1", (20, 20), 1), "b.png"), 16)
+    assert torch.allclose(x, torch.ones_like(x))
+
+
+def test_palette_image_keeps_its_colours(tmp_path):
+    im = Image.new("RGB", (16, 16), (200, 30, 90)).quantize(4)
+    x = load_image(_save(tmp_path, im, "p.png"), 16)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([_grey(200), _grey(30), _grey(90)]), atol=2 / 127.5)
+
+
+@pytest.mark.parametrize("mode,colour", [("RGBA", (255, 0, 0, 128)), ("LA", (0, 128))])
+def test_alpha_is_composited_on_white(tmp_path, mode, colour):
+    x, notes = load_image_with_notes(_save(tmp_path, Image.new(mode, (16, 16), colour), "a.png"), 16)
+    a = 128 / 255
+    if mode == "RGBA":
+        want = [255, 255 * (1 - a), 255 * (1 - a)]
+    else:
+        want = [255 * (1 - a)] * 3
+    assert torch.allclose(x[:, 3, 3], torch.tensor([_grey(v) for v in want]), atol=1.5 / 127.5)
+    assert any("white" in n for n in notes)
+
+
+def test_opaque_alpha_changes_nothing_and_says_nothing(tmp_path):
+    x, notes = load_image_with_notes(_save(tmp_path, Image.new("RGBA", (16, 16), (10, 20, 30, 255)), "o.png"), 16)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([_grey(10), _grey(20), _grey(30)]))
+    assert notes == []
+
+
+def test_palette_transparency_is_white(tmp_path):
+    im = Image.new("P", (16, 16), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.paste(1, (0, 0, 8, 16))
+    path = _save(tmp_path, im, "t.gif", transparency=0)
+    x = load_image(path, 16)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))  # red, opaque
+    assert torch.allclose(x[:, 0, 15], torch.ones(3))  # transparent -> white
+
+
+def test_cmyk_is_converted(tmp_path):
+    x, notes = load_image_with_notes(_save(tmp_path, Image.new("CMYK", (16, 16), (0, 255, 0, 0)), "c.tif"), 16)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))  # magenta
+    assert any("CMYK" in n for n in notes)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    levels = np.array([0, 1000, 32896, 65535], dtype=np.uint16)  # 32896 = 128 * 257
+    arr = np.repeat(np.repeat(levels[None, :], 16, 0), 4, 1)  # 16 x 16, four bands
+    path = _save(tmp_path, Image.fromarray(arr), "g16.png")
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16")
+    x = load_image(path, 16)
+    got = x[0, 8, [1, 5, 9, 13]]
+    want = torch.tensor([_grey(round(v / 257)) for v in levels.tolist()])
+    assert torch.allclose(got, want, atol=1e-6), (got, want)  # PIL's convert gives 255 for all but 0
+
+
+def test_16_bit_rgb_png(tmp_path):
+    px = np.zeros((16, 16, 3), dtype=">u2")
+    px[..., 0] = 65535
+    px[..., 2] = 32896
+    raw = b"".join(b"\0" + px[y].tobytes() for y in range(16))
+    path = tmp_path / "rgb48.png"
+    path.write_bytes(_png(16, 16, 16, 2, raw))
+    x = load_image(path, 16)
+    assert torch.allclose(x[:, 4, 4], torch.tensor([1.0, -1.0, _grey(128)]))
+
+
+def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
+    i16 = np.full((16, 16), 32896, dtype=np.int32)
+    assert torch.allclose(load_image(_save(tmp_path, Image.fromarray(i16), "i.tif"), 16), torch.full((3, 16, 16), _grey(128)))
+    f = np.full((16, 16), 0.5, dtype=np.float32)
+    assert torch.allclose(load_image(_save(tmp_path, Image.fromarray(f), "f.tif"), 16), torch.full((3, 16, 16), _grey(128)))
+    wide = np.linspace(-1e6, 1e6, 256, dtype=np.float32).reshape(16, 16)
+    x, notes = load_image_with_notes(_save(tmp_path, Image.fromarray(wide), "w.tif"), 16)
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert any("stretched" in n for n in notes)
+
+
+def test_float_image_with_nan_is_an_error(tmp_path):
+    f = np.zeros((16, 16), dtype=np.float32)
+    f[3, 3] = np.nan
+    with pytest.raises(ImageError, match="non-finite"):
+        load_image(_save(tmp_path, Image.fromarray(f), "nan.tif"), 16)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (32, 16), (255, 0, 0))
+    im.paste((0, 0, 255), (16, 0, 32, 16))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    tagged = load_image(_save(tmp_path, im, "exif.png", exif=exif), 16)
+    upright = load_image(_save(tmp_path, im.transpose(Image.Transpose.ROTATE_270), "upright.png"), 16)
+    plain = load_image(_save(tmp_path, im, "plain.png"), 16)
+    assert torch.equal(tagged, upright)
+    assert not torch.equal(tagged, plain)
+    assert tagged[0, 0, 8] == 1.0 and tagged[2, 15, 8] == 1.0  # red on top, blue below
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 255, 255), (0, 0, 0))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    x, notes = load_image_with_notes(path, 16)
+    assert torch.allclose(x, torch.ones_like(x))
+    assert any("first frame" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def test_min_side_rule():
+    assert min_side(16) == 8 and min_side(512) == 128 and min_side(4) == 4
+
+
+@pytest.mark.parametrize("size,resolution,outcome", [
+    ((16, 16), 16, "ok"),
+    ((12, 30), 16, "upscaled"),
+    ((7, 40), 16, "too small"),
+    ((100, 100), 512, "too small"),
+    ((200, 300), 512, "upscaled"),
+])
+def test_small_images_are_upscaled_or_refused(tmp_path, size, resolution, outcome):
+    path = _save(tmp_path, Image.new("RGB", size, (9, 9, 9)), "s.png")
+    if outcome == "too small":
+        with pytest.raises(ImageError, match=rf"too small \({size[0]}x{size[1]}\) for {resolution}x{resolution}"):
+            load_image(path, resolution)
+        return
+    x, notes = load_image_with_notes(path, resolution)
+    assert x.shape == (3, resolution, resolution)
+    assert any("upscaled" in n for n in notes) == (outcome == "upscaled")
+
+
+def test_extreme_aspect_ratio_is_centre_cropped(tmp_path):
+    # resized whole, this strip would be 16 x 12000 px; only its centre can be kept
+    im = Image.new("RGB", (8, 6000), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 2998, 8, 3002))
+    x = load_image(_save(tmp_path, im, "tall.png"), 16)
+    centre = load_image(_save(tmp_path, im.crop((0, 2992, 8, 3008)), "centre.png"), 16)
+    assert torch.equal(x, centre)
+    assert float(x.max()) > 0.9 and float(x.min()) == -1.0
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # above our limit; above PIL's own hard limit
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, side):
+    # a few bytes of file that declare a gigapixel image; the data would never fit
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png(side, side, 8, 0, b"\0" * 64))
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        load_image(path, 16)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = _save(tmp_path, Image.new("RGB", (40, 40)), "m.png")
+    with pytest.raises(ImageError, match="limit 1000"):
+        load_image(path, 16, max_pixels=1000)
+    assert load_image(path, 16, max_pixels=1600).shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _valid_bytes(fmt: str, size: int = 16) -> bytes:
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("text.png", b"this is not an image", "not an image"),
+    ("empty.jpg", b"", "not an image"),
+    ("half.png", _valid_bytes("PNG", 64)[:300], "truncated"),
+    ("half.jpg", _valid_bytes("JPEG", 64)[:400], None),
+    ("head.gif", _valid_bytes("GIF")[:20], None),
+])
+def test_bad_files_are_image_errors_with_the_path(tmp_path, name, data, reason):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=reason) as e:
+        load_image(path, 16)
+    assert e.value.path == str(path) and str(path) in str(e.value)
+
+
+def test_missing_file_is_an_image_error(tmp_path):
+    with pytest.raises(ImageError, match="cannot open"):
+        load_image(tmp_path / "gone.png", 16)
+
+
+def test_hidden_files_are_not_listed(tmp_path):
+    for name in ("a.png", "._a.png", ".a.png.tmp123", "b.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dir.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+SEEDS = {fmt: _valid_bytes(fmt) for fmt in FORMATS}
+FUZZ_DIR = Path(tempfile.mkdtemp(prefix="cgidm-fuzz-"))
+# the bomb guard has its own tests; here it keeps a mutated header from costing seconds
+FUZZ_PIXELS = 1 << 20
+
+
+def _check(data: bytes, suffix: str) -> None:
+    path = FUZZ_DIR / f"fuzz{suffix}"
+    path.write_bytes(data)
+    try:
+        x = load_image(path, 16, max_pixels=FUZZ_PIXELS)
+    except ImageError as e:
+        assert e.path == str(path) and e.reason
+        return
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the metadata it skips
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=2048), suffix=st.sampled_from([".png", ".jpg", ".gif", ".tif"]))
+def test_fuzz_random_bytes(data, suffix):
+    _check(data, suffix)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(FORMATS),
+    cut=st.one_of(st.none(), st.floats(0, 1)),
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8),
+)
+def test_fuzz_mutated_valid_images(fmt, cut, flips):
+    data = bytearray(SEEDS[fmt])
+    for where, value in flips:
+        data[int(where * len(data))] = value
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    _check(bytes(data), "." + fmt.lower())
