@@ -267,9 +267,13 @@ def invert(
             total = loss.mean()
         (grad,) = torch.autograd.grad(total, x)
         with torch.no_grad():
-            bad = ~torch.isfinite(grad.flatten(1)).all(1) | (grad.flatten(1).abs().sum(1) == 0)
+            # a non-finite loss skips the step even when autograd hands back a finite
+            # gradient (e.g. a NaN output cut out of the graph)
+            bad = ~torch.isfinite(loss.detach().view(b, k)).all(1)
+            bad |= ~torch.isfinite(grad.flatten(1)).all(1) | (grad.flatten(1).abs().sum(1) == 0)
             if not cfg.per_sample:
                 bad = bad.any().expand(b)
+            grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             skipped += bad.long()
             delta, _ = ops.pgd_update(
                 delta, grad, x0, x_init, mask, cfg.alpha, cfg.eps,

@@ -204,3 +204,19 @@ def test_same_seed_same_result_and_batching_does_not_change_an_image():
     assert torch.equal(full, run([0, 1, 2]))
     assert torch.allclose(full[1:2], run([1]), atol=1e-6)
     assert not torch.allclose(full, x0 * mask + x_init * (1 - mask))  # it moved
+
+
+def test_non_finite_loss_with_a_finite_gradient_is_skipped():
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(2, 2, 8, 8)
+    x_init = x0 * mask
+
+    def ft(x, t, c):  # image 0's output is NaN but detached: its gradient stays finite
+        out = 0.5 * x
+        return torch.cat([out[:1] + (x[:1] * float("nan")).detach(), out[1:]])
+
+    res = invert(ft, lambda x, t, c: 0.2 * x, x0, x_init, mask, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4),
+                 torch.linspace(0.99, 0.01, 1000, dtype=torch.float64), PGDConfig(steps=2),
+                 torch.Generator().manual_seed(0))
+    assert res.skipped_steps.tolist() == [2, 0]
+    assert torch.equal(res.x_rec[0], (x0 * mask + x_init * (1 - mask))[0])
