@@ -47,9 +47,10 @@ def ext_modules():
     except ImportError:
         print("cgidm: torch is not importable at build time, building without the compiled core")
         return [], {}
-    # -O2: these kernels are memory-bound loops; -O3 only lengthens the build. The C++
-    # standard is torch's choice (it adds the flag its headers need).
-    cxx = ["-O2"]
+    # -O2: these kernels are memory-bound loops; -O3 only lengthens the build. -g0: Python's
+    # CFLAGS ask for debug info, which doubles the build time of the torch-heavy files. The
+    # C++ standard is torch's choice (it adds the flag its headers need).
+    cxx = ["-O2", "-g0"]
     sources = [os.path.join(CSRC, f) for f in CPU_SOURCES]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
