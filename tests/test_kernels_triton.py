@@ -24,6 +24,7 @@ from test_ops import (  # noqa: E402
     SHAPES,
     assert_same_inversion,
     assert_within_rule,
+    capture_and_replay,
     maybe_strided,
     pgd_inputs,
     run_invert,
@@ -117,6 +118,13 @@ def test_invert_with_triton_ops_recovers_the_reference_latents(tiny_pair, device
     want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k)
     got = run_invert(tiny_pair, cgidm_ops.get_ops("triton"), noise, k, device=device)
     assert_same_inversion(got, want)
+
+
+def test_triton_update_replays_inside_a_cuda_graph():
+    require("cuda")
+    replayed, eager = capture_and_replay(cgidm_ops.get_ops("triton"))
+    for r, e in zip(replayed, eager):
+        torch.testing.assert_close(r, e, rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_cases_in_a_fresh_interpreter():

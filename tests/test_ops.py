@@ -395,6 +395,47 @@ def test_ops_trace_under_torch_compile_without_graph_breaks():
         torch.testing.assert_close(g, w_)
 
 
+def capture_and_replay(ops, device="cuda"):
+    """One PGD step's ops (fake models between them) captured in a CUDA graph, replayed
+    on new inputs copied into the captured buffers; returns (replayed, eager) outputs."""
+    x0, x, mask, noise_ft, noise_pre, sa, sb = to(pair_noise_inputs((4, 40, 56), 2, 2, torch.float32, False), device=device)
+    delta, _, _, x_init, _ = to(pgd_inputs((4, 40, 56), 2, torch.float32), device=device)
+    w = torch.randn(2, 4, 40, 56, device=device)
+
+    def step():
+        xx = x.detach().requires_grad_(True)
+        _, x_t = ops.pair_noise(x0, xx, mask, noise_ft, noise_pre, sa, sb)
+        loss = ops.pair_contrast_loss(fake_unet(x_t[0], w[0]), fake_unet(x_t[1], w[1]), noise_ft, noise_pre)
+        (g,) = torch.autograd.grad(loss.view(2, 2).mean(1).sum(), xx)
+        return ops.pgd_update(delta, g, x0, x_init, mask, 2.0, 70.0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up allocations and lazy initialisation outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in (x, noise_ft, noise_pre, delta):
+        t.copy_(torch.randn_like(t) * t.std())
+    graph.replay()
+    torch.cuda.synchronize()
+    return [c.clone() for c in captured], step()
+
+
+@pytest.mark.parametrize("impl", ["cuda", "auto"])
+def test_ops_replay_inside_a_cuda_graph(impl):
+    if impl == "cuda":
+        require("cuda")
+    elif not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    replayed, eager = capture_and_replay(cgidm_ops.get_ops(impl))
+    for r, e in zip(replayed, eager):
+        torch.testing.assert_close(r, e, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- get_ops
 
 
