@@ -1,4 +1,4 @@
-"""``cgidm`` command line: ``authenticate`` and ``demo``.
+"""``cgidm`` command line: ``authenticate``, ``demo`` and ``screen``.
 
 Exit status: 0 all images scored; 1 some images failed (the summary says which);
 2 bad usage or a model/folder that cannot be used (nothing was computed);
@@ -13,6 +13,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from cgidm.screen import add_screen_parser, cmd_screen
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
     d.add_argument("--with-controls", action="store_true", help="also score control images and give verdicts")
     _pgd_args(d, steps_default=None)
+    add_screen_parser(sub)
     return parser
 
 
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "authenticate":
             return cmd_authenticate(args)
+        if args.command == "screen":
+            return cmd_screen(args)
         return cmd_demo(args)
     except OutputError as e:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {kept}", file=sys.stderr)

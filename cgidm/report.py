@@ -46,12 +46,12 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.models %}<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
 <table id="rows"><thead><tr>
-<th data-k="s">image</th><th data-k="s">label</th><th data-k="n">score</th>
+<th data-k="s">image</th><th data-k="s">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n">score</th>
 {% for f in fields %}<th data-k="n">{{ f }}</th>{% endfor %}
 <th data-k="n">p-value</th><th data-k="s">verdict</th><th>original | partial | recovered</th></tr></thead>
 <tbody>{% for r in rows %}
 <tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
-<td>{{ r.id }}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>
+<td>{{ r.id }}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>{% if pairs %}<td>{{ r.pair or '' }}</td>{% endif %}
 {% if r.error %}<td class="error" colspan="{{ fields|length + 3 }}">failed: {{ r.error }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
 <td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
@@ -138,6 +138,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     html = env.from_string(TEMPLATE).render(
         s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt,
+        pairs=any(r.get("pair") for r in rows),
     )
     path = out / "report.html"
     atomic_write_text(path, html)

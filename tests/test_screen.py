@@ -1,0 +1,305 @@
+"""``cgidm screen``: manifests, sharding, resume after a kill, torchrun, the report."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from cgidm import cli
+from cgidm.api import AuthConfig
+from cgidm.reference import PGDConfig
+from cgidm.screen import (
+    Entry, PairSpec, done_rows, read_jsonl, read_manifest, repair_jsonl, screen, shard,
+)
+
+# one worker for the whole module: the subprocess tests each take both cores
+pytestmark = pytest.mark.xdist_group("screen")
+
+STEPS, STEP_SIZE, RADIUS, PROMPT = 5, 0.5, 20.0, "a sks pattern"
+CFG = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=STEPS, alpha=STEP_SIZE, eps=RADIUS), batch_size=4)
+CLI_PGD = ["--prompt", PROMPT, "--steps", str(STEPS), "--step-size", str(STEP_SIZE), "--radius", str(RADIUS)]
+SCORES = ("score", "latent_cos", "latent_mse", "ssim", "psnr")
+# batched convolutions may differ in the last bits when the batch composition changes
+TOL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _assert_same_scores(rows: list[dict], reference: list[dict]) -> None:
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == len(rows), "an image was scored twice"
+    assert sorted(by_id) == sorted(r["id"] for r in reference)
+    for ref in reference:
+        row = by_id[ref["id"]]
+        assert row["label"] == ref["label"] and row["pair"] == ref["pair"] and row["triptych"] == ref["triptych"]
+        for k in SCORES:
+            assert abs(row[k] - ref[k]) <= TOL, (ref["id"], k, row[k], ref[k])
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_world, tmp_path_factory) -> Path:
+    """3 members and 3 hold-outs against the full fine-tune; paths absolute, pair from the CLI."""
+    imgs = tiny_world / "images"
+    lines = ["image,label"]
+    lines += [f"{imgs / 'members' / f'member_{i:02d}.png'},member" for i in range(3)]
+    lines += [f"{imgs / 'holdouts' / f'holdout_{i:02d}.png'},holdout" for i in range(3)]
+    path = tmp_path_factory.mktemp("manifest") / "images.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def entries(manifest, tiny_world):
+    return read_manifest(manifest, tiny_world / "base", tiny_world / "finetuned")
+
+
+@pytest.fixture(scope="module")
+def reference(entries, tmp_path_factory):
+    """One uninterrupted in-process run: ``(out, rows, summary)``."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = screen(entries, out, CFG, progress=False)
+    return out, _rows(out), summary
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
+    imgs = tiny_world / "images"
+    (tmp_path / "imgs").symlink_to(imgs)
+    base, ft, lora = tiny_world / "base", tiny_world / "finetuned", tiny_world / "lora.safetensors"
+    csv_text = ("image,label,finetuned,lora,notes\n"
+                "imgs/members/member_00.png,member,,,first\n"
+                "imgs/holdouts/holdout_00.png,Holdout,,,\n"
+                f"imgs/members/member_00.png,member,,{lora},\n")
+    (tmp_path / "m.csv").write_text(csv_text)
+    got = read_manifest(tmp_path / "m.csv", base=str(base), finetuned=str(ft))
+    assert sorted(e.label for e in got) == ["holdout", "member", "member"]
+    keys = {e.pair.key for e in got}
+    assert len(keys) == 2, "the LoRA row is another pair"
+    full = next(e for e in got if e.pair.lora is None and e.label == "member")
+    assert full.id == f"{full.pair.key}/imgs/members/member_00.png"
+    assert full.path == tmp_path / "imgs" / "members" / "member_00.png"
+    with_lora = next(e for e in got if e.pair.lora is not None)
+    assert with_lora.pair.finetuned == str(ft) and with_lora.pair.key.startswith("lora.safetensors-")
+    assert [e.id for e in got] == sorted(e.id for e in got)
+
+    records = [{"image": "imgs/members/member_00.png", "label": "member"},
+               {"image": "imgs/holdouts/holdout_00.png", "label": "holdout"},
+               {"image": "imgs/members/member_00.png", "label": "member", "lora": str(lora)}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert read_manifest(tmp_path / "m.jsonl", base=str(base), finetuned=str(ft)) == got
+
+    folder = read_manifest(imgs, base=str(base), finetuned=str(ft))
+    labels = {e.path.name: e.label for e in folder}
+    assert labels["member_00.png"] == "member" and labels["holdout_03.png"] == "holdout"
+    assert labels["control_00.png"] == "control" and len(folder) == 24
+    assert read_manifest(imgs, base=str(base), finetuned=str(ft)) == folder, "ids are stable"
+
+
+def test_manifest_errors_name_the_row(tiny_world, tmp_path):
+    base, ft = str(tiny_world / "base"), str(tiny_world / "finetuned")
+    img = tiny_world / "images" / "members" / "member_00.png"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"image,label\n{img},member\n{img},suspect\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: label must be"):
+        read_manifest(bad, base, ft)
+    with pytest.raises(ValueError, match="no suspect model"):
+        read_manifest(bad, base)
+    bad.write_text(f"image,label,finetuned\n{img},member,nowhere/\n")
+    with pytest.raises(FileNotFoundError, match="finetuned model not found"):
+        read_manifest(bad, base)
+    bad.write_text(f"image,label\n{img},member\n{img},holdout\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        read_manifest(bad, base, ft)
+    bad.write_text(f"image,label\n{img},member\n{img},member\n")
+    assert len(read_manifest(bad, base, ft)) == 1
+
+
+def test_shards_partition_the_ids_whatever_the_order():
+    pair = PairSpec("/b", "/f")
+    entries = [Entry(f"p/{i:03d}", Path(f"/{i}.png"), None, pair) for i in range(23)]
+    for world in (1, 2, 3, 8):
+        shares = [shard(entries, r, world) for r in range(world)]
+        assert shares == [shard(entries[::-1], r, world) for r in range(world)]
+        ids = [e.id for s in shares for e in s]
+        assert sorted(ids) == [e.id for e in entries] and len(set(ids)) == len(ids)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+# --------------------------------------------------------------------------- resume files
+
+
+def test_partial_last_line_is_skipped_then_cut(tmp_path):
+    path = tmp_path / "results.jsonl"
+    good = {"id": "a", "score": 1.0}
+    failed = {"id": "b", "error": "cannot read image"}
+    later = {"id": "b", "score": 0.5}
+    path.write_bytes((json.dumps(good) + "\n" + json.dumps(failed) + "\nnot json\n"
+                      + json.dumps(later) + "\n" + '{"id": "c", "sco').encode())
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "b"]
+    assert done_rows(tmp_path)["b"] == later, "a scored row wins over an error row"
+    assert repair_jsonl(path) == len('{"id": "c", "sco')
+    assert path.read_bytes().endswith(b"\n") and repair_jsonl(path) == 0
+    assert repair_jsonl(tmp_path / "absent.jsonl") == 0
+
+
+def test_resume_after_a_cut_line_scores_the_rest_once(entries, reference, tmp_path):
+    ref_out, ref_rows, _ = reference
+    lines = (ref_out / "results.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "triptychs").mkdir()
+    shutil.copy(ref_out / "screen.json", tmp_path)
+    # two finished rows, then the first half of a third: a kill in the middle of a write
+    (tmp_path / "results.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    summary = screen(entries, tmp_path, CFG, progress=False)
+    assert summary["timing"]["images"] == 4
+    _assert_same_scores(_rows(tmp_path), ref_rows)
+    assert summary["images"] == 6 and summary["auc"] == reference[2]["auc"]
+
+
+def test_resume_with_other_settings_is_refused(entries, reference, tmp_path):
+    shutil.copy(reference[0] / "screen.json", tmp_path)
+    other = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=STEPS, alpha=STEP_SIZE, eps=RADIUS), seed=1)
+    with pytest.raises(ValueError, match="other settings"):
+        screen(entries, tmp_path, other, progress=False)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+class _ReportParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self.images, self.headers = [], [], []
+        self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("td", "th"):
+            self._in = tag
+            if tag == "td":
+                self.cells.append("")
+            else:
+                self.headers.append("")
+        if tag == "img":
+            self.images.append(attrs)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == "td":
+            self.cells[-1] += data
+        elif self._in == "th":
+            self.headers[-1] += data
+
+
+def test_report_has_every_image_its_triptych_and_the_plots(reference):
+    out, rows, summary = reference
+    page = _ReportParser()
+    page.feed((out / "report.html").read_text())
+    cells = {c.strip() for c in page.cells}
+    for r in rows:
+        assert r["id"] in cells
+    triptychs = [i["src"] for i in page.images if not i["src"].startswith("data:")]
+    assert sorted(triptychs) == sorted(r["triptych"] for r in rows)
+    assert all((out / t).is_file() for t in triptychs)
+    plots = {i["alt"] for i in page.images if i["src"].startswith("data:image/png")}
+    assert plots == {"score histogram", "ROC curve"}
+    assert {"image", "label", "pair", "score"} <= {h.strip() for h in page.headers}
+    assert json.loads((out / "summary.json").read_text())["images"] == 6 == summary["images"]
+
+
+def test_pairs_load_once_and_unreadable_images_get_error_rows(tiny_world, tmp_path, monkeypatch):
+    imgs = tiny_world / "images"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    lora = tiny_world / "lora.safetensors"
+    lines = ["image,label,lora"]
+    for extra in ("", str(lora)):
+        lines += [f"{imgs / 'members' / 'member_00.png'},member,{extra}",
+                  f"{imgs / 'holdouts' / 'holdout_00.png'},holdout,{extra}",
+                  f"broken.png,,{extra}"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    entries = read_manifest(tmp_path / "m.csv", tiny_world / "base", tiny_world / "finetuned")
+    loads = []
+    real = PairSpec.load
+    monkeypatch.setattr(PairSpec, "load", lambda self, *a, **k: loads.append(self.key) or real(self, *a, **k))
+    cfg = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=2, alpha=STEP_SIZE, eps=RADIUS), batch_size=2)
+    summary = screen(entries, tmp_path / "out", cfg, progress=False)
+    assert sorted(loads) == sorted({e.pair.key for e in entries}) and len(loads) == 2
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == 6 and {r["pair"] for r in rows} == set(loads)
+    assert [r["id"].endswith("broken.png") for r in rows if "error" in r] == [True, True]
+    assert summary["failed"] == 2 and set(summary["pairs"]) == set(loads)
+    assert summary["auc"] is not None and set(summary["models"]) == set(loads)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _screen_cmd(manifest, tiny_world, out, *extra) -> list[str]:
+    return ["-m", "cgidm.cli", "screen", "--manifest", str(manifest), "--base", str(tiny_world / "base"),
+            "--finetuned", str(tiny_world / "finetuned"), "--out", str(out), "-q", *CLI_PGD, *extra]
+
+
+def _complete_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_sigkill_mid_run_then_resume(manifest, tiny_world, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    # batch size 1: rows arrive one by one, so the kill lands between images
+    cmd = [sys.executable, *_screen_cmd(manifest, tiny_world, out, "--batch-size", "1")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 300
+    while _complete_lines(results) < 1:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no row within 300 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _complete_lines(results)
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= done < 6, f"the kill did not land mid-run ({done} rows)"
+    assert not (out / "summary.json").exists()
+
+    # the same command again, in this process: a second interpreter would only add imports
+    assert cli.main(cmd[3:]) == 0
+    assert f"{6 - done} images on 1 rank(s)" in capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 6
+    _assert_same_scores(rows, reference[1])
+    assert json.loads((out / "summary.json").read_text())["images"] == 6
+
+
+def test_torchrun_two_ranks_give_the_rows_of_one_process(manifest, tiny_world, reference, tmp_path):
+    out = tmp_path / "out"
+    # --standalone: the rendezvous takes a free port, so parallel runs do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *_screen_cmd(manifest, tiny_world, out, "--batch-size", "2")]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = _rows(out)
+    _assert_same_scores(rows, reference[1])
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in reference[1])
+    assert not list((out / "shards").glob("*.jsonl")), "rank 0 merged and removed the shards"
+    timing = json.loads((out / "summary.json").read_text())["timing"]
+    assert timing["ranks"] == 2 and sorted(r["images"] for r in timing["per_rank"]) == [3, 3]
+    assert "images: 6" in run.stdout and run.stdout.count("report:") == 1
