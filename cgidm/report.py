@@ -37,7 +37,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">scored<b>{{ s.scored }}</b></div>
 <div class="card">failed<b>{{ s.failed }}</b></div>
-{% if s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ "%.3f"|format(s.auc) }}</b></div>
+{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ "%.3f"|format(s.auc) }}</b></div>
 <div class="card">accuracy<b>{{ "%.3f"|format(s.accuracy) }}</b></div>
 <div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
 {% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.alpha }})<b>{{ s.flagged }}</b></div>{% endif %}
