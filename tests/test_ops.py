@@ -121,6 +121,8 @@ def pgd_inputs(shape, b, dtype, contiguous=True, mask_batched=False, grad_kind="
     x0 = torch.randn(b, c, h, w)
     x_init = 60 * torch.randn(b, c, h, w)
     mask = (torch.rand((b, c, h, w) if mask_batched else (c, h, w)) > 0.5).float()
+    if grad_kind == "inf-last":
+        mask[..., -1, -1, -1] = 0  # a free entry: on a kept one inf * 0 = NaN, another case
     data = [maybe_strided(v.to(dtype), contiguous) for v in (grad, x0, x_init, mask)]
     return maybe_strided(delta, contiguous), *data
 

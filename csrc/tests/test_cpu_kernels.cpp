@@ -108,18 +108,24 @@ void test_pair_contrast_loss(int64_t N, bool shared, at::ScalarType eps_dtype) {
   expect_close(seed_pre, (e_pre.to(at::kFloat) - np) * (-2 / M), 1e-7, 1e-6, tag + " seed_pre");
 }
 
+// bad_grad: 0 = none, else the value written into grad[0][0][0][0] (NaN or inf).
 void test_pgd_update(int64_t B, int64_t C, int64_t H, int64_t W, bool per_sample,
-                     bool mask_batched, bool nan_grad) {
+                     bool mask_batched, float bad_grad) {
   const at::Tensor delta = at::randn({B, C, H, W}) * 40, grad = at::randn({B, C, H, W});
   const at::Tensor x0 = at::randn({B, C, H, W}), x_init = at::randn({B, C, H, W}) * 60;
-  const at::Tensor mask = (at::rand(mask_batched ? at::IntArrayRef{B, C, H, W}
+  at::Tensor mask = (at::rand(mask_batched ? at::IntArrayRef{B, C, H, W}
                                                  : at::IntArrayRef{C, H, W}) > 0.5)
                               .to(at::kFloat);
-  if (nan_grad) grad[0][0][0][0] = std::numeric_limits<float>::quiet_NaN();
+  if (bad_grad != 0.0f) {
+    grad[0][0][0][0] = bad_grad;
+    // On a free entry: on a kept one, inf * 0 = NaN would hide an inf-specific bug.
+    (mask_batched ? mask[0][0][0][0] : mask[0][0][0]).fill_(0.0f);
+  }
   auto [d, z] = cgidm::pgd_update(delta, grad, x0, x_init, mask, 2.0, 70.0, -100.0, 100.0, per_sample);
   auto [d_ref, z_ref] = pgd_update_ref(delta, grad, x0, x_init, mask, 2.0, 70.0, per_sample);
   const std::string tag = "pgd_update B=" + std::to_string(B) + (per_sample ? " per-sample" : " whole") +
-                          (mask_batched ? " batched-mask" : "") + (nan_grad ? " nan-grad" : "");
+                          (mask_batched ? " batched-mask" : "") +
+                          (bad_grad != 0.0f ? " grad=" + std::to_string(bad_grad) : "");
   expect_close(d, d_ref, 1e-5, 1e-5, tag + " delta");
   expect_close(z, z_ref, 1e-5, 1e-5, tag + " z");
 }
@@ -138,9 +144,10 @@ int main() {
     test_pair_contrast_loss(5, false, dtype);
   }
   for (bool per_sample : {true, false}) {
-    test_pgd_update(1, 4, 64, 64, per_sample, false, false);
-    test_pgd_update(3, 3, 17, 23, per_sample, true, false);
-    test_pgd_update(2, 4, 40, 56, per_sample, false, true);
+    test_pgd_update(1, 4, 64, 64, per_sample, false, 0.0f);
+    test_pgd_update(3, 3, 17, 23, per_sample, true, 0.0f);
+    test_pgd_update(2, 4, 40, 56, per_sample, false, std::numeric_limits<float>::quiet_NaN());
+    test_pgd_update(2, 3, 17, 23, per_sample, true, std::numeric_limits<float>::infinity());
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
