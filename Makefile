@@ -24,7 +24,10 @@ env: $(VENV)/.installed
 demo: env
 	$(VENV)/bin/cgidm demo --out $(DEMO_OUT)
 
+# The tiny world is built (or found in the cache) once, with every core, before the
+# test workers start: inside a worker it would train on one thread while the other waits.
 test: env
+	$(PY) -m cgidm.testing.tiny
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 clean:

@@ -295,3 +295,13 @@ def demo_defaults() -> dict:
 # tried; step 0.25 / radius 10 gave the cleanest recoveries (PSNR members 17.1 dB vs
 # hold-outs 13.6 dB; radius 20 saturated the recovered cells).
 DEMO_PGD = {"steps": 100, "alpha": 0.25, "eps": 10.0}
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    where = build_tiny_world(sys.argv[1] if len(sys.argv) > 1 else None)
+    print(f"tiny world ready: {where} ({time.time() - t0:.0f} s)")
