@@ -1,0 +1,337 @@
+"""The PGD engine: the reference loop (``cgidm.reference.invert``) rebuilt around static
+buffers so that one whole step — draws, ``pair_noise``, both models' forward and input
+backward, ``pair_contrast_loss``, ``pgd_update`` — can be captured once in a CUDA graph
+and replayed for every step of every batch of one ``(B, K)`` bucket.
+
+Shapes: ``B`` image rows of the bucket (real images first, padding after), ``K``
+timesteps per image, ``N = B*K`` model samples (sample ``n = b*K + k``), latents
+``[C, H, W]``.
+
+Random numbers, two streams of the same distribution:
+
+- eager (CPU always; CUDA with ``use_graph=False``): ``t`` and the noise come from the
+  per-image generators through ``reference.draw_step`` on the host side of the step and
+  are copied into the static buffers, so the recovered latents equal ``invert``'s with the
+  same generators (``tests/test_engine.py``);
+- CUDA graph: a per-image host draw would be frozen into the graph, so the step draws
+  from one device generator inside the graph (registered with
+  ``CUDAGraph.register_generator_state`` where torch has it — its offset advances on
+  every replay — else the default CUDA generator, which graphs always track). Same
+  distribution as the reference, different numbers; a result then depends on the bucket
+  it ran in.
+
+Padding: a tail batch with fewer than ``B`` images fills the remaining rows with zeros
+(``x0 = x_init = 0``, zero noise). Their loss is cut out with ``torch.where`` (a NaN from a
+padded row cannot leak in as ``0 * NaN``), so their gradient is exactly zero, their
+``delta`` stays zero, and they are never counted in the skip rule of the real rows.
+
+Pair fusion (both UNets as one pair pass, one base GEMM over both halves for a LoRA) is
+not here yet: whether it pays can only be measured on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from cgidm.reference import EpsFn, InversionResult, PGDConfig, _expand_cond, draw_step, unet_eps_fn
+
+log = logging.getLogger(__name__)
+
+Model = Union[torch.nn.Module, EpsFn]
+
+
+def freeze(model: Model, dtype: Optional[torch.dtype] = None) -> EpsFn:
+    """``requires_grad`` off on every weight (only the input gradient is ever taken: weight
+    gradients would cost a second backward GEMM per layer) and, for a module, its weights
+    cast to ``dtype`` in place; returns the ``EpsFn``. Plain callables pass through."""
+    if isinstance(model, torch.nn.Module):
+        model.requires_grad_(False)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return unet_eps_fn(model)
+    return model
+
+
+def plan_batch(free_bytes: int, per_sample_bytes: int, max_b: int, k: int, reserve: float = 0.1) -> int:
+    """Images per step ``B`` for ``K`` timesteps each: the largest ``B <= max_b`` whose
+    ``B*K`` samples fit in ``free_bytes`` less a ``reserve`` fraction (the allocator's
+    fragmentation and the graph pool's slack). Raises ``MemoryError`` when one image's
+    ``K`` samples do not fit."""
+    if per_sample_bytes <= 0 or k < 1 or max_b < 1:
+        raise ValueError("need per_sample_bytes > 0, k >= 1, max_b >= 1")
+    if not 0 <= reserve < 1:
+        raise ValueError("reserve must be in [0, 1)")
+    budget = int(free_bytes * (1 - reserve))
+    b = budget // (per_sample_bytes * k)
+    if b < 1:
+        raise MemoryError(
+            f"one image with k={k} needs {per_sample_bytes * k} bytes, budget is {budget} of {free_bytes} free"
+        )
+    return int(min(b, max_b))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    per_sample_bytes: int
+    free_bytes: int
+    batch: int
+
+
+def calibrate(make_engine: Callable[[int], "Engine"], k: int, max_b: int, probe_b: int = 2) -> Calibration:
+    """Measure the peak memory of one eager step at ``probe_b`` images (CUDA only: CPU
+    memory is not the constraint there) and plan ``B`` for the free memory left.
+    ``make_engine(b)`` builds an engine for bucket ``b`` on the CUDA device."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("calibrate needs CUDA")
+    engine = make_engine(probe_b)
+    if engine.device.type != "cuda":
+        raise RuntimeError("calibrate needs an engine on a CUDA device")
+    torch.cuda.synchronize(engine.device)
+    base = torch.cuda.memory_allocated(engine.device)
+    torch.cuda.reset_peak_memory_stats(engine.device)
+    engine._step_eager_once()
+    torch.cuda.synchronize(engine.device)
+    per_sample = max(1, math.ceil((torch.cuda.max_memory_allocated(engine.device) - base) / (probe_b * k)))
+    del engine
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return Calibration(per_sample, free, plan_batch(free, per_sample, max_b, k))
+
+
+class Engine:
+    """PGD on the contrast loss for batches of up to ``batch`` images, ``cfg.k``
+    timesteps each, from static buffers.
+
+    ``model_ft`` / ``model_pre``: diffusers UNets (frozen, optionally cast to
+    ``weight_dtype`` in place) or ``EpsFn`` callables. ``cond_ft`` / ``cond_pre``:
+    ``[1, L, D]`` prompt embeddings shared by every image. ``delta`` and the PGD math
+    stay fp32 whatever the weights' dtype. ``use_graph``: ``None`` = on CUDA devices.
+    """
+
+    def __init__(
+        self,
+        model_ft: Model,
+        model_pre: Model,
+        cond_ft: torch.Tensor,  # [1, L, D]
+        cond_pre: torch.Tensor,  # [1, L, D]
+        abar: torch.Tensor,  # [T]
+        latent_shape: Sequence[int],  # (C, H, W)
+        cfg: PGDConfig = PGDConfig(),
+        batch: int = 1,
+        device: torch.device | str = "cpu",
+        impl: str = "auto",
+        weight_dtype: Optional[torch.dtype] = None,
+        use_graph: Optional[bool] = None,
+        seed: int = 0,
+        warmup: int = 2,
+    ) -> None:
+        from cgidm.ops import get_ops
+
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        self.device = torch.device(device)
+        self.cfg = cfg
+        self.b, self.k = batch, cfg.k
+        self.n = self.b * self.k
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.ops = get_ops(impl)
+        self.eps_ft = freeze(model_ft, weight_dtype)
+        self.eps_pre = freeze(model_pre, weight_dtype)
+        dev = self.device
+        for name, c in (("cond_ft", cond_ft), ("cond_pre", cond_pre)):
+            if c.dim() != 3 or c.shape[0] != 1:
+                raise ValueError(f"{name} must be [1, L, D], got {tuple(c.shape)}")
+        self.cond_ft = _expand_cond(cond_ft.to(dev), self.b, self.k).contiguous()
+        self.cond_pre = _expand_cond(cond_pre.to(dev), self.b, self.k).contiguous()
+        self.abar = abar.to(device=dev, dtype=torch.float64)
+
+        shape = (self.b, *self.latent_shape)
+        self.x0 = torch.zeros(shape, device=dev)
+        self.x_init = torch.zeros(shape, device=dev)
+        self.mask = torch.zeros(self.latent_shape, device=dev)
+        self.delta = torch.zeros(shape, device=dev)
+        self.valid = torch.zeros(self.b, dtype=torch.bool, device=dev)  # [B] real rows
+        self.n_real = torch.ones((), device=dev)  # real images, as fp32 for the paper-mode mean
+        self.skipped = torch.zeros(self.b, dtype=torch.long, device=dev)
+        self.loss_value = torch.zeros((), device=dev)
+        self.t = torch.full((self.n,), cfg.t_min, dtype=torch.long, device=dev)
+        self.noise_ft = torch.zeros((self.n, *self.latent_shape), device=dev)
+        self.noise_pre = None if cfg.noise == "shared" else torch.zeros_like(self.noise_ft)
+
+        self.use_graph = (dev.type == "cuda") if use_graph is None else bool(use_graph)
+        if self.use_graph and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._seed = seed
+        self._warmup = warmup
+        self._gen: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ the step
+
+    def _draws(self):
+        if self.use_graph:
+            return draw_step(self.cfg, self.b, self.latent_shape, self._gen, self.device)
+        return self.t, self.noise_ft, self.noise_pre
+
+    def _step(self) -> None:
+        """One PGD step on the static buffers. Capture-safe: no host syncs, no Python
+        branch on a tensor value, every result written in place."""
+        cfg, b, k = self.cfg, self.b, self.k
+        t, noise_ft, noise_pre = self._draws()
+        sa = self.abar[t].sqrt().float()
+        sb = (1 - self.abar[t]).sqrt().float()
+        x = (self.x_init + self.delta).requires_grad_(True)
+        _, x_t = self.ops.pair_noise(self.x0, x, self.mask, noise_ft, noise_pre, sa, sb)
+        out_ft = self.eps_ft(x_t[0], t, self.cond_ft)
+        out_pre = self.eps_pre(x_t[1], t, self.cond_pre)
+        loss = self.ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre).view(b, k)
+        loss = torch.where(self.valid.view(b, 1), loss, torch.zeros_like(loss))
+        if cfg.per_sample:
+            total = loss.mean(1).sum()
+            value = total / self.n_real
+        else:
+            total = loss.sum() / (self.n_real * k)
+            value = total
+        (grad,) = torch.autograd.grad(total, x)
+        with torch.no_grad():
+            bad = ~torch.isfinite(loss.detach()).all(1)
+            bad |= ~torch.isfinite(grad.flatten(1)).all(1) | (grad.flatten(1).abs().sum(1) == 0)
+            bad &= self.valid
+            if not cfg.per_sample:
+                bad = bad.any().expand(b)
+            grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
+            self.skipped += bad.long()
+            delta, _ = self.ops.pgd_update(
+                self.delta, grad, self.x0, self.x_init, self.mask, cfg.alpha, cfg.eps,
+                cfg.clamp_min, cfg.clamp_max, cfg.per_sample,
+            )
+            self.delta.copy_(delta)
+            self.loss_value.copy_(value.detach())
+
+    def _draw_host(self, generators, n_real: int) -> None:
+        """Eager draws from the per-image generators into the static buffers; padded rows
+        get zero noise and a valid ``t``."""
+        t, noise_ft, noise_pre = draw_step(self.cfg, n_real, self.latent_shape, generators, self.device)
+        m = n_real * self.k
+        self.t[:m].copy_(t)
+        self.t[m:].fill_(int(t[0]) if self.cfg.noise == "paper" else self.cfg.t_min)
+        self.noise_ft[:m].copy_(noise_ft)
+        self.noise_ft[m:].zero_()
+        if self.noise_pre is not None:
+            self.noise_pre[:m].copy_(noise_pre)
+            self.noise_pre[m:].zero_()
+
+    def _step_eager_once(self) -> None:
+        """One step from whatever the buffers hold (memory calibration)."""
+        if self.use_graph and self._gen is None:
+            self._gen = torch.Generator(device=self.device).manual_seed(self._seed)
+        self._step()
+
+    # ------------------------------------------------------------------ CUDA graph
+
+    def capture(self) -> None:
+        """Warm up on a side stream (lazy init, cuBLAS workspaces, autograd's first-call
+        allocations must not happen inside the capture), then capture one step. The
+        warm-up's effects on ``delta``/``skipped`` and the generator are undone."""
+        if not self.use_graph or self.graph is not None:
+            return
+        graph = torch.cuda.CUDAGraph()
+        self._gen = torch.Generator(device=self.device)
+        if hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self._gen)
+        else:
+            self._gen = None  # the default CUDA generator: graphs track its offset
+            log.debug("torch has no CUDAGraph.register_generator_state: graph draws use the default generator")
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self._warmup):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.delta.zero_()
+        self.skipped.zero_()
+        if self._gen is not None:
+            self._gen.manual_seed(self._seed)
+        elif self.use_graph:
+            torch.cuda.manual_seed(self._seed)
+
+    # ------------------------------------------------------------------ public
+
+    def load(self, x0: torch.Tensor, x_init: torch.Tensor, mask: torch.Tensor) -> int:
+        """Copy up to ``B`` images into the static buffers, zero-padding the rest; resets
+        ``delta`` and the skip counts. Returns the number of real images."""
+        n_real = x0.shape[0]
+        if not 1 <= n_real <= self.b:
+            raise ValueError(f"{n_real} images for a bucket of {self.b}")
+        if tuple(x0.shape[1:]) != self.latent_shape or x_init.shape != x0.shape:
+            raise ValueError(f"x0 and x_init must be [B, {', '.join(map(str, self.latent_shape))}]")
+        self.x0.zero_()
+        self.x_init.zero_()
+        self.x0[:n_real].copy_(x0)
+        self.x_init[:n_real].copy_(x_init)
+        self.mask.copy_(mask.reshape(self.latent_shape))
+        self.valid.copy_(torch.arange(self.b, device=self.device) < n_real)
+        self.n_real.fill_(float(n_real))
+        self.delta.zero_()
+        self.skipped.zero_()
+        return n_real
+
+    def invert(
+        self,
+        x0: torch.Tensor,  # [B', C, H, W], any B'
+        x_init: torch.Tensor,  # [B', C, H, W]
+        mask: torch.Tensor,  # [C, H, W]
+        generators: Optional[Sequence[torch.Generator]] = None,
+        callback: Optional[Callable[[int, float], None]] = None,
+    ) -> InversionResult:
+        """``reference.invert`` over chunks of ``B`` images (the last one padded).
+        Eager runs need one generator per image; a graph run draws from its own device
+        generator and ignores ``generators``. ``callback(step, loss)`` syncs every step,
+        so it is for progress bars, not for timed runs. The loss history of a multi-chunk
+        run is the last chunk's."""
+        total = x0.shape[0]
+        if not self.use_graph and (generators is None or len(generators) != total):
+            raise ValueError("an eager engine run needs one generator per image")
+        if self.use_graph:
+            self.capture()
+        parts = []
+        for start in range(0, total, self.b):
+            stop = min(start + self.b, total)
+            gens = None if generators is None else list(generators[start:stop])
+            parts.append(self._run_chunk(x0[start:stop], x_init[start:stop], mask, gens, callback))
+        delta = torch.cat([p[0] for p in parts])
+        skipped = torch.cat([p[1] for p in parts])
+        history = parts[-1][2]
+        x0f = x0.to(self.device).float()
+        x_initf = x_init.to(self.device).float()
+        m = mask.to(device=self.device, dtype=torch.float32).reshape(self.latent_shape)
+        cfg = self.cfg
+        x_rec = x0f * m + (x_initf + delta).clamp(cfg.clamp_min, cfg.clamp_max) * (1 - m)
+        return InversionResult(x_rec=x_rec, delta=delta, skipped_steps=skipped, loss_history=history)
+
+    def _run_chunk(self, x0, x_init, mask, gens, callback):
+        n_real = self.load(x0.to(self.device), x_init.to(self.device), mask.to(self.device))
+        history: list[float] = []
+        steps = self.cfg.steps
+        for step in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._draw_host(gens, n_real)
+                self._step()
+            if callback is not None or step == steps - 1:
+                value = float(self.loss_value)
+                history.append(value)
+                if callback is not None:
+                    callback(step, value)
+        return self.delta[:n_real].clone(), self.skipped[:n_real].clone(), history

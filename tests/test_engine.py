@@ -1,0 +1,248 @@
+"""The engine against the spec: same recovered latents as ``reference.invert`` with the
+same per-image generators when it runs eagerly; padding that leaves the real rows alone;
+frozen weights; the batch planner. CUDA-graph tests run only with a GPU."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from cgidm import reference
+from cgidm.engine import Engine, calibrate, plan_batch
+from cgidm.reference import PGDConfig
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def unets(tmp_path_factory):
+    """Two tiny random UNets from one pipeline directory, the second perturbed (a fake
+    fine-tune), and their prompt embeddings."""
+    from diffusers import UNet2DConditionModel
+
+    from cgidm.testing.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_pipeline(root, size=16)
+    pre = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    ft = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(2)
+    c_ft = torch.randn(1, 5, 32, generator=g)
+    c_pre = torch.randn(1, 5, 32, generator=g)
+    return ft, pre, c_ft, c_pre
+
+
+def abar():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def inputs(b, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, *SHAPE, generator=g)
+    x_init = x0 + 0.5 * torch.randn(b, *SHAPE, generator=g)
+    mask = (torch.rand(SHAPE, generator=g) > 0.5).float()
+    return x0, x_init, mask
+
+
+def gens(b, seed=10):
+    return [torch.Generator().manual_seed(seed + i) for i in range(b)]
+
+
+def run_reference(unets, cfg, x0, x_init, mask):
+    ft, pre, c_ft, c_pre = unets
+    return reference.invert(
+        reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), x0, x_init, mask, c_ft, c_pre,
+        abar(), cfg, generator=gens(x0.shape[0]), ops=reference.REFERENCE_OPS,
+    )
+
+
+def run_engine(unets, cfg, x0, x_init, mask, batch, impl="ref"):
+    ft, pre, c_ft, c_pre = unets
+    engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=batch, impl=impl)
+    return engine.invert(x0, x_init, mask, gens(x0.shape[0]))
+
+
+CASES = [
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, k=1), 1),
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, k=2), 1),
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, k=1), 3),
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, k=2), 3),
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, noise="paper"), 1),
+    (PGDConfig(steps=3, alpha=0.5, eps=5.0, noise="paper"), 3),
+]
+
+
+@pytest.mark.parametrize("cfg,b", CASES, ids=[f"{c.noise}-k{c.k}-b{b}" for c, b in CASES])
+def test_engine_equals_reference_invert(unets, cfg, b):
+    x0, x_init, mask = inputs(b)
+    want = run_reference(unets, cfg, x0, x_init, mask)
+    got = run_engine(unets, cfg, x0, x_init, mask, batch=b)
+    assert got.delta.abs().sum() > 0, "no step was taken: the comparison would be vacuous"
+    torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.delta, want.delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.skipped_steps, want.skipped_steps)
+    assert got.loss_history == pytest.approx(want.loss_history, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("noise,k", [("shared", 1), ("shared", 2), ("paper", 1)])
+def test_tail_batch_padding_leaves_the_real_rows_alone(unets, noise, k):
+    cfg = PGDConfig(steps=3, alpha=0.5, eps=5.0, k=k, noise=noise)
+    x0, x_init, mask = inputs(3)
+    unpadded = run_engine(unets, cfg, x0, x_init, mask, batch=3)
+    padded = run_engine(unets, cfg, x0, x_init, mask, batch=4)  # one padded row
+    assert padded.x_rec.shape == unpadded.x_rec.shape
+    torch.testing.assert_close(padded.x_rec, unpadded.x_rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.delta, unpadded.delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(padded.skipped_steps, unpadded.skipped_steps)
+
+
+def test_chunks_with_a_padded_tail_equal_one_batch(unets):
+    cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
+    x0, x_init, mask = inputs(5)
+    one = run_engine(unets, cfg, x0, x_init, mask, batch=5)
+    chunked = run_engine(unets, cfg, x0, x_init, mask, batch=2)  # 2 + 2 + 1 (padded)
+    torch.testing.assert_close(chunked.x_rec, one.x_rec, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_do_not_leak_nan_into_real_rows(unets):
+    """A model that returns NaN on the padded row must not touch the real rows."""
+    ft, pre, c_ft, c_pre = unets
+    cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0)
+    x0, x_init, mask = inputs(1)
+    eps_ft = reference.unet_eps_fn(ft)
+
+    def nan_on_row_1(x_t, t, cond):
+        out = eps_ft(x_t, t, cond)
+        poison = torch.zeros_like(out)
+        poison[1:] = float("nan")
+        return out + poison
+
+    engine = Engine(nan_on_row_1, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
+    got = engine.invert(x0, x_init, mask, gens(1))
+    want = run_reference(unets, cfg, x0, x_init, mask)
+    assert torch.isfinite(got.x_rec).all()
+    torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
+    assert got.skipped_steps.tolist() == [0]
+
+
+def test_weights_are_frozen_and_collect_no_grad(unets):
+    ft, pre, c_ft, c_pre = (copy.deepcopy(u) for u in unets)
+    ft.requires_grad_(True)
+    pre.requires_grad_(True)
+    cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
+    engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
+    x0, x_init, mask = inputs(2)
+    engine.invert(x0, x_init, mask, gens(2))
+    for model in (ft, pre):
+        for name, p in model.named_parameters():
+            assert not p.requires_grad, name
+            assert p.grad is None, name
+
+
+def test_compiled_ops_match_reference_ops(unets):
+    cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
+    x0, x_init, mask = inputs(2)
+    with warnings.catch_warnings():
+        # impl="auto" warns once when the extension is not built; the fallback is still checked
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = run_engine(unets, cfg, x0, x_init, mask, batch=2, impl="auto")
+    want = run_reference(unets, cfg, x0, x_init, mask)
+    torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_rejects_bad_input(unets):
+    ft, pre, c_ft, c_pre = unets
+    cfg = PGDConfig(steps=1)
+    engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
+    x0, x_init, mask = inputs(2)
+    with pytest.raises(ValueError, match="one generator per image"):
+        engine.invert(x0, x_init, mask, gens(1))
+    with pytest.raises(ValueError, match="images for a bucket"):
+        engine.load(*inputs(3))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=1, use_graph=True)
+
+
+# --------------------------------------------------------------------------- plan_batch
+
+
+@pytest.mark.parametrize(
+    "free,per_sample,max_b,k,want",
+    [
+        (1000, 10, 100, 1, 90),  # 10 % reserve
+        (1000, 10, 100, 3, 30),
+        (1000, 10, 16, 1, 16),  # capped
+        (100, 9, 100, 10, 1),  # exactly one image fits
+        (10**11, 3 * 2**30, 64, 4, 6),  # 90 GB / (4 * 3 GiB) = 6.98: rounds down
+    ],
+)
+def test_plan_batch(free, per_sample, max_b, k, want):
+    assert plan_batch(free, per_sample, max_b, k) == want
+
+
+def test_plan_batch_refuses_when_one_image_does_not_fit():
+    with pytest.raises(MemoryError):
+        plan_batch(100, 10, 8, 10)
+    with pytest.raises(ValueError):
+        plan_batch(100, 0, 8, 1)
+
+
+def test_calibrate_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CPU-only machines")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        calibrate(lambda b: None, k=1, max_b=4)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+def cuda_unets(unets):
+    ft, pre, c_ft, c_pre = (copy.deepcopy(u) for u in unets)
+    return ft.cuda(), pre.cuda(), c_ft, c_pre
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_graph_replay_equals_eager_steps_from_the_same_draws(unets, k):
+    """A captured step replayed from the device generator equals the same step run
+    eagerly from the same generator state."""
+    needs_cuda()
+    ft, pre, c_ft, c_pre = cuda_unets(unets)
+    cfg = PGDConfig(steps=4, alpha=0.5, eps=5.0, k=k)
+    x0, x_init, mask = (t.cuda() for t in inputs(3))
+    graphed = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref", seed=7)
+    got = graphed.invert(x0, x_init, mask)
+    eager = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref",
+                   use_graph=True, seed=7)
+    eager._gen = torch.Generator(device="cuda").manual_seed(7)
+    eager.load(x0, x_init, mask)
+    for _ in range(cfg.steps):
+        eager._step()
+    assert graphed.graph is not None
+    torch.testing.assert_close(got.delta, eager.delta[:3], rtol=1e-4, atol=1e-4)
+    assert got.delta.abs().sum() > 0
+
+
+def test_graph_is_captured_once_per_bucket(unets):
+    needs_cuda()
+    ft, pre, c_ft, c_pre = cuda_unets(unets)
+    cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0)
+    engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, device="cuda", impl="auto")
+    x0, x_init, mask = (t.cuda() for t in inputs(3))
+    engine.invert(x0, x_init, mask)
+    graph = engine.graph
+    out = engine.invert(x0[:1], x_init[:1], mask)  # a tail-sized batch: padded, not recaptured
+    assert engine.graph is graph
+    assert torch.isfinite(out.x_rec).all() and out.x_rec.shape == (1, *SHAPE)
