@@ -130,6 +130,7 @@ def test_padded_rows_do_not_leak_nan_into_real_rows(unets):
     assert torch.isfinite(got.x_rec).all()
     torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
     assert got.skipped_steps.tolist() == [0]
+    assert got.loss_history == pytest.approx(want.loss_history, rel=1e-5, abs=1e-6)
 
 
 def test_weights_are_frozen_and_collect_no_grad(unets):
