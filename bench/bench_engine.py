@@ -303,7 +303,7 @@ def run(cfg: Config) -> list[Result]:
             engine.load(x0, x_init, mask)
             gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
 
-            def step():
+            def step(engine=engine, gens=gens, b=b):
                 engine._draw_host(gens, b)
                 engine._step()
 
