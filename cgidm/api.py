@@ -39,6 +39,7 @@ class AuthConfig:
     metric: str = DEFAULT_SCORE
     alpha: float = 0.05
     impl: str = "ref"
+    engine: str = "reference"  # "engine": cgidm.engine (same results on CPU; CUDA graphs on GPU)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -106,6 +107,17 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     from cgidm.ops import get_ops
 
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
+    if cfg.engine == "engine":
+        from cgidm.engine import Engine
+
+        # One bucket per call: a graph captured here serves this batch only.
+        engine = Engine(
+            pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, prep.x0.shape[1:], cfg.pgd,
+            batch=prep.x0.shape[0], device=pair.device, impl=cfg.impl,
+        )
+        return engine.invert(prep.x0, prep.x_init, prep.mask, prep.generators, callback=callback)
+    if cfg.engine != "reference":
+        raise ValueError(f"engine must be 'reference' or 'engine', got {cfg.engine!r}")
     return invert(
         unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre), prep.x0, prep.x_init, prep.mask,
         c_ft, c_pre, pair.abar, cfg.pgd, generator=prep.generators, ops=get_ops(cfg.impl),

@@ -247,3 +247,27 @@ def test_graph_is_captured_once_per_bucket(unets):
     out = engine.invert(x0[:1], x_init[:1], mask)  # a tail-sized batch: padded, not recaptured
     assert engine.graph is graph
     assert torch.isfinite(out.x_rec).all() and out.x_rec.shape == (1, *SHAPE)
+
+
+# --------------------------------------------------------------------------- api switch
+
+
+def test_recover_with_the_engine_equals_the_reference(unets):
+    from types import SimpleNamespace
+
+    from cgidm.api import AuthConfig, Prepared, recover
+
+    ft, pre, c_ft, c_pre = unets
+    pair = SimpleNamespace(unet_ft=ft, unet_pre=pre, abar=abar(), device=torch.device("cpu"),
+                           encode_prompt=lambda prompt: (c_ft, c_pre))
+    x0, x_init, mask = inputs(2)
+
+    def prep():
+        return Prepared(x0, x_init, mask, torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), gens(2))
+
+    pgd = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
+    want = recover(pair, prep(), AuthConfig(pgd=pgd))
+    got = recover(pair, prep(), AuthConfig(pgd=pgd, engine="engine"))
+    torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="engine must be"):
+        recover(pair, prep(), AuthConfig(pgd=pgd, engine="fast"))
