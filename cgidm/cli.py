@@ -9,10 +9,8 @@ error during compute (same guarantee; ``-v`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 from cgidm.screen import add_screen_parser, cmd_screen
 
@@ -150,7 +148,13 @@ def cmd_demo(args) -> int:
     from cgidm.testing.tiny import build_tiny_world, demo_defaults
 
     t0 = time.time()
-    print("building (or reusing) the tiny model world ...", flush=True)
+    print("building (or reusing) the tiny model world (a few minutes the first time) ...", flush=True)
+    stages = logging.getLogger("cgidm.testing.tiny")
+    if not stages.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        stages.addHandler(handler)
+    stages.setLevel(logging.INFO)
     root = build_tiny_world(args.world)
     print(f"tiny world: {root}")
     imgs = root / "images"

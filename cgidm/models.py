@@ -196,28 +196,27 @@ def _weights_in(folder: Path, allow_pickle: bool) -> bool:
 # --------------------------------------------------------------------------- components
 
 
+def _load_component(cls, folder: Path, what: str, allow_pickle: bool):
+    """A diffusers/transformers component folder (config.json + weights)."""
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder}: missing {what} config.json")
+    use_st = _weights_in(folder, allow_pickle)
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load {what} ({e})") from e
+
+
 def _load_unet(folder: Path, allow_pickle: bool):
     from diffusers import UNet2DConditionModel
 
-    if not (folder / "config.json").exists():
-        raise ModelLoadError(f"{folder}: missing UNet config.json")
-    use_st = _weights_in(folder, allow_pickle)
-    try:
-        return UNet2DConditionModel.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
-    except Exception as e:
-        raise ModelLoadError(f"{folder}: cannot load UNet ({e})") from e
+    return _load_component(UNet2DConditionModel, folder, "UNet", allow_pickle)
 
 
 def _load_text_encoder(folder: Path, allow_pickle: bool):
     from transformers import CLIPTextModel
 
-    if not (folder / "config.json").exists():
-        raise ModelLoadError(f"{folder}: missing text encoder config.json")
-    use_st = _weights_in(folder, allow_pickle)
-    try:
-        return CLIPTextModel.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
-    except Exception as e:
-        raise ModelLoadError(f"{folder}: cannot load text encoder ({e})") from e
+    return _load_component(CLIPTextModel, folder, "text encoder", allow_pickle)
 
 
 def _load_tokenizer(folder: Path):

@@ -241,7 +241,6 @@ def invert(
     """
     b = x0.shape[0]
     k = cfg.k
-    n = b * k
     device = x0.device
     x0 = x0.float()
     x_init = x_init.float()

@@ -8,9 +8,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one thread per worker: two workers with two threads each on two cores thrash
-    torch.set_num_threads(1)
+# One thread per test process: `make test` runs two workers on two cores, and two
+# threads each only thrash.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -18,15 +18,6 @@ from cgidm.models import ModelLoadError, load_pair, load_state_dict
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # two cores shared with other work: a second thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- models
 
 

@@ -45,16 +45,6 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Ops on models this small gain nothing from intra-op threads, and on a loaded shared
-    machine OpenMP's barriers turn a 0.07 s forward into 3 s."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A base pipeline and a 'fine-tune' of it whose UNet and text encoder both differ."""

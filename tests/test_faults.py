@@ -28,15 +28,6 @@ from cgidm.testing.tiny import demo_defaults
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # two cores shared with other work: a second thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_world):
     return load_pair(tiny_world / "base", tiny_world / "finetuned")
