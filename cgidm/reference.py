@@ -20,39 +20,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-NOISE_MODES = ("shared", "paper")
+from cgidm.config import NOISE_MODES, PGDConfig  # noqa: F401 (re-exported: the spec's settings)
 
 # eps_fn(x_t [N, C, H, W], t [N] int64, cond [N, L, D]) -> eps [N, C, H, W]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PGDConfig:
-    """L2 PGD settings; the defaults are the paper's (DESIGN.md step 5)."""
-
-    steps: int = 1000
-    alpha: float = 2.0
-    eps: float = 70.0
-    clamp_min: float = -100.0
-    clamp_max: float = 100.0
-    noise: str = "shared"
-    k: int = 1  # timesteps per image per step (stratified); the paper uses 1
-    t_min: int = 1
-    t_max: int = 999
-
-    def __post_init__(self) -> None:
-        if self.noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
-        if self.steps < 0 or self.k < 1:
-            raise ValueError("steps must be >= 0 and k >= 1")
-        if not (0 <= self.t_min <= self.t_max):
-            raise ValueError("need 0 <= t_min <= t_max")
-        if self.noise == "paper" and self.k != 1:
-            raise ValueError("paper noise mode draws one t per step: k must be 1")
-
-    @property
-    def per_sample(self) -> bool:
-        return self.noise == "shared"
 
 
 # --------------------------------------------------------------------------- ops (refs)

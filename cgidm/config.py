@@ -1,0 +1,212 @@
+"""Every setting of a cgidm run, its default and its list of choices, once.
+
+``PGDConfig`` (the inversion) and ``AuthConfig`` (everything that decides a result besides
+the models and the images) are the only places a default is written; the command line
+builds its options from their fields (``help``, ``flag`` and ``choices`` in each field's
+metadata), and ``resolve_runtime`` is the one function that turns ``--device`` and
+``--dtype`` into a torch device and dtype (docs/architecture.md, "Configuration").
+
+Only the standard library is imported at module level: ``cgidm --help`` reads this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+NOISE_MODES = ("shared", "paper")
+IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
+ENGINES = ("reference", "engine")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES_HELP = "auto (CUDA when torch sees one, else CPU), cpu, cuda or cuda:N"
+LABELS = ("member", "holdout", "control")
+SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")
+METRICS = SCORE_FIELDS + ("embed_cos",)
+DEFAULT_METRIC = "latent_cos"
+HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True}
+
+
+def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli: bool = True):
+    """A dataclass field with what the command line needs to offer it."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """L2 PGD settings; the defaults are the paper's (docs/faithfulness.md, "PGD")."""
+
+    steps: int = _opt(1000, "PGD steps (paper: 1000)")
+    alpha: float = _opt(2.0, "L2 PGD step size (paper: 2.0)", flag="--step-size")
+    eps: float = _opt(70.0, "L2 ball radius (paper: 70)", flag="--radius")
+    clamp_min: float = _opt(-100.0, "lower clamp of the recovered latent (paper: -100)")
+    clamp_max: float = _opt(100.0, "upper clamp of the recovered latent (paper: 100)")
+    noise: str = _opt("shared", "shared: same t and noise for both models; paper: the official independent draws",
+                      choices=NOISE_MODES)
+    k: int = _opt(1, "K stratified timesteps per image per step (paper: 1)", flag="--timesteps-per-image")
+    t_min: int = _opt(1, "smallest timestep drawn (paper: 1)")
+    t_max: int = _opt(999, "largest timestep drawn (paper: 999)")
+
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        if self.steps < 0 or self.k < 1:
+            raise ValueError("steps must be >= 0 and k >= 1")
+        if not (0 <= self.t_min <= self.t_max):
+            raise ValueError("need 0 <= t_min <= t_max")
+        if self.noise == "paper" and self.k != 1:
+            raise ValueError("paper noise mode draws one t per step: k must be 1")
+        if self.clamp_min >= self.clamp_max:
+            raise ValueError("need clamp_min < clamp_max")
+
+    @property
+    def per_sample(self) -> bool:
+        return self.noise == "shared"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Everything that decides a result besides the models and the images."""
+
+    prompt: Optional[str] = _opt(None, "prompt both models encode (default: the one the checkpoint names)")
+    pgd: PGDConfig = field(default_factory=PGDConfig)
+    blocks_per_side: Optional[int] = _opt(None, "mask blocks per latent side (default: blocks of 4x4 cells)")
+    pass_rate: int = _opt(2, "kept cells per block side in the mask (paper: 2)", cli=False)
+    batch_size: int = _opt(8, "images inverted together")
+    seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id)")
+    metric: str = _opt(DEFAULT_METRIC, "the score used for AUC and verdicts", choices=METRICS)
+    level: float = _opt(0.05, "verdict level: flag images with p <= level")
+    impl: str = _opt("auto", "implementation of the step ops", choices=IMPLS)
+    engine: str = _opt("reference", "engine: static buffers and CUDA graphs; reference: the spec loop",
+                       choices=ENGINES)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "AuthConfig":
+        """A copy with ``changes``; PGD fields may be given by name too."""
+        pgd_names = {f.name for f in dataclasses.fields(PGDConfig)}
+        pgd = {k: changes.pop(k) for k in list(changes) if k in pgd_names}
+        if pgd:
+            changes["pgd"] = dataclasses.replace(changes.get("pgd", self.pgd), **pgd)
+        return dataclasses.replace(self, **changes)
+
+
+# Settings of a whole run that do not change a score.
+@dataclass(frozen=True)
+class RunOptions:
+    device: str = _opt("auto", DEVICES_HELP)
+    dtype: str = _opt("auto", "weights' dtype: auto = bf16 on a CUDA device that has it (else fp16), fp32 on CPU",
+                      choices=DTYPES)
+    embedder: Optional[str] = _opt(None, "local folder of a CLIP or DINO vision model (for embed_cos)")
+    allow_pickle: bool = _opt(False, "allow .ckpt/.bin/.pt files (loaded with torch.load(weights_only=True) only)")
+    allow_partial_lora: bool = _opt(False, "apply a LoRA whose layers only partly match the base")
+    lora_scale: float = _opt(1.0, "LoRA strength")
+    prefetch: int = _opt(2, "batches read and encoded ahead of the inversion (0: no background threads)")
+    dist_timeout: float = _opt(120.0, "minutes ranks wait for each other under torchrun")
+
+
+# Presets: a named set of settings; a flag given beside a preset is recorded as a departure.
+PRESETS: dict[str, dict] = {
+    # What the official code runs (docs/faithfulness.md).
+    "paper": {"steps": 1000, "alpha": 2.0, "eps": 70.0, "clamp_min": -100.0, "clamp_max": 100.0,
+              "noise": "paper", "k": 1, "t_min": 1, "t_max": 999, "blocks_per_side": None, "pass_rate": 2},
+    # The tiny world of `cgidm demo`: its 3x16x16 latents have 1/21 of SD's entries, so the
+    # step and radius shrink with them (measured on that world: AUC 1.0 for every setting
+    # tried; step 0.25 / radius 10 gave the cleanest recoveries).
+    "demo": {"steps": 100, "alpha": 0.25, "eps": 10.0, "batch_size": 16},
+}
+
+
+def preset_config(name: Optional[str], **overrides) -> AuthConfig:
+    """``AuthConfig`` of a preset (``None``: the defaults) with ``overrides`` on top."""
+    base = dict(PRESETS[name]) if name else {}
+    base.update({k: v for k, v in overrides.items()})
+    return AuthConfig().replace(**base)
+
+
+def departures(name: Optional[str], given: dict) -> dict:
+    """Settings given beside a preset that differ from it: ``{name: (preset, given)}``."""
+    if not name:
+        return {}
+    preset = PRESETS[name]
+    return {k: {"preset": preset[k], "given": v} for k, v in given.items() if k in preset and preset[k] != v}
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the UNet weights
+    note: str = ""
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """The device and weights' dtype of a run, decided here and nowhere else.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) a CUDA device becomes ``cuda:LOCAL_RANK``
+    (one GPU per local rank) and the choice is logged; ``cuda:N`` is refused there, as it
+    would put every rank on one GPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    want = (device or "auto").strip().lower()
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {device!r} is not a device ({DEVICES_HELP})") from e
+    note = ""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            if dev.index is not None:
+                raise ValueError(f"--device {device} names one GPU; under torchrun give --device cuda "
+                                 "and each rank takes cuda:LOCAL_RANK")
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            dev = torch.device("cuda", local)
+            note = f"rank {os.environ.get('RANK', '?')}: --device {device} -> {dev} (LOCAL_RANK {local})"
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{dev} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device: {device!r} is not supported ({DEVICES_HELP})")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            wdtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            wdtype = torch.float32
+    else:
+        wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if note:
+        log.warning("%s", note)
+    return Runtime(dev, wdtype, note)
+
+
+def dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
