@@ -1,5 +1,8 @@
 """Output files written so that a crash never leaves half of one: temporary file +
-rename for whole files, one ``write`` per JSONL line for appends.
+rename (and an fsync of the folder) for whole files, one ``write`` per JSONL line for
+appends. Every JSON file cgidm writes goes through ``json_text``: strict JSON, with
+non-finite numbers written as ``null``, because other tools' parsers refuse ``NaN``
+and ``Infinity``.
 
 A write that fails (full disk, permission) raises ``OutputError`` naming the file, after
 removing its temporary file or cutting the half-written line back off: what was complete
@@ -11,8 +14,12 @@ import errno as _errno
 import hashlib
 import json
 import os
+import math
 import threading
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 MAX_NAME_CHARS = 120  # + "-" + 16 hex + a suffix stays far below NAME_MAX (255 bytes)
 
@@ -42,6 +49,22 @@ def _discard(tmp: Path) -> None:
         pass
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` survive a power cut: the file's own fsync
+    does not cover its directory entry. Some platforms and file systems refuse to open or
+    fsync a directory; there the rename is as durable as it gets."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _replace_from_tmp(path: Path, write) -> None:
     path = Path(path)
     tmp = _tmp_path(path)
@@ -51,6 +74,7 @@ def _replace_from_tmp(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OutputError:
         _discard(tmp)
         raise
@@ -70,10 +94,41 @@ def atomic_save_image(image, path: Path) -> None:
     _replace_from_tmp(path, lambda f: image.save(f, format="PNG"))
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays made plain Python, tuples made lists, and
+    every NaN or infinity (a threshold past the last score, a failed metric) made None."""
+    if isinstance(obj, dict):
+        return {_finite(k) if isinstance(k, np.generic) else k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj: Any, **kw) -> str:
+    """Strict JSON text of ``obj`` (keywords as for ``json.dumps``): non-finite floats,
+    also numpy ones and nested anywhere in dicts, lists and tuples, become ``null``.
+    Anything still not JSON raises instead of writing ``NaN``/``Infinity``."""
+    kw["allow_nan"] = False
+    return json.dumps(_finite(obj), **kw)
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """``path`` replaced atomically by ``json_text(obj)`` and a final newline."""
+    text = json_text(obj, indent=indent, sort_keys=sort_keys) + "\n"
+    _replace_from_tmp(path, lambda f: f.write(text.encode()))
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     """One complete line or nothing: a single ``write`` of the whole line, then fsync.
     A short or failed write (a full disk) is cut back off before ``OutputError``."""
-    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+    line = (json_text(row, sort_keys=True) + "\n").encode()
+    created = not os.path.exists(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as e:
@@ -97,6 +152,8 @@ def append_jsonl(path: Path, row: dict) -> None:
             raise OutputError(path, e) from e
     finally:
         os.close(fd)
+    if created:
+        _fsync_dir(Path(path).parent)
 
 
 def safe_name(image_id: str) -> str:

@@ -1,12 +1,18 @@
 """``report.html``: what people look at — summary, ROC curve, score histograms per label,
-and a sortable table of every image with its triptych (original | partial | recovered)."""
+and a sortable table of every image with its triptych (original | partial | recovered).
+
+Paths from ``results.jsonl`` become links only when they are relative paths inside the
+output folder: a results file can be edited or come from elsewhere, and a ``javascript:``
+or remote URL in it must not become something a click runs or fetches.
+"""
 from __future__ import annotations
 
 import base64
 import io
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+from urllib.parse import unquote
 
 from jinja2 import Environment, select_autoescape
 
@@ -43,7 +49,8 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.alpha }})<b>{{ s.flagged }}</b></div>{% endif %}
 </div>
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
-{% if s.models %}<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
 <table id="rows"><thead><tr>
 <th data-k="s">image</th><th data-k="s">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n">score</th>
@@ -55,7 +62,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if r.error %}<td class="error" colspan="{{ fields|length + 3 }}">failed: {{ r.error }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
 <td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
-<td>{% if r.triptych %}<a href="{{ r.triptych }}"><img loading="lazy" alt="triptych of {{ r.id }}" src="{{ r.triptych }}"></a>{% endif %}</td>{% endif %}
+<td>{% set link = r.triptych|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="triptych of {{ r.id }}" src="{{ link }}"></a>{% elif r.triptych %}<code>{{ r.triptych }}</code>{% endif %}</td>{% endif %}
 </tr>{% endfor %}</tbody></table>
 <script>
 document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
@@ -81,6 +88,48 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4f}"
     return str(v)
+
+
+def local_link(value) -> Optional[str]:
+    """``value`` if it is a relative path that stays inside the output folder (no scheme,
+    no leading ``/`` or ``\\``, no ``..`` part, also once percent-decoded, since browsers
+    decode ``%2e%2e`` to ``..``), else None: then the report shows it as text."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    for text in (value, unquote(value)):
+        if (
+            ":" in text or "\\" in text  # a ":" starts a scheme or names a drive
+            or text.startswith("/") or text.strip() != text
+            or any(part == ".." for part in text.split("/"))
+            or not text.isprintable()
+        ):
+            return None
+    return value
+
+
+def _lora_text(match) -> Optional[str]:
+    if isinstance(match, dict) and isinstance(match.get("matched"), int) and isinstance(match.get("total"), int):
+        return f"{match['matched']} of {match['total']} layers applied"
+    return None
+
+
+def _models(models) -> tuple[list[tuple[str, str]], list[str]]:
+    """The models line of the report as ``(name, text)`` pairs, and a warning for each
+    LoRA that was applied only in part (the run allowed it; the reader must know)."""
+    if not isinstance(models, dict):
+        return [], []
+    lines, warnings = [], []
+    for k, v in models.items():
+        if k == "lora_match" and _lora_text(v):
+            lines.append(("LoRA", _lora_text(v)))
+            if v["matched"] < v["total"]:
+                warnings.append(
+                    f"Only {v['matched']} of {v['total']} LoRA layers fit the base model: "
+                    "the suspect model was applied in part, and the results may understate it."
+                )
+        else:
+            lines.append((k, v))
+    return lines, warnings
 
 
 def _png(fig) -> str:
@@ -135,7 +184,10 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     fields = [f for f in ("latent_cos", "latent_mse", "ssim", "psnr", "embed_cos")
               if any(f in r for r in rows)]
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters["local_link"] = local_link
+    models, lora_warnings = _models(summary.get("models"))
     html = env.from_string(TEMPLATE).render(
+        models=models, lora_warnings=lora_warnings,
         s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt,
         pairs=any(r.get("pair") for r in rows),
