@@ -155,7 +155,7 @@ def counter_draws(
     else:
         step = int(step) & MASK32
     k0 = (keys & MASK32).view(1, b, 1, 1)
-    k1 = (keys >> 32).view(1, b, 1, 1)
+    k1 = ((keys >> 32) & MASK32).view(1, b, 1, 1)
     slot = torch.arange(k, device=device, dtype=torch.int64)
 
     # Timesteps: j = 0, stream 2, word 0.
