@@ -46,6 +46,33 @@ def test_cmake_builds_the_cpu_kernels_and_their_cpp_tests_pass():
     assert "100% tests passed" in proc.stdout
 
 
+def test_cmake_configure_never_runs_torchs_cuda_config(tmp_path):
+    """A CUDA build of torch makes ``find_package(Torch)`` enable CUDA and stop without the
+    toolkit; the CPU kernels need torch's CPU half only. A torch prefix whose config
+    files fail when run (as a CUDA torch's would on a machine without the toolkit) must
+    still configure."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found")
+    real = Path(torch.utils.cmake_prefix_path).parents[1]  # <torch>/share/cmake -> <torch>
+    fake = tmp_path / "torch"
+    for name in ("include", "lib"):
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).symlink_to(real / name)
+    for pkg in ("Torch", "Caffe2"):
+        (fake / "share" / "cmake" / pkg).mkdir(parents=True)
+        (fake / "share" / "cmake" / pkg / f"{pkg}Config.cmake").write_text(
+            'message(FATAL_ERROR "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries.")\n'
+        )
+    build = tmp_path / "build"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    proc = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={fake / 'share' / 'cmake'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"cgidm: torch (CPU libraries only) from {fake}" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "env,expected",
     [
