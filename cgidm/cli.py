@@ -1,4 +1,7 @@
-"""``cgidm`` command line: ``authenticate``, ``demo`` and ``screen``.
+"""``cgidm`` command line: ``authenticate``, ``screen`` and ``demo``.
+
+Every option that sets a configuration field is built from ``cgidm.config`` (the field's
+default, help and choices); this module only adds what selects inputs and outputs.
 
 Exit status: 0 all images scored; 1 some images failed (the summary says which);
 2 bad usage or a model/folder that cannot be used (nothing was computed);
@@ -9,33 +12,63 @@ error during compute (same guarantee; ``-v`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
-from cgidm.screen import add_screen_parser, cmd_screen
+from cgidm import config
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _pgd_args(p: argparse.ArgumentParser, steps_default) -> None:
+def _field_type(f: dataclasses.Field):
+    if f.default is not None and f.default is not dataclasses.MISSING:
+        return type(f.default)
+    text = str(f.type)
+    for name, tp in _TYPES.items():
+        if name in text:
+            return tp
+    raise TypeError(f"no command-line type for {f.name}: {f.type}")
+
+
+def _add_fields(group, cls, skip=()) -> None:
+    """One option per field of ``cls`` that has command-line metadata. Defaults stay
+    ``None`` here so that what was given can be told from what was not; the help shows
+    the configuration's default."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli") or f.name in skip:
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        shown = f.default if f.default is not dataclasses.MISSING else None
+        help_text = meta["help"] if shown is None or shown is False else f"{meta['help']} (default: {shown})"
+        tp = _field_type(f)
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=tp, default=None, choices=meta.get("choices"), help=help_text)
+
+
+def _common(p: argparse.ArgumentParser, run_skip=("dist_timeout",)) -> None:
     g = p.add_argument_group("inversion")
-    g.add_argument("--prompt", default=None, help='prompt both models encode (default "a figure")')
-    g.add_argument("--steps", type=int, default=steps_default, help="PGD steps (paper: 1000)")
-    g.add_argument("--step-size", type=float, default=None, help="L2 PGD step alpha (paper: 2.0)")
-    g.add_argument("--radius", type=float, default=None, help="L2 ball radius eps (paper: 70)")
-    g.add_argument("--noise", choices=("shared", "paper"), default="shared",
-                   help="shared: same t and noise for both models (default); paper: the official independent draws")
-    g.add_argument("--timesteps-per-image", type=int, default=1, help="K stratified timesteps per image per step")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=None, help="images inverted together (default 8)")
-    g.add_argument("--impl", default="ref", choices=("auto", "ref", "cpp", "triton", "cuda"),
-                   help="implementation of the step ops (default: the plain-torch reference)")
-    g.add_argument("--metric", default=None, choices=("latent_cos", "latent_mse", "ssim", "psnr", "embed_cos"),
-                   help="the score used for AUC and verdicts (default latent_cos)")
-    g.add_argument("--embedder", default=None, help="local folder of a CLIP or DINO vision model for embed_cos")
-    g.add_argument("--level", type=float, default=0.05, help="verdict level: flag images with p <= level")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--preset", choices=sorted(config.PRESETS), default=None,
+                   help="a named set of settings (paper: what the official code runs); flags given beside it are "
+                        "recorded as departures")
+    _add_fields(g, config.PGDConfig)
+    _add_fields(g, config.AuthConfig)
+    r = p.add_argument_group("run")
+    _add_fields(r, config.RunOptions, skip=run_skip)
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _models(p: argparse.ArgumentParser, required_base: bool) -> None:
+    p.add_argument("--base", required=required_base, default=None,
+                   help="pretrained model: diffusers pipeline directory")
+    p.add_argument("--finetuned", default=None,
+                   help="suspect model: diffusers directory, unet/ folder, single-file .safetensors, or LoRA file")
+    p.add_argument("--lora", default=None, help="LoRA .safetensors (diffusers/PEFT or kohya) applied on the fine-tune/base")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,49 +77,52 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("authenticate", help="authenticate images against a base + fine-tuned model pair")
-    a.add_argument("--base", required=True, help="pretrained model: diffusers pipeline directory")
-    a.add_argument("--finetuned", default=None,
-                   help="suspect model: diffusers directory, unet/ folder, single-file .safetensors, or LoRA file")
-    a.add_argument("--lora", default=None, help="LoRA .safetensors (diffusers/PEFT or kohya) applied on the fine-tune/base")
-    a.add_argument("--lora-scale", type=float, default=1.0)
-    a.add_argument("--allow-pickle", action="store_true",
-                   help="allow .ckpt/.bin/.pt files (loaded with torch.load(weights_only=True) only)")
+    _models(a, required_base=True)
     a.add_argument("--images", default=None, help="folder of unlabelled suspect images")
     a.add_argument("--members", default=None, help="folder of images known to be in the fine-tune")
     a.add_argument("--holdouts", default=None, help="folder of images known not to be in the fine-tune")
     a.add_argument("--controls", default=None, help="folder of control images (not in the fine-tune) for calibrated verdicts")
     a.add_argument("--out", required=True, help="output folder")
-    _pgd_args(a, steps_default=1000)
+    _common(a)
+
+    s = sub.add_parser(
+        "screen", help="screen many images against one or many model pairs (resumable; torchrun for many GPUs)",
+        description="Screen the images of a manifest (CSV or JSONL) or of a folder. Killed and started again "
+                    "with the same command, it finishes the images not yet done. Under torchrun, the images "
+                    "are sharded over the ranks.")
+    s.add_argument("--manifest", required=True,
+                   help="CSV or JSONL with columns image, label (member|holdout|control|empty), base, finetuned, "
+                        "lora, lora_scale; or a folder of images (labels from members/ holdouts/ controls/ subfolders)")
+    s.add_argument("--out", required=True, help="output folder (the same one to resume)")
+    _models(s, required_base=False)
+    s.add_argument("--retry-failed", action="store_true", help="screen again the images whose row is an error")
+    _common(s, run_skip=())
 
     d = sub.add_parser("demo", help="build (or reuse) the tiny model pair and authenticate its images")
     d.add_argument("--out", default="demo-out")
     d.add_argument("--world", default=None, help="where the tiny world is cached (default ~/.cache/cgidm)")
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
     d.add_argument("--with-controls", action="store_true", help="also score control images and give verdicts")
-    _pgd_args(d, steps_default=None)
-    add_screen_parser(sub)
+    _common(d)
     return parser
 
 
-def _config(args, defaults: dict):
-    from cgidm.api import AuthConfig
-    from cgidm.reference import PGDConfig
+def _given(args, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.metadata.get("cli") and getattr(args, f.name, None) is not None}
 
-    pgd = {k: v for k, v in defaults.get("pgd", {}).items()}
-    for key, val in (("steps", args.steps), ("alpha", args.step_size), ("eps", args.radius)):
-        if val is not None:
-            pgd[key] = val
-    pgd["noise"] = args.noise
-    pgd["k"] = args.timesteps_per_image
-    return AuthConfig(
-        prompt=args.prompt or defaults.get("prompt", "a figure"),
-        pgd=PGDConfig(**pgd),
-        batch_size=args.batch_size or defaults.get("batch_size", 8),
-        seed=args.seed,
-        metric=args.metric or defaults.get("metric", "latent_cos"),
-        alpha=args.level,
-        impl=args.impl,
-    )
+
+def config_from_args(args, preset: typing.Optional[str] = None) -> config.AuthConfig:
+    """The run's ``AuthConfig``: the preset (``--preset``, else ``preset``), then every
+    flag given on top."""
+    name = args.preset or preset
+    given = {**_given(args, config.PGDConfig), **_given(args, config.AuthConfig)}
+    return config.preset_config(name, **given)
+
+
+def run_options(args) -> config.RunOptions:
+    given = _given(args, config.RunOptions)
+    return config.RunOptions(**given)
 
 
 def _print_summary(summary: dict) -> None:
@@ -100,36 +136,41 @@ def _print_summary(summary: dict) -> None:
         print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
               f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
     if "flagged" in summary:
-        print(f"flagged as fine-tuned on (p <= {summary['config']['alpha']}): {summary['flagged']} "
+        print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
               f"of {len(summary['verdicts'])}")
     if summary.get("calibration_warning"):
         print(f"warning: {summary['calibration_warning']}")
     print(f"report: {summary['report']}")
 
 
-def _run(args, base, finetuned, lora, items, defaults) -> int:
-    import torch
+def _check_metric(cfg, opts) -> None:
+    if cfg.metric == "embed_cos" and not opts.embedder:
+        raise ValueError("--metric embed_cos needs --embedder DIR")
 
+
+def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     from cgidm.api import authenticate
     from cgidm.models import load_pair
     from cgidm.score import Embedder
 
-    cfg = _config(args, defaults)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    dtype = torch.float16 if args.device.startswith("cuda") else None
-    pair = load_pair(base, finetuned, lora, allow_pickle=getattr(args, "allow_pickle", False),
-                     lora_scale=getattr(args, "lora_scale", 1.0), device=args.device, dtype=dtype)
-    embedder = Embedder(args.embedder, args.device) if args.embedder else None
-    if cfg.metric == "embed_cos" and embedder is None:
-        raise ValueError("--metric embed_cos needs --embedder DIR")
-    summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet)
+    cfg = config_from_args(args, preset)
+    opts = run_options(args)
+    _check_metric(cfg, opts)
+    rt = config.resolve_runtime(opts.device, opts.dtype)
+    print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
+    kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
+    pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
+                     device=rt.device, dtype=rt.dtype, **kw)
+    embedder = Embedder(opts.embedder, rt.device) if opts.embedder else None
+    summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
+                           prefetch_depth=opts.prefetch)
+    print(f"prompt: {summary['config']['prompt']!r} ({summary['prompt_from']})")
     _print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
 def cmd_authenticate(args) -> int:
-    from cgidm.api import collect_items
+    from cgidm.manifest import collect_items
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
@@ -137,15 +178,51 @@ def cmd_authenticate(args) -> int:
         raise ValueError("give --images DIR, or both --members DIR and --holdouts DIR")
     if args.images is None and args.members is None:
         raise ValueError("give --images DIR, or --members DIR and --holdouts DIR")
-    items = collect_items(args.images, args.members, args.holdouts, args.controls)
-    return _run(args, args.base, args.finetuned, args.lora, items, {})
+    items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
+    return _run_one_pair(args, args.base, args.finetuned, args.lora, items)
+
+
+def cmd_screen(args) -> int:
+    import torch.distributed as dist
+
+    from cgidm.distributed import init_distributed
+    from cgidm.manifest import read_manifest
+    from cgidm.score import Embedder
+    from cgidm.screen import screen
+
+    cfg = config_from_args(args)
+    opts = run_options(args)
+    if opts.prefetch < 0:
+        raise ValueError("--prefetch must be >= 0")
+    _check_metric(cfg, opts)
+    entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
+                            exclude=[args.out])
+    rt = config.resolve_runtime(opts.device, opts.dtype)
+    started = init_distributed(rt.device, opts.dist_timeout)
+    try:
+        embedder = Embedder(opts.embedder, rt.device) if opts.embedder else None
+        summary = screen(entries, args.out, cfg, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle,
+                         allow_partial_lora=opts.allow_partial_lora, embedder=embedder, progress=not args.quiet,
+                         retry_failed=args.retry_failed, prefetch_depth=opts.prefetch)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if summary is None:
+        return EXIT_OK
+    _print_summary(summary)
+    t = summary["timing"]
+    if t["images"]:
+        print(f"this run: {t['images']} images on {t['ranks']} rank(s) in {t['wall_s']:.1f} s, "
+              f"{t['images_per_hour']:,.0f} images/hour, engine busy {100 * t['engine_busy']:.0f} % "
+              f"({100 * (t['engine_busy_after_load'] or 0):.0f} % after loading the models)")
+    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
 def cmd_demo(args) -> int:
     import time
 
-    from cgidm.api import collect_items
-    from cgidm.testing.tiny import build_tiny_world, demo_defaults
+    from cgidm.manifest import collect_items
+    from cgidm.testing.tiny import INSTANCE_PROMPT, build_tiny_world
 
     t0 = time.time()
     print("building (or reusing) the tiny model world (a few minutes the first time) ...", flush=True)
@@ -159,10 +236,12 @@ def cmd_demo(args) -> int:
     print(f"tiny world: {root}")
     imgs = root / "images"
     items = collect_items(None, imgs / "members", imgs / "holdouts", imgs / "controls" if args.with_controls else None)
+    if args.prompt is None:
+        args.prompt = INSTANCE_PROMPT
     if args.variant == "full":
-        code = _run(args, root / "base", root / "finetuned", None, items, demo_defaults())
+        code = _run_one_pair(args, root / "base", root / "finetuned", None, items, preset="demo")
     else:
-        code = _run(args, root / "base", None, root / "lora.safetensors", items, demo_defaults())
+        code = _run_one_pair(args, root / "base", None, root / "lora.safetensors", items, preset="demo")
     print(f"demo wall time: {time.time() - t0:.1f} s")
     return code
 
@@ -192,7 +271,7 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:
         logging.getLogger("cgidm").debug("the run stopped", exc_info=True)
-        print(f"cgidm: error: the run stopped ({type(e).__name__}: {_one_line(e)}); {kept}", file=sys.stderr)
+        print(f"cgidm: error: {_one_line(e)}; the run stopped ({type(e).__name__}); {kept}", file=sys.stderr)
         return EXIT_STOPPED
 
 

@@ -40,16 +40,16 @@ def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli:
 class PGDConfig:
     """L2 PGD settings; the defaults are the paper's (docs/faithfulness.md, "PGD")."""
 
-    steps: int = _opt(1000, "PGD steps (paper: 1000)")
-    alpha: float = _opt(2.0, "L2 PGD step size (paper: 2.0)", flag="--step-size")
-    eps: float = _opt(70.0, "L2 ball radius (paper: 70)", flag="--radius")
-    clamp_min: float = _opt(-100.0, "lower clamp of the recovered latent (paper: -100)")
-    clamp_max: float = _opt(100.0, "upper clamp of the recovered latent (paper: 100)")
+    steps: int = _opt(1000, "PGD steps")
+    alpha: float = _opt(2.0, "L2 PGD step size", flag="--step-size")
+    eps: float = _opt(70.0, "L2 ball radius", flag="--radius")
+    clamp_min: float = _opt(-100.0, "lower clamp of the recovered latent")
+    clamp_max: float = _opt(100.0, "upper clamp of the recovered latent")
     noise: str = _opt("shared", "shared: same t and noise for both models; paper: the official independent draws",
                       choices=NOISE_MODES)
-    k: int = _opt(1, "K stratified timesteps per image per step (paper: 1)", flag="--timesteps-per-image")
-    t_min: int = _opt(1, "smallest timestep drawn (paper: 1)")
-    t_max: int = _opt(999, "largest timestep drawn (paper: 999)")
+    k: int = _opt(1, "K stratified timesteps per image per step", flag="--timesteps-per-image")
+    t_min: int = _opt(1, "smallest timestep drawn")
+    t_max: int = _opt(999, "largest timestep drawn")
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_MODES:
@@ -65,7 +65,9 @@ class PGDConfig:
 
     @property
     def per_sample(self) -> bool:
-        return self.noise == "shared"
+        """Gradient norm, projection and skip rule per image: in both noise modes, so a
+        batch of ``B`` gives every image what a batch of one (the official code) gives it."""
+        return True
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class AuthConfig:
     prompt: Optional[str] = _opt(None, "prompt both models encode (default: the one the checkpoint names)")
     pgd: PGDConfig = field(default_factory=PGDConfig)
     blocks_per_side: Optional[int] = _opt(None, "mask blocks per latent side (default: blocks of 4x4 cells)")
-    pass_rate: int = _opt(2, "kept cells per block side in the mask (paper: 2)", cli=False)
+    pass_rate: int = _opt(2, "kept cells per block side in the mask", cli=False)
     batch_size: int = _opt(8, "images inverted together")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id)")
     metric: str = _opt(DEFAULT_METRIC, "the score used for AUC and verdicts", choices=METRICS)
@@ -83,6 +85,7 @@ class AuthConfig:
     impl: str = _opt("auto", "implementation of the step ops", choices=IMPLS)
     engine: str = _opt("reference", "engine: static buffers and CUDA graphs; reference: the spec loop",
                        choices=ENGINES)
+    preset: Optional[str] = _opt(None, "the preset the settings started from (--preset)", cli=False)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -136,17 +139,19 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: Optional[str], **overrides) -> AuthConfig:
     """``AuthConfig`` of a preset (``None``: the defaults) with ``overrides`` on top."""
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
     base = dict(PRESETS[name]) if name else {}
-    base.update({k: v for k, v in overrides.items()})
-    return AuthConfig().replace(**base)
+    base.update(overrides)
+    return AuthConfig(preset=name).replace(**base)
 
 
-def departures(name: Optional[str], given: dict) -> dict:
-    """Settings given beside a preset that differ from it: ``{name: (preset, given)}``."""
-    if not name:
+def departures(cfg: AuthConfig) -> dict:
+    """Settings of ``cfg`` that differ from its preset: ``{name: {"preset": a, "given": b}}``."""
+    if not cfg.preset:
         return {}
-    preset = PRESETS[name]
-    return {k: {"preset": preset[k], "given": v} for k, v in given.items() if k in preset and preset[k] != v}
+    flat = {**asdict(cfg.pgd), **{k: v for k, v in asdict(cfg).items() if k != "pgd"}}
+    return {k: {"preset": v, "given": flat[k]} for k, v in PRESETS[cfg.preset].items() if flat[k] != v}
 
 
 # --------------------------------------------------------------------------- device and dtype

@@ -1,4 +1,4 @@
-"""Image files in and out: the paper's preprocessing (DESIGN.md step 1) and PNG output.
+"""Image files in and out: the paper's preprocessing (docs/faithfulness.md, "Preprocessing") and PNG output.
 
 Every image file is untrusted input. ``load_image`` either returns a finite ``[3, R, R]``
 tensor in [-1, 1] or raises ``ImageError`` with the file and the reason; nothing else
@@ -7,6 +7,7 @@ escapes, whatever the bytes.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -40,16 +41,25 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def list_images(directory: str | Path) -> list[Path]:
-    """Image files of a folder, sorted. Hidden files are skipped: macOS leaves ``._x.png``
-    resource forks next to every image, and cgidm's own temporary files start with a dot."""
+def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> list[Path]:
+    """Image files of a folder (and its subfolders with ``recursive``), sorted. Hidden files
+    and folders are skipped: macOS leaves ``._x.png`` resource forks next to every image,
+    and cgidm's own temporary files start with a dot. Paths under a folder of ``exclude``
+    (a run's own output folder inside the image folder) are skipped too."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"image folder not found: {d}")
-    return sorted(
-        p for p in d.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    skip = [Path(os.path.abspath(e)) for e in exclude]
+    found = []
+    for p in (d.rglob("*") if recursive else d.iterdir()):
+        rel = p.relative_to(d).parts
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or any(x.startswith(".") for x in rel):
+            continue
+        full = Path(os.path.abspath(p))
+        if any(full == e or e in full.parents for e in skip):
+            continue
+        found.append(p)
+    return sorted(found)
 
 
 def min_side(resolution: int) -> int:

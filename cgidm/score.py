@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")
-DEFAULT_SCORE = "latent_cos"
-HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True}
+from cgidm.config import DEFAULT_METRIC as DEFAULT_SCORE
+from cgidm.config import HIGHER_IS_BETTER, SCORE_FIELDS  # noqa: F401 (re-exported)
 
 
 def latent_scores(x0: torch.Tensor, x_rec: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,14 +127,14 @@ class Calibration:
 
     scores: tuple[float, ...]
     metric: str = DEFAULT_SCORE
-    alpha: float = 0.05
+    level: float = 0.05
 
     def min_p(self) -> float:
         return 1.0 / (len(self.scores) + 1)
 
     def judge(self, score: float) -> dict:
         """Empirical p-value (share of controls at least as extreme, with the +1 rule),
-        z-score against the controls, and the verdict at level ``alpha``."""
+        z-score against the controls, and the verdict at ``level``."""
         c = _oriented(self.scores, self.metric)
         s = float(_oriented([score], self.metric)[0])
         if not math.isfinite(s):
@@ -143,12 +142,12 @@ class Calibration:
         p = (1 + int((c >= s).sum())) / (len(c) + 1)
         sd = float(c.std(ddof=1)) if len(c) > 1 else 0.0
         z = (s - float(c.mean())) / sd if sd > 0 else None
-        verdict = "fine-tuned on" if p <= self.alpha else "no evidence"
+        verdict = "fine-tuned on" if p <= self.level else "no evidence"
         return {"p_value": p, "z": z, "verdict": verdict}
 
 
-def calibrate(control_scores: Sequence[float], metric: str = DEFAULT_SCORE, alpha: float = 0.05) -> Calibration:
+def calibrate(control_scores: Sequence[float], metric: str = DEFAULT_SCORE, level: float = 0.05) -> Calibration:
     finite = tuple(float(s) for s in control_scores if s is not None and math.isfinite(s))
     if len(finite) < 2:
         raise ValueError("need at least 2 scored control images to calibrate a verdict")
-    return Calibration(finite, metric, alpha)
+    return Calibration(finite, metric, level)

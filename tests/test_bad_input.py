@@ -24,13 +24,13 @@ from cgidm.models import ModelLoadError, load_pair, load_state_dict
 @pytest.fixture
 def no_compute(monkeypatch):
     """Fails the test if anything past model loading runs."""
-    import cgidm.api
+    import cgidm.batches
 
     def refuse(*a, **k):
         raise AssertionError("compute started although the models are unusable")
 
-    monkeypatch.setattr(cgidm.api, "prepare", refuse)
-    monkeypatch.setattr(cgidm.api, "recover", refuse)
+    monkeypatch.setattr(cgidm.batches, "prepare", refuse)
+    monkeypatch.setattr(cgidm.batches, "recover", refuse)
 
 
 def _sd2_like(tiny_world, root: Path, scheduler: bool = True) -> Path:

@@ -38,7 +38,7 @@ def test_set_metrics_without_both_labels_has_no_auc():
 
 
 def test_calibration_p_value_z_and_verdict():
-    cal = calibrate([0.1 * i for i in range(19)], alpha=0.05)  # 0.0 .. 1.8
+    cal = calibrate([0.1 * i for i in range(19)], level=0.05)  # 0.0 .. 1.8
     top = cal.judge(5.0)
     assert top["p_value"] == pytest.approx(1 / 20) and top["verdict"] == "fine-tuned on"
     mid = cal.judge(0.95)

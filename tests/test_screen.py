@@ -14,9 +14,9 @@ import pytest
 from cgidm import cli
 from cgidm.api import AuthConfig
 from cgidm.reference import PGDConfig
-from cgidm.screen import (
-    Entry, PairSpec, done_rows, read_jsonl, read_manifest, repair_jsonl, screen, shard,
-)
+from cgidm.manifest import Entry, PairSpec, read_manifest, shard
+from cgidm.resume import done_rows, read_jsonl, repair_jsonl
+from cgidm.screen import screen
 
 # one worker for the whole module: the subprocess tests each take both cores
 pytestmark = pytest.mark.xdist_group("screen")

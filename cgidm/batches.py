@@ -1,0 +1,272 @@
+"""The batch loop both runners share: read and encode batches ahead of the engine,
+invert them, and hand their rows to a writer thread; a fault inside a batch costs only
+the images that cause it (docs/architecture.md, "Runners").
+
+- Reading, resizing and encoding run on a background thread (``prefetch``) while the
+  engine inverts the previous batch; scoring, triptychs and row appends run on another
+  (``RowWriter``). ``prefetch_depth=0`` runs everything inline.
+- An unreadable image becomes an error row before the batch is formed.
+- An out-of-memory error halves the batch and tries again; any other exception retries
+  the batch's images one at a time, and an image that still fails gets an error row. An
+  ``OutputError`` (disk full, permission) is not a fault of the images: it stops the run.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from cgidm.files import OutputError
+from cgidm.images import ImageError, load_image_with_notes
+from cgidm.pipeline import prepare, recover
+from cgidm.rows import batch_rows, error_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """A batch ready for the engine: ``items`` with their image tensors and notes;
+    ``prep`` is None when encoding failed (``error``) or no image could be read."""
+
+    items: list
+    tensors: list
+    notes: list
+    failed: list  # (item, reason)
+    prep: object = None
+    error: Optional[BaseException] = None
+
+
+def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
+    """Read the images of ``batch`` and encode those that could be read."""
+    ok, tensors, notes, failed = [], [], [], []
+    for it in batch:
+        try:
+            x, note = load_image_with_notes(it.path, pair.resolution)
+        except ImageError as e:
+            failed.append((it, e.reason))
+            continue
+        ok.append(it)
+        tensors.append(x)
+        notes.append(note)
+    loaded = Loaded(ok, tensors, notes, failed)
+    if ok:
+        try:
+            if stream is None:
+                loaded.prep = prepare(pair, torch.stack(tensors), [it.id for it in ok], cfg)
+            else:
+                # a side stream, so that the VAE encode runs beside the engine's kernels
+                with torch.cuda.stream(stream):
+                    loaded.prep = prepare(pair, torch.stack(tensors), [it.id for it in ok], cfg)
+                stream.synchronize()
+        except OutputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - retried image by image by the consumer
+            loaded.error = e
+    return loaded
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+_END = object()
+
+
+def prefetch(pair, batches: Sequence[Sequence], cfg, depth: int = 2) -> Iterator[Loaded]:
+    """Batches of ``pair``, read, resized and encoded by a background thread up to
+    ``depth`` batches ahead of the consumer (``depth=0``: inline, no thread)."""
+    if depth <= 0:
+        for b in batches:
+            yield load_batch(pair, b, cfg)
+        return
+    device = pair.device
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for b in batches:
+                if not _put(q, load_batch(pair, b, cfg, stream), stop):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            _put(q, e, stop)
+        _put(q, _END, stop)
+
+    thread = threading.Thread(target=work, name="cgidm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if stream is not None and item.prep is not None:
+                # tensors made on the side stream and used on this one: tell the allocator
+                cur = torch.cuda.current_stream(device)
+                for t in (item.prep.x0, item.prep.x_init, item.prep.mask, item.prep.partial_images):
+                    if t.is_cuda:
+                        t.record_stream(cur)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class RowWriter:
+    """Runs output jobs (triptychs, then the row) in order on a background thread, so that
+    PNG encoding and fsync overlap with the next inversion. A job's row is appended only
+    after its triptych is on disk: a row in the file means the image is complete."""
+
+    def __init__(self, threaded: bool = True, depth: int = 2) -> None:
+        self.error: Optional[BaseException] = None
+        self.thread = None
+        if threaded:
+            self.q: queue.Queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._work, name="cgidm-writer", daemon=True)
+            self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is _END:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:
+                    self.error = e
+
+    def submit(self, job) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:
+            job()
+        else:
+            self.q.put(job)
+
+    def close(self) -> None:
+        """Finish the queued jobs (rows computed before an error are still written)."""
+        if self.thread is not None:
+            self.q.put(_END)
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+
+
+@dataclass
+class PairStats:
+    images: int = 0
+    engine_s: float = 0.0
+    wait_s: float = 0.0
+    retries: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run_pair(
+    pair,
+    items: Sequence,
+    cfg,
+    out: Path,
+    emit: Callable[[dict], None],
+    writer: RowWriter,
+    *,
+    embedder=None,
+    prefetch_depth: int = 2,
+    stats: Optional[PairStats] = None,
+    step_callback: Optional[Callable[[], Callable]] = None,
+) -> PairStats:
+    """Authenticate ``items`` against one loaded ``pair`` in batches of ``cfg.batch_size``;
+    every item ends as exactly one row handed to ``emit`` (on the writer's thread)."""
+    stats = stats or PairStats()
+    batches = [list(items[i:i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size)]
+
+    def emit_errors(failed):
+        def job():
+            for it, reason, notes in failed:
+                emit(error_row(it, reason, notes))
+
+        writer.submit(job)
+
+    def invert(its, tensors, notes, prep=None, error=None):
+        """Invert one batch; on a fault, halve it (out of memory) or go image by image."""
+        try:
+            if error is not None:
+                raise error
+            if prep is None:
+                prep = prepare(pair, torch.stack(tensors), [it.id for it in its], cfg)
+            t0 = time.perf_counter()
+            result = recover(pair, prep, cfg, callback=step_callback() if step_callback else None)
+            if pair.device.type == "cuda":
+                torch.cuda.synchronize(pair.device)
+            stats.engine_s += time.perf_counter() - t0
+            recovered = pair.codec.decode(result.x_rec)
+        except (OutputError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - isolated to the images of this batch
+            oom = is_out_of_memory(e)
+            if oom and pair.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(its) == 1:
+                log.error("%s: %s", its[0].id, _reason(e))
+                emit_errors([(its[0], ("out of memory: " if oom else "failed: ") + _reason(e), notes[0])])
+                return
+            stats.retries += 1
+            if oom:
+                half = len(its) // 2
+                log.warning("out of memory on a batch of %d; trying %d and %d", len(its), half, len(its) - half)
+                parts = [slice(0, half), slice(half, None)]
+            else:
+                log.warning("a batch of %d failed (%s); trying its images one at a time", len(its), _reason(e))
+                parts = [slice(i, i + 1) for i in range(len(its))]
+            for s in parts:
+                invert(its[s], tensors[s], notes[s])
+            return
+
+        def job():
+            for row in batch_rows(its, notes, prep, result, recovered, cfg.metric, out, embedder):
+                emit(row)
+
+        writer.submit(job)
+
+    with_loader = prefetch(pair, batches, cfg, prefetch_depth)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            loaded = next(with_loader, None)
+            stats.wait_s += time.perf_counter() - t0
+            if loaded is None:
+                break
+            if loaded.failed:
+                emit_errors([(it, reason, None) for it, reason in loaded.failed])
+            if loaded.items:
+                invert(loaded.items, loaded.tensors, loaded.notes, loaded.prep, loaded.error)
+    finally:
+        with_loader.close()
+    return stats

@@ -1,0 +1,254 @@
+"""What to authenticate: image items from folders (``authenticate``) and manifest entries
+naming an image, a label and a model pair (``screen``).
+
+Every item has ``path``, ``label`` and ``id``; the id keys the item's random draws and its
+output files, so it must not change when a run is resumed or moved
+(docs/architecture.md, "Stages").
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cgidm.config import LABELS
+from cgidm.images import list_images
+
+log = logging.getLogger(__name__)
+
+FOLDER_LABELS = {"member": "member", "members": "member", "holdout": "holdout", "holdouts": "holdout",
+                 "control": "control", "controls": "control"}
+
+
+@dataclass
+class ImageItem:
+    """An image of a one-pair run; its id is ``<label or image>/<file name>``."""
+
+    path: Path
+    label: Optional[str] = None
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.label is not None and self.label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS} or empty, got {self.label!r}")
+        if not self.id:
+            self.id = f"{self.label or 'image'}/{self.path.name}"
+
+    pair = None  # one-pair runs: no pair column
+
+
+def collect_items(
+    images: Optional[str | Path] = None,
+    members: Optional[str | Path] = None,
+    holdouts: Optional[str | Path] = None,
+    controls: Optional[str | Path] = None,
+    exclude: Sequence[str | Path] = (),
+) -> list[ImageItem]:
+    """Items of the given folders, labelled by the folder they came from. ``exclude``:
+    folders never listed (the run's own output folder)."""
+    items: list[ImageItem] = []
+    for folder, label in ((images, None), (members, "member"), (holdouts, "holdout"), (controls, "control")):
+        if folder is not None:
+            found = list_images(folder, exclude=exclude)
+            if not found:
+                raise FileNotFoundError(f"no images in {folder}")
+            items += [ImageItem(p, label) for p in found]
+    if not items:
+        raise ValueError("no images given (use --images, or --members and --holdouts)")
+    return items
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """The models one image is tested against; paths are absolute. ``root``: the manifest's
+    folder; model paths inside it enter the key relative to it, so that a tree moved as a
+    whole keeps its ids."""
+
+    base: str
+    finetuned: Optional[str] = None
+    lora: Optional[str] = None
+    lora_scale: float = 1.0
+    root: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """Readable and unique: the suspect model's file name and a hash of the whole spec."""
+        name = Path(self.lora or self.finetuned or self.base).name
+        stem = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)[:40]
+        blob = json.dumps([self._rel(self.base), self._rel(self.finetuned), self._rel(self.lora), self.lora_scale])
+        return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+    def _rel(self, path: Optional[str]) -> Optional[str]:
+        if path is None or self.root is None:
+            return path
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return path
+
+    def load(self, device, dtype=None, allow_pickle: bool = False, allow_partial_lora: bool = False):
+        from cgidm.models import load_pair
+
+        kw = {"allow_partial_lora": True} if allow_partial_lora else {}
+        return load_pair(self.base, self.finetuned, self.lora, allow_pickle=allow_pickle,
+                         lora_scale=self.lora_scale, device=device, dtype=dtype, **kw)
+
+    def info(self) -> dict:
+        d = {"base": self.base}
+        if self.finetuned:
+            d["finetuned"] = self.finetuned
+        if self.lora:
+            d["lora"] = self.lora
+            d["lora_scale"] = self.lora_scale
+        return d
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to screen against one pair."""
+
+    id: str
+    path: Path
+    label: Optional[str]
+    pair: PairSpec
+
+
+def _abs_path(value: Optional[str], root: Path) -> Optional[str]:
+    if value is None or not str(value).strip():
+        return None
+    p = Path(str(value).strip()).expanduser()
+    # abspath, not resolve: an image reached through a symlinked folder keeps its name
+    return os.path.abspath(p if p.is_absolute() else root / p)
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    """The image part of an id: relative to the manifest's folder when inside it, so that
+    the whole tree can move without changing ids."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _read_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest."""
+    text = path.read_text(encoding="utf-8-sig")
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
+        path.suffix.lower() != ".csv" and text.lstrip().startswith("{"))
+    records = []
+    if jsonl:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            records.append((n, {str(k).strip().lower(): v for k, v in rec.items()}))
+        return records
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise ValueError(f"{path}: empty manifest (a CSV needs a header line: image,label,base,finetuned,lora)")
+    for rec in reader:
+        rec = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}
+        if any(v not in (None, "") for v in rec.values()):
+            records.append((reader.line_num, rec))
+    return records
+
+
+def _cell(rec: dict, *names: str) -> Optional[str]:
+    for name in names:
+        v = rec.get(name)
+        if v is not None and str(v).strip():
+            return str(v).strip()
+    return None
+
+
+def read_manifest(
+    source: str | Path,
+    base: Optional[str] = None,
+    finetuned: Optional[str] = None,
+    lora: Optional[str] = None,
+    lora_scale: float = 1.0,
+    exclude: Sequence[str | Path] = (),
+) -> list[Entry]:
+    """Entries of a manifest (CSV or JSONL: ``image``, ``label``, ``base``, ``finetuned``,
+    ``lora``, ``lora_scale``; other columns are ignored) or of an image folder, sorted by id.
+
+    ``base``/``finetuned``/``lora`` fill empty cells (a folder takes them for every image).
+    Relative paths in a manifest are relative to the manifest's folder. In a folder, images
+    under ``members/``, ``holdouts/`` or ``controls/`` get that label. Images under a
+    folder of ``exclude`` (the run's output folder) are never listed.
+    """
+    source = Path(source).expanduser()
+    cwd = Path.cwd()
+    defaults = {"base": _abs_path(base, cwd), "finetuned": _abs_path(finetuned, cwd), "lora": _abs_path(lora, cwd)}
+    if source.is_dir():
+        root = Path(os.path.abspath(source))
+        files = list_images(root, recursive=True, exclude=exclude)
+        if not files:
+            raise FileNotFoundError(f"no images in {source}")
+        records = [(0, {"image": str(p), "label": FOLDER_LABELS.get(p.relative_to(root).parts[0])
+                        if len(p.relative_to(root).parts) > 1 else None}) for p in files]
+    elif source.is_file():
+        root = Path(os.path.abspath(source)).parent
+        records = _read_records(source)
+    else:
+        raise FileNotFoundError(f"manifest not found: {source}")
+    where = str(source)
+    if not records:
+        raise ValueError(f"{where}: no images listed")
+
+    entries: dict[str, Entry] = {}
+    specs: dict[PairSpec, PairSpec] = {}
+    for n, rec in records:
+        at = f"{where}:{n}" if n else where
+        image = _cell(rec, "image", "path")
+        if image is None:
+            raise ValueError(f"{at}: no image (columns: image,label,base,finetuned,lora)")
+        label = _cell(rec, "label")
+        label = label.lower() if label else None
+        if label is not None and label not in LABELS:
+            raise ValueError(f"{at}: label must be one of {', '.join(LABELS)} or empty, got {label!r}")
+        models = {k: _abs_path(_cell(rec, k), root) or defaults[k] for k in ("base", "finetuned", "lora")}
+        if models["base"] is None:
+            raise ValueError(f"{at}: no base model (a 'base' column or --base)")
+        if models["finetuned"] is None and models["lora"] is None:
+            raise ValueError(f"{at}: no suspect model (a 'finetuned' or 'lora' column, or --finetuned/--lora)")
+        for what, p in models.items():
+            if p is not None and not Path(p).exists():
+                raise FileNotFoundError(f"{at}: {what} model not found: {p}")
+        scale_cell = _cell(rec, "lora_scale")
+        try:
+            scale = float(scale_cell) if scale_cell is not None else float(lora_scale)
+        except ValueError as e:
+            raise ValueError(f"{at}: lora_scale is not a number: {scale_cell!r}") from e
+        spec = PairSpec(models["base"], models["finetuned"], models["lora"], scale if models["lora"] else 1.0,
+                        root=str(root))
+        spec = specs.setdefault(spec, spec)
+        path = Path(_abs_path(image, root))
+        entry = Entry(f"{spec.key}/{_relative_name(path, root)}", path, label, spec)
+        old = entries.get(entry.id)
+        if old is not None:
+            if old.label != entry.label:
+                raise ValueError(f"{at}: {image} is listed twice for the same models with labels "
+                                 f"{old.label!r} and {entry.label!r}")
+            log.warning("%s: %s is listed twice for the same models; screened once", at, image)
+            continue
+        entries[entry.id] = entry
+    return [entries[k] for k in sorted(entries)]
+
+
+def shard(entries: Sequence[Entry], rank: int, world: int) -> list[Entry]:
+    """Rank ``rank``'s share: every ``world``-th entry of the id-sorted list, so shares
+    differ by at most one image and every rank sees every pair's ids in the same order."""
+    return sorted(entries, key=lambda e: e.id)[rank::world]

@@ -1,0 +1,72 @@
+"""Progress of a run: images done, images/hour and the ETA, for one rank and, on rank 0
+of several, for all of them (fed by counting the lines of every rank's shard). In a log
+file (not a terminal) a bar prints a line every 30 s instead of redrawing."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cgidm.resume import SHARDS
+
+
+class Progress:
+    """This rank's bar (images done, images/hour, ETA) and, on rank 0 of several, a
+    total bar fed by counting the lines of every rank's shard."""
+
+    def __init__(self, out: Path, mine: int, total: int, done_before: int, rank: int, world: int,
+                 enabled: bool, shard_lines: dict) -> None:
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        # a log file gets a line every 30 s instead of a redraw every 0.1 s
+        kw = dict(unit="img", disable=not enabled, mininterval=0.1 if tty else 30, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        self.count = 0
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=mine, desc=f"rank {rank}/{world}" if world > 1 else "images", position=0, **kw)
+        self.total_bar = None
+        self.stop = threading.Event()
+        if world > 1 and rank == 0 and enabled:
+            self.shards = out / SHARDS
+            self.base = shard_lines
+            self.done_before = done_before
+            self.total_bar = tqdm(total=total, initial=done_before, desc="total", position=1, **kw)
+            self.thread = threading.Thread(target=self._watch, name="cgidm-progress", daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def _rate(n: int, t0: float) -> str:
+        dt = time.perf_counter() - t0
+        return f"{3600 * n / dt:,.0f} img/h" if dt > 0 and n else "- img/h"
+
+    def row_done(self, row: dict) -> None:
+        with self.lock:
+            self.count += 1
+            self.bar.update(1)
+            self.bar.set_postfix_str(self._rate(self.count, self.t0), refresh=False)
+
+    def _refresh_total(self) -> None:
+        new = sum(max(0, count_lines(p) - self.base.get(p, 0)) for p in self.shards.glob("rank-*.jsonl"))
+        self.total_bar.update(self.done_before + new - self.total_bar.n)
+        self.total_bar.set_postfix_str(self._rate(new, self.t0), refresh=False)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(2.0):
+            self._refresh_total()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.total_bar is not None:
+            self.thread.join()
+            self._refresh_total()
+            self.total_bar.close()
+        self.bar.close()
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,177 @@
+"""The state of an output folder between runs: finished rows (one JSON line each), the
+settings they were computed with, the lock that keeps two runs apart, and what a killed
+run left behind (docs/architecture.md, "Runners").
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cgidm.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+REMOVED = "results.removed.jsonl"
+SHARDS = "shards"
+STATE = "screen.json"
+LOCK = ".cgidm.lock"
+# Settings that decide a score, or the code path that computes it: a resume with other
+# values would mix two experiments in one file. batch_size changes nothing (every draw
+# is keyed by the image id); metric and level only change the summary.
+SCORE_SETTINGS = ("prompt", "pgd", "blocks_per_side", "pass_rate", "seed", "engine", "impl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete rows of a results file. A last line without its newline is what a kill
+    during a write leaves: it is skipped here and cut off by ``repair_jsonl``."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for n, line in enumerate(data.split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log.warning("%s:%d: not a JSON row, ignored (its image will be screened again)", path, n)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("id"), str):
+            rows.append(row)
+    return rows
+
+
+def repair_jsonl(path: Path) -> int:
+    """Cut a partial last line off ``path`` so that the next append starts a new line;
+    returns the bytes removed."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        pos, keep = size, 0
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        if keep < size:
+            log.warning("%s: cut %d bytes of a partial last line (a run was killed mid-write)", path, size - keep)
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - keep
+
+
+def result_files(out: Path) -> list[Path]:
+    return [out / RESULTS, *sorted((out / SHARDS).glob("rank-*.jsonl"))]
+
+
+def done_rows(out: Path) -> dict[str, dict]:
+    """Every finished row in ``out`` (results file and rank shards), one per id; a later row
+    of an id wins (a ``--retry-failed`` run appends the new outcome after the old error)."""
+    rows: dict[str, dict] = {}
+    for path in result_files(Path(out)):
+        for row in read_jsonl(path):
+            old = rows.get(row["id"])
+            if old is None or "error" in old:
+                rows[row["id"]] = row
+    return rows
+
+
+def settings_of(cfg, dtype_name: str) -> dict:
+    """The flat ``{name: value}`` of the settings a resume must keep."""
+    now = {}
+    for k, v in cfg.to_json().items():
+        if k in SCORE_SETTINGS:
+            now.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    now["dtype"] = dtype_name
+    return json.loads(json.dumps(now))
+
+
+def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dict:
+    """Refuse to resume with settings that would give other scores; say what changed in
+    the list of images since the last run. Returns ``{"added": [...], "removed": [...]}``
+    (empty on a first run) and, on rank 0, records the current state."""
+    path = out / STATE
+    before: Optional[dict] = None
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = None
+    changes = {"added": [], "removed": []}
+    if before is not None:
+        old = before.get("settings")
+        if old is not None and old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out} holds a screen run with other settings ({what}); "
+                             "resume with the same settings or use another --out")
+        if isinstance(before.get("ids"), list):
+            old_ids, new_ids = set(before["ids"]), set(ids)
+            changes = {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids)}
+    if rank == 0:
+        atomic_write_text(path, json.dumps({"settings": settings, "ids": sorted(ids)}, indent=1, sort_keys=True) + "\n")
+    return changes
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a killed run (never renamed into place). Only called by the
+    holder of the folder's lock, so no live run's temporaries are touched."""
+    for folder in (out, out / "triptychs", out / SHARDS):
+        for p in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+class OutputLock:
+    """An exclusive lock on an output folder (``flock`` on ``OUT/.cgidm.lock``, released by
+    the kernel when the process dies, so a killed run never leaves it held). A second run on
+    the same folder says who holds it and stops."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise ValueError(f"{self.path.parent} is in use by another cgidm run ({holder}); "
+                             "wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,92 @@
+"""One row per image: the builder both runners use for scored, failed and non-finite
+images, and the triptych written beside a scored row (docs/architecture.md, "Stages").
+
+A row is a dict written as one JSON line: ``image``, ``id``, ``label`` (and ``pair`` in a
+many-pair run), then either the scores and ``triptych`` or an ``error``; ``notes`` says
+what loading changed. Values are strict JSON: a non-finite score is written as null.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from cgidm.files import atomic_save_image, output_path
+from cgidm.images import to_pil
+from cgidm.score import latent_scores, pixel_scores
+
+
+def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, min_side: int = 192):
+    """original | partial | recovered, side by side; tiny images are enlarged (nearest)
+    so that their cells stay visible."""
+    from PIL import Image
+
+    ims = [to_pil(x) for x in (original, partial, recovered)]
+    w, h = ims[0].size
+    s = max(1, math.ceil(min_side / max(h, 1)))
+    if s > 1:
+        ims = [im.resize((w * s, h * s), Image.NEAREST) for im in ims]
+        w, h = w * s, h * s
+    pad = max(2, w // 32)
+    canvas = Image.new("RGB", (3 * w + 2 * pad, h), (255, 255, 255))
+    for i, im in enumerate(ims):
+        canvas.paste(im, (i * (w + pad), 0))
+    return canvas
+
+
+def score_batch(prep, result, recovered: torch.Tensor, embedder=None) -> list[dict]:
+    """Scores of every image of an inverted batch: latent cosine/MSE on the removed half,
+    SSIM/PSNR, the embedding cosine with an embedder, and the skipped steps."""
+    lat = latent_scores(prep.x0, result.x_rec, prep.mask)
+    emb = embedder.cosine(prep.images, recovered) if embedder is not None else None
+    rows = []
+    for i in range(prep.x0.shape[0]):
+        row = {k: float(v[i]) for k, v in lat.items()}
+        row.update(pixel_scores(prep.images[i], recovered[i]))
+        if emb is not None:
+            row["embed_cos"] = float(emb[i])
+        row["skipped_steps"] = int(result.skipped_steps[i])
+        rows.append(row)
+    return rows
+
+
+def _head(item) -> dict:
+    row = {"image": str(item.path), "id": item.id, "label": item.label}
+    if getattr(item, "pair", None) is not None:
+        row["pair"] = item.pair.key
+    return row
+
+
+def error_row(item, reason: str, notes: Optional[list] = None) -> dict:
+    row = {**_head(item), "error": reason}
+    if notes:
+        row["notes"] = notes
+    return row
+
+
+def _finite(sc: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in sc.items()}
+
+
+def batch_rows(items: Sequence, notes: Sequence, prep, result, recovered: torch.Tensor, metric: str,
+               out: Path, embedder=None) -> list[dict]:
+    """Rows of an inverted batch, writing each scored image's triptych first (a row on
+    disk means its image is complete). A non-finite result gets no score and no triptych."""
+    scores = score_batch(prep, result, recovered, embedder)
+    images, partials = prep.images.detach().float().cpu(), prep.partial_images.detach().float().cpu()
+    recs = recovered.detach().float().cpu()
+    finite = torch.isfinite(result.x_rec.detach().flatten(1)).all(1).tolist()
+    rows = []
+    for i, (item, sc) in enumerate(zip(items, scores)):
+        if finite[i] and all(math.isfinite(v) for v in sc.values() if isinstance(v, float)):
+            path = output_path(Path(out) / "triptychs", item.id)
+            atomic_save_image(triptych(images[i], partials[i], recs[i]), path)
+            row = {**_head(item), "triptych": f"triptychs/{path.name}", "score": sc[metric], **sc}
+        else:
+            row = {**_head(item), "error": "result is not finite", **_finite(sc)}
+        if notes[i]:
+            row["notes"] = notes[i]
+        rows.append(row)
+    return rows

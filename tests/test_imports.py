@@ -1,0 +1,98 @@
+"""The package's modules follow the data flow: no import cycle, and nothing below a runner
+imports a runner or the command line (docs/architecture.md, "Modules")."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cgidm
+
+PKG = Path(cgidm.__file__).parent
+RUNNERS = {"cgidm.api", "cgidm.screen"}
+TOP = {"cgidm.cli"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        rel = p.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Every cgidm module ``path`` imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n and n != "cgidm":
+                found.add(n)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {m: _imports(p, known) - {m} for m, p in mods.items() if m != "cgidm"}
+
+
+def _cycle(graph: dict[str, set[str]]):
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle():
+    cycle = _cycle(_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_runners_and_cli_are_imported_only_from_above():
+    graph = _graph()
+    for m, deps in graph.items():
+        if m in TOP:
+            continue
+        assert not deps & TOP, f"{m} imports the command line"
+        if m in RUNNERS:
+            assert not deps & RUNNERS, f"runner {m} imports another runner: {deps & RUNNERS}"
+            continue
+        assert not deps & RUNNERS, f"{m} (below the runners) imports {deps & RUNNERS}"
+
+
+def test_modules_stay_small():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 520}
+    assert not long, f"modules over ~500 lines: {long}"
