@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_row, percentiles, provenance  # noqa: E402
 
-from cgidm.api import AuthConfig  # noqa: E402
-from cgidm.reference import PGDConfig  # noqa: E402
-from cgidm.screen import read_manifest, screen  # noqa: E402
-from cgidm.testing.tiny import DEMO_PGD, INSTANCE_PROMPT, build_tiny_world  # noqa: E402
+from cgidm.config import AuthConfig, preset_config, resolve_runtime  # noqa: E402
+from cgidm.manifest import read_manifest  # noqa: E402
+from cgidm.screen import screen  # noqa: E402
+from cgidm.testing.tiny import INSTANCE_PROMPT, build_tiny_world  # noqa: E402
 
 SCORES = ("latent_cos", "latent_mse", "ssim", "psnr")
 TOL = 1e-5  # batched convolutions may differ in the last bits between runs
@@ -48,6 +48,7 @@ class Config:
     prefetch: int  # batches read ahead in the "prefetch" mode
     repeats: int
     variant: str  # "full" fine-tune or "lora"
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ def _entries(cfg: Config, root: Path):
 
 
 def _run(entries, auth: AuthConfig, cfg: Config, prefetch: int) -> tuple[dict, list[dict]]:
-    dtype = torch.float16 if cfg.device.startswith("cuda") else None
+    rt = resolve_runtime(cfg.device, cfg.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        summary = screen(entries, tmp, auth, device=cfg.device, dtype=dtype, progress=False, prefetch_depth=prefetch)
+        summary = screen(entries, tmp, auth, device=rt.device, dtype=rt.dtype, progress=False, prefetch_depth=prefetch)
         wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in (Path(tmp) / "results.jsonl").read_text().splitlines()]
     t = summary["timing"]
@@ -95,10 +96,9 @@ def _check(rows: list[dict], reference: list[dict], n: int, mode: str) -> None:
 def bench(cfg: Config) -> list[Result]:
     root = build_tiny_world()
     entries = _entries(cfg, root)
-    auth = AuthConfig(prompt=INSTANCE_PROMPT, batch_size=cfg.batch_size,
-                      pgd=PGDConfig(**{**DEMO_PGD, "steps": cfg.steps}))
+    auth = preset_config("demo", prompt=INSTANCE_PROMPT, batch_size=cfg.batch_size, steps=cfg.steps)
     # warm-up: a process's first screen imports diffusers, scikit-learn and matplotlib
-    _run(entries[:2], AuthConfig(**{**auth.__dict__, "pgd": PGDConfig(**{**DEMO_PGD, "steps": 1})}), cfg, cfg.prefetch)
+    _run(entries[:2], auth.replace(steps=1), cfg, cfg.prefetch)
     results, reference = [], None
     for mode, prefetch in (("prefetch", cfg.prefetch), ("inline", 0)):
         samples = []
@@ -121,7 +121,8 @@ def bench(cfg: Config) -> list[Result]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
@@ -133,7 +134,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config(args.device, args.images, args.steps, args.batch_size, args.prefetch, args.repeats, args.variant)
+    cfg = Config(args.device, args.images, args.steps, args.batch_size, args.prefetch, args.repeats, args.variant,
+                 args.dtype)
     results = bench(cfg)
 
     print(f"screen, tiny pair ({cfg.variant}), {cfg.images} images x {cfg.steps} PGD steps, batch {cfg.batch_size}, "
@@ -145,8 +147,8 @@ def main(argv=None) -> None:
               f"{r.images_per_hour_p80:>9,.0f} {r.wall_s:>8.2f} {r.load_s:>7.2f} "
               f"{100 * r.engine_busy:>11.1f}% {100 * r.engine_busy_after_load:>10.1f}%")
     if not args.no_save:
-        row = {**provenance(torch.device(cfg.device)), "config": asdict(cfg), "results": [asdict(r) for r in results]}
-        print(f"appended to {append_row('screen', torch.device(cfg.device), row)}")
+        row = {**provenance(resolve_runtime(cfg.device, cfg.dtype).device), "config": asdict(cfg), "results": [asdict(r) for r in results]}
+        print(f"appended to {append_row('screen', resolve_runtime(cfg.device, cfg.dtype).device, row)}")
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ class Calibration:
     """Scores of control images (known not to be in the fine-tune)."""
 
     scores: tuple[float, ...]
-    metric: str = DEFAULT_SCORE
-    level: float = 0.05
+    metric: str
+    level: float
 
     def min_p(self) -> float:
         return 1.0 / (len(self.scores) + 1)
@@ -146,7 +146,7 @@ class Calibration:
         return {"p_value": p, "z": z, "verdict": verdict}
 
 
-def calibrate(control_scores: Sequence[float], metric: str = DEFAULT_SCORE, level: float = 0.05) -> Calibration:
+def calibrate(control_scores: Sequence[float], metric: str, level: float) -> Calibration:
     finite = tuple(float(s) for s in control_scores if s is not None and math.isfinite(s))
     if len(finite) < 2:
         raise ValueError("need at least 2 scored control images to calibrate a verdict")

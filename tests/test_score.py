@@ -38,13 +38,13 @@ def test_set_metrics_without_both_labels_has_no_auc():
 
 
 def test_calibration_p_value_z_and_verdict():
-    cal = calibrate([0.1 * i for i in range(19)], level=0.05)  # 0.0 .. 1.8
+    cal = calibrate([0.1 * i for i in range(19)], "latent_cos", level=0.05)  # 0.0 .. 1.8
     top = cal.judge(5.0)
     assert top["p_value"] == pytest.approx(1 / 20) and top["verdict"] == "fine-tuned on"
     mid = cal.judge(0.95)
     assert mid["p_value"] == pytest.approx((1 + 9) / 20) and mid["verdict"] == "no evidence"
     assert mid["z"] == pytest.approx((0.95 - 0.9) / torch.tensor([0.1 * i for i in range(19)]).std().item())
     assert cal.judge(float("nan"))["verdict"] == "failed"
-    assert calibrate([1.0, 2.0, 3.0]).min_p() == pytest.approx(0.25)
+    assert calibrate([1.0, 2.0, 3.0], "latent_cos", 0.05).min_p() == pytest.approx(0.25)
     with pytest.raises(ValueError):
-        calibrate([1.0, math.nan])
+        calibrate([1.0, math.nan], "latent_cos", 0.05)

@@ -1,0 +1,100 @@
+"""The configuration module: defaults once, the CLI built from it, presets and their
+departures, and the one device/dtype resolution."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cgidm import cli, config
+from cgidm.config import AuthConfig, PGDConfig, departures, preset_config, resolve_runtime
+
+
+def _args(*argv):
+    return cli.build_parser().parse_args(["authenticate", "--base", "b", "--out", "o", *argv])
+
+
+def test_cli_defaults_come_from_the_configuration():
+    args = _args()
+    assert cli.config_from_args(args) == AuthConfig()
+    assert cli.run_options(args) == config.RunOptions()
+    for cls in (PGDConfig, AuthConfig, config.RunOptions):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli"):
+                assert getattr(args, f.name, None) is None, f"--{f.name} repeats a default in the parser"
+
+
+def test_help_shows_dtype_engine_and_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["authenticate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--dtype", "--engine", "--device", "--preset", "--level", "--step-size", "--radius"):
+        assert flag in text
+    assert "{auto,fp32,bf16,fp16}" in text and "{reference,engine}" in text
+    assert "(default: 1000)" in text and "(default: 0)" in text
+
+
+def test_flags_override_and_alpha_means_one_thing():
+    cfg = cli.config_from_args(_args("--step-size", "0.5", "--level", "0.01", "--noise", "paper", "--steps", "7"))
+    assert cfg.pgd.alpha == 0.5 and cfg.level == 0.01 and cfg.pgd.noise == "paper" and cfg.pgd.steps == 7
+    assert not hasattr(cfg, "alpha")
+
+
+def test_paper_preset_and_its_departures():
+    cfg = cli.config_from_args(_args("--preset", "paper"))
+    assert cfg.preset == "paper" and cfg.pgd.noise == "paper"
+    assert (cfg.pgd.steps, cfg.pgd.alpha, cfg.pgd.eps, cfg.pgd.clamp_min, cfg.pgd.clamp_max) == (1000, 2.0, 70.0, -100.0, 100.0)
+    assert departures(cfg) == {}
+    cfg = cli.config_from_args(_args("--preset", "paper", "--steps", "5", "--noise", "shared"))
+    assert departures(cfg) == {"steps": {"preset": 1000, "given": 5}, "noise": {"preset": "paper", "given": "shared"}}
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_config("nope")
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValueError, match="metric must be one of"):
+        AuthConfig(metric="nope")
+    with pytest.raises(ValueError, match="level must be in"):
+        AuthConfig(level=1.5)
+    with pytest.raises(ValueError, match="noise must be one of"):
+        PGDConfig(noise="nope")
+    with pytest.raises(ValueError, match="k must be 1"):
+        PGDConfig(noise="paper", k=2)
+
+
+def test_runtime_on_cpu():
+    rt = resolve_runtime("auto", "auto")
+    if not torch.cuda.is_available():
+        assert rt.device == torch.device("cpu") and rt.dtype == torch.float32
+    assert resolve_runtime("cpu", "bf16").dtype == torch.bfloat16
+    assert resolve_runtime("cpu", "fp16").dtype == torch.float16
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        resolve_runtime("cpu", "int8")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_runtime("gpu0", "auto")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_runtime("meta", "auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        resolve_runtime("cuda", "auto")
+
+
+def test_torchrun_derives_the_rank_device_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("RANK", "2")
+    caplog.set_level("WARNING")
+    rt = resolve_runtime("cuda", "auto")
+    assert rt.device == torch.device("cuda", 2) and rt.dtype == torch.bfloat16
+    assert "cuda:2" in caplog.text and "LOCAL_RANK 2" in caplog.text
+    with pytest.raises(ValueError, match="names one GPU"):
+        resolve_runtime("cuda:1", "auto")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_runtime("auto", "auto").dtype == torch.float16

@@ -1,0 +1,193 @@
+"""Screening as a careful user runs it: the output folder inside the image folder, a
+changed manifest, two runs on one folder, reruns, moved trees, strict JSON everywhere,
+controls and verdicts, no background threads, a failed authenticate rerun."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cgidm import cli
+from cgidm.api import authenticate
+from cgidm.config import AuthConfig, PGDConfig
+from cgidm.manifest import collect_items, read_manifest
+from cgidm.models import load_pair
+from cgidm.resume import OutputLock
+from cgidm.screen import screen
+
+pytestmark = pytest.mark.xdist_group("screen")
+
+PROMPT = "a sks pattern"
+CFG = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=2, alpha=0.5, eps=20.0), batch_size=4)
+CLI = ["--prompt", PROMPT, "--steps", "2", "--step-size", "0.5", "--radius", "20", "-q"]
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [_strict(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _every_json_is_strict(out: Path) -> int:
+    n = 0
+    for p in out.rglob("*.json*"):
+        for chunk in (p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]):
+            _strict(chunk)
+        n += 1
+    return n
+
+
+@pytest.fixture()
+def folder(tiny_world, tmp_path) -> Path:
+    """2 members, 2 hold-outs and 3 controls in a folder of labelled subfolders."""
+    imgs = tiny_world / "images"
+    root = tmp_path / "art"
+    for label, n in (("members", 2), ("holdouts", 2), ("controls", 3)):
+        (root / label).mkdir(parents=True)
+        for p in sorted((imgs / label).iterdir())[:n]:
+            shutil.copy(p, root / label / p.name)
+    return root
+
+
+def _screen_cli(tiny_world, manifest, out, *extra) -> int:
+    return cli.main(["screen", "--manifest", str(manifest), "--out", str(out), "--base", str(tiny_world / "base"),
+                     "--finetuned", str(tiny_world / "finetuned"), *CLI, *extra])
+
+
+def test_out_inside_the_image_folder_is_not_screened_on_a_rerun(tiny_world, folder, capsys):
+    out = folder / "screen-out"
+    assert _screen_cli(tiny_world, folder, out) == 0
+    first = _rows(out)
+    assert len(first) == 7
+    assert _screen_cli(tiny_world, folder, out) == 0, capsys.readouterr().err
+    assert _rows(out) == first, "a rerun of the same command is a pure resume"
+
+
+def test_changed_manifest_is_said_and_rows_follow_the_summary(tiny_world, folder, caplog):
+    entries = read_manifest(folder, tiny_world / "base", tiny_world / "finetuned")
+    out = folder.parent / "out"
+    screen(entries, out, CFG, progress=False)
+    state = json.loads((out / "screen.json").read_text())
+    assert {"engine", "impl", "dtype"} <= set(state["settings"]), "a resume cannot mix paths"
+    gone = next(p for p in (folder / "holdouts").iterdir())
+    gone.unlink()
+    extra = folder / "holdouts" / "new.png"
+    shutil.copy(next((tiny_world / "images" / "holdouts").iterdir()), extra)
+    entries = read_manifest(folder, tiny_world / "base", tiny_world / "finetuned")
+    caplog.set_level("WARNING")
+    summary = screen(entries, out, CFG, progress=False)
+    assert "1 added, 1 removed" in caplog.text
+    rows = _rows(out)
+    assert len(rows) == summary["images"] == 7
+    assert {r["id"] for r in rows} == {e.id for e in entries}
+    removed = [_strict(line) for line in (out / "results.removed.jsonl").read_text().splitlines()]
+    assert [r["id"].endswith(gone.name) for r in removed] == [True]
+
+
+def test_changed_engine_or_dtype_cannot_resume(tiny_world, folder):
+    entries = read_manifest(folder, tiny_world / "base", tiny_world / "finetuned")
+    out = folder.parent / "out"
+    screen(entries[:2], out, CFG, progress=False)
+    with pytest.raises(ValueError, match="engine 'reference' there, 'engine' now"):
+        screen(entries[:2], out, CFG.replace(engine="engine"), progress=False)
+
+
+def test_a_second_run_on_the_same_out_says_who_holds_it(tiny_world, folder, capsys):
+    out = folder.parent / "out"
+    with OutputLock(out):
+        code = _screen_cli(tiny_world, folder, out)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert "in use by another cgidm run (pid" in err
+    assert not (out / "results.jsonl").exists()
+    assert _screen_cli(tiny_world, folder, out) == 0, "the lock goes with its holder"
+
+
+def test_retry_failed_writes_the_new_outcome(tiny_world, folder):
+    bad = folder / "members" / "broken.png"
+    bad.write_bytes(b"not a png")
+    out = folder.parent / "out"
+    assert _screen_cli(tiny_world, folder, out) == cli.EXIT_SOME_FAILED
+    row = next(r for r in _rows(out) if r["image"] == str(bad))
+    assert "not an image" in row["error"]
+    Image.new("RGB", (4, 4)).save(bad)  # now readable, but too small
+    assert _screen_cli(tiny_world, folder, out, "--retry-failed") == cli.EXIT_SOME_FAILED
+    row = next(r for r in _rows(out) if r["image"] == str(bad))
+    assert row["error"].startswith("too small"), row
+    shutil.copy(next((folder / "holdouts").iterdir()), bad)
+    assert _screen_cli(tiny_world, folder, out, "--retry-failed") == 0
+    row = next(r for r in _rows(out) if r["image"] == str(bad))
+    assert "error" not in row and "score" in row
+
+
+def test_moving_the_tree_keeps_the_ids(tiny_world, tmp_path):
+    tree = tmp_path / "a"
+    (tree / "img").mkdir(parents=True)
+    shutil.copytree(tiny_world / "base", tree / "base")
+    shutil.copytree(tiny_world / "finetuned", tree / "ft")
+    shutil.copy(next((tiny_world / "images" / "members").iterdir()), tree / "img" / "x.png")
+    (tree / "m.csv").write_text("image,label,base,finetuned\nimg/x.png,member,base,ft\n")
+    before = [e.id for e in read_manifest(tree / "m.csv")]
+    moved = tmp_path / "b"
+    shutil.move(tree, moved)
+    assert [e.id for e in read_manifest(moved / "m.csv")] == before
+
+
+def test_controls_verdicts_strict_json_and_no_threads(tiny_world, folder):
+    out = folder.parent / "out"
+    assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.25") == 0
+    summary = _strict((out / "summary.json").read_text())
+    assert summary["controls"] == 3 and len(summary["verdicts"]) == 4
+    rows = _rows(out)
+    judged = [r for r in rows if r["label"] != "control"]
+    assert all(r["verdict"] in ("fine-tuned on", "no evidence") and 0 < r["p_value"] <= 1 for r in judged)
+    assert _every_json_is_strict(out) >= 3
+
+
+def test_summary_threshold_never_writes_infinity(tiny_world, folder):
+    # latent_mse: lower is better, so the ROC threshold of the first point is -inf
+    out = folder.parent / "out"
+    assert _screen_cli(tiny_world, folder, out, "--metric", "latent_mse") == 0
+    summary = _strict((out / "summary.json").read_text())
+    for v in summary["by_metric"].values():
+        assert v.get("threshold") is None or math.isfinite(v["threshold"])
+    assert _every_json_is_strict(out) >= 3
+
+
+def test_embed_cos_needs_an_embedder(tiny_world, folder, capsys):
+    out = folder.parent / "out"
+    assert _screen_cli(tiny_world, folder, out, "--metric", "embed_cos") == cli.EXIT_USAGE
+    assert "--embedder" in capsys.readouterr().err
+
+
+def test_failed_authenticate_rerun_leaves_nothing_of_the_old_run(tiny_world, folder, tmp_path):
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    out = tmp_path / "auth"
+    items = collect_items(None, folder / "members", folder / "holdouts")
+    authenticate(pair, items, out, CFG, progress=False)
+    old = sorted(p.name for p in (out / "triptychs").iterdir())
+    assert len(old) == 4 and (out / "summary.json").exists()
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    import cgidm.api
+
+    real = cgidm.api.summarize
+    cgidm.api.summarize = fail
+    try:
+        with pytest.raises(OSError):
+            authenticate(pair, items[:1], out, CFG, progress=False)
+    finally:
+        cgidm.api.summarize = real
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
+    assert len(list((out / "triptychs").iterdir())) == 1, "only the new run's triptych"
+    assert len(_rows(out)) == 1
