@@ -1,14 +1,27 @@
-"""The compiled core's ops (cgidm/ops.py) against the plain-torch reference.
+"""The compiled core's ops (cgidm/ops.py), every implementation against an independent
+expectation.
 
-Implementations under test: ``cpp`` (the extension's CPU kernels), ``cuda`` (its CUDA
-kernels), ``default`` (the reference registered as the ops' default kernel, reached by
-redispatch). The Triton PGD update has its own module (test_kernels_triton.py).
+Implementations under test: ``cpp`` (the extension's CPU kernels) and ``cuda`` (its CUDA
+kernels); the Triton PGD update has its own module (test_kernels_triton.py). Their values
+are compared with each op written out in float64 in this file (``expect_*``), not with
+``cgidm.reference``, and computed on the implementation's own device: a CUDA result is never
+compared with a CPU computation or a CPU generator's draws.
 
-Tolerance (STYLE.md): an implementation's error against the fp32 reference must be within
-2x the error of plain torch in the same dtype, plus a tiny absolute floor.
+The plain-torch reference (``cgidm.reference``) and the same functions registered as the
+ops' ``default`` kernel (reached by redispatch) are checked against the float64 expectation
+in fp32 (``test_reference_and_default_kernel_match_the_float64_expectation``). Over the
+dtype/shape grid the ``default`` kernel gets dtype and shape checks only
+(``test_default_kernel_*_dtypes_and_shapes``): its values there would be the reference
+compared with itself.
+
+Tolerance (STYLE.md): an implementation's error against the float64 expectation must be
+within 2x the error of plain torch in the same dtype (the written-out op evaluated in that
+dtype, or in fp32 where the op's math is fp32 whatever the storage), plus a tiny absolute
+floor. TF32 is off in this module: fp32 is compared.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import warnings
 from types import SimpleNamespace
@@ -21,7 +34,19 @@ from cgidm import reference
 
 SHAPES = [(4, 64, 64), (4, 40, 56), (3, 17, 23)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-IMPLS = ["cpp", "cuda", "default"]
+IMPLS = ["cpp", "cuda"]  # compared with the float64 expectation
+DEVICES = ["cpu", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """No TF32 in fp32 matmuls and convolutions (the tiny UNet of the inversion tests), and
+    deterministic cuDNN algorithms: those tests compare two runs of the same model."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False, deterministic=True):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,14 +54,23 @@ IMPLS = ["cpp", "cuda", "default"]
 
 def assert_within_rule(got, want, plain, what: str, floor: float = 2e-6) -> None:
     """``|got - want| <= 2 |plain - want| + floor * max(1, |want|)`` (max over entries);
-    ``want`` is the fp32 reference, ``plain`` plain torch in the dtype under test."""
+    ``want`` is the float64 expectation (or an fp32 reference), ``plain`` plain torch in the
+    dtype under test, both on ``got``'s device."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    got, want, plain = got.double().cpu(), want.double().cpu(), plain.double().cpu()
+    assert got.device == want.device == plain.device, f"{what}: compared across devices"
+    got, want, plain = got.double(), want.double(), plain.double()
     assert torch.isfinite(got).all() == torch.isfinite(want).all(), f"{what}: finiteness differs"
     err = (got - want).abs().nan_to_num(0.0).max().item()
     plain_err = (plain - want).abs().nan_to_num(0.0).max().item()
     bound = 2 * plain_err + floor * max(1.0, want.abs().nan_to_num(0.0).max().item())
     assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (plain torch {plain_err:.3g})"
+
+
+def assert_close_fp32(got, want, what: str, rtol: float = 1e-5) -> None:
+    """fp32 against the float64 expectation: within ``rtol`` of the largest entry."""
+    assert got.shape == want.shape and got.device == want.device, what
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= rtol * max(1.0, want.abs().max().item()), f"{what}: error {err:.3g}"
 
 
 def require(impl: str) -> str:
@@ -50,6 +84,12 @@ def require(impl: str) -> str:
     if impl == "cpp" and not cgidm_ops.has_cpp():
         pytest.skip("extension not built")
     return "cpu"
+
+
+def require_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return device
 
 
 _DEFAULT_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
@@ -127,6 +167,61 @@ def pgd_inputs(shape, b, dtype, contiguous=True, mask_batched=False, grad_kind="
     return maybe_strided(delta, contiguous), *data
 
 
+# --------------------------------------------------------------------------- the ops written out
+# Independent of cgidm.reference: each op as DESIGN.md states it, in the dtype given
+# (float64: the expectation; the storage dtype or fp32: plain torch, the rule's yardstick).
+
+
+def expect_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar, dtype=torch.float64):
+    """``z = x0 M + x (1 - M)``; sample ``n = b K + k`` of image ``b``:
+    ``x_t[0, n] = sqrt(abar_n) z_b + sqrt(1 - abar_n) noise_ft[n]``, ``x_t[1, n]`` the same with
+    ``noise_pre[n]`` (``noise_ft[n]`` when shared)."""
+    b, n = x0.shape[0], noise_ft.shape[0]
+    m = mask.to(dtype).reshape(-1, *x0.shape[1:])
+    z = x0.to(dtype) * m + x.to(dtype) * (1 - m)
+    z_of_sample = z[torch.arange(n, device=z.device) // (n // b)]
+    a = sqrt_abar.to(dtype).view(n, 1, 1, 1)
+    s = sqrt_one_minus_abar.to(dtype).view(n, 1, 1, 1)
+    n_pre = noise_ft if noise_pre is None else noise_pre
+    return z, torch.stack([a * z_of_sample + s * noise_ft.to(dtype), a * z_of_sample + s * n_pre.to(dtype)])
+
+
+def expect_contrast_loss(eps_ft, eps_pre, noise_ft, noise_pre, grad_loss, dtype=torch.float64):
+    """Per sample ``mean((eps_ft - n)^2) - mean((eps_pre - n')^2)`` (``n' = n`` when shared),
+    the math in ``dtype``, and the gradients of ``sum(loss * grad_loss)`` with respect to the
+    given inputs (in the inputs' own dtypes: pass float64 inputs for the expectation)."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in (eps_ft, eps_pre, noise_ft, noise_pre)]
+    e_ft, e_pre, n_ft, n_pre = [None if t is None else t.to(dtype) for t in leaves]
+    n_pre = n_ft if n_pre is None else n_pre
+    loss = (e_ft - n_ft).pow(2).flatten(1).mean(1) - (e_pre - n_pre).pow(2).flatten(1).mean(1)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], grad_loss.to(dtype))
+    return loss.detach(), grads
+
+
+def expect_pgd_update(delta, grad, x0, x_init, mask, alpha=2.0, eps=70.0, clamp_min=-100.0, clamp_max=100.0,
+                      per_sample=True, dtype=torch.float64):
+    """One L2 PGD step: ``g`` = the gradient on the free entries, normalised per image (or
+    over the batch); no step where that norm is 0 or not finite; ``delta - alpha g``, then
+    ``x_init + delta`` clamped to ``[clamp_min, clamp_max]``, then ``delta`` projected onto
+    the L2 ball of radius ``eps`` (per image or over the batch); ``z`` composed from it."""
+    delta, grad, x0, x_init = (t.to(dtype) for t in (delta, grad, x0, x_init))
+    b = delta.shape[0]
+    free = 1 - mask.to(dtype).reshape(-1, *delta.shape[1:])
+    groups = b if per_sample else 1
+
+    def norm(v):  # [B, 1, 1, 1]: each image's norm, or the batch's for every image
+        return v.reshape(groups, -1).pow(2).sum(1).sqrt().repeat_interleave(b // groups).view(b, 1, 1, 1)
+
+    g = grad * free
+    g_norm = norm(g)
+    ok = torch.isfinite(g_norm) & (g_norm > 0)
+    step = torch.where(ok, g / g_norm, 0.0)
+    new = (x_init + delta - alpha * step).clamp(clamp_min, clamp_max) - x_init
+    new_norm = norm(new)
+    new = torch.where(new_norm > eps, new * (eps / new_norm), new)
+    return new, x0 * (1 - free) + (x_init + new) * free
+
+
 # --------------------------------------------------------------------------- pair_noise
 
 PAIR_NOISE_CASES = [
@@ -137,42 +232,53 @@ PAIR_NOISE_CASES = [
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,dtype,bk,shared", PAIR_NOISE_CASES)
-def test_pair_noise_matches_reference(impl, shape, dtype, bk, shared):
+def test_pair_noise_matches_the_float64_expectation(impl, shape, dtype, bk, shared):
     device = require(impl)
-    args = pair_noise_inputs(shape, *bk, dtype, shared)
-    want = reference.pair_noise_ref(*[a if a is None else a.float() for a in args])
-    plain = reference.pair_noise_ref(*args)
-    got = public_ops(impl).pair_noise(*to(args, device=device))
+    args = to(pair_noise_inputs(shape, *bk, dtype, shared), device=device)
+    want = expect_pair_noise(*args)
+    plain = expect_pair_noise(*args, dtype=dtype)
+    got = public_ops(impl).pair_noise(*args)
     assert got[0].dtype == dtype and got[1].dtype == dtype
     for name, g, w, p in zip(("z", "x_t"), got, want, plain):
         assert_within_rule(g, w, p, f"{impl} pair_noise {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype,bk,shared", PAIR_NOISE_CASES)
+def test_default_kernel_pair_noise_dtypes_and_shapes(device, shape, dtype, bk, shared):
+    """dtype and shape only: the default kernel is the reference (its values:
+    test_reference_and_default_kernel_match_the_float64_expectation)."""
+    args = to(pair_noise_inputs(shape, *bk, dtype, shared), device=require_device(device))
+    z, x_t = public_ops("default").pair_noise(*args)
+    b, n = bk[0], bk[0] * bk[1]
+    assert (z.dtype, z.shape, z.device.type) == (dtype, (b, *shape), device)
+    assert (x_t.dtype, x_t.shape, x_t.device.type) == (dtype, (2, n, *shape), device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_batched", [False, True])
 def test_pair_noise_strided_inputs_and_batched_mask(impl, mask_batched):
     device = require(impl)
-    args = pair_noise_inputs((3, 17, 23), 2, 2, torch.float32, False, contiguous=False, mask_batched=mask_batched)
+    args = to(pair_noise_inputs((3, 17, 23), 2, 2, torch.float32, False, contiguous=False, mask_batched=mask_batched),
+              device=device)
     assert not args[0].is_contiguous()
-    want = reference.pair_noise_ref(*args)
-    got = public_ops(impl).pair_noise(*to(args, device=device))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=1e-6)
+    want, plain = expect_pair_noise(*args), expect_pair_noise(*args, dtype=torch.float32)
+    for name, g, w, p in zip(("z", "x_t"), public_ops(impl).pair_noise(*args), want, plain):
+        assert_within_rule(g, w, p, f"{impl} strided pair_noise {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["default"])
 def test_pair_noise_promotes_like_the_reference(impl):
     device = require(impl)
     x0, x, mask, noise_ft, _, sa, sb = pair_noise_inputs((3, 5, 7), 2, 1, torch.float16, True)
-    args = (x0, x, mask.float(), noise_ft.float(), None, sa, sb)  # z fp32 (mask), x_t fp32
-    want = reference.pair_noise_ref(*args)
-    got = public_ops(impl).pair_noise(*to(args, device=device))
-    assert [g.dtype for g in got] == [w.dtype for w in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
+    args = to((x0, x, mask.float(), noise_ft.float(), None, sa, sb), device=device)  # z fp32 (mask), x_t fp32
+    got = public_ops(impl).pair_noise(*args)
+    assert [g.dtype for g in got] == [w.dtype for w in reference.pair_noise_ref(*args)] == [torch.float32] * 2
+    for g, w, p in zip(got, expect_pair_noise(*args), expect_pair_noise(*args, dtype=torch.float32)):
+        assert_within_rule(g, w, p, f"{impl} promoted pair_noise")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["default"])
 def test_pair_noise_rejects_mismatched_batches(impl):
     device = require(impl)
     x0, x, mask, noise_ft, _, sa, sb = pair_noise_inputs((3, 5, 7), 2, 2, torch.float32, True)
@@ -207,13 +313,13 @@ def loss_and_grads(fn, args, grad_loss):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,eps_dtype,noise_dtype,n,shared", LOSS_CASES)
-def test_pair_contrast_loss_and_gradients_match_reference(impl, shape, eps_dtype, noise_dtype, n, shared):
+def test_pair_contrast_loss_and_gradients_match_the_float64_expectation(impl, shape, eps_dtype, noise_dtype, n, shared):
     device = require(impl)
-    args = loss_inputs(shape, eps_dtype, noise_dtype, n, shared)
-    grad_loss = torch.rand(n) + 0.5  # the engine's incoming gradient is 1 or 1/K; any works
-    want = loss_and_grads(reference.pair_contrast_loss_ref, [a if a is None else a.float() for a in args], grad_loss)
-    plain = loss_and_grads(reference.pair_contrast_loss_ref, args, grad_loss)
-    got = loss_and_grads(public_ops(impl).pair_contrast_loss, to(args, device=device), grad_loss.to(device))
+    args = to(loss_inputs(shape, eps_dtype, noise_dtype, n, shared), device=device)
+    grad_loss = torch.rand(n, device=device) + 0.5  # the engine's incoming gradient is 1 or 1/K; any works
+    want = expect_contrast_loss(*to(args, dtype=torch.float64), grad_loss)
+    plain = expect_contrast_loss(*args, grad_loss, dtype=torch.float32)  # the op's math is fp32
+    got = loss_and_grads(public_ops(impl).pair_contrast_loss, args, grad_loss)
     assert got[0].dtype == torch.float32
     assert [g.dtype for g in got[1]] == [a.dtype for a in args if a is not None]
     assert_within_rule(got[0], want[0], plain[0], f"{impl} loss")
@@ -221,17 +327,39 @@ def test_pair_contrast_loss_and_gradients_match_reference(impl, shape, eps_dtype
         assert_within_rule(g, w, p, f"{impl} grad of input {i}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,eps_dtype,noise_dtype,n,shared", LOSS_CASES)
+def test_default_kernel_pair_contrast_loss_dtypes_and_shapes(device, shape, eps_dtype, noise_dtype, n, shared):
+    """dtype and shape only (loss, both seeds, every input's gradient): the default kernel is
+    the reference (its values: test_reference_and_default_kernel_match_the_float64_expectation)."""
+    args = to(loss_inputs(shape, eps_dtype, noise_dtype, n, shared), device=require_device(device))
+    loss, seed_ft, seed_pre = raw_op("default", "pair_contrast_loss")(*args)
+    assert (loss.dtype, loss.shape, loss.device.type) == (torch.float32, (n,), device)
+    for seed in (seed_ft, seed_pre):
+        assert (seed.dtype, seed.shape) == (torch.float32, (n, *shape))
+    _, grads = loss_and_grads(public_ops("default").pair_contrast_loss, args, torch.ones(n, device=device))
+    assert [(g.dtype, g.shape) for g in grads] == [(a.dtype, a.shape) for a in args if a is not None]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shared", [True, False])
 def test_pair_contrast_loss_seeds(impl, shared):
     device = require(impl)
-    eps_ft, eps_pre, noise_ft, noise_pre = loss_inputs((4, 40, 56), torch.float32, torch.float32, 3, shared, contiguous=False)
-    loss, seed_ft, seed_pre = raw_op(impl, "pair_contrast_loss")(*to((eps_ft, eps_pre, noise_ft, noise_pre), device=device))
+    args = to(loss_inputs((4, 40, 56), torch.float32, torch.float32, 3, shared, contiguous=False), device=device)
+    eps_ft, eps_pre, noise_ft, noise_pre = args
+    loss, seed_ft, seed_pre = raw_op(impl, "pair_contrast_loss")(*args)
     m = 4 * 40 * 56
     n_pre = noise_ft if shared else noise_pre
-    torch.testing.assert_close(seed_ft.cpu(), 2 * (eps_ft - noise_ft) / m, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(seed_pre.cpu(), -2 * (eps_pre - n_pre) / m, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(loss.cpu(), reference.pair_contrast_loss_ref(eps_ft, eps_pre, noise_ft, noise_pre))
+
+    def seeds(dtype):
+        e_ft, e_pre, n_ft, n_p = (t.to(dtype) for t in (eps_ft, eps_pre, noise_ft, n_pre))
+        return 2 * (e_ft - n_ft) / m, -2 * (e_pre - n_p) / m
+
+    for name, g, w, p in zip(("seed_ft", "seed_pre"), (seed_ft, seed_pre), seeds(torch.float64), seeds(torch.float32)):
+        assert_within_rule(g, w, p, f"{impl} {name}", floor=1e-9)
+    want = expect_contrast_loss(*to(args, dtype=torch.float64), torch.ones(3, device=device, dtype=torch.float64))[0]
+    plain = expect_contrast_loss(*args, torch.ones(3, device=device), dtype=torch.float32)[0]
+    assert_within_rule(loss, want, plain, f"{impl} loss")
 
 
 # --------------------------------------------------------------------------- pgd_update
@@ -248,15 +376,25 @@ def run_pgd(fn, args, alpha=2.0, eps=70.0, per_sample=True):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,dtype,b,per_sample", PGD_CASES)
-def test_pgd_update_matches_reference(impl, shape, dtype, b, per_sample):
+def test_pgd_update_matches_the_float64_expectation(impl, shape, dtype, b, per_sample):
     device = require(impl)
-    args = pgd_inputs(shape, b, dtype)
-    want = run_pgd(reference.pgd_update_ref, [a.float() for a in args], per_sample=per_sample)
-    plain = run_pgd(reference.pgd_update_ref, args, per_sample=per_sample)
-    got = run_pgd(public_ops(impl).pgd_update, to(args, device=device), per_sample=per_sample)
+    args = to(pgd_inputs(shape, b, dtype), device=device)
+    want = run_pgd(expect_pgd_update, args, per_sample=per_sample)
+    plain = expect_pgd_update(*args, per_sample=per_sample, dtype=torch.float32)  # the op's math is fp32
+    got = run_pgd(public_ops(impl).pgd_update, args, per_sample=per_sample)
     for name, g, w, p in zip(("delta", "z"), got, want, plain):
         assert g.dtype == torch.float32
         assert_within_rule(g, w, p, f"{impl} pgd_update {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype,b,per_sample", PGD_CASES)
+def test_default_kernel_pgd_update_dtypes_and_shapes(device, shape, dtype, b, per_sample):
+    """dtype and shape only: the default kernel is the reference (its values:
+    test_reference_and_default_kernel_match_the_float64_expectation)."""
+    args = to(pgd_inputs(shape, b, dtype), device=require_device(device))
+    for out in run_pgd(public_ops("default").pgd_update, args, per_sample=per_sample):
+        assert (out.dtype, out.shape, out.device.type) == (torch.float32, (b, *shape), device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -267,21 +405,23 @@ def test_pgd_update_matches_reference(impl, shape, dtype, b, per_sample):
 )
 def test_pgd_update_zero_and_nonfinite_gradients(impl, grad_kind, per_sample):
     device = require(impl)
-    delta, grad, x0, x_init, mask = pgd_inputs((3, 17, 23), 3, torch.float32, grad_kind=grad_kind)
-    want = run_pgd(reference.pgd_update_ref, (delta, grad, x0, x_init, mask), per_sample=per_sample)
-    got = run_pgd(public_ops(impl).pgd_update, to((delta, grad, x0, x_init, mask), device=device), per_sample=per_sample)
-    for g, w in zip(got, want):
+    args = to(pgd_inputs((3, 17, 23), 3, torch.float32, grad_kind=grad_kind), device=device)
+    delta, grad, x0, x_init, mask = args
+    want = run_pgd(expect_pgd_update, args, per_sample=per_sample)
+    plain = expect_pgd_update(*args, per_sample=per_sample, dtype=torch.float32)
+    got = run_pgd(public_ops(impl).pgd_update, args, per_sample=per_sample)
+    for name, g, w, p in zip(("delta", "z"), got, want, plain):
         assert torch.isfinite(g).all()
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-4)
+        assert_within_rule(g, w, p, f"{impl} pgd_update {grad_kind} {name}")
     # A skipped sample is only clamped and projected: the gradient must not leak in.
-    stepped = run_pgd(public_ops(impl).pgd_update, to((delta, torch.zeros_like(grad), x0, x_init, mask), device=device),
+    stepped = run_pgd(public_ops(impl).pgd_update, (delta, torch.zeros_like(grad), x0, x_init, mask),
                       per_sample=per_sample)
     if per_sample:
         skipped = {"zero-first": [0], "nan-first": [0], "inf-last": [2], "all-zero": [0, 1, 2]}[grad_kind]
     else:
         skipped = [] if grad_kind == "zero-first" else [0, 1, 2]
     for i in skipped:
-        torch.testing.assert_close(got[0][i].cpu(), stepped[0][i].cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(got[0][i], stepped[0][i], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -291,12 +431,42 @@ def test_pgd_update_strided_inputs_batched_mask_and_inactive_projection(impl, pe
     delta, grad, x0, x_init, mask = pgd_inputs((4, 40, 56), 2, torch.float32, contiguous=False, mask_batched=True)
     delta = maybe_strided(delta.contiguous() * 1e-3, contiguous=False)  # well inside the ball
     assert not delta.is_contiguous()
+    args = to((delta, grad, x0, x_init, mask), device=device)
     for eps in (70.0, 1e4):
-        want = run_pgd(reference.pgd_update_ref, (delta, grad, x0, x_init, mask), eps=eps, per_sample=per_sample)
-        got = run_pgd(public_ops(impl).pgd_update, to((delta, grad, x0, x_init, mask), device=device), eps=eps,
-                      per_sample=per_sample)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-4)
+        want = run_pgd(expect_pgd_update, args, eps=eps, per_sample=per_sample)
+        plain = expect_pgd_update(*args, eps=eps, per_sample=per_sample, dtype=torch.float32)
+        got = run_pgd(public_ops(impl).pgd_update, args, eps=eps, per_sample=per_sample)
+        for name, g, w, p in zip(("delta", "z"), got, want, plain):
+            assert_within_rule(g, w, p, f"{impl} pgd_update eps={eps} {name}")
+
+
+# --------------------------------------------------------------------------- the reference itself
+
+
+@pytest.mark.parametrize("impl", ["ref", "default"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_and_default_kernel_match_the_float64_expectation(impl, device):
+    """The spec (cgidm.reference, and the same registered as the default kernel) in fp32
+    against the ops written out in float64: odd shape, batch and K > 1, both noise modes,
+    a batched mask, both norm modes, skipped samples."""
+    require_device(device)
+    ops = reference.REFERENCE_OPS if impl == "ref" else public_ops("default")
+    for shared, mask_batched in ((True, False), (False, True)):
+        args = to(pair_noise_inputs((3, 17, 23), 2, 3, torch.float32, shared, mask_batched=mask_batched), device=device)
+        for name, g, w in zip(("z", "x_t"), ops.pair_noise(*args), expect_pair_noise(*args)):
+            assert_close_fp32(g, w, f"{impl} pair_noise {name}")
+        loss_args = to(loss_inputs((3, 17, 23), torch.float32, torch.float32, 6, shared), device=device)
+        grad_loss = torch.rand(6, device=device) + 0.5
+        got = loss_and_grads(ops.pair_contrast_loss, loss_args, grad_loss)
+        want = expect_contrast_loss(*to(loss_args, dtype=torch.float64), grad_loss)
+        assert_close_fp32(got[0], want[0], f"{impl} loss")
+        for i, (g, w) in enumerate(zip(got[1], want[1])):
+            assert_close_fp32(g, w, f"{impl} grad of input {i}")
+    for grad_kind, per_sample in (("normal", True), ("normal", False), ("nan-first", True), ("inf-last", True)):
+        args = to(pgd_inputs((3, 17, 23), 3, torch.float32, grad_kind=grad_kind), device=device)
+        got = run_pgd(ops.pgd_update, args, per_sample=per_sample)
+        for name, g, w in zip(("delta", "z"), got, run_pgd(expect_pgd_update, args, per_sample=per_sample)):
+            assert_close_fp32(g, w, f"{impl} pgd_update {grad_kind} {name}")
 
 
 # --------------------------------------------------------------------------- autograd through the pair
@@ -309,23 +479,34 @@ def fake_unet(x_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k,shared", [(1, True), (3, True), (1, False)])
 def test_contrast_gradient_reaches_x_through_both_ops(impl, k, shared):
-    """The engine's path: x -> pair_noise -> two models -> pair_contrast_loss -> d/dx."""
+    """The engine's path: x -> pair_noise -> two models -> pair_contrast_loss -> d/dx,
+    against autograd through the ops written out in float64."""
     device = require(impl)
-    x0, x, mask, noise_ft, noise_pre, sa, sb = pair_noise_inputs((4, 40, 56), 2, k, torch.float32, shared)
-    w = torch.randn(2, 4, 40, 56)
+    x0, x, mask, noise_ft, noise_pre, sa, sb = to(pair_noise_inputs((4, 40, 56), 2, k, torch.float32, shared),
+                                                  device=device)
+    w = torch.randn(2, 4, 40, 56, device=device)
 
-    def grad_x(o, dev):
-        xx = x.to(dev).requires_grad_(True)
-        _, x_t = o.pair_noise(*to((x0, xx, mask, noise_ft, noise_pre, sa, sb), device=dev))
-        ww = w.to(dev)
-        loss = o.pair_contrast_loss(fake_unet(x_t[0], ww[0]), fake_unet(x_t[1], ww[1]), *to((noise_ft, noise_pre), device=dev))
+    def grad_x(pair_noise, pair_contrast_loss, dtype):
+        xx = x.to(dtype).requires_grad_(True)
+        cast = to((x0, mask, noise_ft, noise_pre, sa, sb, w), dtype=dtype)
+        x0_, mask_, n_ft, n_pre, sa_, sb_, w_ = cast
+        _, x_t = pair_noise(x0_, xx, mask_, n_ft, n_pre, sa_, sb_)
+        loss = pair_contrast_loss(fake_unet(x_t[0], w_[0]), fake_unet(x_t[1], w_[1]), n_ft, n_pre)
         (g,) = torch.autograd.grad(loss.view(2, k).mean(1).sum(), xx)
-        return g.cpu()
+        return g
 
-    want = grad_x(reference.REFERENCE_OPS, "cpu")
-    got = grad_x(public_ops(impl), device)
+    def written_out(dtype):
+        def loss_fn(e_ft, e_pre, n_ft, n_pre):
+            n_pre = n_ft if n_pre is None else n_pre
+            return (e_ft - n_ft).pow(2).flatten(1).mean(1) - (e_pre - n_pre).pow(2).flatten(1).mean(1)
+
+        return grad_x(lambda *a: expect_pair_noise(*a, dtype=dtype), loss_fn, dtype)
+
+    ops = public_ops(impl)
+    got = grad_x(ops.pair_noise, ops.pair_contrast_loss, torch.float32)
+    want, plain = written_out(torch.float64), written_out(torch.float32)
     assert want.abs().sum() > 0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    assert_within_rule(got, want, plain, f"{impl} d loss / d x", floor=1e-9)
     assert (got * mask).abs().max() == 0, "kept entries must get no gradient"
 
 
@@ -438,6 +619,34 @@ def test_ops_replay_inside_a_cuda_graph(impl):
         torch.testing.assert_close(r, e, rtol=1e-6, atol=1e-6)
 
 
+def loaded_cudart():
+    """The CUDA runtime library torch loaded (its last-error state is the one the ops read)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    if len(paths) != 1:
+        pytest.skip(f"cannot tell which CUDA runtime torch uses ({sorted(paths)})")
+    return ctypes.CDLL(paths.pop())
+
+
+def test_a_pending_cuda_error_is_not_blamed_on_the_ops_launch():
+    """The runtime keeps an earlier call's error until someone reads it: the op reports it as
+    earlier (naming the kernel it was about to launch), not as its own failed launch, and
+    the next call runs."""
+    require("cuda")
+    args = to(pgd_inputs((3, 5, 7), 2, torch.float32), device="cuda")
+    ops = cgidm_ops.get_ops("cuda")
+    ops.pgd_update(*args, 2.0, 70.0)  # initialised: nothing but the op runs below
+    cudart = loaded_cudart()
+    ptr = ctypes.c_void_p()
+    assert cudart.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(1 << 62)) != 0
+    if cudart.cudaPeekAtLastError() == 0:
+        pytest.skip("this runtime keeps no error from a failed cudaMalloc")
+    with pytest.raises(RuntimeError, match=r"error from earlier work was pending before pgd_update_kernel .* was launched"):
+        ops.pgd_update(*args, 2.0, 70.0)
+    assert cudart.cudaPeekAtLastError() == 0
+    ops.pgd_update(*args, 2.0, 70.0)
+
+
 # --------------------------------------------------------------------------- get_ops
 
 
@@ -500,6 +709,8 @@ def tiny_pair(tmp_path_factory):
 
 
 def run_invert(tiny_pair, ops, noise: str, k: int, device: str = "cpu", steps: int = 5):
+    """A few PGD steps of ``reference.invert`` with ``ops`` on ``device``. Its draws come from
+    a generator of ``device``: compare runs on the same device only."""
     from cgidm.masks import block_mask
 
     g = torch.Generator().manual_seed(3)
@@ -517,16 +728,18 @@ def run_invert(tiny_pair, ops, noise: str, k: int, device: str = "cpu", steps: i
 
 def assert_same_inversion(got, want) -> None:
     assert (want.delta.abs().sum(dim=(1, 2, 3)) > 0).all(), "the reference run did not move"
-    torch.testing.assert_close(got.x_rec.cpu(), want.x_rec, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got.delta.cpu(), want.delta, rtol=1e-4, atol=1e-4)
-    assert got.skipped_steps.cpu().tolist() == want.skipped_steps.tolist()
+    torch.testing.assert_close(got.x_rec.cpu(), want.x_rec.cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.delta.cpu(), want.delta.cpu(), rtol=1e-4, atol=1e-4)
+    assert got.skipped_steps.cpu().tolist() == want.skipped_steps.cpu().tolist()
     assert got.loss_history == pytest.approx(want.loss_history, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "cuda"])
 @pytest.mark.parametrize("noise,k", [("shared", 2), ("paper", 1)])
 def test_invert_with_compiled_ops_recovers_the_reference_latents(tiny_pair, impl, noise, k):
+    """The implementation inside the whole loop against the spec's loop, both on the
+    implementation's device (same generator, same draws)."""
     device = require(impl)
-    want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k)
+    want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k, device=device)
     got = run_invert(tiny_pair, cgidm_ops.get_ops(impl), noise, k, device=device)
     assert_same_inversion(got, want)
