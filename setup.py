@@ -9,6 +9,8 @@ import os
 from setuptools import setup
 
 PACKAGES = ["cgidm", "cgidm.testing", "cgidm.kernels"]
+# The Triton kernels live in the top-level kernels/ folder and install as the
+# cgidm.kernels package (import them as cgidm.kernels.<op>; kernels/__init__.py says so too).
 PACKAGE_DIR = {"cgidm.kernels": "kernels"}
 
 INSTALL_REQUIRES = [
@@ -31,8 +33,9 @@ EXTRAS = {
 
 
 CSRC = "csrc"
-CPU_SOURCES = ["ops.cpp", "bindings.cpp", "pair_noise_cpu.cpp", "pair_contrast_loss_cpu.cpp", "pgd_update_cpu.cpp"]
-CUDA_SOURCES = ["pair_noise.cu", "pair_contrast_loss.cu", "pgd_update.cu"]
+CPU_SOURCES = ["ops.cpp", "bindings.cpp", "pair_noise_cpu.cpp", "pair_contrast_loss_cpu.cpp", "pgd_update_cpu.cpp",
+               "draw_noise_cpu.cpp"]
+CUDA_SOURCES = ["pair_noise.cu", "pair_contrast_loss.cu", "pgd_update.cu", "draw_noise.cu"]
 
 
 def ext_modules():

@@ -1,17 +1,23 @@
 """The compiled core's torch ops: schemas, fake kernels, autograd, and the one place that
 picks an implementation.
 
-Three ops, namespace ``cgidm`` (semantics: the ``*_ref`` twins in ``cgidm/reference.py``):
+Four ops, namespace ``cgidm`` (semantics: the ``*_ref`` twins in ``cgidm/reference.py``
+and ``cgidm.rng.counter_draws``):
 
 - ``cgidm::pair_noise``: compose ``z = x0*M + x*(1-M)`` and noise it for both models;
 - ``cgidm::pair_contrast_loss``: per-sample ``MSE(eps_ft, n) - MSE(eps_pre, n')`` and both
   gradient seeds in one pass;
-- ``cgidm::pgd_update``: one fused L2 PGD step.
+- ``cgidm::pgd_update``: one fused L2 PGD step;
+- ``cgidm::draw_noise``: one step's counter-based timesteps and noises (spec: ``cgidm.rng``).
 
 Each schema is declared once, here. The plain-torch reference is registered as the
 default kernel (every device), so installs without the extension still work; the
-extension ``cgidm._C`` (csrc/) adds CPU and CUDA kernels on top, and the Triton PGD update
-(``cgidm.kernels.pgd_update``) serves CUDA tensors when the CUDA kernels are absent.
+extension ``cgidm._C`` (csrc/) adds CPU and CUDA kernels on top. The Triton kernels
+(``cgidm.kernels``) are torch ops of their own, ``cgidm::pgd_update_triton`` and
+``cgidm::draw_noise_triton`` (``torch.library.triton_op``: ``torch.compile`` sees into
+them), with the schemas of ``pgd_update`` and ``draw_noise``; ``triton_ops()`` registers
+them on first use, since importing triton is slow and must follow ``TRITON_INTERPRET``.
+They serve CUDA tensors when the CUDA kernels are absent.
 
 ``get_ops(impl)`` returns a namespace with exactly the reference signatures, so
 ``cgidm.reference.invert(..., ops=get_ops("cpp"))`` runs unchanged.
@@ -27,11 +33,13 @@ from typing import Optional
 
 import torch
 
-from cgidm import reference
+from cgidm import reference, rng
+from cgidm.config import IMPLS
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
+# The ops the extension must register for get_ops to use it.
+OP_NAMES = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise")
 
 _LIB = torch.library.Library("cgidm", "FRAGMENT")
 
@@ -52,6 +60,12 @@ _LIB.define(
     "pgd_update(Tensor delta, Tensor grad, Tensor x0, Tensor x_init, Tensor mask, "
     "float alpha, float eps, float clamp_min=-100., float clamp_max=100., "
     "bool per_sample=True) -> (Tensor delta_out, Tensor z)"
+)
+_LIB.define(
+    # keys [B] int64 (cgidm.rng.image_key), step [] int64, latent_shape [C, H, W];
+    # t [N] int64, noise [S, N, C, H, W] fp32 (S = 2 if independent else 1), n = b*K + k
+    "draw_noise(Tensor keys, Tensor step, int k, int[] latent_shape, int t_min, int t_max, "
+    "bool independent) -> (Tensor t, Tensor noise)"
 )
 
 
@@ -128,6 +142,25 @@ def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0
     return out, torch.empty_like(out)
 
 
+def _check_draw_noise(keys, step, k, latent_shape, t_min, t_max) -> None:
+    torch._check(keys.dim() == 1 and keys.dtype == torch.int64, lambda: "keys must be [B] int64")
+    torch._check(
+        step.numel() == 1 and not step.dtype.is_floating_point, lambda: "step must be a 0-d integer tensor"
+    )
+    torch._check(k >= 1, lambda: "k must be >= 1")
+    torch._check(len(latent_shape) == 3, lambda: "latent_shape must be [C, H, W]")
+    torch._check(0 <= t_min <= t_max, lambda: "need 0 <= t_min <= t_max")
+
+
+@torch.library.register_fake("cgidm::draw_noise")
+def _draw_noise_fake(keys, step, k, latent_shape, t_min, t_max, independent):
+    _check_draw_noise(keys, step, k, latent_shape, t_min, t_max)
+    n = keys.shape[0] * k
+    t = keys.new_empty((n,), dtype=torch.int64)
+    noise = keys.new_empty((2 if independent else 1, n, *latent_shape), dtype=torch.float32)
+    return t, noise
+
+
 # --------------------------------------------------------------------------- default kernels
 
 
@@ -157,9 +190,19 @@ def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-10
     return new_delta, z
 
 
+def _draw_noise_default(keys, step, k, latent_shape, t_min, t_max, independent):
+    _check_draw_noise(keys, step, k, latent_shape, t_min, t_max)
+    t, noise_ft, noise_pre = rng.counter_draws(
+        keys, step, k, latent_shape, t_min, t_max, independent, keys.device
+    )
+    noise = noise_ft.unsqueeze(0) if noise_pre is None else torch.stack((noise_ft, noise_pre))
+    return t, noise
+
+
 torch.library.register_kernel("cgidm::pair_noise", None, _pair_noise_default)
 torch.library.register_kernel("cgidm::pair_contrast_loss", None, _pair_contrast_loss_default)
 torch.library.register_kernel("cgidm::pgd_update", None, _pgd_update_default)
+torch.library.register_kernel("cgidm::draw_noise", None, _draw_noise_default)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -269,8 +312,9 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------- extension
 
 _EXT_ERROR: Optional[str] = None
+_EXT = None
 try:
-    importlib.import_module("cgidm._C")
+    _EXT = importlib.import_module("cgidm._C")
 except Exception as e:  # noqa: BLE001 - an unbuilt or stale extension must never crash cgidm
     _EXT_ERROR = f"{type(e).__name__}: {e}"
 
@@ -278,20 +322,16 @@ _warned: set[str] = set()
 _logged: set[str] = set()
 
 
-def _has_kernel(key: str) -> bool:
-    """Whether ``cgidm._C`` registered kernels of every op for dispatch key ``key``."""
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"cgidm::{name}", key)
-        for name in ("pair_noise", "pair_contrast_loss", "pgd_update")
-    )
-
-
 def has_cpp() -> bool:
-    return _has_kernel("CPU")
+    """Whether ``cgidm._C`` registered CPU kernels of every op (its ``KERNELS``, set at
+    build time; an extension built before an op existed lacks it)."""
+    return _EXT is not None and set(OP_NAMES) <= set(getattr(_EXT, "KERNELS", ()))
 
 
 def has_cuda() -> bool:
-    return _has_kernel("CUDA")
+    """Whether ``cgidm._C`` was built with the CUDA kernels of every op (``WITH_CUDA``);
+    says nothing about a GPU being present."""
+    return has_cpp() and bool(getattr(_EXT, "WITH_CUDA", False))
 
 
 def has_triton() -> bool:
@@ -331,82 +371,135 @@ def _pgd_update_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, 
     )
 
 
-def _pgd_update_triton():
-    from cgidm.kernels.pgd_update import pgd_update_triton
-
-    return pgd_update_triton
-
-
-def _auto_pgd_update(cuda_kernel):
-    """On CUDA tensors the Triton kernel stands in for the missing CUDA one; everything
-    else goes through the dispatcher (CPU: the C++ kernel when built, else the reference)."""
-
-    def pgd_update(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
-        if delta.is_cuda:
-            return cuda_kernel(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample)
-        return _pgd_update_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample)
-
-    return pgd_update
+def _draw_noise_op(keys, step, k, latent_shape, t_min, t_max, independent, device, op=None):
+    """``cgidm.rng.counter_draws``'s signature on top of ``cgidm::draw_noise`` (or ``op``,
+    an op of the same schema). An int ``step`` becomes a host tensor (the CUDA glue copies
+    it: eager only); pass a 0-d device tensor inside CUDA-graph capture."""
+    keys = keys.to(device=device, dtype=torch.int64)
+    if not isinstance(step, torch.Tensor):
+        step = torch.tensor(int(step), dtype=torch.int64)
+    op = torch.ops.cgidm.draw_noise if op is None else op
+    t, noise = op(
+        keys, step, int(k), [int(s) for s in latent_shape], int(t_min), int(t_max), bool(independent)
+    )
+    return t, noise[0], (noise[1] if independent else None)
 
 
-def _dispatcher_ops(pgd_update=_pgd_update_op) -> SimpleNamespace:
-    return SimpleNamespace(
-        pair_noise=_pair_noise_op, pair_contrast_loss=_pair_contrast_loss_op, pgd_update=pgd_update
+_TRITON_OPS: Optional[SimpleNamespace] = None
+
+
+def triton_ops() -> SimpleNamespace:
+    """The Triton kernels as torch ops, registered on the first call (which imports triton:
+    slow; for CPU tensors ``TRITON_INTERPRET=1`` must be set before it):
+
+    - ``cgidm::pgd_update_triton``: the schema of ``cgidm::pgd_update``;
+    - ``cgidm::draw_noise_triton``: the schema of ``cgidm::draw_noise``.
+
+    ``torch.library.triton_op`` infers each schema from its launcher's annotations
+    (tests/test_kernels_triton.py checks they equal the ones above); the fake kernels are
+    this module's, since triton_op's default (running the launcher on fake tensors) cannot
+    work in the interpreter.
+    """
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        from cgidm.kernels.draw_noise import draw_noise_triton
+        from cgidm.kernels.pgd_update import pgd_update_triton
+
+        pgd = torch.library.triton_op("cgidm::pgd_update_triton", pgd_update_triton, mutates_args=())
+        pgd.register_fake(_pgd_update_fake)
+        draw = torch.library.triton_op("cgidm::draw_noise_triton", draw_noise_triton, mutates_args=())
+        draw.register_fake(_draw_noise_fake)
+        _TRITON_OPS = SimpleNamespace(pgd_update=pgd, draw_noise=draw)
+    return _TRITON_OPS
+
+
+def _pgd_update_triton_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+    return triton_ops().pgd_update(
+        delta, grad, x0, x_init, mask, float(alpha), float(eps), float(clamp_min), float(clamp_max), bool(per_sample)
     )
 
 
-def _resolve(impl: str) -> tuple[str, SimpleNamespace]:
+def _draw_noise_triton_op(keys, step, k, latent_shape, t_min, t_max, independent, device):
+    return _draw_noise_op(keys, step, k, latent_shape, t_min, t_max, independent, device, op=triton_ops().draw_noise)
+
+
+def _by_device(cuda_pgd_update, cuda_draw_noise) -> tuple:
+    """``(pgd_update, draw_noise)`` that send CUDA work to the given functions and the rest
+    through the dispatcher (CPU: the C++ kernel when built, else the reference)."""
+
+    def pgd_update(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+        fn = cuda_pgd_update if delta.is_cuda else _pgd_update_op
+        return fn(delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample)
+
+    def draw_noise(keys, step, k, latent_shape, t_min, t_max, independent, device):
+        fn = cuda_draw_noise if torch.device(device).type == "cuda" else _draw_noise_op
+        return fn(keys, step, k, latent_shape, t_min, t_max, independent, device)
+
+    return pgd_update, draw_noise
+
+
+def _dispatcher_ops(pgd_update=_pgd_update_op, draw_noise=_draw_noise_op) -> SimpleNamespace:
+    return SimpleNamespace(
+        pair_noise=_pair_noise_op, pair_contrast_loss=_pair_contrast_loss_op, pgd_update=pgd_update,
+        draw_noise=draw_noise,
+    )
+
+
+# The reference functions: cgidm.reference's ops and the draws of cgidm.rng.
+REFERENCE_OPS = SimpleNamespace(**{**vars(reference.REFERENCE_OPS), "draw_noise": rng.counter_draws})
+
+
+def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
     if impl == "ref":
-        return "ref", reference.REFERENCE_OPS
+        return "ref", REFERENCE_OPS
     if impl == "cpp":
         if has_cpp():
             return "cpp", _dispatcher_ops()
         _warn_missing("cpp", "C++ CPU kernels", "the reference ops")
-        return "ref", reference.REFERENCE_OPS
+        return "ref", REFERENCE_OPS
     if impl == "cuda":
         if has_cuda():
             return "cuda", _dispatcher_ops()
         fallback = "triton" if has_triton() else "ref"
         _warn_missing("cuda", "CUDA kernels", fallback)
-        return _resolve(fallback)
+        return _pick_impl(fallback)
     if impl == "triton":
         if has_triton():
-            return "triton", _dispatcher_ops(_pgd_update_triton())
+            # Registered now, so that torch.compile later finds the ops, not their registration.
+            triton_ops()
+            return "triton", _dispatcher_ops(_pgd_update_triton_op, _draw_noise_triton_op)
         _warn_once("triton", "cgidm: triton is not installed; using the reference ops", stacklevel=4)
-        return "ref", reference.REFERENCE_OPS
+        return "ref", REFERENCE_OPS
     if impl == "auto":
         cpu = "cpp" if has_cpp() else "ref"
         if has_cuda():
-            cuda_name, cuda_pgd = "cuda", _pgd_update_op
+            cuda_name, cuda_fns = "cuda", (_pgd_update_op, _draw_noise_op)
         elif has_triton():
-            cuda_name, cuda_pgd = "triton+ref", None
+            # The Triton ops register on their first (eager) call, not here: importing
+            # triton is slow and may touch the driver.
+            cuda_name, cuda_fns = "triton+ref", (_pgd_update_triton_op, _draw_noise_triton_op)
         else:
-            cuda_name, cuda_pgd = "ref", _pgd_update_op
+            cuda_name, cuda_fns = "ref", (_pgd_update_op, _draw_noise_op)
         if not (has_cpp() or has_cuda()):
             _warn_missing("auto", "compiled core", "the reference ops")
-        if cuda_pgd is None:
-            # Resolved here, not at import: importing triton is slow and may touch the driver.
-            def cuda_pgd(*args):
-                return _pgd_update_triton()(*args)
-
-        return f"auto(cpu={cpu}, cuda={cuda_name})", _dispatcher_ops(_auto_pgd_update(cuda_pgd))
+        return f"auto(cpu={cpu}, cuda={cuda_name})", _dispatcher_ops(*_by_device(*cuda_fns))
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 def get_ops(impl: str = "auto") -> SimpleNamespace:
-    """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update)`` with the reference
-    signatures, backed by ``impl``:
+    """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise)`` with the
+    reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:
 
-    - ``"ref"``: the plain-torch functions of ``cgidm.reference``;
+    - ``"ref"``: the plain-torch functions of ``cgidm.reference`` and ``cgidm.rng``;
     - ``"cpp"`` / ``"cuda"``: the extension's kernels through the dispatcher;
-    - ``"triton"``: the Triton PGD update (interpreted on CPU tensors), the other two ops
-      through the dispatcher;
+    - ``"triton"``: the Triton ops ``pgd_update_triton`` and ``draw_noise_triton``
+      (interpreted on CPU tensors), the other two ops through the dispatcher;
     - ``"auto"``: by the tensors' device — CPU: ``cpp`` if built, else ``ref``; CUDA:
-      ``cuda`` if built, else the Triton PGD update and the reference for the rest.
+      ``cuda`` if built, else the Triton ops and the reference for the rest.
 
     A missing implementation falls back with one warning; the choice is logged once.
     """
-    name, ops = _resolve(impl)
+    name, ops = _pick_impl(impl)
     if impl not in _logged:
         _logged.add(impl)
         log.debug("cgidm ops: impl=%r -> %s", impl, name)

@@ -54,6 +54,15 @@ void pgd_update(
     float* delta_out,                 // [B, M] out
     float* z);                        // [B, M] out
 
+// Counter-based draws (spec: cgidm/rng.py); S = 2 noise streams (paper) or 1 (shared).
+void draw_noise(
+    const int64_t* keys,              // [B] image keys
+    int64_t step,                     // PGD step (its low 32 bits count)
+    int64_t B, int64_t K, int64_t M, int64_t S,
+    int64_t t_min, int64_t span,      // timesteps in [t_min, t_min + span)
+    int64_t* t,                       // [N] out
+    float* noise);                    // [S, N, M] out
+
 }  // namespace cpu
 
 // Same arguments plus the stream (a cudaStream_t); each returns the cudaError_t of its
@@ -76,6 +85,11 @@ int pgd_update(
     const float* mask, bool mask_batched, int64_t B, int64_t M, float alpha, float eps,
     float clamp_min, float clamp_max, bool per_sample, float* delta_out, float* z,
     void* stream);
+
+// `step` is a device pointer ([] int64): read by the kernel, so graph replays see updates.
+int draw_noise(
+    const int64_t* keys, const int64_t* step, int64_t B, int64_t K, int64_t M, int64_t S,
+    int64_t t_min, int64_t span, int64_t* t, float* noise, void* stream);
 
 }  // namespace cuda
 }  // namespace cgidm

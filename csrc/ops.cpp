@@ -223,4 +223,42 @@ std::tuple<at::Tensor, at::Tensor> pgd_update(
   return {delta_out, z};
 }
 
+std::tuple<at::Tensor, at::Tensor> draw_noise(
+    const at::Tensor& keys, const at::Tensor& step, int64_t k, at::IntArrayRef latent_shape,
+    int64_t t_min, int64_t t_max, bool independent) {
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong, "cgidm: keys must be [B] int64");
+  TORCH_CHECK(step.numel() == 1 && !at::isFloatingType(step.scalar_type()) &&
+                  !at::isComplexType(step.scalar_type()),
+              "cgidm: step must be a 0-d integer tensor");
+  TORCH_CHECK(k >= 1, "cgidm: k must be >= 1");
+  TORCH_CHECK(latent_shape.size() == 3, "cgidm: latent_shape must be [C, H, W]");
+  TORCH_CHECK(0 <= t_min && t_min <= t_max, "cgidm: need 0 <= t_min <= t_max");
+  const int64_t C = latent_shape[0], H = latent_shape[1], W = latent_shape[2];
+  TORCH_CHECK(C >= 0 && H >= 0 && W >= 0, "cgidm: latent_shape must be non-negative");
+  const int64_t B = keys.size(0), N = B * k, M = C * H * W, S = independent ? 2 : 1;
+  const at::Tensor kc = keys.contiguous();
+  at::Tensor t = at::empty({N}, keys.options().dtype(at::kLong));
+  at::Tensor noise = at::empty({S, N, C, H, W}, keys.options().dtype(at::kFloat));
+  if (N > 0) {
+    if (keys.is_cuda()) {
+#ifdef CGIDM_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(keys.device());
+      // A host step is copied (eager only); capture needs it on the device already.
+      const at::Tensor sd = step.to(keys.device(), at::kLong).contiguous();
+      check_launch(cuda::draw_noise(kc.data_ptr<int64_t>(), sd.data_ptr<int64_t>(), B, k, M, S,
+                                    t_min, t_max - t_min + 1, t.data_ptr<int64_t>(),
+                                    noise.data_ptr<float>(), stream_of(keys)),
+                   "draw_noise");
+#else
+      TORCH_CHECK(false, "cgidm: built without CUDA");
+#endif
+    } else {
+      TORCH_CHECK(step.device().is_cpu(), "cgidm: step must be on the CPU with CPU keys");
+      cpu::draw_noise(kc.data_ptr<int64_t>(), step.to(at::kLong).item<int64_t>(), B, k, M, S,
+                      t_min, t_max - t_min + 1, t.data_ptr<int64_t>(), noise.data_ptr<float>());
+    }
+  }
+  return {t, noise};
+}
+
 }  // namespace cgidm

@@ -38,4 +38,13 @@ std::tuple<at::Tensor, at::Tensor> pgd_update(
     const at::Tensor& mask,                      // [C, H, W] or [B, C, H, W], 1 = kept
     double alpha, double eps, double clamp_min, double clamp_max, bool per_sample);
 
+// -> (t [N] int64, noise [S, N, C, H, W] fp32), S = 2 if independent else 1 (spec:
+// cgidm/rng.py); sample n = b*K + k.
+std::tuple<at::Tensor, at::Tensor> draw_noise(
+    const at::Tensor& keys,                      // [B] int64 image keys
+    const at::Tensor& step,                      // [] int64 PGD step (on keys' device for capture)
+    int64_t k,                                   // K timestep slots per image
+    at::IntArrayRef latent_shape,                // [C, H, W]
+    int64_t t_min, int64_t t_max, bool independent);
+
 }  // namespace cgidm

@@ -1,1 +1,8 @@
-"""Triton kernels of the PGD update, installed as ``cgidm.kernels``."""
+"""Triton kernels of cgidm, one file per op: ``pgd_update`` (the fused PGD update) and
+``draw_noise`` (the counter-based draws of ``cgidm.rng``).
+
+This folder is the top-level ``kernels/`` of the repository; setup.py maps it onto the
+``cgidm.kernels`` package (``package_dir={"cgidm.kernels": "kernels"}``), so it is imported
+as ``cgidm.kernels.<op>``. The kernels are registered as torch ops by
+``cgidm.ops.triton_ops()``.
+"""

@@ -126,14 +126,17 @@ def pgd_update_triton(
     else:
         # numpy has no bfloat16: the interpreter gets fp32 copies (exact).
         tensors = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
-        if not interpreting():
+        # Fake and functional tensors (tracing) launch nothing: only real ones need the interpreter.
+        if type(delta) is torch.Tensor and not interpreting():
             raise RuntimeError(
                 "the Triton PGD update runs on CPU tensors only in Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported"
             )
         kernel, block, launch = _pgd_update_kernel, INTERPRET_BLOCK, {}
     grid = (b,) if per_sample else (1,)
-    kernel[grid](
+    # wrap_triton: traced as a kernel call under torch.compile / make_fx (the launcher is
+    # the body of the torch op cgidm::pgd_update_triton, see cgidm.ops.triton_ops).
+    torch.library.wrap_triton(kernel)[grid](
         *tensors, delta_out, z,
         m if per_sample else b * m, m,
         float(alpha), float(eps), float(clamp_min), float(clamp_max),

@@ -1,5 +1,6 @@
-"""The Triton PGD update (kernels/pgd_update.py) against the reference: on CPU tensors in
-Triton's interpreter, on CUDA tensors compiled when a GPU is present."""
+"""The Triton kernels (kernels/pgd_update.py, kernels/draw_noise.py) and their torch ops
+(cgidm::pgd_update_triton, cgidm::draw_noise_triton) against the reference: on CPU tensors
+in Triton's interpreter, on CUDA tensors compiled when a GPU is present."""
 from __future__ import annotations
 
 import os
@@ -15,9 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.language.random import philox_impl  # noqa: E402
 
 from cgidm import ops as cgidm_ops  # noqa: E402
-from cgidm import reference  # noqa: E402
+from cgidm import reference, rng  # noqa: E402
 from cgidm.kernels.pgd_update import interpreting, pgd_update_triton  # noqa: E402
 from test_ops import (  # noqa: E402
     DTYPES,
@@ -32,6 +35,7 @@ from test_ops import (  # noqa: E402
     tiny_pair,  # noqa: F401 - fixture
     to,
 )
+from test_rng import KAT, ODD_SHAPES, assert_draws_close, keys_of  # noqa: E402
 
 INTERPRETED = interpreting()
 # Another test module in this process imported triton (e.g. through diffusers) before this
@@ -105,10 +109,210 @@ def test_pgd_update_triton_rejects_a_mask_of_the_wrong_size():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_get_ops_triton_uses_the_triton_update(device):
+def test_get_ops_triton_uses_the_triton_ops(device):
     require(device)
     ops = cgidm_ops.get_ops("triton")
-    assert ops.pgd_update is pgd_update_triton
+    assert ops.pgd_update is cgidm_ops._pgd_update_triton_op
+    assert ops.draw_noise is cgidm_ops._draw_noise_triton_op
+    args = to(pgd_inputs((3, 5, 7), 2, torch.float32), device=device)
+    for g, w in zip(ops.pgd_update(*args, 2.0, 70.0), pgd_update_triton(*args, 2.0, 70.0)):
+        assert torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------- the Triton ops
+
+
+def _schema_args(op) -> str:
+    """An op's arguments as its schema prints them; int and SymInt are one thing here
+    (triton_op infers SymInt for every int annotation)."""
+    schema = str(op._schema)
+    return schema[schema.index("("):schema.index(") ->")].replace("SymInt", "int")
+
+
+def _recording_backend(graphs: list):
+    """A torch.compile backend that keeps Dynamo's graph and runs it eagerly."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _pgd_case(device, b=2):
+    return to(pgd_inputs((3, 5, 7), b, torch.float32), device=device)
+
+
+def _draw_case(device):
+    return keys_of("a", "b", "c").to(device), torch.tensor(7, device=device)
+
+
+def test_triton_ops_have_the_schemas_of_the_ops_they_implement():
+    triton_ops = cgidm_ops.triton_ops()
+    assert triton_ops is cgidm_ops.triton_ops()  # registered once
+    assert _schema_args(torch.ops.cgidm.pgd_update_triton.default) == _schema_args(torch.ops.cgidm.pgd_update.default)
+    assert _schema_args(torch.ops.cgidm.draw_noise_triton.default) == _schema_args(torch.ops.cgidm.draw_noise.default)
+    for name in ("pgd_update_triton", "draw_noise_triton"):
+        assert len(getattr(torch.ops.cgidm, name).default._schema.returns) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", ["pgd_update", "draw_noise"])
+def test_triton_ops_pass_opcheck(device, op_name):
+    """In the interpreter opcheck's AOT test cannot run: triton_op decomposes the op into
+    its kernel when AOT traces it, and an interpreted kernel cannot be traced (wrap_triton
+    hands back the bare InterpretedFunction, which would then run on fake tensors). The
+    decomposition itself is checked without the interpreter, in
+    test_triton_ops_decompose_into_their_kernels_under_aot."""
+    require(device)
+    ops = cgidm_ops.triton_ops()
+    if op_name == "pgd_update":
+        op, args = ops.pgd_update, (*_pgd_case(device), 2.0, 70.0, -100.0, 100.0, True)
+    else:
+        op, args = ops.draw_noise, (*_draw_case(device), 2, [3, 17, 23], 1, 999, True)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if device == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(op, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_ops_compile_into_one_graph(device):
+    require(device)
+    ops = cgidm_ops.get_ops("triton")
+    graphs = []
+    backend = _recording_backend(graphs) if device == "cpu" else "aot_eager"
+
+    def step(keys, step_t, delta, grad, x0, x_init, mask):
+        t, noise_ft, _ = ops.draw_noise(keys, step_t, 2, (3, 5, 7), 1, 999, False, keys.device)
+        new_delta, z = ops.pgd_update(delta, grad, x0, x_init, mask, 2.0, 70.0)
+        return t, noise_ft, new_delta, z
+
+    args = (*_draw_case(device), *_pgd_case(device, b=3))
+    torch._dynamo.reset()
+    got = torch.compile(step, backend=backend, fullgraph=True)(*args)
+    want = step(*args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    if graphs:
+        code = graphs[0].code
+        assert "cgidm.draw_noise_triton" in code and "cgidm.pgd_update_triton" in code
+
+
+_AOT_TRACE = """
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from cgidm import ops, rng
+
+graphs = []
+def fw(gm, example_inputs):
+    graphs.append(gm.code)
+    raise SystemExit(0)  # traced: nothing to run it on without a GPU
+
+triton_ops = ops.triton_ops()
+def step(keys, step_t, delta, grad, x0, x_init, mask):
+    t, noise = triton_ops.draw_noise(keys, step_t, 2, [3, 5, 7], 1, 999, False)
+    return t, noise, *triton_ops.pgd_update(delta, grad, x0, x_init, mask, 2.0, 70.0)
+
+x = [torch.randn(2, 3, 5, 7) for _ in range(4)] + [torch.ones(3, 5, 7)]
+try:
+    torch.compile(step, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(
+        rng.image_keys(0, ["a", "b"]), torch.tensor(3), *x)
+except SystemExit:
+    pass
+except Exception as e:
+    if not graphs:
+        raise
+print("GRAPH", graphs[0] if graphs else "")
+"""
+
+
+def test_triton_ops_decompose_into_their_kernels_under_aot():
+    """Without the interpreter (the compiled-Triton path), AOT tracing sees through both
+    ops into ``triton_kernel_wrapper_functional`` calls: what Inductor compiles. Run in a
+    fresh process so that triton is imported without TRITON_INTERPRET; without a GPU the
+    kernels are traced, not run."""
+    if torch.cuda.is_available():
+        pytest.skip("test_triton_ops_compile_into_one_graph runs aot_eager on the GPU")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _AOT_TRACE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    graph = proc.stdout.split("GRAPH", 1)[1]
+    assert graph.count("triton_kernel_wrapper_functional(") == 2, graph
+    assert "cgidm.pgd_update_triton" not in graph and "cgidm.draw_noise_triton" not in graph
+
+
+# --------------------------------------------------------------------------- Triton draw_noise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(4, 64, 64)])
+@pytest.mark.parametrize("big_k,independent", [(1, True), (3, False)])
+def test_triton_draws_equal_the_reference(device, shape, big_k, independent):
+    require(device)
+    keys = keys_of("a", "b", "c")
+    want = rng.counter_draws(keys, 11, big_k, shape, 1, 999, independent, "cpu")
+    got = cgidm_ops.get_ops("triton").draw_noise(
+        keys.to(device), torch.tensor(11, device=device), big_k, shape, 1, 999, independent, device
+    )
+    assert got[1].device.type == device
+    assert_draws_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_draws_do_not_depend_on_the_batch(device):
+    require(device)
+    draw = cgidm_ops.get_ops("triton").draw_noise
+    keys = keys_of("a", "b", "c").to(device)
+    want = draw(keys, 4, 2, (3, 17, 23), 1, 999, True, device)
+    for b in range(3):
+        one = draw(keys[b:b + 1], torch.tensor(4), 2, (3, 17, 23), 1, 999, True, device)
+        assert_draws_close(one, tuple(x[2 * b:2 * b + 2] for x in want), exact_normals=True)
+
+
+@triton.jit
+def _kat_kernel(inp_ptr, out_ptr):
+    i = tl.program_id(0)
+    one = tl.arange(0, 1)
+    c0 = tl.load(inp_ptr + 6 * i + 0 + one).to(tl.uint32)
+    c1 = tl.load(inp_ptr + 6 * i + 1 + one).to(tl.uint32)
+    c2 = tl.load(inp_ptr + 6 * i + 2 + one).to(tl.uint32)
+    c3 = tl.load(inp_ptr + 6 * i + 3 + one).to(tl.uint32)
+    k0 = tl.load(inp_ptr + 6 * i + 4 + one).to(tl.uint32)
+    k1 = tl.load(inp_ptr + 6 * i + 5 + one).to(tl.uint32)
+    w0, w1, w2, w3 = philox_impl(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + 4 * i + 0 + one, w0.to(tl.int64))
+    tl.store(out_ptr + 4 * i + 1 + one, w1.to(tl.int64))
+    tl.store(out_ptr + 4 * i + 2 + one, w2.to(tl.int64))
+    tl.store(out_ptr + 4 * i + 3 + one, w3.to(tl.int64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_philox_is_random123_philox4x32_10(device):
+    """triton.language.random.philox_impl (which the kernel calls) against the KAT vectors."""
+    require(device)
+    inp = torch.tensor([[*c, *k] for c, k, _ in KAT], dtype=torch.int64, device=device)
+    out = torch.empty(len(KAT), 4, dtype=torch.int64, device=device)
+    _kat_kernel[(len(KAT),)](inp, out)
+    assert out.cpu().tolist() == [list(w) for _, _, w in KAT]
+
+
+def test_triton_draws_replay_inside_a_cuda_graph():
+    require("cuda")
+    draw = cgidm_ops.get_ops("triton").draw_noise
+    keys = keys_of("a", "b", "c").cuda()
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    draw(keys, step, 2, (3, 17, 23), 1, 999, True, "cuda")  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = draw(keys, step, 2, (3, 17, 23), 1, 999, True, "cuda")
+    for value in (5, 123):
+        step.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_draws_close(out, rng.counter_draws(keys.cpu(), value, 2, (3, 17, 23), 1, 999, True, "cpu"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
