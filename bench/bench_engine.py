@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_row, percentiles, provenance, time_fn  # noqa: E402
 
 from cgidm import reference  # noqa: E402
-from cgidm.engine import Engine, calibrate  # noqa: E402
+from cgidm.engine import Engine, plan_memory  # noqa: E402
 from cgidm.reference import PGDConfig  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -261,7 +261,7 @@ def pick_batches(cfg: Config, make_engine) -> list[int]:
     for b in cfg.batches:
         if b == "auto":
             if cfg.device == "cuda":
-                out.append(calibrate(make_engine, cfg.k, cfg.max_batch).batch)
+                out.append(plan_memory(make_engine, cfg.k, cfg.max_batch).batch)
             else:
                 out.append(min(4, cfg.max_batch))
         else:

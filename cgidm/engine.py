@@ -37,7 +37,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from cgidm.reference import EpsFn, InversionResult, PGDConfig, _expand_cond, draw_step, unet_eps_fn
+from cgidm.reference import (
+    EpsFn, InversionResult, PGDConfig, _expand_cond, contrast_gradient, draw_step, skip_rows, unet_eps_fn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +77,21 @@ def plan_batch(free_bytes: int, per_sample_bytes: int, max_b: int, k: int, reser
 
 
 @dataclass(frozen=True)
-class Calibration:
-    per_sample_bytes: int
+class MemoryPlan:
+    per_sample_bytes: int  # peak bytes of one model sample (one image, one timestep) in a step
     free_bytes: int
-    batch: int
+    batch: int  # images per step that fit
 
 
-def calibrate(make_engine: Callable[[int], "Engine"], k: int, max_b: int, probe_b: int = 2) -> Calibration:
+def plan_memory(make_engine: Callable[[int], "Engine"], k: int, max_b: int, probe_b: int = 2) -> MemoryPlan:
     """Measure the peak memory of one eager step at ``probe_b`` images (CUDA only: CPU
     memory is not the constraint there) and plan ``B`` for the free memory left.
     ``make_engine(b)`` builds an engine for bucket ``b`` on the CUDA device."""
     if not torch.cuda.is_available():
-        raise RuntimeError("calibrate needs CUDA")
+        raise RuntimeError("plan_memory needs CUDA")
     engine = make_engine(probe_b)
     if engine.device.type != "cuda":
-        raise RuntimeError("calibrate needs an engine on a CUDA device")
+        raise RuntimeError("plan_memory needs an engine on a CUDA device")
     torch.cuda.synchronize(engine.device)
     base = torch.cuda.memory_allocated(engine.device)
     torch.cuda.reset_peak_memory_stats(engine.device)
@@ -99,7 +101,7 @@ def calibrate(make_engine: Callable[[int], "Engine"], k: int, max_b: int, probe_
     del engine
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
-    return Calibration(per_sample, free, plan_batch(free, per_sample, max_b, k))
+    return MemoryPlan(per_sample, free, plan_batch(free, per_sample, max_b, k))
 
 
 class Engine:
@@ -155,7 +157,7 @@ class Engine:
         self.mask = torch.zeros(self.latent_shape, device=dev)
         self.delta = torch.zeros(shape, device=dev)
         self.valid = torch.zeros(self.b, dtype=torch.bool, device=dev)  # [B] real rows
-        self.n_real = torch.ones((), device=dev)  # real images, as fp32 for the paper-mode mean
+        self.n_real = torch.ones((), device=dev)  # real images, as fp32 for the loss mean
         self.skipped = torch.zeros(self.b, dtype=torch.long, device=dev)
         self.loss_value = torch.zeros((), device=dev)
         self.t = torch.full((self.n,), cfg.t_min, dtype=torch.long, device=dev)
@@ -180,37 +182,22 @@ class Engine:
     def _step(self) -> None:
         """One PGD step on the static buffers. Capture-safe: no host syncs, no Python
         branch on a tensor value, every result written in place."""
-        cfg, b, k = self.cfg, self.b, self.k
+        cfg = self.cfg
         t, noise_ft, noise_pre = self._draws()
-        sa = self.abar[t].sqrt().float()
-        sb = (1 - self.abar[t]).sqrt().float()
-        x = (self.x_init + self.delta).requires_grad_(True)
-        _, x_t = self.ops.pair_noise(self.x0, x, self.mask, noise_ft, noise_pre, sa, sb)
-        out_ft = self.eps_ft(x_t[0], t, self.cond_ft)
-        out_pre = self.eps_pre(x_t[1], t, self.cond_pre)
-        loss = self.ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre).view(b, k)
-        loss = torch.where(self.valid.view(b, 1), loss, torch.zeros_like(loss))
-        if cfg.per_sample:
-            total = loss.mean(1).sum()
-            value = total / self.n_real
-        else:
-            total = loss.sum() / (self.n_real * k)
-            value = total
-        (grad,) = torch.autograd.grad(total, x)
+        loss, grad = contrast_gradient(
+            self.eps_ft, self.eps_pre, self.x0, self.x_init + self.delta, self.mask, t, noise_ft, noise_pre,
+            self.abar, self.cond_ft, self.cond_pre, self.ops, valid=self.valid,
+        )
         with torch.no_grad():
-            bad = ~torch.isfinite(loss.detach()).all(1)
-            bad |= ~torch.isfinite(grad.flatten(1)).all(1) | (grad.flatten(1).abs().sum(1) == 0)
-            bad &= self.valid
-            if not cfg.per_sample:
-                bad = bad.any().expand(b)
+            bad = skip_rows(loss, grad) & self.valid
             grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             self.skipped += bad.long()
             delta, _ = self.ops.pgd_update(
                 self.delta, grad, self.x0, self.x_init, self.mask, cfg.alpha, cfg.eps,
-                cfg.clamp_min, cfg.clamp_max, cfg.per_sample,
+                cfg.clamp_min, cfg.clamp_max, True,
             )
             self.delta.copy_(delta)
-            self.loss_value.copy_(value.detach())
+            self.loss_value.copy_(loss.mean(1).sum() / self.n_real)
 
     def _draw_host(self, generators, n_real: int) -> None:
         """Eager draws from the per-image generators into the static buffers; padded rows
@@ -218,7 +205,7 @@ class Engine:
         t, noise_ft, noise_pre = draw_step(self.cfg, n_real, self.latent_shape, generators, self.device)
         m = n_real * self.k
         self.t[:m].copy_(t)
-        self.t[m:].fill_(int(t[0]) if self.cfg.noise == "paper" else self.cfg.t_min)
+        self.t[m:].fill_(self.cfg.t_min)
         self.noise_ft[:m].copy_(noise_ft)
         self.noise_ft[m:].zero_()
         if self.noise_pre is not None:
@@ -226,7 +213,7 @@ class Engine:
             self.noise_pre[m:].zero_()
 
     def _step_eager_once(self) -> None:
-        """One step from whatever the buffers hold (memory calibration)."""
+        """One step from whatever the buffers hold (memory planning)."""
         if self.use_graph and self._gen is None:
             self._gen = torch.Generator(device=self.device).manual_seed(self._seed)
         self._step()

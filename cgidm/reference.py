@@ -1,19 +1,25 @@
 """The whole CGI-DM algorithm in plain PyTorch, fp32 math: the spec every fast path is
-checked against (DESIGN.md, "The algorithm, as the paper's code runs it").
+checked against (docs/faithfulness.md, "The algorithm, as the paper's code runs it").
 
 Shapes: ``B`` images, ``K`` timesteps per image, ``N = B*K`` model samples (sample
 ``n = b*K + k``), latents ``[C, H, W]``.
 
-Two noise modes:
-- ``"paper"``: what the official code does — one ``t`` per step for the whole batch,
-  independent noise for the two models, gradient normalised and ``delta`` projected over
-  the whole tensor (identical to per-image at batch 1, the official batch size).
-- ``"shared"`` (default): common random numbers — the same ``(t, noise)`` for both models,
-  ``t`` drawn per image (stratified over K), gradient norm and projection per image, so an
-  image's result does not depend on what it is batched with.
+Every image is its own PGD problem whatever the batch: its own ``t``, noise, gradient
+norm, projection and skip rule, so a batch of ``B`` gives each image what a batch of one
+gives it. The two noise modes differ only in the draws:
+
+- ``"paper"``: what the official code does (batch 1): one ``t`` per image per step and
+  independent noise ``n``, ``n'`` for the two models.
+- ``"shared"`` (default): common random numbers: the same ``(t, noise)`` for both models,
+  ``K`` timesteps per image stratified over ``[t_min, t_max]``.
+
+The loss is scaled by a power of two near ``C*H*W`` before the backward pass (see
+``loss_scale``): free for the normalised step, and it keeps fp16 gradient seeds out of
+the subnormals.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
@@ -75,7 +81,8 @@ def pair_contrast_loss_ref(
 
 
 def _norm(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """L2 norm per sample ``[B, 1, 1, 1]`` or over the whole tensor (broadcastable)."""
+    """L2 norm per sample ``[B, 1, 1, 1]`` or over the whole tensor (broadcastable).
+    At ``B = 1`` both are the official whole-tensor norm."""
     if per_sample:
         return v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     return v.norm().view(1, 1, 1, 1).expand(v.shape[0], 1, 1, 1)
@@ -96,8 +103,13 @@ def pgd_update_ref(
     """One L2 PGD step. Returns the new ``delta`` and the composed latent
     ``x0*M + (x_init + delta)*(1-M)``, both ``[B, C, H, W]`` fp32.
 
-    The gradient norm is taken over the free entries; a zero or non-finite norm (or any
-    non-finite entry) means no step for that sample (the official code's ``NaN -> 0``).
+    The gradient norm is taken over the free entries. The official code normalises the
+    gradient of ``delta`` over the whole tensor, but the compose ``x0*M + (x_init+delta)*(1-M)``
+    hands the kept entries a gradient of exactly 0, so the two norms are equal
+    (``tests/test_reference.py``). A zero or non-finite norm (or any non-finite entry) means
+    no step for that sample (the official code's ``NaN -> 0``). ``per_sample=False`` takes
+    one norm and one projection over the whole batch; ``invert`` never does (every image
+    is its own problem), the ops keep it for callers that want it.
     """
     free = 1 - mask.float()
     g = grad.float() * free
@@ -132,11 +144,10 @@ def sample_timesteps(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """``t [batch*k]`` int64. Shared mode: per image, stratified over ``k`` equal strata
-    of ``[t_min, t_max]``. Paper mode: one draw, repeated for the whole batch."""
+    of ``[t_min, t_max]``. Paper mode (``k = 1``): one uniform draw per image."""
     lo, span = cfg.t_min, cfg.t_max - cfg.t_min + 1
     if cfg.noise == "paper":
-        t = torch.randint(lo, cfg.t_max + 1, (1,), generator=generator, device=device)
-        return t.expand(batch * k).clone()
+        return torch.randint(lo, cfg.t_max + 1, (batch * k,), generator=generator, device=device)
     u = torch.rand(batch, k, generator=generator, device=device)
     edges = torch.arange(k + 1, device=device, dtype=torch.float64) * span / k
     start = edges[:-1].floor().long()
@@ -169,10 +180,7 @@ def draw_step(
     gens = list(generator)
     if len(gens) != b:
         raise ValueError(f"{len(gens)} generators for {b} images")
-    if cfg.noise == "paper":
-        t = sample_timesteps(b, k, cfg, gens[0], device)
-    else:
-        t = torch.cat([sample_timesteps(1, k, cfg, g, device) for g in gens])
+    t = torch.cat([sample_timesteps(1, k, cfg, g, device) for g in gens])
     noise_ft = torch.cat([torch.randn(k, *latent_shape, generator=g, device=device) for g in gens])
     noise_pre = (
         None if cfg.noise == "shared"
@@ -187,6 +195,66 @@ class InversionResult:
     delta: torch.Tensor  # [B, C, H, W]
     skipped_steps: torch.Tensor  # [B] steps with a zero or non-finite gradient
     loss_history: list[float]
+
+
+def loss_scale(latent_shape: Sequence[int]) -> float:
+    """The power of two nearest ``M = C*H*W`` that the summed loss is multiplied by before
+    the backward pass.
+
+    The gradient seeds ``2(eps - n)/M`` are ~1e-4 at SD's ``M = 16384`` and shrink further
+    through the UNet's backward: in fp16 they sink into subnormals (and to zero). Scaled
+    by ~``M`` they are O(1). The step divides the gradient by its norm, so the scale
+    cancels; a power of two makes it exact in fp32 (every product and the norm scale by
+    exactly ``2^p``), so fp32 results are bit-for-bit those of the unscaled loss."""
+    m = math.prod(int(d) for d in latent_shape)
+    return float(2 ** max(0, round(math.log2(max(m, 1)))))
+
+
+def contrast_gradient(
+    eps_ft: EpsFn,
+    eps_pre: EpsFn,
+    x0: torch.Tensor,  # [B, C, H, W] fp32
+    x: torch.Tensor,  # [B, C, H, W] fp32, x_init + delta
+    mask: torch.Tensor,  # [C, H, W] fp32
+    t: torch.Tensor,  # [N] int64
+    noise_ft: torch.Tensor,  # [N, C, H, W]
+    noise_pre: Optional[torch.Tensor],  # [N, C, H, W] or None (shared noise)
+    abar: torch.Tensor,  # [T] float64
+    cond_ft: torch.Tensor,  # [N, L, D]
+    cond_pre: torch.Tensor,  # [N, L, D]
+    ops: SimpleNamespace = REFERENCE_OPS,
+    valid: Optional[torch.Tensor] = None,  # [B] bool, rows whose loss counts
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's contrast loss and its gradient: ``(loss [B, K] fp32, grad [B, C, H, W])``.
+
+    ``loss`` is unscaled (rows outside ``valid`` are 0); ``grad`` is
+    ``scale * d/dx sum_b mean_k loss[b, k]`` (``scale``: ``loss_scale`` of the latent by
+    default), so image ``b``'s gradient depends on its own samples only. Rows outside
+    ``valid`` are cut out with ``torch.where``: a NaN there cannot leak in as ``0 * NaN``.
+    No host sync, no branch on a tensor value: safe inside a CUDA graph capture."""
+    b = x0.shape[0]
+    k = noise_ft.shape[0] // b
+    scale = loss_scale(x0.shape[1:]) if scale is None else float(scale)
+    sa = abar[t].sqrt().float()
+    sb = (1 - abar[t]).sqrt().float()
+    x = x.detach().requires_grad_(True)
+    _, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
+    out_ft = eps_ft(x_t[0], t, cond_ft)
+    out_pre = eps_pre(x_t[1], t, cond_pre)
+    loss = ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre).view(b, k)  # [B, K]
+    if valid is not None:
+        loss = torch.where(valid.view(b, 1), loss, torch.zeros_like(loss))
+    (grad,) = torch.autograd.grad(loss.mean(1).sum() * scale, x)
+    return loss.detach(), grad
+
+
+def skip_rows(loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: images that take no step this time: a non-finite loss (even with a
+    finite gradient, e.g. a NaN output cut out of the graph), or a zero or non-finite
+    gradient. ``loss [B, K]``, ``grad [B, C, H, W]``."""
+    g = grad.flatten(1)
+    return ~torch.isfinite(loss).all(1) | ~torch.isfinite(g).all(1) | (g.abs().sum(1) == 0)
 
 
 def invert(
@@ -209,6 +277,7 @@ def invert(
     default is this module's plain-torch twins, and the compiled ops are drop-in.
     ``generator`` is one generator for the batch or one per image; with one per image,
     an image's draws (and so its result) do not depend on what it is batched with.
+    ``callback(step, loss)`` and the history get the unscaled loss, averaged over images.
     """
     b = x0.shape[0]
     k = cfg.k
@@ -224,33 +293,18 @@ def invert(
     history: list[float] = []
     for step in range(cfg.steps):
         t, noise_ft, noise_pre = draw_step(cfg, b, x0.shape[1:], generator, device)
-        sa = abar[t].sqrt().float()
-        sb = (1 - abar[t]).sqrt().float()
-        x = (x_init + delta).requires_grad_(True)
-        _, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
-        out_ft = eps_ft(x_t[0], t, cond_ft)
-        out_pre = eps_pre(x_t[1], t, cond_pre)
-        loss = ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre)  # [N]
-        if cfg.per_sample:
-            total = loss.view(b, k).mean(1).sum()
-        else:
-            total = loss.mean()
-        (grad,) = torch.autograd.grad(total, x)
+        loss, grad = contrast_gradient(
+            eps_ft, eps_pre, x0, x_init + delta, mask, t, noise_ft, noise_pre, abar, cond_ft, cond_pre, ops,
+        )
         with torch.no_grad():
-            # a non-finite loss skips the step even when autograd hands back a finite
-            # gradient (e.g. a NaN output cut out of the graph)
-            bad = ~torch.isfinite(loss.detach().view(b, k)).all(1)
-            bad |= ~torch.isfinite(grad.flatten(1)).all(1) | (grad.flatten(1).abs().sum(1) == 0)
-            if not cfg.per_sample:
-                bad = bad.any().expand(b)
+            bad = skip_rows(loss, grad)
             grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             skipped += bad.long()
             delta, _ = ops.pgd_update(
-                delta, grad, x0, x_init, mask, cfg.alpha, cfg.eps,
-                cfg.clamp_min, cfg.clamp_max, cfg.per_sample,
+                delta, grad, x0, x_init, mask, cfg.alpha, cfg.eps, cfg.clamp_min, cfg.clamp_max, True,
             )
         if callback is not None or step == cfg.steps - 1:
-            value = float(total.detach()) / b if cfg.per_sample else float(total.detach())
+            value = float(loss.mean(1).sum()) / b
             history.append(value)
             if callback is not None:
                 callback(step, value)
@@ -268,12 +322,24 @@ def _expand_cond(cond: torch.Tensor, b: int, k: int) -> torch.Tensor:
     return cond.repeat_interleave(k, dim=0)
 
 
-def partial_representation(codec, x0: torch.Tensor, mask: torch.Tensor, generator=None):
-    """Decode the masked latent and encode it again (DESIGN.md step 4).
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` images in [-1, 1] through an 8-bit image and back, as the official
+    code's round trip through a PIL image does: ``(x/2 + 0.5).clamp(0, 1) * 255``,
+    rounded (half to even, like numpy), ``/ 255``, back to [-1, 1]. fp32 out."""
+    u8 = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+    return u8 / 255 * 2 - 1
 
-    Returns ``(x_init [B, C, H, W], partial_image [B, 3, H*f, W*f] in [-1, 1])``.
-    """
-    partial_image = codec.decode(x0 * mask)
+
+def partial_representation(codec, x0: torch.Tensor, mask: torch.Tensor, generator=None):
+    """Decode the masked latent, quantise it to an 8-bit image and encode that again
+    (docs/faithfulness.md, "Partial representation"): the official code saves ``x0 * M``
+    decoded as an image and encodes the saved image, so values the decoder puts outside
+    [-1, 1] are clamped and every pixel is one of 256 levels.
+
+    ``x0 [B, C, H, W]``, ``mask [C, H, W]``; ``generator`` samples the encoder. Returns
+    ``(x_init [B, C, H, W], partial_image [B, 3, H*f, W*f])``, the partial image being the
+    quantised one that was encoded (the evidence), in [-1, 1]."""
+    partial_image = quantize_8bit(codec.decode(x0 * mask))
     x_init = codec.encode(partial_image, generator=generator)
     return x_init, partial_image
 

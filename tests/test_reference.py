@@ -6,8 +6,8 @@ import torch
 
 from cgidm.masks import block_mask
 from cgidm.reference import (
-    PGDConfig, draw_step, invert, pair_contrast_loss_ref, pair_noise_ref, pgd_update_ref,
-    sample_timesteps,
+    PGDConfig, contrast_gradient, draw_step, invert, pair_contrast_loss_ref, pair_noise_ref, partial_representation,
+    pgd_update_ref, quantize_8bit, sample_timesteps,
 )
 
 
@@ -138,8 +138,9 @@ def test_timesteps_in_range_and_stratified():
     for k in range(4):  # stratum k of [1, 999]
         lo, hi = 1 + math.floor(k * 999 / 4), 1 + math.floor((k + 1) * 999 / 4)
         assert ((t[:, k] >= lo) & (t[:, k] < hi)).all()
-    t = sample_timesteps(3, 1, PGDConfig(noise="paper"), g)
-    assert (t == t[0]).all()  # paper: one t for the step
+    t = sample_timesteps(200, 1, PGDConfig(noise="paper"), g)
+    assert t.shape == (200,) and t.min() >= 1 and t.max() <= 999
+    assert len(set(t.tolist())) > 1  # paper: one t per image, as a batch of one draws it
 
 
 def _linear_models(a: float, b: float):
@@ -220,3 +221,171 @@ def test_non_finite_loss_with_a_finite_gradient_is_skipped():
                  torch.Generator().manual_seed(0))
     assert res.skipped_steps.tolist() == [2, 0]
     assert torch.equal(res.x_rec[0], (x0 * mask + x_init * (1 - mask))[0])
+
+
+# --------------------------------------------------------------------------- paper mode, one image at a time
+
+ABAR = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+
+
+def _nonlinear_models():
+    """Elementwise models: a batch changes no arithmetic of a row, so results are exact.
+    The fine-tuned one returns NaN where its input exceeds 50 (a poisoned image)."""
+
+    def ft(x, t, c):
+        out = torch.tanh(x) * 0.9 + 1e-3 * t.view(-1, 1, 1, 1)
+        return torch.where(x.abs() > 50, torch.full_like(out, float("nan")), out)
+
+    return ft, (lambda x, t, c: torch.sin(x))
+
+
+def _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, gen):
+    """DESIGN step 5 written as the official code runs it, batch 1: ``delta`` is the leaf,
+    the loss is one scalar ``MSE(eps_ft, n) - MSE(eps_pre, n')``, the gradient of ``delta``
+    is normalised over the whole tensor (NaN -> 0), then clamp and whole-tensor projection.
+    Returns the recovered latent and the first step's gradient of ``delta``."""
+    delta = torch.zeros_like(x0)
+    first = None
+    for _ in range(cfg.steps):
+        t, n, n_pre = draw_step(cfg, 1, x0.shape[1:], gen)
+        delta.requires_grad_(True)
+        z = x0 * mask + (x_init + delta) * (1 - mask)
+        a, s = ABAR[t].sqrt().float().view(-1, 1, 1, 1), (1 - ABAR[t]).sqrt().float().view(-1, 1, 1, 1)
+        loss = torch.nn.functional.mse_loss(eps_ft(a * z + s * n, t, cond), n) - torch.nn.functional.mse_loss(
+            eps_pre(a * z + s * n_pre, t, cond), n_pre)
+        (g,) = torch.autograd.grad(loss, delta)
+        first = g if first is None else first
+        with torch.no_grad():
+            g = torch.nan_to_num(g / g.norm(), nan=0.0)
+            delta = delta - cfg.alpha * g
+            delta = (x_init + delta).clamp(cfg.clamp_min, cfg.clamp_max) - x_init
+            if delta.norm() > cfg.eps:
+                delta = delta * cfg.eps / delta.norm()
+    x_rec = x0 * mask + (x_init + delta).clamp(cfg.clamp_min, cfg.clamp_max) * (1 - mask)
+    return x_rec, first
+
+
+def test_free_entry_norm_equals_the_official_whole_tensor_norm_of_the_delta_gradient():
+    """The official code normalises d loss / d delta over the whole tensor; the compose
+    gives the kept entries exactly 0 there, so its norm is our norm over the free entries."""
+    cfg = PGDConfig(steps=1, noise="paper")
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(1, 2, 8, 8)
+    x_init = x0 * mask + 0.3 * torch.randn(1, 2, 8, 8)
+    eps_ft, eps_pre = _nonlinear_models()
+    cond = torch.zeros(1, 3, 4)
+    _, g_official = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(g_official * mask, torch.zeros_like(g_official))  # kept entries: exactly 0
+    t, n, n_pre = draw_step(cfg, 1, x0.shape[1:], torch.Generator().manual_seed(5))
+    _, grad = contrast_gradient(eps_ft, eps_pre, x0, x_init, mask, t, n, n_pre, ABAR, cond, cond, scale=1.0)
+    torch.testing.assert_close(grad, g_official, rtol=1e-6, atol=0)
+    free_norm = (grad * (1 - mask)).norm()
+    assert free_norm.item() == pytest.approx(g_official.norm().item(), rel=1e-6)
+    # hand-checked: the step pgd_update takes is -alpha * g / |g| on the free entries
+    delta, _ = pgd_update_ref(torch.zeros_like(x0), grad, x0, x_init, mask, 2.0, 70.0)
+    torch.testing.assert_close(delta, -2.0 * g_official / g_official.norm(), rtol=1e-5, atol=1e-7)
+
+
+def test_paper_mode_at_batch_1_is_the_official_loop():
+    cfg = PGDConfig(steps=4, alpha=1.0, eps=1.2, noise="paper")  # eps small: the projection acts
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(1, 2, 8, 8)
+    x_init = x0 * mask + 0.3 * torch.randn(1, 2, 8, 8)
+    eps_ft, eps_pre = _nonlinear_models()
+    cond = torch.zeros(1, 3, 4)
+    want, _ = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, torch.Generator().manual_seed(9))
+    got = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, ABAR, cfg, [torch.Generator().manual_seed(9)])
+    torch.testing.assert_close(got.x_rec, want, rtol=1e-5, atol=1e-6)
+    assert got.delta.norm().item() == pytest.approx(1.2, rel=1e-5)
+
+
+@pytest.mark.parametrize("noise,k", [("paper", 1), ("shared", 1), ("shared", 3)])
+def test_a_batch_of_3_equals_3_runs_of_1_exactly(noise, k):
+    """Every image its own t, noise, norm, projection and skip: with elementwise models
+    (no batched arithmetic) the results are bit-for-bit those of batch-1 runs. One image
+    whose model output is NaN skips its own steps only."""
+    cfg = PGDConfig(steps=4, alpha=0.3, eps=1.0, noise=noise, k=k)
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(3, 2, 8, 8)
+    x_init = x0 * mask + 0.3 * torch.randn(3, 2, 8, 8)
+    x0[1, 0, 0, 0] = 1000.0  # a kept entry of image 1: its model output is NaN every step
+    eps_ft, eps_pre = _nonlinear_models()
+    cond = torch.zeros(1, 3, 4)
+
+    def run(idx):
+        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
+        return invert(eps_ft, eps_pre, x0[idx], x_init[idx], mask, cond, cond, ABAR, cfg, gens)
+
+    full = run([0, 1, 2])
+    assert full.skipped_steps.tolist() == [0, 4, 0]
+    for i in range(3):
+        one = run([i])
+        assert torch.equal(full.delta[i], one.delta[0]), i
+        assert torch.equal(full.skipped_steps[i], one.skipped_steps[0])
+    assert not torch.equal(full.delta[0], torch.zeros_like(full.delta[0]))  # it moved
+    assert torch.equal(full.delta[1], torch.zeros_like(full.delta[1]))  # the bad one did not
+
+
+@pytest.mark.parametrize("noise", ["paper", "shared"])
+def test_history_is_the_mean_over_images_of_each_images_loss(noise):
+    cfg = PGDConfig(steps=2, alpha=0.3, eps=1.0, noise=noise)
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(2, 2, 8, 8)
+    eps_ft, eps_pre = _nonlinear_models()
+    cond = torch.zeros(1, 3, 4)
+    seen = []
+
+    def run(idx, cb=None):
+        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
+        return invert(eps_ft, eps_pre, x0[idx], x0[idx] * mask, mask, cond, cond, ABAR, cfg, gens, callback=cb)
+
+    both = run([0, 1], cb=lambda step, v: seen.append((step, v)))
+    ones = [run([i], cb=lambda step, v: None).loss_history for i in range(2)]
+    assert [s for s, _ in seen] == [0, 1]
+    assert both.loss_history == pytest.approx([(a + b) / 2 for a, b in zip(*ones)], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- partial representation
+
+
+class _WideCodec:
+    """A codec whose decode leaves [-1, 1] and lands between 8-bit levels; encode records
+    what it was given (the official code encodes the saved 8-bit image)."""
+
+    def __init__(self):
+        self.encoded = None
+
+    def decode(self, latents):
+        return 1.7 * latents.repeat(1, 3, 1, 1)[:, :3] + 0.0013
+
+    def encode(self, images, generator=None):
+        self.encoded = images.clone()
+        return images[:, :1] * 0.5
+
+
+def test_partial_representation_encodes_the_8_bit_image():
+    codec = _WideCodec()
+    x0 = torch.linspace(-1.5, 1.5, 2 * 1 * 6 * 6).view(2, 1, 6, 6)
+    mask = (torch.arange(36).view(1, 6, 6) % 3 == 0).float()
+    x_init, partial = partial_representation(codec, x0, mask)
+    raw = codec.decode(x0 * mask)
+    assert raw.max() > 1 and raw.min() < -1  # the decode leaves [-1, 1] ...
+    levels = (raw / 2 + 0.5) * 255
+    assert (levels - levels.round()).abs().max() > 0.1  # ... and falls between 8-bit levels
+    assert torch.equal(codec.encoded, partial)  # what was encoded is the evidence returned
+    assert partial.min() == -1 and partial.max() == 1  # clamped
+    u8 = (partial + 1) / 2 * 255
+    torch.testing.assert_close(u8, u8.round(), rtol=0, atol=1e-4)  # 256 levels
+    # hand-checked pixels: 0.0013 -> 127.67 -> 128; 1.7*0.5+0.0013 -> 236.04 -> 236
+    assert u8[0, 0, 0, 1].round().item() == 128  # a masked-out cell: decode(0) = 0.0013
+    px = torch.tensor([[[[0.0013, 1.7 * 0.5 + 0.0013, 5.0, -5.0]]]])
+    assert ((quantize_8bit(px) + 1) / 2 * 255).round().flatten().tolist() == [128, 236, 255, 0]
+    torch.testing.assert_close(x_init, partial[:, :1] * 0.5)
+
+
+def test_quantize_8bit_is_idempotent_and_within_half_a_level():
+    x = torch.rand(1, 3, 5, 7) * 2 - 1
+    q = quantize_8bit(x.half())
+    assert q.dtype == torch.float32
+    assert torch.equal(quantize_8bit(q), q)
+    assert (q - x).abs().max() <= 1 / 255 + 1e-3  # half a level is 1/255 in [-1, 1]
