@@ -10,10 +10,14 @@ batch the memory calibration picks.
 
 Models: SD v1.x UNet shapes (``SD15_UNET`` below, 859.5 M parameters) with random
 weights — FLOPs and time do not depend on the weights; no downloads. Before timing, the
-engine's first-step input gradient is checked against fp32 models: its error must be
+engine's first-step input gradient is checked against fp32 models, once, on at most 2
+images (an fp32 autograd pass at the calibrated batch would not fit): its error must be
 within 2x the error of plain torch in the same dtype (STYLE.md). MFU is against an
-8192^3 bf16 matmul timed in the same run. Rows go to
-``bench/results/engine-<device>.json``.
+8192^3 bf16 matmul timed in the same run (back-to-back calls, each sample >= 20 ms on a
+GPU, median of the samples). One row per measurement goes to
+``bench/results/engine-<device>.json`` as soon as it is measured, so a later failure (out
+of memory at a large batch) keeps the rows before it; each engine and its CUDA graph are
+freed before the next batch.
 
     python bench/bench_engine.py                          # CUDA only
     python bench/bench_engine.py --device cpu --tiny      # CPU smoke: tiny UNets, tiny sizes
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import sys
@@ -74,6 +79,7 @@ class Config:
     warmup: int
     repeats: int
     matmul_n: int
+    check_batch: int  # images of the fp32 correctness check (at most 2)
 
 
 @dataclass(frozen=True)
@@ -101,15 +107,16 @@ def unet_config(tiny: bool) -> tuple[dict, int]:
 
 
 def build_models(cfg: Config):
-    """Two random UNets (a "pretrained" and a "fine-tuned") in fp32 on the device, prompt
+    """Two random UNets (a "pretrained" and a "fine-tuned") in fp32 on the device, frozen
+    (every user copies them: the baseline turns its copies' gradients on), prompt
     embeddings and ``abar``."""
     from diffusers import UNet2DConditionModel
 
     ucfg, tokens = unet_config(cfg.tiny)
     torch.manual_seed(0)
-    pre = UNet2DConditionModel(**ucfg).to(cfg.device).eval()
+    pre = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
     torch.manual_seed(1)
-    ft = UNet2DConditionModel(**ucfg).to(cfg.device).eval()
+    ft = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
     dim = ucfg["cross_attention_dim"]
     g = torch.Generator().manual_seed(2)
     c_ft = torch.randn(1, tokens, dim, generator=g).to(cfg.device)
@@ -211,7 +218,9 @@ def check_engine(engine: Engine, ft32, pre32, c_ft, c_pre, abar, x0, x_init, mas
     plain = input_grad(reference.unet_eps_fn(ft_lo), reference.unet_eps_fn(pre_lo), *args)
     del ft_lo, pre_lo
     scale = want.abs().max().item()
-    err_engine = (seen["grad"] - want).abs().max().item()
+    # The engine's gradient is of the loss times loss_scale (a power of two: exact to undo).
+    got = seen["grad"] / reference.loss_scale(engine.latent_shape)
+    err_engine = (got - want).abs().max().item()
     err_plain = (plain - want).abs().max().item()
     ok = math.isfinite(err_engine) and err_engine <= 2 * err_plain + 1e-6 * scale
     row = {"grad_err_engine": err_engine, "grad_err_plain_torch": err_plain, "grad_scale": scale, "ok": ok}
@@ -236,12 +245,30 @@ def step_flops(ft, pre, c_ft, c_pre, abar, shape, device) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_rate(device: torch.device, n: int) -> float:
-    """FLOP/s of an ``n^3`` bf16 matmul on this device, now."""
+def matmul_rate(device: torch.device, n: int) -> tuple[float, dict]:
+    """FLOP/s of an ``n^3`` bf16 matmul on this device, now (the MFU denominator), and how
+    it was measured. One matmul is ~1 ms on an H100, below the noise of one event pair and
+    of clock ramp-up: each sample runs ``calls`` back-to-back matmuls (>= 20 ms on a GPU),
+    after a warm-up long enough for the clocks to settle, and the median of 15 samples is
+    the rate (its p20/p80 spread is recorded)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    samples = time_fn(lambda: a @ b, device, warmup=2, repeats=5)
-    return 2 * n**3 / percentiles(samples)[1]
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    one = percentiles(time_fn(lambda: torch.matmul(a, b, out=out), device, warmup=3, repeats=3))[1]
+    gpu = device.type == "cuda"
+    calls = max(1, math.ceil((0.02 if gpu else 0.0) / one))
+    repeats = 15 if gpu else 3
+
+    def burst():
+        for _ in range(calls):
+            torch.matmul(a, b, out=out)
+
+    samples = [s / calls for s in time_fn(burst, device, warmup=5 if gpu else 1, repeats=repeats)]
+    p20, med, p80 = percentiles(samples)
+    flop = 2 * n**3
+    info = {"n": n, "calls_per_sample": calls, "samples": repeats, "tflops_p20": flop / p80 / 1e12,
+            "tflops_median": flop / med / 1e12, "tflops_p80": flop / p20 / 1e12}
+    return flop / med, info
 
 
 def result(name, batch, k, dtype, samples, flops_per_image_step, peak, base_ms) -> Result:
@@ -256,32 +283,48 @@ def result(name, batch, k, dtype, samples, flops_per_image_step, peak, base_ms) 
     )
 
 
-def pick_batches(cfg: Config, make_engine) -> list[int]:
-    out = []
+def pick_batches(cfg: Config, make_engine) -> tuple[list[int], Optional[dict]]:
+    """The batches to time, and the memory plan behind ``auto`` (CUDA) if one was made."""
+    out, plan = [], None
     for b in cfg.batches:
         if b == "auto":
             if cfg.device == "cuda":
-                out.append(plan_memory(make_engine, cfg.k, cfg.max_batch).batch)
+                mp = plan_memory(make_engine, cfg.k, cfg.max_batch)
+                plan = asdict(mp)
+                out.append(mp.batch)
+                free_memory()
             else:
                 out.append(min(4, cfg.max_batch))
         else:
             out.append(int(b))
-    return sorted(set(out))
+    return sorted(set(out)), plan
 
 
-def run(cfg: Config) -> list[Result]:
+def free_memory() -> None:
+    """Give what dropped engines held (a CUDA graph's private pool included) back to the
+    device before the next, larger one is built."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(cfg: Config, emit) -> list[Result]:
+    """Measures, calling ``emit(result, extra)`` as soon as each row is measured."""
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     ft32, pre32, c_ft, c_pre, abar, shape = build_models(cfg)
     pgd = PGDConfig(steps=1, k=cfg.k)
-    peak = matmul_rate(device, cfg.matmul_n)
+    peak, matmul = matmul_rate(device, cfg.matmul_n)
     flops = step_flops(ft32, pre32, c_ft, c_pre, abar, shape, device)
+    extra = {"peak_bf16_matmul_tflops": peak / 1e12, "matmul": matmul, "flops_per_image_step": flops}
 
     baseline = PaperLoop(ft32, pre32, c_ft, c_pre, abar, *latents(1, shape, device), pgd=PGDConfig(steps=1))
     base_samples = time_fn(baseline.step, device, cfg.warmup, cfg.repeats)
     assert any(p.grad is not None for p in baseline.ft.parameters()), "the baseline must compute weight gradients"
     del baseline
+    free_memory()
     base = result("baseline", 1, 1, "fp16", base_samples, flops, peak, None)
+    emit(base, extra)
     results = [base]
 
     ft_lo = copy.deepcopy(ft32)
@@ -291,16 +334,26 @@ def run(cfg: Config) -> list[Result]:
         return Engine(ft_lo, pre_lo, c_ft, c_pre, abar, shape, pgd, batch=b, device=device,
                       weight_dtype=dtype, warmup=cfg.warmup)
 
-    for b in pick_batches(cfg, make_engine):
+    # Correctness before any timing, once, on at most 2 images: the fp32 reference pass
+    # keeps every activation for autograd, which at the calibrated batch would not fit.
+    engine = make_engine(cfg.check_batch)
+    check = check_engine(engine, ft32, pre32, c_ft, c_pre, abar, *latents(cfg.check_batch, shape, device), dtype)
+    del engine
+    free_memory()
+    print(f"engine b={cfg.check_batch}: first-step gradient ok {json.dumps(check)}")
+    extra["check"] = {"batch": cfg.check_batch, **check}
+
+    batches, plan = pick_batches(cfg, make_engine)
+    if plan is not None:
+        extra["memory_plan"] = plan
+    for b in batches:
         engine = make_engine(b)
         x0, x_init, mask = latents(b, shape, device)
-        check = check_engine(engine, ft32, pre32, c_ft, c_pre, abar, x0, x_init, mask, dtype)
-        print(f"engine b={b}: first-step gradient ok {json.dumps(check)}")
+        engine.load(x0, x_init, mask)
         if engine.use_graph:
             engine.capture()
             step = engine.graph.replay
         else:
-            engine.load(x0, x_init, mask)
             gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
 
             def step(engine=engine, gens=gens, b=b):
@@ -308,9 +361,16 @@ def run(cfg: Config) -> list[Result]:
                 engine._step()
 
         samples = time_fn(step, device, cfg.warmup, cfg.repeats)
-        results.append(result("engine", b, cfg.k, cfg.dtype, samples, flops, peak, base.ms_per_image_step))
-        del engine
-    return results, {"peak_bf16_matmul_tflops": peak / 1e12, "flops_per_image_step": flops}
+        finite = bool(torch.isfinite(engine.delta).all()) and math.isfinite(float(engine.loss_value))
+        r = result("engine", b, cfg.k, cfg.dtype, samples, flops, peak, base.ms_per_image_step)
+        emit(r, {**extra, "finite_after_timing": finite})
+        results.append(r)
+        engine.graph = None
+        del engine, step
+        free_memory()
+        if not finite:
+            raise SystemExit(f"engine b={b}: delta or loss not finite after the timed steps")
+    return results
 
 
 def main(argv=None) -> None:
@@ -331,25 +391,29 @@ def main(argv=None) -> None:
         raise SystemExit("on CPU bench_engine only runs the --tiny smoke mode")
     cfg = Config(device=a.device, tiny=a.tiny, dtype=a.dtype, k=a.k, batches=tuple(a.batches),
                  max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
-                 matmul_n=a.matmul_n or (1024 if a.tiny else 8192))
-    results, extra = run(cfg)
+                 matmul_n=a.matmul_n or (1024 if a.tiny else 8192), check_batch=min(2, a.max_batch))
+    device = torch.device(cfg.device)
+    # A tiny-model row only shows the code path runs: its MFU (CPU bf16 is emulated) means nothing.
+    path = RESULTS / "engine-cpu-smoke.json" if device.type == "cpu" else None
+
+    def emit(r: Result, extra: dict) -> None:
+        nonlocal path
+        row = {"bench": "engine", "smoke": cfg.tiny, "config": asdict(cfg), "result": asdict(r), **extra,
+               **provenance(device)}
+        if device.type == "cpu":
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        else:
+            path = append_row("engine", device, row)
+        print(f"{r.name} b={r.batch}: {r.median_ms_per_step:.2f} ms/step, row appended to {path}", flush=True)
+
+    results = run(cfg, emit)
     print(f"{'name':>9} {'B':>4} {'K':>3} {'dtype':>5} {'ms/step':>10} {'ms/img-step':>12} {'TFLOP/s':>9} {'MFU':>7} {'speedup':>8}")
     for r in results:
         sp = "" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x"
         print(f"{r.name:>9} {r.batch:>4} {r.k:>3} {r.dtype:>5} {r.median_ms_per_step:>10.2f} "
               f"{r.ms_per_image_step:>12.2f} {r.tflops_per_s:>9.3f} {r.mfu:>7.3f} {sp:>8}")
-    device = torch.device(cfg.device)
-    # a tiny-model row only shows the code path runs: its MFU (CPU bf16 is emulated) means nothing
-    row = {"bench": "engine", "smoke": cfg.tiny, "config": asdict(cfg), "results": [asdict(r) for r in results], **extra,
-           **provenance(device)}
-    if device.type == "cpu":
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / "engine-cpu-smoke.json"
-        with path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-    else:
-        path = append_row("engine", device, row)
-    print(f"row appended to {path}")
 
 
 if __name__ == "__main__":

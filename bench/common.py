@@ -80,6 +80,17 @@ def git_sha() -> str:
         return "unknown"
 
 
+def driver_version() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
 def provenance(device: torch.device) -> dict:
     """Where and how a result was measured."""
     try:
@@ -88,10 +99,20 @@ def provenance(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    gpu = {}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {
+            "driver": driver_version(),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "device_type": device.type,
+        **gpu,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
