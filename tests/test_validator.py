@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cgidm.validator import (
-    CLIP_PREPROCESS, DINO_PREPROCESS, Preprocess, centre_crop, exact_auc, load_official_embedder,
+    CLIP_PREPROCESS, DINO_PREPROCESS, Preprocess, centre_crop, load_official_embedder,
     official_accuracy, official_auc, official_auc_accuracy, official_scores, paired_scores,
     preprocess, resize_short_side, to_8bit,
 )
