@@ -445,8 +445,9 @@ def _dispatcher_ops(pgd_update=_pgd_update_op, draw_noise=_draw_noise_op) -> Sim
     )
 
 
-# The reference functions: cgidm.reference's ops and the draws of cgidm.rng.
-REFERENCE_OPS = SimpleNamespace(**{**vars(reference.REFERENCE_OPS), "draw_noise": rng.counter_draws})
+# The reference functions are cgidm.reference's namespace itself (its draw_noise:
+# cgidm.rng.counter_draws, where reference.py lists it).
+REFERENCE_OPS = reference.REFERENCE_OPS
 
 
 def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
@@ -490,7 +491,7 @@ def get_ops(impl: str = "auto") -> SimpleNamespace:
     """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise)`` with the
     reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:
 
-    - ``"ref"``: the plain-torch functions of ``cgidm.reference`` and ``cgidm.rng``;
+    - ``"ref"``: ``cgidm.reference.REFERENCE_OPS``, the plain-torch functions;
     - ``"cpp"`` / ``"cuda"``: the extension's kernels through the dispatcher;
     - ``"triton"``: the Triton ops ``pgd_update_triton`` and ``draw_noise_triton``
       (interpreted on CPU tensors), the other two ops through the dispatcher;
