@@ -10,6 +10,14 @@
   ``root/lora_kohya.safetensors`` the same LoRA with kohya key names;
 - ``root/images/{members,holdouts,controls}`` PNGs: members were fine-tuned on,
   holdouts are unseen images of the same style, controls unseen images for calibration.
+
+The instance prompt is recorded where real trainers put it: ``finetuned/args.json``
+(``instance_prompt``), ``modelspec.trigger_phrase`` in the metadata of
+``finetuned.safetensors`` and ``lora.safetensors``, and kohya's ``ss_tag_frequency`` in
+``lora_kohya.safetensors``. Worlds built before these records existed get them added
+when they are next reused (no rebuild).
+
+cgidm only ever deletes a folder it made: each carries an ``OWNER_MARK`` file.
 """
 from __future__ import annotations
 
@@ -19,11 +27,13 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from cgidm.codec import IdentityCodec
+from cgidm.files import atomic_write_json
 from cgidm.testing.world import STYLES, make_images
 
 log = logging.getLogger(__name__)
@@ -31,6 +41,7 @@ log = logging.getLogger(__name__)
 WORLD_VERSION = 3
 MEMBER_STYLE = "ember"
 INSTANCE_PROMPT = "a sks pattern"
+OWNER_MARK = ".cgidm-world"
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,9 @@ def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldCon
     """Build (or reuse) the tiny world under ``root``; returns ``root``.
 
     Reuse is keyed by the config: a finished world carries ``world.json``. A file lock
-    lets parallel test workers share one build.
+    lets parallel test workers share one build. A stale world is deleted and rebuilt only
+    if cgidm made it; a non-empty folder that cgidm did not make raises ``ValueError``
+    and is left untouched.
     """
     from filelock import FileLock
 
@@ -199,6 +212,48 @@ def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldCon
         return _build_locked(root, cfg, force)
 
 
+def _stamp_of(folder: Path) -> Optional[dict]:
+    try:
+        stamp = json.loads((folder / "world.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _made_by_cgidm(folder: Path) -> bool:
+    if (folder / OWNER_MARK).is_file():
+        return True
+    # worlds built before the mark existed carry cgidm's stamp: a version and the config
+    stamp = _stamp_of(folder)
+    return stamp is not None and "version" in stamp and set(asdict(WorldConfig())) <= set(stamp)
+
+
+def _check_removable(folder: Path) -> None:
+    """Raise ``ValueError`` unless ``folder`` is absent, empty, or made by cgidm."""
+    if not os.path.lexists(folder):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ValueError(
+            f"{folder} exists and is not a folder cgidm made; choose a new or empty folder "
+            "for the tiny world (--world or CGIDM_TINY_WORLD)"
+        )
+    if _made_by_cgidm(folder) or not any(folder.iterdir()):
+        return
+    raise ValueError(
+        f"{folder} is not empty and cgidm did not make it, so it is left as is; choose a new "
+        "or empty folder for the tiny world (--world or CGIDM_TINY_WORLD)"
+    )
+
+
+def _remove(folder: Path) -> None:
+    if not os.path.lexists(folder):
+        return
+    if _made_by_cgidm(folder):
+        shutil.rmtree(folder)
+    else:
+        folder.rmdir()  # empty (checked); fails rather than delete anything put there since
+
+
 def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
@@ -206,15 +261,17 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     stamp = {"version": WORLD_VERSION, **asdict(cfg)}
-    marker = root / "world.json"
-    if not force and marker.exists() and json.loads(marker.read_text()) == stamp:
+    if not force and root.is_dir() and _stamp_of(root) == stamp:
+        _add_prompt_records(root, cfg.members)
         return root
-    if root.exists():
-        shutil.rmtree(root)
     tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # both checked before either is touched: a refusal leaves everything as it was
+    _check_removable(root)
+    _check_removable(tmp)
+    _remove(root)
+    _remove(tmp)
     tmp.mkdir(parents=True)
+    (tmp / OWNER_MARK).write_text("made by cgidm (tiny test world); cgidm may delete this folder\n")
     torch.manual_seed(cfg.seed)
 
     build_tiny_pipeline(tmp / "base", cfg.size, cfg.seed)
@@ -276,10 +333,51 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     state = {f"unet.{k}": v.contiguous() for k, v in state.items()}
     save_file(state, tmp / "lora.safetensors", metadata={"format": "pt"})
     _write_other_formats(tmp)
+    _add_prompt_records(tmp, cfg.members)
 
-    (tmp / "world.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    atomic_write_json(tmp / "world.json", stamp)
     tmp.rename(root)
     return root
+
+
+def _with_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add ``extra`` to a safetensors file's metadata where missing (tensors unchanged);
+    the file is replaced atomically, so a reader that has it open keeps the old one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if all(k in meta for k in extra):
+        return
+    tensors = load_file(str(path))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={**extra, **meta})
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # safetensors creates 0600; keep the cache readable
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _add_prompt_records(root: Path, members: int) -> None:
+    """Record the instance prompt where trainers do; a no-op once done. Runs on every
+    reuse so that worlds built before these records existed get them without a rebuild."""
+    try:
+        args = root / "finetuned" / "args.json"
+        if not args.exists():
+            # the keys of diffusers' train_dreambooth.py arguments
+            atomic_write_json(args, {"instance_prompt": INSTANCE_PROMPT, "train_text_encoder": False})
+        trigger = {"modelspec.trigger_phrase": INSTANCE_PROMPT}
+        _with_metadata(root / "finetuned.safetensors", trigger)
+        _with_metadata(root / "lora.safetensors", trigger)
+        # kohya names a DreamBooth dataset folder "<repeats>_<prompt>" and counts caption tags
+        tags = {f"1_{INSTANCE_PROMPT}": {INSTANCE_PROMPT: members}}
+        _with_metadata(root / "lora_kohya.safetensors", {"ss_tag_frequency": json.dumps(tags)})
+        (root / OWNER_MARK).touch()
+    except OSError as e:  # a read-only cache still serves every other test
+        log.warning("could not record the instance prompt in %s: %s", root, e)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
