@@ -7,21 +7,14 @@ Shapes: ``B`` image rows of the bucket (real images first, padding after), ``K``
 timesteps per image, ``N = B*K`` model samples (sample ``n = b*K + k``), latents
 ``[C, H, W]``.
 
-Random numbers, two streams of the same distribution:
-
-- eager (CPU always; CUDA with ``use_graph=False``): ``t`` and the noise come from the
-  per-image generators through ``reference.draw_step`` on the host side of the step and
-  are copied into the static buffers, so the recovered latents equal ``invert``'s with the
-  same generators (``tests/test_engine.py``);
-- CUDA graph: a per-image host draw would be frozen into the graph, so the step draws
-  from one device generator inside the graph (registered with
-  ``CUDAGraph.register_generator_state`` where torch has it — its offset advances on
-  every replay — else the default CUDA generator, which graphs always track). Same
-  distribution as the reference, different numbers; a result then depends on the bucket
-  it ran in.
+Random numbers: counter-based (``cgidm.rng``), drawn inside the step from the per-image
+``keys`` buffer and a device step counter that the step itself increments. A graph replay
+therefore draws exactly what an eager step draws, and an image draws the same numbers in
+any bucket, at any row, padded or not: results equal ``reference.invert``'s with the same
+keys (``tests/test_engine.py``).
 
 Padding: a tail batch with fewer than ``B`` images fills the remaining rows with zeros
-(``x0 = x_init = 0``, zero noise). Their loss is cut out with ``torch.where`` (a NaN from a
+(``x0 = x_init = 0``, key 0). Their loss is cut out with ``torch.where`` (a NaN from a
 padded row cannot leak in as ``0 * NaN``), so their gradient is exactly zero, their
 ``delta`` stays zero, and they are never counted in the skip rule of the real rows.
 
@@ -38,7 +31,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from cgidm.reference import (
-    EpsFn, InversionResult, PGDConfig, _expand_cond, contrast_gradient, draw_step, skip_rows, unet_eps_fn,
+    EpsFn, InversionResult, Keys, PGDConfig, _expand_cond, as_keys, contrast_gradient, draw_step, skip_rows,
+    unet_eps_fn,
 )
 
 log = logging.getLogger(__name__)
@@ -128,7 +122,6 @@ class Engine:
         impl: str = "auto",
         weight_dtype: Optional[torch.dtype] = None,
         use_graph: Optional[bool] = None,
-        seed: int = 0,
         warmup: int = 2,
     ) -> None:
         from cgidm.ops import get_ops
@@ -160,30 +153,26 @@ class Engine:
         self.n_real = torch.ones((), device=dev)  # real images, as fp32 for the loss mean
         self.skipped = torch.zeros(self.b, dtype=torch.long, device=dev)
         self.loss_value = torch.zeros((), device=dev)
-        self.t = torch.full((self.n,), cfg.t_min, dtype=torch.long, device=dev)
-        self.noise_ft = torch.zeros((self.n, *self.latent_shape), device=dev)
-        self.noise_pre = None if cfg.noise == "shared" else torch.zeros_like(self.noise_ft)
+        self.keys = torch.zeros(self.b, dtype=torch.int64, device=dev)  # [B] rng.image_key per row
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)  # PGD step of the next draw
 
         self.use_graph = (dev.type == "cuda") if use_graph is None else bool(use_graph)
         if self.use_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self._seed = seed
         self._warmup = warmup
-        self._gen: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ the step
 
-    def _draws(self):
-        if self.use_graph:
-            return draw_step(self.cfg, self.b, self.latent_shape, self._gen, self.device)
-        return self.t, self.noise_ft, self.noise_pre
-
-    def _step(self) -> None:
-        """One PGD step on the static buffers. Capture-safe: no host syncs, no Python
-        branch on a tensor value, every result written in place."""
+    def _step(self, draws: Optional[tuple] = None) -> None:
+        """One PGD step on the static buffers, drawing ``draw_step(cfg, keys, step)`` and
+        advancing ``step``. Capture-safe: no host syncs, no Python branch on a tensor value,
+        every result written in place. ``draws = (t [N], noise_ft [N, C, H, W], noise_pre or
+        None)`` replaces the draws (eager checks against fixed draws; ``step`` still advances)."""
         cfg = self.cfg
-        t, noise_ft, noise_pre = self._draws()
+        if draws is None:
+            draws = draw_step(cfg, self.keys, self.step, self.latent_shape, self.device)
+        t, noise_ft, noise_pre = draws
         loss, grad = contrast_gradient(
             self.eps_ft, self.eps_pre, self.x0, self.x_init + self.delta, self.mask, t, noise_ft, noise_pre,
             self.abar, self.cond_ft, self.cond_pre, self.ops, valid=self.valid,
@@ -198,24 +187,10 @@ class Engine:
             )
             self.delta.copy_(delta)
             self.loss_value.copy_(loss.mean(1).sum() / self.n_real)
-
-    def _draw_host(self, generators, n_real: int) -> None:
-        """Eager draws from the per-image generators into the static buffers; padded rows
-        get zero noise and a valid ``t``."""
-        t, noise_ft, noise_pre = draw_step(self.cfg, n_real, self.latent_shape, generators, self.device)
-        m = n_real * self.k
-        self.t[:m].copy_(t)
-        self.t[m:].fill_(self.cfg.t_min)
-        self.noise_ft[:m].copy_(noise_ft)
-        self.noise_ft[m:].zero_()
-        if self.noise_pre is not None:
-            self.noise_pre[:m].copy_(noise_pre)
-            self.noise_pre[m:].zero_()
+            self.step.add_(1)
 
     def _step_eager_once(self) -> None:
         """One step from whatever the buffers hold (memory planning)."""
-        if self.use_graph and self._gen is None:
-            self._gen = torch.Generator(device=self.device).manual_seed(self._seed)
         self._step()
 
     # ------------------------------------------------------------------ CUDA graph
@@ -223,16 +198,10 @@ class Engine:
     def capture(self) -> None:
         """Warm up on a side stream (lazy init, cuBLAS workspaces, autograd's first-call
         allocations must not happen inside the capture), then capture one step. The
-        warm-up's effects on ``delta``/``skipped`` and the generator are undone."""
+        warm-up's and the capture's effects on ``delta``, ``skipped`` and ``step`` are undone."""
         if not self.use_graph or self.graph is not None:
             return
         graph = torch.cuda.CUDAGraph()
-        self._gen = torch.Generator(device=self.device)
-        if hasattr(graph, "register_generator_state"):
-            graph.register_generator_state(self._gen)
-        else:
-            self._gen = None  # the default CUDA generator: graphs track its offset
-            log.debug("torch has no CUDAGraph.register_generator_state: graph draws use the default generator")
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -247,21 +216,22 @@ class Engine:
     def _reset_state(self) -> None:
         self.delta.zero_()
         self.skipped.zero_()
-        if self._gen is not None:
-            self._gen.manual_seed(self._seed)
-        elif self.use_graph:
-            torch.cuda.manual_seed(self._seed)
+        self.step.zero_()
 
     # ------------------------------------------------------------------ public
 
-    def load(self, x0: torch.Tensor, x_init: torch.Tensor, mask: torch.Tensor) -> int:
-        """Copy up to ``B`` images into the static buffers, zero-padding the rest; resets
-        ``delta`` and the skip counts. Returns the number of real images."""
+    def load(self, x0: torch.Tensor, x_init: torch.Tensor, mask: torch.Tensor, keys: Keys) -> int:
+        """Copy up to ``B`` images and their keys into the static buffers, zero-padding the
+        rest (padded rows get key 0); resets ``delta``, the skip counts and the step
+        counter. Returns the number of real images."""
         n_real = x0.shape[0]
         if not 1 <= n_real <= self.b:
             raise ValueError(f"{n_real} images for a bucket of {self.b}")
         if tuple(x0.shape[1:]) != self.latent_shape or x_init.shape != x0.shape:
             raise ValueError(f"x0 and x_init must be [B, {', '.join(map(str, self.latent_shape))}]")
+        keys = as_keys(keys, n_real, self.device)
+        self.keys.zero_()
+        self.keys[:n_real].copy_(keys)
         self.x0.zero_()
         self.x_init.zero_()
         self.x0[:n_real].copy_(x0)
@@ -269,8 +239,7 @@ class Engine:
         self.mask.copy_(mask.reshape(self.latent_shape))
         self.valid.copy_(torch.arange(self.b, device=self.device) < n_real)
         self.n_real.fill_(float(n_real))
-        self.delta.zero_()
-        self.skipped.zero_()
+        self._reset_state()
         return n_real
 
     def invert(
@@ -278,24 +247,21 @@ class Engine:
         x0: torch.Tensor,  # [B', C, H, W], any B'
         x_init: torch.Tensor,  # [B', C, H, W]
         mask: torch.Tensor,  # [C, H, W]
-        generators: Optional[Sequence[torch.Generator]] = None,
+        keys: Keys,  # [B'] int64, rng.image_key(seed, image_id) per image
         callback: Optional[Callable[[int, float], None]] = None,
     ) -> InversionResult:
-        """``reference.invert`` over chunks of ``B`` images (the last one padded).
-        Eager runs need one generator per image; a graph run draws from its own device
-        generator and ignores ``generators``. ``callback(step, loss)`` syncs every step,
-        so it is for progress bars, not for timed runs. The loss history of a multi-chunk
-        run is the last chunk's."""
+        """``reference.invert`` over chunks of ``B`` images (the last one padded), with the
+        same ``keys`` giving the same draws, eager or replayed. ``callback(step, loss)``
+        syncs every step, so it is for progress bars, not for timed runs. The loss history
+        of a multi-chunk run is the last chunk's."""
         total = x0.shape[0]
-        if not self.use_graph and (generators is None or len(generators) != total):
-            raise ValueError("an eager engine run needs one generator per image")
+        keys = as_keys(keys, total, self.device)
         if self.use_graph:
             self.capture()
         parts = []
         for start in range(0, total, self.b):
             stop = min(start + self.b, total)
-            gens = None if generators is None else list(generators[start:stop])
-            parts.append(self._run_chunk(x0[start:stop], x_init[start:stop], mask, gens, callback))
+            parts.append(self._run_chunk(x0[start:stop], x_init[start:stop], mask, keys[start:stop], callback))
         delta = torch.cat([p[0] for p in parts])
         skipped = torch.cat([p[1] for p in parts])
         history = parts[-1][2]
@@ -306,15 +272,14 @@ class Engine:
         x_rec = x0f * m + (x_initf + delta).clamp(cfg.clamp_min, cfg.clamp_max) * (1 - m)
         return InversionResult(x_rec=x_rec, delta=delta, skipped_steps=skipped, loss_history=history)
 
-    def _run_chunk(self, x0, x_init, mask, gens, callback):
-        n_real = self.load(x0.to(self.device), x_init.to(self.device), mask.to(self.device))
+    def _run_chunk(self, x0, x_init, mask, keys, callback):
+        n_real = self.load(x0.to(self.device), x_init.to(self.device), mask.to(self.device), keys)
         history: list[float] = []
         steps = self.cfg.steps
         for step in range(steps):
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._draw_host(gens, n_real)
                 self._step()
             if callback is not None or step == steps - 1:
                 value = float(self.loss_value)

@@ -6,7 +6,9 @@ Shapes: ``B`` images, ``K`` timesteps per image, ``N = B*K`` model samples (samp
 
 Every image is its own PGD problem whatever the batch: its own ``t``, noise, gradient
 norm, projection and skip rule, so a batch of ``B`` gives each image what a batch of one
-gives it. The two noise modes differ only in the draws:
+gives it. Its draws are counter-based (``cgidm.rng``): a pure function of its key (run
+seed, image id), the step, the timestep slot and the model side. The two noise modes
+differ only in the draws:
 
 - ``"paper"``: what the official code does (batch 1): one ``t`` per image per step and
   independent noise ``n``, ``n'`` for the two models.
@@ -26,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from cgidm import rng
 from cgidm.config import NOISE_MODES, PGDConfig  # noqa: F401 (re-exported: the spec's settings)
 
 # eps_fn(x_t [N, C, H, W], t [N] int64, cond [N, L, D]) -> eps [N, C, H, W]
@@ -136,57 +139,44 @@ REFERENCE_OPS = SimpleNamespace(
 # --------------------------------------------------------------------------- the loop
 
 
-def sample_timesteps(
-    batch: int,
-    k: int,
-    cfg: PGDConfig,
-    generator: Optional[torch.Generator],
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """``t [batch*k]`` int64. Shared mode: per image, stratified over ``k`` equal strata
-    of ``[t_min, t_max]``. Paper mode (``k = 1``): one uniform draw per image."""
-    lo, span = cfg.t_min, cfg.t_max - cfg.t_min + 1
-    if cfg.noise == "paper":
-        return torch.randint(lo, cfg.t_max + 1, (batch * k,), generator=generator, device=device)
-    u = torch.rand(batch, k, generator=generator, device=device)
-    edges = torch.arange(k + 1, device=device, dtype=torch.float64) * span / k
-    start = edges[:-1].floor().long()
-    width = (edges[1:].floor() - edges[:-1].floor()).long().clamp_min(1)
-    t = lo + start + (u * width).long().clamp_max(width - 1)
-    return t.reshape(-1)
+Keys = Union[torch.Tensor, Sequence[int]]
 
 
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+def as_keys(keys: Keys, b: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[b]`` int64 keys on ``device`` from a tensor or a list of ints
+    (``rng.image_key(seed, image_id)`` each); a clear error for anything else."""
+    if keys is None:
+        raise ValueError("one key per image is needed: keys=cgidm.rng.image_keys(seed, image_ids)")
+    if isinstance(keys, torch.Generator) or (
+        not isinstance(keys, torch.Tensor) and any(isinstance(k, torch.Generator) for k in keys)
+    ):
+        raise TypeError(
+            "torch.Generators are no longer accepted: draws are counter-based, keyed per image; "
+            "pass keys=cgidm.rng.image_keys(seed, image_ids) (one int64 per image)"
+        )
+    keys = keys if isinstance(keys, torch.Tensor) else torch.tensor([int(k) for k in keys], dtype=torch.int64)
+    if keys.dtype != torch.int64 or keys.dim() != 1 or keys.shape[0] != b:
+        raise ValueError(f"keys must be [{b}] int64 (one per image), got {tuple(keys.shape)} {keys.dtype}")
+    return keys.to(device)
 
 
 def draw_step(
     cfg: PGDConfig,
-    b: int,
-    latent_shape,
-    generator: Generators,
+    keys: Keys,  # [B] int64
+    step: Union[int, torch.Tensor],  # PGD step: int, or 0-d int64 device tensor (graph capture)
+    latent_shape: Sequence[int],  # (C, H, W)
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """One step's random draws: ``t [N]``, ``noise_ft [N, C, H, W]`` and ``noise_pre``
-    (``None`` in shared mode). Per-image generators draw each image's share in turn."""
-    k = cfg.k
-    if generator is None or isinstance(generator, torch.Generator):
-        t = sample_timesteps(b, k, cfg, generator, device)
-        noise_ft = torch.randn(b * k, *latent_shape, generator=generator, device=device)
-        noise_pre = (
-            None if cfg.noise == "shared"
-            else torch.randn(b * k, *latent_shape, generator=generator, device=device)
-        )
-        return t, noise_ft, noise_pre
-    gens = list(generator)
-    if len(gens) != b:
-        raise ValueError(f"{len(gens)} generators for {b} images")
-    t = torch.cat([sample_timesteps(1, k, cfg, g, device) for g in gens])
-    noise_ft = torch.cat([torch.randn(k, *latent_shape, generator=g, device=device) for g in gens])
-    noise_pre = (
-        None if cfg.noise == "shared"
-        else torch.cat([torch.randn(k, *latent_shape, generator=g, device=device) for g in gens])
+    """One step's random draws: ``t [N]`` int64, ``noise_ft [N, C, H, W]`` fp32 and
+    ``noise_pre`` (paper mode; ``None`` in shared mode), ``N = B*K``. Image ``b``'s draws
+    are a pure function of ``(keys[b], step, k, side)`` (``cgidm.rng.counter_draws``):
+    whatever its batch, its position in it, the padding, eager or graph replay. Shared
+    mode stratifies the K timesteps over ``[t_min, t_max]``; paper mode (``K = 1``) draws
+    one uniform ``t`` per image and independent noise for the two models."""
+    keys = as_keys(keys, len(keys), device)
+    return rng.counter_draws(
+        keys, step, cfg.k, latent_shape, cfg.t_min, cfg.t_max, cfg.noise == "paper", device,
     )
-    return t, noise_ft, noise_pre
 
 
 @dataclass
@@ -267,21 +257,27 @@ def invert(
     cond_pre: torch.Tensor,  # [1 or B, L, D]
     abar: torch.Tensor,  # [T] alphas_cumprod of the scheduler
     cfg: PGDConfig = PGDConfig(),
-    generator: Generators = None,
+    keys: Optional[Keys] = None,  # [B] int64, rng.image_key(seed, image_id) per image
     ops: SimpleNamespace = REFERENCE_OPS,
     callback: Optional[Callable[[int, float], None]] = None,
+    *,
+    generator=None,
 ) -> InversionResult:
     """Recover the masked half of ``x0`` by L2 PGD on the contrast loss.
 
+    ``keys``: one int64 per image (``cgidm.rng.image_keys(seed, image_ids)``); step ``s``
+    of image ``b`` draws ``draw_step(cfg, keys[b:b+1], s)``, so an image's result does not
+    depend on what it is batched with. ``generator`` is gone (a ``TypeError`` says so).
     ``ops`` supplies ``pair_noise``, ``pair_contrast_loss`` and ``pgd_update``; the
     default is this module's plain-torch twins, and the compiled ops are drop-in.
-    ``generator`` is one generator for the batch or one per image; with one per image,
-    an image's draws (and so its result) do not depend on what it is batched with.
     ``callback(step, loss)`` and the history get the unscaled loss, averaged over images.
     """
+    if generator is not None:
+        as_keys([generator], 1)  # raises the TypeError that explains the change
     b = x0.shape[0]
     k = cfg.k
     device = x0.device
+    keys = as_keys(keys, b, device)
     x0 = x0.float()
     x_init = x_init.float()
     mask = mask.to(device=device, dtype=torch.float32)
@@ -292,7 +288,7 @@ def invert(
     skipped = torch.zeros(b, dtype=torch.long, device=device)
     history: list[float] = []
     for step in range(cfg.steps):
-        t, noise_ft, noise_pre = draw_step(cfg, b, x0.shape[1:], generator, device)
+        t, noise_ft, noise_pre = draw_step(cfg, keys, step, x0.shape[1:], device)
         loss, grad = contrast_gradient(
             eps_ft, eps_pre, x0, x_init + delta, mask, t, noise_ft, noise_pre, abar, cond_ft, cond_pre, ops,
         )
@@ -304,7 +300,7 @@ def invert(
                 delta, grad, x0, x_init, mask, cfg.alpha, cfg.eps, cfg.clamp_min, cfg.clamp_max, True,
             )
         if callback is not None or step == cfg.steps - 1:
-            value = float(loss.mean(1).sum()) / b
+            value = float(loss.mean(1).sum() / b)  # fp32, as the engine computes it
             history.append(value)
             if callback is not None:
                 callback(step, value)

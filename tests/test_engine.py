@@ -1,6 +1,6 @@
 """The engine against the spec: same recovered latents as ``reference.invert`` with the
-same per-image generators when it runs eagerly; padding that leaves the real rows alone;
-frozen weights; the batch planner. CUDA-graph tests run only with a GPU."""
+same per-image keys (counter-based draws), eager or replayed; padding that leaves the real
+rows alone; frozen weights; the batch planner. CUDA-graph tests run only with a GPU."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +12,7 @@ import torch
 from cgidm import reference
 from cgidm.engine import Engine, plan_batch, plan_memory
 from cgidm.reference import PGDConfig
+from cgidm.rng import image_keys
 
 SHAPE = (3, 16, 16)
 
@@ -51,22 +52,23 @@ def inputs(b, seed=3):
     return x0, x_init, mask
 
 
-def gens(b, seed=10):
-    return [torch.Generator().manual_seed(seed + i) for i in range(b)]
+def keys(b, seed=10):
+    """``[b]`` int64 keys of images ``img0 .. img{b-1}`` under run seed ``seed``."""
+    return image_keys(seed, [f"img{i}" for i in range(b)])
 
 
 def run_reference(unets, cfg, x0, x_init, mask):
     ft, pre, c_ft, c_pre = unets
     return reference.invert(
         reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), x0, x_init, mask, c_ft, c_pre,
-        abar(), cfg, generator=gens(x0.shape[0]), ops=reference.REFERENCE_OPS,
+        abar(), cfg, keys=keys(x0.shape[0]), ops=reference.REFERENCE_OPS,
     )
 
 
 def run_engine(unets, cfg, x0, x_init, mask, batch, impl="ref"):
     ft, pre, c_ft, c_pre = unets
     engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=batch, impl=impl)
-    return engine.invert(x0, x_init, mask, gens(x0.shape[0]))
+    return engine.invert(x0, x_init, mask, keys(x0.shape[0]))
 
 
 CASES = [
@@ -85,10 +87,11 @@ def test_engine_equals_reference_invert(unets, cfg, b):
     want = run_reference(unets, cfg, x0, x_init, mask)
     got = run_engine(unets, cfg, x0, x_init, mask, batch=b)
     assert got.delta.abs().sum() > 0, "no step was taken: the comparison would be vacuous"
-    torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.delta, want.delta, rtol=1e-5, atol=1e-5)
+    # same keys, same draws, same kernels at the same batch: bit for bit
+    assert torch.equal(got.x_rec, want.x_rec)
+    assert torch.equal(got.delta, want.delta)
     assert torch.equal(got.skipped_steps, want.skipped_steps)
-    assert got.loss_history == pytest.approx(want.loss_history, rel=1e-5, abs=1e-6)
+    assert got.loss_history == want.loss_history
 
 
 @pytest.mark.parametrize("which", ["reference", "engine"])
@@ -103,12 +106,12 @@ def test_a_batch_of_3_equals_3_runs_of_1(unets, which, noise):
     x0, x_init, mask = inputs(3)
 
     def run(idx):
-        g = [torch.Generator().manual_seed(10 + i) for i in idx]
+        k = keys(3)[idx]
         if which == "reference":
             return reference.invert(reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), x0[idx], x_init[idx],
-                                    mask, c_ft, c_pre, abar(), cfg, generator=g)
+                                    mask, c_ft, c_pre, abar(), cfg, keys=k)
         engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=len(idx), impl="ref")
-        return engine.invert(x0[idx], x_init[idx], mask, g)
+        return engine.invert(x0[idx], x_init[idx], mask, k)
 
     full = run([0, 1, 2])
     assert full.delta.abs().sum() > 0
@@ -117,6 +120,57 @@ def test_a_batch_of_3_equals_3_runs_of_1(unets, which, noise):
         torch.testing.assert_close(full.delta[i:i + 1], one.delta, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(full.x_rec[i:i + 1], one.x_rec, rtol=1e-5, atol=1e-6)
         assert torch.equal(full.skipped_steps[i:i + 1], one.skipped_steps)
+
+
+def _toy_models():
+    """Elementwise models: no arithmetic depends on the batch, so results compare bit for bit."""
+    def ft(x, t, c):
+        return torch.tanh(x) * 0.9 + 1e-3 * t.view(-1, 1, 1, 1)
+
+    return ft, (lambda x, t, c: torch.sin(x))
+
+
+TOY_CASES = [("paper", 1), ("shared", 1), ("shared", 2)]
+
+
+@pytest.mark.parametrize("noise,k", TOY_CASES)
+def test_exactly_the_reference_padded_or_not_batched_or_not(noise, k):
+    """Same keys, same draws: the engine equals ``reference.invert`` bit for bit; a padded
+    tail (3 images in a bucket of 4; 2 + 1 in a bucket of 2) equals the unpadded run; a
+    batch of 3 equals 3 runs of 1."""
+    ft, pre = _toy_models()
+    cond = torch.zeros(1, 3, 4)
+    cfg = PGDConfig(steps=4, alpha=0.5, eps=3.0, noise=noise, k=k)
+    x0, x_init, mask = inputs(3)
+    want = reference.invert(ft, pre, x0, x_init, mask, cond, cond, abar(), cfg, keys=keys(3))
+
+    def engine(batch, idx=(0, 1, 2)):
+        idx = list(idx)
+        e = Engine(ft, pre, cond, cond, abar(), SHAPE, cfg, batch=batch, impl="ref")
+        return e.invert(x0[idx], x_init[idx], mask, keys(3)[idx])
+
+    assert want.delta.abs().sum() > 0
+    for got in (engine(3), engine(4), engine(2)):
+        assert torch.equal(got.delta, want.delta)
+        assert torch.equal(got.x_rec, want.x_rec)
+        assert torch.equal(got.skipped_steps, want.skipped_steps)
+    assert engine(3).loss_history == want.loss_history
+    for i in range(3):
+        assert torch.equal(engine(1, [i]).delta, want.delta[i:i + 1])
+
+
+def test_the_step_counter_advances_in_the_step_and_restarts_per_batch(unets):
+    ft, pre = _toy_models()
+    cond = torch.zeros(1, 3, 4)
+    cfg = PGDConfig(steps=3, alpha=0.5, eps=3.0)
+    e = Engine(ft, pre, cond, cond, abar(), SHAPE, cfg, batch=2, impl="ref")
+    x0, x_init, mask = inputs(2)
+    e.invert(x0, x_init, mask, keys(2))
+    assert e.step.dtype == torch.int64 and e.step.dim() == 0 and int(e.step) == 3
+    e.load(x0, x_init, mask, keys(2))
+    assert int(e.step) == 0 and e.keys.tolist() == keys(2).tolist()
+    e.load(x0[:1], x_init[:1], mask, keys(1))
+    assert e.keys.tolist() == [keys(1).item(), 0]  # a padded row: any key, its loss is cut out
 
 
 @pytest.mark.parametrize("noise,k", [("shared", 1), ("shared", 2), ("paper", 1)])
@@ -153,7 +207,7 @@ def test_padded_rows_do_not_leak_nan_into_real_rows(unets):
         return out + poison
 
     engine = Engine(nan_on_row_1, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
-    got = engine.invert(x0, x_init, mask, gens(1))
+    got = engine.invert(x0, x_init, mask, keys(1))
     want = run_reference(unets, cfg, x0, x_init, mask)
     assert torch.isfinite(got.x_rec).all()
     torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
@@ -168,7 +222,7 @@ def test_weights_are_frozen_and_collect_no_grad(unets):
     cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
     engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
     x0, x_init, mask = inputs(2)
-    engine.invert(x0, x_init, mask, gens(2))
+    engine.invert(x0, x_init, mask, keys(2))
     for model in (ft, pre):
         for name, p in model.named_parameters():
             assert not p.requires_grad, name
@@ -191,10 +245,12 @@ def test_engine_rejects_bad_input(unets):
     cfg = PGDConfig(steps=1)
     engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, impl="ref")
     x0, x_init, mask = inputs(2)
-    with pytest.raises(ValueError, match="one generator per image"):
-        engine.invert(x0, x_init, mask, gens(1))
+    with pytest.raises(ValueError, match="one per image"):
+        engine.invert(x0, x_init, mask, keys(1))
+    with pytest.raises(TypeError, match="image_keys"):
+        engine.invert(x0, x_init, mask, [torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="images for a bucket"):
-        engine.load(*inputs(3))
+        engine.load(*inputs(3), keys(3))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=1, use_graph=True)
 
@@ -243,24 +299,24 @@ def cuda_unets(unets):
     return ft.cuda(), pre.cuda(), c_ft, c_pre
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_graph_replay_equals_eager_steps_from_the_same_draws(unets, k):
-    """A captured step replayed from the device generator equals the same step run
-    eagerly from the same generator state."""
+@pytest.mark.parametrize("noise,k", [("shared", 1), ("shared", 2), ("paper", 1)])
+def test_graph_replay_equals_eager_steps_and_the_reference(unets, noise, k):
+    """Replays draw from the keys and the device step counter the captured step advances:
+    the same draws as eager steps, so the same result (bit for bit: the same kernels run),
+    and the reference's on the same device up to the bucket's padding row."""
     needs_cuda()
     ft, pre, c_ft, c_pre = cuda_unets(unets)
-    cfg = PGDConfig(steps=4, alpha=0.5, eps=5.0, k=k)
+    cfg = PGDConfig(steps=4, alpha=0.5, eps=5.0, k=k, noise=noise)
     x0, x_init, mask = (t.cuda() for t in inputs(3))
-    graphed = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref", seed=7)
-    got = graphed.invert(x0, x_init, mask)
-    eager = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref",
-                   use_graph=True, seed=7)
-    eager._gen = torch.Generator(device="cuda").manual_seed(7)
-    eager.load(x0, x_init, mask)
-    for _ in range(cfg.steps):
-        eager._step()
-    assert graphed.graph is not None
-    torch.testing.assert_close(got.delta, eager.delta[:3], rtol=1e-4, atol=1e-4)
+    graphed = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref")
+    got = graphed.invert(x0, x_init, mask, keys(3))
+    assert graphed.graph is not None and int(graphed.step) == cfg.steps
+    eager = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=4, device="cuda", impl="ref", use_graph=False)
+    want = eager.invert(x0, x_init, mask, keys(3))
+    assert torch.equal(got.delta, want.delta)
+    ref = reference.invert(reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), x0, x_init, mask, c_ft.cuda(),
+                           c_pre.cuda(), abar(), cfg, keys=keys(3))
+    torch.testing.assert_close(got.delta, ref.delta, rtol=1e-4, atol=1e-4)
     assert got.delta.abs().sum() > 0
 
 
@@ -270,9 +326,9 @@ def test_graph_is_captured_once_per_bucket(unets):
     cfg = PGDConfig(steps=2, alpha=0.5, eps=5.0)
     engine = Engine(ft, pre, c_ft, c_pre, abar(), SHAPE, cfg, batch=2, device="cuda", impl="auto")
     x0, x_init, mask = (t.cuda() for t in inputs(3))
-    engine.invert(x0, x_init, mask)
+    engine.invert(x0, x_init, mask, keys(3))
     graph = engine.graph
-    out = engine.invert(x0[:1], x_init[:1], mask)  # a tail-sized batch: padded, not recaptured
+    out = engine.invert(x0[:1], x_init[:1], mask, keys(1))  # a tail-sized batch: padded, not recaptured
     assert engine.graph is graph
     assert torch.isfinite(out.x_rec).all() and out.x_rec.shape == (1, *SHAPE)
 
@@ -291,7 +347,7 @@ def test_recover_with_the_engine_equals_the_reference(unets):
     x0, x_init, mask = inputs(2)
 
     def prep():
-        return Prepared(x0, x_init, mask, torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), gens(2))
+        return Prepared(x0, x_init, mask, torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), ids=["a", "b"])
 
     pgd = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
     want = recover(pair, prep(), AuthConfig(pgd=pgd))

@@ -85,10 +85,9 @@ def test_the_scale_is_exact_in_fp32_and_the_loss_is_reported_unscaled():
 
     seen = []
     cfg = PGDConfig(steps=1, noise="paper")
-    gens = [torch.Generator().manual_seed(5)]
-    reference.invert(eps_ft, eps_pre, x0[:1], x[:1], mask, cond[:1], cond[:1], abar(), cfg, gens,
+    reference.invert(eps_ft, eps_pre, x0[:1], x[:1], mask, cond[:1], cond[:1], abar(), cfg, keys=[5],
                      callback=lambda step, v: seen.append(v))
-    t1, a, b = reference.draw_step(cfg, 1, shape, [torch.Generator().manual_seed(5)])
+    t1, a, b = reference.draw_step(cfg, [5], 0, shape)
     z = x0[:1] * mask + x[:1] * (1 - mask)
     want, _ = contrast_gradient(eps_ft, eps_pre, x0[:1], z, mask, t1, a, b, abar(), cond[:1], cond[:1], scale=1.0)
     assert seen == [pytest.approx(want.item(), rel=1e-6)]
@@ -156,7 +155,7 @@ def test_engine_in_fp16_follows_fp32():
     def run(dtype):
         engine = Engine(copy.deepcopy(ft), copy.deepcopy(pre), cond, cond, abar(), shape, cfg, batch=2, impl="ref",
                         weight_dtype=dtype)
-        return engine.invert(x0, x, mask, [torch.Generator().manual_seed(20 + i) for i in range(2)])
+        return engine.invert(x0, x, mask, keys=[20, 21])
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     want, got = run(torch.float32), run(torch.float16)

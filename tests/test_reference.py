@@ -7,8 +7,9 @@ import torch
 from cgidm.masks import block_mask
 from cgidm.reference import (
     PGDConfig, contrast_gradient, draw_step, invert, pair_contrast_loss_ref, pair_noise_ref, partial_representation,
-    pgd_update_ref, quantize_8bit, sample_timesteps,
+    pgd_update_ref, quantize_8bit,
 )
+from cgidm.rng import image_key, image_keys
 
 
 def paper_mask_64() -> torch.Tensor:
@@ -132,14 +133,15 @@ def test_pair_contrast_loss_value_and_gradient_seeds():
 
 def test_timesteps_in_range_and_stratified():
     cfg = PGDConfig(k=4)
-    g = torch.Generator().manual_seed(0)
-    t = sample_timesteps(50, 4, cfg, g).view(50, 4)
+    keys = image_keys(0, [f"img{i}" for i in range(50)])
+    t = draw_step(cfg, keys, 0, (1, 2, 2))[0].view(50, 4)
     assert t.min() >= 1 and t.max() <= 999
     for k in range(4):  # stratum k of [1, 999]
         lo, hi = 1 + math.floor(k * 999 / 4), 1 + math.floor((k + 1) * 999 / 4)
         assert ((t[:, k] >= lo) & (t[:, k] < hi)).all()
-    t = sample_timesteps(200, 1, PGDConfig(noise="paper"), g)
+    t, n_ft, n_pre = draw_step(PGDConfig(noise="paper"), image_keys(0, [f"img{i}" for i in range(200)]), 3, (1, 2, 2))
     assert t.shape == (200,) and t.min() >= 1 and t.max() <= 999
+    assert n_pre is not None and not torch.equal(n_ft, n_pre)  # paper: independent noise
     assert len(set(t.tolist())) > 1  # paper: one t per image, as a batch of one draws it
 
 
@@ -158,9 +160,9 @@ def test_one_pgd_step_on_a_toy_model_equals_the_closed_form(noise):
     abar = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     eps_ft, eps_pre = _linear_models(a, b)
     cond = torch.zeros(1, 3, 4)
-    res = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, abar, cfg, torch.Generator().manual_seed(7))
+    res = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, abar, cfg, keys=[7])
 
-    t, n_ft, n_pre = draw_step(cfg, 1, x0.shape[1:], torch.Generator().manual_seed(7))
+    t, n_ft, n_pre = draw_step(cfg, [7], 0, x0.shape[1:])
     n_pre = n_ft if n_pre is None else n_pre
     sa, sb = abar[t].sqrt().float(), (1 - abar[t]).sqrt().float()
     z = x0 * mask + x_init * (1 - mask)
@@ -182,8 +184,7 @@ def test_nan_model_output_skips_every_step_and_is_counted():
     nan_model = lambda x, t, c: x * float("nan")  # noqa: E731
     ok_model = lambda x, t, c: 0.5 * x  # noqa: E731
     res = invert(nan_model, ok_model, x0, x_init, mask, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4),
-                 torch.linspace(0.99, 0.01, 1000, dtype=torch.float64), PGDConfig(steps=3),
-                 torch.Generator().manual_seed(0))
+                 torch.linspace(0.99, 0.01, 1000, dtype=torch.float64), PGDConfig(steps=3), keys=[0, 1])
     assert torch.equal(res.x_rec, x0 * mask + x_init * (1 - mask))
     assert res.skipped_steps.tolist() == [3, 3]
 
@@ -198,12 +199,11 @@ def test_same_seed_same_result_and_batching_does_not_change_an_image():
     cfg = PGDConfig(steps=5, alpha=0.3, eps=2.0, k=2)
 
     def run(idx):
-        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
-        return invert(eps_ft, eps_pre, x0[idx], x_init[idx], mask, cond, cond, abar, cfg, gens).x_rec
+        return invert(eps_ft, eps_pre, x0[idx], x_init[idx], mask, cond, cond, abar, cfg, [100 + i for i in idx]).x_rec
 
     full = run([0, 1, 2])
     assert torch.equal(full, run([0, 1, 2]))
-    assert torch.allclose(full[1:2], run([1]), atol=1e-6)
+    assert torch.equal(full[1:2], run([1]))
     assert not torch.allclose(full, x0 * mask + x_init * (1 - mask))  # it moved
 
 
@@ -217,8 +217,7 @@ def test_non_finite_loss_with_a_finite_gradient_is_skipped():
         return torch.cat([out[:1] + (x[:1] * float("nan")).detach(), out[1:]])
 
     res = invert(ft, lambda x, t, c: 0.2 * x, x0, x_init, mask, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4),
-                 torch.linspace(0.99, 0.01, 1000, dtype=torch.float64), PGDConfig(steps=2),
-                 torch.Generator().manual_seed(0))
+                 torch.linspace(0.99, 0.01, 1000, dtype=torch.float64), PGDConfig(steps=2), keys=[0, 1])
     assert res.skipped_steps.tolist() == [2, 0]
     assert torch.equal(res.x_rec[0], (x0 * mask + x_init * (1 - mask))[0])
 
@@ -239,15 +238,15 @@ def _nonlinear_models():
     return ft, (lambda x, t, c: torch.sin(x))
 
 
-def _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, gen):
+def _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, key):
     """DESIGN step 5 written as the official code runs it, batch 1: ``delta`` is the leaf,
     the loss is one scalar ``MSE(eps_ft, n) - MSE(eps_pre, n')``, the gradient of ``delta``
     is normalised over the whole tensor (NaN -> 0), then clamp and whole-tensor projection.
     Returns the recovered latent and the first step's gradient of ``delta``."""
     delta = torch.zeros_like(x0)
     first = None
-    for _ in range(cfg.steps):
-        t, n, n_pre = draw_step(cfg, 1, x0.shape[1:], gen)
+    for step in range(cfg.steps):
+        t, n, n_pre = draw_step(cfg, [key], step, x0.shape[1:])
         delta.requires_grad_(True)
         z = x0 * mask + (x_init + delta) * (1 - mask)
         a, s = ABAR[t].sqrt().float().view(-1, 1, 1, 1), (1 - ABAR[t]).sqrt().float().view(-1, 1, 1, 1)
@@ -274,9 +273,9 @@ def test_free_entry_norm_equals_the_official_whole_tensor_norm_of_the_delta_grad
     x_init = x0 * mask + 0.3 * torch.randn(1, 2, 8, 8)
     eps_ft, eps_pre = _nonlinear_models()
     cond = torch.zeros(1, 3, 4)
-    _, g_official = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, torch.Generator().manual_seed(5))
+    _, g_official = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, 5)
     assert torch.equal(g_official * mask, torch.zeros_like(g_official))  # kept entries: exactly 0
-    t, n, n_pre = draw_step(cfg, 1, x0.shape[1:], torch.Generator().manual_seed(5))
+    t, n, n_pre = draw_step(cfg, [5], 0, x0.shape[1:])
     _, grad = contrast_gradient(eps_ft, eps_pre, x0, x_init, mask, t, n, n_pre, ABAR, cond, cond, scale=1.0)
     torch.testing.assert_close(grad, g_official, rtol=1e-6, atol=0)
     free_norm = (grad * (1 - mask)).norm()
@@ -293,8 +292,8 @@ def test_paper_mode_at_batch_1_is_the_official_loop():
     x_init = x0 * mask + 0.3 * torch.randn(1, 2, 8, 8)
     eps_ft, eps_pre = _nonlinear_models()
     cond = torch.zeros(1, 3, 4)
-    want, _ = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, torch.Generator().manual_seed(9))
-    got = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, ABAR, cfg, [torch.Generator().manual_seed(9)])
+    want, _ = _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, 9)
+    got = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, ABAR, cfg, keys=[9])
     torch.testing.assert_close(got.x_rec, want, rtol=1e-5, atol=1e-6)
     assert got.delta.norm().item() == pytest.approx(1.2, rel=1e-5)
 
@@ -313,8 +312,8 @@ def test_a_batch_of_3_equals_3_runs_of_1_exactly(noise, k):
     cond = torch.zeros(1, 3, 4)
 
     def run(idx):
-        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
-        return invert(eps_ft, eps_pre, x0[idx], x_init[idx], mask, cond, cond, ABAR, cfg, gens)
+        keys = [image_key(11, f"img{i}") for i in idx]
+        return invert(eps_ft, eps_pre, x0[idx], x_init[idx], mask, cond, cond, ABAR, cfg, keys)
 
     full = run([0, 1, 2])
     assert full.skipped_steps.tolist() == [0, 4, 0]
@@ -336,8 +335,8 @@ def test_history_is_the_mean_over_images_of_each_images_loss(noise):
     seen = []
 
     def run(idx, cb=None):
-        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
-        return invert(eps_ft, eps_pre, x0[idx], x0[idx] * mask, mask, cond, cond, ABAR, cfg, gens, callback=cb)
+        return invert(eps_ft, eps_pre, x0[idx], x0[idx] * mask, mask, cond, cond, ABAR, cfg, [100 + i for i in idx],
+                      callback=cb)
 
     both = run([0, 1], cb=lambda step, v: seen.append((step, v)))
     ones = [run([i], cb=lambda step, v: None).loss_history for i in range(2)]
@@ -389,3 +388,37 @@ def test_quantize_8bit_is_idempotent_and_within_half_a_level():
     assert q.dtype == torch.float32
     assert torch.equal(quantize_8bit(q), q)
     assert (q - x).abs().max() <= 1 / 255 + 1e-3  # half a level is 1/255 in [-1, 1]
+
+
+# --------------------------------------------------------------------------- counter-based draws
+
+
+@pytest.mark.parametrize("noise,k", [("paper", 1), ("shared", 1), ("shared", 3)])
+def test_same_key_and_step_same_draws_at_any_batch_position(noise, k):
+    cfg = PGDConfig(noise=noise, k=k)
+    a, b, c = image_keys(4, ["a", "b", "c"]).tolist()
+    shape = (3, 5, 7)
+    t3, n3, p3 = draw_step(cfg, [a, b, c], 17, shape)
+    t2, n2, p2 = draw_step(cfg, torch.tensor([c, a]), torch.tensor(17), shape)
+    for got, want in ((t2, t3), (n2, n3)) + (((p2, p3),) if noise == "paper" else ()):
+        assert torch.equal(got[:k], want[2 * k:]) and torch.equal(got[k:], want[:k])
+    assert (p3 is None) == (noise == "shared")
+    t_next, n_next, _ = draw_step(cfg, [a, b, c], 18, shape)
+    assert not torch.equal(n_next, n3)  # the step is part of the counter
+    _, n_seed, _ = draw_step(cfg, [image_key(5, "a")], 17, shape)
+    assert not torch.equal(n_seed, n3[:k])  # and the run seed is part of the key
+
+
+def test_invert_refuses_generators_and_missing_keys():
+    mask = block_mask(8, 8, 2, 2, 2)
+    x0 = torch.randn(2, 2, 8, 8)
+    args = (lambda x, t, c: x, lambda x, t, c: 0.5 * x, x0, x0, mask, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4),
+            ABAR, PGDConfig(steps=1))
+    with pytest.raises(TypeError, match="image_keys"):
+        invert(*args, [torch.Generator(), torch.Generator()])
+    with pytest.raises(TypeError, match="image_keys"):
+        invert(*args, generator=torch.Generator())
+    with pytest.raises(ValueError, match="one key per image"):
+        invert(*args)
+    with pytest.raises(ValueError, match="one per image"):
+        invert(*args, [1, 2, 3])
