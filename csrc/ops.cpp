@@ -12,6 +12,7 @@
 #ifdef CGIDM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace cgidm {
@@ -56,8 +57,35 @@ void* stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-void check_launch(int err, const char* op) {
-  TORCH_CHECK(err == 0, "cgidm: CUDA launch of ", op, " failed (cudaError_t ", err, ")");
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "fp32";
+    case DType::kFloat16: return "fp16";
+    case DType::kBFloat16: return "bf16";
+  }
+  return "?";
+}
+
+// `err`: what a cuda:: entry point of launch.h returned. `kernel...`: the kernel's name,
+// streamed into the message only on failure.
+template <typename... Name>
+void check_launch(int err, const Name&... kernel) {
+  const auto e = static_cast<cudaError_t>(err);
+  TORCH_CHECK(e == cudaSuccess, "cgidm: CUDA launch of ", kernel..., " failed: ",
+              cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+}
+
+// Launches (`launch` calls a cuda:: entry point) and checks that launch alone. The runtime
+// keeps the error of any earlier call on this thread (torch's, another library's, an
+// earlier kernel's asynchronous fault) until someone reads it; read only after our launch,
+// it would be blamed on our kernel. So it is read first and named as what it is.
+template <typename Launch, typename... Name>
+void launch_checked(Launch&& launch, const Name&... kernel) {
+  const cudaError_t pending = cudaGetLastError();
+  TORCH_CHECK(pending == cudaSuccess, "cgidm: a CUDA error from earlier work was pending before ",
+              kernel..., " was launched: ", cudaGetErrorName(pending), " (",
+              cudaGetErrorString(pending), "); CUDA_LAUNCH_BLOCKING=1 finds the call that raised it");
+  check_launch(launch(), kernel...);
 }
 #endif
 
@@ -105,11 +133,14 @@ std::tuple<at::Tensor, at::Tensor> pair_noise(
     if (x0.is_cuda()) {
 #ifdef CGIDM_WITH_CUDA
       const c10::cuda::CUDAGuard guard(x0.device());
-      check_launch(cuda::pair_noise(dt, x0c.data_ptr(), xc.data_ptr(), mc.data_ptr(), batched,
+      launch_checked(
+          [&] {
+            return cuda::pair_noise(dt, x0c.data_ptr(), xc.data_ptr(), mc.data_ptr(), batched,
                                     nft.data_ptr(), npre_ptr, sa.data_ptr<float>(),
                                     sb.data_ptr<float>(), B, K, M, z.data_ptr(), x_t.data_ptr(),
-                                    stream_of(x0)),
-                   "pair_noise");
+                                    stream_of(x0));
+          },
+          "pair_noise_kernel<", dtype_name(dt), ">");
 #else
       TORCH_CHECK(false, "cgidm: built without CUDA");
 #endif
@@ -161,11 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_contrast_loss(
     if (eps_ft.is_cuda()) {
 #ifdef CGIDM_WITH_CUDA
       const c10::cuda::CUDAGuard guard(eps_ft.device());
-      check_launch(cuda::pair_contrast_loss(edt, ndt, eft.data_ptr(), epre.data_ptr(),
+      launch_checked(
+          [&] {
+            return cuda::pair_contrast_loss(edt, ndt, eft.data_ptr(), epre.data_ptr(),
                                             nft.data_ptr(), npre_ptr, N, M,
                                             loss.data_ptr<float>(), seed_ft.data_ptr<float>(),
-                                            seed_pre.data_ptr<float>(), stream_of(eps_ft)),
-                   "pair_contrast_loss");
+                                            seed_pre.data_ptr<float>(), stream_of(eps_ft));
+          },
+          "pair_contrast_loss_kernel<", dtype_name(edt), ", ", dtype_name(ndt), ">");
 #else
       TORCH_CHECK(false, "cgidm: built without CUDA");
 #endif
@@ -202,13 +236,16 @@ std::tuple<at::Tensor, at::Tensor> pgd_update(
     if (delta.is_cuda()) {
 #ifdef CGIDM_WITH_CUDA
       const c10::cuda::CUDAGuard guard(delta.device());
-      check_launch(cuda::pgd_update(d.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
+      launch_checked(
+          [&] {
+            return cuda::pgd_update(d.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
                                     xi.data_ptr<float>(), m.data_ptr<float>(), batched, B, M,
                                     static_cast<float>(alpha), static_cast<float>(eps),
                                     static_cast<float>(clamp_min), static_cast<float>(clamp_max),
                                     per_sample, delta_out.data_ptr<float>(), z.data_ptr<float>(),
-                                    stream_of(delta)),
-                   "pgd_update");
+                                    stream_of(delta));
+          },
+          "pgd_update_kernel (", per_sample ? "a block per image" : "one block for the batch", ")");
 #else
       TORCH_CHECK(false, "cgidm: built without CUDA");
 #endif
@@ -245,10 +282,13 @@ std::tuple<at::Tensor, at::Tensor> draw_noise(
       const c10::cuda::CUDAGuard guard(keys.device());
       // A host step is copied (eager only); capture needs it on the device already.
       const at::Tensor sd = step.to(keys.device(), at::kLong).contiguous();
-      check_launch(cuda::draw_noise(kc.data_ptr<int64_t>(), sd.data_ptr<int64_t>(), B, k, M, S,
+      launch_checked(
+          [&] {
+            return cuda::draw_noise(kc.data_ptr<int64_t>(), sd.data_ptr<int64_t>(), B, k, M, S,
                                     t_min, t_max - t_min + 1, t.data_ptr<int64_t>(),
-                                    noise.data_ptr<float>(), stream_of(keys)),
-                   "draw_noise");
+                                    noise.data_ptr<float>(), stream_of(keys));
+          },
+          "draw_noise_kernel");
 #else
       TORCH_CHECK(false, "cgidm: built without CUDA");
 #endif
