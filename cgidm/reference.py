@@ -141,6 +141,11 @@ REFERENCE_OPS = SimpleNamespace(
 
 Keys = Union[torch.Tensor, Sequence[int]]
 
+_NO_GENERATORS = (
+    "torch.Generators are no longer accepted: draws are counter-based, keyed per image; "
+    "pass keys=cgidm.rng.image_keys(seed, image_ids) (one int64 per image)"
+)
+
 
 def as_keys(keys: Keys, b: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[b]`` int64 keys on ``device`` from a tensor or a list of ints
@@ -150,11 +155,12 @@ def as_keys(keys: Keys, b: int, device: torch.device | str = "cpu") -> torch.Ten
     if isinstance(keys, torch.Generator) or (
         not isinstance(keys, torch.Tensor) and any(isinstance(k, torch.Generator) for k in keys)
     ):
-        raise TypeError(
-            "torch.Generators are no longer accepted: draws are counter-based, keyed per image; "
-            "pass keys=cgidm.rng.image_keys(seed, image_ids) (one int64 per image)"
-        )
-    keys = keys if isinstance(keys, torch.Tensor) else torch.tensor([int(k) for k in keys], dtype=torch.int64)
+        raise TypeError(_NO_GENERATORS)
+    if not isinstance(keys, torch.Tensor):
+        try:
+            keys = torch.tensor([int(k) for k in keys], dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"keys must be ints (cgidm.rng.image_keys(seed, image_ids)): {e}") from None
     if keys.dtype != torch.int64 or keys.dim() != 1 or keys.shape[0] != b:
         raise ValueError(f"keys must be [{b}] int64 (one per image), got {tuple(keys.shape)} {keys.dtype}")
     return keys.to(device)
@@ -273,7 +279,7 @@ def invert(
     ``callback(step, loss)`` and the history get the unscaled loss, averaged over images.
     """
     if generator is not None:
-        as_keys([generator], 1)  # raises the TypeError that explains the change
+        raise TypeError(_NO_GENERATORS)
     b = x0.shape[0]
     k = cfg.k
     device = x0.device
