@@ -15,8 +15,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch present"; \
-	elif [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	elif [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 	touch $@
 
 env: $(VENV)/.installed
@@ -32,3 +32,13 @@ test: env
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)
+
+# The first GPU contact in one command, on a CUDA machine with the carried wheels (.whl/,
+# ../shared/tools/gpu-wheels.sh), under its own python3 (no venv, nothing fetched): builds
+# the extension, runs the CUDA/graph/Triton tests, the ops under compute-sanitizer, and
+# bench_engine at batch 1 and the calibrated batch; a stage table at the end, rows in
+# bench/results/ (copied into $OUT when set). Without CUDA: a CPU smoke of the same script.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py

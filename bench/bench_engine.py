@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, append_row, percentiles, provenance, time_fn  # noqa: E402
 
-from cgidm import reference  # noqa: E402
+from cgidm import reference, rng  # noqa: E402
 from cgidm.engine import Engine, plan_memory  # noqa: E402
 from cgidm.reference import PGDConfig  # noqa: E402
 
@@ -113,10 +113,11 @@ def build_models(cfg: Config):
     from diffusers import UNet2DConditionModel
 
     ucfg, tokens = unet_config(cfg.tiny)
-    torch.manual_seed(0)
-    pre = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
-    torch.manual_seed(1)
-    ft = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
+    with torch.device(cfg.device):  # initialised where they run: SD's 860 M weights init slowly on a CPU
+        torch.manual_seed(0)
+        pre = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
+        torch.manual_seed(1)
+        ft = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
     dim = ucfg["cross_attention_dim"]
     g = torch.Generator().manual_seed(2)
     c_ft = torch.randn(1, tokens, dim, generator=g).to(cfg.device)
@@ -125,6 +126,11 @@ def build_models(cfg: Config):
     abar = torch.cumprod(1 - betas, 0).to(cfg.device)
     shape = (ucfg["in_channels"], ucfg["sample_size"], ucfg["sample_size"])
     return ft, pre, c_ft, c_pre, abar, shape
+
+
+def image_keys(b: int, device) -> torch.Tensor:
+    """``[b]`` counter-based draw keys of the benchmark's images (cgidm.rng)."""
+    return rng.image_keys(0, [f"bench-{i}" for i in range(b)], device)
 
 
 def latents(b: int, shape, device):
@@ -197,19 +203,14 @@ def check_engine(engine: Engine, ft32, pre32, c_ft, c_pre, abar, x0, x_init, mas
         seen["grad"] = grad.detach().clone()
         return inner.pgd_update(delta, grad, *args)
 
-    engine.ops = SimpleNamespace(pair_noise=inner.pair_noise, pair_contrast_loss=inner.pair_contrast_loss,
-                                 pgd_update=spy_pgd_update)
+    engine.ops = SimpleNamespace(**{**vars(inner), "pgd_update": spy_pgd_update})
     b = engine.b
-    engine.load(x0[:b], x_init[:b], mask)
-    g = torch.Generator(device=engine.device).manual_seed(123)
-    t, noise, _ = reference.draw_step(engine.cfg, b, engine.latent_shape, g, engine.device)
-    engine.t.copy_(t)
-    engine.noise_ft.copy_(noise)
-    was_graph, engine.use_graph = engine.use_graph, False  # draws from the buffers set above
-    engine._step()
-    engine.use_graph = was_graph
+    keys = image_keys(b, engine.device)
+    engine.load(x0[:b], x_init[:b], mask, keys)
+    t, noise, _ = reference.draw_step(engine.cfg, keys, 0, engine.latent_shape, engine.device)
+    engine._step((t, noise, None))  # one eager step from these draws, graph or not
     engine.ops = inner
-    engine.load(x0[:b], x_init[:b], mask)
+    engine.load(x0[:b], x_init[:b], mask, keys)
 
     args = (x0[:b], x_init[:b], mask, c_ft, c_pre, t, noise, abar, reference.REFERENCE_OPS)
     want = input_grad(reference.unet_eps_fn(ft32), reference.unet_eps_fn(pre32), *args)
@@ -348,17 +349,12 @@ def run(cfg: Config, emit) -> list[Result]:
         extra["memory_plan"] = plan
     for b in batches:
         engine = make_engine(b)
-        x0, x_init, mask = latents(b, shape, device)
-        engine.load(x0, x_init, mask)
+        engine.load(*latents(b, shape, device), image_keys(b, device))
         if engine.use_graph:
             engine.capture()
             step = engine.graph.replay
         else:
-            gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
-
-            def step(engine=engine, gens=gens, b=b):
-                engine._draw_host(gens, b)
-                engine._step()
+            step = engine._step
 
         samples = time_fn(step, device, cfg.warmup, cfg.repeats)
         finite = bool(torch.isfinite(engine.delta).all()) and math.isfinite(float(engine.loss_value))

@@ -3,6 +3,7 @@ JSON Lines files under bench/results/."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shlex
@@ -16,7 +17,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# CGIDM_BENCH_RESULTS sends rows elsewhere (smoke runs that must not touch bench/results).
+RESULTS = Path(os.environ.get("CGIDM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:

@@ -2,7 +2,9 @@
 on machines without a GPU), the CMake build with its C++ tests, and a missing extension."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +73,27 @@ def test_cmake_configure_never_runs_torchs_cuda_config(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"cgidm: torch (CPU libraries only) from {fake}" in proc.stdout
+
+
+def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
+    """``make gpu-check`` off a GPU: the no-CUDA line, every stage of the same script on CPU
+    (the extension, the CUDA test modules collected, the sanitizers' workload, bench_engine
+    --tiny), the stage table, its row, and the copies into $OUT; exit status 0."""
+    out = tmp_path / "out"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(out), CGIDM_BENCH_RESULTS=str(tmp_path / "results"),
+               OMP_NUM_THREADS="1")
+    cmd = (["make", "--no-print-directory", "gpu-check", f"GPU_PY={sys.executable}"] if shutil.which("make")
+           else [sys.executable, "bench/gpu_check.py"])
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "gpu-check: no CUDA device here" in proc.stdout
+    table = proc.stdout[proc.stdout.index("stage      status"):]
+    for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck"):
+        assert re.search(rf"^{stage} +ok ", table, re.M), table
+    assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "gpu-check-cpu.json", "gpu-check-cpu.log"]
+    row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
+    assert row["ok"] and not row["cuda"] and row["git_sha"] and row["command"]
+    assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,452 @@
+"""``make gpu-check``: the first contact with a GPU in one command.
+
+On a CUDA machine (an offline one: the wheels ``../shared/tools/gpu-wheels.sh`` carries in
+``.whl/``, the machine's own ``python3``, torch and toolkit), in order, each stage under its
+own timeout inside one budget (the whole run stays under 8 minutes on an H100), each run
+even when an earlier one failed:
+
+  wheels     ``.whl/*.whl`` installed into ``.site/`` (PYTHONPATH of every later stage)
+  env        device, driver, nvcc, compute-sanitizer, package versions
+  build      ``pip install --no-deps --no-build-isolation --no-index -e .`` for this GPU's
+             architecture only; fails unless ``cgidm._C`` has CUDA kernels
+  tests      every case of the test modules with CUDA cases (``tests/test_*.py`` naming
+             cuda; test_build.py aside), slow ones aside; fails if a CUDA case skipped
+  memcheck   ``compute-sanitizer --tool memcheck`` on ``gpu_check.py ops``: every op, every
+             dtype, odd shapes, both noise modes, both norm modes, against the reference
+  racecheck  ``--tool racecheck`` on the ops that reduce in shared memory
+             (pair_contrast_loss, pgd_update), no torch reduction in that run
+  synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
+  bench      ``bench/bench_engine.py --batches 1 auto`` (rows in bench/results/engine-<gpu>.json)
+
+then a table (stage -> ok / failed / skipped, seconds, note) and one row in
+``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
+stage. With ``$OUT`` set (a GPU lease returns only what is under it), the rows and a log of
+every stage are copied there. Exit status 1 if a stage failed, else 0.
+
+Without CUDA it says so and runs the CPU smoke of the same stages (the extension checked,
+not rebuilt; the test modules collected; the ops on CPU without a sanitizer; bench_engine
+``--tiny``), writing under ``build/gpu-check/``; exit status 0 when that passes. The
+script cannot rot between GPU runs: tests/test_build.py runs it.
+
+    python bench/gpu_check.py                                     # = make gpu-check
+    python bench/gpu_check.py ops --device cuda [--ops a,b] [--no-compare]  # the sanitizers' workload
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "gpu-check"  # logs, and the CPU smoke's rows (build/ is ignored)
+BUDGET_S = float(os.environ.get("CGIDM_GPU_CHECK_BUDGET_S", "450"))
+NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is False): CPU smoke of the same stages"
+OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise")
+REDUCTIONS = ("pair_contrast_loss", "pgd_update")  # block_sum in shared memory
+CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
+PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str  # "ok", "failed" or "skipped"
+    seconds: float
+    note: str = ""
+
+
+class Runner:
+    """Runs stage commands in their own process group (a timeout kills the whole group:
+    pytest workers, compute-sanitizer's target), logging each to ``WORK/logs``."""
+
+    def __init__(self, env: dict, budget_s: float) -> None:
+        self.env = env
+        self.deadline = time.monotonic() + budget_s
+        self.stages: list[Stage] = []
+        self.logs = WORK / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def add(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        print(f"== {stage.name}: {stage.status} ({stage.seconds:.0f} s) {stage.note}", flush=True)
+        return stage
+
+    def command(self, name: str, cmd: list[str], timeout_s: float, env: Optional[dict] = None) -> tuple[Optional[int], str, float]:
+        """``(exit status or None on timeout, output, seconds)``; the output is also logged."""
+        timeout_s = min(timeout_s, self.left() - 5)
+        print(f"-- {name}: {' '.join(cmd)}  (timeout {timeout_s:.0f} s)", flush=True)
+        log = self.logs / f"{name}.log"
+        t0 = time.monotonic()
+        with log.open("w") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc: Optional[int] = proc.wait(timeout=max(1.0, timeout_s))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = None
+        seconds = time.monotonic() - t0
+        out = log.read_text(errors="replace")
+        tail = out.splitlines()[-25:]
+        print("\n".join(f"   | {line}" for line in tail), flush=True)
+        return rc, out, seconds
+
+    def stage(self, name: str, cmd: list[str], timeout_s: float,
+              judge: Optional[Callable[[int, str], tuple[str, str]]] = None, env: Optional[dict] = None) -> Stage:
+        """Runs ``cmd`` unless the budget is spent; ``judge(rc, output)`` -> (status, note)
+        overrides the plain exit-status verdict."""
+        if self.left() < 20:
+            return self.add(Stage(name, "skipped", 0.0, "time budget spent"))
+        rc, out, seconds = self.command(name, cmd, timeout_s, env)
+        if rc is None:
+            return self.add(Stage(name, "failed", seconds, f"timed out after {seconds:.0f} s"))
+        status, note = judge(rc, out) if judge else (("ok", "") if rc == 0 else ("failed", f"exit status {rc}"))
+        return self.add(Stage(name, status, seconds, note))
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def install_wheels(runner: Runner, py: str) -> None:
+    wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
+    if not wheels:
+        runner.add(Stage("wheels", "skipped", 0.0, "no .whl/*.whl"))
+        return
+    site = ROOT / ".site"
+    st = runner.stage("wheels", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                 "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], 180)
+    if st.status == "ok":
+        st.note = f"{len(wheels)} wheels into .site/"
+        runner.env["PYTHONPATH"] = os.pathsep.join([str(site), runner.env.get("PYTHONPATH", "")]).strip(os.pathsep)
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+
+
+def version_of(cmd: list[str], pattern: str) -> Optional[str]:
+    """The first match of ``pattern`` (its group 1) in what ``cmd`` prints, or None."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m.group(1) if out.returncode == 0 and m else None
+
+
+def find_sanitizer() -> Optional[str]:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
+            return str(Path(home) / "bin" / "compute-sanitizer")
+    return None
+
+
+def environment(cuda: bool) -> dict:
+    import torch
+
+    info: dict = {"packages": {}}
+    for name in PACKAGES:
+        try:
+            info["packages"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info["packages"][name] = None
+    info["torch_cuda"] = torch.version.cuda
+    info["nvcc"] = version_of([os.environ.get("NVCC", "nvcc"), "--version"], r"release ([0-9.]+)")
+    sanitizer = find_sanitizer()
+    info["compute_sanitizer"] = sanitizer and version_of([sanitizer, "--version"], r"[Vv]ersion ([0-9.]+)")
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def build(runner: Runner, py: str, cuda: bool, capability: Optional[str]) -> None:
+    verify = [py, "-c", "import sys, cgidm.ops as o; print('cgidm._C: cpu', o.has_cpp(), 'cuda', o.has_cuda()); "
+                        f"sys.exit(0 if o.has_{'cuda' if cuda else 'cpp'}() else 1)"]
+    if not cuda:
+        st = runner.stage("build", verify, 120)
+        if st.status == "ok":
+            st.note = "CPU: the extension of `make env` imports (not rebuilt)"
+        return
+    env = dict(runner.env, TORCH_CUDA_ARCH_LIST=capability or "9.0", MAX_JOBS=str(os.cpu_count() or 4))
+    rc, out, seconds = runner.command("build", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                                                "--no-index", "-e", "."], 360, env)
+    if rc != 0:
+        runner.add(Stage("build", "failed", seconds, "timed out" if rc is None else f"pip exit status {rc}"))
+        return
+    rc, out, more = runner.command("build-verify", verify, 120)
+    kind = next((line for line in out.splitlines() if line.startswith("cgidm._C:")), "cgidm._C does not import")
+    runner.add(Stage("build", "ok" if rc == 0 else "failed", seconds + more,
+                     f"sm_{(capability or '9.0').replace('.', '')}; {kind}"))
+
+
+def test_modules() -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
+            if p.name != "test_build.py" and "cuda" in p.read_text(errors="replace")]
+
+
+def run_tests(runner: Runner, py: str, cuda: bool) -> None:
+    files = test_modules()
+    if not cuda:
+        def collected(rc: int, out: str) -> tuple[str, str]:
+            m = re.search(r"(\d+) tests? collected", out)
+            ok = rc == 0 and m is not None and int(m.group(1)) > 0
+            return ("ok" if ok else "failed"), f"{m.group(1) if m else 0} cases of {len(files)} modules collected (CPU: not run)"
+
+        runner.stage("tests", [py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files], 180,
+                     collected)
+        return
+    workers = ["-n", "4", "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else ["-p", "no:xdist"]
+
+    def judge(rc: int, out: str) -> tuple[str, str]:
+        skipped = [line for line in out.splitlines() if line.startswith("SKIPPED") and CUDA_SKIP.search(line)]
+        summary = next((line.strip("= ") for line in reversed(out.splitlines()) if " in " in line and "=" in line), "")
+        if rc != 0:
+            return "failed", summary or f"exit status {rc}"
+        if skipped:
+            return "failed", f"CUDA cases skipped: {skipped[0][:160]}"
+        return "ok", summary
+
+    runner.stage("tests", [py, "-m", "pytest", "-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider", *workers, *files],
+                 240, judge)
+
+
+def sanitize(runner: Runner, py: str, cuda: bool, tool: str, ops: tuple[str, ...], timeout_s: float) -> None:
+    workload = [py, str(Path(__file__).relative_to(ROOT)), "ops", "--ops", ",".join(ops)]
+    if tool != "memcheck":
+        workload.append("--no-compare")  # torch's own reductions stay out of the race/sync checks
+    if not cuda:
+        st = runner.stage(tool, [*workload, "--device", "cpu"], 120)
+        if st.status == "ok":
+            st.note = "CPU: the workload without a sanitizer"
+        return
+    sanitizer = find_sanitizer()
+    if sanitizer is None:
+        runner.add(Stage(tool, "skipped", 0.0, "compute-sanitizer not found"))
+        return
+
+    def judge(rc: int, out: str) -> tuple[str, str]:
+        if "Device not supported" in out:
+            return "skipped", "compute-sanitizer does not support this device or runtime (gVisor?)"
+        summary = next((line.strip("= ") for line in out.splitlines() if "SUMMARY" in line), "no summary")
+        bad = re.search(r"\b[1-9]\d* (errors?|hazards?)", summary)
+        return ("ok" if rc == 0 and not bad else "failed"), summary
+
+    runner.stage(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", *workload, "--device", "cuda"],
+                 timeout_s, judge)
+
+
+def bench(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> None:
+    path = results / f"engine-{slug if cuda else 'cpu-smoke'}.json"
+    before = len(path.read_text().splitlines()) if path.exists() else 0
+    if cuda:
+        cmd = [py, "bench/bench_engine.py", "--batches", "1", "auto", "--warmup", "2", "--repeats", "10"]
+    else:
+        cmd = [py, "bench/bench_engine.py", "--device", "cpu", "--tiny", "--batches", "1", "--warmup", "0",
+               "--repeats", "1", "--matmul-n", "256"]
+
+    def judge(rc: int, out: str) -> tuple[str, str]:
+        rows = path.read_text().splitlines()[before:] if path.exists() else []
+        measured = [f"{r['result']['name']} b={r['result']['batch']}" for r in map(json.loads, rows) if "result" in r]
+        note = f"rows: {', '.join(measured) or 'none'} -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+        return ("ok" if rc == 0 else "failed"), note if rc == 0 else f"exit status {rc}; {note}"
+
+    runner.stage("bench", cmd, 330, judge)
+
+
+# --------------------------------------------------------------------------- the ops workload
+
+
+def ops_workload(device: str, names: tuple[str, ...], compare: bool) -> int:
+    """Every op of the extension for ``device`` on small odd shapes, each dtype and mode.
+    ``compare``: against the reference at a loose tolerance (the values are tested in
+    tests/; this catches a kernel that reads or writes the wrong place). Without it, no
+    torch reduction runs (racecheck/synccheck see only ours and elementwise kernels)."""
+    import torch
+
+    from cgidm import ops as cgidm_ops
+    from cgidm import reference
+
+    if not (cgidm_ops.has_cuda() if device == "cuda" else cgidm_ops.has_cpp()):
+        print(f"cgidm._C has no {device} kernels", file=sys.stderr)
+        return 1
+    ops = cgidm_ops.get_ops("cuda" if device == "cuda" else "cpp")
+    torch.manual_seed(0)
+    calls, bad = 0, []
+
+    def check(what, got, want, dtype):
+        nonlocal calls
+        calls += 1
+        if compare:
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            for g, w in zip(got, want):
+                if g.shape != w.shape or not torch.allclose(g.float(), w.float(), rtol=tol, atol=tol, equal_nan=True):
+                    bad.append(what)
+
+    def rand(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    for c, h, w in ((3, 17, 23), (4, 64, 64)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if "pair_noise" in names:
+                for shared, batched in ((True, False), (False, True)):
+                    b, k = 2, 3
+                    mask = (torch.rand((b, c, h, w) if batched else (c, h, w), device=device) > 0.5).to(dtype)
+                    args = (rand(b, c, h, w, dtype=dtype), rand(b, c, h, w, dtype=dtype, scale=3), mask,
+                            rand(b * k, c, h, w, dtype=dtype), None if shared else rand(b * k, c, h, w, dtype=dtype),
+                            torch.rand(b * k, device=device), torch.rand(b * k, device=device))
+                    check(f"pair_noise {dtype} {c}x{h}x{w} shared={shared}", ops.pair_noise(*args),
+                          reference.pair_noise_ref(*args) if compare else None, dtype)
+            if "pair_contrast_loss" in names:
+                for noise_dtype in sorted({torch.float32, dtype}, key=str):
+                    for shared in (True, False):
+                        n = 5
+                        args = (rand(n, c, h, w, dtype=dtype), rand(n, c, h, w, dtype=dtype),
+                                rand(n, c, h, w, dtype=noise_dtype), None if shared else rand(n, c, h, w, dtype=noise_dtype))
+                        got = torch.ops.cgidm.pair_contrast_loss(*args)
+                        want = None
+                        if compare:
+                            n_pre = args[2] if shared else args[3]
+                            m = c * h * w
+                            want = (reference.pair_contrast_loss_ref(*args), 2 * (args[0].float() - args[2].float()) / m,
+                                    -2 * (args[1].float() - n_pre.float()) / m)
+                        check(f"pair_contrast_loss {dtype}/{noise_dtype} {c}x{h}x{w} shared={shared}", got, want, dtype)
+            if "pgd_update" in names:
+                for per_sample in (True, False):
+                    b = 3
+                    grad = rand(b, c, h, w, dtype=dtype)
+                    grad[0, 0, 0, 0] = float("nan")  # a skipped image
+                    args = (rand(b, c, h, w, scale=30), grad, rand(b, c, h, w, dtype=dtype),
+                            rand(b, c, h, w, dtype=dtype, scale=60),
+                            (torch.rand(c, h, w, device=device) > 0.5).to(dtype))
+                    check(f"pgd_update {dtype} {c}x{h}x{w} per_sample={per_sample}",
+                          ops.pgd_update(*args, 2.0, 70.0, -100.0, 100.0, per_sample),
+                          reference.pgd_update_ref(*args, 2.0, 70.0, -100.0, 100.0, per_sample) if compare else None,
+                          torch.float32)
+        if "draw_noise" in names and hasattr(torch.ops.cgidm, "draw_noise"):
+            keys = torch.arange(3, device=device, dtype=torch.int64) * 7919 + 11
+            step = torch.tensor(5, device=device, dtype=torch.int64)
+            for independent in (True, False):
+                got = torch.ops.cgidm.draw_noise(keys, step, 2, [c, h, w], 1, 999, independent)
+                want = None
+                if compare:
+                    want = torch.ops.cgidm.draw_noise(keys.cpu(), step.cpu(), 2, [c, h, w], 1, 999, independent)
+                    want = [x.to(device) for x in want]
+                check(f"draw_noise {c}x{h}x{w} independent={independent}", got, want, torch.float32)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if bad:
+        print("ops workload: mismatches against the reference:\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 1
+    print(f"ops workload: {calls} calls on {device} ok ({'compared' if compare else 'not compared'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def copy_out(paths: list[Path]) -> None:
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if p.is_file():
+            shutil.copy2(p, Path(out) / p.name)
+            print(f"copied {p.name} to $OUT", flush=True)
+
+
+def combined_log(runner: Runner, path: Path, per_stage_bytes: int = 1 << 20) -> Path:
+    with path.open("w") as f:
+        for log in sorted(runner.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
+            text = log.read_text(errors="replace")
+            f.write(f"\n===== {log.stem} =====\n")
+            f.write(text[-per_stage_bytes:])
+    return path
+
+
+def check(budget_s: float) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print(NO_CUDA_LINE, flush=True)
+        os.environ["CGIDM_BENCH_RESULTS"] = os.environ.get("CGIDM_BENCH_RESULTS") or str(WORK / "results")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import RESULTS, append_row, device_slug, provenance
+
+    py = sys.executable
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env.pop("TRITON_INTERPRET", None) if cuda else None
+    runner = Runner(env, budget_s)
+    device = torch.device("cuda" if cuda else "cpu")
+    slug = device_slug(device)
+
+    install_wheels(runner, py)
+    t0 = time.monotonic()
+    info = environment(cuda)
+    runner.add(Stage("env", "ok", time.monotonic() - t0,
+                     f"{info.get('gpu', 'CPU')}, torch {info['packages']['torch']} (CUDA {info['torch_cuda']}), "
+                     f"nvcc: {info['nvcc'] or 'none'}"))
+    build(runner, py, cuda, info.get("compute_capability"))
+    run_tests(runner, py, cuda)
+    sanitize(runner, py, cuda, "memcheck", OPS, 150)
+    sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 150)
+    bench(runner, py, cuda, RESULTS, slug)
+    sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 120)
+
+    failed = [s.name for s in runner.stages if s.status == "failed"]
+    print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")
+    for s in runner.stages:
+        print(f"{s.name:<10} {s.status:<8} {s.seconds:>7.0f}  {s.note}")
+    row = {"bench": "gpu-check", "cuda": cuda, "ok": not failed, "stages": [asdict(s) for s in runner.stages],
+           **info, **provenance(device)}
+    path = append_row("gpu-check", device, row)
+    log = combined_log(runner, WORK / f"gpu-check-{slug}.log")
+    print(f"row appended to {path}; stage logs in {runner.logs}", flush=True)
+    copy_out([path, RESULTS / f"engine-{slug if cuda else 'cpu-smoke'}.json", log])
+    print(f"gpu-check: {'all stages passed' if not failed else 'FAILED: ' + ', '.join(failed)}"
+          f"{'' if cuda else ' (CPU smoke)'}", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    o = sub.add_parser("ops", help="the sanitizers' workload: every op on small odd shapes")
+    o.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    o.add_argument("--ops", default=",".join(OPS))
+    o.add_argument("--no-compare", action="store_true")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole run's time budget")
+    a = p.parse_args(argv)
+    if a.cmd == "ops":
+        names = tuple(n for n in a.ops.split(",") if n)
+        unknown = set(names) - set(OPS)
+        if unknown:
+            p.error(f"unknown ops {sorted(unknown)}")
+        return ops_workload(a.device, names, not a.no_compare)
+    return check(a.budget_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
