@@ -347,7 +347,8 @@ def test_recover_with_the_engine_equals_the_reference(unets):
     x0, x_init, mask = inputs(2)
 
     def prep():
-        return Prepared(x0, x_init, mask, torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), ids=["a", "b"])
+        return Prepared(x0, x_init, mask, torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), keys=keys(2),
+                        ids=["img0", "img1"])
 
     pgd = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
     want = recover(pair, prep(), AuthConfig(pgd=pgd))

@@ -239,9 +239,10 @@ def _nonlinear_models():
 
 
 def _official_loop(eps_ft, eps_pre, x0, x_init, mask, cond, cfg, key):
-    """The PGD step (docs/faithfulness.md) written as the official code runs it, batch 1: ``delta`` is the leaf,
-    the loss is one scalar ``MSE(eps_ft, n) - MSE(eps_pre, n')``, the gradient of ``delta``
-    is normalised over the whole tensor (NaN -> 0), then clamp and whole-tensor projection.
+    """The PGD step (docs/faithfulness.md) written as the official code runs it, batch 1:
+    ``delta`` is the leaf, the loss is one scalar ``MSE(eps_ft, n) - MSE(eps_pre, n')``, the
+    gradient of ``delta`` is normalised over the whole tensor (NaN -> 0), then clamp and
+    whole-tensor projection.
     Returns the recovered latent and the first step's gradient of ``delta``."""
     delta = torch.zeros_like(x0)
     first = None
