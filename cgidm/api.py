@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig  # noqa: F401 (re-exported)
@@ -18,7 +18,10 @@ from cgidm.manifest import ImageItem, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, read_jsonl
-from cgidm.summary import summarize
+from cgidm.rows import RECOVERED, TRIPTYCHS
+from cgidm.summary import add_embedding_scores, check_embedder, summarize
+
+__all__ = ["AuthConfig", "PGDConfig", "ImageItem", "collect_items", "Prepared", "prepare", "recover", "authenticate"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,10 @@ def _clear_previous(out: Path) -> None:
     summary, the report and the triptychs those rows name. Nothing else is touched."""
     results = out / RESULTS
     for row in read_jsonl(results):
-        trip = row.get("triptych")
-        if isinstance(trip, str) and trip.startswith("triptychs/") and "/" not in trip[len("triptychs/"):]:
-            (out / trip).unlink(missing_ok=True)
+        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
+            name = row.get(key)
+            if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]:
+                (out / name).unlink(missing_ok=True)
     for name in (RESULTS, *OUTPUTS):
         (out / name).unlink(missing_ok=True)
 
@@ -46,18 +50,24 @@ def authenticate(
     embedder=None,
     progress: bool = True,
     prefetch_depth: int = 2,
+    prompt_from: str | None = None,
 ) -> dict:
     """Authenticate images against a model pair; writes ``out/results.jsonl``,
     ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``.
     Returns the summary. Raises ``OutputError`` when an output cannot be written; the
-    rows finished before it stay complete in ``results.jsonl``."""
+    rows finished before it stay complete in ``results.jsonl``. Without ``cfg.prompt`` the
+    checkpoint's instance prompt is used (``pipeline.resolve_prompt``); ``prompt_from``
+    records where a given prompt came from."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    cfg, prompt_from = resolve_prompt(cfg, pair)
+    check_embedder(cfg, embedder)
+    cfg, found_from = resolve_prompt(cfg, pair)
+    prompt_from = prompt_from or found_from
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "triptychs").mkdir(exist_ok=True)
+        (out / TRIPTYCHS).mkdir(exist_ok=True)
+        (out / RECOVERED).mkdir(exist_ok=True)
     except OSError as e:
         raise OutputError(out, e) from e
     items = list(items)
@@ -94,8 +104,7 @@ def authenticate(
 
         writer = RowWriter(threaded=prefetch_depth > 0)
         try:
-            run_pair(pair, items, cfg, out, emit, writer, embedder=embedder, prefetch_depth=prefetch_depth,
-                     step_callback=step_bar)
+            run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth, step_callback=step_bar)
         finally:
             try:
                 writer.close()
@@ -103,7 +112,8 @@ def authenticate(
                 bar.close()
         order = {it.id: i for i, it in enumerate(items)}
         rows.sort(key=lambda r: order.get(r["id"], len(order)))
-        summary = summarize(rows, cfg, pair.info)
+        emb_info = add_embedding_scores(rows, embedder, out, cfg.metric) if embedder is not None else None
+        summary = summarize(rows, cfg, pair.info, emb_info)
         summary["prompt_from"] = prompt_from
         # rows again, in input order and with their verdicts
         atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in rows))

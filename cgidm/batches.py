@@ -197,7 +197,6 @@ def run_pair(
     emit: Callable[[dict], None],
     writer: RowWriter,
     *,
-    embedder=None,
     prefetch_depth: int = 2,
     stats: Optional[PairStats] = None,
     step_callback: Optional[Callable[[], Callable]] = None,
@@ -250,7 +249,7 @@ def run_pair(
             return
 
         def job():
-            for row in batch_rows(its, notes, prep, result, recovered, cfg.metric, out, embedder):
+            for row in batch_rows(its, notes, prep, result, recovered, cfg.metric, out):
                 emit(row)
 
         writer.submit(job)

@@ -135,6 +135,15 @@ def _print_summary(summary: dict) -> None:
     if summary.get("auc") is not None:
         print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
               f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
+    if summary.get("official"):
+        o, kind = summary["official"], summary.get("embedder", {}).get("kind", "?")
+        auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"
+        print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {o['accuracy']:.3f}  "
+              f"(exact AUC {o['exact_auc']:.3f})")
+    if summary.get("preset"):
+        p = summary["preset"]
+        gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
+        print(f"preset {p['name']}" + (f"; departures: {gone}" if gone else ": no departures"))
     if "flagged" in summary:
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
               f"of {len(summary['verdicts'])}")
@@ -144,27 +153,47 @@ def _print_summary(summary: dict) -> None:
 
 
 def _check_metric(cfg, opts) -> None:
-    if cfg.metric == "embed_cos" and not opts.embedder:
-        raise ValueError("--metric embed_cos needs --embedder DIR")
+    if cfg.metric in config.EMBED_FIELDS and not opts.embedder:
+        raise ValueError(f"--metric {cfg.metric} needs --embedder DIR (a local CLIP or DINO model folder)")
+
+
+def _embedder(opts, device):
+    from cgidm.validator import load_official_embedder
+
+    return load_official_embedder(opts.embedder, device) if opts.embedder else None
+
+
+def _quiet_loaders() -> None:
+    """The loaders' own progress bars (a bar per file of a tiny model) drown ours."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     from cgidm.api import authenticate
     from cgidm.models import load_pair
-    from cgidm.score import Embedder
+    from cgidm.pipeline import resolve_prompt
 
     cfg = config_from_args(args, preset)
     opts = run_options(args)
     _check_metric(cfg, opts)
+    _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)
-    embedder = Embedder(opts.embedder, rt.device) if opts.embedder else None
+    cfg, prompt_from = resolve_prompt(cfg, pair)
+    print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
+    embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
-                           prefetch_depth=opts.prefetch)
-    print(f"prompt: {summary['config']['prompt']!r} ({summary['prompt_from']})")
+                           prefetch_depth=opts.prefetch, prompt_from=prompt_from)
     _print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
@@ -187,7 +216,6 @@ def cmd_screen(args) -> int:
 
     from cgidm.distributed import init_distributed
     from cgidm.manifest import read_manifest
-    from cgidm.score import Embedder
     from cgidm.screen import screen
 
     cfg = config_from_args(args)
@@ -197,10 +225,11 @@ def cmd_screen(args) -> int:
     _check_metric(cfg, opts)
     entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
                             exclude=[args.out])
+    _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
     started = init_distributed(rt.device, opts.dist_timeout)
     try:
-        embedder = Embedder(opts.embedder, rt.device) if opts.embedder else None
+        embedder = _embedder(opts, rt.device)
         summary = screen(entries, args.out, cfg, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle,
                          allow_partial_lora=opts.allow_partial_lora, embedder=embedder, progress=not args.quiet,
                          retry_failed=args.retry_failed, prefetch_depth=opts.prefetch)
@@ -222,7 +251,8 @@ def cmd_demo(args) -> int:
     import time
 
     from cgidm.manifest import collect_items
-    from cgidm.testing.tiny import INSTANCE_PROMPT, build_tiny_world
+    from cgidm.testing.embedder import ensure_tiny_embedder
+    from cgidm.testing.tiny import build_tiny_world
 
     t0 = time.time()
     print("building (or reusing) the tiny model world (a few minutes the first time) ...", flush=True)
@@ -236,8 +266,11 @@ def cmd_demo(args) -> int:
     print(f"tiny world: {root}")
     imgs = root / "images"
     items = collect_items(None, imgs / "members", imgs / "holdouts", imgs / "controls" if args.with_controls else None)
-    if args.prompt is None:
-        args.prompt = INSTANCE_PROMPT
+    if args.embedder is None:
+        _quiet_loaders()
+        args.embedder = str(ensure_tiny_embedder(root))
+        print("official validator: a small random ViT in DINO's layout stands in for DINO (no weights are "
+              "downloaded); pass --embedder DIR for a real DINO or CLIP folder")
     if args.variant == "full":
         code = _run_one_pair(args, root / "base", root / "finetuned", None, items, preset="demo")
     else:

@@ -25,9 +25,13 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES_HELP = "auto (CUDA when torch sees one, else CPU), cpu, cuda or cuda:N"
 LABELS = ("member", "holdout", "control")
 SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")
-METRICS = SCORE_FIELDS + ("embed_cos",)
+# embed_cos: an image against its own recovery; official_cos: against every recovery of its
+# folder, the paper's validator (both need --embedder, a local CLIP or DINO folder)
+EMBED_FIELDS = ("embed_cos", "official_cos")
+METRICS = SCORE_FIELDS + EMBED_FIELDS
 DEFAULT_METRIC = "latent_cos"
-HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True}
+HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True,
+                    "official_cos": True}
 
 
 def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli: bool = True):
@@ -117,7 +121,8 @@ class RunOptions:
     device: str = _opt("auto", DEVICES_HELP)
     dtype: str = _opt("auto", "weights' dtype: auto = bf16 on a CUDA device that has it (else fp16), fp32 on CPU",
                       choices=DTYPES)
-    embedder: Optional[str] = _opt(None, "local folder of a CLIP or DINO vision model (for embed_cos)")
+    embedder: Optional[str] = _opt(None, "local folder of a CLIP (CLIPVisionModelWithProjection) or DINO (ViTModel) "
+                                         "model: the paper's validator (official_cos) and embed_cos")
     allow_pickle: bool = _opt(False, "allow .ckpt/.bin/.pt files (loaded with torch.load(weights_only=True) only)")
     allow_partial_lora: bool = _opt(False, "apply a LoRA whose layers only partly match the base")
     lora_scale: float = _opt(1.0, "LoRA strength")

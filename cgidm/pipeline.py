@@ -8,7 +8,6 @@ image's result does not depend on the batch it ran in.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,25 +17,22 @@ from cgidm.config import AuthConfig
 from cgidm.masks import block_mask
 from cgidm.models import ModelPair
 from cgidm.reference import invert, partial_representation, unet_eps_fn
+from cgidm.rng import image_key
 
 
 @dataclass
 class Prepared:
     """Encoded inputs of a batch: ``x0``, ``x_init`` ``[B, C, h, w]``; ``mask [C, h, w]``;
-    images and partial images ``[B, 3, H, W]`` in [-1, 1]; ``ids`` ``[B]``."""
+    images and partial images ``[B, 3, H, W]`` in [-1, 1]; ``ids`` ``[B]`` and their
+    draw keys ``keys [B]`` int64 (``rng.image_key(seed, id)``)."""
 
     x0: torch.Tensor
     x_init: torch.Tensor
     mask: torch.Tensor
     images: torch.Tensor
     partial_images: torch.Tensor
-    generators: list[torch.Generator] = field(default_factory=list)
+    keys: torch.Tensor
     ids: list[str] = field(default_factory=list)
-
-
-def image_seed(seed: int, image_id: str) -> int:
-    """A per-image seed: results do not depend on batching or on the order of a run."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:8], "little") >> 1
 
 
 def make_mask(pair: ModelPair, cfg: AuthConfig) -> torch.Tensor:
@@ -47,10 +43,11 @@ def make_mask(pair: ModelPair, cfg: AuthConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: AuthConfig) -> Prepared:
-    """Encode (sampled, one generator per image), mask, and build the partial
-    representation (decode the masked latent, encode again)."""
+    """Encode (sampled, one generator per image, seeded by its key), mask, and build the
+    partial representation (decode the masked latent to an 8-bit image, encode again)."""
     device = pair.device
-    gens = [torch.Generator(device=device).manual_seed(image_seed(cfg.seed, i)) for i in ids]
+    keys = [image_key(cfg.seed, i) for i in ids]
+    gens = [torch.Generator(device=device).manual_seed(k) for k in keys]
     mask = make_mask(pair, cfg)
     x0s, inits, partials = [], [], []
     for img, g in zip(images, gens):
@@ -59,7 +56,8 @@ def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: Auth
         x0s.append(x0)
         inits.append(x_init)
         partials.append(partial)
-    return Prepared(torch.cat(x0s), torch.cat(inits), mask, images, torch.cat(partials), gens, list(ids))
+    return Prepared(torch.cat(x0s), torch.cat(inits), mask, images, torch.cat(partials),
+                    torch.tensor(keys, dtype=torch.int64, device=device), list(ids))
 
 
 def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
@@ -75,11 +73,10 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
             pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, prep.x0.shape[1:], cfg.pgd,
             batch=prep.x0.shape[0], device=pair.device, impl=cfg.impl,
         )
-        return engine.invert(prep.x0, prep.x_init, prep.mask, prep.generators, callback=callback)
+        return engine.invert(prep.x0, prep.x_init, prep.mask, prep.keys, callback=callback)
     return invert(
         unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre), prep.x0, prep.x_init, prep.mask,
-        c_ft, c_pre, pair.abar, cfg.pgd, generator=prep.generators, ops=get_ops(cfg.impl),
-        callback=callback,
+        c_ft, c_pre, pair.abar, cfg.pgd, keys=prep.keys, ops=get_ops(cfg.impl), callback=callback,
     )
 
 
@@ -90,7 +87,7 @@ def resolve_prompt(cfg: AuthConfig, pair: ModelPair) -> tuple[AuthConfig, str]:
     weakens the contrast (docs/faithfulness.md, "Prompt")."""
     if cfg.prompt is not None:
         return cfg, "given"
-    from cgidm.models import find_prompt
+    from cgidm.checkpoints import find_prompt
 
     prompt, where = find_prompt(pair.info.get("finetuned"), pair.info.get("lora"))
     if prompt is None:

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 from jinja2 import Environment, select_autoescape
 
+from cgidm.config import METRICS
 from cgidm.files import atomic_write_text
 
 TEMPLATE = """<!doctype html>
@@ -46,9 +47,14 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ "%.3f"|format(s.auc) }}</b></div>
 <div class="card">accuracy<b>{{ "%.3f"|format(s.accuracy) }}</b></div>
 <div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
-{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.alpha }})<b>{{ s.flagged }}</b></div>{% endif %}
+{% if s.official %}<div class="card">official validator AUC ({{ s.embedder.kind if s.embedder else '' }}, max over the folder)<b>{{ fmt(s.official.auc) }}</b></div>
+<div class="card">official accuracy<b>{{ fmt(s.official.accuracy) }}</b></div>{% endif %}
+{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level }})<b>{{ s.flagged }}</b></div>{% endif %}
 </div>
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
+<p class="sub">prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %};
+PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
+engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
@@ -181,7 +187,7 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
 def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     """Render ``out/report.html`` (atomically); triptych paths are relative to ``out``."""
     out = Path(out)
-    fields = [f for f in ("latent_cos", "latent_mse", "ssim", "psnr", "embed_cos")
+    fields = [f for f in METRICS
               if any(f in r for r in rows)]
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link

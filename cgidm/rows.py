@@ -17,6 +17,9 @@ from cgidm.files import atomic_save_image, output_path
 from cgidm.images import to_pil
 from cgidm.score import latent_scores, pixel_scores
 
+TRIPTYCHS = "triptychs"
+RECOVERED = "recovered"
+
 
 def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, min_side: int = 192):
     """original | partial | recovered, side by side; tiny images are enlarged (nearest)
@@ -36,17 +39,15 @@ def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Ten
     return canvas
 
 
-def score_batch(prep, result, recovered: torch.Tensor, embedder=None) -> list[dict]:
+def score_batch(prep, result, recovered: torch.Tensor) -> list[dict]:
     """Scores of every image of an inverted batch: latent cosine/MSE on the removed half,
-    SSIM/PSNR, the embedding cosine with an embedder, and the skipped steps."""
+    SSIM/PSNR, and the skipped steps. Embedding scores come later, from the saved
+    recovered images (``summary.add_embedding_scores``)."""
     lat = latent_scores(prep.x0, result.x_rec, prep.mask)
-    emb = embedder.cosine(prep.images, recovered) if embedder is not None else None
     rows = []
     for i in range(prep.x0.shape[0]):
         row = {k: float(v[i]) for k, v in lat.items()}
         row.update(pixel_scores(prep.images[i], recovered[i]))
-        if emb is not None:
-            row["embed_cos"] = float(emb[i])
         row["skipped_steps"] = int(result.skipped_steps[i])
         rows.append(row)
     return rows
@@ -71,19 +72,23 @@ def _finite(sc: dict) -> dict:
 
 
 def batch_rows(items: Sequence, notes: Sequence, prep, result, recovered: torch.Tensor, metric: str,
-               out: Path, embedder=None) -> list[dict]:
-    """Rows of an inverted batch, writing each scored image's triptych first (a row on
-    disk means its image is complete). A non-finite result gets no score and no triptych."""
-    scores = score_batch(prep, result, recovered, embedder)
+               out: Path) -> list[dict]:
+    """Rows of an inverted batch, writing each scored image's recovered image (8-bit PNG,
+    what the paper's validator reads) and triptych first: a row on disk means its image is
+    complete. A non-finite result gets no score and no files."""
+    scores = score_batch(prep, result, recovered)
     images, partials = prep.images.detach().float().cpu(), prep.partial_images.detach().float().cpu()
     recs = recovered.detach().float().cpu()
     finite = torch.isfinite(result.x_rec.detach().flatten(1)).all(1).tolist()
     rows = []
     for i, (item, sc) in enumerate(zip(items, scores)):
         if finite[i] and all(math.isfinite(v) for v in sc.values() if isinstance(v, float)):
-            path = output_path(Path(out) / "triptychs", item.id)
+            rec_path = output_path(Path(out) / RECOVERED, item.id)
+            atomic_save_image(to_pil(recs[i]), rec_path)
+            path = output_path(Path(out) / TRIPTYCHS, item.id)
             atomic_save_image(triptych(images[i], partials[i], recs[i]), path)
-            row = {**_head(item), "triptych": f"triptychs/{path.name}", "score": sc[metric], **sc}
+            row = {**_head(item), "triptych": f"{TRIPTYCHS}/{path.name}", "recovered": f"{RECOVERED}/{rec_path.name}",
+                   "score": sc.get(metric), **sc}
         else:
             row = {**_head(item), "error": "result is not finite", **_finite(sc)}
         if notes[i]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -49,46 +48,6 @@ def pixel_scores(original: torch.Tensor, recovered: torch.Tensor) -> dict[str, f
     with np.errstate(divide="ignore"):
         psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
     return {"ssim": float(ssim), "psnr": float(min(psnr, 100.0))}
-
-
-class Embedder:
-    """CLIP or DINO image embeddings from a local folder (never downloaded): a
-    transformers vision model with its image processor config."""
-
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"embedding model folder not found: {folder}")
-        cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
-        if cfg.model_type in ("clip", "clip_vision_model"):
-            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
-            self.kind = "clip"
-        else:
-            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
-            self.kind = cfg.model_type
-        self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        self.model.eval().requires_grad_(False).to(device)
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [-1, 1] -> unit embeddings ``[B, D]``."""
-        arr = [(_to_unit(im) * 255).round().astype(np.uint8) for im in images]
-        inputs = self.processor(images=arr, return_tensors="pt").to(self.device)
-        out = self.model(**inputs)
-        if hasattr(out, "image_embeds") and out.image_embeds is not None:
-            emb = out.image_embeds
-        else:  # DINO-style: the CLS token of the last layer
-            emb = out.last_hidden_state[:, 0]
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
-
-    def cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (self(a) * self(b)).sum(-1)
-
-
-# --------------------------------------------------------------------------- set metrics
 
 
 def _oriented(scores: Sequence[float], metric: str) -> np.ndarray:

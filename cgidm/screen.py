@@ -32,13 +32,14 @@ from cgidm.resume import (
     repair_jsonl, result_files, settings_of,
 )
 from cgidm.rows import error_row
-from cgidm.summary import VERDICT_FIELDS, summarize_pairs, timing
+from cgidm.rows import RECOVERED, TRIPTYCHS
+from cgidm.summary import VERDICT_FIELDS, add_embedding_scores, check_embedder, summarize_pairs, timing
 
 log = logging.getLogger(__name__)
 
 
 def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, *, device, dtype,
-                 allow_pickle: bool, allow_partial_lora: bool, embedder, prefetch_depth: int,
+                 allow_pickle: bool, allow_partial_lora: bool, prefetch_depth: int,
                  progress: Progress) -> dict:
     """Screen this rank's entries, pair by pair; returns its timings."""
     import torch
@@ -76,8 +77,7 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 fail_all(group, reason)
                 continue
             load_s += time.perf_counter() - t0
-            run_pair(pair, group, pair_cfg, out, emit, writer, embedder=embedder,
-                     prefetch_depth=prefetch_depth, stats=stats)
+            run_pair(pair, group, pair_cfg, out, emit, writer, prefetch_depth=prefetch_depth, stats=stats)
             del pair
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
@@ -123,6 +123,7 @@ def screen(
     import torch
 
     cfg = cfg or AuthConfig()
+    check_embedder(cfg, embedder)
     t_start = time.perf_counter()
     out = Path(out)
     rank, world = dist_info()
@@ -131,7 +132,8 @@ def screen(
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
-    (out / "triptychs").mkdir(parents=True, exist_ok=True)
+    (out / TRIPTYCHS).mkdir(parents=True, exist_ok=True)
+    (out / RECOVERED).mkdir(exist_ok=True)
     if world > 1:
         (out / SHARDS).mkdir(exist_ok=True)
     lock = _lock(out, rank)
@@ -163,8 +165,8 @@ def screen(
                         shard_lines)
         try:
             stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                 allow_partial_lora=allow_partial_lora, embedder=embedder,
-                                 prefetch_depth=prefetch_depth, progress=bars)
+                                 allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
+                                 progress=bars)
             stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
             # also the barrier: every rank's shard is complete once this returns
             gathered = all_gather(stats)
@@ -172,13 +174,13 @@ def screen(
             bars.close()
         if rank != 0:
             return None
-        return _finish(out, entries, cfg, gathered)
+        return _finish(out, entries, cfg, gathered, embedder)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict]) -> dict:
+def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict], embedder=None) -> dict:
     """Rank 0: merge every rank's rows into ``results.jsonl`` (rows of images no longer
     listed move to ``results.removed.jsonl``), then the summary and the report."""
     t0 = time.perf_counter()
@@ -198,7 +200,8 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     run_rows = [rows[e.id] for e in entries]
     infos = {e.pair.key: e.pair.info() for e in entries}
     cfg_prompts = {k: v for s in gathered for k, v in s.get("prompts", {}).items()}
-    summary = summarize_pairs(run_rows, infos, cfg)
+    emb_info = add_embedding_scores(run_rows, embedder, out, cfg.metric) if embedder is not None else None
+    summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:
         summary["prompts"] = cfg_prompts
     # one row per id, sorted: the same file whatever the ranks, batches or restarts

@@ -3,9 +3,10 @@ against controls, per pair and over all pairs (docs/architecture.md, "Stages")."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.config import METRICS, departures
+from cgidm.config import EMBED_FIELDS, METRICS, departures
 from cgidm.score import calibrate, set_metrics
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
@@ -13,7 +14,7 @@ PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_
                        "controls", "flagged", "calibration_warning", "calibration_error")
 
 
-def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None) -> dict:
+def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None) -> dict:
     """Counts, member-vs-holdout metrics for every score field, verdicts against controls
     (written into the rows)."""
     good = [r for r in rows if "error" not in r]
@@ -30,6 +31,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None) -> dict:
         summary["preset"] = {"name": cfg.preset, "departures": departures(cfg)}
     if info:
         summary["models"] = info
+    if embedder_info:
+        summary["embedder"] = embedder_info
     labelled = [r for r in good if r.get("label") in ("member", "holdout")]
     if labelled:
         y = [r["label"] == "member" for r in labelled]
@@ -38,6 +41,14 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None) -> dict:
         summary.update({k: main.get(k) for k in ("auc", "accuracy", "tpr_at_1fpr", "threshold")})
         summary["roc"] = main.get("roc")
         summary["by_metric"] = {m: {k: v for k, v in d.items() if k != "roc"} for m, d in per.items()}
+        if all("official_cos" in r for r in labelled):
+            from cgidm.validator import official_auc_accuracy
+
+            members = [r["official_cos"] for r in labelled if r["label"] == "member"]
+            holdouts = [r["official_cos"] for r in labelled if r["label"] == "holdout"]
+            if members and holdouts:
+                # the paper's validator: max over the folder, AUC and accuracy on its grid
+                summary["official"] = official_auc_accuracy(members, holdouts)
     controls = [r["score"] for r in good if r.get("label") == "control"]
     if controls:
         try:
@@ -61,18 +72,18 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None) -> dict:
     return summary
 
 
-def summarize_pairs(rows: Sequence[dict], infos: dict, cfg) -> dict:
+def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optional[dict] = None) -> dict:
     """``summarize`` per pair (controls calibrate the images of their own pair), and over
     all pairs when there are several. ``infos``: ``{pair key: models info}``."""
     by_pair: dict[str, list[dict]] = {}
     for r in rows:
         by_pair.setdefault(r["pair"], []).append(r)
-    per = {key: summarize(prs, cfg, infos[key]) for key, prs in sorted(by_pair.items())}
+    per = {key: summarize(prs, cfg, infos[key], embedder_info) for key, prs in sorted(by_pair.items())}
     if len(per) == 1:
         summary = dict(next(iter(per.values())))
     else:
         # AUC over every pair's members and hold-outs; verdicts stay those of each pair
-        summary = summarize([r for r in rows if r.get("label") != "control"], cfg)
+        summary = summarize([r for r in rows if r.get("label") != "control"], cfg, None, embedder_info)
         good = [r for r in rows if "error" not in r]
         summary.update(images=len(rows), scored=len(good), failed=len(rows) - len(good))
         summary["errors"] = {k: v for s in per.values() for k, v in s.get("errors", {}).items()}
@@ -112,3 +123,55 @@ def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:
         "finalize_s": round(finalize_s, 3),
         "per_rank": stats,
     }
+
+
+def check_embedder(cfg, embedder) -> None:
+    """An embedding metric needs an embedder: say so before any compute."""
+    if cfg.metric in EMBED_FIELDS and embedder is None:
+        raise ValueError(f"--metric {cfg.metric} needs --embedder DIR (a local CLIP or DINO model folder)")
+
+
+def _original_image(path: str):
+    """The original as the validator reads it: the file itself, upright 8-bit RGB."""
+    from PIL import Image
+
+    from cgidm.images import to_rgb
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, metric: str, batch: int = 32) -> dict:
+    """The paper's validator on the scored rows, in place: ``official_cos`` (each original
+    against every recovered image of its folder: same pair and label, the maximum cosine)
+    and ``embed_cos`` (against its own recovery); the rows' ``score`` follows ``metric``.
+    Originals are read from their files and recovered images from the saved 8-bit PNGs,
+    as the official validator reads them (docs/faithfulness.md, "Scoring"). Returns what
+    the summary records about the embedder."""
+    import torch
+    from PIL import Image
+
+    from cgidm.validator import official_scores, paired_scores
+
+    good = [r for r in rows if "error" not in r and r.get("recovered")]
+    if good:
+        orig, rec = [], []
+        for start in range(0, len(good), batch):
+            chunk = good[start:start + batch]
+            orig.append(embedder([_original_image(r["image"]) for r in chunk]))
+            recs = []
+            for r in chunk:
+                with Image.open(Path(out) / r["recovered"]) as im:
+                    recs.append(im.convert("RGB"))
+            rec.append(embedder(recs))
+        o, c = torch.cat(orig).cpu(), torch.cat(rec).cpu()
+        groups = [(r.get("pair"), r.get("label")) for r in good]
+        official = official_scores(o, c, groups)
+        paired = paired_scores(o, c)
+        for r, a, b in zip(good, official.tolist(), paired.tolist()):
+            r["official_cos"], r["embed_cos"] = float(a), float(b)
+    for r in rows:
+        if "error" not in r and metric in EMBED_FIELDS:
+            r["score"] = r.get(metric)
+    return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}

@@ -308,7 +308,7 @@ def test_kohya_lora_with_renamed_layers_is_refused_then_allowed(tiny_world, tmp_
         pair = load_pair(tiny_world / "base", bad, allow_partial_lora=True)
     assert pair.info["finetuned_format"] == "lora"
     assert pair.info["lora_match"]["total"] == total and pair.info["lora_match"]["matched"] < total
-    assert any("LoRA layers" in r.getMessage() for r in caplog.records if r.name == "cgidm.models")
+    assert any("LoRA layers" in r.getMessage() for r in caplog.records if r.name == "cgidm.lora")
 
 
 def test_lora_with_fewer_layers_is_whole(tiny_world, tmp_path):

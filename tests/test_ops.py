@@ -709,8 +709,10 @@ def tiny_pair(tmp_path_factory):
 
 
 def run_invert(tiny_pair, ops, noise: str, k: int, device: str = "cpu", steps: int = 5):
-    """A few PGD steps of ``reference.invert`` with ``ops`` on ``device``. Its draws come from
-    a generator of ``device``: compare runs on the same device only."""
+    """A few PGD steps of ``reference.invert`` with ``ops`` on ``device``. The draws are
+    counter-based (the same numbers on every device); the models' arithmetic is the
+    device's: compare runs on the same device."""
+    from cgidm import rng
     from cgidm.masks import block_mask
 
     g = torch.Generator().manual_seed(3)
@@ -722,7 +724,7 @@ def run_invert(tiny_pair, ops, noise: str, k: int, device: str = "cpu", steps: i
     cfg = reference.PGDConfig(steps=steps, noise=noise, k=k)
     return reference.invert(
         reference.unet_eps_fn(ft), reference.unet_eps_fn(pre), *to((x0, x_init, mask, cond_ft, cond_pre), device=device),
-        tiny_pair.abar, cfg, generator=torch.Generator(device).manual_seed(4), ops=ops,
+        tiny_pair.abar, cfg, keys=rng.image_keys(4, ["a", "b"], device), ops=ops,
     )
 
 

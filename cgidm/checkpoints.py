@@ -1,0 +1,256 @@
+"""Checkpoint files as untrusted input: pickles refused by default, safetensors headers
+bounded before anything is loaded, and the instance prompt a fine-tune was trained with,
+read from where trainers record it (safetensors metadata, a DreamBooth folder's training
+arguments) without loading a tensor (docs/architecture.md, "Stages": load)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; real headers are a few MB at most
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded, with the file and the reason."""
+
+
+def _one_line(text, limit: int = 200) -> str:
+    """The first non-empty line of a library message, cut to ``limit`` characters:
+    diffusers and peft put whole key lists in their errors. An exception other than
+    cgidm's own keeps its type name (``IndexError: ...`` says more than the message)."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    if isinstance(text, BaseException) and not isinstance(text, ModelLoadError):
+        line = f"{type(text).__name__}: {line}" if line else type(text).__name__
+    line = line or "no reason given"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- file checks
+
+
+def _check_local(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~"))
+        hint = (
+            " It looks like a model-hub id: cgidm never downloads. Download the model"
+            " yourself and pass its local folder."
+            if looks_like_hub_id
+            else ""
+        )
+        raise ModelLoadError(f"{what} not found: {path}.{hint}")
+    return p
+
+
+def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded and are refused. "
+            "Use a .safetensors file, or pass --allow-pickle to load it with "
+            "torch.load(weights_only=True) if you trust its source."
+        )
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and bound-check the JSON header of a safetensors file before loading it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_SAFETENSORS_HEADER or n > size - 8:
+            raise ModelLoadError(
+                f"{path}: malformed safetensors header (declares {n} bytes, file has {size - 8})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
+            raise ModelLoadError(f"{path}: malformed safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: malformed safetensors header (not a JSON object)")
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2
+            and all(type(v) is int for v in offsets) and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ModelLoadError(f"{path}: malformed safetensors entry {key[:80]!r} (bad data_offsets)")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    return header
+
+
+def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors: safetensors, or pickle only with ``allow_pickle``
+    (and then ``weights_only=True``)."""
+    p = _check_local(path, "checkpoint")
+    if p.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        read_safetensors_header(p)
+        try:
+            return load_file(str(p))
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelLoadError(f"{p}: cannot read safetensors file ({e})") from e
+    check_pickle_allowed(p, allow_pickle)
+    if p.suffix.lower() not in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{p}: unknown checkpoint format {p.suffix!r} (expected .safetensors)")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{p}: cannot load with weights_only=True ({e})") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{p}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------- prompt
+
+PROMPT_METADATA_KEYS = ("modelspec.trigger_phrase", "ss_instance_prompt", "instance_prompt")
+TRAINING_ARGS_FILES = ("args.json", "training_args.json", "train_config.json")
+MAX_PROMPT_CHARS = 300
+MAX_TRAINING_ARGS_BYTES = 1024 * 1024
+_KOHYA_DATASET_DIR = re.compile(r"^\d+_(.+)$")  # kohya: "<repeats>_<instance prompt>"
+
+
+def _clean_prompt(value) -> Optional[str]:
+    """A prompt fit to use and to print, or None: one line, printable (no terminal
+    escapes from an untrusted file), at most ``MAX_PROMPT_CHARS``."""
+    if not isinstance(value, str):
+        return None
+    text = " ".join(value.split())
+    if not text or len(text) > MAX_PROMPT_CHARS or not text.isprintable():
+        return None
+    return text
+
+
+def _most_frequent_tag(raw: str) -> Optional[str]:
+    """kohya's ``ss_tag_frequency``, ``{dataset folder: {tag: count}}``: the tag seen most
+    often over all folders (ties: the alphabetically first); with no tags, the prompt in
+    a DreamBooth folder name ``<repeats>_<prompt>``."""
+    try:
+        freq = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(freq, dict):
+        return None
+    counts: dict[str, int] = {}
+    for tags in freq.values():
+        if isinstance(tags, dict):
+            for tag, n in tags.items():
+                tag = _clean_prompt(tag)
+                if tag and type(n) is int and n > 0:
+                    counts[tag] = counts.get(tag, 0) + n
+    if counts:
+        return min(counts, key=lambda t: (-counts[t], t))
+    for folder in sorted(freq):
+        m = _KOHYA_DATASET_DIR.match(str(folder))
+        prompt = _clean_prompt(m.group(1)) if m else None
+        if prompt:
+            return prompt
+    return None
+
+
+def _prompt_in_safetensors(path: Path) -> tuple[Optional[str], str]:
+    try:
+        header = read_safetensors_header(path)
+    except (ModelLoadError, OSError) as e:
+        return None, f"{path}: metadata unreadable ({_one_line(e)})"
+    meta = header.get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
+    for key in PROMPT_METADATA_KEYS:
+        prompt = _clean_prompt(meta.get(key))
+        if prompt:
+            return prompt, f"{key} in the metadata of {path}"
+    prompt = _most_frequent_tag(meta.get("ss_tag_frequency"))
+    if prompt:
+        return prompt, f"the most frequent tag of ss_tag_frequency in the metadata of {path}"
+    return None, f"{path}: no trigger phrase, instance prompt or tag frequencies in its metadata"
+
+
+def _instance_prompt_of(args) -> Optional[str]:
+    """``instance_prompt`` at the top of a training-arguments object or one level down
+    (some trainers nest their arguments under a section)."""
+    if not isinstance(args, dict):
+        return None
+    prompt = _clean_prompt(args.get("instance_prompt"))
+    if prompt:
+        return prompt
+    for value in args.values():
+        if isinstance(value, dict):
+            prompt = _clean_prompt(value.get("instance_prompt"))
+            if prompt:
+                return prompt
+    return None
+
+
+def _prompt_in_folder(folder: Path) -> tuple[Optional[str], str]:
+    # a UNet folder passed alone: its pipeline folder above may hold the arguments
+    folders = [folder]
+    if not (folder / "unet").is_dir() and (folder.parent / "unet").is_dir():
+        folders.append(folder.parent)
+    for d in folders:
+        for name in TRAINING_ARGS_FILES:
+            f = d / name
+            try:
+                if not f.is_file() or f.stat().st_size > MAX_TRAINING_ARGS_BYTES:
+                    continue
+                args = json.loads(f.read_text())
+            except (OSError, ValueError, RecursionError):
+                continue
+            prompt = _instance_prompt_of(args)
+            if prompt:
+                return prompt, f"instance_prompt in {f}"
+    return None, f"{folder}: no instance_prompt in {', '.join(TRAINING_ARGS_FILES)}"
+
+
+def _prompt_in(path: Path) -> tuple[Optional[str], str]:
+    if path.is_dir():
+        return _prompt_in_folder(path)
+    if not path.is_file():
+        return None, f"{path}: not found"
+    if path.suffix.lower() == ".safetensors":
+        return _prompt_in_safetensors(path)
+    return None, f"{path}: not a safetensors file, no metadata read"  # never unpickled
+
+
+def find_prompt(
+    finetuned: str | Path | None = None, lora: str | Path | None = None
+) -> tuple[Optional[str], str]:
+    """The instance prompt the fine-tune was trained with, as ``(prompt, where)``, or
+    ``(None, why not)`` when no checkpoint records one.
+
+    Looked for, the LoRA first (it is the fine-tune on top): in a ``.safetensors`` file's
+    metadata ``modelspec.trigger_phrase``, ``ss_instance_prompt``/``instance_prompt``, then
+    the most frequent tag of kohya's ``ss_tag_frequency``; in a folder (a DreamBooth
+    output) ``instance_prompt`` in ``args.json``, ``training_args.json`` or
+    ``train_config.json``. Only safetensors headers and small JSON files are read;
+    nothing is unpickled or loaded.
+    """
+    looked = []
+    for given in (lora, finetuned):
+        if given is None:
+            continue
+        prompt, where = _prompt_in(Path(given).expanduser())
+        if prompt is not None:
+            return prompt, where
+        looked.append(where)
+    if not looked:
+        return None, "no fine-tuned model or LoRA given"
+    return None, "no instance prompt recorded (" + "; ".join(looked) + ")"

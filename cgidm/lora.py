@@ -1,0 +1,227 @@
+"""LoRAs applied on the base model: any of PEFT, diffusers or kohya naming, with a count of
+the file's layers that really landed (a partly fitting LoRA is refused unless allowed) and
+the loaders' many lines of log turned into one (docs/architecture.md, "Stages": load)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cgidm.checkpoints import ModelLoadError, _one_line
+
+log = logging.getLogger(__name__)
+
+def is_lora_state_dict(state: dict) -> bool:
+    return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
+
+
+LORA_ADAPTER = "ft"
+_LIBRARY_LOGGERS = ("diffusers", "peft", "transformers")
+
+
+@contextlib.contextmanager
+def _library_quiet():
+    """Collect instead of print what diffusers, peft and transformers log (warning and
+    above) or warn while a LoRA is loaded: a LoRA that does not fit makes them print
+    dozens of lines of key names; cgidm says it in one. Yields the list of messages."""
+    messages: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    keep = _Keep(logging.WARNING)
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate))
+        lg.handlers = [keep]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+
+
+# the layer a LoRA key belongs to: the key less its LoRA part, in the naming of PEFT,
+# diffusers (old and new) and kohya
+_LORA_PART = re.compile(
+    r"(\.lora_[AB](\.\w+)?|[._]lora[._](down|up)|\.lora_linear_layer\.(down|up))\.(weight|bias)$"
+    r"|\.(alpha|lora_magnitude_vector|dora_scale)$"
+)
+_PEFT_PART = re.compile(r"\.(lora_A|lora_B)\.weight$")
+
+
+def _layer_names(keys) -> set[str]:
+    names = set()
+    for k in keys:
+        m = _LORA_PART.search(k)
+        names.add(k[: m.start()] if m else k)  # an unknown key is a layer nothing applies
+    return names
+
+
+def _peft_layers(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {"lora_A": w, "lora_B": w}}`` of a PEFT-named state dict; a layer
+    whose keys are not both there gets what it has (and counts as not applied)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        m = _PEFT_PART.search(k)
+        if m:
+            layers.setdefault(k[: m.start()], {})[m.group(1)] = v
+        else:
+            layers.setdefault(_LORA_PART.sub("", k), {})
+    return layers
+
+
+def _applied(model, name: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether layer ``name`` of ``model`` carries the file's A and B weights: the only
+    proof that the library applied it (it skips what it cannot place and just logs)."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return False
+    for part in ("lora_A", "lora_B"):
+        holder = getattr(mod, part, None)
+        if part not in parts or holder is None or LORA_ADAPTER not in holder:
+            return False
+        w = holder[LORA_ADAPTER].weight
+        t = parts[part]
+        if w.shape != t.shape or not torch.equal(w.detach().cpu(), t.to(w.dtype)):
+            return False
+    return True
+
+
+@dataclass
+class _LoraFit:
+    matched: int = 0
+    total: int = 0
+    unmatched: list = field(default_factory=list)
+
+    def add(self, model, peft_state: dict) -> None:
+        layers = _peft_layers(peft_state)
+        ok = {n for n, parts in layers.items() if _applied(model, n, parts)}
+        self.matched += len(ok)
+        self.total += len(layers)
+        self.unmatched += sorted(set(layers) - ok)
+
+
+def _unet_peft_state(unet_keys: dict) -> dict:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state = {k.removeprefix("unet."): v for k, v in unet_keys.items()}
+    # the same test diffusers' load_lora_adapter makes before converting
+    if state and "lora_A" not in next(iter(state)):
+        state = convert_unet_state_dict_to_peft(state)
+    return state
+
+
+def _te_peft_state(te_keys: dict, text_encoder) -> dict:
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    state = {k.removeprefix("text_encoder."): v for k, v in te_keys.items()}
+    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    if not hasattr(text_encoder, "text_model"):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
+
+
+def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: float,
+                allow_partial: bool = False):
+    """Copies of the base UNet (and text encoder, if the LoRA touches it) with the LoRA on,
+    and ``{"matched": m, "total": n}``: how many of the file's LoRA layers were applied.
+    Fewer than all is refused unless ``allow_partial``; none is always refused."""
+    with _library_quiet() as said:
+        unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale)
+    if said:
+        log.debug("%s: the LoRA loaders said: %s", path, " | ".join(_one_line(m) for m in said))
+    if fit.matched == 0:
+        raise ModelLoadError(f"{path}: LoRA keys match no layer of the base model (0 of {fit.total} layers)")
+    if fit.matched < fit.total:
+        if not allow_partial:
+            first = _one_line(fit.unmatched[0], 120) if fit.unmatched else "dropped by the converter"
+            raise ModelLoadError(
+                f"{path}: only {fit.matched} of {fit.total} LoRA layers fit the base model "
+                f"(first that does not: {first}); "
+                "a partly applied fine-tune is refused: pass --allow-partial-lora "
+                "(allow_partial_lora=True) to use it anyway"
+            )
+        log.warning("%s: applied %d of %d LoRA layers (partial LoRA allowed)", path, fit.matched, fit.total)
+    else:
+        log.info("%s: applied %d of %d LoRA layers", path, fit.matched, fit.total)
+    return unet, te, {"matched": fit.matched, "total": fit.total}
+
+
+def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a LoRA that diffusers can read ({_one_line(e)})") from e
+    alphas = _fix_alpha_names(alphas)
+    unet_keys = {k: v for k, v in converted.items() if k.startswith("unet.")}
+    te_keys = {k: v for k, v in converted.items() if k.startswith("text_encoder.")}
+    if not unet_keys and not te_keys:
+        raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder")
+    # layers the converter kept under neither prefix count against the fit
+    file_names = _layer_names(state)
+    other = len(_layer_names(set(converted) - set(unet_keys) - set(te_keys)))
+    fit = _LoraFit(total=other)
+    unet = copy.deepcopy(unet_base)
+    if unet_keys:
+        u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
+        try:
+            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=LORA_ADAPTER)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: LoRA does not fit the base UNet ({_one_line(e)})") from e
+        if scale != 1.0:
+            unet.set_adapters([LORA_ADAPTER], weights=[scale])
+        fit.add(unet, _unet_peft_state(unet_keys))
+    te = text_encoder_base
+    if te_keys:
+        te = copy.deepcopy(text_encoder_base)
+        t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")} or None
+        try:
+            StableDiffusionPipeline.load_lora_into_text_encoder(
+                te_keys, t_alphas, text_encoder=te, prefix="text_encoder", lora_scale=scale,
+                adapter_name=LORA_ADAPTER,
+            )
+        except Exception as e:
+            raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder ({_one_line(e)})") from e
+        fit.add(te, _te_peft_state(te_keys, te))
+    # the converter may drop or merge what it cannot name: never count fewer layers
+    # than the file has
+    fit.total = max(fit.total, len(file_names))
+    return unet, te, fit
+
+
+_ALPHA_NAME = re.compile(r"\.processor\.to_(q|k|v|out)_lora\.down\.weight\.alpha$")
+
+
+def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
+    """diffusers files kohya attention alphas under ``...processor.to_q_lora.down.weight.alpha``,
+    a name no module has, so a per-module alpha would silently fall back to the most common
+    one; rename them to the module the alpha belongs to."""
+    if not alphas:
+        return alphas
+
+    def fix(k: str) -> str:
+        m = _ALPHA_NAME.search(k)
+        if not m:
+            return k
+        proj = "to_out.0" if m.group(1) == "out" else f"to_{m.group(1)}"
+        return k[: m.start()] + f".{proj}.alpha"
+
+    return {fix(k): v for k, v in alphas.items()}
