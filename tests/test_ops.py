@@ -740,7 +740,7 @@ def assert_same_inversion(got, want) -> None:
 @pytest.mark.parametrize("noise,k", [("shared", 2), ("paper", 1)])
 def test_invert_with_compiled_ops_recovers_the_reference_latents(tiny_pair, impl, noise, k):
     """The implementation inside the whole loop against the spec's loop, both on the
-    implementation's device (same generator, same draws)."""
+    implementation's device (same keys, same draws)."""
     device = require(impl)
     want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k, device=device)
     got = run_invert(tiny_pair, cgidm_ops.get_ops(impl), noise, k, device=device)
