@@ -301,6 +301,22 @@ def pick_batches(cfg: Config, make_engine) -> tuple[list[int], Optional[dict]]:
     return sorted(set(out)), plan
 
 
+def time_engine(make_engine, b: int, shape, device: torch.device, cfg: Config) -> tuple[list[float], bool]:
+    """Seconds per step of an engine of ``b`` images (graph replays on CUDA) and whether its
+    state stayed finite; the engine and its graph are dropped on return."""
+    engine = make_engine(b)
+    engine.load(*latents(b, shape, device), image_keys(b, device))
+    if engine.use_graph:
+        engine.capture()
+        step = engine.graph.replay
+    else:
+        step = engine._step
+    samples = time_fn(step, device, cfg.warmup, cfg.repeats)
+    finite = bool(torch.isfinite(engine.delta).all()) and math.isfinite(float(engine.loss_value))
+    engine.graph = None
+    return samples, finite
+
+
 def free_memory() -> None:
     """Give what dropped engines held (a CUDA graph's private pool included) back to the
     device before the next, larger one is built."""
@@ -348,22 +364,24 @@ def run(cfg: Config, emit) -> list[Result]:
     if plan is not None:
         extra["memory_plan"] = plan
     for b in batches:
-        engine = make_engine(b)
-        engine.load(*latents(b, shape, device), image_keys(b, device))
-        if engine.use_graph:
-            engine.capture()
-            step = engine.graph.replay
-        else:
-            step = engine._step
-
-        samples = time_fn(step, device, cfg.warmup, cfg.repeats)
-        finite = bool(torch.isfinite(engine.delta).all()) and math.isfinite(float(engine.loss_value))
+        # An out-of-memory error (a graph capture needs its own pool beside the warm-up's
+        # cached blocks) is recorded as a row, and the batch halved until it fits.
+        while True:
+            try:
+                samples, finite = time_engine(make_engine, b, shape, device, cfg)
+                error = None
+            except torch.cuda.OutOfMemoryError as e:
+                error = f"out of memory at b={b}: {str(e).splitlines()[0][:300]}"
+            free_memory()
+            if error is None:
+                break
+            emit(None, {**extra, "error": error, "batch": b})
+            if b == 1:
+                raise SystemExit(error)
+            b //= 2
         r = result("engine", b, cfg.k, cfg.dtype, samples, flops, peak, base.ms_per_image_step)
         emit(r, {**extra, "finite_after_timing": finite})
         results.append(r)
-        engine.graph = None
-        del engine, step
-        free_memory()
         if not finite:
             raise SystemExit(f"engine b={b}: delta or loss not finite after the timed steps")
     return results
@@ -392,9 +410,10 @@ def main(argv=None) -> None:
     # A tiny-model row only shows the code path runs: its MFU (CPU bf16 is emulated) means nothing.
     path = RESULTS / "engine-cpu-smoke.json" if device.type == "cpu" else None
 
-    def emit(r: Result, extra: dict) -> None:
+    def emit(r: Optional[Result], extra: dict) -> None:
+        """Appends one row now: a measurement, or (``r`` None) an error with its batch."""
         nonlocal path
-        row = {"bench": "engine", "smoke": cfg.tiny, "config": asdict(cfg), "result": asdict(r), **extra,
+        row = {"bench": "engine", "smoke": cfg.tiny, "config": asdict(cfg), "result": r and asdict(r), **extra,
                **provenance(device)}
         if device.type == "cpu":
             RESULTS.mkdir(parents=True, exist_ok=True)
@@ -402,7 +421,8 @@ def main(argv=None) -> None:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
         else:
             path = append_row("engine", device, row)
-        print(f"{r.name} b={r.batch}: {r.median_ms_per_step:.2f} ms/step, row appended to {path}", flush=True)
+        what = extra["error"] if r is None else f"{r.name} b={r.batch}: {r.median_ms_per_step:.2f} ms/step"
+        print(f"{what}, row appended to {path}", flush=True)
 
     results = run(cfg, emit)
     print(f"{'name':>9} {'B':>4} {'K':>3} {'dtype':>5} {'ms/step':>10} {'ms/img-step':>12} {'TFLOP/s':>9} {'MFU':>7} {'speedup':>8}")

@@ -251,8 +251,11 @@ def sanitize(runner: Runner, py: str, cuda: bool, tool: str, ops: tuple[str, ...
         bad = re.search(r"\b[1-9]\d* (errors?|hazards?)", summary)
         return ("ok" if rc == 0 and not bad else "failed"), summary
 
+    # Without the caching allocator every tensor is its own allocation: an out-of-bounds
+    # access cannot land unseen in the slack of a cached block.
+    env = dict(runner.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     runner.stage(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", *workload, "--device", "cuda"],
-                 timeout_s, judge)
+                 timeout_s, judge, env)
 
 
 def bench(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> None:
@@ -265,8 +268,9 @@ def bench(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> None
                "--repeats", "1", "--matmul-n", "256"]
 
     def judge(rc: int, out: str) -> tuple[str, str]:
-        rows = path.read_text().splitlines()[before:] if path.exists() else []
-        measured = [f"{r['result']['name']} b={r['result']['batch']}" for r in map(json.loads, rows) if "result" in r]
+        rows = [json.loads(line) for line in (path.read_text().splitlines()[before:] if path.exists() else [])]
+        measured = [f"{r['result']['name']} b={r['result']['batch']}" if r.get("result") else f"error b={r.get('batch')}"
+                    for r in rows]
         note = f"rows: {', '.join(measured) or 'none'} -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
         return ("ok" if rc == 0 else "failed"), note if rc == 0 else f"exit status {rc}; {note}"
 
