@@ -24,7 +24,7 @@ import torch
 
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
-from cgidm.pipeline import prepare, recover
+from cgidm.pipeline import prepare, recover, shrink_engines
 from cgidm.rows import batch_rows, error_row
 
 log = logging.getLogger(__name__)
@@ -230,8 +230,10 @@ def run_pair(
             raise
         except Exception as e:  # noqa: BLE001 - isolated to the images of this batch
             oom = is_out_of_memory(e)
-            if oom and pair.device.type == "cuda":
-                torch.cuda.empty_cache()
+            if oom:
+                shrink_engines(pair, max(1, len(its) // 2))
+                if pair.device.type == "cuda":
+                    torch.cuda.empty_cache()
             if len(its) == 1:
                 log.error("%s: %s", its[0].id, _reason(e))
                 emit_errors([(its[0], ("out of memory: " if oom else "failed: ") + _reason(e), notes[0])])

@@ -87,8 +87,8 @@ class AuthConfig:
     metric: str = _opt(DEFAULT_METRIC, "the score used for AUC and verdicts", choices=METRICS)
     level: float = _opt(0.05, "verdict level: flag images with p <= level")
     impl: str = _opt("auto", "implementation of the step ops", choices=IMPLS)
-    engine: str = _opt("reference", "engine: static buffers and CUDA graphs; reference: the spec loop",
-                       choices=ENGINES)
+    engine: str = _opt("engine", "engine: static buffers, the pair pass, CUDA graphs on a GPU; reference: the "
+                       "plain spec loop (the same results on CPU)", choices=ENGINES)
     preset: Optional[str] = _opt(None, "the preset the settings started from (--preset)", cli=False)
 
     def __post_init__(self) -> None:

@@ -106,6 +106,9 @@ class Engine:
     ``weight_dtype`` in place) or ``EpsFn`` callables. ``cond_ft`` / ``cond_pre``:
     ``[1, L, D]`` prompt embeddings shared by every image. ``delta`` and the PGD math
     stay fp32 whatever the weights' dtype. ``use_graph``: ``None`` = on CUDA devices.
+    ``pair_pass``: how both models run each step (``cgidm.pairpass``: a variant name or a
+    built ``PairPass``); ``None`` picks the fastest measured for this device, else the safe
+    default, and says why in ``pair_pass_why``.
     """
 
     def __init__(
@@ -123,7 +126,9 @@ class Engine:
         weight_dtype: Optional[torch.dtype] = None,
         use_graph: Optional[bool] = None,
         warmup: int = 2,
+        pair_pass=None,
     ) -> None:
+        from cgidm import pairpass
         from cgidm.ops import get_ops
 
         if batch < 1:
@@ -137,6 +142,16 @@ class Engine:
         self.eps_ft = freeze(model_ft, weight_dtype)
         self.eps_pre = freeze(model_pre, weight_dtype)
         dev = self.device
+        if pair_pass is None or isinstance(pair_pass, str):
+            kind, shared = pairpass.pair_kind(model_ft, model_pre)
+            if pair_pass is None:
+                name, self.pair_pass_why = pairpass.choose(kind, dev, pairpass.measured_here())
+            else:
+                name, self.pair_pass_why = pair_pass, "asked for"
+            pair_pass = pairpass.build(name, *((model_ft,) if shared else (model_ft, model_pre)))
+        else:
+            self.pair_pass_why = "given"
+        self.pair_pass = pair_pass
         for name, c in (("cond_ft", cond_ft), ("cond_pre", cond_pre)):
             if c.dim() != 3 or c.shape[0] != 1:
                 raise ValueError(f"{name} must be [1, L, D], got {tuple(c.shape)}")
@@ -175,7 +190,7 @@ class Engine:
         t, noise_ft, noise_pre = draws
         loss, grad = contrast_gradient(
             self.eps_ft, self.eps_pre, self.x0, self.x_init + self.delta, self.mask, t, noise_ft, noise_pre,
-            self.abar, self.cond_ft, self.cond_pre, self.ops, valid=self.valid,
+            self.abar, self.cond_ft, self.cond_pre, self.ops, valid=self.valid, pair_fn=self.pair_pass,
         )
         with torch.no_grad():
             bad = skip_rows(loss, grad) & self.valid

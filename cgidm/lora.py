@@ -138,12 +138,12 @@ def _te_peft_state(te_keys: dict, text_encoder) -> dict:
 
 
 def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: float,
-                allow_partial: bool = False):
+                allow_partial: bool = False, copy_unet: bool = True):
     """Copies of the base UNet (and text encoder, if the LoRA touches it) with the LoRA on,
     and ``{"matched": m, "total": n}``: how many of the file's LoRA layers were applied.
     Fewer than all is refused unless ``allow_partial``; none is always refused."""
     with _library_quiet() as said:
-        unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale)
+        unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale, copy_unet)
     if said:
         log.debug("%s: the LoRA loaders said: %s", path, " | ".join(_one_line(m) for m in said))
     if fit.matched == 0:
@@ -163,7 +163,7 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
     return unet, te, {"matched": fit.matched, "total": fit.total}
 
 
-def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float):
+def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool):
     from diffusers import StableDiffusionPipeline
 
     try:
@@ -179,7 +179,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     file_names = _layer_names(state)
     other = len(_layer_names(set(converted) - set(unet_keys) - set(te_keys)))
     fit = _LoraFit(total=other)
-    unet = copy.deepcopy(unet_base)
+    unet = copy.deepcopy(unet_base) if copy_unet else unet_base
     if unet_keys:
         u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
         try:
@@ -225,3 +225,54 @@ def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
         return k[: m.start()] + f".{proj}.alpha"
 
     return {fix(k): v for k, v in alphas.items()}
+
+
+# --------------------------------------------------------------------------- one copy of the base
+
+
+def adapter_layers(unet: torch.nn.Module) -> list:
+    """The PEFT LoRA layers of ``unet``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(layers: list, disabled: bool = True):
+    """Every LoRA layer's ``_disable_adapters`` flag set for the duration, then restored.
+    The flag is set directly: PEFT's ``enable_adapters`` also turns ``requires_grad`` back
+    on for the adapter weights, and only input gradients are ever taken here."""
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = disabled
+    try:
+        yield
+    finally:
+        for m, d in zip(layers, before):
+            m._disable_adapters = d
+
+
+class AdaptersOff(torch.nn.Module):
+    """The pretrained UNet inside a LoRA-adapted one: calls run the shared module with its
+    adapters off, so a LoRA pair holds ONE copy of the base weights (the fine-tuned side is
+    the same module with the adapters on). Its parameters are the shared module's."""
+
+    def __init__(self, adapted: torch.nn.Module) -> None:
+        super().__init__()
+        self.adapted = adapted
+        layers = adapter_layers(adapted)
+        if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
+            raise ValueError("AdaptersOff needs a UNet with PEFT LoRA layers")
+        object.__setattr__(self, "_layers", layers)  # not submodules: they belong to `adapted`
+
+    @property
+    def config(self):
+        return self.adapted.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.adapted.parameters()).dtype
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self._layers):
+            return self.adapted(*args, **kwargs)

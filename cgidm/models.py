@@ -26,7 +26,7 @@ from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_hea
     read_safetensors_header,
 )
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
-from cgidm.lora import _apply_lora, is_lora_state_dict
+from cgidm.lora import AdaptersOff, _apply_lora, is_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,9 @@ def load_pair(
         else:
             state = load_state_dict(fp, allow_pickle)
             if is_lora_state_dict(state):
-                unet_ft, te_ft, match = _apply_lora(state, unet_pre, te_pre, fp, lora_scale, allow_partial_lora)
+                unet_ft, te_ft, match = _apply_lora(state, unet_pre, te_pre, fp, lora_scale, allow_partial_lora,
+                                                    copy_unet=False)
+                unet_pre = AdaptersOff(unet_ft)
                 count(match)
                 info["finetuned_format"] = "lora"
             else:
@@ -321,7 +323,13 @@ def load_pair(
         state = load_state_dict(lp, allow_pickle)
         if not is_lora_state_dict(state):
             raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)")
-        unet_ft, te_ft, match = _apply_lora(state, unet_ft, te_ft, lp, lora_scale, allow_partial_lora)
+        # on the base (no other fine-tune): ONE copy of the base weights, the pretrained side
+        # being the same UNet with its adapters off; on a separate fine-tune: that UNet itself
+        on_base = unet_ft is unet_pre
+        unet_ft, te_ft, match = _apply_lora(state, unet_ft, te_ft, lp, lora_scale, allow_partial_lora,
+                                            copy_unet=isinstance(unet_pre, AdaptersOff))
+        if on_base:
+            unet_pre = AdaptersOff(unet_ft)
         count(match)
         info["lora"] = str(lp)
     _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))

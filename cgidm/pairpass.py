@@ -127,9 +127,9 @@ def _lora_layers(unet: torch.nn.Module) -> list:
     when there is none, or when an adapter is merged into the base weights (then the base
     weights are not the pretrained model's, and switching adapters off would unmerge them
     in place)."""
-    from peft.tuners.lora import LoraLayer
+    from cgidm.lora import adapter_layers
 
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    layers = adapter_layers(unet)
     active = [m for m in layers if any(a in m.lora_A for a in m.active_adapters)]
     if not active:
         raise ValueError("the UNet has no active LoRA adapter (load one with unet.load_lora_adapter)")
@@ -154,14 +154,10 @@ class _LoraToggle(PairPass):
         self.fn = unet_eps_fn(unet)
 
     def _run(self, disabled: bool, x, t, cond):
-        before = [m._disable_adapters for m in self.layers]
-        for m in self.layers:
-            m._disable_adapters = disabled
-        try:
+        from cgidm.lora import adapters_disabled
+
+        with adapters_disabled(self.layers, disabled):
             return self.fn(x, t, cond)
-        finally:
-            for m, d in zip(self.layers, before):
-                m._disable_adapters = d
 
     def __call__(self, x_ft, x_pre, t, cond_ft, cond_pre):
         return self._run(False, x_ft, t, cond_ft), self._run(True, x_pre, t, cond_pre)
@@ -442,3 +438,39 @@ def choose(
     name = min(timed, key=timed.get)
     others = ", ".join(f"{n} {timed[n] * 1e3:.3g} ms" for n in sorted(timed, key=timed.get) if n != name)
     return name, f"fastest measured on {key}: {name} {timed[name] * 1e3:.3g} ms" + (f" (vs {others})" if others else "")
+
+
+def pair_kind(model_ft: Model, model_pre: Model) -> tuple[str, bool]:
+    """``(kind, shared)``: ``("lora", True)`` when ``model_pre`` is ``model_ft`` with its
+    adapters off (``cgidm.lora.AdaptersOff``: a LoRA pair holding one copy of the base),
+    else ``("full", False)``."""
+    from cgidm.lora import AdaptersOff
+
+    if isinstance(model_pre, AdaptersOff) and model_pre.adapted is model_ft:
+        return "lora", True
+    return "full", False
+
+
+def measured_here() -> dict:
+    """GPU measurements of the pair passes in this checkout's ``bench/results`` (an
+    editable install), as ``measured_from_rows`` returns them; ``{}`` without any. CPU rows
+    are left out: a CPU run keeps the default, whose results equal the reference's bit for
+    bit, and CPU timings on a shared machine are too noisy to pick by."""
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "results"
+    rows = []
+    for p in sorted(folder.glob("pairpass-*.json")):
+        if p.name == "pairpass-cpu.json":
+            continue
+        try:
+            lines = p.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:  # one JSON row per line (bench/common.py: append_row)
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return measured_from_rows([r for r in rows if isinstance(r, dict)])

@@ -8,6 +8,7 @@ image's result does not depend on the batch it ran in.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,6 +19,8 @@ from cgidm.masks import block_mask
 from cgidm.models import ModelPair
 from cgidm.reference import invert, partial_representation, unet_eps_fn
 from cgidm.rng import image_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,19 +63,46 @@ def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: Auth
                     torch.tensor(keys, dtype=torch.int64, device=device), list(ids))
 
 
+def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: int):
+    """The pair's engine for a bucket of ``batch`` images, built once per (bucket, settings,
+    prompt) and kept on the pair: on a GPU each bucket's step is captured once as a CUDA
+    graph and replayed for every later batch, a smaller tail batch being padded."""
+    from cgidm.engine import Engine
+
+    cache = pair.__dict__.setdefault("_engines", {})
+    key = (batch, cfg.pgd, cfg.impl, cfg.prompt, tuple(latent_shape))
+    engine = cache.get(key)
+    if engine is None:
+        engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
+                        batch=batch, device=pair.device, impl=cfg.impl)
+        if isinstance(getattr(pair, "info", None), dict):
+            pair.info["pair_pass"] = {"name": engine.pair_pass.name, "why": engine.pair_pass_why}
+        log.info("engine for batches of %d: pair pass %s (%s)", batch, engine.pair_pass.name, engine.pair_pass_why)
+        cache[key] = engine
+    return engine
+
+
+def shrink_engines(pair: ModelPair, max_batch: int) -> None:
+    """After running out of memory: no engine of this pair takes more than ``max_batch``
+    images at once any more, and the larger ones (their buffers, their graphs) are freed."""
+    pair.__dict__["_max_bucket"] = max(1, min(max_batch, pair.__dict__.get("_max_bucket", max_batch)))
+    cache = pair.__dict__.get("_engines", {})
+    for key in [k for k in cache if k[0] > pair.__dict__["_max_bucket"]]:
+        del cache[key]
+
+
 def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     """PGD on the contrast loss; returns the reference's ``InversionResult``."""
     from cgidm.ops import get_ops
 
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
+    n = prep.x0.shape[0]
     if cfg.engine == "engine":
-        from cgidm.engine import Engine
-
-        # One bucket per call: a graph captured here serves this batch only.
-        engine = Engine(
-            pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, prep.x0.shape[1:], cfg.pgd,
-            batch=prep.x0.shape[0], device=pair.device, impl=cfg.impl,
-        )
+        # the configured batch size is the bucket; smaller batches (the tail, a halved
+        # batch after running out of memory) pad into it, larger ones run in chunks
+        cap = pair.__dict__.get("_max_bucket", cfg.batch_size)
+        bucket = min(cap, n if n > cfg.batch_size else cfg.batch_size)
+        engine = _engine(pair, cfg, c_ft, c_pre, prep.x0.shape[1:], bucket)
         return engine.invert(prep.x0, prep.x_init, prep.mask, prep.keys, callback=callback)
     return invert(
         unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre), prep.x0, prep.x_init, prep.mask,

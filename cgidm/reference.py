@@ -221,8 +221,13 @@ def contrast_gradient(
     ops: SimpleNamespace = REFERENCE_OPS,
     valid: Optional[torch.Tensor] = None,  # [B] bool, rows whose loss counts
     scale: Optional[float] = None,
+    pair_fn: Optional[Callable] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's contrast loss and its gradient: ``(loss [B, K] fp32, grad [B, C, H, W])``.
+
+    ``pair_fn(x_ft, x_pre, t, cond_ft, cond_pre) -> (eps_ft, eps_pre)`` runs both models
+    as one pair pass (``cgidm.pairpass``); without it, ``eps_ft`` and ``eps_pre`` are
+    called one after the other.
 
     ``loss`` is unscaled (rows outside ``valid`` are 0); ``grad`` is
     ``scale * d/dx sum_b mean_k loss[b, k]`` (``scale``: ``loss_scale`` of the latent by
@@ -236,8 +241,11 @@ def contrast_gradient(
     sb = (1 - abar[t]).sqrt().float()
     x = x.detach().requires_grad_(True)
     _, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
-    out_ft = eps_ft(x_t[0], t, cond_ft)
-    out_pre = eps_pre(x_t[1], t, cond_pre)
+    if pair_fn is not None:
+        out_ft, out_pre = pair_fn(x_t[0], x_t[1], t, cond_ft, cond_pre)
+    else:
+        out_ft = eps_ft(x_t[0], t, cond_ft)
+        out_pre = eps_pre(x_t[1], t, cond_pre)
     loss = ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre).view(b, k)  # [B, K]
     if valid is not None:
         loss = torch.where(valid.view(b, 1), loss, torch.zeros_like(loss))

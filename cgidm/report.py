@@ -49,12 +49,12 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
 {% if s.official %}<div class="card">official validator AUC ({{ s.embedder.kind if s.embedder else '' }}, max over the folder)<b>{{ fmt(s.official.auc) }}</b></div>
 <div class="card">official accuracy<b>{{ fmt(s.official.accuracy) }}</b></div>{% endif %}
-{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level }})<b>{{ s.flagged }}</b></div>{% endif %}
+{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b></div>{% endif %}
 </div>
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
-<p class="sub">prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %};
+{% if s.config %}<p class="sub">prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
-engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>
+engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>

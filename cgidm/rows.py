@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -72,15 +72,15 @@ def _finite(sc: dict) -> dict:
 
 
 def batch_rows(items: Sequence, notes: Sequence, prep, result, recovered: torch.Tensor, metric: str,
-               out: Path) -> list[dict]:
-    """Rows of an inverted batch, writing each scored image's recovered image (8-bit PNG,
-    what the paper's validator reads) and triptych first: a row on disk means its image is
-    complete. A non-finite result gets no score and no files."""
+               out: Path) -> Iterator[dict]:
+    """Rows of an inverted batch, one at a time, each after its image's recovered image
+    (8-bit PNG, what the paper's validator reads) and triptych are written: a row on disk
+    means its image is complete, and a write that fails stops after the rows before it.
+    A non-finite result gets no score and no files."""
     scores = score_batch(prep, result, recovered)
     images, partials = prep.images.detach().float().cpu(), prep.partial_images.detach().float().cpu()
     recs = recovered.detach().float().cpu()
     finite = torch.isfinite(result.x_rec.detach().flatten(1)).all(1).tolist()
-    rows = []
     for i, (item, sc) in enumerate(zip(items, scores)):
         if finite[i] and all(math.isfinite(v) for v in sc.values() if isinstance(v, float)):
             rec_path = output_path(Path(out) / RECOVERED, item.id)
@@ -93,5 +93,4 @@ def batch_rows(items: Sequence, notes: Sequence, prep, result, recovered: torch.
             row = {**_head(item), "error": "result is not finite", **_finite(sc)}
         if notes[i]:
             row["notes"] = notes[i]
-        rows.append(row)
-    return rows
+        yield row

@@ -92,7 +92,7 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
         assert re.search(rf"^{stage} +ok ", table, re.M), table
     assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "gpu-check-cpu.json", "gpu-check-cpu.log"]
     row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
-    assert row["ok"] and not row["cuda"] and row["git_sha"] and row["command"]
+    assert row["ok"] and not row["cuda_available"] and row["git_sha"] and row["command"]
     assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
 
 

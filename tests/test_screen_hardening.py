@@ -96,8 +96,8 @@ def test_changed_engine_or_dtype_cannot_resume(tiny_world, folder):
     entries = read_manifest(folder, tiny_world / "base", tiny_world / "finetuned")
     out = folder.parent / "out"
     screen(entries[:2], out, CFG, progress=False)
-    with pytest.raises(ValueError, match="engine 'reference' there, 'engine' now"):
-        screen(entries[:2], out, CFG.replace(engine="engine"), progress=False)
+    with pytest.raises(ValueError, match="engine 'engine' there, 'reference' now"):
+        screen(entries[:2], out, CFG.replace(engine="reference"), progress=False)
 
 
 def test_a_second_run_on_the_same_out_says_who_holds_it(tiny_world, folder, capsys):
