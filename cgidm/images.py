@@ -136,11 +136,31 @@ def _resize_crop(img: Image.Image, resolution: int) -> Image.Image:
             top = (h - keep) // 2
             img = img.crop((0, top, w, top + keep))
         w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    return centre_crop(resize_short_side(img, resolution, Image.BILINEAR), resolution)
+
+
+def resize_short_side(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """Short side to ``size``, the long side scaled and truncated to an integer: the rule
+    of torchvision's ``Resize(int)``, which the official code runs (docs/faithfulness.md,
+    "Preprocessing")."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), resample)
+
+
+def centre_crop(img: Image.Image, size: int) -> Image.Image:
+    """The centre ``size`` x ``size``; offsets rounded half to even (torchvision's
+    ``CenterCrop`` uses Python's ``round``)."""
+    w, h = img.size
+    if w < size or h < size:
+        raise ValueError(f"image {w}x{h} is smaller than the {size}x{size} crop")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -198,6 +218,7 @@ def load_image_with_notes(
         raise ImageError(path, f"too large ({e}; decompression-bomb guard)") from e
     except Exception as e:  # PIL parses untrusted bytes: any failure means a bad file
         raise ImageError(path, _reason(e)) from e
+    # x / 127.5 - 1 equals the official x / 255 * 2 - 1 bit for bit in float32 (all 256 levels)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), notes
 

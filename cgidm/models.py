@@ -75,11 +75,23 @@ class ModelPair:
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Each model encodes the prompt with its own text encoder: ``(c_ft, c_pre)``,
-        each ``[1, L, D]`` fp32."""
-        return (
-            _encode(self.tokenizer_ft, self.text_encoder_ft, prompt, self.device),
-            _encode(self.tokenizer_pre, self.text_encoder_pre, prompt, self.device),
-        )
+        each ``[1, L, D]`` fp32 on the pair's device. Embeddings are kept per prompt; on a
+        GPU the text encoders then move to the CPU, so that the inversion has their memory
+        (they are needed again only for a new prompt)."""
+        cache = self.__dict__.setdefault("_prompts", {})
+        if prompt not in cache:
+            device = self.device
+            encoders = {id(m): m for m in (self.text_encoder_ft, self.text_encoder_pre)}.values()
+            for m in encoders:
+                m.to(device)
+            cache[prompt] = (
+                _encode(self.tokenizer_ft, self.text_encoder_ft, prompt, device),
+                _encode(self.tokenizer_pre, self.text_encoder_pre, prompt, device),
+            )
+            if device.type == "cuda":
+                for m in encoders:
+                    m.to("cpu")
+        return cache[prompt]
 
 
 def _encode(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:

@@ -32,8 +32,8 @@ The spec (the reference here, the C++/CUDA op ``cgidm::draw_noise`` and the Trit
   ``2π`` is the fp32 constant ``6.2831855``, the angle is ``fp32(2π) * u`` rounded to fp32.
   log/cos/sin are each backend's fp32 functions, so normals agree across backends to a
   few ulps (integers and timesteps agree exactly).
-- **Timestep**: stratified over K equal strata of ``[t_min, t_max]`` as
-  ``cgidm.reference.sample_timesteps`` computes them: with ``span = t_max - t_min + 1``,
+- **Timestep**: stratified over K equal strata of ``[t_min, t_max]`` (``strata``): with
+  ``span = t_max - t_min + 1``,
   ``start_k = floor(k * span / K)``, ``width_k = max(floor((k+1) * span / K) - start_k, 1)``,
   ``t = t_min + start_k + min(floor(u_t * width_k), width_k - 1)``. The floor of the real
   product is computed exactly in integers, ``((x >> 8) * width_k) >> 24`` (always
@@ -113,8 +113,8 @@ def philox4x32(k0: Word, k1: Word, c0: Word, c1: Word, c2: Word, c3: Word) -> tu
 
 
 def strata(k: int, t_min: int, t_max: int) -> tuple[list[int], list[int]]:
-    """``(start_k, width_k)`` of the K timestep strata, as ``sample_timesteps`` computes
-    them (``floor`` of exact quotients)."""
+    """``(start_k, width_k)`` of the K equal timestep strata of ``[t_min, t_max]``
+    (``floor`` of exact quotients, so no stratum depends on float rounding)."""
     span = t_max - t_min + 1
     start = [i * span // k for i in range(k)]
     width = [max((i + 1) * span // k - s, 1) for i, s in enumerate(start)]

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cgidm.images import centre_crop, resize_short_side  # noqa: F401 (re-exported: the torchvision rules)
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -97,29 +99,6 @@ def _as_pil_list(images: ImageInput) -> list[Image.Image]:
         else:
             raise TypeError(f"images must be tensors or PIL images, got {type(im).__name__}")
     return out
-
-
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """Short side to ``size``, the long side scaled and truncated to an integer (the
-    torchvision ``Resize(int)`` rule), PIL bicubic."""
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) == (w, h):
-        return img
-    return img.resize((new_w, new_h), Image.BICUBIC)
-
-
-def centre_crop(img: Image.Image, size: int) -> Image.Image:
-    """The centre ``size`` x ``size``; offsets rounded half to even (torchvision's
-    ``CenterCrop`` uses Python's ``round``)."""
-    w, h = img.size
-    if w < size or h < size:
-        raise ValueError(f"image {w}x{h} is smaller than the {size}x{size} crop")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
 
 
 def preprocess(images: ImageInput, spec: Preprocess) -> torch.Tensor:

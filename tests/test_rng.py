@@ -143,11 +143,11 @@ def test_counter_draws_follow_the_spec_entry_by_entry(shape):
                             assert abs(float(flat[4 * j + r]) - want[r]) < 1e-5 * max(1.0, abs(want[r]))
 
 
-def test_strata_match_sample_timesteps():
+def test_strata_match_equal_float_edges():
     for k in (1, 2, 3, 4, 7, 16, 999, 1200):
         for t_min, t_max in ((1, 999), (0, 999), (5, 5), (10, 20), (0, 0)):
             span = t_max - t_min + 1
-            edges = torch.arange(k + 1, dtype=torch.float64) * span / k  # as sample_timesteps
+            edges = torch.arange(k + 1, dtype=torch.float64) * span / k  # equal strata by float edges, as written in the spec
             start = edges[:-1].floor().long()
             width = (edges[1:].floor() - edges[:-1].floor()).long().clamp_min(1)
             assert rng.strata(k, t_min, t_max) == (start.tolist(), width.tolist())
