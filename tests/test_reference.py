@@ -423,3 +423,35 @@ def test_invert_refuses_generators_and_missing_keys():
         invert(*args)
     with pytest.raises(ValueError, match="one per image"):
         invert(*args, [1, 2, 3])
+
+
+def test_radius_and_clamp_hold_over_a_whole_inversion():
+    """Every step projects: after any number of steps each image's delta is inside its
+    ball and x_init + delta inside the clamp, for steps far larger than the radius."""
+    torch.manual_seed(3)
+    b, shape = 3, (3, 8, 8)
+    x0 = torch.randn(b, *shape) * 3
+    x_init = (torch.randn(b, *shape) * 3).clamp(-4, 4)
+    mask = torch.zeros(shape)
+    mask[:, ::2] = 1
+    cond = torch.zeros(1, 2, 4)
+    abar = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    w = torch.randn(*shape)
+
+    def eps_ft(x_t, t, c):
+        return torch.tanh(x_t * w) + 0.1 * x_t
+
+    def eps_pre(x_t, t, c):
+        return 0.5 * x_t
+
+    seen = []
+    for eps, alpha in ((3.0, 2.0), (0.5, 5.0)):
+        cfg = PGDConfig(steps=25, alpha=alpha, eps=eps, clamp_min=-4.0, clamp_max=4.0)
+        res = invert(eps_ft, eps_pre, x0, x_init, mask, cond, cond, abar, cfg, keys=[1, 2, 3])
+        norms = res.delta.flatten(1).norm(dim=1)
+        assert (norms <= eps * (1 + 1e-5)).all(), norms
+        z = x_init + res.delta
+        assert z.min() >= -4.0 - 1e-5 and z.max() <= 4.0 + 1e-5
+        assert torch.equal(res.delta * mask, torch.zeros_like(res.delta)), "kept entries never move"
+        seen.append(norms)
+    assert (seen[1] > 0.49).all(), "a large step saturates the small ball"

@@ -191,3 +191,45 @@ def test_failed_authenticate_rerun_leaves_nothing_of_the_old_run(tiny_world, fol
     assert not (out / "summary.json").exists() and not (out / "report.html").exists()
     assert len(list((out / "triptychs").iterdir())) == 1, "only the new run's triptych"
     assert len(_rows(out)) == 1
+
+
+KILL_MID_WRITE = r"""
+import os, signal, sys
+import cgidm.files as files
+from cgidm import cli
+
+real_write = os.write
+rows = {"n": 0}
+
+def half_then_die(fd, data):
+    # the third row: half of its bytes reach the file, then the process dies inside the write
+    if data.endswith(b"\n") and b'"id"' in data:
+        rows["n"] += 1
+        if rows["n"] == 3:
+            real_write(fd, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(fd, data)
+
+files.os.write = half_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_kill_inside_a_row_write_then_resume(tiny_world, folder):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = folder.parent / "out"
+    args = ["screen", "--manifest", str(folder), "--out", str(out), "--base", str(tiny_world / "base"),
+            "--finetuned", str(tiny_world / "finetuned"), "--prefetch", "0", *CLI]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, *args], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    data = (out / "results.jsonl").read_bytes()
+    assert data.count(b"\n") == 2 and not data.endswith(b"\n"), "two rows and half of the third"
+    assert _screen_cli(tiny_world, folder, out) == 0
+    rows = _rows(out)
+    assert len(rows) == 7 and len({r["id"] for r in rows}) == 7
+    assert all("score" in r for r in rows)
