@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-out
 
 .PHONY: demo test env clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch present"; \

@@ -286,6 +286,17 @@ def bench(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> None
     runner.stage("bench", cmd, 330, judge)
 
 
+def bench_pairs(runner: Runner, py: str, cuda: bool) -> None:
+    """The pair-pass variants timed in one run: their rows (bench/results/pairpass-<gpu>.json)
+    are what the engine picks its pair pass by on that GPU (cgidm.pairpass.measured_here)."""
+    if cuda:
+        cmd = [py, "bench/bench_pairpass.py", "--device", "cuda", "--full-size", "--warmup", "2", "--repeats", "8"]
+    else:
+        cmd = [py, "bench/bench_pairpass.py", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--no-save"]
+    runner.stage("pairpass", cmd, 100, lambda rc, out: ("ok" if rc == 0 else "failed",
+                                                         out.strip().splitlines()[-1][:200] if out.strip() else ""))
+
+
 # --------------------------------------------------------------------------- the ops workload
 
 
@@ -435,8 +446,10 @@ def check(budget_s: float) -> int:
     runner.reserve = 150
     sanitize(runner, py, cuda, "memcheck", OPS, 120)
     sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 90)
-    runner.reserve = 0
+    runner.reserve = 100
     bench(runner, py, cuda, RESULTS, slug)
+    runner.reserve = 0
+    bench_pairs(runner, py, cuda)
     sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
 
     failed = [s.name for s in runner.stages if s.status == "failed"]

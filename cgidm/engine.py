@@ -223,6 +223,10 @@ class Engine:
             for _ in range(self._warmup):
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # the warm-up's cached blocks would otherwise sit beside the graph's private pool:
+        # capture would need about twice the step's peak memory
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         with torch.cuda.graph(graph):
             self._step()
         self.graph = graph
