@@ -26,3 +26,20 @@ def tiny_world():
     from cgidm.testing.tiny import build_tiny_world
 
     return build_tiny_world()
+
+
+@pytest.fixture(scope="module")
+def world_pair(tiny_world):
+    """The tiny world's base and full fine-tune, loaded once per test module."""
+    from cgidm.models import load_pair
+
+    return load_pair(tiny_world / "base", tiny_world / "finetuned")
+
+
+@pytest.fixture(scope="module")
+def world_items(tiny_world):
+    """The tiny world's members then hold-outs (6 + 6 items, labelled)."""
+    from cgidm.manifest import collect_items
+
+    imgs = tiny_world / "images"
+    return collect_items(None, imgs / "members", imgs / "holdouts")

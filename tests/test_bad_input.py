@@ -257,16 +257,15 @@ def test_ids_differing_only_in_dropped_characters_or_past_the_cut():
 
 
 def test_run_with_hostile_ids_writes_only_inside_out(tiny_world, tmp_path):
-    from cgidm.api import AuthConfig, ImageItem, authenticate
-    from cgidm.reference import PGDConfig
-    from cgidm.testing.tiny import demo_defaults
+    from cgidm.api import ImageItem, authenticate
+    from cgidm.config import preset_config
+    from cgidm.testing.tiny import INSTANCE_PROMPT
 
     pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
     src = sorted((tiny_world / "images" / "members").iterdir())[0]
     ids = ["../../escaped", "/tmp/absolute", "a\0b"]
     items = [ImageItem(src, "member", id=i) for i in ids]
-    d = demo_defaults()
-    cfg = AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": 2}), batch_size=3)
+    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=2, batch_size=3)
     out = tmp_path / "nest" / "out"
     authenticate(pair, items, out, cfg, progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

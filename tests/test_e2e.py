@@ -4,10 +4,10 @@ import json
 import pytest
 
 from cgidm import cli
-from cgidm.api import AuthConfig, authenticate, collect_items
+from cgidm.api import authenticate, collect_items
 from cgidm.models import load_pair
-from cgidm.reference import PGDConfig
-from cgidm.testing.tiny import demo_defaults
+from cgidm.config import preset_config
+from cgidm.testing.tiny import INSTANCE_PROMPT
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,10 @@ def test_demo_members_vs_holdouts_auc(tiny_world, tmp_path, capsys, variant):
 def test_same_seed_same_scores_and_other_seed_differs(tiny_world, tmp_path):
     pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
     items = collect_items(None, tiny_world / "images" / "members", tiny_world / "images" / "holdouts")[:: 4]
-    d = demo_defaults()
-    cfg = AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": 5}), batch_size=2)
+    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=5, batch_size=2)
 
     def scores(seed, out):
-        authenticate(pair, items, tmp_path / out, AuthConfig(**{**cfg.__dict__, "seed": seed}), progress=False)
+        authenticate(pair, items, tmp_path / out, cfg.replace(seed=seed), progress=False)
         return [(r["id"], r["score"], r["ssim"]) for r in _rows(tmp_path / out)]
 
     a, b, c = scores(0, "a"), scores(0, "b"), scores(1, "c")
@@ -52,8 +51,7 @@ def test_controls_give_verdicts(tiny_world, tmp_path):
     pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
     imgs = tiny_world / "images"
     items = collect_items(imgs / "members", None, None, imgs / "controls")
-    d = demo_defaults()
-    cfg = AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": 3}), batch_size=20)
+    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=3, batch_size=20)
     summary = authenticate(pair, items, tmp_path, cfg, progress=False)
     rows = _rows(tmp_path)
     judged = [r for r in rows if r["label"] is None]

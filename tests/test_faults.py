@@ -20,29 +20,27 @@ import cgidm.api
 import cgidm.batches
 import cgidm.files
 from cgidm import cli
-from cgidm.api import AuthConfig, authenticate, collect_items
+from cgidm.api import authenticate, collect_items
 from cgidm.files import OutputError, append_jsonl, atomic_write_text
-from cgidm.models import load_pair
 from cgidm.reference import PGDConfig, invert
-from cgidm.testing.tiny import demo_defaults
+from cgidm.config import PRESETS, preset_config
+from cgidm.testing.tiny import INSTANCE_PROMPT
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_world):
-    return load_pair(tiny_world / "base", tiny_world / "finetuned")
+def pair(world_pair):
+    return world_pair
 
 
 @pytest.fixture(scope="module")
-def items(tiny_world):
-    imgs = tiny_world / "images"
-    return collect_items(None, imgs / "members", imgs / "holdouts")[:5]
+def items(world_items):
+    return world_items[:5]
 
 
 def _cfg(batch_size=2, steps=STEPS):
-    d = demo_defaults()
-    return AuthConfig(prompt=d["prompt"], pgd=PGDConfig(**{**d["pgd"], "steps": steps}), batch_size=batch_size)
+    return preset_config("demo", prompt=INSTANCE_PROMPT, steps=steps, batch_size=batch_size)
 
 
 def _strict(text: str):
@@ -342,12 +340,12 @@ def test_cli_exception_in_a_step_fails_that_image_only(tiny_world, pair, tmp_pat
 def test_sigkill_between_steps_leaves_only_complete_rows(tiny_world, tmp_path):
     out = tmp_path / "out"
     imgs = tiny_world / "images"
-    d = demo_defaults()
+    demo = PRESETS["demo"]
     cmd = [sys.executable, "-m", "cgidm.cli", "authenticate", "--base", str(tiny_world / "base"),
            "--finetuned", str(tiny_world / "finetuned"), "--members", str(imgs / "members"),
            "--holdouts", str(imgs / "holdouts"), "--out", str(out), "--batch-size", "1",
-           "--steps", "40", "--prompt", d["prompt"], "--step-size", str(d["pgd"]["alpha"]),
-           "--radius", str(d["pgd"]["eps"]), "-q"]
+           "--steps", "40", "--prompt", INSTANCE_PROMPT, "--step-size", str(demo["alpha"]),
+           "--radius", str(demo["eps"]), "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = out / "results.jsonl"

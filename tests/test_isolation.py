@@ -11,8 +11,6 @@ import torch
 import cgidm.batches
 from cgidm.api import authenticate
 from cgidm.config import AuthConfig, PGDConfig
-from cgidm.manifest import collect_items
-from cgidm.models import load_pair
 from cgidm.testing.tiny import INSTANCE_PROMPT
 
 CFG = AuthConfig(prompt=INSTANCE_PROMPT, pgd=PGDConfig(steps=2, alpha=0.25, eps=10.0), batch_size=4)
@@ -20,14 +18,13 @@ OOM = getattr(torch.cuda, "OutOfMemoryError", MemoryError)
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_world):
-    return load_pair(tiny_world / "base", tiny_world / "finetuned")
+def pair(world_pair):
+    return world_pair
 
 
 @pytest.fixture(scope="module")
-def items(tiny_world):
-    imgs = tiny_world / "images"
-    return collect_items(None, imgs / "members", imgs / "holdouts")[:6]
+def items(world_items):
+    return world_items[:6]
 
 
 def _rows(out):

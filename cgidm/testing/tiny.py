@@ -383,16 +383,7 @@ def _add_prompt_records(root: Path, members: int) -> None:
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
-def demo_defaults() -> dict:
-    """Inversion settings for the tiny world (the paper's are for 4×64×64 SD latents:
-    a 16×16×3 latent has 1/21 of the entries, so the step and radius shrink with it)."""
-    return {"prompt": INSTANCE_PROMPT, "pgd": dict(DEMO_PGD), "metric": "latent_cos", "batch_size": 16}
-
-
-# Measured on this world (members vs hold-outs, 100 steps): AUC 1.0 for every setting
-# tried; step 0.25 / radius 10 gave the cleanest recoveries (PSNR members 17.1 dB vs
-# hold-outs 13.6 dB; radius 20 saturated the recovered cells).
-DEMO_PGD = {"steps": 100, "alpha": 0.25, "eps": 10.0}
+# The demo's inversion settings are the `demo` preset of cgidm/config.py.
 
 
 if __name__ == "__main__":
