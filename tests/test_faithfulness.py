@@ -79,3 +79,31 @@ def test_vae_encode_is_a_posterior_sample_keyed_by_the_image():
     assert torch.allclose(alone.x0, prep.x0[1:2], atol=1e-6)
     other_seed = prepare(Pair(), images[1:2], ["b"], AuthConfig(prompt="x", seed=8))
     assert not torch.allclose(other_seed.x0, prep.x0[1:2])
+
+
+def test_preset_paper_end_to_end_with_the_official_validator(tiny_world, tmp_path, capsys):
+    """--preset paper on the tiny world, with the official validator on a random ViT in
+    DINO's layout; the shortened run is recorded as a departure."""
+    import json
+
+    from cgidm import cli
+    from cgidm.testing.embedder import ensure_tiny_embedder
+
+    imgs = tiny_world / "images"
+    out = tmp_path / "out"
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--out", str(out),
+                     "--preset", "paper", "--steps", "3", "--batch-size", "12",
+                     "--embedder", str(ensure_tiny_embedder(tmp_path)), "-q"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == {"name": "paper", "departures": {"steps": {"preset": 1000, "given": 3}}}
+    assert summary["config"]["pgd"]["noise"] == "paper" and summary["config"]["pgd"]["eps"] == 70.0
+    assert summary["prompt_from"].startswith("instance_prompt in ")
+    assert set(summary["official"]) >= {"auc", "accuracy", "exact_auc"}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(0 <= r["official_cos"] <= 1 and "embed_cos" in r for r in rows)
+    # each original's official score is the max over the recoveries of its folder: at least its own
+    assert all(r["official_cos"] >= r["embed_cos"] - 1e-6 for r in rows)
+    text = capsys.readouterr().out
+    assert "official validator (dino, max over the folder): AUC" in text and "departures: steps 3" in text
