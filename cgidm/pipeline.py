@@ -76,7 +76,7 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
         engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
                         batch=batch, device=pair.device, impl=cfg.impl)
         if isinstance(getattr(pair, "info", None), dict):
-            pair.info["pair_pass"] = {"name": engine.pair_pass.name, "why": engine.pair_pass_why}
+            pair.info["pair_pass"] = f"{engine.pair_pass.name} ({engine.pair_pass_why})"
         log.info("engine for batches of %d: pair pass %s (%s)", batch, engine.pair_pass.name, engine.pair_pass_why)
         cache[key] = engine
     return engine
