@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from cgidm.baselines import score_batch as score_baselines
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
 from cgidm.pipeline import prepare, recover, shrink_engines
@@ -226,6 +227,11 @@ def run_pair(
                 torch.cuda.synchronize(pair.device)
             stats.engine_s += time.perf_counter() - t0
             recovered = pair.codec.decode(result.x_rec)
+            # baselines on the same images (cfg.baselines; none by default), inside the fault
+            # isolation: out of memory halves the batch as for the inversion
+            extra = {}
+            if cfg.baseline_names:
+                extra = score_baselines(pair, prep, cfg, timings=stats.extra.setdefault("baselines_s", {}))
         except (OutputError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - isolated to the images of this batch
@@ -252,6 +258,7 @@ def run_pair(
 
         def job():
             for row in batch_rows(its, notes, prep, result, recovered, cfg.metric, out):
+                row.update(extra.get(row["id"], {}))
                 emit(row)
 
         writer.submit(job)

@@ -33,6 +33,40 @@ DEFAULT_METRIC = "latent_cos"
 HIGHER_IS_BETTER = {"latent_cos": True, "latent_mse": False, "ssim": True, "psnr": True, "embed_cos": True,
                     "official_cos": True}
 
+# Baselines scored beside CGI-DM on the same pair and images (cgidm/baselines.py), each
+# written into the rows as ``baseline_<name>``: loss_diff E[L_pre - L_ft]; ft_only and
+# pre_only, the inversion on one model's loss; masked, the partial image alone; pia and
+# secmi, the membership attacks of Kong et al. (ICLR 2024) and Duan et al. (ICML 2023).
+BASELINES = ("loss_diff", "ft_only", "pre_only", "masked", "pia", "secmi")
+BASELINE_FIELDS = tuple(f"baseline_{name}" for name in BASELINES)
+HIGHER_IS_BETTER.update({"baseline_loss_diff": True, "baseline_ft_only": True, "baseline_pre_only": True,
+                         "baseline_masked": True, "baseline_pia": False, "baseline_secmi": False})
+BASELINE_DRAWS = 16  # loss_diff: shared (t, noise) draws per image
+PIA_T, PIA_P = 200, 4  # PIA: the timestep and the l_p norm (the paper's p = 4)
+SECMI_T, SECMI_INTERVAL = 100, 10  # SecMI: t_SEC and the DDIM interval k (the official code's)
+
+
+def baseline_field(name: str) -> str:
+    return f"baseline_{name}"
+
+
+def parse_baselines(value) -> tuple[str, ...]:
+    """``None``, ``""`` or ``"none"``: no baseline; ``"all"``: every one; else names
+    separated by commas (or a sequence of names), returned in ``BASELINES`` order."""
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names = {p.strip().lower() for p in parts if p and p.strip()}
+    if names <= {"none"}:
+        return ()
+    if "all" in names:
+        names = (names - {"all"}) | set(BASELINES)
+    unknown = sorted(names - set(BASELINES))
+    if unknown:
+        raise ValueError(f"baselines: unknown {', '.join(unknown)}; give all, none or names from "
+                         f"{', '.join(BASELINES)}")
+    return tuple(n for n in BASELINES if n in names)
+
 
 def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli: bool = True):
     """A dataclass field with what the command line needs to offer it."""
@@ -90,8 +124,12 @@ class AuthConfig:
     engine: str = _opt("engine", "engine: static buffers, the pair pass, CUDA graphs on a GPU; reference: the "
                        "plain spec loop (the same results on CPU)", choices=ENGINES)
     preset: Optional[str] = _opt(None, "the preset the settings started from (--preset)", cli=False)
+    baselines: Optional[str] = _opt(None, "baselines scored beside CGI-DM on the same images: all, or NAME,... of "
+                                    + ", ".join(BASELINES) + " (default: none)")
 
     def __post_init__(self) -> None:
+        # one spelling in the summary and in equality: the names in BASELINES order, or None
+        object.__setattr__(self, "baselines", ",".join(parse_baselines(self.baselines)) or None)
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.impl not in IMPLS:
@@ -102,6 +140,10 @@ class AuthConfig:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        return parse_baselines(self.baselines)
 
     def to_json(self) -> dict:
         return asdict(self)

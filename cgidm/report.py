@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from jinja2 import Environment, select_autoescape
 
-from cgidm.config import METRICS
+from cgidm.config import BASELINE_FIELDS, METRICS
 from cgidm.files import atomic_write_text
 
 TEMPLATE = """<!doctype html>
@@ -30,6 +30,7 @@ h1{margin:0 0 4px} .sub{color:#666;margin-bottom:16px}
 .card b{display:block;font-size:22px}
 .plots img{max-width:420px;margin-right:12px;border:1px solid #eee}
 table{border-collapse:collapse;margin-top:16px;width:100%}
+table.compare{width:auto}
 th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-align:middle}
 th{cursor:pointer;background:#fafafa;position:sticky;top:0} th:hover{background:#eef}
 td img{height:96px;image-rendering:pixelated}
@@ -52,6 +53,13 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b></div>{% endif %}
 </div>
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
+{% if sv %}<p class="{{ 'error' if sv.error or sv.verdict != 'no evidence' else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
+{% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
+({{ sv.test }}, {{ sv.method }}; U = {{ fmt(sv.statistic) }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images).
+{% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</p>{% endif %}
+{% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
+<tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fmt(m.auc) }}</td><td>{{ fmt(m.accuracy) }}</td><td>{{ fmt(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
+<p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
 {% if s.config %}<p class="sub">prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
@@ -187,15 +195,22 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
 def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     """Render ``out/report.html`` (atomically); triptych paths are relative to ``out``."""
     out = Path(out)
-    fields = [f for f in METRICS
+    fields = [f for f in METRICS + BASELINE_FIELDS
               if any(f in r for r in rows)]
+    by_metric = summary.get("by_metric") or {}
+    compare = []
+    if any(f in by_metric for f in BASELINE_FIELDS) and summary.get("metric") in by_metric:
+        compare = [(f"CGI-DM ({summary['metric']})", by_metric[summary["metric"]])]
+        compare += [(f[len("baseline_"):], by_metric[f]) for f in BASELINE_FIELDS if f in by_metric]
+    sv = summary.get("set_verdict")
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
     models, lora_warnings = _models(summary.get("models"))
     html = env.from_string(TEMPLATE).render(
         models=models, lora_warnings=lora_warnings,
         s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),
-        fields=fields, plots=_plots(rows, summary), fmt=_fmt,
+        fields=fields, plots=_plots(rows, summary), fmt=_fmt, compare=compare,
+        sv=sv if isinstance(sv, dict) else None,
         pairs=any(r.get("pair") for r in rows),
     )
     path = out / "report.html"

@@ -4,7 +4,8 @@ Per image: similarity of original and recovered on the recovered half in latent 
 (cosine and MSE over the removed entries), SSIM/PSNR in pixel space (scikit-image), and
 optionally the cosine of CLIP or DINO image embeddings (the paper's metrics) from a local
 weights folder. Over labelled sets: AUC, best-threshold accuracy, TPR at 1 % FPR
-(scikit-learn). Against controls: an empirical p-value, a z-score and a verdict.
+(scikit-learn). Against controls: an empirical p-value, a z-score and a verdict per image,
+and one rank-test p-value for the whole suspect set (``set_verdict``).
 """
 from __future__ import annotations
 
@@ -103,6 +104,46 @@ class Calibration:
         z = (s - float(c.mean())) / sd if sd > 0 else None
         verdict = "fine-tuned on" if p <= self.level else "no evidence"
         return {"p_value": p, "z": z, "verdict": verdict}
+
+
+SET_VERDICTS = ("fine-tuned on some of these images", "no evidence")
+# scipy's exact null distribution of U takes milliseconds up to ~200 images (seconds at 400)
+EXACT_MAX = 200
+
+
+def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float], metric: str,
+                level: float) -> dict:
+    """Was the model fine-tuned on some of the suspect images? One p-value for the whole
+    suspect set against the controls: the one-sided Mann-Whitney U test (scipy) of
+    "suspect scores tend to be higher (``HIGHER_IS_BETTER``-oriented) than controls'".
+
+    ``statistic`` is U of the suspects (pairs suspect > control, ties counting 1/2); under
+    the null of exchangeable scores it is ``n_suspect * n_controls / 2`` on average.
+    Without ties and with at most ``EXACT_MAX`` images the p-value is exact (the
+    permutation distribution of U), else the normal approximation with the tie and
+    continuity corrections. ``min_p`` is the smallest p-value these counts can give:
+    ``1 / C(n_suspect + n_controls, n_controls)``. Non-finite scores are dropped."""
+    from scipy.stats import mannwhitneyu
+
+    s = _oriented([x for x in suspect_scores if x is not None and math.isfinite(x)], metric)
+    c = _oriented([x for x in control_scores if x is not None and math.isfinite(x)], metric)
+    if len(s) < 1 or len(c) < 2:
+        raise ValueError(f"a set verdict needs at least 1 suspect and 2 control scores, got {len(s)} and {len(c)}")
+    ties = len(np.unique(np.concatenate([s, c]))) < len(s) + len(c)
+    method = "exact" if not ties and len(s) + len(c) <= EXACT_MAX else "asymptotic"
+    res = mannwhitneyu(s, c, alternative="greater", method=method, use_continuity=True)
+    p = float(res.pvalue)
+    return {
+        "test": "Mann-Whitney U, one-sided (suspects > controls)",
+        "method": method,
+        "statistic": float(res.statistic),
+        "p_value": min(max(p, 0.0), 1.0),
+        "n_suspect": int(len(s)),
+        "n_controls": int(len(c)),
+        "min_p": math.exp(math.lgamma(len(s) + 1) + math.lgamma(len(c) + 1) - math.lgamma(len(s) + len(c) + 1)),
+        "level": float(level),
+        "verdict": SET_VERDICTS[0] if p <= level else SET_VERDICTS[1],
+    }
 
 
 def calibrate(control_scores: Sequence[float], metric: str, level: float) -> Calibration:

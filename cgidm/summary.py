@@ -6,17 +6,19 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.config import EMBED_FIELDS, METRICS, departures
-from cgidm.score import calibrate, set_metrics
+from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures
+from cgidm.score import calibrate, set_metrics, set_verdict
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
-                       "controls", "flagged", "calibration_warning", "calibration_error")
+                       "controls", "flagged", "calibration_warning", "calibration_error", "set_verdict")
 
 
 def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None) -> dict:
-    """Counts, member-vs-holdout metrics for every score field, verdicts against controls
-    (written into the rows)."""
+    """Counts, member-vs-holdout metrics for every score field and every baseline
+    (``by_metric``: ``baseline_<name>`` beside CGI-DM's), verdicts against controls
+    (written into the rows), and one verdict for the whole suspect set against the controls
+    (``set_verdict``)."""
     good = [r for r in rows if "error" not in r]
     summary: dict = {
         "images": len(rows),
@@ -37,6 +39,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     if labelled:
         y = [r["label"] == "member" for r in labelled]
         per = {m: set_metrics([r[m] for r in labelled], y, m) for m in METRICS if all(m in r for r in labelled)}
+        for m in BASELINE_FIELDS:
+            # a baseline that failed on some image (null) is left out rather than scored on a subset
+            if all(isinstance(r.get(m), (int, float)) for r in labelled):
+                per[m] = set_metrics([r[m] for r in labelled], y, m)
         main = per[cfg.metric]
         summary.update({k: main.get(k) for k in ("auc", "accuracy", "tpr_at_1fpr", "threshold")})
         summary["roc"] = main.get("roc")
@@ -69,6 +75,17 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     verdicts[r["id"]] = {k: r[k] for k in VERDICT_FIELDS}
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(v["verdict"] == "fine-tuned on" for v in verdicts.values())
+            suspects = [r["score"] for r in good if r.get("label") != "control"]
+            if suspects:
+                try:
+                    sv = set_verdict(suspects, cal.scores, cfg.metric, cfg.level)
+                except ValueError as e:
+                    sv = {"error": str(e)}
+                else:
+                    if sv["min_p"] > cfg.level:
+                        sv["warning"] = (f"{sv['n_suspect']} suspect and {sv['n_controls']} control images cannot "
+                                         f"give p <= {cfg.level}: add images")
+                summary["set_verdict"] = sv
     return summary
 
 

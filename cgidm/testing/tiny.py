@@ -147,19 +147,95 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+# In a log or CI a long stage prints a line at least this often (seconds).
+LOG_INTERVAL_S = 30.0
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class StageProgress:
+    """Progress of one long stage of the build (``stage``, ``total`` steps). On a terminal
+    a tqdm bar; in a log or CI (the stream is not a terminal), where a bar prints nothing
+    or redraws with carriage returns, one plain line at the start, then at least every
+    ``interval`` seconds while steps finish, and at the end: stage, step/total, rate, ETA
+    and the last loss. It only watches: the training it reports on is unchanged."""
+
+    def __init__(self, stage: str, total: int, *, interval: float = LOG_INTERVAL_S, stream=None,
+                 tty: Optional[bool] = None, clock=None) -> None:
+        import sys
+        import time
+
+        self.stage, self.total, self.interval = stage, int(total), float(interval)
+        self.clock = clock or time.monotonic
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty()) if tty is None else tty
+        self.done = 0
+        self.loss: Optional[float] = None
+        self.t0 = self.last = self.clock()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=stage, leave=False, file=self.stream)
+        else:
+            self._line(f"{self.stage}: 0/{self.total} steps")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"tiny world: {text}\n")
+        self.stream.flush()
+
+    def status(self) -> str:
+        elapsed = self.clock() - self.t0
+        text = f"{self.stage}: {self.done}/{self.total} steps ({100 * self.done // max(self.total, 1)}%)"
+        if self.done and elapsed > 0:
+            rate = self.done / elapsed
+            text += f", {rate:.2f} steps/s, ETA {_duration((self.total - self.done) / rate)}"
+        if self.loss is not None:
+            text += f", loss {self.loss:.4f}"
+        return text
+
+    def update(self, n: int = 1, loss: Optional[float] = None) -> None:
+        self.done += n
+        if loss is not None:
+            self.loss = loss
+        if self.bar is not None:
+            self.bar.update(n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        elif self.clock() - self.last >= self.interval:
+            self.last = self.clock()
+            self._line(self.status())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.total:
+            took = _duration(self.clock() - self.t0)
+            loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+            self._line(f"{self.stage}: done, {self.done}/{self.total} steps in {took}{loss}")
+
+
 def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, steps: int,
                lr: float, batch: int, seed: int, params=None, desc: str = "train") -> float:
-    """Epsilon-prediction training: ``cond [N, L, D]`` per image, ``x0 [N, C, H, W]``."""
-    from tqdm.auto import tqdm
-
+    """Epsilon-prediction training: ``cond [N, L, D]`` per image, ``x0 [N, C, H, W]``;
+    ``desc`` names the stage in its progress (``StageProgress``)."""
     g = torch.Generator().manual_seed(seed)
     params = [p for p in (params or unet.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.1)
     unet.train()
     last = float("nan")
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=None)
-    for _ in bar:
+    bar = StageProgress(desc, steps)
+    for _ in range(steps):
         idx = torch.randint(0, x0.shape[0], (min(batch, x0.shape[0]),), generator=g)
         t = torch.randint(0, abar.shape[0], (idx.shape[0],), generator=g)
         noise = torch.randn(x0[idx].shape, generator=g)
@@ -172,7 +248,8 @@ def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, s
         opt.step()
         sched.step()
         last = loss.item()
-        bar.set_postfix(loss=f"{last:.4f}")
+        bar.update(1, loss=last)
+    bar.close()
     unet.eval()
     return last
 
@@ -295,7 +372,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     cond = embed(prompts)
     unet = UNet2DConditionModel.from_pretrained(tmp / "base" / "unet")
     log.info("pretraining the tiny UNet on %d images", len(images))
-    train_unet(unet, cond, x0, abar, cfg.pretrain_steps, 2e-3, cfg.batch * 2, cfg.seed, desc="pretrain")
+    train_unet(unet, cond, x0, abar, cfg.pretrain_steps, 2e-3, cfg.batch * 2, cfg.seed, desc="pretrain (stage 1/3)")
     unet.save_pretrained(tmp / "base" / "unet")
 
     # Member / holdout / control images.
@@ -316,7 +393,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     # DreamBooth-style full fine-tune of the UNet (text encoder kept).
     ft = UNet2DConditionModel.from_pretrained(tmp / "base" / "unet")
     log.info("fine-tuning (full) on %d member images", xm.shape[0])
-    train_unet(ft, cm, xm, abar, cfg.finetune_steps, 1e-3, cfg.batch, cfg.seed + 1, desc="finetune")
+    train_unet(ft, cm, xm, abar, cfg.finetune_steps, 1e-3, cfg.batch, cfg.seed + 1, desc="finetune (stage 2/3)")
     ft_dir = tmp / "finetuned"
     shutil.copytree(tmp / "base", ft_dir)
     ft.save_pretrained(ft_dir / "unet")
@@ -328,7 +405,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
                       target_modules=LORA_TARGETS)
     lora_unet.add_adapter(lcfg)
     log.info("fine-tuning (LoRA r=%d) on %d member images", cfg.lora_rank, xm.shape[0])
-    train_unet(lora_unet, cm, xm, abar, cfg.lora_steps, 3e-3, cfg.batch, cfg.seed + 2, desc="lora")
+    train_unet(lora_unet, cm, xm, abar, cfg.lora_steps, 3e-3, cfg.batch, cfg.seed + 2, desc="lora (stage 3/3)")
     state = get_peft_model_state_dict(lora_unet)
     state = {f"unet.{k}": v.contiguous() for k, v in state.items()}
     save_file(state, tmp / "lora.safetensors", metadata={"format": "pt"})

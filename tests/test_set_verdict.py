@@ -1,0 +1,127 @@
+"""The set-level verdict (one rank-test p-value for the whole suspect set against the
+controls) and the baselines' place in the summary and the report: hand-checked cases,
+no models."""
+import math
+
+import pytest
+
+from cgidm.config import AuthConfig
+from cgidm.report import write_report
+from cgidm.score import SET_VERDICTS, set_verdict
+from cgidm.summary import summarize, summarize_pairs
+
+
+@pytest.mark.parametrize("suspects, controls, u, p", [
+    # every suspect above every control: U = 2*2, exact p = 1 / C(4, 2)
+    ([3.0, 4.0], [1.0, 2.0], 4.0, 1 / 6),
+    # interleaved: pairs 2>1, 4>1, 4>3 -> U = 3; the null counts of U = 0..4 are 1,1,2,1,1
+    ([2.0, 4.0], [1.0, 3.0], 3.0, 2 / 6),
+    ([1.0, 2.0], [3.0, 4.0], 0.0, 1.0),
+    ([5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0], 12.0, 1 / 35),
+])
+def test_exact_mann_whitney_by_hand(suspects, controls, u, p):
+    sv = set_verdict(suspects, controls, "latent_cos", 0.05)
+    assert sv["method"] == "exact"
+    assert sv["statistic"] == u
+    assert sv["p_value"] == pytest.approx(p, rel=1e-12)
+    assert (sv["n_suspect"], sv["n_controls"]) == (len(suspects), len(controls))
+    assert sv["verdict"] == (SET_VERDICTS[0] if p <= 0.05 else SET_VERDICTS[1])
+    assert sv["min_p"] == pytest.approx(1 / math.comb(len(suspects) + len(controls), len(controls)))
+
+
+def test_lower_is_better_metric_is_turned_around():
+    # latent_mse: a small error is a good recovery, so suspects below controls are evidence
+    sv = set_verdict([1.0, 2.0], [3.0, 4.0], "latent_mse", 0.2)
+    assert sv["statistic"] == 4.0 and sv["p_value"] == pytest.approx(1 / 6)
+    assert sv["verdict"] == SET_VERDICTS[0]
+
+
+def test_ties_use_the_normal_approximation_with_both_corrections():
+    # values 0,0,1,1,1,2: midranks 1.5,1.5,4,4,4,6; suspects [1,1,2] -> R = 14, U = 14 - 6 = 8;
+    # mean 9/2; variance n1 n2/12 * (N+1 - sum(t^3-t)/(N(N-1))) = 9/12 * (7 - 30/30) = 4.5;
+    # z = (8 - 4.5 - 0.5) / sqrt(4.5) = sqrt(2)
+    sv = set_verdict([1.0, 1.0, 2.0], [1.0, 0.0, 0.0], "latent_cos", 0.05)
+    assert sv["method"] == "asymptotic"
+    assert sv["statistic"] == 8.0
+    assert sv["p_value"] == pytest.approx(0.5 * math.erfc(1.0), rel=1e-9)  # 1 - Phi(sqrt 2)
+    assert sv["verdict"] == SET_VERDICTS[1]
+
+
+def test_non_finite_scores_are_dropped_and_too_few_refused():
+    sv = set_verdict([3.0, float("nan"), None, 4.0], [1.0, 2.0, float("inf")], "latent_cos", 0.05)
+    assert (sv["n_suspect"], sv["n_controls"]) == (2, 2) and sv["p_value"] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="2 control"):
+        set_verdict([1.0], [2.0], "latent_cos", 0.05)
+    with pytest.raises(ValueError, match="1 suspect"):
+        set_verdict([float("nan")], [2.0, 3.0], "latent_cos", 0.05)
+
+
+def _row(i, label, score, **extra):
+    return {"id": f"img{i:02d}", "image": f"img{i:02d}.png", "label": label, "score": score, "latent_cos": score,
+            **extra}
+
+
+def test_summary_gives_one_verdict_for_the_suspect_set():
+    # 4 members, 4 hold-outs, 4 unlabelled suspects against 12 controls, every suspect above
+    rows = [_row(i, ("member", "holdout", None)[i % 3], 0.9 + i / 1000) for i in range(12)]
+    rows += [_row(20 + i, "control", 0.1 + i / 1000) for i in range(12)]
+    cfg = AuthConfig(prompt="p")
+    s = summarize(rows, cfg)
+    sv = s["set_verdict"]
+    assert (sv["n_suspect"], sv["n_controls"]) == (12, 12)
+    assert sv["statistic"] == 144.0
+    assert sv["p_value"] == pytest.approx(1 / math.comb(24, 12))
+    assert sv["verdict"] == SET_VERDICTS[0] and "warning" not in sv
+    # the same scores, suspects now mixed in with the controls: no evidence
+    mixed = [dict(r, score=r["score"] if r["label"] == "control" else 0.1 + int(r["id"][3:]) / 1000 + 0.0005)
+             for r in rows]
+    assert summarize(mixed, cfg)["set_verdict"]["verdict"] == SET_VERDICTS[1]
+
+
+def test_summary_warns_when_the_counts_cannot_reach_the_level():
+    rows = [_row(0, None, 0.9), _row(1, None, 0.8), _row(2, "control", 0.1), _row(3, "control", 0.2)]
+    sv = summarize(rows, AuthConfig(prompt="p"))["set_verdict"]
+    assert sv["p_value"] == pytest.approx(1 / 6) and sv["verdict"] == SET_VERDICTS[1]
+    assert "cannot give p <= 0.05" in sv["warning"]
+
+
+def test_no_controls_no_set_verdict():
+    rows = [_row(0, "member", 0.9), _row(1, "holdout", 0.1)]
+    assert "set_verdict" not in summarize(rows, AuthConfig(prompt="p"))
+
+
+def test_each_pair_gets_its_own_set_verdict():
+    rows = []
+    for pair, hi in (("a", 0.9), ("b", 0.1)):
+        rows += [{**_row(i, None, hi + i / 100), "id": f"{pair}/{i}", "pair": pair} for i in range(4)]
+        rows += [{**_row(10 + i, "control", 0.5 + i / 100), "id": f"{pair}/c{i}", "pair": pair} for i in range(4)]
+    s = summarize_pairs(rows, {"a": {"base": "x"}, "b": {"base": "y"}}, AuthConfig(prompt="p"))
+    assert s["pairs"]["a"]["set_verdict"]["p_value"] == pytest.approx(1 / math.comb(8, 4))
+    assert s["pairs"]["b"]["set_verdict"]["statistic"] == 0.0
+
+
+def test_baselines_sit_beside_cgidm_in_by_metric_with_their_orientation():
+    members = [_row(i, "member", 0.9, baseline_pia=1.0 + i, baseline_loss_diff=0.5, baseline_secmi=3.0)
+               for i in range(3)]
+    holdouts = [_row(10 + i, "holdout", 0.1, baseline_pia=10.0 + i, baseline_loss_diff=-0.5, baseline_secmi=None)
+                for i in range(3)]
+    s = summarize(members + holdouts, AuthConfig(prompt="p"))
+    bm = s["by_metric"]
+    assert bm["latent_cos"]["auc"] == 1.0
+    # PIA: a smaller error is a member (config.HIGHER_IS_BETTER), so lower members give AUC 1
+    assert bm["baseline_pia"]["auc"] == 1.0 and bm["baseline_pia"]["threshold"] < 10.0
+    assert bm["baseline_loss_diff"]["auc"] == 1.0
+    assert "baseline_secmi" not in bm  # failed (null) on some image: not scored on a subset
+    assert all("roc" not in v for v in bm.values())
+
+
+def test_report_shows_the_set_verdict_and_the_comparison(tmp_path):
+    rows = [_row(i, "member" if i < 3 else "holdout", 0.9 if i < 3 else 0.1, baseline_pia=float(i))
+            for i in range(6)]
+    rows += [_row(10 + i, "control", 0.05 * i) for i in range(4)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    html = write_report(tmp_path, rows, s).read_text()
+    assert "Was the model fine-tuned on some of these images?" in html
+    assert s["set_verdict"]["verdict"] in html and "Mann-Whitney" in html
+    assert "CGI-DM (latent_cos)" in html and "<td>pia</td>" in html
+    assert "<th data-k=\"n\">baseline_pia</th>" in html

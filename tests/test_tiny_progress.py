@@ -1,0 +1,79 @@
+"""Progress of the tiny world's long stages (cgidm/testing/tiny.py): in a log or CI a plain
+line at least every 30 s with the stage, step/total and ETA; a bar on a terminal."""
+import io
+
+import torch
+
+from cgidm.testing import tiny
+from cgidm.testing.tiny import StageProgress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_a_line_at_least_every_interval_with_eta():
+    out, clock = io.StringIO(), Clock()
+    bar = StageProgress("pretrain (stage 1/3)", 100, interval=30, stream=out, tty=False, clock=clock)
+    for i in range(100):
+        clock.now += 1.0  # one step per second
+        bar.update(1, loss=1.0 / (i + 1))
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "tiny world: pretrain (stage 1/3): 0/100 steps"
+    # after 30, 60 and 90 s: step/total, rate and the time left at that rate
+    assert lines[1] == "tiny world: pretrain (stage 1/3): 30/100 steps (30%), 1.00 steps/s, ETA 1m10s, loss 0.0333"
+    assert lines[2].startswith("tiny world: pretrain (stage 1/3): 60/100 steps (60%)") and "ETA 40s" in lines[2]
+    assert "90/100 steps" in lines[3] and "ETA 10s" in lines[3]
+    assert lines[4] == "tiny world: pretrain (stage 1/3): done, 100/100 steps in 1m40s, loss 0.0100"
+    assert len(lines) == 5
+
+
+def test_slow_steps_print_every_step_and_fast_ones_stay_quiet():
+    out, clock = io.StringIO(), Clock()
+    bar = StageProgress("lora", 3, interval=30, stream=out, tty=False, clock=clock)
+    for _ in range(3):
+        clock.now += 45.0
+        bar.update()
+    assert [ln.split(": ", 2)[-1][:9] for ln in out.getvalue().splitlines()] == ["0/3 steps", "1/3 steps",
+                                                                                "2/3 steps", "3/3 steps"]
+    out2 = io.StringIO()
+    fast = StageProgress("lora", 1000, interval=30, stream=out2, tty=False, clock=Clock())
+    for _ in range(1000):
+        fast.update()
+    assert len(out2.getvalue().splitlines()) == 1
+
+
+def test_a_terminal_gets_a_bar_not_lines():
+    out = io.StringIO()
+    bar = StageProgress("finetune", 5, stream=out, tty=True)
+    for _ in range(5):
+        bar.update(1, loss=0.5)
+    bar.close()
+    assert "tiny world:" not in out.getvalue() and "finetune" in out.getvalue()
+
+
+def test_train_unet_reports_its_stage_and_trains_as_before(capsys):
+    from diffusers import UNet2DConditionModel
+
+    def run():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**tiny.tiny_unet_config(8))
+        g = torch.Generator().manual_seed(1)
+        x0, cond = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 32, generator=g)
+        abar = torch.linspace(0.999, 0.01, 1000)
+        loss = tiny.train_unet(unet, cond, x0, abar, 3, 1e-3, 2, seed=5, desc="finetune (stage 2/3)")
+        return loss, torch.cat([p.detach().flatten() for p in unet.parameters()])
+
+    loss, weights = run()
+    err = capsys.readouterr().err  # pytest's stderr is not a terminal: the log form
+    assert "tiny world: finetune (stage 2/3): 0/3 steps" in err
+    assert "tiny world: finetune (stage 2/3): done, 3/3 steps in" in err
+    # progress only watches: the same seed trains the same weights
+    loss2, weights2 = run()
+    assert loss == loss2 and torch.equal(weights, weights2)
+    assert tiny.WORLD_VERSION == 3  # a cached world stays valid
