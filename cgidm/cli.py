@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
     d.add_argument("--with-controls", action="store_true", help="also score control images and give verdicts")
     _common(d)
+
+    pr = sub.add_parser(
+        "protect", help="add an AdvDM / Mist-style protective perturbation to images (resumable)",
+        description="L-inf PGD in pixel space through the base model's encoder, maximising its denoising loss "
+                    "(AdvDM) and/or pulling the encoding toward a target image's (Mist). Writes protected PNGs of "
+                    "the same size and mode, one row per image and a report; the same command again finishes a "
+                    "killed run (docs/protect.md).")
+    pr.add_argument("--base", required=True, help="the model to protect against: a diffusers pipeline directory")
+    pr.add_argument("--images", required=True, help="folder of images to protect (subfolders too)")
+    pr.add_argument("--out", required=True, help="output folder (the same one to resume)")
+    _add_fields(pr.add_argument_group("protection"), config.ProtectConfig)
+    pr_run = pr.add_argument_group("run")
+    _add_fields(pr_run, config.RunOptions,
+                skip=("embedder", "allow_partial_lora", "lora_scale", "prefetch", "dist_timeout"))
+    pr_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -279,6 +294,24 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_protect(args) -> int:
+    from cgidm.protect import collect_protect_items, load_base, print_summary, protect
+
+    cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
+    opts = run_options(args)
+    items = collect_protect_items(args.images, exclude=[args.out])
+    _quiet_loaders()
+    rt = config.resolve_runtime(opts.device, opts.dtype)
+    print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  loss: {cfg.loss}  budget: {cfg.budget}  "
+          f"step: {cfg.step_size}  steps: {cfg.steps}")
+    model = load_base(args.base, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle)
+    print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected at {model.resolution}x{model.resolution}",
+          flush=True)
+    summary = protect(model, items, args.out, cfg, progress=not args.quiet)
+    print_summary(summary)
+    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -292,6 +325,8 @@ def main(argv=None) -> int:
             return cmd_authenticate(args)
         if args.command == "screen":
             return cmd_screen(args)
+        if args.command == "protect":
+            return cmd_protect(args)
         return cmd_demo(args)
     except OutputError as e:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {kept}", file=sys.stderr)

@@ -262,3 +262,94 @@ def dtype_name(dtype) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+# --------------------------------------------------------------------------- protection
+
+# What `cgidm protect` maximises (docs/protect.md): the base model's denoising loss
+# (AdvDM), minus the distance of the image's encoding to a target's (Mist's textural
+# loss), or both (Mist's fused mode).
+PROTECT_LOSSES = ("advdm", "textural", "fused")
+
+
+def parse_level(value, name: str = "value") -> float:
+    """A pixel amount as a fraction of the 8-bit range: ``"8/255"``, ``"0.03"`` or a float,
+    in ``(0, 1]``. A bare number above 1 is refused: it is ambiguous (levels or range?)."""
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, _, den = text.partition("/")
+            v = float(num) / float(den)
+        else:
+            v = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
+    if not (0 < v <= 1):
+        raise ValueError(f"{name} must be in (0, 1] of the 8-bit range (8 grey levels: 8/255), got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """AdvDM / Mist-style protection (``cgidm protect``, docs/protect.md): L-inf PGD in
+    pixel space through the encoder, maximising the base model's denoising loss and/or
+    pulling the encoding toward a target's. Amounts of pixels are fractions of the 8-bit
+    range (``8/255``: 8 grey levels). Where each default comes from (the papers and their
+    public code): docs/protect.md, "Settings"."""
+
+    prompt: str = _opt("a painting", "prompt the base model encodes for the denoising loss (Mist's prompt for "
+                                     "artworks; 'a photo' for objects)")
+    budget: Any = _opt("8/255", "L-inf budget per pixel, a fraction of the 8-bit range (8/255: 8 grey levels)")
+    step_size: Any = _opt("1/255", "PGD step per pixel (sign step), same units as --budget")
+    steps: int = _opt(100, "PGD steps")
+    loss: str = _opt("advdm", "advdm: maximise the denoising loss; textural: pull the encoding toward --target's; "
+                              "fused: both (Mist)", choices=PROTECT_LOSSES)
+    target: Optional[str] = _opt(None, "target image of the textural loss (default: a built-in high-contrast "
+                                       "pattern)")
+    # Mist weighs its summed textural loss against 1e4 x the mean denoising loss (its
+    # default --rate 1); on SD's 4x64x64 latents that is 16384 / 1e4 = 1.6384 on the mean.
+    textural_weight: float = _opt(1.6384, "weight of the textural (per-entry mean) loss against the denoising loss "
+                                          "in fused mode")
+    k: int = _opt(1, "timesteps (with their noise) per image per step, stratified", flag="--timesteps-per-image")
+    t_min: int = _opt(0, "smallest timestep drawn")
+    t_max: int = _opt(999, "largest timestep drawn")
+    random_start: bool = _opt(False, "start from a random point of the budget (Mist) instead of the image "
+                                     "(AdvDM, Anti-DreamBooth)")
+    batch_size: int = _opt(8, "images protected together")
+    seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id, step)")
+    eval_draws: int = _opt(8, "fixed (t, noise) draws per image for the denoising loss reported before and after")
+
+    def __post_init__(self) -> None:
+        parse_level(self.budget, "budget")
+        parse_level(self.step_size, "step size")
+        if self.loss not in PROTECT_LOSSES:
+            raise ValueError(f"loss must be one of {PROTECT_LOSSES}, got {self.loss!r}")
+        if self.steps < 0 or self.k < 1 or self.batch_size < 1 or self.eval_draws < 1:
+            raise ValueError("steps must be >= 0; timesteps per image, batch size and eval draws >= 1")
+        if not (0 <= self.t_min <= self.t_max):
+            raise ValueError("need 0 <= t_min <= t_max")
+        if not (self.textural_weight >= 0 and self.textural_weight != float("inf")):
+            raise ValueError(f"textural weight must be a finite number >= 0, got {self.textural_weight}")
+
+    @property
+    def budget_value(self) -> float:
+        """The budget as a fraction of the 8-bit range."""
+        return parse_level(self.budget, "budget")
+
+    @property
+    def step_value(self) -> float:
+        return parse_level(self.step_size, "step size")
+
+    @property
+    def needs_model(self) -> bool:
+        return self.loss != "textural"
+
+    @property
+    def needs_target(self) -> bool:
+        return self.loss != "advdm"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "budget_levels": self.budget_value * 255, "step_levels": self.step_value * 255}
+
+    def replace(self, **changes) -> "ProtectConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,284 @@
+"""``protect``: the protection runner (``cgidm protect``, docs/protect.md).
+
+load -> PGD against the base model (``protect_pgd``) -> protected file, panel and scores
+(``protect_output``) -> one row per image -> summary and report. Resumable like
+``screen``: every finished image is one complete line of ``OUT/results.jsonl``; the same
+command again protects only the images without a row, and refuses other settings
+(``OUT/protect.json``). A file that cannot be read becomes an error row; an exception while
+protecting a batch retries its images one at a time, and an image that still fails gets
+an error row.
+
+Outputs in ``OUT``: ``protected/<relative path>`` (PNG, same size and mode as the input),
+``panels/*.png`` (original | protected | amplified perturbation), ``results.jsonl``,
+``summary.json``, ``report.html`` and ``protect.json`` (the settings).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from cgidm.config import ProtectConfig, dtype_name
+from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_path
+from cgidm.images import ImageError, list_images, load_image_with_notes, preprocess
+from cgidm.protect_output import output_name, panel, protect_file, write_report
+from cgidm.protect_pgd import (BaseModel, builtin_target, eval_denoising_loss, load_base, protect_batch,  # noqa: F401
+                               target_latent)
+from cgidm.resume import OutputLock, done_rows, read_jsonl, repair_jsonl
+
+__all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+STATE = "protect.json"
+PROTECTED = "protected"
+PANELS = "panels"
+# Settings that change a protected file; batch_size does not (every draw is keyed by the
+# image id), and neither does eval_draws past the row's reported loss.
+KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
+                 "seed", "budget_levels", "step_levels")
+
+
+@dataclass(frozen=True)
+class ProtectItem:
+    """An image to protect: its file and its id (the path relative to the input folder,
+    with ``/``): the id keys its draws and names its output."""
+
+    path: Path
+    id: str
+
+
+def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()) -> list[ProtectItem]:
+    """Every image under ``images`` (subfolders too, hidden files skipped), sorted."""
+    root = Path(images)
+    found = list_images(root, recursive=True, exclude=exclude)
+    if not found:
+        raise FileNotFoundError(f"no images in {root}")
+    return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
+
+
+def _settings(cfg: ProtectConfig, model: BaseModel, dtype: str) -> dict:
+    now = {k: v for k, v in cfg.to_json().items() if k in KEPT_SETTINGS}
+    now.update(dtype=dtype, resolution=model.resolution)
+    return json.loads(json.dumps(now))
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    path = out / STATE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if isinstance(old, dict) and old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out} holds a protect run with other settings ({what}); "
+                             "resume with the same settings or use another --out")
+    atomic_write_json(path, {"settings": settings}, sort_keys=True)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for folder in (out, out / PANELS, *(p for p in (out / PROTECTED).rglob("*") if p.is_dir()), out / PROTECTED):
+        for p in folder.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _target(model: BaseModel, cfg: ProtectConfig) -> Optional[torch.Tensor]:
+    if not cfg.needs_target:
+        return None
+    if cfg.target is None:
+        image = builtin_target(model.resolution)
+    else:
+        try:
+            image, _ = load_image_with_notes(cfg.target, model.resolution)
+        except ImageError as e:
+            raise ValueError(f"--target: {e}") from e
+    return target_latent(model, image)
+
+
+class _Run:
+    """One protect run over the images still to do: batches, rows, outputs."""
+
+    def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool) -> None:
+        self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
+        self.cond = model.encode_prompt(cfg.prompt)
+        self.z_target = _target(model, cfg)
+        self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc="images", unit="img", disable=not progress)
+
+    def _error(self, item: ProtectItem, reason: str) -> None:
+        self.emit({"id": item.id, "image": str(item.path), "error": reason})
+        self.bar.update(1)
+
+    def run(self, items: Sequence[ProtectItem]) -> None:
+        self.bar.reset(total=len(items))
+        batch: list[tuple[ProtectItem, torch.Tensor, list[str]]] = []
+        for item in items:
+            name = output_name(item.id)
+            if name is None:
+                self._error(item, "unsafe image path for an output name")
+                continue
+            try:
+                image, notes = load_image_with_notes(item.path, self.model.resolution)
+            except ImageError as e:
+                self._error(item, e.reason)
+                continue
+            batch.append((item, image, notes))
+            if len(batch) == self.cfg.batch_size:
+                self._batch(batch)
+                batch = []
+        if batch:
+            self._batch(batch)
+        self.bar.close()
+
+    def _batch(self, batch) -> None:
+        try:
+            deltas = self._protect([b[0] for b in batch], torch.stack([b[1] for b in batch]))
+        except OutputError:
+            raise
+        except Exception as e:
+            if len(batch) == 1:
+                log.debug("protecting %s failed", batch[0][0].id, exc_info=True)
+                self._error(batch[0][0], f"failed: {type(e).__name__}: {e}")
+                return
+            log.warning("a batch of %d failed (%s); retrying its images one at a time", len(batch), e)
+            for one in batch:
+                self._batch([one])
+            return
+        for (item, image, notes), (delta, skipped, objective) in zip(batch, deltas):
+            try:
+                self._write(item, image, notes, delta, skipped, objective)
+            except OutputError:
+                raise
+            except Exception as e:  # an unusual file that loaded but does not write back
+                log.debug("writing %s failed", item.id, exc_info=True)
+                self._error(item, f"failed: {type(e).__name__}: {e}")
+
+    def _protect(self, items, images):
+        res = protect_batch(self.model, images, [i.id for i in items], self.cfg, self.cond, self.z_target)
+        if not torch.isfinite(res.delta).all():
+            raise FloatingPointError("perturbation is not finite")
+        return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))
+
+    def _write(self, item: ProtectItem, image, notes, delta, skipped, objective) -> None:
+        rel = output_name(item.id)
+        dst = self.out / PROTECTED / rel
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(dst.parent, e) from e
+        t0 = time.perf_counter()
+        fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp)
+        before, after, top = fields.pop("_before"), fields.pop("_after"), fields.pop("_top")
+        panel_path = output_path(self.out / PANELS, item.id)
+        atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
+        # the loss on the protected file as a fine-tuner loads it (rounded, mapped back, resized)
+        from PIL import Image
+
+        with Image.open(dst) as im:
+            reread = preprocess(im, self.model.resolution)
+        losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
+                                     self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
+                                     cond=self.cond).tolist()
+        row = {"id": item.id, "image": str(item.path), "protected": f"{PROTECTED}/{rel}",
+               "panel": f"{PANELS}/{panel_path.name}", **fields,
+               "loss_clean": losses[0], "loss_protected": losses[1],
+               "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
+               "notes": notes + fields["notes"]}
+        if not all(isinstance(v, (int, float)) and v == v for v in (losses[0], losses[1])):
+            row["notes"].append("the reported loss is not finite")
+        log.debug("wrote %s in %.2f s", dst, time.perf_counter() - t0)
+        self.emit(row)
+        self.bar.update(1)
+
+
+def _summary(rows: list[dict], cfg: ProtectConfig, model: BaseModel, dtype: str, wall: float, new: int) -> dict:
+    good = [r for r in rows if "error" not in r]
+
+    def med(key):
+        vals = [r[key] for r in good if isinstance(r.get(key), (int, float))]
+        return statistics.median(vals) if vals else None
+
+    gains = [r["loss_protected"] / r["loss_clean"] for r in good
+             if isinstance(r.get("loss_clean"), float) and isinstance(r.get("loss_protected"), float)
+             and r["loss_clean"] > 0]
+    return {
+        "images": len(rows), "protected": len(good), "failed": len(rows) - len(good),
+        "errors": {r["id"]: r["error"] for r in rows if "error" in r},
+        "medians": {"PSNR dB": med("psnr"), "SSIM": med("ssim"), "max change (levels)": med("linf_levels"),
+                    "loss clean": med("loss_clean"), "loss protected": med("loss_protected"),
+                    "loss protected / clean": statistics.median(gains) if gains else None},
+        "config": cfg.to_json(), "base": model.info.get("base"), "resolution": model.resolution,
+        "device": str(model.device), "dtype": dtype,
+        "timing": {"images": new, "wall_s": wall, "images_per_hour": 3600 * new / wall if new and wall > 0 else None},
+    }
+
+
+def protect(
+    model: BaseModel,
+    items: Sequence[ProtectItem],
+    out: str | Path,
+    cfg: ProtectConfig = ProtectConfig(),
+    progress: bool = True,
+) -> dict:
+    """Protect ``items`` against ``model``; writes ``out`` (module docstring) and returns
+    the summary. Raises ``OutputError`` when an output cannot be written (the rows
+    finished before stay complete) and ``ValueError`` for a resume with other settings."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PANELS).mkdir(exist_ok=True)
+        (out / PROTECTED).mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(out, e) from e
+    dtype = dtype_name(next(model.unet.parameters()).dtype)
+    results = out / RESULTS
+    t0 = time.perf_counter()
+    with OutputLock(out):
+        _check_settings(out, _settings(cfg, model, dtype))
+        repair_jsonl(results)
+        _remove_stale_temporaries(out)
+        done = done_rows(out)
+        todo = [it for it in items if it.id not in done]
+        if len(todo) < len(items):
+            log.warning("%s: %d of %d images already done; protecting the other %d", out, len(items) - len(todo),
+                        len(items), len(todo))
+
+        def emit(row: dict) -> None:
+            append_jsonl(results, row)
+
+        if todo:
+            _Run(model, cfg, out, emit, progress).run(todo)
+        wall = time.perf_counter() - t0
+        ids = {it.id for it in items}
+        rows = [r for r in read_jsonl(results) if r["id"] in ids]
+        summary = _summary(rows, cfg, model, dtype, wall, len(todo))
+        atomic_write_json(out / "summary.json", summary)
+        summary["report"] = str(write_report(out, rows, summary))
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"images: {summary['images']}  protected: {summary['protected']}  failed: {summary['failed']}")
+    for image_id, reason in list(summary["errors"].items())[:10]:
+        print(f"  failed {image_id}: {reason}")
+    m = summary["medians"]
+    if m.get("PSNR dB") is not None:
+        print(f"median PSNR {m['PSNR dB']:.2f} dB  SSIM {m['SSIM']:.4f}  max change {m['max change (levels)']:.0f} "
+              f"levels; base model's denoising loss {m['loss clean']:.4f} -> {m['loss protected']:.4f}")
+    t = summary["timing"]
+    if t["images"]:
+        print(f"this run: {t['images']} images in {t['wall_s']:.1f} s ({t['images_per_hour']:,.0f} images/hour)")
+    print(f"report: {summary['report']}")

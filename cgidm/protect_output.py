@@ -1,0 +1,269 @@
+"""The protection's outputs: the perturbation mapped back onto the original file (its own
+size, mode and metadata), the panel and the scores of each image, and ``report.html``
+(docs/protect.md, "Outputs").
+
+The perturbation is computed at the model's resolution on the part of the image the
+model sees: the short side resized to ``R`` and the centre ``R x R`` (what
+``cgidm.images`` does, and what Stable Diffusion fine-tuning scripts do by default). It is
+mapped back by resizing it (bilinear) onto that centre square of the original, in the
+original's pixels; then it is rounded to whole 8-bit levels and clipped to the budget and
+to the pixel range. The budget is met exactly in the written file: every pixel of every
+channel differs from the original by at most ``floor(budget * 255)`` levels. Outside the
+centre square (the margins of a non-square image) nothing is changed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+from cgidm.files import _replace_from_tmp, atomic_write_text
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_KEPT_MODES = ("RGB", "RGBA", "L", "LA") + _SIXTEEN_BIT
+_ORIENTATION = 0x0112
+PANEL_HEIGHT = 192
+
+
+def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` in the original's pixels of what the model sees: the
+    geometry of ``cgidm.images`` (centre cut to 2:1, short side to ``R``, centre crop),
+    rounded to whole pixels."""
+    cut_l = cut_t = 0
+    short = min(w, h)
+    if max(w, h) > 2 * short:
+        keep = 2 * short
+        if w > h:
+            cut_l, w = (w - keep) // 2, keep
+        else:
+            cut_t, h = (h - keep) // 2, keep
+    nw, nh = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    top, left = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
+    sx, sy = w / nw, h / nh
+    box = (cut_l + left * sx, cut_t + top * sy, cut_l + (left + resolution) * sx, cut_t + (top + resolution) * sy)
+    return tuple(int(round(v)) for v in box)  # type: ignore[return-value]
+
+
+def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: int) -> np.ndarray:
+    """``delta [3, R, R]`` in [-1, 1] units -> ``[h, w, 3]`` float64 in 8-bit levels on the
+    original's grid (``size = (w, h)``), zero outside the centre square."""
+    w, h = size
+    left, top, right, bottom = crop_box(w, h, resolution)
+    bw, bh = max(1, right - left), max(1, bottom - top)
+    d = delta.detach().float().cpu()[None] * 127.5
+    if (bh, bw) != tuple(d.shape[-2:]):
+        shrink = bh < d.shape[-2] or bw < d.shape[-1]
+        d = torch.nn.functional.interpolate(d, size=(bh, bw), mode="bilinear", align_corners=False,
+                                            antialias=shrink)
+    out = np.zeros((h, w, 3), dtype=np.float64)
+    out[top:top + bh, left:left + bw] = d[0].permute(1, 2, 0).double().numpy()[: h - top, : w - left]
+    return out
+
+
+def _working_image(img: Image.Image, notes: list[str]) -> Image.Image:
+    """The original, upright, in a mode that can hold the perturbation."""
+    from cgidm.images import _high_depth_to_l
+
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+    except Exception:
+        orientation = 1
+    if orientation not in (None, 1):
+        try:
+            img = ImageOps.exif_transpose(img)
+            notes.append("EXIF orientation applied to the pixels")
+        except Exception:
+            notes.append("EXIF orientation unreadable, ignored")
+    if img.mode in _KEPT_MODES:
+        return img
+    if img.mode in ("I", "F"):
+        new = _high_depth_to_l(img, notes)
+    elif img.mode == "1":
+        new = img.convert("L")
+    elif img.mode in ("P", "PA") and (img.mode == "PA" or "transparency" in img.info):
+        new = img.convert("RGBA")
+    else:
+        new = img.convert("RGB")
+    notes.append(f"{img.mode} written as {new.mode} (a {img.mode} image cannot hold the perturbation)")
+    return new
+
+
+def _metadata(img: Image.Image, notes: list[str], stamp: dict) -> dict:
+    """``Image.save`` keywords that carry the original's metadata into the PNG: text
+    chunks, ICC profile, EXIF (orientation reset when it was applied), dpi; plus cgidm's
+    own ``cgidm-protect`` text chunk with the settings."""
+    info = PngImagePlugin.PngInfo()
+    text = getattr(img, "text", None) or {k: v for k, v in img.info.items() if isinstance(v, str)}
+    for key, value in text.items():
+        if key == "cgidm-protect":
+            continue
+        try:
+            value.encode("latin-1")
+            info.add_text(key, value)
+        except UnicodeEncodeError:
+            info.add_itxt(key, value)
+    info.add_text("cgidm-protect", json.dumps(stamp, sort_keys=True))
+    kw: dict = {"pnginfo": info}
+    if isinstance(img.info.get("icc_profile"), bytes):
+        kw["icc_profile"] = img.info["icc_profile"]
+    try:
+        exif = img.getexif()
+        if len(exif):
+            if any("EXIF orientation applied" in n for n in notes):
+                exif[_ORIENTATION] = 1
+            kw["exif"] = exif.tobytes()
+    except Exception:
+        notes.append("EXIF unreadable, not copied")
+    dpi = img.info.get("dpi")
+    if isinstance(dpi, tuple) and len(dpi) == 2:
+        kw["dpi"] = tuple(float(v) for v in dpi)
+    return kw
+
+
+def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = a.astype(np.float64) / top, b.astype(np.float64) / top
+    side = min(a.shape[:2])
+    win = max(3, min(7, side if side % 2 else side - 1))
+    ssim = structural_similarity(a, b, channel_axis=2 if a.ndim == 3 else None, data_range=1.0, win_size=win)
+    with np.errstate(divide="ignore"):
+        psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
+    return {"psnr": float(min(psnr, 100.0)), "ssim": float(ssim)}
+
+
+def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, budget: float,
+                 stamp: dict) -> dict:
+    """Write ``src`` + the perturbation as a PNG at ``dst`` (atomically). Returns the row's
+    fields: ``size``, ``mode``, ``psnr``, ``ssim``, ``linf_levels``, ``notes`` and the arrays
+    ``_before`` / ``_after`` (for the panel; not written to the row)."""
+    notes: list[str] = []
+    limit = math.floor(budget * 255 + 1e-6)
+    with Image.open(src) as opened:
+        if getattr(opened, "is_animated", False):
+            notes.append("animated: first frame protected and written")
+        opened.load()
+        img = _working_image(opened, notes)
+        kw = _metadata(opened, notes, stamp)
+    w, h = img.size
+    d = perturbation_levels(delta, (w, h), resolution)
+    arr = np.asarray(img)
+    sixteen = img.mode in _SIXTEEN_BIT
+    top, scale = (65535, 257) if sixteen else (255, 1)
+    base = arr.astype(np.int64)
+    colour = base[..., :3] if img.mode in ("RGB", "RGBA") else (base[..., 0] if img.mode == "LA" else base)
+    step = d if colour.ndim == 3 else d.mean(-1)
+    step = np.clip(np.rint(step * scale), -limit * scale, limit * scale).astype(np.int64)
+    new_colour = np.clip(colour + step, 0, top)
+    new = base.copy()
+    if img.mode in ("RGB", "RGBA"):
+        new[..., :3] = new_colour
+    elif img.mode == "LA":
+        new[..., 0] = new_colour
+    else:
+        new = new_colour
+    dtype = np.uint16 if sixteen else np.uint8
+    out_mode = "I;16" if sixteen else img.mode
+    if sixteen:
+        result = Image.fromarray(new.astype(np.uint16))
+        if result.mode != "I;16":
+            result = result.convert("I;16")
+    else:
+        result = Image.fromarray(new.astype(dtype), out_mode)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _replace_from_tmp(dst, lambda f: result.save(f, format="PNG", **kw))
+    linf = float(np.abs(new_colour - colour).max() / scale) if colour.size else 0.0
+    row = {"size": [w, h], "mode": result.mode, "linf_levels": linf, **_scores(colour, new_colour, top)}
+    row["notes"] = notes
+    row["_before"], row["_after"], row["_top"] = colour, new_colour, top
+    return row
+
+
+def _display(a: np.ndarray, top: float) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64) * (255.0 / top)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
+    """original | protected | perturbation amplified to the full range (grey = 0)."""
+    diff = (np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)) * (255.0 / top)
+    amp = 127.5 + diff * (127.5 / max(limit_levels, 1.0))
+    ims = [Image.fromarray(_display(before, top)), Image.fromarray(_display(after, top)),
+           Image.fromarray(_display(amp, 255.0))]
+    w, h = ims[0].size
+    s = PANEL_HEIGHT / max(h, 1)
+    size = (max(1, round(w * s)), PANEL_HEIGHT)
+    ims = [im.resize(size, Image.NEAREST if s >= 1 else Image.LANCZOS) for im in ims]
+    pad = 6
+    canvas = Image.new("RGB", (3 * size[0] + 2 * pad, size[1]), (255, 255, 255))
+    for i, im in enumerate(ims):
+        canvas.paste(im, (i * (size[0] + pad), 0))
+    return canvas
+
+
+REPORT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cgidm protect report</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:24px;color:#222} .sub{color:#666}
+.cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px} .card b{display:block;font-size:22px}
+table{border-collapse:collapse;margin-top:16px} th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left}
+td img{height:120px;image-rendering:pixelated} .error{color:#b00;font-weight:bold}
+</style></head><body>
+<h1>cgidm protect</h1>
+<div class="sub">Each row: <i>original | protected | perturbation, amplified</i> (grey: unchanged;
+the full range: the budget). The denoising loss is the base model's, over fixed draws, on the
+image as a fine-tuner would load it; protection raises it.</div>
+<div class="cards"><div class="card">images<b>{{ s.images }}</b></div>
+<div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>
+{% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b></div>{% endfor %}</div>
+<p class="sub">settings: {% for k, v in s.config.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+<p class="sub">base model: <code>{{ s.base }}</code>; device {{ s.device }}, dtype {{ s.dtype }}</p>
+<table><thead><tr><th>image</th><th>size</th><th>mode</th><th>PSNR dB</th><th>SSIM</th><th>max change (levels)</th>
+<th>loss clean</th><th>loss protected</th><th>notes</th><th>original | protected | perturbation</th></tr></thead><tbody>
+{% for r in rows %}<tr><td>{{ r.id }}</td>{% if r.error %}<td class="error" colspan="9">failed: {{ r.error }}</td>
+{% else %}<td>{{ r.size[0] }}&times;{{ r.size[1] }}</td><td>{{ r.mode }}</td><td>{{ fmt(r.psnr) }}</td><td>{{ fmt(r.ssim) }}</td>
+<td>{{ fmt(r.linf_levels) }}</td><td>{{ fmt(r.loss_clean) }}</td><td>{{ fmt(r.loss_protected) }}</td>
+<td>{{ (r.notes or [])|join('; ') }}</td>
+<td>{% set link = r.panel|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="{{ r.id }}" src="{{ link }}"></a>{% endif %}</td>{% endif %}</tr>
+{% endfor %}</tbody></table></body></html>
+"""
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_report(out: Path, rows: Sequence[dict], summary: dict) -> Path:
+    """``out/report.html`` (atomically); panel paths are links only inside ``out``."""
+    from jinja2 import Environment, select_autoescape
+
+    from cgidm.report import local_link
+
+    env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters["local_link"] = local_link
+    html = env.from_string(REPORT).render(s=summary, rows=sorted(rows, key=lambda r: r.get("id", "")), fmt=_fmt)
+    path = Path(out) / "report.html"
+    atomic_write_text(path, html)
+    return path
+
+
+def output_name(image_id: str) -> Optional[str]:
+    """The protected file's path relative to ``OUT/protected``: the image's relative path,
+    a PNG keeping its name and any other format getting ``.png`` appended
+    (``cat.jpg`` -> ``cat.jpg.png``), so two inputs never share an output."""
+    parts = image_id.split("/")
+    if not parts or any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+        return None
+    return image_id if image_id.lower().endswith(".png") else image_id + ".png"

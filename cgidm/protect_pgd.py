@@ -1,0 +1,292 @@
+"""The protection's compute: the base model, the losses and the L-inf PGD loop
+(docs/protect.md; the runner is ``cgidm.protect``).
+
+AdvDM (Liang et al., ICML 2023) maximises the base model's denoising loss
+``E_{t,n} ||eps(sqrt(abar_t) z + sqrt(1-abar_t) n, t, c) - n||^2`` of the image's
+encoding ``z = E(x + delta)`` over ``||delta||_inf <= budget``, a Monte Carlo estimate
+over ``(t, n)`` at each step; Mist (Liang & Wu, 2023) adds a textural loss, the distance of
+``E(x + delta)`` to the encoding of a target image, which it minimises. The UNet is frozen:
+only the gradient of the input is taken.
+
+Shapes: ``B`` images ``[B, 3, R, R]`` in [-1, 1] at the model's resolution ``R``; ``K``
+timesteps per image per step, ``N = B*K`` UNet samples (sample ``n = b*K + k``); latents
+``[C, h, w]``. Amounts in pixels are in [-1, 1] units here (the configuration's fractions
+of the 8-bit range, times 2).
+
+Every draw of an image is keyed by ``(run seed, image id, step)`` (``cgidm.rng``), and
+the gradient, the skip rule and the step are per image, so an image's result does not
+depend on its batch (up to the last bits of batched convolutions, which a sign step can
+turn into one step's difference on an entry whose gradient is ~0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from cgidm import rng
+from cgidm.config import ProtectConfig
+from cgidm.reference import loss_scale
+
+# Suffixes of the per-image keys of the draws that are not the denoising loss's own.
+ENCODE_STREAM = "/encode"  # the VAE posterior sample of each step
+START_STREAM = "/start"  # the random start
+EVAL_STREAM = "/eval"  # the fixed draws of the reported loss
+
+
+@dataclass
+class BaseModel:
+    """The pretrained model a protection is computed against (one model, not a pair).
+    The UNet is frozen (``requires_grad`` off)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    codec: object
+    abar: torch.Tensor  # [T] alphas_cumprod, fp64
+    info: dict = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (int(self.unet.config.in_channels), self.latent_size, self.latent_size)
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * self.codec.factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """``[1, L, D]`` fp32 on the model's device, kept per prompt."""
+        from cgidm.models import _encode
+
+        cache = self.__dict__.setdefault("_prompts", {})
+        if prompt not in cache:
+            self.text_encoder.to(self.device)
+            cache[prompt] = _encode(self.tokenizer, self.text_encoder, prompt, self.device)
+        return cache[prompt]
+
+
+def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+              allow_pickle: bool = False) -> BaseModel:
+    """The base pipeline directory (offline, the checks of ``cgidm.models``); UNet weights
+    in ``dtype``, frozen; the text encoder stays fp32."""
+    import os
+
+    from cgidm.models import _base_dir, _load_abar, _load_codec, _load_text_encoder, _load_tokenizer, _load_unet
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = _base_dir(base)
+    unet = _load_unet(root / "unet", allow_pickle)
+    te = _load_text_encoder(root / "text_encoder", allow_pickle)
+    tok = _load_tokenizer(root / "tokenizer")
+    codec = _load_codec(root, allow_pickle)
+    abar = _load_abar(root)
+    if int(unet.config.in_channels) != codec.latent_channels:
+        from cgidm.models import ModelLoadError
+
+        raise ModelLoadError(f"{root}: UNet expects {unet.config.in_channels} latent channels, "
+                             f"the codec gives {codec.latent_channels}")
+    unet.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+    same = dtype is None or next(unet.parameters()).dtype == dtype
+    unet.to(device=device, **({} if same else {"dtype": dtype}))
+    te.to(device=device)
+    codec.to(device=device)
+    return BaseModel(unet, te, tok, codec, abar.to(device), {"base": str(root)})
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def encode(codec, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Differentiable encoding ``[B, 3, R, R] -> [B, C, h, w]`` fp32, scaled. A VAE gives
+    ``(mean + std * noise) * s`` (the posterior sample the public tools take, with keyed
+    noise; the mean without it); a codec without a VAE (the identity codec) its own
+    ``encode``."""
+    vae = getattr(codec, "vae", None)
+    if vae is None:
+        return codec.encode(images)
+    dist = vae.encode(images.to(codec.dtype)).latent_dist
+    z = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean.dtype)
+    return z.float() * codec.scaling_factor
+
+
+def denoising_loss(
+    unet,
+    z: torch.Tensor,  # [B, C, h, w] fp32
+    t: torch.Tensor,  # [N] int64, N = B*K
+    noise: torch.Tensor,  # [N, C, h, w]
+    abar: torch.Tensor,  # [T] fp64
+    cond: torch.Tensor,  # [1, L, D]
+) -> torch.Tensor:
+    """Per-sample ``||eps(x_t, t, c) - n||^2 / M`` in fp32, ``[B, K]``."""
+    b = z.shape[0]
+    k = noise.shape[0] // b
+    zk = z.repeat_interleave(k, dim=0) if k > 1 else z
+    a = abar[t].sqrt().float().view(-1, 1, 1, 1)
+    s = (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1)
+    x_t = a * zk + s * noise
+    dtype = next(unet.parameters()).dtype
+    eps = unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype).expand(x_t.shape[0], -1, -1),
+               return_dict=False)[0]
+    return (eps.float() - noise.float()).pow(2).flatten(1).mean(1).view(b, k)
+
+
+def textural_loss(z: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
+    """``[B]``: per-entry mean squared distance of each encoding to the target's."""
+    return (z - z_target).pow(2).flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def linf_pgd_update_ref(
+    delta: torch.Tensor,  # [B, 3, H, W] fp32
+    grad: torch.Tensor,  # [B, 3, H, W] d objective / d image
+    x: torch.Tensor,  # [B, 3, H, W] the clean image, in [lo, hi]
+    alpha: float,
+    eps: float,
+    lo: float = -1.0,
+    hi: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One L-inf PGD ascent step: ``delta + alpha * sign(grad)``, clipped to ``[-eps, eps]``
+    and so that ``x + delta`` stays in ``[lo, hi]``. An image with a non-finite gradient
+    takes no step. Returns ``(delta [B, 3, H, W] fp32, skipped [B] bool)``."""
+    g = grad.float()
+    ok = torch.isfinite(g).flatten(1).all(1)
+    step = torch.where(ok.view(-1, 1, 1, 1), g.sign(), torch.zeros_like(g))
+    d = (delta.float() + alpha * step).clamp(-eps, eps)
+    # x + d can only leave [lo, hi] by pushing through it, never by more than eps: clamp d to
+    # the room left, which keeps |d| <= eps exactly (``(x + d).clamp() - x`` may round past it)
+    d = torch.minimum(torch.maximum(d, lo - x), hi - x)
+    return d, ~ok
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class ProtectResult:
+    delta: torch.Tensor  # [B, 3, R, R] fp32, in [-1, 1] units
+    skipped_steps: torch.Tensor  # [B] steps with a non-finite gradient
+    objective: torch.Tensor  # [B, 2] the objective at the first and at the last step
+
+
+def _keys(seed: int, ids: Sequence[str], suffix: str, device) -> torch.Tensor:
+    return rng.image_keys(seed, [f"{i}{suffix}" for i in ids], device)
+
+
+def _uniform(keys: torch.Tensor, shape: Sequence[int], device) -> torch.Tensor:
+    """``[B, *shape]`` uniforms in (0, 1) keyed per image: the normal CDF of keyed normals."""
+    n = rng.counter_draws(keys, 0, 1, shape, 0, 0, False, device)[1]
+    return 0.5 * (1 + torch.erf(n / math.sqrt(2)))
+
+
+def target_latent(model: BaseModel, target: torch.Tensor) -> torch.Tensor:
+    """``[1, C, h, w]``: the target image's ``[3, R, R]`` encoding (the posterior mean)."""
+    with torch.no_grad():
+        return encode(model.codec, target[None].to(model.device).float()).detach()
+
+
+def builtin_target(resolution: int) -> torch.Tensor:
+    """``[3, R, R]`` in [-1, 1]: the default target of the textural loss, a high-contrast
+    pattern of diagonal stripes over a checkerboard (Mist's own target is its logo, a dense
+    black-and-white texture; any such texture serves, none is shipped)."""
+    r = torch.arange(resolution)
+    period = max(2, resolution // 16)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    checker = ((yy // period + xx // period) % 2).float()
+    stripes = (((yy + xx) // max(1, period // 2)) % 2).float()
+    grey = 0.6 * checker + 0.4 * stripes
+    return torch.stack([grey, 1 - grey, (checker + stripes) % 2]) * 2 - 1
+
+
+def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, noise, enc_noise, cond,
+              z_target: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B]``: what PGD maximises for each image."""
+    z = encode(model.codec, x_adv, enc_noise)
+    out = torch.zeros(x_adv.shape[0], device=x_adv.device)
+    if cfg.needs_model:
+        out = out + denoising_loss(model.unet, z, t, noise, model.abar, cond).mean(1)
+    if cfg.needs_target:
+        w = 1.0 if cfg.loss == "textural" else cfg.textural_weight
+        out = out - w * textural_loss(z, z_target)
+    return out
+
+
+def protect_batch(
+    model: BaseModel,
+    images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
+    ids: Sequence[str],
+    cfg: ProtectConfig,
+    cond: Optional[torch.Tensor] = None,  # [1, L, D]; default: the model's encoding of cfg.prompt
+    z_target: Optional[torch.Tensor] = None,  # [1, C, h, w]; needed for textural/fused
+    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+) -> ProtectResult:
+    """L-inf PGD on a batch; ``callback(step, delta, objective)`` after each step."""
+    device = model.device
+    x = images.to(device=device, dtype=torch.float32)
+    b = x.shape[0]
+    if len(ids) != b:
+        raise ValueError(f"{len(ids)} ids for {b} images")
+    if cfg.needs_target and z_target is None:
+        raise ValueError(f"loss {cfg.loss} needs a target encoding (target_latent)")
+    if cfg.needs_model and cond is None:
+        cond = model.encode_prompt(cfg.prompt)
+    eps, alpha = 2 * cfg.budget_value, 2 * cfg.step_value
+    keys = rng.image_keys(cfg.seed, ids, device)
+    enc_keys = _keys(cfg.seed, ids, ENCODE_STREAM, device)
+    sampled = getattr(model.codec, "vae", None) is not None
+    shape = model.latent_shape
+    scale = loss_scale(shape)  # sign steps ignore it; it keeps fp16 seeds out of the subnormals
+    if cfg.random_start:
+        u = _uniform(_keys(cfg.seed, ids, START_STREAM, device), x.shape[1:], device)
+        delta = torch.minimum(torch.maximum(eps * (2 * u - 1), -1 - x), 1 - x)
+    else:
+        delta = torch.zeros_like(x)
+    skipped = torch.zeros(b, dtype=torch.long, device=device)
+    first = last = torch.full((b,), float("nan"), device=device)
+    for step in range(cfg.steps):
+        t, noise, _ = rng.counter_draws(keys, step, cfg.k, shape, cfg.t_min, cfg.t_max, False, device)
+        enc_noise = rng.counter_draws(enc_keys, step, 1, shape, 0, 0, False, device)[1] if sampled else None
+        x_adv = (x + delta).requires_grad_(True)
+        obj = objective(model, cfg, x_adv, t, noise, enc_noise, cond, z_target)
+        (grad,) = torch.autograd.grad(obj.sum() * scale, x_adv)
+        with torch.no_grad():
+            bad = ~torch.isfinite(obj)
+            grad = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(grad, float("nan")), grad)
+            delta, no_step = linf_pgd_update_ref(delta, grad, x, alpha, eps)
+            skipped += no_step.long()
+        obj = obj.detach()
+        if step == 0:
+            first = obj
+        last = obj
+        if callback is not None:
+            callback(step, delta, obj)
+    return ProtectResult(delta.detach(), skipped, torch.stack([first, last], 1))
+
+
+@torch.no_grad()
+def eval_denoising_loss(model: BaseModel, images: torch.Tensor, ids: Sequence[str], seed: int, prompt: str,
+                        draws: int, t_min: int = 0, t_max: int = 999,
+                        cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B]``: the base model's denoising loss of each image over ``draws`` fixed draws,
+    timesteps stratified over ``[t_min, t_max]`` and keyed by ``(seed, image id)``: an
+    image's loss before and after protection is taken over the same draws."""
+    device = model.device
+    x = images.to(device=device, dtype=torch.float32)
+    cond = model.encode_prompt(prompt) if cond is None else cond
+    keys = _keys(seed, ids, EVAL_STREAM, device)
+    t, noise, _ = rng.counter_draws(keys, 0, draws, model.latent_shape, t_min, t_max, False, device)
+    return denoising_loss(model.unet, encode(model.codec, x), t, noise, model.abar, cond).mean(1)

@@ -1,0 +1,210 @@
+"""``cgidm protect`` (docs/protect.md): the L-inf PGD and its constraints, the loss it
+raises, batch invariance, the written files (size, mode, budget, metadata), resume, bad
+images and the command line's exit codes. All on the tiny world's base, a few steps each."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from cgidm import cli
+from cgidm.config import ProtectConfig
+from cgidm.images import load_image
+from cgidm.protect import collect_protect_items, protect
+from cgidm.protect_output import crop_box, perturbation_levels
+from cgidm.protect_pgd import (builtin_target, encode, eval_denoising_loss, linf_pgd_update_ref, load_base,
+                               protect_batch, target_latent)
+
+FAST = dict(steps=2, eval_draws=2)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world):
+    return load_base(tiny_world / "base")
+
+
+@pytest.fixture(scope="module")
+def members(tiny_world):
+    paths = sorted((tiny_world / "images" / "members").glob("*.png"))[:3]
+    return torch.stack([load_image(p, 16) for p in paths]), [p.name for p in paths]
+
+
+def _folder(tiny_world, tmp_path, n=2):
+    d = tmp_path / "art"
+    d.mkdir()
+    for p in sorted((tiny_world / "images" / "members").glob("*.png"))[:n]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def test_linf_budget_and_pixel_range_hold_at_every_step(base, members):
+    x, ids = members
+    x = torch.cat([x, torch.ones_like(x[:1]), -torch.ones_like(x[:1])])  # saturated images push on the range
+    ids = ids + ["white", "black"]
+    cfg = ProtectConfig(steps=6, budget="8/255", step_size="3/255", random_start=True)
+    eps = 2 * 8 / 255
+    seen = []
+
+    def check(step, delta, obj):
+        assert delta.abs().max() <= eps + 1e-7
+        assert (x + delta).min() >= -1 and (x + delta).max() <= 1
+        seen.append(step)
+
+    res = protect_batch(base, x, ids, cfg, callback=check)
+    assert seen == list(range(6)) and res.delta.abs().max() > 0.9 * eps
+    assert (res.skipped_steps == 0).all()
+
+
+def test_update_skips_an_image_with_a_non_finite_gradient():
+    delta, x = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    grad = torch.randn(2, 3, 4, 4)
+    grad[1, 0, 0, 0] = float("nan")
+    new, skipped = linf_pgd_update_ref(delta, grad, x, alpha=0.1, eps=0.05)
+    assert skipped.tolist() == [False, True]
+    assert torch.equal(new[1], delta[1]) and torch.allclose(new[0].abs(), torch.full_like(new[0], 0.05))
+
+
+def test_advdm_raises_the_denoising_loss_of_the_tiny_base(base, members):
+    x, ids = members
+    res = protect_batch(base, x, ids, ProtectConfig(steps=15, step_size="2/255"))
+    clean = eval_denoising_loss(base, x, ids, 0, "a painting", 32)
+    protected = eval_denoising_loss(base, x + res.delta, ids, 0, "a painting", 32)
+    assert (protected > 1.1 * clean).all(), (clean, protected)
+
+
+def test_textural_loss_pulls_the_encoding_toward_the_target(base, members):
+    x, ids = members
+    z_t = target_latent(base, builtin_target(base.resolution))
+    res = protect_batch(base, x, ids, ProtectConfig(steps=4, loss="textural"), z_target=z_t)
+    before = (encode(base.codec, x) - z_t).pow(2).flatten(1).mean(1)
+    after = (encode(base.codec, x + res.delta) - z_t).pow(2).flatten(1).mean(1)
+    assert (after < before).all()
+    fused = protect_batch(base, x, ids, ProtectConfig(steps=2, loss="fused"), z_target=z_t)
+    assert torch.isfinite(fused.objective).all()
+
+
+def test_results_do_not_depend_on_the_batch(base, members):
+    x, ids = members
+    cfg = ProtectConfig(steps=4, k=2, random_start=True)
+    together = protect_batch(base, x, ids, cfg)
+    for i in (0, 2):
+        alone = protect_batch(base, x[i:i + 1], ids[i:i + 1], cfg)
+        # sign steps: a last-bit difference of a batched convolution could flip an entry
+        # whose gradient is ~0; on CPU the batched and single runs agree exactly
+        assert (alone.delta[0] != together.delta[i]).float().mean() < 0.01
+    other = protect_batch(base, x, ids, cfg.replace(seed=1))
+    assert not torch.equal(other.delta, together.delta)
+
+
+def test_perturbation_maps_onto_the_centre_square():
+    assert crop_box(16, 16, 16) == (0, 0, 16, 16)
+    assert crop_box(32, 32, 16) == (0, 0, 32, 32)
+    assert crop_box(40, 20, 16) == (10, 0, 30, 20)
+    d = perturbation_levels(torch.full((3, 16, 16), 2 / 255), (40, 20), 16)
+    assert d.shape == (20, 40, 3)
+    assert np.allclose(d[:, 10:30], 1.0) and (d[:, :10] == 0).all() and (d[:, 30:] == 0).all()
+
+
+def _make_inputs(folder):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 36, 3), dtype=np.uint8), "RGB")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "an artist")
+    rgb.save(folder / "wide.png", pnginfo=info)
+    Image.fromarray(rng.integers(0, 256, (18, 18), dtype=np.uint8), "L").save(folder / "grey.png")
+    rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "RGB").save(folder / "photo.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").convert("P").save(folder / "pal.png")
+    sub = folder / "sub"
+    sub.mkdir()
+    Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(sub / "deep.png")
+
+
+def test_protected_files_keep_size_mode_metadata_and_the_budget(base, tiny_world, tmp_path):
+    folder = _folder(tiny_world, tmp_path, n=1)
+    _make_inputs(folder)
+    out = tmp_path / "out"
+    summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST, batch_size=3), progress=False)
+    assert summary["failed"] == 0 and summary["protected"] == 7
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    expect = {"wide.png": "RGB", "grey.png": "L", "alpha.png": "RGBA", "photo.jpg": "RGB", "pal.png": "RGB",
+              "sub/deep.png": "I;16", "member_00.png": "RGB"}
+    for image_id, mode in expect.items():
+        row = rows[image_id]
+        src = Image.open(folder / image_id)
+        dst = Image.open(out / row["protected"])
+        assert dst.format == "PNG" and dst.size == src.size and dst.mode == mode, image_id
+        assert row["linf_levels"] <= 8 and 0 < row["ssim"] <= 1 and (out / row["panel"]).is_file()
+        if mode in ("RGB", "RGBA", "L") and src.mode == mode:
+            a, b = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+            assert np.abs(a - b).max() <= 8 and np.abs(a - b).max() > 0, image_id
+    assert rows["photo.jpg"]["protected"] == "protected/photo.jpg.png"
+    assert any("P written as RGB" in n for n in rows["pal.png"]["notes"])
+    assert Image.open(out / rows["wide.png"]["protected"]).text["Author"] == "an artist"
+    wide = np.asarray(Image.open(out / rows["wide.png"]["protected"]), dtype=np.int64)
+    orig = np.asarray(Image.open(folder / "wide.png"), dtype=np.int64)
+    assert (wide[:, :8] == orig[:, :8]).all()  # outside the centre square: untouched
+    alpha = np.asarray(Image.open(out / rows["alpha.png"]["protected"]))[..., 3]
+    assert (alpha == np.asarray(Image.open(folder / "alpha.png"))[..., 3]).all()
+    assert (out / "report.html").is_file() and json.loads((out / "summary.json").read_text())["protected"] == 7
+
+
+def test_a_second_run_does_nothing_and_other_settings_are_refused(base, tiny_world, tmp_path):
+    folder = _folder(tiny_world, tmp_path, n=3)
+    out = tmp_path / "out"
+    items = collect_protect_items(folder)
+    cfg = ProtectConfig(**FAST, batch_size=2)
+    first = protect(base, items[:2], out, cfg, progress=False)
+    assert first["timing"]["images"] == 2
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "protected").iterdir()}
+    lines = (out / "results.jsonl").read_text()
+    again = protect(base, items[:2], out, cfg.replace(batch_size=1), progress=False)
+    assert again["timing"]["images"] == 0 and (out / "results.jsonl").read_text() == lines
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").iterdir()} == stamp
+    more = protect(base, items, out, cfg, progress=False)
+    assert more["timing"]["images"] == 1 and more["protected"] == 3
+    with pytest.raises(ValueError, match="other settings"):
+        protect(base, items, out, cfg.replace(budget="4/255"), progress=False)
+
+
+def test_bad_images_become_error_rows(base, tiny_world, tmp_path):
+    folder = _folder(tiny_world, tmp_path, n=1)
+    (folder / "notes.png").write_text("not an image")
+    good = (folder / "member_00.png").read_bytes()
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (4, 4)).save(folder / "tiny.png")
+    out = tmp_path / "out"
+    summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+    assert summary["protected"] == 1 and summary["failed"] == 3
+    assert "not an image" in summary["errors"]["notes.png"] and "too small" in summary["errors"]["tiny.png"]
+    assert not (out / "protected" / "notes.png").exists()
+
+
+def test_cli_exit_codes(tiny_world, tmp_path, capsys):
+    folder = _folder(tiny_world, tmp_path, n=1)
+    common = ["--base", str(tiny_world / "base"), "--images", str(folder), "--steps", "1", "--eval-draws", "1",
+              "--device", "cpu", "-q"]
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "a")]) == cli.EXIT_OK
+    assert (tmp_path / "a" / "protected" / "member_00.png").is_file()
+    (folder / "bad.png").write_text("nope")
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "b")]) == cli.EXIT_SOME_FAILED
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "c"), "--budget", "16"]) == cli.EXIT_USAGE
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "d"), "--base", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "e")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "budget must be in (0, 1]" in err and "image folder not found" in err
+
+
+def test_cli_defaults_come_from_the_configuration():
+    args = cli.build_parser().parse_args(["protect", "--base", "b", "--images", "i", "--out", "o"])
+    assert ProtectConfig(**cli._given(args, ProtectConfig)) == ProtectConfig()
+    args = cli.build_parser().parse_args(["protect", "--base", "b", "--images", "i", "--out", "o",
+                                          "--budget", "4/255", "--timesteps-per-image", "3", "--loss", "fused"])
+    cfg = ProtectConfig(**cli._given(args, ProtectConfig))
+    assert cfg.budget_value == 4 / 255 and cfg.k == 3 and cfg.loss == "fused"
