@@ -25,7 +25,7 @@ LOCK = ".cgidm.lock"
 # Settings that decide a score, or the code path that computes it: a resume with other
 # values would mix two experiments in one file. batch_size changes nothing (every draw
 # is keyed by the image id); metric and level only change the summary.
-SCORE_SETTINGS = ("prompt", "pgd", "blocks_per_side", "pass_rate", "seed", "engine", "impl")
+SCORE_SETTINGS = ("prompt", "pgd", "blocks_per_side", "pass_rate", "seed", "engine", "impl", "baselines")
 
 
 def read_jsonl(path: Path) -> list[dict]:
