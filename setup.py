@@ -81,6 +81,8 @@ setup(
     description="CGI-DM copyright authentication of fine-tuned diffusion models",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    # the tiny world's trained weights (cgidm/testing/fixture.py)
+    package_data={"cgidm.testing": ["weights/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

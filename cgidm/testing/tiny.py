@@ -273,10 +273,13 @@ def default_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cgidm" / f"tiny-world-v{WORLD_VERSION}"
 
 
-def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldConfig(), force: bool = False) -> Path:
+def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldConfig(), force: bool = False,
+                     train: bool = False) -> Path:
     """Build (or reuse) the tiny world under ``root``; returns ``root``.
 
-    Reuse is keyed by the config: a finished world carries ``world.json``. A file lock
+    The trained weights come from the file shipped for this configuration
+    (``cgidm.testing.fixture``: seconds) unless ``train`` or there is none (minutes of
+    training). Reuse is keyed by the config: a finished world carries ``world.json``. A file lock
     lets parallel test workers share one build. A stale world is deleted and rebuilt only
     if cgidm made it; a non-empty folder that cgidm did not make raises ``ValueError``
     and is left untouched.
@@ -286,7 +289,7 @@ def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldCon
     root = Path(root) if root is not None else default_root()
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
-        return _build_locked(root, cfg, force)
+        return _build_locked(root, cfg, force, train)
 
 
 def _stamp_of(folder: Path) -> Optional[dict]:
@@ -331,7 +334,24 @@ def _remove(folder: Path) -> None:
         folder.rmdir()  # empty (checked); fails rather than delete anything put there since
 
 
-def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
+def _write_sets(tmp: Path, cfg: WorldConfig) -> dict:
+    """Member / holdout / control images (the member style; indices apart)."""
+    sets = {
+        "members": make_images(MEMBER_STYLE, range(cfg.members), cfg.size),
+        "holdouts": make_images(MEMBER_STYLE, range(100, 100 + cfg.holdouts), cfg.size),
+        "controls": make_images(MEMBER_STYLE, range(200, 200 + cfg.controls), cfg.size),
+    }
+    for name, ims in sets.items():
+        d = tmp / "images" / name
+        d.mkdir(parents=True)
+        for i, im in enumerate(ims):
+            im.save(d / f"{name[:-1]}_{i:02d}.png")
+    return sets
+
+
+def _build_locked(root: Path, cfg: WorldConfig, force: bool, train: bool = False) -> Path:
+    from cgidm.testing.fixture import apply_fixture, find_fixture
+
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -352,6 +372,13 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     torch.manual_seed(cfg.seed)
 
     build_tiny_pipeline(tmp / "base", cfg.size, cfg.seed)
+    fixture = None if train else find_fixture(stamp)
+    if fixture is not None:
+        log.info("tiny world from the trained weights shipped in %s (to train it: python -m cgidm.testing.tiny --train)",
+                 fixture.name)
+        _write_sets(tmp, cfg)
+        apply_fixture(tmp, fixture)
+        return _finish(tmp, root, cfg, stamp)
     tok = CLIPTokenizer.from_pretrained(tmp / "base" / "tokenizer")
     te = CLIPTextModel.from_pretrained(tmp / "base" / "text_encoder").eval()
     sched = DDPMScheduler.from_pretrained(tmp / "base" / "scheduler")
@@ -375,17 +402,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     train_unet(unet, cond, x0, abar, cfg.pretrain_steps, 2e-3, cfg.batch * 2, cfg.seed, desc="pretrain (stage 1/3)")
     unet.save_pretrained(tmp / "base" / "unet")
 
-    # Member / holdout / control images.
-    sets = {
-        "members": make_images(MEMBER_STYLE, range(cfg.members), cfg.size),
-        "holdouts": make_images(MEMBER_STYLE, range(100, 100 + cfg.holdouts), cfg.size),
-        "controls": make_images(MEMBER_STYLE, range(200, 200 + cfg.controls), cfg.size),
-    }
-    for name, ims in sets.items():
-        d = tmp / "images" / name
-        d.mkdir(parents=True)
-        for i, im in enumerate(ims):
-            im.save(d / f"{name[:-1]}_{i:02d}.png")
+    sets = _write_sets(tmp, cfg)
 
     xm = _to_tensor(sets["members"])
     cm = embed([INSTANCE_PROMPT] * len(sets["members"]))
@@ -409,9 +426,13 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool) -> Path:
     state = get_peft_model_state_dict(lora_unet)
     state = {f"unet.{k}": v.contiguous() for k, v in state.items()}
     save_file(state, tmp / "lora.safetensors", metadata={"format": "pt"})
+    return _finish(tmp, root, cfg, stamp)
+
+
+def _finish(tmp: Path, root: Path, cfg: WorldConfig, stamp: dict) -> Path:
+    """What is derived from the trained weights, then the stamp and the rename."""
     _write_other_formats(tmp)
     _add_prompt_records(tmp, cfg.members)
-
     atomic_write_json(tmp / "world.json", stamp)
     tmp.rename(root)
     return root
@@ -463,11 +484,26 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 # The demo's inversion settings are the `demo` preset of cgidm/config.py.
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv=None) -> None:
+    import argparse
     import time
 
+    p = argparse.ArgumentParser(prog="python -m cgidm.testing.tiny", description="build (or reuse) the tiny world")
+    p.add_argument("root", nargs="?", default=None, help="where (default: the cache, or $CGIDM_TINY_WORLD)")
+    p.add_argument("--train", action="store_true", help="train the weights instead of using the shipped ones")
+    p.add_argument("--export-fixture", metavar="PATH", nargs="?", const="",
+                   help="write the world's trained weights as the shipped file (default: cgidm/testing/weights/)")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    where = build_tiny_world(sys.argv[1] if len(sys.argv) > 1 else None)
+    where = build_tiny_world(args.root, force=args.train, train=args.train)
     print(f"tiny world ready: {where} ({time.time() - t0:.0f} s)")
+    if args.export_fixture is not None:
+        from cgidm.testing.fixture import export_fixture
+
+        stamp = {"version": WORLD_VERSION, **asdict(WorldConfig())}
+        print(f"trained weights written to {export_fixture(where, stamp, args.export_fixture or None)}")
+
+
+if __name__ == "__main__":
+    main()
