@@ -31,8 +31,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from cgidm.reference import (
-    EpsFn, InversionResult, Keys, PGDConfig, _expand_cond, as_keys, contrast_gradient, draw_step, skip_rows,
-    unet_eps_fn,
+    EpsFn, InversionResult, Keys, PGDConfig, TargetFn, _expand_cond, as_keys, contrast_gradient, draw_step,
+    skip_rows, unet_eps_fn,
 )
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class Engine:
     stay fp32 whatever the weights' dtype. ``use_graph``: ``None`` = on CUDA devices.
     ``pair_pass``: how both models run each step (``cgidm.pairpass``: a variant name or a
     built ``PairPass``); ``None`` picks the fastest measured for this device, else the safe
-    default, and says why in ``pair_pass_why``.
+    default, and says why in ``pair_pass_why``. ``target``: the model family's regression
+    target (``reference.contrast_gradient``; ``None``: the noise, epsilon-prediction).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class Engine:
         use_graph: Optional[bool] = None,
         warmup: int = 2,
         pair_pass=None,
+        target: Optional[TargetFn] = None,
     ) -> None:
         from cgidm import pairpass
         from cgidm.ops import get_ops
@@ -152,6 +154,7 @@ class Engine:
         else:
             self.pair_pass_why = "given"
         self.pair_pass = pair_pass
+        self.target = target
         for name, c in (("cond_ft", cond_ft), ("cond_pre", cond_pre)):
             if c.dim() != 3 or c.shape[0] != 1:
                 raise ValueError(f"{name} must be [1, L, D], got {tuple(c.shape)}")
@@ -191,6 +194,7 @@ class Engine:
         loss, grad = contrast_gradient(
             self.eps_ft, self.eps_pre, self.x0, self.x_init + self.delta, self.mask, t, noise_ft, noise_pre,
             self.abar, self.cond_ft, self.cond_pre, self.ops, valid=self.valid, pair_fn=self.pair_pass,
+            target=self.target,
         )
         with torch.no_grad():
             bad = skip_rows(loss, grad) & self.valid

@@ -25,7 +25,9 @@ from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_hea
     PICKLE_SUFFIXES, ModelLoadError, _check_local, check_pickle_allowed, find_prompt, load_state_dict,
     read_safetensors_header,
 )
+from cgidm import families
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
+from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
 from cgidm.lora import AdaptersOff, _apply_lora, is_lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class ModelPair:
     codec: object
     abar: torch.Tensor  # [T] alphas_cumprod, fp64
     info: dict = field(default_factory=dict)
+    family: Optional[families.Family] = None  # the base's (the fine-tune's is the same); None: epsilon
 
     @property
     def latent_size(self) -> int:
@@ -93,13 +96,6 @@ class ModelPair:
                     m.to("cpu")
         return cache[prompt]
 
-
-def _encode(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
-    ids = tokenizer(
-        [prompt], padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
 
 def _weights_in(folder: Path, allow_pickle: bool) -> bool:
     """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
@@ -169,28 +165,18 @@ def _load_codec(base: Path, allow_pickle: bool):
     raise ModelLoadError(f"{base}: missing component 'vae' (no vae/ folder)")
 
 
-def _prediction_type(folder: Path) -> str:
-    path = folder / "scheduler_config.json"
-    if not path.exists():
-        raise ModelLoadError(f"{folder}: missing scheduler_config.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable scheduler config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{path}: unreadable scheduler config (not a JSON object)")
-    return str(cfg.get("prediction_type", "epsilon"))
-
-
-def _load_abar(base: Path) -> torch.Tensor:
+def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Tensor:
+    """The base scheduler's ``alphas_cumprod``; a prediction type outside ``allowed`` is
+    refused (the default, epsilon only, is protection's: its loss predicts the noise)."""
     from diffusers import DDPMScheduler
 
     folder = base / "scheduler"
-    pred = _prediction_type(folder)
-    if pred != "epsilon":
+    pred = families.prediction_type(folder)
+    if pred is None:
+        raise ModelLoadError(f"{folder}: missing scheduler_config.json")
+    if pred not in allowed:
         raise ModelLoadError(
-            f"{folder}: prediction_type {pred!r} is not supported; CGI-DM as specified uses "
-            "epsilon-prediction models (Stable Diffusion 1.x)"
+            f"{folder}: prediction_type {pred!r} is not supported here (supported: {', '.join(allowed)})"
         )
     try:
         sched = DDPMScheduler.from_pretrained(folder, local_files_only=True)
@@ -203,6 +189,7 @@ def _base_dir(base: str | Path) -> Path:
     p = _check_local(base, "base model")
     if not p.is_dir():
         raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory")
+    families.refuse_unsupported(families.detect_folder(p), str(p))
     for comp in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if not (p / comp).is_dir():
             raise ModelLoadError(f"{p}: missing component '{comp}' (not a diffusers pipeline directory?)")
@@ -288,7 +275,10 @@ def load_pair(
     te_pre = _load_text_encoder(base_p / "text_encoder", allow_pickle)
     tok = _load_tokenizer(base_p / "tokenizer")
     codec = _load_codec(base_p, allow_pickle)
-    abar = _load_abar(base_p)
+    base_family = families.detect_folder(base_p) or families.Family("sd1", None, str(base_p))
+    families.refuse_unsupported(base_family, str(base_p))
+    abar = _load_abar(base_p, families.PREDICTION_TYPES)
+    family = base_family
     unet_ft, te_ft, tok_ft = unet_pre, te_pre, tok
     info = {"base": str(base_p)}
 
@@ -300,14 +290,8 @@ def load_pair(
         fp = _check_local(finetuned, "fine-tuned model")
         info["finetuned"] = str(fp)
         if fp.is_dir():
+            family = families.check_same(base_family, families.detect_folder(fp), str(fp))
             if (fp / "unet").is_dir():
-                has_sched = (fp / "scheduler" / "scheduler_config.json").exists()
-                pred = _prediction_type(fp / "scheduler") if has_sched else "epsilon"
-                if pred != "epsilon":
-                    raise ModelLoadError(
-                        f"{fp / 'scheduler'}: the fine-tune is a {pred!r}-prediction model "
-                        "(Stable Diffusion 2.x?); the base predicts 'epsilon'"
-                    )
                 unet_ft = _load_unet(fp / "unet", allow_pickle)
                 if (fp / "text_encoder").is_dir():
                     te_ft = _load_text_encoder(fp / "text_encoder", allow_pickle)
@@ -328,6 +312,7 @@ def load_pair(
                 count(match)
                 info["finetuned_format"] = "lora"
             else:
+                family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
                 unet_ft, te_ft = _single_file(state, base_p, fp, te_pre)
                 info["finetuned_format"] = "single-file"
     if lora is not None:
@@ -345,8 +330,10 @@ def load_pair(
         count(match)
         info["lora"] = str(lp)
     _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))
+    info["family"] = family.record()
+    log.info("model family: %s", info["family"])
 
     for m in {id(m): m for m in (unet_pre, unet_ft, te_pre, te_ft)}.values():
         m.eval().requires_grad_(False)
-    pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info)
+    pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info, family)
     return pair.to(device=device, dtype=dtype)

@@ -74,7 +74,7 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
     engine = cache.get(key)
     if engine is None:
         engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
-                        batch=batch, device=pair.device, impl=cfg.impl)
+                        batch=batch, device=pair.device, impl=cfg.impl, target=_target(pair))
         if isinstance(getattr(pair, "info", None), dict):
             pair.info["pair_pass"] = f"{engine.pair_pass.name} ({engine.pair_pass_why})"
         log.info("engine for batches of %d: pair pass %s (%s)", batch, engine.pair_pass.name, engine.pair_pass_why)
@@ -107,7 +107,15 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     return invert(
         unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre), prep.x0, prep.x_init, prep.mask,
         c_ft, c_pre, pair.abar, cfg.pgd, keys=prep.keys, ops=get_ops(cfg.impl), callback=callback,
+        target=_target(pair),
     )
+
+
+def _target(pair):
+    """The pair's regression target from its model family (``None``: epsilon-prediction,
+    also for pairs built by hand without a family)."""
+    family = getattr(pair, "family", None)
+    return None if family is None else family.target
 
 
 def resolve_prompt(cfg: AuthConfig, pair: ModelPair) -> tuple[AuthConfig, str]:

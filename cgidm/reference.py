@@ -33,6 +33,8 @@ from cgidm.config import NOISE_MODES, PGDConfig  # noqa: F401 (re-exported: the 
 
 # eps_fn(x_t [N, C, H, W], t [N] int64, cond [N, L, D]) -> eps [N, C, H, W]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# target(z [N, C, H, W], noise [N, C, H, W], sqrt_abar [N], sqrt_one_minus_abar [N]) -> [N, C, H, W]
+TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- ops (refs)
@@ -81,6 +83,20 @@ def pair_contrast_loss_ref(
     d_ft = eps_ft.float() - noise_ft.float()
     d_pre = eps_pre.float() - noise_pre.float()
     return d_ft.pow(2).flatten(1).mean(1) - d_pre.pow(2).flatten(1).mean(1)
+
+
+def v_target_ref(
+    z: torch.Tensor,  # [N, C, H, W] clean latent of each sample
+    noise: torch.Tensor,  # [N, C, H, W]
+    sqrt_abar: torch.Tensor,  # [N]
+    sqrt_one_minus_abar: torch.Tensor,  # [N]
+) -> torch.Tensor:
+    """The v-prediction target ``v = sqrt(abar) n - sqrt(1 - abar) z`` (diffusers'
+    ``DDPMScheduler.get_velocity``), ``[N, C, H, W]`` fp32. It depends on ``z``, so the
+    contrast's gradient flows through it to ``delta`` (docs/families.md)."""
+    a = sqrt_abar.view(-1, 1, 1, 1).float()
+    s = sqrt_one_minus_abar.view(-1, 1, 1, 1).float()
+    return a * noise.float() - s * z.float()
 
 
 def _norm(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
@@ -222,8 +238,16 @@ def contrast_gradient(
     valid: Optional[torch.Tensor] = None,  # [B] bool, rows whose loss counts
     scale: Optional[float] = None,
     pair_fn: Optional[Callable] = None,
+    target: Optional[TargetFn] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's contrast loss and its gradient: ``(loss [B, K] fp32, grad [B, C, H, W])``.
+
+    ``target(z [N, C, H, W], noise, sqrt_abar [N], sqrt_one_minus_abar [N])`` is what the
+    models' outputs are regressed on, from the model family (``cgidm.families``):
+    ``None`` = the noise (epsilon-prediction), ``v_target_ref`` for v-prediction. Each
+    model's target uses its own noise; ``pair_contrast_loss`` compares the outputs with
+    the targets and its autograd carries the gradient through a target that depends on
+    ``z`` back to ``x``.
 
     ``pair_fn(x_ft, x_pre, t, cond_ft, cond_pre) -> (eps_ft, eps_pre)`` runs both models
     as one pair pass (``cgidm.pairpass``); without it, ``eps_ft`` and ``eps_pre`` are
@@ -240,13 +264,18 @@ def contrast_gradient(
     sa = abar[t].sqrt().float()
     sb = (1 - abar[t]).sqrt().float()
     x = x.detach().requires_grad_(True)
-    _, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
+    z, x_t = ops.pair_noise(x0, x, mask, noise_ft, noise_pre, sa, sb)
     if pair_fn is not None:
         out_ft, out_pre = pair_fn(x_t[0], x_t[1], t, cond_ft, cond_pre)
     else:
         out_ft = eps_ft(x_t[0], t, cond_ft)
         out_pre = eps_pre(x_t[1], t, cond_pre)
-    loss = ops.pair_contrast_loss(out_ft, out_pre, noise_ft, noise_pre).view(b, k)  # [B, K]
+    tgt_ft, tgt_pre = noise_ft, noise_pre
+    if target is not None:
+        zk = z.repeat_interleave(k, dim=0) if k > 1 else z
+        tgt_ft = target(zk, noise_ft, sa, sb)
+        tgt_pre = None if noise_pre is None else target(zk, noise_pre, sa, sb)
+    loss = ops.pair_contrast_loss(out_ft, out_pre, tgt_ft, tgt_pre).view(b, k)  # [B, K]
     if valid is not None:
         loss = torch.where(valid.view(b, 1), loss, torch.zeros_like(loss))
     (grad,) = torch.autograd.grad(loss.mean(1).sum() * scale, x)
@@ -276,6 +305,7 @@ def invert(
     callback: Optional[Callable[[int, float], None]] = None,
     *,
     generator=None,
+    target: Optional[TargetFn] = None,
 ) -> InversionResult:
     """Recover the masked half of ``x0`` by L2 PGD on the contrast loss.
 
@@ -285,6 +315,7 @@ def invert(
     ``ops`` supplies ``pair_noise``, ``pair_contrast_loss`` and ``pgd_update``; the
     default is this module's plain-torch twins, and the compiled ops are drop-in.
     ``callback(step, loss)`` and the history get the unscaled loss, averaged over images.
+    ``target``: the family's regression target (``contrast_gradient``; ``None``: epsilon).
     """
     if generator is not None:
         raise TypeError(_NO_GENERATORS)
@@ -305,6 +336,7 @@ def invert(
         t, noise_ft, noise_pre = draw_step(cfg, keys, step, x0.shape[1:], device)
         loss, grad = contrast_gradient(
             eps_ft, eps_pre, x0, x_init + delta, mask, t, noise_ft, noise_pre, abar, cond_ft, cond_pre, ops,
+            target=target,
         )
         with torch.no_grad():
             bad = skip_rows(loss, grad)

@@ -56,7 +56,8 @@ def _sd2_like(tiny_world, root: Path, scheduler: bool = True) -> Path:
 
 def test_sd2_like_finetune_against_sd1_base(tiny_world, tmp_path):
     ft = _sd2_like(tiny_world, tmp_path / "sd2")
-    with pytest.raises(ModelLoadError, match=r"v_prediction.*2\.x") as e:
+    with pytest.raises(ModelLoadError, match=r"fine-tune is Stable Diffusion 2\.x \(v_prediction.*base is Stable "
+                                             r"Diffusion 1\.x \(epsilon") as e:
         load_pair(tiny_world / "base", ft)
     assert str(ft / "scheduler") in str(e.value)
     shutil.rmtree(ft / "scheduler")  # without its scheduler the UNet still gives it away
@@ -64,13 +65,13 @@ def test_sd2_like_finetune_against_sd1_base(tiny_world, tmp_path):
         load_pair(tiny_world / "base", ft)
 
 
-def test_v_prediction_base_is_refused(tiny_world, tmp_path):
+def test_v_prediction_base_with_an_epsilon_finetune_is_refused(tiny_world, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_world / "base", base)
     cfg = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     cfg["prediction_type"] = "v_prediction"
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="v_prediction"):
+    with pytest.raises(ModelLoadError, match=r"fine-tune is .*epsilon.* base is .*v_prediction"):
         load_pair(base, tiny_world / "finetuned")
     (base / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="scheduler_config.json"):
