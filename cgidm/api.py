@@ -8,6 +8,7 @@ runner over the same batch loop. The names researchers use are re-exported here:
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -78,7 +79,9 @@ def authenticate(
             raise OutputError(out, e) from e
         results = out / RESULTS
         rows: list[dict] = []
-        bar = tqdm(total=len(items), desc="images", unit="img", disable=not progress)
+        # in a log file (not a terminal) a bar prints a line every 30 s instead of redrawing
+        every = {} if sys.stderr.isatty() else {"mininterval": 30}
+        bar = tqdm(total=len(items), desc="images", unit="img", disable=not progress, **every)
 
         def emit(row: dict) -> None:
             try:
@@ -91,7 +94,7 @@ def authenticate(
             bar.update(1)
 
         def step_bar():
-            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False, disable=not progress)
+            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False, disable=not progress, **every)
 
             def cb(step, loss):
                 pgd.update(1)
