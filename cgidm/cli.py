@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(pr_run, config.RunOptions,
                 skip=("embedder", "allow_partial_lora", "lora_scale", "prefetch", "dist_timeout"))
     pr_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    x = sub.add_parser(
+        "extract", help="extract fine-tuning images: sample with guidance extrapolated from the base toward the "
+                        "fine-tune, cluster the samples (FineXtract)",
+        description="Sample with eps = eps_pre + w (eps_ft - eps_pre), cluster the samples and write the "
+                    "densest clusters' representatives as candidates of the fine-tuning images; with --compare, "
+                    "each candidate beside its nearest image of a folder (docs/extract.md).")
+    _models(x, required_base=True)
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--compare", default=None,
+                   help="folder of images to put beside the candidates (members/ and holdouts/ subfolders: the "
+                        "fraction of members extracted and members-vs-hold-outs AUC)")
+    _add_fields(x.add_argument_group("extraction"), config.ExtractConfig)
+    x_run = x.add_argument_group("run")
+    _add_fields(x_run, config.RunOptions, skip=("prefetch", "dist_timeout"))
+    x_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -312,6 +327,53 @@ def cmd_protect(args) -> int:
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
+def cmd_extract(args) -> int:
+    from pathlib import Path
+
+    from cgidm.extract import extract, list_compare_images
+    from cgidm.models import load_pair
+    from cgidm.pipeline import resolve_prompt
+
+    if args.finetuned is None and args.lora is None:
+        raise ValueError("give --finetuned PATH and/or --lora PATH")
+    cfg = config.ExtractConfig(**_given(args, config.ExtractConfig))
+    opts = run_options(args)
+    if cfg.features == "embed" and not opts.embedder:
+        raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    if args.compare is not None:
+        list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
+    _quiet_loaders()
+    rt = config.resolve_runtime(opts.device, opts.dtype)
+    print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  samples: {cfg.samples}  steps: {cfg.steps}  "
+          f"guidance w: {cfg.guidance}  k: {cfg.correction}  pretrained prompt: {cfg.pretrained_prompt}")
+    kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
+    pair = load_pair(args.base, args.finetuned, args.lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
+                     device=rt.device, dtype=rt.dtype, **kw)
+    cfg, prompt_from = resolve_prompt(cfg, pair)
+    print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
+    embedder = _embedder(opts, rt.device)
+    s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
+                prompt_from=prompt_from)
+    c, t = s["clustering"], s["timing"]
+    print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({t['samples_per_hour']:,.0f} samples/hour); "
+          f"{c['clusters']} clusters at {s['features']} similarity >= {c['threshold']}; "
+          f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")
+    if s.get("compare"):
+        for p in s["compare"]["pairs"]:
+            label = f" [{p['label']}]" if p["label"] else ""
+            print(f"  candidate {p['rank']:2d}: nearest {Path(p['nearest']).name}{label}  similarity {p['similarity']:.3f}  "
+                  f"SSIM {p['ssim']:.3f}  PSNR {p['psnr']:.1f} dB")
+        m = s["compare"].get("labelled")
+        if m and m["auc"] is not None:
+            print(f"members extracted: {m['extracted']} of {m['members']} (similarity above the best hold-out's, "
+                  f"{m['threshold']:.3f}); AUC members vs hold-outs: {m['auc']:.3f}")
+    print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -327,6 +389,8 @@ def main(argv=None) -> int:
             return cmd_screen(args)
         if args.command == "protect":
             return cmd_protect(args)
+        if args.command == "extract":
+            return cmd_extract(args)
         return cmd_demo(args)
     except OutputError as e:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {kept}", file=sys.stderr)

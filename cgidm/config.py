@@ -264,6 +264,77 @@ def dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+# --------------------------------------------------------------------------- extraction
+
+# What the pretrained model is conditioned on in the extrapolated guidance (docs/extract.md).
+EXTRACT_PRE_PROMPTS = ("empty", "same")
+# What clustering and --compare compare: final latents, decoded pixels, or embedder features.
+EXTRACT_FEATURES = ("auto", "latent", "pixel", "embed")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """FineXtract-style extraction (``cgidm extract``, docs/extract.md): sampling with the
+    guidance extrapolated from the pretrained model toward the fine-tune, then clustering
+    of the samples. The defaults follow the paper's public code where it has one."""
+
+    prompt: Optional[str] = _opt(None, "prompt of the fine-tune (default: the one the checkpoint names)")
+    samples: int = _opt(100, "images sampled with the extrapolated guidance")
+    guidance: float = _opt(3.0, "w in eps_pre + w (eps_ft - eps_pre): 0 samples the pretrained model, 1 the "
+                                "fine-tune, above 1 extrapolates past it")
+    correction: float = _opt(0.0, "k: adds k * eps_pre (the official code's fix_term; -0.02 in its DreamBooth runs)")
+    pretrained_prompt: str = _opt("empty", "the pretrained model's prompt: empty (its unconditional prediction: "
+                                           "model guidance and classifier-free guidance at once, as the paper "
+                                           "samples text-to-image models) or same (model guidance alone)",
+                                  choices=EXTRACT_PRE_PROMPTS)
+    steps: int = _opt(50, "sampling steps (DDIM, from the base's scheduler config)")
+    seed: int = _opt(0, "run seed; sample i's starting noise is keyed by (seed, i)")
+    batch_size: int = _opt(8, "samples generated together")
+    clusters: int = _opt(10, "N, the number of fine-tuning images looked for: the similarity threshold rises until "
+                             "the samples split into at least N cliques")
+    candidates: Optional[int] = _opt(None, "candidates written, densest clusters first (default: N)")
+    features: str = _opt("auto", "what clustering and --compare compare: latent, pixel (decoded images), embed "
+                                 "(the --embedder's features); auto: embed with --embedder, else latent",
+                         choices=EXTRACT_FEATURES)
+    save_samples: bool = _opt(False, "also write every sample as a PNG")
+    # The clustering's threshold scan (the official code's values): it starts at this
+    # quantile of the pairwise similarities and rises by one step at a time.
+    threshold_quantile: float = _opt(0.25, "quantile of the pairwise similarities where the threshold scan starts",
+                                     cli=False)
+    threshold_step: float = _opt(0.01, "step of the threshold scan", cli=False)
+    # The official code gives each threshold 30 s to find its cliques and moves on past a
+    # graph too dense for that; a count of search steps does the same on every machine.
+    clique_budget: int = _opt(200_000, "clique-search steps per threshold before it counts as too dense", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("the prompt is empty: give the fine-tune's instance prompt (e.g. --prompt 'sks style')")
+        if self.pretrained_prompt not in EXTRACT_PRE_PROMPTS:
+            raise ValueError(f"pretrained_prompt must be one of {EXTRACT_PRE_PROMPTS}, got {self.pretrained_prompt!r}")
+        if self.features not in EXTRACT_FEATURES:
+            raise ValueError(f"features must be one of {EXTRACT_FEATURES}, got {self.features!r}")
+        if self.samples < 1 or self.steps < 1 or self.batch_size < 1 or self.clusters < 1:
+            raise ValueError("samples, steps, batch size and clusters must be >= 1")
+        if self.candidates is not None and self.candidates < 1:
+            raise ValueError("candidates must be >= 1")
+        if not (0.0 <= self.threshold_quantile <= 1.0) or self.threshold_step <= 0 or self.clique_budget < 1:
+            raise ValueError("need 0 <= threshold_quantile <= 1, threshold_step > 0 and clique_budget >= 1")
+        for name in ("guidance", "correction"):
+            v = getattr(self, name)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+
+    @property
+    def n_candidates(self) -> int:
+        return self.candidates if self.candidates is not None else self.clusters
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "ExtractConfig":
+        return dataclasses.replace(self, **changes)
+
+
 # --------------------------------------------------------------------------- protection
 
 # What `cgidm protect` maximises (docs/protect.md): the base model's denoising loss

@@ -1,0 +1,420 @@
+"""Extraction of fine-tuning images (``cgidm extract``): a second, gradient-free line of
+evidence beside CGI-DM, after FineXtract (Wu, Zhang, Wu, "Revealing the Unseen: Guiding
+Personalized Diffusion Models to Expose Training Data", arXiv 2410.03039; ICML 2025 as
+"Leveraging Model Guidance to Extract Training Data from Personalized Diffusion Models").
+
+The runner (docs/extract.md) over two stages:
+
+1. **Sampling** (``cgidm.guidance``) with the guidance extrapolated from the pretrained
+   model toward the fine-tune, ``eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre``, both
+   UNets evaluated on the same latent every step through a pair pass
+   (``cgidm.pairpass``), a diffusers scheduler built from the base's scheduler config
+   (DDIM), no gradients. Sample ``i`` starts from noise keyed by ``(seed, i)``, so a
+   sample does not depend on the batch it ran in.
+2. **Clustering** (``cgidm.cliques``): cliques of similar samples; each clique's
+   representative is a candidate, densest cliques first.
+
+``extract`` runs both for a ``ModelPair`` and writes the candidates, a grid,
+``extract.json`` and ``report.html``; ``compare_images`` puts each candidate beside its
+nearest image in a folder. Nothing here tests which model family it runs: the
+conditioning comes from ``ModelPair.encode_prompt``, the latent shape from the UNet, the
+sampler from the base's scheduler config.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from cgidm.cliques import cluster, unit_features
+from cgidm.config import ExtractConfig
+from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
+from cgidm.guidance import load_scheduler, sample, sample_keys
+from cgidm.images import to_pil
+from cgidm.rng import image_key
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = "candidates"
+COMPARE = "compare"
+SAMPLES = "samples"
+# pixel features of decoded images are pooled to at most this side (a 512 px image would
+# make each feature 786k numbers; the clustering needs the layout, not every pixel)
+PIXEL_FEATURE_SIDE = 64
+
+
+# --------------------------------------------------------------------------- features and comparison
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """``[M, 3, H, W]`` in [-1, 1] -> ``[M, 3 * h * w]``, area-pooled to a side of at
+    most ``PIXEL_FEATURE_SIDE``."""
+    x = images.float().clamp(-1, 1)
+    side = max(x.shape[-2:])
+    if side > PIXEL_FEATURE_SIDE:
+        f = math.ceil(side / PIXEL_FEATURE_SIDE)
+        x = torch.nn.functional.avg_pool2d(x, f, ceil_mode=True)
+    return x.flatten(1)
+
+
+def feature_kind(cfg: ExtractConfig, embedder) -> str:
+    if cfg.features == "auto":
+        return "embed" if embedder is not None else "latent"
+    if cfg.features == "embed" and embedder is None:
+        raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
+    return cfg.features
+
+
+def features_of(kind: str, latents: torch.Tensor, images: torch.Tensor, embedder) -> np.ndarray:
+    """``[M, D]`` unit features of ``kind`` for latents ``[M, C, h, w]`` and their images
+    ``[M, 3, H, W]`` in [-1, 1]."""
+    if kind == "latent":
+        return unit_features(latents.float())
+    if kind == "pixel":
+        return unit_features(pixel_features(images))
+    return unit_features(embedder([to_pil(im) for im in images]))
+
+
+def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[tuple[Path, Optional[str]]]:
+    """The images under ``folder`` (recursively) with their label: ``member``/``holdout``/
+    ``control`` for images under a ``members/``, ``holdouts/`` or ``controls/`` subfolder
+    (as ``cgidm screen`` reads a folder), else ``None``. ``ValueError`` for a folder that
+    is missing or holds no image."""
+    from cgidm.images import list_images
+    from cgidm.manifest import FOLDER_LABELS
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--compare {folder}: not a folder")
+    paths = list_images(root, recursive=True, exclude=exclude)
+    if not paths:
+        raise ValueError(f"--compare {folder}: no images in it")
+    return [(p, FOLDER_LABELS.get(p.relative_to(root).parts[0]) if len(p.relative_to(root).parts) > 1 else None)
+            for p in paths]
+
+
+def nearest(candidate_features: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities ``[J, K]`` of ``J`` images against ``K`` candidates, and each
+    image's best similarity over the candidates ``[J]`` (its extraction score)."""
+    sims = unit_features(image_features) @ unit_features(candidate_features).T
+    return sims, sims.max(axis=1)
+
+
+def extraction_metrics(member_scores: Sequence[float], holdout_scores: Sequence[float]) -> dict:
+    """Each image scored by its best similarity to the extracted set: the fraction of
+    members above the highest hold-out (a threshold fixed on the hold-outs: none of them
+    counts as extracted), and members-vs-hold-outs AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    m = np.asarray(member_scores, dtype=np.float64)
+    h = np.asarray(holdout_scores, dtype=np.float64)
+    if m.size == 0 or h.size == 0:
+        return {"members": int(m.size), "holdouts": int(h.size), "threshold": None, "extracted_fraction": None,
+                "auc": None}
+    thr = float(h.max())
+    y = np.r_[np.ones(m.size), np.zeros(h.size)]
+    return {
+        "members": int(m.size),
+        "holdouts": int(h.size),
+        "threshold": thr,
+        "extracted": int((m > thr).sum()),
+        "extracted_fraction": float((m > thr).mean()),
+        "auc": float(roc_auc_score(y, np.r_[m, h])),
+    }
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _enlarged(im, min_side: int):
+    from PIL import Image
+
+    w, h = im.size
+    s = max(1, math.ceil(min_side / max(h, 1)))
+    return im.resize((w * s, h * s), Image.NEAREST) if s > 1 else im
+
+
+def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4):
+    """PIL images (one size) tiled ``columns`` wide; small ones enlarged (nearest)."""
+    from PIL import Image
+
+    tiles = [_enlarged(im, min_side) for im in images]
+    w, h = tiles[0].size
+    cols = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    canvas = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), (255, 255, 255))
+    for i, im in enumerate(tiles):
+        canvas.paste(im, ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return canvas
+
+
+def thumbnails(images: Sequence, side: int = 64, columns: int = 16, pad: int = 2):
+    """A contact sheet of many images, each scaled to ``side`` (enlarged with nearest,
+    shrunk with area filtering)."""
+    from PIL import Image
+
+    tiles = [im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.BOX) for im in images]
+    return grid(tiles, columns, min_side=side, pad=pad)
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def pair_pass(pair):
+    """The pair's pair pass (``cgidm.pairpass``), chosen as the engine chooses it, and
+    ``{"name", "why", "kind"}``."""
+    from cgidm import pairpass
+
+    kind, shared = pairpass.pair_kind(pair.unet_ft, pair.unet_pre)
+    name, why = pairpass.choose(kind, pair.device, pairpass.measured_here())
+    fn = pairpass.build(name, *((pair.unet_ft,) if shared else (pair.unet_ft, pair.unet_pre)))
+    return fn, {"name": name, "why": why, "kind": kind}
+
+
+def conditioning(pair, cfg: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cond_ft, cond_pre)`` ``[1, L, D]``: the fine-tune's encoding of the prompt, and
+    the pretrained model's of the prompt (``same``) or of the empty prompt (``empty``)."""
+    c_ft, c_pre = pair.encode_prompt(cfg.prompt)
+    if cfg.pretrained_prompt == "empty":
+        c_pre = pair.encode_prompt("")[1]
+    return c_ft, c_pre
+
+
+@torch.no_grad()
+def decode(pair, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[M, 3, H, W]`` fp32 images in [-1, 1] on the CPU."""
+    out = [pair.codec.decode(latents[i:i + batch_size].to(pair.device)).float().clamp(-1, 1).cpu()
+           for i in range(0, latents.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+def _clear(folder: Path, pattern: str) -> None:
+    """Outputs of an earlier run into the same folder (cgidm's own names only), so that
+    none of them is taken for this run's."""
+    if folder.is_dir():
+        for p in folder.glob(pattern):
+            p.unlink()
+
+
+def extract(
+    pair,
+    out: str | Path,
+    cfg: ExtractConfig,
+    *,
+    compare: Optional[str | Path] = None,
+    embedder=None,
+    progress: bool = True,
+    prompt_from: str = "given",
+    scheduler=None,
+) -> dict:
+    """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
+    ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
+    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). Returns what
+    ``extract.json`` holds."""
+    if cfg.prompt is None:
+        raise ValueError("no prompt given")
+    kind = feature_kind(cfg, embedder)
+    out = Path(out)
+    compare_items = list_compare_images(compare, exclude=[out]) if compare is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
+        _clear(out / sub, pattern)
+    for name in ("grid.png", "samples.png", "report.html", "extract.json"):
+        _clear(out, name)
+
+    t_start = time.perf_counter()
+    device = pair.device
+    if scheduler is None:
+        scheduler = load_scheduler(pair.info["base"])
+    c_ft, c_pre = conditioning(pair, cfg)
+    pair_fn, pass_info = pair_pass(pair)
+    latent_shape = (pair.latent_channels, pair.latent_size, pair.latent_size)
+    keys = sample_keys(cfg.seed, range(cfg.samples))
+    t0 = time.perf_counter()
+    latents = sample(pair_fn, c_ft, c_pre, scheduler, keys, latent_shape, cfg.guidance, cfg.correction, cfg.steps,
+                     cfg.batch_size, device, progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sampling_s = time.perf_counter() - t0
+    if hasattr(pair_fn, "remove"):
+        pair_fn.remove()
+    latents = latents.float().cpu()
+    finite = torch.isfinite(latents.flatten(1)).all(dim=1)
+    if not finite.all():
+        log.warning("%d of %d samples are not finite and are left out", int((~finite).sum()), cfg.samples)
+    kept = torch.nonzero(finite).flatten().tolist()
+    if not kept:
+        raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
+    images = decode(pair, latents[kept], cfg.batch_size)
+    feats = features_of(kind, latents[kept], images, embedder)
+    clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget)
+
+    pils = [to_pil(im) for im in images]
+    if cfg.save_samples:
+        (out / SAMPLES).mkdir(exist_ok=True)
+        for j, i in enumerate(kept):
+            atomic_save_image(pils[j], out / SAMPLES / f"sample_{i:05d}.png")
+    order = [j for c in clustering.clusters for j in c.members]
+    atomic_save_image(thumbnails([pils[j] for j in order]), out / "samples.png")
+
+    (out / CANDIDATES).mkdir(exist_ok=True)
+    candidates = []
+    for rank, c in enumerate(clustering.clusters[:cfg.n_candidates]):
+        name = f"{CANDIDATES}/candidate_{rank:02d}.png"
+        atomic_save_image(pils[c.representative], out / name)
+        candidates.append({
+            "rank": rank, "image": name, "sample": kept[c.representative], "cluster_size": c.size,
+            "mean_similarity": c.mean_similarity, "cluster": [kept[j] for j in c.members],
+        })
+    cand_rows = [clustering.clusters[i].representative for i in range(len(candidates))]
+    atomic_save_image(grid([pils[j] for j in cand_rows], columns=min(8, len(cand_rows))), out / "grid.png")
+
+    summary = {
+        "method": "FineXtract-style extraction (extrapolated guidance, clique clustering)",
+        "models": {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")},
+        "prompt": cfg.prompt,
+        "prompt_from": prompt_from,
+        "config": cfg.to_json(),
+        "guidance_formula": "eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre",
+        "scheduler": {"class": type(scheduler).__name__, **{k: v for k, v in dict(scheduler.config).items()
+                                                               if not k.startswith("_")}},
+        "pair_pass": pass_info,
+        "device": str(device),
+        "dtype": str(next(pair.unet_ft.parameters()).dtype).removeprefix("torch."),
+        "features": kind,
+        "samples": cfg.samples,
+        "finite_samples": len(kept),
+        "clustering": {
+            "threshold": clustering.threshold,
+            "clusters": len(clustering.clusters),
+            "sizes": [c.size for c in clustering.clusters],
+            "scanned": clustering.scanned,
+        },
+        "candidates": candidates,
+        "timing": {"sampling_s": sampling_s, "samples_per_hour": 3600 * cfg.samples / sampling_s if sampling_s else None},
+    }
+    if compare_items is not None:
+        summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
+                                            [images[j] for j in cand_rows], candidates, out, cfg, embedder)
+    summary["timing"]["wall_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / "extract.json", summary)
+    write_report(out, summary)
+    summary["report"] = str(out / "report.html")
+    return summary
+
+
+@torch.no_grad()
+def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list, candidates: list[dict], out: Path,
+                   cfg: ExtractConfig, embedder) -> dict:
+    """Each candidate beside its nearest image of ``items`` (``(path, label)``), the
+    similarity in the clustering's feature space, SSIM and PSNR; each image's best
+    similarity to the candidates; with members and hold-outs among the labels, the
+    extracted fraction and AUC (``extraction_metrics``)."""
+    from cgidm.images import load_image
+    from cgidm.score import pixel_scores
+
+    res = pair.resolution
+    loaded, failed = [], []
+    for path, label in items:
+        try:
+            loaded.append((path, label, load_image(path, res)))
+        except ValueError as e:
+            failed.append({"image": str(path), "error": str(e)})
+    if not loaded:
+        raise ValueError("--compare: none of its images could be read (" + "; ".join(f["error"] for f in failed) + ")")
+    imgs = torch.stack([im for _, _, im in loaded])
+    if kind == "latent":
+        lats = []
+        for path, _, im in loaded:
+            g = torch.Generator(device=pair.device).manual_seed(image_key(cfg.seed, f"compare/{path.name}"))
+            lats.append(pair.codec.encode(im[None].to(pair.device), generator=g).float().cpu())
+        img_feats = unit_features(torch.cat(lats))
+        cand_feats = unit_features(torch.stack(cand_latents))
+    elif kind == "pixel":
+        img_feats = unit_features(pixel_features(imgs))
+        cand_feats = unit_features(pixel_features(torch.stack(cand_images)))
+    else:
+        img_feats = unit_features(embedder([to_pil(im) for im in imgs]))
+        cand_feats = unit_features(embedder([to_pil(im) for im in cand_images]))
+    sims, best = nearest(cand_feats, img_feats)
+    (out / COMPARE).mkdir(exist_ok=True)
+    pairs = []
+    for k, cand in enumerate(candidates):
+        j = int(np.argmax(sims[:, k]))
+        path, label, im = loaded[j]
+        px = pixel_scores(im, cand_images[k])
+        name = f"{COMPARE}/candidate_{cand['rank']:02d}.png"
+        atomic_save_image(grid([to_pil(cand_images[k]), to_pil(im)], columns=2, min_side=192), out / name)
+        pairs.append({"rank": cand["rank"], "candidate": cand["image"], "nearest": str(path), "label": label,
+                      "similarity": float(sims[j, k]), **px, "pair_image": name})
+    per_image = [{"image": str(path), "label": label, "best_similarity": float(best[j]),
+                  "best_candidate": int(np.argmax(sims[j]))} for j, (path, label, _) in enumerate(loaded)]
+    result = {"features": kind, "images": len(loaded), "failed": failed, "pairs": pairs, "per_image": per_image}
+    members = [r["best_similarity"] for r in per_image if r["label"] == "member"]
+    holdouts = [r["best_similarity"] for r in per_image if r["label"] == "holdout"]
+    if members and holdouts:
+        result["labelled"] = extraction_metrics(members, holdouts)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+REPORT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cgidm extraction</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+.sub{color:#666} .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}.card b{display:block;font-size:22px}
+img{image-rendering:pixelated} table{border-collapse:collapse;margin-top:16px}
+th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-align:middle}
+td img{height:128px} .member{color:#b00}.holdout{color:#06a}
+</style></head><body>
+<h1>cgidm extraction</h1>
+<p class="sub">Samples drawn with the guidance extrapolated from the pretrained model toward the fine-tune
+(<code>{{ s.guidance_formula }}</code>, w = {{ s.config.guidance }}, k = {{ s.config.correction }},
+pretrained prompt: {{ s.config.pretrained_prompt }}), then clustered; each candidate is the
+representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt }}</code> ({{ s.prompt_from }}).</p>
+<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+<div class="cards">
+<div class="card">samples<b>{{ s.finite_samples }}</b></div>
+<div class="card">clusters<b>{{ s.clustering.clusters }}</b></div>
+<div class="card">threshold ({{ s.features }} cosine)<b>{{ fmt(s.clustering.threshold) }}</b></div>
+{% if s.compare and s.compare.labelled %}<div class="card">members extracted<b>{{ s.compare.labelled.extracted }} / {{ s.compare.labelled.members }}</b></div>
+<div class="card">AUC members vs hold-outs<b>{{ fmt(s.compare.labelled.auc) }}</b></div>{% endif %}
+</div>
+<h2>Candidates</h2><img alt="candidates" src="grid.png" style="max-width:100%">
+{% if s.compare %}<h2>Nearest images in the compared folder</h2>
+<table><thead><tr><th>rank</th><th>cluster size</th><th>candidate | nearest</th><th>nearest</th><th>label</th>
+<th>similarity</th><th>SSIM</th><th>PSNR</th></tr></thead><tbody>
+{% for p in s.compare.pairs %}<tr><td>{{ p.rank }}</td><td>{{ s.candidates[loop.index0].cluster_size }}</td>
+<td><img alt="candidate {{ p.rank }}" src="{{ p.pair_image }}"></td><td><code>{{ p.nearest }}</code></td>
+<td class="{{ p.label or '' }}">{{ p.label or '' }}</td><td>{{ fmt(p.similarity) }}</td><td>{{ fmt(p.ssim) }}</td>
+<td>{{ fmt(p.psnr) }}</td></tr>{% endfor %}</tbody></table>{% else %}
+<table><thead><tr><th>rank</th><th>cluster size</th><th>mean similarity</th><th>candidate</th></tr></thead><tbody>
+{% for c in s.candidates %}<tr><td>{{ c.rank }}</td><td>{{ c.cluster_size }}</td><td>{{ fmt(c.mean_similarity) }}</td>
+<td><img alt="candidate {{ c.rank }}" src="{{ c.image }}"></td></tr>{% endfor %}</tbody></table>{% endif %}
+<h2>All samples, by cluster</h2><img alt="samples" src="samples.png" style="max-width:100%">
+</body></html>
+"""
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """``report.html`` beside the images it shows (relative links only)."""
+    from jinja2 import Environment, select_autoescape
+
+    env = Environment(autoescape=select_autoescape(default=True))
+    html = env.from_string(REPORT).render(s=summary, fmt=_fmt)
+    path = Path(out) / "report.html"
+    atomic_write_text(path, html)
+    return path

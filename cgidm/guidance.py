@@ -1,0 +1,164 @@
+"""Sampling with the guidance extrapolated from the pretrained model toward the fine-tune
+(FineXtract, docs/extract.md, "The guidance" and "Sampling"): the guided prediction, the
+keyed starting noise, the scheduler from the base's config, the batched sampler and the
+plain per-sample loop it is tested against (and timed against in
+``bench/bench_extract.py``)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from cgidm.rng import counter_draws, image_key
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+def guided_eps(eps_ft: torch.Tensor, eps_pre: torch.Tensor, guidance: float, correction: float = 0.0) -> torch.Tensor:
+    """``eps_pre + w (eps_ft - eps_pre) + k eps_pre`` in fp32, written as
+    ``(1 - w + k) eps_pre + w eps_ft`` so that ``w = 0`` (``k = 0``) is exactly the
+    pretrained prediction and ``w = 1`` exactly the fine-tuned one.
+
+    ``eps_ft``, ``eps_pre``: ``[N, C, H, W]``, any float dtype."""
+    w, k = float(guidance), float(correction)
+    return (1.0 - w + k) * eps_pre.float() + w * eps_ft.float()
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def sample_keys(seed: int, indices: Sequence[int], device="cpu") -> torch.Tensor:
+    """``[B]`` int64 Philox keys of samples ``indices`` (``image_key(seed, "sample/<i>")``)."""
+    return torch.tensor([image_key(seed, f"sample/{int(i)}") for i in indices], dtype=torch.int64, device=device)
+
+
+def initial_latents(keys: torch.Tensor, latent_shape: Sequence[int], device) -> torch.Tensor:
+    """``[B, C, H, W]`` fp32 standard normal starting noise, one Philox stream per key
+    (``cgidm.rng.counter_draws`` at step 0): the same values whatever the batch."""
+    _, noise, _ = counter_draws(keys, 0, 1, tuple(latent_shape), 0, 0, False, device)
+    return noise
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+def load_scheduler(base: str | Path):
+    """``DDIMScheduler.from_config`` of the base's ``scheduler/`` config (local, offline)."""
+    from diffusers import DDIMScheduler
+
+    folder = Path(base) / "scheduler"
+    try:
+        cfg = DDIMScheduler.load_config(folder, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{folder}: cannot read the scheduler config ({' '.join(str(e).split())})") from e
+    return DDIMScheduler.from_config(cfg)
+
+
+def _fresh(scheduler, steps: int, device):
+    """A scheduler of the same config with its timesteps set: multistep schedulers keep
+    state between steps, so every batch gets its own."""
+    s = type(scheduler).from_config(scheduler.config)
+    s.set_timesteps(steps, device=device)
+    return s
+
+
+# --------------------------------------------------------------------------- sampling
+
+# pair_fn(x_ft [N,C,H,W], x_pre [N,C,H,W], t [N], cond_ft [N,L,D], cond_pre [N,L,D]) -> (eps_ft, eps_pre)
+PairFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _expand(cond: torch.Tensor, n: int) -> torch.Tensor:
+    return cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+
+
+@torch.inference_mode()
+def sample(
+    pair_fn: PairFn,
+    cond_ft: torch.Tensor,  # [1, L, D]
+    cond_pre: torch.Tensor,  # [1, L, D]
+    scheduler,
+    keys: torch.Tensor,  # [M] int64, one per sample
+    latent_shape: Sequence[int],  # (C, H, W)
+    guidance: float,
+    correction: float = 0.0,
+    steps: int = 50,
+    batch_size: int = 8,
+    device="cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """``[M, C, H, W]`` fp32 final latents (on ``device``) of sampling with the
+    extrapolated guidance, ``batch_size`` samples at a time; every step runs ``pair_fn``
+    once on the batch (both models on the same input) and one scheduler step."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    keys = keys.to(device)
+    m = keys.shape[0]
+    out = []
+    tty = sys.stderr.isatty()
+    # a log file (not a terminal) gets a line every 30 s instead of a redraw every 0.1 s;
+    # the count moves by a fraction of the batch every step
+    bar = tqdm(total=m, unit="sample", desc="sampling", disable=not progress, mininterval=0.1 if tty else 30,
+               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
+    t0 = time.perf_counter()
+    try:
+        for lo in range(0, m, batch_size):
+            kb = keys[lo:lo + batch_size]
+            n = kb.shape[0]
+            sched = _fresh(scheduler, steps, device)
+            x = initial_latents(kb, latent_shape, device) * float(sched.init_noise_sigma)
+            c_ft, c_pre = _expand(cond_ft.to(device), n), _expand(cond_pre.to(device), n)
+            timesteps = sched.timesteps
+            for t in timesteps:
+                x_in = sched.scale_model_input(x, t)
+                t_n = t.to(device=device, dtype=torch.int64).reshape(1).expand(n)
+                eps_ft, eps_pre = pair_fn(x_in, x_in, t_n, c_ft, c_pre)
+                eps = guided_eps(eps_ft, eps_pre, guidance, correction)
+                x = sched.step(eps, t, x, return_dict=False)[0].float()
+                bar.update(n / len(timesteps))
+            out.append(x)
+            done = lo + n
+            bar.set_postfix_str(f"{3600 * done / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_plain(
+    unet_ft: torch.nn.Module,
+    unet_pre: torch.nn.Module,
+    cond_ft: torch.Tensor,  # [1, L, D]
+    cond_pre: torch.Tensor,  # [1, L, D]
+    scheduler,
+    keys: torch.Tensor,  # [M] int64
+    latent_shape: Sequence[int],
+    guidance: float,
+    correction: float = 0.0,
+    steps: int = 50,
+    device="cpu",
+) -> torch.Tensor:
+    """The straightforward loop, one sample at a time, as a diffusers pipeline writes it:
+    each step calls the fine-tuned and the pretrained UNet, forms
+    ``eps_pre + w (eps_ft - eps_pre) + k eps_pre`` (the official code's expression) and
+    takes a scheduler step. ``[M, C, H, W]`` fp32 on ``device``."""
+    device = torch.device(device)
+    dtype = next(unet_ft.parameters()).dtype
+    scheduler.set_timesteps(steps, device=device)
+    c_ft, c_pre = cond_ft.to(device, dtype), cond_pre.to(device, dtype)
+    out = []
+    for i in range(keys.shape[0]):
+        x = initial_latents(keys[i:i + 1].to(device), latent_shape, device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t).to(dtype)
+            eps_ft = unet_ft(x_in, t, encoder_hidden_states=c_ft).sample.float()
+            eps_pre = unet_pre(x_in, t, encoder_hidden_states=c_pre).sample.float()
+            eps = eps_pre + guidance * (eps_ft - eps_pre) + correction * eps_pre
+            x = scheduler.step(eps, t, x).prev_sample.float()
+        out.append(x)
+    return torch.cat(out)

@@ -1,0 +1,360 @@
+"""Extraction (docs/extract.md; cgidm.guidance, cgidm.cliques, cgidm.extract): the
+extrapolated guidance against a hand computation, its two ends (w = 0: the pretrained
+model's sampling, w = 1: the fine-tune's), the batched sampler against the plain
+per-sample loop and across batch sizes, the clustering on points with known clusters,
+and ``cgidm extract`` end to end on the tiny world, bad input included."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cgidm import cliques as C
+from cgidm import extract as X
+from cgidm import guidance as G
+from cgidm.config import ExtractConfig
+from cgidm.pairpass import sequential
+
+PROMPT = "a sks pattern"
+
+
+def _ddim(**kw):
+    from diffusers import DDIMScheduler
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    cfg.update(kw)
+    return DDIMScheduler(**cfg)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_world):
+    from cgidm.models import load_pair
+
+    return {"full": load_pair(tiny_world / "base", tiny_world / "finetuned"),
+            "lora": load_pair(tiny_world / "base", None, tiny_world / "lora.safetensors")}
+
+
+def _shape(pair):
+    return (pair.latent_channels, pair.latent_size, pair.latent_size)
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+def test_guided_eps_is_the_papers_extrapolation():
+    g = torch.Generator().manual_seed(1)
+    eps_ft, eps_pre = torch.randn(3, 4, 5, 7, generator=g), torch.randn(3, 4, 5, 7, generator=g)
+    for w, k in ((2.5, 0.0), (3.0, -0.02), (-1.0, 0.3)):
+        want = eps_pre + w * (eps_ft - eps_pre) + k * eps_pre
+        torch.testing.assert_close(G.guided_eps(eps_ft, eps_pre, w, k), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(G.guided_eps(eps_ft, eps_pre, 0.0), eps_pre)
+    assert torch.equal(G.guided_eps(eps_ft, eps_pre, 1.0), eps_ft)
+    assert G.guided_eps(eps_ft.half(), eps_pre.bfloat16(), 2.0).dtype == torch.float32
+
+
+def test_sampler_against_a_hand_ddim_computation():
+    """Stub models with known outputs; two DDIM steps written out by hand."""
+    c_ft, c_pre = torch.full((1, 2, 3), 0.5), torch.full((1, 2, 3), -1.0)
+
+    def eps_ft(x, t, cond):  # depends on the input, the timestep and the conditioning
+        return 0.3 * x + cond.mean() + t.view(-1, 1, 1, 1).float() / 1000
+
+    def eps_pre(x, t, cond):
+        return -0.2 * x + cond.mean()
+
+    shape, w, k, steps = (2, 3, 3), 3.0, -0.02, 2
+    keys = G.sample_keys(7, range(3))
+    sched = _ddim()
+    got = G.sample(sequential(eps_ft, eps_pre), c_ft, c_pre, sched, keys, shape, w, k, steps, batch_size=2)
+
+    ref = _ddim()
+    ref.set_timesteps(steps)
+    abar = ref.alphas_cumprod.double()
+    x = G.initial_latents(keys, shape, "cpu").double()
+    for t in ref.timesteps.tolist():
+        e_ft = 0.3 * x + 0.5 + t / 1000
+        e_pre = -0.2 * x - 1.0
+        eps = e_pre + w * (e_ft - e_pre) + k * e_pre
+        prev = t - 1000 // steps
+        a_t = abar[t]
+        a_prev = abar[prev] if prev >= 0 else ref.final_alpha_cumprod.double()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_noise_is_keyed_by_seed_and_index():
+    a = G.initial_latents(G.sample_keys(0, range(4)), (3, 5, 5), "cpu")
+    b = G.initial_latents(G.sample_keys(0, [2]), (3, 5, 5), "cpu")
+    c = G.initial_latents(G.sample_keys(1, range(4)), (3, 5, 5), "cpu")
+    assert torch.equal(a[2:3], b)
+    assert not torch.equal(a, c)
+    assert abs(float(a.mean())) < 0.2 and abs(float(a.std()) - 1) < 0.15
+
+
+# --------------------------------------------------------------------------- the two ends, batches
+
+
+def _one_model_loop(unet, cond, sched, keys, shape, steps):
+    """Plain sampling with ONE model (what a diffusers pipeline runs without guidance)."""
+    sched.set_timesteps(steps)
+    out = []
+    with torch.no_grad():
+        for i in range(keys.shape[0]):
+            x = G.initial_latents(keys[i:i + 1], shape, "cpu") * sched.init_noise_sigma
+            for t in sched.timesteps:
+                eps = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond).sample
+                x = sched.step(eps, t, x).prev_sample
+            out.append(x)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_w0_samples_the_pretrained_model_w1_the_finetune(pairs, tiny_world, kind):
+    pair = pairs[kind]
+    fn, info = X.pair_pass(pair)
+    assert info["kind"] == kind
+    c_ft, c_pre = pair.encode_prompt(PROMPT)
+    keys, shape, steps = G.sample_keys(0, range(2)), _shape(pair), 4
+    sched = G.load_scheduler(tiny_world / "base")
+    for w, unet, cond in ((0.0, pair.unet_pre, c_pre), (1.0, pair.unet_ft, c_ft)):
+        got = G.sample(fn, c_ft, c_pre, sched, keys, shape, w, 0.0, steps, batch_size=1)
+        want = _one_model_loop(unet, cond, G.load_scheduler(tiny_world / "base"), keys, shape, steps)
+        assert torch.equal(got, want), f"w = {w}: {float((got - want).abs().max()):.3g}"
+    # and the two ends differ: the fine-tune moved
+    assert (got - _one_model_loop(pair.unet_pre, c_pre, sched, keys, shape, steps)).abs().max() > 1e-2
+
+
+def test_batched_sampler_equals_the_plain_loop_and_ignores_batch_size(pairs, tiny_world):
+    pair = pairs["full"]
+    cfg = ExtractConfig(prompt=PROMPT, guidance=3.0, correction=-0.02)
+    c_ft, c_pre = X.conditioning(pair, cfg)
+    fn, _ = X.pair_pass(pair)
+    sched = G.load_scheduler(tiny_world / "base")
+    keys, shape, steps = G.sample_keys(3, range(5)), _shape(pair), 5
+    runs = {b: G.sample(fn, c_ft, c_pre, sched, keys, shape, cfg.guidance, cfg.correction, steps, batch_size=b)
+            for b in (1, 2, 5)}
+    plain = G.sample_plain(pair.unet_ft, pair.unet_pre, c_ft, c_pre, G.load_scheduler(tiny_world / "base"), keys,
+                           shape, cfg.guidance, cfg.correction, steps)
+    # batched convolutions sum in another order than unbatched ones (1e-5 of the largest
+    # value per pass, tests/test_pairpass.py); w = 3 weighs each pass's error by |1 - w + k| + |w|
+    # ~ 5, over 5 steps
+    tol = 2e-4 * float(plain.abs().max())
+    for b, got in runs.items():
+        torch.testing.assert_close(got, plain, rtol=0, atol=tol, msg=lambda m: f"batch {b}: {m}")
+    assert torch.equal(runs[1], G.sample(fn, c_ft, c_pre, sched, keys, shape, cfg.guidance, cfg.correction, steps,
+                                         batch_size=1))
+    # sample 3 alone is sample 3 of the run
+    alone = G.sample(fn, c_ft, c_pre, sched, keys[3:4], shape, cfg.guidance, cfg.correction, steps, batch_size=1)
+    assert torch.equal(alone[0], runs[1][3])
+    torch.testing.assert_close(alone[0], runs[5][3], rtol=0, atol=tol)
+
+
+def test_another_family_runs_through_the_same_code(tmp_path):
+    """A v-prediction (SD 2.x-shaped) pair: nothing in the sampler asks which family it
+    runs; the scheduler from the base's config reads the model's output as v."""
+    from cgidm.models import load_pair
+    from cgidm.testing.families import build_tiny_v_pair
+
+    base, finetuned = build_tiny_v_pair(tmp_path / "v")
+    pair = load_pair(base, finetuned)
+    sched = G.load_scheduler(base)
+    assert sched.config.prediction_type == "v_prediction"
+    fn, _ = X.pair_pass(pair)
+    c_ft, c_pre = pair.encode_prompt(PROMPT)
+    keys, shape = G.sample_keys(0, range(2)), _shape(pair)
+    got = G.sample(fn, c_ft, c_pre, sched, keys, shape, 0.0, 0.0, 3, batch_size=2)
+    want = _one_model_loop(pair.unet_pre, c_pre, G.load_scheduler(base), keys, shape, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    s = X.extract(pair, tmp_path / "out", ExtractConfig(prompt=PROMPT, samples=4, steps=2, clusters=2), progress=False)
+    assert "v_prediction" in s["models"]["family"] and s["scheduler"]["prediction_type"] == "v_prediction"
+    assert (tmp_path / "out" / "candidates" / "candidate_00.png").is_file()
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+def _clusters(sizes, cross=0.305, seed=0):
+    """Unit features whose similarities are known exactly: ``cross`` between clusters,
+    ``cross + a_i a_j`` (``a_i a_j`` in [0.5, 0.6]) within one; every point also has a private axis."""
+    rng = np.random.default_rng(seed)
+    n, k = sum(sizes), len(sizes)
+    f = np.zeros((n, 1 + k + n))
+    truth = np.repeat(np.arange(k), sizes)
+    a = np.sqrt(rng.uniform(0.5, 0.6, size=n))
+    f[:, 0] = np.sqrt(cross)
+    f[np.arange(n), 1 + truth] = a
+    f[np.arange(n), 1 + k + np.arange(n)] = np.sqrt(1 - cross - a**2)
+    order = rng.permutation(n)  # the clusters are not in input order
+    return f[order] * rng.uniform(0.5, 2.0, size=(n, 1)), truth[order]  # cosine: scale does not matter
+
+
+def test_clustering_finds_known_clusters_densest_first():
+    pts, truth = _clusters([9, 6, 4, 1])
+    res = C.cluster(pts, n_clusters=3)
+    assert [c.size for c in res.clusters] == [9, 6, 4, 1]
+    for c in res.clusters:
+        assert len(set(truth[list(c.members)])) == 1
+        assert c.representative in c.members
+    assert res.clusters[-1].mean_similarity is None
+    assert all(0.5 + 0.305 - 1e-9 <= c.mean_similarity <= 0.6 + 0.305 + 1e-9 for c in res.clusters[:3])
+    # every sample is in exactly one cluster
+    assert sorted(j for c in res.clusters for j in c.members) == list(range(len(pts)))
+    # the representative is the member nearest the cluster's mean direction
+    f = C.unit_features(pts)
+    for c in res.clusters:
+        idx = list(c.members)
+        assert c.representative == idx[int(np.argmin(np.linalg.norm(f[idx] - f[idx].mean(0), axis=1)))]
+    # the scan starts at the lower quartile of the similarities (here the clusters' common
+    # similarity, where the graph is complete: one clique) and stops at the first threshold
+    # with at least N cliques
+    assert res.scanned[0] == {"threshold": pytest.approx(0.30), "cliques": 1}
+    assert res.threshold == pytest.approx(0.31)
+    assert all(s["cliques"] < 3 for s in res.scanned[:-1])
+    # ties of size go to the denser clique
+    two, _ = _clusters([5, 5], seed=2)
+    res2 = C.cluster(two, 2)
+    assert res2.clusters[0].mean_similarity >= res2.clusters[1].mean_similarity
+
+
+def test_the_papers_stopping_rule_can_merge_near_orthogonal_clusters():
+    """Documented in docs/extract.md: with unrelated samples near similarity 0, the first
+    threshold that gives N cliques may still join clusters (the rule asks for a count)."""
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.normal(size=(24, 24)))[0][:3]
+    pts = np.concatenate([c + 0.05 * rng.normal(size=(n, 24)) for c, n in zip(centres, (9, 6, 4))])
+    res = C.cluster(pts, 3)
+    assert len(res.clusters) >= 3
+    assert res.clusters[0].size > 9
+
+
+def test_clustering_edge_cases_and_budget():
+    one = C.cluster(np.ones((1, 4)), 3)
+    assert [c.members for c in one.clusters] == [(0,)] and one.threshold is None
+    pts, _ = _clusters([2, 2])
+    few = C.cluster(pts, 10)  # more clusters asked for than samples: every sample alone
+    assert sorted(c.size for c in few.clusters) == [1, 1, 1, 1]
+    full = np.ones((6, 6), dtype=bool)
+    np.fill_diagonal(full, False)
+    with pytest.raises(C.TooDense):
+        C.clique_partition(full, np.ones((6, 6)), budget=2)
+    assert C.clique_partition(full, np.ones((6, 6)), budget=1000) == [list(range(6))]
+    # a scan whose low thresholds are too dense for the budget passes over them
+    pts = np.random.default_rng(3).normal(size=(24, 8))
+    res = C.cluster(pts, 2, budget=30)
+    assert any(s.get("too_dense") for s in res.scanned)
+    assert len(res.clusters) >= 2
+
+
+def test_extraction_metrics():
+    m = X.extraction_metrics([0.9, 0.5, 0.95], [0.6, 0.4])
+    assert m["threshold"] == 0.6 and m["extracted"] == 2
+    assert m["extracted_fraction"] == pytest.approx(2 / 3)
+    assert m["auc"] == pytest.approx(5 / 6)
+    assert X.extraction_metrics([], [0.1])["auc"] is None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _strict(path):
+    def refuse(name):
+        raise ValueError(f"{name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
+    from cgidm.cli import main
+
+    for kind, model in (("full", ["--finetuned", str(tiny_world / "finetuned")]),
+                        ("lora", ["--lora", str(tiny_world / "lora.safetensors")])):
+        out = tmp_path / kind
+        rc = main(["extract", "--base", str(tiny_world / "base"), *model, "--out", str(out),
+                   "--samples", "8", "--steps", "4", "--clusters", "3", "--batch-size", "4", "--device", "cpu",
+                   "--compare", str(tiny_world / "images"), "-q"])
+        said = capsys.readouterr()
+        assert rc == 0, said.err
+        s = _strict(out / "extract.json")
+        assert s["prompt"] == PROMPT and s["prompt_from"] != "given"
+        assert s["pair_pass"]["kind"] == kind
+        assert s["samples"] == 8 and s["config"]["steps"] == 4
+        assert s["scheduler"]["class"] == "DDIMScheduler"
+        assert 1 <= len(s["candidates"]) <= 3
+        sizes = [c["cluster_size"] for c in s["candidates"]]
+        assert sizes == sorted(sizes, reverse=True)
+        for c in s["candidates"]:
+            assert (out / c["image"]).is_file()
+        for name in ("grid.png", "samples.png", "report.html"):
+            assert (out / name).is_file()
+        cmp = s["compare"]
+        assert cmp["images"] == 24 and len(cmp["pairs"]) == len(s["candidates"])
+        assert all((out / p["pair_image"]).is_file() for p in cmp["pairs"])
+        lab = cmp["labelled"]
+        assert lab["members"] == 6 and lab["holdouts"] == 6 and 0 <= lab["auc"] <= 1
+        assert "members extracted" in said.out
+        html = (out / "report.html").read_text()
+        assert "candidate_00.png" in html and "grid.png" in html
+
+
+def test_cli_rerun_leaves_no_stale_candidates(tiny_world, tmp_path, capsys):
+    from cgidm.cli import main
+
+    out = tmp_path / "o"
+    base = ["extract", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+            "--out", str(out), "--samples", "6", "--steps", "2", "--batch-size", "6", "-q", "--save-samples"]
+    assert main(base + ["--clusters", "4"]) == 0
+    assert main(base[:-1] + ["--clusters", "1", "--candidates", "1"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == ["candidate_00.png"]
+    assert not list((out / "samples").glob("sample_*.png"))
+    assert len(_strict(out / "extract.json")["candidates"]) == 1
+
+
+@pytest.mark.parametrize("case", ["no_prompt", "no_base", "bad_compare", "empty_prompt", "out_is_file",
+                                  "embed_without_embedder"])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case):
+    from cgidm.cli import main
+
+    (tmp_path / "file").write_text("x")
+    args = {"base": str(tiny_world / "base"), "finetuned": str(tiny_world / "finetuned"), "out": str(tmp_path / "o")}
+    extra = []
+    if case == "no_prompt":
+        import shutil
+
+        # a UNet folder alone (not inside its pipeline folder) records no prompt
+        args["finetuned"] = str(shutil.copytree(tiny_world / "finetuned" / "unet", tmp_path / "suspect-unet"))
+    elif case == "no_base":
+        args["base"] = str(tmp_path / "missing")
+    elif case == "bad_compare":
+        extra = ["--compare", str(tmp_path / "missing")]
+    elif case == "empty_prompt":
+        extra = ["--prompt", "  "]
+    elif case == "out_is_file":
+        args["out"] = str(tmp_path / "file")
+    else:
+        extra = ["--features", "embed"]
+    rc = main(["extract", *[x for k, v in args.items() for x in (f"--{k}", v)], "--samples", "2", "--steps", "1",
+               "-q", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("cgidm: error:") and "\n" not in err
+    want = {"no_prompt": "prompt", "no_base": "missing", "bad_compare": "--compare", "empty_prompt": "prompt",
+            "out_is_file": "--out", "embed_without_embedder": "--embedder"}[case]
+    assert want in err
+    assert not (tmp_path / "o" / "extract.json").exists()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ExtractConfig(samples=0)
+    with pytest.raises(ValueError):
+        ExtractConfig(pretrained_prompt="other")
+    with pytest.raises(ValueError):
+        ExtractConfig(guidance=math.nan)
+    assert ExtractConfig(clusters=4).n_candidates == 4
+    assert ExtractConfig(clusters=4, candidates=2).n_candidates == 2
