@@ -170,6 +170,15 @@ def _print_summary(summary: dict) -> None:
         auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"
         print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {o['accuracy']:.3f}  "
               f"(exact AUC {o['exact_auc']:.3f})")
+    for name, m in summary.get("by_metric", {}).items():
+        if name.startswith("baseline_") and m.get("auc") is not None:
+            print(f"  baseline {name[len('baseline_'):]}: AUC {m['auc']:.3f}  accuracy: {m['accuracy']:.3f}")
+    sv = summary.get("set_verdict")
+    if sv and sv.get("p_value") is not None:
+        print(f"set verdict: {sv['verdict']} (p = {sv['p_value']:.3g}; {sv['n_suspect']} suspect vs "
+              f"{sv['n_controls']} control images, one-sided Mann-Whitney U)")
+        if sv.get("warning"):
+            print(f"warning: {sv['warning']}")
     if summary.get("preset"):
         p = summary["preset"]
         gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
