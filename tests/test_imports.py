@@ -8,7 +8,7 @@ from pathlib import Path
 import cgidm
 
 PKG = Path(cgidm.__file__).parent
-RUNNERS = {"cgidm.api", "cgidm.screen"}
+RUNNERS = {"cgidm.api", "cgidm.screen", "cgidm.protect", "cgidm.extract"}
 TOP = {"cgidm.cli"}
 
 
