@@ -1,6 +1,6 @@
 """The engine (cgidm.engine) against the paper's official loop, same device, same run.
 
-Baseline, as the official code runs it (DESIGN.md): fp16 UNets, batch 1, one ``t`` and
+Baseline, as the official code runs it (docs/faithfulness.md): fp16 UNets, batch 1, one ``t`` and
 independent noise per model per step, weight gradients left on (``loss.backward()``
 fills every weight's ``.grad``), a fresh autograd graph every step, eager.
 
@@ -12,7 +12,7 @@ Models: SD v1.x UNet shapes (``SD15_UNET`` below, 859.5 M parameters) with rando
 weights — FLOPs and time do not depend on the weights; no downloads. Before timing, the
 engine's first-step input gradient is checked against fp32 models, once, on at most 2
 images (an fp32 autograd pass at the calibrated batch would not fit): its error must be
-within 2x the error of plain torch in the same dtype (STYLE.md). MFU is against an
+within 2x the error of plain torch in the same dtype (the 2x dtype rule, csrc/README.md). MFU is against an
 8192^3 bf16 matmul timed in the same run (back-to-back calls, each sample >= 20 ms on a
 GPU, median of the samples). One row per measurement goes to
 ``bench/results/engine-<device>.json`` as soon as it is measured, so a later failure (out

@@ -13,7 +13,7 @@ respect to both inputs (weights frozen). Pairs:
 Correctness first: every variant's outputs and input gradients are checked in fp32 (TF32
 off) against ``sequential`` (error within 1e-5 of each tensor's largest magnitude), and
 for ``--dtype`` bf16/fp16 against fp32 ``sequential`` within 2x the error of
-``sequential`` in that dtype (STYLE.md). A variant that fails or cannot run is reported,
+``sequential`` in that dtype (the 2x dtype rule, csrc/README.md). A variant that fails or cannot run is reported,
 not timed. Variants are timed in interleaved rounds (one call of each per round), so a
 shared machine's drift hits all of them alike. Reported per variant: median / p20 / p80
 ms per call, speed-up over the pair's ``sequential``, the bytes of weights it holds, and on

@@ -205,7 +205,7 @@ def build(runner: Runner, py: str, cuda: bool, capability: Optional[str]) -> Non
 
 
 def test_modules() -> list[str]:
-    """The test modules with CUDA cases: those that skip "needs CUDA" (STYLE.md's reason);
+    """The test modules with CUDA cases: those that skip "needs CUDA" (the house's skip reason);
     test_build.py aside (its nvcc and CMake checks do not need a GPU)."""
     return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
             if p.name != "test_build.py" and "needs CUDA" in p.read_text(errors="replace")]

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig  # noqa: F401 (re-exported)
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
 from cgidm.manifest import ImageItem, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.report import write_report
@@ -65,12 +65,7 @@ def authenticate(
     check_embedder(cfg, embedder)
     cfg, found_from = resolve_prompt(cfg, pair)
     prompt_from = prompt_from or found_from
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / TRIPTYCHS).mkdir(exist_ok=True)
-        (out / RECOVERED).mkdir(exist_ok=True)
-    except OSError as e:
-        raise OutputError(out, e) from e
+    output_dirs(out, TRIPTYCHS, RECOVERED)
     items = list(items)
     with OutputLock(out):
         try:

@@ -12,6 +12,7 @@ error during compute (same guarantee; ``-v`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -274,6 +275,10 @@ def cmd_screen(args) -> int:
                          retry_failed=args.retry_failed, prefetch_depth=opts.prefetch)
     finally:
         if started:
+            # every rank leaves together, once rank 0 has written the summary: a rank that
+            # tears its group down while another still uses it can abort the process
+            with contextlib.suppress(Exception):
+                dist.barrier()
             dist.destroy_process_group()
     if summary is None:
         return EXIT_OK

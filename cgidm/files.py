@@ -86,6 +86,17 @@ def _replace_from_tmp(path: Path, write) -> None:
         raise
 
 
+def output_dirs(out: Path, *names: str) -> None:
+    """``out`` and its subfolders ``names``, made if missing; a failure (permission, full
+    disk) is an ``OutputError`` naming the folder."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (Path(out) / name).mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(e.filename or out, e) from e
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _replace_from_tmp(path, lambda f: f.write(text.encode()))
 

@@ -1,4 +1,4 @@
-"""Block masks of the partial representation (DESIGN.md, step 3).
+"""Block masks of the partial representation (docs/faithfulness.md, row 5 "mask").
 
 The latent is cut into ``blocks_per_side`` blocks along each side; in every block the
 top-left ``pass_rate``×``pass_rate`` and bottom-right ``pass_rate``×``pass_rate`` cells

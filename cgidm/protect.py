@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from cgidm.config import ProtectConfig, dtype_name
-from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_path
+from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
 from cgidm.images import ImageError, list_images, load_image_with_notes, preprocess
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, builtin_target, eval_denoising_loss, load_base, protect_batch,  # noqa: F401
@@ -237,12 +237,7 @@ def protect(
     the summary. Raises ``OutputError`` when an output cannot be written (the rows
     finished before stay complete) and ``ValueError`` for a resume with other settings."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / PANELS).mkdir(exist_ok=True)
-        (out / PROTECTED).mkdir(exist_ok=True)
-    except OSError as e:
-        raise OutputError(out, e) from e
+    output_dirs(out, PANELS, PROTECTED)
     dtype = dtype_name(next(model.unet.parameters()).dtype)
     results = out / RESULTS
     t0 = time.perf_counter()

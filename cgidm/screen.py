@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import append_jsonl, atomic_write_json, atomic_write_text, json_text
+from cgidm.files import append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
 from cgidm.manifest import Entry
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -132,10 +132,7 @@ def screen(
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
-    (out / TRIPTYCHS).mkdir(parents=True, exist_ok=True)
-    (out / RECOVERED).mkdir(exist_ok=True)
-    if world > 1:
-        (out / SHARDS).mkdir(exist_ok=True)
+    output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
     lock = _lock(out, rank)
     try:
         ids = [e.id for e in entries]

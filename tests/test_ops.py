@@ -14,7 +14,7 @@ dtype/shape grid the ``default`` kernel gets dtype and shape checks only
 (``test_default_kernel_*_dtypes_and_shapes``): its values there would be the reference
 compared with itself.
 
-Tolerance (STYLE.md): an implementation's error against the float64 expectation must be
+Tolerance (the 2x dtype rule, csrc/README.md): an implementation's error against the float64 expectation must be
 within 2x the error of plain torch in the same dtype (the written-out op evaluated in that
 dtype, or in fp32 where the op's math is fp32 whatever the storage), plus a tiny absolute
 floor. TF32 is off in this module: fp32 is compared.
@@ -167,7 +167,7 @@ def pgd_inputs(shape, b, dtype, contiguous=True, mask_batched=False, grad_kind="
 
 
 # --------------------------------------------------------------------------- the ops written out
-# Independent of cgidm.reference: each op as DESIGN.md states it, in the dtype given
+# Independent of cgidm.reference: each op as docs/faithfulness.md states it, in the dtype given
 # (float64: the expectation; the storage dtype or fp32: plain torch, the rule's yardstick).
 
 
