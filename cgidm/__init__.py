@@ -33,4 +33,8 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    import importlib.util
+
+    if importlib.util.find_spec(f"cgidm.{name}") is not None:  # a submodule: cgidm.rng, cgidm.engine ...
+        return importlib.import_module(f"cgidm.{name}")
     raise AttributeError(f"module 'cgidm' has no attribute {name!r}")
