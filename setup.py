@@ -34,8 +34,8 @@ EXTRAS = {
 
 CSRC = "csrc"
 CPU_SOURCES = ["ops.cpp", "bindings.cpp", "pair_noise_cpu.cpp", "pair_contrast_loss_cpu.cpp", "pgd_update_cpu.cpp",
-               "draw_noise_cpu.cpp"]
-CUDA_SOURCES = ["pair_noise.cu", "pair_contrast_loss.cu", "pgd_update.cu", "draw_noise.cu"]
+               "draw_noise_cpu.cpp", "linf_update_cpu.cpp"]
+CUDA_SOURCES = ["pair_noise.cu", "pair_contrast_loss.cu", "pgd_update.cu", "draw_noise.cu", "linf_update.cu"]
 
 
 def ext_modules():

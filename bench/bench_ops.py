@@ -4,7 +4,9 @@
 Ops timed, as the engine calls them:
 - ``pair_noise``: compose + noise for both models (forward);
 - ``pair_contrast_loss``: loss forward + backward to both eps (the gradient seeds);
-- ``pgd_update``: one L2 PGD step.
+- ``pgd_update``: one L2 PGD step;
+- ``linf_update``: one L-inf PGD step of ``cgidm protect`` (on the latent-shaped inputs:
+  the op is elementwise, only the size matters).
 
 Every implementation's outputs are checked against eager before it is timed. Prints a
 table and appends one JSON row to ``bench/results/ops-<device>.json``.
@@ -32,7 +34,8 @@ from cgidm import reference  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Output tolerance against eager on fp32 inputs, by the dtype of the op's inputs.
 TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
-OPS = ("pair_noise", "pair_contrast_loss", "pgd_update")
+OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "linf_update")
+TRITON_OPS = ("pgd_update", "linf_update")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def op_call(ops, op: str, x: dict, cfg: Config) -> Callable[[], tuple]:
     if op == "pgd_update":
         return lambda: ops.pgd_update(x["delta"], x["grad"], x["x0"], x["x_init"], x["mask"], 2.0, 70.0,
                                       -100.0, 100.0, per_sample)
+    if op == "linf_update":
+        pixels, delta = x["x"].clamp(-1.0, 1.0), x["delta"] * 1e-3
+        return lambda: ops.linf_update(delta, x["grad"], pixels, 4 / 255, 16 / 255)
     raise ValueError(op)
 
 
@@ -135,8 +141,8 @@ def run(cfg: Config) -> list[Result]:
         eager = op_call(reference.REFERENCE_OPS, op, x, cfg)
         timed = {"eager": eager}
         for impl in impls:
-            if impl == "triton" and op != "pgd_update":
-                continue  # triton's other two ops are the dispatcher's, timed as "cuda"/eager
+            if impl == "triton" and op not in TRITON_OPS:
+                continue  # triton's other ops are the dispatcher's, timed as "cuda"/eager
             call = op_call(cgidm_ops.get_ops(impl), op, x, cfg)
             check(call(), want, TOLERANCE[cfg.dtype], f"{impl} {op}")
             timed[impl] = call

@@ -1,21 +1,21 @@
-"""The compiled core's torch ops: schemas, fake kernels, autograd, and the one place that
-picks an implementation.
+"""The compiled core's torch ops: schemas, fake kernels, autograd (its formulas:
+``cgidm.ops_autograd``), and the one place that picks an implementation.
 
-Four ops, namespace ``cgidm`` (semantics: the ``*_ref`` twins in ``cgidm/reference.py``
+Five ops, namespace ``cgidm`` (semantics: the ``*_ref`` twins in ``cgidm/reference.py``
 and ``cgidm.rng.counter_draws``):
 
 - ``cgidm::pair_noise``: compose ``z = x0*M + x*(1-M)`` and noise it for both models;
 - ``cgidm::pair_contrast_loss``: per-sample ``MSE(eps_ft, n) - MSE(eps_pre, n')`` and both
   gradient seeds in one pass;
-- ``cgidm::pgd_update``: one fused L2 PGD step;
+- ``cgidm::pgd_update``: one fused L2 PGD step; ``cgidm::linf_update``: one L-inf step (protect);
 - ``cgidm::draw_noise``: one step's counter-based timesteps and noises (spec: ``cgidm.rng``).
 
 Each schema is declared once, here. The plain-torch reference is registered as the
 default kernel (every device), so installs without the extension still work; the
 extension ``cgidm._C`` (csrc/) adds CPU and CUDA kernels on top. The Triton kernels
-(``cgidm.kernels``) are torch ops of their own, ``cgidm::pgd_update_triton`` and
-``cgidm::draw_noise_triton`` (``torch.library.triton_op``: ``torch.compile`` sees into
-them), with the schemas of ``pgd_update`` and ``draw_noise``; ``triton_ops()`` registers
+(``cgidm.kernels``) are torch ops of their own, ``cgidm::<op>_triton`` for ``pgd_update``,
+``linf_update`` and ``draw_noise`` (``torch.library.triton_op``: ``torch.compile`` sees into
+them), with their schemas; ``triton_ops()`` registers
 them on first use, since importing triton is slow and must follow ``TRITON_INTERPRET``.
 They serve CUDA tensors when the CUDA kernels are absent.
 
@@ -33,13 +33,13 @@ from typing import Optional
 
 import torch
 
-from cgidm import reference, rng
+from cgidm import ops_autograd, reference, rng
 from cgidm.config import IMPLS
 
 log = logging.getLogger(__name__)
 
 # The ops the extension must register for get_ops to use it.
-OP_NAMES = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise")
+OP_NAMES = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
 
 _LIB = torch.library.Library("cgidm", "FRAGMENT")
 
@@ -66,6 +66,10 @@ _LIB.define(
     # t [N] int64, noise [S, N, C, H, W] fp32 (S = 2 if independent else 1), n = b*K + k
     "draw_noise(Tensor keys, Tensor step, int k, int[] latent_shape, int t_min, int t_max, "
     "bool independent) -> (Tensor t, Tensor noise)"
+)
+_LIB.define(  # delta, grad, x (the clean image) [B, ...]; delta_out [B, ...] fp32, skipped [B] bool
+    "linf_update(Tensor delta, Tensor grad, Tensor x, float alpha, float eps, float lo=-1., float hi=1.) "
+    "-> (Tensor delta_out, Tensor skipped)"
 )
 
 
@@ -152,6 +156,12 @@ def _check_draw_noise(keys, step, k, latent_shape, t_min, t_max) -> None:
     torch._check(0 <= t_min <= t_max, lambda: "need 0 <= t_min <= t_max")
 
 
+@torch.library.register_fake("cgidm::linf_update")
+def _linf_update_fake(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+    torch._check(delta.dim() >= 1 and grad.shape == delta.shape == x.shape, lambda: "delta, grad and x must have one shape")
+    return delta.new_empty(delta.shape, dtype=torch.float32), delta.new_empty(delta.shape[:1], dtype=torch.bool)
+
+
 @torch.library.register_fake("cgidm::draw_noise")
 def _draw_noise_fake(keys, step, k, latent_shape, t_min, t_max, independent):
     _check_draw_noise(keys, step, k, latent_shape, t_min, t_max)
@@ -203,110 +213,12 @@ torch.library.register_kernel("cgidm::pair_noise", None, _pair_noise_default)
 torch.library.register_kernel("cgidm::pair_contrast_loss", None, _pair_contrast_loss_default)
 torch.library.register_kernel("cgidm::pgd_update", None, _pgd_update_default)
 torch.library.register_kernel("cgidm::draw_noise", None, _draw_noise_default)
+torch.library.register_kernel("cgidm::linf_update", None, reference.linf_pgd_update_ref)  # it checks the shapes
 
 
 # --------------------------------------------------------------------------- autograd
 
-
-def _pair_noise_setup(ctx, inputs, output):
-    x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar = inputs
-    z, _ = output
-    ctx.set_materialize_grads(False)
-    ctx.shared = noise_pre is None
-    ctx.mask_batched = mask.numel() != x0[0].numel()
-    ctx.mask_shape = mask.shape
-    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
-    ctx.save_for_backward(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar, z)
-
-
-def _pair_noise_backward(ctx, grad_z, grad_x_t):
-    x0, x, mask, noise_ft, noise_pre, sa, sb, z = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    b, k = x0.shape[0], noise_ft.shape[0] // x0.shape[0]
-    a = sa.float().view(-1, 1, 1, 1)
-    s = sb.float().view(-1, 1, 1, 1)
-    g_ft = grad_x_t[0].float() if grad_x_t is not None else torch.zeros_like(noise_ft, dtype=torch.float32)
-    g_pre = grad_x_t[1].float() if grad_x_t is not None else torch.zeros_like(g_ft)
-    # d x_t / d z = sqrt_abar for both halves; the K samples of an image share its z.
-    g_both = g_ft + g_pre
-    g_z = (a * g_both).view(b, k, *x0.shape[1:]).sum(1)
-    if grad_z is not None:
-        g_z = g_z + grad_z.float()
-    m = mask.float().reshape(-1, *x0.shape[1:]) if ctx.mask_batched else mask.float().reshape(x0.shape[1:])
-    grads = [None] * 7
-
-    def cast(g, i):
-        return g.to(ctx.dtypes[i])
-
-    if needs[0]:
-        grads[0] = cast(g_z * m, 0)
-    if needs[1]:
-        grads[1] = cast(g_z * (1 - m), 1)
-    if needs[2]:
-        g_m = g_z * (x0.float() - x.float())
-        if not ctx.mask_batched:
-            g_m = g_m.sum(0)
-        grads[2] = cast(g_m.reshape(ctx.mask_shape), 2)
-    if needs[3]:
-        grads[3] = cast(s * (g_both if ctx.shared else g_ft), 3)
-    if needs[4] and not ctx.shared:
-        grads[4] = cast(s * g_pre, 4)
-    if needs[5]:
-        zk = z.float().repeat_interleave(k, dim=0)
-        grads[5] = cast((zk * g_both).flatten(1).sum(1).view(sa.shape), 5)
-    if needs[6]:
-        n_pre = noise_ft if ctx.shared else noise_pre
-        g_s = noise_ft.float() * g_ft + n_pre.float() * g_pre
-        grads[6] = cast(g_s.flatten(1).sum(1).view(sb.shape), 6)
-    return tuple(grads)
-
-
-def _pair_contrast_loss_setup(ctx, inputs, output):
-    eps_ft, eps_pre, noise_ft, noise_pre = inputs
-    _, seed_ft, seed_pre = output
-    # The seeds are rarely used as outputs: zero-filled gradients for them would cost two
-    # full passes (more than the kernel itself).
-    ctx.set_materialize_grads(False)
-    ctx.shared = noise_pre is None
-    ctx.dtypes = [None if t is None else t.dtype for t in inputs]
-    ctx.save_for_backward(seed_ft, seed_pre)
-
-
-def _pair_contrast_loss_backward(ctx, grad_loss, grad_seed_ft, grad_seed_pre):
-    seed_ft, seed_pre = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    m = seed_ft[0].numel()
-    g_ft = g_pre = None
-    if grad_loss is not None:
-        g = grad_loss.float().view((-1,) + (1,) * (seed_ft.dim() - 1))
-        g_ft, g_pre = seed_ft * g, seed_pre * g
-    # The seeds are outputs too (seed = +-2(eps - n)/M): their own gradients, for completeness.
-    if grad_seed_ft is not None:
-        g_ft = grad_seed_ft.float() * (2.0 / m) + (0 if g_ft is None else g_ft)
-    if grad_seed_pre is not None:
-        g_pre = grad_seed_pre.float() * (-2.0 / m) + (0 if g_pre is None else g_pre)
-    if g_ft is None:
-        g_ft = torch.zeros_like(seed_ft)
-    if g_pre is None:
-        g_pre = torch.zeros_like(seed_pre)
-    grads = [None] * 4
-    if needs[0]:
-        grads[0] = g_ft.to(ctx.dtypes[0])
-    if needs[1]:
-        grads[1] = g_pre.to(ctx.dtypes[1])
-    if needs[2]:
-        grads[2] = (-(g_ft + g_pre) if ctx.shared else -g_ft).to(ctx.dtypes[2])
-    if needs[3] and not ctx.shared:
-        grads[3] = (-g_pre).to(ctx.dtypes[3])
-    return tuple(grads)
-
-
-torch.library.register_autograd(
-    "cgidm::pair_noise", _pair_noise_backward, setup_context=_pair_noise_setup
-)
-torch.library.register_autograd(
-    "cgidm::pair_contrast_loss", _pair_contrast_loss_backward, setup_context=_pair_contrast_loss_setup
-)
+ops_autograd.register()
 
 
 # --------------------------------------------------------------------------- extension
@@ -371,6 +283,10 @@ def _pgd_update_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, 
     )
 
 
+def _linf_update_op(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+    return torch.ops.cgidm.linf_update(delta, grad, x, float(alpha), float(eps), float(lo), float(hi))
+
+
 def _draw_noise_op(keys, step, k, latent_shape, t_min, t_max, independent, device, op=None):
     """``cgidm.rng.counter_draws``'s signature on top of ``cgidm::draw_noise`` (or ``op``,
     an op of the same schema). An int ``step`` becomes a host tensor (the CUDA glue copies
@@ -392,8 +308,8 @@ def triton_ops() -> SimpleNamespace:
     """The Triton kernels as torch ops, registered on the first call (which imports triton:
     slow; for CPU tensors ``TRITON_INTERPRET=1`` must be set before it):
 
-    - ``cgidm::pgd_update_triton``: the schema of ``cgidm::pgd_update``;
-    - ``cgidm::draw_noise_triton``: the schema of ``cgidm::draw_noise``.
+    ``cgidm::pgd_update_triton``, ``cgidm::linf_update_triton`` and ``cgidm::draw_noise_triton``,
+    with the schemas of ``cgidm::pgd_update``, ``cgidm::linf_update`` and ``cgidm::draw_noise``.
 
     ``torch.library.triton_op`` infers each schema from its launcher's annotations
     (tests/test_kernels_triton.py checks they equal the ones above); the fake kernels are
@@ -403,13 +319,16 @@ def triton_ops() -> SimpleNamespace:
     global _TRITON_OPS
     if _TRITON_OPS is None:
         from cgidm.kernels.draw_noise import draw_noise_triton
+        from cgidm.kernels.linf_update import linf_update_triton
         from cgidm.kernels.pgd_update import pgd_update_triton
 
         pgd = torch.library.triton_op("cgidm::pgd_update_triton", pgd_update_triton, mutates_args=())
         pgd.register_fake(_pgd_update_fake)
         draw = torch.library.triton_op("cgidm::draw_noise_triton", draw_noise_triton, mutates_args=())
         draw.register_fake(_draw_noise_fake)
-        _TRITON_OPS = SimpleNamespace(pgd_update=pgd, draw_noise=draw)
+        linf = torch.library.triton_op("cgidm::linf_update_triton", linf_update_triton, mutates_args=())
+        linf.register_fake(_linf_update_fake)
+        _TRITON_OPS = SimpleNamespace(pgd_update=pgd, draw_noise=draw, linf_update=linf)
     return _TRITON_OPS
 
 
@@ -419,13 +338,17 @@ def _pgd_update_triton_op(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-
     )
 
 
+def _linf_update_triton_op(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+    return triton_ops().linf_update(delta, grad, x, float(alpha), float(eps), float(lo), float(hi))
+
+
 def _draw_noise_triton_op(keys, step, k, latent_shape, t_min, t_max, independent, device):
     return _draw_noise_op(keys, step, k, latent_shape, t_min, t_max, independent, device, op=triton_ops().draw_noise)
 
 
-def _by_device(cuda_pgd_update, cuda_draw_noise) -> tuple:
-    """``(pgd_update, draw_noise)`` that send CUDA work to the given functions and the rest
-    through the dispatcher (CPU: the C++ kernel when built, else the reference)."""
+def _by_device(cuda_pgd_update, cuda_draw_noise, cuda_linf_update) -> tuple:
+    """``(pgd_update, draw_noise, linf_update)`` that send CUDA work to the given functions and
+    the rest through the dispatcher (CPU: the C++ kernel when built, else the reference)."""
 
     def pgd_update(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
         fn = cuda_pgd_update if delta.is_cuda else _pgd_update_op
@@ -435,13 +358,17 @@ def _by_device(cuda_pgd_update, cuda_draw_noise) -> tuple:
         fn = cuda_draw_noise if torch.device(device).type == "cuda" else _draw_noise_op
         return fn(keys, step, k, latent_shape, t_min, t_max, independent, device)
 
-    return pgd_update, draw_noise
+    def linf_update(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+        fn = cuda_linf_update if delta.is_cuda else _linf_update_op
+        return fn(delta, grad, x, alpha, eps, lo, hi)
+
+    return pgd_update, draw_noise, linf_update
 
 
-def _dispatcher_ops(pgd_update=_pgd_update_op, draw_noise=_draw_noise_op) -> SimpleNamespace:
+def _dispatcher_ops(pgd_update=_pgd_update_op, draw_noise=_draw_noise_op, linf_update=_linf_update_op) -> SimpleNamespace:
     return SimpleNamespace(
         pair_noise=_pair_noise_op, pair_contrast_loss=_pair_contrast_loss_op, pgd_update=pgd_update,
-        draw_noise=draw_noise,
+        draw_noise=draw_noise, linf_update=linf_update,
     )
 
 
@@ -468,19 +395,19 @@ def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
         if has_triton():
             # Registered now, so that torch.compile later finds the ops, not their registration.
             triton_ops()
-            return "triton", _dispatcher_ops(_pgd_update_triton_op, _draw_noise_triton_op)
+            return "triton", _dispatcher_ops(_pgd_update_triton_op, _draw_noise_triton_op, _linf_update_triton_op)
         _warn_once("triton", "cgidm: triton is not installed; using the reference ops", stacklevel=4)
         return "ref", REFERENCE_OPS
     if impl == "auto":
         cpu = "cpp" if has_cpp() else "ref"
         if has_cuda():
-            cuda_name, cuda_fns = "cuda", (_pgd_update_op, _draw_noise_op)
+            cuda_name, cuda_fns = "cuda", (_pgd_update_op, _draw_noise_op, _linf_update_op)
         elif has_triton():
             # The Triton ops register on their first (eager) call, not here: importing
             # triton is slow and may touch the driver.
-            cuda_name, cuda_fns = "triton+ref", (_pgd_update_triton_op, _draw_noise_triton_op)
+            cuda_name, cuda_fns = "triton+ref", (_pgd_update_triton_op, _draw_noise_triton_op, _linf_update_triton_op)
         else:
-            cuda_name, cuda_fns = "ref", (_pgd_update_op, _draw_noise_op)
+            cuda_name, cuda_fns = "ref", (_pgd_update_op, _draw_noise_op, _linf_update_op)
         if not (has_cpp() or has_cuda()):
             _warn_missing("auto", "compiled core", "the reference ops")
         return f"auto(cpu={cpu}, cuda={cuda_name})", _dispatcher_ops(*_by_device(*cuda_fns))
@@ -488,13 +415,13 @@ def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
 
 
 def get_ops(impl: str = "auto") -> SimpleNamespace:
-    """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise)`` with the
-    reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:
+    """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise, linf_update)`` with
+    the reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:
 
     - ``"ref"``: ``cgidm.reference.REFERENCE_OPS``, the plain-torch functions;
     - ``"cpp"`` / ``"cuda"``: the extension's kernels through the dispatcher;
-    - ``"triton"``: the Triton ops ``pgd_update_triton`` and ``draw_noise_triton``
-      (interpreted on CPU tensors), the other two ops through the dispatcher;
+    - ``"triton"``: the Triton ops ``*_triton`` (interpreted on CPU tensors), the pair ops
+      through the dispatcher;
     - ``"auto"``: by the tensors' device — CPU: ``cpp`` if built, else ``ref``; CUDA:
       ``cuda`` if built, else the Triton ops and the reference for the rest.
 

@@ -29,7 +29,8 @@ import torch
 
 from cgidm import rng
 from cgidm.config import ProtectConfig
-from cgidm.reference import loss_scale
+from cgidm.ops import get_ops
+from cgidm.reference import linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
 
 # Suffixes of the per-image keys of the draws that are not the denoising loss's own.
 ENCODE_STREAM = "/encode"  # the VAE posterior sample of each step
@@ -148,31 +149,6 @@ def textural_loss(z: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
     return (z - z_target).pow(2).flatten(1).mean(1)
 
 
-# --------------------------------------------------------------------------- the step
-
-
-def linf_pgd_update_ref(
-    delta: torch.Tensor,  # [B, 3, H, W] fp32
-    grad: torch.Tensor,  # [B, 3, H, W] d objective / d image
-    x: torch.Tensor,  # [B, 3, H, W] the clean image, in [lo, hi]
-    alpha: float,
-    eps: float,
-    lo: float = -1.0,
-    hi: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One L-inf PGD ascent step: ``delta + alpha * sign(grad)``, clipped to ``[-eps, eps]``
-    and so that ``x + delta`` stays in ``[lo, hi]``. An image with a non-finite gradient
-    takes no step. Returns ``(delta [B, 3, H, W] fp32, skipped [B] bool)``."""
-    g = grad.float()
-    ok = torch.isfinite(g).flatten(1).all(1)
-    step = torch.where(ok.view(-1, 1, 1, 1), g.sign(), torch.zeros_like(g))
-    d = (delta.float() + alpha * step).clamp(-eps, eps)
-    # x + d can only leave [lo, hi] by pushing through it, never by more than eps: clamp d to
-    # the room left, which keeps |d| <= eps exactly (``(x + d).clamp() - x`` may round past it)
-    d = torch.minimum(torch.maximum(d, lo - x), hi - x)
-    return d, ~ok
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -233,9 +209,13 @@ def protect_batch(
     cond: Optional[torch.Tensor] = None,  # [1, L, D]; default: the model's encoding of cfg.prompt
     z_target: Optional[torch.Tensor] = None,  # [1, C, h, w]; needed for textural/fused
     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+    impl: str = "auto",
 ) -> ProtectResult:
-    """L-inf PGD on a batch; ``callback(step, delta, objective)`` after each step."""
+    """L-inf PGD on a batch; ``callback(step, delta, objective)`` after each step. The step
+    is the op ``cgidm::linf_update`` (spec: ``cgidm.reference.linf_pgd_update_ref``) from
+    ``get_ops(impl)``; every implementation takes the same fp32 steps."""
     device = model.device
+    ops = get_ops(impl)
     x = images.to(device=device, dtype=torch.float32)
     b = x.shape[0]
     if len(ids) != b:
@@ -266,7 +246,7 @@ def protect_batch(
         with torch.no_grad():
             bad = ~torch.isfinite(obj)
             grad = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(grad, float("nan")), grad)
-            delta, no_step = linf_pgd_update_ref(delta, grad, x, alpha, eps)
+            delta, no_step = ops.linf_update(delta, grad, x, alpha, eps)
             skipped += no_step.long()
         obj = obj.detach()
         if step == 0:

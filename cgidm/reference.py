@@ -145,10 +145,38 @@ def pgd_update_ref(
     return delta, z
 
 
+def linf_pgd_update_ref(
+    delta: torch.Tensor,  # [B, 3, H, W] fp32
+    grad: torch.Tensor,  # [B, 3, H, W] d objective / d image
+    x: torch.Tensor,  # [B, 3, H, W] the clean image, in [lo, hi]
+    alpha: float,
+    eps: float,
+    lo: float = -1.0,
+    hi: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One L-inf PGD ascent step (``cgidm protect``, the op ``cgidm::linf_update``):
+    ``delta + alpha * sign(grad)``, clipped to ``[-eps, eps]`` and so that ``x + delta``
+    stays in ``[lo, hi]``. An image with a non-finite gradient takes no step; a zero entry
+    of the gradient moves nothing (``sign(0) = 0``). Math in fp32. Returns
+    ``(delta [B, 3, H, W] fp32, skipped [B] bool)``."""
+    if delta.dim() < 1 or grad.shape != delta.shape or x.shape != delta.shape:
+        raise ValueError("delta, grad and x must have one shape [B, ...]")
+    g = grad.float()
+    ok = torch.isfinite(g).flatten(1).all(1)
+    step = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g.sign(), torch.zeros_like(g))
+    d = (delta.float() + alpha * step).clamp(-eps, eps)
+    # x + d can only leave [lo, hi] by pushing through it, never by more than eps: clamp d to
+    # the room left, which keeps |d| <= eps exactly (``(x + d).clamp() - x`` may round past it)
+    x = x.float()
+    d = torch.minimum(torch.maximum(d, lo - x), hi - x)
+    return d, ~ok
+
+
 REFERENCE_OPS = SimpleNamespace(
     pair_noise=pair_noise_ref,
     pair_contrast_loss=pair_contrast_loss_ref,
     pgd_update=pgd_update_ref,
+    linf_update=linf_pgd_update_ref,
 )
 
 

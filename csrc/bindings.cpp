@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(cgidm, CPU, m) {
   m.impl("pair_contrast_loss", &cgidm::pair_contrast_loss);
   m.impl("pgd_update", &cgidm::pgd_update);
   m.impl("draw_noise", &cgidm::draw_noise);
+  m.impl("linf_update", &cgidm::linf_update);
 }
 
 #ifdef CGIDM_WITH_CUDA
@@ -19,6 +20,7 @@ TORCH_LIBRARY_IMPL(cgidm, CUDA, m) {
   m.impl("pair_contrast_loss", &cgidm::pair_contrast_loss);
   m.impl("pgd_update", &cgidm::pgd_update);
   m.impl("draw_noise", &cgidm::draw_noise);
+  m.impl("linf_update", &cgidm::linf_update);
 }
 #endif
 
@@ -29,7 +31,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   // What this build registers, read by cgidm/ops.py (has_cpp, has_cuda): one name per
   // m.impl line above, for CPU and, when WITH_CUDA, for CUDA.
-  PyObject* kernels = Py_BuildValue("(ssss)", "pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise");
+  PyObject* kernels = Py_BuildValue("(sssss)", "pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise",
+                                    "linf_update");
 #ifdef CGIDM_WITH_CUDA
   PyObject* with_cuda = Py_True;
 #else

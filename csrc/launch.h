@@ -63,6 +63,16 @@ void draw_noise(
     int64_t* t,                       // [N] out
     float* noise);                    // [S, N, M] out
 
+// L-inf PGD ascent step (spec: cgidm.reference.linf_pgd_update_ref); M = entries per image.
+void linf_update(
+    const float* delta,               // [B, M]
+    const float* grad,                // [B, M]
+    const float* x,                   // [B, M] the clean image
+    int64_t B, int64_t M,
+    float alpha, float eps, float lo, float hi,
+    float* delta_out,                 // [B, M] out
+    bool* skipped);                   // [B] out: the image's gradient had a non-finite entry
+
 }  // namespace cpu
 
 // Same arguments plus the stream (a cudaStream_t); each returns the cudaError_t of its
@@ -90,6 +100,10 @@ int pgd_update(
 int draw_noise(
     const int64_t* keys, const int64_t* step, int64_t B, int64_t K, int64_t M, int64_t S,
     int64_t t_min, int64_t span, int64_t* t, float* noise, void* stream);
+
+int linf_update(
+    const float* delta, const float* grad, const float* x, int64_t B, int64_t M, float alpha,
+    float eps, float lo, float hi, float* delta_out, bool* skipped, void* stream);
 
 }  // namespace cuda
 }  // namespace cgidm

@@ -301,4 +301,44 @@ std::tuple<at::Tensor, at::Tensor> draw_noise(
   return {t, noise};
 }
 
+std::tuple<at::Tensor, at::Tensor> linf_update(
+    const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x, double alpha,
+    double eps, double lo, double hi) {
+  TORCH_CHECK(delta.dim() >= 1, "cgidm: delta must be [B, ...]");
+  TORCH_CHECK(grad.sizes() == delta.sizes() && x.sizes() == delta.sizes(),
+              "cgidm: delta, grad and x must have one shape");
+  check_same_device(delta, {&grad, &x});
+  const int64_t B = delta.size(0);
+  const int64_t M = B > 0 ? delta.numel() / B : 0;
+
+  // The reference upcasts every input to fp32 first; so does this (exact).
+  const at::Tensor d = prepare(delta, at::kFloat), g = prepare(grad, at::kFloat),
+                   xc = prepare(x, at::kFloat);
+  at::Tensor delta_out = at::empty(delta.sizes(), delta.options().dtype(at::kFloat));
+  at::Tensor skipped = at::empty({B}, delta.options().dtype(at::kBool));
+  // Scalars as the reference's fp32 tensor math rounds them.
+  const float a = static_cast<float>(alpha), e = static_cast<float>(eps),
+              l = static_cast<float>(lo), h = static_cast<float>(hi);
+  if (B > 0) {  // M = 0 still writes skipped (false: no entry is non-finite)
+    if (delta.is_cuda()) {
+#ifdef CGIDM_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(delta.device());
+      launch_checked(
+          [&] {
+            return cuda::linf_update(d.data_ptr<float>(), g.data_ptr<float>(), xc.data_ptr<float>(),
+                                     B, M, a, e, l, h, delta_out.data_ptr<float>(),
+                                     skipped.data_ptr<bool>(), stream_of(delta));
+          },
+          "linf_update_kernel");
+#else
+      TORCH_CHECK(false, "cgidm: built without CUDA");
+#endif
+    } else {
+      cpu::linf_update(d.data_ptr<float>(), g.data_ptr<float>(), xc.data_ptr<float>(), B, M, a, e,
+                       l, h, delta_out.data_ptr<float>(), skipped.data_ptr<bool>());
+    }
+  }
+  return {delta_out, skipped};
+}
+
 }  // namespace cgidm

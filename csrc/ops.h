@@ -47,4 +47,11 @@ std::tuple<at::Tensor, at::Tensor> draw_noise(
     at::IntArrayRef latent_shape,                // [C, H, W]
     int64_t t_min, int64_t t_max, bool independent);
 
+// -> (delta [B, ...] fp32, skipped [B] bool); spec: cgidm.reference.linf_pgd_update_ref.
+std::tuple<at::Tensor, at::Tensor> linf_update(
+    const at::Tensor& delta,                     // [B, ...] perturbation of the image
+    const at::Tensor& grad,                      // [B, ...] d objective / d image
+    const at::Tensor& x,                         // [B, ...] the clean image, in [lo, hi]
+    double alpha, double eps, double lo, double hi);
+
 }  // namespace cgidm
