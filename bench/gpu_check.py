@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "gpu-check"  # logs, and the CPU smoke's rows (build/ is ignored)
 BUDGET_S = float(os.environ.get("CGIDM_GPU_CHECK_BUDGET_S", "465"))  # 8 minutes, less start-up
 NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is False): CPU smoke of the same stages"
-OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise")
-REDUCTIONS = ("pair_contrast_loss", "pgd_update")  # block_sum in shared memory
+OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
+REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
 
@@ -366,6 +366,14 @@ def ops_workload(device: str, names: tuple[str, ...], compare: bool) -> int:
                           ops.pgd_update(*args, 2.0, 70.0, -100.0, 100.0, per_sample),
                           reference.pgd_update_ref(*args, 2.0, 70.0, -100.0, 100.0, per_sample) if compare else None,
                           torch.float32)
+            if "linf_update" in names:
+                b = 3
+                grad = rand(b, 3, h, w, dtype=dtype)
+                grad[1, 0, 0, 0] = float("nan")  # a skipped image
+                args = (rand(b, 3, h, w, scale=0.03), grad, rand(b, 3, h, w, dtype=dtype).clamp(-1, 1))
+                check(f"linf_update {dtype} 3x{h}x{w}", ops.linf_update(*args, 2 / 255, 8 / 255, -1.0, 1.0),
+                      reference.linf_pgd_update_ref(*args, 2 / 255, 8 / 255, -1.0, 1.0) if compare else None,
+                      torch.float32)
         if "draw_noise" in names and hasattr(torch.ops.cgidm, "draw_noise"):
             keys = torch.arange(3, device=device, dtype=torch.int64) * 7919 + 11
             step = torch.tensor(5, device=device, dtype=torch.int64)

@@ -389,6 +389,7 @@ class ProtectConfig:
     batch_size: int = _opt(8, "images protected together")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id, step)")
     eval_draws: int = _opt(8, "fixed (t, noise) draws per image for the denoising loss reported before and after")
+    impl: str = _opt("auto", "implementation of the L-inf step op", choices=IMPLS)
 
     def __post_init__(self) -> None:
         parse_level(self.budget, "budget")

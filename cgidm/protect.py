@@ -167,7 +167,8 @@ class _Run:
                 self._error(item, f"failed: {type(e).__name__}: {e}")
 
     def _protect(self, items, images):
-        res = protect_batch(self.model, images, [i.id for i in items], self.cfg, self.cond, self.z_target)
+        res = protect_batch(self.model, images, [i.id for i in items], self.cfg, self.cond, self.z_target,
+                            impl=self.cfg.impl)
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))
