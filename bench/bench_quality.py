@@ -70,12 +70,12 @@ class Config:
     kinds: tuple = KINDS
     grades: Optional[tuple] = None  # None: every grade of the world
     seeds: tuple = (0, 1, 2)
-    steps: int = 30  # PGD steps of CGI-DM and of the recovery baselines
+    steps: int = 20  # PGD steps of CGI-DM and of the recovery baselines
     baselines: str = "all"
     budget_kind: str = "full"
     budget_grade: Optional[int] = None  # None: the middle grade
-    budget_steps: tuple = (10, 30, 90)
-    budget_k: tuple = (1, 4)
+    budget_steps: tuple = (10, 20, 40)
+    budget_k: tuple = (1, 2)
     budget_seeds: tuple = (0,)
     robustness: bool = False
     reduced: bool = False
@@ -267,7 +267,7 @@ def plot_budget(result: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (noise, k), marker in ((("shared", 1), "o"), (("shared", 4), "s"), (("paper", 1), "^")):
+    for (noise, k), marker in ((("shared", 1), "o"), (("shared", 2), "s"), (("shared", 4), "D"), (("paper", 1), "^")):
         rs = sorted((r for r in result["budget"] if r["noise"] == noise and r["k"] == k), key=lambda r: r["steps"])
         if rs:
             ax.plot([r["unet_evals_per_image"]["forward"] for r in rs], [r["auc"]["mean"] for r in rs],
