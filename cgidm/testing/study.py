@@ -123,35 +123,18 @@ def train_with_checkpoints(unet, cond: torch.Tensor, x0: torch.Tensor, abar: tor
                            desc: str = "train") -> float:
     """``cgidm.testing.tiny.train_unet``'s loop (the same draws, optimiser and schedule),
     calling ``on_save(step)`` after each step in ``save_at``: the grades of one run."""
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.1)
-    unet.train()
-    last = float("nan")
+    from cgidm.testing.tiny import train_unet
+
     save_at = set(save_at)
-    bar = _StudyProgress(desc, steps)
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, x0.shape[0], (min(batch, x0.shape[0]),), generator=g)
-        t = torch.randint(0, abar.shape[0], (idx.shape[0],), generator=g)
-        noise = torch.randn(x0[idx].shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0[idx] + (1 - a).sqrt() * noise
-        pred = unet(x_t, t, encoder_hidden_states=cond[idx]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        last = loss.item()
-        bar.update(1, loss=last)
+
+    def save(step: int) -> None:
         if step in save_at and on_save is not None:
             unet.eval()
             on_save(step)
             unet.train()
-    bar.close()
-    unet.eval()
-    return last
+
+    return train_unet(unet, cond, x0, abar, steps, lr, batch, seed, desc=desc, on_step=save,
+                      progress=_StudyProgress)
 
 
 def _stamp(cfg: StudyConfig) -> dict:

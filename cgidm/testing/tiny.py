@@ -225,17 +225,20 @@ class StageProgress:
 
 
 def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, steps: int,
-               lr: float, batch: int, seed: int, params=None, desc: str = "train") -> float:
+               lr: float, batch: int, seed: int, params=None, desc: str = "train",
+               on_step=None, progress=None) -> float:
     """Epsilon-prediction training: ``cond [N, L, D]`` per image, ``x0 [N, C, H, W]``;
-    ``desc`` names the stage in its progress (``StageProgress``)."""
+    ``desc`` names the stage in its progress (``StageProgress``, or ``progress(desc, steps)``).
+    ``on_step(step)`` runs after each step (1-based), e.g. to save a checkpoint of one run at
+    several strengths; it does not touch the draws."""
     g = torch.Generator().manual_seed(seed)
     params = [p for p in (params or unet.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.1)
     unet.train()
     last = float("nan")
-    bar = StageProgress(desc, steps)
-    for _ in range(steps):
+    bar = (progress or StageProgress)(desc, steps)
+    for step in range(1, steps + 1):
         idx = torch.randint(0, x0.shape[0], (min(batch, x0.shape[0]),), generator=g)
         t = torch.randint(0, abar.shape[0], (idx.shape[0],), generator=g)
         noise = torch.randn(x0[idx].shape, generator=g)
@@ -249,6 +252,8 @@ def train_unet(unet, cond: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor, s
         sched.step()
         last = loss.item()
         bar.update(1, loss=last)
+        if on_step is not None:
+            on_step(step)
     bar.close()
     unet.eval()
     return last
