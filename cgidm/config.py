@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 NOISE_MODES = ("shared", "paper")
 IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
+DEFAULT_IMPL = "auto"  # by the tensors' device: the compiled kernels where built, else the reference
 ENGINES = ("reference", "engine")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES_HELP = "auto (CUDA when torch sees one, else CPU), cpu, cuda or cuda:N"
@@ -120,7 +121,7 @@ class AuthConfig:
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id)")
     metric: str = _opt(DEFAULT_METRIC, "the score used for AUC and verdicts", choices=METRICS)
     level: float = _opt(0.05, "verdict level: flag images with p <= level")
-    impl: str = _opt("auto", "implementation of the step ops", choices=IMPLS)
+    impl: str = _opt(DEFAULT_IMPL, "implementation of the step ops", choices=IMPLS)
     engine: str = _opt("engine", "engine: static buffers, the pair pass, CUDA graphs on a GPU; reference: the "
                        "plain spec loop (the same results on CPU)", choices=ENGINES)
     preset: Optional[str] = _opt(None, "the preset the settings started from (--preset)", cli=False)
@@ -389,7 +390,7 @@ class ProtectConfig:
     batch_size: int = _opt(8, "images protected together")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id, step)")
     eval_draws: int = _opt(8, "fixed (t, noise) draws per image for the denoising loss reported before and after")
-    impl: str = _opt("auto", "implementation of the L-inf step op", choices=IMPLS)
+    impl: str = _opt(DEFAULT_IMPL, "implementation of the L-inf step op", choices=IMPLS)
 
     def __post_init__(self) -> None:
         parse_level(self.budget, "budget")

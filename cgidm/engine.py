@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from cgidm.config import DEFAULT_IMPL
 from cgidm.reference import (
     EpsFn, InversionResult, Keys, PGDConfig, TargetFn, _expand_cond, as_keys, contrast_gradient, draw_step,
     skip_rows, unet_eps_fn,
@@ -123,7 +124,7 @@ class Engine:
         cfg: PGDConfig = PGDConfig(),
         batch: int = 1,
         device: torch.device | str = "cpu",
-        impl: str = "auto",
+        impl: str = DEFAULT_IMPL,
         weight_dtype: Optional[torch.dtype] = None,
         use_graph: Optional[bool] = None,
         warmup: int = 2,

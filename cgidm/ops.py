@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from cgidm import ops_autograd, reference, rng
-from cgidm.config import IMPLS
+from cgidm.config import DEFAULT_IMPL, IMPLS
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def get_ops(impl: str = "auto") -> SimpleNamespace:
+def get_ops(impl: str = DEFAULT_IMPL) -> SimpleNamespace:
     """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise, linf_update)`` with
     the reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:
 

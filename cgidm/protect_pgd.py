@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from cgidm import rng
-from cgidm.config import ProtectConfig
+from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.ops import get_ops
 from cgidm.reference import linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
 
@@ -209,7 +209,7 @@ def protect_batch(
     cond: Optional[torch.Tensor] = None,  # [1, L, D]; default: the model's encoding of cfg.prompt
     z_target: Optional[torch.Tensor] = None,  # [1, C, h, w]; needed for textural/fused
     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-    impl: str = "auto",
+    impl: str = DEFAULT_IMPL,
 ) -> ProtectResult:
     """L-inf PGD on a batch; ``callback(step, delta, objective)`` after each step. The step
     is the op ``cgidm::linf_update`` (spec: ``cgidm.reference.linf_pgd_update_ref``) from
