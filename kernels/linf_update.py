@@ -19,10 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cgidm.kernels.pgd_update import interpreting
-
-BLOCK = 1024
-INTERPRET_BLOCK = 4096  # the interpreter pays per op, not per element: fewer, wider sweeps
+# the same block sizes as the L2 update, and the same interpreter check
+from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreting  # noqa: F401
 
 
 @triton.jit
