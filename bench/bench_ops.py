@@ -30,6 +30,7 @@ from common import append_row, percentiles, provenance, time_fn  # noqa: E402
 
 from cgidm import ops as cgidm_ops  # noqa: E402
 from cgidm import reference  # noqa: E402
+from cgidm.config import NOISE_MODES  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Output tolerance against eager on fp32 inputs, by the dtype of the op's inputs.
@@ -172,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--noise", choices=reference.NOISE_MODES, default="shared")
+    p.add_argument("--noise", choices=NOISE_MODES, default="shared")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--impls", nargs="+", default=["cpp", "cuda", "triton"], choices=["cpp", "cuda", "triton"])

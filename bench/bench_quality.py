@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -52,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_row, provenance  # noqa: E402
 
 from cgidm.config import (  # noqa: E402
-    BASELINE_DRAWS, BASELINES, HIGHER_IS_BETTER, PIA_T, SECMI_INTERVAL, SECMI_T, baseline_field, preset_config,
+    BASELINE_DRAWS, BASELINES, HIGHER_IS_BETTER, SECMI_INTERVAL, SECMI_T, baseline_field, preset_config,
 )
 from cgidm.manifest import ImageItem  # noqa: E402
 from cgidm.score import set_metrics  # noqa: E402
-from cgidm.testing.study import KINDS, QUICK, SETS, StudyConfig, build_study_world, checkpoint_paths  # noqa: E402
+from cgidm.testing.study import KINDS, SETS, build_study_world, checkpoint_paths  # noqa: E402
 from cgidm.testing.tiny import INSTANCE_PROMPT  # noqa: E402
 
 CGIDM = "cgidm"

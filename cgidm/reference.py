@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from cgidm import rng
-from cgidm.config import NOISE_MODES, PGDConfig  # noqa: F401 (re-exported: the spec's settings)
+from cgidm.config import PGDConfig  # noqa: F401 (re-exported: the spec's settings)
 
 # eps_fn(x_t [N, C, H, W], t [N] int64, cond [N, L, D]) -> eps [N, C, H, W]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

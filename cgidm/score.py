@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cgidm.config import DEFAULT_METRIC as DEFAULT_SCORE
-from cgidm.config import HIGHER_IS_BETTER, SCORE_FIELDS  # noqa: F401 (re-exported)
+from cgidm.config import HIGHER_IS_BETTER
 
 
 def latent_scores(x0: torch.Tensor, x_rec: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 # the same block sizes as the L2 update, and the same interpreter check
-from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreting  # noqa: F401
+from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreter_inputs
 
 
 @triton.jit
@@ -85,14 +85,7 @@ def linf_update_triton(
     if delta.is_cuda:
         block, launch = BLOCK, {"num_warps": 8}
     else:
-        # numpy has no bfloat16: the interpreter gets fp32 copies (exact).
-        tensors = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
-        # Fake and functional tensors (tracing) launch nothing: only real ones need the interpreter.
-        if type(delta) is torch.Tensor and not interpreting():
-            raise RuntimeError(
-                "the Triton L-inf update runs on CPU tensors only in Triton's interpreter: "
-                "set TRITON_INTERPRET=1 before triton is first imported"
-            )
+        tensors = interpreter_inputs(tensors, delta, "L-inf update")
         block, launch = INTERPRET_BLOCK, {}
     # wrap_triton: traced as a kernel call under torch.compile / make_fx (the launcher is
     # the body of the torch op cgidm::linf_update_triton, see cgidm.ops.triton_ops).

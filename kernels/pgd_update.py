@@ -94,6 +94,18 @@ def interpreting() -> bool:
     )
 
 
+def interpreter_inputs(tensors: list, lead: torch.Tensor, what: str) -> list:
+    """A CPU launch's inputs: numpy has no bfloat16, so the interpreter gets fp32 copies
+    (exact). Fake and functional tensors (tracing) launch nothing: only a real ``lead``
+    tensor needs the interpreter."""
+    if type(lead) is torch.Tensor and not interpreting():
+        raise RuntimeError(
+            f"the Triton {what} runs on CPU tensors only in Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before triton is first imported"
+        )
+    return [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
+
+
 def pgd_update_triton(
     delta: torch.Tensor,  # [B, C, H, W]
     grad: torch.Tensor,  # [B, C, H, W]
@@ -124,14 +136,7 @@ def pgd_update_triton(
     if delta.is_cuda:
         kernel, block, launch = _pgd_update_kernel, BLOCK, {"num_warps": 8}
     else:
-        # numpy has no bfloat16: the interpreter gets fp32 copies (exact).
-        tensors = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
-        # Fake and functional tensors (tracing) launch nothing: only real ones need the interpreter.
-        if type(delta) is torch.Tensor and not interpreting():
-            raise RuntimeError(
-                "the Triton PGD update runs on CPU tensors only in Triton's interpreter: "
-                "set TRITON_INTERPRET=1 before triton is first imported"
-            )
+        tensors = interpreter_inputs(tensors, delta, "PGD update")
         kernel, block, launch = _pgd_update_kernel, INTERPRET_BLOCK, {}
     grid = (b,) if per_sample else (1,)
     # wrap_triton: traced as a kernel call under torch.compile / make_fx (the launcher is
