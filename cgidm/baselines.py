@@ -14,10 +14,15 @@ the one both attacks' official code indexes with).
 - ``loss_diff``: ``E[L_pre(x0) - L_ft(x0)]`` over ``K = BASELINE_DRAWS`` shared
   ``(t, noise)`` draws per image, no inversion, with
   ``L(x0) = mean((eps(sqrt(abar_t) x0 + sqrt(1 - abar_t) n, t, c) - n)^2)``: the loss
-  attack calibrated by the pretrained model. Higher = member.
+  attack calibrated by the pretrained model. Higher = member. Each model's loss is taken
+  in its own parametrisation (docs/families.md): for a v-prediction pair the target ``n``
+  becomes ``v = sqrt(abar_t) n - sqrt(1 - abar_t) x0`` (the family's ``target``).
 - ``ft_only`` / ``pre_only``: the CGI-DM inversion (same PGD settings, same keyed draws)
   on one model's loss alone, ``L_ft`` / ``L_pre`` minimised instead of ``L_ft - L_pre``;
-  scored like CGI-DM, ``latent_cos`` on the removed half. Higher = member.
+  scored like CGI-DM, ``latent_cos`` on the removed half. Higher = member. The other
+  model is replaced by a null model whose residual to the target does not depend on the
+  latent (``_null_fn``), so the contrast's gradient is one model's loss alone, in the
+  pair's own parametrisation (``invert(target=)``).
 - ``masked``: the partial representation ``x_init`` itself, no inversion, scored the same
   way: what the kept half alone gives. Higher = member.
 - ``pia``: PIA (Kong et al., "An Efficient Membership Inference Attack for the Diffusion
@@ -36,6 +41,11 @@ the one both attacks' official code indexes with).
   is ``l_t = || x~_t - phi(psi(x~_t, t), t + k) ||^2`` (sum of squares), as the official
   code (``mia_evals/secmia.py``, ``get_intermediate_results``) computes it with
   ``t + k = t_SEC = 100`` (SECMI_T). Lower = member.
+
+PIA and SecMI need the predicted noise ``eps``. A v-prediction model's output ``v`` is
+turned into it with ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``: from
+``x_t = a x0 + s n`` and ``v = a n - s x0`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``),
+``a v + s x_t = (a^2 + s^2) n = n`` (``reference.eps_from_v_ref``, ``noise_prediction``).
 
 Departures from the papers' code, all deliberate: both attacks run on latents with the
 pair's own scheduler (scaled-linear betas for SD 1.x; PIA's SD script builds linear ones)
@@ -60,7 +70,7 @@ from cgidm import rng
 from cgidm.config import (
     BASELINE_DRAWS, BASELINES, PIA_P, PIA_T, SECMI_INTERVAL, SECMI_T, baseline_field,
 )
-from cgidm.reference import EpsFn, invert, unet_eps_fn
+from cgidm.reference import EPS_FROM_OUTPUT, EpsFn, TargetFn, invert, unet_eps_fn
 from cgidm.score import latent_scores
 
 log = logging.getLogger(__name__)
@@ -82,13 +92,53 @@ def _zero_eps(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.T
     return torch.zeros_like(x_t)
 
 
+def _coefficients(abar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sqrt(abar_t), sqrt(1 - abar_t))``, ``[N]`` fp32 each, on ``t``'s device."""
+    ab = abar.to(device=t.device, dtype=torch.float64)[t]
+    return ab.sqrt().float(), (1 - ab).sqrt().float()
+
+
+def _null_fn(target: Optional[TargetFn], abar: torch.Tensor) -> EpsFn:
+    """A stand-in second model whose residual to ``target`` does not depend on the latent,
+    so the contrast becomes the other model's loss alone. Epsilon: the constant 0. A
+    target linear in ``(z, n)``, ``y = alpha n + beta z`` (v: ``alpha = a``,
+    ``beta = -s``), gets ``target(x_t / a, 0) = beta x_t / a``; with ``x_t = a z + s n``
+    the residual is ``(beta s / a - alpha) n``, free of ``z``, and so is its loss."""
+    if target is None:
+        return _zero_eps
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a, s = _coefficients(abar, t)
+        return target(x_t.float() / a.view(-1, 1, 1, 1), torch.zeros_like(x_t, dtype=torch.float32), a, s)
+
+    return fn
+
+
+def noise_prediction(fn: EpsFn, abar: torch.Tensor, target: Optional[TargetFn]) -> EpsFn:
+    """``fn`` as a noise predictor: itself for epsilon-prediction (``target`` None), else
+    its output converted by the family's rule (``reference.EPS_FROM_OUTPUT``; v:
+    ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``, module docstring)."""
+    if target is None:
+        return fn
+    convert = EPS_FROM_OUTPUT.get(target)
+    if convert is None:
+        raise ValueError(f"no noise prediction known for the target {getattr(target, '__name__', target)}")
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a, s = _coefficients(abar, t)
+        return convert(fn(x_t, t, cond), x_t, a, s)
+
+    return eps
+
+
 @torch.no_grad()
 def loss_diff(eps_ft: EpsFn, eps_pre: EpsFn, x0: torch.Tensor, keys: torch.Tensor, c_ft: torch.Tensor,
               c_pre: torch.Tensor, abar: torch.Tensor, t_min: int, t_max: int,
-              draws: int = BASELINE_DRAWS) -> torch.Tensor:
+              draws: int = BASELINE_DRAWS, target: Optional[TargetFn] = None) -> torch.Tensor:
     """``[B]`` fp32: ``mean_k (L_pre - L_ft)`` over ``draws`` shared ``(t, noise)`` draws
     per image (``t`` stratified over ``[t_min, t_max]``). ``x0 [B, C, H, W]``,
-    ``keys [B]`` int64, ``c_* [1, L, D]``."""
+    ``keys [B]`` int64, ``c_* [1, L, D]``. ``target``: the family's regression target
+    (``None``: the noise, epsilon-prediction)."""
     out = []
     abar = abar.to(device=x0.device, dtype=torch.float64)
     for b in range(x0.shape[0]):
@@ -96,18 +146,23 @@ def loss_diff(eps_ft: EpsFn, eps_pre: EpsFn, x0: torch.Tensor, keys: torch.Tenso
                                         False, x0.device)
         a = abar[t].sqrt().float().view(-1, 1, 1, 1)
         s = (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1)
-        x_t = a * x0[b:b + 1].float() + s * noise
-        l_ft = (eps_ft(x_t, t, _cond(c_ft, draws)).float() - noise).pow(2).flatten(1).mean(1)
-        l_pre = (eps_pre(x_t, t, _cond(c_pre, draws)).float() - noise).pow(2).flatten(1).mean(1)
+        z = x0[b:b + 1].float()
+        x_t = a * z + s * noise
+        y = noise if target is None else target(z.expand_as(noise), noise, a.view(-1), s.view(-1))
+        l_ft = (eps_ft(x_t, t, _cond(c_ft, draws)).float() - y).pow(2).flatten(1).mean(1)
+        l_pre = (eps_pre(x_t, t, _cond(c_pre, draws)).float() - y).pow(2).flatten(1).mean(1)
         out.append((l_pre - l_ft).mean())
     return torch.stack(out)
 
 
-def recovery(eps: EpsFn, prep, cond: torch.Tensor, abar: torch.Tensor, pgd, ops=None) -> torch.Tensor:
+def recovery(eps: EpsFn, prep, cond: torch.Tensor, abar: torch.Tensor, pgd, ops=None,
+             target: Optional[TargetFn] = None) -> torch.Tensor:
     """``[B]``: ``latent_cos`` on the removed half after the CGI-DM inversion with one
-    model's loss alone (``eps``, prompt ``cond [1, L, D]``); same PGD settings and draws."""
+    model's loss alone (``eps``, prompt ``cond [1, L, D]``, the family's ``target``);
+    same PGD settings and draws."""
     kw = {} if ops is None else {"ops": ops}
-    result = invert(eps, _zero_eps, prep.x0, prep.x_init, prep.mask, cond, cond, abar, pgd, keys=prep.keys, **kw)
+    result = invert(eps, _null_fn(target, abar), prep.x0, prep.x_init, prep.mask, cond, cond, abar, pgd,
+                    keys=prep.keys, target=target, **kw)
     return latent_scores(prep.x0, result.x_rec, prep.mask)["latent_cos"]
 
 
@@ -178,16 +233,18 @@ def score_batch(pair, prep, cfg, names: Optional[tuple] = None, timings: Optiona
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
-    eps_ft, eps_pre = unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre)
+    out_ft, out_pre = unet_eps_fn(pair.unet_ft), unet_eps_fn(pair.unet_pre)
+    family = getattr(pair, "family", None)
+    target = None if family is None else family.target  # None: epsilon-prediction
     pgd = cfg.pgd
     runs: dict[str, Callable[[], torch.Tensor]] = {
-        "loss_diff": lambda: loss_diff(eps_ft, eps_pre, prep.x0, prep.keys, c_ft, c_pre, pair.abar, pgd.t_min,
-                                       pgd.t_max),
-        "ft_only": lambda: recovery(eps_ft, prep, c_ft, pair.abar, pgd, get_ops(cfg.impl)),
-        "pre_only": lambda: recovery(eps_pre, prep, c_pre, pair.abar, pgd, get_ops(cfg.impl)),
+        "loss_diff": lambda: loss_diff(out_ft, out_pre, prep.x0, prep.keys, c_ft, c_pre, pair.abar, pgd.t_min,
+                                       pgd.t_max, target=target),
+        "ft_only": lambda: recovery(out_ft, prep, c_ft, pair.abar, pgd, get_ops(cfg.impl), target),
+        "pre_only": lambda: recovery(out_pre, prep, c_pre, pair.abar, pgd, get_ops(cfg.impl), target),
         "masked": lambda: masked(prep),
-        "pia": lambda: pia(eps_ft, prep.x0, c_ft, pair.abar),
-        "secmi": lambda: secmi(eps_ft, prep.x0, c_ft, pair.abar),
+        "pia": lambda: pia(noise_prediction(out_ft, pair.abar, target), prep.x0, c_ft, pair.abar),
+        "secmi": lambda: secmi(noise_prediction(out_ft, pair.abar, target), prep.x0, c_ft, pair.abar),
     }
     ids = list(prep.ids)
     rows: dict[str, dict] = {i: {} for i in ids}

@@ -6,8 +6,9 @@ Personalized Diffusion Models to Expose Training Data", arXiv 2410.03039; ICML 2
 The runner (docs/extract.md) over two stages:
 
 1. **Sampling** (``cgidm.guidance``) with the guidance extrapolated from the pretrained
-   model toward the fine-tune, ``eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre``, both
-   UNets evaluated on the same latent every step through a pair pass
+   model toward the fine-tune, ``eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre`` (on
+   noise predictions; a v-prediction pair hands the scheduler the v that stands for it,
+   ``guidance.guided_output``), both UNets evaluated on the same latent every step through a pair pass
    (``cgidm.pairpass``), a diffusers scheduler built from the base's scheduler config
    (DDIM), no gradients. Sample ``i`` starts from noise keyed by ``(seed, i)``, so a
    sample does not depend on the batch it ran in.
@@ -18,7 +19,7 @@ The runner (docs/extract.md) over two stages:
 ``extract.json`` and ``report.html``; ``compare_images`` puts each candidate beside its
 nearest image in a folder. Nothing here tests which model family it runs: the
 conditioning comes from ``ModelPair.encode_prompt``, the latent shape from the UNet, the
-sampler from the base's scheduler config.
+sampler and its ``prediction_type`` from the base's scheduler config.
 """
 from __future__ import annotations
 

@@ -28,6 +28,31 @@ def guided_eps(eps_ft: torch.Tensor, eps_pre: torch.Tensor, guidance: float, cor
     return (1.0 - w + k) * eps_pre.float() + w * eps_ft.float()
 
 
+def guided_output(out_ft: torch.Tensor, out_pre: torch.Tensor, guidance: float, correction: float,
+                  prediction_type: str = "epsilon", x_t=None, abar_t=None) -> torch.Tensor:
+    """The guided prediction in the models' own parametrisation (``prediction_type`` of
+    the scheduler that reads it), such that the noise it stands for is ``guided_eps`` of
+    the two models' noises (docs/extract.md, "Other model families").
+
+    Epsilon: ``guided_eps``. v-prediction: with ``a = sqrt(abar_t)``,
+    ``s = sqrt(1 - abar_t)`` each model's noise is ``eps_i = a v_i + s x_t``, so
+    ``(1 - w + k) eps_pre + w eps_ft = a [(1 - w + k) v_pre + w v_ft] + (1 + k) s x_t``;
+    the v that stands for it is ``guided_eps(v_ft, v_pre) + k (s / a) x_t``. The
+    coefficients of the two outputs sum to ``1 + k``, so only ``k = 0`` is the plain
+    linear combination in every parametrisation; then ``x_t`` and ``abar_t`` are not
+    needed. ``out_*``, ``x_t``: ``[N, C, H, W]``; ``abar_t``: a float or ``[N]``."""
+    out = guided_eps(out_ft, out_pre, guidance, correction)
+    k = float(correction)
+    if k == 0.0 or prediction_type == "epsilon":
+        return out
+    if prediction_type != "v_prediction":
+        raise ValueError(f"--correction {k:g} is defined on noise predictions; a scheduler with prediction_type "
+                         f"{prediction_type!r} is not supported with it (use --correction 0)")
+    ab = torch.as_tensor(abar_t, dtype=torch.float64, device=out.device).reshape(-1, 1, 1, 1)
+    ratio = ((1 - ab).sqrt() / ab.sqrt()).float()
+    return out + k * ratio * x_t.float()
+
+
 # --------------------------------------------------------------------------- noise
 
 
@@ -111,15 +136,17 @@ def sample(
             kb = keys[lo:lo + batch_size]
             n = kb.shape[0]
             sched = _fresh(scheduler, steps, device)
+            pred = str(sched.config.get("prediction_type", "epsilon"))
             x = initial_latents(kb, latent_shape, device) * float(sched.init_noise_sigma)
             c_ft, c_pre = _expand(cond_ft.to(device), n), _expand(cond_pre.to(device), n)
             timesteps = sched.timesteps
             for t in timesteps:
                 x_in = sched.scale_model_input(x, t)
                 t_n = t.to(device=device, dtype=torch.int64).reshape(1).expand(n)
-                eps_ft, eps_pre = pair_fn(x_in, x_in, t_n, c_ft, c_pre)
-                eps = guided_eps(eps_ft, eps_pre, guidance, correction)
-                x = sched.step(eps, t, x, return_dict=False)[0].float()
+                out_ft, out_pre = pair_fn(x_in, x_in, t_n, c_ft, c_pre)
+                abar_t = sched.alphas_cumprod[t_n.cpu()] if pred == "v_prediction" else None
+                guided = guided_output(out_ft, out_pre, guidance, correction, pred, x_in, abar_t)
+                x = sched.step(guided, t, x, return_dict=False)[0].float()
                 bar.update(n / len(timesteps))
             out.append(x)
             done = lo + n
@@ -146,10 +173,13 @@ def sample_plain(
     """The straightforward loop, one sample at a time, as a diffusers pipeline writes it:
     each step calls the fine-tuned and the pretrained UNet, forms
     ``eps_pre + w (eps_ft - eps_pre) + k eps_pre`` (the official code's expression) and
-    takes a scheduler step. ``[M, C, H, W]`` fp32 on ``device``."""
+    takes a scheduler step. A v-prediction scheduler's outputs go to noise first
+    (``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``) and the guided noise back to v.
+    ``[M, C, H, W]`` fp32 on ``device``."""
     device = torch.device(device)
     dtype = next(unet_ft.parameters()).dtype
     scheduler.set_timesteps(steps, device=device)
+    v = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     c_ft, c_pre = cond_ft.to(device, dtype), cond_pre.to(device, dtype)
     out = []
     for i in range(keys.shape[0]):
@@ -158,7 +188,13 @@ def sample_plain(
             x_in = scheduler.scale_model_input(x, t).to(dtype)
             eps_ft = unet_ft(x_in, t, encoder_hidden_states=c_ft).sample.float()
             eps_pre = unet_pre(x_in, t, encoder_hidden_states=c_pre).sample.float()
+            if v:
+                ab = scheduler.alphas_cumprod[int(t)].double()
+                a, s = float(ab.sqrt()), float((1 - ab).sqrt())
+                eps_ft, eps_pre = a * eps_ft + s * x_in.float(), a * eps_pre + s * x_in.float()
             eps = eps_pre + guidance * (eps_ft - eps_pre) + correction * eps_pre
+            if v:
+                eps = (eps - s * x_in.float()) / a
             x = scheduler.step(eps, t, x).prev_sample.float()
         out.append(x)
     return torch.cat(out)

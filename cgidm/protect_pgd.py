@@ -8,6 +8,12 @@ over ``(t, n)`` at each step; Mist (Liang & Wu, 2023) adds a textural loss, the 
 ``E(x + delta)`` to the encoding of a target image, which it minimises. The UNet is frozen:
 only the gradient of the input is taken.
 
+The denoising loss is the model's own (docs/families.md): an epsilon-prediction base
+regresses on the noise ``n`` as above; a v-prediction base (SD 2.x 768-v) on
+``v = sqrt(abar_t) n - sqrt(1-abar_t) z`` (the family's ``target``,
+``reference.v_target_ref``), which depends on ``z``, so the gradient also flows through
+the target to ``delta``.
+
 Shapes: ``B`` images ``[B, 3, R, R]`` in [-1, 1] at the model's resolution ``R``; ``K``
 timesteps per image per step, ``N = B*K`` UNet samples (sample ``n = b*K + k``); latents
 ``[C, h, w]``. Amounts in pixels are in [-1, 1] units here (the configuration's fractions
@@ -30,7 +36,7 @@ import torch
 from cgidm import rng
 from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.ops import get_ops
-from cgidm.reference import linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
+from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
 
 # Suffixes of the per-image keys of the draws that are not the denoising loss's own.
 ENCODE_STREAM = "/encode"  # the VAE posterior sample of each step
@@ -49,6 +55,7 @@ class BaseModel:
     codec: object
     abar: torch.Tensor  # [T] alphas_cumprod, fp64
     info: dict = field(default_factory=dict)
+    target: Optional[TargetFn] = None  # the loss's regression target; None: the noise (epsilon)
 
     @property
     def latent_size(self) -> int:
@@ -81,21 +88,27 @@ class BaseModel:
 def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
               allow_pickle: bool = False) -> BaseModel:
     """The base pipeline directory (offline, the checks of ``cgidm.models``); UNet weights
-    in ``dtype``, frozen; the text encoder stays fp32."""
+    in ``dtype``, frozen; the text encoder stays fp32. Its family (``families.detect_folder``)
+    gives the loss's target: epsilon- and v-prediction bases are protected; a family with
+    added conditioning (SDXL) is refused in one line."""
     import os
 
-    from cgidm.models import _base_dir, _load_abar, _load_codec, _load_text_encoder, _load_tokenizer, _load_unet
+    from cgidm import families
+    from cgidm.models import (ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_encoder, _load_tokenizer,
+                              _load_unet)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = _base_dir(base)
+    family = families.detect_folder(root)
+    if family is not None and family.added_cond is not None:
+        raise ModelLoadError(f"{root}: {family.describe()}: protection does not pass added conditioning "
+                             f"({family.added_cond}) yet")
     unet = _load_unet(root / "unet", allow_pickle)
     te = _load_text_encoder(root / "text_encoder", allow_pickle)
     tok = _load_tokenizer(root / "tokenizer")
     codec = _load_codec(root, allow_pickle)
-    abar = _load_abar(root)
+    abar = _load_abar(root, families.PREDICTION_TYPES)
     if int(unet.config.in_channels) != codec.latent_channels:
-        from cgidm.models import ModelLoadError
-
         raise ModelLoadError(f"{root}: UNet expects {unet.config.in_channels} latent channels, "
                              f"the codec gives {codec.latent_channels}")
     unet.eval().requires_grad_(False)
@@ -104,7 +117,8 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     unet.to(device=device, **({} if same else {"dtype": dtype}))
     te.to(device=device)
     codec.to(device=device)
-    return BaseModel(unet, te, tok, codec, abar.to(device), {"base": str(root)})
+    info = {"base": str(root), **({} if family is None else {"family": family.record()})}
+    return BaseModel(unet, te, tok, codec, abar.to(device), info, None if family is None else family.target)
 
 
 # --------------------------------------------------------------------------- losses
@@ -130,8 +144,11 @@ def denoising_loss(
     noise: torch.Tensor,  # [N, C, h, w]
     abar: torch.Tensor,  # [T] fp64
     cond: torch.Tensor,  # [1, L, D]
+    target: Optional[TargetFn] = None,
 ) -> torch.Tensor:
-    """Per-sample ``||eps(x_t, t, c) - n||^2 / M`` in fp32, ``[B, K]``."""
+    """Per-sample ``||f(x_t, t, c) - y||^2 / M`` in fp32, ``[B, K]``: ``y = n`` with
+    ``target=None`` (epsilon-prediction), else ``y = target(z, n, sqrt(abar_t),
+    sqrt(1 - abar_t))`` (v-prediction: ``v = sqrt(abar_t) n - sqrt(1 - abar_t) z``)."""
     b = z.shape[0]
     k = noise.shape[0] // b
     zk = z.repeat_interleave(k, dim=0) if k > 1 else z
@@ -139,9 +156,10 @@ def denoising_loss(
     s = (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1)
     x_t = a * zk + s * noise
     dtype = next(unet.parameters()).dtype
-    eps = unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype).expand(x_t.shape[0], -1, -1),
+    out = unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype).expand(x_t.shape[0], -1, -1),
                return_dict=False)[0]
-    return (eps.float() - noise.float()).pow(2).flatten(1).mean(1).view(b, k)
+    y = noise.float() if target is None else target(zk, noise, a.view(-1), s.view(-1))
+    return (out.float() - y).pow(2).flatten(1).mean(1).view(b, k)
 
 
 def textural_loss(z: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
@@ -194,7 +212,7 @@ def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, nois
     z = encode(model.codec, x_adv, enc_noise)
     out = torch.zeros(x_adv.shape[0], device=x_adv.device)
     if cfg.needs_model:
-        out = out + denoising_loss(model.unet, z, t, noise, model.abar, cond).mean(1)
+        out = out + denoising_loss(model.unet, z, t, noise, model.abar, cond, model.target).mean(1)
     if cfg.needs_target:
         w = 1.0 if cfg.loss == "textural" else cfg.textural_weight
         out = out - w * textural_loss(z, z_target)
@@ -269,4 +287,4 @@ def eval_denoising_loss(model: BaseModel, images: torch.Tensor, ids: Sequence[st
     cond = model.encode_prompt(prompt) if cond is None else cond
     keys = _keys(seed, ids, EVAL_STREAM, device)
     t, noise, _ = rng.counter_draws(keys, 0, draws, model.latent_shape, t_min, t_max, False, device)
-    return denoising_loss(model.unet, encode(model.codec, x), t, noise, model.abar, cond).mean(1)
+    return denoising_loss(model.unet, encode(model.codec, x), t, noise, model.abar, cond, model.target).mean(1)

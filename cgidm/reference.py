@@ -99,6 +99,27 @@ def v_target_ref(
     return a * noise.float() - s * z.float()
 
 
+def eps_from_v_ref(
+    v: torch.Tensor,  # [N, C, H, W] a v-prediction model's output
+    x_t: torch.Tensor,  # [N, C, H, W] its input
+    sqrt_abar: torch.Tensor,  # [N]
+    sqrt_one_minus_abar: torch.Tensor,  # [N]
+) -> torch.Tensor:
+    """The noise a v-prediction output stands for, ``[N, C, H, W]`` fp32:
+    ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``. With ``a = sqrt(abar)``,
+    ``s = sqrt(1 - abar)``, ``x_t = a z + s n`` and ``v = a n - s z``:
+    ``a v + s x_t = a^2 n - a s z + a s z + s^2 n = (a^2 + s^2) n = n``
+    (docs/families.md)."""
+    a = sqrt_abar.view(-1, 1, 1, 1).float()
+    s = sqrt_one_minus_abar.view(-1, 1, 1, 1).float()
+    return a * v.float() + s * x_t.float()
+
+
+# a family's target -> how its models' outputs become noise predictions (the epsilon
+# family, target None, predicts the noise itself)
+EPS_FROM_OUTPUT: dict[TargetFn, Callable[..., torch.Tensor]] = {v_target_ref: eps_from_v_ref}
+
+
 def _norm(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
     """L2 norm per sample ``[B, 1, 1, 1]`` or over the whole tensor (broadcastable).
     At ``B = 1`` both are the official whole-tensor norm."""
