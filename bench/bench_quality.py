@@ -75,7 +75,9 @@ class Config:
     budget_grade: Optional[int] = None  # None: the middle grade
     budget_steps: tuple = (10, 20, 40)
     budget_k: tuple = (1, 2)
-    budget_seeds: tuple = (0,)
+    budget_seeds: tuple = (0, 1)
+    paper_steps: int = 1000  # the paper setting's reference point in the budget sweep (0: none)
+    p_draws: int = 200  # random member subsets per size for the images-needed-for-p<0.01 count
     robustness: bool = False
     reduced: bool = False
     world: dict = field(default_factory=dict)
@@ -160,6 +162,58 @@ def method_metrics(rows: list[dict], method: str, metric: str) -> Optional[dict]
     return {"auc": m["auc"], **tpr_at_control_threshold(rows, fld)}
 
 
+P_LEVEL = 0.01
+
+
+def images_for_p(rows: list[dict], fld: str, draws: int, seed: int) -> Optional[int]:
+    """How many member images a suspect set needs for the set verdict (one-sided
+    Mann-Whitney U of the suspects against every control, ``cgidm.score.set_verdict``) to
+    reach p < 0.01 in at least half of ``draws`` random member subsets of that size;
+    ``None`` when even every member together does not."""
+    import random
+
+    from cgidm.score import set_verdict
+
+    members = [r[fld] for r in rows if r.get("label") == "member" and isinstance(r.get(fld), (int, float))]
+    controls = [r[fld] for r in rows if r.get("label") == "control" and isinstance(r.get(fld), (int, float))]
+    if not members or len(controls) < 2:
+        return None
+    rng = random.Random(seed)
+
+    def passes(n: int) -> bool:
+        subsets = [members] if n == len(members) else [rng.sample(members, n) for _ in range(draws)]
+        hits = sum(set_verdict(sub, controls, fld, P_LEVEL)["p_value"] < P_LEVEL for sub in subsets)
+        return 2 * hits >= len(subsets)
+
+    if not passes(len(members)):
+        return None
+    lo, hi = 1, len(members)  # passes(hi); the pass rate rises with n (more suspects, more power)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def cheapest(budget_rows: list[dict], paper_steps: int) -> Optional[dict]:
+    """The budget point with the fewest UNet forward passes whose mean AUC is within the
+    paper setting's seed spread (at least its mean minus one sd), and its cost as a
+    fraction of the paper setting's."""
+    ref = next((r for r in budget_rows if r["noise"] == "paper" and r["steps"] == paper_steps), None)
+    if ref is None or ref["auc"]["mean"] is None:
+        return None
+    floor = ref["auc"]["mean"] - (ref["auc"]["sd"] or 0.0)
+    ok = [r for r in budget_rows if r is not ref and r["auc"]["mean"] is not None and r["auc"]["mean"] >= floor]
+    if not ok:
+        return {"paper": ref, "floor": floor, "match": None}
+    best = min(ok, key=lambda r: (r["unet_evals_per_image"]["forward"], -r["auc"]["mean"]))
+    return {"paper": {k: ref[k] for k in ("noise", "steps", "k", "auc", "unet_evals_per_image")}, "floor": floor,
+            "match": {k: best[k] for k in ("noise", "steps", "k", "auc", "unet_evals_per_image")},
+            "fraction_of_paper_evals": best["unet_evals_per_image"]["forward"] / ref["unet_evals_per_image"]["forward"]}
+
+
 def mean_sd(values: list) -> dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -181,6 +235,7 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
         for grade in grades:
             pair = load_pair(**checkpoint_paths(world, kind, grade))
             per_seed = {m: [] for m in METHODS}
+            needed = {m: [] for m in METHODS}
             t0 = time.perf_counter()
             for seed in cfg.seeds:
                 auth = base_auth.replace(seed=seed, baselines=cfg.baselines)
@@ -189,6 +244,7 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
                     mm = method_metrics(rows, m, metric)
                     if mm is not None:
                         per_seed[m].append(mm)
+                        needed[m].append(images_for_p(rows, field_of(m, metric), cfg.p_draws, seed))
             took = time.perf_counter() - t0
             for m, vals in per_seed.items():
                 if not vals:
@@ -197,7 +253,8 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
                        "auc": mean_sd([v["auc"] for v in vals]),
                        "tpr_at_1fpr_controls": mean_sd([v["tpr_at_1fpr_controls"] for v in vals]),
                        "holdout_fpr": mean_sd([v["holdout_fpr"] for v in vals]),
-                       "unet_evals_per_image": unet_evals(m, cfg.steps)}
+                       "unet_evals_per_image": unet_evals(m, cfg.steps),
+                       "members_for_p01": needed[m]}
                 grade_rows.append(rec)
             log(f"{kind:4s} grade {grade:4d}: " + "  ".join(
                 f"{r['method']} {r['auc']['mean']:.3f}±{r['auc']['sd']:.3f}" for r in grade_rows
@@ -210,6 +267,8 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
         pair = load_pair(**checkpoint_paths(world, cfg.budget_kind, bgrade))
         points = [("shared", s, k) for s in cfg.budget_steps for k in cfg.budget_k]
         points += [("paper", s, 1) for s in cfg.budget_steps]
+        if cfg.paper_steps:
+            points.append(("paper", cfg.paper_steps, 1))
         for noise, steps, k in points:
             aucs, tprs = [], []
             t0 = time.perf_counter()
@@ -226,7 +285,8 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
                                 "tpr_at_1fpr_controls": mean_sd(tprs), "seconds": round(took, 1)})
             log(f"budget {noise:6s} steps {steps:4d} K {k}: UNet forwards {ev['forward']:5d}  "
                 f"AUC {mean_sd(aucs)['mean']:.3f}  ({took:.0f} s)")
-    return {"grades": grade_rows, "budget": budget_rows, "metric": metric, "n_images": {
+    return {"grades": grade_rows, "budget": budget_rows, "cheapest": cheapest(budget_rows, cfg.paper_steps),
+            "metric": metric, "n_images": {
         lab: sum(it.label == lab for it in items) for lab in SETS.values()}}
 
 
@@ -291,13 +351,23 @@ def plot_budget(result: dict, path: Path, title: str) -> None:
 
 def print_table(result: dict) -> None:
     print(f"\n{'kind':5s} {'grade':>5s} {'method':10s} {'AUC mean±sd':>14s} {'TPR@1%FPR(ctl)':>15s} "
-          f"{'holdout FPR':>11s} {'fwd/img':>8s} {'bwd/img':>8s}")
+          f"{'holdout FPR':>11s} {'fwd/img':>8s} {'bwd/img':>8s}  members for p<0.01 (per seed)")
     for r in result["grades"]:
         a, t, f = r["auc"], r["tpr_at_1fpr_controls"], r["holdout_fpr"]
         print(f"{r['kind']:5s} {r['grade']:5d} {r['method']:10s} {a['mean']:8.3f}±{a['sd']:.3f} "
               f"{t['mean'] if t['mean'] is not None else float('nan'):15.3f} "
               f"{f['mean'] if f['mean'] is not None else float('nan'):11.3f} "
-              f"{r['unet_evals_per_image']['forward']:8d} {r['unet_evals_per_image']['backward']:8d}")
+              f"{r['unet_evals_per_image']['forward']:8d} {r['unet_evals_per_image']['backward']:8d}  "
+              + ",".join("-" if n is None else str(n) for n in r.get("members_for_p01", [])))
+    c = result.get("cheapest")
+    if c and c.get("match"):
+        m, ref = c["match"], c["paper"]
+        print(f"\ncheapest within the paper setting's spread (AUC >= {c['floor']:.3f}): {m['noise']} noise, "
+              f"{m['steps']} steps, K {m['k']}: AUC {m['auc']['mean']:.3f}, {m['unet_evals_per_image']['forward']} "
+              f"forwards = {c['fraction_of_paper_evals']:.3f} of the paper setting's "
+              f"({ref['steps']} steps, AUC {ref['auc']['mean']:.3f}±{ref['auc']['sd']:.3f})")
+    elif c:
+        print(f"\nno budget point reaches the paper setting's spread (AUC >= {c['floor']:.3f})")
 
 
 def main(argv=None) -> dict:
@@ -314,6 +384,9 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-steps", default=",".join(map(str, Config().budget_steps)),
                    help="comma-separated PGD steps of the budget sweep ('' for none)")
     p.add_argument("--budget-k", default=",".join(map(str, Config().budget_k)))
+    p.add_argument("--budget-seeds", type=int, default=len(Config().budget_seeds))
+    p.add_argument("--paper-steps", type=int, default=Config().paper_steps,
+                   help="the paper setting (independent noise) as the budget's reference point; 0: none")
     p.add_argument("--robustness", action="store_true", help="JPEG q75, half-size, 90 %% crop before authenticating")
     p.add_argument("--reduced", action="store_true", help="label the row as a reduced configuration")
     p.add_argument("--threads", type=int, default=None)
@@ -337,7 +410,9 @@ def main(argv=None) -> dict:
         else None, seeds=tuple(range(1 if args.quick else args.seeds)), steps=2 if args.quick else args.steps,
         baselines=args.baselines, budget_kind=args.budget_kind, budget_grade=args.budget_grade,
         budget_steps=(1, 2) if args.quick else ints(args.budget_steps), budget_k=(1,) if args.quick
-        else ints(args.budget_k), robustness=args.robustness, reduced=args.reduced or args.quick,
+        else ints(args.budget_k), budget_seeds=tuple(range(1 if args.quick else args.budget_seeds)),
+        paper_steps=3 if args.quick else args.paper_steps, p_draws=20 if args.quick else Config().p_draws,
+        robustness=args.robustness, reduced=args.reduced or args.quick,
         world={k: v for k, v in stamp.items() if k not in ("checkpoints",)},
     )
     with tempfile.TemporaryDirectory(prefix="cgidm-quality-") as tmp:

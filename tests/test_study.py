@@ -57,6 +57,14 @@ def test_every_grade_loads_as_a_pair_and_grades_differ(quick_world, kind):
     assert not torch.equal(weights[0], weights[1])
 
 
+def test_a_built_world_is_reused_not_rebuilt(quick_world):
+    # study.json carries the stamp and what was built: a second call must find it current
+    marker = quick_world / "study.json"
+    before = marker.stat().st_mtime_ns
+    assert build_study_world(quick=True) == quick_world
+    assert marker.stat().st_mtime_ns == before
+
+
 def test_a_foreign_folder_is_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("not cgidm's")
@@ -79,6 +87,12 @@ def test_quality_bench_quick_writes_a_row(quick_world, tmp_path):
     for r in rows[0]["grades"]:
         assert 0.0 <= r["auc"]["mean"] <= 1.0 and r["tpr_at_1fpr_controls"]["mean"] is not None
     assert {r["noise"] for r in rows[0]["budget"]} == {"shared", "paper"}
+    # the paper setting is the budget's reference point; the cheapest match is named
+    assert any(r["noise"] == "paper" and r["steps"] == 3 for r in rows[0]["budget"])
+    assert rows[0]["cheapest"] is not None and "floor" in rows[0]["cheapest"]
+    for r in rows[0]["grades"]:
+        assert len(r["members_for_p01"]) == 1
+        assert r["members_for_p01"][0] is None or 1 <= r["members_for_p01"][0] <= QUICK.members
 
 
 def test_degrade_makes_a_jpeg_of_the_same_size(tmp_path, quick_world):
@@ -91,3 +105,18 @@ def test_degrade_makes_a_jpeg_of_the_same_size(tmp_path, quick_world):
     bench_quality.degrade(src, tmp_path / "x.jpg")
     with Image.open(tmp_path / "x.jpg") as im:
         assert im.format == "JPEG" and im.size == Image.open(src).size
+
+
+def test_images_for_p_counts_the_members_a_set_verdict_needs():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_quality import images_for_p
+
+    controls = [{"label": "control", "latent_cos": 0.1 + 0.01 * i} for i in range(20)]
+    high = [{"label": "member", "latent_cos": 0.9 + 0.001 * i} for i in range(10)]
+    low = [{"label": "member", "latent_cos": 0.0 - 0.001 * i} for i in range(10)]
+    # every member above every control: 1 member gives p = 1/21, 2 give 1/C(22, 2) = 1/231
+    assert images_for_p(controls + high, "latent_cos", 20, seed=0) == 2
+    assert images_for_p(controls + low, "latent_cos", 20, seed=0) is None
+    # lower is better for mse: the same members, mirrored, need the same count
+    mirrored = [{"label": r["label"], "latent_mse": -r["latent_cos"]} for r in controls + high]
+    assert images_for_p(mirrored, "latent_mse", 20, seed=0) == 2

@@ -179,7 +179,9 @@ def build_study_world(root: str | Path | None = None, cfg: Optional[StudyConfig]
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         stamp = _stamp(cfg)
-        if not force and root.is_dir() and _read_stamp(root) == stamp:
+        old = _read_stamp(root) if root.is_dir() else None
+        # study.json holds the stamp and what was built (kinds, checkpoints, prompt)
+        if not force and old is not None and {k: old.get(k) for k in stamp} == stamp:
             return root
         tmp = root.with_name(root.name + ".partial")
         _removable(root)
