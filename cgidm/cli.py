@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out")
     d.add_argument("--world", default=None, help="where the tiny world is cached (default ~/.cache/cgidm)")
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
+    d.add_argument("--family", choices=config.FAMILY_WORLDS, default="sd1",
+                   help="the model family of the tiny world (sd2-v: v-prediction; sdxl: two text encoders, "
+                        "added conditioning); other than sd1, trained the first time (minutes, with progress)")
     d.add_argument("--with-controls", action="store_true", help="also score control images and give verdicts")
     _common(d)
 
@@ -229,6 +232,10 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)
+    print(f"model family: {pair.info['family']}")
+    plan = pair.info.get("memory_plan")
+    if plan:
+        print(f"memory plan (estimate): {plan['summary']}")
     cfg, prompt_from = resolve_prompt(cfg, pair)
     print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
     embedder = _embedder(opts, rt.device)
@@ -298,15 +305,18 @@ def cmd_demo(args) -> int:
     from cgidm.testing.embedder import ensure_tiny_embedder
     from cgidm.testing.tiny import build_tiny_world
 
+    from cgidm.testing.family_worlds import build_family_world
+
     t0 = time.time()
-    print("building (or reusing) the tiny model world (a few minutes the first time) ...", flush=True)
-    stages = logging.getLogger("cgidm.testing.tiny")
-    if not stages.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("  %(message)s"))
-        stages.addHandler(handler)
-    stages.setLevel(logging.INFO)
-    root = build_tiny_world(args.world)
+    print(f"building (or reusing) the tiny {args.family} model world (a few minutes the first time) ...", flush=True)
+    for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
+        stages = logging.getLogger(name)
+        if not stages.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("  %(message)s"))
+            stages.addHandler(handler)
+        stages.setLevel(logging.INFO)
+    root = build_family_world(args.family, args.world)
     print(f"tiny world: {root}")
     imgs = root / "images"
     items = collect_items(None, imgs / "members", imgs / "holdouts", imgs / "controls" if args.with_controls else None)
@@ -366,6 +376,10 @@ def cmd_extract(args) -> int:
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(args.base, args.finetuned, args.lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)
+    print(f"model family: {pair.info['family']}")
+    plan = pair.info.get("memory_plan")
+    if plan:
+        print(f"memory plan (estimate): {plan['summary']}")
     cfg, prompt_from = resolve_prompt(cfg, pair)
     print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
     embedder = _embedder(opts, rt.device)

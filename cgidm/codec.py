@@ -15,10 +15,13 @@ IDENTITY_CODEC_CLASS = "IdentityCodec"
 
 
 class VaeCodec:
-    """A diffusers ``AutoencoderKL``: ``latent = vae.encode(img).latent_dist.sample() * s``."""
+    """A diffusers ``AutoencoderKL``: ``latent = vae.encode(img).latent_dist.sample() * s``.
+    ``fp16_in_fp32``: asked for fp16, the VAE stays in fp32 (SDXL's VAE overflows in fp16;
+    its config says ``force_upcast``); inputs are cast to its dtype, outputs are fp32."""
 
-    def __init__(self, vae) -> None:
+    def __init__(self, vae, fp16_in_fp32: bool = False) -> None:
         self.vae = vae
+        self.fp16_in_fp32 = fp16_in_fp32
         self.scaling_factor = float(vae.config.scaling_factor)
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
@@ -38,6 +41,8 @@ class VaeCodec:
         return out.float()
 
     def to(self, **kw) -> "VaeCodec":
+        if self.fp16_in_fp32 and kw.get("dtype") == torch.float16:
+            kw["dtype"] = torch.float32
         self.vae.to(**kw)
         return self
 

@@ -23,6 +23,8 @@ IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
 DEFAULT_IMPL = "auto"  # by the tensors' device: the compiled kernels where built, else the reference
 ENGINES = ("reference", "engine")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+# the tiny worlds `cgidm demo --family` builds (cgidm/testing/family_worlds.py)
+FAMILY_WORLDS = ("sd1", "sd2", "sd2-v", "sdxl")
 DEVICES_HELP = "auto (CUDA when torch sees one, else CPU), cpu, cuda or cuda:N"
 LABELS = ("member", "holdout", "control")
 SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")

@@ -7,7 +7,9 @@ they run; they get what they need from here:
   v-prediction), so the contrast is each model's loss in its own parametrisation;
 - how a prompt becomes conditioning (``Family.text_encoders``, ``encode_text``) and the
   added conditioning some families need (``Family.added_cond``: SDXL's pooled text
-  embedding and ``time_ids``, described by ``AddedCond``, not implemented yet);
+  embedding and ``time_ids``, carried as one extra row of the conditioning tensor,
+  ``pack_text_time``, and handed to the UNet by ``TextTimeUNet``; docs/families.md,
+  "SDXL");
 - the VAE scaling factor, the latent size and the native resolution (recorded).
 
 Families are detected from configs only (``detect_folder``: model_index.json, the UNet's
@@ -41,9 +43,8 @@ KNOWN = {
     "flux": ("Flux", ("text_encoder", "text_encoder_2"), None, 0.3611, 1024),
     "unknown": ("an unknown model family", (), None, None, None),
 }
-SUPPORTED = ("sd1", "sd2")
+SUPPORTED = ("sd1", "sd2", "sdxl")
 WHY_NOT = {
-    "sdxl": "SDXL is detected but not supported yet",
     "sd3": "Stable Diffusion 3 is a flow-matching transformer, not supported yet",
     "flux": "Flux is a flow-matching transformer, not supported yet",
     "unknown": "this model family is not supported yet",
@@ -55,20 +56,6 @@ PIPELINE_CLASSES = {
 }
 UNET_CLASS = "UNet2DConditionModel"
 WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # the UNet's cross_attention_dim
-
-
-@dataclass(frozen=True)
-class AddedCond:
-    """SDXL's added conditioning (the interface; SDXL itself is not implemented yet): the
-    UNet takes ``added_cond_kwargs = {"text_embeds": pooled [N, 1280], "time_ids": [N, 6]}``
-    beside ``encoder_hidden_states [N, 77, 2048]`` (both text encoders' penultimate states
-    concatenated). ``pooled`` is the second text encoder's projected embedding of the
-    prompt; ``time_ids`` = (original height, original width, crop top, crop left, target
-    height, target width). Each model of a pair computes its own, as it does its prompt
-    embedding; the engine would expand them to ``N = B*K`` like the prompt."""
-
-    text_embeds: torch.Tensor  # [1, P] pooled text embedding
-    time_ids: torch.Tensor  # [1, 6]
 
 
 @dataclass(frozen=True)
@@ -171,14 +158,15 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
         if cfg is not None and cfg.get("_class_name") in TRANSFORMER_CLASSES:
             return Family(TRANSFORMER_CLASSES[cfg["_class_name"]], "flow_matching", str(sub / "config.json"))
     pipe = index.get("_class_name")
-    if pipe in PIPELINE_CLASSES:
-        name = PIPELINE_CLASSES[pipe]
-        return Family(name, "flow_matching" if name in ("sd3", "flux") else None, str(folder / "model_index.json"))
+    if PIPELINE_CLASSES.get(pipe) in ("sd3", "flux"):
+        return Family(PIPELINE_CLASSES[pipe], "flow_matching", str(folder / "model_index.json"))
     if (folder / "transformer").is_dir():
         return Family("unknown", None, str(folder / "transformer"), detail="a transformer denoiser")
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     unet = _json(unet_dir / "config.json")
     if unet is None or (unet_dir == folder and unet.get("_class_name") not in (UNET_CLASS, None)):
+        if PIPELINE_CLASSES.get(pipe) == "sdxl":
+            return Family("sdxl", None, str(folder / "model_index.json"))
         if pipe is not None and pipe != "StableDiffusionPipeline":
             return Family("unknown", None, str(folder / "model_index.json"), detail=f"pipeline {pipe}")
         return None
@@ -197,11 +185,14 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
     encoders = index.get("text_encoder", [None, None])
     if added == "text_time" or width == 2048 or "text_encoder_2" in index or \
             (isinstance(encoders, list) and encoders[-1] == "CLIPTextModelWithProjection"):
-        return Family("sdxl", pred, where, **common)
+        if pred not in (None, "epsilon"):
+            where = str(folder / "scheduler" / "scheduler_config.json")
+        return Family("sdxl", pred, where, vae_scaling_factor=scale, **common)
     if added is not None:
         return Family("unknown", pred, where, detail=f"added conditioning {added!r}", **common)
-    # tiny test models have other widths: then the prediction type tells 2.x (v) from 1.x
-    name = WIDTHS.get(width) or ("sd2" if pred == "v_prediction" else "sd1")
+    # tiny test models have other widths: SD 2.x's UNets project into their transformers
+    # with linear layers (1.x: 1x1 convolutions), and a v-prediction UNet is 2.x
+    name = WIDTHS.get(width) or ("sd2" if pred == "v_prediction" or unet.get("use_linear_projection") else "sd1")
     if pred not in (None, "epsilon"):
         where = str(folder / "scheduler" / "scheduler_config.json")
     return Family(name, pred, where, vae_scaling_factor=scale, **common)
@@ -259,10 +250,102 @@ def check_same(base: Family, finetuned: Optional[Family], what: str) -> Family:
 
 
 def encode_text(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
-    """SD 1.x/2.x conditioning: one CLIP text encoder's last hidden state, ``[1, L, D]``
-    fp32 (SDXL would add its second encoder and ``AddedCond``)."""
-    ids = tokenizer(
+    """A prompt's conditioning, ``[1, L, D]`` fp32: SD 1.x/2.x, one CLIP text encoder's
+    last hidden state; SDXL (``text_encoder`` a ``DualTextEncoder``, ``tokenizer`` its two
+    tokenizers), both encoders' penultimate states and the added conditioning packed in
+    one more row (``pack_text_time``: ``L = 78``)."""
+    if isinstance(text_encoder, DualTextEncoder):
+        return text_encoder.encode(tokenizer, prompt, device)
+    return text_encoder(_ids(tokenizer, prompt, device))[0].float()
+
+
+def _ids(tokenizer, prompt: str, device) -> torch.Tensor:
+    return tokenizer(
         [prompt], padding="max_length", max_length=tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
+
+
+# ----------------------------------------------------------------------------- SDXL
+TIME_IDS = 6  # (original height, original width, crop top, crop left, target height, target width)
+
+
+def sdxl_time_ids(resolution: int) -> torch.Tensor:
+    """``[1, 6]``: an uncropped square image at the model's resolution, as SDXL's pipeline
+    builds ``add_time_ids`` for an image it generates (original = target size, crop 0)."""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+
+
+def pack_text_time(hidden: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L, D]`` text states, ``[B, P]`` pooled embedding and ``[B, 6]`` time ids as one
+    ``[B, L + 1, D]`` tensor: the last row is ``pooled | time_ids | 0``. Everything that
+    moves conditioning (the engine's expansion to ``B*K`` samples, the pair passes, CUDA
+    graph buffers, casts) moves it unchanged; ``TextTimeUNet`` unpacks it. Needs
+    ``P + 6 <= D`` (SDXL: 1280 + 6 <= 2048)."""
+    b, _, d = hidden.shape
+    p = pooled.shape[-1]
+    if p + TIME_IDS > d:
+        raise ValueError(f"cannot pack a {p}-wide pooled embedding and {TIME_IDS} time ids into width {d}")
+    row = hidden.new_zeros(b, 1, d)
+    row[:, 0, :p] = pooled.to(hidden.dtype)
+    row[:, 0, p:p + TIME_IDS] = time_ids.to(hidden.dtype).expand(b, -1)
+    return torch.cat([hidden, row], dim=1)
+
+
+def unpack_text_time(cond: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, dict]:
+    """The inverse of ``pack_text_time``: ``(hidden [B, L, D], added_cond_kwargs)``."""
+    row = cond[:, -1]
+    return cond[:, :-1], {"text_embeds": row[:, :pooled_width], "time_ids": row[:, pooled_width:pooled_width + TIME_IDS]}
+
+
+class TextTimeUNet(torch.nn.Module):
+    """An SDXL UNet called like an SD 1.x one: ``encoder_hidden_states`` is the packed
+    conditioning (``pack_text_time``), unpacked into the text states and the
+    ``added_cond_kwargs`` the UNet takes. Its parameters are the UNet's (``unet.*``)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        cfg = unet.config
+        self.pooled_width = int(cfg.projection_class_embeddings_input_dim) - TIME_IDS * int(cfg.addition_time_embed_dim)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        hidden, added = unpack_text_time(encoder_hidden_states, self.pooled_width)
+        return self.unet(sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, **kwargs)
+
+
+class DualTextEncoder(torch.nn.Module):
+    """SDXL's two text encoders as one: ``encoder`` (CLIP ViT-L, ``CLIPTextModel``) and
+    ``encoder_2`` (OpenCLIP ViT-bigG, ``CLIPTextModelWithProjection``). ``encode`` gives
+    what SDXL's pipeline gives the UNet for a prompt without classifier-free guidance:
+    both encoders' penultimate hidden states concatenated, the second's projected pooled
+    embedding, and the time ids of an uncropped image at ``resolution``, packed."""
+
+    def __init__(self, encoder: torch.nn.Module, encoder_2: torch.nn.Module, resolution: int) -> None:
+        super().__init__()
+        self.encoder, self.encoder_2 = encoder, encoder_2
+        self.resolution = int(resolution)
+
+    @property
+    def config(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(hidden_size=int(self.encoder.config.hidden_size) + int(self.encoder_2.config.hidden_size))
+
+    @torch.no_grad()
+    def encode(self, tokenizers, prompt: str, device) -> torch.Tensor:
+        states, pooled = [], None
+        for tok, enc in zip(tokenizers, (self.encoder, self.encoder_2)):
+            out = enc(_ids(tok, prompt, device), output_hidden_states=True)
+            states.append(out.hidden_states[-2].float())
+            pooled = out[0].float()  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        hidden = torch.cat(states, dim=-1)
+        return pack_text_time(hidden, pooled, sdxl_time_ids(self.resolution).to(hidden.device))

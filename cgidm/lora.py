@@ -127,10 +127,10 @@ def _unet_peft_state(unet_keys: dict) -> dict:
     return state
 
 
-def _te_peft_state(te_keys: dict, text_encoder) -> dict:
+def _te_peft_state(te_keys: dict, text_encoder, prefix: str = "text_encoder") -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
-    state = {k.removeprefix("text_encoder."): v for k, v in te_keys.items()}
+    state = {k.removeprefix(prefix + "."): v for k, v in te_keys.items()}
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     if not hasattr(text_encoder, "text_model"):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -164,21 +164,29 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
 
 
 def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from cgidm.families import DualTextEncoder
+
+    xl = isinstance(text_encoder_base, DualTextEncoder)
     try:
-        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+        if xl:  # kohya's SDXL LoRAs name the UNet's blocks as SGM does (input_blocks_4_1_...)
+            converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=unet_base.config)
+        else:
+            converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
     except Exception as e:
         raise ModelLoadError(f"{path}: not a LoRA that diffusers can read ({_one_line(e)})") from e
     alphas = _fix_alpha_names(alphas)
+    # the text encoders a LoRA can train: SDXL's second is "text_encoder_2"
+    te_prefixes = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
     unet_keys = {k: v for k, v in converted.items() if k.startswith("unet.")}
-    te_keys = {k: v for k, v in converted.items() if k.startswith("text_encoder.")}
-    if not unet_keys and not te_keys:
+    te_keys = {p: {k: v for k, v in converted.items() if k.startswith(p + ".")} for p in te_prefixes}
+    if not unet_keys and not any(te_keys.values()):
         raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder")
-    # layers the converter kept under neither prefix count against the fit
+    # layers the converter kept under no known prefix count against the fit
     file_names = _layer_names(state)
-    other = len(_layer_names(set(converted) - set(unet_keys) - set(te_keys)))
-    fit = _LoraFit(total=other)
+    known = set(unet_keys).union(*(set(d) for d in te_keys.values()))
+    fit = _LoraFit(total=len(_layer_names(set(converted) - known)))
     unet = copy.deepcopy(unet_base) if copy_unet else unet_base
     if unet_keys:
         u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
@@ -189,22 +197,32 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
         if scale != 1.0:
             unet.set_adapters([LORA_ADAPTER], weights=[scale])
         fit.add(unet, _unet_peft_state(unet_keys))
-    te = text_encoder_base
-    if te_keys:
-        te = copy.deepcopy(text_encoder_base)
-        t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")} or None
+    bases = (text_encoder_base.encoder, text_encoder_base.encoder_2) if xl else (text_encoder_base,)
+    encoders = list(bases)
+    for i, prefix in enumerate(te_prefixes):
+        keys = te_keys[prefix]
+        if not keys:
+            continue
+        te = copy.deepcopy(bases[i])
+        t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")} or None
         try:
             StableDiffusionPipeline.load_lora_into_text_encoder(
-                te_keys, t_alphas, text_encoder=te, prefix="text_encoder", lora_scale=scale,
-                adapter_name=LORA_ADAPTER,
+                keys, t_alphas, text_encoder=te, prefix=prefix, lora_scale=scale, adapter_name=LORA_ADAPTER,
             )
         except Exception as e:
-            raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder ({_one_line(e)})") from e
-        fit.add(te, _te_peft_state(te_keys, te))
+            raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder {prefix} ({_one_line(e)})") from e
+        fit.add(te, _te_peft_state(keys, te, prefix))
+        encoders[i] = te
+    if not xl:
+        te_out = encoders[0]
+    elif all(a is b for a, b in zip(encoders, bases)):
+        te_out = text_encoder_base
+    else:
+        te_out = DualTextEncoder(*encoders, text_encoder_base.resolution)
     # the converter may drop or merge what it cannot name: never count fewer layers
     # than the file has
     fit.total = max(fit.total, len(file_names))
-    return unet, te, fit
+    return unet, te_out, fit
 
 
 _ALPHA_NAME = re.compile(r"\.processor\.to_(q|k|v|out)_lora\.down\.weight\.alpha$")

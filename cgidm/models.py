@@ -132,10 +132,38 @@ def _load_unet(folder: Path, allow_pickle: bool):
     return _load_component(UNet2DConditionModel, folder, "UNet", allow_pickle)
 
 
-def _load_text_encoder(folder: Path, allow_pickle: bool):
-    from transformers import CLIPTextModel
+def _load_text_encoder(folder: Path, allow_pickle: bool, projection: bool = False):
+    """A CLIP text encoder folder; ``projection``: with its text projection (SDXL's second
+    encoder, ``CLIPTextModelWithProjection``)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return _load_component(CLIPTextModel, folder, "text encoder", allow_pickle)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return _load_component(cls, folder, "text encoder", allow_pickle)
+
+
+def _load_text_side(folder: Path, family: families.Family, resolution: int, allow_pickle: bool,
+                    te_base=None, tok_base=None):
+    """``(text encoder, tokenizer)`` of a pipeline folder for ``family``: for SDXL both
+    encoders as one ``DualTextEncoder`` and both tokenizers as a tuple. With ``te_base``
+    (a fine-tune's folder), components the folder lacks are the base's."""
+    if family.name != "sdxl":
+        te = _load_text_encoder(folder / "text_encoder", allow_pickle) if (folder / "text_encoder").is_dir() else te_base
+        tok = _load_tokenizer(folder / "tokenizer") if (folder / "tokenizer").is_dir() else tok_base
+        return te, tok
+    old_te = (te_base.encoder, te_base.encoder_2) if te_base is not None else (None, None)
+    old_tok = tuple(tok_base) if tok_base is not None else (None, None)
+    encoders, tokenizers = [], []
+    for i, name in enumerate(("text_encoder", "text_encoder_2")):
+        tname = name.replace("text_encoder", "tokenizer")
+        enc = _load_text_encoder(folder / name, allow_pickle, projection=i == 1) if (folder / name).is_dir() else old_te[i]
+        tok = _load_tokenizer(folder / tname) if (folder / tname).is_dir() else old_tok[i]
+        if enc is None or tok is None:
+            raise ModelLoadError(f"{folder}: missing component '{name if enc is None else tname}' (an SDXL pipeline has two)")
+        encoders.append(enc)
+        tokenizers.append(tok)
+    if te_base is not None and all(a is b for a, b in zip(encoders, old_te)):
+        return te_base, tok_base
+    return families.DualTextEncoder(*encoders, resolution), tuple(tokenizers)
 
 
 def _load_tokenizer(folder: Path):
@@ -149,7 +177,7 @@ def _load_tokenizer(folder: Path):
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({e})") from e
 
 
-def _load_codec(base: Path, allow_pickle: bool):
+def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family] = None):
     if (base / "vae").is_dir():
         from diffusers import AutoencoderKL
 
@@ -158,7 +186,9 @@ def _load_codec(base: Path, allow_pickle: bool):
             vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st)
         except Exception as e:
             raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
-        return VaeCodec(vae.eval().requires_grad_(False))
+        # SDXL's VAE overflows in fp16: its config asks to be kept in fp32 (force_upcast)
+        upcast = family is not None and family.name == "sdxl" and bool(vae.config.get("force_upcast", False))
+        return VaeCodec(vae.eval().requires_grad_(False), fp16_in_fp32=upcast)
     cfg = base / "codec" / "config.json"
     if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == IDENTITY_CODEC_CLASS:
         return IdentityCodec()
@@ -189,8 +219,10 @@ def _base_dir(base: str | Path) -> Path:
     p = _check_local(base, "base model")
     if not p.is_dir():
         raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory")
-    families.refuse_unsupported(families.detect_folder(p), str(p))
-    for comp in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    family = families.detect_folder(p)
+    families.refuse_unsupported(family, str(p))
+    extra = ("text_encoder_2", "tokenizer_2") if family is not None and family.name == "sdxl" else ()
+    for comp in ("unet", "text_encoder", "tokenizer", "scheduler", *extra):
         if not (p / comp).is_dir():
             raise ModelLoadError(f"{p}: missing component '{comp}' (not a diffusers pipeline directory?)")
     return p
@@ -204,7 +236,7 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
 
     if not any(k.startswith("model.diffusion_model.") for k in state):
         raise ModelLoadError(
-            f"{path}: not an SD 1.x single-file checkpoint (no 'model.diffusion_model.' keys) "
+            f"{path}: not a single-file Stable Diffusion checkpoint (no 'model.diffusion_model.' keys) "
             "and not a LoRA"
         )
     try:
@@ -213,8 +245,11 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
         )
     except Exception as e:
         raise ModelLoadError(f"{path}: UNet does not match the base model's architecture ({e})") from e
+    if isinstance(text_encoder_base, families.DualTextEncoder):
+        return unet, _single_file_sdxl_text(state, base, path, text_encoder_base)
     te = text_encoder_base
-    if any(k.startswith("cond_stage_model.transformer.") for k in state):
+    # SD 1.x keeps CLIP under cond_stage_model.transformer., SD 2.x OpenCLIP under .model.
+    if any(k.startswith(("cond_stage_model.transformer.", "cond_stage_model.model.")) for k in state):
         from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
         from transformers import CLIPTextModel
 
@@ -225,6 +260,29 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder does not match the base model's ({e})") from e
     return unet, te
+
+
+def _single_file_sdxl_text(state: dict, base: Path, path: Path, te_base):
+    """SDXL single files keep CLIP ViT-L under ``conditioner.embedders.0.transformer.`` and
+    OpenCLIP bigG under ``conditioner.embedders.1.model.``; either may be absent (then the
+    base's)."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    encoders = [te_base.encoder, te_base.encoder_2]
+    for i, (prefix, cls, sub) in enumerate((("conditioner.embedders.0.transformer.", CLIPTextModel, "text_encoder"),
+                                            ("conditioner.embedders.1.model.", CLIPTextModelWithProjection,
+                                             "text_encoder_2"))):
+        if not any(k.startswith(prefix) for k in state):
+            continue
+        try:
+            encoders[i] = create_diffusers_clip_model_from_ldm(cls, state, config=str(base), subfolder=sub,
+                                                               local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: text encoder {i + 1} does not match the base model's ({e})") from e
+    if all(a is b for a, b in zip(encoders, (te_base.encoder, te_base.encoder_2))):
+        return te_base
+    return families.DualTextEncoder(*encoders, te_base.resolution)
 
 
 def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:
@@ -246,6 +304,16 @@ def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:
             f"{where}: text encoder width {width} does not match the UNet's cross-attention "
             f"width {b['cross_attention_dim']}"
         )
+
+
+def _with_text_time(unet_pre, unet_ft):
+    """SDXL UNets called with packed conditioning (``families.TextTimeUNet``); a LoRA pair
+    keeps its one copy of the weights, the pretrained side being the wrapped adapted UNet
+    with its adapters off."""
+    if isinstance(unet_pre, AdaptersOff) and unet_pre.adapted is unet_ft:
+        wrapped = families.TextTimeUNet(unet_ft)
+        return AdaptersOff(wrapped), wrapped
+    return families.TextTimeUNet(unet_pre), families.TextTimeUNet(unet_ft)
 
 
 def load_pair(
@@ -271,12 +339,12 @@ def load_pair(
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base_p = _base_dir(base)
-    unet_pre = _load_unet(base_p / "unet", allow_pickle)
-    te_pre = _load_text_encoder(base_p / "text_encoder", allow_pickle)
-    tok = _load_tokenizer(base_p / "tokenizer")
-    codec = _load_codec(base_p, allow_pickle)
     base_family = families.detect_folder(base_p) or families.Family("sd1", None, str(base_p))
     families.refuse_unsupported(base_family, str(base_p))
+    unet_pre = _load_unet(base_p / "unet", allow_pickle)
+    codec = _load_codec(base_p, allow_pickle, base_family)
+    resolution = int(unet_pre.config.sample_size) * codec.factor
+    te_pre, tok = _load_text_side(base_p, base_family, resolution, allow_pickle)
     abar = _load_abar(base_p, families.PREDICTION_TYPES)
     family = base_family
     unet_ft, te_ft, tok_ft = unet_pre, te_pre, tok
@@ -293,10 +361,7 @@ def load_pair(
             family = families.check_same(base_family, families.detect_folder(fp), str(fp))
             if (fp / "unet").is_dir():
                 unet_ft = _load_unet(fp / "unet", allow_pickle)
-                if (fp / "text_encoder").is_dir():
-                    te_ft = _load_text_encoder(fp / "text_encoder", allow_pickle)
-                if (fp / "tokenizer").is_dir():
-                    tok_ft = _load_tokenizer(fp / "tokenizer")
+                te_ft, tok_ft = _load_text_side(fp, base_family, resolution, allow_pickle, te_pre, tok)
                 info["finetuned_format"] = "diffusers"
             elif (fp / "config.json").exists():
                 unet_ft = _load_unet(fp, allow_pickle)
@@ -330,10 +395,41 @@ def load_pair(
         count(match)
         info["lora"] = str(lp)
     _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))
+    if family.added_cond == "text_time":
+        unet_pre, unet_ft = _with_text_time(unet_pre, unet_ft)
     info["family"] = family.record()
     log.info("model family: %s", info["family"])
 
     for m in {id(m): m for m in (unet_pre, unet_ft, te_pre, te_ft)}.values():
         m.eval().requires_grad_(False)
     pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info, family)
-    return pair.to(device=device, dtype=dtype)
+    pair.to(device=device, dtype=dtype)
+    info["memory_plan"] = memory_plan(pair)
+    return pair
+
+
+def _bytes(*modules) -> int:
+    """Bytes of the distinct parameters and buffers of ``modules`` (a tensor two modules
+    share counts once: a LoRA pair's base weights)."""
+    seen = {}
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            for t in (*m.parameters(), *m.buffers()):
+                seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def memory_plan(pair: ModelPair) -> dict:
+    """The weights a pair holds, by component, in the dtypes they were loaded in: the
+    planner's static part (docs/families.md, "Memory"). Activations per sample are what
+    the engine measures on a GPU (``engine.plan_memory``)."""
+    gb = 1024 ** 3
+    unet = _bytes(pair.unet_pre, pair.unet_ft)
+    shared = unet < _bytes(pair.unet_pre) + _bytes(pair.unet_ft)
+    text = _bytes(pair.text_encoder_pre, pair.text_encoder_ft)
+    vae = _bytes(getattr(pair.codec, "vae", None))
+    summary = (f"UNet weights {unet / gb:.2f} GB ({'one copy for both sides' if shared else 'two models'}), "
+               f"text encoders {text / gb:.2f} GB (moved off the GPU once the prompt is encoded), VAE {vae / gb:.2f} GB; "
+               "activations are measured on the GPU")
+    return {"unet_bytes": unet, "unet_shared": shared, "text_encoder_bytes": text, "vae_bytes": vae,
+            "inversion_weights_bytes": unet + vae, "summary": summary}

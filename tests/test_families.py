@@ -174,7 +174,6 @@ REFUSALS = {
            "flow-matching transformer, not supported yet",
     "flux": "Flux (flow_matching; from {p}/transformer/config.json): Flux is a flow-matching transformer, "
             "not supported yet",
-    "sdxl": "SDXL is detected but not supported yet",
     "unknown": "an unknown model family (prediction type not given; added conditioning 'image'",
     "sample": "prediction_type 'sample' is not supported yet",
 }
@@ -190,7 +189,16 @@ def test_unsupported_families_are_refused_in_one_line(tiny_world, tmp_path, kind
         assert "\n" not in msg and msg.startswith(str(p)) and REFUSALS[kind].format(p=p) in msg, msg
 
 
-@pytest.mark.parametrize("kind", ["sd3", "sdxl"])
+def test_sdxl_against_sd1_is_refused_in_one_line_naming_both(tiny_world, tmp_path):
+    p = _fake(tmp_path / "sdxl", "sdxl")
+    with pytest.raises(ModelLoadError) as e:
+        load_pair(tiny_world / "base", p)
+    msg = str(e.value)
+    assert "\n" not in msg and "the fine-tune is Stable Diffusion XL" in msg and \
+        "but the base is Stable Diffusion 1.x" in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_cli_refuses_unsupported_families_with_exit_2(tiny_world, tmp_path, capsys, kind):
     p = _fake(tmp_path / kind, kind)
     imgs = tiny_world / "images"
@@ -239,7 +247,7 @@ def test_sdxl_single_file_against_an_sd1_base_is_refused(tiny_world, tmp_path):
 
     f = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.1.model.x": torch.zeros(1), "model.diffusion_model.y": torch.zeros(1)}, f)
-    with pytest.raises(ModelLoadError, match="SDXL is detected but not supported yet"):
+    with pytest.raises(ModelLoadError, match="fine-tune is Stable Diffusion XL .* but the base is Stable Diffusion 1"):
         load_pair(tiny_world / "base", f)
 
 

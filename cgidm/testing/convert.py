@@ -38,7 +38,13 @@ _TOP_LEVEL_TO_LDM = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's added conditioning MLP (pooled text embedding and time ids)
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
+# where each family's single files keep their text encoders (docs/families.md)
+LDM_CLIP_XL_PREFIX = "conditioner.embedders.0.transformer."
+OPEN_CLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 
 
 def _layers_per_block(config: Mapping) -> int:
@@ -136,7 +142,7 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) ->
     return out
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = LDM_CLIP_PREFIX) -> dict[str, torch.Tensor]:
     """``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*`` keys.
 
     transformers >= 5.6 saves ``CLIPTextModel`` without the ``text_model.`` level that SD
@@ -150,13 +156,47 @@ def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
             continue
         if not key.startswith("text_model."):
             key = "text_model." + key
-        out[LDM_CLIP_PREFIX + key] = value
+        out[prefix + key] = value
     return out
 
 
-def write_single_file_checkpoint(pipeline_dir: str | Path, path: str | Path) -> Path:
-    """Write the UNet and text encoder of a diffusers pipeline directory as one SD-1.x-style
-    ``.safetensors`` checkpoint (LDM key layout).
+_OPEN_CLIP_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's state dict -> OpenCLIP keys under ``prefix`` (SD 2.x's
+    ``cond_stage_model.model.``, SDXL's second encoder ``conditioner.embedders.1.model.``):
+    the inverse of diffusers' ``convert_open_clip_checkpoint``. q, k and v projections
+    become one ``in_proj``; the text projection is stored transposed."""
+    src = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+           for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
+    out = {
+        prefix + "token_embedding.weight": src.pop("text_model.embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": src.pop("text_model.embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": src.pop("text_model.final_layer_norm.weight"),
+        prefix + "ln_final.bias": src.pop("text_model.final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in src:
+        out[prefix + "text_projection"] = src.pop("text_projection.weight").T.contiguous()
+    layers = sorted({int(k.split(".")[3]) for k in src if k.startswith("text_model.encoder.layers.")})
+    for n in layers:
+        d, o = f"text_model.encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            out[o + f"attn.in_proj_{kind}"] = torch.cat([src.pop(d + f"self_attn.{q}_proj.{kind}") for q in "qkv"])
+            for dname, oname in _OPEN_CLIP_PARTS.items():
+                out[o + f"{oname}.{kind}"] = src.pop(d + f"{dname}.{kind}")
+    if src:
+        raise ValueError(f"text encoder parameters without an OpenCLIP place: {sorted(src)[:10]}")
+    return out
+
+
+def write_single_file_checkpoint(pipeline_dir: str | Path, path: str | Path, family: str = "sd1") -> Path:
+    """Write the UNet and text encoder(s) of a diffusers pipeline directory as one
+    single-file ``.safetensors`` checkpoint in ``family``'s layout: the UNet in the LDM
+    layout; the text encoder as CLIP (SD 1.x), OpenCLIP (SD 2.x), or both (SDXL: CLIP
+    ViT-L under ``conditioner.embedders.0.transformer.``, OpenCLIP under
+    ``conditioner.embedders.1.model.``).
 
     Only UNet and text encoder are written: the tiny pipelines have an identity codec in
     place of a VAE. A directory with a ``vae/`` raises, since a checkpoint silently
@@ -172,7 +212,16 @@ def write_single_file_checkpoint(pipeline_dir: str | Path, path: str | Path) -> 
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
     text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder")
     state = unet_to_ldm(unet.state_dict(), unet.config)
-    state.update(text_encoder_to_ldm(text_encoder.state_dict()))
+    if family == "sdxl":
+        from transformers import CLIPTextModelWithProjection
+
+        te2 = CLIPTextModelWithProjection.from_pretrained(pipeline_dir / "text_encoder_2")
+        state.update(text_encoder_to_ldm(text_encoder.state_dict(), LDM_CLIP_XL_PREFIX))
+        state.update(text_encoder_to_open_clip(te2.state_dict(), OPEN_CLIP_PREFIX["sdxl"]))
+    elif family == "sd2":
+        state.update(text_encoder_to_open_clip(text_encoder.state_dict(), OPEN_CLIP_PREFIX["sd2"]))
+    else:
+        state.update(text_encoder_to_ldm(text_encoder.state_dict()))
     state = {k: v.detach().contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, path, metadata={"format": "pt"})
@@ -180,10 +229,13 @@ def write_single_file_checkpoint(pipeline_dir: str | Path, path: str | Path) -> 
 
 
 _PEFT_TO_KOHYA_PREFIX = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+# kohya's SDXL files: the two text encoders are te1 and te2
+_PEFT_TO_KOHYA_PREFIX_XL = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
 _PEFT_TO_KOHYA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
 
 
-def peft_lora_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+def peft_lora_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float | None = None,
+                       sgm_unet: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """diffusers/PEFT LoRA (``unet.<module>.lora_A.weight`` / ``lora_B``) -> kohya layout
     (``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
 
@@ -201,17 +253,26 @@ def peft_lora_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float | No
 
     Text-encoder LoRA keys (``text_encoder.*``) become ``lora_te_text_model_*``, the kohya
     spelling, whether or not the PEFT keys carry transformers' ``text_model.`` level.
+
+    ``sgm_unet`` (the SDXL UNet the LoRA is for): kohya trains SDXL on the SGM UNet, so UNet
+    modules are named by their LDM place (``lora_unet_input_blocks_4_1_transformer_...``,
+    a resnet's ``conv1`` as ``in_layers_2``) and the text encoders are ``lora_te1_`` and
+    ``lora_te2_`` (``text_encoder_2.*``).
     """
     out: dict[str, torch.Tensor] = {}
+    prefixes = _PEFT_TO_KOHYA_PREFIX_XL if sgm_unet is not None else _PEFT_TO_KOHYA_PREFIX
+    ldm = None if sgm_unet is None else _unet_module_map(sgm_unet.state_dict(), sgm_unet.config)
     for key, value in state_dict.items():
-        src_prefix = next((p for p in _PEFT_TO_KOHYA_PREFIX if key.startswith(p)), None)
+        src_prefix = next((p for p in sorted(prefixes, key=len, reverse=True) if key.startswith(p)), None)
         suffix = next((s for s in _PEFT_TO_KOHYA_SUFFIX if key.endswith(s)), None)
         if src_prefix is None or suffix is None:
             raise ValueError(f"not a PEFT LoRA key with a unet./text_encoder. prefix: {key}")
         module = key[len(src_prefix):-len(suffix)]
-        if src_prefix == "text_encoder." and not module.startswith("text_model."):
+        if src_prefix.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module
-        name = _PEFT_TO_KOHYA_PREFIX[src_prefix] + module.replace(".", "_")
+        if ldm is not None and src_prefix == "unet.":
+            module = _to_sgm(module, ldm)
+        name = prefixes[src_prefix] + module.replace(".", "_")
         out[name + _PEFT_TO_KOHYA_SUFFIX[suffix]] = value.contiguous()
         if suffix == ".lora_A.weight":
             rank = value.shape[0]
@@ -221,3 +282,17 @@ def peft_lora_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float | No
     if downs != ups:
         raise ValueError(f"LoRA modules without both A and B: {sorted(downs ^ ups)[:10]}")
     return out
+
+
+def _to_sgm(module: str, ldm: Mapping[str, tuple[str, bool]]) -> str:
+    """A diffusers UNet module path -> its SGM/LDM path (``_unet_module_map``)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in ldm:
+            ldm_prefix, is_resnet = ldm[prefix]
+            rest = parts[n:]
+            if is_resnet and rest and rest[0] in _RESNET_TO_LDM:
+                rest = [_RESNET_TO_LDM[rest[0]], *rest[1:]]
+            return ".".join([ldm_prefix, *rest])
+    raise ValueError(f"UNet module without an SGM place: {module}")

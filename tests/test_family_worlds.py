@@ -1,0 +1,152 @@
+"""Model families end to end on the tiny worlds (cgidm/testing/family_worlds.py; docs/families.md):
+SDXL's conditioning against diffusers' own pipeline, every format of every family loading
+to the same weights, and (slow: trained worlds) members told from hold-outs."""
+import json
+
+import pytest
+import torch
+
+from cgidm import cli, families
+from cgidm.models import load_pair
+from cgidm.testing.family_worlds import FamilyWorldConfig, build_family_world
+
+SMOKE = dict(pretrain_steps=2, finetune_steps=2, lora_steps=2, pretrain_per_style=2)
+OTHER = ("sd2", "sd2-v", "sdxl")
+
+
+@pytest.fixture(scope="module")
+def smoke_worlds(tmp_path_factory):
+    """Untrained worlds of each family (seconds): for structure and loading, not AUC."""
+    root = tmp_path_factory.mktemp("family-smoke")
+    return {f: build_family_world(f, root / f, FamilyWorldConfig(family=f, **SMOKE)) for f in OTHER}
+
+
+@pytest.mark.parametrize("family,name,pred", [("sd2", "sd2", "epsilon"), ("sd2-v", "sd2", "v_prediction"),
+                                              ("sdxl", "sdxl", "epsilon")])
+def test_each_world_is_detected_as_its_family(smoke_worlds, family, name, pred):
+    fam = families.detect_folder(smoke_worlds[family] / "base")
+    assert (fam.name, fam.prediction_type, fam.supported) == (name, pred, True)
+    pair = load_pair(smoke_worlds[family] / "base", smoke_worlds[family] / "finetuned")
+    assert pair.info["family"].startswith(f"{name} {pred} latent 16")
+    assert pair.info["memory_plan"]["unet_bytes"] > 0
+
+
+def _unet(m):
+    """The diffusers UNet inside cgidm's wrappers."""
+    while not hasattr(m, "down_blocks"):
+        m = m.unet if hasattr(m, "unet") else m.adapted
+    return m
+
+
+@pytest.mark.parametrize("family", OTHER)
+def test_single_file_holds_the_fine_tune_and_text_encoders(smoke_worlds, family):
+    w = smoke_worlds[family]
+    a = load_pair(w / "base", w / "finetuned")
+    b = load_pair(w / "base", w / "finetuned.safetensors")
+    assert b.info["finetuned_format"] == "single-file"
+    sa, sb = _unet(a.unet_ft).state_dict(), _unet(b.unet_ft).state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the text encoders came back from the file's own layout (SD 2.x OpenCLIP; SDXL both)
+    assert b.text_encoder_ft is not a.text_encoder_ft
+    for p, q in zip(a.text_encoder_ft.state_dict().values(), b.text_encoder_ft.state_dict().values()):
+        assert torch.equal(p, q)
+    # equal weights; the text projection comes back transposed from the file, so its GEMM
+    # may run on another memory layout (last bits of the pooled row)
+    torch.testing.assert_close(a.encode_prompt("a sks pattern")[0], b.encode_prompt("a sks pattern")[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", OTHER)
+def test_kohya_lora_is_the_peft_lora(smoke_worlds, family):
+    w = smoke_worlds[family]
+    a = load_pair(w / "base", lora=w / "lora.safetensors")
+    b = load_pair(w / "base", lora=w / "lora_kohya.safetensors")
+    assert a.info["lora_match"] == b.info["lora_match"] and a.info["lora_match"]["matched"] > 0
+    if family == "sdxl":  # kohya's SDXL names are SGM's
+        from safetensors import safe_open
+
+        with safe_open(str(w / "lora_kohya.safetensors"), "pt") as f:
+            assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([10, 500])
+    c = a.encode_prompt("a sks pattern")[0].expand(2, -1, -1)
+    with torch.no_grad():
+        for m in ("unet_ft", "unet_pre"):
+            ya = getattr(a, m)(x, t, encoder_hidden_states=c).sample
+            yb = getattr(b, m)(x, t, encoder_hidden_states=c).sample
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a.unet_ft(x, t, encoder_hidden_states=c).sample,
+                                  a.unet_pre(x, t, encoder_hidden_states=c).sample)
+
+
+def test_sdxl_conditioning_is_what_diffusers_sdxl_pipeline_gives(smoke_worlds):
+    from diffusers import StableDiffusionXLPipeline
+
+    w = smoke_worlds["sdxl"]
+    pair = load_pair(w / "base", w / "finetuned")
+    te, toks = pair.text_encoder_pre, pair.tokenizer_pre
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=te.encoder, text_encoder_2=te.encoder_2,
+                                     tokenizer=toks[0], tokenizer_2=toks[1], unet=_unet(pair.unet_pre),
+                                     scheduler=None)
+    embeds, _, pooled, _ = pipe.encode_prompt("a sks pattern", device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=torch.float32,
+                                      text_encoder_projection_dim=te.encoder_2.config.projection_dim)
+    packed = pair.encode_prompt("a sks pattern")[0]
+    hidden, added = families.unpack_text_time(packed, pooled.shape[-1])
+    torch.testing.assert_close(hidden, embeds.float(), rtol=0, atol=0)
+    torch.testing.assert_close(added["text_embeds"], pooled.float(), rtol=0, atol=0)
+    torch.testing.assert_close(added["time_ids"], time_ids, rtol=0, atol=0)
+    # the wrapped UNet is the UNet called with added_cond_kwargs, as the pipeline calls it
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([400])
+    with torch.no_grad():
+        ours = pair.unet_ft(x, t, encoder_hidden_states=packed).sample
+        theirs = _unet(pair.unet_ft)(x, t, encoder_hidden_states=embeds,
+                                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_pack_needs_room_and_round_trips():
+    h, p, ids = torch.randn(2, 5, 16), torch.randn(2, 8), torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    packed = families.pack_text_time(h, p, ids)
+    assert packed.shape == (2, 6, 16)
+    back, added = families.unpack_text_time(packed, 8)
+    assert torch.equal(back, h) and torch.equal(added["text_embeds"], p)
+    assert torch.equal(added["time_ids"], ids.expand(2, -1))
+    with pytest.raises(ValueError, match="cannot pack"):
+        families.pack_text_time(torch.randn(1, 5, 12), torch.randn(1, 8), ids)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_sdxl_engine_equals_the_reference_loop(smoke_worlds, tmp_path, variant):
+    w = smoke_worlds["sdxl"]
+    imgs = w / "images"
+    rows = {}
+    for engine in ("reference", "engine"):
+        out = tmp_path / f"{variant}-{engine}"
+        args = ["authenticate", "--base", str(w / "base"), "--members", str(imgs / "members"),
+                "--holdouts", str(imgs / "holdouts"), "--out", str(out), "--preset", "demo", "--steps", "3",
+                "--engine", engine, "-q"]
+        args += ["--finetuned", str(w / "finetuned")] if variant == "full" else ["--lora", str(w / "lora.safetensors")]
+        assert cli.main(args) == 0
+        rows[engine] = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+        assert json.loads((out / "summary.json").read_text())["models"]["family"].startswith("sdxl")
+    assert rows["reference"].keys() == rows["engine"].keys()
+    for k, r in rows["reference"].items():
+        assert r["latent_cos"] == pytest.approx(rows["engine"][k]["latent_cos"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------- trained worlds (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", OTHER)
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_demo_tells_members_from_holdouts_in_every_family(tmp_path, capsys, family, variant):
+    code = cli.main(["demo", "--family", family, "--variant", variant, "--out", str(tmp_path / "out"), "-q"])
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["models"]["family"].startswith({"sd2-v": "sd2 v_prediction"}.get(family, family))
+    auc = summary["by_metric"][summary["metric"]]["auc"]
+    assert auc >= 0.9, (family, variant, auc)
