@@ -303,8 +303,6 @@ def cmd_demo(args) -> int:
 
     from cgidm.manifest import collect_items
     from cgidm.testing.embedder import ensure_tiny_embedder
-    from cgidm.testing.tiny import build_tiny_world
-
     from cgidm.testing.family_worlds import build_family_world
 
     t0 = time.time()

@@ -89,24 +89,22 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
               allow_pickle: bool = False) -> BaseModel:
     """The base pipeline directory (offline, the checks of ``cgidm.models``); UNet weights
     in ``dtype``, frozen; the text encoder stays fp32. Its family (``families.detect_folder``)
-    gives the loss's target: epsilon- and v-prediction bases are protected; a family with
-    added conditioning (SDXL) is refused in one line."""
+    gives the loss's target (epsilon or v) and how a prompt becomes conditioning (SDXL: both
+    text encoders and the added conditioning, its UNet called through
+    ``families.TextTimeUNet``)."""
     import os
 
     from cgidm import families
-    from cgidm.models import (ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_encoder, _load_tokenizer,
-                              _load_unet)
+    from cgidm.models import ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_side, _load_unet
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = _base_dir(base)
-    family = families.detect_folder(root)
-    if family is not None and family.added_cond is not None:
-        raise ModelLoadError(f"{root}: {family.describe()}: protection does not pass added conditioning "
-                             f"({family.added_cond}) yet")
+    family = families.detect_folder(root) or families.Family("sd1", None, str(root))
     unet = _load_unet(root / "unet", allow_pickle)
-    te = _load_text_encoder(root / "text_encoder", allow_pickle)
-    tok = _load_tokenizer(root / "tokenizer")
-    codec = _load_codec(root, allow_pickle)
+    codec = _load_codec(root, allow_pickle, family)
+    te, tok = _load_text_side(root, family, int(unet.config.sample_size) * codec.factor, allow_pickle)
+    if family.added_cond == "text_time":
+        unet = families.TextTimeUNet(unet)
     abar = _load_abar(root, families.PREDICTION_TYPES)
     if int(unet.config.in_channels) != codec.latent_channels:
         raise ModelLoadError(f"{root}: UNet expects {unet.config.in_channels} latent channels, "
@@ -117,8 +115,8 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     unet.to(device=device, **({} if same else {"dtype": dtype}))
     te.to(device=device)
     codec.to(device=device)
-    info = {"base": str(root), **({} if family is None else {"family": family.record()})}
-    return BaseModel(unet, te, tok, codec, abar.to(device), info, None if family is None else family.target)
+    info = {"base": str(root), "family": family.record()}
+    return BaseModel(unet, te, tok, codec, abar.to(device), info, family.target)
 
 
 # --------------------------------------------------------------------------- losses

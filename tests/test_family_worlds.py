@@ -137,6 +137,34 @@ def test_sdxl_engine_equals_the_reference_loop(smoke_worlds, tmp_path, variant):
         assert r["latent_cos"] == pytest.approx(rows["engine"][k]["latent_cos"], abs=1e-5)
 
 
+@pytest.mark.parametrize("family", OTHER)
+def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_path, family):
+    w = smoke_worlds[family]
+    imgs = w / "images"
+    out = tmp_path / "protect"
+    assert cli.main(["protect", "--base", str(w / "base"), "--images", str(imgs / "members"), "--out", str(out),
+                     "--steps", "4", "--step-size", "2/255", "--eval-draws", "8", "--prompt", "a sks pattern",
+                     "-q"]) == cli.EXIT_OK
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protected"] == len(list(imgs.joinpath("members").glob("*.png")))
+    assert summary["family"].split()[0] == family.split("-")[0]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sum(r["loss_protected"] > r["loss_clean"] for r in rows) >= len(rows) - 1  # the loss it maximises rose
+
+    out = tmp_path / "extract"
+    assert cli.main(["extract", "--base", str(w / "base"), "--finetuned", str(w / "finetuned"), "--out", str(out),
+                     "--prompt", "a sks pattern", "--samples", "4", "--steps", "3", "--clusters", "2",
+                     "--batch-size", "2", "--compare", str(imgs / "members"), "-q"]) == 0
+    assert json.loads((out / "extract.json").read_text())["candidates"]
+
+    out = tmp_path / "auth"
+    assert cli.main(["authenticate", "--base", str(w / "base"), "--lora", str(w / "lora.safetensors"),
+                     "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--out", str(out),
+                     "--preset", "demo", "--steps", "2", "--baselines", "all", "-q"]) == 0
+    for r in map(json.loads, (out / "results.jsonl").read_text().splitlines()):
+        assert all(isinstance(r[f"baseline_{b}"], float) for b in ("loss_diff", "ft_only", "pia", "secmi")), r
+
+
 # --------------------------------------------------------------------------- trained worlds (slow)
 
 

@@ -35,8 +35,8 @@ import torch
 from cgidm.config import FAMILY_WORLDS
 from cgidm.files import atomic_write_json
 from cgidm.testing.tiny import (
-    INSTANCE_PROMPT, LORA_TARGETS, OWNER_MARK, _add_prompt_records, _check_removable, _remove,
-    _stamp_of, _to_tensor, _write_sets, build_tiny_world, tiny_unet_config, write_tiny_tokenizer,
+    INSTANCE_PROMPT, LORA_TARGETS, _add_prompt_records, _stamp_of, _to_tensor, _write_sets, build_tiny_world,
+    fresh_partial, tiny_unet_config, write_tiny_tokenizer,
 )
 from cgidm.testing.training import train_unet
 from cgidm.testing.world import STYLES, make_images
@@ -152,13 +152,7 @@ def build_family_world(family: str, root: str | Path | None = None, cfg: Optiona
         stamp = {"version": FAMILY_WORLD_VERSION, **asdict(cfg)}
         if not force and root.is_dir() and _stamp_of(root) == stamp:
             return root
-        tmp = root.with_name(root.name + ".partial")
-        _check_removable(root)
-        _check_removable(tmp)
-        _remove(root)
-        _remove(tmp)
-        tmp.mkdir(parents=True)
-        (tmp / OWNER_MARK).write_text(f"made by cgidm (tiny {family} world); cgidm may delete this folder\n")
+        tmp = fresh_partial(root, f"tiny {family} world")
         _train(tmp, cfg)
         _write_formats(tmp, family)
         _add_prompt_records(tmp, cfg.members)

@@ -228,6 +228,20 @@ def _remove(folder: Path) -> None:
         folder.rmdir()  # empty (checked); fails rather than delete anything put there since
 
 
+def fresh_partial(root: Path, what: str) -> Path:
+    """An empty ``root.partial`` to build in, marked as cgidm's; ``root`` and an old
+    partial build are removed, both checked before either is touched (a refusal leaves
+    everything as it was)."""
+    tmp = root.with_name(root.name + ".partial")
+    _check_removable(root)
+    _check_removable(tmp)
+    _remove(root)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / OWNER_MARK).write_text(f"made by cgidm ({what}); cgidm may delete this folder\n")
+    return tmp
+
+
 def _write_sets(tmp: Path, cfg: WorldConfig) -> dict:
     """Member / holdout / control images (the member style; indices apart)."""
     sets = {
@@ -255,14 +269,7 @@ def _build_locked(root: Path, cfg: WorldConfig, force: bool, train: bool = False
     if not force and root.is_dir() and _stamp_of(root) == stamp:
         _add_prompt_records(root, cfg.members)
         return root
-    tmp = root.with_name(root.name + ".partial")
-    # both checked before either is touched: a refusal leaves everything as it was
-    _check_removable(root)
-    _check_removable(tmp)
-    _remove(root)
-    _remove(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / OWNER_MARK).write_text("made by cgidm (tiny test world); cgidm may delete this folder\n")
+    tmp = fresh_partial(root, "tiny test world")
     torch.manual_seed(cfg.seed)
 
     build_tiny_pipeline(tmp / "base", cfg.size, cfg.seed)
