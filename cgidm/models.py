@@ -415,21 +415,24 @@ def _bytes(*modules) -> int:
     for m in modules:
         if isinstance(m, torch.nn.Module):
             for t in (*m.parameters(), *m.buffers()):
-                seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+                seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 0.1 * 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
 
 
 def memory_plan(pair: ModelPair) -> dict:
     """The weights a pair holds, by component, in the dtypes they were loaded in: the
     planner's static part (docs/families.md, "Memory"). Activations per sample are what
     the engine measures on a GPU (``engine.plan_memory``)."""
-    gb = 1024 ** 3
     unet = _bytes(pair.unet_pre, pair.unet_ft)
     shared = unet < _bytes(pair.unet_pre) + _bytes(pair.unet_ft)
     text = _bytes(pair.text_encoder_pre, pair.text_encoder_ft)
     vae = _bytes(getattr(pair.codec, "vae", None))
-    summary = (f"UNet weights {unet / gb:.2f} GB ({'one copy for both sides' if shared else 'two models'}), "
-               f"text encoders {text / gb:.2f} GB (moved off the GPU once the prompt is encoded), VAE {vae / gb:.2f} GB; "
+    summary = (f"UNet weights {_size(unet)} ({'one copy for both sides' if shared else 'two models'}), "
+               f"text encoders {_size(text)} (moved off the GPU once the prompt is encoded), VAE {_size(vae)}; "
                "activations are measured on the GPU")
     return {"unet_bytes": unet, "unet_shared": shared, "text_encoder_bytes": text, "vae_bytes": vae,
             "inversion_weights_bytes": unet + vae, "summary": summary}
