@@ -25,7 +25,7 @@ import torch
 from cgidm.baselines import score_batch as score_baselines
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
-from cgidm.pipeline import prepare, recover, shrink_engines
+from cgidm.pipeline import make_mask, prepare, recover, shrink_engines
 from cgidm.rows import batch_rows, error_row
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,10 @@ def run_pair(
     step_callback: Optional[Callable[[], Callable]] = None,
 ) -> PairStats:
     """Authenticate ``items`` against one loaded ``pair`` in batches of ``cfg.batch_size``;
-    every item ends as exactly one row handed to ``emit`` (on the writer's thread)."""
+    every item ends as exactly one row handed to ``emit`` (on the writer's thread). A mask
+    the pair's latent cannot hold (``--blocks-per-side``, ``--pass-rate``) raises
+    ``ValueError`` here, before any image is read."""
+    make_mask(pair, cfg)
     stats = stats or PairStats()
     batches = [list(items[i:i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size)]
 

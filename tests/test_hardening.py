@@ -437,3 +437,17 @@ def test_prompt_sources_are_never_unpickled_or_trusted(tmp_path, monkeypatch):
     assert prompt is None and "junk.safetensors" in why
     bad_tags = _safetensors(tmp_path / "t.safetensors", {"ss_tag_frequency": "[[[" * 10000})
     assert find_prompt(bad_tags)[0] is None
+
+
+def test_a_mask_the_latent_cannot_hold_is_refused_before_any_image(tiny_world, tmp_path, capsys):
+    from cgidm import cli
+
+    imgs = tiny_world / "images"
+    out = tmp_path / "out"
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--out", str(out),
+                     "--steps", "2", "--blocks-per-side", "8", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cgidm:")]
+    assert code == cli.EXIT_USAGE and len(err) == 1 and "pass_rate 2 too large" in err[0], err
+    rows = out / "results.jsonl"
+    assert not rows.exists() or not rows.read_text().strip()  # nothing was run
