@@ -279,7 +279,9 @@ EXTRACT_FEATURES = ("auto", "latent", "pixel", "embed")
 class ExtractConfig:
     """FineXtract-style extraction (``cgidm extract``, docs/extract.md): sampling with the
     guidance extrapolated from the pretrained model toward the fine-tune, then clustering
-    of the samples. The defaults follow the paper's public code where it has one."""
+    of the samples. Guidance 3 is the public code's DreamBooth runs' (its LoRA runs use 5);
+    the correction is 0 (its LoRA runs'; -0.02 in its DreamBooth runs) and 100 samples
+    (500 there): docs/extract.md, "Departures"."""
 
     prompt: Optional[str] = _opt(None, "prompt of the fine-tune (default: the one the checkpoint names)")
     samples: int = _opt(100, "images sampled with the extrapolated guidance")
@@ -381,14 +383,16 @@ class ProtectConfig:
     target: Optional[str] = _opt(None, "target image of the textural loss (default: a built-in high-contrast "
                                        "pattern)")
     # Mist weighs its summed textural loss against 1e4 x the mean denoising loss (its
-    # default --rate 1); on SD's 4x64x64 latents that is 16384 / 1e4 = 1.6384 on the mean.
-    textural_weight: float = _opt(1.6384, "weight of the textural (per-entry mean) loss against the denoising loss "
-                                          "in fused mode")
+    # default --rate 1): on the mean, C*H*W / 1e4 (16384 / 1e4 = 1.6384 on SD's 4x64x64
+    # latents, 6.5536 on SDXL's 4x128x128); None: that, for the base's latent
+    textural_weight: Optional[float] = _opt(None, "weight of the textural (per-entry mean) loss against the "
+                                                  "denoising loss in fused mode (default: Mist's weighting for the "
+                                                  "base's latent size, C*H*W/1e4)")
     k: int = _opt(1, "timesteps (with their noise) per image per step, stratified", flag="--timesteps-per-image")
     t_min: int = _opt(0, "smallest timestep drawn")
     t_max: int = _opt(999, "largest timestep drawn")
-    random_start: bool = _opt(False, "start from a random point of the budget (Mist) instead of the image "
-                                     "(AdvDM, Anti-DreamBooth)")
+    random_start: bool = _opt(False, "start from a random point of the budget (as AdvDM's and Mist's code do) "
+                                     "instead of the image (as Anti-DreamBooth does)")
     batch_size: int = _opt(8, "images protected together")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id, step)")
     eval_draws: int = _opt(8, "fixed (t, noise) draws per image for the denoising loss reported before and after")
@@ -403,7 +407,7 @@ class ProtectConfig:
             raise ValueError("steps must be >= 0; timesteps per image, batch size and eval draws >= 1")
         if not (0 <= self.t_min <= self.t_max):
             raise ValueError("need 0 <= t_min <= t_max")
-        if not (self.textural_weight >= 0 and self.textural_weight != float("inf")):
+        if self.textural_weight is not None and not (self.textural_weight >= 0 and self.textural_weight != float("inf")):
             raise ValueError(f"textural weight must be a finite number >= 0, got {self.textural_weight}")
 
     @property

@@ -213,6 +213,8 @@ def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, nois
         out = out + denoising_loss(model.unet, z, t, noise, model.abar, cond, model.target).mean(1)
     if cfg.needs_target:
         w = 1.0 if cfg.loss == "textural" else cfg.textural_weight
+        if w is None:  # Mist's weighting on the mean: its summed loss over 1e4 x the mean one
+            w = z[0].numel() / 1e4
         out = out - w * textural_loss(z, z_target)
     return out
 

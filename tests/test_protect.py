@@ -208,3 +208,23 @@ def test_cli_defaults_come_from_the_configuration():
                                           "--budget", "4/255", "--timesteps-per-image", "3", "--loss", "fused"])
     cfg = ProtectConfig(**cli._given(args, ProtectConfig))
     assert cfg.budget_value == 4 / 255 and cfg.k == 3 and cfg.loss == "fused"
+
+
+def test_fused_weight_follows_the_latent_size_as_mist_weighs_it(monkeypatch):
+    # Mist: summed textural loss against 1e4 x the mean denoising loss; on the mean, C*H*W / 1e4
+    from types import SimpleNamespace
+
+    from cgidm import protect_pgd
+    from cgidm.codec import IdentityCodec
+
+    monkeypatch.setattr(protect_pgd, "denoising_loss", lambda *a, **k: torch.zeros(2, 1))
+    monkeypatch.setattr(protect_pgd, "encode", lambda codec, x, noise: x)
+    model = SimpleNamespace(codec=IdentityCodec(), unet=None, abar=None, target=None)
+    z_target = torch.zeros(2, 3, 16, 16)
+    x = torch.rand(2, 3, 16, 16)
+    textural = protect_pgd.objective(model, ProtectConfig(loss="textural"), x, None, None, None, None, z_target)
+    assert torch.all(textural < 0)
+    for weight, expect in ((None, 3 * 16 * 16 / 1e4), (2.0, 2.0)):
+        fused = protect_pgd.objective(model, ProtectConfig(loss="fused", textural_weight=weight), x, None, None,
+                                      None, None, z_target)
+        torch.testing.assert_close(fused, expect * textural)
