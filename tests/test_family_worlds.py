@@ -168,9 +168,10 @@ def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_pat
 # --------------------------------------------------------------------------- trained worlds (slow)
 
 
+# one test worker per family: it trains that world once (minutes), for both variants
 @pytest.mark.slow
-@pytest.mark.parametrize("family", OTHER)
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("family,variant", [
+    pytest.param(f, v, marks=pytest.mark.xdist_group(f"family-{f}")) for f in OTHER for v in ("full", "lora")])
 def test_demo_tells_members_from_holdouts_in_every_family(tmp_path, capsys, family, variant):
     code = cli.main(["demo", "--family", family, "--variant", variant, "--out", str(tmp_path / "out"), "-q"])
     assert code == 0

@@ -55,16 +55,25 @@ TEXT_WIDTH_2 = 48
 class FamilyWorldConfig:
     family: str = "sd2"
     size: int = 16
-    pretrain_per_style: int = 16
-    pretrain_steps: int = 300
+    pretrain_per_style: int = 8
+    pretrain_steps: int = 100
     members: int = 6
     holdouts: int = 6
     controls: int = 12
-    finetune_steps: int = 600
+    finetune_steps: int = 300
     lora_steps: int = 400
     lora_rank: int = 16
     batch: int = 16
     seed: int = 0
+
+
+# SDXL's tiny world needs the longer training to separate its LoRA's members (measured:
+# AUC 0.917 full / 0.861 LoRA with the defaults above, 1.000 / 1.000 with these)
+LONGER = {"sdxl": dict(pretrain_per_style=16, pretrain_steps=300, finetune_steps=600)}
+
+
+def default_config(family: str) -> FamilyWorldConfig:
+    return FamilyWorldConfig(family=family, **LONGER.get(family, {}))
 
 
 def family_unet_config(family: str, size: int = 16) -> dict:
@@ -143,7 +152,7 @@ def build_family_world(family: str, root: str | Path | None = None, cfg: Optiona
 
     if family == "sd1":
         return build_tiny_world(root)
-    cfg = cfg or FamilyWorldConfig(family=family)
+    cfg = cfg or default_config(family)
     if cfg.family != family:
         raise ValueError(f"configuration for {cfg.family!r}, asked for {family!r}")
     root = Path(root) if root is not None else default_root(family)
