@@ -120,3 +120,15 @@ def test_images_for_p_counts_the_members_a_set_verdict_needs():
     # lower is better for mse: the same members, mirrored, need the same count
     mirrored = [{"label": r["label"], "latent_mse": -r["latent_cos"]} for r in controls + high]
     assert images_for_p(mirrored, "latent_mse", 20, seed=0) == 2
+
+
+def test_extraction_on_the_study_world_writes_a_row(quick_world, tmp_path):
+    env = {**__import__("os").environ, "CGIDM_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_extract_study.py"), "--quick", "--samples", "6", "--steps",
+           "2", "--clusters", "2", "--kinds", "full", "--threads", "1"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads((tmp_path / "extract-study-cpu.json").read_text().splitlines()[-1])
+    assert [r["grade"] for r in row["rows"]] == list(QUICK.grades)
+    for r in row["rows"]:
+        assert r["members"] == QUICK.members and 0 <= r["extracted"] <= r["members"] and 0.0 <= r["auc"] <= 1.0
