@@ -107,6 +107,42 @@ def test_sdxl_conditioning_is_what_diffusers_sdxl_pipeline_gives(smoke_worlds):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kohya", [False, True])
+def test_sdxl_lora_that_trains_both_text_encoders(smoke_worlds, tmp_path, kohya):
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from cgidm.testing.convert import peft_lora_to_kohya
+
+    w = smoke_worlds["sdxl"]
+    state = load_file(str(w / "lora.safetensors"))
+    for prefix, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        te = cls.from_pretrained(w / "base" / prefix)
+        te.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        for name, prm in te.named_parameters():
+            if "lora_B" in name:  # gaussian init leaves B at 0: give the adapter an effect
+                torch.nn.init.normal_(prm, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        state.update({f"{prefix}.{k}": v.contiguous() for k, v in get_peft_model_state_dict(te).items()})
+    if kohya:
+        from diffusers import UNet2DConditionModel
+
+        state = peft_lora_to_kohya(state, sgm_unet=UNet2DConditionModel.from_pretrained(w / "base" / "unet"))
+        assert any(k.startswith("lora_te1_") for k in state) and any(k.startswith("lora_te2_") for k in state)
+    path = tmp_path / "lora_te.safetensors"
+    save_file(state, str(path))
+    pair = load_pair(w / "base", lora=path)
+    te_layers = 2 * 4 + 3 * 4  # q, k, v, out of each layer: 2 layers in the first encoder, 3 in the second
+    plain = load_pair(w / "base", lora=w / "lora.safetensors")
+    assert pair.info["lora_match"]["matched"] == pair.info["lora_match"]["total"] == \
+        plain.info["lora_match"]["total"] + te_layers
+    c_ft, c_pre = pair.encode_prompt("a sks pattern")
+    assert not torch.allclose(c_ft[:, :77, :32], c_pre[:, :77, :32])  # the first encoder's states moved
+    assert not torch.allclose(c_ft[:, :77, 32:], c_pre[:, :77, 32:])  # and the second's
+    torch.testing.assert_close(c_pre, plain.encode_prompt("a sks pattern")[1])  # the base side is untouched
+
+
 def test_pack_needs_room_and_round_trips():
     h, p, ids = torch.randn(2, 5, 16), torch.randn(2, 8), torch.tensor([[64.0, 64, 0, 0, 64, 64]])
     packed = families.pack_text_time(h, p, ids)
@@ -118,7 +154,11 @@ def test_pack_needs_room_and_round_trips():
         families.pack_text_time(torch.randn(1, 5, 12), torch.randn(1, 8), ids)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+SDXL_FORMATS = {"full": ("--finetuned", "finetuned"), "single": ("--finetuned", "finetuned.safetensors"),
+                "lora": ("--lora", "lora.safetensors"), "kohya": ("--lora", "lora_kohya.safetensors")}
+
+
+@pytest.mark.parametrize("variant", sorted(SDXL_FORMATS))
 def test_sdxl_engine_equals_the_reference_loop(smoke_worlds, tmp_path, variant):
     w = smoke_worlds["sdxl"]
     imgs = w / "images"
@@ -128,7 +168,8 @@ def test_sdxl_engine_equals_the_reference_loop(smoke_worlds, tmp_path, variant):
         args = ["authenticate", "--base", str(w / "base"), "--members", str(imgs / "members"),
                 "--holdouts", str(imgs / "holdouts"), "--out", str(out), "--preset", "demo", "--steps", "3",
                 "--engine", engine, "-q"]
-        args += ["--finetuned", str(w / "finetuned")] if variant == "full" else ["--lora", str(w / "lora.safetensors")]
+        flag, name = SDXL_FORMATS[variant]
+        args += [flag, str(w / name)]
         assert cli.main(args) == 0
         rows[engine] = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
         assert json.loads((out / "summary.json").read_text())["models"]["family"].startswith("sdxl")
