@@ -76,6 +76,7 @@ class Config:
     budget_steps: tuple = (10, 20, 40)
     budget_k: tuple = (1, 2)
     budget_seeds: tuple = (0, 1)
+    budget_noise: tuple = ("shared", "paper")  # the noise modes the budget sweeps
     paper_steps: int = 1000  # the paper setting's reference point in the budget sweep (0: none)
     p_draws: int = 200  # random member subsets per size for the images-needed-for-p<0.01 count
     robustness: bool = False
@@ -265,8 +266,8 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
     bgrade = cfg.budget_grade if cfg.budget_grade is not None else grades[len(grades) // 2]
     if cfg.budget_steps:
         pair = load_pair(**checkpoint_paths(world, cfg.budget_kind, bgrade))
-        points = [("shared", s, k) for s in cfg.budget_steps for k in cfg.budget_k]
-        points += [("paper", s, 1) for s in cfg.budget_steps]
+        points = [("shared", s, k) for s in cfg.budget_steps for k in cfg.budget_k] if "shared" in cfg.budget_noise else []
+        points += [("paper", s, 1) for s in cfg.budget_steps] if "paper" in cfg.budget_noise else []
         if cfg.paper_steps:
             points.append(("paper", cfg.paper_steps, 1))
         for noise, steps, k in points:
@@ -385,6 +386,7 @@ def main(argv=None) -> dict:
                    help="comma-separated PGD steps of the budget sweep ('' for none)")
     p.add_argument("--budget-k", default=",".join(map(str, Config().budget_k)))
     p.add_argument("--budget-seeds", type=int, default=len(Config().budget_seeds))
+    p.add_argument("--budget-noise", default=",".join(Config().budget_noise), help="noise modes of the budget sweep")
     p.add_argument("--paper-steps", type=int, default=Config().paper_steps,
                    help="the paper setting (independent noise) as the budget's reference point; 0: none")
     p.add_argument("--robustness", action="store_true", help="JPEG q75, half-size, 90 %% crop before authenticating")
@@ -411,7 +413,8 @@ def main(argv=None) -> dict:
         baselines=args.baselines, budget_kind=args.budget_kind, budget_grade=args.budget_grade,
         budget_steps=(1, 2) if args.quick else ints(args.budget_steps), budget_k=(1,) if args.quick
         else ints(args.budget_k), budget_seeds=tuple(range(1 if args.quick else args.budget_seeds)),
-        paper_steps=3 if args.quick else args.paper_steps, p_draws=20 if args.quick else Config().p_draws,
+        paper_steps=3 if args.quick else args.paper_steps,
+        budget_noise=tuple(n for n in args.budget_noise.split(",") if n), p_draws=20 if args.quick else Config().p_draws,
         robustness=args.robustness, reduced=args.reduced or args.quick,
         world={k: v for k, v in stamp.items() if k not in ("checkpoints",)},
     )
@@ -427,8 +430,9 @@ def main(argv=None) -> dict:
         suffix = "-robust" if cfg.robustness else ""
         gpath = Path(args.grade_figure or DOCS / f"quality-grade{suffix}.png")
         bpath = Path(args.budget_figure or DOCS / f"quality-budget{suffix}.png")
-        plot_grades(result, gpath, title)
-        figures["grade"] = str(gpath)
+        if result["grades"]:  # a budget-only run (--kinds '') has no grade to plot
+            plot_grades(result, gpath, title)
+            figures["grade"] = str(gpath)
         if result["budget"]:
             plot_budget(result, bpath, title)
             figures["budget"] = str(bpath)
