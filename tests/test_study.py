@@ -132,3 +132,16 @@ def test_extraction_on_the_study_world_writes_a_row(quick_world, tmp_path):
     assert [r["grade"] for r in row["rows"]] == list(QUICK.grades)
     for r in row["rows"]:
         assert r["members"] == QUICK.members and 0 <= r["extracted"] <= r["members"] and 0.0 <= r["auc"] <= 1.0
+
+
+def test_a_budget_only_run_writes_its_row(quick_world, tmp_path):
+    # no kinds: no grade rows, so no grade plot; the budget sweep and its row still come out
+    env = {**__import__("os").environ, "CGIDM_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--kinds", "", "--budget-noise",
+           "shared", "--budget-figure", str(tmp_path / "budget.png"), "--grade-figure", str(tmp_path / "g.png"),
+           "--threads", "1"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads((tmp_path / "quality-cpu.json").read_text().splitlines()[-1])
+    assert row["grades"] == [] and {r["noise"] for r in row["budget"]} == {"shared", "paper"}  # paper: the reference
+    assert (tmp_path / "budget.png").is_file() and not (tmp_path / "g.png").exists()
