@@ -7,6 +7,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton's interpreter is chosen when triton is first imported: without a GPU it is all
+# there is, and a test worker may import triton (through cgidm.ops) before the Triton test
+# modules would ask for it, skipping their CPU cases.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One thread per test process: `make test` runs two workers on two cores, and two
 # threads each only thrash.
