@@ -291,6 +291,15 @@ def run(cfg: Config, world: Path, work: Path, log=print) -> dict:
         lab: sum(it.label == lab for it in items) for lab in SETS.values()}}
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_grades(result: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -314,10 +323,7 @@ def plot_grades(result: dict, path: Path, title: str) -> None:
         ax.set_title(f"{kind} fine-tune")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_budget(result: dict, path: Path, title: str) -> None:
@@ -344,10 +350,7 @@ def plot_budget(result: dict, path: Path, title: str) -> None:
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def print_table(result: dict) -> None:

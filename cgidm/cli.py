@@ -218,17 +218,12 @@ def _quiet_loaders() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
-    from cgidm.api import authenticate
+def _load_announced(opts, rt, base, finetuned, lora, cfg):
+    """Load the pair on the resolved device and dtype and resolve the prompt, printing the
+    family, the memory plan and the prompt; returns ``(pair, cfg, prompt_from)``."""
     from cgidm.models import load_pair
     from cgidm.pipeline import resolve_prompt
 
-    cfg = config_from_args(args, preset)
-    opts = run_options(args)
-    _check_metric(cfg, opts)
-    _quiet_loaders()
-    rt = config.resolve_runtime(opts.device, opts.dtype)
-    print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)
@@ -238,6 +233,19 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
         print(f"memory plan (estimate): {plan['summary']}")
     cfg, prompt_from = resolve_prompt(cfg, pair)
     print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
+    return pair, cfg, prompt_from
+
+
+def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
+    from cgidm.api import authenticate
+
+    cfg = config_from_args(args, preset)
+    opts = run_options(args)
+    _check_metric(cfg, opts)
+    _quiet_loaders()
+    rt = config.resolve_runtime(opts.device, opts.dtype)
+    print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
+    pair, cfg, prompt_from = _load_announced(opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
                            prefetch_depth=opts.prefetch, prompt_from=prompt_from)
@@ -353,8 +361,6 @@ def cmd_extract(args) -> int:
     from pathlib import Path
 
     from cgidm.extract import extract, list_compare_images
-    from cgidm.models import load_pair
-    from cgidm.pipeline import resolve_prompt
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
@@ -371,15 +377,7 @@ def cmd_extract(args) -> int:
     rt = config.resolve_runtime(opts.device, opts.dtype)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  samples: {cfg.samples}  steps: {cfg.steps}  "
           f"guidance w: {cfg.guidance}  k: {cfg.correction}  pretrained prompt: {cfg.pretrained_prompt}")
-    kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
-    pair = load_pair(args.base, args.finetuned, args.lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
-                     device=rt.device, dtype=rt.dtype, **kw)
-    print(f"model family: {pair.info['family']}")
-    plan = pair.info.get("memory_plan")
-    if plan:
-        print(f"memory plan (estimate): {plan['summary']}")
-    cfg, prompt_from = resolve_prompt(cfg, pair)
-    print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
+    pair, cfg, prompt_from = _load_announced(opts, rt, args.base, args.finetuned, args.lora, cfg)
     embedder = _embedder(opts, rt.device)
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
                 prompt_from=prompt_from)

@@ -340,6 +340,13 @@ class DualTextEncoder(torch.nn.Module):
 
         return SimpleNamespace(hidden_size=int(self.encoder.config.hidden_size) + int(self.encoder_2.config.hidden_size))
 
+    def with_encoders(self, encoder: torch.nn.Module, encoder_2: torch.nn.Module) -> "DualTextEncoder":
+        """Itself when both encoders are its own, else a new one at the same resolution (a
+        fine-tune, a single file or a LoRA that replaced either)."""
+        if encoder is self.encoder and encoder_2 is self.encoder_2:
+            return self
+        return DualTextEncoder(encoder, encoder_2, self.resolution)
+
     @torch.no_grad()
     def encode(self, tokenizers, prompt: str, device) -> torch.Tensor:
         states, pooled = [], None

@@ -213,12 +213,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
             raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder {prefix} ({_one_line(e)})") from e
         fit.add(te, _te_peft_state(keys, te, prefix))
         encoders[i] = te
-    if not xl:
-        te_out = encoders[0]
-    elif all(a is b for a, b in zip(encoders, bases)):
-        te_out = text_encoder_base
-    else:
-        te_out = DualTextEncoder(*encoders, text_encoder_base.resolution)
+    te_out = text_encoder_base.with_encoders(*encoders) if xl else encoders[0]
     # the converter may drop or merge what it cannot name: never count fewer layers
     # than the file has
     fit.total = max(fit.total, len(file_names))

@@ -161,9 +161,8 @@ def _load_text_side(folder: Path, family: families.Family, resolution: int, allo
             raise ModelLoadError(f"{folder}: missing component '{name if enc is None else tname}' (an SDXL pipeline has two)")
         encoders.append(enc)
         tokenizers.append(tok)
-    if te_base is not None and all(a is b for a, b in zip(encoders, old_te)):
-        return te_base, tok_base
-    return families.DualTextEncoder(*encoders, resolution), tuple(tokenizers)
+    te = te_base.with_encoders(*encoders) if te_base is not None else families.DualTextEncoder(*encoders, resolution)
+    return te, tuple(tokenizers)
 
 
 def _load_tokenizer(folder: Path):
@@ -280,9 +279,7 @@ def _single_file_sdxl_text(state: dict, base: Path, path: Path, te_base):
                                                                local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder {i + 1} does not match the base model's ({e})") from e
-    if all(a is b for a, b in zip(encoders, (te_base.encoder, te_base.encoder_2))):
-        return te_base
-    return families.DualTextEncoder(*encoders, te_base.resolution)
+    return te_base.with_encoders(*encoders)
 
 
 def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:

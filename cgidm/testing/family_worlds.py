@@ -179,9 +179,9 @@ def _models(base: Path, family: str):
     from cgidm.models import _load_text_side
 
     fam = families.detect_folder(base)
-    te, tok = _load_text_side(base, fam, 16, allow_pickle=False)
-    if isinstance(te, families.DualTextEncoder):
-        te.resolution = int(json.loads((base / "unet" / "config.json").read_text())["sample_size"])
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    # the identity codec: the resolution (SDXL's time ids) is the latent size
+    te, tok = _load_text_side(base, fam, int(unet.config.sample_size), allow_pickle=False)
     te.eval().requires_grad_(False)
     sched = DDPMScheduler.from_pretrained(base / "scheduler")
 
@@ -193,7 +193,6 @@ def _models(base: Path, family: str):
     def wrap(unet):
         return families.TextTimeUNet(unet) if fam.added_cond == "text_time" else unet
 
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
     return unet, wrap, encode, sched.alphas_cumprod.float(), sched.config.prediction_type
 
 

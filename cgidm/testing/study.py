@@ -27,7 +27,6 @@ not make is never deleted.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,8 @@ import torch
 
 from cgidm.files import atomic_write_json
 from cgidm.testing.tiny import (
-    INSTANCE_PROMPT, LORA_TARGETS, MEMBER_STYLE, OWNER_MARK, StageProgress, _to_tensor, build_tiny_world,
+    INSTANCE_PROMPT, LORA_TARGETS, MEMBER_STYLE, OWNER_MARK, StageProgress, _stamp_of, _to_tensor,
+    build_tiny_world,
 )
 from cgidm.testing.world import STYLES, make_images
 
@@ -144,14 +144,6 @@ def _stamp(cfg: StudyConfig) -> dict:
             "grades": list(cfg.grades)}
 
 
-def _read_stamp(root: Path) -> Optional[dict]:
-    try:
-        stamp = json.loads((root / "study.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
-
-
 def _removable(folder: Path) -> None:
     if not os.path.lexists(folder):
         return
@@ -179,7 +171,7 @@ def build_study_world(root: str | Path | None = None, cfg: Optional[StudyConfig]
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         stamp = _stamp(cfg)
-        old = _read_stamp(root) if root.is_dir() else None
+        old = _stamp_of(root, "study.json") if root.is_dir() else None
         # study.json holds the stamp and what was built (kinds, checkpoints, prompt)
         if not force and old is not None and {k: old.get(k) for k in stamp} == stamp:
             return root

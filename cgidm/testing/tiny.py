@@ -186,9 +186,10 @@ def build_tiny_world(root: str | Path | None = None, cfg: WorldConfig = WorldCon
         return _build_locked(root, cfg, force, train)
 
 
-def _stamp_of(folder: Path) -> Optional[dict]:
+def _stamp_of(folder: Path, name: str = "world.json") -> Optional[dict]:
+    """The JSON object ``folder/name`` (a built world's stamp), ``None`` if unreadable."""
     try:
-        stamp = json.loads((folder / "world.json").read_text())
+        stamp = json.loads((folder / name).read_text())
     except (OSError, ValueError):
         return None
     return stamp if isinstance(stamp, dict) else None
