@@ -17,6 +17,10 @@ even when an earlier one failed:
              (pair_contrast_loss, pgd_update), no torch reduction in that run
   synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
   bench      ``bench/bench_engine.py --batches 1 auto`` (rows in bench/results/engine-<gpu>.json)
+  pairpass   ``bench/bench_pairpass.py --full-size``: the pair-pass variants the engine picks from
+  protect    ``bench/bench_protect_speed.py``: ``cgidm protect`` on SD v1.5 shapes, the eager
+             public-tools loop against the engine's CUDA graph (rows in
+             bench/results/protect-speed-<gpu>.json)
 
 then a table (stage -> ok / failed / skipped, seconds, note) and one row in
 ``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
@@ -29,6 +33,7 @@ not rebuilt; the test modules collected; the ops on CPU without a sanitizer; ben
 script cannot rot between GPU runs: tests/test_build.py runs it.
 
     python bench/gpu_check.py                                     # = make gpu-check
+    python bench/gpu_check.py --only protect                      # some stages (a second call)
     python bench/gpu_check.py ops --device cuda [--ops a,b] [--no-compare]  # the sanitizers' workload
 """
 from __future__ import annotations
@@ -55,6 +60,7 @@ NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is Fal
 OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
 REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
+STAGES = ("build", "tests", "memcheck", "racecheck", "bench", "pairpass", "synccheck", "protect")
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
 
 
@@ -297,6 +303,24 @@ def bench_pairs(runner: Runner, py: str, cuda: bool) -> None:
                                                          out.strip().splitlines()[-1][:200] if out.strip() else ""))
 
 
+def bench_protect(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> Path:
+    """``cgidm protect`` on SD v1.5 shapes (random weights): the eager public-tools loop
+    against the engine's CUDA graph, images/hour and peak memory (issue 16's goals)."""
+    if cuda:
+        cmd = [py, "bench/bench_protect_speed.py", "--batches", "1", "4", "8", "--timed-steps", "4", "--repeats", "3"]
+    else:
+        cmd = [py, "bench/bench_protect_speed.py", "--device", "cpu", "--tiny", "--batches", "1", "2",
+               "--timed-steps", "2", "--repeats", "1", "--warmup", "0"]
+    path = results / f"protect-speed-{slug if cuda else 'smoke-cpu'}.json"
+
+    def judge(rc: int, out: str) -> tuple[str, str]:
+        goals = next((line for line in reversed(out.splitlines()) if line.startswith("goals")), "no goals line")
+        return ("ok" if rc == 0 else "failed"), goals[:220] if rc == 0 else f"exit status {rc}"
+
+    runner.stage("protect", cmd, 150, judge)
+    return path
+
+
 # --------------------------------------------------------------------------- the ops workload
 
 
@@ -416,7 +440,7 @@ def combined_log(runner: Runner, path: Path, per_stage_bytes: int = 1 << 20) -> 
     return path
 
 
-def check(budget_s: float) -> int:
+def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -447,18 +471,31 @@ def check(budget_s: float) -> int:
                      f"{info.get('gpu', 'CPU')}, torch {info['packages']['torch']} (CUDA {info['torch_cuda']}), "
                      f"nvcc: {info['nvcc'] or 'none'}{missing}"))
     # Each stage leaves time for the ones after it (bench keeps 150 s), within the budget.
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    task_rows: list[Path] = []
     runner.reserve = 240
-    build(runner, py, cuda, info.get("compute_capability"))
+    if want("build"):
+        build(runner, py, cuda, info.get("compute_capability"))
     runner.reserve = 180
-    run_tests(runner, py, cuda)
+    if want("tests"):
+        run_tests(runner, py, cuda)
     runner.reserve = 150
-    sanitize(runner, py, cuda, "memcheck", OPS, 120)
-    sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 90)
+    if want("memcheck"):
+        sanitize(runner, py, cuda, "memcheck", OPS, 120)
+    if want("racecheck"):
+        sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 90)
     runner.reserve = 100
-    bench(runner, py, cuda, RESULTS, slug)
+    if want("bench"):
+        bench(runner, py, cuda, RESULTS, slug)
     runner.reserve = 0
-    bench_pairs(runner, py, cuda)
-    sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
+    if want("pairpass"):
+        bench_pairs(runner, py, cuda)
+    if want("synccheck"):
+        sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
+    if want("protect"):
+        task_rows.append(bench_protect(runner, py, cuda, RESULTS, slug))
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
     print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")
@@ -469,7 +506,7 @@ def check(budget_s: float) -> int:
     path = append_row("gpu-check", device, row)
     log = combined_log(runner, WORK / f"gpu-check-{slug}.log")
     print(f"row appended to {path}; stage logs in {runner.logs}", flush=True)
-    copy_out([path, RESULTS / f"engine-{slug if cuda else 'cpu-smoke'}.json", log])
+    copy_out([path, RESULTS / f"engine-{slug if cuda else 'cpu-smoke'}.json", *task_rows, log])
     print(f"gpu-check: {'all stages passed' if not failed else 'FAILED: ' + ', '.join(failed)}"
           f"{'' if cuda else ' (CPU smoke)'}", flush=True)
     return 1 if failed else 0
@@ -483,6 +520,8 @@ def main(argv=None) -> int:
     o.add_argument("--ops", default=",".join(OPS))
     o.add_argument("--no-compare", action="store_true")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole run's time budget")
+    p.add_argument("--only", default=None, help=f"comma-separated stages to run ({', '.join(STAGES)}); "
+                   "wheels and env always run; without build, the extension already built is used")
     a = p.parse_args(argv)
     if a.cmd == "ops":
         names = tuple(n for n in a.ops.split(",") if n)
@@ -490,7 +529,10 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown ops {sorted(unknown)}")
         return ops_workload(a.device, names, not a.no_compare)
-    return check(a.budget_s)
+    only = None if a.only is None else {n for n in a.only.split(",") if n}
+    if only is not None and not only <= set(STAGES):
+        p.error(f"unknown stages {sorted(only - set(STAGES))}; choose from {', '.join(STAGES)}")
+    return check(a.budget_s, only)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from cgidm import graphs
 from cgidm.config import DEFAULT_IMPL
 from cgidm.reference import (
     EpsFn, InversionResult, Keys, PGDConfig, TargetFn, _expand_cond, as_keys, contrast_gradient, draw_step,
@@ -175,9 +176,7 @@ class Engine:
         self.keys = torch.zeros(self.b, dtype=torch.int64, device=dev)  # [B] rng.image_key per row
         self.step = torch.zeros((), dtype=torch.int64, device=dev)  # PGD step of the next draw
 
-        self.use_graph = (dev.type == "cuda") if use_graph is None else bool(use_graph)
-        if self.use_graph and dev.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+        self.use_graph = graphs.graph_wanted(use_graph, dev)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._warmup = warmup
 
@@ -221,20 +220,7 @@ class Engine:
         warm-up's and the capture's effects on ``delta``, ``skipped`` and ``step`` are undone."""
         if not self.use_graph or self.graph is not None:
             return
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self._warmup):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        # the warm-up's cached blocks would otherwise sit beside the graph's private pool:
-        # capture would need about twice the step's peak memory
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.graph = graph
+        self.graph, _ = graphs.capture(self._step, self.device, self._warmup)
         self._reset_state()
 
     def _reset_state(self) -> None:

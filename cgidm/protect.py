@@ -29,8 +29,8 @@ from cgidm.config import ProtectConfig, dtype_name
 from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
 from cgidm.images import ImageError, list_images, load_image_with_notes, preprocess
 from cgidm.protect_output import output_name, panel, protect_file, write_report
-from cgidm.protect_pgd import (BaseModel, builtin_target, eval_denoising_loss, load_base, protect_batch,  # noqa: F401
-                               target_latent)
+from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
+                               protect_batch, target_latent)
 from cgidm.resume import OutputLock, done_rows, read_jsonl, repair_jsonl
 
 __all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
@@ -113,6 +113,7 @@ class _Run:
         self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
         self.cond = model.encode_prompt(cfg.prompt)
         self.z_target = _target(model, cfg)
+        self.engine: Optional[ProtectEngine] = None
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
         from tqdm.auto import tqdm
 
@@ -166,9 +167,25 @@ class _Run:
                 log.debug("writing %s failed", item.id, exc_info=True)
                 self._error(item, f"failed: {type(e).__name__}: {e}")
 
+    def _engine(self) -> ProtectEngine:
+        """One engine for the run, built at the first batch, its step captured in a CUDA
+        graph on a GPU. A capture that fails (an unusual model, a driver without graph
+        support) is logged and the run goes on eagerly."""
+        if self.engine is None:
+            engine = ProtectEngine(self.model, self.cfg, self.cfg.batch_size, self.cond, self.z_target,
+                                   self.cfg.impl)
+            try:
+                engine.capture()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step
+                log.warning("CUDA graph capture failed (%s: %s); protecting eagerly", type(e).__name__, e)
+                engine.graph, engine.use_graph = None, False
+            self.engine = engine
+        return self.engine
+
     def _protect(self, items, images):
-        res = protect_batch(self.model, images, [i.id for i in items], self.cfg, self.cond, self.z_target,
-                            impl=self.cfg.impl)
+        res = self._engine().run(images, [i.id for i in items])
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))
@@ -256,12 +273,16 @@ def protect(
         def emit(row: dict) -> None:
             append_jsonl(results, row)
 
+        graph = None
         if todo:
-            _Run(model, cfg, out, emit, progress).run(todo)
+            runner = _Run(model, cfg, out, emit, progress)
+            runner.run(todo)
+            graph = runner.engine is not None and runner.engine.graph is not None
         wall = time.perf_counter() - t0
         ids = {it.id for it in items}
         rows = [r for r in read_jsonl(results) if r["id"] in ids]
         summary = _summary(rows, cfg, model, dtype, wall, len(todo))
+        summary["timing"]["cuda_graph"] = graph  # None: nothing protected in this run
         atomic_write_json(out / "summary.json", summary)
         summary["report"] = str(write_report(out, rows, summary))
     return summary

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from cgidm import rng
+from cgidm import graphs, rng
 from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.ops import get_ops
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
@@ -219,7 +219,7 @@ def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, nois
     return out
 
 
-def protect_batch(
+def protect_loop(
     model: BaseModel,
     images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
     ids: Sequence[str],
@@ -229,30 +229,22 @@ def protect_batch(
     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     impl: str = DEFAULT_IMPL,
 ) -> ProtectResult:
-    """L-inf PGD on a batch; ``callback(step, delta, objective)`` after each step. The step
-    is the op ``cgidm::linf_update`` (spec: ``cgidm.reference.linf_pgd_update_ref``) from
+    """The plain loop of L-inf PGD on a batch, fresh tensors every step: the reference that
+    ``ProtectEngine`` (what ``protect_batch`` runs) is tested against.
+    ``callback(step, delta, objective)`` after each step. The step is the op
+    ``cgidm::linf_update`` (spec: ``cgidm.reference.linf_pgd_update_ref``) from
     ``get_ops(impl)``; every implementation takes the same fp32 steps."""
     device = model.device
     ops = get_ops(impl)
     x = images.to(device=device, dtype=torch.float32)
     b = x.shape[0]
-    if len(ids) != b:
-        raise ValueError(f"{len(ids)} ids for {b} images")
-    if cfg.needs_target and z_target is None:
-        raise ValueError(f"loss {cfg.loss} needs a target encoding (target_latent)")
-    if cfg.needs_model and cond is None:
-        cond = model.encode_prompt(cfg.prompt)
-    eps, alpha = 2 * cfg.budget_value, 2 * cfg.step_value
+    cond, eps, alpha = _check_inputs(model, cfg, b, ids, cond, z_target)
     keys = rng.image_keys(cfg.seed, ids, device)
     enc_keys = _keys(cfg.seed, ids, ENCODE_STREAM, device)
     sampled = getattr(model.codec, "vae", None) is not None
     shape = model.latent_shape
     scale = loss_scale(shape)  # sign steps ignore it; it keeps fp16 seeds out of the subnormals
-    if cfg.random_start:
-        u = _uniform(_keys(cfg.seed, ids, START_STREAM, device), x.shape[1:], device)
-        delta = torch.minimum(torch.maximum(eps * (2 * u - 1), -1 - x), 1 - x)
-    else:
-        delta = torch.zeros_like(x)
+    delta = start_delta(cfg, x, ids, eps)
     skipped = torch.zeros(b, dtype=torch.long, device=device)
     first = last = torch.full((b,), float("nan"), device=device)
     for step in range(cfg.steps):
@@ -273,6 +265,147 @@ def protect_batch(
         if callback is not None:
             callback(step, delta, obj)
     return ProtectResult(delta.detach(), skipped, torch.stack([first, last], 1))
+
+
+def _check_inputs(model: BaseModel, cfg: ProtectConfig, b: int, ids: Sequence[str], cond, z_target):
+    """``(cond, eps, alpha)``: the conditioning (encoded when needed and not given) and the
+    budget and step in [-1, 1] units; ``ValueError`` for ids or a target that do not fit."""
+    if len(ids) != b:
+        raise ValueError(f"{len(ids)} ids for {b} images")
+    if cfg.needs_target and z_target is None:
+        raise ValueError(f"loss {cfg.loss} needs a target encoding (target_latent)")
+    if cfg.needs_model and cond is None:
+        cond = model.encode_prompt(cfg.prompt)
+    return cond, 2 * cfg.budget_value, 2 * cfg.step_value
+
+
+def start_delta(cfg: ProtectConfig, x: torch.Tensor, ids: Sequence[str], eps: float) -> torch.Tensor:
+    """The starting perturbation of images ``x`` ``[B, 3, R, R]``: zero, or with
+    ``cfg.random_start`` uniform in the budget box (keyed per image), inside the pixel range."""
+    if not cfg.random_start:
+        return torch.zeros_like(x)
+    u = _uniform(_keys(cfg.seed, ids, START_STREAM, x.device), x.shape[1:], x.device)
+    return torch.minimum(torch.maximum(eps * (2 * u - 1), -1 - x), 1 - x)
+
+
+class ProtectEngine:
+    """``protect_loop`` for batches of up to ``batch`` images from static buffers, one PGD
+    step capturable in a CUDA graph and replayed for every step of every batch (a smaller
+    batch is zero-padded; padded rows take steps that nothing reads).
+
+    The step reads the step counter from a device tensor that it increments, so the keyed
+    draws of every replay are the step's own (``cgidm.rng``). ``use_graph``: ``None`` = on
+    CUDA devices. The autograd graph of the objective (VAE encoder and UNet, input gradient
+    only) is built inside the capture; the warm-up on a side stream first makes every
+    lazy allocation (cuBLAS workspaces, autograd's first-call buffers) outside it.
+    """
+
+    def __init__(self, model: BaseModel, cfg: ProtectConfig, batch: int, cond: Optional[torch.Tensor] = None,
+                 z_target: Optional[torch.Tensor] = None, impl: str = DEFAULT_IMPL,
+                 use_graph: Optional[bool] = None, warmup: int = 2) -> None:
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        dev = model.device
+        self.model, self.cfg, self.b, self.device = model, cfg, int(batch), dev
+        self.ops = get_ops(impl)
+        cond, self.eps, self.alpha = _check_inputs(model, cfg, 0, [], cond, z_target)
+        self.cond = None if cond is None else cond.to(dev)
+        self.z_target = None if z_target is None else z_target.to(dev)
+        self.shape = model.latent_shape
+        self.scale = loss_scale(self.shape)
+        self.sampled = getattr(model.codec, "vae", None) is not None
+        r = model.resolution
+        self.x = torch.zeros(self.b, 3, r, r, device=dev)
+        self.delta = torch.zeros_like(self.x)
+        self.keys = torch.zeros(self.b, dtype=torch.int64, device=dev)
+        self.enc_keys = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(self.b, dtype=torch.bool, device=dev)
+        self.skipped = torch.zeros(self.b, dtype=torch.long, device=dev)
+        self.first = torch.zeros(self.b, device=dev)
+        self.last = torch.zeros(self.b, device=dev)
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)
+        self.use_graph = graphs.graph_wanted(use_graph, dev)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._warmup = warmup
+
+    def _step(self) -> None:
+        """One step on the static buffers. Capture-safe: no host sync, no Python branch on
+        a tensor's value, every result written in place."""
+        cfg, dev = self.cfg, self.device
+        t, noise, _ = rng.counter_draws(self.keys, self.step, cfg.k, self.shape, cfg.t_min, cfg.t_max, False, dev)
+        enc_noise = (rng.counter_draws(self.enc_keys, self.step, 1, self.shape, 0, 0, False, dev)[1]
+                     if self.sampled else None)
+        with torch.enable_grad():
+            x_adv = (self.x + self.delta).requires_grad_(True)
+            obj = objective(self.model, cfg, x_adv, t, noise, enc_noise, self.cond, self.z_target)
+            (grad,) = torch.autograd.grad(obj.sum() * self.scale, x_adv)
+        with torch.no_grad():
+            obj = obj.detach()
+            bad = ~torch.isfinite(obj)
+            grad = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(grad, float("nan")), grad)
+            delta, no_step = self.ops.linf_update(self.delta, grad, self.x, self.alpha, self.eps)
+            self.delta.copy_(delta)
+            self.skipped.add_((no_step & self.valid).long())
+            self.first.copy_(torch.where(self.step == 0, obj, self.first))
+            self.last.copy_(obj)
+            self.step.add_(1)
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then capture one step; the warm-up's and the
+        capture's effects on the buffers are undone by the next ``load``."""
+        if not self.use_graph or self.graph is not None:
+            return
+        self.graph, _ = graphs.capture(self._step, self.device, self._warmup)
+
+    def load(self, images: torch.Tensor, ids: Sequence[str]) -> int:
+        """Copy up to ``B`` images, their keys and their starting perturbation into the
+        buffers, zero-padding the rest; resets the counts and the step counter."""
+        n = images.shape[0]
+        if not 1 <= n <= self.b:
+            raise ValueError(f"{n} images for a bucket of {self.b}")
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} ids for {n} images")
+        if tuple(images.shape[1:]) != tuple(self.x.shape[1:]):
+            raise ValueError(f"images must be [B, {', '.join(map(str, self.x.shape[1:]))}], got {tuple(images.shape)}")
+        x = images.to(device=self.device, dtype=torch.float32)
+        for buf in (self.x, self.delta, self.keys, self.enc_keys, self.skipped, self.first, self.last, self.step):
+            buf.zero_()
+        self.x[:n].copy_(x)
+        self.delta[:n].copy_(start_delta(self.cfg, x, ids, self.eps))
+        self.keys[:n].copy_(rng.image_keys(self.cfg.seed, ids, self.device))
+        self.enc_keys[:n].copy_(_keys(self.cfg.seed, ids, ENCODE_STREAM, self.device))
+        self.valid.copy_(torch.arange(self.b, device=self.device) < n)
+        return n
+
+    def run(self, images: torch.Tensor, ids: Sequence[str],
+            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> ProtectResult:
+        """Protect up to ``B`` images: ``protect_loop``'s result, from the buffers
+        (replayed from the graph on CUDA). ``callback`` as there (it syncs every step)."""
+        if self.use_graph:
+            self.capture()
+        n = self.load(images, ids)
+        if self.cfg.steps == 0:
+            nan = torch.full((n,), float("nan"), device=self.device)
+            return ProtectResult(self.delta[:n].clone(), self.skipped[:n].clone(), torch.stack([nan, nan], 1))
+        for step in range(self.cfg.steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            if callback is not None:
+                callback(step, self.delta[:n], self.last[:n])
+        return ProtectResult(self.delta[:n].clone(), self.skipped[:n].clone(),
+                             torch.stack([self.first[:n], self.last[:n]], 1).clone())
+
+
+def protect_batch(model: BaseModel, images: torch.Tensor, ids: Sequence[str], cfg: ProtectConfig,
+                  cond: Optional[torch.Tensor] = None, z_target: Optional[torch.Tensor] = None,
+                  callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+                  impl: str = DEFAULT_IMPL, use_graph: Optional[bool] = None) -> ProtectResult:
+    """L-inf PGD on a batch (``protect_loop``'s result, same arguments) through a
+    ``ProtectEngine`` of the batch's size: a CUDA graph on a GPU unless ``use_graph=False``."""
+    engine = ProtectEngine(model, cfg, images.shape[0], cond, z_target, impl, use_graph)
+    return engine.run(images, ids, callback)
 
 
 @torch.no_grad()

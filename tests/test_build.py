@@ -88,12 +88,28 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "gpu-check: no CUDA device here" in proc.stdout
     table = proc.stdout[proc.stdout.index("stage      status"):]
-    for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck"):
+    for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck", "protect"):
         assert re.search(rf"^{stage} +ok ", table, re.M), table
-    assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "gpu-check-cpu.json", "gpu-check-cpu.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "gpu-check-cpu.json", "gpu-check-cpu.log",
+                                                     "protect-speed-smoke-cpu.json"]
     row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
     assert row["ok"] and not row["cuda_available"] and row["git_sha"] and row["command"]
     assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
+
+
+def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
+    """``--only protect``: env and the protect bench, nothing else; an unknown stage is refused."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CGIDM_BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--only", "protect"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("stage      status"):]
+    names = re.findall(r"^(\w+) +(?:ok|failed|skipped) ", table, re.M)
+    assert names[-1] == "protect" and not {"build", "tests", "bench", "memcheck"} & set(names), table
+    bad = subprocess.run([sys.executable, "bench/gpu_check.py", "--only", "protect,nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stages ['nope']" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -260,11 +260,36 @@ def test_get_ops_exposes_linf_update_with_the_reference_signature():
     assert cgidm_ops.get_ops("ref").linf_update is reference.linf_pgd_update_ref
 
 
-def test_protect_step_goes_through_get_ops():
-    import inspect
+def test_protect_step_goes_through_get_ops(monkeypatch):
+    """Both protect paths (the plain loop and the engine) take their step from
+    ``get_ops(impl)``: a spy on the op sees every step of each."""
+    from types import SimpleNamespace
 
     from cgidm import protect_pgd
+    from cgidm.config import ProtectConfig
+    from cgidm.protect_pgd import BaseModel
 
-    src = inspect.getsource(protect_pgd.protect_batch)
-    assert "ops.linf_update(" in src and "get_ops(impl)" in src
+    calls = []
+
+    def spy_ops(impl):
+        real = cgidm_ops.get_ops(impl)
+
+        def linf_update(*args, **kw):
+            calls.append(impl)
+            return real.linf_update(*args, **kw)
+
+        return SimpleNamespace(linf_update=linf_update)
+
+    monkeypatch.setattr(protect_pgd, "get_ops", spy_ops)
+    from cgidm.codec import IdentityCodec
+
+    unet = torch.nn.Linear(1, 1)  # the textural loss never calls it; it gives the size and device
+    unet.config = SimpleNamespace(sample_size=4, in_channels=3)
+    model = BaseModel(unet, None, None, IdentityCodec(), torch.linspace(0.99, 0.01, 1000, dtype=torch.float64))
+    z_t = torch.zeros(1, 3, 4, 4)
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    cfg = ProtectConfig(steps=3, loss="textural")
+    a = protect_pgd.protect_loop(model, x, ["a", "b"], cfg, z_target=z_t, impl="ref")
+    b = protect_pgd.protect_batch(model, x, ["a", "b"], cfg, z_target=z_t, impl="ref")
+    assert calls == ["ref"] * 6 and torch.equal(a.delta, b.delta)
     assert protect_pgd.linf_pgd_update_ref is reference.linf_pgd_update_ref  # one copy of the spec
