@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, dtype_name
 from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
 from cgidm.images import ImageError, list_images, load_image_with_notes, preprocess
@@ -114,6 +115,7 @@ class _Run:
         self.cond = model.encode_prompt(cfg.prompt)
         self.z_target = _target(model, cfg)
         self.engine: Optional[ProtectEngine] = None
+        self.engine_batch = cfg.batch_size  # halved by out-of-memory faults
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
         from tqdm.auto import tqdm
 
@@ -137,7 +139,7 @@ class _Run:
                 self._error(item, e.reason)
                 continue
             batch.append((item, image, notes))
-            if len(batch) == self.cfg.batch_size:
+            if len(batch) == self.engine_batch:
                 self._batch(batch)
                 batch = []
         if batch:
@@ -145,18 +147,29 @@ class _Run:
         self.bar.close()
 
     def _batch(self, batch) -> None:
+        """Protect and write one batch; on a fault, halve it (out of memory: the engine is
+        rebuilt at the smaller size, and later batches keep it) or go image by image."""
         try:
             deltas = self._protect([b[0] for b in batch], torch.stack([b[1] for b in batch]))
         except OutputError:
             raise
         except Exception as e:
+            oom = is_out_of_memory(e)
+            if oom:
+                self._drop_engine(max(1, len(batch) // 2))
             if len(batch) == 1:
                 log.debug("protecting %s failed", batch[0][0].id, exc_info=True)
-                self._error(batch[0][0], f"failed: {type(e).__name__}: {e}")
+                self._error(batch[0][0], f"{'out of memory' if oom else 'failed'}: {type(e).__name__}: {e}")
                 return
-            log.warning("a batch of %d failed (%s); retrying its images one at a time", len(batch), e)
-            for one in batch:
-                self._batch([one])
+            if oom:
+                half = len(batch) // 2
+                log.warning("out of memory on a batch of %d; trying %d and %d", len(batch), half, len(batch) - half)
+                parts = [batch[:half], batch[half:]]
+            else:
+                log.warning("a batch of %d failed (%s); retrying its images one at a time", len(batch), e)
+                parts = [[one] for one in batch]
+            for part in parts:
+                self._batch(part)
             return
         for (item, image, notes), (delta, skipped, objective) in zip(batch, deltas):
             try:
@@ -172,17 +185,24 @@ class _Run:
         graph on a GPU. A capture that fails (an unusual model, a driver without graph
         support) is logged and the run goes on eagerly."""
         if self.engine is None:
-            engine = ProtectEngine(self.model, self.cfg, self.cfg.batch_size, self.cond, self.z_target,
+            engine = ProtectEngine(self.model, self.cfg, self.engine_batch, self.cond, self.z_target,
                                    self.cfg.impl)
             try:
                 engine.capture()
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step
+            except Exception as e:  # noqa: BLE001 - any other capture failure leaves the eager step
+                if is_out_of_memory(e):
+                    raise
                 log.warning("CUDA graph capture failed (%s: %s); protecting eagerly", type(e).__name__, e)
                 engine.graph, engine.use_graph = None, False
             self.engine = engine
         return self.engine
+
+    def _drop_engine(self, batch: int) -> None:
+        """Free the engine (its buffers and graph); the next one holds ``batch`` images."""
+        self.engine = None
+        self.engine_batch = min(self.engine_batch, batch)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _protect(self, items, images):
         res = self._engine().run(images, [i.id for i in items])

@@ -202,3 +202,27 @@ def test_speed_bench_smoke(tmp_path):
     assert "agree on 100.00 %" in out.stdout and "engine batch 2:" in out.stdout
     rows = (tmp_path / "protect-speed-smoke-cpu.json").read_text().splitlines()
     assert len(rows) == 1 and '"speedup_vs_eager"' in rows[0]
+
+
+def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, tmp_path, monkeypatch, caplog):
+    """A batch that does not fit is split in halves, the engine rebuilt at the smaller size
+    and kept for the later batches; only an image that does not fit alone is an error row."""
+    real_run = ProtectEngine.run
+    sizes = []
+
+    def run(self, images, ids, callback=None):
+        sizes.append(self.b)
+        if self.b > 1 or "member_01" in ids[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(self, images, ids, callback)
+
+    monkeypatch.setattr(ProtectEngine, "run", run)
+    items = _art(tiny_world, tmp_path, n=5)
+    cfg = ProtectConfig(steps=1, eval_draws=2, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="cgidm.protect"):
+        summary = protect(bases["tiny"], items, tmp_path / "out", cfg, progress=False)
+    assert "out of memory on a batch of 4; trying 2 and 2" in caplog.text
+    assert sizes[:2] == [4, 2] and set(sizes[2:]) == {1}  # never back to a larger engine
+    bad = [i.id for i in items if "member_01" in i.id]
+    assert summary["failed"] == len(bad) == 1 and summary["protected"] == 4
+    assert summary["errors"][bad[0]].startswith("out of memory: OutOfMemoryError")
