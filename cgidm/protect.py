@@ -204,8 +204,23 @@ class _Run:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _step_progress(self, n: int):
+        """A callback that shows the batch's PGD step on the bar (at most twice a second; it
+        reads no tensor, so a GPU run does not sync for it); None without a bar."""
+        if self.bar.disable:
+            return None
+        steps, shown = self.cfg.steps, [0.0]
+
+        def callback(step, delta, objective) -> None:
+            now = time.monotonic()
+            if now - shown[0] >= 0.5 or step + 1 == steps:
+                self.bar.set_postfix_str(f"batch of {n}: PGD step {step + 1}/{steps}")
+                shown[0] = now
+
+        return callback
+
     def _protect(self, items, images):
-        res = self._engine().run(images, [i.id for i in items])
+        res = self._engine().run(images, [i.id for i in items], self._step_progress(len(items)))
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))

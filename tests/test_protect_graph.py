@@ -226,3 +226,10 @@ def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, 
     bad = [i.id for i in items if "member_01" in i.id]
     assert summary["failed"] == len(bad) == 1 and summary["protected"] == 4
     assert summary["errors"][bad[0]].startswith("out of memory: OutOfMemoryError")
+
+
+def test_the_bar_shows_the_pgd_step(bases, tiny_world, tmp_path, capsys):
+    protect(bases["tiny"], _art(tiny_world, tmp_path, n=2), tmp_path / "out",
+            ProtectConfig(steps=3, eval_draws=2, batch_size=2), progress=True)
+    err = capsys.readouterr().err
+    assert "batch of 2: PGD step 3/3" in err and "2/2" in err
