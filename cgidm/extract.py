@@ -9,9 +9,10 @@ The runner (docs/extract.md) over two stages:
    model toward the fine-tune, ``eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre`` (on
    noise predictions; a v-prediction pair hands the scheduler the v that stands for it,
    ``guidance.guided_output``), both UNets evaluated on the same latent every step through a pair pass
-   (``cgidm.pairpass``), a diffusers scheduler built from the base's scheduler config
-   (DDIM), no gradients. Sample ``i`` starts from noise keyed by ``(seed, i)``, so a
-   sample does not depend on the batch it ran in.
+   (``cgidm.pairpass``; on a GPU captured once in a CUDA graph, ``guidance.StaticPairCall``),
+   a diffusers scheduler built from the base's scheduler config (DDIM), no gradients.
+   Sample ``i`` starts from noise keyed by ``(seed, i)``, so a sample does not depend on
+   the batch it ran in.
 2. **Clustering** (``cgidm.cliques``): cliques of similar samples; each clique's
    representative is a candidate, densest cliques first.
 
@@ -35,6 +36,7 @@ import torch
 from cgidm.cliques import cluster, unit_features
 from cgidm.config import ExtractConfig
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
+from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
 from cgidm.rng import image_key
@@ -236,9 +238,10 @@ def extract(
     pair_fn, pass_info = pair_pass(pair)
     latent_shape = (pair.latent_channels, pair.latent_size, pair.latent_size)
     keys = sample_keys(cfg.seed, range(cfg.samples))
+    use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()
     latents = sample(pair_fn, c_ft, c_pre, scheduler, keys, latent_shape, cfg.guidance, cfg.correction, cfg.steps,
-                     cfg.batch_size, device, progress)
+                     cfg.batch_size, device, progress, use_graph)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_s = time.perf_counter() - t0
@@ -285,6 +288,7 @@ def extract(
         "scheduler": {"class": type(scheduler).__name__, **{k: v for k, v in dict(scheduler.config).items()
                                                                if not k.startswith("_")}},
         "pair_pass": pass_info,
+        "cuda_graph": use_graph,
         "device": str(device),
         "dtype": str(next(pair.unet_ft.parameters()).dtype).removeprefix("torch."),
         "features": kind,

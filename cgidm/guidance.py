@@ -1,17 +1,18 @@
 """Sampling with the guidance extrapolated from the pretrained model toward the fine-tune
 (FineXtract, docs/extract.md, "The guidance" and "Sampling"): the guided prediction, the
-keyed starting noise, the scheduler from the base's config, the batched sampler and the
-plain per-sample loop it is tested against (and timed against in
-``bench/bench_extract.py``)."""
+keyed starting noise, the scheduler from the base's config, the pair pass from static
+buffers (one CUDA graph on a GPU), the batched sampler and the plain per-sample loop it is
+tested against (and timed against in ``bench/bench_extract.py``)."""
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from cgidm import graphs
 from cgidm.rng import counter_draws, image_key
 
 
@@ -101,6 +102,92 @@ def _expand(cond: torch.Tensor, n: int) -> torch.Tensor:
     return cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
 
 
+class StaticPairCall:
+    """``pair_fn`` on both models' shared input for batches of up to ``n`` samples, run
+    from static buffers: the latents ``[n, C, H, W]`` fp32, the timestep ``[n]`` int64 and
+    the conditionings ``[n, L, D]`` (expanded once). A batch of ``k < n`` samples (the last
+    one) is zero-padded to ``n`` rows and the outputs sliced back to ``k``, so one call
+    shape serves every batch.
+
+    With ``use_graph`` (``None`` = on CUDA devices) the first call warms ``pair_fn`` up on
+    a side stream and captures one call in a ``torch.cuda.CUDAGraph`` (``cgidm.graphs``);
+    every call then copies its inputs in and replays it. Without, the same call runs
+    eagerly from the same buffers. The outputs of a replay are the graph's own tensors:
+    valid until the next call.
+
+    The buffers are ordinary tensors, and ``pair_fn`` runs and is captured under
+    ``no_grad`` with inference mode off, also inside ``sample``'s ``inference_mode``: a
+    capture begun under inference mode can leave state that a later capture outside it
+    (the engine's, which needs autograd) fails to update ("Inplace update to inference
+    tensor outside InferenceMode", pytorch/pytorch#166792)."""
+
+    def __init__(
+        self,
+        pair_fn: PairFn,
+        cond_ft: torch.Tensor,  # [1, L, D] or [n, L, D]
+        cond_pre: torch.Tensor,  # [1, L, D] or [n, L, D]
+        n: int,
+        latent_shape: Sequence[int],  # (C, H, W)
+        device="cpu",
+        use_graph: Optional[bool] = None,
+        warmup: int = 2,
+    ) -> None:
+        if n < 1:
+            raise ValueError(f"a static batch needs n >= 1, got {n}")
+        self.device = torch.device(device)
+        self.use_graph = graphs.graph_wanted(use_graph, self.device)
+        self.pair_fn = pair_fn
+        self.n = n
+        self._warmup = warmup
+        dev = self.device
+        with torch.inference_mode(False):
+            self.x = torch.zeros((n, *latent_shape), device=dev)
+            self.t = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.cond_ft, self.cond_pre = (
+                torch.empty((n, *c.shape[1:]), dtype=c.dtype, device=dev).copy_(_expand(c.to(dev), n))
+                for c in (cond_ft, cond_pre))
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(False), torch.no_grad():
+            return self.pair_fn(self.x, self.x, self.t, self.cond_ft, self.cond_pre)
+
+    def _capture(self) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            self.graph, self._out = graphs.capture(self._run, self.device, self._warmup)
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [k, C, H, W], 1 <= k <= n
+        t: torch.Tensor,  # 0-d: the timestep of every row
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out_ft, out_pre)`` ``[k, C, H, W]`` in the models' dtype."""
+        k = x.shape[0]
+        if not 1 <= k <= self.n:
+            raise ValueError(f"{k} samples for a static batch of {self.n}")
+        with torch.inference_mode(False):
+            self.x[:k].copy_(x)
+            if k < self.n:
+                self.x[k:].zero_()
+            self.t.copy_(torch.as_tensor(t, device=self.device))
+        if not self.use_graph:
+            out_ft, out_pre = self._run()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out_ft, out_pre = self._out
+        return out_ft[:k], out_pre[:k]
+
+    def close(self) -> None:
+        """Free the graph (its memory pool goes back to the allocator) and the buffers."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self._out = None
+        self.x = self.t = self.cond_ft = self.cond_pre = None
+
+
 @torch.inference_mode()
 def sample(
     pair_fn: PairFn,
@@ -115,15 +202,23 @@ def sample(
     batch_size: int = 8,
     device="cpu",
     progress: bool = False,
+    use_graph: Optional[bool] = None,
 ) -> torch.Tensor:
     """``[M, C, H, W]`` fp32 final latents (on ``device``) of sampling with the
     extrapolated guidance, ``batch_size`` samples at a time; every step runs ``pair_fn``
-    once on the batch (both models on the same input) and one scheduler step."""
+    once on the batch (both models on the same input) through one ``StaticPairCall`` of
+    ``min(batch_size, M)`` rows (a CUDA graph with ``use_graph``, ``None`` = on CUDA
+    devices; the last batch padded), then the guidance and one scheduler step, eagerly
+    (elementwise work, and diffusers schedulers keep Python-side state)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     keys = keys.to(device)
     m = keys.shape[0]
+    if m < 1 or batch_size < 1:
+        raise ValueError(f"need at least one sample and batch_size >= 1, got {m} samples, batch_size {batch_size}")
+    batch_size = min(batch_size, m)
+    call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
     out = []
     tty = sys.stderr.isatty()
     # a log file (not a terminal) gets a line every 30 s instead of a redraw every 0.1 s;
@@ -138,13 +233,11 @@ def sample(
             sched = _fresh(scheduler, steps, device)
             pred = str(sched.config.get("prediction_type", "epsilon"))
             x = initial_latents(kb, latent_shape, device) * float(sched.init_noise_sigma)
-            c_ft, c_pre = _expand(cond_ft.to(device), n), _expand(cond_pre.to(device), n)
             timesteps = sched.timesteps
             for t in timesteps:
                 x_in = sched.scale_model_input(x, t)
-                t_n = t.to(device=device, dtype=torch.int64).reshape(1).expand(n)
-                out_ft, out_pre = pair_fn(x_in, x_in, t_n, c_ft, c_pre)
-                abar_t = sched.alphas_cumprod[t_n.cpu()] if pred == "v_prediction" else None
+                out_ft, out_pre = call(x_in, t)
+                abar_t = sched.alphas_cumprod[int(t)] if pred == "v_prediction" else None
                 guided = guided_output(out_ft, out_pre, guidance, correction, pred, x_in, abar_t)
                 x = sched.step(guided, t, x, return_dict=False)[0].float()
                 bar.update(n / len(timesteps))
@@ -153,6 +246,7 @@ def sample(
             bar.set_postfix_str(f"{3600 * done / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
     finally:
         bar.close()
+        call.close()
     return torch.cat(out)
 
 
