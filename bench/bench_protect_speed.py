@@ -11,7 +11,9 @@ depend on the weights; nothing is downloaded.
   fresh autograd graph every step.
 - **engine**: ``ProtectEngine`` (what ``cgidm protect`` runs): frozen weights, the input
   gradient only, keyed draws, the L-inf step op, one step captured in a CUDA graph and
-  replayed, at batch 1 and larger batches until one does not fit or the list ends.
+  replayed, at batch 1 and larger batches until one does not fit or the list ends; and
+  again with ``--low-memory`` (gradient checkpointing of the UNet and the VAE encoder) at
+  ``--low-memory-batches``.
 
 Both in the same weight dtype (``--dtype``, fp16 by default; the VAE too), AdvDM's loss,
 one timestep per image per step. Time per image-step is the median over ``--repeats``
@@ -71,13 +73,14 @@ class Config:
     steps: int  # the papers' step count an image's time is given for
     timed_steps: int
     batches: tuple[int, ...]
+    low_memory_batches: tuple[int, ...]  # engine rows again with --low-memory (gradient checkpointing)
     warmup: int
     repeats: int
 
 
 @dataclass(frozen=True)
 class Row:
-    name: str  # "eager" or "engine"
+    name: str  # "eager", "engine" or "engine-low-memory"
     batch: int
     graph: bool
     ms_per_image_step: float
@@ -207,7 +210,7 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
         raise SystemExit(f"engine and plain loop disagree on {100 * (1 - agree):.2f} % of the entries")
     print(f"check: engine and plain loop agree on {100 * agree:.2f} % of the entries", flush=True)
     rows: list[Row] = []
-    x, names = images(model, max(cfg.batches), device)
+    x, names = images(model, max(cfg.batches + cfg.low_memory_batches), device)
 
     peak_reset(device)
     with EagerLoop(model, ids, pcfg, x[0]) as eager:
@@ -220,21 +223,26 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
     eager_ms = rows[0].ms_per_image_step
     progress(rows[-1])
     del eager
-    for b in cfg.batches:
+    runs = [("engine", b, pcfg) for b in cfg.batches]
+    runs += [("engine-low-memory", b, pcfg.replace(low_memory=True)) for b in cfg.low_memory_batches]
+    stopped = set()
+    for name, b, run_cfg in runs:
+        if name in stopped:
+            continue
         engine = None
         try:
             peak_reset(device)
-            engine = ProtectEngine(model, pcfg, b, cond)
+            engine = ProtectEngine(model, run_cfg, b, cond)
 
             def call():
                 engine.run(x[:b], names[:b])
 
             samples = [s / (cfg.timed_steps * b) for s in time_fn(call, device, cfg.warmup, cfg.repeats)]
-            rows.append(row("engine", b, engine.graph is not None, samples, cfg, peak_gib(device), eager_ms))
+            rows.append(row(name, b, engine.graph is not None, samples, cfg, peak_gib(device), eager_ms))
             progress(rows[-1])
         except torch.cuda.OutOfMemoryError:
-            print(f"batch {b}: out of memory; stopping", flush=True)
-            break
+            print(f"{name} batch {b}: out of memory; no larger batch", flush=True)
+            stopped.add(name)
         finally:
             del engine
             peak_reset(device)
@@ -246,6 +254,11 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
     return rows, extra
 
 
+def under_6_gb(gib: float) -> Optional[bool]:
+    """``None`` where no peak was measured (a CPU run)."""
+    return None if gib != gib else gib <= 6e9 / 2**30
+
+
 def goals(rows: list[Row]) -> dict:
     """Issue 16's goals read off the rows (reported, not asserted): the best engine row
     against the eager loop; time and memory at batch 1."""
@@ -254,11 +267,17 @@ def goals(rows: list[Row]) -> dict:
         return {}
     best = max(engines, key=lambda r: r.speedup_vs_eager or 0)
     one = next((r for r in engines if r.batch == 1), best)
-    return {"best_speedup": best.speedup_vs_eager, "best_batch": best.batch,
+    low = next((r for r in rows if r.name == "engine-low-memory" and r.batch == 1), None)
+    if low is not None:
+        extra = {"low_memory_s_per_image_batch1": low.s_per_image, "low_memory_peak_gib_batch1": low.peak_gib,
+                 "low_memory_le_6_gb": under_6_gb(low.peak_gib)}
+    else:
+        extra = {}
+    return {**extra, "best_speedup": best.speedup_vs_eager, "best_batch": best.batch,
             "speedup_ge_10x": (best.speedup_vs_eager or 0) >= 10,
             "s_per_image_batch1": one.s_per_image, "under_10_s": one.s_per_image < 10,
             "s_per_image_best": best.s_per_image,
-            "peak_gib_batch1": one.peak_gib, "le_6_gb": one.peak_gib <= 6 * 1e9 / 2**30}
+            "peak_gib_batch1": one.peak_gib, "le_6_gb": under_6_gb(one.peak_gib)}
 
 
 def main(argv=None) -> None:
@@ -269,6 +288,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100, help="PGD steps an image's time is given for")
     p.add_argument("--timed-steps", type=int, default=5, help="steps per timed call")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--low-memory-batches", type=int, nargs="*", default=[1],
+                   help="engine batches timed again with --low-memory (gradient checkpointing)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-save", action="store_true", help="print only; no row in bench/results")
@@ -277,15 +298,15 @@ def main(argv=None) -> None:
         raise SystemExit("--device cpu needs --tiny: SD shapes on a CPU take hours and say nothing about a GPU")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; use --device cpu --tiny for the smoke run")
-    cfg = Config(args.device, args.tiny, args.dtype, args.steps, args.timed_steps, tuple(args.batches), args.warmup,
-                 args.repeats)
+    cfg = Config(args.device, args.tiny, args.dtype, args.steps, args.timed_steps, tuple(args.batches),
+                 tuple(args.low_memory_batches), args.warmup, args.repeats)
     rows, extra = run(cfg)
     g = goals(rows)
-    print(f"{'name':<7} {'batch':>5} {'graph':>5} {'ms/img-step':>12} {'s/image':>8} {'img/h':>8} {'peak GiB':>8} "
+    print(f"{'name':<17} {'batch':>5} {'graph':>5} {'ms/img-step':>12} {'s/image':>8} {'img/h':>8} {'peak GiB':>8} "
           f"{'speedup':>7}")
     for r in rows:
         sp = "" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.1f}x"
-        print(f"{r.name:<7} {r.batch:>5} {str(r.graph):>5} {r.ms_per_image_step:>12.2f} {r.s_per_image:>8.2f} "
+        print(f"{r.name:<17} {r.batch:>5} {str(r.graph):>5} {r.ms_per_image_step:>12.2f} {r.s_per_image:>8.2f} "
               f"{r.images_per_hour:>8.0f} {r.peak_gib:>8.2f} {sp:>7}")
     print(f"goals (at {cfg.steps} steps): {g}")
     if not args.no_save:

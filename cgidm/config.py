@@ -394,6 +394,8 @@ class ProtectConfig:
     random_start: bool = _opt(False, "start from a random point of the budget (as AdvDM's and Mist's code do) "
                                      "instead of the image (as Anti-DreamBooth does)")
     batch_size: int = _opt(8, "images protected together")
+    low_memory: bool = _opt(False, "recompute the VAE encoder's and the UNet's activations in the backward pass "
+                                   "(gradient checkpointing): less GPU memory for more compute, the same result")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id, step)")
     eval_draws: int = _opt(8, "fixed (t, noise) draws per image for the denoising loss reported before and after")
     impl: str = _opt(DEFAULT_IMPL, "implementation of the L-inf step op", choices=IMPLS)

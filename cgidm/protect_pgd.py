@@ -267,9 +267,20 @@ def protect_loop(
     return ProtectResult(delta.detach(), skipped, torch.stack([first, last], 1))
 
 
+def set_checkpointing(model: BaseModel, on: bool) -> None:
+    """Gradient checkpointing of the UNet and the VAE encoder on or off (``--low-memory``):
+    their activations are recomputed in the backward pass instead of kept. The draws are
+    made outside the models, so the result is the same."""
+    for m in (getattr(model.unet, "unet", model.unet), getattr(model.codec, "vae", None)):
+        if m is not None and getattr(m, "_supports_gradient_checkpointing", False):
+            m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
+
+
 def _check_inputs(model: BaseModel, cfg: ProtectConfig, b: int, ids: Sequence[str], cond, z_target):
     """``(cond, eps, alpha)``: the conditioning (encoded when needed and not given) and the
-    budget and step in [-1, 1] units; ``ValueError`` for ids or a target that do not fit."""
+    budget and step in [-1, 1] units; ``ValueError`` for ids or a target that do not fit.
+    Sets the models' gradient checkpointing to ``cfg.low_memory``."""
+    set_checkpointing(model, cfg.low_memory)
     if len(ids) != b:
         raise ValueError(f"{len(ids)} ids for {b} images")
     if cfg.needs_target and z_target is None:

@@ -233,3 +233,30 @@ def test_the_bar_shows_the_pgd_step(bases, tiny_world, tmp_path, capsys):
             ProtectConfig(steps=3, eval_draws=2, batch_size=2), progress=True)
     err = capsys.readouterr().err
     assert "batch of 2: PGD step 3/3" in err and "2/2" in err
+
+
+def test_low_memory_recomputes_activations_for_the_same_result(bases):
+    """``--low-memory`` turns gradient checkpointing on in the UNet and the VAE encoder (and
+    off again without it); the perturbation is the same."""
+    model = bases["vae"]
+    cfg = ProtectConfig(steps=3, k=2, random_start=True)
+    x, ids = images_of(model, 2)
+    kw = inputs(model, cfg)
+    calls = []  # forward calls of a conv in each model (a recompute runs them again; it skips module hooks)
+    convs = {"vae": model.codec.vae.encoder.down_blocks[0].resnets[0].conv1,
+             "unet": model.unet.down_blocks[0].resnets[0].conv1}
+    for name, conv in convs.items():
+        conv.forward = (lambda f, name: lambda *a, **k: (calls.append(name), f(*a, **k))[1])(conv.forward, name)
+    try:
+        plain = protect_batch(model, x, ids, cfg, **kw)
+        assert calls.count("vae") == calls.count("unet") == 3
+        calls.clear()
+        low = protect_batch(model, x, ids, cfg.replace(low_memory=True), **kw)
+        assert calls.count("vae") == calls.count("unet") == 6  # each step's forward again in its backward
+    finally:
+        for conv in convs.values():
+            del conv.forward
+    assert model.unet.is_gradient_checkpointing and model.codec.vae.is_gradient_checkpointing
+    assert torch.equal(low.delta, plain.delta) and torch.equal(low.objective, plain.objective)
+    protect_batch(model, x, ids, cfg.replace(steps=1), **kw)
+    assert not model.unet.is_gradient_checkpointing and not model.codec.vae.is_gradient_checkpointing
