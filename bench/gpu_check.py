@@ -21,6 +21,9 @@ even when an earlier one failed:
   protect    ``bench/bench_protect_speed.py``: ``cgidm protect`` on SD v1.5 shapes, the eager
              public-tools loop against the engine's CUDA graph (rows in
              bench/results/protect-speed-<gpu>.json)
+  extract    ``bench/bench_extract.py --sd15``: ``cgidm extract``'s sampling on SD v1.5 shapes, the
+             plain per-sample loop against the batched pair pass in a CUDA graph (rows in
+             bench/results/extract-<gpu>.json)
 
 then a table (stage -> ok / failed / skipped, seconds, note) and one row in
 ``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
@@ -60,7 +63,7 @@ NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is Fal
 OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
 REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
-STAGES = ("build", "tests", "memcheck", "racecheck", "bench", "pairpass", "synccheck", "protect")
+STAGES = ("build", "tests", "memcheck", "racecheck", "bench", "pairpass", "synccheck", "protect", "extract")
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
 
 
@@ -321,6 +324,19 @@ def bench_protect(runner: Runner, py: str, cuda: bool, results: Path, slug: str)
     return path
 
 
+def bench_extract(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> Path:
+    """``cgidm extract`` on SD v1.5 shapes (random weights): the plain per-sample loop
+    against batched sampling with the pair pass in a CUDA graph (issue 17's speed)."""
+    if cuda:
+        cmd = [py, "bench/bench_extract.py", "--sd15", "--speed-samples", "8", "--speed-steps", "20", "--repeats", "2"]
+    else:
+        cmd = [py, "bench/bench_extract.py", "--sd15", "--tiny", "--device", "cpu", "--speed-samples", "3",
+               "--speed-steps", "2", "--batches", "4", "2", "--repeats", "1"]
+    runner.stage("extract", cmd, 150, lambda rc, out: ("ok" if rc == 0 else "failed",
+                                                        out.strip().splitlines()[-1][:200] if out.strip() else ""))
+    return results / f"extract-{slug if cuda else 'smoke-cpu'}.json"
+
+
 # --------------------------------------------------------------------------- the ops workload
 
 
@@ -496,6 +512,8 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
         sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
     if want("protect"):
         task_rows.append(bench_protect(runner, py, cuda, RESULTS, slug))
+    if want("extract"):
+        task_rows.append(bench_extract(runner, py, cuda, RESULTS, slug))
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
     print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")

@@ -88,9 +88,10 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "gpu-check: no CUDA device here" in proc.stdout
     table = proc.stdout[proc.stdout.index("stage      status"):]
-    for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck", "protect"):
+    for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck", "protect", "extract"):
         assert re.search(rf"^{stage} +ok ", table, re.M), table
-    assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "gpu-check-cpu.json", "gpu-check-cpu.log",
+    assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "extract-smoke-cpu.json",
+                                                     "gpu-check-cpu.json", "gpu-check-cpu.log",
                                                      "protect-speed-smoke-cpu.json"]
     row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
     assert row["ok"] and not row["cuda_available"] and row["git_sha"] and row["command"]
