@@ -5,6 +5,7 @@ buffers (one CUDA graph on a GPU), the batched sampler and the plain per-sample 
 tested against (and timed against in ``bench/bench_extract.py``)."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 
 from cgidm import graphs
 from cgidm.rng import counter_draws, image_key
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- guidance
@@ -188,6 +191,30 @@ class StaticPairCall:
         self.x = self.t = self.cond_ft = self.cond_pre = None
 
 
+def _sample_batch(call, scheduler, keys, latent_shape, guidance, correction, steps, device, bar) -> torch.Tensor:
+    """One batch of ``sample``: its own scheduler, every step one pair call, the guidance
+    and one scheduler step; the bar moves by a fraction of the batch every step."""
+    n = keys.shape[0]
+    sched = _fresh(scheduler, steps, device)
+    pred = str(sched.config.get("prediction_type", "epsilon"))
+    x = initial_latents(keys, latent_shape, device) * float(sched.init_noise_sigma)
+    timesteps = sched.timesteps
+    moved = 0.0
+    try:
+        for t in timesteps:
+            x_in = sched.scale_model_input(x, t)
+            out_ft, out_pre = call(x_in, t)
+            abar_t = sched.alphas_cumprod[int(t)] if pred == "v_prediction" else None
+            guided = guided_output(out_ft, out_pre, guidance, correction, pred, x_in, abar_t)
+            x = sched.step(guided, t, x, return_dict=False)[0].float()
+            bar.update(n / len(timesteps))
+            moved += n / len(timesteps)
+    except BaseException:
+        bar.update(-moved)  # the batch is retried or the run ends: its progress was not made
+        raise
+    return x
+
+
 @torch.inference_mode()
 def sample(
     pair_fn: PairFn,
@@ -205,7 +232,8 @@ def sample(
     use_graph: Optional[bool] = None,
 ) -> torch.Tensor:
     """``[M, C, H, W]`` fp32 final latents (on ``device``) of sampling with the
-    extrapolated guidance, ``batch_size`` samples at a time; every step runs ``pair_fn``
+    extrapolated guidance, ``batch_size`` samples at a time (halved, and the batch run
+    again, when one runs out of memory: the samples are the same); every step runs ``pair_fn``
     once on the batch (both models on the same input) through one ``StaticPairCall`` of
     ``min(batch_size, M)`` rows (a CUDA graph with ``use_graph``, ``None`` = on CUDA
     devices; the last batch padded), then the guidance and one scheduler step, eagerly
@@ -226,24 +254,29 @@ def sample(
     bar = tqdm(total=m, unit="sample", desc="sampling", disable=not progress, mininterval=0.1 if tty else 30,
                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
     t0 = time.perf_counter()
+    lo = 0
     try:
-        for lo in range(0, m, batch_size):
+        while lo < m:
             kb = keys[lo:lo + batch_size]
             n = kb.shape[0]
-            sched = _fresh(scheduler, steps, device)
-            pred = str(sched.config.get("prediction_type", "epsilon"))
-            x = initial_latents(kb, latent_shape, device) * float(sched.init_noise_sigma)
-            timesteps = sched.timesteps
-            for t in timesteps:
-                x_in = sched.scale_model_input(x, t)
-                out_ft, out_pre = call(x_in, t)
-                abar_t = sched.alphas_cumprod[int(t)] if pred == "v_prediction" else None
-                guided = guided_output(out_ft, out_pre, guidance, correction, pred, x_in, abar_t)
-                x = sched.step(guided, t, x, return_dict=False)[0].float()
-                bar.update(n / len(timesteps))
+            try:
+                x = _sample_batch(call, scheduler, kb, latent_shape, guidance, correction, steps, device, bar)
+            except Exception as e:  # noqa: BLE001 - only out of memory is retried
+                from cgidm.batches import is_out_of_memory
+
+                if batch_size == 1 or not is_out_of_memory(e):
+                    raise
+                # every sample's noise is keyed by its index: a smaller batch gives the same samples
+                call.close()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                batch_size //= 2
+                log.warning("out of memory sampling a batch of %d; going on with batches of %d", n, batch_size)
+                call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
+                continue
             out.append(x)
-            done = lo + n
-            bar.set_postfix_str(f"{3600 * done / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
+            lo += n
+            bar.set_postfix_str(f"{3600 * lo / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
     finally:
         bar.close()
         call.close()

@@ -126,6 +126,39 @@ def test_a_padded_last_batch_gives_each_sample_as_alone(world_pair, tiny_world):
     torch.testing.assert_close(_sample(pair, tiny_world, keys, 8, None, steps), plain, rtol=0, atol=_tol(plain))
 
 
+def test_out_of_memory_halves_the_batch_for_the_same_samples(world_pair, tiny_world, caplog, monkeypatch):
+    """A batch that runs out of memory (here: any of more than 2 rows, after its first
+    step) is run again at half the size, and the rest of the run keeps that size; the
+    samples are the ones a plain run gives."""
+    import logging
+
+    pair = world_pair
+    keys, steps = G.sample_keys(5, range(5)), 3
+    want = _sample(pair, tiny_world, keys, 2, None, steps)
+    real = G.StaticPairCall.__call__
+    seen = []
+
+    def call(self, x, t):
+        seen.append(self.n)
+        if self.n > 2 and len(seen) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, x, t)
+
+    monkeypatch.setattr(G.StaticPairCall, "__call__", call)
+    with caplog.at_level(logging.WARNING, logger="cgidm.guidance"):
+        got = _sample(pair, tiny_world, keys, 5, None, steps)
+    assert "out of memory sampling a batch of 5; going on with batches of 2" in caplog.text
+    assert seen[:2] == [5, 5] and set(seen[2:]) == {2}
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(want))
+
+    def never(self, x, t):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(G.StaticPairCall, "__call__", never)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one sample that does not fit ends the run
+        _sample(pair, tiny_world, keys[:1], 1, None, steps)
+
+
 def test_a_graph_needs_a_cuda_device(world_pair, tiny_world):
     pair = world_pair
     assert graph_wanted(None, "cpu") is False and graph_wanted(False, "cpu") is False
