@@ -144,7 +144,7 @@ def speed(cfg: Config, pair, variant: str, world: Path) -> list[Speed]:
     c_ft, c_pre = X.conditioning(pair, ecfg)
     fn, _ = X.pair_pass(pair)
     sched = G.load_scheduler(world / "base")
-    shape = (pair.latent_channels, pair.latent_size, pair.latent_size)
+    shape = pair.latent_shape
     w, k, steps = cfg.guidance, cfg.correction, cfg.speed_steps
 
     def plain(keys):

@@ -68,7 +68,10 @@ def plan(name: str, lora: bool, dtype=torch.bfloat16) -> dict:
             "unet_params": sum(t.numel() for t in unets[0].parameters())}
 
 
-def main() -> dict:
+def main(argv=None) -> dict:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help, and no stray arguments
     rows = [plan(name, lora) for name in ARCH for lora in (True, False)]
     for r in rows:
         gib = r["inversion_weights_bytes"] / 1024 ** 3

@@ -236,7 +236,7 @@ def extract(
         scheduler = load_scheduler(pair.info["base"])
     c_ft, c_pre = conditioning(pair, cfg)
     pair_fn, pass_info = pair_pass(pair)
-    latent_shape = (pair.latent_channels, pair.latent_size, pair.latent_size)
+    latent_shape = pair.latent_shape
     keys = sample_keys(cfg.seed, range(cfg.samples))
     use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()

@@ -32,8 +32,39 @@ from cgidm.lora import AdaptersOff, _apply_lora, is_lora_state_dict
 
 log = logging.getLogger(__name__)
 
+class LatentGeometry:
+    """The latent's size and channels, the image resolution and the device of a model (or a
+    pair), read from its UNet (``_geometry_unet``) and its codec."""
+
+    codec: object
+
+    @property
+    def _geometry_unet(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def latent_size(self) -> int:
+        return int(self._geometry_unet.config.sample_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self._geometry_unet.config.in_channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * self.codec.factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._geometry_unet.parameters()).device
+
+
 @dataclass
-class ModelPair:
+class ModelPair(LatentGeometry):
     """The pretrained and fine-tuned denoisers with everything the algorithm needs.
 
     Both UNets have ``requires_grad`` off: only the input gradient is ever taken.
@@ -51,20 +82,8 @@ class ModelPair:
     family: Optional[families.Family] = None  # the base's (the fine-tune's is the same); None: epsilon
 
     @property
-    def latent_size(self) -> int:
-        return int(self.unet_pre.config.sample_size)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet_pre.config.in_channels)
-
-    @property
-    def resolution(self) -> int:
-        return self.latent_size * self.codec.factor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet_pre.parameters()).device
+    def _geometry_unet(self) -> torch.nn.Module:
+        return self.unet_pre
 
     def to(self, device=None, dtype=None) -> "ModelPair":
         mods = {id(m): m for m in (self.unet_pre, self.unet_ft, self.text_encoder_pre, self.text_encoder_ft)}

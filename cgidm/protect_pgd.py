@@ -35,6 +35,7 @@ import torch
 
 from cgidm import graphs, rng
 from cgidm.config import DEFAULT_IMPL, ProtectConfig
+from cgidm.models import LatentGeometry
 from cgidm.ops import get_ops
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
 
@@ -45,7 +46,7 @@ EVAL_STREAM = "/eval"  # the fixed draws of the reported loss
 
 
 @dataclass
-class BaseModel:
+class BaseModel(LatentGeometry):
     """The pretrained model a protection is computed against (one model, not a pair).
     The UNet is frozen (``requires_grad`` off)."""
 
@@ -58,20 +59,8 @@ class BaseModel:
     target: Optional[TargetFn] = None  # the loss's regression target; None: the noise (epsilon)
 
     @property
-    def latent_size(self) -> int:
-        return int(self.unet.config.sample_size)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (int(self.unet.config.in_channels), self.latent_size, self.latent_size)
-
-    @property
-    def resolution(self) -> int:
-        return self.latent_size * self.codec.factor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def _geometry_unet(self) -> torch.nn.Module:
+        return self.unet
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -39,7 +39,7 @@ def pairs(tiny_world):
 
 
 def _shape(pair):
-    return (pair.latent_channels, pair.latent_size, pair.latent_size)
+    return pair.latent_shape
 
 
 # --------------------------------------------------------------------------- guidance

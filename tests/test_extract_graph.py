@@ -40,7 +40,7 @@ def no_tf32():
 
 
 def _shape(pair):
-    return (pair.latent_channels, pair.latent_size, pair.latent_size)
+    return pair.latent_shape
 
 
 def _load(tiny_world, kind="full", device="cpu", dtype="fp32"):

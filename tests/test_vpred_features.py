@@ -226,7 +226,7 @@ def test_v_sampling_with_a_correction_equals_the_plain_loop(v_root, v_pair, monk
     assert sched.config.prediction_type == "v_prediction"
     fn, _ = X.pair_pass(v_pair)
     c_ft, c_pre = v_pair.encode_prompt(PROMPT)
-    keys, shape = G.sample_keys(0, range(3)), (v_pair.latent_channels, v_pair.latent_size, v_pair.latent_size)
+    keys, shape = G.sample_keys(0, range(3)), v_pair.latent_shape
     w, k, steps = 3.0, -0.3, 4
     got = G.sample(fn, c_ft, c_pre, sched, keys, shape, w, k, steps, batch_size=3)
     plain = G.sample_plain(v_pair.unet_ft, v_pair.unet_pre, c_ft, c_pre, G.load_scheduler(v_root[0]), keys, shape,
