@@ -120,6 +120,8 @@ class AuthConfig:
     blocks_per_side: Optional[int] = _opt(None, "mask blocks per latent side (default: blocks of 4x4 cells)")
     pass_rate: int = _opt(2, "kept cells per block side in the mask", cli=False)
     batch_size: int = _opt(8, "images inverted together")
+    low_memory: bool = _opt(False, "recompute the UNets' activations in the backward pass (gradient "
+                                   "checkpointing): less GPU memory for more compute, the same scores")
     seed: int = _opt(0, "run seed; each image's draws are keyed by (seed, image id)")
     metric: str = _opt(DEFAULT_METRIC, "the score used for AUC and verdicts", choices=METRICS)
     level: float = _opt(0.05, "verdict level: flag images with p <= level")

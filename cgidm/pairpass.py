@@ -150,8 +150,12 @@ class _LoraToggle(PairPass):
     name = "lora_toggle"
 
     def __init__(self, unet: torch.nn.Module):
+        from cgidm.checkpointing import AdapterFlags, register
+
         self.layers = _lora_layers(unet)
         self.fn = unet_eps_fn(unet)
+        self._flags = AdapterFlags(self.layers)  # --low-memory: recomputes see the call's flags
+        register(self._flags)
 
     def _run(self, disabled: bool, x, t, cond):
         from cgidm.lora import adapters_disabled
@@ -195,6 +199,9 @@ class _LoraFused(PairPass):
         self.fn = unet_eps_fn(unet)
         self._n: Optional[int] = None
         self._handles = []
+        from cgidm.checkpointing import register
+
+        register(self)  # --low-memory: a recompute sees the call's half-batch size
         for m in layers:
             for a in m.lora_A:
                 self._handles.append(m.lora_A[a].register_forward_pre_hook(self._first_half))
@@ -216,6 +223,22 @@ class _LoraFused(PairPass):
         if n is None:
             return None
         return torch.cat([out, out.new_zeros((n, *out.shape[1:]))])
+
+    def capture_state(self):
+        """``checkpointing.StateHolder``: the half-batch size of the call running now."""
+        import contextlib
+
+        n = self._n
+
+        @contextlib.contextmanager
+        def restore():
+            before, self._n = self._n, n
+            try:
+                yield
+            finally:
+                self._n = before
+
+        return restore
 
     def remove(self) -> None:
         """Take the hooks off the UNet."""
@@ -286,6 +309,11 @@ class _Stacked(PairPass):
         memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=False) for p in model_ft.parameters()}
         memo.update({id(b): b.detach().to("meta") for b in model_ft.buffers()})
         self.base = copy.deepcopy(model_ft, memo)
+        # checkpointing cannot run under vmap: this pass keeps every activation (--low-memory
+        # picks another pass, cgidm.pipeline)
+        from cgidm.checkpointing import set_gradient_checkpointing
+
+        set_gradient_checkpointing([self.base], False)
         self.fallback_ops: Optional[list[str]] = None
 
         def call(params, buffers, x, t, cond):

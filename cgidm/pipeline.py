@@ -70,16 +70,27 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
     from cgidm.engine import Engine
 
     cache = pair.__dict__.setdefault("_engines", {})
-    key = (batch, cfg.pgd, cfg.impl, cfg.prompt, tuple(latent_shape))
+    key = (batch, cfg.pgd, cfg.impl, cfg.prompt, tuple(latent_shape), cfg.low_memory)
     engine = cache.get(key)
     if engine is None:
         engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
-                        batch=batch, device=pair.device, impl=cfg.impl, target=_target(pair))
+                        batch=batch, device=pair.device, impl=cfg.impl, target=_target(pair),
+                        pair_pass=_low_memory_pass(pair) if cfg.low_memory else None)
         if isinstance(getattr(pair, "info", None), dict):
             pair.info["pair_pass"] = f"{engine.pair_pass.name} ({engine.pair_pass_why})"
         log.info("engine for batches of %d: pair pass %s (%s)", batch, engine.pair_pass.name, engine.pair_pass_why)
         cache[key] = engine
     return engine
+
+
+def _low_memory_pass(pair: ModelPair):
+    """``None`` (the engine's own choice), or ``sequential`` where that choice would be
+    ``stacked``: a vmapped pass cannot recompute its activations (``--low-memory``)."""
+    from cgidm import pairpass
+
+    kind, _ = pairpass.pair_kind(pair.unet_ft, pair.unet_pre)
+    name, _ = pairpass.choose(kind, pair.device, pairpass.measured_here())
+    return "sequential" if name == "stacked" else None
 
 
 def shrink_engines(pair: ModelPair, max_batch: int) -> None:
@@ -95,7 +106,10 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     """PGD on the contrast loss; returns the reference's ``InversionResult``."""
     from cgidm.ops import get_ops
 
+    from cgidm.checkpointing import set_gradient_checkpointing
+
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
+    set_gradient_checkpointing((pair.unet_ft, pair.unet_pre), cfg.low_memory)
     n = prep.x0.shape[0]
     if cfg.engine == "engine":
         # the configured batch size is the bucket; smaller batches (the tail, a halved

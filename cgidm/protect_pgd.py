@@ -35,6 +35,7 @@ import torch
 
 from cgidm import graphs, rng
 from cgidm.config import DEFAULT_IMPL, ProtectConfig
+from cgidm.checkpointing import set_gradient_checkpointing
 from cgidm.models import LatentGeometry
 from cgidm.ops import get_ops
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
@@ -257,12 +258,9 @@ def protect_loop(
 
 
 def set_checkpointing(model: BaseModel, on: bool) -> None:
-    """Gradient checkpointing of the UNet and the VAE encoder on or off (``--low-memory``):
-    their activations are recomputed in the backward pass instead of kept. The draws are
-    made outside the models, so the result is the same."""
-    for m in (getattr(model.unet, "unet", model.unet), getattr(model.codec, "vae", None)):
-        if m is not None and getattr(m, "_supports_gradient_checkpointing", False):
-            m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
+    """Gradient checkpointing of the UNet and the VAE encoder on or off (``--low-memory``,
+    ``checkpointing.set_gradient_checkpointing``)."""
+    set_gradient_checkpointing((model.unet, getattr(model.codec, "vae", None)), on)
 
 
 def _check_inputs(model: BaseModel, cfg: ProtectConfig, b: int, ids: Sequence[str], cond, z_target):

@@ -1,0 +1,94 @@
+"""Gradient checkpointing for ``--low-memory`` (docs/architecture.md, "Memory"): the
+diffusers models recompute each block's activations in the backward pass instead of
+keeping them from the forward pass.
+
+A recompute runs after the call that made the forward pass has returned, so state that a
+pair pass sets only for the duration of its call would be missing from it: the LoRA
+adapters switched off for the pretrained side (``lora.AdaptersOff``, the ``lora_toggle``
+pass), the half-batch hooks of the ``lora_fused`` pass. Each holder of such state
+registers here (``register``); every checkpointed block captures the registered state
+when it runs forward and puts it back around its recompute, so the recompute is the same
+computation. Nothing random happens inside the models (eval mode, the draws are made
+outside), so the RNG state is neither saved nor restored: reading a CUDA generator's
+state inside a CUDA graph capture is not allowed.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable, ContextManager, Iterable, Protocol
+
+import torch
+
+
+class StateHolder(Protocol):
+    def capture_state(self) -> Callable[[], ContextManager]:
+        """The state now, as a factory of a context that sets it for its duration and then
+        puts back whatever was there."""
+
+
+_HOLDERS: "weakref.WeakSet[StateHolder]" = weakref.WeakSet()
+
+
+def register(holder: StateHolder) -> None:
+    _HOLDERS.add(holder)
+
+
+def _checkpoint(module: torch.nn.Module, *args):
+    """diffusers' ``gradient_checkpointing_func``: ``module(*args)`` under non-reentrant
+    checkpointing, its recompute in the registered state of the forward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    restorers = [h.capture_state() for h in list(_HOLDERS)]
+
+    def run(*a):
+        with contextlib.ExitStack() as stack:
+            for restore in restorers:
+                stack.enter_context(restore())
+            return module(*a)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _inner(m):
+    """The diffusers model inside the wrappers ``families.TextTimeUNet`` (``.unet``) and
+    ``lora.AdaptersOff`` (``.adapted``)."""
+    while isinstance(getattr(m, "unet", None) or getattr(m, "adapted", None), torch.nn.Module):
+        m = getattr(m, "unet", None) or m.adapted
+    return m
+
+
+def set_gradient_checkpointing(modules: Iterable, on: bool) -> None:
+    """Gradient checkpointing on or off in each diffusers model of ``modules`` (wrappers
+    looked through; ``None`` and models without support left alone)."""
+    for m in modules:
+        m = _inner(m)
+        if m is None or not getattr(m, "_supports_gradient_checkpointing", False):
+            continue
+        if on:
+            m.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint)
+        elif m.is_gradient_checkpointing:
+            m.disable_gradient_checkpointing()
+
+
+class AdapterFlags:
+    """The ``_disable_adapters`` flags of a UNet's LoRA layers, as a ``StateHolder``."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+    def capture_state(self) -> Callable[[], ContextManager]:
+        flags = [m._disable_adapters for m in self.layers]
+
+        @contextlib.contextmanager
+        def restore():
+            before = [m._disable_adapters for m in self.layers]
+            for m, f in zip(self.layers, flags):
+                m._disable_adapters = f
+            try:
+                yield
+            finally:
+                for m, f in zip(self.layers, before):
+                    m._disable_adapters = f
+
+        return restore
