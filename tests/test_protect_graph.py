@@ -155,11 +155,23 @@ def test_runner_goes_on_eagerly_when_capture_fails(bases, tiny_world, tmp_path, 
 # --------------------------------------------------------------------------- CUDA graphs
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 as fp32 on a GPU: TF32 convolutions would put 1e-3 errors into the fp32
+    comparison with the plain loop."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.parametrize("base_name,loss,k,random_start", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_replay_takes_the_eager_steps(bases, base_name, loss, k, random_start, dtype):
+def test_graph_replay_takes_the_eager_steps(bases, base_name, loss, k, random_start, dtype, no_tf32):
     """Replays draw from the keys and the device step counter the captured step advances:
-    the eager engine's steps and the plain loop's on the same device."""
+    the eager engine's steps at the same batch (the same kernels), and in fp32 the plain
+    loop's on the same device (another batch size may pick other kernels: in fp16 their
+    last-bit differences can flip sign steps on more than the 1 % the comparison allows)."""
     needs_cuda()
     model = to_device(bases[base_name], "cuda", dtype)
     cfg = ProtectConfig(steps=4, k=k, loss=loss, random_start=random_start, step_size="2/255")
@@ -168,11 +180,12 @@ def test_graph_replay_takes_the_eager_steps(bases, base_name, loss, k, random_st
     graphed = ProtectEngine(model, cfg, batch=4, **kw)
     got = graphed.run(x, ids)
     assert graphed.graph is not None
-    eager = ProtectEngine(model, cfg, batch=4, use_graph=False, **kw).run(x, ids)
-    assert_same_steps(got, eager, "graph vs eager")
-    assert_same_steps(got, protect_loop(model, x, ids, cfg, **kw), "graph vs loop")
+    eager_engine = ProtectEngine(model, cfg, batch=4, use_graph=False, **kw)
+    assert_same_steps(got, eager_engine.run(x, ids), "graph vs eager")
     tail = graphed.run(x[1:2], ids[1:2])  # a smaller batch replays the same graph
-    assert_same_steps(tail, protect_loop(model, x[1:2], ids[1:2], cfg, **kw), "tail")
+    assert_same_steps(tail, eager_engine.run(x[1:2], ids[1:2]), "tail")
+    if dtype == torch.float32:
+        assert_same_steps(got, protect_loop(model, x, ids, cfg, **kw), "graph vs loop")
 
 
 def test_protect_on_cuda_uses_the_graph(tiny_world, tmp_path):
