@@ -80,6 +80,7 @@ class Config:
     repeats: int
     matmul_n: int
     check_batch: int  # images of the fp32 correctness check (at most 2)
+    low_memory: bool = False  # the engine's UNets recompute their activations (--low-memory)
 
 
 @dataclass(frozen=True)
@@ -346,10 +347,18 @@ def run(cfg: Config, emit) -> list[Result]:
 
     ft_lo = copy.deepcopy(ft32)
     pre_lo = copy.deepcopy(pre32)
+    if cfg.low_memory:
+        from cgidm.checkpointing import set_gradient_checkpointing
+
+        set_gradient_checkpointing((ft_lo, pre_lo), True)
+
+    from cgidm.pairpass import low_memory_pass
+
+    pass_name = low_memory_pass(ft_lo, pre_lo, device) if cfg.low_memory else None
 
     def make_engine(b: int) -> Engine:
         return Engine(ft_lo, pre_lo, c_ft, c_pre, abar, shape, pgd, batch=b, device=device,
-                      weight_dtype=dtype, warmup=cfg.warmup)
+                      weight_dtype=dtype, warmup=cfg.warmup, pair_pass=pass_name)
 
     # Correctness before any timing, once, on at most 2 images: the fp32 reference pass
     # keeps every activation for autograd, which at the calibrated batch would not fit.
@@ -398,6 +407,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--matmul-n", type=int, default=None, help="peak-rate matmul size (default 8192; 1024 with --tiny)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="the engine's UNets recompute their activations in the backward pass (cgidm --low-memory); "
+                        "the memory plan of 'auto' shows what that saves")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_engine needs CUDA (or --device cpu --tiny for a smoke run)")
@@ -405,7 +417,8 @@ def main(argv=None) -> None:
         raise SystemExit("on CPU bench_engine only runs the --tiny smoke mode")
     cfg = Config(device=a.device, tiny=a.tiny, dtype=a.dtype, k=a.k, batches=tuple(a.batches),
                  max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
-                 matmul_n=a.matmul_n or (1024 if a.tiny else 8192), check_batch=min(2, a.max_batch))
+                 matmul_n=a.matmul_n or (1024 if a.tiny else 8192), check_batch=min(2, a.max_batch),
+                 low_memory=a.low_memory)
     device = torch.device(cfg.device)
     # A tiny-model row only shows the code path runs: its MFU (CPU bf16 is emulated) means nothing.
     path = RESULTS / "engine-cpu-smoke.json" if device.type == "cpu" else None

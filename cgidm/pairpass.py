@@ -479,6 +479,15 @@ def pair_kind(model_ft: Model, model_pre: Model) -> tuple[str, bool]:
     return "full", False
 
 
+def low_memory_pass(model_ft: Model, model_pre: Model, device) -> Optional[str]:
+    """The pass for a run whose UNets recompute their activations (``--low-memory``):
+    ``None`` (the engine's own choice), or ``sequential`` where that choice would be
+    ``stacked``, which runs under ``vmap`` and cannot recompute."""
+    kind, _ = pair_kind(model_ft, model_pre)
+    name, _ = choose(kind, torch.device(device), measured_here())
+    return "sequential" if name == "stacked" else None
+
+
 def measured_here() -> dict:
     """GPU measurements of the pair passes in this checkout's ``bench/results`` (an
     editable install), as ``measured_from_rows`` returns them; ``{}`` without any. CPU rows

@@ -68,6 +68,7 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
     prompt) and kept on the pair: on a GPU each bucket's step is captured once as a CUDA
     graph and replayed for every later batch, a smaller tail batch being padded."""
     from cgidm.engine import Engine
+    from cgidm.pairpass import low_memory_pass
 
     cache = pair.__dict__.setdefault("_engines", {})
     key = (batch, cfg.pgd, cfg.impl, cfg.prompt, tuple(latent_shape), cfg.low_memory)
@@ -75,22 +76,12 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
     if engine is None:
         engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
                         batch=batch, device=pair.device, impl=cfg.impl, target=_target(pair),
-                        pair_pass=_low_memory_pass(pair) if cfg.low_memory else None)
+                        pair_pass=low_memory_pass(pair.unet_ft, pair.unet_pre, pair.device) if cfg.low_memory else None)
         if isinstance(getattr(pair, "info", None), dict):
             pair.info["pair_pass"] = f"{engine.pair_pass.name} ({engine.pair_pass_why})"
         log.info("engine for batches of %d: pair pass %s (%s)", batch, engine.pair_pass.name, engine.pair_pass_why)
         cache[key] = engine
     return engine
-
-
-def _low_memory_pass(pair: ModelPair):
-    """``None`` (the engine's own choice), or ``sequential`` where that choice would be
-    ``stacked``: a vmapped pass cannot recompute its activations (``--low-memory``)."""
-    from cgidm import pairpass
-
-    kind, _ = pairpass.pair_kind(pair.unet_ft, pair.unet_pre)
-    name, _ = pairpass.choose(kind, pair.device, pairpass.measured_here())
-    return "sequential" if name == "stacked" else None
 
 
 def shrink_engines(pair: ModelPair, max_batch: int) -> None:

@@ -128,3 +128,21 @@ def test_every_pair_pass_recomputes_the_same_step(tiny_world, name):
         set_gradient_checkpointing((pair.unet_ft, pair.unet_pre), False)
     assert torch.equal(low[0], plain[0])
     torch.testing.assert_close(low[1], plain[1], rtol=0, atol=1e-6 * float(plain[1].abs().max()))
+
+
+def test_a_low_memory_run_never_takes_the_stacked_pass(tiny_world, monkeypatch):
+    """Where ``stacked`` was measured fastest, a low-memory run takes ``sequential`` (a
+    vmapped pass cannot recompute); otherwise the engine's own choice stands."""
+    from cgidm import pairpass
+    from cgidm.pipeline import _engine
+
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
+    fast = {"stacked": 0.001, "sequential": 0.002}
+    monkeypatch.setattr(pairpass, "measured_here", lambda: {"cpu": {"full": fast}})
+    assert pairpass.low_memory_pass(pair.unet_ft, pair.unet_pre, "cpu") == "sequential"
+    c_ft, c_pre = pair.encode_prompt("a photo")
+    cfg = preset_config("demo", prompt="a photo")
+    assert _engine(pair, cfg, c_ft, c_pre, pair.latent_shape, 2).pair_pass.name == "stacked"
+    assert _engine(pair, cfg.replace(low_memory=True), c_ft, c_pre, pair.latent_shape, 2).pair_pass.name == "sequential"
+    monkeypatch.setattr(pairpass, "measured_here", lambda: {"cpu": {"full": {"stacked": 0.003, "sequential": 0.002}}})
+    assert pairpass.low_memory_pass(pair.unet_ft, pair.unet_pre, "cpu") is None
