@@ -146,3 +146,30 @@ def test_a_low_memory_run_never_takes_the_stacked_pass(tiny_world, monkeypatch):
     assert _engine(pair, cfg.replace(low_memory=True), c_ft, c_pre, pair.latent_shape, 2).pair_pass.name == "sequential"
     monkeypatch.setattr(pairpass, "measured_here", lambda: {"cpu": {"full": {"stacked": 0.003, "sequential": 0.002}}})
     assert pairpass.low_memory_pass(pair.unet_ft, pair.unet_pre, "cpu") is None
+
+
+def test_an_sdxl_unet_recomputes_through_its_wrapper():
+    """SDXL's UNet runs inside ``families.TextTimeUNet``: checkpointing reaches the UNet
+    through the wrapper, and the input gradient is the same."""
+    from diffusers import UNet2DConditionModel
+
+    from cgidm import families
+    from cgidm.testing.family_worlds import TEXT_WIDTH, TEXT_WIDTH_2, family_unet_config
+
+    torch.manual_seed(0)
+    unet = families.TextTimeUNet(UNet2DConditionModel(**family_unet_config("sdxl")).eval().requires_grad_(False))
+    cond = families.pack_text_time(torch.randn(2, 7, TEXT_WIDTH + TEXT_WIDTH_2), torch.randn(2, TEXT_WIDTH_2),
+                                   torch.tensor([[16.0, 16, 0, 0, 16, 16]]))
+    x = torch.randn(2, unet.config.in_channels, 16, 16)
+
+    def grad(on: bool):
+        set_gradient_checkpointing([unet], on)
+        xg = x.clone().requires_grad_(True)
+        out = unet(xg, torch.tensor([10, 700]), encoder_hidden_states=cond, return_dict=False)[0]
+        return torch.autograd.grad(out.pow(2).sum(), xg)[0]
+
+    plain = grad(False)
+    low = grad(True)
+    assert unet.unet.is_gradient_checkpointing
+    set_gradient_checkpointing([unet], False)
+    assert torch.equal(low, plain)
