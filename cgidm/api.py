@@ -102,7 +102,8 @@ def authenticate(
 
         writer = RowWriter(threaded=prefetch_depth > 0)
         try:
-            run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth, step_callback=step_bar)
+            stats = run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
+                             step_callback=step_bar)
         finally:
             try:
                 writer.close()
@@ -113,6 +114,9 @@ def authenticate(
         emb_info = add_embedding_scores(rows, embedder, out, cfg.metric) if embedder is not None else None
         summary = summarize(rows, cfg, pair.info, emb_info)
         summary["prompt_from"] = prompt_from
+        if stats.extra.get("low_memory_fallback"):
+            summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
+                                              "(the same scores)")
         # rows again, in input order and with their verdicts
         atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in rows))
         atomic_write_json(out / "summary.json", summary)

@@ -208,6 +208,7 @@ def run_pair(
     ``ValueError`` here, before any image is read."""
     make_mask(pair, cfg)
     stats = stats or PairStats()
+    run_cfg = [cfg]  # becomes --low-memory when one image alone runs out of memory
     batches = [list(items[i:i + cfg.batch_size]) for i in range(0, len(items), cfg.batch_size)]
 
     def emit_errors(failed):
@@ -225,7 +226,7 @@ def run_pair(
             if prep is None:
                 prep = prepare(pair, torch.stack(tensors), [it.id for it in its], cfg)
             t0 = time.perf_counter()
-            result = recover(pair, prep, cfg, callback=step_callback() if step_callback else None)
+            result = recover(pair, prep, run_cfg[0], callback=step_callback() if step_callback else None)
             if pair.device.type == "cuda":
                 torch.cuda.synchronize(pair.device)
             stats.engine_s += time.perf_counter() - t0
@@ -243,6 +244,17 @@ def run_pair(
                 shrink_engines(pair, max(1, len(its) // 2))
                 if pair.device.type == "cuda":
                     torch.cuda.empty_cache()
+            if oom and len(its) == 1 and not run_cfg[0].low_memory:
+                # one image does not fit: recompute activations (--low-memory, the same
+                # scores) from here on, and try it again
+                log.warning("out of memory for one image; recomputing the UNets' activations in the backward pass "
+                            "(--low-memory) from now on")
+                run_cfg[0] = run_cfg[0].replace(low_memory=True)
+                stats.extra["low_memory_fallback"] = True
+                stats.retries += 1
+                pair.__dict__.pop("_max_bucket", None)  # recomputing, larger batches may fit again
+                invert(its, tensors, notes, prep)
+                return
             if len(its) == 1:
                 log.error("%s: %s", its[0].id, _reason(e))
                 emit_errors([(its[0], ("out of memory: " if oom else "failed: ") + _reason(e), notes[0])])

@@ -116,6 +116,7 @@ class _Run:
         self.z_target = _target(model, cfg)
         self.engine: Optional[ProtectEngine] = None
         self.engine_batch = cfg.batch_size  # halved by out-of-memory faults
+        self.low_memory_fallback = False
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
         from tqdm.auto import tqdm
 
@@ -157,6 +158,16 @@ class _Run:
             oom = is_out_of_memory(e)
             if oom:
                 self._drop_engine(max(1, len(batch) // 2))
+            if oom and len(batch) == 1 and not self.cfg.low_memory:
+                # one image does not fit: recompute activations (--low-memory, the same
+                # perturbation) from here on, larger batches allowed again, and retry it
+                log.warning("out of memory for one image; recomputing the activations in the backward pass "
+                            "(--low-memory) from now on")
+                self.cfg = self.cfg.replace(low_memory=True)
+                self.low_memory_fallback = True
+                self.engine, self.engine_batch = None, self.cfg.batch_size
+                self._batch(batch)
+                return
             if len(batch) == 1:
                 log.debug("protecting %s failed", batch[0][0].id, exc_info=True)
                 self._error(batch[0][0], f"{'out of memory' if oom else 'failed'}: {type(e).__name__}: {e}")
@@ -308,16 +319,20 @@ def protect(
         def emit(row: dict) -> None:
             append_jsonl(results, row)
 
-        graph = None
+        graph, fallback = None, False
         if todo:
             runner = _Run(model, cfg, out, emit, progress)
             runner.run(todo)
             graph = runner.engine is not None and runner.engine.graph is not None
+            fallback = runner.low_memory_fallback
         wall = time.perf_counter() - t0
         ids = {it.id for it in items}
         rows = [r for r in read_jsonl(results) if r["id"] in ids]
         summary = _summary(rows, cfg, model, dtype, wall, len(todo))
         summary["timing"]["cuda_graph"] = graph  # None: nothing protected in this run
+        if fallback:
+            summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
+                                              "(the same perturbation)")
         atomic_write_json(out / "summary.json", summary)
         summary["report"] = str(write_report(out, rows, summary))
     return summary

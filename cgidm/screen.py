@@ -84,7 +84,8 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     finally:
         writer.close()
     return {"images": stats.images, "engine_s": stats.engine_s, "load_s": load_s, "wait_s": stats.wait_s,
-            "batch_retries": stats.retries, "prompts": prompts}
+            "batch_retries": stats.retries, "low_memory_fallback": bool(stats.extra.get("low_memory_fallback")),
+            "prompts": prompts}
 
 
 def _lock(out: Path, rank: int) -> Optional[OutputLock]:

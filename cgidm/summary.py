@@ -138,6 +138,8 @@ def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:
         # what a long screen approaches, where each pair loads once for many images
         "engine_busy_after_load": round(engine / (busy - load), 4) if busy - load > 0 else None,
         "finalize_s": round(finalize_s, 3),
+        # one image did not fit in memory, so a rank went on with --low-memory (same scores)
+        "low_memory_fallback": any(s.get("low_memory_fallback", False) for s in stats),
         "per_rank": stats,
     }
 

@@ -5,12 +5,14 @@ for bit; the recompute is seen by counting a convolution's forward calls (module
 not see a recompute). On CUDA the engine's graph replays the checkpointed step."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from cgidm.checkpointing import set_gradient_checkpointing
 from cgidm.config import preset_config
 from cgidm.images import load_image
-from cgidm.checkpointing import set_gradient_checkpointing
 from cgidm.models import load_pair
 from cgidm.pipeline import prepare, recover
 
@@ -173,3 +175,40 @@ def test_an_sdxl_unet_recomputes_through_its_wrapper():
     assert unet.unet.is_gradient_checkpointing
     set_gradient_checkpointing([unet], False)
     assert torch.equal(low, plain)
+
+
+def test_one_image_out_of_memory_goes_on_with_low_memory(world_pair, world_items, tmp_path, monkeypatch, caplog):
+    """A batch that does not fit is halved down to one image; if one image alone does not
+    fit, the run turns on --low-memory (the same scores) and goes on, and says so in the
+    summary, instead of writing an error row for every image."""
+    import logging
+
+    from cgidm import batches
+    from cgidm.api import authenticate
+
+    cfg = preset_config("demo", prompt="a photo").replace(steps=2, batch_size=4)
+    items = world_items[:5]
+    want = authenticate(world_pair, items, tmp_path / "plain", cfg, progress=False, prefetch_depth=0)
+    real = batches.recover
+    seen = []
+
+    def recover(pair, prep, cfg, callback=None):
+        seen.append((prep.x0.shape[0], cfg.low_memory))
+        if not cfg.low_memory:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(pair, prep, cfg, callback=callback)
+
+    monkeypatch.setattr(batches, "recover", recover)
+    world_pair.__dict__.pop("_max_bucket", None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cgidm.batches"):
+            got = authenticate(world_pair, items, tmp_path / "low", cfg, progress=False, prefetch_depth=0)
+    finally:
+        world_pair.__dict__.pop("_max_bucket", None)
+        set_gradient_checkpointing((world_pair.unet_ft, world_pair.unet_pre), False)
+    assert seen[:4] == [(4, False), (2, False), (1, False), (1, True)]
+    assert "recomputing the UNets' activations" in caplog.text
+    assert got["low_memory_fallback"].startswith("one image did not fit")
+    assert got["images"] == want["images"] == 5 and got.get("failed", 0) == want.get("failed", 0) == 0
+    scores = lambda d: [json.loads(x)["score"] for x in (d / "results.jsonl").read_text().splitlines()]
+    assert scores(tmp_path / "low") == scores(tmp_path / "plain")

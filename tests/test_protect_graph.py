@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cgidm.codec import VaeCodec
 from cgidm.config import ProtectConfig
 from cgidm.protect import collect_protect_items, protect
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, load_base, protect_batch, protect_loop,
-                               target_latent)
+                               set_checkpointing, target_latent)
 
 
 def needs_cuda():
@@ -219,7 +221,8 @@ def test_speed_bench_smoke(tmp_path):
 
 def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, tmp_path, monkeypatch, caplog):
     """A batch that does not fit is split in halves, the engine rebuilt at the smaller size
-    and kept for the later batches; only an image that does not fit alone is an error row."""
+    and kept for the later batches; an image that does not fit alone even with --low-memory
+    is an error row."""
     real_run = ProtectEngine.run
     sizes = []
 
@@ -235,10 +238,40 @@ def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, 
     with caplog.at_level(logging.WARNING, logger="cgidm.protect"):
         summary = protect(bases["tiny"], items, tmp_path / "out", cfg, progress=False)
     assert "out of memory on a batch of 4; trying 2 and 2" in caplog.text
-    assert sizes[:2] == [4, 2] and set(sizes[2:]) == {1}  # never back to a larger engine
+    # smaller engines from then on, except the one retry at full size once the image that does
+    # not fit alone turned --low-memory on
+    assert sizes[:2] == [4, 2] and sizes.count(4) == 2 and set(sizes[2:]) == {1, 4}
     bad = [i.id for i in items if "member_01" in i.id]
     assert summary["failed"] == len(bad) == 1 and summary["protected"] == 4
     assert summary["errors"][bad[0]].startswith("out of memory: OutOfMemoryError")
+    assert "recomputing the activations" in caplog.text
+
+
+def test_one_image_out_of_memory_goes_on_with_low_memory(bases, tiny_world, tmp_path, monkeypatch, caplog):
+    """An image that does not fit alone turns on --low-memory for the rest of the run (the
+    same perturbation; larger batches are tried again) instead of failing."""
+    real_run = ProtectEngine.run
+    seen = []
+
+    def run(self, images, ids, callback=None):
+        seen.append((self.b, self.cfg.low_memory))
+        if not self.cfg.low_memory:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(self, images, ids, callback)
+
+    items = _art(tiny_world, tmp_path, n=3)
+    cfg = ProtectConfig(steps=2, eval_draws=2, batch_size=2)
+    want = protect(bases["tiny"], items, tmp_path / "plain", cfg, progress=False)
+    monkeypatch.setattr(ProtectEngine, "run", run)
+    with caplog.at_level(logging.WARNING, logger="cgidm.protect"):
+        got = protect(bases["tiny"], items, tmp_path / "low", cfg, progress=False)
+    set_checkpointing(bases["tiny"], False)
+    assert seen[:3] == [(2, False), (1, False), (2, True)]
+    assert got["protected"] == 3 and got["low_memory_fallback"].startswith("one image did not fit")
+    for it in items:
+        a = np.asarray(Image.open(tmp_path / "plain" / "protected" / it.id))
+        b = np.asarray(Image.open(tmp_path / "low" / "protected" / it.id))
+        assert np.array_equal(a, b)
 
 
 def test_the_bar_shows_the_pgd_step(bases, tiny_world, tmp_path, capsys):
