@@ -253,6 +253,9 @@ def run_pair(
                 stats.extra["low_memory_fallback"] = True
                 stats.retries += 1
                 pair.__dict__.pop("_max_bucket", None)  # recomputing, larger batches may fit again
+                pair.__dict__.get("_engines", {}).clear()  # their buffers and graph pools are freed
+                if pair.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 invert(its, tensors, notes, prep)
                 return
             if len(its) == 1:

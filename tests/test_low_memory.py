@@ -207,6 +207,8 @@ def test_one_image_out_of_memory_goes_on_with_low_memory(world_pair, world_items
         world_pair.__dict__.pop("_max_bucket", None)
         set_gradient_checkpointing((world_pair.unet_ft, world_pair.unet_pre), False)
     assert seen[:4] == [(4, False), (2, False), (1, False), (1, True)]
+    engines = world_pair.__dict__["_engines"]
+    assert engines and all(key[-1] for key in engines)  # the engines kept from before were freed
     assert "recomputing the UNets' activations" in caplog.text
     assert got["low_memory_fallback"].startswith("one image did not fit")
     assert got["images"] == want["images"] == 5 and got.get("failed", 0) == want.get("failed", 0) == 0
