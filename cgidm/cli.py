@@ -12,7 +12,6 @@ error during compute (same guarantee; ``-v`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -267,9 +266,7 @@ def cmd_authenticate(args) -> int:
 
 
 def cmd_screen(args) -> int:
-    import torch.distributed as dist
-
-    from cgidm.distributed import init_distributed
+    from cgidm.distributed import init_distributed, leave_group
     from cgidm.manifest import read_manifest
     from cgidm.screen import screen
 
@@ -292,9 +289,7 @@ def cmd_screen(args) -> int:
         if started:
             # every rank leaves together, once rank 0 has written the summary: a rank that
             # tears its group down while another still uses it can abort the process
-            with contextlib.suppress(Exception):
-                dist.barrier()
-            dist.destroy_process_group()
+            leave_group()
     if summary is None:
         return EXIT_OK
     _print_summary(summary)

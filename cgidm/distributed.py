@@ -3,7 +3,9 @@ gather one object from every rank. Only the process group is set up here; the de
 each rank comes from ``config.resolve_runtime``."""
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from datetime import timedelta
 
 
@@ -47,3 +49,30 @@ def all_gather(obj) -> list:
     got: list = [None] * world
     dist.all_gather_object(got, obj)
     return got
+
+
+LEFT_KEY = "cgidm/left-barrier"
+
+
+def leave_group(timeout_s: float = 60.0) -> None:
+    """Tear the process group down on every rank with no collective still in flight.
+
+    A ``barrier`` alone is not enough with gloo: a rank can return from it and close its
+    sockets while another is still finishing the same barrier. Seen once under load, most
+    likely from that: the run's work done and its summary written, then a rank killed by
+    SIGABRT ("terminate called without an active exception") at the end. So each rank, once out of the barrier, counts
+    itself on the rendezvous store and waits until every rank has; only then does any
+    rank destroy the group. A store that is gone (its host exited) ends the wait."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        world = dist.get_world_size()
+        store.add(LEFT_KEY, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(LEFT_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+    dist.destroy_process_group()

@@ -303,3 +303,24 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(manifest, tiny_world, r
     timing = json.loads((out / "summary.json").read_text())["timing"]
     assert timing["ranks"] == 2 and sorted(r["images"] for r in timing["per_rank"]) == [3, 3]
     assert "images: 6" in run.stdout and run.stdout.count("report:") == 1
+
+
+def test_leave_group_waits_for_every_rank_on_the_store(tmp_path):
+    """``distributed.leave_group``: out of the barrier, each rank counts itself on the
+    rendezvous store and destroys the group only once all have (one rank here: the count
+    reaches the world size at once); without a group it does nothing."""
+    import torch.distributed as dist
+
+    from cgidm.distributed import LEFT_KEY, leave_group
+
+    leave_group()  # no group: a no-op
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        default = dist.distributed_c10d._get_default_store()  # the group's view of the store
+        leave_group(timeout_s=5)
+        assert not dist.is_initialized()
+        assert default.add(LEFT_KEY, 0) == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
