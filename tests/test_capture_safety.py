@@ -3,7 +3,9 @@ on a tensor's truth value, on ``nonzero`` and on boolean-mask indexing (their ou
 depends on the data). No GPU has run these captures yet, so this checks on CPU, under a
 ``TorchFunctionMode`` that records every such call, each step that is captured: the
 authentication engine's (every pair pass that runs on CPU, full and LoRA pairs), the
-protection engine's (identity codec and a VAE), and the extraction's pair call."""
+protection engine's (identity codec and a VAE), and the extraction's pair call. And that
+they make no host tensor (a capture cannot copy from pageable host memory): each runs once
+on the meta device, where a host tensor in the arithmetic is an error."""
 from __future__ import annotations
 
 import pytest
@@ -122,3 +124,72 @@ def test_the_extraction_pair_call_never_syncs(tiny_world):
     if hasattr(fn, "remove"):
         fn.remove()
     assert mode.calls == [], mode.calls
+
+
+# --------------------------------------------------------------------------- no host tensors
+# A capture also fails on a copy from pageable host memory: every tensor a step makes must be
+# made on the step's device. On the meta device (shapes only, no data) a host tensor mixed
+# into the step's arithmetic is an error, so each step runs there once.
+
+
+def _to_meta(pair):
+    import copy
+
+    pair = copy.copy(pair)
+    pair.__dict__.pop("_prompts", None)
+    seen = {}
+    for name in ("unet_ft", "unet_pre"):
+        m = getattr(pair, name)
+        if id(m) not in seen:
+            seen[id(m)] = copy.deepcopy(m).to("meta")
+        setattr(pair, name, seen[id(m)])
+    if hasattr(pair.unet_pre, "adapted"):  # a LoRA pair: AdaptersOff over the same module
+        from cgidm.lora import AdaptersOff
+
+        pair.unet_pre = AdaptersOff(pair.unet_ft)
+    pair.abar = pair.abar.to("meta")
+    return pair
+
+
+@pytest.mark.parametrize("name", ["sequential", "lora_toggle", "lora_fused"])
+def test_the_authentication_step_makes_no_host_tensor(tiny_world, name):
+    lora = name.startswith("lora")
+    cpu = _pair(tiny_world, "lora" if lora else "full")
+    c_ft, c_pre = (c.to("meta") for c in cpu.encode_prompt("a photo"))
+    pair = _to_meta(cpu)
+    engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, pair.latent_shape,
+                    PGDConfig(steps=2, k=2), batch=3, device="meta", impl="ref", pair_pass=name)
+    engine._step()
+    if hasattr(engine.pair_pass, "remove"):
+        engine.pair_pass.remove()
+    assert engine.delta.device.type == "meta"
+
+
+def test_the_protection_step_makes_no_host_tensor():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_protect_graph import vae_base
+
+    model = vae_base()
+    model.unet.to("meta")
+    model.codec.vae.to("meta")
+    model.abar = model.abar.to("meta")
+    cfg = ProtectConfig(steps=2, k=2, random_start=True)
+    engine = ProtectEngine(model, cfg, 3, torch.zeros(1, 3, 8, device="meta"), impl="ref")
+    engine._step()
+    assert engine.delta.device.type == "meta"
+
+
+def test_the_extraction_pair_call_makes_no_host_tensor(tiny_world):
+    from cgidm import extract as X
+    from cgidm.config import ExtractConfig
+
+    cpu = _pair(tiny_world, "full")
+    c_ft, c_pre = (c.to("meta") for c in X.conditioning(cpu, ExtractConfig(prompt="a photo")))
+    pair = _to_meta(cpu)
+    fn = pairpass.build("sequential", pair.unet_ft, pair.unet_pre)
+    call = StaticPairCall(fn, c_ft, c_pre, 3, pair.latent_shape, "meta", use_graph=False)
+    out_ft, out_pre = call._run()
+    assert out_ft.device.type == out_pre.device.type == "meta"
