@@ -3,12 +3,16 @@ diffusers models recompute each block's activations in the backward pass instead
 keeping them from the forward pass.
 
 A recompute runs after the call that made the forward pass has returned, so state that a
-pair pass sets only for the duration of its call would be missing from it: the LoRA
-adapters switched off for the pretrained side (``lora.AdaptersOff``, the ``lora_toggle``
-pass), the half-batch hooks of the ``lora_fused`` pass. Each holder of such state
-registers here (``register``); every checkpointed block captures the registered state
-when it runs forward and puts it back around its recompute, so the recompute is the same
-computation. Nothing random happens inside the models (eval mode, the draws are made
+pair pass sets only for the duration of its call would be missing from it. Every
+checkpointed block captures that state when it runs forward and puts it back around its
+recompute, so the recompute is the same computation:
+
+- the ``_disable_adapters`` flags of the PEFT LoRA layers inside the block (the adapters
+  switched off for the pretrained side, by ``lora.AdaptersOff``, the ``lora_toggle`` pass
+  or anything else), read from the block itself;
+- state held outside the modules, by whoever registers it here (``register``): the
+  half-batch size of the ``lora_fused`` pass, which its hooks read.
+ Nothing random happens inside the models (eval mode, the draws are made
 outside), so the RNG state is neither saved nor restored: reading a CUDA generator's
 state inside a CUDA graph capture is not allowed.
 """
@@ -36,10 +40,10 @@ def register(holder: StateHolder) -> None:
 
 def _checkpoint(module: torch.nn.Module, *args):
     """diffusers' ``gradient_checkpointing_func``: ``module(*args)`` under non-reentrant
-    checkpointing, its recompute in the registered state of the forward pass."""
+    checkpointing, its recompute in the state of the forward pass (module docstring)."""
     from torch.utils.checkpoint import checkpoint
 
-    restorers = [h.capture_state() for h in list(_HOLDERS)]
+    restorers = [_adapter_flags(module), *(h.capture_state() for h in list(_HOLDERS))]
 
     def run(*a):
         with contextlib.ExitStack() as stack:
@@ -71,24 +75,21 @@ def set_gradient_checkpointing(modules: Iterable, on: bool) -> None:
             m.disable_gradient_checkpointing()
 
 
-class AdapterFlags:
-    """The ``_disable_adapters`` flags of a UNet's LoRA layers, as a ``StateHolder``."""
+def _adapter_flags(module: torch.nn.Module) -> Callable[[], ContextManager]:
+    """The ``_disable_adapters`` flags of the LoRA layers in ``module`` now, as a factory of
+    a context that sets them for its duration and then puts back what was there."""
+    layers = [m for m in module.modules() if hasattr(m, "_disable_adapters")]
+    flags = [m._disable_adapters for m in layers]
 
-    def __init__(self, layers: list) -> None:
-        self.layers = layers
-
-    def capture_state(self) -> Callable[[], ContextManager]:
-        flags = [m._disable_adapters for m in self.layers]
-
-        @contextlib.contextmanager
-        def restore():
-            before = [m._disable_adapters for m in self.layers]
-            for m, f in zip(self.layers, flags):
+    @contextlib.contextmanager
+    def restore():
+        before = [m._disable_adapters for m in layers]
+        for m, f in zip(layers, flags):
+            m._disable_adapters = f
+        try:
+            yield
+        finally:
+            for m, f in zip(layers, before):
                 m._disable_adapters = f
-            try:
-                yield
-            finally:
-                for m, f in zip(self.layers, before):
-                    m._disable_adapters = f
 
-        return restore
+    return restore

@@ -277,11 +277,6 @@ class AdaptersOff(torch.nn.Module):
         if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
             raise ValueError("AdaptersOff needs a UNet with PEFT LoRA layers")
         object.__setattr__(self, "_layers", layers)  # not submodules: they belong to `adapted`
-        from cgidm.checkpointing import AdapterFlags, register
-
-        # --low-memory: a recompute outside this call must see the adapters off too
-        object.__setattr__(self, "_flags", AdapterFlags(layers))
-        register(self._flags)
 
     @property
     def config(self):

@@ -150,12 +150,8 @@ class _LoraToggle(PairPass):
     name = "lora_toggle"
 
     def __init__(self, unet: torch.nn.Module):
-        from cgidm.checkpointing import AdapterFlags, register
-
         self.layers = _lora_layers(unet)
         self.fn = unet_eps_fn(unet)
-        self._flags = AdapterFlags(self.layers)  # --low-memory: recomputes see the call's flags
-        register(self._flags)
 
     def _run(self, disabled: bool, x, t, cond):
         from cgidm.lora import adapters_disabled
