@@ -33,7 +33,6 @@ One JSON row per run in ``bench/results/protect-speed-<device>.json``.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,10 +165,12 @@ class EagerLoop:
 
 
 def peak_reset(device: torch.device) -> None:
-    gc.collect()
+    """What the last run held given back (``bench_engine.free_memory``), the peak counter reset."""
+    from bench_engine import free_memory
+
+    free_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -60,9 +60,9 @@ def leave_group(timeout_s: float = 60.0) -> None:
     A ``barrier`` alone is not enough with gloo: a rank can return from it and close its
     sockets while another is still finishing the same barrier. Seen once under load, most
     likely from that: the run's work done and its summary written, then a rank killed by
-    SIGABRT ("terminate called without an active exception") at the end. So each rank, once out of the barrier, counts
-    itself on the rendezvous store and waits until every rank has; only then does any
-    rank destroy the group. A store that is gone (its host exited) ends the wait."""
+    SIGABRT ("terminate called without an active exception") at the end. So each rank,
+    once out of the barrier, counts itself on the rendezvous store and waits until every
+    rank has; only then does any rank destroy the group. A store that is gone (its host exited) ends the wait."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -32,6 +32,7 @@ from cgidm.lora import AdaptersOff, _apply_lora, is_lora_state_dict
 
 log = logging.getLogger(__name__)
 
+
 class LatentGeometry:
     """The latent's size and channels, the image resolution and the device of a model (or a
     pair), read from its UNet (``_geometry_unet``) and its codec."""

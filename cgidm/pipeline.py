@@ -95,9 +95,8 @@ def shrink_engines(pair: ModelPair, max_batch: int) -> None:
 
 def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     """PGD on the contrast loss; returns the reference's ``InversionResult``."""
-    from cgidm.ops import get_ops
-
     from cgidm.checkpointing import set_gradient_checkpointing
+    from cgidm.ops import get_ops
 
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
     set_gradient_checkpointing((pair.unet_ft, pair.unet_pre), cfg.low_memory)

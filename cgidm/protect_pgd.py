@@ -34,8 +34,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from cgidm import graphs, rng
-from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.checkpointing import set_gradient_checkpointing
+from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.models import LatentGeometry
 from cgidm.ops import get_ops
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
@@ -378,7 +378,8 @@ class ProtectEngine:
     def run(self, images: torch.Tensor, ids: Sequence[str],
             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> ProtectResult:
         """Protect up to ``B`` images: ``protect_loop``'s result, from the buffers
-        (replayed from the graph on CUDA). ``callback`` as there (it syncs every step)."""
+        (replayed from the graph on CUDA). ``callback`` as there; one that reads the
+        tensors it is given syncs the GPU every step."""
         if self.use_graph:
             self.capture()
         n = self.load(images, ids)
