@@ -199,20 +199,26 @@ def _sample_batch(call, scheduler, keys, latent_shape, guidance, correction, ste
     pred = str(sched.config.get("prediction_type", "epsilon"))
     x = initial_latents(keys, latent_shape, device) * float(sched.init_noise_sigma)
     timesteps = sched.timesteps
-    moved = 0.0
+    start = bar.n
     try:
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             x_in = sched.scale_model_input(x, t)
             out_ft, out_pre = call(x_in, t)
             abar_t = sched.alphas_cumprod[int(t)] if pred == "v_prediction" else None
             guided = guided_output(out_ft, out_pre, guidance, correction, pred, x_in, abar_t)
             x = sched.step(guided, t, x, return_dict=False)[0].float()
-            bar.update(n / len(timesteps))
-            moved += n / len(timesteps)
+            # set, not added: a sum of fractions can overshoot the total by a rounding error
+            # (tqdm then warns and shows a negative time left); the last step lands on start + n
+            _set_bar(bar, start + n * (i + 1) / len(timesteps))
     except BaseException:
-        bar.update(-moved)  # the batch is retried or the run ends: its progress was not made
+        _set_bar(bar, start)  # the batch is retried or the run ends: its progress was not made
         raise
     return x
+
+
+def _set_bar(bar, n: float) -> None:
+    bar.n = n
+    bar.update(0)  # redraws when tqdm's interval has passed
 
 
 @torch.inference_mode()

@@ -118,16 +118,18 @@ class _Run:
         self.engine_batch = cfg.batch_size  # halved by out-of-memory faults
         self.low_memory_fallback = False
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(desc="images", unit="img", disable=not progress)
+        self.progress = progress
+        self.bar = None
 
     def _error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
         self.bar.update(1)
 
     def run(self, items: Sequence[ProtectItem]) -> None:
-        self.bar.reset(total=len(items))
+        from tqdm.auto import tqdm
+
+        # made with its total: a bar made before it would print an empty line first
+        self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress)
         batch: list[tuple[ProtectItem, torch.Tensor, list[str]]] = []
         for item in items:
             name = output_name(item.id)

@@ -159,6 +159,40 @@ def test_out_of_memory_halves_the_batch_for_the_same_samples(world_pair, tiny_wo
         _sample(pair, tiny_world, keys[:1], 1, None, steps)
 
 
+def test_the_progress_bar_ends_on_the_sample_count(tiny_world):
+    """The bar moves by a fraction of the batch every step and lands on the sample count
+    exactly (3 batches of 8 in 10 steps: summed fractions of 0.8 overshot 24, and tqdm
+    warned and showed a negative time left); a batch that fails takes its progress back."""
+    import io
+    import warnings
+
+    from tqdm import tqdm
+
+    sched = G.load_scheduler(tiny_world / "base")
+
+    def call(x, t):
+        return torch.zeros_like(x), torch.zeros_like(x)
+
+    bar = tqdm(total=24, file=io.StringIO(), mininterval=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tqdm's "clamping frac to range [0, 1]"
+        for b in range(3):
+            G._sample_batch(call, sched, G.sample_keys(8, range(8 * b, 8 * b + 8)), (4, 2, 2), 3.0, 0.0, 10, "cpu", bar)
+            assert bar.n == 8 * (b + 1)
+    seen = []
+
+    def failing(x, t):
+        seen.append(t)
+        if len(seen) == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return call(x, t)
+
+    bar = tqdm(total=16, initial=8, file=io.StringIO(), mininterval=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        G._sample_batch(failing, sched, G.sample_keys(8, range(8)), (4, 2, 2), 3.0, 0.0, 10, "cpu", bar)
+    assert bar.n == 8
+
+
 def test_a_graph_needs_a_cuda_device(world_pair, tiny_world):
     pair = world_pair
     assert graph_wanted(None, "cpu") is False and graph_wanted(False, "cpu") is False

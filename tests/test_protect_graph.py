@@ -279,6 +279,8 @@ def test_the_bar_shows_the_pgd_step(bases, tiny_world, tmp_path, capsys):
             ProtectConfig(steps=3, eval_draws=2, batch_size=2), progress=True)
     err = capsys.readouterr().err
     assert "batch of 2: PGD step 3/3" in err and "2/2" in err
+    # one bar, made with its total: no count-only bar ("0img [...]") printed before it
+    assert err.lstrip("\r").startswith("images:   0%") and "0img" not in err
 
 
 def test_low_memory_recomputes_activations_for_the_same_result(bases):
