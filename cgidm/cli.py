@@ -385,6 +385,11 @@ def cmd_extract(args) -> int:
             label = f" [{p['label']}]" if p["label"] else ""
             print(f"  candidate {p['rank']:2d}: nearest {Path(p['nearest']).name}{label}  similarity {p['similarity']:.3f}  "
                   f"SSIM {p['ssim']:.3f}  PSNR {p['psnr']:.1f} dB")
+        failed = s["compare"]["failed"]
+        for f in failed[:10]:
+            print(f"  not compared: {f['error']}")
+        if len(failed) > 10:
+            print(f"  ... and {len(failed) - 10} more not compared (see extract.json)")
         m = s["compare"].get("labelled")
         if m and m["auc"] is not None:
             print(f"members extracted: {m['extracted']} of {m['members']} (similarity above the best hold-out's, "

@@ -399,7 +399,10 @@ representative of a cluster of similar samples, densest first. Prompt: <code>{{ 
 {% for p in s.compare.pairs %}<tr><td>{{ p.rank }}</td><td>{{ s.candidates[loop.index0].cluster_size }}</td>
 <td><img alt="candidate {{ p.rank }}" src="{{ p.pair_image }}"></td><td><code>{{ p.nearest }}</code></td>
 <td class="{{ p.label or '' }}">{{ p.label or '' }}</td><td>{{ fmt(p.similarity) }}</td><td>{{ fmt(p.ssim) }}</td>
-<td>{{ fmt(p.psnr) }}</td></tr>{% endfor %}</tbody></table>{% else %}
+<td>{{ fmt(p.psnr) }}</td></tr>{% endfor %}</tbody></table>
+{% if s.compare.failed %}<p class="sub">{{ s.compare.failed | length }} image(s) of the folder could not be read and
+were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error }}</code></li>{% endfor %}</ul>{% endif %}
+{% else %}
 <table><thead><tr><th>rank</th><th>cluster size</th><th>mean similarity</th><th>candidate</th></tr></thead><tbody>
 {% for c in s.candidates %}<tr><td>{{ c.rank }}</td><td>{{ c.cluster_size }}</td><td>{{ fmt(c.mean_similarity) }}</td>
 <td><img alt="candidate {{ c.rank }}" src="{{ c.image }}"></td></tr>{% endfor %}</tbody></table>{% endif %}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,6 +300,30 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         assert "members extracted" in said.out
         html = (out / "report.html").read_text()
         assert "candidate_00.png" in html and "grid.png" in html
+
+
+def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, capsys):
+    """A broken file in --compare is skipped, and said so on the terminal and in the
+    report as well as in extract.json."""
+    import shutil
+
+    from cgidm.cli import main
+
+    folder = tmp_path / "cmp"
+    folder.mkdir()
+    for name in ("member_00.png", "member_01.png"):
+        shutil.copy(tiny_world / "images" / "members" / name, folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")
+    out = tmp_path / "o"
+    assert main(["extract", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                 "--out", str(out), "--samples", "3", "--steps", "2", "--clusters", "1", "--compare", str(folder),
+                 "-q"]) == 0
+    said = capsys.readouterr().out
+    cmp = _strict(out / "extract.json")["compare"]
+    assert cmp["images"] == 2 and [Path(f["image"]).name for f in cmp["failed"]] == ["broken.png"]
+    assert "not compared:" in said and "broken.png: not an image" in said
+    html = (out / "report.html").read_text()
+    assert "could not be read" in html and "broken.png" in html
 
 
 def test_cli_rerun_leaves_no_stale_candidates(tiny_world, tmp_path, capsys):
