@@ -348,6 +348,8 @@ class ExtractConfig:
 # (AdvDM), minus the distance of the image's encoding to a target's (Mist's textural
 # loss), or both (Mist's fused mode).
 PROTECT_LOSSES = ("advdm", "textural", "fused")
+# what of an image a protection covers (cgidm.images.view_of)
+COVERS = ("full", "centre")
 
 
 def parse_level(value, name: str = "value") -> float:
@@ -395,6 +397,9 @@ class ProtectConfig:
     t_max: int = _opt(999, "largest timestep drawn")
     random_start: bool = _opt(False, "start from a random point of the budget (as AdvDM's and Mist's code do) "
                                      "instead of the image (as Anti-DreamBooth does)")
+    cover: str = _opt("full", "full: the whole image at its aspect ratio (short side at the model's resolution, "
+                              "up to 2:1), as fine-tuners that bucket by aspect ratio train on it; centre: the "
+                              "centre square only, as centre-cropping fine-tuners see it", choices=COVERS)
     batch_size: int = _opt(8, "images protected together")
     low_memory: bool = _opt(False, "recompute the VAE encoder's and the UNet's activations in the backward pass "
                                    "(gradient checkpointing): less GPU memory for more compute, the same result")
@@ -407,6 +412,8 @@ class ProtectConfig:
         parse_level(self.step_size, "step size")
         if self.loss not in PROTECT_LOSSES:
             raise ValueError(f"loss must be one of {PROTECT_LOSSES}, got {self.loss!r}")
+        if self.cover not in COVERS:
+            raise ValueError(f"cover must be one of {COVERS}, got {self.cover!r}")
         if self.steps < 0 or self.k < 1 or self.batch_size < 1 or self.eval_draws < 1:
             raise ValueError("steps must be >= 0; timesteps per image, batch size and eval draws >= 1")
         if not (0 <= self.t_min <= self.t_max):

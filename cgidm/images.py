@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from cgidm.config import COVERS
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
@@ -124,19 +126,61 @@ def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_crop(img: Image.Image, resolution: int) -> Image.Image:
-    w, h = img.size
+def _aspect_cut(w: int, h: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)``: the centre of a ``w x h`` image cut to 2:1 at most
+    (the whole image when it is no longer than that)."""
     short = min(w, h)
-    if max(w, h) > _MAX_ASPECT * short:
-        keep = _MAX_ASPECT * short
-        if w > h:
-            left = (w - keep) // 2
-            img = img.crop((left, 0, left + keep, h))
-        else:
-            top = (h - keep) // 2
-            img = img.crop((0, top, w, top + keep))
-        w, h = img.size
+    if max(w, h) <= _MAX_ASPECT * short:
+        return 0, 0, w, h
+    keep = _MAX_ASPECT * short
+    if w > h:
+        left = (w - keep) // 2
+        return left, 0, left + keep, h
+    top = (h - keep) // 2
+    return 0, top, w, top + keep
+
+
+def _resize_crop(img: Image.Image, resolution: int) -> Image.Image:
+    box = _aspect_cut(*img.size)
+    if box != (0, 0, *img.size):
+        img = img.crop(box)
     return centre_crop(resize_short_side(img, resolution, Image.BILINEAR), resolution)
+
+
+def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` in the original's pixels of what ``_resize_crop``
+    keeps (centre cut to 2:1, short side to ``R``, centre crop), rounded to whole pixels."""
+    cut_l, cut_t, right, bottom = _aspect_cut(w, h)
+    w, h = right - cut_l, bottom - cut_t
+    nw, nh = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    top, left = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
+    sx, sy = w / nw, h / nh
+    box = (cut_l + left * sx, cut_t + top * sy, cut_l + (left + resolution) * sx, cut_t + (top + resolution) * sy)
+    return tuple(int(round(v)) for v in box)  # type: ignore[return-value]
+
+
+def view_of(w: int, h: int, resolution: int, cover: str = "centre", multiple: int = 1
+            ) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """What a model of ``resolution`` sees of an upright ``w x h`` image: ``(box, (W, H))``,
+    the part of the original (``(left, top, right, bottom)`` in its pixels) and the size it
+    is resized to.
+
+    - ``centre``: the centre ``R x R`` of the image with its short side at ``R``
+      (``_resize_crop``, the paper's preprocessing and a centre-cropping fine-tuner's).
+    - ``full``: the whole image (its centre 2:1 when it is longer), short side ``R``, long
+      side rounded to a multiple of ``multiple`` px (what the model's latent grid allows):
+      what a fine-tuner that buckets images by aspect ratio trains on. A square image gets
+      the same view either way.
+    """
+    if cover == "centre":
+        return crop_box(w, h, resolution), (resolution, resolution)
+    if cover != "full":
+        raise ValueError(f"cover must be one of {COVERS}, got {cover!r}")
+    box = _aspect_cut(w, h)
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    m = max(1, int(multiple))
+    long = min(_MAX_ASPECT * resolution, max(resolution, m * round(resolution * max(bw, bh) / min(bw, bh) / m)))
+    return box, ((long, resolution) if bw > bh else (resolution, long))
 
 
 def resize_short_side(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
@@ -182,10 +226,11 @@ def _reason(e: BaseException) -> str:
 
 
 def load_image_with_notes(
-    path: str | Path, resolution: int, max_pixels: int | None = None
+    path: str | Path, resolution: int, max_pixels: int | None = None, cover: str = "centre", multiple: int = 1
 ) -> tuple[torch.Tensor, list[str]]:
     """``load_image`` that also returns the notes of what was changed on the way
-    (upscaled, transparency flattened, first frame of an animation ...)."""
+    (upscaled, transparency flattened, first frame of an animation ...). ``cover="full"``:
+    the whole image at its aspect ratio, ``[3, H, W]`` (``view_of``)."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     notes: list[str] = []
     try:
@@ -211,7 +256,11 @@ def load_image_with_notes(
                     )
                 if min(w, h) < resolution:
                     notes.append(f"upscaled from {w}x{h}")
-                image = _resize_crop(rgb, resolution)
+                if cover == "centre":
+                    image = _resize_crop(rgb, resolution)
+                else:
+                    box, size = view_of(w, h, resolution, cover, multiple)
+                    image = (rgb if box == (0, 0, w, h) else rgb.crop(box)).resize(size, Image.BILINEAR)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -28,7 +28,7 @@ import torch
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, dtype_name
 from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
-from cgidm.images import ImageError, list_images, load_image_with_notes, preprocess
+from cgidm.images import ImageError, list_images, load_image_with_notes
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent)
@@ -45,7 +45,7 @@ PANELS = "panels"
 # Settings that change a protected file; batch_size does not (every draw is keyed by the
 # image id), and neither does eval_draws past the row's reported loss.
 KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
-                 "seed", "budget_levels", "step_levels")
+                 "seed", "budget_levels", "step_levels", "cover")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def _check_settings(out: Path, settings: dict) -> None:
             old = json.loads(path.read_text()).get("settings")
         except (OSError, ValueError, AttributeError):
             old = None
+        if isinstance(old, dict):
+            old.setdefault("cover", "centre")  # a run from before --cover covered the centre square
         if isinstance(old, dict) and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
@@ -94,16 +96,24 @@ def _remove_stale_temporaries(out: Path) -> None:
                 p.unlink()
 
 
-def _target(model: BaseModel, cfg: ProtectConfig) -> Optional[torch.Tensor]:
+def _target(model: BaseModel, cfg: ProtectConfig, size: Optional[tuple[int, int]] = None) -> Optional[torch.Tensor]:
+    """The target's encoding for images of ``size = (H, W)`` px (default ``R x R``): the
+    built-in pattern drawn at that size, or ``--target`` loaded as the images are and
+    resized (bilinear) to it."""
     if not cfg.needs_target:
         return None
+    h, w = size or (model.resolution,) * 2
     if cfg.target is None:
-        image = builtin_target(model.resolution)
+        image = builtin_target(h, w)
     else:
         try:
-            image, _ = load_image_with_notes(cfg.target, model.resolution)
+            image, _ = load_image_with_notes(cfg.target, model.resolution, cover=cfg.cover,
+                                             multiple=model.pixel_multiple)
         except ImageError as e:
             raise ValueError(f"--target: {e}") from e
+        if tuple(image.shape[-2:]) != (h, w):
+            image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                                    antialias=True)[0]
     return target_latent(model, image)
 
 
@@ -113,11 +123,14 @@ class _Run:
     def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool) -> None:
         self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
         self.cond = model.encode_prompt(cfg.prompt)
-        self.z_target = _target(model, cfg)
-        self.engine: Optional[ProtectEngine] = None
+        self.z_target = _target(model, cfg)  # R x R; other sizes: _targets
+        self._targets = {(model.resolution,) * 2: self.z_target}
+        self.engine: Optional[ProtectEngine] = None  # for one image size at a time (its graph's memory)
+        self.used_graph = False
         self.engine_batch = cfg.batch_size  # halved by out-of-memory faults
         self.low_memory_fallback = False
-        self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "base": model.info.get("base")}
+        self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "cover": cfg.cover,
+                      "base": model.info.get("base")}
         self.progress = progress
         self.bar = None
 
@@ -125,28 +138,36 @@ class _Run:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
         self.bar.update(1)
 
+    def _load(self, path):
+        return load_image_with_notes(path, self.model.resolution, cover=self.cfg.cover,
+                                     multiple=self.model.pixel_multiple)
+
     def run(self, items: Sequence[ProtectItem]) -> None:
+        """Images are batched by their size at the model's scale (one size with
+        ``--cover centre``; with ``full``, one per aspect-ratio bucket): a batch runs when
+        it is full, the partial ones at the end."""
         from tqdm.auto import tqdm
 
         # made with its total: a bar made before it would print an empty line first
         self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress)
-        batch: list[tuple[ProtectItem, torch.Tensor, list[str]]] = []
+        pending: dict[tuple[int, int], list[tuple[ProtectItem, torch.Tensor, list[str]]]] = {}
         for item in items:
             name = output_name(item.id)
             if name is None:
                 self._error(item, "unsafe image path for an output name")
                 continue
             try:
-                image, notes = load_image_with_notes(item.path, self.model.resolution)
+                image, notes = self._load(item.path)
             except ImageError as e:
                 self._error(item, e.reason)
                 continue
+            size = tuple(image.shape[-2:])
+            batch = pending.setdefault(size, [])
             batch.append((item, image, notes))
-            if len(batch) == self.engine_batch:
-                self._batch(batch)
-                batch = []
-        if batch:
-            self._batch(batch)
+            if len(batch) >= self.engine_batch:
+                self._batch(pending.pop(size))
+        for size in list(pending):
+            self._batch(pending.pop(size))
         self.bar.close()
 
     def _batch(self, batch) -> None:
@@ -193,13 +214,21 @@ class _Run:
                 log.debug("writing %s failed", item.id, exc_info=True)
                 self._error(item, f"failed: {type(e).__name__}: {e}")
 
-    def _engine(self) -> ProtectEngine:
-        """One engine for the run, built at the first batch, its step captured in a CUDA
-        graph on a GPU. A capture that fails (an unusual model, a driver without graph
+    def _z_target(self, size: tuple[int, int]) -> Optional[torch.Tensor]:
+        if size not in self._targets:
+            self._targets[size] = _target(self.model, self.cfg, size)
+        return self._targets[size]
+
+    def _engine(self, size: tuple[int, int]) -> ProtectEngine:
+        """The engine for images of ``size``, built at the first batch of that size (the
+        previous size's engine and its graph's memory freed first), its step captured in a
+        CUDA graph on a GPU. A capture that fails (an unusual model, a driver without graph
         support) is logged and the run goes on eagerly."""
+        if self.engine is not None and self.engine.size != size:
+            self._drop_engine(self.engine_batch)
         if self.engine is None:
-            engine = ProtectEngine(self.model, self.cfg, self.engine_batch, self.cond, self.z_target,
-                                   self.cfg.impl)
+            engine = ProtectEngine(self.model, self.cfg, self.engine_batch, self.cond, self._z_target(size),
+                                   self.cfg.impl, size=size)
             try:
                 engine.capture()
             except Exception as e:  # noqa: BLE001 - any other capture failure leaves the eager step
@@ -208,6 +237,7 @@ class _Run:
                 log.warning("CUDA graph capture failed (%s: %s); protecting eagerly", type(e).__name__, e)
                 engine.graph, engine.use_graph = None, False
             self.engine = engine
+            self.used_graph = self.used_graph or engine.graph is not None
         return self.engine
 
     def _drop_engine(self, batch: int) -> None:
@@ -233,7 +263,8 @@ class _Run:
         return callback
 
     def _protect(self, items, images):
-        res = self._engine().run(images, [i.id for i in items], self._step_progress(len(items)))
+        res = self._engine(tuple(images.shape[-2:])).run(images, [i.id for i in items],
+                                                        self._step_progress(len(items)))
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))
@@ -246,15 +277,13 @@ class _Run:
         except OSError as e:
             raise OutputError(dst.parent, e) from e
         t0 = time.perf_counter()
-        fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp)
+        fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp,
+                              self.cfg.cover, self.model.pixel_multiple)
         before, after, top = fields.pop("_before"), fields.pop("_after"), fields.pop("_top")
         panel_path = output_path(self.out / PANELS, item.id)
         atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
         # the loss on the protected file as a fine-tuner loads it (rounded, mapped back, resized)
-        from PIL import Image
-
-        with Image.open(dst) as im:
-            reread = preprocess(im, self.model.resolution)
+        reread = self._load(dst)[0]
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
@@ -325,7 +354,7 @@ def protect(
         if todo:
             runner = _Run(model, cfg, out, emit, progress)
             runner.run(todo)
-            graph = runner.engine is not None and runner.engine.graph is not None
+            graph = runner.used_graph
             fallback = runner.low_memory_fallback
         wall = time.perf_counter() - t0
         ids = {it.id for it in items}

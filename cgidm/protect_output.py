@@ -2,14 +2,17 @@
 size, mode and metadata), the panel and the scores of each image, and ``report.html``
 (docs/protect.md, "Outputs").
 
-The perturbation is computed at the model's resolution on the part of the image the
-model sees: the short side resized to ``R`` and the centre ``R x R`` (what
-``cgidm.images`` does, and what Stable Diffusion fine-tuning scripts do by default). It is
-mapped back by resizing it (bilinear) onto that centre square of the original, in the
-original's pixels; then it is rounded to whole 8-bit levels and clipped to the budget and
-to the pixel range. The budget is met exactly in the written file: every pixel of every
-channel differs from the original by at most ``floor(budget * 255)`` levels. Outside the
-centre square (the margins of a non-square image) nothing is changed.
+The perturbation is computed at the model's scale on the part of the image the model
+sees (``cgidm.images.view_of``): by default (``cover="full"``) the whole image, its short
+side resized to ``R`` and its long side in proportion (images longer than 2:1 cut to their
+centre 2:1 first), as a fine-tuner that buckets images by aspect ratio trains on it; with
+``cover="centre"`` the centre ``R x R`` of the resized image, as a centre-cropping
+fine-tuner (and ``authenticate``) sees it. It is mapped back by resizing it (bilinear) onto
+that part of the original, in the original's pixels; then it is rounded to whole 8-bit
+levels and clipped to the budget and to the pixel range. The budget is met exactly in the
+written file: every pixel of every channel differs from the original by at most
+``floor(budget * 255)`` levels. Outside that part (the margins beyond 2:1, or beyond the
+centre square) nothing is changed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from cgidm.files import _replace_from_tmp, atomic_write_text
+from cgidm.images import crop_box, view_of  # noqa: F401 (crop_box: the centre view's box)
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _KEPT_MODES = ("RGB", "RGBA", "L", "LA") + _SIXTEEN_BIT
@@ -30,30 +34,14 @@ _ORIENTATION = 0x0112
 PANEL_HEIGHT = 192
 
 
-def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
-    """``(left, top, right, bottom)`` in the original's pixels of what the model sees: the
-    geometry of ``cgidm.images`` (centre cut to 2:1, short side to ``R``, centre crop),
-    rounded to whole pixels."""
-    cut_l = cut_t = 0
-    short = min(w, h)
-    if max(w, h) > 2 * short:
-        keep = 2 * short
-        if w > h:
-            cut_l, w = (w - keep) // 2, keep
-        else:
-            cut_t, h = (h - keep) // 2, keep
-    nw, nh = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-    top, left = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
-    sx, sy = w / nw, h / nh
-    box = (cut_l + left * sx, cut_t + top * sy, cut_l + (left + resolution) * sx, cut_t + (top + resolution) * sy)
-    return tuple(int(round(v)) for v in box)  # type: ignore[return-value]
-
-
-def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: int) -> np.ndarray:
-    """``delta [3, R, R]`` in [-1, 1] units -> ``[h, w, 3]`` float64 in 8-bit levels on the
-    original's grid (``size = (w, h)``), zero outside the centre square."""
+def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: int, cover: str = "centre",
+                        multiple: int = 1) -> np.ndarray:
+    """``delta [3, H, W]`` in [-1, 1] units -> ``[h, w, 3]`` float64 in 8-bit levels on the
+    original's grid (``size = (w, h)``), zero outside the part the model saw
+    (``images.view_of``: the centre square, or with ``cover="full"`` the whole image cut
+    to 2:1)."""
     w, h = size
-    left, top, right, bottom = crop_box(w, h, resolution)
+    left, top, right, bottom = view_of(w, h, resolution, cover, multiple)[0]
     bw, bh = max(1, right - left), max(1, bottom - top)
     d = delta.detach().float().cpu()[None] * 127.5
     if (bh, bw) != tuple(d.shape[-2:]):
@@ -138,7 +126,7 @@ def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
 
 
 def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, budget: float,
-                 stamp: dict) -> dict:
+                 stamp: dict, cover: str = "centre", multiple: int = 1) -> dict:
     """Write ``src`` + the perturbation as a PNG at ``dst`` (atomically). Returns the row's
     fields: ``size``, ``mode``, ``psnr``, ``ssim``, ``linf_levels``, ``notes`` and the arrays
     ``_before`` / ``_after`` (for the panel; not written to the row)."""
@@ -151,7 +139,7 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
         img = _working_image(opened, notes)
         kw = _metadata(opened, notes, stamp)
     w, h = img.size
-    d = perturbation_levels(delta, (w, h), resolution)
+    d = perturbation_levels(delta, (w, h), resolution, cover, multiple)
     arr = np.asarray(img)
     sixteen = img.mode in _SIXTEEN_BIT
     top, scale = (65535, 257) if sixteen else (255, 1)

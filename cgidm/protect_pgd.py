@@ -14,7 +14,8 @@ regresses on the noise ``n`` as above; a v-prediction base (SD 2.x 768-v) on
 ``reference.v_target_ref``), which depends on ``z``, so the gradient also flows through
 the target to ``delta``.
 
-Shapes: ``B`` images ``[B, 3, R, R]`` in [-1, 1] at the model's resolution ``R``; ``K``
+Shapes: ``B`` images ``[B, 3, H, W]`` in [-1, 1] at the model's scale (``R x R`` at its
+resolution ``R``, or another size in multiples of ``BaseModel.pixel_multiple``); ``K``
 timesteps per image per step, ``N = B*K`` UNet samples (sample ``n = b*K + k``); latents
 ``[C, h, w]``. Amounts in pixels are in [-1, 1] units here (the configuration's fractions
 of the 8-bit range, times 2).
@@ -62,6 +63,30 @@ class BaseModel(LatentGeometry):
     @property
     def _geometry_unet(self) -> torch.nn.Module:
         return self.unet
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this: the codec's downscaling times the UNet's
+        (one halving between consecutive blocks)."""
+        return self.codec.factor * 2 ** max(0, len(self.unet.config.block_out_channels) - 1)
+
+    def latent_shape_for(self, h: int, w: int) -> tuple[int, int, int]:
+        """``(C, h', w')``: the latent of an ``h x w`` px image."""
+        f = self.codec.factor
+        return (self.latent_channels, h // f, w // f)
+
+    def condition_for(self, cond: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``cond`` for an ``h x w`` px image: SDXL's packed conditioning carries the image
+        size in its time ids (``families.pack_text_time``), written for ``R x R``; other
+        families' conditioning does not depend on the size."""
+        from cgidm import families
+
+        if not isinstance(self.unet, families.TextTimeUNet) or (h, w) == (self.resolution,) * 2:
+            return cond
+        p = self.unet.pooled_width
+        out = cond.clone()
+        out[:, -1, p:p + families.TIME_IDS] = torch.tensor([h, w, 0, 0, h, w], dtype=cond.dtype, device=cond.device)
+        return out
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -113,7 +138,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
 
 
 def encode(codec, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Differentiable encoding ``[B, 3, R, R] -> [B, C, h, w]`` fp32, scaled. A VAE gives
+    """Differentiable encoding ``[B, 3, H, W] -> [B, C, h, w]`` fp32, scaled. A VAE gives
     ``(mean + std * noise) * s`` (the posterior sample the public tools take, with keyed
     noise; the mean without it); a codec without a VAE (the identity codec) its own
     ``encode``."""
@@ -160,7 +185,7 @@ def textural_loss(z: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ProtectResult:
-    delta: torch.Tensor  # [B, 3, R, R] fp32, in [-1, 1] units
+    delta: torch.Tensor  # [B, 3, H, W] fp32, in [-1, 1] units
     skipped_steps: torch.Tensor  # [B] steps with a non-finite gradient
     objective: torch.Tensor  # [B, 2] the objective at the first and at the last step
 
@@ -176,18 +201,19 @@ def _uniform(keys: torch.Tensor, shape: Sequence[int], device) -> torch.Tensor:
 
 
 def target_latent(model: BaseModel, target: torch.Tensor) -> torch.Tensor:
-    """``[1, C, h, w]``: the target image's ``[3, R, R]`` encoding (the posterior mean)."""
+    """``[1, C, h, w]``: the target image's ``[3, H, W]`` encoding (the posterior mean)."""
     with torch.no_grad():
         return encode(model.codec, target[None].to(model.device).float()).detach()
 
 
-def builtin_target(resolution: int) -> torch.Tensor:
-    """``[3, R, R]`` in [-1, 1]: the default target of the textural loss, a high-contrast
-    pattern of diagonal stripes over a checkerboard (Mist's own target is its logo, a dense
-    black-and-white texture; any such texture serves, none is shipped)."""
-    r = torch.arange(resolution)
-    period = max(2, resolution // 16)
-    yy, xx = torch.meshgrid(r, r, indexing="ij")
+def builtin_target(resolution: int, width: Optional[int] = None) -> torch.Tensor:
+    """``[3, R, W]`` in [-1, 1] (``W = R`` by default): the default target of the textural
+    loss, a high-contrast pattern of diagonal stripes over a checkerboard, its period set by
+    the short side (Mist's own target is its logo, a dense black-and-white texture; any
+    such texture serves, none is shipped)."""
+    width = resolution if width is None else width
+    period = max(2, min(resolution, width) // 16)
+    yy, xx = torch.meshgrid(torch.arange(resolution), torch.arange(width), indexing="ij")
     checker = ((yy // period + xx // period) % 2).float()
     stripes = (((yy + xx) // max(1, period // 2)) % 2).float()
     grey = 0.6 * checker + 0.4 * stripes
@@ -211,7 +237,7 @@ def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, nois
 
 def protect_loop(
     model: BaseModel,
-    images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
+    images: torch.Tensor,  # [B, 3, H, W] in [-1, 1]; H, W multiples of model.pixel_multiple
     ids: Sequence[str],
     cfg: ProtectConfig,
     cond: Optional[torch.Tensor] = None,  # [1, L, D]; default: the model's encoding of cfg.prompt
@@ -229,10 +255,11 @@ def protect_loop(
     x = images.to(device=device, dtype=torch.float32)
     b = x.shape[0]
     cond, eps, alpha = _check_inputs(model, cfg, b, ids, cond, z_target)
+    cond = None if cond is None else model.condition_for(cond, *x.shape[-2:])
     keys = rng.image_keys(cfg.seed, ids, device)
     enc_keys = _keys(cfg.seed, ids, ENCODE_STREAM, device)
     sampled = getattr(model.codec, "vae", None) is not None
-    shape = model.latent_shape
+    shape = model.latent_shape_for(*x.shape[-2:])
     scale = loss_scale(shape)  # sign steps ignore it; it keeps fp16 seeds out of the subnormals
     delta = start_delta(cfg, x, ids, eps)
     skipped = torch.zeros(b, dtype=torch.long, device=device)
@@ -278,7 +305,7 @@ def _check_inputs(model: BaseModel, cfg: ProtectConfig, b: int, ids: Sequence[st
 
 
 def start_delta(cfg: ProtectConfig, x: torch.Tensor, ids: Sequence[str], eps: float) -> torch.Tensor:
-    """The starting perturbation of images ``x`` ``[B, 3, R, R]``: zero, or with
+    """The starting perturbation of images ``x`` ``[B, 3, H, W]``: zero, or with
     ``cfg.random_start`` uniform in the budget box (keyed per image), inside the pixel range."""
     if not cfg.random_start:
         return torch.zeros_like(x)
@@ -287,9 +314,10 @@ def start_delta(cfg: ProtectConfig, x: torch.Tensor, ids: Sequence[str], eps: fl
 
 
 class ProtectEngine:
-    """``protect_loop`` for batches of up to ``batch`` images from static buffers, one PGD
-    step capturable in a CUDA graph and replayed for every step of every batch (a smaller
-    batch is zero-padded; padded rows take steps that nothing reads).
+    """``protect_loop`` for batches of up to ``batch`` images of one size (``size = (H, W)``
+    px, default the model's ``R x R``) from static buffers, one PGD step capturable in a
+    CUDA graph and replayed for every step of every batch (a smaller batch is zero-padded;
+    padded rows take steps that nothing reads).
 
     The step reads the step counter from a device tensor that it increments, so the keyed
     draws of every replay are the step's own (``cgidm.rng``). ``use_graph``: ``None`` = on
@@ -300,20 +328,25 @@ class ProtectEngine:
 
     def __init__(self, model: BaseModel, cfg: ProtectConfig, batch: int, cond: Optional[torch.Tensor] = None,
                  z_target: Optional[torch.Tensor] = None, impl: str = DEFAULT_IMPL,
-                 use_graph: Optional[bool] = None, warmup: int = 2) -> None:
+                 use_graph: Optional[bool] = None, warmup: int = 2,
+                 size: Optional[tuple[int, int]] = None) -> None:
         if batch < 1:
             raise ValueError("batch must be >= 1")
+        h, w = (model.resolution,) * 2 if size is None else (int(size[0]), int(size[1]))
+        m = model.pixel_multiple
+        if h < 1 or w < 1 or h % m or w % m:
+            raise ValueError(f"image size {h}x{w} must be positive multiples of {m} px for this model")
         dev = model.device
         self.model, self.cfg, self.b, self.device = model, cfg, int(batch), dev
         self.ops = get_ops(impl)
         cond, self.eps, self.alpha = _check_inputs(model, cfg, 0, [], cond, z_target)
-        self.cond = None if cond is None else cond.to(dev)
+        self.cond = None if cond is None else model.condition_for(cond.to(dev), h, w)
         self.z_target = None if z_target is None else z_target.to(dev)
-        self.shape = model.latent_shape
+        self.size = (h, w)
+        self.shape = model.latent_shape_for(h, w)
         self.scale = loss_scale(self.shape)
         self.sampled = getattr(model.codec, "vae", None) is not None
-        r = model.resolution
-        self.x = torch.zeros(self.b, 3, r, r, device=dev)
+        self.x = torch.zeros(self.b, 3, h, w, device=dev)
         self.delta = torch.zeros_like(self.x)
         self.keys = torch.zeros(self.b, dtype=torch.int64, device=dev)
         self.enc_keys = torch.zeros_like(self.keys)
@@ -403,7 +436,8 @@ def protect_batch(model: BaseModel, images: torch.Tensor, ids: Sequence[str], cf
                   impl: str = DEFAULT_IMPL, use_graph: Optional[bool] = None) -> ProtectResult:
     """L-inf PGD on a batch (``protect_loop``'s result, same arguments) through a
     ``ProtectEngine`` of the batch's size: a CUDA graph on a GPU unless ``use_graph=False``."""
-    engine = ProtectEngine(model, cfg, images.shape[0], cond, z_target, impl, use_graph)
+    engine = ProtectEngine(model, cfg, images.shape[0], cond, z_target, impl, use_graph,
+                           size=tuple(images.shape[-2:]))
     return engine.run(images, ids, callback)
 
 
@@ -416,7 +450,8 @@ def eval_denoising_loss(model: BaseModel, images: torch.Tensor, ids: Sequence[st
     image's loss before and after protection is taken over the same draws."""
     device = model.device
     x = images.to(device=device, dtype=torch.float32)
-    cond = model.encode_prompt(prompt) if cond is None else cond
+    cond = model.condition_for(model.encode_prompt(prompt) if cond is None else cond, *x.shape[-2:])
     keys = _keys(seed, ids, EVAL_STREAM, device)
-    t, noise, _ = rng.counter_draws(keys, 0, draws, model.latent_shape, t_min, t_max, False, device)
+    t, noise, _ = rng.counter_draws(keys, 0, draws, model.latent_shape_for(*x.shape[-2:]), t_min, t_max, False,
+                                    device)
     return denoising_loss(model.unet, encode(model.codec, x), t, noise, model.abar, cond, model.target).mean(1)

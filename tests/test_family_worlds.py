@@ -178,19 +178,50 @@ def test_sdxl_engine_equals_the_reference_loop(smoke_worlds, tmp_path, variant):
         assert r["latent_cos"] == pytest.approx(rows["engine"][k]["latent_cos"], abs=1e-5)
 
 
+def test_sdxl_protection_conditions_on_the_image_size(smoke_worlds):
+    """SDXL's time ids carry the image size: a non-square protection writes its own
+    (original = target = H x W, no crop); the model's square size keeps the prompt's."""
+    from cgidm.protect_pgd import load_base
+
+    model = load_base(smoke_worlds["sdxl"] / "base")
+    cond = model.encode_prompt("a sks pattern")
+    assert model.condition_for(cond, 16, 16) is cond
+    p = model.unet.pooled_width
+    got = model.condition_for(cond, 16, 32)
+    assert got[0, -1, p:p + families.TIME_IDS].tolist() == [16, 32, 0, 0, 16, 32]
+    assert cond[0, -1, p:p + families.TIME_IDS].tolist() == [16, 16, 0, 0, 16, 16]
+    assert torch.equal(got[:, :-1], cond[:, :-1]) and torch.equal(got[0, -1, :p], cond[0, -1, :p])
+    sd2 = load_base(smoke_worlds["sd2"] / "base")
+    c = sd2.encode_prompt("a sks pattern")
+    assert sd2.condition_for(c, 16, 32) is c
+
+
 @pytest.mark.parametrize("family", OTHER)
 def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_path, family):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
     w = smoke_worlds[family]
     imgs = w / "images"
+    art = tmp_path / "art"
+    shutil.copytree(imgs / "members", art)
+    members = sorted(art.glob("*.png"))
+    # a wide image (two members side by side, 2:1): protected whole, at 16 x 32 on the model's scale
+    wide = np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in members[:2]], axis=1)
+    Image.fromarray(wide).save(art / "wide.png")
     out = tmp_path / "protect"
-    assert cli.main(["protect", "--base", str(w / "base"), "--images", str(imgs / "members"), "--out", str(out),
+    assert cli.main(["protect", "--base", str(w / "base"), "--images", str(art), "--out", str(out),
                      "--steps", "4", "--step-size", "2/255", "--eval-draws", "8", "--prompt", "a sks pattern",
                      "-q"]) == cli.EXIT_OK
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["protected"] == len(list(imgs.joinpath("members").glob("*.png")))
+    assert summary["protected"] == len(members) + 1
     assert summary["family"].split()[0] == family.split("-")[0]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sum(r["loss_protected"] > r["loss_clean"] for r in rows) >= len(rows) - 1  # the loss it maximises rose
+    changed = np.abs(np.asarray(Image.open(out / "protected" / "wide.png"), dtype=np.int64) - wide).max(axis=(0, 2))
+    assert (changed > 0).mean() > 0.9  # across the whole width
 
     out = tmp_path / "extract"
     assert cli.main(["extract", "--base", str(w / "base"), "--finetuned", str(w / "finetuned"), "--out", str(out),

@@ -148,7 +148,8 @@ def test_protected_files_keep_size_mode_metadata_and_the_budget(base, tiny_world
     assert Image.open(out / rows["wide.png"]["protected"]).text["Author"] == "an artist"
     wide = np.asarray(Image.open(out / rows["wide.png"]["protected"]), dtype=np.int64)
     orig = np.asarray(Image.open(folder / "wide.png"), dtype=np.int64)
-    assert (wide[:, :8] == orig[:, :8]).all()  # outside the centre square: untouched
+    # --cover full (the default): the whole wide image is perturbed, margins too
+    assert (np.abs(wide - orig).max(axis=(0, 2)) > 0).all()
     alpha = np.asarray(Image.open(out / rows["alpha.png"]["protected"]))[..., 3]
     assert (alpha == np.asarray(Image.open(folder / "alpha.png"))[..., 3]).all()
     assert (out / "report.html").is_file() and json.loads((out / "summary.json").read_text())["protected"] == 7

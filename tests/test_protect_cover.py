@@ -1,0 +1,168 @@
+"""What of an image ``cgidm protect`` covers (``--cover``, docs/protect.md, "Back to the
+original size"): the view's geometry by hand, the perturbation mapped back onto the whole
+image or the centre square, the engine at a non-square size against the plain loop, the
+runner batching by size, and a resume of a run made before ``--cover``."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgidm.config import ProtectConfig
+from cgidm.images import load_image_with_notes, view_of
+from cgidm.protect import _target, collect_protect_items, protect
+from cgidm.protect_output import perturbation_levels
+from cgidm.protect_pgd import ProtectEngine, builtin_target, load_base, protect_loop, target_latent
+
+FAST = dict(steps=2, eval_draws=2)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world):
+    return load_base(tiny_world / "base")
+
+
+def test_view_geometry_by_hand():
+    # a square image: the same view either way
+    assert view_of(32, 32, 16, "full", 4) == view_of(32, 32, 16, "centre") == ((0, 0, 32, 32), (16, 16))
+    # 3:2 landscape at R 16: short side 16, long side 24 (a multiple of 4 and of 8)
+    assert view_of(30, 20, 16, "full", 4) == ((0, 0, 30, 20), (24, 16))
+    assert view_of(30, 20, 16, "full", 8) == ((0, 0, 30, 20), (24, 16))
+    # the long side rounds to the nearest multiple: 16 * 23/17 = 21.6 -> 20 (of 4), 22 (of 2)
+    assert view_of(17, 23, 16, "full", 4) == ((0, 0, 17, 23), (16, 20))
+    assert view_of(17, 23, 16, "full", 2) == ((0, 0, 17, 23), (16, 22))
+    # beyond 2:1 the centre 2:1 is kept: 100x20 -> x 30..70, at 32x16
+    assert view_of(100, 20, 16, "full", 2) == ((30, 0, 70, 20), (32, 16))
+    # the centre view: the centre square of the resized image, in the original's pixels
+    assert view_of(40, 20, 16, "centre") == ((10, 0, 30, 20), (16, 16))
+    with pytest.raises(ValueError, match="cover"):
+        view_of(40, 20, 16, "middle")
+
+
+def test_the_perturbation_covers_the_view():
+    d = torch.full((3, 16, 24), 2 / 255)
+    full = perturbation_levels(d, (30, 20), 16, "full", 4)
+    assert full.shape == (20, 30, 3) and np.allclose(full, 1.0)
+    centre = perturbation_levels(torch.full((3, 16, 16), 2 / 255), (40, 20), 16, "centre")
+    assert np.allclose(centre[:, 10:30], 1.0) and (centre[:, :10] == 0).all() and (centre[:, 30:] == 0).all()
+    cut = perturbation_levels(torch.full((3, 16, 32), 2 / 255), (100, 20), 16, "full", 2)
+    assert np.allclose(cut[:, 30:70], 1.0) and (cut[:, :30] == 0).all() and (cut[:, 70:] == 0).all()
+
+
+def test_loading_a_wide_image_keeps_its_aspect(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "w.png")
+    full, _ = load_image_with_notes(tmp_path / "w.png", 16, cover="full", multiple=4)
+    centre, _ = load_image_with_notes(tmp_path / "w.png", 16)
+    assert full.shape == (3, 16, 24) and centre.shape == (3, 16, 16)
+    want = np.asarray(Image.fromarray(arr).resize((24, 16), Image.BILINEAR), dtype=np.float32) / 127.5 - 1
+    torch.testing.assert_close(full, torch.from_numpy(want).permute(2, 0, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["advdm", "fused"])
+def test_engine_at_a_non_square_size_takes_the_loops_steps(base, loss):
+    cfg = ProtectConfig(steps=3, loss=loss, random_start=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
+    ids = ["a.png", "b.png"]
+    z_target = target_latent(base, builtin_target(16, 24)) if cfg.needs_target else None
+    want = protect_loop(base, x, ids, cfg, z_target=z_target)
+    engine = ProtectEngine(base, cfg, 3, z_target=z_target, size=(16, 24))  # a padded bucket of 3
+    got = engine.run(x, ids)
+    assert got.delta.shape == (2, 3, 16, 24)
+    assert (got.delta != want.delta).float().mean() < 0.01
+    torch.testing.assert_close(got.objective, want.objective, rtol=1e-3, atol=1e-5)
+    assert got.delta.abs().max() <= 2 * 8 / 255 + 1e-6 and got.delta.abs().amax((0, 1)).gt(0).all()
+    with pytest.raises(ValueError, match="multiples"):
+        ProtectEngine(base, cfg, 1, size=(16, 23))
+
+
+def test_engine_at_a_non_square_size_through_a_vae(tiny_world):
+    """The random SD-shaped base with a VAE (factor 2, 2-level UNet: sides in multiples of
+    4 px): the keyed posterior sample and the encoder's backward at 8 x 12."""
+    from test_protect_graph import vae_base
+
+    model = vae_base()
+    assert model.pixel_multiple == 4 and model.latent_shape_for(8, 12) == (4, 4, 6)
+    cfg = ProtectConfig(steps=3, k=2)
+    x = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    cond = torch.randn(1, 3, 8)
+    want = protect_loop(model, x, ["a", "b"], cfg, cond=cond)
+    got = ProtectEngine(model, cfg, 2, cond=cond, size=(8, 12)).run(x, ["a", "b"])
+    assert (got.delta != want.delta).float().mean() < 0.01 and got.delta.abs().gt(0).float().mean() > 0.5
+    torch.testing.assert_close(got.objective, want.objective, rtol=1e-3, atol=1e-5)
+
+
+def test_target_is_drawn_or_resized_at_the_images_size(base, tiny_world):
+    assert builtin_target(16, 24).shape == (3, 16, 24)
+    assert torch.equal(builtin_target(16, 16), builtin_target(16))
+    cfg = ProtectConfig(loss="textural")
+    assert _target(base, cfg, (16, 24)).shape == (1, base.latent_channels, 16, 24)
+    target = sorted((tiny_world / "images" / "holdouts").glob("*.png"))[0]
+    assert _target(base, cfg.replace(target=str(target)), (24, 16)).shape == (1, base.latent_channels, 24, 16)
+
+
+def _folder(tiny_world, tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    members = sorted((tiny_world / "images" / "members").glob("*.png"))[:3]
+    for p in members:
+        shutil.copy(p, d / p.name)
+    rng = np.random.default_rng(1)
+    for name, shape in (("wide_a.png", (16, 24, 3)), ("wide_b.png", (20, 30, 3)), ("tall.png", (24, 16, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(d / name)
+    return d
+
+
+def test_the_runner_batches_by_size_and_covers_every_image(base, tiny_world, tmp_path, monkeypatch):
+    folder = _folder(tiny_world, tmp_path)
+    sizes = []
+    real = ProtectEngine.run
+
+    def run(self, images, ids, callback=None):
+        sizes.append((self.size, sorted(ids)))
+        return real(self, images, ids, callback)
+
+    monkeypatch.setattr(ProtectEngine, "run", run)
+    out = tmp_path / "out"
+    s = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST, batch_size=2), progress=False)
+    assert s["protected"] == 6 and s["failed"] == 0
+    # square members in batches of 2 then 1, both wide ones (16x24 at the model's scale) together, the tall one alone
+    assert sorted(sizes) == sorted([((16, 16), ["member_00.png", "member_01.png"]), ((16, 16), ["member_02.png"]),
+                                    ((16, 24), ["wide_a.png", "wide_b.png"]), ((24, 16), ["tall.png"])])
+    for name in ("wide_a.png", "wide_b.png", "tall.png"):
+        a = np.asarray(Image.open(folder / name), dtype=np.int64)
+        b = np.asarray(Image.open(out / "protected" / name), dtype=np.int64)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 8
+        assert (np.abs(a - b).max(axis=(0, 2)) > 0).all() and (np.abs(a - b).max(axis=(1, 2)) > 0).all(), name
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["wide_b.png"]["loss_protected"] > 0 and json.loads((out / "summary.json").read_text())[
+        "config"]["cover"] == "full"
+    text = Image.open(out / "protected" / "wide_a.png").text["cgidm-protect"]
+    assert json.loads(text)["cover"] == "full"
+
+
+def test_centre_cover_leaves_the_margins_and_a_run_from_before_cover_resumes_as_centre(base, tiny_world, tmp_path):
+    folder = _folder(tiny_world, tmp_path)
+    out = tmp_path / "out"
+    cfg = ProtectConfig(**FAST, cover="centre")
+    items = collect_protect_items(folder)
+    protect(base, items[:2], out, cfg, progress=False)
+    a = np.asarray(Image.open(folder / "wide_b.png"), dtype=np.int64)
+    # a run written before --cover existed: its settings have no "cover"
+    state = out / "protect.json"
+    old = json.loads(state.read_text())
+    del old["settings"]["cover"]
+    state.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="cover 'centre' there, 'full' now"):
+        protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    s = protect(base, items, out, cfg, progress=False)
+    assert s["protected"] == 6
+    b = np.asarray(Image.open(out / "protected" / "wide_b.png"), dtype=np.int64)
+    # 30x20: the centre square is x 5..25; the margins are untouched
+    assert (a[:, :5] == b[:, :5]).all() and (a[:, 25:] == b[:, 25:]).all() and (a[:, 5:25] != b[:, 5:25]).any()
