@@ -398,8 +398,8 @@ class ProtectConfig:
     random_start: bool = _opt(False, "start from a random point of the budget (as AdvDM's and Mist's code do) "
                                      "instead of the image (as Anti-DreamBooth does)")
     cover: str = _opt("full", "full: the whole image at its aspect ratio (short side at the model's resolution, "
-                              "up to 2:1), as fine-tuners that bucket by aspect ratio train on it; centre: the "
-                              "centre square only, as centre-cropping fine-tuners see it", choices=COVERS)
+                              "up to 2:1), as fine-tuners that bucket by aspect ratio train on it, any crop inside "
+                              "it covered; centre: the centre square only, as centre-cropping fine-tuners see it", choices=COVERS)
     batch_size: int = _opt(8, "images protected together")
     low_memory: bool = _opt(False, "recompute the VAE encoder's and the UNet's activations in the backward pass "
                                    "(gradient checkpointing): less GPU memory for more compute, the same result")
