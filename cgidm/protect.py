@@ -173,6 +173,10 @@ class _Run:
     def _batch(self, batch) -> None:
         """Protect and write one batch; on a fault, halve it (out of memory: the engine is
         rebuilt at the smaller size, and later batches keep it) or go image by image."""
+        if len(batch) > self.engine_batch:  # gathered before an out-of-memory fault halved the size
+            for i in range(0, len(batch), self.engine_batch):
+                self._batch(batch[i:i + self.engine_batch])
+            return
         try:
             deltas = self._protect([b[0] for b in batch], torch.stack([b[1] for b in batch]))
         except OutputError:
@@ -219,16 +223,19 @@ class _Run:
             self._targets[size] = _target(self.model, self.cfg, size)
         return self._targets[size]
 
-    def _engine(self, size: tuple[int, int]) -> ProtectEngine:
-        """The engine for images of ``size``, built at the first batch of that size (the
-        previous size's engine and its graph's memory freed first), its step captured in a
-        CUDA graph on a GPU. A capture that fails (an unusual model, a driver without graph
-        support) is logged and the run goes on eagerly."""
-        if self.engine is not None and self.engine.size != size:
+    def _engine(self, size: tuple[int, int], n: int) -> ProtectEngine:
+        """The engine for ``n`` images of ``size``: the current one when it fits them, else
+        a new one of ``n`` rows (the previous engine and its graph's memory freed first), its
+        step captured in a CUDA graph on a GPU. A graph's engine takes a smaller batch of its
+        size zero-padded while that at most doubles the rows (a replay of padding costs less
+        than a new capture); an eager one (CPU) computes every padded row, so it is rebuilt.
+        A capture that fails (an unusual model, a driver without graph support) is logged
+        and the run goes on eagerly."""
+        e = self.engine
+        if e is not None and not (e.size == size and (e.b == n or (e.graph is not None and n <= e.b <= 2 * n))):
             self._drop_engine(self.engine_batch)
         if self.engine is None:
-            engine = ProtectEngine(self.model, self.cfg, self.engine_batch, self.cond, self._z_target(size),
-                                   self.cfg.impl, size=size)
+            engine = ProtectEngine(self.model, self.cfg, n, self.cond, self._z_target(size), self.cfg.impl, size=size)
             try:
                 engine.capture()
             except Exception as e:  # noqa: BLE001 - any other capture failure leaves the eager step
@@ -263,8 +270,8 @@ class _Run:
         return callback
 
     def _protect(self, items, images):
-        res = self._engine(tuple(images.shape[-2:])).run(images, [i.id for i in items],
-                                                        self._step_progress(len(items)))
+        res = self._engine(tuple(images.shape[-2:]), len(items)).run(images, [i.id for i in items],
+                                                                     self._step_progress(len(items)))
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))

@@ -67,8 +67,9 @@ class BaseModel(LatentGeometry):
     @property
     def pixel_multiple(self) -> int:
         """Image sides must be multiples of this: the codec's downscaling times the UNet's
-        (one halving between consecutive blocks)."""
-        return self.codec.factor * 2 ** max(0, len(self.unet.config.block_out_channels) - 1)
+        (one halving between consecutive blocks; none for a denoiser without blocks)."""
+        blocks = getattr(self.unet.config, "block_out_channels", None) or (0,)
+        return self.codec.factor * 2 ** (len(blocks) - 1)
 
     def latent_shape_for(self, h: int, w: int) -> tuple[int, int, int]:
         """``(C, h', w')``: the latent of an ``h x w`` px image."""

@@ -166,3 +166,20 @@ def test_centre_cover_leaves_the_margins_and_a_run_from_before_cover_resumes_as_
     b = np.asarray(Image.open(out / "protected" / "wide_b.png"), dtype=np.int64)
     # 30x20: the centre square is x 5..25; the margins are untouched
     assert (a[:, :5] == b[:, :5]).all() and (a[:, 25:] == b[:, 25:]).all() and (a[:, 5:25] != b[:, 5:25]).any()
+
+
+def test_an_engine_is_kept_only_while_it_fits_the_batch(base, tiny_world, tmp_path):
+    """Eager (CPU): a new engine for every other batch count or size, so no padded row is
+    computed; with a graph, a batch of its size is padded into it while that at most
+    doubles the rows, and a smaller one gets an engine (and a capture) of its own."""
+    from cgidm.protect import _Run
+
+    run = _Run(base, ProtectConfig(**FAST, batch_size=8), tmp_path, lambda row: None, False)
+    first = run._engine((16, 16), 8)
+    assert run._engine((16, 16), 8) is first and first.b == 8
+    assert run._engine((16, 16), 5) is not first and run.engine.b == 5  # eager: rebuilt, no padding
+    run.engine.graph = object()  # as if captured
+    graphed = run.engine
+    assert run._engine((16, 16), 3) is graphed  # 5 rows for 3: padded
+    assert run._engine((16, 16), 2) is not graphed and run.engine.b == 2  # 5 > 2 x 2: rebuilt
+    assert run._engine((16, 24), 2).size == (16, 24)  # another size: rebuilt
