@@ -218,8 +218,46 @@ def run_pair(
 
         writer.submit(job)
 
+    def retry(its, tensors, notes, prep, reason: str, oom: bool):
+        """After a fault: out of memory halves the batch (one image that does not fit turns
+        --low-memory on and is tried again); any other fault goes image by image; one image
+        that still fails is an error row."""
+        if oom:
+            shrink_engines(pair, max(1, len(its) // 2))
+            if pair.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if oom and len(its) == 1 and not run_cfg[0].low_memory:
+            # one image does not fit: recompute activations (--low-memory, the same
+            # scores) from here on, and try it again
+            log.warning("out of memory for one image; recomputing the UNets' activations in the backward pass "
+                        "(--low-memory) from now on")
+            run_cfg[0] = run_cfg[0].replace(low_memory=True)
+            stats.extra["low_memory_fallback"] = True
+            stats.retries += 1
+            pair.__dict__.pop("_max_bucket", None)  # recomputing, larger batches may fit again
+            pair.__dict__.get("_engines", {}).clear()  # their buffers and graph pools are freed
+            if pair.device.type == "cuda":
+                torch.cuda.empty_cache()
+            invert(its, tensors, notes, prep)
+            return
+        if len(its) == 1:
+            log.error("%s: %s", its[0].id, reason)
+            emit_errors([(its[0], ("out of memory: " if oom else "failed: ") + reason, notes[0])])
+            return
+        stats.retries += 1
+        if oom:
+            half = len(its) // 2
+            log.warning("out of memory on a batch of %d; trying %d and %d", len(its), half, len(its) - half)
+            parts = [slice(0, half), slice(half, None)]
+        else:
+            log.warning("a batch of %d failed (%s); trying its images one at a time", len(its), reason)
+            parts = [slice(i, i + 1) for i in range(len(its))]
+        for s in parts:
+            invert(its[s], tensors[s], notes[s])
+
     def invert(its, tensors, notes, prep=None, error=None):
-        """Invert one batch; on a fault, halve it (out of memory) or go image by image."""
+        """Invert one batch; a fault goes to ``retry``."""
+        fault = None
         try:
             if error is not None:
                 raise error
@@ -239,39 +277,11 @@ def run_pair(
         except (OutputError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - isolated to the images of this batch
-            oom = is_out_of_memory(e)
-            if oom:
-                shrink_engines(pair, max(1, len(its) // 2))
-                if pair.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if oom and len(its) == 1 and not run_cfg[0].low_memory:
-                # one image does not fit: recompute activations (--low-memory, the same
-                # scores) from here on, and try it again
-                log.warning("out of memory for one image; recomputing the UNets' activations in the backward pass "
-                            "(--low-memory) from now on")
-                run_cfg[0] = run_cfg[0].replace(low_memory=True)
-                stats.extra["low_memory_fallback"] = True
-                stats.retries += 1
-                pair.__dict__.pop("_max_bucket", None)  # recomputing, larger batches may fit again
-                pair.__dict__.get("_engines", {}).clear()  # their buffers and graph pools are freed
-                if pair.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                invert(its, tensors, notes, prep)
-                return
-            if len(its) == 1:
-                log.error("%s: %s", its[0].id, _reason(e))
-                emit_errors([(its[0], ("out of memory: " if oom else "failed: ") + _reason(e), notes[0])])
-                return
-            stats.retries += 1
-            if oom:
-                half = len(its) // 2
-                log.warning("out of memory on a batch of %d; trying %d and %d", len(its), half, len(its) - half)
-                parts = [slice(0, half), slice(half, None)]
-            else:
-                log.warning("a batch of %d failed (%s); trying its images one at a time", len(its), _reason(e))
-                parts = [slice(i, i + 1) for i in range(len(its))]
-            for s in parts:
-                invert(its[s], tensors[s], notes[s])
+            # only noted here: the retries run after the except block, once the exception and
+            # its traceback (which holds the failed step's tensors) are gone
+            fault = (_reason(e), is_out_of_memory(e))
+        if fault is not None:
+            retry(its, tensors, notes, prep, *fault)
             return
 
         def job():

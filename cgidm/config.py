@@ -388,10 +388,10 @@ class ProtectConfig:
                                        "pattern)")
     # Mist weighs its summed textural loss against 1e4 x the mean denoising loss (its
     # default --rate 1): on the mean, C*H*W / 1e4 (16384 / 1e4 = 1.6384 on SD's 4x64x64
-    # latents, 6.5536 on SDXL's 4x128x128); None: that, for the base's latent
+    # latents, 6.5536 on SDXL's 4x128x128); None: that, for the image's latent
     textural_weight: Optional[float] = _opt(None, "weight of the textural (per-entry mean) loss against the "
                                                   "denoising loss in fused mode (default: Mist's weighting for the "
-                                                  "base's latent size, C*H*W/1e4)")
+                                                  "image's latent size, C*H*W/1e4)")
     k: int = _opt(1, "timesteps (with their noise) per image per step, stratified", flag="--timesteps-per-image")
     t_min: int = _opt(0, "smallest timestep drawn")
     t_max: int = _opt(999, "largest timestep drawn")

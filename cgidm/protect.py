@@ -98,22 +98,30 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 def _target(model: BaseModel, cfg: ProtectConfig, size: Optional[tuple[int, int]] = None) -> Optional[torch.Tensor]:
     """The target's encoding for images of ``size = (H, W)`` px (default ``R x R``): the
-    built-in pattern drawn at that size, or ``--target`` loaded as the images are and
-    resized (bilinear) to it."""
+    built-in pattern drawn at that size, or ``--target`` as the images are loaded: the
+    centre square at ``R x R`` (what it was before ``--cover``), else its whole view
+    centre-cut to the size's aspect ratio and resized (bilinear) to it."""
     if not cfg.needs_target:
         return None
     h, w = size or (model.resolution,) * 2
     if cfg.target is None:
-        image = builtin_target(h, w)
-    else:
-        try:
-            image, _ = load_image_with_notes(cfg.target, model.resolution, cover=cfg.cover,
-                                             multiple=model.pixel_multiple)
-        except ImageError as e:
-            raise ValueError(f"--target: {e}") from e
-        if tuple(image.shape[-2:]) != (h, w):
-            image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
-                                                    antialias=True)[0]
+        return target_latent(model, builtin_target(h, w))
+    square = (h, w) == (model.resolution,) * 2
+    try:
+        image, _ = load_image_with_notes(cfg.target, model.resolution, cover="centre" if square else "full",
+                                         multiple=model.pixel_multiple)
+    except ImageError as e:
+        raise ValueError(f"--target: {e}") from e
+    th, tw = image.shape[-2:]
+    if tw * h > th * w:  # wider than the images: keep its centre columns
+        keep = max(1, round(th * w / h))
+        image = image[..., (tw - keep) // 2:(tw - keep) // 2 + keep]
+    elif tw * h < th * w:
+        keep = max(1, round(tw * h / w))
+        image = image[..., (th - keep) // 2:(th - keep) // 2 + keep, :]
+    if tuple(image.shape[-2:]) != (h, w):
+        image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                                antialias=True)[0]
     return target_latent(model, image)
 
 
@@ -171,43 +179,25 @@ class _Run:
         self.bar.close()
 
     def _batch(self, batch) -> None:
-        """Protect and write one batch; on a fault, halve it (out of memory: the engine is
-        rebuilt at the smaller size, and later batches keep it) or go image by image."""
+        """Protect and write one batch; a fault goes to ``_retry`` (smaller batches, or
+        ``--low-memory``, or an error row)."""
         if len(batch) > self.engine_batch:  # gathered before an out-of-memory fault halved the size
             for i in range(0, len(batch), self.engine_batch):
                 self._batch(batch[i:i + self.engine_batch])
             return
         try:
             deltas = self._protect([b[0] for b in batch], torch.stack([b[1] for b in batch]))
+            fault = None
         except OutputError:
             raise
         except Exception as e:
-            oom = is_out_of_memory(e)
-            if oom:
-                self._drop_engine(max(1, len(batch) // 2))
-            if oom and len(batch) == 1 and not self.cfg.low_memory:
-                # one image does not fit: recompute activations (--low-memory, the same
-                # perturbation) from here on, larger batches allowed again, and retry it
-                log.warning("out of memory for one image; recomputing the activations in the backward pass "
-                            "(--low-memory) from now on")
-                self.cfg = self.cfg.replace(low_memory=True)
-                self.low_memory_fallback = True
-                self.engine, self.engine_batch = None, self.cfg.batch_size
-                self._batch(batch)
-                return
-            if len(batch) == 1:
+            # only noted here: the retries run after the except block, once the exception and
+            # its traceback (which holds the failed step's tensors) are gone
+            fault, oom = f"{type(e).__name__}: {e}", is_out_of_memory(e)
+            if len(batch) == 1 and not (oom and not self.cfg.low_memory):
                 log.debug("protecting %s failed", batch[0][0].id, exc_info=True)
-                self._error(batch[0][0], f"{'out of memory' if oom else 'failed'}: {type(e).__name__}: {e}")
-                return
-            if oom:
-                half = len(batch) // 2
-                log.warning("out of memory on a batch of %d; trying %d and %d", len(batch), half, len(batch) - half)
-                parts = [batch[:half], batch[half:]]
-            else:
-                log.warning("a batch of %d failed (%s); retrying its images one at a time", len(batch), e)
-                parts = [[one] for one in batch]
-            for part in parts:
-                self._batch(part)
+        if fault is not None:
+            self._retry(batch, fault, oom)
             return
         for (item, image, notes), (delta, skipped, objective) in zip(batch, deltas):
             try:
@@ -217,6 +207,34 @@ class _Run:
             except Exception as e:  # an unusual file that loaded but does not write back
                 log.debug("writing %s failed", item.id, exc_info=True)
                 self._error(item, f"failed: {type(e).__name__}: {e}")
+
+    def _retry(self, batch, fault: str, oom: bool) -> None:
+        """After a fault: out of memory drops the engine and halves the batch; one image that
+        does not fit turns ``--low-memory`` on (recomputed activations, the same
+        perturbation; larger batches allowed again) and is retried; any other fault retries
+        the images one at a time; one image that still fails is an error row."""
+        if oom:
+            self._drop_engine(max(1, len(batch) // 2))
+        if oom and len(batch) == 1 and not self.cfg.low_memory:
+            log.warning("out of memory for one image; recomputing the activations in the backward pass "
+                        "(--low-memory) from now on")
+            self.cfg = self.cfg.replace(low_memory=True)
+            self.low_memory_fallback = True
+            self.engine, self.engine_batch = None, self.cfg.batch_size
+            self._batch(batch)
+            return
+        if len(batch) == 1:
+            self._error(batch[0][0], f"{'out of memory' if oom else 'failed'}: {fault}")
+            return
+        if oom:
+            half = len(batch) // 2
+            log.warning("out of memory on a batch of %d; trying %d and %d", len(batch), half, len(batch) - half)
+            parts = [batch[:half], batch[half:]]
+        else:
+            log.warning("a batch of %d failed (%s); retrying its images one at a time", len(batch), fault)
+            parts = [[one] for one in batch]
+        for part in parts:
+            self._batch(part)
 
     def _z_target(self, size: tuple[int, int]) -> Optional[torch.Tensor]:
         if size not in self._targets:

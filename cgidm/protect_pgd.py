@@ -335,7 +335,8 @@ class ProtectEngine:
             raise ValueError("batch must be >= 1")
         h, w = (model.resolution,) * 2 if size is None else (int(size[0]), int(size[1]))
         m = model.pixel_multiple
-        if h < 1 or w < 1 or h % m or w % m:
+        # the model's own R x R is always taken (a UNet pads an odd latent grid itself)
+        if (h, w) != (model.resolution,) * 2 and (h < 1 or w < 1 or h % m or w % m):
             raise ValueError(f"image size {h}x{w} must be positive multiples of {m} px for this model")
         dev = model.device
         self.model, self.cfg, self.b, self.device = model, cfg, int(batch), dev

@@ -6,6 +6,7 @@ not see a recompute). On CUDA the engine's graph replays the checkpointed step."
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -190,10 +191,13 @@ def test_one_image_out_of_memory_goes_on_with_low_memory(world_pair, world_items
     items = world_items[:5]
     want = authenticate(world_pair, items, tmp_path / "plain", cfg, progress=False, prefetch_depth=0)
     real = batches.recover
-    seen = []
+    seen, handling = [], []
 
     def recover(pair, prep, cfg, callback=None):
         seen.append((prep.x0.shape[0], cfg.low_memory))
+        # a retry runs after the handler: no exception (whose traceback holds the failed
+        # step's tensors) is being handled
+        handling.append(sys.exc_info()[0])
         if not cfg.low_memory:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return real(pair, prep, cfg, callback=callback)
@@ -207,6 +211,7 @@ def test_one_image_out_of_memory_goes_on_with_low_memory(world_pair, world_items
         world_pair.__dict__.pop("_max_bucket", None)
         set_gradient_checkpointing((world_pair.unet_ft, world_pair.unet_pre), False)
     assert seen[:4] == [(4, False), (2, False), (1, False), (1, True)]
+    assert handling == [None] * len(seen)
     engines = world_pair.__dict__["_engines"]
     assert engines and all(key[-1] for key in engines)  # the engines kept from before were freed
     assert "recomputing the UNets' activations" in caplog.text

@@ -103,8 +103,23 @@ def test_target_is_drawn_or_resized_at_the_images_size(base, tiny_world):
     assert torch.equal(builtin_target(16, 16), builtin_target(16))
     cfg = ProtectConfig(loss="textural")
     assert _target(base, cfg, (16, 24)).shape == (1, base.latent_channels, 16, 24)
-    target = sorted((tiny_world / "images" / "holdouts").glob("*.png"))[0]
-    assert _target(base, cfg.replace(target=str(target)), (24, 16)).shape == (1, base.latent_channels, 24, 16)
+    # a wide --target: at R x R its centre square, as before --cover (and as --cover centre)
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/t.png"
+        Image.fromarray(arr).save(path)
+        t = cfg.replace(target=path)
+        from cgidm.images import load_image
+
+        torch.testing.assert_close(_target(base, t, (16, 16)), target_latent(base, load_image(path, 16)),
+                                   rtol=0, atol=0)
+        # 16 x 24 (3:2): the target's full view (16 x 32) cut to its centre 24 columns
+        want = load_image_with_notes(path, 16, cover="full", multiple=base.pixel_multiple)[0][..., 4:28]
+        torch.testing.assert_close(_target(base, t, (16, 24)), target_latent(base, want), rtol=0, atol=0)
+        assert _target(base, t, (24, 16)).shape == (1, base.latent_channels, 24, 16)
 
 
 def _folder(tiny_world, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -224,10 +225,11 @@ def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, 
     and kept for the later batches; an image that does not fit alone even with --low-memory
     is an error row."""
     real_run = ProtectEngine.run
-    sizes = []
+    sizes, handling = [], []
 
     def run(self, images, ids, callback=None):
         sizes.append(self.b)
+        handling.append(sys.exc_info()[0])  # retries run after the handler (its traceback holds the tensors)
         if self.b > 1 or "member_01" in ids[0]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_run(self, images, ids, callback)
@@ -241,6 +243,7 @@ def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, 
     # smaller engines from then on (each engine has its batch's rows: the retry of the image
     # that did not fit alone, once --low-memory is on, and the last image are batches of one)
     assert sizes[:2] == [4, 2] and set(sizes[2:]) == {1}
+    assert handling == [None] * len(sizes)
     bad = [i.id for i in items if "member_01" in i.id]
     assert summary["failed"] == len(bad) == 1 and summary["protected"] == 4
     assert summary["errors"][bad[0]].startswith("out of memory: OutOfMemoryError")
