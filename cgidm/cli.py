@@ -335,18 +335,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_protect(args) -> int:
+    from pathlib import Path
+
     from cgidm.protect import collect_protect_items, load_base, print_summary, protect
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
+    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
     items = collect_protect_items(args.images, exclude=[args.out])
+    if cfg.steps == 0 and not cfg.random_start:
+        logging.getLogger("cgidm.protect").warning("--steps 0 without --random-start: the images are written "
+                                                   "unchanged")
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  loss: {cfg.loss}  budget: {cfg.budget}  "
           f"step: {cfg.step_size}  steps: {cfg.steps}")
     model = load_base(args.base, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle)
-    print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected at {model.resolution}x{model.resolution}",
-          flush=True)
+    r = model.resolution
+    where = (f"the centre {r}x{r} of each" if cfg.cover == "centre"
+             else f"each whole, at its aspect ratio with the short side at {r} px")
+    print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected {where}", flush=True)
     summary = protect(model, items, args.out, cfg, progress=not args.quiet)
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK

@@ -186,7 +186,7 @@ def test_bad_images_become_error_rows(base, tiny_world, tmp_path):
     assert not (out / "protected" / "notes.png").exists()
 
 
-def test_cli_exit_codes(tiny_world, tmp_path, capsys):
+def test_cli_exit_codes(tiny_world, tmp_path, capsys, caplog):
     folder = _folder(tiny_world, tmp_path, n=1)
     common = ["--base", str(tiny_world / "base"), "--images", str(folder), "--steps", "1", "--eval-draws", "1",
               "--device", "cpu", "-q"]
@@ -200,6 +200,14 @@ def test_cli_exit_codes(tiny_world, tmp_path, capsys):
                      "--out", str(tmp_path / "e")]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "budget must be in (0, 1]" in err and "image folder not found" in err
+    (tmp_path / "f").write_text("a file")  # refused before any model loads
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "f")]) == cli.EXIT_USAGE
+    said = capsys.readouterr()
+    assert "exists and is not a folder" in said.err and "device:" not in said.out
+    (folder / "bad.png").unlink()
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "g"), "--steps", "0"]) == cli.EXIT_OK
+    said = capsys.readouterr()
+    assert "the images are written unchanged" in caplog.text and "each whole, at its aspect ratio" in said.out
 
 
 def test_cli_defaults_come_from_the_configuration():
