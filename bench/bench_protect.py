@@ -10,8 +10,11 @@ every run) fine-tunes a copy of the base on each version of the members:
 - ``protected+jpeg75`` / ``protected+down``: the protected PNGs through JPEG at quality
   75, or downscaled (bicubic, ``--downscale``) and loaded back at the model's resolution
   the way the fine-tuner loads every image;
-- ``clean+jpeg75`` / ``clean+down``: the same transforms on the originals, so that what
-  the transform does alone can be told from what is left of the protection.
+- ``protected+median3``: the protected PNGs through a 3x3 median filter (PIL's), the
+  simplest of the denoisers people run on protected images to strip the perturbation;
+- ``clean+jpeg75`` / ``clean+down`` / ``clean+median3``: the same transforms on the
+  originals, so that what the transform does alone can be told from what is left of the
+  protection.
 
 Each fine-tune is measured on the *clean* members: (a) its denoising loss (fixed keyed
 draws); (b) how close its samples come to them: 24 DDIM samples (25 steps, instance
@@ -50,7 +53,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,7 +66,8 @@ from cgidm.protect import collect_protect_items, protect  # noqa: E402
 from cgidm.protect_pgd import BaseModel, eval_denoising_loss, load_base, protect_batch  # noqa: E402
 from cgidm.testing.tiny import INSTANCE_PROMPT, build_tiny_world, train_unet  # noqa: E402
 
-CONDITIONS = ("clean", "protected", "protected+jpeg75", "protected+down", "clean+jpeg75", "clean+down")
+CONDITIONS = ("clean", "protected", "protected+jpeg75", "protected+down", "protected+median3", "clean+jpeg75",
+              "clean+down", "clean+median3")
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,15 @@ def _down(img: Image.Image, factor: float) -> Image.Image:
     return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BICUBIC)
 
 
+def _median(img: Image.Image, size: int = 3) -> Image.Image:
+    return img.convert("RGB").filter(ImageFilter.MedianFilter(size))
+
+
+TRANSFORMS = {"jpeg75": lambda im, cfg: _jpeg(im, cfg.jpeg_quality),
+              "down": lambda im, cfg: _down(im.convert("RGB"), cfg.downscale),
+              "median3": lambda im, cfg: _median(im)}
+
+
 def training_images(cfg: Config, condition: str, clean_dir: Path, protected_dir: Path, work: Path) -> Path:
     """A folder with the members as ``condition`` has them."""
     src = protected_dir if condition.startswith("protected") else clean_dir
@@ -158,7 +171,7 @@ def training_images(cfg: Config, condition: str, clean_dir: Path, protected_dir:
     out.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.glob("*.png")):
         with Image.open(p) as im:
-            im = _jpeg(im, cfg.jpeg_quality) if condition.endswith("jpeg75") else _down(im.convert("RGB"), cfg.downscale)
+            im = TRANSFORMS[condition.split("+", 1)[1]](im, cfg)
         im.save(out / p.name)
     return out
 
