@@ -265,6 +265,7 @@ def sample(
         while lo < m:
             kb = keys[lo:lo + batch_size]
             n = kb.shape[0]
+            x = None
             try:
                 x = _sample_batch(call, scheduler, kb, latent_shape, guidance, correction, steps, device, bar)
             except Exception as e:  # noqa: BLE001 - only out of memory is retried
@@ -272,7 +273,10 @@ def sample(
 
                 if batch_size == 1 or not is_out_of_memory(e):
                     raise
-                # every sample's noise is keyed by its index: a smaller batch gives the same samples
+            if x is None:
+                # out of memory, handled here, after the except block has released the failed
+                # step's traceback and tensors; every sample's noise is keyed by its index, so
+                # a smaller batch gives the same samples
                 call.close()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -136,19 +136,28 @@ def test_out_of_memory_halves_the_batch_for_the_same_samples(world_pair, tiny_wo
     keys, steps = G.sample_keys(5, range(5)), 3
     want = _sample(pair, tiny_world, keys, 2, None, steps)
     real = G.StaticPairCall.__call__
-    seen = []
+    seen, handling = [], []
 
     def call(self, x, t):
         seen.append(self.n)
+        handling.append(sys.exc_info()[0])  # the retry runs after the handler, not inside it
         if self.n > 2 and len(seen) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return real(self, x, t)
 
+    real_close = G.StaticPairCall.close
+
+    def close(self):  # frees the failed batch's buffers: after the handler, or its traceback keeps them
+        handling.append(sys.exc_info()[0])
+        real_close(self)
+
     monkeypatch.setattr(G.StaticPairCall, "__call__", call)
+    monkeypatch.setattr(G.StaticPairCall, "close", close)
     with caplog.at_level(logging.WARNING, logger="cgidm.guidance"):
         got = _sample(pair, tiny_world, keys, 5, None, steps)
     assert "out of memory sampling a batch of 5; going on with batches of 2" in caplog.text
     assert seen[:2] == [5, 5] and set(seen[2:]) == {2}
+    assert handling == [None] * len(handling) and len(handling) > len(seen)
     torch.testing.assert_close(got, want, rtol=0, atol=_tol(want))
 
     def never(self, x, t):
