@@ -95,17 +95,18 @@ def test_the_protection_step_never_syncs(tiny_world, loss, low_memory):
     from cgidm.protect_pgd import builtin_target, target_latent
 
     for model in (load_base(tiny_world / "base"), vae_base()):
-        cfg = ProtectConfig(steps=2, loss=loss, k=2, random_start=True, low_memory=low_memory)
-        cond = torch.randn(1, 3, 8) if model.text_encoder is None else None
-        z_t = target_latent(model, builtin_target(model.resolution)) if cfg.needs_target else None
-        engine = ProtectEngine(model, cfg, 3, cond, z_t)
         r = model.resolution
-        engine.load(torch.rand(2, 3, r, r) * 2 - 1, ["a", "b"])
-        with HostSyncs() as mode:
-            engine._step()
-            engine._step()
-        assert mode.calls == [], (type(model.codec).__name__, mode.calls)
-        assert int(engine.step) == 2
+        for h, w in ((r, r), (r, r + 2 * model.pixel_multiple)):  # square, and a wide image (--cover full)
+            cfg = ProtectConfig(steps=2, loss=loss, k=2, random_start=True, low_memory=low_memory)
+            cond = torch.randn(1, 3, 8) if model.text_encoder is None else None
+            z_t = target_latent(model, builtin_target(h, w)) if cfg.needs_target else None
+            engine = ProtectEngine(model, cfg, 3, cond, z_t, size=(h, w))
+            engine.load(torch.rand(2, 3, h, w) * 2 - 1, ["a", "b"])
+            with HostSyncs() as mode:
+                engine._step()
+                engine._step()
+            assert mode.calls == [], (type(model.codec).__name__, (h, w), mode.calls)
+            assert int(engine.step) == 2
 
 
 def test_the_extraction_pair_call_never_syncs(tiny_world):
