@@ -146,15 +146,18 @@ def activations(name: str, dtype=torch.bfloat16) -> list[dict]:
         z = torch.zeros(1, 4, side, side, device="meta", dtype=dtype, requires_grad=True)
         return unet_pass(z), unet_pass(z)  # the fine-tuned and the pretrained pass on the same input
 
-    def protect():
-        x = torch.zeros(1, 3, side * 8, side * 8, device="meta", requires_grad=True)
+    def protect(aspect=1):
+        x = torch.zeros(1, 3, side * 8, side * 8 * aspect, device="meta", requires_grad=True)
         z = vae.encode(x.to(vae.dtype)).latent_dist.mean.to(dtype)
         return unet_pass(z)
 
+    steps = (("authenticate (both UNets, K=1)", authenticate, 1), ("protect (VAE encoder + UNet)", protect, 1),
+             ("protect, a 2:1 image (--cover full)", lambda: protect(2), 2))
     return [{"arch": name, "step": step, "dtype": str(dtype).removeprefix("torch."),
              "vae_dtype": str(vae.dtype).removeprefix("torch."), "resolution": side * 8,
+             "image_px": [side * 8, side * 8 * aspect],
              "saved_activations_gib_per_image": saved_gib(fn, weights)}
-            for step, fn in (("authenticate (both UNets, K=1)", authenticate), ("protect (VAE encoder + UNet)", protect))]
+            for step, fn, aspect in steps]
 
 
 def main(argv=None) -> dict:
@@ -168,7 +171,8 @@ def main(argv=None) -> dict:
               f"(UNet params {r['unet_params'] / 1e9:.3f} B); {r['summary']}")
     acts = [r for name in ARCH for dtype in (torch.bfloat16,) for r in activations(name, dtype)]
     for r in acts:
-        print(f"{r['arch']:6s} {r['step']:35s} {r['dtype']} (VAE {r['vae_dtype']}) at {r['resolution']} px: "
+        print(f"{r['arch']:6s} {r['step']:36s} {r['dtype']} (VAE {r['vae_dtype']}) at {r['image_px'][0]}x"
+              f"{r['image_px'][1]} px: "
               f"{r['saved_activations_gib_per_image']:.2f} GiB saved for the backward pass per image")
     row = {"bench": "memory-plan", **provenance(torch.device("cpu")), "estimate": "static: weights, from the "
            "public architectures on the meta device", "plans": rows,
