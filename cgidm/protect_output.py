@@ -36,7 +36,7 @@ PANEL_HEIGHT = 192
 
 def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: int, cover: str = "centre",
                         multiple: int = 1) -> np.ndarray:
-    """``delta [3, H, W]`` in [-1, 1] units -> ``[h, w, 3]`` float64 in 8-bit levels on the
+    """``delta [3, H, W]`` in [-1, 1] units -> ``[h, w, 3]`` float32 in 8-bit levels on the
     original's grid (``size = (w, h)``), zero outside the part the model saw
     (``images.view_of``: the centre square, or with ``cover="full"`` the whole image cut
     to 2:1)."""
@@ -48,8 +48,11 @@ def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: 
         shrink = bh < d.shape[-2] or bw < d.shape[-1]
         d = torch.nn.functional.interpolate(d, size=(bh, bw), mode="bilinear", align_corners=False,
                                             antialias=shrink)
-    out = np.zeros((h, w, 3), dtype=np.float64)
-    out[top:top + bh, left:left + bw] = d[0].permute(1, 2, 0).double().numpy()[: h - top, : w - left]
+    d = d[0].permute(1, 2, 0).contiguous().numpy()
+    if (left, top, bw, bh) == (0, 0, w, h):
+        return d
+    out = np.zeros((h, w, 3), dtype=np.float32)
+    out[top:top + bh, left:left + bw] = d[: h - top, : w - left]
     return out
 
 
@@ -113,16 +116,39 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict) -> dict:
     return kw
 
 
-def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+# Rows per strip when a whole image is scored or drawn: a 48-megapixel scan is worked on in
+# pieces of a few tens of MB instead of several full-size float64 copies.
+STRIP_ROWS = 512
 
-    a, b = a.astype(np.float64) / top, b.astype(np.float64) / top
-    side = min(a.shape[:2])
+
+def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
+    """PSNR, SSIM and the largest change of ``b`` against ``a`` (``[h, w]`` or ``[h, w, c]``
+    integer arrays, ``top`` the largest level), strip by strip: the values scikit-image gives
+    on the whole image (mean SSIM inside its ``pad``-pixel border; each strip reads ``pad``
+    more rows on either side, all its window sees), with memory for one strip."""
+    from skimage.metrics import structural_similarity
+
+    h, w = a.shape[:2]
+    side = min(h, w)
     win = max(3, min(7, side if side % 2 else side - 1))
-    ssim = structural_similarity(a, b, channel_axis=2 if a.ndim == 3 else None, data_range=1.0, win_size=win)
-    with np.errstate(divide="ignore"):
-        psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
-    return {"psnr": float(min(psnr, 100.0)), "ssim": float(ssim)}
+    pad = (win - 1) // 2
+    sq, change = 0.0, 0
+    for r in range(0, h, STRIP_ROWS):
+        d = b[r:r + STRIP_ROWS].astype(np.float64) - a[r:r + STRIP_ROWS]
+        change = max(change, int(np.abs(d).max()) if d.size else 0)
+        sq += float(np.square(d / top).sum())
+    mse = sq / max(a.size, 1)
+    psnr = 100.0 if mse == 0 else min(100.0, 10 * math.log10(1.0 / mse))
+    total, count = 0.0, 0
+    for r0 in range(pad, h - pad, STRIP_ROWS):
+        r1 = min(r0 + STRIP_ROWS, h - pad)
+        sa, sb = (x[r0 - pad:r1 + pad].astype(np.float64) / top for x in (a, b))
+        _, smap = structural_similarity(sa, sb, channel_axis=2 if a.ndim == 3 else None, data_range=1.0,
+                                        win_size=win, full=True)
+        inner = smap[pad:pad + r1 - r0, pad:w - pad]
+        total += float(inner.sum())
+        count += inner.size
+    return {"psnr": float(psnr), "ssim": total / count if count else 1.0, "change": change}
 
 
 def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, budget: float,
@@ -139,52 +165,68 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
         img = _working_image(opened, notes)
         kw = _metadata(opened, notes, stamp)
     w, h = img.size
-    d = perturbation_levels(delta, (w, h), resolution, cover, multiple)
+    d = perturbation_levels(delta, (w, h), resolution, cover, multiple)  # float32, [h, w, 3]
     arr = np.asarray(img)
     sixteen = img.mode in _SIXTEEN_BIT
     top, scale = (65535, 257) if sixteen else (255, 1)
-    base = arr.astype(np.int64)
-    colour = base[..., :3] if img.mode in ("RGB", "RGBA") else (base[..., 0] if img.mode == "LA" else base)
+    colour = arr[..., :3] if img.mode in ("RGB", "RGBA") else (arr[..., 0] if img.mode == "LA" else arr)
+    # in place and in 32 bits: a large scan's full-size temporaries stay few and small
     step = d if colour.ndim == 3 else d.mean(-1)
-    step = np.clip(np.rint(step * scale), -limit * scale, limit * scale).astype(np.int64)
-    new_colour = np.clip(colour + step, 0, top)
-    new = base.copy()
+    del d
+    step *= scale
+    np.rint(step, out=step)
+    np.clip(step, -limit * scale, limit * scale, out=step)
+    new_colour = colour.astype(np.int32)
+    np.add(new_colour, step, out=new_colour, casting="unsafe")
+    del step
+    np.clip(new_colour, 0, top, out=new_colour)
+    new = np.array(arr, copy=True)
     if img.mode in ("RGB", "RGBA"):
         new[..., :3] = new_colour
     elif img.mode == "LA":
         new[..., 0] = new_colour
     else:
-        new = new_colour
-    dtype = np.uint16 if sixteen else np.uint8
-    out_mode = "I;16" if sixteen else img.mode
+        new = new_colour.astype(arr.dtype)
+    del new_colour
     if sixteen:
         result = Image.fromarray(new.astype(np.uint16))
         if result.mode != "I;16":
             result = result.convert("I;16")
     else:
-        result = Image.fromarray(new.astype(dtype), out_mode)
+        result = Image.fromarray(new.astype(np.uint8, copy=False), img.mode)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _replace_from_tmp(dst, lambda f: result.save(f, format="PNG", **kw))
-    linf = float(np.abs(new_colour - colour).max() / scale) if colour.size else 0.0
-    row = {"size": [w, h], "mode": result.mode, "linf_levels": linf, **_scores(colour, new_colour, top)}
+    after = new[..., :3] if img.mode in ("RGB", "RGBA") else (new[..., 0] if img.mode == "LA" else new)
+    scores = _scores(colour, after, top)
+    row = {"size": [w, h], "mode": result.mode, "linf_levels": scores.pop("change") / scale, **scores}
     row["notes"] = notes
-    row["_before"], row["_after"], row["_top"] = colour, new_colour, top
+    row["_before"], row["_after"], row["_top"] = colour, after, top
     return row
 
 
-def _display(a: np.ndarray, top: float) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64) * (255.0 / top)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+def _display(a: np.ndarray, top: float) -> Image.Image:
+    """An 8-bit RGB image of ``a`` (levels up to ``top``), converted strip by strip."""
+    out = np.empty((*a.shape[:2], 3), dtype=np.uint8)
+    for r in range(0, a.shape[0], STRIP_ROWS):
+        x = np.asarray(a[r:r + STRIP_ROWS], dtype=np.float32) * np.float32(255.0 / top)
+        out[r:r + STRIP_ROWS] = np.clip(np.rint(x), 0, 255)[..., None] if x.ndim == 2 else np.clip(np.rint(x), 0, 255)
+    return Image.fromarray(out, "RGB")
+
+
+def _amplified(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
+    """The change mapped onto grey (0) +- the budget (the full range), strip by strip."""
+    out = np.empty((*before.shape[:2], 3), dtype=np.uint8)
+    gain = np.float32(255.0 / top * 127.5 / max(limit_levels, 1.0))
+    for r in range(0, before.shape[0], STRIP_ROWS):
+        diff = after[r:r + STRIP_ROWS].astype(np.float32) - before[r:r + STRIP_ROWS]
+        amp = np.clip(np.rint(np.float32(127.5) + diff * gain), 0, 255)
+        out[r:r + STRIP_ROWS] = amp[..., None] if amp.ndim == 2 else amp
+    return Image.fromarray(out, "RGB")
 
 
 def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
     """original | protected | perturbation amplified to the full range (grey = 0)."""
-    diff = (np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)) * (255.0 / top)
-    amp = 127.5 + diff * (127.5 / max(limit_levels, 1.0))
-    ims = [Image.fromarray(_display(before, top)), Image.fromarray(_display(after, top)),
-           Image.fromarray(_display(amp, 255.0))]
+    ims = [_display(before, top), _display(after, top), _amplified(before, after, top, limit_levels)]
     w, h = ims[0].size
     s = PANEL_HEIGHT / max(h, 1)
     size = (max(1, round(w * s)), PANEL_HEIGHT)

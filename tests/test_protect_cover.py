@@ -198,3 +198,45 @@ def test_an_engine_is_kept_only_while_it_fits_the_batch(base, tiny_world, tmp_pa
     assert run._engine((16, 16), 3) is graphed  # 5 rows for 3: padded
     assert run._engine((16, 16), 2) is not graphed and run.engine.b == 2  # 5 > 2 x 2: rebuilt
     assert run._engine((16, 24), 2).size == (16, 24)  # another size: rebuilt
+
+
+@pytest.mark.parametrize("shape,top", [((37, 53, 3), 255), ((40, 29), 255), ((23, 31), 65535), ((8, 9, 3), 255),
+                                       ((5, 64, 3), 255)])
+def test_scores_in_strips_equal_scikit_image_on_the_whole_image(monkeypatch, shape, top):
+    """PSNR, SSIM and the largest change, strip by strip (a few rows per strip here, so every
+    border case is hit), against scikit-image on the whole image."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from cgidm import protect_output as O
+
+    monkeypatch.setattr(O, "STRIP_ROWS", 4)
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(0, top + 1, shape).astype(np.uint16 if top > 255 else np.uint8)
+    b = np.clip(a.astype(np.int64) + rng.integers(-9, 10, shape), 0, top).astype(a.dtype)
+    got = O._scores(a, b, top)
+    fa, fb = a / top, b / top
+    side = min(shape[:2])
+    win = max(3, min(7, side if side % 2 else side - 1))
+    want = structural_similarity(fa, fb, channel_axis=2 if a.ndim == 3 else None, data_range=1.0, win_size=win)
+    assert got["ssim"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got["psnr"] == pytest.approx(peak_signal_noise_ratio(fa, fb, data_range=1.0), rel=1e-9)
+    assert got["change"] == np.abs(a.astype(np.int64) - b).max()
+    same = O._scores(a, a.copy(), top)
+    assert same["psnr"] == 100.0 and same["ssim"] == pytest.approx(1.0) and same["change"] == 0
+
+
+def test_the_panel_in_strips_equals_the_whole_image_computation(monkeypatch):
+    from cgidm import protect_output as O
+
+    rng = np.random.default_rng(2)
+    before = rng.integers(0, 256, (21, 30, 3)).astype(np.uint8)
+    after = np.clip(before.astype(np.int64) + rng.integers(-8, 9, before.shape), 0, 255).astype(np.uint8)
+    whole = np.asarray(O.panel(before, after, 255, 8))
+    monkeypatch.setattr(O, "STRIP_ROWS", 4)
+    assert np.array_equal(np.asarray(O.panel(before, after, 255, 8)), whole)
+    # the amplified third: grey where unchanged, the full range at the budget
+    amp = np.asarray(O._amplified(before, after, 255, 8)).astype(np.float64)
+    want = np.clip(np.rint(127.5 + (after.astype(np.float64) - before) * 127.5 / 8), 0, 255)
+    assert np.abs(amp - want).max() <= 1
+    grey = np.asarray(O._display(before[..., 0], 255))
+    assert grey.shape == (21, 30, 3) and np.array_equal(grey[..., 0], before[..., 0])
