@@ -252,6 +252,7 @@ def run_pair(
         else:
             log.warning("a batch of %d failed (%s); trying its images one at a time", len(its), reason)
             parts = [slice(i, i + 1) for i in range(len(its))]
+        prep = None  # noqa: F841 - the whole batch's prepared tensors: the parts prepare their own
         for s in parts:
             invert(its[s], tensors[s], notes[s])
 
@@ -281,6 +282,7 @@ def run_pair(
             # its traceback (which holds the failed step's tensors) are gone
             fault = (_reason(e), is_out_of_memory(e))
         if fault is not None:
+            result = recovered = extra = error = None  # noqa: F841 - the failed batch's tensors, freed
             retry(its, tensors, notes, prep, *fault)
             return
 

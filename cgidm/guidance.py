@@ -217,8 +217,13 @@ def _sample_batch(call, scheduler, keys, latent_shape, guidance, correction, ste
 
 
 def _set_bar(bar, n: float) -> None:
+    back = n < bar.n
     bar.n = n
-    bar.update(0)  # redraws when tqdm's interval has passed
+    if back:  # taken back (a batch to retry): redraw now, and count the next steps from here
+        bar.last_print_n = n
+        bar.refresh()
+    else:
+        bar.update(0)  # redraws when tqdm's interval has passed
 
 
 @torch.inference_mode()

@@ -148,7 +148,9 @@ def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
         inner = smap[pad:pad + r1 - r0, pad:w - pad]
         total += float(inner.sum())
         count += inner.size
-    return {"psnr": float(psnr), "ssim": total / count if count else 1.0, "change": change}
+    if not count:  # as scikit-image: no window fits
+        raise ValueError(f"win_size exceeds image extent ({h}x{w} for a {win}x{win} window)")
+    return {"psnr": float(psnr), "ssim": total / count, "change": change}
 
 
 def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, budget: float,
@@ -171,7 +173,9 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     top, scale = (65535, 257) if sixteen else (255, 1)
     colour = arr[..., :3] if img.mode in ("RGB", "RGBA") else (arr[..., 0] if img.mode == "LA" else arr)
     # in place and in 32 bits: a large scan's full-size temporaries stay few and small
-    step = d if colour.ndim == 3 else d.mean(-1)
+    # a greyscale image's step, the mean of three channels, in float64 (so are 16-bit ones,
+    # all greyscale): float32 would round some x.5 levels the other way
+    step = d if colour.ndim == 3 else d.mean(-1, dtype=np.float64)
     del d
     step *= scale
     np.rint(step, out=step)
@@ -180,16 +184,17 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     np.add(new_colour, step, out=new_colour, casting="unsafe")
     del step
     np.clip(new_colour, 0, top, out=new_colour)
-    new = np.array(arr, copy=True)
     if img.mode in ("RGB", "RGBA"):
+        new = np.array(arr, copy=True)
         new[..., :3] = new_colour
     elif img.mode == "LA":
+        new = np.array(arr, copy=True)
         new[..., 0] = new_colour
     else:
-        new = new_colour.astype(arr.dtype)
+        new = new_colour.astype(np.uint16 if sixteen else arr.dtype)
     del new_colour
     if sixteen:
-        result = Image.fromarray(new.astype(np.uint16))
+        result = Image.fromarray(new)
         if result.mode != "I;16":
             result = result.convert("I;16")
     else:

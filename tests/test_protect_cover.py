@@ -240,3 +240,43 @@ def test_the_panel_in_strips_equals_the_whole_image_computation(monkeypatch):
     assert np.abs(amp - want).max() <= 1
     grey = np.asarray(O._display(before[..., 0], 255))
     assert grey.shape == (21, 30, 3) and np.array_equal(grey[..., 0], before[..., 0])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "L", "LA", "RGB"])
+def test_written_levels_follow_the_float64_rounding(tmp_path, mode):
+    """The step written into each pixel: rint(levels x scale) of the perturbation (for a
+    greyscale image the mean of its three channels) in float64, clipped to the budget, as
+    cgidm always wrote it. 600 x 600 px of 16-bit levels puts a few values within float32's
+    rounding of x.5, where 32-bit arithmetic wrote the other level."""
+    from cgidm.protect_output import perturbation_levels, protect_file
+
+    rng = np.random.default_rng(7)
+    side = 600
+    sixteen = mode == "I;16"
+    if sixteen:
+        src = Image.fromarray(rng.integers(0, 65536, (side, side)).astype(np.uint16))
+    else:
+        chans = {"L": 1, "LA": 2, "RGB": 3}[mode]
+        src = Image.fromarray(rng.integers(0, 256, (side, side, chans)).astype(np.uint8).squeeze(), mode)
+    src.save(tmp_path / "in.png")
+    delta = (torch.rand(3, side, side, generator=torch.Generator().manual_seed(1)) * 2 - 1) * (10 / 127.5)
+    protect_file(tmp_path / "in.png", tmp_path / "out.png", delta, side, 8 / 255, {})
+    got = np.asarray(Image.open(tmp_path / "out.png")).astype(np.int64)
+    arr = np.asarray(Image.open(tmp_path / "in.png")).astype(np.int64)
+    d = perturbation_levels(delta, (side, side), side).astype(np.float64)
+    scale, top = (257, 65535) if sixteen else (1, 255)
+    step = d if mode == "RGB" else d.mean(-1)
+    step = np.clip(np.rint(step * scale), -8 * scale, 8 * scale).astype(np.int64)
+    colour = arr[..., 0] if mode == "LA" else arr
+    want = np.clip(colour + step, 0, top)
+    assert np.array_equal(got[..., 0] if mode == "LA" else got, want)
+    if mode == "LA":
+        assert np.array_equal(got[..., 1], arr[..., 1])  # alpha unchanged
+
+
+def test_scores_refuse_an_image_no_window_fits():
+    from cgidm.protect_output import _scores
+
+    a = np.zeros((2, 10), dtype=np.uint8)
+    with pytest.raises(ValueError, match="win_size"):
+        _scores(a, a + 50, 255)
