@@ -78,18 +78,8 @@ def set_gradient_checkpointing(modules: Iterable, on: bool) -> None:
 def _adapter_flags(module: torch.nn.Module) -> Callable[[], ContextManager]:
     """The ``_disable_adapters`` flags of the LoRA layers in ``module`` now, as a factory of
     a context that sets them for its duration and then puts back what was there."""
+    from cgidm.lora import adapters_disabled
+
     layers = [m for m in module.modules() if hasattr(m, "_disable_adapters")]
     flags = [m._disable_adapters for m in layers]
-
-    @contextlib.contextmanager
-    def restore():
-        before = [m._disable_adapters for m in layers]
-        for m, f in zip(layers, flags):
-            m._disable_adapters = f
-        try:
-            yield
-        finally:
-            for m, f in zip(layers, before):
-                m._disable_adapters = f
-
-    return restore
+    return lambda: adapters_disabled(layers, flags)

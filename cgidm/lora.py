@@ -10,7 +10,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -251,13 +251,15 @@ def adapter_layers(unet: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def adapters_disabled(layers: list, disabled: bool = True):
-    """Every LoRA layer's ``_disable_adapters`` flag set for the duration, then restored.
-    The flag is set directly: PEFT's ``enable_adapters`` also turns ``requires_grad`` back
-    on for the adapter weights, and only input gradients are ever taken here."""
+def adapters_disabled(layers: list, disabled: bool | Sequence[bool] = True):
+    """Every LoRA layer's ``_disable_adapters`` flag set for the duration (one value for
+    all, or one per layer), then restored. The flag is set directly: PEFT's
+    ``enable_adapters`` also turns ``requires_grad`` back on for the adapter weights, and
+    only input gradients are ever taken here."""
     before = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = disabled
+    flags = [disabled] * len(layers) if isinstance(disabled, bool) else list(disabled)
+    for m, d in zip(layers, flags):
+        m._disable_adapters = d
     try:
         yield
     finally:
