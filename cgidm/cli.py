@@ -334,15 +334,22 @@ def cmd_demo(args) -> int:
     return code
 
 
-def cmd_protect(args) -> int:
+def _out_folder(out: str):
+    """``--out`` as a path; a file there is refused before any model loads."""
     from pathlib import Path
 
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    return path
+
+
+def cmd_protect(args) -> int:
     from cgidm.protect import collect_protect_items, load_base, print_summary, protect
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
-    if Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    _out_folder(args.out)
     items = collect_protect_items(args.images, exclude=[args.out])
     if cfg.steps == 0 and not cfg.random_start:
         logging.getLogger("cgidm.protect").warning("--steps 0 without --random-start: the images are written "
@@ -372,9 +379,7 @@ def cmd_extract(args) -> int:
     opts = run_options(args)
     if cfg.features == "embed" and not opts.embedder:
         raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    out = _out_folder(args.out)
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
     _quiet_loaders()
