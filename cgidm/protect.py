@@ -131,8 +131,8 @@ class _Run:
     def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool) -> None:
         self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
         self.cond = model.encode_prompt(cfg.prompt)
-        self.z_target = _target(model, cfg)  # R x R; other sizes: _targets
-        self._targets = {(model.resolution,) * 2: self.z_target}
+        # the target's encoding per image size; R x R now, so a bad --target stops the run first
+        self._targets = {(model.resolution,) * 2: _target(model, cfg)}
         self.engine: Optional[ProtectEngine] = None  # for one image size at a time (its graph's memory)
         self.used_graph = False
         self.engine_batch = cfg.batch_size  # halved by out-of-memory faults

@@ -153,6 +153,12 @@ def _scores(a: np.ndarray, b: np.ndarray, top: float) -> dict:
     return {"psnr": float(psnr), "ssim": total / count, "change": change}
 
 
+def _colour(a: np.ndarray, mode: str) -> np.ndarray:
+    """The channels of an image array that take the perturbation (a view): RGB of RGB(A),
+    L of LA, the whole of a greyscale image."""
+    return a[..., :3] if mode in ("RGB", "RGBA") else (a[..., 0] if mode == "LA" else a)
+
+
 def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, budget: float,
                  stamp: dict, cover: str = "centre", multiple: int = 1) -> dict:
     """Write ``src`` + the perturbation as a PNG at ``dst`` (atomically). Returns the row's
@@ -171,7 +177,7 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     arr = np.asarray(img)
     sixteen = img.mode in _SIXTEEN_BIT
     top, scale = (65535, 257) if sixteen else (255, 1)
-    colour = arr[..., :3] if img.mode in ("RGB", "RGBA") else (arr[..., 0] if img.mode == "LA" else arr)
+    colour = _colour(arr, img.mode)
     # in place and in 32 bits: a large scan's full-size temporaries stay few and small
     # a greyscale image's step, the mean of three channels, in float64 (so are 16-bit ones,
     # all greyscale): float32 would round some x.5 levels the other way
@@ -184,12 +190,9 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     np.add(new_colour, step, out=new_colour, casting="unsafe")
     del step
     np.clip(new_colour, 0, top, out=new_colour)
-    if img.mode in ("RGB", "RGBA"):
+    if img.mode in ("RGB", "RGBA", "LA"):  # the alpha channel kept
         new = np.array(arr, copy=True)
-        new[..., :3] = new_colour
-    elif img.mode == "LA":
-        new = np.array(arr, copy=True)
-        new[..., 0] = new_colour
+        _colour(new, img.mode)[...] = new_colour
     else:
         new = new_colour.astype(np.uint16 if sixteen else arr.dtype)
     del new_colour
@@ -201,7 +204,7 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
         result = Image.fromarray(new.astype(np.uint8, copy=False), img.mode)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _replace_from_tmp(dst, lambda f: result.save(f, format="PNG", **kw))
-    after = new[..., :3] if img.mode in ("RGB", "RGBA") else (new[..., 0] if img.mode == "LA" else new)
+    after = _colour(new, img.mode)
     scores = _scores(colour, after, top)
     row = {"size": [w, h], "mode": result.mode, "linf_levels": scores.pop("change") / scale, **scores}
     row["notes"] = notes
@@ -209,24 +212,27 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     return row
 
 
-def _display(a: np.ndarray, top: float) -> Image.Image:
-    """An 8-bit RGB image of ``a`` (levels up to ``top``), converted strip by strip."""
-    out = np.empty((*a.shape[:2], 3), dtype=np.uint8)
-    for r in range(0, a.shape[0], STRIP_ROWS):
-        x = np.asarray(a[r:r + STRIP_ROWS], dtype=np.float32) * np.float32(255.0 / top)
-        out[r:r + STRIP_ROWS] = np.clip(np.rint(x), 0, 255)[..., None] if x.ndim == 2 else np.clip(np.rint(x), 0, 255)
+def _rgb_in_strips(h: int, w: int, levels) -> Image.Image:
+    """An 8-bit RGB image from ``levels(rows)`` (float32 ``[rows, w]`` or ``[rows, w, 3]``
+    for a slice of rows; rounded, clipped, greyscale repeated), filled strip by strip."""
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for r in range(0, h, STRIP_ROWS):
+        x = np.clip(np.rint(levels(slice(r, r + STRIP_ROWS))), 0, 255)
+        out[r:r + STRIP_ROWS] = x[..., None] if x.ndim == 2 else x
     return Image.fromarray(out, "RGB")
+
+
+def _display(a: np.ndarray, top: float) -> Image.Image:
+    """``a`` (levels up to ``top``) as an 8-bit RGB image."""
+    gain = np.float32(255.0 / top)
+    return _rgb_in_strips(*a.shape[:2], lambda rows: a[rows].astype(np.float32) * gain)
 
 
 def _amplified(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
-    """The change mapped onto grey (0) +- the budget (the full range), strip by strip."""
-    out = np.empty((*before.shape[:2], 3), dtype=np.uint8)
+    """The change mapped onto grey (0) +- the budget (the full range)."""
     gain = np.float32(255.0 / top * 127.5 / max(limit_levels, 1.0))
-    for r in range(0, before.shape[0], STRIP_ROWS):
-        diff = after[r:r + STRIP_ROWS].astype(np.float32) - before[r:r + STRIP_ROWS]
-        amp = np.clip(np.rint(np.float32(127.5) + diff * gain), 0, 255)
-        out[r:r + STRIP_ROWS] = amp[..., None] if amp.ndim == 2 else amp
-    return Image.fromarray(out, "RGB")
+    return _rgb_in_strips(*before.shape[:2], lambda rows: np.float32(127.5) + (
+        after[rows].astype(np.float32) - before[rows]) * gain)
 
 
 def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
