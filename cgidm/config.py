@@ -399,7 +399,8 @@ class ProtectConfig:
                                      "instead of the image (as Anti-DreamBooth does)")
     cover: str = _opt("full", "full: the whole image at its aspect ratio (short side at the model's resolution, "
                               "up to 2:1), as fine-tuners that bucket by aspect ratio train on it, any crop inside "
-                              "it covered; centre: the centre square only, as centre-cropping fine-tuners see it", choices=COVERS)
+                              "it covered; centre: the centre square only, as centre-cropping fine-tuners see it",
+                      choices=COVERS)
     batch_size: int = _opt(8, "images protected together")
     low_memory: bool = _opt(False, "recompute the VAE encoder's and the UNet's activations in the backward pass "
                                    "(gradient checkpointing): less GPU memory for more compute, the same result")
