@@ -135,7 +135,10 @@ class _Run:
         self._targets = {(model.resolution,) * 2: _target(model, cfg)}
         self.engine: Optional[ProtectEngine] = None  # for one image size at a time (its graph's memory)
         self.used_graph = False
-        self.engine_batch = cfg.batch_size  # halved by out-of-memory faults
+        # rows x pixels a batch may hold, lowered by out-of-memory faults (None: no fault yet);
+        # each size's batch follows from it, so a 2:1 batch that did not fit lowers a square
+        # batch only as far as its pixels need
+        self.pixel_budget: Optional[int] = None
         self.low_memory_fallback = False
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "cover": cfg.cover,
                       "base": model.info.get("base")}
@@ -172,18 +175,26 @@ class _Run:
             size = tuple(image.shape[-2:])
             batch = pending.setdefault(size, [])
             batch.append((item, image, notes))
-            if len(batch) >= self.engine_batch:
+            if len(batch) >= self.batch_for(size):
                 self._batch(pending.pop(size))
         for size in list(pending):
             self._batch(pending.pop(size))
         self.bar.close()
 
+    def batch_for(self, size: tuple[int, int]) -> int:
+        """How many images of ``size = (H, W)`` px go in one batch: ``--batch-size``, or
+        fewer after an out-of-memory fault (``pixel_budget``; at least one)."""
+        if self.pixel_budget is None:
+            return self.cfg.batch_size
+        return max(1, min(self.cfg.batch_size, self.pixel_budget // (size[0] * size[1])))
+
     def _batch(self, batch) -> None:
         """Protect and write one batch; a fault goes to ``_retry`` (smaller batches, or
         ``--low-memory``, or an error row)."""
-        if len(batch) > self.engine_batch:  # gathered before an out-of-memory fault halved the size
-            for i in range(0, len(batch), self.engine_batch):
-                self._batch(batch[i:i + self.engine_batch])
+        cap = self.batch_for(tuple(batch[0][1].shape[-2:]))
+        if len(batch) > cap:  # gathered before an out-of-memory fault lowered the budget
+            for i in range(0, len(batch), cap):
+                self._batch(batch[i:i + cap])
             return
         try:
             deltas = self._protect([b[0] for b in batch], torch.stack([b[1] for b in batch]))
@@ -209,18 +220,22 @@ class _Run:
                 self._error(item, f"failed: {type(e).__name__}: {e}")
 
     def _retry(self, batch, fault: str, oom: bool) -> None:
-        """After a fault: out of memory drops the engine and halves the batch; one image that
-        does not fit turns ``--low-memory`` on (recomputed activations, the same
-        perturbation; larger batches allowed again) and is retried; any other fault retries
-        the images one at a time; one image that still fails is an error row."""
+        """After a fault: out of memory drops the engine, halves the batch and lowers the
+        pixel budget to half of the batch's (``batch_for``); one image that does not fit
+        turns ``--low-memory`` on (recomputed activations, the same perturbation; larger
+        batches allowed again) and is retried; any other fault retries the images one at a
+        time; one image that still fails is an error row."""
         if oom:
-            self._drop_engine(max(1, len(batch) // 2))
+            self._drop_engine()
+            h, w = batch[0][1].shape[-2:]
+            budget = max(1, len(batch) // 2) * h * w
+            self.pixel_budget = budget if self.pixel_budget is None else min(self.pixel_budget, budget)
         if oom and len(batch) == 1 and not self.cfg.low_memory:
             log.warning("out of memory for one image; recomputing the activations in the backward pass "
                         "(--low-memory) from now on")
             self.cfg = self.cfg.replace(low_memory=True)
             self.low_memory_fallback = True
-            self.engine, self.engine_batch = None, self.cfg.batch_size
+            self.pixel_budget = None
             self._batch(batch)
             return
         if len(batch) == 1:
@@ -251,7 +266,7 @@ class _Run:
         and the run goes on eagerly."""
         e = self.engine
         if e is not None and not (e.size == size and (e.b == n or (e.graph is not None and n <= e.b <= 2 * n))):
-            self._drop_engine(self.engine_batch)
+            self._drop_engine()
         if self.engine is None:
             engine = ProtectEngine(self.model, self.cfg, n, self.cond, self._z_target(size), self.cfg.impl, size=size)
             try:
@@ -265,10 +280,9 @@ class _Run:
             self.used_graph = self.used_graph or engine.graph is not None
         return self.engine
 
-    def _drop_engine(self, batch: int) -> None:
-        """Free the engine (its buffers and graph); the next one holds ``batch`` images."""
+    def _drop_engine(self) -> None:
+        """Free the engine (its buffers and graph)."""
         self.engine = None
-        self.engine_batch = min(self.engine_batch, batch)
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -200,6 +200,45 @@ def test_an_engine_is_kept_only_while_it_fits_the_batch(base, tiny_world, tmp_pa
     assert run._engine((16, 24), 2).size == (16, 24)  # another size: rebuilt
 
 
+@pytest.mark.parametrize("first", ["wide", "square"])
+def test_out_of_memory_lowers_each_size_batch_by_its_pixels(base, tmp_path, monkeypatch, first):
+    """An out-of-memory fault lowers a budget of pixels per batch, not one batch count for
+    every size: after 4 wide images (16x24) did not fit, 3 square ones (16x16) still go
+    together; after 4 square ones did not fit, wide ones go alone without a fault of their
+    own. The files are those of a run without faults (every draw is keyed by the image)."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    order = {"wide": "a", "square": "b"} if first == "wide" else {"square": "a", "wide": "b"}
+    for i in range(4):
+        for kind, shape in (("wide", (20, 30, 3)), ("square", (16, 16, 3))):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{order[kind]}_{kind}_{i}.png")
+    items = collect_protect_items(folder)
+    cfg = ProtectConfig(**FAST, batch_size=4)
+    protect(base, items, tmp_path / "plain", cfg, progress=False)
+    limit = 1100 if first == "wide" else 700  # pixels x rows that "fit"
+    real, tried = ProtectEngine.run, []
+
+    def run(self, images, ids, callback=None):
+        kind = "W" if self.size == (16, 24) else "S"
+        fits = self.b * self.size[0] * self.size[1] <= limit
+        tried.append((kind, self.b, fits))
+        if not fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, ids, callback)
+
+    monkeypatch.setattr(ProtectEngine, "run", run)
+    s = protect(base, items, tmp_path / "low", cfg, progress=False)
+    assert s["protected"] == 8 and s["failed"] == 0
+    if first == "wide":  # budget 2 x 384 px: wide in twos, square in threes (768 px)
+        assert tried == [("W", 4, False), ("W", 2, True), ("W", 2, True), ("S", 3, True), ("S", 1, True)]
+    else:  # budget 2 x 256 px: square in twos, wide alone (512 // 384)
+        assert tried == [("S", 4, False), ("S", 2, True), ("S", 2, True)] + [("W", 1, True)] * 4
+    for it in items:
+        a = np.asarray(Image.open(tmp_path / "plain" / "protected" / it.id))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "low" / "protected" / it.id))), it.id
+
+
 @pytest.mark.parametrize("shape,top", [((37, 53, 3), 255), ((40, 29), 255), ((23, 31), 65535), ((8, 9, 3), 255),
                                        ((5, 64, 3), 255)])
 def test_scores_in_strips_equal_scikit_image_on_the_whole_image(monkeypatch, shape, top):
