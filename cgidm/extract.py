@@ -24,6 +24,7 @@ sampler and its ``prediction_type`` from the base's scheduler config.
 """
 from __future__ import annotations
 
+import decimal
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
+from cgidm.resume import OutputLock
 from cgidm.rng import image_key
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,20 @@ def _clear(folder: Path, pattern: str) -> None:
             p.unlink()
 
 
+def on_step(threshold: Optional[float], step: float) -> Optional[float]:
+    """A threshold of the scan (a multiple of ``step``, computed as ``i * step``) rounded
+    to the decimals of ``step``: 0.41, not 0.41000000000000003. ``None`` (one sample, no
+    threshold) stays ``None``."""
+    if threshold is None:
+        return None
+    places = max(0, -decimal.Decimal(repr(float(step))).normalize().as_tuple().exponent)
+    return round(float(threshold), places)
+
+
+def _uses_lora(pair) -> bool:
+    return "lora" in pair.info or pair.info.get("finetuned_format") == "lora"
+
+
 def extract(
     pair,
     out: str | Path,
@@ -214,16 +230,29 @@ def extract(
     progress: bool = True,
     prompt_from: str = "given",
     scheduler=None,
+    lora_scale: Optional[float] = None,
 ) -> dict:
     """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
     ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
-    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). Returns what
+    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). ``lora_scale``
+    is the scale the pair's LoRA was loaded with (``load_pair(lora_scale=...)``; the pair
+    does not carry it), recorded when a LoRA is involved (``None``: not known). The whole
+    run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
+    refused (``ValueError``) before anything in it is cleared or written. Returns what
     ``extract.json`` holds."""
     if cfg.prompt is None:
         raise ValueError("no prompt given")
     kind = feature_kind(cfg, embedder)
     out = Path(out)
     compare_items = list_compare_images(compare, exclude=[out]) if compare is not None else None
+    with OutputLock(out):
+        return _extract_locked(pair, out, cfg, kind, compare_items, embedder, progress, prompt_from, scheduler,
+                               lora_scale)
+
+
+def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
+                    prompt_from: str, scheduler, lora_scale: Optional[float]) -> dict:
+    """``extract`` once ``out``'s lock is held."""
     out.mkdir(parents=True, exist_ok=True)
     for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
         _clear(out / sub, pattern)
@@ -278,12 +307,16 @@ def extract(
     cand_rows = [clustering.clusters[i].representative for i in range(len(candidates))]
     atomic_save_image(grid([pils[j] for j in cand_rows], columns=min(8, len(cand_rows))), out / "grid.png")
 
+    models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
+    if _uses_lora(pair):
+        models["lora_scale"] = None if lora_scale is None else float(lora_scale)
     summary = {
         "method": "FineXtract-style extraction (extrapolated guidance, clique clustering)",
-        "models": {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")},
+        "models": models,
         "prompt": cfg.prompt,
         "prompt_from": prompt_from,
-        "config": cfg.to_json(),
+        # candidates: the number written (at most --candidates, fewer when there are fewer clusters)
+        "config": {**cfg.to_json(), "candidates": len(candidates)},
         "guidance_formula": "eps = eps_pre + w (eps_ft - eps_pre) + k eps_pre",
         "scheduler": {"class": type(scheduler).__name__, **{k: v for k, v in dict(scheduler.config).items()
                                                                if not k.startswith("_")}},
@@ -295,10 +328,10 @@ def extract(
         "samples": cfg.samples,
         "finite_samples": len(kept),
         "clustering": {
-            "threshold": clustering.threshold,
+            "threshold": on_step(clustering.threshold, cfg.threshold_step),
             "clusters": len(clustering.clusters),
             "sizes": [c.size for c in clustering.clusters],
-            "scanned": clustering.scanned,
+            "scanned": [{**r, "threshold": on_step(r["threshold"], cfg.threshold_step)} for r in clustering.scanned],
         },
         "candidates": candidates,
         "timing": {"sampling_s": sampling_s, "samples_per_hour": 3600 * cfg.samples / sampling_s if sampling_s else None},
@@ -377,6 +410,7 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}.card b{display:block;font-size:22px}
 img{image-rendering:pixelated} table{border-collapse:collapse;margin-top:16px}
 th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-align:middle}
+.settings th{font-weight:normal;color:#666}
 td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 </style></head><body>
 <h1>cgidm extraction</h1>
@@ -385,6 +419,10 @@ td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 pretrained prompt: {{ s.config.pretrained_prompt }}), then clustered; each candidate is the
 representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt }}</code> ({{ s.prompt_from }}).</p>
 <p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+<h2>Settings</h2>
+<table class="settings"><tbody>
+{% for name, value in settings %}<tr><th>{{ name }}</th><td>{{ value }}</td></tr>
+{% endfor %}</tbody></table>
 <div class="cards">
 <div class="card">samples<b>{{ s.finite_samples }}</b></div>
 <div class="card">clusters<b>{{ s.clustering.clusters }}</b></div>
@@ -411,6 +449,44 @@ were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error }}
 """
 
 
+def _setting(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "not recorded"}[v]
+    return str(v)
+
+
+def settings_rows(summary: dict) -> list[tuple[str, str]]:
+    """``(name, value)`` of every setting that changes the result, as ``extract.json``
+    records it: the report's "Settings" table."""
+    c, sch = summary["config"], summary["scheduler"]
+    samples = str(summary["samples"])
+    if summary["finite_samples"] != summary["samples"]:
+        samples += f" ({summary['finite_samples']} finite)"
+    rows = [
+        ("prompt", summary["prompt"]),
+        ("prompt from", summary["prompt_from"]),
+        ("pretrained prompt", c["pretrained_prompt"]),
+        ("guidance w", c["guidance"]),
+        ("correction k", c["correction"]),
+        ("steps", c["steps"]),
+        ("samples", samples),
+        ("seed", c["seed"]),
+        ("batch size", c["batch_size"]),
+        ("scheduler", f"{sch['class']} ({sch.get('prediction_type', 'epsilon')})"),
+        ("features", summary["features"]),
+        ("clusters N", c["clusters"]),
+        ("threshold scan", f"from the {_setting(c['threshold_quantile'])} quantile of the pairwise similarities, "
+                           f"step {_setting(c['threshold_step'])}, {c['clique_budget']} search steps per threshold"),
+        ("candidates written", c["candidates"]),
+    ]
+    if "lora_scale" in summary["models"]:
+        rows.append(("LoRA scale", summary["models"]["lora_scale"]))
+    rows += [("device", summary["device"]), ("dtype", summary["dtype"]),
+             ("pair pass", f"{summary['pair_pass']['name']} ({summary['pair_pass']['kind']})"),
+             ("CUDA graph", summary["cuda_graph"])]
+    return [(name, _setting(v)) for name, v in rows]
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -422,7 +498,7 @@ def write_report(out: Path, summary: dict) -> Path:
     from jinja2 import Environment, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True))
-    html = env.from_string(REPORT).render(s=summary, fmt=_fmt)
+    html = env.from_string(REPORT).render(s=summary, fmt=_fmt, settings=settings_rows(summary))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path

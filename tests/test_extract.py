@@ -383,3 +383,111 @@ def test_config_validation():
         ExtractConfig(guidance=math.nan)
     assert ExtractConfig(clusters=4).n_candidates == 4
     assert ExtractConfig(clusters=4, candidates=2).n_candidates == 2
+
+
+# --------------------------------------------------------------------------- the output folder's lock and the records
+
+
+def _world_cli(tiny_world, out, *extra):
+    return ["extract", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+            "--out", str(out), "--samples", "4", "--steps", "2", "--clusters", "2", "--batch-size", "4", "-q", *extra]
+
+
+def test_a_held_lock_makes_extract_refuse_and_write_nothing(tiny_world, tmp_path, capsys):
+    """Another run holding ``--out`` (protect, authenticate, screen or a second extract):
+    extract stops in one line with exit 2, before it clears or writes anything there."""
+    from cgidm.cli import main
+    from cgidm.resume import OutputLock
+
+    out = tmp_path / "lk"
+    (out / "candidates").mkdir(parents=True)
+    before = {"report.html": "the other run's report", "candidates/candidate_00.png": "the other run's candidate"}
+    for name, text in before.items():
+        (out / name).write_text(text)
+    with OutputLock(out):
+        rc = main(_world_cli(tiny_world, out))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith("cgidm: error:") and "is in use by another cgidm run" in err
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == {*before, ".cgidm.lock"}
+    assert all((out / name).read_text() == text for name, text in before.items())
+    # released, the same folder takes the run
+    assert main(_world_cli(tiny_world, out)) == 0
+    assert (out / "extract.json").is_file()
+
+
+def test_extract_holds_the_lock_from_sampling_through_writing(pairs, tmp_path, monkeypatch):
+    from cgidm.resume import OutputLock
+
+    out = tmp_path / "o"
+    held = []
+
+    def probe(fn):
+        def wrapped(*a, **kw):
+            try:
+                OutputLock(out).acquire().release()
+                held.append(False)
+            except ValueError:
+                held.append(True)
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(X, "sample", probe(X.sample))
+    monkeypatch.setattr(X, "write_report", probe(X.write_report))
+    X.extract(pairs["full"], out, ExtractConfig(prompt=PROMPT, samples=3, steps=1, clusters=1), progress=False)
+    assert held == [True, True]
+    OutputLock(out).acquire().release()  # and released at the end
+
+
+def test_records_hold_the_lora_scale_the_settings_and_the_candidates_written(pairs, tiny_world, tmp_path):
+    from cgidm.models import load_pair
+
+    cfg = ExtractConfig(prompt=PROMPT, samples=6, steps=3, seed=7, batch_size=5, clusters=2, guidance=2.5,
+                        correction=-0.02)
+    lora = load_pair(tiny_world / "base", None, tiny_world / "lora.safetensors", lora_scale=0.5)
+    s = X.extract(lora, tmp_path / "lora", cfg, progress=False, lora_scale=0.5)
+    j = _strict(tmp_path / "lora" / "extract.json")
+    assert s["models"]["lora_scale"] == 0.5 and j["models"]["lora_scale"] == 0.5
+    assert j["config"]["candidates"] == len(j["candidates"]) >= 1
+    html = (tmp_path / "lora" / "report.html").read_text()
+    for name, value in (("steps", "3"), ("seed", "7"), ("batch size", "5"), ("guidance w", "2.5"),
+                        ("correction k", "-0.02"), ("LoRA scale", "0.5"), ("scheduler", "DDIMScheduler"),
+                        ("features", "latent"), ("pretrained prompt", "empty"),
+                        ("candidates written", str(len(j["candidates"])))):
+        assert f"<th>{name}</th><td>{value}" in html, name
+    assert "<th>samples</th><td>6" in html
+
+    # no LoRA: no LoRA scale; fewer clusters than --candidates asks: the number written
+    s = X.extract(pairs["full"], tmp_path / "full", cfg.replace(samples=2, clusters=1, candidates=5), progress=False,
+                  lora_scale=0.5)
+    j = _strict(tmp_path / "full" / "extract.json")
+    assert "lora_scale" not in j["models"] and "LoRA scale" not in (tmp_path / "full" / "report.html").read_text()
+    assert j["config"]["candidates"] == len(j["candidates"]) <= 2
+
+
+def test_the_stored_threshold_is_on_the_step_grid(pairs, tmp_path, monkeypatch):
+    """0.41 is stored as 0.41, not as the 41 * 0.01 = 0.41000000000000003 the scan
+    computes; one sample has no threshold (null)."""
+    real = X.cluster
+
+    def off_grid(*a, **kw):
+        res = real(*a, **kw)
+        res.threshold = 41 * 0.01
+        res.scanned = [{"threshold": i * 0.01, "cliques": 1} for i in (29, 41)]
+        return res
+
+    monkeypatch.setattr(X, "cluster", off_grid)
+    cfg = ExtractConfig(prompt=PROMPT, samples=3, steps=1, clusters=1)
+    s = X.extract(pairs["full"], tmp_path / "a", cfg, progress=False)
+    j = _strict(tmp_path / "a" / "extract.json")
+    for c in (s["clustering"], j["clustering"]):
+        assert repr(c["threshold"]) == "0.41"
+        assert [repr(r["threshold"]) for r in c["scanned"]] == ["0.29", "0.41"]
+    monkeypatch.setattr(X, "cluster", real)
+    s = X.extract(pairs["full"], tmp_path / "b", cfg.replace(samples=1), progress=False)
+    assert s["clustering"]["threshold"] is None and _strict(tmp_path / "b" / "extract.json")["clustering"]["threshold"] is None
+
+
+def test_thresholds_round_to_the_steps_decimals():
+    assert X.on_step(41 * 0.01, 0.01) == 0.41 and X.on_step(None, 0.01) is None
+    assert X.on_step(7 * 0.025, 0.025) == 0.175 and X.on_step(3 * 0.1, 0.1) == 0.3
