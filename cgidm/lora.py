@@ -22,6 +22,8 @@ def is_lora_state_dict(state: dict) -> bool:
     return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
 
 
+# the adapter name of the first LoRA on a model; a LoRA stacked on it (``--finetuned`` a
+# LoRA file and ``--lora`` another) gets the next free one of ``ft_2``, ``ft_3``, ...
 LORA_ADAPTER = "ft"
 _LIBRARY_LOGGERS = ("diffusers", "peft", "transformers")
 
@@ -85,18 +87,19 @@ def _peft_layers(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
-def _applied(model, name: str, parts: dict[str, torch.Tensor]) -> bool:
-    """Whether layer ``name`` of ``model`` carries the file's A and B weights: the only
-    proof that the library applied it (it skips what it cannot place and just logs)."""
+def _applied(model, name: str, parts: dict[str, torch.Tensor], adapter: str = LORA_ADAPTER) -> bool:
+    """Whether layer ``name`` of ``model`` carries the file's A and B weights under
+    ``adapter``: the only proof that the library applied it (it skips what it cannot place
+    and just logs)."""
     try:
         mod = model.get_submodule(name)
     except AttributeError:
         return False
     for part in ("lora_A", "lora_B"):
         holder = getattr(mod, part, None)
-        if part not in parts or holder is None or LORA_ADAPTER not in holder:
+        if part not in parts or holder is None or adapter not in holder:
             return False
-        w = holder[LORA_ADAPTER].weight
+        w = holder[adapter].weight
         t = parts[part]
         if w.shape != t.shape or not torch.equal(w.detach().cpu(), t.to(w.dtype)):
             return False
@@ -109,9 +112,9 @@ class _LoraFit:
     total: int = 0
     unmatched: list = field(default_factory=list)
 
-    def add(self, model, peft_state: dict) -> None:
+    def add(self, model, peft_state: dict, adapter: str = LORA_ADAPTER) -> None:
         layers = _peft_layers(peft_state)
-        ok = {n for n, parts in layers.items() if _applied(model, n, parts)}
+        ok = {n for n, parts in layers.items() if _applied(model, n, parts, adapter)}
         self.matched += len(ok)
         self.total += len(layers)
         self.unmatched += sorted(set(layers) - ok)
@@ -137,13 +140,69 @@ def _te_peft_state(te_keys: dict, text_encoder, prefix: str = "text_encoder") ->
     return state
 
 
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """The names of the LoRA adapters ``model`` holds, in the order they were loaded."""
+    names = dict.fromkeys(getattr(model, "peft_config", None) or {})
+    for m in adapter_layers(model):
+        names.update(dict.fromkeys(m.lora_A))
+    return list(names)
+
+
+def _free_adapter_name(model: torch.nn.Module) -> str:
+    """``LORA_ADAPTER`` on a model without one, else the first of ``ft_2``, ``ft_3``, ... free."""
+    taken = set(adapter_names(model))
+    name, i = LORA_ADAPTER, 1
+    while name in taken:
+        i += 1
+        name = f"{LORA_ADAPTER}_{i}"
+    return name
+
+
+def _stack(model: torch.nn.Module, adapter: str, scale: float) -> None:
+    """Every LoRA adapter of ``model`` active on its layers, so that LoRAs loaded one after
+    the other add up, each at the scale it was loaded with, and ``adapter`` at ``scale``.
+    (The loaders make the adapter loaded last the only active one; PEFT's ``set_adapter``
+    turns ``requires_grad`` on, so the flags are restored.)"""
+    names = adapter_names(model)
+    for m in adapter_layers(model):
+        grads = [(p, p.requires_grad) for p in m.parameters()]
+        m.set_adapter(names)
+        for p, g in grads:
+            p.requires_grad_(g)
+        m.set_scale(adapter, scale)  # a layer without this adapter is left as it is
+
+
+# what the loaders say when a LoRA's layers are not the model's (names or shapes)
+_MISFIT = re.compile(r"size mismatch|not found in the base model|Error\(s\) in loading state_dict|"
+                     r"(missing|unexpected) keys?\b|shape", re.IGNORECASE)
+
+
+def _load_error(path: Path, model: str, e: Exception) -> ModelLoadError:
+    """A loader's error, blamed on the LoRA not fitting ``model`` only when it is a misfit
+    (a layer name or shape the model does not have); anything else is a failure to load."""
+    try:
+        from peft.utils.error import NoMatchingPeftModuleError as no_match
+    except ImportError:  # an older PEFT: its message says "not found in the base model"
+        no_match = KeyError
+    if isinstance(e, (no_match, KeyError)) or _MISFIT.search(str(e)):
+        return ModelLoadError(f"{path}: LoRA does not fit the base {model} ({_one_line(e)})")
+    return ModelLoadError(f"{path}: the LoRA could not be loaded into the base {model} ({_one_line(e)})")
+
+
 def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: float,
-                allow_partial: bool = False, copy_unet: bool = True):
+                allow_partial: bool = False, copy_unet: bool = True, text_encoder_keep=None):
     """Copies of the base UNet (and text encoder, if the LoRA touches it) with the LoRA on,
     and ``{"matched": m, "total": n}``: how many of the file's LoRA layers were applied.
-    Fewer than all is refused unless ``allow_partial``; none is always refused."""
+    Fewer than all is refused unless ``allow_partial``; none is always refused.
+
+    The LoRA goes on as a new adapter: on a model that already has one (a LoRA loaded
+    before) both are active and add up, each at its own ``scale``. ``copy_unet=False``
+    puts it on ``unet_base`` itself. ``text_encoder_keep``: the text encoder(s) that must
+    stay as they are (the pretrained side's); only those are copied before the LoRA goes on,
+    other encoders of ``text_encoder_base`` take it in place. ``None``: copy every one."""
     with _library_quiet() as said:
-        unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale, copy_unet)
+        unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale, copy_unet,
+                                            text_encoder_keep)
     if said:
         log.debug("%s: the LoRA loaders said: %s", path, " | ".join(_one_line(m) for m in said))
     if fit.matched == 0:
@@ -163,7 +222,16 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
     return unet, te, {"matched": fit.matched, "total": fit.total}
 
 
-def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool):
+def _encoders(text_encoder) -> tuple:
+    from cgidm.families import DualTextEncoder
+
+    if isinstance(text_encoder, DualTextEncoder):
+        return text_encoder.encoder, text_encoder.encoder_2
+    return (text_encoder,)
+
+
+def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool,
+                        text_encoder_keep=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from cgidm.families import DualTextEncoder
@@ -190,28 +258,32 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     unet = copy.deepcopy(unet_base) if copy_unet else unet_base
     if unet_keys:
         u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
+        name = _free_adapter_name(unet)
         try:
-            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=LORA_ADAPTER)
+            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=name)
         except Exception as e:
-            raise ModelLoadError(f"{path}: LoRA does not fit the base UNet ({_one_line(e)})") from e
-        if scale != 1.0:
-            unet.set_adapters([LORA_ADAPTER], weights=[scale])
-        fit.add(unet, _unet_peft_state(unet_keys))
-    bases = (text_encoder_base.encoder, text_encoder_base.encoder_2) if xl else (text_encoder_base,)
+            raise _load_error(path, "UNet", e) from e
+        _stack(unet, name, scale)
+        fit.add(unet, _unet_peft_state(unet_keys), name)
+    bases = _encoders(text_encoder_base)
+    keep = {id(m) for m in (_encoders(text_encoder_keep) if text_encoder_keep is not None else bases)}
     encoders = list(bases)
     for i, prefix in enumerate(te_prefixes):
         keys = te_keys[prefix]
         if not keys:
             continue
-        te = copy.deepcopy(bases[i])
+        te = copy.deepcopy(bases[i]) if id(bases[i]) in keep else bases[i]
         t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")} or None
+        name = _free_adapter_name(te)
         try:
+            # scale 1 here: the loader would scale every active adapter, not just this one
             StableDiffusionPipeline.load_lora_into_text_encoder(
-                keys, t_alphas, text_encoder=te, prefix=prefix, lora_scale=scale, adapter_name=LORA_ADAPTER,
+                keys, t_alphas, text_encoder=te, prefix=prefix, lora_scale=1.0, adapter_name=name,
             )
         except Exception as e:
-            raise ModelLoadError(f"{path}: LoRA does not fit the base text encoder {prefix} ({_one_line(e)})") from e
-        fit.add(te, _te_peft_state(keys, te, prefix))
+            raise _load_error(path, f"text encoder {prefix}", e) from e
+        _stack(te, name, scale)
+        fit.add(te, _te_peft_state(keys, te, prefix), name)
         encoders[i] = te
     te_out = text_encoder_base.with_encoders(*encoders) if xl else encoders[0]
     # the converter may drop or merge what it cannot name: never count fewer layers

@@ -28,7 +28,7 @@ from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_hea
 from cgidm import families
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
-from cgidm.lora import AdaptersOff, _apply_lora, is_lora_state_dict
+from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,13 @@ def _with_text_time(unet_pre, unet_ft):
     return families.TextTimeUNet(unet_pre), families.TextTimeUNet(unet_ft)
 
 
+def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
+    """The pretrained UNet of a pair whose fine-tune is the base UNet with LoRAs on: that
+    UNet with its adapters off, or the UNet itself when the LoRAs touch only the text
+    encoder (then it has no adapter to switch off)."""
+    return AdaptersOff(unet_ft) if adapter_layers(unet_ft) else unet_ft
+
+
 def load_pair(
     base: str | Path,
     finetuned: str | Path | None = None,
@@ -351,6 +358,8 @@ def load_pair(
     A LoRA with layers the base does not have is refused (``ModelLoadError``) unless
     ``allow_partial_lora``; ``info["lora_match"] = {"matched": m, "total": n}`` counts the
     applied layers against those in the file (summed when two LoRA files are given).
+    Two LoRA files (``finetuned`` one, ``lora`` the other) stack: both on, each at
+    ``lora_scale``. A ``lora_scale`` other than 1 without any LoRA is refused (``ValueError``).
     """
     if finetuned is None and lora is None:
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
@@ -366,6 +375,7 @@ def load_pair(
     family = base_family
     unet_ft, te_ft, tok_ft = unet_pre, te_pre, tok
     info = {"base": str(base_p)}
+    loras = 0  # LoRA files applied
 
     def count(match: dict) -> None:
         old = info.get("lora_match", {"matched": 0, "total": 0})
@@ -389,26 +399,33 @@ def load_pair(
             state = load_state_dict(fp, allow_pickle)
             if is_lora_state_dict(state):
                 unet_ft, te_ft, match = _apply_lora(state, unet_pre, te_pre, fp, lora_scale, allow_partial_lora,
-                                                    copy_unet=False)
-                unet_pre = AdaptersOff(unet_ft)
+                                                    copy_unet=False, text_encoder_keep=te_pre)
+                unet_pre = _pretrained_side(unet_ft)
+                loras += 1
                 count(match)
                 info["finetuned_format"] = "lora"
             else:
                 family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
                 unet_ft, te_ft = _single_file(state, base_p, fp, te_pre)
                 info["finetuned_format"] = "single-file"
+    if lora is None and not loras and lora_scale != 1.0:
+        raise ValueError(f"--lora-scale applies to a LoRA; none was given (lora_scale={lora_scale:g}; "
+                         f"the fine-tune {finetuned} is not a LoRA file and there is no --lora)")
     if lora is not None:
         lp = _check_local(lora, "LoRA")
         state = load_state_dict(lp, allow_pickle)
         if not is_lora_state_dict(state):
             raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)")
-        # on the base (no other fine-tune): ONE copy of the base weights, the pretrained side
-        # being the same UNet with its adapters off; on a separate fine-tune: that UNet itself
-        on_base = unet_ft is unet_pre
+        # on the base, or stacked on a LoRA fine-tune of it (both adapters on, each at
+        # lora_scale): ONE copy of the base weights, the pretrained side being the same UNet
+        # with all its adapters off (taken again: the LoRA may add layers); on a separate
+        # fine-tune: that UNet itself
+        on_base = unet_ft is unet_pre or (isinstance(unet_pre, AdaptersOff) and unet_pre.adapted is unet_ft)
         unet_ft, te_ft, match = _apply_lora(state, unet_ft, te_ft, lp, lora_scale, allow_partial_lora,
-                                            copy_unet=isinstance(unet_pre, AdaptersOff))
+                                            copy_unet=False, text_encoder_keep=te_pre)
         if on_base:
-            unet_pre = AdaptersOff(unet_ft)
+            unet_pre = _pretrained_side(unet_ft)
+        loras += 1
         count(match)
         info["lora"] = str(lp)
     _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))

@@ -1,7 +1,12 @@
 """A LoRA on the base holds one copy of the UNet: the pretrained side is the same module
-with its adapters off; the engine runs it as a LoRA pair pass and equals the reference."""
+with its adapters off; the engine runs it as a LoRA pair pass and equals the reference.
+A LoRA fine-tune with a second LoRA on it stacks (both on, each at its scale); --lora-scale
+without any LoRA is refused."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from cgidm.config import AuthConfig, PGDConfig
@@ -48,3 +53,230 @@ def test_engine_runs_a_lora_pair_pass_equal_to_the_reference(tiny_world):
     assert pair.info["pair_pass"].startswith("lora_toggle (") and "default" in pair.info["pair_pass"]
     assert torch.allclose(eng.x_rec, ref.x_rec, atol=1e-6)
     assert torch.equal(eng.skipped_steps, ref.skipped_steps)
+
+
+# --------------------------------------------------------------------------- two LoRAs stacked
+
+
+def _plain_unet(tiny_world):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_world / "base" / "unet").eval().requires_grad_(False)
+
+
+def _lora_file(path, seed: int, unet, te, unet_layers, te_layers, rank: int = 4):
+    """A PEFT-named LoRA with random A and B on ``unet_layers`` of ``unet`` and
+    ``te_layers`` of the text encoder ``te`` (no alphas: scaling 1 at scale 1)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, model, names in (("unet", unet, unet_layers), ("text_encoder.text_model", te, te_layers)):
+        for n in names:
+            w = model.get_submodule(n).weight  # [out, in] or [out, in, k, k]
+            tail = [1, 1] if w.dim() == 4 else []
+            state[f"{prefix}.{n}.lora_A.weight"] = 0.3 * torch.randn(rank, *w.shape[1:], generator=g)
+            state[f"{prefix}.{n}.lora_B.weight"] = 0.3 * torch.randn(w.shape[0], rank, *tail, generator=g)
+    save_file(state, str(path))
+    return path
+
+
+def _merged(plain: torch.nn.Module, *adapted_models) -> torch.nn.Module:
+    """``plain`` with every active LoRA delta of ``adapted_models`` added to its weights
+    (PEFT's ``get_delta_weight``, scale included): the reference a stack must equal."""
+    from peft.tuners.lora import LoraLayer
+
+    out = copy.deepcopy(plain)
+    with torch.no_grad():
+        for model in adapted_models:
+            for name, m in model.named_modules():
+                if isinstance(m, LoraLayer):
+                    for a in m.active_adapters:
+                        if a in m.lora_A:
+                            out.get_submodule(name).weight.add_(m.get_delta_weight(a))
+    return out
+
+
+def _unet_out(unet, cond, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=cond.expand(2, -1, -1)).sample
+
+
+def _te_out(te, tok):
+    from cgidm.families import encode_text
+
+    return encode_text(tok, te, "a sks pattern", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def two_loras(tiny_world, tmp_path_factory):
+    """Two random LoRAs on the tiny world: they share some UNet layers and a text-encoder
+    layer, and each has layers the other lacks (the second a UNet layer no LoRA of the
+    world touches)."""
+    from safetensors.torch import load_file
+
+    unet = _plain_unet(tiny_world)
+    te = load_pair(tiny_world / "base", tiny_world / "finetuned").text_encoder_pre
+    world = sorted({k.removeprefix("unet.").split(".lora_")[0]
+                    for k in load_file(str(tiny_world / "lora.safetensors"))})
+    folder = tmp_path_factory.mktemp("two_loras")
+    a = _lora_file(folder / "a.safetensors", 1, unet, te, world[0::2],
+                   ["encoder.layers.0.self_attn.q_proj"])
+    b = _lora_file(folder / "b.safetensors", 2, unet, te, world[0::3] + ["time_embedding.linear_1"],
+                   ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"])
+    return a, b
+
+
+def test_a_lora_fine_tune_plus_a_second_lora_is_the_base_with_both_deltas(tiny_world, two_loras):
+    a, b = two_loras
+    scale = 0.6
+    pair = load_pair(tiny_world / "base", a, b, lora_scale=scale)
+    only_a = load_pair(tiny_world / "base", a, lora_scale=scale)
+    only_b = load_pair(tiny_world / "base", lora=b, lora_scale=scale)
+    plain = _plain_unet(tiny_world)
+    assert pair.info["finetuned_format"] == "lora" and pair.info["lora"] == str(b)
+    total = only_a.info["lora_match"]["total"] + only_b.info["lora_match"]["total"]
+    assert pair.info["lora_match"] == {"matched": total, "total": total}
+    # one copy of the base: the pretrained side is the stacked UNet with ALL adapters off
+    assert isinstance(pair.unet_pre, AdaptersOff) and pair.unet_pre.adapted is pair.unet_ft
+    assert _unique_params(pair.unet_pre, pair.unet_ft) < 1.5 * _unique_params(plain)
+    c_ft, c_pre = pair.encode_prompt("a sks pattern")
+    assert torch.equal(c_pre, _te_out(only_a.text_encoder_pre, pair.tokenizer_pre)), "the base text encoder"
+    assert torch.allclose(_unet_out(pair.unet_pre, c_pre), _unet_out(plain, c_pre), atol=1e-6), \
+        "adapters off (the second LoRA's own layers too) = the pretrained UNet"
+    # the fine-tuned side: the base with both deltas, each at its scale
+    want_te = _te_out(_merged(only_a.text_encoder_pre, only_a.text_encoder_ft, only_b.text_encoder_ft),
+                      pair.tokenizer_ft)
+    assert torch.allclose(c_ft, want_te, atol=1e-5, rtol=1e-4)
+    assert (c_ft - _te_out(only_a.text_encoder_ft, pair.tokenizer_ft)).abs().max() > 1e-2
+    want = _unet_out(_merged(plain, only_a.unet_ft, only_b.unet_ft), c_ft)
+    got = _unet_out(pair.unet_ft, c_ft)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    for one in (only_a, only_b):  # neither LoRA alone
+        assert (got - _unet_out(one.unet_ft, c_ft)).abs().max() > 1e-2
+
+
+def test_stacked_loras_each_keep_their_own_scale(tiny_world, two_loras):
+    from cgidm.checkpoints import load_state_dict
+    from cgidm.lora import _apply_lora, adapter_names
+
+    a, b = two_loras
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    te = load_pair(tiny_world / "base", tiny_world / "finetuned").text_encoder_pre
+    plain = _plain_unet(tiny_world)
+    unet, te_ab, _ = _apply_lora(sa, plain, te, a, 0.5)
+    unet, te_ab, _ = _apply_lora(sb, unet, te_ab, b, 1.5, copy_unet=False, text_encoder_keep=te)
+    assert adapter_names(unet) == ["ft", "ft_2"] and adapter_names(te_ab) == ["ft", "ft_2"]
+    assert adapter_names(te) == [] and adapter_names(plain) == [], "the bases are left as they were"
+    ua, ta, _ = _apply_lora(sa, plain, te, a, 0.5)
+    ub, tb, _ = _apply_lora(sb, plain, te, b, 1.5)
+    cond = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(4))
+    want = _unet_out(_merged(plain, ua, ub), cond)
+    got = _unet_out(unet, cond)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    tok = load_pair(tiny_world / "base", tiny_world / "finetuned").tokenizer_pre
+    assert torch.allclose(_te_out(te_ab, tok), _te_out(_merged(te, ta, tb), tok), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lora_toggle", "lora_fused"])
+def test_lora_pair_passes_run_both_stacked_adapters(tiny_world, two_loras, name):
+    from cgidm import pairpass
+
+    a, b = two_loras
+    pair = load_pair(tiny_world / "base", a, b)
+    assert pairpass.pair_kind(pair.unet_ft, pair.unet_pre) == ("lora", True)
+    g = torch.Generator().manual_seed(6)
+    x_ft, x_pre = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([30, 700])
+    c_ft, c_pre = (c.expand(2, -1, -1) for c in pair.encode_prompt("a sks pattern"))
+    seeds = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+
+    def run(pp):
+        xa, xb = x_ft.clone().requires_grad_(True), x_pre.clone().requires_grad_(True)
+        e_ft, e_pre = pp(xa, xb, t, c_ft, c_pre)
+        grads = torch.autograd.grad((e_ft * seeds[0]).sum() - (e_pre * seeds[1]).sum(), (xa, xb))
+        return [e_ft.detach(), e_pre.detach(), *grads]
+
+    want = run(pairpass.sequential(pair.unet_ft, pair.unet_pre))
+    pp = pairpass.build(name, pair.unet_ft)
+    try:
+        got = run(pp)
+    finally:
+        if name == "lora_fused":
+            pp.remove()
+    for g_, w in zip(got, want):
+        assert (g_ - w).abs().max() <= 1e-5 * w.abs().max()
+    assert (want[0] - _unet_out(pair.unet_pre, c_ft[:1])[:1]).abs().max() > 1e-3  # the test can fail
+
+
+def test_cli_loads_a_lora_fine_tune_with_a_second_lora(tiny_world, tmp_path, capsys):
+    from cgidm.cli import main
+
+    code = main(["authenticate", "--base", str(tiny_world / "base"),
+                 "--finetuned", str(tiny_world / "lora.safetensors"),
+                 "--lora", str(tiny_world / "lora_kohya.safetensors"),
+                 "--images", str(tiny_world / "images" / "members"), "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "does not fit" not in err and "already in use" not in err
+
+
+def test_a_lora_on_the_text_encoder_only_loads(tiny_world, tmp_path):
+    """No UNet layer to switch off: the pretrained and fine-tuned UNets are the base's."""
+    te = load_pair(tiny_world / "base", tiny_world / "finetuned").text_encoder_pre
+    path = _lora_file(tmp_path / "te.safetensors", 3, None, te, [], ["encoder.layers.0.self_attn.q_proj"])
+    for pair in (load_pair(tiny_world / "base", lora=path), load_pair(tiny_world / "base", path)):
+        assert pair.unet_pre is pair.unet_ft and pair.info["lora_match"] == {"matched": 1, "total": 1}
+        c_ft, c_pre = pair.encode_prompt("a sks pattern")
+        assert (c_ft - c_pre).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------- --lora-scale without a LoRA
+
+
+def test_lora_scale_without_a_lora_is_refused(tiny_world):
+    with pytest.raises(ValueError, match="--lora-scale applies to a LoRA; none was given"):
+        load_pair(tiny_world / "base", tiny_world / "finetuned", lora_scale=0.5)
+    with pytest.raises(ValueError, match="--lora-scale applies to a LoRA; none was given"):
+        load_pair(tiny_world / "base", tiny_world / "finetuned.safetensors", lora_scale=2.0)
+    # with a LoRA (as the fine-tune or as --lora) the scale is used
+    a = load_pair(tiny_world / "base", tiny_world / "lora.safetensors", lora_scale=0.5)
+    b = load_pair(tiny_world / "base", tiny_world / "finetuned", tiny_world / "lora.safetensors", lora_scale=0.5)
+    assert a.info["finetuned_format"] == "lora" and b.info["lora"]
+
+
+def test_cli_lora_scale_without_a_lora_is_a_one_line_usage_error(tiny_world, tmp_path, capsys):
+    from cgidm.cli import EXIT_USAGE, main
+
+    code = main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                 "--images", str(tiny_world / "images" / "members"), "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--quiet", "--lora-scale", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE
+    assert err.startswith("cgidm: error: --lora-scale applies to a LoRA; none was given") and "\n" not in err
+
+
+# --------------------------------------------------------------------------- load errors said as they are
+
+
+def test_only_a_misfit_is_said_not_to_fit(tiny_world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cgidm.lora import _load_error
+    from cgidm.models import ModelLoadError
+
+    said = str(_load_error(tmp_path / "x.safetensors", "UNet", ValueError("Adapter name ft already in use")))
+    assert "does not fit" not in said and "could not be loaded" in said and "already in use" in said
+    said = str(_load_error(tmp_path / "x.safetensors", "UNet", RuntimeError("size mismatch for conv1.lora_A")))
+    assert "does not fit the base UNet" in said
+    # a LoRA whose A has the wrong width: a misfit
+    state = load_file(str(tiny_world / "lora.safetensors"))
+    k = next(k for k in state if k.endswith("conv1.lora_A.weight"))
+    state[k] = torch.zeros(state[k].shape[0], state[k].shape[1] + 3, *state[k].shape[2:])
+    save_file(state, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ModelLoadError, match="does not fit the base UNet"):
+        load_pair(tiny_world / "base", lora=tmp_path / "wide.safetensors")
