@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
-from cgidm.config import AuthConfig, PGDConfig  # noqa: F401 (re-exported)
+from cgidm.config import AuthConfig, PGDConfig, check_t_max  # noqa: F401 (re-exported)
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
 from cgidm.manifest import ImageItem, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
@@ -63,6 +63,7 @@ def authenticate(
 
     out = Path(out)
     check_embedder(cfg, embedder)
+    check_t_max(cfg.pgd.t_max, len(pair.abar))
     cfg, found_from = resolve_prompt(cfg, pair)
     prompt_from = prompt_from or found_from
     output_dirs(out, TRIPTYCHS, RECOVERED)

@@ -20,6 +20,7 @@ import typing
 from cgidm import config
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
+DEMO_PRESET = "demo"  # the settings `cgidm demo` runs unless --preset or flags say otherwise
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -33,16 +34,17 @@ def _field_type(f: dataclasses.Field):
     raise TypeError(f"no command-line type for {f.name}: {f.type}")
 
 
-def _add_fields(group, cls, skip=()) -> None:
+def _add_fields(group, cls, skip=(), defaults: typing.Optional[dict] = None) -> None:
     """One option per field of ``cls`` that has command-line metadata. Defaults stay
     ``None`` here so that what was given can be told from what was not; the help shows
-    the configuration's default."""
+    the configuration's default (or ``defaults[name]``: a preset's value)."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("cli") or f.name in skip:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         shown = f.default if f.default is not dataclasses.MISSING else None
+        shown = (defaults or {}).get(f.name, shown)
         help_text = meta["help"] if shown is None or shown is False else f"{meta['help']} (default: {shown})"
         tp = _field_type(f)
         if tp is bool:
@@ -51,13 +53,16 @@ def _add_fields(group, cls, skip=()) -> None:
             group.add_argument(flag, dest=f.name, type=tp, default=None, choices=meta.get("choices"), help=help_text)
 
 
-def _common(p: argparse.ArgumentParser, run_skip=("dist_timeout",)) -> None:
+def _common(p: argparse.ArgumentParser, run_skip=("dist_timeout",), preset: typing.Optional[str] = None) -> None:
+    """The inversion and run options; with ``preset`` (the command's own, as ``demo``'s),
+    the help shows that preset's values as the defaults."""
     g = p.add_argument_group("inversion")
     g.add_argument("--preset", choices=sorted(config.PRESETS), default=None,
                    help="a named set of settings (paper: what the official code runs); flags given beside it are "
-                        "recorded as departures")
-    _add_fields(g, config.PGDConfig)
-    _add_fields(g, config.AuthConfig)
+                        "recorded as departures" + (f" (default: {preset})" if preset else ""))
+    shown = config.PRESETS[preset] if preset else None
+    _add_fields(g, config.PGDConfig, defaults=shown)
+    _add_fields(g, config.AuthConfig, defaults=shown)
     r = p.add_argument_group("run")
     _add_fields(r, config.RunOptions, skip=run_skip)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model family of the tiny world (sd2-v: v-prediction; sdxl: two text encoders, "
                         "added conditioning); other than sd1, trained the first time (minutes, with progress)")
     d.add_argument("--with-controls", action="store_true", help="also score control images and give verdicts")
-    _common(d)
+    _common(d, preset=DEMO_PRESET)
 
     pr = sub.add_parser(
         "protect", help="add an AdvDM / Mist-style protective perturbation to images (resumable)",
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--base", required=True, help="the model to protect against: a diffusers pipeline directory")
     pr.add_argument("--images", required=True, help="folder of images to protect (subfolders too)")
     pr.add_argument("--out", required=True, help="output folder (the same one to resume)")
+    pr.add_argument("--retry-failed", action="store_true", help="protect again the images whose row is an error")
     _add_fields(pr.add_argument_group("protection"), config.ProtectConfig)
     pr_run = pr.add_argument_group("run")
     _add_fields(pr_run, config.RunOptions,
@@ -243,6 +249,7 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     _check_metric(cfg, opts)
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
+    _check_impl(cfg.impl, rt)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
     pair, cfg, prompt_from = _load_announced(opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
@@ -257,8 +264,8 @@ def cmd_authenticate(args) -> int:
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
-    if args.images is None and (args.members is None) != (args.holdouts is None):
-        raise ValueError("give --images DIR, or both --members DIR and --holdouts DIR")
+    if (args.members is None) != (args.holdouts is None):
+        raise ValueError("--members and --holdouts go together (give both, or --images DIR alone)")
     if args.images is None and args.members is None:
         raise ValueError("give --images DIR, or --members DIR and --holdouts DIR")
     items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
@@ -279,6 +286,7 @@ def cmd_screen(args) -> int:
                             exclude=[args.out])
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
+    _check_impl(cfg.impl, rt)
     started = init_distributed(rt.device, opts.dist_timeout)
     try:
         embedder = _embedder(opts, rt.device)
@@ -327,11 +335,22 @@ def cmd_demo(args) -> int:
         print("official validator: a small random ViT in DINO's layout stands in for DINO (no weights are "
               "downloaded); pass --embedder DIR for a real DINO or CLIP folder")
     if args.variant == "full":
-        code = _run_one_pair(args, root / "base", root / "finetuned", None, items, preset="demo")
+        code = _run_one_pair(args, root / "base", root / "finetuned", None, items, preset=DEMO_PRESET)
     else:
-        code = _run_one_pair(args, root / "base", None, root / "lora.safetensors", items, preset="demo")
+        code = _run_one_pair(args, root / "base", None, root / "lora.safetensors", items, preset=DEMO_PRESET)
     print(f"demo wall time: {time.time() - t0:.1f} s")
     return code
+
+
+def _check_impl(impl: str, rt) -> None:
+    """Refuse an implementation of the step ops that cannot run on the run's device."""
+    import os
+
+    if rt.device.type != "cuda" and impl == "cuda":
+        raise ValueError(f"--impl cuda runs on a GPU; on {rt.device.type} use auto, cpp or ref")
+    if rt.device.type != "cuda" and impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--impl triton runs on a GPU (on {rt.device.type} only in Triton's slow interpreter, "
+                         "TRITON_INTERPRET=1); use auto, cpp or ref")
 
 
 def _out_folder(out: str):
@@ -351,11 +370,15 @@ def cmd_protect(args) -> int:
     opts = run_options(args)
     _out_folder(args.out)
     items = collect_protect_items(args.images, exclude=[args.out])
+    warn = logging.getLogger("cgidm.protect").warning
     if cfg.steps == 0 and not cfg.random_start:
-        logging.getLogger("cgidm.protect").warning("--steps 0 without --random-start: the images are written "
-                                                   "unchanged")
+        warn("--steps 0 without --random-start: the images are written unchanged")
+    if cfg.budget_value * 255 < 1:
+        warn("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones can "
+             "hold it)", cfg.budget)
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
+    _check_impl(cfg.impl, rt)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  loss: {cfg.loss}  budget: {cfg.budget}  "
           f"step: {cfg.step_size}  steps: {cfg.steps}")
     model = load_base(args.base, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle)
@@ -363,7 +386,7 @@ def cmd_protect(args) -> int:
     where = (f"the centre {r}x{r} of each" if cfg.cover == "centre"
              else f"each whole, at its aspect ratio with the short side at {r} px")
     print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected {where}", flush=True)
-    summary = protect(model, items, args.out, cfg, progress=not args.quiet)
+    summary = protect(model, items, args.out, cfg, progress=not args.quiet, retry_failed=args.retry_failed)
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
@@ -389,10 +412,11 @@ def cmd_extract(args) -> int:
     pair, cfg, prompt_from = _load_announced(opts, rt, args.base, args.finetuned, args.lora, cfg)
     embedder = _embedder(opts, rt.device)
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
-                prompt_from=prompt_from)
+                prompt_from=prompt_from, lora_scale=opts.lora_scale)
     c, t = s["clustering"], s["timing"]
     print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({t['samples_per_hour']:,.0f} samples/hour); "
-          f"{c['clusters']} clusters at {s['features']} similarity >= {c['threshold']}; "
+          f"{c['clusters']} clusters at {s['features']} similarity "
+          f"{'>= %.2f' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
           f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")
     if s.get("compare"):
         for p in s["compare"]["pairs"]:

@@ -71,6 +71,14 @@ def parse_baselines(value) -> tuple[str, ...]:
     return tuple(n for n in BASELINES if n in names)
 
 
+def check_t_max(t_max: int, timesteps: int) -> None:
+    """Refuse a largest timestep past the model's scheduler (``timesteps`` training
+    timesteps, ``0 .. timesteps - 1``): its draws would index past the noise schedule."""
+    if t_max >= timesteps:
+        raise ValueError(f"--t-max {t_max} is past the model's last timestep ({timesteps - 1}: its scheduler has "
+                         f"{timesteps} training timesteps)")
+
+
 def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli: bool = True):
     """A dataclass field with what the command line needs to offer it."""
     meta = {"help": help, "flag": flag, "choices": choices, "cli": cli}
@@ -99,6 +107,10 @@ class PGDConfig:
             raise ValueError("steps must be >= 0 and k >= 1")
         if not (0 <= self.t_min <= self.t_max):
             raise ValueError("need 0 <= t_min <= t_max")
+        for name, flag in (("alpha", "--step-size"), ("eps", "--radius")):
+            value = getattr(self, name)
+            if not (value > 0 and value != float("inf")):
+                raise ValueError(f"{flag} must be a finite number > 0, got {value}")
         if self.noise == "paper" and self.k != 1:
             raise ValueError("paper noise mode draws one t per step: k must be 1")
         if self.clamp_min >= self.clamp_max:

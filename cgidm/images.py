@@ -50,7 +50,7 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
     (a run's own output folder inside the image folder) are skipped too."""
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"image folder not found: {d}")
+        raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
     skip = [Path(os.path.abspath(e)) for e in exclude]
     found = []
     for p in (d.rglob("*") if recursive else d.iterdir()):
@@ -260,6 +260,8 @@ def load_image_with_notes(
                     image = _resize_crop(rgb, resolution)
                 else:
                     box, size = view_of(w, h, resolution, cover, multiple)
+                    if box != (0, 0, w, h):
+                        notes.append(f"longer than 2:1: only its centre {box[2] - box[0]}x{box[3] - box[1]} used")
                     image = (rgb if box == (0, 0, w, h) else rgb.crop(box)).resize(size, Image.BILINEAR)
     except ImageError:
         raise

@@ -32,9 +32,12 @@ def block_mask(
         raise ValueError("blocks_per_side and pass_rate must be >= 1")
     bh = bw = max(1, math.ceil(min(height, width) / blocks_per_side))
     if 2 * pass_rate > min(bh, bw):
+        side = min(height, width)
+        most = max((n for n in range(1, side + 1) if math.ceil(side / n) >= 2 * pass_rate), default=None)
         raise ValueError(
-            f"pass_rate {pass_rate} too large for blocks of {bh}x{bw} cells "
-            f"({height}x{width} latent, {blocks_per_side} blocks per side)"
+            f"--blocks-per-side {blocks_per_side} is too many for a {height}x{width} latent: blocks of {bh}x{bw} "
+            f"cells, and a block needs {2 * pass_rate} cells a side (pass rate {pass_rate}); "
+            + (f"at most {most} blocks per side" if most else "the latent is too small for any")
         )
     i = torch.arange(height, device=device).remainder(bh).view(-1, 1)
     j = torch.arange(width, device=device).remainder(bw).view(1, -1)

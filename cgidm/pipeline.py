@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from cgidm.config import AuthConfig
+from cgidm.config import AuthConfig, check_t_max
 from cgidm.masks import block_mask
 from cgidm.models import ModelPair
 from cgidm.reference import invert, partial_representation, unet_eps_fn
@@ -98,6 +98,7 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     from cgidm.checkpointing import set_gradient_checkpointing
     from cgidm.ops import get_ops
 
+    check_t_max(cfg.pgd.t_max, len(pair.abar))  # a screen's pairs load as its rows come
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
     set_gradient_checkpointing((pair.unet_ft, pair.unet_pre), cfg.low_memory)
     n = prep.x0.shape[0]

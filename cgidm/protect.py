@@ -3,8 +3,9 @@
 load -> PGD against the base model (``protect_pgd``) -> protected file, panel and scores
 (``protect_output``) -> one row per image -> summary and report. Resumable like
 ``screen``: every finished image is one complete line of ``OUT/results.jsonl``; the same
-command again protects only the images without a row, and refuses other settings
-(``OUT/protect.json``). A file that cannot be read becomes an error row; an exception while
+command again protects only the images without a row (or whose protected file is gone;
+with ``--retry-failed`` also those whose row is an error), and refuses other settings or
+another base model (``OUT/protect.json``). A file that cannot be read becomes an error row; an exception while
 protecting a batch retries its images one at a time, and an image that still fails gets
 an error row.
 
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from cgidm.batches import is_out_of_memory
-from cgidm.config import ProtectConfig, dtype_name
+from cgidm.config import ProtectConfig, check_t_max, dtype_name
 from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
 from cgidm.images import ImageError, list_images, load_image_with_notes
 from cgidm.protect_output import output_name, panel, protect_file, write_report
@@ -42,10 +43,14 @@ RESULTS = "results.jsonl"
 STATE = "protect.json"
 PROTECTED = "protected"
 PANELS = "panels"
-# Settings that change a protected file; batch_size does not (every draw is keyed by the
-# image id), and neither does eval_draws past the row's reported loss.
+# Settings that change a protected file or a row's reported loss (eval_draws); batch_size
+# does not (every draw is keyed by the image id). The base model and the target file's
+# contents are kept beside them (``_settings``).
 KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
-                 "seed", "budget_levels", "step_levels", "cover")
+                 "seed", "budget_levels", "step_levels", "cover", "eval_draws")
+# cgidm's own output folders (a protect run's, an authenticate or screen run's): never
+# inputs, wherever they are under the image folder
+OUTPUT_MARKERS = (("protect.json",), ("results.jsonl", "summary.json"))
 
 
 @dataclass(frozen=True)
@@ -58,17 +63,44 @@ class ProtectItem:
 
 
 def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()) -> list[ProtectItem]:
-    """Every image under ``images`` (subfolders too, hidden files skipped), sorted."""
+    """Every image under ``images`` (subfolders too, hidden files skipped), sorted; the
+    files of an earlier cgidm run's output folder inside it (``OUTPUT_MARKERS``: its
+    protected copies and panels) are left out, with a warning."""
     root = Path(images)
     found = list_images(root, recursive=True, exclude=exclude)
+    outputs = sorted({d for p in found for d in p.parents if d != root and root in d.parents
+                      and any(all((d / m).is_file() for m in marker) for marker in OUTPUT_MARKERS)})
+    if outputs:
+        kept = [p for p in found if not any(d in p.parents for d in outputs)]
+        log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
+                    ", ".join(d.relative_to(root).as_posix() for d in outputs))
+        found = kept
     if not found:
         raise FileNotFoundError(f"no images in {root}")
     return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
 
 
+def _target_digest(path: str) -> str:
+    """The target's identity for a resume: its file's contents, so the same file by another
+    path is the same target."""
+    import hashlib
+
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
+
+
+def _base_id(model: BaseModel) -> Optional[str]:
+    base = model.info.get("base")
+    return None if base is None else str(Path(base).expanduser().resolve())
+
+
 def _settings(cfg: ProtectConfig, model: BaseModel, dtype: str) -> dict:
     now = {k: v for k, v in cfg.to_json().items() if k in KEPT_SETTINGS}
-    now.update(dtype=dtype, resolution=model.resolution)
+    # a target the loss does not use changes nothing; one it uses is known by its contents
+    now["target"] = _target_digest(cfg.target) if cfg.needs_target and cfg.target is not None else None
+    now.update(dtype=dtype, resolution=model.resolution, base=_base_id(model))
     return json.loads(json.dumps(now))
 
 
@@ -80,7 +112,14 @@ def _check_settings(out: Path, settings: dict) -> None:
         except (OSError, ValueError, AttributeError):
             old = None
         if isinstance(old, dict):
-            old.setdefault("cover", "centre")  # a run from before --cover covered the centre square
+            # what a run from before a setting was kept did: --cover covered the centre
+            # square; the base, eval_draws and the target's contents were not recorded (a
+            # target was recorded by its path: the same path is taken as the same file)
+            old.setdefault("cover", "centre")
+            for key in ("base", "eval_draws"):
+                old.setdefault(key, settings.get(key))
+            if isinstance(old.get("target"), str) and not old["target"].startswith("sha256:"):
+                old["target"] = settings["target"]
         if isinstance(old, dict) and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
@@ -128,8 +167,10 @@ def _target(model: BaseModel, cfg: ProtectConfig, size: Optional[tuple[int, int]
 class _Run:
     """One protect run over the images still to do: batches, rows, outputs."""
 
-    def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool) -> None:
+    def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool,
+                 names: Optional[dict[str, Optional[str]]] = None) -> None:
         self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
+        self.names = names or {}  # image id -> its protected file under OUT/protected (``output_names``)
         self.cond = model.encode_prompt(cfg.prompt)
         # the target's encoding per image size; R x R now, so a bad --target stops the run first
         self._targets = {(model.resolution,) * 2: _target(model, cfg)}
@@ -144,6 +185,7 @@ class _Run:
                       "base": model.info.get("base")}
         self.progress = progress
         self.bar = None
+        self.protected = 0  # images written in this run
 
     def _error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
@@ -163,7 +205,7 @@ class _Run:
         self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress)
         pending: dict[tuple[int, int], list[tuple[ProtectItem, torch.Tensor, list[str]]]] = {}
         for item in items:
-            name = output_name(item.id)
+            name = self._name(item)
             if name is None:
                 self._error(item, "unsafe image path for an output name")
                 continue
@@ -308,8 +350,11 @@ class _Run:
             raise FloatingPointError("perturbation is not finite")
         return list(zip(res.delta.cpu(), res.skipped_steps.tolist(), res.objective.cpu().tolist()))
 
+    def _name(self, item: ProtectItem) -> Optional[str]:
+        return self.names[item.id] if item.id in self.names else output_name(item.id)
+
     def _write(self, item: ProtectItem, image, notes, delta, skipped, objective) -> None:
-        rel = output_name(item.id)
+        rel = self._name(item)
         dst = self.out / PROTECTED / rel
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -330,12 +375,41 @@ class _Run:
                "panel": f"{PANELS}/{panel_path.name}", **fields,
                "loss_clean": losses[0], "loss_protected": losses[1],
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
-               "notes": notes + fields["notes"]}
+               # an animation's writing note says what its loading note says, and more
+               "notes": [n for n in notes if not (n.startswith("animated") and any(
+                   m.startswith("animated") for m in fields["notes"]))] + fields["notes"]}
         if not all(isinstance(v, (int, float)) and v == v for v in (losses[0], losses[1])):
             row["notes"].append("the reported loss is not finite")
         log.debug("wrote %s in %.2f s", dst, time.perf_counter() - t0)
         self.emit(row)
+        self.protected += 1
         self.bar.update(1)
+
+
+def output_names(items: Sequence[ProtectItem], done: dict[str, dict]) -> dict[str, Optional[str]]:
+    """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
+    finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
+    another input or another image's row has it (``cat.jpg`` beside an input named
+    ``cat.jpg.png``): then ``~1``, ``~2``, ... before the ``.png`` until it is free."""
+    ids = {it.id for it in items}
+    prefix = PROTECTED + "/"
+    owner = {r["protected"][len(prefix):]: i for i, r in done.items()
+             if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+    names: dict[str, Optional[str]] = {}
+    for it in items:
+        r = done.get(it.id, {})
+        if isinstance(r.get("protected"), str) and owner.get(r["protected"][len(prefix):]) == it.id:
+            names[it.id] = r["protected"][len(prefix):]
+            continue
+        first = output_name(it.id)
+        name, k = first, 0
+        while name is not None and (owner.get(name, it.id) != it.id or (name != it.id and name in ids)):
+            k += 1
+            name = f"{first[:-4]}~{k}{first[-4:]}"
+        if name is not None:
+            owner[name] = it.id
+        names[it.id] = name
+    return names
 
 
 def _summary(rows: list[dict], cfg: ProtectConfig, model: BaseModel, dtype: str, wall: float, new: int) -> dict:
@@ -367,11 +441,15 @@ def protect(
     out: str | Path,
     cfg: ProtectConfig = ProtectConfig(),
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> dict:
     """Protect ``items`` against ``model``; writes ``out`` (module docstring) and returns
     the summary. Raises ``OutputError`` when an output cannot be written (the rows
-    finished before stay complete) and ``ValueError`` for a resume with other settings."""
+    finished before stay complete) and ``ValueError`` for a resume with other settings.
+    ``retry_failed``: the images whose row is an error are protected again."""
     out = Path(out)
+    if model.abar is not None:
+        check_t_max(cfg.t_max, len(model.abar))
     output_dirs(out, PANELS, PROTECTED)
     dtype = dtype_name(next(model.unet.parameters()).dtype)
     results = out / RESULTS
@@ -381,24 +459,36 @@ def protect(
         repair_jsonl(results)
         _remove_stale_temporaries(out)
         done = done_rows(out)
-        todo = [it for it in items if it.id not in done]
+        names = output_names(items, done)
+        gone = [it for it in items if "error" not in done.get(it.id, {"error": None})
+                and not (out / PROTECTED / names[it.id]).is_file()]
+        failed = [it for it in items if "error" in done.get(it.id, {})]
+        redo = {it.id for it in gone} | ({it.id for it in failed} if retry_failed else set())
+        todo = [it for it in items if it.id not in done or it.id in redo]
+        if gone:
+            log.warning("%s: %d protected files are missing (%s); protecting those images again", out, len(gone),
+                        ", ".join(it.id for it in gone[:5]) + (" ..." if len(gone) > 5 else ""))
         if len(todo) < len(items):
-            log.warning("%s: %d of %d images already done; protecting the other %d", out, len(items) - len(todo),
-                        len(items), len(todo))
+            left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
+                    if failed and not retry_failed else "")
+            log.warning("%s: %d of %d images already done%s; protecting the other %d", out,
+                        len(items) - len(todo), len(items), left, len(todo))
 
         def emit(row: dict) -> None:
             append_jsonl(results, row)
 
-        graph, fallback = None, False
+        graph, fallback, new = None, False, 0
         if todo:
-            runner = _Run(model, cfg, out, emit, progress)
+            runner = _Run(model, cfg, out, emit, progress, names)
             runner.run(todo)
             graph = runner.used_graph
             fallback = runner.low_memory_fallback
+            new = runner.protected
         wall = time.perf_counter() - t0
-        ids = {it.id for it in items}
-        rows = [r for r in read_jsonl(results) if r["id"] in ids]
-        summary = _summary(rows, cfg, model, dtype, wall, len(todo))
+        # one row per image, the latest (a retried or redone image's new row after its old one)
+        latest = {r["id"]: r for r in read_jsonl(results)}
+        rows = [latest[it.id] for it in items if it.id in latest]
+        summary = _summary(rows, cfg, model, dtype, wall, new)
         summary["timing"]["cuda_graph"] = graph  # None: nothing protected in this run
         if fallback:
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "

@@ -448,6 +448,6 @@ def test_a_mask_the_latent_cannot_hold_is_refused_before_any_image(tiny_world, t
                      "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--out", str(out),
                      "--steps", "2", "--blocks-per-side", "8", "-q"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cgidm:")]
-    assert code == cli.EXIT_USAGE and len(err) == 1 and "pass_rate 2 too large" in err[0], err
+    assert code == cli.EXIT_USAGE and len(err) == 1 and "--blocks-per-side 8 is too many" in err[0], err
     rows = out / "results.jsonl"
     assert not rows.exists() or not rows.read_text().strip()  # nothing was run

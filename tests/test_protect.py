@@ -4,7 +4,6 @@ images and the command line's exit codes. All on the tiny world's base, a few st
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from cgidm.protect import collect_protect_items, protect
 from cgidm.protect_output import crop_box, perturbation_levels
 from cgidm.protect_pgd import (builtin_target, encode, eval_denoising_loss, linf_pgd_update_ref, load_base,
                                protect_batch, target_latent)
+from cgidm.testing.world import copy_members
 
 FAST = dict(steps=2, eval_draws=2)
 
@@ -34,11 +34,7 @@ def members(tiny_world):
 
 
 def _folder(tiny_world, tmp_path, n=2):
-    d = tmp_path / "art"
-    d.mkdir()
-    for p in sorted((tiny_world / "images" / "members").glob("*.png"))[:n]:
-        shutil.copy(p, d / p.name)
-    return d
+    return copy_members(tiny_world, tmp_path / "art", n)
 
 
 def test_linf_budget_and_pixel_range_hold_at_every_step(base, members):

@@ -71,3 +71,16 @@ def make_image(style: str, index: int, size: int = 16) -> Image.Image:
 
 def make_images(style: str, indices, size: int = 16) -> list[Image.Image]:
     return [make_image(style, i, size) for i in indices]
+
+
+def copy_members(world, folder, n: int):
+    """A new ``folder`` holding copies of the first ``n`` member images of a built tiny
+    ``world`` (a test's image folder to protect or authenticate); returns it."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir()
+    for p in sorted((Path(world) / "images" / "members").glob("*.png"))[:n]:
+        shutil.copy(p, folder / p.name)
+    return folder

@@ -1,0 +1,199 @@
+"""What a ``cgidm protect`` run keeps and refuses across runs (docs/protect.md, "Resume and
+errors"): one output file per input even when names meet, the base model, the reported
+loss's draws and the target's contents kept with the settings, a deleted output or (with
+``--retry-failed``) a failed image done again, an earlier run's outputs never taken as
+inputs; and the command line's refusals of settings that cannot run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgidm import cli
+from cgidm.config import ProtectConfig
+from cgidm.protect import ProtectItem, collect_protect_items, output_names, protect
+from cgidm.protect_pgd import load_base
+from cgidm.testing.world import copy_members
+
+FAST = dict(steps=2, eval_draws=2)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world):
+    return load_base(tiny_world / "base")
+
+
+def _folder(tiny_world, tmp_path, n=2):
+    return copy_members(tiny_world, tmp_path / "art", n)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int64)
+
+
+def test_two_inputs_whose_names_meet_get_two_outputs(base, tiny_world, tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    src = sorted((tiny_world / "images" / "members").glob("*.png"))
+    Image.open(src[0]).save(d / "cat.jpg", quality=95)
+    shutil.copy(src[1], d / "cat.jpg.png")  # its own output name is cgidm's name for cat.jpg's
+    out = tmp_path / "out"
+    s = protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    assert s["protected"] == 2
+    rows = {r["id"]: r for r in _rows(out)}
+    assert rows["cat.jpg.png"]["protected"] == "protected/cat.jpg.png"
+    assert rows["cat.jpg"]["protected"] == "protected/cat.jpg~1.png"
+    for image_id, row in rows.items():  # each file is its own input's, within the budget
+        assert np.abs(_pixels(out / row["protected"]) - _pixels(d / image_id)).max() <= 8, image_id
+    again = protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    assert again["timing"]["images"] == 0 and len(_rows(out)) == 2
+
+
+def test_a_written_name_stays_with_its_image():
+    items = [ProtectItem(None, i) for i in ("a.jpg", "a.jpg.png", "b.png", "c.webp")]
+    # a.jpg was written as a.jpg.png before the PNG of that name was added to the folder
+    done = {"a.jpg": {"id": "a.jpg", "protected": "protected/a.jpg.png"}}
+    names = output_names(items, done)
+    assert names == {"a.jpg": "a.jpg.png", "a.jpg.png": "a.jpg~1.png", "b.png": "b.png", "c.webp": "c.webp.png"}
+    assert output_names([ProtectItem(None, "../x.png")], {}) == {"../x.png": None}
+
+
+def test_a_resume_refuses_another_base_and_other_eval_draws(base, tiny_world, tmp_path):
+    d = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(d)
+    out = tmp_path / "out"
+    protect(base, items[:1], out, ProtectConfig(**FAST), progress=False)
+    with pytest.raises(ValueError, match=r"base '.*base' there, '.*finetuned' now"):
+        protect(load_base(tiny_world / "finetuned"), items, out, ProtectConfig(**FAST), progress=False)
+    with pytest.raises(ValueError, match="eval_draws 2 there, 1 now"):
+        protect(base, items, out, ProtectConfig(steps=2, eval_draws=1), progress=False)
+    # a run written before the base and eval_draws were kept resumes with the same ones
+    state = out / "protect.json"
+    old = json.loads(state.read_text())
+    del old["settings"]["base"], old["settings"]["eval_draws"]
+    state.write_text(json.dumps(old))
+    assert protect(base, items, out, ProtectConfig(**FAST), progress=False)["protected"] == 2
+
+
+def test_the_target_is_kept_by_its_contents_and_only_where_the_loss_uses_it(base, tiny_world, tmp_path):
+    d = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(d)
+    target = tmp_path / "t.png"
+    shutil.copy(sorted((tiny_world / "images" / "holdouts").glob("*.png"))[0], target)
+    out = tmp_path / "adv"
+    protect(base, items[:1], out, ProtectConfig(**FAST, target=str(target)), progress=False)
+    # advdm does not use a target: one given then, none now, is the same run
+    assert protect(base, items, out, ProtectConfig(**FAST), progress=False)["protected"] == 2
+    out = tmp_path / "tex"
+    cfg = ProtectConfig(**FAST, loss="textural", target=str(target))
+    protect(base, items[:1], out, cfg, progress=False)
+    moved = tmp_path / "elsewhere" / "same.png"
+    moved.parent.mkdir()
+    shutil.copy(target, moved)
+    assert protect(base, items, out, cfg.replace(target=str(moved)), progress=False)["protected"] == 2
+    Image.fromarray(255 - _pixels(target).astype(np.uint8)).save(moved)
+    with pytest.raises(ValueError, match="target 'sha256:[0-9a-f]{16}' there, 'sha256:[0-9a-f]{16}' now"):
+        protect(base, items, out, cfg.replace(target=str(moved)), progress=False)
+
+
+def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog):
+    d = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(d)
+    out = tmp_path / "out"
+    protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    first = (out / "protected" / items[1].id).read_bytes()
+    (out / "protected" / items[1].id).unlink()
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert "1 protected files are missing" in caplog.text
+    assert s["protected"] == 2 and s["images"] == 2 and s["timing"]["images"] == 1
+    assert (out / "protected" / items[1].id).read_bytes() == first  # the same draws: the same file
+
+
+def test_retry_failed_protects_a_mended_image_again(base, tiny_world, tmp_path, caplog):
+    d = _folder(tiny_world, tmp_path)
+    good = (d / "member_01.png").read_bytes()
+    (d / "member_01.png").write_bytes(good[: len(good) // 2])  # truncated
+    items = collect_protect_items(d)
+    out = tmp_path / "out"
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert s["failed"] == 1 and s["timing"]["images"] == 1  # the throughput counts protected images only
+    (d / "member_01.png").write_bytes(good)
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert s["failed"] == 1 and "1 of them failed: --retry-failed protects those again" in caplog.text
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False, retry_failed=True)
+    assert s["failed"] == 0 and s["protected"] == s["images"] == 2 and s["timing"]["images"] == 1
+    assert (out / "protected" / "member_01.png").is_file()
+
+
+def test_an_earlier_runs_outputs_are_not_inputs(base, tiny_world, tmp_path, caplog):
+    d = _folder(tiny_world, tmp_path)
+    protect(base, collect_protect_items(d), d / "out", ProtectConfig(**FAST), progress=False)
+    items = collect_protect_items(d, exclude=[d / "out2"])
+    assert sorted(i.id for i in items) == ["member_00.png", "member_01.png"]
+    assert "files in cgidm output folders under" in caplog.text and "out" in caplog.text
+
+
+def test_notes_of_a_long_image_and_of_an_animation(base, tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 100, 3), dtype=np.uint8)).save(d / "strip.png")
+    frames = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(2)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    rows = {r["id"]: r for r in _rows(out)}
+    assert "longer than 2:1: only its centre 32x16 used" in rows["strip.png"]["notes"]
+    assert [n for n in rows["anim.gif"]["notes"] if n.startswith("animated")] == [
+        "animated: first frame protected and written"]
+
+
+def test_cli_refuses_what_cannot_run(tiny_world, tmp_path, capsys, caplog):
+    d = _folder(tiny_world, tmp_path, n=1)
+    common = ["--base", str(tiny_world / "base"), "--images", str(d), "--steps", "1", "--eval-draws", "1",
+              "--device", "cpu", "-q"]
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "a"), "--t-max", "5000"]) == cli.EXIT_USAGE
+    assert "--t-max 5000 is past the model's last timestep (999" in capsys.readouterr().err
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "b"), "--impl", "cuda"]) == cli.EXIT_USAGE
+    assert "--impl cuda runs on a GPU" in capsys.readouterr().err
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "c"), "--budget", "0.5/255"]) == cli.EXIT_OK
+    assert "under one 8-bit level" in caplog.text
+    assert cli.main(["protect", *common[:3], str(d / "member_00.png"), "--out", str(tmp_path / "d")]) \
+        == cli.EXIT_USAGE
+    assert "is a file, not a folder of images" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a" / "protected").iterdir())
+
+
+def test_cli_authenticate_refusals(tiny_world, tmp_path, capsys):
+    imgs = tiny_world / "images"
+    pair = ["--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"), "--device", "cpu",
+            "-q", "--steps", "1"]
+    assert cli.main(["authenticate", *pair, "--images", str(imgs / "controls"), "--members", str(imgs / "members"),
+                     "--out", str(tmp_path / "a")]) == cli.EXIT_USAGE
+    assert "--members and --holdouts go together" in capsys.readouterr().err
+    both = ["--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts")]
+    assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "b"), "--radius", "-1"]) == cli.EXIT_USAGE
+    assert "--radius must be a finite number > 0" in capsys.readouterr().err
+    assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "c"), "--t-max", "1000"]) == cli.EXIT_USAGE
+    assert "past the model's last timestep" in capsys.readouterr().err
+    assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "d"), "--blocks-per-side", "100"]) \
+        == cli.EXIT_USAGE
+    assert ("--blocks-per-side 100 is too many for a 16x16 latent: blocks of 1x1 cells, and a block needs 4 cells "
+            "a side (pass rate 2); at most 5 blocks per side") in capsys.readouterr().err
+
+
+def test_demo_help_shows_the_demo_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PGD steps (default: 100)" in text and "(default: 0.25)" in text and "(default: 10.0)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["authenticate", "--help"])
+    assert "PGD steps (default: 1000)" in " ".join(capsys.readouterr().out.split())
