@@ -6,6 +6,7 @@ and ``cgidm extract`` end to end on the tiny world, bad input included."""
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -491,3 +492,20 @@ def test_the_stored_threshold_is_on_the_step_grid(pairs, tmp_path, monkeypatch):
 def test_thresholds_round_to_the_steps_decimals():
     assert X.on_step(41 * 0.01, 0.01) == 0.41 and X.on_step(None, 0.01) is None
     assert X.on_step(7 * 0.025, 0.025) == 0.175 and X.on_step(3 * 0.1, 0.1) == 0.3
+
+
+def test_cli_records_the_lora_scale_and_prints_the_threshold(tiny_world, tmp_path, capsys):
+    from cgidm.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["extract", "--base", str(tiny_world / "base"), "--lora", str(tiny_world / "lora.safetensors"),
+               "--lora-scale", "0.5", "--out", str(out), "--samples", "3", "--steps", "1", "--clusters", "1",
+               "--device", "cpu", "-q"])
+    said = capsys.readouterr()
+    assert rc == 0, said.err
+    assert _strict(out / "extract.json")["models"]["lora_scale"] == 0.5
+    assert re.search(r"clusters at latent similarity >= -?\d\.\d\d;", said.out), said.out
+    rc = main(["extract", "--base", str(tiny_world / "base"), "--lora", str(tiny_world / "lora.safetensors"),
+               "--out", str(tmp_path / "one"), "--samples", "1", "--steps", "1", "--clusters", "1", "--device", "cpu",
+               "-q"])
+    assert rc == 0 and "(one sample: no threshold)" in capsys.readouterr().out
