@@ -6,8 +6,8 @@ and ``cgidm extract`` end to end on the tiny world, bad input included."""
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import numpy as np
