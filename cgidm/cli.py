@@ -416,7 +416,7 @@ def cmd_extract(args) -> int:
     c, t = s["clustering"], s["timing"]
     print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({t['samples_per_hour']:,.0f} samples/hour); "
           f"{c['clusters']} clusters at {s['features']} similarity "
-          f"{'>= %.2f' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
+          f"{'>= %g' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
           f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")
     if s.get("compare"):
         for p in s["compare"]["pairs"]:

@@ -18,8 +18,26 @@ from cgidm.checkpoints import ModelLoadError, _one_line
 
 log = logging.getLogger(__name__)
 
+
 def is_lora_state_dict(state: dict) -> bool:
     return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
+
+
+def is_lora_file(path) -> bool:
+    """Whether ``path`` is a ``.safetensors`` LoRA, from its header's names alone (no
+    tensor is read); ``False`` for anything else or a file that cannot be read (loading it
+    says why)."""
+    from pathlib import Path
+
+    if path is None or not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return is_lora_state_dict(dict.fromkeys(f.keys()))
+    except Exception:  # noqa: BLE001 - a broken file is the loader's to report
+        return False
 
 
 # the adapter name of the first LoRA on a model; a LoRA stacked on it (``--finetuned`` a

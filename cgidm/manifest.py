@@ -106,6 +106,7 @@ class PairSpec:
             d["finetuned"] = self.finetuned
         if self.lora:
             d["lora"] = self.lora
+        if self.lora or self.lora_scale != 1.0:  # the scale is kept only where a LoRA is loaded
             d["lora_scale"] = self.lora_scale
         return d
 
@@ -232,7 +233,10 @@ def read_manifest(
             scale = float(scale_cell) if scale_cell is not None else float(lora_scale)
         except ValueError as e:
             raise ValueError(f"{at}: lora_scale is not a number: {scale_cell!r}") from e
-        spec = PairSpec(models["base"], models["finetuned"], models["lora"], scale if models["lora"] else 1.0,
+        from cgidm.lora import is_lora_file
+
+        any_lora = models["lora"] is not None or is_lora_file(models["finetuned"])
+        spec = PairSpec(models["base"], models["finetuned"], models["lora"], scale if any_lora else 1.0,
                         root=str(root))
         spec = specs.setdefault(spec, spec)
         path = Path(_abs_path(image, root))

@@ -33,7 +33,7 @@ from cgidm.images import ImageError, list_images, load_image_with_notes
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent)
-from cgidm.resume import OutputLock, done_rows, read_jsonl, repair_jsonl
+from cgidm.resume import OutputLock, read_jsonl, repair_jsonl
 
 __all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
 
@@ -48,9 +48,10 @@ PANELS = "panels"
 # contents are kept beside them (``_settings``).
 KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
                  "seed", "budget_levels", "step_levels", "cover", "eval_draws")
-# cgidm's own output folders (a protect run's, an authenticate or screen run's): never
-# inputs, wherever they are under the image folder
-OUTPUT_MARKERS = (("protect.json",), ("results.jsonl", "summary.json"))
+# a file that marks a folder as cgidm's own output (protect's settings, extract's record,
+# the rows of protect, authenticate and screen, written from a run's first image): such a
+# folder is never read for inputs, wherever it is under the image folder
+OUTPUT_MARKERS = ("protect.json", "extract.json", "results.jsonl")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()
     protected copies and panels) are left out, with a warning."""
     root = Path(images)
     found = list_images(root, recursive=True, exclude=exclude)
-    outputs = sorted({d for p in found for d in p.parents if d != root and root in d.parents
-                      and any(all((d / m).is_file() for m in marker) for marker in OUTPUT_MARKERS)})
+    folders = {d for p in found for d in p.parents if root in d.parents}  # each looked at once
+    outputs = sorted(d for d in folders if any((d / m).is_file() for m in OUTPUT_MARKERS))
     if outputs:
         kept = [p for p in found if not any(d in p.parents for d in outputs)]
         log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
@@ -91,6 +92,13 @@ def _target_digest(path: str) -> str:
         raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _base_id(model: BaseModel) -> Optional[str]:
     base = model.info.get("base")
     return None if base is None else str(Path(base).expanduser().resolve())
@@ -104,7 +112,9 @@ def _settings(cfg: ProtectConfig, model: BaseModel, dtype: str) -> dict:
     return json.loads(json.dumps(now))
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
+    """Refuse a resume whose ``settings`` differ from those in ``out``'s state; record
+    them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
     path = out / STATE
     if path.exists():
         try:
@@ -118,7 +128,11 @@ def _check_settings(out: Path, settings: dict) -> None:
             old.setdefault("cover", "centre")
             for key in ("base", "eval_draws"):
                 old.setdefault(key, settings.get(key))
-            if isinstance(old.get("target"), str) and not old["target"].startswith("sha256:"):
+            was = old.get("target")
+            if old.get("loss") == "advdm":  # an unused target, recorded before it was left out
+                old["target"] = None
+            elif (isinstance(was, str) and not was.startswith("sha256:") and target is not None
+                    and settings["target"] is not None and _same_file(was, target)):
                 old["target"] = settings["target"]
         if isinstance(old, dict) and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -390,24 +404,34 @@ def output_names(items: Sequence[ProtectItem], done: dict[str, dict]) -> dict[st
     """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
     finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
     another input or another image's row has it (``cat.jpg`` beside an input named
-    ``cat.jpg.png``): then ``~1``, ``~2``, ... before the ``.png`` until it is free."""
-    ids = {it.id for it in items}
+    ``cat.jpg.png``), or a subfolder of the inputs is so named (``cat.jpg.png/x.png``):
+    then ``~1``, ``~2``, ... before the ``.png`` until it is free. Names are compared
+    without case, as macOS and Windows compare them (``cat.jpg.PNG`` is ``cat.jpg.png``
+    there)."""
+    key = str.casefold
+    ids = {key(it.id) for it in items}
+    folders = {key("/".join(parts[:n])) for it in items for parts in [it.id.split("/")] for n in range(1, len(parts))}
     prefix = PROTECTED + "/"
-    owner = {r["protected"][len(prefix):]: i for i, r in done.items()
+    owner = {key(r["protected"][len(prefix):]): i for i, r in done.items()
              if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+
+    def free(name: str, image_id: str) -> bool:
+        k = key(name)
+        return owner.get(k, image_id) == image_id and (k == key(image_id) or k not in ids) and k not in folders
+
     names: dict[str, Optional[str]] = {}
     for it in items:
         r = done.get(it.id, {})
-        if isinstance(r.get("protected"), str) and owner.get(r["protected"][len(prefix):]) == it.id:
+        if isinstance(r.get("protected"), str) and owner.get(key(r["protected"][len(prefix):])) == it.id:
             names[it.id] = r["protected"][len(prefix):]
             continue
         first = output_name(it.id)
         name, k = first, 0
-        while name is not None and (owner.get(name, it.id) != it.id or (name != it.id and name in ids)):
+        while name is not None and not free(name, it.id):
             k += 1
             name = f"{first[:-4]}~{k}{first[-4:]}"
         if name is not None:
-            owner[name] = it.id
+            owner[key(name)] = it.id
         names[it.id] = name
     return names
 
@@ -455,10 +479,12 @@ def protect(
     results = out / RESULTS
     t0 = time.perf_counter()
     with OutputLock(out):
-        _check_settings(out, _settings(cfg, model, dtype))
+        _check_settings(out, _settings(cfg, model, dtype), cfg.target)
         repair_jsonl(results)
         _remove_stale_temporaries(out)
-        done = done_rows(out)
+        # each image's latest row (a retried or redone image's new row after its old one):
+        # what is done, and what the summary counts
+        done = {r["id"]: r for r in read_jsonl(results)}
         names = output_names(items, done)
         gone = [it for it in items if "error" not in done.get(it.id, {"error": None})
                 and not (out / PROTECTED / names[it.id]).is_file()]
@@ -485,7 +511,6 @@ def protect(
             fallback = runner.low_memory_fallback
             new = runner.protected
         wall = time.perf_counter() - t0
-        # one row per image, the latest (a retried or redone image's new row after its old one)
         latest = {r["id"]: r for r in read_jsonl(results)}
         rows = [latest[it.id] for it in items if it.id in latest]
         summary = _summary(rows, cfg, model, dtype, wall, new)

@@ -181,6 +181,33 @@ def test_stacked_loras_each_keep_their_own_scale(tiny_world, two_loras):
     assert torch.allclose(_te_out(te_ab, tok), _te_out(_merged(te, ta, tb), tok), atol=1e-5, rtol=1e-4)
 
 
+def test_each_delta_is_the_scale_times_b_a_read_from_the_files(tiny_world, two_loras):
+    """Independent of the loader: on linear layers of the UNet and the text encoder, the
+    fine-tuned side adds ``scale * (B_a A_a + B_b A_b) x`` (the files' own matrices; no
+    alphas, so PEFT's scaling is 1) to the base layer's output; at scale 0 both prompts'
+    encodings are the base's."""
+    from safetensors.torch import load_file
+
+    a, b = two_loras
+    files = [load_file(str(a)), load_file(str(b))]
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.0, 0.5, 1.5):
+        pair = load_pair(tiny_world / "base", a, b, lora_scale=scale)
+        for model, key in ((pair.unet_ft, "unet.time_embedding.linear_1"),
+                           (pair.text_encoder_ft, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"),
+                           (pair.text_encoder_ft, "text_encoder.text_model.encoder.layers.1.mlp.fc1")):
+            layer = model.get_submodule(key.removeprefix("unet.").removeprefix("text_encoder.text_model."))
+            x = torch.randn(3, layer.base_layer.in_features, generator=g)
+            delta = scale * sum(f[f"{key}.lora_B.weight"] @ f[f"{key}.lora_A.weight"] for f in files
+                                if f"{key}.lora_A.weight" in f)
+            with torch.no_grad():
+                got = layer(x) - layer.base_layer(x)
+            assert torch.allclose(got, x @ delta.T, atol=1e-5, rtol=1e-4), (scale, key)
+        if scale == 0.0:
+            c_ft, c_pre = pair.encode_prompt("a sks pattern")
+            assert torch.allclose(c_ft, c_pre, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["lora_toggle", "lora_fused"])
 def test_lora_pair_passes_run_both_stacked_adapters(tiny_world, two_loras, name):
     from cgidm import pairpass

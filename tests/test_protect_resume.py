@@ -63,6 +63,12 @@ def test_a_written_name_stays_with_its_image():
     names = output_names(items, done)
     assert names == {"a.jpg": "a.jpg.png", "a.jpg.png": "a.jpg~1.png", "b.png": "b.png", "c.webp": "c.webp.png"}
     assert output_names([ProtectItem(None, "../x.png")], {}) == {"../x.png": None}
+    # a name that a subfolder of the inputs has, and names that differ only in case
+    # (one file on macOS and Windows)
+    items = [ProtectItem(None, i) for i in ("x.jpg", "x.jpg.png/y.png", "cat.jpg", "cat.jpg.PNG", "B.png", "b.png")]
+    assert output_names(items, {}) == {"x.jpg": "x.jpg~1.png", "x.jpg.png/y.png": "x.jpg.png/y.png",
+                                       "cat.jpg": "cat.jpg~1.png", "cat.jpg.PNG": "cat.jpg.PNG", "B.png": "B.png",
+                                       "b.png": "b~1.png"}
 
 
 def test_a_resume_refuses_another_base_and_other_eval_draws(base, tiny_world, tmp_path):
@@ -101,6 +107,21 @@ def test_the_target_is_kept_by_its_contents_and_only_where_the_loss_uses_it(base
     Image.fromarray(255 - _pixels(target).astype(np.uint8)).save(moved)
     with pytest.raises(ValueError, match="target 'sha256:[0-9a-f]{16}' there, 'sha256:[0-9a-f]{16}' now"):
         protect(base, items, out, cfg.replace(target=str(moved)), progress=False)
+    # a run written before the contents were kept recorded the path: the same file is the
+    # same target; another file, or none (the built-in pattern), is not
+    state = out / "protect.json"
+    old = json.loads(state.read_text())
+    old["settings"]["target"] = str(target)
+    state.write_text(json.dumps(old))
+    for other in (str(moved), None):
+        with pytest.raises(ValueError, match="target"):
+            protect(base, items, out, cfg.replace(target=other), progress=False)
+    assert protect(base, items, out, cfg, progress=False)["protected"] == 2
+    # an advdm run recorded an unused target too
+    old = json.loads((tmp_path / "adv" / "protect.json").read_text())
+    old["settings"]["target"] = str(moved)
+    (tmp_path / "adv" / "protect.json").write_text(json.dumps(old))
+    assert protect(base, items, tmp_path / "adv", ProtectConfig(**FAST), progress=False)["protected"] == 2
 
 
 def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog):

@@ -104,6 +104,11 @@ def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
     assert labels["member_00.png"] == "member" and labels["holdout_03.png"] == "holdout"
     assert labels["control_00.png"] == "control" and len(folder) == 24
     assert read_manifest(imgs, base=str(base), finetuned=str(ft)) == folder, "ids are stable"
+    # --lora-scale reaches every pair that loads a LoRA, a LoRA fine-tune too, and no other
+    scaled = {e.pair.lora_scale for e in read_manifest(imgs, base=str(base), finetuned=str(lora), lora_scale=0.5)}
+    assert scaled == {0.5}
+    mixed = read_manifest(tmp_path / "m.csv", base=str(base), finetuned=str(ft), lora_scale=0.5)
+    assert {(e.pair.lora is not None, e.pair.lora_scale) for e in mixed} == {(False, 1.0), (True, 0.5)}
 
 
 def test_manifest_errors_name_the_row(tiny_world, tmp_path):
