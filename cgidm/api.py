@@ -66,9 +66,10 @@ def authenticate(
     check_t_max(cfg.pgd.t_max, len(pair.abar))
     cfg, found_from = resolve_prompt(cfg, pair)
     prompt_from = prompt_from or found_from
-    output_dirs(out, TRIPTYCHS, RECOVERED)
+    output_dirs(out)
     items = list(items)
-    with OutputLock(out):
+    with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
+        output_dirs(out, TRIPTYCHS, RECOVERED)
         try:
             _clear_previous(out)
         except OSError as e:

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, run_skip=())
 
     d = sub.add_parser("demo", help="build (or reuse) the tiny model pair and authenticate its images")
-    d.add_argument("--out", default="demo-out")
+    d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--world", default=None, help="where the tiny world is cached (default ~/.cache/cgidm)")
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
     d.add_argument("--family", choices=config.FAMILY_WORLDS, default="sd1",
@@ -373,6 +373,8 @@ def cmd_protect(args) -> int:
     warn = logging.getLogger("cgidm.protect").warning
     if cfg.steps == 0 and not cfg.random_start:
         warn("--steps 0 without --random-start: the images are written unchanged")
+    if cfg.target is not None and not cfg.needs_target:
+        warn("--target is not used by --loss advdm (only by textural and fused); it is ignored")
     if cfg.budget_value * 255 < 1:
         warn("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones can "
              "hold it)", cfg.budget)

@@ -157,6 +157,9 @@ class AuthConfig:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+        if self.blocks_per_side is not None and self.blocks_per_side < 1:
+            raise ValueError(f"--blocks-per-side must be >= 1 (or left out: blocks of 4x4 cells), "
+                             f"got {self.blocks_per_side}")
 
     @property
     def baseline_names(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ escapes, whatever the bytes.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -17,6 +18,10 @@ from PIL import Image, ImageOps
 
 from cgidm.config import COVERS
 
+log = logging.getLogger(__name__)
+# a file that marks a folder as cgidm's own output (protect's settings, extract's record,
+# the rows of protect, authenticate and screen, written from a run's first image)
+OUTPUT_MARKERS = ("protect.json", "extract.json", "results.jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
@@ -47,7 +52,9 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
     """Image files of a folder (and its subfolders with ``recursive``), sorted. Hidden files
     and folders are skipped: macOS leaves ``._x.png`` resource forks next to every image,
     and cgidm's own temporary files start with a dot. Paths under a folder of ``exclude``
-    (a run's own output folder inside the image folder) are skipped too."""
+    (a run's own output folder inside the image folder) are skipped too, and so, with
+    ``recursive``, is every subfolder holding a file of ``OUTPUT_MARKERS`` (an earlier
+    cgidm run's outputs: protected copies, panels, triptychs), with a warning."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
@@ -61,7 +68,20 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
         if any(full == e or e in full.parents for e in skip):
             continue
         found.append(p)
+    if recursive:
+        found = _outside_output_folders(d, found)
     return sorted(found)
+
+
+def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
+    folders = {f for p in found for f in p.parents if root in f.parents}  # each looked at once
+    outputs = sorted(f for f in folders if any((f / m).is_file() for m in OUTPUT_MARKERS))
+    if not outputs:
+        return found
+    kept = [p for p in found if not any(f in p.parents for f in outputs)]
+    log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
+                ", ".join(f.relative_to(root).as_posix() for f in outputs))
+    return kept
 
 
 def min_side(resolution: int) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 
 from cgidm.config import LABELS
 from cgidm.images import list_images
+from cgidm.lora import is_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +213,7 @@ def read_manifest(
 
     entries: dict[str, Entry] = {}
     specs: dict[PairSpec, PairSpec] = {}
+    lora_files: dict[Optional[str], bool] = {}  # fine-tune path -> whether it is a LoRA file (its header read once)
     for n, rec in records:
         at = f"{where}:{n}" if n else where
         image = _cell(rec, "image", "path")
@@ -233,9 +236,14 @@ def read_manifest(
             scale = float(scale_cell) if scale_cell is not None else float(lora_scale)
         except ValueError as e:
             raise ValueError(f"{at}: lora_scale is not a number: {scale_cell!r}") from e
-        from cgidm.lora import is_lora_file
-
-        any_lora = models["lora"] is not None or is_lora_file(models["finetuned"])
+        if not math.isfinite(scale):
+            raise ValueError(f"{at}: lora_scale must be a finite number, got {scale_cell or lora_scale!r}")
+        if models["finetuned"] not in lora_files:
+            lora_files[models["finetuned"]] = is_lora_file(models["finetuned"])
+        any_lora = models["lora"] is not None or lora_files[models["finetuned"]]
+        if scale_cell is not None and not any_lora and scale != 1.0:
+            raise ValueError(f"{at}: lora_scale {scale_cell} given, but the row loads no LoRA (no 'lora' cell, and "
+                             f"its fine-tune is not a LoRA file)")
         spec = PairSpec(models["base"], models["finetuned"], models["lora"], scale if any_lora else 1.0,
                         root=str(root))
         spec = specs.setdefault(spec, spec)

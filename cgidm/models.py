@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,10 +360,15 @@ def load_pair(
     ``allow_partial_lora``; ``info["lora_match"] = {"matched": m, "total": n}`` counts the
     applied layers against those in the file (summed when two LoRA files are given).
     Two LoRA files (``finetuned`` one, ``lora`` the other) stack: both on, each at
-    ``lora_scale``. A ``lora_scale`` other than 1 without any LoRA is refused (``ValueError``).
+    ``lora_scale`` (recorded in ``info["lora_scale"]``). A ``lora_scale`` that is not
+    finite, or other than 1 without any LoRA, is refused (``ValueError``).
     """
     if finetuned is None and lora is None:
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number, got {lora_scale}")
+    if lora_scale == 0:
+        log.warning("--lora-scale 0: the LoRA adds nothing, so the fine-tuned side is its base")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base_p = _base_dir(base)
     base_family = families.detect_folder(base_p) or families.Family("sd1", None, str(base_p))
@@ -408,6 +414,8 @@ def load_pair(
                 family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
                 unet_ft, te_ft = _single_file(state, base_p, fp, te_pre)
                 info["finetuned_format"] = "single-file"
+    if loras or lora is not None:
+        info["lora_scale"] = float(lora_scale)
     if lora is None and not loras and lora_scale != 1.0:
         raise ValueError(f"--lora-scale applies to a LoRA; none was given (lora_scale={lora_scale:g}; "
                          f"the fine-tune {finetuned} is not a LoRA file and there is no --lora)")

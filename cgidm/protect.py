@@ -16,7 +16,6 @@ Outputs in ``OUT``: ``protected/<relative path>`` (PNG, same size and mode as th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import statistics
 import time
@@ -33,27 +32,15 @@ from cgidm.images import ImageError, list_images, load_image_with_notes
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent)
+from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
+                                   output_names, resume_plan)
 from cgidm.resume import OutputLock, read_jsonl, repair_jsonl
 
 __all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.jsonl"
-STATE = "protect.json"
-PROTECTED = "protected"
 PANELS = "panels"
-# Settings that change a protected file or a row's reported loss (eval_draws); batch_size
-# does not (every draw is keyed by the image id). The base model and the target file's
-# contents are kept beside them (``_settings``).
-KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
-                 "seed", "budget_levels", "step_levels", "cover", "eval_draws")
-# a file that marks a folder as cgidm's own output (protect's settings, extract's record,
-# the rows of protect, authenticate and screen, written from a run's first image): such a
-# folder is never read for inputs, wherever it is under the image folder
-OUTPUT_MARKERS = ("protect.json", "extract.json", "results.jsonl")
-
-
 @dataclass(frozen=True)
 class ProtectItem:
     """An image to protect: its file and its id (the path relative to the input folder,
@@ -65,81 +52,13 @@ class ProtectItem:
 
 def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()) -> list[ProtectItem]:
     """Every image under ``images`` (subfolders too, hidden files skipped), sorted; the
-    files of an earlier cgidm run's output folder inside it (``OUTPUT_MARKERS``: its
+    files of an earlier cgidm run's output folder inside it (``images.OUTPUT_MARKERS``: its
     protected copies and panels) are left out, with a warning."""
     root = Path(images)
     found = list_images(root, recursive=True, exclude=exclude)
-    folders = {d for p in found for d in p.parents if root in d.parents}  # each looked at once
-    outputs = sorted(d for d in folders if any((d / m).is_file() for m in OUTPUT_MARKERS))
-    if outputs:
-        kept = [p for p in found if not any(d in p.parents for d in outputs)]
-        log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
-                    ", ".join(d.relative_to(root).as_posix() for d in outputs))
-        found = kept
     if not found:
         raise FileNotFoundError(f"no images in {root}")
     return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
-
-
-def _target_digest(path: str) -> str:
-    """The target's identity for a resume: its file's contents, so the same file by another
-    path is the same target."""
-    import hashlib
-
-    try:
-        return "sha256:" + hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
-    except OSError as e:
-        raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
-def _base_id(model: BaseModel) -> Optional[str]:
-    base = model.info.get("base")
-    return None if base is None else str(Path(base).expanduser().resolve())
-
-
-def _settings(cfg: ProtectConfig, model: BaseModel, dtype: str) -> dict:
-    now = {k: v for k, v in cfg.to_json().items() if k in KEPT_SETTINGS}
-    # a target the loss does not use changes nothing; one it uses is known by its contents
-    now["target"] = _target_digest(cfg.target) if cfg.needs_target and cfg.target is not None else None
-    now.update(dtype=dtype, resolution=model.resolution, base=_base_id(model))
-    return json.loads(json.dumps(now))
-
-
-def _check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
-    """Refuse a resume whose ``settings`` differ from those in ``out``'s state; record
-    them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
-    path = out / STATE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text()).get("settings")
-        except (OSError, ValueError, AttributeError):
-            old = None
-        if isinstance(old, dict):
-            # what a run from before a setting was kept did: --cover covered the centre
-            # square; the base, eval_draws and the target's contents were not recorded (a
-            # target was recorded by its path: the same path is taken as the same file)
-            old.setdefault("cover", "centre")
-            for key in ("base", "eval_draws"):
-                old.setdefault(key, settings.get(key))
-            was = old.get("target")
-            if old.get("loss") == "advdm":  # an unused target, recorded before it was left out
-                old["target"] = None
-            elif (isinstance(was, str) and not was.startswith("sha256:") and target is not None
-                    and settings["target"] is not None and _same_file(was, target)):
-                old["target"] = settings["target"]
-        if isinstance(old, dict) and old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-            raise ValueError(f"{out} holds a protect run with other settings ({what}); "
-                             "resume with the same settings or use another --out")
-    atomic_write_json(path, {"settings": settings}, sort_keys=True)
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -385,7 +304,7 @@ class _Run:
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
-        row = {"id": item.id, "image": str(item.path), "protected": f"{PROTECTED}/{rel}",
+        row = {"id": item.id, "image": str(item.path), "source": _source(item.path), "protected": f"{PROTECTED}/{rel}",
                "panel": f"{PANELS}/{panel_path.name}", **fields,
                "loss_clean": losses[0], "loss_protected": losses[1],
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
@@ -398,42 +317,6 @@ class _Run:
         self.emit(row)
         self.protected += 1
         self.bar.update(1)
-
-
-def output_names(items: Sequence[ProtectItem], done: dict[str, dict]) -> dict[str, Optional[str]]:
-    """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
-    finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
-    another input or another image's row has it (``cat.jpg`` beside an input named
-    ``cat.jpg.png``), or a subfolder of the inputs is so named (``cat.jpg.png/x.png``):
-    then ``~1``, ``~2``, ... before the ``.png`` until it is free. Names are compared
-    without case, as macOS and Windows compare them (``cat.jpg.PNG`` is ``cat.jpg.png``
-    there)."""
-    key = str.casefold
-    ids = {key(it.id) for it in items}
-    folders = {key("/".join(parts[:n])) for it in items for parts in [it.id.split("/")] for n in range(1, len(parts))}
-    prefix = PROTECTED + "/"
-    owner = {key(r["protected"][len(prefix):]): i for i, r in done.items()
-             if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
-
-    def free(name: str, image_id: str) -> bool:
-        k = key(name)
-        return owner.get(k, image_id) == image_id and (k == key(image_id) or k not in ids) and k not in folders
-
-    names: dict[str, Optional[str]] = {}
-    for it in items:
-        r = done.get(it.id, {})
-        if isinstance(r.get("protected"), str) and owner.get(key(r["protected"][len(prefix):])) == it.id:
-            names[it.id] = r["protected"][len(prefix):]
-            continue
-        first = output_name(it.id)
-        name, k = first, 0
-        while name is not None and not free(name, it.id):
-            k += 1
-            name = f"{first[:-4]}~{k}{first[-4:]}"
-        if name is not None:
-            owner[key(name)] = it.id
-        names[it.id] = name
-    return names
 
 
 def _summary(rows: list[dict], cfg: ProtectConfig, model: BaseModel, dtype: str, wall: float, new: int) -> dict:
@@ -474,31 +357,16 @@ def protect(
     out = Path(out)
     if model.abar is not None:
         check_t_max(cfg.t_max, len(model.abar))
-    output_dirs(out, PANELS, PROTECTED)
+    output_dirs(out)
     dtype = dtype_name(next(model.unet.parameters()).dtype)
     results = out / RESULTS
     t0 = time.perf_counter()
-    with OutputLock(out):
-        _check_settings(out, _settings(cfg, model, dtype), cfg.target)
+    with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
+        output_dirs(out, PANELS, PROTECTED)
+        check_settings(out, kept_settings(cfg, model, dtype), cfg.target)
         repair_jsonl(results)
         _remove_stale_temporaries(out)
-        # each image's latest row (a retried or redone image's new row after its old one):
-        # what is done, and what the summary counts
-        done = {r["id"]: r for r in read_jsonl(results)}
-        names = output_names(items, done)
-        gone = [it for it in items if "error" not in done.get(it.id, {"error": None})
-                and not (out / PROTECTED / names[it.id]).is_file()]
-        failed = [it for it in items if "error" in done.get(it.id, {})]
-        redo = {it.id for it in gone} | ({it.id for it in failed} if retry_failed else set())
-        todo = [it for it in items if it.id not in done or it.id in redo]
-        if gone:
-            log.warning("%s: %d protected files are missing (%s); protecting those images again", out, len(gone),
-                        ", ".join(it.id for it in gone[:5]) + (" ..." if len(gone) > 5 else ""))
-        if len(todo) < len(items):
-            left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
-                    if failed and not retry_failed else "")
-            log.warning("%s: %d of %d images already done%s; protecting the other %d", out,
-                        len(items) - len(todo), len(items), left, len(todo))
+        todo, names = resume_plan(items, out, retry_failed)
 
         def emit(row: dict) -> None:
             append_jsonl(results, row)

@@ -60,7 +60,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
 <tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fmt(m.auc) }}</td><td>{{ fmt(m.accuracy) }}</td><td>{{ fmt(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
-{% if s.config %}<p class="sub">prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %};
+{% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k }} <code>{{ v.prompt }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
@@ -100,7 +100,10 @@ def _fmt(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
+        if math.isnan(v):
+            return "nan"
+        # a small p-value keeps its digits (0.0000 would read as impossible)
+        return f"{v:.3g}" if 0 < abs(v) < 5e-4 else f"{v:.4f}"
     return str(v)
 
 
@@ -141,6 +144,9 @@ def _models(models) -> tuple[list[tuple[str, str]], list[str]]:
                     f"Only {v['matched']} of {v['total']} LoRA layers fit the base model: "
                     "the suspect model was applied in part, and the results may understate it."
                 )
+        elif isinstance(v, dict):  # a record of its own (the memory plan): its summary line, or its fields
+            text = v.get("summary")
+            lines.append((k, text if isinstance(text, str) else ", ".join(f"{a}={b}" for a, b in v.items())))
         else:
             lines.append((k, v))
     return lines, warnings

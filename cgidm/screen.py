@@ -133,9 +133,10 @@ def screen(
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
-    output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
-    lock = _lock(out, rank)
+    output_dirs(out)
+    lock = _lock(out, rank)  # before anything is made inside: a held folder is left as it is
     try:
+        output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
         ids = [e.id for e in entries]
         changes = check_state(out, settings_of(cfg, dtype_name(dtype or torch.float32)), ids, rank)
         if rank == 0 and (changes["added"] or changes["removed"]):
@@ -156,8 +157,11 @@ def screen(
                                "rank reads and writes (a shared filesystem across machines)")
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
-            log.warning("resuming in %s: %d of %d images already done, %d to screen",
-                        out, len(entries) - len(todo), len(entries), len(todo))
+            failed = sum(1 for e in entries if "error" in done.get(e.id, {}))
+            left = (f" ({failed} of them failed: --retry-failed screens those again)"
+                    if failed and not retry_failed else "")
+            log.warning("resuming in %s: %d of %d images already done%s, %d to screen",
+                        out, len(entries) - len(todo), len(entries), left, len(todo))
 
         bars = Progress(out, len(mine), len(entries), len(entries) - len(todo), rank, world, progress,
                         shard_lines)

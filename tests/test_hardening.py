@@ -451,3 +451,39 @@ def test_a_mask_the_latent_cannot_hold_is_refused_before_any_image(tiny_world, t
     assert code == cli.EXIT_USAGE and len(err) == 1 and "--blocks-per-side 8 is too many" in err[0], err
     rows = out / "results.jsonl"
     assert not rows.exists() or not rows.read_text().strip()  # nothing was run
+
+
+def test_lora_scale_is_finite_and_recorded(tiny_world, tmp_path, capsys):
+    """A non-finite --lora-scale is refused in one line (every step would be skipped, and
+    the run would still report scores); the scale a run used is in its summary's models."""
+    from cgidm import cli
+
+    imgs = tiny_world / "images"
+    common = ["authenticate", "--base", str(tiny_world / "base"), "--lora", str(tiny_world / "lora.safetensors"),
+              "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--steps", "1", "-q"]
+    for bad in ("nan", "inf"):
+        assert cli.main([*common, "--out", str(tmp_path / bad), "--lora-scale", bad]) == cli.EXIT_USAGE
+        assert "--lora-scale must be a finite number" in capsys.readouterr().err
+    assert cli.main([*common, "--out", str(tmp_path / "half"), "--lora-scale", "0.5"]) == cli.EXIT_OK
+    summary = json.loads((tmp_path / "half" / "summary.json").read_text())
+    assert summary["models"]["lora_scale"] == 0.5
+    html = (tmp_path / "half" / "report.html").read_text()
+    assert "lora_scale = <code>0.5</code>" in html
+    assert "memory_plan = <code>{" not in html  # the plan's summary line, not a raw dict
+
+
+def test_blocks_per_side_below_one_is_refused():
+    from cgidm.config import AuthConfig
+
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="--blocks-per-side must be >= 1"):
+            AuthConfig(blocks_per_side=bad)
+
+
+def test_report_numbers_keep_small_p_values():
+    from cgidm.report import _fmt, _models
+
+    assert _fmt(5.39e-05) == "5.39e-05" and _fmt(0.25) == "0.2500" and _fmt(0.0) == "0.0000"
+    lines, _ = _models({"base": "b", "memory_plan": {"unet_bytes": 1, "summary": "UNet weights 1 B"},
+                        "other": {"a": 1, "b": 2}})
+    assert dict(lines) == {"base": "b", "memory_plan": "UNet weights 1 B", "other": "a=1, b=2"}

@@ -218,3 +218,43 @@ def test_demo_help_shows_the_demo_presets_values(capsys):
     with pytest.raises(SystemExit):
         cli.main(["authenticate", "--help"])
     assert "PGD steps (default: 1000)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_input_saved_over_is_protected_again_and_a_copy_is_not(base, tiny_world, tmp_path, caplog):
+    d = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(d)
+    out = tmp_path / "out"
+    protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    # the same bytes with another time (a copy that did not keep it): the same file
+    import os
+
+    os.utime(d / "member_00.png", ns=(1, 1))
+    assert protect(base, items, out, ProtectConfig(**FAST), progress=False)["timing"]["images"] == 0
+    # another picture saved at the same path: protected again, from the new picture
+    other = sorted((tiny_world / "images" / "holdouts").glob("*.png"))[0]
+    shutil.copy(other, d / "member_01.png")
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert "1 inputs changed since they were protected (member_01.png)" in caplog.text
+    assert s["timing"]["images"] == 1 and s["protected"] == 2
+    assert np.abs(_pixels(out / "protected" / "member_01.png") - _pixels(other)).max() <= 8
+
+
+def test_rows_of_images_no_longer_there_are_said_and_not_counted(base, tiny_world, tmp_path, caplog):
+    d = _folder(tiny_world, tmp_path)
+    out = tmp_path / "out"
+    protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    (d / "member_01.png").rename(d / "renamed.png")
+    s = protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    assert "1 rows are of images no longer in the image folder" in caplog.text
+    assert s["images"] == s["protected"] == 2
+
+
+def test_a_held_output_folder_is_left_as_it_is(base, tiny_world, tmp_path):
+    from cgidm.resume import OutputLock
+
+    d = _folder(tiny_world, tmp_path, n=1)
+    out = tmp_path / "held"
+    with OutputLock(out):
+        with pytest.raises(ValueError, match="in use by another cgidm run"):
+            protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".cgidm.lock"]

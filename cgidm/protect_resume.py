@@ -1,0 +1,191 @@
+"""What a ``cgidm protect`` run keeps across runs (docs/protect.md, "Resume and errors"):
+the settings a resume must share (``check_settings``), each input's record and output
+name, and which images a run does (``resume_plan``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cgidm.config import ProtectConfig
+from cgidm.files import atomic_write_json
+from cgidm.protect_output import output_name
+from cgidm.resume import read_jsonl
+
+log = logging.getLogger("cgidm.protect")
+
+RESULTS = "results.jsonl"
+STATE = "protect.json"
+PROTECTED = "protected"
+
+# Settings that change a protected file or a row's reported loss (eval_draws); batch_size
+# does not (every draw is keyed by the image id). The base model and the target file's
+# contents are kept beside them (``kept_settings``).
+KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
+                 "seed", "budget_levels", "step_levels", "cover", "eval_draws")
+
+
+def _target_digest(path: str) -> str:
+    """The target's identity for a resume: its file's contents, so the same file by another
+    path is the same target."""
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _base_id(model) -> Optional[str]:
+    base = model.info.get("base")
+    return None if base is None else str(Path(base).expanduser().resolve())
+
+
+def kept_settings(cfg: ProtectConfig, model, dtype: str) -> dict:
+    now = {k: v for k, v in cfg.to_json().items() if k in KEPT_SETTINGS}
+    # a target the loss does not use changes nothing; one it uses is known by its contents
+    now["target"] = _target_digest(cfg.target) if cfg.needs_target and cfg.target is not None else None
+    now.update(dtype=dtype, resolution=model.resolution, base=_base_id(model))
+    return json.loads(json.dumps(now))
+
+
+def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
+    """Refuse a resume whose ``settings`` differ from those in ``out``'s state; record
+    them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
+    path = out / STATE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if isinstance(old, dict):
+            # what a run from before a setting was kept did: --cover covered the centre
+            # square; the base, eval_draws and the target's contents were not recorded (a
+            # target was recorded by its path: the same path is taken as the same file)
+            old.setdefault("cover", "centre")
+            for key in ("base", "eval_draws"):
+                old.setdefault(key, settings.get(key))
+            was = old.get("target")
+            if old.get("loss") == "advdm":  # an unused target, recorded before it was left out
+                old["target"] = None
+            elif (isinstance(was, str) and not was.startswith("sha256:") and target is not None
+                    and settings["target"] is not None and _same_file(was, target)):
+                old["target"] = settings["target"]
+        if isinstance(old, dict) and old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out} holds a protect run with other settings ({what}); "
+                             "resume with the same settings or use another --out")
+    atomic_write_json(path, {"settings": settings}, sort_keys=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source(path: Path) -> Optional[dict]:
+    """What a resume checks to tell that an input is the file that was protected: its
+    size and modification time, and its contents' digest."""
+    try:
+        st = Path(path).stat()
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+    except OSError:
+        return None
+
+
+def _same_source(recorded, path: Path) -> bool:
+    """Whether ``path`` is the file a row recorded (``_source``): the same size and time,
+    or else the same contents (a copy of the folder that did not keep the times is the
+    same file; one saved over it is not). A row without a record is taken as the same."""
+    if not isinstance(recorded, dict):
+        return True
+    try:
+        st = Path(path).stat()
+        if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):
+            return True
+        return st.st_size == recorded.get("bytes") and _sha256(path) == recorded.get("sha256")
+    except OSError:
+        return True  # unreadable now: the run's loading says so
+
+
+def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[str]]:
+    """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
+    finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
+    another input or another image's row has it (``cat.jpg`` beside an input named
+    ``cat.jpg.png``), or a subfolder of the inputs is so named (``cat.jpg.png/x.png``):
+    then ``~1``, ``~2``, ... before the ``.png`` until it is free. Names are compared
+    without case, as macOS and Windows compare them (``cat.jpg.PNG`` is ``cat.jpg.png``
+    there)."""
+    key = str.casefold
+    ids = {key(it.id) for it in items}
+    folders = {key("/".join(parts[:n])) for it in items for parts in [it.id.split("/")] for n in range(1, len(parts))}
+    prefix = PROTECTED + "/"
+    owner = {key(r["protected"][len(prefix):]): i for i, r in done.items()
+             if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+
+    def free(name: str, image_id: str) -> bool:
+        k = key(name)
+        return owner.get(k, image_id) == image_id and (k == key(image_id) or k not in ids) and k not in folders
+
+    names: dict[str, Optional[str]] = {}
+    for it in items:
+        r = done.get(it.id, {})
+        if isinstance(r.get("protected"), str) and owner.get(key(r["protected"][len(prefix):])) == it.id:
+            names[it.id] = r["protected"][len(prefix):]
+            continue
+        first = output_name(it.id)
+        name, k = first, 0
+        while name is not None and not free(name, it.id):
+            k += 1
+            name = f"{first[:-4]}~{k}{first[-4:]}"
+        if name is not None:
+            owner[key(name)] = it.id
+        names[it.id] = name
+    return names
+
+
+def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, dict[str, Optional[str]]]:
+    """``(todo, names)`` for a run over ``items`` in ``out``: the images to protect (no row,
+    a protected file gone, an input saved over since, or with ``retry_failed`` an error
+    row), each said in a warning, and every image's output name (``output_names``). Each
+    image's latest row counts (a redone image's new row after its old one)."""
+    done = {r["id"]: r for r in read_jsonl(out / RESULTS)}
+    names = output_names(items, done)
+    finished = [it for it in items if "error" not in done.get(it.id, {"error": None})]
+    gone = [it for it in finished if not (out / PROTECTED / names[it.id]).is_file()]
+    # a row written from another file at the same path (one saved over it since)
+    changed = [it for it in finished if it not in gone and not _same_source(done[it.id].get("source"), it.path)]
+    stale = len(set(done) - {it.id for it in items})
+    failed = [it for it in items if "error" in done.get(it.id, {})]
+    redo = {it.id for it in gone + changed} | ({it.id for it in failed} if retry_failed else set())
+    todo = [it for it in items if it.id not in done or it.id in redo]
+
+    def some(found: list) -> str:
+        return ", ".join(it.id for it in found[:5]) + (" ..." if len(found) > 5 else "")
+
+    if gone:
+        log.warning("%s: %d protected files are missing (%s); protecting those images again", out, len(gone),
+                    some(gone))
+    if changed:
+        log.warning("%s: %d inputs changed since they were protected (%s); protecting them again", out,
+                    len(changed), some(changed))
+    if stale:
+        log.warning("%s: %d rows are of images no longer in the image folder; they stay in %s, not counted",
+                    out, stale, RESULTS)
+    if len(todo) < len(items):
+        left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
+                if failed and not retry_failed else "")
+        log.warning("%s: %d of %d images already done%s; protecting the other %d", out,
+                    len(items) - len(todo), len(items), left, len(todo))
+    return todo, names
