@@ -197,6 +197,8 @@ def _print_summary(summary: dict) -> None:
               f"of {len(summary['verdicts'])}")
     if summary.get("calibration_warning"):
         print(f"warning: {summary['calibration_warning']}")
+    if summary.get("stalled"):
+        print(f"warning: {summary['stalled']['images']} images: {summary['stalled']['note']}")
     print(f"report: {summary['report']}")
 
 

@@ -212,6 +212,9 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
     models, lora_warnings = _models(summary.get("models"))
+    stalled = summary.get("stalled")
+    if isinstance(stalled, dict) and stalled.get("images"):
+        lora_warnings.append(f"{stalled['images']} images: {stalled.get('note', '')}")
     html = env.from_string(TEMPLATE).render(
         models=models, lora_warnings=lora_warnings,
         s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),

@@ -31,6 +31,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     }
     if cfg.preset:
         summary["preset"] = {"name": cfg.preset, "departures": departures(cfg)}
+    _stalled(summary, good, cfg)
     if info:
         summary["models"] = info
     if embedder_info:
@@ -89,6 +90,20 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     return summary
 
 
+def _stalled(summary: dict, good: Sequence[dict], cfg) -> None:
+    """``summary["stalled"]``: the scored images whose every PGD step was skipped (a zero or
+    non-finite gradient at every step: a non-finite model, a LoRA scale that breaks it).
+    Their scores are those of the starting point, not of a recovery."""
+    steps = cfg.pgd.steps
+    ids = [r["id"] for r in good if steps > 0 and r.get("skipped_steps", 0) >= steps]
+    if ids:
+        summary["stalled"] = {"images": len(ids), "ids": ids[:20],
+                              "note": "every PGD step was skipped (zero or non-finite gradient): these scores are "
+                                      "of the starting point, not of a recovery"}
+    else:
+        summary.pop("stalled", None)
+
+
 def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optional[dict] = None) -> dict:
     """``summarize`` per pair (controls calibrate the images of their own pair), and over
     all pairs when there are several. ``infos``: ``{pair key: models info}``."""
@@ -103,6 +118,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
         summary = summarize([r for r in rows if r.get("label") != "control"], cfg, None, embedder_info)
         good = [r for r in rows if "error" not in r]
         summary.update(images=len(rows), scored=len(good), failed=len(rows) - len(good))
+        _stalled(summary, good, cfg)
         summary["errors"] = {k: v for s in per.values() for k, v in s.get("errors", {}).items()}
         summary["models"] = {k: " ".join(f"{a}={b}" for a, b in infos[k].items()) for k in per}
         verdicts = {k: v for s in per.values() for k, v in s.get("verdicts", {}).items()}

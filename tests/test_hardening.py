@@ -470,6 +470,13 @@ def test_lora_scale_is_finite_and_recorded(tiny_world, tmp_path, capsys):
     html = (tmp_path / "half" / "report.html").read_text()
     assert "lora_scale = <code>0.5</code>" in html
     assert "memory_plan = <code>{" not in html  # the plan's summary line, not a raw dict
+    assert "stalled" not in summary
+    # at scale 0 the fine-tune is its base: a zero gradient, every step skipped, and said
+    assert cli.main([*common, "--out", str(tmp_path / "zero"), "--lora-scale", "0"]) == cli.EXIT_OK
+    said = capsys.readouterr().out
+    stalled = json.loads((tmp_path / "zero" / "summary.json").read_text())["stalled"]
+    assert stalled["images"] == 12 and "every PGD step was skipped" in said
+    assert "every PGD step was skipped" in (tmp_path / "zero" / "report.html").read_text()
 
 
 def test_blocks_per_side_below_one_is_refused():
