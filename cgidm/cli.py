@@ -160,8 +160,13 @@ def config_from_args(args, preset: typing.Optional[str] = None) -> config.AuthCo
 
 
 def run_options(args) -> config.RunOptions:
+    import math
+
     given = _given(args, config.RunOptions)
-    return config.RunOptions(**given)
+    opts = config.RunOptions(**given)
+    if not math.isfinite(opts.lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number, got {opts.lora_scale}")
+    return opts
 
 
 def _print_summary(summary: dict) -> None:

@@ -19,9 +19,10 @@ from PIL import Image, ImageOps
 from cgidm.config import COVERS
 
 log = logging.getLogger(__name__)
-# a file that marks a folder as cgidm's own output (protect's settings, extract's record,
-# the rows of protect, authenticate and screen, written from a run's first image)
-OUTPUT_MARKERS = ("protect.json", "extract.json", "results.jsonl")
+# what marks a folder as cgidm's own output: any one of these files (the lock every run
+# takes first, protect's settings, extract's record), or all of a group (the rows and
+# summary of a run from before the lock)
+OUTPUT_MARKERS = ((".cgidm.lock",), ("protect.json",), ("extract.json",), ("results.jsonl", "summary.json"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
@@ -75,7 +76,7 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
 
 def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
     folders = {f for p in found for f in p.parents if root in f.parents}  # each looked at once
-    outputs = sorted(f for f in folders if any((f / m).is_file() for m in OUTPUT_MARKERS))
+    outputs = sorted(f for f in folders if any(all((f / m).is_file() for m in group) for group in OUTPUT_MARKERS))
     if not outputs:
         return found
     kept = [p for p in found if not any(f in p.parents for f in outputs)]

@@ -23,13 +23,19 @@ def is_lora_state_dict(state: dict) -> bool:
     return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
 
 
-def is_lora_file(path) -> bool:
-    """Whether ``path`` is a ``.safetensors`` LoRA, from its header's names alone (no
-    tensor is read); ``False`` for anything else or a file that cannot be read (loading it
-    says why)."""
+def is_lora_file(path) -> Optional[bool]:
+    """Whether ``path`` is a LoRA file: for ``.safetensors`` from its header's names alone
+    (no tensor is read); ``None`` (cannot tell without unpickling it) for a pickle file
+    (``.bin``, ``.pt``, ``.ckpt``, ``.pth``); ``False`` for a folder, anything else, or a
+    file that cannot be read (loading it says why)."""
     from pathlib import Path
 
-    if path is None or not str(path).endswith(".safetensors") or not Path(path).is_file():
+    if path is None or not Path(path).is_file():
+        return False
+    suffix = Path(path).suffix.lower()
+    if suffix in (".bin", ".pt", ".ckpt", ".pth"):
+        return None
+    if suffix != ".safetensors":
         return False
     try:
         from safetensors import safe_open

@@ -213,7 +213,7 @@ def read_manifest(
 
     entries: dict[str, Entry] = {}
     specs: dict[PairSpec, PairSpec] = {}
-    lora_files: dict[Optional[str], bool] = {}  # fine-tune path -> whether it is a LoRA file (its header read once)
+    lora_files: dict[Optional[str], Optional[bool]] = {}  # fine-tune path -> whether it is a LoRA file (its header read once)
     for n, rec in records:
         at = f"{where}:{n}" if n else where
         image = _cell(rec, "image", "path")
@@ -240,7 +240,8 @@ def read_manifest(
             raise ValueError(f"{at}: lora_scale must be a finite number, got {scale_cell or lora_scale!r}")
         if models["finetuned"] not in lora_files:
             lora_files[models["finetuned"]] = is_lora_file(models["finetuned"])
-        any_lora = models["lora"] is not None or lora_files[models["finetuned"]]
+        # a pickle file may be a LoRA: its scale is kept, and loading it decides
+        any_lora = models["lora"] is not None or lora_files[models["finetuned"]] is not False
         if scale_cell is not None and not any_lora and scale != 1.0:
             raise ValueError(f"{at}: lora_scale {scale_cell} given, but the row loads no LoRA (no 'lora' cell, and "
                              f"its fine-tune is not a LoRA file)")

@@ -119,6 +119,7 @@ class _Run:
         self.progress = progress
         self.bar = None
         self.protected = 0  # images written in this run
+        self.sources: dict[str, Optional[dict]] = {}  # image id -> its input's record at loading (``_source``)
 
     def _error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
@@ -147,6 +148,7 @@ class _Run:
             except ImageError as e:
                 self._error(item, e.reason)
                 continue
+            self.sources[item.id] = _source(item.path)  # the file as it was read
             size = tuple(image.shape[-2:])
             batch = pending.setdefault(size, [])
             batch.append((item, image, notes))
@@ -304,7 +306,7 @@ class _Run:
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
-        row = {"id": item.id, "image": str(item.path), "source": _source(item.path), "protected": f"{PROTECTED}/{rel}",
+        row = {"id": item.id, "image": str(item.path), "source": self.sources.pop(item.id, None), "protected": f"{PROTECTED}/{rel}",
                "panel": f"{PANELS}/{panel_path.name}", **fields,
                "loss_clean": losses[0], "loss_protected": losses[1],
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),

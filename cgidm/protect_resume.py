@@ -124,25 +124,27 @@ def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[s
     finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
     another input or another image's row has it (``cat.jpg`` beside an input named
     ``cat.jpg.png``), or a subfolder of the inputs is so named (``cat.jpg.png/x.png``):
-    then ``~1``, ``~2``, ... before the ``.png`` until it is free. Names are compared
+    then ``~1``, ``~2``, ... before the ``.png`` until it is free. New names are compared
     without case, as macOS and Windows compare them (``cat.jpg.PNG`` is ``cat.jpg.png``
-    there)."""
+    there); a row's recorded name is its own (two rows differing only in case were two
+    files where they were written)."""
     key = str.casefold
     ids = {key(it.id) for it in items}
     folders = {key("/".join(parts[:n])) for it in items for parts in [it.id.split("/")] for n in range(1, len(parts))}
     prefix = PROTECTED + "/"
-    owner = {key(r["protected"][len(prefix):]): i for i, r in done.items()
-             if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+    recorded = {i: r["protected"][len(prefix):] for i, r in done.items()
+                if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+    writer = {name: i for i, name in recorded.items()}  # a name two rows share: its last writer's
+    taken = {key(name) for name in recorded.values()}
 
     def free(name: str, image_id: str) -> bool:
         k = key(name)
-        return owner.get(k, image_id) == image_id and (k == key(image_id) or k not in ids) and k not in folders
+        return k not in taken and (k == key(image_id) or k not in ids) and k not in folders
 
     names: dict[str, Optional[str]] = {}
     for it in items:
-        r = done.get(it.id, {})
-        if isinstance(r.get("protected"), str) and owner.get(key(r["protected"][len(prefix):])) == it.id:
-            names[it.id] = r["protected"][len(prefix):]
+        if it.id in recorded and writer[recorded[it.id]] == it.id:
+            names[it.id] = recorded[it.id]
             continue
         first = output_name(it.id)
         name, k = first, 0
@@ -150,7 +152,7 @@ def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[s
             k += 1
             name = f"{first[:-4]}~{k}{first[-4:]}"
         if name is not None:
-            owner[key(name)] = it.id
+            taken.add(key(name))
         names[it.id] = name
     return names
 
@@ -165,7 +167,9 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
     finished = [it for it in items if "error" not in done.get(it.id, {"error": None})]
     gone = [it for it in finished if not (out / PROTECTED / names[it.id]).is_file()]
     # a row written from another file at the same path (one saved over it since)
-    changed = [it for it in finished if it not in gone and not _same_source(done[it.id].get("source"), it.path)]
+    gone_ids = {it.id for it in gone}
+    changed = [it for it in finished
+               if it.id not in gone_ids and not _same_source(done[it.id].get("source"), it.path)]
     stale = len(set(done) - {it.id for it in items})
     failed = [it for it in items if "error" in done.get(it.id, {})]
     redo = {it.id for it in gone + changed} | ({it.id for it in failed} if retry_failed else set())

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.files import atomic_write_text
+from cgidm.files import OutputError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,11 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a folder that cannot be written: the output error every run reports
+            raise OutputError(self.path.parent, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
 from cgidm.manifest import Entry
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -94,7 +94,7 @@ def _lock(out: Path, rank: int) -> Optional[OutputLock]:
     if rank == 0:
         try:
             lock = OutputLock(out).acquire()
-        except ValueError as e:
+        except (ValueError, OutputError) as e:  # every rank stops, not only rank 0
             error = str(e)
     errors = [e for e in all_gather(error) if e]
     if errors:

@@ -69,6 +69,10 @@ def test_a_written_name_stays_with_its_image():
     assert output_names(items, {}) == {"x.jpg": "x.jpg~1.png", "x.jpg.png/y.png": "x.jpg.png/y.png",
                                        "cat.jpg": "cat.jpg~1.png", "cat.jpg.PNG": "cat.jpg.PNG", "B.png": "B.png",
                                        "b.png": "b~1.png"}
+    # rows of an older run that wrote both (on a case-sensitive disk) keep their names
+    done = {i: {"id": i, "protected": f"protected/{i}"} for i in ("cat.PNG", "cat.png")}
+    assert output_names([ProtectItem(None, i) for i in ("cat.PNG", "cat.png", "Cat.png")], done) == {
+        "cat.PNG": "cat.PNG", "cat.png": "cat.png", "Cat.png": "Cat~1.png"}
 
 
 def test_a_resume_refuses_another_base_and_other_eval_draws(base, tiny_world, tmp_path):

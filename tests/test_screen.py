@@ -109,16 +109,23 @@ def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
     shutil.copytree(imgs / "members", imgs_copy / "members")
     (imgs_copy / "members" / "prot" / "protected").mkdir(parents=True)
     shutil.copy(imgs / "members" / "member_00.png", imgs_copy / "members" / "prot" / "protected" / "x.png")
-    (imgs_copy / "members" / "prot" / "results.jsonl").write_text("")
+    (imgs_copy / "members" / "prot" / ".cgidm.lock").write_text("")  # every run's lock file
     assert len(read_manifest(imgs_copy, base=str(base), finetuned=str(ft))) == 6
     # --lora-scale reaches every pair that loads a LoRA, a LoRA fine-tune too, and no other
     scaled = {e.pair.lora_scale for e in read_manifest(imgs, base=str(base), finetuned=str(lora), lora_scale=0.5)}
     assert scaled == {0.5}
     mixed = read_manifest(tmp_path / "m.csv", base=str(base), finetuned=str(ft), lora_scale=0.5)
     assert {(e.pair.lora is not None, e.pair.lora_scale) for e in mixed} == {(False, 1.0), (True, 0.5)}
+    # a pickle file may be a LoRA (its keys are not read): the scale is kept for loading to
+    # decide; a LoRA named in capitals is one
+    (tmp_path / "maybe.bin").write_bytes(b"not read")
+    shutil.copy(lora, tmp_path / "LORA.SAFETENSORS")
+    for name in ("maybe.bin", "LORA.SAFETENSORS"):
+        got = read_manifest(imgs, base=str(base), finetuned=str(tmp_path / name), lora_scale=0.5)
+        assert {e.pair.lora_scale for e in got} == {0.5}, name
     # a lora_scale cell on a row that loads no LoRA, or one that is not finite, names the row
     (tmp_path / "s.csv").write_text("image,label,lora_scale\nimgs/members/member_00.png,member,0.5\n")
-    with pytest.raises(ValueError, match="row 2.*loads no LoRA|loads no LoRA"):
+    with pytest.raises(ValueError, match=r"s\.csv:2: lora_scale 0\.5 given, but the row loads no LoRA"):
         read_manifest(tmp_path / "s.csv", base=str(base), finetuned=str(ft))
     (tmp_path / "n.csv").write_text(f"image,label,lora,lora_scale\nimgs/members/member_00.png,member,{lora},nan\n")
     with pytest.raises(ValueError, match="lora_scale must be a finite number"):
