@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import time
 from pathlib import Path
@@ -201,7 +202,14 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         atomic_write_text(out / REMOVED, "".join(json_text(before[k], sort_keys=True) + "\n" for k in sorted(before)))
     run_rows = [rows[e.id] for e in entries]
     infos = {e.pair.key: e.pair.info() for e in entries}
-    cfg_prompts = {k: v for s in gathered for k, v in s.get("prompts", {}).items()}
+    # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
+    # (a resume loads only the pairs with images left)
+    try:
+        cfg_prompts = dict(json.loads((out / "summary.json").read_text()).get("prompts") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        cfg_prompts = {}
+    cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
+    cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
     emb_info = add_embedding_scores(run_rows, embedder, out, cfg.metric) if embedder is not None else None
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:

@@ -192,6 +192,12 @@ def test_resume_after_a_cut_line_scores_the_rest_once(entries, reference, tmp_pa
     assert summary["images"] == 6 and summary["auc"] == reference[2]["auc"]
 
 
+def test_a_resume_with_nothing_left_keeps_the_prompts(entries, tmp_path):
+    first = screen(entries, tmp_path, CFG, progress=False)
+    again = screen(entries, tmp_path, CFG, progress=False)
+    assert again["timing"]["images"] == 0 and first["prompts"] and again["prompts"] == first["prompts"]
+
+
 def test_resume_with_other_settings_is_refused(entries, reference, tmp_path):
     shutil.copy(reference[0] / "screen.json", tmp_path)
     other = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=STEPS, alpha=STEP_SIZE, eps=RADIUS), seed=1)
