@@ -149,7 +149,15 @@ def screen(
             remove_stale_temporaries(out)
 
         done = done_rows(out)
-        todo = [e for e in entries if e.id not in done or (retry_failed and "error" in done[e.id])]
+        # a scored row whose triptych or recovered image has gone is screened again (the same
+        # keyed draws: the same files and scores)
+        gone = {e.id for e in entries if e.id in done and "error" not in done[e.id]
+                and any(isinstance(done[e.id].get(k), str) and not (out / done[e.id][k]).is_file()
+                        for k in ("triptych", "recovered"))}
+        todo = [e for e in entries if e.id not in done or e.id in gone or (retry_failed and "error" in done[e.id])]
+        if rank == 0 and gone:
+            log.warning("%s: %d scored images have lost their triptych or recovered image; screening them again",
+                        out, len(gone))
         # counted before any rank can start writing: the total bar counts lines added after this
         shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
         digest = hashlib.sha256("\n".join(e.id for e in todo).encode()).hexdigest()

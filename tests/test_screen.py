@@ -198,6 +198,17 @@ def test_a_resume_with_nothing_left_keeps_the_prompts(entries, tmp_path):
     assert again["timing"]["images"] == 0 and first["prompts"] and again["prompts"] == first["prompts"]
 
 
+def test_a_resume_makes_a_deleted_triptych_again(entries, tmp_path, caplog):
+    screen(entries, tmp_path, CFG, progress=False)
+    row = _rows(tmp_path)[0]
+    first = (tmp_path / row["triptych"]).read_bytes()
+    (tmp_path / row["triptych"]).unlink()
+    again = screen(entries, tmp_path, CFG, progress=False)
+    assert "1 scored images have lost their triptych or recovered image" in caplog.text
+    assert again["timing"]["images"] == 1 and (tmp_path / row["triptych"]).read_bytes() == first
+    assert _rows(tmp_path)[0] == row and again["images"] == len(entries)
+
+
 def test_resume_with_other_settings_is_refused(entries, reference, tmp_path):
     shutil.copy(reference[0] / "screen.json", tmp_path)
     other = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=STEPS, alpha=STEP_SIZE, eps=RADIUS), seed=1)
