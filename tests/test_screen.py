@@ -182,7 +182,8 @@ def test_partial_last_line_is_skipped_then_cut(tmp_path):
 def test_resume_after_a_cut_line_scores_the_rest_once(entries, reference, tmp_path):
     ref_out, ref_rows, _ = reference
     lines = (ref_out / "results.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "triptychs").mkdir()
+    for folder in ("triptychs", "recovered"):  # a finished row's files were written before it
+        shutil.copytree(ref_out / folder, tmp_path / folder)
     shutil.copy(ref_out / "screen.json", tmp_path)
     # two finished rows, then the first half of a third: a kill in the middle of a write
     (tmp_path / "results.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
