@@ -403,5 +403,6 @@ def print_summary(summary: dict) -> None:
               f"levels; base model's denoising loss {m['loss clean']:.4f} -> {m['loss protected']:.4f}")
     t = summary["timing"]
     if t["images"]:
-        print(f"this run: {t['images']} images in {t['wall_s']:.1f} s ({t['images_per_hour']:,.0f} images/hour)")
+        print(f"this run: {t['images']} image{'s' if t['images'] != 1 else ''} in {t['wall_s']:.1f} s "
+              f"({t['images_per_hour']:,.0f} images/hour)")
     print(f"report: {summary['report']}")

@@ -265,7 +265,7 @@ image as a fine-tuner would load it; protection raises it.</div>
 <div class="cards"><div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>
 {% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b></div>{% endfor %}</div>
-<p class="sub">settings: {% for k, v in s.config.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+<p class="sub">settings: {% for k, v in settings %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
 <p class="sub">base model: <code>{{ s.base }}</code>; device {{ s.device }}, dtype {{ s.dtype }}</p>
 <table><thead><tr><th>image</th><th>size</th><th>mode</th><th>PSNR dB</th><th>SSIM</th><th>max change (levels)</th>
 <th>loss clean</th><th>loss protected</th><th>notes</th><th>original | protected | perturbation</th></tr></thead><tbody>
@@ -294,10 +294,23 @@ def write_report(out: Path, rows: Sequence[dict], summary: dict) -> Path:
 
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
-    html = env.from_string(REPORT).render(s=summary, rows=sorted(rows, key=lambda r: r.get("id", "")), fmt=_fmt)
+    html = env.from_string(REPORT).render(s=summary, rows=sorted(rows, key=lambda r: r.get("id", "")), fmt=_fmt,
+                                          settings=report_settings(summary.get("config") or {}))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path
+
+
+def report_settings(config: dict) -> list[tuple[str, object]]:
+    """The settings line of the report: what was set (a setting left unset is left out),
+    the target named where the loss uses one (the built-in pattern when none was given)."""
+    shown = []
+    for k, v in config.items():
+        if k == "target":  # used by the textural term only
+            v = (v or "built-in pattern") if config.get("loss") in ("textural", "fused") else None
+        if v is not None:
+            shown.append((k, v))
+    return shown
 
 
 def output_name(image_id: str) -> Optional[str]:

@@ -262,3 +262,12 @@ def test_a_held_output_folder_is_left_as_it_is(base, tiny_world, tmp_path):
         with pytest.raises(ValueError, match="in use by another cgidm run"):
             protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
     assert sorted(p.name for p in out.iterdir()) == [".cgidm.lock"]
+
+
+def test_the_reports_settings_leave_out_what_was_not_set():
+    from cgidm.protect_output import report_settings
+
+    adv = dict(report_settings(ProtectConfig(target="t.png").to_json()))
+    assert "target" not in adv and "textural_weight" not in adv and adv["loss"] == "advdm"
+    assert dict(report_settings(ProtectConfig(loss="textural").to_json()))["target"] == "built-in pattern"
+    assert dict(report_settings(ProtectConfig(loss="fused", target="t.png").to_json()))["target"] == "t.png"
