@@ -60,6 +60,13 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
 <tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fmt(m.auc) }}</td><td>{{ fmt(m.accuracy) }}</td><td>{{ fmt(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
+{% if s.pairs and s.pairs|length > 1 %}<table class="compare"><thead><tr><th>pair</th><th>images</th><th>failed</th>
+<th>AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k }}</td>
+<td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fmt(p.auc) }}</td>
+<td>{% if p.flagged is defined %}{{ p.flagged }}{% endif %}</td>
+<td>{% if p.set_verdict and p.set_verdict.p_value is not none %}{{ p.set_verdict.verdict }} (p = {{ fmt(p.set_verdict.p_value) }}){% endif %}</td></tr>{% endfor %}</tbody></table>
+<p class="sub">Each pair on its own: the AUC of its members vs hold-outs, its images flagged against its own controls.
+The figures above pool every pair.</p>{% endif %}
 {% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k }} <code>{{ v.prompt }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
