@@ -200,6 +200,8 @@ def _print_summary(summary: dict) -> None:
     if "flagged" in summary:
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
               f"of {len(summary['verdicts'])}")
+    for key, n in (summary.get("pairs_without_controls") or {}).items():
+        print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
     if summary.get("calibration_warning"):
         print(f"warning: {summary['calibration_warning']}")
     if summary.get("stalled"):
@@ -310,7 +312,8 @@ def cmd_screen(args) -> int:
     _print_summary(summary)
     t = summary["timing"]
     if t["images"]:
-        print(f"this run: {t['images']} images on {t['ranks']} rank(s) in {t['wall_s']:.1f} s, "
+        print(f"this run: {t['images']} image{'s' if t['images'] != 1 else ''} on {t['ranks']} rank(s) in "
+              f"{t['wall_s']:.1f} s, "
               f"{t['images_per_hour']:,.0f} images/hour, engine busy {100 * t['engine_busy']:.0f} % "
               f"({100 * (t['engine_busy_after_load'] or 0):.0f} % after loading the models)")
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK

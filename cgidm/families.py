@@ -115,8 +115,10 @@ class Family:
         return " ".join(bits)
 
     def inherit(self, base: "Family") -> "Family":
-        """A checkpoint that does not name its prediction type predicts like its base."""
-        return self if self.prediction_type is not None else replace(self, prediction_type=base.prediction_type)
+        """A checkpoint that does not say (a single file: no scheduler, no UNet config)
+        predicts like its base and has its base's sizes."""
+        return replace(self, **{k: getattr(base, k) for k in ("prediction_type", "latent_size", "vae_scaling_factor",
+                                                                "native_resolution") if getattr(self, k) is None})
 
 
 def _json(path: Path) -> Optional[dict]:

@@ -28,7 +28,7 @@ import torch
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_t_max, dtype_name
 from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
-from cgidm.images import ImageError, list_images, load_image_with_notes
+from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent)
@@ -299,6 +299,12 @@ class _Run:
         fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp,
                               self.cfg.cover, self.model.pixel_multiple)
         before, after, top = fields.pop("_before"), fields.pop("_after"), fields.pop("_top")
+        if self.cfg.cover == "centre":
+            w, h = fields["size"]
+            (left, upper, right, lower), _ = view_of(w, h, self.model.resolution, "centre")
+            if (right - left, lower - upper) != (w, h):
+                fields["notes"].append(f"--cover centre: only the centre {right - left}x{lower - upper} protected; "
+                                       "the margins are unchanged")
         panel_path = output_path(self.out / PANELS, item.id)
         atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
         # the loss on the protected file as a fine-tuner loads it (rounded, mapped back, resized)

@@ -126,6 +126,12 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(s.get("flagged", 0) for s in per.values())
             summary["controls"] = sum(s.get("controls", 0) for s in per.values())
+            # pairs without controls of their own: their images get no p-value and no verdict
+            bare = {k: sum(1 for r in by_pair[k] if "error" not in r and r.get("label") != "control")
+                    for k, s in per.items() if not s.get("controls")}
+            bare = {k: n for k, n in bare.items() if n}
+            if bare:
+                summary["pairs_without_controls"] = bare
         warnings = [f"{k}: {s['calibration_warning']}" for k, s in per.items() if s.get("calibration_warning")]
         if warnings:
             summary["calibration_warning"] = "; ".join(warnings)

@@ -303,3 +303,17 @@ def test_authenticate_runs_end_to_end_on_a_v_pair(v_pair, tiny_world, tmp_path):
     assert all(r["score"] == r["score"] for r in rows)  # finite, not NaN
     assert summary["models"]["family"].startswith("sd2 v_prediction")
     shutil.rmtree(tmp_path / "triptychs", ignore_errors=True)
+
+
+def test_a_single_files_family_takes_its_bases_sizes():
+    """A single file names no scheduler and no UNet config: its prediction type and sizes
+    are its base's, so its family reads as the folder fine-tune's would."""
+    from cgidm.families import Family
+
+    base = Family("sdxl", "epsilon", "base", cross_attention_dim=80, latent_size=16, vae_scaling_factor=0.13025,
+                  native_resolution=16)
+    one = Family("sdxl", None, "ft.safetensors", cross_attention_dim=80).inherit(base)
+    assert one.record() == base.record() == "sdxl epsilon latent 16 resolution 16 vae scaling 0.13025"
+    assert (one.prediction_type, one.latent_size, one.native_resolution) == ("epsilon", 16, 16)
+    own = Family("sd2", "v_prediction", "ft", latent_size=96).inherit(Family("sd2", "epsilon", "b", latent_size=64))
+    assert (own.prediction_type, own.latent_size) == ("v_prediction", 96)  # what a checkpoint says is its own

@@ -181,6 +181,9 @@ def test_centre_cover_leaves_the_margins_and_a_run_from_before_cover_resumes_as_
     b = np.asarray(Image.open(out / "protected" / "wide_b.png"), dtype=np.int64)
     # 30x20: the centre square is x 5..25; the margins are untouched
     assert (a[:, :5] == b[:, :5]).all() and (a[:, 25:] == b[:, 25:]).all() and (a[:, 5:25] != b[:, 5:25]).any()
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert "--cover centre: only the centre 20x20 protected; the margins are unchanged" in rows["wide_b.png"]["notes"]
+    assert not any(n.startswith("--cover") for n in rows["member_00.png"]["notes"])  # a square one: all of it
 
 
 def test_an_engine_is_kept_only_while_it_fits_the_batch(base, tiny_world, tmp_path):

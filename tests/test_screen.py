@@ -273,6 +273,8 @@ def test_pairs_load_once_and_unreadable_images_get_error_rows(tiny_world, tmp_pa
         lines += [f"{imgs / 'members' / 'member_00.png'},member,{extra}",
                   f"{imgs / 'holdouts' / 'holdout_00.png'},holdout,{extra}",
                   f"broken.png,,{extra}"]
+    # controls for the full fine-tune only: the LoRA pair's images get no verdict, and are said
+    lines += [f"{imgs / 'controls' / f'control_0{i}.png'},control," for i in range(3)]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     entries = read_manifest(tmp_path / "m.csv", tiny_world / "base", tiny_world / "finetuned")
     loads = []
@@ -282,7 +284,9 @@ def test_pairs_load_once_and_unreadable_images_get_error_rows(tiny_world, tmp_pa
     summary = screen(entries, tmp_path / "out", cfg, progress=False)
     assert sorted(loads) == sorted({e.pair.key for e in entries}) and len(loads) == 2
     rows = _rows(tmp_path / "out")
-    assert len(rows) == 6 and {r["pair"] for r in rows} == set(loads)
+    assert len(rows) == 9 and {r["pair"] for r in rows} == set(loads)
+    lora_key = next(r["pair"] for r in rows if "lora" in r["pair"])
+    assert summary["pairs_without_controls"] == {lora_key: 2} and len(summary["verdicts"]) == 2
     assert [r["id"].endswith("broken.png") for r in rows if "error" in r] == [True, True]
     assert summary["failed"] == 2 and set(summary["pairs"]) == set(loads)
     assert summary["auc"] is not None and set(summary["models"]) == set(loads)
