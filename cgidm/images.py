@@ -80,9 +80,15 @@ def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
     if not outputs:
         return found
     kept = [p for p in found if not any(f in p.parents for f in outputs)]
-    log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
-                ", ".join(f.relative_to(root).as_posix() for f in outputs))
+    said = (root, len(found), tuple(outputs))
+    if said not in _SAID:  # a folder listed twice in one run (checked before the model loads) is said once
+        _SAID.add(said)
+        log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
+                    ", ".join(f.relative_to(root).as_posix() for f in outputs))
     return kept
+
+
+_SAID: set = set()
 
 
 def min_side(resolution: int) -> int:

@@ -163,6 +163,8 @@ def test_an_earlier_runs_outputs_are_not_inputs(base, tiny_world, tmp_path, capl
     items = collect_protect_items(d, exclude=[d / "out2"])
     assert sorted(i.id for i in items) == ["member_00.png", "member_01.png"]
     assert "files in cgidm output folders under" in caplog.text and "out" in caplog.text
+    collect_protect_items(d, exclude=[d / "out2"])  # the same folder listed again: said once
+    assert caplog.text.count("files in cgidm output folders under") == 1
 
 
 def test_notes_of_a_long_image_and_of_an_animation(base, tmp_path):
