@@ -424,7 +424,7 @@ def cmd_extract(args) -> int:
     pair, cfg, prompt_from = _load_announced(opts, rt, args.base, args.finetuned, args.lora, cfg)
     embedder = _embedder(opts, rt.device)
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
-                prompt_from=prompt_from, lora_scale=opts.lora_scale)
+                prompt_from=prompt_from)
     c, t = s["clustering"], s["timing"]
     print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({t['samples_per_hour']:,.0f} samples/hour); "
           f"{c['clusters']} clusters at {s['features']} similarity "

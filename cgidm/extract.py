@@ -230,13 +230,12 @@ def extract(
     progress: bool = True,
     prompt_from: str = "given",
     scheduler=None,
-    lora_scale: Optional[float] = None,
 ) -> dict:
     """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
     ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
-    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). ``lora_scale``
-    is the scale the pair's LoRA was loaded with (``load_pair(lora_scale=...)``; the pair
-    does not carry it), recorded when a LoRA is involved (``None``: not known). The whole
+    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). The scale a LoRA
+    was loaded with (``pair.info["lora_scale"]``) is recorded when a LoRA is involved
+    (``None``: a pair built without it). The whole
     run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
     refused (``ValueError``) before anything in it is cleared or written. Returns what
     ``extract.json`` holds."""
@@ -246,12 +245,11 @@ def extract(
     out = Path(out)
     compare_items = list_compare_images(compare, exclude=[out]) if compare is not None else None
     with OutputLock(out):
-        return _extract_locked(pair, out, cfg, kind, compare_items, embedder, progress, prompt_from, scheduler,
-                               lora_scale)
+        return _extract_locked(pair, out, cfg, kind, compare_items, embedder, progress, prompt_from, scheduler)
 
 
 def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
-                    prompt_from: str, scheduler, lora_scale: Optional[float]) -> dict:
+                    prompt_from: str, scheduler) -> dict:
     """``extract`` once ``out``'s lock is held."""
     out.mkdir(parents=True, exist_ok=True)
     for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
@@ -309,7 +307,7 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
 
     models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
     if _uses_lora(pair):
-        models["lora_scale"] = None if lora_scale is None else float(lora_scale)
+        models["lora_scale"] = pair.info.get("lora_scale")
     summary = {
         "method": "FineXtract-style extraction (extrapolated guidance, clique clustering)",
         "models": models,

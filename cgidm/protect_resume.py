@@ -31,7 +31,7 @@ def _target_digest(path: str) -> str:
     """The target's identity for a resume: its file's contents, so the same file by another
     path is the same target."""
     try:
-        return "sha256:" + hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+        return "sha256:" + _sha256(Path(path).expanduser())[:16]
     except OSError as e:
         raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
 

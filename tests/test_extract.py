@@ -446,7 +446,7 @@ def test_records_hold_the_lora_scale_the_settings_and_the_candidates_written(pai
     cfg = ExtractConfig(prompt=PROMPT, samples=6, steps=3, seed=7, batch_size=5, clusters=2, guidance=2.5,
                         correction=-0.02)
     lora = load_pair(tiny_world / "base", None, tiny_world / "lora.safetensors", lora_scale=0.5)
-    s = X.extract(lora, tmp_path / "lora", cfg, progress=False, lora_scale=0.5)
+    s = X.extract(lora, tmp_path / "lora", cfg, progress=False)
     j = _strict(tmp_path / "lora" / "extract.json")
     assert s["models"]["lora_scale"] == 0.5 and j["models"]["lora_scale"] == 0.5
     assert j["config"]["candidates"] == len(j["candidates"]) >= 1
@@ -459,8 +459,7 @@ def test_records_hold_the_lora_scale_the_settings_and_the_candidates_written(pai
     assert "<th>samples</th><td>6" in html
 
     # no LoRA: no LoRA scale; fewer clusters than --candidates asks: the number written
-    s = X.extract(pairs["full"], tmp_path / "full", cfg.replace(samples=2, clusters=1, candidates=5), progress=False,
-                  lora_scale=0.5)
+    s = X.extract(pairs["full"], tmp_path / "full", cfg.replace(samples=2, clusters=1, candidates=5), progress=False)
     j = _strict(tmp_path / "full" / "extract.json")
     assert "lora_scale" not in j["models"] and "LoRA scale" not in (tmp_path / "full" / "report.html").read_text()
     assert j["config"]["candidates"] == len(j["candidates"]) <= 2
