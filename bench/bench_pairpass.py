@@ -313,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--full-size", action="store_true", help="SD v1 UNet shapes with random weights (CUDA)")
-    p.add_argument("--kinds", nargs="+", default=list(pairpass.PAIR_KINDS), choices=pairpass.PAIR_KINDS)
+    p.add_argument("--kinds", nargs="+", default=list(KIND_VARIANTS), choices=list(KIND_VARIANTS))
     p.add_argument("--batch", type=int, default=None, help="samples per model N (default 4; 2 on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--lora-rank", type=int, default=16)

@@ -22,6 +22,8 @@ Variants, by kind of pair (``PAIR_KINDS``):
   ``lora_fused`` — one base pass over ``cat([x_ft, x_pre])`` (every base weight read once
   for both sides, GEMMs twice as tall), the low-rank branch computed on the fine-tuned
   half only;
+- ``"same"`` (one UNet on both sides: a LoRA on the text encoder only, so only the
+  prompts differ): ``sequential`` only. ``stacked`` would hold the same weights twice;
 - ``"full"`` (two UNets of one architecture): ``stacked`` — both models' weights stacked
   and run as one ``torch.vmap`` over the model dimension (convolutions become one grouped
   convolution, linears one batched GEMM); ``two_streams`` — the two forwards on two CUDA
@@ -55,14 +57,14 @@ PairFn = Callable[
 ]
 Model = Union[torch.nn.Module, EpsFn]
 
-PAIR_KINDS = ("lora", "full")
+PAIR_KINDS = ("lora", "same", "full")
 # The names ``choose`` may return for each kind. A LoRA pair's ``sequential`` (two copies
 # of the base) is timed by the bench as the baseline but never chosen: it costs a second
 # copy of the UNet for the same work as ``lora_toggle``.
-VARIANTS = {"lora": ("lora_toggle", "lora_fused"), "full": ("sequential", "stacked", "two_streams")}
+VARIANTS = {"lora": ("lora_toggle", "lora_fused"), "same": ("sequential",), "full": ("sequential", "stacked", "two_streams")}
 # Without a measurement on this device: the variant that is never slower than two plain
 # calls and never holds more memory (lora_toggle runs exactly sequential's kernels).
-DEFAULT = {"lora": "lora_toggle", "full": "sequential"}
+DEFAULT = {"lora": "lora_toggle", "same": "sequential", "full": "sequential"}
 
 
 def variants(pair_kind: str) -> tuple[str, ...]:
@@ -457,7 +459,7 @@ def choose(
     if not timed:
         name = DEFAULT[pair_kind]
         why = {"lora": "one copy of the UNet, the same kernels as two passes",
-               "full": "two plain passes"}[pair_kind]
+               "same": "one UNet, two plain passes", "full": "two plain passes"}[pair_kind]
         return name, f"no measurement of a {pair_kind} pair pass on {key}: the safe default {name} ({why})"
     name = min(timed, key=timed.get)
     others = ", ".join(f"{n} {timed[n] * 1e3:.3g} ms" for n in sorted(timed, key=timed.get) if n != name)
@@ -467,11 +469,14 @@ def choose(
 def pair_kind(model_ft: Model, model_pre: Model) -> tuple[str, bool]:
     """``(kind, shared)``: ``("lora", True)`` when ``model_pre`` is ``model_ft`` with its
     adapters off (``cgidm.lora.AdaptersOff``: a LoRA pair holding one copy of the base),
-    else ``("full", False)``."""
+    ``("same", False)`` when both sides are one module (a text-encoder-only LoRA), else
+    ``("full", False)``."""
     from cgidm.lora import AdaptersOff
 
     if isinstance(model_pre, AdaptersOff) and model_pre.adapted is model_ft:
         return "lora", True
+    if model_pre is model_ft:
+        return "same", False
     return "full", False
 
 

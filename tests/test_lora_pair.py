@@ -252,14 +252,25 @@ def test_cli_loads_a_lora_fine_tune_with_a_second_lora(tiny_world, tmp_path, cap
     assert "does not fit" not in err and "already in use" not in err
 
 
-def test_a_lora_on_the_text_encoder_only_loads(tiny_world, tmp_path):
-    """No UNet layer to switch off: the pretrained and fine-tuned UNets are the base's."""
+def test_a_lora_on_the_text_encoder_only_loads(tiny_world, tmp_path, capsys):
+    """No UNet layer to switch off: the pretrained and fine-tuned UNets are the base's,
+    one module run twice (pair kind ``same``, never ``stacked``), and a run works."""
+    from cgidm import pairpass
+    from cgidm.cli import main
+
     te = load_pair(tiny_world / "base", tiny_world / "finetuned").text_encoder_pre
     path = _lora_file(tmp_path / "te.safetensors", 3, None, te, [], ["encoder.layers.0.self_attn.q_proj"])
     for pair in (load_pair(tiny_world / "base", lora=path), load_pair(tiny_world / "base", path)):
         assert pair.unet_pre is pair.unet_ft and pair.info["lora_match"] == {"matched": 1, "total": 1}
+        assert pairpass.pair_kind(pair.unet_ft, pair.unet_pre) == ("same", False)
         c_ft, c_pre = pair.encode_prompt("a sks pattern")
         assert (c_ft - c_pre).abs().max() > 1e-2
+    out = tmp_path / "out"
+    code = main(["authenticate", "--base", str(tiny_world / "base"), "--lora", str(path),
+                 "--images", str(tiny_world / "images" / "members"), "--out", str(out), "--steps", "2", "--quiet",
+                 "--prompt", "a sks pattern"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "summary.json").is_file()
 
 
 # --------------------------------------------------------------------------- --lora-scale without a LoRA

@@ -308,6 +308,9 @@ def test_choose_picks_the_fastest_measured_here():
     assert pairpass.choose("lora", "cpu", bad)[0] == "lora_toggle"
     with pytest.raises(ValueError, match="pair kind"):
         pairpass.choose("both", "cpu", measured)
+    # one UNet on both sides: never stacked (it would hold the same weights twice)
+    measured["nvidia-h200"]["same"] = {"stacked": 0.001, "two_streams": 0.002, "sequential": 0.02}
+    assert pairpass.choose("same", "nvidia-h200", measured)[0] == "sequential"
 
 
 def test_measured_from_rows():
