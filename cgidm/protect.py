@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_wri
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
-                               protect_batch, target_latent)
+                               protect_batch, target_latent, textural_weight)
 from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
                                    output_names, resume_plan)
 from cgidm.resume import OutputLock, read_jsonl, repair_jsonl
@@ -312,10 +313,12 @@ class _Run:
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
+        weight = textural_weight(self.cfg, math.prod(self.model.latent_shape_for(*image.shape[-2:])))
         row = {"id": item.id, "image": str(item.path), "source": self.sources.pop(item.id, None), "protected": f"{PROTECTED}/{rel}",
                "panel": f"{PANELS}/{panel_path.name}", **fields,
                "loss_clean": losses[0], "loss_protected": losses[1],
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
+               **({} if weight is None else {"textural_weight": weight}),
                # an animation's writing note says what its loading note says, and more
                "notes": [n for n in notes if not (n.startswith("animated") and any(
                    m.startswith("animated") for m in fields["notes"]))] + fields["notes"]}

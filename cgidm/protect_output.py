@@ -295,19 +295,25 @@ def write_report(out: Path, rows: Sequence[dict], summary: dict) -> Path:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
     html = env.from_string(REPORT).render(s=summary, rows=sorted(rows, key=lambda r: r.get("id", "")), fmt=_fmt,
-                                          settings=report_settings(summary.get("config") or {}))
+                                          settings=report_settings(summary.get("config") or {}, rows))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path
 
 
-def report_settings(config: dict) -> list[tuple[str, object]]:
+def report_settings(config: dict, rows: Sequence[dict] = ()) -> list[tuple[str, object]]:
     """The settings line of the report: what was set (a setting left unset is left out),
-    the target named where the loss uses one (the built-in pattern when none was given)."""
+    the target named where the loss uses one (the built-in pattern when none was given),
+    and a fused loss's textural weight by image size where none was set (the rows' own)."""
     shown = []
     for k, v in config.items():
         if k == "target":  # used by the textural term only
             v = (v or "built-in pattern") if config.get("loss") in ("textural", "fused") else None
+        if k == "textural_weight" and v is None and config.get("loss") == "fused":
+            weights = sorted({r["textural_weight"] for r in rows if isinstance(r.get("textural_weight"), (int, float))})
+            if weights:
+                v = "C*h*w/1e4 = " + ("{:.4g}".format(weights[0]) if len(weights) == 1 else
+                                      "{:.4g} to {:.4g} by size".format(weights[0], weights[-1]))
         if v is not None:
             shown.append((k, v))
     return shown

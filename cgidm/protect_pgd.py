@@ -221,6 +221,18 @@ def builtin_target(resolution: int, width: Optional[int] = None) -> torch.Tensor
     return torch.stack([grey, 1 - grey, (checker + stripes) % 2]) * 2 - 1
 
 
+def textural_weight(cfg: ProtectConfig, latent_numel: int) -> Optional[float]:
+    """The textural loss's weight in what PGD maximises, for an image whose latent has
+    ``latent_numel`` entries (``C*h*w``); ``None`` when ``cfg.loss`` has no textural term.
+    ``--loss textural`` alone: 1; ``fused``: ``--textural-weight``, else Mist's weighting
+    on the mean (its summed loss against 1e4 x the mean denoising loss), ``C*h*w / 1e4``."""
+    if not cfg.needs_target:
+        return None
+    if cfg.loss == "textural":
+        return 1.0
+    return cfg.textural_weight if cfg.textural_weight is not None else latent_numel / 1e4
+
+
 def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, noise, enc_noise, cond,
               z_target: Optional[torch.Tensor]) -> torch.Tensor:
     """``[B]``: what PGD maximises for each image."""
@@ -229,10 +241,7 @@ def objective(model: BaseModel, cfg: ProtectConfig, x_adv: torch.Tensor, t, nois
     if cfg.needs_model:
         out = out + denoising_loss(model.unet, z, t, noise, model.abar, cond, model.target).mean(1)
     if cfg.needs_target:
-        w = 1.0 if cfg.loss == "textural" else cfg.textural_weight
-        if w is None:  # Mist's weighting on the mean: its summed loss over 1e4 x the mean one
-            w = z[0].numel() / 1e4
-        out = out - w * textural_loss(z, z_target)
+        out = out - textural_weight(cfg, z[0].numel()) * textural_loss(z, z_target)
     return out
 
 

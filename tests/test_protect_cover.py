@@ -162,6 +162,29 @@ def test_the_runner_batches_by_size_and_covers_every_image(base, tiny_world, tmp
     assert json.loads(text)["cover"] == "full"
 
 
+def test_each_row_records_the_fused_weight_its_size_was_protected_with(base, tiny_world, tmp_path):
+    """``--loss fused`` without ``--textural-weight``: Mist's C*h*w/1e4 of each size's latent,
+    in each row and (as a range) in the report's settings; a set weight is every row's."""
+    import math
+
+    folder = _folder(tiny_world, tmp_path)
+    out = tmp_path / "out"
+    s = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST, loss="fused"), progress=False)
+    assert s["protected"] == 6
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    square, wide = (math.prod(base.latent_shape_for(*hw)) / 1e4 for hw in ((16, 16), (16, 24)))
+    assert square != wide
+    assert rows["member_00.png"]["textural_weight"] == square and rows["wide_b.png"]["textural_weight"] == wide
+    html = (out / "report.html").read_text()
+    assert f"C*h*w/1e4 = {square:.4g} to {wide:.4g} by size" in html
+    s = protect(base, collect_protect_items(folder), tmp_path / "set", ProtectConfig(**FAST, loss="fused",
+                textural_weight=0.5), progress=False)
+    rows = list(map(json.loads, (tmp_path / "set" / "results.jsonl").read_text().splitlines()))
+    assert {r["textural_weight"] for r in rows} == {0.5}
+    s = protect(base, collect_protect_items(folder), tmp_path / "adv", ProtectConfig(**FAST), progress=False)
+    assert not any("textural_weight" in json.loads(r) for r in (tmp_path / "adv" / "results.jsonl").read_text().splitlines())
+
+
 def test_centre_cover_leaves_the_margins_and_a_run_from_before_cover_resumes_as_centre(base, tiny_world, tmp_path):
     folder = _folder(tiny_world, tmp_path)
     out = tmp_path / "out"
