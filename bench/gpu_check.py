@@ -27,8 +27,10 @@ even when an earlier one failed:
 
 then a table (stage -> ok / failed / skipped, seconds, note) and one row in
 ``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
-stage. With ``$OUT`` set (a GPU lease returns only what is under it), the rows and a log of
-every stage are copied there. Exit status 1 if a stage failed, else 0.
+stage. With ``$OUT`` set (a GPU lease returns only what is under it), every row this run
+appended to (the pair-pass rows too) and each stage's log (``$OUT/logs``) are copied there
+as each stage ends, so a run the lease cuts off keeps what it did. Exit status 1 if a stage
+failed, else 0.
 
 Without CUDA it says so and runs the CPU smoke of the same stages (the extension checked,
 not rebuilt; the test modules collected; the ops on CPU without a sanitizer; bench_engine
@@ -84,6 +86,7 @@ class Runner:
         self.deadline = time.monotonic() + budget_s
         self.reserve = 0.0  # seconds kept for the stages after the next one
         self.stages: list[Stage] = []
+        self.after: Optional[Callable[[Stage], None]] = None  # called as each stage ends
         self.logs = WORK / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -94,6 +97,8 @@ class Runner:
     def add(self, stage: Stage) -> Stage:
         self.stages.append(stage)
         print(f"== {stage.name}: {stage.status} ({stage.seconds:.0f} s) {stage.note}", flush=True)
+        if self.after is not None:
+            self.after(stage)
         return stage
 
     def command(self, name: str, cmd: list[str], timeout_s: float, env: Optional[dict] = None) -> tuple[Optional[int], str, float]:
@@ -436,15 +441,25 @@ def ops_workload(device: str, names: tuple[str, ...], compare: bool) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def copy_out(paths: list[Path]) -> None:
+def copy_out(paths: list[Path], sub: str = "", quiet: bool = False) -> None:
     out = os.environ.get("OUT")
     if not out:
         return
-    Path(out).mkdir(parents=True, exist_ok=True)
+    dst = Path(out) / sub
+    dst.mkdir(parents=True, exist_ok=True)
     for p in paths:
         if p.is_file():
-            shutil.copy2(p, Path(out) / p.name)
-            print(f"copied {p.name} to $OUT", flush=True)
+            shutil.copy2(p, dst / p.name)
+            if not quiet:
+                print(f"copied {p.name} to $OUT{'/' + sub if sub else ''}", flush=True)
+
+
+def result_files(results: Path, slug: str, cuda: bool) -> list[Path]:
+    """The rows this run appends to: on a GPU every ``<bench>-<gpu>.json`` (the engine,
+    pair-pass, protect and extract benches, the check's own row); the CPU smoke's files."""
+    if cuda:
+        return sorted(results.glob(f"*-{slug}.json"))
+    return sorted([*results.glob("*smoke*.json"), *results.glob("gpu-check-cpu.json")])
 
 
 def combined_log(runner: Runner, path: Path, per_stage_bytes: int = 1 << 20) -> Path:
@@ -474,6 +489,9 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     runner = Runner(env, budget_s)
     device = torch.device("cuda" if cuda else "cpu")
     slug = device_slug(device)
+    # What each stage wrote reaches $OUT as it ends: a run cut off by the lease keeps it.
+    runner.after = lambda stage: (copy_out(result_files(RESULTS, slug, cuda), quiet=True),
+                                  copy_out([runner.logs / f"{stage.name}.log"], "logs", quiet=True))
 
     install_wheels(runner, py)
     t0 = time.monotonic()
@@ -492,7 +510,6 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     def want(name: str) -> bool:
         return only is None or name in only
 
-    task_rows: list[Path] = []
     runner.reserve = 340
     if want("build"):
         build(runner, py, cuda, info.get("compute_capability"))
@@ -514,10 +531,10 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
         sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
     runner.reserve = 70
     if want("protect"):
-        task_rows.append(bench_protect(runner, py, cuda, RESULTS, slug))
+        bench_protect(runner, py, cuda, RESULTS, slug)
     runner.reserve = 0
     if want("extract"):
-        task_rows.append(bench_extract(runner, py, cuda, RESULTS, slug))
+        bench_extract(runner, py, cuda, RESULTS, slug)
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
     print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")
@@ -528,7 +545,7 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     path = append_row("gpu-check", device, row)
     log = combined_log(runner, WORK / f"gpu-check-{slug}.log")
     print(f"row appended to {path}; stage logs in {runner.logs}", flush=True)
-    copy_out([path, RESULTS / f"engine-{slug if cuda else 'cpu-smoke'}.json", *task_rows, log])
+    copy_out([*result_files(RESULTS, slug, cuda), log])
     print(f"gpu-check: {'all stages passed' if not failed else 'FAILED: ' + ', '.join(failed)}"
           f"{'' if cuda else ' (CPU smoke)'}", flush=True)
     return 1 if failed else 0

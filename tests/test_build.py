@@ -91,8 +91,10 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck", "protect", "extract"):
         assert re.search(rf"^{stage} +ok ", table, re.M), table
     assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "extract-smoke-cpu.json",
-                                                     "gpu-check-cpu.json", "gpu-check-cpu.log",
+                                                     "gpu-check-cpu.json", "gpu-check-cpu.log", "logs",
                                                      "protect-speed-smoke-cpu.json"]
+    # each stage's log as it ended (a run the lease cuts off keeps what it did)
+    assert {"build.log", "tests.log", "bench.log", "protect.log", "extract.log"} <= {p.name for p in (out / "logs").iterdir()}
     row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
     assert row["ok"] and not row["cuda_available"] and row["git_sha"] and row["command"]
     assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
