@@ -94,6 +94,8 @@ class ModelPair(LatentGeometry):
             same = dtype is None or next(m.parameters()).dtype == dtype
             m.to(**({"device": device} if device is not None else {}), **({} if same else {"dtype": dtype}))
         self.codec.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+        if device is not None:  # indexed by timesteps on the device (kept fp64)
+            self.abar = self.abar.to(device)
         return self
 
     @torch.no_grad()

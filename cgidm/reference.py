@@ -198,6 +198,7 @@ REFERENCE_OPS = SimpleNamespace(
     pair_contrast_loss=pair_contrast_loss_ref,
     pgd_update=pgd_update_ref,
     linf_update=linf_pgd_update_ref,
+    draw_noise=rng.counter_draws,
 )
 
 

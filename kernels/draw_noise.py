@@ -29,9 +29,11 @@ from triton.language.random import philox_impl
 BLOCK = 256
 INTERPRET_BLOCK = 4096  # the interpreter pays per op, not per element
 
-_STREAM_T = 2
-_TWO_PI = 6.2831855  # fp32(2*pi), as cgidm.rng
-_TWO_POW_M24 = 5.9604644775390625e-08  # 2**-24
+# Globals read inside @triton.jit code must be tl.constexpr: Triton's code generator refuses
+# a plain Python number there (the interpreter, which the CPU tests run, does not check).
+_STREAM_T = tl.constexpr(2)
+_TWO_PI = tl.constexpr(6.2831855)  # fp32(2*pi), as cgidm.rng
+_TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2**-24
 
 
 @triton.jit

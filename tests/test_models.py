@@ -33,6 +33,13 @@ def test_diffusers_directory_pair(tiny_world):
     assert pair.resolution == 16 and pair.latent_channels == 3
 
 
+def test_moving_a_pair_moves_its_schedule(tiny_world):
+    """``abar`` is indexed by timesteps on the models' device: it moves with them, fp64."""
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned").to("meta")
+    assert next(pair.unet_ft.parameters()).device.type == "meta"
+    assert pair.abar.device.type == "meta" and pair.abar.dtype == torch.float64
+
+
 def test_unet_folder_alone(tiny_world):
     a = load_pair(tiny_world / "base", tiny_world / "finetuned")
     b = load_pair(tiny_world / "base", tiny_world / "finetuned" / "unet")
