@@ -9,8 +9,9 @@ even when an earlier one failed:
   env        device, driver, nvcc, compute-sanitizer, package versions
   build      ``pip install --no-deps --no-build-isolation --no-index -e .`` for this GPU's
              architecture only; fails unless ``cgidm._C`` has CUDA kernels
-  tests      every case of the test modules with CUDA cases (those that skip "needs CUDA";
-             test_build.py aside), slow ones aside; fails if a CUDA case skipped
+  tests      the CUDA cases (``--cuda-cases``, tests/conftest.py) of the test modules that
+             have them (those that skip "needs CUDA"; test_build.py aside), slow ones aside;
+             fails if a CUDA case skipped
   memcheck   ``compute-sanitizer --tool memcheck`` on ``gpu_check.py ops``: every op, every
              dtype, odd shapes, both noise modes, both norm modes, against the reference
   racecheck  ``--tool racecheck`` on the ops that reduce in shared memory
@@ -66,6 +67,10 @@ OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_upd
 REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
 STAGES = ("build", "tests", "memcheck", "racecheck", "bench", "pairpass", "synccheck", "protect", "extract")
+# What the stages import: the runtime and test dependencies (setup.py) a CUDA machine's own
+# python3 may lack (diffusers does: ../shared/tools/gpu-wheels.sh carries it).
+IMPORTS = ("diffusers", "transformers", "peft", "safetensors", "skimage", "sklearn", "jinja2", "tqdm", "matplotlib",
+           "pytest", "xdist", "hypothesis")
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
 
 
@@ -233,8 +238,8 @@ def run_tests(runner: Runner, py: str, cuda: bool) -> None:
             ok = rc == 0 and m is not None and int(m.group(1)) > 0
             return ("ok" if ok else "failed"), f"{m.group(1) if m else 0} cases of {len(files)} modules collected (CPU: not run)"
 
-        runner.stage("tests", [py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files], 180,
-                     collected)
+        runner.stage("tests", [py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "--cuda-cases",
+                               *files], 180, collected)
         return
     workers = ["-p", "no:xdist"]
     if importlib.util.find_spec("xdist"):
@@ -249,8 +254,9 @@ def run_tests(runner: Runner, py: str, cuda: bool) -> None:
             return "failed", f"CUDA cases skipped: {skipped[0][:160]}"
         return "ok", summary
 
-    runner.stage("tests", [py, "-m", "pytest", "-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider", *workers, *files],
-                 240, judge)
+    # --cuda-cases (tests/conftest.py): CI runs the CPU cases; the lease is for the CUDA ones
+    runner.stage("tests", [py, "-m", "pytest", "-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider", "--cuda-cases",
+                           *workers, *files], 240, judge)
 
 
 def sanitize(runner: Runner, py: str, cuda: bool, tool: str, ops: tuple[str, ...], timeout_s: float) -> None:
@@ -496,11 +502,14 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     install_wheels(runner, py)
     t0 = time.monotonic()
     info = environment(cuda)
-    try:  # a wheel the machine lacks shows here, not as a hundred failed tests
-        importlib.import_module("diffusers")
-        missing = ""
-    except Exception as e:  # noqa: BLE001 - any import failure is the finding
-        missing = f"; diffusers does not import ({type(e).__name__}: {e}): carry its missing wheels"
+    # a wheel the machine lacks shows here, not as a hundred failed tests
+    broken = []
+    for name in IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure is the finding
+            broken.append(f"{name} ({type(e).__name__}: {str(e)[:80]})")
+    missing = f"; does not import: {', '.join(broken)}: carry the missing wheels" if broken else ""
     runner.add(Stage("env", "failed" if missing else "ok", time.monotonic() - t0,
                      f"{info.get('gpu', 'CPU')}, torch {info['packages']['torch']} (CUDA {info['torch_cuda']}), "
                      f"nvcc: {info['nvcc'] or 'none'}{missing}"))

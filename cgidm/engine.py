@@ -94,9 +94,10 @@ def plan_memory(make_engine: Callable[[int], "Engine"], k: int, max_b: int, prob
     engine._step_eager_once()
     torch.cuda.synchronize(engine.device)
     per_sample = max(1, math.ceil((torch.cuda.max_memory_allocated(engine.device) - base) / (probe_b * k)))
+    device = engine.device
     del engine
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
+    free, _ = torch.cuda.mem_get_info(device)
     return MemoryPlan(per_sample, free, plan_batch(free, per_sample, max_b, k))
 
 

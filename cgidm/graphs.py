@@ -27,17 +27,21 @@ def capture(step: Callable[[], T], device, warmup: int) -> tuple[torch.cuda.CUDA
     graph's own output tensors, rewritten by every replay). The warm-up's and the capture's
     effects on the step's buffers are the caller's to undo."""
     device = torch.device(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    # the warm-up's cached blocks would otherwise sit beside the graph's private pool:
-    # capture would need about twice the step's peak memory
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    with torch.cuda.device(device):  # a --device cuda:N other than the current one: N's streams
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        # the warm-up's cached blocks would otherwise sit beside the graph's private pool:
+        # capture would need about twice the step's peak memory
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: work other threads do meanwhile (authenticate's prefetch encodes the
+        # next batch on its own stream, the row writer copies results to the host) is not
+        # this capture's and must not invalidate it, as the default global mode would
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+            out = step()
     return graph, out

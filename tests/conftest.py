@@ -1,5 +1,6 @@
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -48,3 +49,55 @@ def world_items(tiny_world):
 
     imgs = tiny_world / "images"
     return collect_items(None, imgs / "members", imgs / "holdouts")
+
+
+# --------------------------------------------------------------------------- --cuda-cases
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda-cases", action="store_true",
+                     help="only the cases that may use CUDA (gpu-check's tests stage, on a short GPU lease): "
+                          "those whose id, function or fixtures mention cuda")
+
+
+def _mentions_cuda(obj) -> bool:
+    import inspect
+
+    try:
+        return "cuda" in inspect.getsource(obj).lower()
+    except (OSError, TypeError):
+        return False
+
+
+def _uses_cuda(item) -> bool:
+    params = item.nodeid.lower().partition("[")[2].rstrip("]").split("-")
+    if any("cuda" in p for p in params):
+        return True
+    if "cpu" in params:  # the CPU case of a test parametrized by device
+        return False
+    fn = getattr(item, "function", None)
+    if fn is not None and _mentions_cuda(fn):
+        return True
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+    return any(_mentions_cuda(d[-1].func) for d in defs.values() if d)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A case skipped for want of CUDA that ``--cuda-cases`` would leave out fails: the GPU
+    lease would never run it. (Every CPU run checks the selection is complete.)"""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and re.search(r"needs CUDA|CUDA kernels", str(rep.longrepr)) and not _uses_cuda(item):
+        rep.outcome = "failed"
+        rep.longrepr = (f"{item.nodeid} skips for want of CUDA, but --cuda-cases (gpu-check) would not select it: "
+                        "name cuda in its parameters, its body or a fixture it uses")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--cuda-cases"):
+        return
+    keep = [i for i in items if _uses_cuda(i)]
+    kept = {id(i) for i in keep}
+    config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
+    items[:] = keep

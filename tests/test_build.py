@@ -100,6 +100,21 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
 
 
+def test_cuda_cases_selects_the_cuda_cases_only():
+    """gpu-check's tests stage runs ``--cuda-cases``: a device-parametrized test's cuda case
+    and a test that checks for CUDA itself are in, the cpu case and a CPU-only test out.
+    (That every case skipped for want of CUDA is selected, conftest checks on every run.)"""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                           "--cuda-cases", "tests/test_kernels_triton.py", "tests/test_engine.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    ids = {line for line in proc.stdout.splitlines() if "::" in line}
+    assert "tests/test_kernels_triton.py::test_pgd_update_triton_matches_reference[shape0-dtype0-1-True-cuda]" in ids
+    assert "tests/test_kernels_triton.py::test_pgd_update_triton_matches_reference[shape0-dtype0-1-True-cpu]" not in ids
+    assert "tests/test_engine.py::test_graph_is_captured_once_per_bucket" in ids
+    assert "tests/test_kernels_triton.py::test_pgd_update_triton_rejects_a_mask_of_the_wrong_size" not in ids
+
+
 def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
     """``--only protect``: env and the protect bench, nothing else; an unknown stage is refused."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CGIDM_BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1")
