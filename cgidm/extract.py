@@ -233,14 +233,18 @@ def extract(
 ) -> dict:
     """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
     ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
-    image there. ``cfg.prompt`` must be set (``pipeline.resolve_prompt``). The scale a LoRA
+    image there. ``cfg.prompt`` ``None``: the instance prompt the fine-tune records, as
+    ``authenticate`` resolves it (``pipeline.resolve_prompt``; a ``ValueError`` without
+    one); ``prompt_from`` says where a given prompt came from. The scale a LoRA
     was loaded with (``pair.info["lora_scale"]``) is recorded when a LoRA is involved
     (``None``: a pair built without it). The whole
     run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
     refused (``ValueError``) before anything in it is cleared or written. Returns what
     ``extract.json`` holds."""
     if cfg.prompt is None:
-        raise ValueError("no prompt given")
+        from cgidm.pipeline import resolve_prompt
+
+        cfg, prompt_from = resolve_prompt(cfg, pair)
     kind = feature_kind(cfg, embedder)
     out = Path(out)
     compare_items = list_compare_images(compare, exclude=[out]) if compare is not None else None

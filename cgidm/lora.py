@@ -197,6 +197,8 @@ def _stack(model: torch.nn.Module, adapter: str, scale: float) -> None:
 
 
 # what the loaders say when a LoRA's layers are not the model's (names or shapes)
+_SHAPE_MISFIT = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                           r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 _MISFIT = re.compile(r"size mismatch|not found in the base model|Error\(s\) in loading state_dict|"
                      r"(missing|unexpected) keys?\b|shape", re.IGNORECASE)
 
@@ -208,6 +210,14 @@ def _load_error(path: Path, model: str, e: Exception) -> ModelLoadError:
         from peft.utils.error import NoMatchingPeftModuleError as no_match
     except ImportError:  # an older PEFT: its message says "not found in the base model"
         no_match = KeyError
+    shapes = _SHAPE_MISFIT.findall(str(e))
+    if shapes:  # torch's message is a header line and then one line per layer
+        name, have, want = shapes[0]
+        name = re.sub(r"\.ft(_\d+)?\.", ".", name)  # our adapters' names are not the file's
+        return ModelLoadError(
+            f"{path}: LoRA does not fit the base {model}: {len(shapes)} LoRA weight shape(s) differ from the "
+            f"model's, e.g. {name}: [{have}] in the file, [{want}] in the model "
+            "(a LoRA for another model family or size?)")
     if isinstance(e, (no_match, KeyError)) or _MISFIT.search(str(e)):
         return ModelLoadError(f"{path}: LoRA does not fit the base {model} ({_one_line(e)})")
     return ModelLoadError(f"{path}: the LoRA could not be loaded into the base {model} ({_one_line(e)})")

@@ -369,6 +369,9 @@ def invert(
     """
     if generator is not None:
         raise TypeError(_NO_GENERATORS)
+    if not isinstance(cfg, PGDConfig):
+        raise TypeError(f"cfg must be a PGDConfig, got {type(cfg).__name__}"
+                        + (" (pass its .pgd)" if isinstance(getattr(cfg, "pgd", None), PGDConfig) else ""))
     b = x0.shape[0]
     k = cfg.k
     device = x0.device

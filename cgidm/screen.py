@@ -15,7 +15,9 @@ import hashlib
 import itertools
 import json
 import logging
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -231,3 +233,16 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     summary["report"] = str(write_report(out, run_rows, summary))
     return summary
 
+
+
+class _CallableModule(types.ModuleType):
+    """``cgidm.screen`` is both this module and, as the package's public name, the
+    function ``screen``: Python binds the imported submodule to the package's attribute,
+    so after any import of ``cgidm.screen`` the attribute is the module. Calling the module
+    calls the function, whichever the attribute holds."""
+
+    def __call__(self, *args, **kwargs):
+        return screen(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -5,6 +5,7 @@ per-sample loop and across batch sizes, the clustering on points with known clus
 and ``cgidm extract`` end to end on the tiny world, bad input included."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -438,6 +439,21 @@ def test_extract_holds_the_lock_from_sampling_through_writing(pairs, tmp_path, m
     X.extract(pairs["full"], out, ExtractConfig(prompt=PROMPT, samples=3, steps=1, clusters=1), progress=False)
     assert held == [True, True]
     OutputLock(out).acquire().release()  # and released at the end
+
+
+def test_the_python_api_resolves_the_prompt_as_authenticate_does(pairs, tmp_path):
+    """``prompt=None``: the instance prompt the fine-tune records (as the CLI and
+    ``cgidm.authenticate`` resolve it), said in extract.json; a pair recording none is a
+    ``ValueError`` that says what to pass."""
+    from cgidm.pipeline import resolve_prompt
+
+    want, where = resolve_prompt(ExtractConfig(), pairs["full"])
+    s = X.extract(pairs["full"], tmp_path / "o", ExtractConfig(samples=2, steps=1, clusters=1), progress=False)
+    assert s["prompt"] == want.prompt and s["prompt_from"] == where != "given"
+    unnamed = copy.copy(pairs["full"])
+    unnamed.info = {**unnamed.info, "finetuned": None}
+    with pytest.raises(ValueError, match="pass --prompt TEXT"):
+        X.extract(unnamed, tmp_path / "p", ExtractConfig(samples=2, steps=1, clusters=1), progress=False)
 
 
 def test_records_hold_the_lora_scale_the_settings_and_the_candidates_written(pairs, tiny_world, tmp_path):

@@ -96,3 +96,27 @@ def test_runners_and_cli_are_imported_only_from_above():
 def test_modules_stay_small():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 520}
     assert not long, f"modules over ~500 lines: {long}"
+
+
+def test_public_names_stay_what_they_are_on_every_access():
+    """``cgidm.screen`` is a submodule's name too: after it is imported (by the first lazy
+    access, or by ``import cgidm.screen``) Python binds the module to the package's
+    attribute. Calling it still screens; every other public name is the same object on
+    each access, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import cgidm, cgidm.screen as m\n"
+        "from cgidm.screen import screen\n"
+        "assert callable(cgidm.screen) and callable(m) and m.screen is screen\n"
+        "for name in cgidm.__all__:\n"
+        "    a, b = getattr(cgidm, name), getattr(cgidm, name)\n"
+        "    assert a is b or name == 'screen', name\n"
+        "import unittest.mock as um\n"
+        "with um.patch.object(m, 'screen', lambda *a, **k: ('called', a, k)):\n"
+        "    assert cgidm.screen(1, out=2) == ('called', (1,), {'out': 2})\n"
+    )
+    for first in ("", "import cgidm.screen\n"):
+        proc = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]

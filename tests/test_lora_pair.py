@@ -316,5 +316,11 @@ def test_only_a_misfit_is_said_not_to_fit(tiny_world, tmp_path):
     k = next(k for k in state if k.endswith("conv1.lora_A.weight"))
     state[k] = torch.zeros(state[k].shape[0], state[k].shape[1] + 3, *state[k].shape[2:])
     save_file(state, str(tmp_path / "wide.safetensors"))
-    with pytest.raises(ModelLoadError, match="does not fit the base UNet"):
+    with pytest.raises(ModelLoadError, match="does not fit the base UNet") as e:
         load_pair(tiny_world / "base", lora=tmp_path / "wide.safetensors")
+    # torch's message is a bare header line and then the layers: they are counted and one is named
+    name = k.removeprefix("unet.").replace(".lora_A.weight", ".lora_A.weight")
+    w = list(state[k].shape)
+    assert ("1 LoRA weight shape(s) differ from the model's, e.g. " in str(e.value)
+            and f"[{', '.join(map(str, w))}] in the file, [{w[0]}, {w[1] - 3}" in str(e.value)), str(e.value)
+    assert ".ft." not in str(e.value) and name.split(".")[-3] in str(e.value)

@@ -423,6 +423,10 @@ def test_invert_refuses_generators_and_missing_keys():
         invert(*args)
     with pytest.raises(ValueError, match="one per image"):
         invert(*args, [1, 2, 3])
+    from cgidm.config import AuthConfig
+
+    with pytest.raises(TypeError, match=r"cfg must be a PGDConfig, got AuthConfig \(pass its .pgd\)"):
+        invert(*args[:-1], AuthConfig(prompt="p"), keys=[1, 2])
 
 
 def test_radius_and_clamp_hold_over_a_whole_inversion():
