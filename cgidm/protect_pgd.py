@@ -104,7 +104,8 @@ class BaseModel(LatentGeometry):
 def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
               allow_pickle: bool = False) -> BaseModel:
     """The base pipeline directory (offline, the checks of ``cgidm.models``); UNet weights
-    in ``dtype``, frozen; the text encoder stays fp32. Its family (``families.detect_folder``)
+    and VAE in ``dtype`` (a VAE that asks for fp32 keeps it under fp16), frozen; the text
+    encoder stays fp32. Its family (``families.detect_folder``)
     gives the loss's target (epsilon or v) and how a prompt becomes conditioning (SDXL: both
     text encoders and the added conditioning, its UNet called through
     ``families.TextTimeUNet``)."""
@@ -130,7 +131,9 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     same = dtype is None or next(unet.parameters()).dtype == dtype
     unet.to(device=device, **({} if same else {"dtype": dtype}))
     te.to(device=device)
-    codec.to(device=device)
+    # the VAE encoder runs forward and backward every step: in the run's dtype, as the UNet
+    # (a VAE whose config asks for fp32 keeps it under fp16: codec.VaeCodec.to)
+    codec.to(device=device, **({} if dtype is None else {"dtype": dtype}))
     info = {"base": str(root), "family": family.record()}
     return BaseModel(unet, te, tok, codec, abar.to(device), info, family.target)
 

@@ -233,3 +233,26 @@ def test_fused_weight_follows_the_latent_size_as_mist_weighs_it(monkeypatch):
         fused = protect_pgd.objective(model, ProtectConfig(loss="fused", textural_weight=weight), x, None, None,
                                       None, None, z_target)
         torch.testing.assert_close(fused, expect * textural)
+
+
+def test_the_vae_runs_in_the_runs_dtype(tiny_world, tmp_path):
+    """The VAE encoder runs forward and backward every step: ``load_base`` casts it with
+    the UNet (it stayed fp32 while the UNet ran in bf16); the text encoder, used once, stays."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    root = tmp_path / "base"
+    shutil.copytree(tiny_world / "base", root)
+    shutil.rmtree(root / "codec")
+    # a one-level VAE (factor 1) with the tiny UNet's 3 latent channels
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=3,
+                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+    model = load_base(root, dtype=torch.bfloat16)
+    assert model.codec.dtype == torch.bfloat16 and next(model.unet.parameters()).dtype == torch.bfloat16
+    assert next(model.text_encoder.parameters()).dtype == torch.float32
+    assert load_base(root).codec.dtype == torch.float32
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    res = protect_batch(model, x, ["a.png"], ProtectConfig(steps=2))
+    assert torch.isfinite(res.objective).all() and res.delta.abs().max() > 0

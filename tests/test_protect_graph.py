@@ -53,7 +53,7 @@ def to_device(model: BaseModel, device: str, dtype=None) -> BaseModel:
 
     m = copy.deepcopy(model)
     m.unet.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-    m.codec.to(device=device)
+    m.codec.to(device=device, **({"dtype": dtype} if dtype is not None else {}))  # as load_base does
     m.abar = m.abar.to(device)
     if m.text_encoder is not None:
         m.text_encoder.to(device)
@@ -164,7 +164,10 @@ def no_tf32():
     comparison with the plain loop."""
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
+    # and graph vs eager bit for bit: cuDNN's deterministic algorithms (a backward-data one
+    # may add atomically)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, deterministic=True, allow_tf32=False):
+        yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
