@@ -6,9 +6,9 @@ text encoder (``SD15_TEXT``) with random weights, 512 px images: time and memory
 depend on the weights; nothing is downloaded.
 
 - **eager**: AdvDM as the public tools run it (Anti-DreamBooth's ``pgd_attack``, Mist's
-  loop): one image at a time, the UNet's, VAE's and text encoder's weights requiring
-  gradients (``loss.backward()`` fills every ``.grad``), the prompt encoded every step, a
-  fresh autograd graph every step.
+  loop): one image at a time, the UNet's and text encoder's weights requiring gradients
+  (``loss.backward()`` fills their ``.grad``; the VAE frozen, as both tools keep it), the
+  prompt encoded every step, a fresh autograd graph every step.
 - **engine**: ``ProtectEngine`` (what ``cgidm protect`` runs): frozen weights, the input
   gradient only, keyed draws, the L-inf step op, one step captured in a CUDA graph and
   replayed, at batch 1 and larger batches until one does not fit or the list ends; and
@@ -19,7 +19,9 @@ Both in the same weight dtype (``--dtype``, fp16 by default; the VAE too), AdvDM
 one timestep per image per step. Time per image-step is the median over ``--repeats``
 timed calls of ``--timed-steps`` steps each (CUDA events); an image's time is that times
 ``--steps`` (100, Mist's public default: docs/protect.md), as every step costs the same.
-Peak memory is ``torch.cuda.max_memory_allocated`` over the timed calls. Before timing,
+Peak memory is ``torch.cuda.max_memory_allocated`` over the timed calls (the goal's
+figure), beside ``max_memory_reserved`` (what the caching allocator held: a card needs
+that, and the CUDA context, about 0.5 GiB more). Before timing,
 the engine's perturbation after 2 steps is checked against ``protect_loop`` (the plain
 loop) on the same device.
 
@@ -89,6 +91,7 @@ class Row:
     images_per_hour: float
     peak_gib: float
     speedup_vs_eager: Optional[float]
+    peak_reserved_gib: float = float("nan")
 
 
 def build(cfg: Config):
@@ -134,7 +137,7 @@ class EagerLoop:
         self.x = image[None].float()
         self.adv = self.x.clone()
         self.eps, self.alpha = 2 * pcfg.budget_value, 2 * pcfg.step_value
-        self.modules = (model.unet, model.codec.vae, model.text_encoder)
+        self.modules = (model.unet, model.text_encoder)  # weight gradients on; the VAE frozen
 
     def __enter__(self):
         for m in self.modules:
@@ -178,16 +181,20 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+def peak_reserved_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
 def progress(r: Row) -> None:
     print(f"  {r.name} batch {r.batch}: {r.ms_per_image_step:.2f} ms per image-step, peak {r.peak_gib:.2f} GiB",
           flush=True)
 
 
-def row(name, batch, graph, samples, cfg: Config, peak, eager_ms=None) -> Row:
+def row(name, batch, graph, samples, cfg: Config, device, eager_ms=None) -> Row:
     p20, med, p80 = (1e3 * s for s in percentiles(samples))
     s_img = med * cfg.steps / 1e3
-    return Row(name, batch, graph, med, p20, p80, s_img, 3600 / s_img, peak,
-               None if eager_ms is None else eager_ms / med)
+    return Row(name, batch, graph, med, p20, p80, s_img, 3600 / s_img, peak_gib(device),
+               None if eager_ms is None else eager_ms / med, peak_reserved_gib(device))
 
 
 def check(model: BaseModel, cond: torch.Tensor, device) -> float:
@@ -200,7 +207,8 @@ def check(model: BaseModel, cond: torch.Tensor, device) -> float:
     return float((got == want).float().mean())
 
 
-def run(cfg: Config) -> tuple[list[Row], dict]:
+def run(cfg: Config, rows: list[Row]) -> dict:
+    """Appends to ``rows`` as each is measured (a later failure keeps them)."""
     device = torch.device(cfg.device)
     model, ids = build(cfg)
     with torch.no_grad():
@@ -210,7 +218,6 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
     if agree < 0.99:
         raise SystemExit(f"engine and plain loop disagree on {100 * (1 - agree):.2f} % of the entries")
     print(f"check: engine and plain loop agree on {100 * agree:.2f} % of the entries", flush=True)
-    rows: list[Row] = []
     x, names = images(model, max(cfg.batches + cfg.low_memory_batches), device)
 
     peak_reset(device)
@@ -220,7 +227,7 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
                 eager.step()
 
         samples = [s / cfg.timed_steps for s in time_fn(steps, device, cfg.warmup, cfg.repeats)]
-    rows.append(row("eager", 1, False, samples, cfg, peak_gib(device)))
+    rows.append(row("eager", 1, False, samples, cfg, device))
     eager_ms = rows[0].ms_per_image_step
     progress(rows[-1])
     del eager
@@ -239,7 +246,7 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
                 engine.run(x[:b], names[:b])
 
             samples = [s / (cfg.timed_steps * b) for s in time_fn(call, device, cfg.warmup, cfg.repeats)]
-            rows.append(row(name, b, engine.graph is not None, samples, cfg, peak_gib(device), eager_ms))
+            rows.append(row(name, b, engine.graph is not None, samples, cfg, device, eager_ms))
             progress(rows[-1])
         except torch.cuda.OutOfMemoryError:
             print(f"{name} batch {b}: out of memory; no larger batch", flush=True)
@@ -252,7 +259,7 @@ def run(cfg: Config) -> tuple[list[Row], dict]:
                               "vae": sum(p.numel() for p in model.codec.vae.parameters()) / 1e6,
                               "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()) / 1e6},
              "resolution": model.resolution}
-    return rows, extra
+    return extra
 
 
 def under_6_gb(gib: float) -> Optional[bool]:
@@ -278,7 +285,8 @@ def goals(rows: list[Row]) -> dict:
             "speedup_ge_10x": (best.speedup_vs_eager or 0) >= 10,
             "s_per_image_batch1": one.s_per_image, "under_10_s": one.s_per_image < 10,
             "s_per_image_best": best.s_per_image,
-            "peak_gib_batch1": one.peak_gib, "le_6_gb": under_6_gb(one.peak_gib)}
+            "peak_gib_batch1": one.peak_gib, "le_6_gb": under_6_gb(one.peak_gib),
+            "peak_reserved_gib_batch1": one.peak_reserved_gib}
 
 
 def main(argv=None) -> None:
@@ -301,7 +309,11 @@ def main(argv=None) -> None:
         raise SystemExit("no CUDA device here; use --device cpu --tiny for the smoke run")
     cfg = Config(args.device, args.tiny, args.dtype, args.steps, args.timed_steps, tuple(args.batches),
                  tuple(args.low_memory_batches), args.warmup, args.repeats)
-    rows, extra = run(cfg)
+    rows: list[Row] = []
+    try:
+        extra, failed = run(cfg, rows), None
+    except Exception as e:  # noqa: BLE001 - the rows measured before it are kept, and it is said
+        extra, failed = {"error": f"{type(e).__name__}: {e}"}, e
     g = goals(rows)
     print(f"{'name':<17} {'batch':>5} {'graph':>5} {'ms/img-step':>12} {'s/image':>8} {'img/h':>8} {'peak GiB':>8} "
           f"{'speedup':>7}")
@@ -316,6 +328,8 @@ def main(argv=None) -> None:
         out = append_row(name, dev, {**provenance(dev), "config": asdict(cfg), "rows": [asdict(r) for r in rows],
                                      "goals": g, **extra})
         print(f"appended to {out}")
+    if failed is not None:
+        raise failed
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def test_speed_bench_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "agree on 100.00 %" in out.stdout and "engine batch 2:" in out.stdout
     rows = (tmp_path / "protect-speed-smoke-cpu.json").read_text().splitlines()
-    assert len(rows) == 1 and '"speedup_vs_eager"' in rows[0]
+    assert len(rows) == 1 and '"speedup_vs_eager"' in rows[0] and '"peak_reserved_gib"' in rows[0]
 
 
 def test_out_of_memory_halves_the_engine_and_the_run_goes_on(bases, tiny_world, tmp_path, monkeypatch, caplog):
