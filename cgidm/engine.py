@@ -134,7 +134,7 @@ class Engine:
         target: Optional[TargetFn] = None,
     ) -> None:
         from cgidm import pairpass
-        from cgidm.ops import get_ops
+        from cgidm.ops import get_ops, step_draws
 
         if batch < 1:
             raise ValueError("batch must be >= 1")
@@ -144,6 +144,7 @@ class Engine:
         self.n = self.b * self.k
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.ops = get_ops(impl)
+        self.draw = step_draws(self.ops, self.device)
         self.eps_ft = freeze(model_ft, weight_dtype)
         self.eps_pre = freeze(model_pre, weight_dtype)
         dev = self.device
@@ -190,7 +191,7 @@ class Engine:
         None)`` replaces the draws (eager checks against fixed draws; ``step`` still advances)."""
         cfg = self.cfg
         if draws is None:
-            draws = draw_step(cfg, self.keys, self.step, self.latent_shape, self.device)
+            draws = draw_step(cfg, self.keys, self.step, self.latent_shape, self.device, self.draw)
         t, noise_ft, noise_pre = draws
         loss, grad = contrast_gradient(
             self.eps_ft, self.eps_pre, self.x0, self.x_init + self.delta, self.mask, t, noise_ft, noise_pre,

@@ -414,6 +414,16 @@ def _pick_impl(impl: str) -> tuple[str, SimpleNamespace]:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+def step_draws(ops: SimpleNamespace, device):
+    """The draws an engine's step takes on ``device``: on CUDA ``ops.draw_noise`` (one
+    kernel; the plain-torch ``rng.counter_draws`` is some 550 small kernels a call, each
+    replayed by a graph), elsewhere ``counter_draws`` itself, so that a CPU run equals the
+    reference loop bit for bit (the compiled CPU op agrees with it to a few ulps only)."""
+    if torch.device(device).type == "cuda":
+        return ops.draw_noise
+    return rng.counter_draws
+
+
 def get_ops(impl: str = DEFAULT_IMPL) -> SimpleNamespace:
     """``SimpleNamespace(pair_noise, pair_contrast_loss, pgd_update, draw_noise, linf_update)`` with
     the reference signatures (``draw_noise``: ``cgidm.rng.counter_draws``'s), backed by ``impl``:

@@ -38,7 +38,7 @@ from cgidm import graphs, rng
 from cgidm.checkpointing import set_gradient_checkpointing
 from cgidm.config import DEFAULT_IMPL, ProtectConfig
 from cgidm.models import LatentGeometry
-from cgidm.ops import get_ops
+from cgidm.ops import get_ops, step_draws
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
 
 # Suffixes of the per-image keys of the draws that are not the denoising loss's own.
@@ -265,6 +265,7 @@ def protect_loop(
     ``get_ops(impl)``; every implementation takes the same fp32 steps."""
     device = model.device
     ops = get_ops(impl)
+    draw = step_draws(ops, device)  # the engine's draws (on CUDA the fused op)
     x = images.to(device=device, dtype=torch.float32)
     b = x.shape[0]
     cond, eps, alpha = _check_inputs(model, cfg, b, ids, cond, z_target)
@@ -278,8 +279,8 @@ def protect_loop(
     skipped = torch.zeros(b, dtype=torch.long, device=device)
     first = last = torch.full((b,), float("nan"), device=device)
     for step in range(cfg.steps):
-        t, noise, _ = rng.counter_draws(keys, step, cfg.k, shape, cfg.t_min, cfg.t_max, False, device)
-        enc_noise = rng.counter_draws(enc_keys, step, 1, shape, 0, 0, False, device)[1] if sampled else None
+        t, noise, _ = draw(keys, step, cfg.k, shape, cfg.t_min, cfg.t_max, False, device)
+        enc_noise = draw(enc_keys, step, 1, shape, 0, 0, False, device)[1] if sampled else None
         x_adv = (x + delta).requires_grad_(True)
         obj = objective(model, cfg, x_adv, t, noise, enc_noise, cond, z_target)
         (grad,) = torch.autograd.grad(obj.sum() * scale, x_adv)
@@ -353,6 +354,7 @@ class ProtectEngine:
         dev = model.device
         self.model, self.cfg, self.b, self.device = model, cfg, int(batch), dev
         self.ops = get_ops(impl)
+        self.draw = step_draws(self.ops, dev)
         cond, self.eps, self.alpha = _check_inputs(model, cfg, 0, [], cond, z_target)
         self.cond = None if cond is None else model.condition_for(cond.to(dev), h, w)
         self.z_target = None if z_target is None else z_target.to(dev)
@@ -377,8 +379,8 @@ class ProtectEngine:
         """One step on the static buffers. Capture-safe: no host sync, no Python branch on
         a tensor's value, every result written in place."""
         cfg, dev = self.cfg, self.device
-        t, noise, _ = rng.counter_draws(self.keys, self.step, cfg.k, self.shape, cfg.t_min, cfg.t_max, False, dev)
-        enc_noise = (rng.counter_draws(self.enc_keys, self.step, 1, self.shape, 0, 0, False, dev)[1]
+        t, noise, _ = self.draw(self.keys, self.step, cfg.k, self.shape, cfg.t_min, cfg.t_max, False, dev)
+        enc_noise = (self.draw(self.enc_keys, self.step, 1, self.shape, 0, 0, False, dev)[1]
                      if self.sampled else None)
         with torch.enable_grad():
             x_adv = (self.x + self.delta).requires_grad_(True)

@@ -238,15 +238,18 @@ def draw_step(
     step: Union[int, torch.Tensor],  # PGD step: int, or 0-d int64 device tensor (graph capture)
     latent_shape: Sequence[int],  # (C, H, W)
     device: torch.device | str = "cpu",
+    draw: Optional[Callable] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """One step's random draws: ``t [N]`` int64, ``noise_ft [N, C, H, W]`` fp32 and
     ``noise_pre`` (paper mode; ``None`` in shared mode), ``N = B*K``. Image ``b``'s draws
     are a pure function of ``(keys[b], step, k, side)`` (``cgidm.rng.counter_draws``):
     whatever its batch, its position in it, the padding, eager or graph replay. Shared
     mode stratifies the K timesteps over ``[t_min, t_max]``; paper mode (``K = 1``) draws
-    one uniform ``t`` per image and independent noise for the two models."""
+    one uniform ``t`` per image and independent noise for the two models. ``draw``: an
+    implementation of the op ``draw_noise`` with ``counter_draws``'s signature (default:
+    ``counter_draws`` itself)."""
     keys = as_keys(keys, len(keys), device)
-    return rng.counter_draws(
+    return (draw or rng.counter_draws)(
         keys, step, cfg.k, latent_shape, cfg.t_min, cfg.t_max, cfg.noise == "paper", device,
     )
 

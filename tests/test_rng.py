@@ -378,3 +378,17 @@ def test_draws_replay_inside_a_cuda_graph(impl):
         torch.cuda.synchronize()
         want = draw(keys, value, 2, (3, 17, 23), 1, 999, True, "cuda")
         assert_draws_close(out, want, exact_normals=True)
+
+
+def test_engines_draw_with_the_op_on_cuda_and_the_plain_draws_elsewhere():
+    """``ops.step_draws``: on CUDA the op (one kernel instead of some 550 replayed ones);
+    on CPU ``counter_draws`` itself, whatever ``impl``: a CPU engine equals the reference
+    loop bit for bit, and the compiled CPU op agrees with it to a few ulps only."""
+    from cgidm.ops import step_draws
+
+    for impl in ("ref", "cpp", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ops = cgidm_ops.get_ops(impl)
+        assert step_draws(ops, "cpu") is rng.counter_draws
+        assert step_draws(ops, torch.device("cuda")) is ops.draw_noise
