@@ -231,6 +231,7 @@ def run(cfg: Config, rows: list[Row]) -> dict:
     eager_ms = rows[0].ms_per_image_step
     progress(rows[-1])
     del eager
+    model.text_encoder.to("cpu")  # as cgidm protect keeps it once the prompt is encoded
     runs = [("engine", b, pcfg) for b in cfg.batches]
     runs += [("engine-low-memory", b, pcfg.replace(low_memory=True)) for b in cfg.low_memory_batches]
     stopped = set()

@@ -91,13 +91,19 @@ class BaseModel(LatentGeometry):
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """``[1, L, D]`` fp32 on the model's device, kept per prompt."""
+        """``[1, L, D]`` fp32 on the model's device, kept per prompt. The text encoder
+        visits the device for the encoding only: a run encodes its prompt once, and on a GPU
+        the encoder's weights would otherwise sit beside every step's activations."""
         from cgidm.models import _encode
 
         cache = self.__dict__.setdefault("_prompts", {})
         if prompt not in cache:
-            self.text_encoder.to(self.device)
-            cache[prompt] = _encode(self.tokenizer, self.text_encoder, prompt, self.device)
+            device = self.device
+            self.text_encoder.to(device)
+            try:
+                cache[prompt] = _encode(self.tokenizer, self.text_encoder, prompt, device)
+            finally:
+                self.text_encoder.to("cpu")
         return cache[prompt]
 
 
@@ -130,7 +136,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     te.eval().requires_grad_(False)
     same = dtype is None or next(unet.parameters()).dtype == dtype
     unet.to(device=device, **({} if same else {"dtype": dtype}))
-    te.to(device=device)
+    # the text encoder stays on the CPU: BaseModel.encode_prompt takes it to the device and back
     # the VAE encoder runs forward and backward every step: in the run's dtype, as the UNet
     # (a VAE whose config asks for fp32 keeps it under fp16: codec.VaeCodec.to)
     codec.to(device=device, **({} if dtype is None else {"dtype": dtype}))
