@@ -16,6 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; real headers are a few MB at most
 
 
@@ -40,7 +41,12 @@ def _one_line(text, limit: int = 200) -> str:
 def _check_local(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~"))
+        # owner/name, as a hub spells a repository: two parts, no file suffix, and no local
+        # folder by the owner's name (a mistyped relative path is only "not found")
+        parts = str(path).split("/")
+        looks_like_hub_id = (len(parts) == 2 and all(parts) and not str(path).startswith((".", "~"))
+                             and not Path(parts[0]).expanduser().exists()
+                             and Path(parts[1]).suffix.lower() not in WEIGHT_SUFFIXES)
         hint = (
             " It looks like a model-hub id: cgidm never downloads. Download the model"
             " yourself and pass its local folder."

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build (or reuse) the tiny model pair and authenticate its images")
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    d.add_argument("--world", default=None, help="where the tiny world is cached (default ~/.cache/cgidm)")
+    d.add_argument("--world", default=None, help="where the tiny world is (default: $CGIDM_TINY_WORLD, else the "
+                                                 "family's folder in ~/.cache/cgidm, e.g. ~/.cache/cgidm/tiny-world-v3)")
     d.add_argument("--variant", choices=("full", "lora"), default="full", help="full fine-tune or LoRA")
     d.add_argument("--family", choices=config.FAMILY_WORLDS, default="sd1",
                    help="the model family of the tiny world (sd2-v: v-prediction; sdxl: two text encoders, "
@@ -141,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction of members extracted and members-vs-hold-outs AUC)")
     _add_fields(x.add_argument_group("extraction"), config.ExtractConfig)
     x_run = x.add_argument_group("run")
-    _add_fields(x_run, config.RunOptions, skip=("prefetch", "dist_timeout"))
+    _add_fields(x_run, config.RunOptions, skip=("prefetch", "dist_timeout", "embedder"))
+    x_run.add_argument("--embedder", default=None,
+                       help="local folder of a CLIP (CLIPVisionModelWithProjection) or DINO (ViTModel) model: the "
+                            "features samples are clustered and compared by (--features auto takes it when given)")
     x_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 

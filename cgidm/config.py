@@ -122,6 +122,10 @@ class PGDConfig:
         batch of ``B`` gives every image what a batch of one (the official code) gives it."""
         return True
 
+    def replace(self, **changes) -> "PGDConfig":
+        """A copy with ``changes`` (checked as a new configuration is)."""
+        return dataclasses.replace(self, **changes)
+
 
 @dataclass(frozen=True)
 class AuthConfig:

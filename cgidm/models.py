@@ -30,6 +30,7 @@ from cgidm import families
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
 from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict
+from cgidm.progress import library_bars_off
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def _load_component(cls, folder: Path, what: str, allow_pickle: bool):
         raise ModelLoadError(f"{folder}: missing {what} config.json")
     use_st = _weights_in(folder, allow_pickle)
     try:
-        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
+        with library_bars_off():
+            return cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
     except Exception as e:
         raise ModelLoadError(f"{folder}: cannot load {what} ({e})") from e
 
@@ -205,7 +207,8 @@ def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family
 
         use_st = _weights_in(base / "vae", allow_pickle)
         try:
-            vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st)
+            with library_bars_off():
+                vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st)
         except Exception as e:
             raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
         # SDXL's VAE overflows in fp16: its config asks to be kept in fp32 (force_upcast)

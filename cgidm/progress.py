@@ -3,6 +3,8 @@ of several, for all of them (fed by counting the lines of every rank's shard). I
 file (not a terminal) a bar prints a line every 30 s instead of redrawing."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
 import threading
 import time
@@ -70,3 +72,24 @@ def count_lines(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """transformers' and diffusers' own bars ("Loading weights ...") off while a model
+    loads: a cgidm run says what it loads in its own lines. The libraries' settings are
+    restored after (a notebook's choice stays)."""
+    switches = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        switches.append((mod, mod.is_progress_bar_enabled()))
+        mod.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for mod, was in switches:
+            if was:
+                mod.enable_progress_bar()

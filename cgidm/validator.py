@@ -213,6 +213,8 @@ def load_official_embedder(
     # warning level; what matters (missing weights) is checked below instead.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a cgidm run says what it loads in its own lines
     try:
         if model_type in CLIP_TYPES:
             kind = "clip"
@@ -236,6 +238,8 @@ def load_official_embedder(
         raise _folder_error(folder, f"cannot load weights: {first}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise _folder_error(folder, f"{len(missing)} weights missing, e.g. {missing[0]}")

@@ -98,3 +98,13 @@ def test_torchrun_derives_the_rank_device_and_says_so(monkeypatch, caplog):
         resolve_runtime("cuda:1", "auto")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_runtime("auto", "auto").dtype == torch.float16
+
+
+def test_pgd_config_replace_is_a_checked_copy():
+    from cgidm.config import PGDConfig
+
+    base = PGDConfig()
+    new = base.replace(steps=3, k=2)
+    assert (new.steps, new.k) == (3, 2) and base.steps == 1000
+    with pytest.raises(ValueError):
+        base.replace(t_min=10, t_max=5)

@@ -120,3 +120,15 @@ def test_public_names_stay_what_they_are_on_every_access():
     for first in ("", "import cgidm.screen\n"):
         proc = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_loading_models_draws_no_library_bars_and_keeps_the_libraries_settings(tiny_world, capfd):
+    """transformers' "Loading weights" bar is off while cgidm loads, and back on after."""
+    import transformers.utils.logging as tl
+
+    from cgidm.models import load_pair
+
+    assert tl.is_progress_bar_enabled()
+    load_pair(tiny_world / "base", tiny_world / "finetuned")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert tl.is_progress_bar_enabled()

@@ -70,6 +70,12 @@ def test_hub_id_fails_at_once_without_network(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError, match="never downloads"):
         load_pair("runwayml/stable-diffusion-v1-5", "someone/suspect")
+    # a mistyped path is only "not found": a weight file's name, a folder that exists, or deeper
+    (tmp_path / "models").mkdir()
+    for path in ("someone/suspect.safetensors", "models/suspect", "a/b/c"):
+        with pytest.raises(ModelLoadError, match="not found") as e:
+            load_pair(path, "x")
+        assert "hub" not in str(e.value), path
 
 
 def test_missing_component_is_named(tiny_world, tmp_path):
