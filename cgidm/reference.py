@@ -259,6 +259,8 @@ class InversionResult:
     x_rec: torch.Tensor  # [B, C, H, W] recovered latent
     delta: torch.Tensor  # [B, C, H, W]
     skipped_steps: torch.Tensor  # [B] steps with a zero or non-finite gradient
+    # the mean loss of every step when a callback was given, else of the last step only
+    # (reading each step's loss would sync the device every step)
     loss_history: list[float]
 
 
