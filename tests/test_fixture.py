@@ -1,5 +1,5 @@
 """The tiny world's shipped weights: a world assembled from them is the world that was
-trained, file for file; the round trip train -> export -> assemble is exact."""
+trained: the same weights, tensor for tensor, and images, byte for byte; the round trip train -> export -> assemble is exact."""
 from __future__ import annotations
 
 import json
