@@ -104,8 +104,9 @@ def authenticate(
 
         writer = RowWriter(threaded=prefetch_depth > 0)
         try:
+            # the step bar reads each step's loss (a device sync a step): only when it is shown
             stats = run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
-                             step_callback=step_bar)
+                             step_callback=step_bar if progress else None)
         finally:
             try:
                 writer.close()

@@ -69,7 +69,9 @@ def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
         except OutputError:
             raise
         except Exception as e:  # noqa: BLE001 - retried image by image by the consumer
-            loaded.error = e
+            # without its traceback: the frames hold the failed encode's tensors, on the GPU
+            # through the retries
+            loaded.error = e.with_traceback(None)
     return loaded
 
 
@@ -171,10 +173,19 @@ class RowWriter:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    """An out-of-memory fault, also where it is the cause or context of the error raised
+    (a capture it broke ends with another error) or cuBLAS's failed allocation."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))):
+            return True
+        text = str(e).lower()
+        if isinstance(e, RuntimeError) and any(s in text for s in ("out of memory", "can't allocate memory",
+                                                                     "alloc_failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _reason(e: BaseException) -> str:

@@ -262,17 +262,23 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
                 raise ValueError(f"--device {device} names one GPU; under torchrun give --device cuda "
                                  "and each rank takes cuda:LOCAL_RANK")
             local = int(os.environ.get("LOCAL_RANK", "0"))
-            dev = torch.device("cuda", local)
+            # a launcher that shows each rank its own GPU only (CUDA_VISIBLE_DEVICES per rank,
+            # SLURM --gpus-per-task=1) leaves one device, cuda:0, whatever LOCAL_RANK says
+            dev = torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local)
             note = f"rank {os.environ.get('RANK', '?')}: --device {device} -> {dev} (LOCAL_RANK {local})"
         elif dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"{dev} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        # kernels launched without a device guard of their own (Triton's) go to the current device
+        torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise ValueError(f"--device: {device!r} is not supported ({DEVICES_HELP})")
     if dtype == "auto":
         if dev.type == "cuda":
-            wdtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 where the GPU computes it (compute capability 8.0, Ampere, and later), not where
+            # torch would emulate it (is_bf16_supported's default counts emulation)
+            wdtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
         else:
             wdtype = torch.float32
     else:

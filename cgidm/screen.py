@@ -11,6 +11,7 @@ torchrun, merged by rank 0 at the end); a restarted run skips the ids already th
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -82,6 +83,9 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
             load_s += time.perf_counter() - t0
             run_pair(pair, group, pair_cfg, out, emit, writer, prefetch_depth=prefetch_depth, stats=stats)
             del pair
+            # the pair's engines and closures refer to each other: only a collection frees
+            # the UNets and graph pools before the next pair loads beside them
+            gc.collect()
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -176,15 +180,28 @@ def screen(
 
         bars = Progress(out, len(mine), len(entries), len(entries) - len(todo), rank, world, progress,
                         shard_lines)
+        failure: Optional[BaseException] = None
         try:
-            stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                 allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
-                                 progress=bars)
-            stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
+            try:
+                stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                     allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
+                                     progress=bars)
+                stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
+            except Exception as e:
+                if world == 1:
+                    raise
+                # every rank must reach the gather below: a rank that left for the group's
+                # teardown while the others gather would hang them until --dist-timeout
+                failure, stats = e, {"error": f"rank {rank}: {type(e).__name__}: {e}"}
             # also the barrier: every rank's shard is complete once this returns
             gathered = all_gather(stats)
         finally:
             bars.close()
+        if failure is not None:
+            raise failure
+        errors = [g["error"] for g in gathered if "error" in g]
+        if errors:
+            raise RuntimeError(f"another rank failed, so this one stops too ({errors[0]})")
         if rank != 0:
             return None
         return _finish(out, entries, cfg, gathered, embedder)

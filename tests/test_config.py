@@ -84,20 +84,28 @@ def test_cuda_without_cuda_is_refused():
 
 
 def test_torchrun_derives_the_rank_device_and_says_so(monkeypatch, caplog):
+    set_to = []
+    capability = {"cc": (9, 0)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability["cc"])
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("RANK", "2")
     caplog.set_level("WARNING")
     rt = resolve_runtime("cuda", "auto")
     assert rt.device == torch.device("cuda", 2) and rt.dtype == torch.bfloat16
+    assert set_to[-1] == torch.device("cuda", 2)  # Triton launches on the current device
     assert "cuda:2" in caplog.text and "LOCAL_RANK 2" in caplog.text
     with pytest.raises(ValueError, match="names one GPU"):
         resolve_runtime("cuda:1", "auto")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    # bf16 only where the GPU computes it (Ampere, 8.0, and later), not emulated
+    capability["cc"] = (7, 5)
     assert resolve_runtime("auto", "auto").dtype == torch.float16
+    # a launcher that shows each rank its own GPU only: cuda:0 whatever LOCAL_RANK says
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_runtime("cuda", "auto").device == torch.device("cuda", 0)
 
 
 def test_pgd_config_replace_is_a_checked_copy():

@@ -368,3 +368,32 @@ def test_sigkill_between_steps_leaves_only_complete_rows(tiny_world, tmp_path):
             im.verify()
     # temporary files may survive a SIGKILL, but hidden and never taken for inputs or results
     assert all(p.name.startswith(".") for p in out.rglob("*") if ".tmp" in p.name)
+
+
+def test_out_of_memory_is_seen_behind_the_error_it_caused():
+    """A fault that broke a CUDA-graph capture ends with the capture's own error; the
+    out-of-memory below it (cause or context) still halves the batch. cuBLAS's failed
+    allocation counts too; an unrelated error does not."""
+    import torch
+
+    from cgidm.batches import is_out_of_memory
+
+    def raised(make):
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def capture_broken():
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def chained():
+        raise RuntimeError("capture failed") from MemoryError()
+
+    assert is_out_of_memory(raised(capture_broken)) and is_out_of_memory(raised(chained))
+    assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(raised(lambda: 1 / 0))

@@ -356,6 +356,32 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(manifest, tiny_world, r
     assert "images: 6" in run.stdout and run.stdout.count("report:") == 1
 
 
+def test_a_failing_rank_stops_every_rank_at_once(manifest, tiny_world, tmp_path):
+    """An error on one rank (here rank 1's whole share) reaches the others at the gather:
+    every rank stops with it, in seconds, not after --dist-timeout of a hung collective."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys\n"
+        "import cgidm.screen as s\n"
+        "real = s._screen_rank\n"
+        "def failing(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('boom on rank 1')\n"
+        "    return real(*a, **k)\n"
+        "s._screen_rank = failing\n"
+        "from cgidm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           *_screen_cmd(manifest, tiny_world, out)[2:], "--dist-timeout", "3"]
+    t0 = time.monotonic()
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and "boom on rank 1" in said, said[-4000:]
+    assert "another rank failed, so this one stops too" in said, said[-4000:]
+    assert time.monotonic() - t0 < 150, "a rank waited for the collective timeout"
+
+
 def test_leave_group_waits_for_every_rank_on_the_store(tmp_path):
     """``distributed.leave_group``: out of the barrier, each rank counts itself on the
     rendezvous store and destroys the group only once all have (one rank here: the count
