@@ -297,10 +297,17 @@ class _Stacked(PairPass):
         s_ft, s_pre = model_ft.state_dict(), model_pre.state_dict()
         if {k: v.shape for k, v in s_ft.items()} != {k: v.shape for k, v in s_pre.items()}:
             raise ValueError("stacked needs one architecture: the two models' weights differ in names or shapes")
-        # a stacked copy of both models' weights (the originals are not referenced)
+        # a stacked copy of both models' weights; the models' own tensors then become views
+        # of it, so the weights are held once (the pair still holds both models)
         self.params, self.buffers = stack_module_state([model_ft, model_pre])
         for p in self.params.values():
             p.requires_grad_(False)
+        for i, model in enumerate((model_ft, model_pre)):
+            for name, p in model.named_parameters():
+                p.data = self.params[name][i]
+            for name, b in model.named_buffers():
+                if name in self.buffers:
+                    b.data = self.buffers[name][i]
         self.dtype = next(iter(self.params.values())).dtype
         # the architecture without weights: deepcopy with every weight pre-mapped to a meta
         # tensor, so no third copy of the weights is ever made
@@ -345,8 +352,8 @@ class _Stacked(PairPass):
 
 
 def stacked(model_ft: torch.nn.Module, model_pre: torch.nn.Module) -> PairPass:
-    """Both models' weights stacked (``torch.func.stack_module_state``, a copy: drop the
-    originals to save memory) and run as one ``vmap`` over the model dimension."""
+    """Both models' weights stacked (``torch.func.stack_module_state``; the models' own
+    weights become views of the stack) and run as one ``vmap`` over the model dimension."""
     return _Stacked(model_ft, model_pre)
 
 

@@ -215,6 +215,11 @@ def test_stacked_equals_two_passes(base, full_ft, n, shared):
     assert isinstance(pair.fallback_ops, list)
     # the second call runs with the fallback warning silenced and gives the same numbers
     assert_matches(forward_backward(pair, args, seeds), got, "stacked, second call")
+    # the weights are held once: the models' own tensors are views of the stack, unchanged
+    for model in (full_ft, base):
+        for name, p in model.named_parameters():
+            assert p.untyped_storage().data_ptr() == pair.params[name].untyped_storage().data_ptr(), name
+    assert_matches(forward_backward(pairpass.sequential(full_ft, base), args, seeds), want, "the models after")
 
 
 def test_stacked_needs_one_architecture(base):
