@@ -200,6 +200,18 @@ def environment(cuda: bool) -> dict:
     return info
 
 
+def cuda_home() -> Optional[str]:
+    """``$CUDA_HOME``, else the first toolkit folder that has ``include/cuda_runtime.h``:
+    ``/usr/local/cuda``, then the one above the real ``nvcc`` (links followed)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
+    for home in [Path("/usr/local/cuda"), *([Path(nvcc).resolve().parents[1]] if nvcc else [])]:
+        if (home / "include" / "cuda_runtime.h").is_file():
+            return str(home)
+    return None
+
+
 def build(runner: Runner, py: str, cuda: bool, capability: Optional[str]) -> None:
     verify = [py, "-c", "import sys, cgidm.ops as o; print('cgidm._C: cpu', o.has_cpp(), 'cuda', o.has_cuda()); "
                         f"sys.exit(0 if o.has_{'cuda' if cuda else 'cpp'}() else 1)"]
@@ -212,6 +224,9 @@ def build(runner: Runner, py: str, cuda: bool, capability: Optional[str]) -> Non
         runner.add(Stage("build", "skipped", 0.0, "time budget spent"))
         return
     env = dict(runner.env, TORCH_CUDA_ARCH_LIST=capability or "9.0", MAX_JOBS=str(os.cpu_count() or 4))
+    home = cuda_home()
+    if home:  # torch guesses it from nvcc's folder, wrong where nvcc is a wrapper script
+        env["CUDA_HOME"] = home
     rc, out, seconds = runner.command("build", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                                                 "--no-index", "-e", "."], 360, env)
     if rc != 0:

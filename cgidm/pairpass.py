@@ -303,11 +303,8 @@ class _Stacked(PairPass):
         for p in self.params.values():
             p.requires_grad_(False)
         for i, model in enumerate((model_ft, model_pre)):
-            for name, p in model.named_parameters():
-                p.data = self.params[name][i]
-            for name, b in model.named_buffers():
-                if name in self.buffers:
-                    b.data = self.buffers[name][i]
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                t.data = (self.params if name in self.params else self.buffers)[name][i]
         self.dtype = next(iter(self.params.values())).dtype
         # the architecture without weights: deepcopy with every weight pre-mapped to a meta
         # tensor, so no third copy of the weights is ever made

@@ -26,6 +26,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.random import philox_impl
 
+from cgidm.kernels.pgd_update import launcher
+
 BLOCK = 256
 INTERPRET_BLOCK = 4096  # the interpreter pays per op, not per element
 
@@ -140,7 +142,7 @@ def draw_noise_triton(
         block, libdev = INTERPRET_BLOCK, False
     groups = max((m + 3) // 4, 1)
     grid = (n, triton.cdiv(groups, block), s)
-    torch.library.wrap_triton(_draw_noise_kernel)[grid](
+    launcher(_draw_noise_kernel)[grid](
         keys, step, t, noise, n, k, m, t_min, t_max - t_min + 1, LIBDEVICE=libdev, BLOCK=block
     )
     return t, noise

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 # the same block sizes as the L2 update, and the same interpreter check
-from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreter_inputs
+from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreter_inputs, launcher
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def linf_update_triton(
         block, launch = INTERPRET_BLOCK, {}
     # wrap_triton: traced as a kernel call under torch.compile / make_fx (the launcher is
     # the body of the torch op cgidm::linf_update_triton, see cgidm.ops.triton_ops).
-    torch.library.wrap_triton(_linf_update_kernel)[(b,)](
+    launcher(_linf_update_kernel)[(b,)](
         *tensors, delta_out, skipped, m,
         float(alpha), float(eps), float(lo), float(hi),
         BLOCK=block, **launch,

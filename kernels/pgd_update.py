@@ -94,6 +94,15 @@ def interpreting() -> bool:
     )
 
 
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)`` (traced as a kernel call under torch.compile /
+    make_fx), or the kernel itself where the interpreter runs it: torch 2.13's
+    ``wrap_triton`` hands an interpreted kernel back as it is, older ones refuse it."""
+    if not isinstance(kernel, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def interpreter_inputs(tensors: list, lead: torch.Tensor, what: str) -> list:
     """A CPU launch's inputs: numpy has no bfloat16, so the interpreter gets fp32 copies
     (exact). Fake and functional tensors (tracing) launch nothing: only a real ``lead``
@@ -141,7 +150,7 @@ def pgd_update_triton(
     grid = (b,) if per_sample else (1,)
     # wrap_triton: traced as a kernel call under torch.compile / make_fx (the launcher is
     # the body of the torch op cgidm::pgd_update_triton, see cgidm.ops.triton_ops).
-    torch.library.wrap_triton(kernel)[grid](
+    launcher(kernel)[grid](
         *tensors, delta_out, z,
         m if per_sample else b * m, m,
         float(alpha), float(eps), float(clamp_min), float(clamp_max),

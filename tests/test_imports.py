@@ -128,7 +128,12 @@ def test_loading_models_draws_no_library_bars_and_keeps_the_libraries_settings(t
 
     from cgidm.models import load_pair
 
-    assert tl.is_progress_bar_enabled()
-    load_pair(tiny_world / "base", tiny_world / "finetuned")
-    assert "Loading weights" not in capfd.readouterr().err
-    assert tl.is_progress_bar_enabled()
+    was = tl.is_progress_bar_enabled()  # a CLI test in this worker may have turned it off
+    tl.enable_progress_bar()  # as a notebook has it
+    try:
+        load_pair(tiny_world / "base", tiny_world / "finetuned")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert tl.is_progress_bar_enabled()
+    finally:
+        if not was:
+            tl.disable_progress_bar()
