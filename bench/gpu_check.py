@@ -332,7 +332,7 @@ def bench_pairs(runner: Runner, py: str, cuda: bool) -> None:
                                                          out.strip().splitlines()[-1][:200] if out.strip() else ""))
 
 
-def bench_protect(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> Path:
+def bench_protect(runner: Runner, py: str, cuda: bool) -> None:
     """``cgidm protect`` on SD v1.5 shapes (random weights): the eager public-tools loop
     against the engine's CUDA graph, images/hour and peak memory (issue 16's goals)."""
     if cuda:
@@ -340,17 +340,15 @@ def bench_protect(runner: Runner, py: str, cuda: bool, results: Path, slug: str)
     else:
         cmd = [py, "bench/bench_protect_speed.py", "--device", "cpu", "--tiny", "--batches", "1", "2",
                "--timed-steps", "2", "--repeats", "1", "--warmup", "0"]
-    path = results / f"protect-speed-{slug if cuda else 'smoke-cpu'}.json"
 
     def judge(rc: int, out: str) -> tuple[str, str]:
         goals = next((line for line in reversed(out.splitlines()) if line.startswith("goals")), "no goals line")
         return ("ok" if rc == 0 else "failed"), goals[:220] if rc == 0 else f"exit status {rc}"
 
     runner.stage("protect", cmd, 150, judge)
-    return path
 
 
-def bench_extract(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> Path:
+def bench_extract(runner: Runner, py: str, cuda: bool) -> None:
     """``cgidm extract`` on SD v1.5 shapes (random weights): the plain per-sample loop
     against batched sampling with the pair pass in a CUDA graph (issue 17's speed)."""
     if cuda:
@@ -360,7 +358,6 @@ def bench_extract(runner: Runner, py: str, cuda: bool, results: Path, slug: str)
                "--speed-steps", "2", "--batches", "4", "2", "--repeats", "1"]
     runner.stage("extract", cmd, 150, lambda rc, out: ("ok" if rc == 0 else "failed",
                                                         out.strip().splitlines()[-1][:200] if out.strip() else ""))
-    return results / f"extract-{slug if cuda else 'smoke-cpu'}.json"
 
 
 # --------------------------------------------------------------------------- the ops workload
@@ -555,10 +552,10 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
         sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
     runner.reserve = 70
     if want("protect"):
-        bench_protect(runner, py, cuda, RESULTS, slug)
+        bench_protect(runner, py, cuda)
     runner.reserve = 0
     if want("extract"):
-        bench_extract(runner, py, cuda, RESULTS, slug)
+        bench_extract(runner, py, cuda)
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
     print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")

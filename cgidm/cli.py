@@ -164,13 +164,8 @@ def config_from_args(args, preset: typing.Optional[str] = None) -> config.AuthCo
 
 
 def run_options(args) -> config.RunOptions:
-    import math
-
     given = _given(args, config.RunOptions)
-    opts = config.RunOptions(**given)
-    if not math.isfinite(opts.lora_scale):
-        raise ValueError(f"--lora-scale must be a finite number, got {opts.lora_scale}")
-    return opts
+    return config.RunOptions(**given)
 
 
 def _print_summary(summary: dict) -> None:

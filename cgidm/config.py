@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -194,6 +195,10 @@ class RunOptions:
     lora_scale: float = _opt(1.0, "strength of each LoRA (--finetuned as a LoRA file, --lora; stacked when both)")
     prefetch: int = _opt(2, "batches read and encoded ahead of the inversion (0: no background threads)")
     dist_timeout: float = _opt(120.0, "minutes ranks wait for each other under torchrun")
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"--lora-scale must be a finite number, got {self.lora_scale}")
 
 
 # Presets: a named set of settings; a flag given beside a preset is recorded as a departure.

@@ -74,6 +74,9 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
     return sorted(found)
 
 
+_SAID: set = set()  # the output folders already warned about: (root, files listed, folders)
+
+
 def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
     folders = {f for p in found for f in p.parents if root in f.parents}  # each looked at once
     outputs = sorted(f for f in folders if any(all((f / m).is_file() for m in group) for group in OUTPUT_MARKERS))
@@ -86,9 +89,6 @@ def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
         log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
                     ", ".join(f.relative_to(root).as_posix() for f in outputs))
     return kept
-
-
-_SAID: set = set()
 
 
 def min_side(resolution: int) -> int:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cgidm.checkpoints import ModelLoadError, _one_line
+from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,14 @@ def is_lora_state_dict(state: dict) -> bool:
 def is_lora_file(path) -> Optional[bool]:
     """Whether ``path`` is a LoRA file: for ``.safetensors`` from its header's names alone
     (no tensor is read); ``None`` (cannot tell without unpickling it) for a pickle file
-    (``.bin``, ``.pt``, ``.ckpt``, ``.pth``); ``False`` for a folder, anything else, or a
+    (``checkpoints.PICKLE_SUFFIXES``); ``False`` for a folder, anything else, or a
     file that cannot be read (loading it says why)."""
     from pathlib import Path
 
     if path is None or not Path(path).is_file():
         return False
     suffix = Path(path).suffix.lower()
-    if suffix in (".bin", ".pt", ".ckpt", ".pth"):
+    if suffix in PICKLE_SUFFIXES:
         return None
     if suffix != ".safetensors":
         return False

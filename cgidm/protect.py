@@ -42,6 +42,8 @@ __all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base",
 log = logging.getLogger(__name__)
 
 PANELS = "panels"
+
+
 @dataclass(frozen=True)
 class ProtectItem:
     """An image to protect: its file and its id (the path relative to the input folder,

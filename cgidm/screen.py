@@ -251,7 +251,6 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     return summary
 
 
-
 class _CallableModule(types.ModuleType):
     """``cgidm.screen`` is both this module and, as the package's public name, the
     function ``screen``: Python binds the imported submodule to the package's attribute,

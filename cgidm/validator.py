@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cgidm.images import centre_crop, resize_short_side  # noqa: F401 (re-exported: the torchvision rules)
+from cgidm.progress import library_bars_off
 
 log = logging.getLogger(__name__)
 
@@ -213,33 +214,30 @@ def load_official_embedder(
     # warning level; what matters (missing weights) is checked below instead.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a cgidm run says what it loads in its own lines
-    try:
-        if model_type in CLIP_TYPES:
-            kind = "clip"
-            kw = {}
-            if model_type == "clip":
-                # the vision config alone does not carry the projection size of the whole model
-                full = CLIPConfig.from_pretrained(folder, local_files_only=True)
-                vision = full.vision_config
-                vision.projection_dim = full.projection_dim
-                kw["config"] = vision
-            model, info = CLIPVisionModelWithProjection.from_pretrained(
-                folder, local_files_only=True, output_loading_info=True, **kw
-            )
-        else:
-            kind = "dino"
-            model, info = ViTModel.from_pretrained(
-                folder, add_pooling_layer=False, local_files_only=True, output_loading_info=True
-            )
-    except (OSError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise _folder_error(folder, f"cannot load weights: {first}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with library_bars_off():  # a cgidm run says what it loads in its own lines
+        try:
+            if model_type in CLIP_TYPES:
+                kind = "clip"
+                kw = {}
+                if model_type == "clip":
+                    # the vision config alone does not carry the projection size of the whole model
+                    full = CLIPConfig.from_pretrained(folder, local_files_only=True)
+                    vision = full.vision_config
+                    vision.projection_dim = full.projection_dim
+                    kw["config"] = vision
+                model, info = CLIPVisionModelWithProjection.from_pretrained(
+                    folder, local_files_only=True, output_loading_info=True, **kw
+                )
+            else:
+                kind = "dino"
+                model, info = ViTModel.from_pretrained(
+                    folder, add_pooling_layer=False, local_files_only=True, output_loading_info=True
+                )
+        except (OSError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise _folder_error(folder, f"cannot load weights: {first}") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise _folder_error(folder, f"{len(missing)} weights missing, e.g. {missing[0]}")

@@ -5,7 +5,6 @@ runner batching by size, and a resume of a run made before ``--cover``."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from cgidm.images import load_image_with_notes, view_of
 from cgidm.protect import _target, collect_protect_items, protect
 from cgidm.protect_output import perturbation_levels
 from cgidm.protect_pgd import ProtectEngine, builtin_target, load_base, protect_loop, target_latent
+from cgidm.testing.world import copy_members
 
 FAST = dict(steps=2, eval_draws=2)
 
@@ -123,11 +123,7 @@ def test_target_is_drawn_or_resized_at_the_images_size(base, tiny_world):
 
 
 def _folder(tiny_world, tmp_path):
-    d = tmp_path / "art"
-    d.mkdir()
-    members = sorted((tiny_world / "images" / "members").glob("*.png"))[:3]
-    for p in members:
-        shutil.copy(p, d / p.name)
+    d = copy_members(tiny_world, tmp_path / "art", 3)
     rng = np.random.default_rng(1)
     for name, shape in (("wide_a.png", (16, 24, 3)), ("wide_b.png", (20, 30, 3)), ("tall.png", (24, 16, 3))):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(d / name)

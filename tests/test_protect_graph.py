@@ -9,7 +9,6 @@ cases replay the graph."""
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ from cgidm.config import ProtectConfig
 from cgidm.protect import collect_protect_items, protect
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, load_base, protect_batch, protect_loop,
                                set_checkpointing, target_latent)
+from cgidm.testing.world import copy_members
 
 
 def needs_cuda():
@@ -136,11 +136,7 @@ def test_zero_steps_and_bad_arguments(bases):
 
 
 def _art(tiny_world, tmp_path, n=3):
-    d = tmp_path / "art"
-    d.mkdir()
-    for p in sorted((tiny_world / "images" / "members").glob("*.png"))[:n]:
-        shutil.copy(p, d / p.name)
-    return collect_protect_items(d)
+    return collect_protect_items(copy_members(tiny_world, tmp_path / "art", n))
 
 
 def test_runner_goes_on_eagerly_when_capture_fails(bases, tiny_world, tmp_path, monkeypatch, caplog):
