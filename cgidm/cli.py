@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import typing
 
@@ -447,8 +448,24 @@ def cmd_extract(args) -> int:
     return EXIT_OK
 
 
+_NEGATIVE_FRACTION = re.compile(r"-[0-9.]+/[0-9.]+")
+
+
+def _join_negative_fractions(argv: list[str]) -> list[str]:
+    """``--budget -1/255`` as ``--budget=-1/255``: argparse reads a value that starts with
+    ``-`` as an option unless it is a plain number, so a negative fraction would be
+    "expected one argument" instead of the option's own range check."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_FRACTION.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_fractions(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from cgidm.files import OutputError

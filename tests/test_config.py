@@ -116,3 +116,14 @@ def test_pgd_config_replace_is_a_checked_copy():
     assert (new.steps, new.k) == (3, 2) and base.steps == 1000
     with pytest.raises(ValueError):
         base.replace(t_min=10, t_max=5)
+
+
+def test_a_negative_fraction_reaches_the_options_own_check(tmp_path, capsys):
+    # argparse takes "-1/255" for an option ("expected one argument") unless it is joined
+    assert cli._join_negative_fractions(["--budget", "-1/255", "--steps", "-3", "-q"]) == [
+        "--budget=-1/255", "--steps", "-3", "-q"]
+    assert cli._join_negative_fractions(["-1/2"]) == ["-1/2"]  # no option before it: left as it is
+    code = cli.main(["protect", "--base", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--budget", "-1/255"])
+    assert code == cli.EXIT_USAGE
+    assert "budget must be in (0, 1]" in capsys.readouterr().err
