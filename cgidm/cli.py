@@ -282,7 +282,7 @@ def cmd_authenticate(args) -> int:
 
 
 def cmd_screen(args) -> int:
-    from cgidm.distributed import init_distributed, leave_group
+    from cgidm.distributed import dist_info, init_distributed, leave_group
     from cgidm.manifest import read_manifest
     from cgidm.screen import screen
 
@@ -298,7 +298,9 @@ def cmd_screen(args) -> int:
     _check_impl(cfg.impl, rt)
     started = init_distributed(rt.device, opts.dist_timeout)
     try:
-        embedder = _embedder(opts, rt.device)
+        # only rank 0 scores with it (at the merge); loaded before the screening, so a bad
+        # --embedder stops the run before hours of work
+        embedder = _embedder(opts, rt.device) if dist_info()[0] == 0 else None
         summary = screen(entries, args.out, cfg, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle,
                          allow_partial_lora=opts.allow_partial_lora, embedder=embedder, progress=not args.quiet,
                          retry_failed=args.retry_failed, prefetch_depth=opts.prefetch)

@@ -95,10 +95,11 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
             "prompts": prompts}
 
 
-def _lock(out: Path, rank: int) -> Optional[OutputLock]:
-    """Rank 0 holds the folder's lock for the whole run; every rank learns whether it got it."""
-    lock, error = None, None
-    if rank == 0:
+def _lock(out: Path, rank: int, error: Optional[str] = None) -> Optional[OutputLock]:
+    """Rank 0 holds the folder's lock for the whole run; every rank learns whether it got
+    it, or rank 0's ``error`` (a reason found before it to stop: every rank stops with it)."""
+    lock = None
+    if rank == 0 and error is None:
         try:
             lock = OutputLock(out).acquire()
         except (ValueError, OutputError) as e:  # every rank stops, not only rank 0
@@ -127,21 +128,27 @@ def screen(
     rest over the ranks of an initialised process group, and on rank 0 merges the rows and
     writes ``results.jsonl``, ``summary.json`` and ``report.html``. ``device``/``dtype``:
     this rank's, as ``config.resolve_runtime`` decided. Returns the summary on rank 0 and
-    None on the other ranks."""
+    None on the other ranks. ``embedder`` (for an embedding metric's scores): rank 0's;
+    the other ranks may pass None."""
     import torch
 
     cfg = cfg or AuthConfig()
-    check_embedder(cfg, embedder)
     t_start = time.perf_counter()
     out = Path(out)
     rank, world = dist_info()
+    unusable = None  # rank 0 merges and scores with the embedder; the other ranks need none
+    if rank == 0:
+        try:
+            check_embedder(cfg, embedder)
+        except ValueError as e:
+            unusable = str(e)
     entries = sorted(entries, key=lambda e: e.id)
     if not entries:
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
     output_dirs(out)
-    lock = _lock(out, rank)  # before anything is made inside: a held folder is left as it is
+    lock = _lock(out, rank, unusable)  # before anything is made inside: a held folder is left as it is
     try:
         output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
         ids = [e.id for e in entries]

@@ -15,7 +15,7 @@ from cgidm import cli
 from cgidm.api import AuthConfig
 from cgidm.reference import PGDConfig
 from cgidm.manifest import Entry, PairSpec, read_manifest, shard
-from cgidm.resume import done_rows, read_jsonl, repair_jsonl
+from cgidm.resume import LOCK, done_rows, read_jsonl, repair_jsonl
 from cgidm.screen import screen
 
 # one worker for the whole module: the subprocess tests each take both cores
@@ -380,6 +380,27 @@ def test_a_failing_rank_stops_every_rank_at_once(manifest, tiny_world, tmp_path)
     assert run.returncode != 0 and "boom on rank 1" in said, said[-4000:]
     assert "another rank failed, so this one stops too" in said, said[-4000:]
     assert time.monotonic() - t0 < 150, "a rank waited for the collective timeout"
+
+
+def test_only_rank_0_loads_the_embedder_and_needs_one(entries, manifest, tiny_world, tmp_path, monkeypatch):
+    """The embedder scores at rank 0's merge: an embedding metric without one is refused
+    on rank 0 through the lock's gather (so every rank stops), and the CLI on another rank
+    loads none (a second copy of DINO or CLIP per GPU for nothing)."""
+    import dataclasses
+
+    from cgidm import distributed
+    from cgidm import screen as screen_module
+
+    with pytest.raises(ValueError, match="needs --embedder"):
+        screen(entries, tmp_path / "a", dataclasses.replace(CFG, metric="embed_cos"), progress=False)
+    assert not (tmp_path / "a" / "results.jsonl").exists() and not (tmp_path / "a" / LOCK).exists()
+    loaded, given = [], {}
+    monkeypatch.setattr(distributed, "dist_info", lambda: (1, 2))
+    monkeypatch.setattr(cli, "_embedder", lambda opts, device: loaded.append(opts.embedder))
+    monkeypatch.setattr(screen_module, "screen", lambda *a, **k: given.update(k))
+    argv = _screen_cmd(manifest, tiny_world, tmp_path / "b", "--embedder", str(tiny_world / "embedder-vit-random"))
+    assert cli.main(argv[2:]) == cli.EXIT_OK
+    assert loaded == [] and "embedder" in given and given["embedder"] is None
 
 
 def test_leave_group_waits_for_every_rank_on_the_store(tmp_path):
