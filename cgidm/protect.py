@@ -117,8 +117,11 @@ class _Run:
         # batch only as far as its pixels need
         self.pixel_budget: Optional[int] = None
         self.low_memory_fallback = False
+        # written into every protected file, which is made to be published: the base
+        # model's folder name, not its path on this machine
+        base = model.info.get("base")
         self.stamp = {"loss": cfg.loss, "budget": str(cfg.budget), "steps": cfg.steps, "cover": cfg.cover,
-                      "base": model.info.get("base")}
+                      "base": Path(base).name if base else None}
         self.progress = progress
         self.bar = None
         self.protected = 0  # images written in this run
@@ -321,9 +324,10 @@ class _Run:
                "loss_clean": losses[0], "loss_protected": losses[1],
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
                **({} if weight is None else {"textural_weight": weight}),
-               # an animation's writing note says what its loading note says, and more
-               "notes": [n for n in notes if not (n.startswith("animated") and any(
-                   m.startswith("animated") for m in fields["notes"]))] + fields["notes"]}
+               # an animation's writing note says what its loading note says, and more; a note
+               # both the loading and the writing made (a 32-bit image's stretch) is said once
+               "notes": list(dict.fromkeys([n for n in notes if not (n.startswith("animated") and any(
+                   m.startswith("animated") for m in fields["notes"]))] + fields["notes"]))}
         if not all(isinstance(v, (int, float)) and v == v for v in (losses[0], losses[1])):
             row["notes"].append("the reported loss is not finite")
         log.debug("wrote %s in %.2f s", dst, time.perf_counter() - t0)

@@ -11,8 +11,8 @@ fine-tuner (and ``authenticate``) sees it. It is mapped back by resizing it (bil
 that part of the original, in the original's pixels; then it is rounded to whole 8-bit
 levels and clipped to the budget and to the pixel range. The budget is met exactly in the
 written file: every pixel of every channel differs from the original by at most
-``floor(budget * 255)`` levels. Outside that part (the margins beyond 2:1, or beyond the
-centre square) nothing is changed.
+``floor(budget * 255)`` levels (a 16-bit image: ``floor(budget * 65535)`` 16-bit levels).
+Outside that part (the margins beyond 2:1, or beyond the centre square) nothing is changed.
 """
 from __future__ import annotations
 
@@ -84,10 +84,29 @@ def _working_image(img: Image.Image, notes: list[str]) -> Image.Image:
     return new
 
 
-def _metadata(img: Image.Image, notes: list[str], stamp: dict) -> dict:
-    """``Image.save`` keywords that carry the original's metadata into the PNG: text
-    chunks, ICC profile, EXIF (orientation reset when it was applied), dpi; plus cgidm's
-    own ``cgidm-protect`` text chunk with the settings."""
+def _fewer_bits(img: Image.Image) -> bool:
+    """Whether Pillow decodes ``img`` (opened, not loaded) to fewer bits than the file
+    holds: it reads 16-bit colour (a 48-bit RGB or 64-bit RGBA PNG or TIFF, 16-bit grey
+    with alpha) as 8 bits per channel, and can write no such file."""
+    if img.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str) and "16" in raw:
+            return True
+    return False
+
+
+# the ICC colour space (header bytes 16-20) each written mode needs
+_ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY", **{m: b"GRAY" for m in _SIXTEEN_BIT}}
+
+
+def _metadata(img: Image.Image, notes: list[str], stamp: dict, mode: str) -> dict:
+    """``Image.save`` keywords that carry the original's metadata into a PNG of ``mode``:
+    text chunks, the ICC profile (unless it is for another colour space: a CMYK image's
+    profile on the RGB file would be wrong), EXIF (orientation reset when it was applied),
+    dpi; plus cgidm's own ``cgidm-protect`` text chunk with the settings."""
     info = PngImagePlugin.PngInfo()
     text = getattr(img, "text", None) or {k: v for k, v in img.info.items() if isinstance(v, str)}
     for key, value in text.items():
@@ -100,8 +119,14 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict) -> dict:
             info.add_itxt(key, value)
     info.add_text("cgidm-protect", json.dumps(stamp, sort_keys=True))
     kw: dict = {"pnginfo": info}
-    if isinstance(img.info.get("icc_profile"), bytes):
-        kw["icc_profile"] = img.info["icc_profile"]
+    icc = img.info.get("icc_profile")
+    if isinstance(icc, bytes) and icc:
+        space = icc[16:20]
+        if space == _ICC_SPACE.get(mode):
+            kw["icc_profile"] = icc
+        else:
+            name = space.decode("latin-1").strip() or "unknown"
+            notes.append(f"ICC profile ({name} colour space) not copied: the file is written as {mode}")
     try:
         exif = img.getexif()
         if len(exif):
@@ -165,18 +190,22 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     fields: ``size``, ``mode``, ``psnr``, ``ssim``, ``linf_levels``, ``notes`` and the arrays
     ``_before`` / ``_after`` (for the panel; not written to the row)."""
     notes: list[str] = []
-    limit = math.floor(budget * 255 + 1e-6)
     with Image.open(src) as opened:
         if getattr(opened, "is_animated", False):
             notes.append("animated: first frame protected and written")
+        if _fewer_bits(opened):
+            notes.append(f"16 bits per channel read and written as 8 (the imaging library holds {opened.mode} "
+                         "in 8 bits): the protected file is 8-bit")
         opened.load()
         img = _working_image(opened, notes)
-        kw = _metadata(opened, notes, stamp)
+        kw = _metadata(opened, notes, stamp, img.mode)
     w, h = img.size
     d = perturbation_levels(delta, (w, h), resolution, cover, multiple)  # float32, [h, w, 3]
     arr = np.asarray(img)
     sixteen = img.mode in _SIXTEEN_BIT
     top, scale = (65535, 257) if sixteen else (255, 1)
+    # the budget in the file's own levels: 16-bit steps hold a fraction of an 8-bit level
+    limit = math.floor(budget * top + 1e-6)
     colour = _colour(arr, img.mode)
     # in place and in 32 bits: a large scan's full-size temporaries stay few and small
     # a greyscale image's step, the mean of three channels, in float64 (so are 16-bit ones,
@@ -185,7 +214,7 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     del d
     step *= scale
     np.rint(step, out=step)
-    np.clip(step, -limit * scale, limit * scale, out=step)
+    np.clip(step, -limit, limit, out=step)
     new_colour = colour.astype(np.int32)
     np.add(new_colour, step, out=new_colour, casting="unsafe")
     del step

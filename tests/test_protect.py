@@ -119,6 +119,7 @@ def _make_inputs(folder):
     sub = folder / "sub"
     sub.mkdir()
     Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(sub / "deep.png")
+    Image.fromarray(rng.integers(0, 100_000, (16, 20)).astype(np.int32)).save(sub / "wide32.tif")
 
 
 def test_protected_files_keep_size_mode_metadata_and_the_budget(base, tiny_world, tmp_path):
@@ -126,10 +127,10 @@ def test_protected_files_keep_size_mode_metadata_and_the_budget(base, tiny_world
     _make_inputs(folder)
     out = tmp_path / "out"
     summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST, batch_size=3), progress=False)
-    assert summary["failed"] == 0 and summary["protected"] == 7
+    assert summary["failed"] == 0 and summary["protected"] == 8
     rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     expect = {"wide.png": "RGB", "grey.png": "L", "alpha.png": "RGBA", "photo.jpg": "RGB", "pal.png": "RGB",
-              "sub/deep.png": "I;16", "member_00.png": "RGB"}
+              "sub/deep.png": "I;16", "member_00.png": "RGB", "sub/wide32.tif": "L"}
     for image_id, mode in expect.items():
         row = rows[image_id]
         src = Image.open(folder / image_id)
@@ -142,13 +143,17 @@ def test_protected_files_keep_size_mode_metadata_and_the_budget(base, tiny_world
     assert rows["photo.jpg"]["protected"] == "protected/photo.jpg.png"
     assert any("P written as RGB" in n for n in rows["pal.png"]["notes"])
     assert Image.open(out / rows["wide.png"]["protected"]).text["Author"] == "an artist"
+    # the published file names the base model's folder, not its path on this machine
+    assert json.loads(Image.open(out / rows["wide.png"]["protected"]).text["cgidm-protect"])["base"] == "base"
+    notes = rows["sub/wide32.tif"]["notes"]  # the loading and the writing both stretch it: said once
+    assert len(notes) == len(set(notes)) and any("stretched" in n for n in notes), notes
     wide = np.asarray(Image.open(out / rows["wide.png"]["protected"]), dtype=np.int64)
     orig = np.asarray(Image.open(folder / "wide.png"), dtype=np.int64)
     # --cover full (the default): the whole wide image is perturbed, margins too
     assert (np.abs(wide - orig).max(axis=(0, 2)) > 0).all()
     alpha = np.asarray(Image.open(out / rows["alpha.png"]["protected"]))[..., 3]
     assert (alpha == np.asarray(Image.open(folder / "alpha.png"))[..., 3]).all()
-    assert (out / "report.html").is_file() and json.loads((out / "summary.json").read_text())["protected"] == 7
+    assert (out / "report.html").is_file() and json.loads((out / "summary.json").read_text())["protected"] == 8
 
 
 def test_a_second_run_does_nothing_and_other_settings_are_refused(base, tiny_world, tmp_path):

@@ -341,3 +341,57 @@ def test_scores_refuse_an_image_no_window_fits():
     a = np.zeros((2, 10), dtype=np.uint8)
     with pytest.raises(ValueError, match="win_size"):
         _scores(a, a + 50, 255)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def test_written_modes_say_what_the_imaging_library_cannot_keep(tmp_path):
+    """A 48-bit RGB PNG (Pillow holds RGB in 8 bits) is written 8-bit with a note; a CMYK
+    JPEG's CMYK ICC profile is not put on its RGB PNG (note), an RGB profile on RGB is."""
+    import struct
+    import zlib
+
+    from PIL import ImageCms
+
+    from cgidm.protect_output import protect_file
+
+    rng = np.random.default_rng(3)
+    deep = rng.integers(0, 65536, (12, 10, 3)).astype(">u2")
+    raw = b"".join(b"\0" + deep[i].tobytes() for i in range(12))
+    (tmp_path / "rgb48.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 10, 12, 16, 2, 0, 0, 0))
+                                         + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk_icc = bytearray(srgb)
+    cmyk_icc[16:20] = b"CMYK"
+    pixels = Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8), "RGB")
+    pixels.convert("CMYK").save(tmp_path / "c.jpg", icc_profile=bytes(cmyk_icc))
+    pixels.save(tmp_path / "rgb.png", icc_profile=srgb)
+    delta = torch.full((3, 12, 10), 4 / 127.5)
+    rows = {n: protect_file(tmp_path / n, tmp_path / f"out-{n}.png", delta, 12, 8 / 255, {}) for n in
+            ("rgb48.png", "c.jpg", "rgb.png")}
+    assert any("16 bits per channel read and written as 8" in n for n in rows["rgb48.png"]["notes"])
+    assert Image.open(tmp_path / "out-rgb48.png.png").mode == "RGB"
+    assert not any("16 bits" in n for r in ("c.jpg", "rgb.png") for n in rows[r]["notes"])
+    assert "icc_profile" not in Image.open(tmp_path / "out-c.jpg.png").info
+    assert any("ICC profile (CMYK colour space) not copied" in n for n in rows["c.jpg"]["notes"])
+    assert Image.open(tmp_path / "out-rgb.png.png").info["icc_profile"] == srgb
+    assert not any("ICC" in n for n in rows["rgb.png"]["notes"])
+
+
+def test_a_16_bit_image_takes_the_budget_in_16_bit_levels(tmp_path):
+    """The cap is floor(budget * 65535) 16-bit levels, so a budget under one 8-bit level
+    still changes a 16-bit file (as the CLI's warning says), and 0.03 reaches 1966 levels
+    (not 7 x 257 = 1799)."""
+    from cgidm.protect_output import protect_file
+
+    Image.fromarray(np.full((10, 10), 30000, dtype=np.uint16)).save(tmp_path / "g.png")
+    delta = torch.full((3, 10, 10), 20 / 127.5)  # 20 levels up, past either budget
+    for budget, cap in ((0.5 / 255, 128), (0.03, 1966)):
+        row = protect_file(tmp_path / "g.png", tmp_path / "o.png", delta, 10, budget, {})
+        got = np.asarray(Image.open(tmp_path / "o.png")).astype(np.int64)
+        assert row["mode"] == "I;16" and (got - 30000 == cap).all(), (budget, np.unique(got))
