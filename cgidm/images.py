@@ -55,11 +55,17 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
     and cgidm's own temporary files start with a dot. Paths under a folder of ``exclude``
     (a run's own output folder inside the image folder) are skipped too, and so, with
     ``recursive``, is every subfolder holding a file of ``OUTPUT_MARKERS`` (an earlier
-    cgidm run's outputs: protected copies, panels, triptychs), with a warning."""
+    cgidm run's outputs: protected copies, panels, triptychs), with a warning. An
+    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
     skip = [Path(os.path.abspath(e)) for e in exclude]
+    here = Path(os.path.abspath(d))
+    for e in skip:
+        if e == here or e in here.parents:  # every image would be left out as the run's output
+            raise ValueError(f"the output folder {e} {'is' if e == here else 'holds'} the image folder {d}: "
+                             "choose an output folder outside it")
     found = []
     for p in (d.rglob("*") if recursive else d.iterdir()):
         rel = p.relative_to(d).parts

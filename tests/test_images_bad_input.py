@@ -241,6 +241,19 @@ def test_hidden_files_are_not_listed(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.png"]
 
 
+def test_an_output_folder_that_is_or_holds_the_image_folder_is_refused(tmp_path):
+    """Every image would be left out as the run's own output: said as such, not as an
+    empty folder; an output folder inside the image folder is only skipped."""
+    images = tmp_path / "art"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        (images / name).write_bytes(b"x")
+    for out, verb in ((images, "is"), (tmp_path, "holds")):
+        with pytest.raises(ValueError, match=f"the output folder .* {verb} the image folder .*: choose an output"):
+            list_images(images, recursive=True, exclude=[out])
+    assert [p.name for p in list_images(images, recursive=True, exclude=[images / "sub"])] == ["a.png"]
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
