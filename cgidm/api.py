@@ -18,7 +18,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_wri
 from cgidm.manifest import ImageItem, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.report import write_report
-from cgidm.resume import OutputLock, read_jsonl
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import add_embedding_scores, check_embedder, summarize
 
@@ -69,6 +69,7 @@ def authenticate(
     output_dirs(out)
     items = list(items)
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
+        check_run_kind(out, "authenticate")
         output_dirs(out, TRIPTYCHS, RECOVERED)
         try:
             _clear_previous(out)

@@ -277,6 +277,7 @@ def cmd_authenticate(args) -> int:
         raise ValueError("--members and --holdouts go together (give both, or --images DIR alone)")
     if args.images is None and args.members is None:
         raise ValueError("give --images DIR, or --members DIR and --holdouts DIR")
+    _out_folder(args.out, "authenticate")
     items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
     return _run_one_pair(args, args.base, args.finetuned, args.lora, items)
 
@@ -291,6 +292,7 @@ def cmd_screen(args) -> int:
     if opts.prefetch < 0:
         raise ValueError("--prefetch must be >= 0")
     _check_metric(cfg, opts)
+    _out_folder(args.out, "screen")
     entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
                             exclude=[args.out])
     _quiet_loaders()
@@ -328,6 +330,7 @@ def cmd_demo(args) -> int:
     from cgidm.testing.embedder import ensure_tiny_embedder
     from cgidm.testing.family_worlds import build_family_world
 
+    _out_folder(args.out, "authenticate")
     t0 = time.time()
     print(f"building (or reusing) the tiny {args.family} model world (a few minutes the first time) ...", flush=True)
     for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
@@ -365,13 +368,17 @@ def _check_impl(impl: str, rt) -> None:
                          "TRITON_INTERPRET=1); use auto, cpp or ref")
 
 
-def _out_folder(out: str):
-    """``--out`` as a path; a file there is refused before any model loads."""
+def _out_folder(out: str, kind: str):
+    """``--out`` as a path; a file there, or a folder holding another command's run than
+    ``kind``'s (``resume.check_run_kind``), is refused before any model loads."""
     from pathlib import Path
+
+    from cgidm.resume import check_run_kind
 
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    check_run_kind(path, kind)
     return path
 
 
@@ -380,7 +387,7 @@ def cmd_protect(args) -> int:
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
-    _out_folder(args.out)
+    _out_folder(args.out, "protect")
     items = collect_protect_items(args.images, exclude=[args.out])
     warn = logging.getLogger("cgidm.protect").warning
     if cfg.steps == 0 and not cfg.random_start:
@@ -416,7 +423,7 @@ def cmd_extract(args) -> int:
     opts = run_options(args)
     if cfg.features == "embed" and not opts.embedder:
         raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
-    out = _out_folder(args.out)
+    out = _out_folder(args.out, "extract")
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
     _quiet_loaders()

@@ -40,7 +40,7 @@ from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
-from cgidm.resume import OutputLock
+from cgidm.resume import OutputLock, check_run_kind
 from cgidm.rng import image_key
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def extract(
 def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
                     prompt_from: str, scheduler) -> dict:
     """``extract`` once ``out``'s lock is held."""
+    check_run_kind(out, "extract")
     out.mkdir(parents=True, exist_ok=True)
     for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
         _clear(out / sub, pattern)

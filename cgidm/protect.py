@@ -35,7 +35,7 @@ from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_de
                                protect_batch, target_latent, textural_weight)
 from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
                                    output_names, resume_plan)
-from cgidm.resume import OutputLock, read_jsonl, repair_jsonl
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl, repair_jsonl
 
 __all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
 
@@ -379,6 +379,7 @@ def protect(
     results = out / RESULTS
     t0 = time.perf_counter()
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
+        check_run_kind(out, "protect")
         output_dirs(out, PANELS, PROTECTED)
         check_settings(out, kept_settings(cfg, model, dtype), cfg.target)
         repair_jsonl(results)

@@ -128,6 +128,28 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     return changes
 
 
+# The file each command keeps in its output folder (authenticate and the demo: rows or a
+# summary with none of these beside them). Another command in that folder would clear or
+# mix its outputs (results.jsonl, summary.json, report.html), so it is refused.
+RUN_STATES = (("protect", "protect.json"), ("extract", "extract.json"), ("screen", STATE))
+
+
+def run_in(out: Path) -> Optional[str]:
+    """The command whose run ``out`` holds, or None (an empty or unknown folder)."""
+    for kind, name in RUN_STATES:
+        if (out / name).is_file():
+            return kind
+    return "authenticate" if (out / RESULTS).is_file() or (out / "summary.json").is_file() else None
+
+
+def check_run_kind(out: Path, kind: str) -> None:
+    """``ValueError`` when ``out`` holds another command's run than ``kind``'s."""
+    there = run_in(out)
+    if there is not None and there != kind:
+        raise ValueError(f"{out} holds a cgidm {there} run; {kind} would overwrite its outputs: "
+                         "use another --out")
+
+
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary files of a killed run (never renamed into place). Only called by the
     holder of the folder's lock, so no live run's temporaries are touched."""

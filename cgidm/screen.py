@@ -32,7 +32,7 @@ from cgidm.pipeline import resolve_prompt
 from cgidm.progress import Progress, count_lines
 from cgidm.report import write_report
 from cgidm.resume import (
-    REMOVED, RESULTS, SHARDS, OutputLock, check_state, done_rows, read_jsonl, remove_stale_temporaries,
+    REMOVED, RESULTS, SHARDS, OutputLock, check_run_kind, check_state, done_rows, read_jsonl, remove_stale_temporaries,
     repair_jsonl, result_files, settings_of,
 )
 from cgidm.rows import error_row
@@ -102,10 +102,13 @@ def _lock(out: Path, rank: int, error: Optional[str] = None) -> Optional[OutputL
     if rank == 0 and error is None:
         try:
             lock = OutputLock(out).acquire()
+            check_run_kind(out, "screen")
         except (ValueError, OutputError) as e:  # every rank stops, not only rank 0
             error = str(e)
     errors = [e for e in all_gather(error) if e]
     if errors:
+        if lock is not None:
+            lock.release()
         raise ValueError(errors[0])
     return lock
 

@@ -156,6 +156,47 @@ def test_cli_sd2_like_finetune_exits_2(tiny_world, tmp_path, capsys, no_compute)
     assert str(ft) in _errors(err)[0] and "cross_attention_dim" in err
 
 
+def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_world, tmp_path, capsys, monkeypatch):
+    """protect, extract, screen and authenticate (and the demo) each keep their own files in
+    --out; one command in another's folder would clear or mix them (authenticate deleted a
+    protect run's results.jsonl, summary.json and report.html). Refused before any model
+    loads, with nothing in the folder touched."""
+    import cgidm.models
+    import cgidm.protect_pgd
+    from cgidm.resume import check_run_kind, run_in
+
+    def refuse(*a, **k):
+        raise AssertionError("a model loaded although --out is refused")
+
+    monkeypatch.setattr(cgidm.models, "load_pair", refuse)
+    monkeypatch.setattr(cgidm.protect_pgd, "load_base", refuse)
+    imgs, base, ft = tiny_world / "images", str(tiny_world / "base"), str(tiny_world / "finetuned")
+    argv = {
+        "protect": ["protect", "--base", base, "--images", str(imgs / "members")],
+        "extract": ["extract", "--base", base, "--finetuned", ft],
+        "screen": ["screen", "--manifest", str(imgs), "--base", base, "--finetuned", ft],
+        "authenticate": ["authenticate", "--base", base, "--finetuned", ft, "--images", str(imgs / "members")],
+        "demo": ["demo"],
+    }
+    runs = {"protect": ["protect.json", "results.jsonl", "summary.json", "report.html"],
+            "extract": ["extract.json", "report.html"], "screen": ["screen.json", "results.jsonl", "summary.json"],
+            "authenticate": ["results.jsonl", "summary.json", "report.html"]}
+    for kind, files in runs.items():
+        out = tmp_path / kind
+        out.mkdir()
+        for name in files:
+            (out / name).write_text("{}\n")
+        assert run_in(out) == kind
+        check_run_kind(out, kind)  # the same command resumes or redoes its own run
+        for command, args in argv.items():
+            if command == kind or (kind, command) == ("authenticate", "demo"):
+                continue
+            assert cli.main([*args, "--out", str(out), "-q"]) == cli.EXIT_USAGE, (kind, command)
+            assert f"holds a cgidm {kind} run" in capsys.readouterr().err, (kind, command)
+            assert sorted(p.name for p in out.iterdir()) == sorted(files), (kind, command)
+    assert run_in(tmp_path / "none") is None and run_in(tmp_path) is None
+
+
 # --------------------------------------------------------------------------- safetensors fuzz
 
 FUZZ_DIR = Path(tempfile.mkdtemp(prefix="cgidm-st-fuzz-"))

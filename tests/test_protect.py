@@ -261,3 +261,16 @@ def test_the_vae_runs_in_the_runs_dtype(tiny_world, tmp_path):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     res = protect_batch(model, x, ["a.png"], ProtectConfig(steps=2))
     assert torch.isfinite(res.objective).all() and res.delta.abs().max() > 0
+
+
+def test_the_api_refuses_another_commands_folder(base, tiny_world, tmp_path):
+    """``protect`` (the API, not only the CLI) leaves a folder holding an extract run alone."""
+    folder = _folder(tiny_world, tmp_path, n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "extract.json").write_text("{}")
+    (out / "report.html").write_text("extract's report")
+    with pytest.raises(ValueError, match="holds a cgidm extract run; protect would overwrite"):
+        protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".cgidm.lock") == ["extract.json", "report.html"]
+    assert (out / "report.html").read_text() == "extract's report"
