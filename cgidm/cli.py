@@ -394,6 +394,8 @@ def cmd_protect(args) -> int:
         warn("--steps 0 without --random-start: the images are written unchanged")
     if cfg.target is not None and not cfg.needs_target:
         warn("--target is not used by --loss advdm (only by textural and fused); it is ignored")
+    if cfg.textural_weight is not None and cfg.loss != "fused":
+        warn("--textural-weight only weighs --loss fused's two terms; with --loss %s it is ignored", cfg.loss)
     if cfg.budget_value * 255 < 1:
         warn("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones can "
              "hold it)", cfg.budget)

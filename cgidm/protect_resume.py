@@ -52,6 +52,8 @@ def kept_settings(cfg: ProtectConfig, model, dtype: str) -> dict:
     now = {k: v for k, v in cfg.to_json().items() if k in KEPT_SETTINGS}
     # a target the loss does not use changes nothing; one it uses is known by its contents
     now["target"] = _target_digest(cfg.target) if cfg.needs_target and cfg.target is not None else None
+    if cfg.loss != "fused":  # only fused weighs its two terms (protect_pgd.textural_weight)
+        now["textural_weight"] = None
     now.update(dtype=dtype, resolution=model.resolution, base=_base_id(model))
     return json.loads(json.dumps(now))
 
@@ -72,6 +74,8 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
             old.setdefault("cover", "centre")
             for key in ("base", "eval_draws"):
                 old.setdefault(key, settings.get(key))
+            if old.get("loss") != "fused":  # an unused weight, recorded before it was left out
+                old["textural_weight"] = None
             was = old.get("target")
             if old.get("loss") == "advdm":  # an unused target, recorded before it was left out
                 old["target"] = None

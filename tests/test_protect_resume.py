@@ -126,6 +126,19 @@ def test_the_target_is_kept_by_its_contents_and_only_where_the_loss_uses_it(base
     old["settings"]["target"] = str(moved)
     (tmp_path / "adv" / "protect.json").write_text(json.dumps(old))
     assert protect(base, items, tmp_path / "adv", ProtectConfig(**FAST), progress=False)["protected"] == 2
+    # --textural-weight weighs only fused's two terms: with advdm it is no setting of the
+    # run, given now or recorded by a run from before it was left out
+    adv = ProtectConfig(**FAST, textural_weight=5.0)
+    assert protect(base, items, tmp_path / "adv", adv, progress=False)["protected"] == 2
+    old = json.loads((tmp_path / "adv" / "protect.json").read_text())
+    assert old["settings"]["textural_weight"] is None
+    old["settings"]["textural_weight"] = 5.0
+    (tmp_path / "adv" / "protect.json").write_text(json.dumps(old))
+    assert protect(base, items, tmp_path / "adv", ProtectConfig(**FAST), progress=False)["protected"] == 2
+    fused = ProtectConfig(**FAST, loss="fused", textural_weight=5.0)
+    protect(base, items[:1], tmp_path / "fused", fused, progress=False)
+    with pytest.raises(ValueError, match="textural_weight 5.0 there, 6.0 now"):
+        protect(base, items, tmp_path / "fused", fused.replace(textural_weight=6.0), progress=False)
 
 
 def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog):
