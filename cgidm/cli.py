@@ -482,7 +482,9 @@ def main(argv=None) -> int:
     from cgidm.files import OutputError
     from cgidm.models import ModelLoadError
 
-    kept = "rows finished before it are complete in results.jsonl"
+    # extract writes its outputs once its samples are drawn: it has no rows to keep
+    kept = ("rows finished before it are complete in results.jsonl" if args.command != "extract"
+            else "extract writes its outputs at the end: run it again")
     try:
         if args.command == "authenticate":
             return cmd_authenticate(args)
@@ -500,7 +502,7 @@ def main(argv=None) -> int:
         print(f"cgidm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("cgidm: interrupted; rows already in results.jsonl are complete", file=sys.stderr)
+        print(f"cgidm: interrupted; {kept}", file=sys.stderr)
         return 130
     except Exception as e:
         logging.getLogger("cgidm").debug("the run stopped", exc_info=True)

@@ -127,3 +127,24 @@ def test_a_negative_fraction_reaches_the_options_own_check(tmp_path, capsys):
                      "--budget", "-1/255"])
     assert code == cli.EXIT_USAGE
     assert "budget must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_extracts_stop_messages_promise_no_rows(monkeypatch, capsys):
+    """extract keeps no results.jsonl: its interrupt and write-error lines do not say rows
+    in one are complete (the other commands' lines do)."""
+    from cgidm.files import OutputError
+
+    argv = {"extract": ["extract", "--base", "b", "--finetuned", "f", "--out", "o"],
+            "protect": ["protect", "--base", "b", "--images", "i", "--out", "o"]}
+    for fault, code in ((KeyboardInterrupt(), 130), (OutputError("o/x.png", OSError(28, "No space left")),
+                                                     cli.EXIT_OUTPUT)):
+        for command, args in argv.items():
+            def stop(_args, fault=fault):
+                raise fault
+
+            monkeypatch.setattr(cli, f"cmd_{command}", stop)
+            assert cli.main(args) == code
+            err = capsys.readouterr().err
+            assert ("results.jsonl" in err) == (command != "extract"), (command, err)
+            if command == "extract":
+                assert "run it again" in err
