@@ -395,7 +395,8 @@ def parse_level(value, name: str = "value") -> float:
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
     if not (0 < v <= 1):
-        raise ValueError(f"{name} must be in (0, 1] of the 8-bit range (8 grey levels: 8/255), got {value!r}")
+        raise ValueError(f"{name} must be in (0, 1] of the 8-bit range (a fraction such as 8/255, 8 grey "
+                         f"levels), got {value!r}")
     return v
 
 

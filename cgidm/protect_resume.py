@@ -58,6 +58,12 @@ def kept_settings(cfg: ProtectConfig, model, dtype: str) -> dict:
     return json.loads(json.dumps(now))
 
 
+def _shown(value) -> str:
+    """A setting in a refusal: a float to 6 digits (a budget of 0.03 is 7.65 levels, not
+    7.6499999999999995), anything else as its repr."""
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
     """Refuse a resume whose ``settings`` differ from those in ``out``'s state; record
     them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
@@ -84,7 +90,7 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
                 old["target"] = settings["target"]
         if isinstance(old, dict) and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
+            what = ", ".join(f"{k} {_shown(old.get(k))} there, {_shown(settings.get(k))} now" for k in diff)
             raise ValueError(f"{out} holds a protect run with other settings ({what}); "
                              "resume with the same settings or use another --out")
     atomic_write_json(path, {"settings": settings}, sort_keys=True)

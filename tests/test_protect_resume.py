@@ -137,8 +137,10 @@ def test_the_target_is_kept_by_its_contents_and_only_where_the_loss_uses_it(base
     assert protect(base, items, tmp_path / "adv", ProtectConfig(**FAST), progress=False)["protected"] == 2
     fused = ProtectConfig(**FAST, loss="fused", textural_weight=5.0)
     protect(base, items[:1], tmp_path / "fused", fused, progress=False)
-    with pytest.raises(ValueError, match="textural_weight 5.0 there, 6.0 now"):
+    with pytest.raises(ValueError, match="textural_weight 5 there, 6 now"):
         protect(base, items, tmp_path / "fused", fused.replace(textural_weight=6.0), progress=False)
+    with pytest.raises(ValueError, match=r"budget_levels 8 there, 7\.65 now"):  # not 7.6499999999999995
+        protect(base, items, tmp_path / "fused", fused.replace(budget="0.03"), progress=False)
 
 
 def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog):
