@@ -383,22 +383,13 @@ def _out_folder(out: str, kind: str):
 
 
 def cmd_protect(args) -> int:
-    from cgidm.protect import collect_protect_items, load_base, print_summary, protect
+    from cgidm.protect import check_before_loading, collect_protect_items, load_base, print_summary, protect
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
     _out_folder(args.out, "protect")
     items = collect_protect_items(args.images, exclude=[args.out])
-    warn = logging.getLogger("cgidm.protect").warning
-    if cfg.steps == 0 and not cfg.random_start:
-        warn("--steps 0 without --random-start: the images are written unchanged")
-    if cfg.target is not None and not cfg.needs_target:
-        warn("--target is not used by --loss advdm (only by textural and fused); it is ignored")
-    if cfg.textural_weight is not None and cfg.loss != "fused":
-        warn("--textural-weight only weighs --loss fused's two terms; with --loss %s it is ignored", cfg.loss)
-    if cfg.budget_value * 255 < 1:
-        warn("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones can "
-             "hold it)", cfg.budget)
+    check_before_loading(cfg)
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
     _check_impl(cfg.impl, rt)

@@ -37,7 +37,7 @@ from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, k
                                    output_names, resume_plan)
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, repair_jsonl
 
-__all__ = ["ProtectConfig", "ProtectItem", "collect_protect_items", "load_base", "protect"]
+__all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,26 @@ def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()
     if not found:
         raise FileNotFoundError(f"no images in {root}")
     return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
+
+
+def check_before_loading(cfg: ProtectConfig) -> None:
+    """What the settings alone show, before a model loads or ``--out`` is made: warnings
+    for settings that change nothing, and a ``ValueError`` for a ``--target`` that is not
+    a readable image."""
+    if cfg.steps == 0 and not cfg.random_start:
+        log.warning("--steps 0 without --random-start: the images are written unchanged")
+    if cfg.target is not None and not cfg.needs_target:
+        log.warning("--target is not used by --loss advdm (only by textural and fused); it is ignored")
+    elif cfg.target is not None:
+        try:
+            load_image_with_notes(cfg.target, 8)
+        except ImageError as e:
+            raise ValueError(f"--target {cfg.target}: {e.reason}") from None
+    if cfg.textural_weight is not None and cfg.loss != "fused":
+        log.warning("--textural-weight only weighs --loss fused's two terms; with --loss %s it is ignored", cfg.loss)
+    if cfg.budget_value * 255 < 1:
+        log.warning("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones "
+                    "can hold it)", cfg.budget)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

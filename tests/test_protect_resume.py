@@ -211,6 +211,16 @@ def test_cli_refuses_what_cannot_run(tiny_world, tmp_path, capsys, caplog):
         == cli.EXIT_USAGE
     assert "is a file, not a folder of images" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a" / "protected").iterdir())
+    # a --target the loss uses is read before the model loads: nothing made in --out
+    (tmp_path / "junk.png").write_text("not an image")
+    for target, reason in ((tmp_path / "none.png", "cannot open"), (tmp_path / "junk.png", "not an image")):
+        assert cli.main(["protect", *common, "--out", str(tmp_path / "e"), "--loss", "textural",
+                         "--target", str(target)]) == cli.EXIT_USAGE
+        assert f"--target {target}: {reason}" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()
+    caplog.clear()
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "f"), "--textural-weight", "5"]) == cli.EXIT_OK
+    assert "--textural-weight only weighs --loss fused's two terms" in caplog.text
 
 
 def test_cli_authenticate_refusals(tiny_world, tmp_path, capsys):
