@@ -21,6 +21,7 @@ any weight is read. ``refuse_unsupported`` turns a family cgidm cannot run into 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,8 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import ModelLoadError
+
+log = logging.getLogger(__name__)
 from cgidm.reference import TargetFn, v_target_ref
 
 # prediction type -> target; None: the noise itself (the ops' own epsilon path, unchanged)
@@ -261,9 +264,21 @@ def encode_text(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:
     return text_encoder(_ids(tokenizer, prompt, device))[0].float()
 
 
+_CUT_SAID: set = set()  # (prompt, limit) already warned about: a run encodes its prompt per pair
+
+
 def _ids(tokenizer, prompt: str, device) -> torch.Tensor:
+    """The prompt's token ids, cut to the encoder's length (77 for CLIP) as diffusers'
+    pipelines cut it; a cut is warned about once per prompt."""
+    limit = tokenizer.model_max_length
+    if (prompt, limit) not in _CUT_SAID and len(prompt) >= limit // 4:  # a shorter one cannot reach it
+        n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            _CUT_SAID.add((prompt, limit))
+            log.warning("the prompt is %d tokens; the text encoder reads its first %d (as diffusers' pipelines "
+                        "do), the rest is left out", n, limit)
     return tokenizer(
-        [prompt], padding="max_length", max_length=tokenizer.model_max_length,
+        [prompt], padding="max_length", max_length=limit,
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
 

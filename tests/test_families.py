@@ -317,3 +317,18 @@ def test_a_single_files_family_takes_its_bases_sizes():
     assert (one.prediction_type, one.latent_size, one.native_resolution) == ("epsilon", 16, 16)
     own = Family("sd2", "v_prediction", "ft", latent_size=96).inherit(Family("sd2", "epsilon", "b", latent_size=64))
     assert (own.prediction_type, own.latent_size) == ("v_prediction", 96)  # what a checkpoint says is its own
+
+
+def test_a_prompt_past_the_encoders_length_is_cut_with_one_warning(tiny_world, caplog):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_world / "base" / "tokenizer")
+    long = " ".join(["a sks pattern"] * 40)
+    for _ in range(2):
+        ids = families._ids(tok, long, "cpu")
+        assert ids.shape == (1, tok.model_max_length)
+    said = [r.getMessage() for r in caplog.records if "tokens; the text encoder reads its first" in r.getMessage()]
+    assert len(said) == 1 and f"its first {tok.model_max_length}" in said[0]
+    caplog.clear()
+    assert families._ids(tok, "a sks pattern", "cpu").shape == (1, tok.model_max_length)
+    assert "tokens" not in caplog.text
