@@ -91,7 +91,7 @@ def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) 
     (as ``cgidm screen`` reads a folder), else ``None``. ``ValueError`` for a folder that
     is missing or holds no image."""
     from cgidm.images import list_images
-    from cgidm.manifest import FOLDER_LABELS
+    from cgidm.manifest import folder_label
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -99,8 +99,7 @@ def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) 
     paths = list_images(root, recursive=True, exclude=exclude)
     if not paths:
         raise ValueError(f"--compare {folder}: no images in it")
-    return [(p, FOLDER_LABELS.get(p.relative_to(root).parts[0]) if len(p.relative_to(root).parts) > 1 else None)
-            for p in paths]
+    return [(p, folder_label(p, root)) for p in paths]
 
 
 def nearest(candidate_features: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

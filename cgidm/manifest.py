@@ -28,6 +28,13 @@ FOLDER_LABELS = {"member": "member", "members": "member", "holdout": "holdout", 
                  "control": "control", "controls": "control"}
 
 
+def folder_label(path: Path, root: Path) -> Optional[str]:
+    """The label of an image under ``root`` by its top subfolder (``members/``, ``Holdouts/``,
+    ...; any case), or None (directly in ``root``, or another subfolder)."""
+    parts = path.relative_to(root).parts
+    return FOLDER_LABELS.get(parts[0].lower()) if len(parts) > 1 else None
+
+
 @dataclass
 class ImageItem:
     """An image of a one-pair run; its id is ``<label or image>/<file name>``."""
@@ -200,8 +207,7 @@ def read_manifest(
         files = list_images(root, recursive=True, exclude=exclude)
         if not files:
             raise FileNotFoundError(f"no images in {source}")
-        records = [(0, {"image": str(p), "label": FOLDER_LABELS.get(p.relative_to(root).parts[0])
-                        if len(p.relative_to(root).parts) > 1 else None}) for p in files]
+        records = [(0, {"image": str(p), "label": folder_label(p, root)}) for p in files]
     elif source.is_file():
         root = Path(os.path.abspath(source)).parent
         records = _read_records(source)

@@ -363,7 +363,8 @@ def test_written_modes_say_what_the_imaging_library_cannot_keep(tmp_path):
     rng = np.random.default_rng(3)
     deep = rng.integers(0, 65536, (12, 10, 3)).astype(">u2")
     raw = b"".join(b"\0" + deep[i].tobytes() for i in range(12))
-    (tmp_path / "rgb48.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 10, 12, 16, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", 10, 12, 16, 2, 0, 0, 0)  # 10 x 12, 16 bits, RGB
+    (tmp_path / "rgb48.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
                                          + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     cmyk_icc = bytearray(srgb)

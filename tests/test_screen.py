@@ -132,6 +132,22 @@ def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
         read_manifest(tmp_path / "n.csv", base=str(base), finetuned=str(ft))
 
 
+def test_label_folders_are_read_in_any_case(tiny_world, tmp_path):
+    """``Members/`` and ``HOLDOUTS/`` label their images as ``members/`` does (a folder
+    manifest and extract's --compare read them alike); other folders give no label."""
+    from cgidm.extract import list_compare_images
+
+    src = sorted((tiny_world / "images" / "members").glob("*.png"))[0]
+    for folder in ("Members", "HOLDOUTS", "other"):
+        (tmp_path / "art" / folder).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "art" / folder / "a.png")
+    want = {"Members": "member", "HOLDOUTS": "holdout", "other": None}
+    listed = read_manifest(tmp_path / "art", tiny_world / "base", tiny_world / "finetuned")
+    got = {Path(e.path).parent.name: e.label for e in listed}
+    assert got == want
+    assert {p.parent.name: label for p, label in list_compare_images(tmp_path / "art")} == want
+
+
 def test_manifest_errors_name_the_row(tiny_world, tmp_path):
     base, ft = str(tiny_world / "base"), str(tiny_world / "finetuned")
     img = tiny_world / "images" / "members" / "member_00.png"
