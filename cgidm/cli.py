@@ -416,6 +416,10 @@ def cmd_extract(args) -> int:
     opts = run_options(args)
     if cfg.features == "embed" and not opts.embedder:
         raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
+    if cfg.features in ("latent", "pixel") and opts.embedder:
+        logging.getLogger("cgidm.extract").warning("--embedder is not used by --features %s; not loaded",
+                                                   cfg.features)
+        opts = dataclasses.replace(opts, embedder=None)
     out = _out_folder(args.out, "extract")
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads

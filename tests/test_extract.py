@@ -376,6 +376,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case
     assert not (tmp_path / "o" / "extract.json").exists()
 
 
+def test_an_embedder_the_features_do_not_use_is_not_loaded(tiny_world, tmp_path, monkeypatch, caplog):
+    """``--features latent`` (or pixel) beside ``--embedder``: said, and the embedder not
+    loaded (here the run stops where sampling would start)."""
+    import cgidm.extract
+    from cgidm import cli
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    loaded = []
+    monkeypatch.setattr(cli, "_embedder", lambda opts, device: loaded.append(opts.embedder))
+    monkeypatch.setattr(cgidm.extract, "extract", stop)
+    assert cli.main([*_world_cli(tiny_world, tmp_path / "o"), "--features", "latent", "--embedder",
+                 str(tiny_world / "embedder-vit-random")]) == 130
+    assert loaded == [None] and "--embedder is not used by --features latent; not loaded" in caplog.text
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         ExtractConfig(samples=0)
