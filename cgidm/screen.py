@@ -238,6 +238,13 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         before.update({r["id"]: r for r in removed})
         atomic_write_text(out / REMOVED, "".join(json_text(before[k], sort_keys=True) + "\n" for k in sorted(before)))
     run_rows = [rows[e.id] for e in entries]
+    # a label changes no score: a manifest corrected since the last run relabels its rows
+    relabelled = [e.id for e in entries if rows[e.id].get("label") != e.label]
+    if relabelled:
+        log.warning("%d rows take the manifest's new label (first: %s, %s -> %s)", len(relabelled), relabelled[0],
+                    rows[relabelled[0]].get("label"), next(e.label for e in entries if e.id == relabelled[0]))
+        for e in entries:
+            rows[e.id]["label"] = e.label
     infos = {e.pair.key: e.pair.info() for e in entries}
     # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
     # (a resume loads only the pairs with images left)

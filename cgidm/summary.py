@@ -20,6 +20,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     (written into the rows), and one verdict for the whole suspect set against the controls
     (``set_verdict``)."""
     good = [r for r in rows if "error" not in r]
+    for r in good:  # the metric's value now, whatever metric a resumed row was scored under
+        if cfg.metric in r:
+            r["score"] = r[cfg.metric]
     summary: dict = {
         "images": len(rows),
         "scored": len(good),

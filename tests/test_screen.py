@@ -209,6 +209,30 @@ def test_resume_after_a_cut_line_scores_the_rest_once(entries, reference, tmp_pa
     assert summary["images"] == 6 and summary["auc"] == reference[2]["auc"]
 
 
+def test_a_resume_rescores_by_the_new_metric_and_takes_the_new_labels(entries, reference, tmp_path, caplog):
+    """--metric and the labels change no row's scores: a resume with another metric (or a
+    corrected manifest) computes nothing, and its rows, AUC and report follow the new
+    metric and labels (the rows kept the old metric's ``score`` and the old labels)."""
+    import dataclasses
+
+    ref_out, ref_rows, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    summary = screen(entries, out, dataclasses.replace(CFG, metric="ssim"), progress=False)
+    assert summary["timing"]["images"] == 0 and summary["metric"] == "ssim"
+    rows = _rows(out)
+    assert all(r["score"] == r["ssim"] for r in rows) and any(r["ssim"] != r["latent_cos"] for r in rows)
+    assert summary["auc"] == summary["by_metric"]["ssim"]["auc"]
+    swapped = {"member": "holdout", "holdout": "member"}
+    relabelled = [dataclasses.replace(e, label=swapped[e.label]) if e.id == entries[0].id else e for e in entries]
+    summary = screen(relabelled, out, CFG, progress=False)
+    assert summary["timing"]["images"] == 0
+    got = {r["id"]: r["label"] for r in _rows(out)}
+    assert got == {e.id: e.label for e in relabelled} and got[entries[0].id] != entries[0].label
+    assert "1 rows take the manifest's new label" in caplog.text
+    assert all(r["score"] == r["latent_cos"] for r in _rows(out))
+
+
 def test_a_resume_with_nothing_left_keeps_the_prompts(entries, tmp_path):
     first = screen(entries, tmp_path, CFG, progress=False)
     again = screen(entries, tmp_path, CFG, progress=False)
