@@ -202,8 +202,9 @@ def _print_summary(summary: dict) -> None:
               f"of {len(summary['verdicts'])}")
     for key, n in (summary.get("pairs_without_controls") or {}).items():
         print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
-    if summary.get("calibration_warning"):
-        print(f"warning: {summary['calibration_warning']}")
+    for key in ("calibration_error", "calibration_warning"):
+        if summary.get(key):
+            print(f"warning: {summary[key]}")
     if summary.get("stalled"):
         print(f"warning: {summary['stalled']['images']} images: {summary['stalled']['note']}")
     print(f"report: {summary['report']}")

@@ -52,6 +52,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <div class="card">official accuracy<b>{{ fmt(s.official.accuracy) }}</b></div>{% endif %}
 {% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b></div>{% endif %}
 </div>
+{% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
 {% if sv %}<p class="{{ 'error' if sv.error or sv.verdict != 'no evidence' else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}

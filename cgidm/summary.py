@@ -59,12 +59,14 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             if members and holdouts:
                 # the paper's validator: max over the folder, AUC and accuracy on its grid
                 summary["official"] = official_auc_accuracy(members, holdouts)
+    given = sum(r.get("label") == "control" for r in rows)
     controls = [r["score"] for r in good if r.get("label") == "control"]
-    if controls:
+    if given:
         try:
             cal = calibrate(controls, cfg.metric, cfg.level)
-        except ValueError as e:
-            summary["calibration_error"] = str(e)
+        except ValueError as e:  # too few scored (unreadable files): said, not left out silently
+            summary["calibration_error"] = (f"{given} control image{'s' if given != 1 else ''} given, "
+                                            f"{len(controls)} scored: {e}; no p-values or verdicts")
         else:
             summary["controls"] = len(cal.scores)
             if cal.min_p() > cfg.level:

@@ -90,6 +90,24 @@ def test_no_controls_no_set_verdict():
     assert "set_verdict" not in summarize(rows, AuthConfig(prompt="p"))
 
 
+def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
+    """Controls given but fewer than 2 scored (one control, or unreadable files): the
+    summary, the CLI's lines and the report say no verdict can be given, and why."""
+    from cgidm import cli
+
+    one = [_row(0, None, 0.9), _row(1, None, 0.8), _row(2, "control", 0.1)]
+    broken = one + [{"id": "c/bad.png", "label": "control", "error": "not an image"}]
+    for rows, said in ((one, "1 control image given, 1 scored"), (broken, "2 control images given, 1 scored")):
+        s = summarize(rows, AuthConfig(prompt="p"))
+        assert said in s["calibration_error"] and "need at least 2" in s["calibration_error"]
+        assert "set_verdict" not in s and "flagged" not in s
+    s["report"] = str(write_report(tmp_path, broken, s))
+    assert "2 control images given, 1 scored" in (tmp_path / "report.html").read_text()
+    cli._print_summary(s)
+    assert "warning: 2 control images given, 1 scored" in capsys.readouterr().out
+    assert "calibration_error" not in summarize(one[:2], AuthConfig(prompt="p"))
+
+
 def test_each_pair_gets_its_own_set_verdict():
     rows = []
     for pair, hi in (("a", 0.9), ("b", 0.1)):
