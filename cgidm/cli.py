@@ -276,8 +276,8 @@ def cmd_authenticate(args) -> int:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
     if (args.members is None) != (args.holdouts is None):
         raise ValueError("--members and --holdouts go together (give both, or --images DIR alone)")
-    if args.images is None and args.members is None:
-        raise ValueError("give --images DIR, or --members DIR and --holdouts DIR")
+    if (args.images is None) == (args.members is None):
+        raise ValueError("give --images DIR, or --members DIR and --holdouts DIR (not both)")
     _out_folder(args.out, "authenticate")
     items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
     return _run_one_pair(args, args.base, args.finetuned, args.lora, items)

@@ -63,11 +63,17 @@ def collect_items(
     """Items of the given folders, labelled by the folder they came from. ``exclude``:
     folders never listed (the run's own output folder)."""
     items: list[ImageItem] = []
-    for folder, label in ((images, None), (members, "member"), (holdouts, "holdout"), (controls, "control")):
+    seen: dict[str, str] = {}  # resolved file -> the option it came from
+    for folder, label, option in ((images, None, "--images"), (members, "member", "--members"),
+                                  (holdouts, "holdout", "--holdouts"), (controls, "control", "--controls")):
         if folder is not None:
             found = list_images(folder, exclude=exclude)
             if not found:
                 raise FileNotFoundError(f"no images in {folder}")
+            for p in found:  # one file under two labels would score against itself
+                first = seen.setdefault(os.path.realpath(p), option)
+                if first != option:
+                    raise ValueError(f"{p} is given by both {first} and {option}: each image takes one label")
             items += [ImageItem(p, label) for p in found]
     if not items:
         raise ValueError("no images given (use --images, or --members and --holdouts)")

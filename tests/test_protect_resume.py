@@ -239,6 +239,17 @@ def test_cli_authenticate_refusals(tiny_world, tmp_path, capsys):
         == cli.EXIT_USAGE
     assert ("--blocks-per-side 100 is too many for a 16x16 latent: blocks of 1x1 cells, and a block needs 4 cells "
             "a side (pass rate 2); at most 5 blocks per side") in capsys.readouterr().err
+    # one file under two labels would be scored against itself; --images beside the labels is one or the other
+    same = ["--members", str(imgs / "members"), "--holdouts", str(imgs / "members")]
+    assert cli.main(["authenticate", *pair, *same, "--out", str(tmp_path / "e")]) == cli.EXIT_USAGE
+    assert "is given by both --members and --holdouts: each image takes one label" in capsys.readouterr().err
+    assert cli.main(["authenticate", *pair, *both, "--controls", str(imgs / "holdouts"),
+                     "--out", str(tmp_path / "f")]) == cli.EXIT_USAGE
+    assert "is given by both --holdouts and --controls" in capsys.readouterr().err
+    assert cli.main(["authenticate", *pair, *both, "--images", str(imgs / "controls"),
+                     "--out", str(tmp_path / "g")]) == cli.EXIT_USAGE
+    assert "(not both)" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "efg")
 
 
 def test_demo_help_shows_the_demo_presets_values(capsys):
