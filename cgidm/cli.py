@@ -218,7 +218,7 @@ def _check_metric(cfg, opts) -> None:
 def _embedder(opts, device):
     from cgidm.validator import load_official_embedder
 
-    return load_official_embedder(opts.embedder, device) if opts.embedder else None
+    return load_official_embedder(opts.embedder, device, allow_pickle=opts.allow_pickle) if opts.embedder else None
 
 
 def _quiet_loaders() -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cgidm.checkpoints import PICKLE_SUFFIXES
 from cgidm.images import centre_crop, resize_short_side  # noqa: F401 (re-exported: the torchvision rules)
 from cgidm.progress import library_bars_off
 
@@ -186,8 +187,11 @@ def load_official_embedder(
     folder: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> OfficialEmbedder:
-    """A CLIP or DINO embedder from a local transformers folder, never downloaded.
+    """A CLIP or DINO embedder from a local transformers folder, never downloaded; its
+    weights from ``.safetensors`` only, unless ``allow_pickle`` (a folder with pickle
+    weights alone is refused: unpickling can run code).
 
     The kind comes from ``config.json``: ``model_type`` ``clip`` (a whole CLIP model; its
     vision tower and projection are loaded) or ``clip_vision_model`` ->
@@ -209,6 +213,14 @@ def load_official_embedder(
         raise _folder_error(folder, f"config.json unreadable: {type(e).__name__}") from e
     if model_type not in CLIP_TYPES + DINO_TYPES:
         raise _folder_error(folder, f"model_type {model_type!r}")
+    if not allow_pickle and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{folder}: only pickle weights ({', '.join(pickles)}); pickle checkpoints can run "
+                             "arbitrary code when loaded and are refused. Use .safetensors weights, or pass "
+                             "--allow-pickle to load them if you trust their source")
+    # safetensors only, unless pickles are allowed: never a pickle beside them either
+    safe = {} if allow_pickle else {"use_safetensors": True}
 
     # The load report would list a whole CLIP model's text tower as "unexpected" at
     # warning level; what matters (missing weights) is checked below instead.
@@ -226,12 +238,12 @@ def load_official_embedder(
                     vision.projection_dim = full.projection_dim
                     kw["config"] = vision
                 model, info = CLIPVisionModelWithProjection.from_pretrained(
-                    folder, local_files_only=True, output_loading_info=True, **kw
+                    folder, local_files_only=True, output_loading_info=True, **kw, **safe
                 )
             else:
                 kind = "dino"
                 model, info = ViTModel.from_pretrained(
-                    folder, add_pooling_layer=False, local_files_only=True, output_loading_info=True
+                    folder, add_pooling_layer=False, local_files_only=True, output_loading_info=True, **safe
                 )
         except (OSError, RuntimeError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -414,6 +414,23 @@ def test_loader_refuses_other_folders_in_one_line(folders, tmp_path, case, reaso
     assert "\n" not in msg
 
 
+def test_pickle_weights_need_allow_pickle(folders, tmp_path):
+    """A folder whose weights are a pickle (pytorch_model.bin) is refused unless pickles are
+    allowed; with allow_pickle it loads (transformers reads it with weights_only)."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "dino-bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((folders["dino"] / "config.json").read_text())
+    torch.save(load_file(folders["dino"] / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
+        load_official_embedder(folder)
+    emb = load_official_embedder(folder, allow_pickle=True)
+    want = load_official_embedder(folders["dino"])
+    x = torch.rand(2, 3, 224, 224)
+    assert torch.equal(emb(x), want(x))
+
+
 def test_an_original_finds_its_copy_anywhere_in_its_folder(folders):
     emb = load_official_embedder(folders["dino"])
     a, b = _images(2, seed=3)
