@@ -169,47 +169,6 @@ def run_options(args) -> config.RunOptions:
     return config.RunOptions(**given)
 
 
-def _print_summary(summary: dict) -> None:
-    print(f"images: {summary['images']}  scored: {summary['scored']}  failed: {summary['failed']}")
-    errors = list(summary.get("errors", {}).items())
-    for image_id, reason in errors[:10]:
-        print(f"  failed {image_id}: {reason}")
-    if len(errors) > 10:
-        print(f"  ... and {len(errors) - 10} more (see results.jsonl)")
-    if summary.get("auc") is not None:
-        print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
-              f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
-    if summary.get("official"):
-        o, kind = summary["official"], summary.get("embedder", {}).get("kind", "?")
-        auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"
-        print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {o['accuracy']:.3f}  "
-              f"(exact AUC {o['exact_auc']:.3f})")
-    for name, m in summary.get("by_metric", {}).items():
-        if name.startswith("baseline_") and m.get("auc") is not None:
-            print(f"  baseline {name[len('baseline_'):]}: AUC {m['auc']:.3f}  accuracy: {m['accuracy']:.3f}")
-    sv = summary.get("set_verdict")
-    if sv and sv.get("p_value") is not None:
-        print(f"set verdict: {sv['verdict']} (p = {sv['p_value']:.3g}; {sv['n_suspect']} suspect vs "
-              f"{sv['n_controls']} control images, one-sided Mann-Whitney U)")
-        if sv.get("warning"):
-            print(f"warning: {sv['warning']}")
-    if summary.get("preset"):
-        p = summary["preset"]
-        gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
-        print(f"preset {p['name']}" + (f"; departures: {gone}" if gone else ": no departures"))
-    if "flagged" in summary:
-        print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
-              f"of {len(summary['verdicts'])}")
-    for key, n in (summary.get("pairs_without_controls") or {}).items():
-        print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
-    for key in ("calibration_error", "calibration_warning"):
-        if summary.get(key):
-            print(f"warning: {summary[key]}")
-    if summary.get("stalled"):
-        print(f"warning: {summary['stalled']['images']} images: {summary['stalled']['note']}")
-    print(f"report: {summary['report']}")
-
-
 def _check_metric(cfg, opts) -> None:
     if cfg.metric in config.EMBED_FIELDS and not opts.embedder:
         raise ValueError(f"--metric {cfg.metric} needs --embedder DIR (a local CLIP or DINO model folder)")
@@ -253,6 +212,7 @@ def _load_announced(opts, rt, base, finetuned, lora, cfg):
 
 def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     from cgidm.api import authenticate
+    from cgidm.summary import print_summary
 
     cfg = config_from_args(args, preset)
     opts = run_options(args)
@@ -265,7 +225,7 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
                            prefetch_depth=opts.prefetch, prompt_from=prompt_from)
-    _print_summary(summary)
+    print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
@@ -287,11 +247,10 @@ def cmd_screen(args) -> int:
     from cgidm.distributed import dist_info, init_distributed, leave_group
     from cgidm.manifest import read_manifest
     from cgidm.screen import screen
+    from cgidm.summary import print_summary
 
     cfg = config_from_args(args)
     opts = run_options(args)
-    if opts.prefetch < 0:
-        raise ValueError("--prefetch must be >= 0")
     _check_metric(cfg, opts)
     _out_folder(args.out, "screen")
     entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
@@ -314,7 +273,7 @@ def cmd_screen(args) -> int:
             leave_group()
     if summary is None:
         return EXIT_OK
-    _print_summary(summary)
+    print_summary(summary)
     t = summary["timing"]
     if t["images"]:
         print(f"this run: {t['images']} image{'s' if t['images'] != 1 else ''} on {t['ranks']} rank(s) in "
@@ -478,9 +437,6 @@ def main(argv=None) -> int:
     from cgidm.files import OutputError
     from cgidm.models import ModelLoadError
 
-    # extract writes its outputs once its samples are drawn: it has no rows to keep
-    kept = ("rows finished before it are complete in results.jsonl" if args.command != "extract"
-            else "extract writes its outputs at the end: run it again")
     try:
         if args.command == "authenticate":
             return cmd_authenticate(args)
@@ -492,18 +448,29 @@ def main(argv=None) -> int:
             return cmd_extract(args)
         return cmd_demo(args)
     except OutputError as e:
-        print(f"cgidm: error: {_one_line(e)}; the run stopped, {kept}", file=sys.stderr)
+        print(f"cgidm: error: {_one_line(e)}; the run stopped, {_kept(args)}", file=sys.stderr)
         return EXIT_OUTPUT
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"cgidm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"cgidm: interrupted; {kept}", file=sys.stderr)
+        print(f"cgidm: interrupted; {_kept(args)}", file=sys.stderr)
         return 130
     except Exception as e:
         logging.getLogger("cgidm").debug("the run stopped", exc_info=True)
-        print(f"cgidm: error: {_one_line(e)}; the run stopped ({type(e).__name__}); {kept}", file=sys.stderr)
+        print(f"cgidm: error: {_one_line(e)}; the run stopped ({type(e).__name__}); {_kept(args)}", file=sys.stderr)
         return EXIT_STOPPED
+
+
+def _kept(args) -> str:
+    """What a stopped run leaves: extract writes its outputs once its samples are drawn;
+    the others, rows as they finish (said only where a results file is there)."""
+    if args.command == "extract":
+        return "extract writes its outputs at the end: run it again"
+    from pathlib import Path
+
+    results = Path(getattr(args, "out", "") or ".") / "results.jsonl"
+    return f"rows finished before it are complete in {results}" if results.is_file() else "no rows were written"
 
 
 def _one_line(e: BaseException, limit: int = 600) -> str:

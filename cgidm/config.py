@@ -105,7 +105,7 @@ class PGDConfig:
         if self.noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
         if self.steps < 0 or self.k < 1:
-            raise ValueError("steps must be >= 0 and k >= 1")
+            raise ValueError(f"--steps must be >= 0 and --timesteps-per-image >= 1, got {self.steps} and {self.k}")
         if not (0 <= self.t_min <= self.t_max):
             raise ValueError("need 0 <= t_min <= t_max")
         for name, flag in (("alpha", "--step-size"), ("eps", "--radius")):
@@ -199,6 +199,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         if not math.isfinite(self.lora_scale):
             raise ValueError(f"--lora-scale must be a finite number, got {self.lora_scale}")
+        if self.prefetch < 0:
+            raise ValueError(f"--prefetch must be >= 0, got {self.prefetch}")
 
 
 # Presets: a named set of settings; a flag given beside a preset is recorded as a departure.

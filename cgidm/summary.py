@@ -221,3 +221,45 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, metric: str,
         if "error" not in r and metric in EMBED_FIELDS:
             r["score"] = r.get(metric)
     return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
+
+
+def print_summary(summary: dict) -> None:
+    """The summary as the CLI prints it after authenticate, screen and the demo."""
+    print(f"images: {summary['images']}  scored: {summary['scored']}  failed: {summary['failed']}")
+    errors = list(summary.get("errors", {}).items())
+    for image_id, reason in errors[:10]:
+        print(f"  failed {image_id}: {reason}")
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more (see results.jsonl)")
+    if summary.get("auc") is not None:
+        print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
+              f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
+    if summary.get("official"):
+        o, kind = summary["official"], summary.get("embedder", {}).get("kind", "?")
+        auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"
+        print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {o['accuracy']:.3f}  "
+              f"(exact AUC {o['exact_auc']:.3f})")
+    for name, m in summary.get("by_metric", {}).items():
+        if name.startswith("baseline_") and m.get("auc") is not None:
+            print(f"  baseline {name[len('baseline_'):]}: AUC {m['auc']:.3f}  accuracy: {m['accuracy']:.3f}")
+    sv = summary.get("set_verdict")
+    if sv and sv.get("p_value") is not None:
+        print(f"set verdict: {sv['verdict']} (p = {sv['p_value']:.3g}; {sv['n_suspect']} suspect vs "
+              f"{sv['n_controls']} control images, one-sided Mann-Whitney U)")
+        if sv.get("warning"):
+            print(f"warning: {sv['warning']}")
+    if summary.get("preset"):
+        p = summary["preset"]
+        gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
+        print(f"preset {p['name']}" + (f"; departures: {gone}" if gone else ": no departures"))
+    if "flagged" in summary:
+        print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
+              f"of {len(summary['verdicts'])}")
+    for key, n in (summary.get("pairs_without_controls") or {}).items():
+        print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
+    for key in ("calibration_error", "calibration_warning"):
+        if summary.get(key):
+            print(f"warning: {summary[key]}")
+    if summary.get("stalled"):
+        print(f"warning: {summary['stalled']['images']} images: {summary['stalled']['note']}")
+    print(f"report: {summary['report']}")

@@ -129,13 +129,19 @@ def test_a_negative_fraction_reaches_the_options_own_check(tmp_path, capsys):
     assert "budget must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_extracts_stop_messages_promise_no_rows(monkeypatch, capsys):
-    """extract keeps no results.jsonl: its interrupt and write-error lines do not say rows
-    in one are complete (the other commands' lines do)."""
+def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp_path):
+    """A stopped run's line names results.jsonl only where it is there; extract, which
+    keeps none, says to run it again."""
     from cgidm.files import OutputError
 
-    argv = {"extract": ["extract", "--base", "b", "--finetuned", "f", "--out", "o"],
-            "protect": ["protect", "--base", "b", "--images", "i", "--out", "o"]}
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "results.jsonl").write_text("")
+    argv = {"extract": ["extract", "--base", "b", "--finetuned", "f", "--out", str(tmp_path / "rows")],
+            "protect": ["protect", "--base", "b", "--images", "i", "--out", str(tmp_path / "rows")],
+            "authenticate": ["authenticate", "--base", "b", "--images", "i", "--out", str(tmp_path / "none")]}
+    said = {"extract": "extract writes its outputs at the end: run it again",
+            "protect": f"rows finished before it are complete in {tmp_path / 'rows' / 'results.jsonl'}",
+            "authenticate": "no rows were written"}  # and no results.jsonl is named
     for fault, code in ((KeyboardInterrupt(), 130), (OutputError("o/x.png", OSError(28, "No space left")),
                                                      cli.EXIT_OUTPUT)):
         for command, args in argv.items():
@@ -145,6 +151,4 @@ def test_extracts_stop_messages_promise_no_rows(monkeypatch, capsys):
             monkeypatch.setattr(cli, f"cmd_{command}", stop)
             assert cli.main(args) == code
             err = capsys.readouterr().err
-            assert ("results.jsonl" in err) == (command != "extract"), (command, err)
-            if command == "extract":
-                assert "run it again" in err
+            assert said[command] in err and ("results.jsonl" in err) == (command == "protect"), (command, err)

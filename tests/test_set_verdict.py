@@ -8,7 +8,7 @@ import pytest
 from cgidm.config import AuthConfig
 from cgidm.report import write_report
 from cgidm.score import SET_VERDICTS, set_verdict
-from cgidm.summary import summarize, summarize_pairs
+from cgidm.summary import print_summary, summarize, summarize_pairs
 
 
 @pytest.mark.parametrize("suspects, controls, u, p", [
@@ -73,7 +73,7 @@ def test_summary_gives_one_verdict_for_the_suspect_set():
     assert sv["p_value"] == pytest.approx(1 / math.comb(24, 12))
     assert sv["verdict"] == SET_VERDICTS[0] and "warning" not in sv
     # the same scores, suspects now mixed in with the controls: no evidence
-    mixed = [dict(r, score=r["score"] if r["label"] == "control" else 0.1 + int(r["id"][3:]) / 1000 + 0.0005)
+    mixed = [r if r["label"] == "control" else _row(int(r["id"][3:]), r["label"], 0.1 + int(r["id"][3:]) / 1000 + 0.0005)
              for r in rows]
     assert summarize(mixed, cfg)["set_verdict"]["verdict"] == SET_VERDICTS[1]
 
@@ -93,8 +93,6 @@ def test_no_controls_no_set_verdict():
 def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
     """Controls given but fewer than 2 scored (one control, or unreadable files): the
     summary, the CLI's lines and the report say no verdict can be given, and why."""
-    from cgidm import cli
-
     one = [_row(0, None, 0.9), _row(1, None, 0.8), _row(2, "control", 0.1)]
     broken = one + [{"id": "c/bad.png", "label": "control", "error": "not an image"}]
     for rows, said in ((one, "1 control image given, 1 scored"), (broken, "2 control images given, 1 scored")):
@@ -103,7 +101,7 @@ def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
         assert "set_verdict" not in s and "flagged" not in s
     s["report"] = str(write_report(tmp_path, broken, s))
     assert "2 control images given, 1 scored" in (tmp_path / "report.html").read_text()
-    cli._print_summary(s)
+    print_summary(s)
     assert "warning: 2 control images given, 1 scored" in capsys.readouterr().out
     assert "calibration_error" not in summarize(one[:2], AuthConfig(prompt="p"))
 
