@@ -68,8 +68,14 @@ def collect_items(
                                   (holdouts, "holdout", "--holdouts"), (controls, "control", "--controls")):
         if folder is not None:
             found = list_images(folder, exclude=exclude)
+            below = len(list_images(folder, recursive=True, exclude=exclude)) - len(found)
             if not found:
-                raise FileNotFoundError(f"no images in {folder}")
+                raise FileNotFoundError(f"no images in {folder}" + (
+                    f" ({below} in its subfolders: {option} reads the folder itself, not its subfolders)"
+                    if below else ""))
+            if below:
+                log.warning("%s %s: %d images in subfolders are not read (only the folder's own images are)",
+                            option, folder, below)
             for p in found:  # one file under two labels would score against itself
                 first = seen.setdefault(os.path.realpath(p), option)
                 if first != option:

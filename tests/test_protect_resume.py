@@ -252,6 +252,20 @@ def test_cli_authenticate_refusals(tiny_world, tmp_path, capsys):
     assert not any((tmp_path / x).exists() for x in "efg")
 
 
+def test_authenticate_says_it_does_not_read_subfolders(tiny_world, tmp_path, caplog):
+    from cgidm.manifest import collect_items
+
+    src = sorted((tiny_world / "images" / "members").glob("*.png"))
+    (tmp_path / "art" / "sub").mkdir(parents=True)
+    shutil.copy(src[0], tmp_path / "art" / "sub" / "a.png")
+    with pytest.raises(FileNotFoundError, match=r"no images in .*art \(1 in its subfolders: --images reads the "
+                                                r"folder itself"):
+        collect_items(tmp_path / "art")
+    shutil.copy(src[1], tmp_path / "art" / "b.png")
+    assert [i.path.name for i in collect_items(tmp_path / "art")] == ["b.png"]
+    assert "1 images in subfolders are not read" in caplog.text
+
+
 def test_demo_help_shows_the_demo_presets_values(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
