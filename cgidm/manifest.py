@@ -180,6 +180,10 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise ValueError(f"{path}: empty manifest (a CSV needs a header line: image,label,base,finetuned,lora)")
+    names = [str(k).strip().lower() for k in reader.fieldnames if str(k).strip()]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:  # DictReader would keep the last column of a name silently
+        raise ValueError(f"{path}: the header names {', '.join(repr(k) for k in twice)} more than once")
     for rec in reader:
         rec = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}
         if any(v not in (None, "") for v in rec.values()):

@@ -165,6 +165,9 @@ def test_manifest_errors_name_the_row(tiny_world, tmp_path):
         read_manifest(bad, base, ft)
     bad.write_text(f"image,label\n{img},member\n{img},member\n")
     assert len(read_manifest(bad, base, ft)) == 1
+    bad.write_text(f"image,label, Label\n{img},member,holdout\n")  # which one? not the last silently
+    with pytest.raises(ValueError, match="the header names 'label' more than once"):
+        read_manifest(bad, base, ft)
 
 
 def test_shards_partition_the_ids_whatever_the_order():
