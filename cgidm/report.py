@@ -24,7 +24,7 @@ TEMPLATE = """<!doctype html>
 <title>cgidm report</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
-h1{margin:0 0 4px} .sub{color:#666;margin-bottom:16px}
+h1{margin:0 0 4px} .sub{color:#666;margin-bottom:16px} .note{color:#666;font-size:smaller;max-width:24em}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}
 .card b{display:block;font-size:22px}
@@ -80,7 +80,7 @@ engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for 
 <th data-k="n">p-value</th><th data-k="s">verdict</th><th>original | partial | recovered</th></tr></thead>
 <tbody>{% for r in rows %}
 <tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
-<td>{{ r.id }}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>{% if pairs %}<td>{{ r.pair or '' }}</td>{% endif %}
+<td>{{ r.id }}{% if r.notes %}<div class="note">{{ r.notes|join('; ') }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>{% if pairs %}<td>{{ r.pair or '' }}</td>{% endif %}
 {% if r.error %}<td class="error" colspan="{{ fields|length + 3 }}">failed: {{ r.error }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
 <td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>

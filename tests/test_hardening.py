@@ -226,6 +226,17 @@ def test_report_renders_bad_links_as_text(tmp_path):
     assert "Only 48 of 64 LoRA layers fit the base model" in html
 
 
+def test_report_shows_each_images_notes_escaped(tmp_path):
+    """What loading did to an image (first frame of an animation, colours converted,
+    upscaled) is part of the evidence: the report says it beside the image."""
+    rows = [{**_row("anim", "triptychs/anim.png", 0.5), "notes": ["animated: first frame used", "<b>x</b>"]},
+            _row("plain", "triptychs/plain.png", 0.4)]
+    summary = {"images": 2, "scored": 2, "failed": 0, "metric": "latent_cos"}
+    html = write_report(tmp_path, rows, summary).read_text()
+    assert '<div class="note">animated: first frame used; &lt;b&gt;x&lt;/b&gt;</div>' in html
+    assert html.count('<div class="note">') == 1
+
+
 def test_report_full_lora_match_is_not_a_warning(tmp_path):
     summary = {"images": 1, "scored": 1, "failed": 0, "metric": "latent_cos",
                "models": {"lora_match": {"matched": 64, "total": 64}}}
