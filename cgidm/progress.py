@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 import threading
 import time
 from pathlib import Path
 
 from cgidm.resume import SHARDS
+
+
+class _NoEmptyFloat32List(logging.Filter):
+    """diffusers' ``ModelMixin.to`` warns on every dtype cast that the model has modules
+    that "should be kept in float32: []", the list empty (nothing to keep): dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+# by name: diffusers asks logging for the same logger when it is imported
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32List())
 
 
 class Progress:

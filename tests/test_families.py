@@ -332,3 +332,21 @@ def test_a_prompt_past_the_encoders_length_is_cut_with_one_warning(tiny_world, c
     caplog.clear()
     assert families._ids(tok, "a sks pattern", "cpu").shape == (1, tok.model_max_length)
     assert "tokens" not in caplog.text
+
+
+def test_diffusers_empty_float32_list_warning_is_dropped(tiny_world, caplog):
+    """diffusers warns on every dtype cast of a model that modules "should be kept in
+    float32: []" (none): cgidm drops that line (twice per run with --dtype fp16), not
+    the warning when the list names modules."""
+    import logging
+
+    import cgidm.progress  # noqa: F401 (installs the filter)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_world / "base" / "unet", local_files_only=True)
+    with caplog.at_level(logging.WARNING):
+        unet.to(dtype=torch.float16)
+        logging.getLogger("diffusers.models.modeling_utils").warning(
+            "There are modules in X that should be kept in float32: ['norm']. Casting directly ...")
+    said = [r.getMessage() for r in caplog.records if "kept in float32" in r.getMessage()]
+    assert said == ["There are modules in X that should be kept in float32: ['norm']. Casting directly ..."]
