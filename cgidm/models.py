@@ -256,7 +256,9 @@ def _base_dir(base: str | Path) -> Path:
 # --------------------------------------------------------------------------- fine-tunes
 
 
-def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
+def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_kind: str = "the base model"):
+    """The UNet (and text encoder, when the file has one) of a single-file checkpoint, in the
+    base's configuration; ``base_kind`` names the base's family in a misfit's message."""
     from diffusers import UNet2DConditionModel
 
     if not any(k.startswith("model.diffusion_model.") for k in state):
@@ -269,7 +271,8 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base):
             state, config=str(base), subfolder="unet", local_files_only=True
         )
     except Exception as e:
-        raise ModelLoadError(f"{path}: UNet does not match the base model's architecture ({e})") from e
+        raise ModelLoadError(f"{path}: its UNet does not fit the base's architecture ({base_kind}): a fine-tune of "
+                             f"another model family or size? ({' '.join(str(e).split())[:200]})") from e
     if isinstance(text_encoder_base, families.DualTextEncoder):
         return unet, _single_file_sdxl_text(state, base, path, text_encoder_base)
     te = text_encoder_base
@@ -417,7 +420,7 @@ def load_pair(
                 info["finetuned_format"] = "lora"
             else:
                 family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
-                unet_ft, te_ft = _single_file(state, base_p, fp, te_pre)
+                unet_ft, te_ft = _single_file(state, base_p, fp, te_pre, base_family.describe())
                 info["finetuned_format"] = "single-file"
     if loras or lora is not None:
         info["lora_scale"] = float(lora_scale)

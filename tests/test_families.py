@@ -251,6 +251,20 @@ def test_sdxl_single_file_against_an_sd1_base_is_refused(tiny_world, tmp_path):
         load_pair(tiny_world / "base", f)
 
 
+def test_a_single_file_unet_that_does_not_fit_names_the_bases_family(tiny_world, tmp_path):
+    """A UNet whose keys the base's configuration cannot place (here one weight gone, as a
+    fine-tune of another size or an unrecognised family would give): one line naming the
+    base's family, not the converter's bare missing key."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny_world / "finetuned.safetensors")
+    state.pop(next(k for k in sorted(state) if k.startswith("model.diffusion_model.out.")))
+    save_file(state, tmp_path / "odd.safetensors")
+    with pytest.raises(ModelLoadError, match=r"odd.safetensors: its UNet does not fit the base's architecture "
+                                             r"\(Stable Diffusion 1.*\): a fine-tune of another model family or size"):
+        load_pair(tiny_world / "base", tmp_path / "odd.safetensors")
+
+
 def test_family_is_recorded(world_pair):
     assert world_pair.info["family"].startswith("sd1 epsilon latent 16")
     assert world_pair.family.target is None  # epsilon pairs keep the ops' own path
