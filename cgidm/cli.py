@@ -261,11 +261,19 @@ def cmd_screen(args) -> int:
     started = init_distributed(rt.device, opts.dist_timeout)
     try:
         # only rank 0 scores with it (at the merge); loaded before the screening, so a bad
-        # --embedder stops the run before hours of work
-        embedder = _embedder(opts, rt.device) if dist_info()[0] == 0 else None
+        # --embedder stops the run before hours of work: with other ranks, at screen's first
+        # gather, where they are (not at the group's exit barrier, while they gather)
+        embedder, unusable = None, None
+        if dist_info()[0] == 0:
+            try:
+                embedder = _embedder(opts, rt.device)
+            except Exception as e:  # noqa: BLE001 - any failure stops every rank
+                if not started:
+                    raise
+                unusable = f"--embedder: {_one_line(e)}"
         summary = screen(entries, args.out, cfg, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle,
                          allow_partial_lora=opts.allow_partial_lora, embedder=embedder, progress=not args.quiet,
-                         retry_failed=args.retry_failed, prefetch_depth=opts.prefetch)
+                         retry_failed=args.retry_failed, prefetch_depth=opts.prefetch, embedder_error=unusable)
     finally:
         if started:
             # every rank leaves together, once rank 0 has written the summary: a rank that
@@ -469,8 +477,14 @@ def _kept(args) -> str:
         return "extract writes its outputs at the end: run it again"
     from pathlib import Path
 
-    results = Path(getattr(args, "out", "") or ".") / "results.jsonl"
-    return f"rows finished before it are complete in {results}" if results.is_file() else "no rows were written"
+    from cgidm.resume import RESULTS, SHARDS
+
+    out = Path(getattr(args, "out", "") or ".")
+    if (out / RESULTS).is_file():
+        return f"rows finished before it are complete in {out / RESULTS}"
+    if any(p.stat().st_size for p in (out / SHARDS).glob("*.jsonl")):  # torchrun's ranks, before the merge
+        return f"rows finished before it are complete in {out / SHARDS} (the same command again resumes)"
+    return "no rows were written"
 
 
 def _one_line(e: BaseException, limit: int = 600) -> str:

@@ -49,14 +49,15 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> list[Path]:
+def list_images(directory: str | Path, recursive: bool = False, exclude=(), quiet: bool = False) -> list[Path]:
     """Image files of a folder (and its subfolders with ``recursive``), sorted. Hidden files
     and folders are skipped: macOS leaves ``._x.png`` resource forks next to every image,
     and cgidm's own temporary files start with a dot. Paths under a folder of ``exclude``
     (a run's own output folder inside the image folder) are skipped too, and so, with
     ``recursive``, is every subfolder holding a file of ``OUTPUT_MARKERS`` (an earlier
     cgidm run's outputs: protected copies, panels, triptychs), with a warning. An
-    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``."""
+    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``. ``quiet``: no
+    warning (a count, not a listing the run reads)."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
@@ -76,21 +77,22 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=()) -> l
             continue
         found.append(p)
     if recursive:
-        found = _outside_output_folders(d, found)
+        found = _outside_output_folders(d, found, quiet)
     return sorted(found)
 
 
 _SAID: set = set()  # the output folders already warned about: (root, files listed, folders)
 
 
-def _outside_output_folders(root: Path, found: list[Path]) -> list[Path]:
+def _outside_output_folders(root: Path, found: list[Path], quiet: bool = False) -> list[Path]:
     folders = {f for p in found for f in p.parents if root in f.parents}  # each looked at once
     outputs = sorted(f for f in folders if any(all((f / m).is_file() for m in group) for group in OUTPUT_MARKERS))
     if not outputs:
         return found
     kept = [p for p in found if not any(f in p.parents for f in outputs)]
     said = (root, len(found), tuple(outputs))
-    if said not in _SAID:  # a folder listed twice in one run (checked before the model loads) is said once
+    # a folder listed twice in one run (checked before the model loads) is said once
+    if not quiet and said not in _SAID:
         _SAID.add(said)
         log.warning("%d files in cgidm output folders under %s left out (%s)", len(found) - len(kept), root,
                     ", ".join(f.relative_to(root).as_posix() for f in outputs))

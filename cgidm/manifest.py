@@ -24,6 +24,7 @@ from cgidm.lora import is_lora_file
 
 log = logging.getLogger(__name__)
 
+READ_COLUMNS = ("image", "path", "label", "base", "finetuned", "lora", "lora_scale")  # the others are ignored
 FOLDER_LABELS = {"member": "member", "members": "member", "holdout": "holdout", "holdouts": "holdout",
                  "control": "control", "controls": "control"}
 
@@ -68,7 +69,7 @@ def collect_items(
                                   (holdouts, "holdout", "--holdouts"), (controls, "control", "--controls")):
         if folder is not None:
             found = list_images(folder, exclude=exclude)
-            below = len(list_images(folder, recursive=True, exclude=exclude)) - len(found)
+            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True)) - len(found)
             if not found:
                 raise FileNotFoundError(f"no images in {folder}" + (
                     f" ({below} in its subfolders: {option} reads the folder itself, not its subfolders)"
@@ -181,8 +182,8 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
     if not reader.fieldnames:
         raise ValueError(f"{path}: empty manifest (a CSV needs a header line: image,label,base,finetuned,lora)")
     names = [str(k).strip().lower() for k in reader.fieldnames if str(k).strip()]
-    twice = sorted({k for k in names if names.count(k) > 1})
-    if twice:  # DictReader would keep the last column of a name silently
+    twice = sorted({k for k in names if names.count(k) > 1 and k in READ_COLUMNS})
+    if twice:  # DictReader would keep the last column of a name silently (other columns are not read)
         raise ValueError(f"{path}: the header names {', '.join(repr(k) for k in twice)} more than once")
     for rec in reader:
         rec = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -93,7 +94,9 @@ def _fewer_bits(img: Image.Image) -> bool:
     for tile in getattr(img, "tile", None) or ():
         args = tile[3] if len(tile) > 3 else None
         raw = args[0] if isinstance(args, tuple) and args else args
-        if isinstance(raw, str) and "16" in raw:
+        # 16 bits per channel, big/little/native-endian ("RGB;16B"); not "BGR;16", a BMP's
+        # 16 bits per pixel (5 or 6 per channel)
+        if isinstance(raw, str) and re.search(r";16[BLN]$", raw):
             return True
     return False
 

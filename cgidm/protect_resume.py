@@ -58,10 +58,14 @@ def kept_settings(cfg: ProtectConfig, model, dtype: str) -> dict:
     return json.loads(json.dumps(now))
 
 
-def _shown(value) -> str:
-    """A setting in a refusal: a float to 6 digits (a budget of 0.03 is 7.65 levels, not
-    7.6499999999999995), anything else as its repr."""
-    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+def _shown(value, other) -> str:
+    """A setting in a refusal beside the ``other`` value it differs from: a float to 6
+    digits (a budget of 0.03 is 7.65 levels, not 7.6499999999999995), or in full where 6
+    digits would show the two alike; anything else as its repr."""
+    if not isinstance(value, float):
+        return repr(value)
+    short = f"{value:.6g}"
+    return repr(value) if isinstance(other, (int, float)) and f"{other:.6g}" == short else short
 
 
 def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
@@ -90,7 +94,8 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
                 old["target"] = settings["target"]
         if isinstance(old, dict) and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            what = ", ".join(f"{k} {_shown(old.get(k))} there, {_shown(settings.get(k))} now" for k in diff)
+            what = ", ".join(f"{k} {_shown(old.get(k), settings.get(k))} there, "
+                             f"{_shown(settings.get(k), old.get(k))} now" for k in diff)
             raise ValueError(f"{out} holds a protect run with other settings ({what}); "
                              "resume with the same settings or use another --out")
     atomic_write_json(path, {"settings": settings}, sort_keys=True)

@@ -126,13 +126,15 @@ def screen(
     progress: bool = True,
     retry_failed: bool = False,
     prefetch_depth: int = 2,
+    embedder_error: Optional[str] = None,
 ) -> Optional[dict]:
     """Screen ``entries`` into ``out``: skips the ids already finished there, shards the
     rest over the ranks of an initialised process group, and on rank 0 merges the rows and
     writes ``results.jsonl``, ``summary.json`` and ``report.html``. ``device``/``dtype``:
     this rank's, as ``config.resolve_runtime`` decided. Returns the summary on rank 0 and
     None on the other ranks. ``embedder`` (for an embedding metric's scores): rank 0's;
-    the other ranks may pass None."""
+    the other ranks may pass None. ``embedder_error``: rank 0's reason it has none (a
+    load that failed): every rank stops with it before any work."""
     import torch
 
     cfg = cfg or AuthConfig()
@@ -141,10 +143,11 @@ def screen(
     rank, world = dist_info()
     unusable = None  # rank 0 merges and scores with the embedder; the other ranks need none
     if rank == 0:
+        unusable = embedder_error
         try:
             check_embedder(cfg, embedder)
         except ValueError as e:
-            unusable = str(e)
+            unusable = unusable or str(e)
     entries = sorted(entries, key=lambda e: e.id)
     if not entries:
         raise ValueError("no images to screen")
@@ -245,6 +248,9 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
                     rows[relabelled[0]].get("label"), next(e.label for e in entries if e.id == relabelled[0]))
         for e in entries:
             rows[e.id]["label"] = e.label
+            # the validator's score is a max over the image's (pair, label) folder: stale now
+            # (scored again below with --embedder)
+            rows[e.id].pop("official_cos", None)
     infos = {e.pair.key: e.pair.info() for e in entries}
     # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
     # (a resume loads only the pairs with images left)

@@ -133,13 +133,14 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
             summary["controls"] = sum(s.get("controls", 0) for s in per.values())
             # pairs without controls of their own: their images get no p-value and no verdict
             bare = {k: sum(1 for r in by_pair[k] if "error" not in r and r.get("label") != "control")
-                    for k, s in per.items() if not s.get("controls")}
+                    for k, s in per.items() if not s.get("controls") and not s.get("calibration_error")}
             bare = {k: n for k, n in bare.items() if n}
             if bare:
                 summary["pairs_without_controls"] = bare
-        warnings = [f"{k}: {s['calibration_warning']}" for k, s in per.items() if s.get("calibration_warning")]
-        if warnings:
-            summary["calibration_warning"] = "; ".join(warnings)
+        for key in ("calibration_error", "calibration_warning"):  # a pair's, said with its key
+            said = [f"{k}: {s[key]}" for k, s in per.items() if s.get(key)]
+            if said:
+                summary[key] = "; ".join(said)
     summary["pairs"] = {k: {**infos[k], **{f: s[f] for f in PAIR_SUMMARY_FIELDS if f in s}} for k, s in per.items()}
     return summary
 

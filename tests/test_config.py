@@ -152,3 +152,7 @@ def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp
             assert cli.main(args) == code
             err = capsys.readouterr().err
             assert said[command] in err and ("results.jsonl" in err) == (command == "protect"), (command, err)
+    (tmp_path / "none" / "shards").mkdir(parents=True)  # torchrun's ranks write here until the merge
+    (tmp_path / "none" / "shards" / "rank-1.jsonl").write_text('{"id": "a"}\n')
+    assert cli.main(argv["authenticate"]) == cli.EXIT_OUTPUT
+    assert f"complete in {tmp_path / 'none' / 'shards'} (the same command again resumes)" in capsys.readouterr().err

@@ -382,6 +382,15 @@ def test_written_modes_say_what_the_imaging_library_cannot_keep(tmp_path):
     assert any("ICC profile (CMYK colour space) not copied" in n for n in rows["c.jpg"]["notes"])
     assert Image.open(tmp_path / "out-rgb.png.png").info["icc_profile"] == srgb
     assert not any("ICC" in n for n in rows["rgb.png"]["notes"])
+    # a BMP of 16 bits per pixel (RGB565: 5 or 6 bits a channel) loses nothing in 8 bits
+    from cgidm.protect_output import _fewer_bits
+
+    pix = b"".join(struct.pack("<H", 0xF800) * 4 for _ in range(2))
+    dib = struct.pack("<IiiHHIIiiII", 40, 4, 2, 1, 16, 3, len(pix), 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    (tmp_path / "565.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 66 + len(pix), 0, 0, 66) + dib + masks + pix)
+    with Image.open(tmp_path / "565.bmp") as bmp, Image.open(tmp_path / "rgb48.png") as deep_png:
+        assert bmp.mode == "RGB" and not _fewer_bits(bmp) and _fewer_bits(deep_png)
 
 
 def test_a_16_bit_image_takes_the_budget_in_16_bit_levels(tmp_path):

@@ -264,6 +264,13 @@ def test_authenticate_says_it_does_not_read_subfolders(tiny_world, tmp_path, cap
     shutil.copy(src[1], tmp_path / "art" / "b.png")
     assert [i.path.name for i in collect_items(tmp_path / "art")] == ["b.png"]
     assert "1 images in subfolders are not read" in caplog.text
+    # an earlier run's output folder below is not counted, and not warned about: never read
+    caplog.clear()
+    (tmp_path / "art" / "run1" / "triptychs").mkdir(parents=True)
+    (tmp_path / "art" / "run1" / ".cgidm.lock").write_text("")
+    shutil.copy(src[2], tmp_path / "art" / "run1" / "triptychs" / "t.png")
+    assert [i.path.name for i in collect_items(tmp_path / "art")] == ["b.png"]
+    assert "1 images in subfolders are not read" in caplog.text and "output folders" not in caplog.text
 
 
 def test_demo_help_shows_the_demo_presets_values(capsys):
@@ -323,3 +330,12 @@ def test_the_reports_settings_leave_out_what_was_not_set():
     assert "target" not in adv and "textural_weight" not in adv and adv["loss"] == "advdm"
     assert dict(report_settings(ProtectConfig(loss="textural").to_json()))["target"] == "built-in pattern"
     assert dict(report_settings(ProtectConfig(loss="fused", target="t.png").to_json()))["target"] == "t.png"
+
+
+def test_a_refusal_shows_two_close_settings_apart():
+    from cgidm.protect_resume import _shown
+
+    assert (_shown(8.0, 7.6499999999999995), _shown(7.6499999999999995, 8.0)) == ("8", "7.65")
+    # --budget 8/255 there, 0.03137255 now: 6 digits would show 8 and 8
+    assert (_shown(8.0, 8.00000025), _shown(8.00000025, 8.0)) == ("8.0", "8.00000025")
+    assert (_shown("centre", "full"), _shown(None, 5.0)) == ("'centre'", "None")

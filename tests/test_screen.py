@@ -168,6 +168,8 @@ def test_manifest_errors_name_the_row(tiny_world, tmp_path):
     bad.write_text(f"image,label, Label\n{img},member,holdout\n")  # which one? not the last silently
     with pytest.raises(ValueError, match="the header names 'label' more than once"):
         read_manifest(bad, base, ft)
+    bad.write_text(f"image,label,note,note\n{img},member,a,b\n")  # columns cgidm does not read may repeat
+    assert len(read_manifest(bad, base, ft)) == 1
 
 
 def test_shards_partition_the_ids_whatever_the_order():
@@ -228,8 +230,11 @@ def test_a_resume_rescores_by_the_new_metric_and_takes_the_new_labels(entries, r
     assert summary["auc"] == summary["by_metric"]["ssim"]["auc"]
     swapped = {"member": "holdout", "holdout": "member"}
     relabelled = [dataclasses.replace(e, label=swapped[e.label]) if e.id == entries[0].id else e for e in entries]
+    rows = [{**r, "official_cos": 0.5} for r in _rows(out)]  # as a run with --embedder left them
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = screen(relabelled, out, CFG, progress=False)
-    assert summary["timing"]["images"] == 0
+    assert summary["timing"]["images"] == 0 and "official" not in summary
+    assert not any("official_cos" in r for r in _rows(out)), "a max over the old folders is stale"
     got = {r["id"]: r["label"] for r in _rows(out)}
     assert got == {e.id: e.label for e in relabelled} and got[entries[0].id] != entries[0].label
     assert "1 rows take the manifest's new label" in caplog.text
@@ -444,6 +449,21 @@ def test_only_rank_0_loads_the_embedder_and_needs_one(entries, manifest, tiny_wo
     argv = _screen_cmd(manifest, tiny_world, tmp_path / "b", "--embedder", str(tiny_world / "embedder-vit-random"))
     assert cli.main(argv[2:]) == cli.EXIT_OK
     assert loaded == [] and "embedder" in given and given["embedder"] is None
+
+
+def test_an_embedder_that_fails_to_load_stops_every_rank_at_once(manifest, tiny_world, tmp_path):
+    """Only rank 0 loads --embedder: its failure reaches the other ranks at screen's first
+    gather (they waited there for --dist-timeout while rank 0 waited at the exit barrier)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *_screen_cmd(manifest, tiny_world, out, "--embedder", str(tmp_path / "no-such-embedder")),
+           "--dist-timeout", "3"]
+    t0 = time.monotonic()
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and "--embedder: " in said and "no such folder" in said, said[-4000:]
+    assert time.monotonic() - t0 < 150, "a rank waited for the collective timeout"
+    assert not (out / "results.jsonl").exists()
 
 
 def test_leave_group_waits_for_every_rank_on_the_store(tmp_path):

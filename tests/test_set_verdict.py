@@ -104,6 +104,13 @@ def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
     print_summary(s)
     assert "warning: 2 control images given, 1 scored" in capsys.readouterr().out
     assert "calibration_error" not in summarize(one[:2], AuthConfig(prompt="p"))
+    # several pairs: a pair with one control is said as such, not as "no control images"
+    rows = [{**r, "id": f"a/{r['id']}", "pair": "a"} for r in one]
+    rows += [{**_row(10 + i, None if i < 2 else "control", 0.9 - i / 10), "pair": "b"} for i in range(4)]
+    s = summarize_pairs(rows, {"a": {"base": "x"}, "b": {"base": "y"}}, AuthConfig(prompt="p"))
+    assert s["calibration_error"].startswith("a: 1 control image given, 1 scored")
+    assert "a" not in (s.get("pairs_without_controls") or {})
+    assert s["pairs"]["a"]["calibration_error"] and s["pairs"]["b"]["controls"] == 2
 
 
 def test_each_pair_gets_its_own_set_verdict():
