@@ -148,6 +148,8 @@ def screen(
             check_embedder(cfg, embedder)
         except ValueError as e:
             unusable = unusable or str(e)
+    if unusable is not None and world == 1:  # alone: stop before the folder is made
+        raise ValueError(unusable)
     entries = sorted(entries, key=lambda e: e.id)
     if not entries:
         raise ValueError("no images to screen")
