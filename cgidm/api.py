@@ -14,8 +14,8 @@ from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_t_max  # noqa: F401 (re-exported)
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
-from cgidm.manifest import ImageItem, collect_items  # noqa: F401 (re-exported)
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
+from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl
@@ -61,13 +61,18 @@ def authenticate(
     records where a given prompt came from."""
     from tqdm.auto import tqdm
 
+    if not isinstance(cfg, AuthConfig):
+        raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
     out = Path(out)
+    items = list(items)
+    if not items:
+        raise ValueError("no images to authenticate")
+    check_items(items)
     check_embedder(cfg, embedder)
     check_t_max(cfg.pgd.t_max, len(pair.abar))
     cfg, found_from = resolve_prompt(cfg, pair)
     prompt_from = prompt_from or found_from
     output_dirs(out)
-    items = list(items)
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
         check_run_kind(out, "authenticate")
         output_dirs(out, TRIPTYCHS, RECOVERED)
@@ -123,6 +128,7 @@ def authenticate(
                                               "(the same scores)")
         # rows again, in input order and with their verdicts
         atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in rows))
+        summary = json_values(summary)  # the summary returned is the one written: null, not inf
         atomic_write_json(out / "summary.json", summary)
         summary["report"] = str(write_report(out, rows, summary))
     return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -86,6 +87,12 @@ def _opt(default: Any, help: str, flag: Optional[str] = None, choices=None, cli:
     return field(default=default, metadata=meta)
 
 
+def _whole(name: str, value) -> None:
+    """A setting counted in whole units (steps, timesteps, a batch) is an int, not 2.5."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's ints too
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PGDConfig:
     """L2 PGD settings; the defaults are the paper's (docs/faithfulness.md, "PGD")."""
@@ -102,6 +109,8 @@ class PGDConfig:
     t_max: int = _opt(999, "largest timestep drawn")
 
     def __post_init__(self) -> None:
+        for name in ("steps", "k", "t_min", "t_max"):
+            _whole(name, getattr(self, name))
         if self.noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
         if self.steps < 0 or self.k < 1:
@@ -114,8 +123,8 @@ class PGDConfig:
                 raise ValueError(f"{flag} must be a finite number > 0, got {value}")
         if self.noise == "paper" and self.k != 1:
             raise ValueError("paper noise mode draws one t per step: k must be 1")
-        if self.clamp_min >= self.clamp_max:
-            raise ValueError("need clamp_min < clamp_max")
+        if not (math.isfinite(self.clamp_min) and math.isfinite(self.clamp_max) and self.clamp_min < self.clamp_max):
+            raise ValueError(f"need finite clamp_min < clamp_max, got {self.clamp_min} and {self.clamp_max}")
 
     @property
     def per_sample(self) -> bool:
@@ -152,6 +161,11 @@ class AuthConfig:
     def __post_init__(self) -> None:
         # one spelling in the summary and in equality: the names in BASELINES order, or None
         object.__setattr__(self, "baselines", ",".join(parse_baselines(self.baselines)) or None)
+        if not isinstance(self.pgd, PGDConfig):
+            raise TypeError(f"pgd must be a PGDConfig, got {type(self.pgd).__name__}")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a string (or None: the checkpoint's), got {type(self.prompt).__name__}")
+        _whole("batch_size", self.batch_size)
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.impl not in IMPLS:

@@ -240,6 +240,8 @@ def extract(
     run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
     refused (``ValueError``) before anything in it is cleared or written. Returns what
     ``extract.json`` holds."""
+    if not isinstance(cfg, ExtractConfig):
+        raise TypeError(f"cfg must be an ExtractConfig, got {type(cfg).__name__}")
     if cfg.prompt is None:
         from cgidm.pipeline import resolve_prompt
 

@@ -105,15 +105,15 @@ def atomic_save_image(image, path: Path) -> None:
     _replace_from_tmp(path, lambda f: image.save(f, format="PNG"))
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with numpy scalars and arrays made plain Python, tuples made lists, and
+def json_values(obj: Any) -> Any:
+    """``obj`` as its JSON file holds it: with numpy scalars and arrays made plain Python, tuples made lists, and
     every NaN or infinity (a threshold past the last score, a failed metric) made None."""
     if isinstance(obj, dict):
-        return {_finite(k) if isinstance(k, np.generic) else k: _finite(v) for k, v in obj.items()}
+        return {json_values(k) if isinstance(k, np.generic) else k: json_values(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_values(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
+        return json_values(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -126,7 +126,7 @@ def json_text(obj: Any, **kw) -> str:
     also numpy ones and nested anywhere in dicts, lists and tuples, become ``null``.
     Anything still not JSON raises instead of writing ``NaN``/``Infinity``."""
     kw["allow_nan"] = False
-    return json.dumps(_finite(obj), **kw)
+    return json.dumps(json_values(obj), **kw)
 
 
 def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:

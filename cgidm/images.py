@@ -58,7 +58,7 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     cgidm run's outputs: protected copies, panels, triptychs), with a warning. An
     ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``. ``quiet``: no
     warning (a count, not a listing the run reads)."""
-    d = Path(directory)
+    d = Path(directory).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
     skip = [Path(os.path.abspath(e)) for e in exclude]

@@ -87,6 +87,23 @@ def collect_items(
     return items
 
 
+def check_items(items: Sequence[ImageItem]) -> None:
+    """``ValueError`` for two items with one id (the id names an image's outputs and keys
+    its draws: one would overwrite the other's evidence) or one file under two labels."""
+    ids: dict[str, Path] = {}
+    labels: dict[str, Optional[str]] = {}
+    for it in items:
+        if it.id in ids:
+            raise ValueError(f"two images have the id {it.id!r} ({ids[it.id]} and {it.path}): an id names an "
+                             "image's outputs; give them distinct ids or file names")
+        ids[it.id] = it.path
+        real = os.path.realpath(it.path)
+        if real in labels and labels[real] != it.label:
+            raise ValueError(f"{it.path} is given with the labels {labels[real]!r} and {it.label!r}: each image "
+                             "takes one label")
+        labels.setdefault(real, it.label)
+
+
 @dataclass(frozen=True)
 class PairSpec:
     """The models one image is tested against; paths are absolute. ``root``: the manifest's

@@ -47,7 +47,13 @@ def make_mask(pair: ModelPair, cfg: AuthConfig) -> torch.Tensor:
 @torch.no_grad()
 def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: AuthConfig) -> Prepared:
     """Encode (sampled, one generator per image, seeded by its key), mask, and build the
-    partial representation (decode the masked latent to an 8-bit image, encode again)."""
+    partial representation (decode the masked latent to an 8-bit image, encode again).
+    ``images``: ``[B, 3, H, W]`` in [-1, 1]; ``ids``: one string per image."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+    if isinstance(ids, str) or len(ids) != images.shape[0]:
+        raise ValueError(f"ids must be a sequence of one id per image: {images.shape[0]} images, "
+                         f"{'a string' if isinstance(ids, str) else f'{len(ids)} ids'}")
     device = pair.device
     keys = [image_key(cfg.seed, i) for i in ids]
     gens = [torch.Generator(device=device).manual_seed(k) for k in keys]
@@ -94,10 +100,13 @@ def shrink_engines(pair: ModelPair, max_batch: int) -> None:
 
 
 def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
-    """PGD on the contrast loss; returns the reference's ``InversionResult``."""
+    """PGD on the contrast loss; returns the reference's ``InversionResult``. Without
+    ``cfg.prompt``, the checkpoint's instance prompt (``resolve_prompt``)."""
     from cgidm.checkpointing import set_gradient_checkpointing
     from cgidm.ops import get_ops
 
+    if cfg.prompt is None:
+        cfg, _ = resolve_prompt(cfg, pair)
     check_t_max(cfg.pgd.t_max, len(pair.abar))  # a screen's pairs load as its rows come
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
     set_gradient_checkpointing((pair.unet_ft, pair.unet_pre), cfg.low_memory)

@@ -28,7 +28,8 @@ import torch
 
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_t_max, dtype_name
-from cgidm.files import OutputError, append_jsonl, atomic_save_image, atomic_write_json, output_dirs, output_path
+from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, json_values, output_dirs,
+                         output_path)
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
@@ -57,7 +58,7 @@ def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()
     """Every image under ``images`` (subfolders too, hidden files skipped), sorted; the
     files of an earlier cgidm run's output folder inside it (``images.OUTPUT_MARKERS``: its
     protected copies and panels) are left out, with a warning."""
-    root = Path(images)
+    root = Path(images).expanduser()
     found = list_images(root, recursive=True, exclude=exclude)
     if not found:
         raise FileNotFoundError(f"no images in {root}")
@@ -391,6 +392,8 @@ def protect(
     the summary. Raises ``OutputError`` when an output cannot be written (the rows
     finished before stay complete) and ``ValueError`` for a resume with other settings.
     ``retry_failed``: the images whose row is an error are protected again."""
+    if not isinstance(cfg, ProtectConfig):
+        raise TypeError(f"cfg must be a ProtectConfig, got {type(cfg).__name__}")
     out = Path(out)
     if model.abar is not None:
         check_t_max(cfg.t_max, len(model.abar))
@@ -424,6 +427,7 @@ def protect(
         if fallback:
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
                                               "(the same perturbation)")
+        summary = json_values(summary)  # the summary returned is the one written: null, not inf
         atomic_write_json(out / "summary.json", summary)
         summary["report"] = str(write_report(out, rows, summary))
     return summary

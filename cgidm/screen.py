@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, output_dirs
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
 from cgidm.manifest import Entry
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -138,6 +138,12 @@ def screen(
     import torch
 
     cfg = cfg or AuthConfig()
+    if str(device) == "auto":  # as the CLI's default resolves it
+        from cgidm.config import resolve_runtime
+
+        device = resolve_runtime("auto", "fp32").device
+    if not isinstance(cfg, AuthConfig):
+        raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
     t_start = time.perf_counter()
     out = Path(out)
     rank, world = dist_info()
@@ -271,6 +277,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     for p in result_files(out)[1:]:
         p.unlink()
     summary["timing"] = timing(gathered, time.perf_counter() - t0)
+    summary = json_values(summary)  # the summary returned is the one written: null, not inf
     atomic_write_json(out / "summary.json", summary)
     summary["report"] = str(write_report(out, run_rows, summary))
     return summary

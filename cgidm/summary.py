@@ -173,7 +173,11 @@ def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:
 
 
 def check_embedder(cfg, embedder) -> None:
-    """An embedding metric needs an embedder: say so before any compute."""
+    """An embedding metric needs an embedder, and an embedder is a loaded one (not its
+    folder): say so before any compute."""
+    if embedder is not None and not callable(embedder):
+        raise TypeError(f"embedder must be a loaded embedder (cgidm.validator.load_official_embedder(folder)), "
+                        f"got {type(embedder).__name__}")
     if cfg.metric in EMBED_FIELDS and embedder is None:
         raise ValueError(f"--metric {cfg.metric} needs --embedder DIR (a local CLIP or DINO model folder)")
 
