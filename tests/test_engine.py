@@ -352,8 +352,9 @@ def test_recover_with_the_engine_equals_the_reference(unets):
                         ids=["img0", "img1"])
 
     pgd = PGDConfig(steps=2, alpha=0.5, eps=5.0, k=2)
-    want = recover(pair, prep(), AuthConfig(pgd=pgd))
-    got = recover(pair, prep(), AuthConfig(pgd=pgd, engine="engine"))
+    # a prompt given: this hand-built pair records none to resolve (its encode_prompt ignores it)
+    want = recover(pair, prep(), AuthConfig(prompt="p", pgd=pgd))
+    got = recover(pair, prep(), AuthConfig(prompt="p", pgd=pgd, engine="engine"))
     torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="engine must be"):
-        recover(pair, prep(), AuthConfig(pgd=pgd, engine="fast"))
+        recover(pair, prep(), AuthConfig(prompt="p", pgd=pgd, engine="fast"))
