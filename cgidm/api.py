@@ -120,7 +120,7 @@ def authenticate(
                 bar.close()
         order = {it.id: i for i, it in enumerate(items)}
         rows.sort(key=lambda r: order.get(r["id"], len(order)))
-        emb_info = add_embedding_scores(rows, embedder, out, cfg.metric) if embedder is not None else None
+        emb_info = add_embedding_scores(rows, embedder, out) if embedder is not None else None
         summary = summarize(rows, cfg, pair.info, emb_info)
         summary["prompt_from"] = prompt_from
         if stats.extra.get("low_memory_fallback"):

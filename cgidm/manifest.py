@@ -64,32 +64,32 @@ def collect_items(
     """Items of the given folders, labelled by the folder they came from. ``exclude``:
     folders never listed (the run's own output folder)."""
     items: list[ImageItem] = []
-    seen: dict[str, str] = {}  # resolved file -> the option it came from
-    for folder, label, option in ((images, None, "--images"), (members, "member", "--members"),
-                                  (holdouts, "holdout", "--holdouts"), (controls, "control", "--controls")):
+    options = {None: "--images", "member": "--members", "holdout": "--holdouts", "control": "--controls"}
+    for folder, label in ((images, None), (members, "member"), (holdouts, "holdout"), (controls, "control")):
         if folder is not None:
-            found = list_images(folder, exclude=exclude)
-            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True)) - len(found)
+            # one listing of the whole tree: the folder's own images, and a count of those below
+            listed = list_images(folder, recursive=True, exclude=exclude, quiet=True)
+            root = Path(folder).expanduser()
+            found = [p for p in listed if p.parent == root]
+            below = len(listed) - len(found)
             if not found:
                 raise FileNotFoundError(f"no images in {folder}" + (
-                    f" ({below} in its subfolders: {option} reads the folder itself, not its subfolders)"
+                    f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders)"
                     if below else ""))
             if below:
                 log.warning("%s %s: %d images in subfolders are not read (only the folder's own images are)",
-                            option, folder, below)
-            for p in found:  # one file under two labels would score against itself
-                first = seen.setdefault(os.path.realpath(p), option)
-                if first != option:
-                    raise ValueError(f"{p} is given by both {first} and {option}: each image takes one label")
+                            options[label], folder, below)
             items += [ImageItem(p, label) for p in found]
+            check_items(items, options)  # one file under two labels would score against itself
     if not items:
         raise ValueError("no images given (use --images, or --members and --holdouts)")
     return items
 
 
-def check_items(items: Sequence[ImageItem]) -> None:
+def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> None:
     """``ValueError`` for two items with one id (the id names an image's outputs and keys
-    its draws: one would overwrite the other's evidence) or one file under two labels."""
+    its draws: one would overwrite the other's evidence) or one file under two labels.
+    ``options``: label -> the CLI option that gave it, to name those in the message."""
     ids: dict[str, Path] = {}
     labels: dict[str, Optional[str]] = {}
     for it in items:
@@ -99,8 +99,10 @@ def check_items(items: Sequence[ImageItem]) -> None:
         ids[it.id] = it.path
         real = os.path.realpath(it.path)
         if real in labels and labels[real] != it.label:
-            raise ValueError(f"{it.path} is given with the labels {labels[real]!r} and {it.label!r}: each image "
-                             "takes one label")
+            first = labels[real]
+            given = (f"by both {options[first]} and {options[it.label]}" if options
+                     else f"with the labels {first!r} and {it.label!r}")
+            raise ValueError(f"{it.path} is given {given}: each image takes one label")
         labels.setdefault(real, it.label)
 
 

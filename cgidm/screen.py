@@ -250,10 +250,11 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         atomic_write_text(out / REMOVED, "".join(json_text(before[k], sort_keys=True) + "\n" for k in sorted(before)))
     run_rows = [rows[e.id] for e in entries]
     # a label changes no score: a manifest corrected since the last run relabels its rows
-    relabelled = [e.id for e in entries if rows[e.id].get("label") != e.label]
+    relabelled = [e for e in entries if rows[e.id].get("label") != e.label]
     if relabelled:
-        log.warning("%d rows take the manifest's new label (first: %s, %s -> %s)", len(relabelled), relabelled[0],
-                    rows[relabelled[0]].get("label"), next(e.label for e in entries if e.id == relabelled[0]))
+        first = relabelled[0]
+        log.warning("%d rows take the manifest's new label (first: %s, %s -> %s)", len(relabelled), first.id,
+                    rows[first.id].get("label"), first.label)
         for e in entries:
             rows[e.id]["label"] = e.label
             # the validator's score is a max over the image's (pair, label) folder: stale now
@@ -268,7 +269,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         cfg_prompts = {}
     cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
     cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
-    emb_info = add_embedding_scores(run_rows, embedder, out, cfg.metric) if embedder is not None else None
+    emb_info = add_embedding_scores(run_rows, embedder, out) if embedder is not None else None
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:
         summary["prompts"] = cfg_prompts

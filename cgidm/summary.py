@@ -193,10 +193,11 @@ def _original_image(path: str):
         return to_rgb(im)
 
 
-def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, metric: str, batch: int = 32) -> dict:
+def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int = 32) -> dict:
     """The paper's validator on the scored rows, in place: ``official_cos`` (each original
     against every recovered image of its folder: same pair and label, the maximum cosine)
-    and ``embed_cos`` (against its own recovery); the rows' ``score`` follows ``metric``.
+    and ``embed_cos`` (against its own recovery); ``summarize`` then sets the rows' ``score``
+    by the metric.
     Originals are read from their files and recovered images from the saved 8-bit PNGs,
     as the official validator reads them (docs/faithfulness.md, "Scoring"). Returns what
     the summary records about the embedder."""
@@ -222,9 +223,6 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, metric: str,
         paired = paired_scores(o, c)
         for r, a, b in zip(good, official.tolist(), paired.tolist()):
             r["official_cos"], r["embed_cos"] = float(a), float(b)
-    for r in rows:
-        if "error" not in r and metric in EMBED_FIELDS:
-            r["score"] = r.get(metric)
     return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
 
 
