@@ -85,6 +85,15 @@ def _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre) -> tuple[torch.dtype, t
     return z_dtype, xt_dtype
 
 
+def _check_mask(mask, shape) -> None:
+    # one image's shape (shared by the batch) or the batch's: a mask with the right element
+    # count in another shape would be read in the wrong order (as in csrc/ops.cpp)
+    torch._check(
+        tuple(mask.shape) in (tuple(shape[1:]), tuple(shape)),
+        lambda: f"mask must be [C, H, W] or [B, C, H, W] (the latent's shape {tuple(shape)}), got {tuple(mask.shape)}",
+    )
+
+
 def _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar) -> None:
     torch._check(x0.dim() == 4, lambda: f"x0 must be [B, C, H, W], got {tuple(x0.shape)}")
     torch._check(x.shape == x0.shape, lambda: "x must have x0's shape")
@@ -99,10 +108,7 @@ def _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minu
         noise_pre is None or noise_pre.shape == noise_ft.shape,
         lambda: "noise_pre must have noise_ft's shape",
     )
-    m = x0[0].numel()
-    torch._check(
-        mask.numel() in (m, b * m), lambda: "mask must be [C, H, W] or [B, C, H, W]"
-    )
+    _check_mask(mask, x0.shape)
     torch._check(
         sqrt_abar.numel() == n and sqrt_one_minus_abar.numel() == n,
         lambda: "sqrt_abar and sqrt_one_minus_abar must have one entry per sample",
@@ -138,10 +144,7 @@ def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0
         grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape,
         lambda: "delta, grad, x0 and x_init must have one shape",
     )
-    m = delta[0].numel()
-    torch._check(
-        mask.numel() in (m, delta.shape[0] * m), lambda: "mask must be [C, H, W] or [B, C, H, W]"
-    )
+    _check_mask(mask, delta.shape)
     out = delta.new_empty(delta.shape, dtype=torch.float32)
     return out, torch.empty_like(out)
 
@@ -176,7 +179,6 @@ def _draw_noise_fake(keys, step, k, latent_shape, t_min, t_max, independent):
 
 def _pair_noise_default(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
     _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
-    mask = mask.reshape(-1, *x0.shape[1:]) if mask.numel() != x0[0].numel() else mask.reshape(x0.shape[1:])
     z, x_t = reference.pair_noise_ref(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
     _, xt_dtype = _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre)
     return z, x_t.to(xt_dtype)
@@ -193,9 +195,9 @@ def _pair_contrast_loss_default(eps_ft, eps_pre, noise_ft, noise_pre):
 
 def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
     # Defaults as in the schema: the dispatcher leaves trailing default arguments out.
-    mask = mask.reshape(-1, *delta.shape[1:]) if mask.numel() != delta[0].numel() else mask.reshape(delta.shape[1:])
-    new_delta, z = reference.pgd_update_ref(
-        delta, grad, x0, x_init, mask, alpha, eps, clamp_min, clamp_max, per_sample
+    _check_mask(mask, delta.shape)
+    new_delta, z = reference.pgd_update_ref(  # z in fp32 as the fake says, whatever the mask's dtype
+        delta, grad, x0, x_init, mask.float(), alpha, eps, clamp_min, clamp_max, per_sample
     )
     return new_delta, z
 

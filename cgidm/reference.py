@@ -183,7 +183,8 @@ def linf_pgd_update_ref(
     if delta.dim() < 1 or grad.shape != delta.shape or x.shape != delta.shape:
         raise ValueError("delta, grad and x must have one shape [B, ...]")
     g = grad.float()
-    ok = torch.isfinite(g).flatten(1).all(1)
+    # [B, M] also for a 1-D delta (M = 1) and for B = 0, as the compiled kernels read it
+    ok = torch.isfinite(g).reshape(g.shape[0], math.prod(g.shape[1:])).all(1)
     step = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g.sign(), torch.zeros_like(g))
     d = (delta.float() + alpha * step).clamp(-eps, eps)
     # x + d can only leave [lo, hi] by pushing through it, never by more than eps: clamp d to

@@ -46,10 +46,20 @@ void check_same_device(const at::Tensor& ref, std::initializer_list<const at::Te
   }
 }
 
-bool mask_is_batched(const at::Tensor& mask, int64_t B, int64_t M) {
-  TORCH_CHECK(mask.numel() == M || mask.numel() == B * M,
-              "cgidm: mask must be [C, H, W] or [B, C, H, W]");
-  return mask.numel() != M;
+// The mask is one image's shape (shared by the batch) or the batch's: a mask with the
+// right element count in another shape would be read in the wrong order, so it is refused.
+bool mask_is_batched(const at::Tensor& mask, at::IntArrayRef shape) {
+  TORCH_CHECK(mask.sizes() == shape.slice(1) || mask.sizes() == shape,
+              "cgidm: mask must be [C, H, W] or [B, C, H, W] (the latent's shape ", shape,
+              "), got ", mask.sizes());
+  return mask.dim() == static_cast<int64_t>(shape.size());
+}
+
+// Elements per image of a [B, ...] tensor, also when B is 0.
+int64_t per_image(const at::Tensor& t) {
+  int64_t m = 1;
+  for (int64_t d : t.sizes().slice(1)) m *= d;
+  return m;
 }
 
 #ifdef CGIDM_WITH_CUDA
@@ -105,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> pair_noise(
   const int64_t B = x0.size(0), N = noise_ft.size(0);
   TORCH_CHECK(B > 0 && N % B == 0, "cgidm: noise batch ", N, " is not a multiple of the image batch ", B);
   const int64_t K = N / B, M = x0.numel() / B;
-  const bool batched = mask_is_batched(mask, B, M);
+  const bool batched = mask_is_batched(mask, x0.sizes());
   TORCH_CHECK(sqrt_abar.numel() == N && sqrt_one_minus_abar.numel() == N,
               "cgidm: sqrt_abar and sqrt_one_minus_abar must have one entry per sample");
   check_same_device(x0, {&x, &mask, &noise_ft, &sqrt_abar, &sqrt_one_minus_abar});
@@ -221,9 +231,8 @@ std::tuple<at::Tensor, at::Tensor> pgd_update(
                   x_init.sizes() == delta.sizes(),
               "cgidm: delta, grad, x0 and x_init must have one shape");
   check_same_device(delta, {&grad, &x0, &x_init, &mask});
-  const int64_t B = delta.size(0);
-  const int64_t M = B > 0 ? delta.numel() / B : 0;
-  const bool batched = mask_is_batched(mask, B, M);
+  const int64_t B = delta.size(0), M = per_image(delta);
+  const bool batched = mask_is_batched(mask, delta.sizes());
 
   // The reference upcasts every input to fp32 first; so does this.
   const at::Tensor d = prepare(delta, at::kFloat), g = prepare(grad, at::kFloat),

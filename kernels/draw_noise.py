@@ -119,6 +119,14 @@ def draw_noise_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t [B*K] int64, noise [S, B*K, C, H, W] fp32)``, ``S = 2 if independent else 1``;
     the launcher of ``cgidm::draw_noise_triton`` (schema: ``cgidm::draw_noise``)."""
+    # the checks of the C++ op and the fake kernel (cgidm.ops._check_draw_noise), eagerly
+    if keys.dim() != 1 or keys.dtype != torch.int64:
+        raise ValueError(f"keys must be [B] int64, got {tuple(keys.shape)} {keys.dtype}")
+    if step.numel() != 1 or step.dtype.is_floating_point:
+        raise ValueError(f"step must be a 0-d integer tensor, got {step.dtype}")
+    if k < 1 or len(latent_shape) != 3 or not 0 <= t_min <= t_max:
+        raise ValueError(f"need k >= 1, latent_shape [C, H, W] and 0 <= t_min <= t_max, got k={k}, "
+                         f"latent_shape={list(latent_shape)}, t_min={t_min}, t_max={t_max}")
     c, h, w = latent_shape
     b = keys.shape[0]
     n = b * k
@@ -128,7 +136,7 @@ def draw_noise_triton(
     noise = torch.empty((s, n, c, h, w), dtype=torch.float32, device=keys.device)
     if n == 0:
         return t, noise
-    keys = keys.to(torch.int64).contiguous()
+    keys = keys.contiguous()
     step = step.to(device=keys.device, dtype=torch.int64).reshape(())
     if keys.is_cuda:
         block, libdev = BLOCK, True
@@ -142,6 +150,9 @@ def draw_noise_triton(
         block, libdev = INTERPRET_BLOCK, False
     groups = max((m + 3) // 4, 1)
     grid = (n, triton.cdiv(groups, block), s)
+    if grid[1] > 65535:  # CUDA's limit on a grid's second axis
+        raise ValueError(f"draw_noise_triton: a latent of {m} elements is over the kernel's limit "
+                         f"({65535 * block * 4}); use the compiled cgidm::draw_noise")
     launcher(_draw_noise_kernel)[grid](
         keys, step, t, noise, n, k, m, t_min, t_max - t_min + 1, LIBDEVICE=libdev, BLOCK=block
     )

@@ -14,6 +14,8 @@ Design limits:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -131,10 +133,12 @@ def pgd_update_triton(
     if not (grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape):
         raise ValueError("delta, grad, x0 and x_init must have one shape")
     b = delta.shape[0]
-    m = delta[0].numel()
-    if mask.numel() not in (m, b * m):
-        raise ValueError("mask must be [C, H, W] or [B, C, H, W]")
-    mask_batched = mask.numel() != m
+    m = math.prod(delta.shape[1:])
+    # a mask with the right element count in another shape would be read in the wrong order
+    if tuple(mask.shape) not in (tuple(delta.shape[1:]), tuple(delta.shape)):
+        raise ValueError(f"mask must be [C, H, W] or [B, C, H, W] (the latent's shape {tuple(delta.shape)}), "
+                         f"got {tuple(mask.shape)}")
+    mask_batched = mask.dim() == delta.dim()
     if mask.dtype == torch.bool:
         mask = mask.float()
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)

@@ -103,10 +103,39 @@ def test_pgd_update_triton_strided_inputs_batched_mask_and_inactive_projection(d
             torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-4)
 
 
-def test_pgd_update_triton_rejects_a_mask_of_the_wrong_size():
+def test_pgd_update_triton_rejects_a_mask_of_the_wrong_shape():
     delta, grad, x0, x_init, _ = pgd_inputs((3, 5, 7), 2, torch.float32)
-    with pytest.raises(ValueError, match="mask must be"):
-        pgd_update_triton(delta, grad, x0, x_init, torch.ones(3, 5, 6), 2.0, 70.0)
+    # the wrong size, and the right size in another shape (would be read in the wrong order)
+    for mask in (torch.ones(3, 5, 6), torch.ones(5, 3, 7), torch.ones(2 * 3 * 5 * 7)):
+        with pytest.raises(ValueError, match="mask must be"):
+            pgd_update_triton(delta, grad, x0, x_init, mask, 2.0, 70.0)
+
+
+def test_pgd_update_triton_of_an_empty_batch():
+    delta, grad, x0, x_init, _ = (t[:0] for t in pgd_inputs((3, 5, 7), 2, torch.float32))
+    got = pgd_update_triton(delta, grad, x0, x_init, torch.ones(3, 5, 7), 2.0, 70.0)
+    assert [tuple(g.shape) for g in got] == [(0, 3, 5, 7)] * 2
+
+
+def test_draw_noise_triton_checks_its_arguments_as_the_compiled_op_does():
+    from cgidm.kernels.draw_noise import draw_noise_triton
+
+    keys, step = torch.tensor([1, 2], dtype=torch.int64), torch.tensor(3, dtype=torch.int64)
+    bad = [
+        dict(t_min=9, t_max=3),  # the compiled op refuses it; the kernel's span would be negative
+        dict(k=0),
+        dict(step=torch.tensor(1.7)),  # not truncated silently
+        dict(keys=keys.double()),  # a float key rounds past 2**53
+        dict(latent_shape=[4, 8]),
+    ]
+    for change in bad:
+        args = dict(keys=keys, step=step, k=2, latent_shape=[4, 8, 8], t_min=0, t_max=999, independent=False)
+        args.update(change)
+        with pytest.raises(ValueError):
+            draw_noise_triton(**args)
+        if cgidm_ops.has_cpp():
+            with pytest.raises(RuntimeError):
+                torch.ops.cgidm.draw_noise(*args.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)

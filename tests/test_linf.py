@@ -195,10 +195,22 @@ def test_linf_update_takes_the_references_fp32_steps_exactly(impl):
 def test_linf_update_edge_sizes(impl):
     require(impl)
     fn = update_fn(impl)
-    for shape in [(0, 3, 5, 7), (2, 0), (1, 1)]:
+    for shape in [(0, 3, 5, 7), (2, 0), (1, 1), (3,)]:
         z = torch.zeros(shape)
         got, skipped = fn(z, z, z, ALPHA, EPS, -1.0, 1.0)
         assert got.shape == shape and skipped.shape == (shape[0],) and not skipped.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linf_update_of_a_1d_delta_takes_each_entry_as_an_image(impl):
+    # every implementation reads [B] as B images of one entry (the reference too)
+    device = require(impl)
+    delta = torch.tensor([0.0, 0.01, -0.02], device=device)
+    grad = torch.tensor([1.0, float("nan"), -3.0], device=device)
+    got, skipped = update_fn(impl)(delta, grad, torch.zeros(3, device=device), ALPHA, EPS, -1.0, 1.0)
+    want = torch.tensor([min(ALPHA, EPS), 0.01, max(-0.02 - ALPHA, -EPS)])
+    torch.testing.assert_close(got.cpu(), want)
+    assert skipped.cpu().tolist() == [False, True, False]
 
 
 def test_linf_update_rejects_mismatched_shapes():

@@ -285,6 +285,40 @@ def test_pair_noise_rejects_mismatched_batches(impl):
         public_ops(impl).pair_noise(*to((x0, x, mask, noise_ft[:3], None, sa[:3], sb[:3]), device=device))
 
 
+@pytest.mark.parametrize("impl", IMPLS + ["default"])
+def test_pair_noise_and_pgd_update_refuse_a_mask_of_another_shape(impl):
+    # the right element count in another order would be read wrongly: refused, as the
+    # reference's broadcasting refuses it
+    device = require(impl)
+    x0, x, _, noise_ft, _, sa, sb = pair_noise_inputs((3, 5, 7), 2, 1, torch.float32, True)
+    delta, grad, _, x_init, _ = pgd_inputs((3, 5, 7), 2, torch.float32)
+    ops = public_ops(impl)
+    for mask in (torch.ones(5, 3, 7), torch.ones(2 * 3 * 5 * 7), torch.ones(3, 2, 5, 7)):
+        with pytest.raises(RuntimeError, match=r"mask must be \[C, H, W\] or \[B, C, H, W\]"):
+            ops.pair_noise(*to((x0, x, mask, noise_ft, None, sa, sb), device=device))
+        with pytest.raises(RuntimeError, match=r"mask must be \[C, H, W\] or \[B, C, H, W\]"):
+            ops.pgd_update(*to((delta, grad, x0, x_init, mask), device=device), 2.0, 70.0)
+        with pytest.raises(Exception):
+            reference.pgd_update_ref(delta, grad, x0, x_init, mask, 2.0, 70.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["default"])
+def test_pgd_update_of_an_empty_batch(impl):
+    device = require(impl)
+    delta, grad, x0, x_init, mask = (t[:0] for t in pgd_inputs((3, 5, 7), 2, torch.float32))
+    mask = torch.ones(3, 5, 7)
+    got = public_ops(impl).pgd_update(*to((delta, grad, x0, x_init, mask), device=device), 2.0, 70.0)
+    want = reference.pgd_update_ref(delta, grad, x0, x_init, mask, 2.0, 70.0)
+    assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want] == [(0, 3, 5, 7)] * 2
+
+
+def test_default_pgd_update_returns_fp32_whatever_the_mask_dtype():
+    delta, grad, x0, x_init, mask = pgd_inputs((3, 5, 7), 2, torch.float32)
+    got = public_ops("default").pgd_update(delta, grad, x0, x_init, mask.double(), 2.0, 70.0)
+    fake = cgidm_ops._pgd_update_fake(delta, grad, x0, x_init, mask.double(), 2.0, 70.0)
+    assert [g.dtype for g in got] == [f.dtype for f in fake] == [torch.float32] * 2
+
+
 # --------------------------------------------------------------------------- pair_contrast_loss
 
 LOSS_CASES = [
