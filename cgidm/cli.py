@@ -238,7 +238,7 @@ def cmd_authenticate(args) -> int:
         raise ValueError("--members and --holdouts go together (give both, or --images DIR alone)")
     if (args.images is None) == (args.members is None):
         raise ValueError("give --images DIR, or --members DIR and --holdouts DIR (not both)")
-    _out_folder(args.out, "authenticate")
+    args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
     items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
     return _run_one_pair(args, args.base, args.finetuned, args.lora, items)
 
@@ -252,7 +252,7 @@ def cmd_screen(args) -> int:
     cfg = config_from_args(args)
     opts = run_options(args)
     _check_metric(cfg, opts)
-    _out_folder(args.out, "screen")
+    args.out = str(_out_folder(args.out, "screen"))  # ~ expanded once
     entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
                             exclude=[args.out])
     _quiet_loaders()
@@ -298,7 +298,7 @@ def cmd_demo(args) -> int:
     from cgidm.testing.embedder import ensure_tiny_embedder
     from cgidm.testing.family_worlds import build_family_world
 
-    _out_folder(args.out, "authenticate")
+    args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
     t0 = time.time()
     print(f"building (or reusing) the tiny {args.family} model world (a few minutes the first time) ...", flush=True)
     for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
@@ -337,8 +337,10 @@ def _check_impl(impl: str, rt) -> None:
 
 
 def _out_folder(out: str, kind: str):
-    """``--out`` as a path; a file there, or a folder holding another command's run than
-    ``kind``'s (``resume.check_run_kind``), is refused before any model loads."""
+    """``--out`` as a path, ``~`` expanded (the commands use the path it returns: a quoted
+    ``"~/x"`` is the home folder's, as for the other paths); a file there, or a folder
+    holding another command's run than ``kind``'s (``resume.check_run_kind``), is refused
+    before any model loads."""
     from pathlib import Path
 
     from cgidm.resume import check_run_kind
@@ -355,7 +357,7 @@ def cmd_protect(args) -> int:
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
-    _out_folder(args.out, "protect")
+    args.out = str(_out_folder(args.out, "protect"))  # ~ expanded once
     items = collect_protect_items(args.images, exclude=[args.out])
     check_before_loading(cfg)
     _quiet_loaders()
@@ -389,6 +391,7 @@ def cmd_extract(args) -> int:
                                                    cfg.features)
         opts = dataclasses.replace(opts, embedder=None)
     out = _out_folder(args.out, "extract")
+    args.out = str(out)  # ~ expanded once
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
     _quiet_loaders()

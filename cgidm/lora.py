@@ -7,7 +7,6 @@ import contextlib
 import copy
 import logging
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line
+from cgidm.progress import library_quiet
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +49,6 @@ def is_lora_file(path) -> Optional[bool]:
 # the adapter name of the first LoRA on a model; a LoRA stacked on it (``--finetuned`` a
 # LoRA file and ``--lora`` another) gets the next free one of ``ft_2``, ``ft_3``, ...
 LORA_ADAPTER = "ft"
-_LIBRARY_LOGGERS = ("diffusers", "peft", "transformers")
-
-
-@contextlib.contextmanager
-def _library_quiet():
-    """Collect instead of print what diffusers, peft and transformers log (warning and
-    above) or warn while a LoRA is loaded: a LoRA that does not fit makes them print
-    dozens of lines of key names; cgidm says it in one. Yields the list of messages."""
-    messages: list[str] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    keep = _Keep(logging.WARNING)
-    saved = []
-    for name in _LIBRARY_LOGGERS:
-        lg = logging.getLogger(name)
-        saved.append((lg, lg.handlers[:], lg.propagate))
-        lg.handlers = [keep]
-        lg.propagate = False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages.extend(str(w.message) for w in caught)
-    finally:
-        for lg, handlers, propagate in saved:
-            lg.handlers = handlers
-            lg.propagate = propagate
-
-
 # the layer a LoRA key belongs to: the key less its LoRA part, in the naming of PEFT,
 # diffusers (old and new) and kohya
 _LORA_PART = re.compile(
@@ -234,7 +202,7 @@ def _apply_lora(state: dict, unet_base, text_encoder_base, path: Path, scale: fl
     puts it on ``unet_base`` itself. ``text_encoder_keep``: the text encoder(s) that must
     stay as they are (the pretrained side's); only those are copied before the LoRA goes on,
     other encoders of ``text_encoder_base`` take it in place. ``None``: copy every one."""
-    with _library_quiet() as said:
+    with library_quiet() as said:
         unet, te, fit = _apply_lora_quietly(state, unet_base, text_encoder_base, path, scale, copy_unet,
                                             text_encoder_keep)
     if said:

@@ -30,7 +30,7 @@ from cgidm import families
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
 from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict
-from cgidm.progress import library_bars_off
+from cgidm.progress import library_bars_off, library_quiet
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,33 @@ def _load_component(cls, folder: Path, what: str, allow_pickle: bool):
         raise ModelLoadError(f"{folder}: missing {what} config.json")
     use_st = _weights_in(folder, allow_pickle)
     try:
-        with library_bars_off():
-            return cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st)
+        with library_bars_off(), library_quiet():
+            model, loaded = cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st,
+                                                output_loading_info=True)
     except Exception as e:
         raise ModelLoadError(f"{folder}: cannot load {what} ({e})") from e
+    _check_loaded(model, loaded, folder, what)
+    return model
+
+
+def _check_loaded(model, loaded: dict, where, what: str) -> None:
+    """Refuse a model whose weights file left some of its tensors unset: the libraries fill
+    them with random values (transformers) or leave them on the meta device (diffusers),
+    and either gives scores that mean nothing. Tensors the model does not use are logged."""
+    missing = sorted(loaded.get("missing_keys") or [])
+    missing += sorted({n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta} - set(missing))
+    mismatched = [f"{k[0]} {tuple(k[1])} vs {tuple(k[2])}" for k in loaded.get("mismatched_keys") or []]
+    if missing or mismatched:
+        bad = missing or mismatched
+        raise ModelLoadError(
+            f"{where}: {what} weights {'missing' if missing else 'of another shape'} in its file: {len(bad)} "
+            f"tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): an incomplete or renamed "
+            "checkpoint, or one of another model"
+        )
+    unused = sorted(loaded.get("unexpected_keys") or [])
+    if unused:
+        log.warning("%s: %d tensor(s) in the %s's file that it does not use, ignored (%s%s)", where, len(unused),
+                    what, ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
 
 
 def _load_unet(folder: Path, allow_pickle: bool):
@@ -207,10 +230,12 @@ def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family
 
         use_st = _weights_in(base / "vae", allow_pickle)
         try:
-            with library_bars_off():
-                vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st)
+            with library_bars_off(), library_quiet():
+                vae, loaded = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st,
+                                                            output_loading_info=True)
         except Exception as e:
             raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
+        _check_loaded(vae, loaded, base / "vae", "VAE")
         # SDXL's VAE overflows in fp16: its config asks to be kept in fp32 (force_upcast)
         upcast = family is not None and family.name == "sdxl" and bool(vae.config.get("force_upcast", False))
         return VaeCodec(vae.eval().requires_grad_(False), fp16_in_fp32=upcast)
@@ -272,7 +297,8 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_ki
         )
     except Exception as e:
         raise ModelLoadError(f"{path}: its UNet does not fit the base's architecture ({base_kind}): a fine-tune of "
-                             f"another model family or size? ({' '.join(str(e).split())[:200]})") from e
+                             f"another model family or size, or an incomplete file? ({' '.join(str(e).split())[:200]})") from e
+    _check_loaded(unet, {}, path, "UNet")
     if isinstance(text_encoder_base, families.DualTextEncoder):
         return unet, _single_file_sdxl_text(state, base, path, text_encoder_base)
     te = text_encoder_base
@@ -287,6 +313,7 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_ki
             )
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder does not match the base model's ({e})") from e
+        _check_loaded(te, {}, path, "text encoder")
     return unet, te
 
 
@@ -308,6 +335,7 @@ def _single_file_sdxl_text(state: dict, base: Path, path: Path, te_base):
                                                                local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder {i + 1} does not match the base model's ({e})") from e
+        _check_loaded(encoders[i], {}, path, f"text encoder {i + 1}")
     return te_base.with_encoders(*encoders)
 
 

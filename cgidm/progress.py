@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from cgidm.resume import SHARDS
@@ -106,3 +107,35 @@ def library_bars_off():
         for mod, was in switches:
             if was:
                 mod.enable_progress_bar()
+
+
+_LIBRARY_LOGGERS = ("diffusers", "peft", "transformers")
+
+
+@contextlib.contextmanager
+def library_quiet():
+    """Collect instead of print what diffusers, peft and transformers log (warning and
+    above) or warn while a model or a LoRA loads: one that does not fit makes them print
+    dozens of lines of key names; cgidm says it in one. Yields the list of messages."""
+    messages: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    keep = _Keep(logging.WARNING)
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate))
+        lg.handlers = [keep]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate

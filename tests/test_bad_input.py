@@ -317,3 +317,20 @@ def test_run_with_hostile_ids_writes_only_inside_out(tiny_world, tmp_path):
         assert p.parent == (out / "triptychs").resolve() and p.is_file()
     outside = {p for p in tmp_path.rglob("*") if not p.resolve().is_relative_to(out.resolve())}
     assert outside == {tmp_path / "nest"}
+
+
+def test_a_quoted_tilde_out_is_the_home_folder(tiny_world, tmp_path, monkeypatch):
+    # the shell leaves "~/o" quoted; the checks expanded it while the run wrote to ./~/o
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(next((tiny_world / "images" / "members").glob("*.png")), imgs)
+    code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--images", str(imgs), "--out", "~/o", "--steps", "1", "-q"])
+    assert code == cli.EXIT_OK
+    assert (home / "o" / "results.jsonl").exists() and (home / "o" / "report.html").exists()
+    assert list(work.iterdir()) == []

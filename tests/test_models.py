@@ -198,3 +198,37 @@ def test_single_file_pickle_checkpoint_is_refused_then_loaded_weights_only(tiny_
     pair = load_pair(tiny_world / "base", ckpt, allow_pickle=True)
     ref = load_pair(tiny_world / "base", tiny_world / "finetuned")
     assert torch.allclose(_out(pair)[0], _out(ref)[0], atol=1e-5)
+
+
+def _edit_weights(file, drop=(), add=None):
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(str(file)).items() if not k.startswith(tuple(drop))}
+    state.update(add or {})
+    save_file(state, str(file))
+
+
+def test_weights_missing_from_a_file_are_refused_not_made_up(tiny_world, tmp_path, caplog):
+    # transformers fills a missing tensor with random values and diffusers leaves it on the
+    # meta device: either would give scores that mean nothing
+    cases = [("text_encoder/model.safetensors", "encoder.layers.0.", "text encoder weights missing"),
+             ("unet/diffusion_pytorch_model.safetensors", "conv_out.weight", "UNet weights missing")]
+    for i, (name, drop, message) in enumerate(cases):
+        ft = tmp_path / f"ft{i}"
+        shutil.copytree(tiny_world / "finetuned", ft)
+        _edit_weights(ft / name, drop=[drop])
+        with pytest.raises(ModelLoadError, match=f"{message} in its file: .*{drop.rstrip('.')}"):
+            load_pair(tiny_world / "base", ft)
+    single = tmp_path / "ft.safetensors"
+    shutil.copy(tiny_world / "finetuned.safetensors", single)
+    _edit_weights(single, drop=["cond_stage_model.transformer.text_model.encoder.layers.0."])
+    with pytest.raises(ModelLoadError, match="text encoder weights missing in its file"):
+        load_pair(tiny_world / "base", single)
+    # a tensor the model does not use is only logged
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_world / "finetuned", extra)
+    _edit_weights(extra / "unet/diffusion_pytorch_model.safetensors", add={"bogus.weight": torch.zeros(2)})
+    with caplog.at_level("WARNING", logger="cgidm"):
+        pair = load_pair(tiny_world / "base", extra)
+    assert "1 tensor(s) in the UNet's file that it does not use, ignored (bogus.weight)" in caplog.text
+    assert torch.allclose(_out(pair)[0], _out(load_pair(tiny_world / "base", tiny_world / "finetuned"))[0], atol=1e-5)
