@@ -66,6 +66,41 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
         )
 
 
+def weights_in(folder: Path, allow_pickle: bool) -> bool:
+    """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        # diffusers would only say the folder failed; this names the file and the fault
+        for f in found:
+            read_safetensors_header(f)
+        return True
+    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        check_pickle_allowed(pickles[0], allow_pickle)
+        return False
+    raise ModelLoadError(f"{folder}: no weights file (expected *.safetensors)")
+
+
+def check_loaded(model, loaded: dict, where, what: str) -> None:
+    """Refuse a model whose weights file left some of its tensors unset: the libraries fill
+    them with random values (transformers) or leave them on the meta device (diffusers),
+    and either gives scores that mean nothing. Tensors the model does not use are logged."""
+    missing = sorted(loaded.get("missing_keys") or [])
+    missing += sorted({n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta} - set(missing))
+    mismatched = [f"{k[0]} {tuple(k[1])} vs {tuple(k[2])}" for k in loaded.get("mismatched_keys") or []]
+    if missing or mismatched:
+        bad = missing or mismatched
+        raise ModelLoadError(
+            f"{where}: {what} weights {'missing' if missing else 'of another shape'} in its file: {len(bad)} "
+            f"tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): an incomplete or renamed "
+            "checkpoint, or one of another model"
+        )
+    unused = sorted(loaded.get("unexpected_keys") or [])
+    if unused:
+        log.warning("%s: %d tensor(s) in the %s's file that it does not use, ignored (%s%s)", where, len(unused),
+                    what, ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Parse and bound-check the JSON header of a safetensors file before loading it."""
     size = path.stat().st_size

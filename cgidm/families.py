@@ -180,7 +180,10 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
     width = unet.get("cross_attention_dim")
     width = int(width) if isinstance(width, int) else None
     added = unet.get("addition_embed_type")
-    pred = prediction_type(folder / "scheduler") if unet_dir != folder else None
+    # a UNet folder inside a pipeline (``.../unet``) predicts as its pipeline's scheduler
+    # says; a UNet folder alone, as its base
+    sched = folder / "scheduler" if unet_dir != folder else folder.parent / "scheduler"
+    pred = prediction_type(sched) if unet_dir != folder or folder.name == "unet" else None
     scale, factor = _vae(folder)
     size = unet.get("sample_size")
     size = int(size) if isinstance(size, int) else None
@@ -191,7 +194,7 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
     if added == "text_time" or width == 2048 or "text_encoder_2" in index or \
             (isinstance(encoders, list) and encoders[-1] == "CLIPTextModelWithProjection"):
         if pred not in (None, "epsilon"):
-            where = str(folder / "scheduler" / "scheduler_config.json")
+            where = str(sched / "scheduler_config.json")
         return Family("sdxl", pred, where, vae_scaling_factor=scale, **common)
     if added is not None:
         return Family("unknown", pred, where, detail=f"added conditioning {added!r}", **common)
@@ -199,7 +202,7 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
     # with linear layers (1.x: 1x1 convolutions), and a v-prediction UNet is 2.x
     name = WIDTHS.get(width) or ("sd2" if pred == "v_prediction" or unet.get("use_linear_projection") else "sd1")
     if pred not in (None, "epsilon"):
-        where = str(folder / "scheduler" / "scheduler_config.json")
+        where = str(sched / "scheduler_config.json")
     return Family(name, pred, where, vae_scaling_factor=scale, **common)
 
 

@@ -256,6 +256,7 @@ def read_manifest(
     entries: dict[str, Entry] = {}
     specs: dict[PairSpec, PairSpec] = {}
     lora_files: dict[Optional[str], Optional[bool]] = {}  # fine-tune path -> whether it is a LoRA file (its header read once)
+    some_lora = False
     for n, rec in records:
         at = f"{where}:{n}" if n else where
         image = _cell(rec, "image", "path")
@@ -287,6 +288,7 @@ def read_manifest(
         if scale_cell is not None and not any_lora and scale != 1.0:
             raise ValueError(f"{at}: lora_scale {scale_cell} given, but the row loads no LoRA (no 'lora' cell, and "
                              f"its fine-tune is not a LoRA file)")
+        some_lora = some_lora or any_lora
         spec = PairSpec(models["base"], models["finetuned"], models["lora"], scale if any_lora else 1.0,
                         root=str(root))
         spec = specs.setdefault(spec, spec)
@@ -300,6 +302,9 @@ def read_manifest(
             log.warning("%s: %s is listed twice for the same models; screened once", at, image)
             continue
         entries[entry.id] = entry
+    if entries and not some_lora and float(lora_scale) != 1.0:
+        # as authenticate refuses it: a scale that changes nothing is a mistaken run
+        raise ValueError(f"--lora-scale applies to a LoRA; no row of {source} loads one (lora_scale={float(lora_scale):g})")
     return [entries[k] for k in sorted(entries)]
 
 

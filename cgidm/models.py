@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
-    PICKLE_SUFFIXES, ModelLoadError, _check_local, check_pickle_allowed, find_prompt, load_state_dict,
-    read_safetensors_header,
+    ModelLoadError, _check_local, check_loaded, find_prompt, load_state_dict,
+    read_safetensors_header, weights_in,
 )
 from cgidm import families
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
@@ -121,21 +121,6 @@ class ModelPair(LatentGeometry):
         return cache[prompt]
 
 
-def _weights_in(folder: Path, allow_pickle: bool) -> bool:
-    """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        # diffusers would only say the folder failed; this names the file and the fault
-        for f in found:
-            read_safetensors_header(f)
-        return True
-    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        check_pickle_allowed(pickles[0], allow_pickle)
-        return False
-    raise ModelLoadError(f"{folder}: no weights file (expected *.safetensors)")
-
-
 # --------------------------------------------------------------------------- components
 
 
@@ -143,35 +128,15 @@ def _load_component(cls, folder: Path, what: str, allow_pickle: bool):
     """A diffusers/transformers component folder (config.json + weights)."""
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder}: missing {what} config.json")
-    use_st = _weights_in(folder, allow_pickle)
+    use_st = weights_in(folder, allow_pickle)
     try:
         with library_bars_off(), library_quiet():
             model, loaded = cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st,
                                                 output_loading_info=True)
     except Exception as e:
         raise ModelLoadError(f"{folder}: cannot load {what} ({e})") from e
-    _check_loaded(model, loaded, folder, what)
+    check_loaded(model, loaded, folder, what)
     return model
-
-
-def _check_loaded(model, loaded: dict, where, what: str) -> None:
-    """Refuse a model whose weights file left some of its tensors unset: the libraries fill
-    them with random values (transformers) or leave them on the meta device (diffusers),
-    and either gives scores that mean nothing. Tensors the model does not use are logged."""
-    missing = sorted(loaded.get("missing_keys") or [])
-    missing += sorted({n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta} - set(missing))
-    mismatched = [f"{k[0]} {tuple(k[1])} vs {tuple(k[2])}" for k in loaded.get("mismatched_keys") or []]
-    if missing or mismatched:
-        bad = missing or mismatched
-        raise ModelLoadError(
-            f"{where}: {what} weights {'missing' if missing else 'of another shape'} in its file: {len(bad)} "
-            f"tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): an incomplete or renamed "
-            "checkpoint, or one of another model"
-        )
-    unused = sorted(loaded.get("unexpected_keys") or [])
-    if unused:
-        log.warning("%s: %d tensor(s) in the %s's file that it does not use, ignored (%s%s)", where, len(unused),
-                    what, ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
 
 
 def _load_unet(folder: Path, allow_pickle: bool):
@@ -228,14 +193,14 @@ def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family
     if (base / "vae").is_dir():
         from diffusers import AutoencoderKL
 
-        use_st = _weights_in(base / "vae", allow_pickle)
+        use_st = weights_in(base / "vae", allow_pickle)
         try:
             with library_bars_off(), library_quiet():
                 vae, loaded = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st,
                                                             output_loading_info=True)
         except Exception as e:
             raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
-        _check_loaded(vae, loaded, base / "vae", "VAE")
+        check_loaded(vae, loaded, base / "vae", "VAE")
         # SDXL's VAE overflows in fp16: its config asks to be kept in fp32 (force_upcast)
         upcast = family is not None and family.name == "sdxl" and bool(vae.config.get("force_upcast", False))
         return VaeCodec(vae.eval().requires_grad_(False), fp16_in_fp32=upcast)
@@ -298,7 +263,7 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_ki
     except Exception as e:
         raise ModelLoadError(f"{path}: its UNet does not fit the base's architecture ({base_kind}): a fine-tune of "
                              f"another model family or size, or an incomplete file? ({' '.join(str(e).split())[:200]})") from e
-    _check_loaded(unet, {}, path, "UNet")
+    check_loaded(unet, {}, path, "UNet")
     if isinstance(text_encoder_base, families.DualTextEncoder):
         return unet, _single_file_sdxl_text(state, base, path, text_encoder_base)
     te = text_encoder_base
@@ -313,7 +278,7 @@ def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_ki
             )
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder does not match the base model's ({e})") from e
-        _check_loaded(te, {}, path, "text encoder")
+        check_loaded(te, {}, path, "text encoder")
     return unet, te
 
 
@@ -335,8 +300,23 @@ def _single_file_sdxl_text(state: dict, base: Path, path: Path, te_base):
                                                                local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"{path}: text encoder {i + 1} does not match the base model's ({e})") from e
-        _check_loaded(encoders[i], {}, path, f"text encoder {i + 1}")
+        check_loaded(encoders[i], {}, path, f"text encoder {i + 1}")
     return te_base.with_encoders(*encoders)
+
+
+def _note_base_parts(pipeline: Path, given: Path, family: families.Family, info: dict) -> None:
+    """Say (log and ``info["finetuned_uses_base"]``) which of a fine-tune's parts are the
+    base's: those its folder lacks (a DreamBooth run that trained the UNet alone), all but
+    the UNet when ``given`` is the ``unet/`` folder of a pipeline, and always the codec."""
+    text = ("text_encoder", "tokenizer", *(("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()))
+    alone = given != pipeline
+    reused = [c for c in text if alone or not (pipeline / c).is_dir()]
+    if reused:
+        info["finetuned_uses_base"] = reused
+        why = f"only its UNet was given (pass {pipeline} to use its own)" if alone else "it has none of its own"
+        log.info("%s: the base's %s used: %s", given, ", ".join(reused), why)
+    if (pipeline / "vae").is_dir():
+        log.info("%s: its vae/ is not used; both models share the base's codec", pipeline)
 
 
 def _check_compatible(unet_pre, unet_ft, te_ft, codec, where: str) -> None:
@@ -432,9 +412,12 @@ def load_pair(
                 unet_ft = _load_unet(fp / "unet", allow_pickle)
                 te_ft, tok_ft = _load_text_side(fp, base_family, resolution, allow_pickle, te_pre, tok)
                 info["finetuned_format"] = "diffusers"
+                _note_base_parts(fp, fp, base_family, info)
             elif (fp / "config.json").exists():
                 unet_ft = _load_unet(fp, allow_pickle)
                 info["finetuned_format"] = "diffusers-unet"
+                if fp.name == "unet" and (fp.parent / "model_index.json").exists():
+                    _note_base_parts(fp.parent, fp, base_family, info)
             else:
                 raise ModelLoadError(f"{fp}: missing component 'unet' (no unet/ folder or UNet config.json)")
         else:

@@ -222,7 +222,12 @@ def test_detection_of_the_supported_families(tiny_world, tmp_path):
     assert (sd2.name, sd2.prediction_type, sd2.native_resolution, sd2.vae_scaling_factor) == \
         ("sd2", "v_prediction", 768, 0.18215)
     assert sd2.target is v_target_ref and sd1.target is None and sd2.text_encoders == ("text_encoder",)
-    assert families.detect_folder(tmp_path / "sd2" / "unet").prediction_type is None  # a UNet folder: the base's
+    # the unet/ folder of a pipeline predicts as the pipeline's scheduler says (it was taken for
+    # its base's: a v-prediction UNet scored as epsilon); a UNet folder alone, as its base
+    inner = families.detect_folder(tmp_path / "sd2" / "unet")
+    assert (inner.name, inner.prediction_type) == ("sd2", "v_prediction")
+    shutil.copytree(tmp_path / "sd2" / "unet", tmp_path / "alone" / "unet")
+    assert families.detect_folder(tmp_path / "alone" / "unet").prediction_type is None
     assert families.detect_folder(tmp_path / "nothing") is None
 
 

@@ -47,6 +47,18 @@ def test_unet_folder_alone(tiny_world):
     assert torch.equal(_out(a)[0], _out(b)[0])
 
 
+def test_the_parts_a_finetune_takes_from_its_base_are_said(tiny_world, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="cgidm"):
+        whole = load_pair(tiny_world / "base", tiny_world / "finetuned")
+        inner = load_pair(tiny_world / "base", tiny_world / "finetuned" / "unet")
+    assert "finetuned_uses_base" not in whole.info
+    assert inner.info["finetuned_uses_base"] == ["text_encoder", "tokenizer"]
+    assert f"the base's text_encoder, tokenizer used: only its UNet was given (pass {tiny_world / 'finetuned'}" in caplog.text
+    unet_only = tmp_path / "ft"
+    shutil.copytree(tiny_world / "finetuned", unet_only, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+    assert load_pair(tiny_world / "base", unet_only).info["finetuned_uses_base"] == ["text_encoder", "tokenizer"]
+
+
 def test_lora_on_base_changes_only_the_finetuned_side(tiny_world):
     base_only = load_pair(tiny_world / "base", tiny_world / "base")
     pair = load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors")

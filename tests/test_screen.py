@@ -123,6 +123,9 @@ def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
     for name in ("maybe.bin", "LORA.SAFETENSORS"):
         got = read_manifest(imgs, base=str(base), finetuned=str(tmp_path / name), lora_scale=0.5)
         assert {e.pair.lora_scale for e in got} == {0.5}, name
+    # --lora-scale with no row that loads a LoRA changes nothing: refused, as authenticate refuses it
+    with pytest.raises(ValueError, match="--lora-scale applies to a LoRA; no row of .* loads one"):
+        read_manifest(imgs, base=str(base), finetuned=str(ft), lora_scale=0.5)
     # a lora_scale cell on a row that loads no LoRA, or one that is not finite, names the row
     (tmp_path / "s.csv").write_text("image,label,lora_scale\nimgs/members/member_00.png,member,0.5\n")
     with pytest.raises(ValueError, match=r"s\.csv:2: lora_scale 0\.5 given, but the row loads no LoRA"):
