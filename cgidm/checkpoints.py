@@ -28,7 +28,10 @@ def _one_line(text, limit: int = 200) -> str:
     """The first non-empty line of a library message, cut to ``limit`` characters:
     diffusers and peft put whole key lists in their errors. An exception other than
     cgidm's own keeps its type name (``IndexError: ...`` says more than the message)."""
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    if line.endswith(":") and len(lines) > 1:  # "... these keys:" and the list below it
+        line = f"{line} {lines[1]}" + (" ..." if len(lines) > 2 else "")
     if isinstance(text, BaseException) and not isinstance(text, ModelLoadError):
         line = f"{type(text).__name__}: {line}" if line else type(text).__name__
     line = line or "no reason given"

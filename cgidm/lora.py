@@ -239,6 +239,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     from cgidm.families import DualTextEncoder
 
     xl = isinstance(text_encoder_base, DualTextEncoder)
+    _refuse_unsupported(state, path)
     try:
         if xl:  # kohya's SDXL LoRAs name the UNet's blocks as SGM does (input_blocks_4_1_...)
             converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=unet_base.config)
@@ -252,7 +253,9 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     unet_keys = {k: v for k, v in converted.items() if k.startswith("unet.")}
     te_keys = {p: {k: v for k, v in converted.items() if k.startswith(p + ".")} for p in te_prefixes}
     if not unet_keys and not any(te_keys.values()):
-        raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder")
+        raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder (e.g. {next(iter(state))}; "
+                             "a diffusers/PEFT LoRA's keys start with 'unet.' or 'text_encoder.', a kohya LoRA's "
+                             "with 'lora_unet_' or 'lora_te')")
     # layers the converter kept under no known prefix count against the fit
     file_names = _layer_names(state)
     known = set(unet_keys).union(*(set(d) for d in te_keys.values()))
@@ -275,7 +278,8 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
         if not keys:
             continue
         te = copy.deepcopy(bases[i]) if id(bases[i]) in keep else bases[i]
-        t_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")} or None
+        t_alphas = _te_alpha_names({k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")},
+                                   te, prefix) or None
         name = _free_adapter_name(te)
         try:
             # scale 1 here: the loader would scale every active adapter, not just this one
@@ -294,6 +298,21 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     return unet, te_out, fit
 
 
+def _refuse_unsupported(state: dict, path: Path) -> None:
+    """Adapters in a LoRA file that the loaders would drop or misread, refused by name:
+    kohya's DoRA magnitudes (diffusers drops ``.dora_scale`` with a log line: the file
+    would run as a plain LoRA) and LyCORIS's LoHa/LoKr factors."""
+    dora = [k for k in state if k.endswith(".dora_scale")]
+    if dora:
+        raise ModelLoadError(f"{path}: a DoRA in kohya's naming ({len(dora)} '.dora_scale' tensors, e.g. {dora[0]}): "
+                             "its magnitudes would be dropped and it would run as a plain LoRA; not supported "
+                             "(a DoRA in PEFT's naming, '.lora_magnitude_vector', is)")
+    lycoris = [k for k in state if re.search(r"\.(hada|lokr)_", k)]
+    if lycoris:
+        raise ModelLoadError(f"{path}: LyCORIS LoHa/LoKr weights ({len(lycoris)} tensors, e.g. {lycoris[0]}): "
+                             "not a LoRA; not supported")
+
+
 _ALPHA_NAME = re.compile(r"\.processor\.to_(q|k|v|out)_lora\.down\.weight\.alpha$")
 
 
@@ -310,6 +329,33 @@ def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
             return k
         proj = "to_out.0" if m.group(1) == "out" else f"to_{m.group(1)}"
         return k[: m.start()] + f".{proj}.alpha"
+
+    return {fix(k): v for k, v in alphas.items()}
+
+
+# kohya text-encoder alphas as diffusers files them: the attention's under the old processor
+# names (``self_attn.to_q_lora``), the MLP's under ``mlp.fc1.lora_linear_layer``
+_TE_ALPHA_NAME = re.compile(r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)\.down\.weight\.alpha$")
+
+
+def _te_alpha_names(alphas: dict, text_encoder, prefix: str) -> dict:
+    """Rename a text encoder's per-module alphas so that diffusers finds each one's module.
+    It names a module by the alpha's key less its last two parts before ``.down.``, which
+    for the attention's is ``self_attn`` (no module) and for the MLP's keeps a
+    ``text_model.`` prefix that a text encoder of transformers 5 no longer has: any alpha
+    other than the most common fell back to it, so those layers got the wrong scale."""
+    strip = not hasattr(text_encoder, "text_model")
+
+    def fix(k: str) -> str:
+        m = _TE_ALPHA_NAME.search(k)
+        if not m:
+            return k
+        module = k[: m.start()] + (f".self_attn.{'out' if m.group(1) == 'out' else m.group(1)}_proj" if m.group(1)
+                                   else f".{m.group(2)}")
+        module = module.removeprefix(prefix + ".")
+        if strip:
+            module = module.removeprefix("text_model.")
+        return f"{prefix}.{module}.lora.down.weight.alpha"  # diffusers keeps what is before ".lora.down."
 
     return {fix(k): v for k, v in alphas.items()}
 

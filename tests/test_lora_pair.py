@@ -11,7 +11,7 @@ import torch
 
 from cgidm.config import AuthConfig, PGDConfig
 from cgidm.lora import AdaptersOff
-from cgidm.models import load_pair
+from cgidm.models import ModelLoadError, load_pair
 from cgidm.pipeline import prepare, recover
 
 
@@ -273,6 +273,33 @@ def test_a_lora_on_the_text_encoder_only_loads(tiny_world, tmp_path, capsys):
     assert (out / "summary.json").is_file()
 
 
+def test_kohya_text_encoder_alphas_per_module_scale_each_layer(tiny_world, tmp_path):
+    """A kohya LoRA whose text-encoder layers have alphas of their own (attention 1 and 2,
+    MLP 4, rank 4) equals the same LoRA with alpha / rank folded into its up weights: every
+    layer fell back to the most common alpha before (diffusers names those alphas after no
+    module of a transformers 5 CLIP)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_world / "lora_kohya.safetensors"))
+    own, folded = dict(state), dict(state)
+    g = torch.Generator().manual_seed(5)
+    for mod, n_in, n_out, alpha in [("self_attn_q_proj", 32, 32, 2.0), ("self_attn_k_proj", 32, 32, 1.0),
+                                    ("self_attn_v_proj", 32, 32, 1.0), ("self_attn_out_proj", 32, 32, 1.0),
+                                    ("mlp_fc1", 32, 64, 4.0), ("mlp_fc2", 64, 32, 4.0)]:
+        down, up = 0.3 * torch.randn(4, n_in, generator=g), 0.3 * torch.randn(n_out, 4, generator=g)
+        name = f"lora_te_text_model_encoder_layers_0_{mod}"
+        own.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)})
+        folded.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up * (alpha / 4),
+                       f"{name}.alpha": torch.tensor(4.0)})
+    save_file(own, str(tmp_path / "own.safetensors"))
+    save_file(folded, str(tmp_path / "folded.safetensors"))
+    a = load_pair(tiny_world / "base", tmp_path / "own.safetensors")
+    b = load_pair(tiny_world / "base", tmp_path / "folded.safetensors")
+    c_a, c_b = a.encode_prompt("a sks pattern")[0], b.encode_prompt("a sks pattern")[0]
+    assert (c_a - a.encode_prompt("a sks pattern")[1]).abs().max() > 1e-2  # the LoRA changes the encoding
+    torch.testing.assert_close(c_a, c_b, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- --lora-scale without a LoRA
 
 
@@ -324,3 +351,23 @@ def test_only_a_misfit_is_said_not_to_fit(tiny_world, tmp_path):
     assert ("1 LoRA weight shape(s) differ from the model's, e.g. " in str(e.value)
             and f"[{', '.join(map(str, w))}] in the file, [{w[0]}, {w[1] - 3}" in str(e.value)), str(e.value)
     assert ".ft." not in str(e.value) and name.split(".")[-3] in str(e.value)
+
+
+def test_adapters_the_loaders_would_drop_or_misread_are_refused_by_name(tiny_world, tmp_path):
+    """A kohya DoRA ran as a plain LoRA (diffusers drops '.dora_scale' with a log line) and
+    a LoHa was "not a LoRA that diffusers can read" with the key list cut off."""
+    from safetensors.torch import load_file, save_file
+
+    from cgidm.checkpoints import _one_line
+
+    state = load_file(str(tiny_world / "lora_kohya.safetensors"))
+    layer = next(k for k in state if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    cases = {"dora": ({f"{layer}.dora_scale": torch.ones(1)}, "a DoRA in kohya's naming"),
+             "loha": ({f"{layer}.hada_w1_a": torch.ones(2, 2)}, "LyCORIS LoHa/LoKr weights")}
+    for name, (extra, message) in cases.items():
+        save_file({**state, **extra}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ModelLoadError, match=message):
+            load_pair(tiny_world / "base", tmp_path / f"{name}.safetensors")
+    # a library message that ends its first line with ':' keeps the line after it
+    assert _one_line(ValueError("The following keys have not been renamed:\n a.alpha\n b.alpha")) == \
+        "ValueError: The following keys have not been renamed: a.alpha ..."
