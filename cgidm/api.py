@@ -18,7 +18,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_wri
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.report import write_report
-from cgidm.resume import OutputLock, check_run_kind, read_jsonl
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import add_embedding_scores, check_embedder, summarize
 
@@ -41,6 +41,7 @@ def _clear_previous(out: Path) -> None:
                 (out / name).unlink(missing_ok=True)
     for name in (RESULTS, *OUTPUTS):
         (out / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out)  # a killed run's half-written files
 
 
 def authenticate(

@@ -15,7 +15,6 @@ Outputs in ``OUT``: ``protected/<relative path>`` (PNG, same size and mode as th
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
@@ -36,7 +35,7 @@ from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_de
                                protect_batch, target_latent, textural_weight)
 from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
                                    output_names, resume_plan)
-from cgidm.resume import OutputLock, check_run_kind, read_jsonl, repair_jsonl
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl
 
 __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
 
@@ -83,13 +82,6 @@ def check_before_loading(cfg: ProtectConfig) -> None:
     if cfg.budget_value * 255 < 1:
         log.warning("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones "
                     "can hold it)", cfg.budget)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    for folder in (out, out / PANELS, *(p for p in (out / PROTECTED).rglob("*") if p.is_dir()), out / PROTECTED):
-        for p in folder.glob(".*.tmp*"):
-            with contextlib.suppress(OSError):
-                p.unlink()
 
 
 def _target(model: BaseModel, cfg: ProtectConfig, size: Optional[tuple[int, int]] = None) -> Optional[torch.Tensor]:
@@ -406,7 +398,8 @@ def protect(
         output_dirs(out, PANELS, PROTECTED)
         check_settings(out, kept_settings(cfg, model, dtype), cfg.target)
         repair_jsonl(results)
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(out, [out / PANELS, out / PROTECTED,
+                                       *(p for p in (out / PROTECTED).rglob("*") if p.is_dir())])
         todo, names = resume_plan(items, out, retry_failed)
 
         def emit(row: dict) -> None:

@@ -94,7 +94,8 @@ document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
     const body = document.querySelector('#rows tbody');
     const num = th.dataset.k === 'n';
     const key = tr => { const t = tr.children[col] ? tr.children[col].textContent.trim() : '';
-                        return num ? (t === '' ? -Infinity : parseFloat(t)) : t; };
+                        const v = parseFloat(t);  // an error row's "failed: ..." cell is not a number
+                        return num ? (isNaN(v) ? -Infinity : v) : t; };
     [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
       return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
   });

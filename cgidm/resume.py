@@ -150,10 +150,11 @@ def check_run_kind(out: Path, kind: str) -> None:
                          "use another --out")
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of a killed run (never renamed into place). Only called by the
-    holder of the folder's lock, so no live run's temporaries are touched."""
-    for folder in (out, out / "triptychs", out / SHARDS):
+def remove_stale_temporaries(out: Path, folders: Sequence[Path] = ()) -> None:
+    """Temporary files of a killed run (never renamed into place) in ``out``, the folders
+    authenticate and screen write (triptychs, recovered images, shards) and ``folders``.
+    Only called by the holder of the folder's lock, so no live run's temporaries are touched."""
+    for folder in (out, out / "triptychs", out / "recovered", out / SHARDS, *folders):
         for p in folder.glob(".*.tmp*"):
             with contextlib.suppress(OSError):
                 p.unlink()

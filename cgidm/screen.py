@@ -168,8 +168,9 @@ def screen(
         ids = [e.id for e in entries]
         changes = check_state(out, settings_of(cfg, dtype_name(dtype or torch.float32)), ids, rank)
         if rank == 0 and (changes["added"] or changes["removed"]):
-            log.warning("the list of images changed since the last run in %s: %d added, %d removed "
-                        "(their rows move to %s)", out, len(changes["added"]), len(changes["removed"]), REMOVED)
+            log.warning("the list of images changed since the last run in %s: %d added, %d removed%s", out,
+                        len(changes["added"]), len(changes["removed"]),
+                        f" (their rows move to {REMOVED})" if changes["removed"] else "")
         sink = out / RESULTS if world == 1 else out / SHARDS / f"rank-{rank}.jsonl"
         repair_jsonl(sink)
         if rank == 0:
@@ -244,10 +245,11 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
             r.pop(k, None)
     listed = {e.id for e in entries}
     removed = [rows[k] for k in sorted(rows) if k not in listed]
-    if removed:
-        before = {r["id"]: r for r in read_jsonl(out / REMOVED)}
-        before.update({r["id"]: r for r in removed})
-        atomic_write_text(out / REMOVED, "".join(json_text(before[k], sort_keys=True) + "\n" for k in sorted(before)))
+    before = {r["id"]: r for r in read_jsonl(out / REMOVED)}
+    if removed or listed.intersection(before):
+        # an image listed again has its row in results.jsonl only
+        kept = {k: r for k, r in before.items() if k not in listed} | {r["id"]: r for r in removed}
+        atomic_write_text(out / REMOVED, "".join(json_text(kept[k], sort_keys=True) + "\n" for k in sorted(kept)))
     run_rows = [rows[e.id] for e in entries]
     # a label changes no score: a manifest corrected since the last run relabels its rows
     relabelled = [e for e in entries if rows[e.id].get("label") != e.label]

@@ -397,3 +397,26 @@ def test_out_of_memory_is_seen_behind_the_error_it_caused():
     assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_out_of_memory(raised(lambda: 1 / 0))
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(pair, items, tmp_path):
+    """Half-written files a SIGKILL left (hidden ``.name.tmpPID-...``) do not ship with the
+    evidence: the next run into the folder removes them, in every folder a run writes."""
+    from cgidm.resume import remove_stale_temporaries
+
+    planted = [tmp_path / d / ".image__x.png.tmp999-1" for d in (".", "triptychs", "recovered")]
+    for p in planted:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half")
+    keep = tmp_path / "recovered" / "mine.png"
+    keep.write_bytes(b"not ours to remove")
+    authenticate(pair, items[:1], tmp_path, _cfg(steps=1), progress=False)
+    assert not [p for p in planted if p.exists()] and keep.exists()
+    # screen's shards and protect's folders are covered the same way
+    extra = tmp_path / "protected" / "sub"
+    extra.mkdir(parents=True)
+    (extra / ".a.png.tmp1-2").write_bytes(b"half")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".r.jsonl.tmp3-4").write_bytes(b"half")
+    remove_stale_temporaries(tmp_path, [extra])
+    assert not list(tmp_path.rglob("*.tmp*"))

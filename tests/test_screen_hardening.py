@@ -90,6 +90,12 @@ def test_changed_manifest_is_said_and_rows_follow_the_summary(tiny_world, folder
     assert {r["id"] for r in rows} == {e.id for e in entries}
     removed = [_strict(line) for line in (out / "results.removed.jsonl").read_text().splitlines()]
     assert [r["id"].endswith(gone.name) for r in removed] == [True]
+    # the image listed again: its row is in results.jsonl only, not in both files
+    shutil.copy(next((tiny_world / "images" / "holdouts").iterdir()), gone)
+    caplog.clear()
+    screen(read_manifest(folder, tiny_world / "base", tiny_world / "finetuned"), out, CFG, progress=False)
+    assert "1 added, 0 removed" in caplog.text and "move to" not in caplog.text
+    assert len(_rows(out)) == 8 and (out / "results.removed.jsonl").read_text() == ""
 
 
 def test_changed_engine_or_dtype_cannot_resume(tiny_world, folder):
