@@ -274,7 +274,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     keep = {id(m) for m in (_encoders(text_encoder_keep) if text_encoder_keep is not None else bases)}
     encoders = list(bases)
     for i, prefix in enumerate(te_prefixes):
-        keys = te_keys[prefix]
+        keys = _te_old_names_to_peft(te_keys[prefix])
         if not keys:
             continue
         te = copy.deepcopy(bases[i]) if id(bases[i]) in keep else bases[i]
@@ -336,6 +336,25 @@ def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
 # kohya text-encoder alphas as diffusers files them: the attention's under the old processor
 # names (``self_attn.to_q_lora``), the MLP's under ``mlp.fc1.lora_linear_layer``
 _TE_ALPHA_NAME = re.compile(r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)\.down\.weight\.alpha$")
+
+
+_TE_OLD_NAME = re.compile(r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)\.(down|up)\.weight$")
+
+
+def _te_old_names_to_peft(keys: dict) -> dict:
+    """A text encoder's LoRA keys in diffusers' old naming (what kohya files convert to:
+    ``self_attn.to_q_lora.down.weight``, ``mlp.fc1.lora_linear_layer.up.weight``) in PEFT's
+    (``self_attn.q_proj.lora_A.weight``). diffusers tells the old naming apart by an
+    ``out_proj`` LoRA and refused a file that trained only some projections (q and v:
+    PEFT's default for CLIP)."""
+    def fix(k: str) -> str:
+        m = _TE_OLD_NAME.search(k)
+        if not m:
+            return k
+        module = f"self_attn.{m.group(1)}_proj" if m.group(1) else m.group(2)
+        return f"{k[: m.start()]}.{module}.lora_{'A' if m.group(3) == 'down' else 'B'}.weight"
+
+    return {fix(k): v for k, v in keys.items()}
 
 
 def _te_alpha_names(alphas: dict, text_encoder, prefix: str) -> dict:

@@ -371,3 +371,29 @@ def test_adapters_the_loaders_would_drop_or_misread_are_refused_by_name(tiny_wor
     # a library message that ends its first line with ':' keeps the line after it
     assert _one_line(ValueError("The following keys have not been renamed:\n a.alpha\n b.alpha")) == \
         "ValueError: The following keys have not been renamed: a.alpha ..."
+
+
+def test_a_kohya_text_encoder_lora_of_some_projections_equals_its_peft_twin(tiny_world, tmp_path):
+    """q and v only (PEFT's default for CLIP), and q, v and fc1: diffusers tells its old
+    naming apart by an out_proj LoRA and refused these ("Could not automatically infer
+    state dict type"), or matched them only in part."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    for mods in (["self_attn_q_proj", "self_attn_v_proj"], ["self_attn_q_proj", "self_attn_v_proj", "mlp_fc1"]):
+        kohya, peft = {}, {}
+        for mod in mods:
+            n_out = 64 if mod == "mlp_fc1" else 32
+            down, up = 0.3 * torch.randn(4, 32, generator=g), 0.3 * torch.randn(n_out, 4, generator=g)
+            name = f"lora_te_text_model_encoder_layers_1_{mod}"
+            kohya.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)})
+            module = "text_encoder.text_model.encoder.layers.1." + mod.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+            peft.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+        save_file(kohya, str(tmp_path / "kohya.safetensors"))
+        save_file(peft, str(tmp_path / "peft.safetensors"))
+        a = load_pair(tiny_world / "base", tmp_path / "kohya.safetensors")
+        b = load_pair(tiny_world / "base", tmp_path / "peft.safetensors")
+        assert a.info["lora_match"] == {"matched": len(mods), "total": len(mods)}, mods
+        c_a, c_pre = a.encode_prompt("a sks pattern")
+        assert (c_a - c_pre).abs().max() > 1e-2, mods
+        torch.testing.assert_close(c_a, b.encode_prompt("a sks pattern")[0], rtol=1e-5, atol=1e-5)
