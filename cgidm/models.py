@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,22 @@ def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
     return AdaptersOff(unet_ft) if adapter_layers(unet_ft) else unet_ft
 
 
+def _checked_runtime(device, dtype) -> tuple:
+    """``(device, dtype)`` of ``load_pair``, checked before any model loads: a device
+    string and the CLI's dtype names (``auto``, ``fp32``, ``bf16``, ``fp16``) as
+    ``config.resolve_runtime`` reads them."""
+    from cgidm.config import resolve_runtime
+
+    if isinstance(dtype, str):
+        rt = resolve_runtime(str(device), dtype)
+        return rt.device, rt.dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or one of auto, fp32, bf16, fp16; got {dtype!r}")
+    if not isinstance(device, torch.device):
+        device = resolve_runtime(str(device), "fp32").device
+    return device, dtype
+
+
 def load_pair(
     base: str | Path,
     finetuned: str | Path | None = None,
@@ -381,6 +398,9 @@ def load_pair(
     """
     if finetuned is None and lora is None:
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
+    device, dtype = _checked_runtime(device, dtype)  # before anything loads
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+        raise TypeError(f"lora_scale must be a number, got {lora_scale!r}")
     if not math.isfinite(lora_scale):
         raise ValueError(f"--lora-scale must be a finite number, got {lora_scale}")
     if lora_scale == 0:

@@ -93,3 +93,30 @@ def test_the_returned_summary_is_the_written_one(world_pair, tiny_world, tmp_pat
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k != "report"} == written
     json.dumps(summary, allow_nan=False)
+
+
+def test_load_pair_checks_its_arguments_before_loading(tmp_path):
+    """A dtype, device or lora_scale it cannot use was found after the whole pair had
+    loaded (a raw TypeError from .to(), or torch's AssertionError for CUDA). Now first:
+    the models named here do not exist, and the argument is what is refused."""
+    from cgidm.models import load_pair
+
+    missing = tmp_path / "nothing"
+    with pytest.raises(ValueError, match="--dtype must be one of auto, fp32, bf16, fp16"):
+        load_pair(missing, missing, dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        load_pair(missing, missing, dtype=torch.int32)
+    with pytest.raises(TypeError, match="lora_scale must be a number, got '0.5'"):
+        load_pair(missing, missing, lora_scale="0.5")
+    with pytest.raises(ValueError, match="not supported"):
+        load_pair(missing, missing, device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            load_pair(missing, missing, device="cuda")
+
+
+def test_load_pair_takes_the_clis_dtype_names(tiny_world):
+    from cgidm.models import load_pair
+
+    pair = load_pair(tiny_world / "base", tiny_world / "finetuned", dtype="bf16")
+    assert next(pair.unet_ft.parameters()).dtype == torch.bfloat16
