@@ -13,7 +13,7 @@ import torch
 
 import cgidm
 from cgidm import AuthConfig, ImageItem, PGDConfig
-from cgidm.config import ExtractConfig, ProtectConfig
+from cgidm.config import ExtractConfig
 from cgidm.images import load_image
 
 CFG = AuthConfig(prompt="a sks pattern", pgd=PGDConfig(steps=1))
