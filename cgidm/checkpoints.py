@@ -164,6 +164,23 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def check_weight_values(state: dict, path: Path, finite: bool = False) -> None:
+    """Refuse a file whose weight tensors cannot be a model's: of an integer or bool type
+    (``.weight``, ``.bias`` and LoRA factors; an integer ``position_ids`` buffer or a kohya
+    ``.alpha`` saved from an integer rank is fine),
+    or with ``finite``, holding NaN or inf (checked on LoRA files, which are small). Either
+    ran before and gave NaN outputs: every PGD step skipped, scores without meaning."""
+    ints = [k for k, v in state.items() if not (v.is_floating_point() or v.is_complex())
+            and k.endswith((".weight", ".bias", ".lora_magnitude_vector"))]
+    if ints:
+        raise ModelLoadError(f"{path}: {len(ints)} weight tensor(s) of an integer type (e.g. {ints[0]}: "
+                             f"{state[ints[0]].dtype}): not a model's weights")
+    if finite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ModelLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]})")
+
+
 # --------------------------------------------------------------------------- prompt
 
 PROMPT_METADATA_KEYS = ("modelspec.trigger_phrase", "ss_instance_prompt", "instance_prompt")

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
-    ModelLoadError, _check_local, check_loaded, find_prompt, load_state_dict,
+    ModelLoadError, _check_local, check_loaded, check_weight_values, find_prompt, load_state_dict,
     read_safetensors_header, weights_in,
 )
 from cgidm import families
@@ -359,9 +359,8 @@ def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
 
 
 def _checked_runtime(device, dtype) -> tuple:
-    """``(device, dtype)`` of ``load_pair``, checked before any model loads: a device
-    string and the CLI's dtype names (``auto``, ``fp32``, ``bf16``, ``fp16``) as
-    ``config.resolve_runtime`` reads them."""
+    """``(device, dtype)`` of ``load_pair``, checked before any model loads: device strings
+    and the CLI's dtype names (auto, fp32, bf16, fp16) as ``config.resolve_runtime`` reads them."""
     from cgidm.config import resolve_runtime
 
     if isinstance(dtype, str):
@@ -442,6 +441,7 @@ def load_pair(
                 raise ModelLoadError(f"{fp}: missing component 'unet' (no unet/ folder or UNet config.json)")
         else:
             state = load_state_dict(fp, allow_pickle)
+            check_weight_values(state, fp, finite=is_lora_state_dict(state))
             if is_lora_state_dict(state):
                 unet_ft, te_ft, match = _apply_lora(state, unet_pre, te_pre, fp, lora_scale, allow_partial_lora,
                                                     copy_unet=False, text_encoder_keep=te_pre)
@@ -461,6 +461,7 @@ def load_pair(
     if lora is not None:
         lp = _check_local(lora, "LoRA")
         state = load_state_dict(lp, allow_pickle)
+        check_weight_values(state, lp, finite=True)
         if not is_lora_state_dict(state):
             raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)")
         # on the base, or stacked on a LoRA fine-tune of it (both adapters on, each at

@@ -244,3 +244,27 @@ def test_weights_missing_from_a_file_are_refused_not_made_up(tiny_world, tmp_pat
         pair = load_pair(tiny_world / "base", extra)
     assert "1 tensor(s) in the UNet's file that it does not use, ignored (bogus.weight)" in caplog.text
     assert torch.allclose(_out(pair)[0], _out(load_pair(tiny_world / "base", tiny_world / "finetuned"))[0], atol=1e-5)
+
+
+def test_weights_that_cannot_be_a_models_are_refused(tiny_world, tmp_path):
+    """Integer weights (a single file or a LoRA) and NaN in a LoRA loaded and gave NaN
+    outputs: every PGD step skipped and an AUC without meaning, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    single = load_file(str(tiny_world / "finetuned.safetensors"))
+    key = next(k for k in single if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+    save_file({**single, key: single[key].to(torch.int32)}, str(tmp_path / "int.safetensors"))
+    with pytest.raises(ModelLoadError, match=f"weight tensor\\(s\\) of an integer type \\(e.g. {key}: torch.int32\\)"):
+        load_pair(tiny_world / "base", tmp_path / "int.safetensors")
+    lora = load_file(str(tiny_world / "lora_kohya.safetensors"))
+    up = next(k for k in lora if k.endswith(".lora_up.weight"))
+    nan = lora[up].clone()
+    nan[0, 0] = float("nan")
+    save_file({**lora, up: nan}, str(tmp_path / "nan.safetensors"))
+    for args in ((tmp_path / "nan.safetensors",), (None, tmp_path / "nan.safetensors")):
+        with pytest.raises(ModelLoadError, match=f"1 tensor\\(s\\) hold NaN or inf \\(e.g. {up}\\)"):
+            load_pair(tiny_world / "base", *args)
+    # a kohya alpha saved from an integer rank is a LoRA's own
+    alphas = {k: torch.tensor(int(v.item()) if v.numel() == 1 else 4) for k, v in lora.items() if k.endswith(".alpha")}
+    save_file({**lora, **alphas}, str(tmp_path / "int_alpha.safetensors"))
+    assert load_pair(tiny_world / "base", tmp_path / "int_alpha.safetensors").info["lora_match"]["matched"] > 0
