@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "diffusers>=0.32",
     "transformers>=4.40",
     "peft>=0.13",
+    # peft needs it too; named because diffusers' single-file loaders only leave a missing
+    # tensor on the meta device (refused, cgidm.checkpoints.check_loaded) when it is there
+    "accelerate>=0.21",
     "safetensors>=0.4",
     "numpy",
     "pillow>=10",

@@ -264,8 +264,6 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     would put every rank on one GPU."""
     import torch
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     want = (device or "auto").strip().lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,18 +293,47 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise ValueError(f"--device: {device!r} is not supported ({DEVICES_HELP})")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            # bf16 where the GPU computes it (compute capability 8.0, Ampere, and later), not where
-            # torch would emulate it (is_bf16_supported's default counts emulation)
-            wdtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
-        else:
-            wdtype = torch.float32
-    else:
-        wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if note:
         log.warning("%s", note)
-    return Runtime(dev, wdtype, note)
+    return Runtime(dev, weights_dtype(dtype, dev), note)
+
+
+def weights_dtype(dtype: str, device) -> Any:
+    """The torch dtype of a ``--dtype`` name on ``device``: ``auto`` is bf16 on a CUDA
+    device that computes it (else fp16) and fp32 on CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if torch.device(device).type == "cuda":
+        # bf16 where the GPU computes it (compute capability 8.0, Ampere, and later), not where
+        # torch would emulate it (is_bf16_supported's default counts emulation)
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.float32
+
+
+def library_runtime(device, dtype) -> tuple:
+    """``(device, dtype)`` of a library call (``models.load_pair``), checked before any model loads (``None``: as
+    the weights are); dtype may be one of the CLI's names (auto, fp32, bf16, fp16)."""
+    import torch
+
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device {device!r} is not a device") from e
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {device}: not supported (cpu or cuda)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if isinstance(dtype, str):
+        return device, weights_dtype(dtype, device or "cpu")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or one of auto, fp32, bf16, fp16; got {dtype!r}")
+    return device, dtype
+
 
 
 def dtype_name(dtype) -> str:

@@ -137,6 +137,11 @@ def _json(path: Path) -> Optional[dict]:
     return cfg
 
 
+def in_pipeline(folder: Path) -> bool:
+    """Whether ``folder`` is the ``unet/`` folder of a diffusers pipeline folder."""
+    return folder.name == "unet" and (folder.parent / "model_index.json").is_file()
+
+
 def prediction_type(scheduler_folder: Path) -> Optional[str]:
     """The scheduler config's ``prediction_type`` (diffusers' default: epsilon); ``None``
     without a scheduler config."""
@@ -183,7 +188,7 @@ def detect_folder(folder: str | Path) -> Optional[Family]:
     # a UNet folder inside a pipeline (``.../unet``) predicts as its pipeline's scheduler
     # says; a UNet folder alone, as its base
     sched = folder / "scheduler" if unet_dir != folder else folder.parent / "scheduler"
-    pred = prediction_type(sched) if unet_dir != folder or folder.name == "unet" else None
+    pred = prediction_type(sched) if unet_dir != folder or in_pipeline(folder) else None
     scale, factor = _vae(folder)
     size = unet.get("sample_size")
     size = int(size) if isinstance(size, int) else None

@@ -369,8 +369,7 @@ def _te_alpha_names(alphas: dict, text_encoder, prefix: str) -> dict:
         m = _TE_ALPHA_NAME.search(k)
         if not m:
             return k
-        module = k[: m.start()] + (f".self_attn.{'out' if m.group(1) == 'out' else m.group(1)}_proj" if m.group(1)
-                                   else f".{m.group(2)}")
+        module = k[: m.start()] + (f".self_attn.{m.group(1)}_proj" if m.group(1) else f".{m.group(2)}")
         module = module.removeprefix(prefix + ".")
         if strip:
             module = module.removeprefix("text_model.")

@@ -24,10 +24,11 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
-    ModelLoadError, _check_local, check_loaded, check_weight_values, find_prompt, load_state_dict,
+    ModelLoadError, _check_local, _one_line, check_loaded, check_weight_values, find_prompt, load_state_dict,
     read_safetensors_header, weights_in,
 )
 from cgidm import families
+from cgidm.config import library_runtime
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
 from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict
@@ -130,13 +131,19 @@ def _load_component(cls, folder: Path, what: str, allow_pickle: bool):
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder}: missing {what} config.json")
     use_st = weights_in(folder, allow_pickle)
-    try:
-        with library_bars_off(), library_quiet():
+    with library_bars_off(), library_quiet() as said:
+        try:
             model, loaded = cls.from_pretrained(folder, local_files_only=True, use_safetensors=use_st,
                                                 output_loading_info=True)
-    except Exception as e:
-        raise ModelLoadError(f"{folder}: cannot load {what} ({e})") from e
-    check_loaded(model, loaded, folder, what)
+        except Exception as e:
+            # transformers puts the tensor at fault in a report it logs, not in the error
+            report = [" ".join(ln.split()) for m in said for ln in m.splitlines() if "| MISMATCH" in ln]
+            detail = f"; {report[0]}" + (f" (and {len(report) - 1} more)" if len(report) > 1 else "") if report else ""
+            raise ModelLoadError(f"{folder}: cannot load {what} ({e}{detail})") from e
+    check_loaded(model, loaded, folder, what)  # says what a load report would (missing, unused tensors)
+    for m in said:
+        if "LOAD REPORT" not in m:
+            log.warning("%s: %s", folder, _one_line(m))
     return model
 
 
@@ -194,14 +201,7 @@ def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family
     if (base / "vae").is_dir():
         from diffusers import AutoencoderKL
 
-        use_st = weights_in(base / "vae", allow_pickle)
-        try:
-            with library_bars_off(), library_quiet():
-                vae, loaded = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, use_safetensors=use_st,
-                                                            output_loading_info=True)
-        except Exception as e:
-            raise ModelLoadError(f"{base / 'vae'}: cannot load VAE ({e})") from e
-        check_loaded(vae, loaded, base / "vae", "VAE")
+        vae = _load_component(AutoencoderKL, base / "vae", "VAE", allow_pickle)
         # SDXL's VAE overflows in fp16: its config asks to be kept in fp32 (force_upcast)
         upcast = family is not None and family.name == "sdxl" and bool(vae.config.get("force_upcast", False))
         return VaeCodec(vae.eval().requires_grad_(False), fp16_in_fp32=upcast)
@@ -314,7 +314,8 @@ def _note_base_parts(pipeline: Path, given: Path, family: families.Family, info:
     reused = [c for c in text if alone or not (pipeline / c).is_dir()]
     if reused:
         info["finetuned_uses_base"] = reused
-        why = f"only its UNet was given (pass {pipeline} to use its own)" if alone else "it has none of its own"
+        own = [c for c in reused if (pipeline / c).is_dir()]
+        why = f"only its UNet was given (pass {pipeline} to use its {', '.join(own)})" if own else "it has none of its own"
         log.info("%s: the base's %s used: %s", given, ", ".join(reused), why)
     if (pipeline / "vae").is_dir():
         log.info("%s: its vae/ is not used; both models share the base's codec", pipeline)
@@ -358,21 +359,6 @@ def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
     return AdaptersOff(unet_ft) if adapter_layers(unet_ft) else unet_ft
 
 
-def _checked_runtime(device, dtype) -> tuple:
-    """``(device, dtype)`` of ``load_pair``, checked before any model loads: device strings
-    and the CLI's dtype names (auto, fp32, bf16, fp16) as ``config.resolve_runtime`` reads them."""
-    from cgidm.config import resolve_runtime
-
-    if isinstance(dtype, str):
-        rt = resolve_runtime(str(device), dtype)
-        return rt.device, rt.dtype
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or one of auto, fp32, bf16, fp16; got {dtype!r}")
-    if not isinstance(device, torch.device):
-        device = resolve_runtime(str(device), "fp32").device
-    return device, dtype
-
-
 def load_pair(
     base: str | Path,
     finetuned: str | Path | None = None,
@@ -397,7 +383,7 @@ def load_pair(
     """
     if finetuned is None and lora is None:
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
-    device, dtype = _checked_runtime(device, dtype)  # before anything loads
+    device, dtype = library_runtime(device, dtype)  # before anything loads
     if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
         raise TypeError(f"lora_scale must be a number, got {lora_scale!r}")
     if not math.isfinite(lora_scale):
@@ -435,7 +421,7 @@ def load_pair(
             elif (fp / "config.json").exists():
                 unet_ft = _load_unet(fp, allow_pickle)
                 info["finetuned_format"] = "diffusers-unet"
-                if fp.name == "unet" and (fp.parent / "model_index.json").exists():
+                if families.in_pipeline(fp):
                     _note_base_parts(fp.parent, fp, base_family, info)
             else:
                 raise ModelLoadError(f"{fp}: missing component 'unet' (no unet/ folder or UNet config.json)")

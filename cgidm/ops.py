@@ -86,11 +86,12 @@ def _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre) -> tuple[torch.dtype, t
 
 
 def _check_mask(mask, shape) -> None:
-    # one image's shape (shared by the batch) or the batch's: a mask with the right element
+    # one image's shape ([C, H, W] or [1, C, H, W]: shared by the batch) or the batch's: a mask with the right element
     # count in another shape would be read in the wrong order (as in csrc/ops.cpp)
     torch._check(
-        tuple(mask.shape) in (tuple(shape[1:]), tuple(shape)),
-        lambda: f"mask must be [C, H, W] or [B, C, H, W] (the latent's shape {tuple(shape)}), got {tuple(mask.shape)}",
+        tuple(mask.shape) in (tuple(shape[1:]), (1, *shape[1:]), tuple(shape)),
+        lambda: f"mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape {tuple(shape)}), "
+                f"got {tuple(mask.shape)}",
     )
 
 

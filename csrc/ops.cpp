@@ -46,13 +46,17 @@ void check_same_device(const at::Tensor& ref, std::initializer_list<const at::Te
   }
 }
 
-// The mask is one image's shape (shared by the batch) or the batch's: a mask with the
-// right element count in another shape would be read in the wrong order, so it is refused.
+// The mask is one image's shape, [C, H, W] or [1, C, H, W] (shared by the batch), or the
+// batch's: a mask with the right element count in another shape would be read in the
+// wrong order, so it is refused.
 bool mask_is_batched(const at::Tensor& mask, at::IntArrayRef shape) {
-  TORCH_CHECK(mask.sizes() == shape.slice(1) || mask.sizes() == shape,
-              "cgidm: mask must be [C, H, W] or [B, C, H, W] (the latent's shape ", shape,
+  const bool shared = mask.sizes() == shape.slice(1) ||
+                      (mask.dim() == static_cast<int64_t>(shape.size()) && mask.size(0) == 1 &&
+                       mask.sizes().slice(1) == shape.slice(1));
+  TORCH_CHECK(shared || mask.sizes() == shape,
+              "cgidm: mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape ", shape,
               "), got ", mask.sizes());
-  return mask.dim() == static_cast<int64_t>(shape.size());
+  return !shared;
 }
 
 // Elements per image of a [B, ...] tensor, also when B is 0.

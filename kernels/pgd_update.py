@@ -135,10 +135,11 @@ def pgd_update_triton(
     b = delta.shape[0]
     m = math.prod(delta.shape[1:])
     # a mask with the right element count in another shape would be read in the wrong order
-    if tuple(mask.shape) not in (tuple(delta.shape[1:]), tuple(delta.shape)):
-        raise ValueError(f"mask must be [C, H, W] or [B, C, H, W] (the latent's shape {tuple(delta.shape)}), "
-                         f"got {tuple(mask.shape)}")
-    mask_batched = mask.dim() == delta.dim()
+    shared = (tuple(delta.shape[1:]), (1, *delta.shape[1:]))
+    if tuple(mask.shape) not in (*shared, tuple(delta.shape)):
+        raise ValueError(f"mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape "
+                         f"{tuple(delta.shape)}), got {tuple(mask.shape)}")
+    mask_batched = tuple(mask.shape) not in shared
     if mask.dtype == torch.bool:
         mask = mask.float()
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)

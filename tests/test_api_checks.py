@@ -111,7 +111,7 @@ def test_load_pair_checks_its_arguments_before_loading(tmp_path):
     with pytest.raises(ValueError, match="not supported"):
         load_pair(missing, missing, device="mps")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        with pytest.raises(ValueError, match="torch sees 0 CUDA device"):
             load_pair(missing, missing, device="cuda")
 
 

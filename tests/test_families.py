@@ -224,6 +224,8 @@ def test_detection_of_the_supported_families(tiny_world, tmp_path):
     assert sd2.target is v_target_ref and sd1.target is None and sd2.text_encoders == ("text_encoder",)
     # the unet/ folder of a pipeline predicts as the pipeline's scheduler says (it was taken for
     # its base's: a v-prediction UNet scored as epsilon); a UNet folder alone, as its base
+    assert families.detect_folder(tmp_path / "sd2" / "unet").prediction_type is None  # no model_index.json
+    _write(tmp_path / "sd2" / "model_index.json", {"_class_name": "StableDiffusionPipeline"})
     inner = families.detect_folder(tmp_path / "sd2" / "unet")
     assert (inner.name, inner.prediction_type) == ("sd2", "v_prediction")
     shutil.copytree(tmp_path / "sd2" / "unet", tmp_path / "alone" / "unet")

@@ -109,6 +109,10 @@ def test_pgd_update_triton_rejects_a_mask_of_the_wrong_shape():
     for mask in (torch.ones(3, 5, 6), torch.ones(5, 3, 7), torch.ones(2 * 3 * 5 * 7)):
         with pytest.raises(ValueError, match="mask must be"):
             pgd_update_triton(delta, grad, x0, x_init, mask, 2.0, 70.0)
+    shared = (torch.rand(1, 3, 5, 7) > 0.5).float()  # [1, C, H, W]: shared, as the reference broadcasts it
+    got = pgd_update_triton(delta, grad, x0, x_init, shared, 2.0, 70.0)
+    for g, w in zip(got, reference.pgd_update_ref(delta, grad, x0, x_init, shared[0], 2.0, 70.0)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
 def test_pgd_update_triton_of_an_empty_batch():

@@ -53,10 +53,16 @@ def test_the_parts_a_finetune_takes_from_its_base_are_said(tiny_world, tmp_path,
         inner = load_pair(tiny_world / "base", tiny_world / "finetuned" / "unet")
     assert "finetuned_uses_base" not in whole.info
     assert inner.info["finetuned_uses_base"] == ["text_encoder", "tokenizer"]
-    assert f"the base's text_encoder, tokenizer used: only its UNet was given (pass {tiny_world / 'finetuned'}" in caplog.text
+    assert (f"the base's text_encoder, tokenizer used: only its UNet was given (pass {tiny_world / 'finetuned'} "
+            "to use its text_encoder, tokenizer)") in caplog.text
     unet_only = tmp_path / "ft"
     shutil.copytree(tiny_world / "finetuned", unet_only, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
-    assert load_pair(tiny_world / "base", unet_only).info["finetuned_uses_base"] == ["text_encoder", "tokenizer"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cgidm"):
+        assert load_pair(tiny_world / "base", unet_only).info["finetuned_uses_base"] == ["text_encoder", "tokenizer"]
+        assert load_pair(tiny_world / "base", unet_only / "unet").info["finetuned_uses_base"] == \
+            ["text_encoder", "tokenizer"]
+    assert "it has none of its own" in caplog.text and "to use its" not in caplog.text
 
 
 def test_lora_on_base_changes_only_the_finetuned_side(tiny_world):
@@ -231,6 +237,14 @@ def test_weights_missing_from_a_file_are_refused_not_made_up(tiny_world, tmp_pat
         _edit_weights(ft / name, drop=[drop])
         with pytest.raises(ModelLoadError, match=f"{message} in its file: .*{drop.rstrip('.')}"):
             load_pair(tiny_world / "base", ft)
+    # a tensor of another shape: the error names it (transformers logs it in a report and
+    # raises "look at the above report")
+    grown = tmp_path / "grown"
+    shutil.copytree(tiny_world / "finetuned", grown)
+    _edit_weights(grown / "text_encoder/model.safetensors",
+                  add={"encoder.layers.0.mlp.fc1.weight": torch.zeros(65, 32)})
+    with pytest.raises(ModelLoadError, match=r"encoder\.layers\.0\.mlp\.fc1\.weight .*65, 32"):
+        load_pair(tiny_world / "base", grown)
     single = tmp_path / "ft.safetensors"
     shutil.copy(tiny_world / "finetuned.safetensors", single)
     _edit_weights(single, drop=["cond_stage_model.transformer.text_model.encoder.layers.0."])

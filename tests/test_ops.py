@@ -287,8 +287,8 @@ def test_pair_noise_rejects_mismatched_batches(impl):
 
 @pytest.mark.parametrize("impl", IMPLS + ["default"])
 def test_pair_noise_and_pgd_update_refuse_a_mask_of_another_shape(impl):
-    # the right element count in another order would be read wrongly: refused, as the
-    # reference's broadcasting refuses it
+    # the right element count in another order would be read wrongly: refused (the
+    # reference refuses these too); [1, C, H, W] is shared, as the reference broadcasts it
     device = require(impl)
     x0, x, _, noise_ft, _, sa, sb = pair_noise_inputs((3, 5, 7), 2, 1, torch.float32, True)
     delta, grad, _, x_init, _ = pgd_inputs((3, 5, 7), 2, torch.float32)
@@ -300,6 +300,13 @@ def test_pair_noise_and_pgd_update_refuse_a_mask_of_another_shape(impl):
             ops.pgd_update(*to((delta, grad, x0, x_init, mask), device=device), 2.0, 70.0)
         with pytest.raises(Exception):
             reference.pgd_update_ref(delta, grad, x0, x_init, mask, 2.0, 70.0)
+    shared = (torch.rand(1, 3, 5, 7) > 0.5).float()
+    for got, want in ((ops.pgd_update(*to((delta, grad, x0, x_init, shared), device=device), 2.0, 70.0),
+                       reference.pgd_update_ref(delta, grad, x0, x_init, shared[0], 2.0, 70.0)),
+                      (ops.pair_noise(*to((x0, x, shared, noise_ft, None, sa, sb), device=device)),
+                       reference.pair_noise_ref(x0, x, shared, noise_ft, None, sa, sb))):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu().float(), w.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["default"])
