@@ -72,6 +72,10 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_sha() -> str:
+    """The commit measured: ``$CGIDM_GIT_SHA`` where given (a device machine gets the tree
+    without ``.git``), else git's HEAD (``-dirty`` with uncommitted changes), else ``unknown``."""
+    if os.environ.get("CGIDM_GIT_SHA"):
+        return os.environ["CGIDM_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent).stdout.strip()

@@ -14,24 +14,28 @@ even when an earlier one failed:
              fails if a CUDA case skipped
   memcheck   ``compute-sanitizer --tool memcheck`` on ``gpu_check.py ops``: every op, every
              dtype, odd shapes, both noise modes, both norm modes, against the reference
-  racecheck  ``--tool racecheck`` on the ops that reduce in shared memory
-             (pair_contrast_loss, pgd_update), no torch reduction in that run
-  synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
   bench      ``bench/bench_engine.py --batches 1 auto`` (rows in bench/results/engine-<gpu>.json)
-  pairpass   ``bench/bench_pairpass.py --full-size``: the pair-pass variants the engine picks from
   protect    ``bench/bench_protect_speed.py``: ``cgidm protect`` on SD v1.5 shapes, the eager
              public-tools loop against the engine's CUDA graph (rows in
              bench/results/protect-speed-<gpu>.json)
   extract    ``bench/bench_extract.py --sd15``: ``cgidm extract``'s sampling on SD v1.5 shapes, the
              plain per-sample loop against the batched pair pass in a CUDA graph (rows in
              bench/results/extract-<gpu>.json)
+  pairpass   ``bench/bench_pairpass.py --full-size``: the pair-pass variants the engine picks from
+  racecheck  ``--tool racecheck`` on the ops that reduce in shared memory
+             (pair_contrast_loss, pgd_update), no torch reduction in that run
+  synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
+
+A stage the budget stops (rather than its own limit) is ``cut``, not ``failed``: the table,
+the row (``cut``) and the last line say so. Record the commit where the tree travels
+without ``.git``: ``CGIDM_GIT_SHA=<sha>`` (bench/common.py) goes into every row.
 
 then a table (stage -> ok / failed / skipped, seconds, note) and one row in
 ``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
-stage. With ``$OUT`` set (a GPU lease returns only what is under it), every row this run
-appended to (the pair-pass rows too) and each stage's log (``$OUT/logs``) are copied there
-as each stage ends, so a run the lease cuts off keeps what it did. Exit status 1 if a stage
-failed, else 0.
+stage. With ``$OUT`` set (a GPU lease returns only what is under it, at most 8 files),
+every row file this run appended to (the pair-pass rows too, 5 files on a GPU) and one log
+of every stage so far (``gpu-check-<gpu>.log``) are copied there as each stage ends, so a
+run the lease cuts off keeps what it did. Exit status 1 if a stage failed, else 0.
 
 Without CUDA it says so and runs the CPU smoke of the same stages (the extension checked,
 not rebuilt; the test modules collected; the ops on CPU without a sanitizer; bench_engine
@@ -66,7 +70,7 @@ NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is Fal
 OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
 REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
-STAGES = ("build", "tests", "memcheck", "racecheck", "bench", "pairpass", "synccheck", "protect", "extract")
+STAGES = ("build", "tests", "memcheck", "bench", "protect", "extract", "pairpass", "racecheck", "synccheck")
 # What the stages import: the runtime and test dependencies (setup.py) a CUDA machine's own
 # python3 may lack (diffusers does: ../shared/tools/gpu-wheels.sh carries it).
 IMPORTS = ("diffusers", "transformers", "peft", "safetensors", "skimage", "sklearn", "jinja2", "tqdm", "matplotlib",
@@ -77,7 +81,7 @@ PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors
 @dataclass
 class Stage:
     name: str
-    status: str  # "ok", "failed" or "skipped"
+    status: str  # "ok", "failed", "cut" (stopped by the time budget, not its own limit) or "skipped"
     seconds: float
     note: str = ""
 
@@ -92,8 +96,11 @@ class Runner:
         self.reserve = 0.0  # seconds kept for the stages after the next one
         self.stages: list[Stage] = []
         self.after: Optional[Callable[[Stage], None]] = None  # called as each stage ends
+        self.cut = False  # the last command ran under less than its own limit (the budget's rest)
         self.logs = WORK / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        for old in self.logs.glob("*.log"):  # an earlier run's: the combined log is this run's
+            old.unlink()
 
     def left(self) -> float:
         """Seconds the next stage may use: the budget's rest less what later stages keep."""
@@ -107,7 +114,9 @@ class Runner:
         return stage
 
     def command(self, name: str, cmd: list[str], timeout_s: float, env: Optional[dict] = None) -> tuple[Optional[int], str, float]:
-        """``(exit status or None on timeout, output, seconds)``; the output is also logged."""
+        """``(exit status or None on timeout, output, seconds)``; the output is also logged.
+        ``self.cut`` says whether the budget gave it less than ``timeout_s``."""
+        self.cut = self.left() - 5 < timeout_s
         timeout_s = min(timeout_s, self.left() - 5)
         print(f"-- {name}: {' '.join(cmd)}  (timeout {timeout_s:.0f} s)", flush=True)
         log = self.logs / f"{name}.log"
@@ -134,9 +143,12 @@ class Runner:
         """Runs ``cmd`` unless the budget is spent; ``judge(rc, output)`` -> (status, note)
         overrides the plain exit-status verdict."""
         if self.left() < 20:
-            return self.add(Stage(name, "skipped", 0.0, "time budget spent"))
+            return self.add(Stage(name, "cut", 0.0, "not run: time budget spent"))
         rc, out, seconds = self.command(name, cmd, timeout_s, env)
         if rc is None:
+            if self.cut:  # not a hang: the budget's rest was shorter than the stage's own limit
+                return self.add(Stage(name, "cut", seconds, f"stopped by the time budget after {seconds:.0f} s "
+                                                            f"(its own limit {timeout_s:.0f} s)"))
             return self.add(Stage(name, "failed", seconds, f"timed out after {seconds:.0f} s"))
         status, note = judge(rc, out) if judge else (("ok", "") if rc == 0 else ("failed", f"exit status {rc}"))
         return self.add(Stage(name, status, seconds, note))
@@ -213,22 +225,23 @@ def cuda_home() -> Optional[str]:
 
 
 def build(runner: Runner, py: str, cuda: bool, capability: Optional[str]) -> None:
-    verify = [py, "-c", "import sys, cgidm.ops as o; print('cgidm._C: cpu', o.has_cpp(), 'cuda', o.has_cuda()); "
+    verify = [py, "-c", "import sys, cgidm.ops as o; print('cgidm._C: cpu', o.has_cpp(), 'cuda', o.has_cuda(), "
+                        "'' if o.has_cpp() else 'import error: %s' % (o._EXT_ERROR,)); "
                         f"sys.exit(0 if o.has_{'cuda' if cuda else 'cpp'}() else 1)"]
     if not cuda:
         st = runner.stage("build", verify, 120)
         if st.status == "ok":
             st.note = "CPU: the extension of `make env` imports (not rebuilt)"
         return
-    if runner.left() < 20:
-        runner.add(Stage("build", "skipped", 0.0, "time budget spent"))
+    if runner.left() < 60:
+        runner.add(Stage("build", "cut", 0.0, "not run: time budget spent"))
         return
     env = dict(runner.env, TORCH_CUDA_ARCH_LIST=capability or "9.0", MAX_JOBS=str(os.cpu_count() or 4))
     home = cuda_home()
     if home:  # torch guesses it from nvcc's folder, wrong where nvcc is a wrapper script
         env["CUDA_HOME"] = home
     rc, out, seconds = runner.command("build", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                                                "--no-index", "-e", "."], 360, env)
+                                                "--no-index", "-e", "."], min(360, runner.left() - 30), env)
     if rc != 0:
         runner.add(Stage("build", "failed", seconds, "timed out" if rc is None else f"pip exit status {rc}"))
         return
@@ -245,13 +258,25 @@ def test_modules() -> list[str]:
             if p.name != "test_build.py" and "needs CUDA" in p.read_text(errors="replace")]
 
 
+def pytest_summary(out: str) -> str:
+    """pytest's last summary line (``3 passed, 1 skipped in 5.58s``; ``-q`` prints it
+    without the ``=`` rule), or ''."""
+    return next((line.strip("= ") for line in reversed(out.splitlines())
+                 if re.search(r"\b\d+ (passed|failed|errors?)\b.* in [\d.]+s", line)), "")
+
+
+def collected_count(out: str) -> Optional[int]:
+    """The cases ``pytest --collect-only -q`` selected (``612/1025 tests collected``: 612)."""
+    m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
+    return int(m.group(1)) if m else None
+
+
 def run_tests(runner: Runner, py: str, cuda: bool) -> None:
     files = test_modules()
     if not cuda:
         def collected(rc: int, out: str) -> tuple[str, str]:
-            m = re.search(r"(\d+) tests? collected", out)
-            ok = rc == 0 and m is not None and int(m.group(1)) > 0
-            return ("ok" if ok else "failed"), f"{m.group(1) if m else 0} cases of {len(files)} modules collected (CPU: not run)"
+            n = collected_count(out) or 0
+            return ("ok" if rc == 0 and n > 0 else "failed"), f"{n} cases of {len(files)} modules collected (CPU: not run)"
 
         runner.stage("tests", [py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "--cuda-cases",
                                *files], 180, collected)
@@ -262,7 +287,7 @@ def run_tests(runner: Runner, py: str, cuda: bool) -> None:
 
     def judge(rc: int, out: str) -> tuple[str, str]:
         skipped = [line for line in out.splitlines() if line.startswith("SKIPPED") and CUDA_SKIP.search(line)]
-        summary = next((line.strip("= ") for line in reversed(out.splitlines()) if " in " in line and "=" in line), "")
+        summary = pytest_summary(out)
         if rc != 0:
             return "failed", summary or f"exit status {rc}"
         if skipped:
@@ -306,7 +331,7 @@ def bench(runner: Runner, py: str, cuda: bool, results: Path, slug: str) -> None
     path = results / f"engine-{slug if cuda else 'cpu-smoke'}.json"
     before = len(path.read_text().splitlines()) if path.exists() else 0
     if cuda:
-        cmd = [py, "bench/bench_engine.py", "--batches", "1", "auto", "--warmup", "2", "--repeats", "10"]
+        cmd = [py, "bench/bench_engine.py", "--batches", "1", "auto", "--warmup", "2", "--repeats", "5"]
     else:
         cmd = [py, "bench/bench_engine.py", "--device", "cpu", "--tiny", "--batches", "1", "--warmup", "0",
                "--repeats", "1", "--matmul-n", "256"]
@@ -336,7 +361,7 @@ def bench_protect(runner: Runner, py: str, cuda: bool) -> None:
     """``cgidm protect`` on SD v1.5 shapes (random weights): the eager public-tools loop
     against the engine's CUDA graph, images/hour and peak memory (issue 16's goals)."""
     if cuda:
-        cmd = [py, "bench/bench_protect_speed.py", "--batches", "1", "4", "8", "--timed-steps", "4", "--repeats", "3"]
+        cmd = [py, "bench/bench_protect_speed.py", "--batches", "1", "8", "--timed-steps", "4", "--repeats", "2"]
     else:
         cmd = [py, "bench/bench_protect_speed.py", "--device", "cpu", "--tiny", "--batches", "1", "2",
                "--timed-steps", "2", "--repeats", "1", "--warmup", "0"]
@@ -497,7 +522,7 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
         print(NO_CUDA_LINE, flush=True)
         os.environ["CGIDM_BENCH_RESULTS"] = os.environ.get("CGIDM_BENCH_RESULTS") or str(WORK / "results")
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import RESULTS, append_row, device_slug, provenance
+    from common import RESULTS, append_row, device_slug, git_sha, provenance
 
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -508,8 +533,10 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     slug = device_slug(device)
     # What each stage wrote reaches $OUT as it ends: a run cut off by the lease keeps it.
-    runner.after = lambda stage: (copy_out(result_files(RESULTS, slug, cuda), quiet=True),
-                                  copy_out([runner.logs / f"{stage.name}.log"], "logs", quiet=True))
+    # A lease returns at most 8 files from $OUT: the rows (one file per bench, 5 on a GPU) and
+    # one log of every stage so far, rewritten each time.
+    log = WORK / f"gpu-check-{slug}.log"
+    runner.after = lambda stage: copy_out([*result_files(RESULTS, slug, cuda), combined_log(runner, log)], quiet=True)
 
     install_wheels(runner, py)
     t0 = time.monotonic()
@@ -524,50 +551,42 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     missing = f"; does not import: {', '.join(broken)}: carry the missing wheels" if broken else ""
     runner.add(Stage("env", "failed" if missing else "ok", time.monotonic() - t0,
                      f"{info.get('gpu', 'CPU')}, torch {info['packages']['torch']} (CUDA {info['torch_cuda']}), "
-                     f"nvcc: {info['nvcc'] or 'none'}{missing}"))
-    # Each stage leaves time for the ones after it, within the budget: the stages up to the
-    # engine bench keep 100 s more than before the protect and extract benches were added,
-    # and those two keep 70 s of it each at least.
+                     f"nvcc: {info['nvcc'] or 'none'}{missing}"
+                     f"{'; commit unknown (no git here: give CGIDM_GIT_SHA)' if git_sha() == 'unknown' else ''}"))
+    # Each stage leaves time for the ones after it, within the budget (``reserve``: the
+    # seconds the later stages keep). The benches the issues' goals are measured by come
+    # before racecheck and synccheck, which take what is left.
     def want(name: str) -> bool:
         return only is None or name in only
 
-    runner.reserve = 340
-    if want("build"):
-        build(runner, py, cuda, info.get("compute_capability"))
-    runner.reserve = 280
-    if want("tests"):
-        run_tests(runner, py, cuda)
-    runner.reserve = 250
-    if want("memcheck"):
-        sanitize(runner, py, cuda, "memcheck", OPS, 120)
-    if want("racecheck"):
-        sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 90)
-    runner.reserve = 200
-    if want("bench"):
-        bench(runner, py, cuda, RESULTS, slug)
-    runner.reserve = 140
-    if want("pairpass"):
-        bench_pairs(runner, py, cuda)
-    if want("synccheck"):
-        sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60)
-    runner.reserve = 70
-    if want("protect"):
-        bench_protect(runner, py, cuda)
-    runner.reserve = 0
-    if want("extract"):
-        bench_extract(runner, py, cuda)
+    plan = [("build", 330, lambda: build(runner, py, cuda, info.get("compute_capability"))),
+            ("tests", 270, lambda: run_tests(runner, py, cuda)),
+            ("memcheck", 240, lambda: sanitize(runner, py, cuda, "memcheck", OPS, 90)),
+            ("bench", 170, lambda: bench(runner, py, cuda, RESULTS, slug)),
+            ("protect", 100, lambda: bench_protect(runner, py, cuda)),
+            ("extract", 40, lambda: bench_extract(runner, py, cuda)),
+            ("pairpass", 0, lambda: bench_pairs(runner, py, cuda)),
+            ("racecheck", 0, lambda: sanitize(runner, py, cuda, "racecheck", REDUCTIONS, 90)),
+            ("synccheck", 0, lambda: sanitize(runner, py, cuda, "synccheck", REDUCTIONS, 60))]
+    for name, reserve, run in plan:
+        runner.reserve = reserve
+        if want(name):
+            run()
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
+    cut = [s.name for s in runner.stages if s.status == "cut"]
     print(f"\n{'stage':<10} {'status':<8} {'seconds':>7}  note")
     for s in runner.stages:
         print(f"{s.name:<10} {s.status:<8} {s.seconds:>7.0f}  {s.note}")
-    row = {"bench": "gpu-check", "cuda_available": cuda, "ok": not failed, "stages": [asdict(s) for s in runner.stages],
+    row = {"bench": "gpu-check", "cuda_available": cuda, "ok": not failed and not cut, "cut": cut,
+           "stages": [asdict(s) for s in runner.stages],
            **info, **provenance(device)}
     path = append_row("gpu-check", device, row)
-    log = combined_log(runner, WORK / f"gpu-check-{slug}.log")
-    print(f"row appended to {path}; stage logs in {runner.logs}", flush=True)
+    combined_log(runner, log)
+    print(f"row appended to {path}; stage logs in {runner.logs} (all in {log})", flush=True)
     copy_out([*result_files(RESULTS, slug, cuda), log])
-    print(f"gpu-check: {'all stages passed' if not failed else 'FAILED: ' + ', '.join(failed)}"
+    verdict = "FAILED: " + ", ".join(failed) if failed else "all stages passed" if not cut else "passed what ran"
+    print(f"gpu-check: {verdict}{'; cut by the time budget: ' + ', '.join(cut) if cut else ''}"
           f"{'' if cuda else ' (CPU smoke)'}", flush=True)
     return 1 if failed else 0
 

@@ -90,14 +90,29 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     table = proc.stdout[proc.stdout.index("stage      status"):]
     for stage in ("env", "build", "tests", "memcheck", "racecheck", "bench", "synccheck", "protect", "extract"):
         assert re.search(rf"^{stage} +ok ", table, re.M), table
+    # a lease returns at most 8 files: the row files and one log of every stage
     assert sorted(p.name for p in out.iterdir()) == ["engine-cpu-smoke.json", "extract-smoke-cpu.json",
-                                                     "gpu-check-cpu.json", "gpu-check-cpu.log", "logs",
+                                                     "gpu-check-cpu.json", "gpu-check-cpu.log",
                                                      "protect-speed-smoke-cpu.json"]
-    # each stage's log as it ended (a run the lease cuts off keeps what it did)
-    assert {"build.log", "tests.log", "bench.log", "protect.log", "extract.log"} <= {p.name for p in (out / "logs").iterdir()}
+    log = (out / "gpu-check-cpu.log").read_text()
+    assert all(f"===== {name} =====" in log for name in ("build", "tests", "memcheck", "bench", "extract"))
+    assert re.search(r"^tests +ok +\d+  \d+ cases of \d+ modules collected", table, re.M), table
     row = json.loads((out / "gpu-check-cpu.json").read_text().splitlines()[-1])
     assert row["ok"] and not row["cuda_available"] and row["git_sha"] and row["command"]
     assert {s["name"]: s["status"] for s in row["stages"]}["bench"] == "ok"
+
+
+def test_gpu_check_reads_pytests_lines():
+    """The tests stage's note on a GPU is pytest's summary line, which ``-q`` prints without
+    the '=' rule; the CPU smoke counts the cases selected, not all collected."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import collected_count, pytest_summary
+
+    assert pytest_summary("....\nSKIPPED [2] x.py:3: slow\n1 passed, 1 skipped in 5.58s\n") == "1 passed, 1 skipped in 5.58s"
+    assert pytest_summary("===== 3 failed, 2 passed in 1.2s =====\n") == "3 failed, 2 passed in 1.2s"
+    assert pytest_summary("collecting ...\n") == ""
+    assert collected_count("612/1025 tests collected (413 deselected) in 3.1s") == 612
+    assert collected_count("7 tests collected in 0.5s") == 7 and collected_count("no tests ran") is None
 
 
 def test_cuda_cases_selects_the_cuda_cases_only():
