@@ -40,12 +40,16 @@ def _to_unit(image: torch.Tensor) -> np.ndarray:
 
 
 def pixel_scores(original: torch.Tensor, recovered: torch.Tensor) -> dict[str, float]:
-    """SSIM and PSNR (scikit-image) between two images ``[3, H, W]`` in [-1, 1]."""
+    """SSIM and PSNR (scikit-image) between two images ``[3, H, W]`` in [-1, 1]; PSNR is
+    capped at 100 dB (identical images)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = _to_unit(original), _to_unit(recovered)
-    win = min(7, min(a.shape[:2]) // 2 * 2 - 1)
-    ssim = structural_similarity(a, b, channel_axis=2, data_range=1.0, win_size=max(win, 3))
+    side = min(a.shape[:2])
+    win = min(7, side if side % 2 else side - 1)  # the largest odd window that fits, skimage's 7 at most
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3 px a side, got {a.shape[1]}x{a.shape[0]}")
+    ssim = structural_similarity(a, b, channel_axis=2, data_range=1.0, win_size=win)
     with np.errstate(divide="ignore"):
         psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
     return {"ssim": float(ssim), "psnr": float(min(psnr, 100.0))}
@@ -120,8 +124,9 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     ``statistic`` is U of the suspects (pairs suspect > control, ties counting 1/2); under
     the null of exchangeable scores it is ``n_suspect * n_controls / 2`` on average.
     Without ties and with at most ``EXACT_MAX`` images the p-value is exact (the
-    permutation distribution of U), else the normal approximation with the tie and
-    continuity corrections. ``min_p`` is the smallest p-value these counts can give:
+    permutation distribution of U), without ties above that the normal approximation with
+    the continuity correction; with ties the permutation distribution with the ties
+    (``_u_permutation``). ``min_p`` is the smallest p-value these counts can give:
     ``1 / C(n_suspect + n_controls, n_controls)``. Non-finite scores are dropped."""
     from scipy.stats import mannwhitneyu
 
@@ -130,13 +135,19 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     if len(s) < 1 or len(c) < 2:
         raise ValueError(f"a set verdict needs at least 1 suspect and 2 control scores, got {len(s)} and {len(c)}")
     ties = len(np.unique(np.concatenate([s, c]))) < len(s) + len(c)
-    method = "exact" if not ties and len(s) + len(c) <= EXACT_MAX else "asymptotic"
-    res = mannwhitneyu(s, c, alternative="greater", method=method, use_continuity=True)
-    p = float(res.pvalue)
+    if ties:
+        # the normal approximation can give less than the smallest p-value these counts
+        # allow (two images at PSNR's cap against three controls: 0.048 where the exact p
+        # is 1/10); the permutation distribution of U with the ties as they are does not
+        statistic, p, method = _u_permutation(s, c)
+    else:
+        method = "exact" if len(s) + len(c) <= EXACT_MAX else "asymptotic"
+        res = mannwhitneyu(s, c, alternative="greater", method=method, use_continuity=True)
+        statistic, p = float(res.statistic), float(res.pvalue)
     return {
         "test": "Mann-Whitney U, one-sided (suspects > controls)",
         "method": method,
-        "statistic": float(res.statistic),
+        "statistic": statistic,
         "p_value": min(max(p, 0.0), 1.0),
         "n_suspect": int(len(s)),
         "n_controls": int(len(c)),
@@ -144,6 +155,25 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
         "level": float(level),
         "verdict": SET_VERDICTS[0] if p <= level else SET_VERDICTS[1],
     }
+
+
+PERMUTATIONS = 20_000  # random splits where there are more (then p >= 1 / 20001)
+
+
+def _u_permutation(s: np.ndarray, c: np.ndarray) -> tuple[float, float, str]:
+    """``(U, p, method)`` with tied scores: U from mid-ranks, p from the permutation
+    distribution of the suspects' rank sum, exact (every split) where there are at most
+    ``PERMUTATIONS`` splits, else from that many random splits of a fixed seed."""
+    from scipy.stats import permutation_test, rankdata
+
+    ranks = rankdata(np.concatenate([s, c]))
+    n = len(s)
+    statistic = float(ranks[:n].sum() - n * (n + 1) / 2)
+    res = permutation_test((ranks[:n], ranks[n:]), lambda x, y, axis: np.sum(x, axis=axis), vectorized=True,
+                           permutation_type="independent", alternative="greater", n_resamples=PERMUTATIONS, batch=1000,
+                           random_state=np.random.default_rng(0))
+    exact = math.comb(len(ranks), n) <= PERMUTATIONS
+    return statistic, float(res.pvalue), "permutation (ties), " + ("exact" if exact else f"{PERMUTATIONS} random splits")
 
 
 def calibrate(control_scores: Sequence[float], metric: str, level: float) -> Calibration:

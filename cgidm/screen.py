@@ -37,7 +37,8 @@ from cgidm.resume import (
 )
 from cgidm.rows import error_row
 from cgidm.rows import RECOVERED, TRIPTYCHS
-from cgidm.summary import VERDICT_FIELDS, add_embedding_scores, check_embedder, summarize_pairs, timing
+from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, summarize_pairs,
+                           timing)
 
 log = logging.getLogger(__name__)
 
@@ -259,19 +260,25 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
                     rows[first.id].get("label"), first.label)
         for e in entries:
             rows[e.id]["label"] = e.label
-            # the validator's score is a max over the image's (pair, label) folder: stale now
-            # (scored again below with --embedder)
-            rows[e.id].pop("official_cos", None)
+    # the validator's score is a max over the image's (pair, label) folder: stale where the
+    # folder changed (scored again below with --embedder)
+    stale = drop_stale_official(run_rows)
+    if stale and embedder is None:
+        log.warning("%d rows' official_cos dropped: their folder's images changed since it was computed "
+                    "(give --embedder to score them again)", stale)
     infos = {e.pair.key: e.pair.info() for e in entries}
     # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
     # (a resume loads only the pairs with images left)
     try:
-        cfg_prompts = dict(json.loads((out / "summary.json").read_text()).get("prompts") or {})
+        old = json.loads((out / "summary.json").read_text())
+        cfg_prompts, old_embedder = dict(old.get("prompts") or {}), old.get("embedder")
     except (OSError, ValueError, AttributeError, TypeError):
-        cfg_prompts = {}
+        cfg_prompts, old_embedder = {}, None
     cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
     cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
     emb_info = add_embedding_scores(run_rows, embedder, out) if embedder is not None else None
+    if emb_info is None and any("official_cos" in r for r in run_rows) and isinstance(old_embedder, dict):
+        emb_info = old_embedder  # the scores kept were the earlier run's embedder's
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:
         summary["prompts"] = cfg_prompts

@@ -2,6 +2,7 @@
 against controls, per pair and over all pairs (docs/architecture.md, "Stages")."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -61,7 +62,13 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 summary["official"] = official_auc_accuracy(members, holdouts)
     given = sum(r.get("label") == "control" for r in rows)
     controls = [r["score"] for r in good if r.get("label") == "control"]
-    if given:
+    if given and cfg.metric == "official_cos":
+        # a maximum over its folder: suspects' and controls' folders differ in size, so the
+        # null of exchangeable scores fails (a larger folder raises every score in it)
+        summary["calibration_error"] = ("official_cos is a maximum over each folder's recoveries and folders of "
+                                        "other sizes are not comparable: no p-values or verdicts; use a per-image "
+                                        "metric (embed_cos, latent_cos, ...)")
+    elif given:
         try:
             cal = calibrate(controls, cfg.metric, cfg.level)
         except ValueError as e:  # too few scored (unreadable files): said, not left out silently
@@ -193,6 +200,29 @@ def _original_image(path: str):
         return to_rgb(im)
 
 
+def validator_folders(rows: Sequence[dict]) -> dict:
+    """``{(pair, label): fingerprint}`` of the scored rows' validator folders: what an
+    ``official_cos`` (a maximum over its folder's recoveries) was computed over."""
+    ids: dict = {}
+    for r in rows:
+        if "error" not in r and r.get("recovered"):
+            ids.setdefault((r.get("pair"), r.get("label")), []).append(r["id"])
+    return {k: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()[:16] for k, v in ids.items()}
+
+
+def drop_stale_official(rows: Sequence[dict]) -> int:
+    """Remove ``official_cos`` from the rows whose folder has gained, lost or changed an
+    image since it was computed (a resume after the image list or labels changed, a
+    failed image retried); returns how many. Such a maximum is over other recoveries."""
+    now, n = validator_folders(rows), 0
+    for r in rows:
+        if "official_cos" in r and r.get("official_folder") != now.get((r.get("pair"), r.get("label"))):
+            r.pop("official_cos")
+            r.pop("official_folder", None)
+            n += 1
+    return n
+
+
 def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int = 32) -> dict:
     """The paper's validator on the scored rows, in place: ``official_cos`` (each original
     against every recovered image of its folder: same pair and label, the maximum cosine)
@@ -221,8 +251,9 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
         groups = [(r.get("pair"), r.get("label")) for r in good]
         official = official_scores(o, c, groups)
         paired = paired_scores(o, c)
-        for r, a, b in zip(good, official.tolist(), paired.tolist()):
-            r["official_cos"], r["embed_cos"] = float(a), float(b)
+        folders = validator_folders(rows)
+        for r, g, a, b in zip(good, groups, official.tolist(), paired.tolist()):
+            r["official_cos"], r["embed_cos"], r["official_folder"] = float(a), float(b), folders[g]
     return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
 
 

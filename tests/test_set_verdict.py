@@ -36,15 +36,28 @@ def test_lower_is_better_metric_is_turned_around():
     assert sv["verdict"] == SET_VERDICTS[0]
 
 
-def test_ties_use_the_normal_approximation_with_both_corrections():
-    # values 0,0,1,1,1,2: midranks 1.5,1.5,4,4,4,6; suspects [1,1,2] -> R = 14, U = 14 - 6 = 8;
-    # mean 9/2; variance n1 n2/12 * (N+1 - sum(t^3-t)/(N(N-1))) = 9/12 * (7 - 30/30) = 4.5;
-    # z = (8 - 4.5 - 0.5) / sqrt(4.5) = sqrt(2)
+def test_ties_use_the_permutation_distribution_with_the_ties():
+    # values 0,0,1,1,1,2: midranks 1.5,1.5,4,4,4,6; suspects [1,1,2] -> R = 14, U = 14 - 6 = 8.
+    # Of the C(6, 3) = 20 splits, the rank sums >= 14 are {4,4,6} three ways: p = 3/20 (the
+    # normal approximation said 1 - Phi(sqrt 2) = 0.079)
     sv = set_verdict([1.0, 1.0, 2.0], [1.0, 0.0, 0.0], "latent_cos", 0.05)
-    assert sv["method"] == "asymptotic"
+    assert sv["method"] == "permutation (ties), exact"
     assert sv["statistic"] == 8.0
-    assert sv["p_value"] == pytest.approx(0.5 * math.erfc(1.0), rel=1e-9)  # 1 - Phi(sqrt 2)
+    assert sv["p_value"] == pytest.approx(3 / 20, rel=1e-12)
     assert sv["verdict"] == SET_VERDICTS[1]
+    # two suspects at PSNR's 100 dB cap against three equal controls: the best split of 10,
+    # p = 1/10 = min_p, never below it (the approximation gave 0.048, a verdict its own
+    # warning contradicted)
+    sv = set_verdict([100.0, 100.0], [12.0, 12.0, 12.0], "psnr", 0.05)
+    assert sv["p_value"] == pytest.approx(0.1) and sv["p_value"] >= sv["min_p"] - 1e-12
+    assert sv["verdict"] == SET_VERDICTS[1]
+    # more splits than are drawn: random splits of a fixed seed, close to the approximation
+    a = [round(0.01 * (i % 37), 2) for i in range(60)]
+    b = [round(0.01 * (i % 31), 2) for i in range(50)]
+    sv, again = set_verdict(a, b, "latent_cos", 0.05), set_verdict(a, b, "latent_cos", 0.05)
+    assert sv == again and sv["method"].endswith("random splits")
+    from scipy.stats import mannwhitneyu
+    assert sv["p_value"] == pytest.approx(float(mannwhitneyu(a, b, alternative="greater").pvalue), abs=0.02)
 
 
 def test_non_finite_scores_are_dropped_and_too_few_refused():
@@ -148,3 +161,37 @@ def test_report_shows_the_set_verdict_and_the_comparison(tmp_path):
     assert s["set_verdict"]["verdict"] in html and "Mann-Whitney" in html
     assert "CGI-DM (latent_cos)" in html and "<td>pia</td>" in html
     assert "<th data-k=\"n\">baseline_pia</th>" in html
+
+
+def test_the_folder_maximum_gets_no_p_values():
+    """official_cos is a maximum over each folder's recoveries: suspects' and controls'
+    folders differ in size, so under the null the larger folder scores higher (19 of 20
+    null trials gave p <= 0.05 with it)."""
+    rows = [_row(i, ("member", "holdout")[i % 2], 0.5, official_cos=0.9) for i in range(4)]
+    rows += [_row(10 + i, "control", 0.4, official_cos=0.1 * i) for i in range(5)]
+    s = summarize(rows, AuthConfig(prompt="p", metric="official_cos"))
+    assert "official_cos is a maximum over each folder's recoveries" in s["calibration_error"]
+    assert "verdicts" not in s and "set_verdict" not in s
+    assert "set_verdict" in summarize(rows, AuthConfig(prompt="p"))  # a per-image metric is calibrated
+
+
+def test_a_validator_score_whose_folder_changed_is_dropped():
+    """A resume after the image list changed kept every other image's folder maximum: the
+    official AUC was computed over images no longer listed."""
+    from cgidm.summary import drop_stale_official, validator_folders
+
+    rows = [{"id": f"{label}{i}", "label": label, "pair": "p", "recovered": f"r/{label}{i}.png"}
+            for label in ("member", "holdout") for i in range(3)]
+    folders = validator_folders(rows)
+    for r in rows:
+        r.update(official_cos=0.5, official_folder=folders[(r["pair"], r["label"])])
+    assert drop_stale_official(rows) == 0
+    kept = [r for r in rows if r["id"] != "member0"]  # an image removed from the list
+    assert drop_stale_official(kept) == 2
+    assert [r["id"] for r in kept if "official_cos" in r] == ["holdout0", "holdout1", "holdout2"]
+    # an image added to a folder (its row has no score yet), or one relabelled, likewise
+    added = [*kept, {"id": "holdout9", "label": "holdout", "pair": "p", "recovered": "r/h9.png"}]
+    assert drop_stale_official(added) == 3 and not any("official_cos" in r for r in added)
+    # an error row is in no folder
+    rows2 = [dict(r) for r in rows] + [{"id": "member7", "label": "member", "pair": "p", "error": "x"}]
+    assert drop_stale_official(rows2) == 0
