@@ -64,7 +64,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "build" / "gpu-check"  # logs, and the CPU smoke's rows (build/ is ignored)
+# logs, and the CPU smoke's rows (build/ is ignored); the tests give each run its own
+WORK = Path(os.environ.get("CGIDM_GPU_CHECK_WORK") or ROOT / "build" / "gpu-check")
 BUDGET_S = float(os.environ.get("CGIDM_GPU_CHECK_BUDGET_S", "540"))  # 9 minutes: one device call is at most 10
 NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is False): CPU smoke of the same stages"
 OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
@@ -99,8 +100,7 @@ class Runner:
         self.cut = False  # the last command ran under less than its own limit (the budget's rest)
         self.logs = WORK / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        for old in self.logs.glob("*.log"):  # an earlier run's: the combined log is this run's
-            old.unlink()
+        self.written: list[Path] = []  # this run's logs, in order (the folder may hold an earlier run's)
 
     def left(self) -> float:
         """Seconds the next stage may use: the budget's rest less what later stages keep."""
@@ -120,6 +120,7 @@ class Runner:
         timeout_s = min(timeout_s, self.left() - 5)
         print(f"-- {name}: {' '.join(cmd)}  (timeout {timeout_s:.0f} s)", flush=True)
         log = self.logs / f"{name}.log"
+        self.written = [p for p in self.written if p != log] + [log]
         t0 = time.monotonic()
         with log.open("w") as f:
             f.write(f"$ {' '.join(cmd)}\n")
@@ -507,7 +508,7 @@ def result_files(results: Path, slug: str, cuda: bool) -> list[Path]:
 
 def combined_log(runner: Runner, path: Path, per_stage_bytes: int = 1 << 20) -> Path:
     with path.open("w") as f:
-        for log in sorted(runner.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
+        for log in runner.written:
             text = log.read_text(errors="replace")
             f.write(f"\n===== {log.stem} =====\n")
             f.write(text[-per_stage_bytes:])

@@ -81,7 +81,7 @@ def test_gpu_check_without_cuda_says_so_and_passes_its_cpu_smoke(tmp_path):
     --tiny), the stage table, its row, and the copies into $OUT; exit status 0."""
     out = tmp_path / "out"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(out), CGIDM_BENCH_RESULTS=str(tmp_path / "results"),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", CGIDM_GPU_CHECK_WORK=str(tmp_path / "work"))  # its own logs
     cmd = (["make", "--no-print-directory", "gpu-check", f"GPU_PY={sys.executable}"] if shutil.which("make")
            else [sys.executable, "bench/gpu_check.py"])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -132,7 +132,8 @@ def test_cuda_cases_selects_the_cuda_cases_only():
 
 def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
     """``--only protect``: env and the protect bench, nothing else; an unknown stage is refused."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CGIDM_BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CGIDM_BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1",
+               CGIDM_GPU_CHECK_WORK=str(tmp_path / "work"))
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--only", "protect"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
