@@ -366,6 +366,7 @@ def cmd_protect(args) -> int:
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  loss: {cfg.loss}  budget: {cfg.budget}  "
           f"step: {cfg.step_size}  steps: {cfg.steps}")
     model = load_base(args.base, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle)
+    print(f"model family: {model.info['family']}")
     r = model.resolution
     where = (f"the centre {r}x{r} of each" if cfg.cover == "centre"
              else f"each whole, at its aspect ratio with the short side at {r} px")

@@ -259,7 +259,9 @@ def check_same(base: Family, finetuned: Optional[Family], what: str) -> Family:
             f"{what}: the fine-tune is {finetuned.describe()} but the base is {base.describe()}; "
             "a fine-tune must be compared with a base of its own family"
         )
-    return finetuned
+    # both models run through the base's codec: its scaling and resolution, whatever a
+    # fine-tune folder without vae/ (factor 1) would make of its own sample_size
+    return replace(finetuned, vae_scaling_factor=base.vae_scaling_factor, native_resolution=base.native_resolution)
 
 
 def encode_text(tokenizer, text_encoder, prompt: str, device) -> torch.Tensor:

@@ -171,7 +171,7 @@ _MISFIT = re.compile(r"size mismatch|not found in the base model|Error\(s\) in l
                      r"(missing|unexpected) keys?\b|shape", re.IGNORECASE)
 
 
-def _load_error(path: Path, model: str, e: Exception) -> ModelLoadError:
+def _load_error(path: Path, model: str, e: Exception, hint: str = "") -> ModelLoadError:
     """A loader's error, blamed on the LoRA not fitting ``model`` only when it is a misfit
     (a layer name or shape the model does not have); anything else is a failure to load."""
     try:
@@ -187,7 +187,7 @@ def _load_error(path: Path, model: str, e: Exception) -> ModelLoadError:
             f"model's, e.g. {name}: [{have}] in the file, [{want}] in the model "
             "(a LoRA for another model family or size?)")
     if isinstance(e, (no_match, KeyError)) or _MISFIT.search(str(e)):
-        return ModelLoadError(f"{path}: LoRA does not fit the base {model} ({_one_line(e)})")
+        return ModelLoadError(f"{path}: LoRA does not fit the base {model}{hint} ({_one_line(e, 160)})")
     return ModelLoadError(f"{path}: the LoRA could not be loaded into the base {model} ({_one_line(e)})")
 
 
@@ -267,7 +267,9 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
         try:
             unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=name)
         except Exception as e:
-            raise _load_error(path, "UNet", e) from e
+            sgm = not xl and any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in state)
+            hint = ": its kohya layer names (lora_unet_input_blocks_...) are SDXL's, a LoRA for Stable Diffusion XL?"
+            raise _load_error(path, "UNet", e, hint if sgm else "") from e
         _stack(unet, name, scale)
         fit.add(unet, _unet_peft_state(unet_keys), name)
     bases = _encoders(text_encoder_base)

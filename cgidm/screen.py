@@ -52,6 +52,7 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     stats = PairStats()
     load_s = 0.0
     prompts: dict[str, str] = {}
+    models: dict[str, dict] = {}  # what loading each pair found (family, format, LoRA match)
     writer = RowWriter(threaded=prefetch_depth > 0)
 
     def emit(row):
@@ -75,6 +76,8 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 pair = spec.load(device, dtype, allow_pickle, allow_partial_lora)
                 pair_cfg, where = resolve_prompt(cfg, pair)
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
+                models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
+                log.info("%s: model family: %s", key, pair.info.get("family"))
             except (ModelLoadError, OSError, ValueError) as e:
                 # the other pairs still run; --retry-failed takes these images again
                 reason = "model pair failed to load: " + " ".join(str(e).split())
@@ -93,7 +96,20 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
         writer.close()
     return {"images": stats.images, "engine_s": stats.engine_s, "load_s": load_s, "wait_s": stats.wait_s,
             "batch_retries": stats.retries, "low_memory_fallback": bool(stats.extra.get("low_memory_fallback")),
-            "prompts": prompts}
+            "prompts": prompts, "models": models}
+
+
+# the facts load_pair records that a screen keeps per pair (authenticate keeps the whole info)
+LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base")
+
+
+def _previous(out: Path, key: str) -> dict:
+    """``summary.json``'s ``key`` from an earlier run into ``out`` ({} when there is none)."""
+    try:
+        value = json.loads((out / "summary.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _lock(out: Path, rank: int, error: Optional[str] = None) -> Optional[OutputLock]:
@@ -267,13 +283,14 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         log.warning("%d rows' official_cos dropped: their folder's images changed since it was computed "
                     "(give --embedder to score them again)", stale)
     infos = {e.pair.key: e.pair.info() for e in entries}
+    # what loading found, for the pairs loaded now and those an earlier run loaded
+    facts = {k: v for k, v in _previous(out, "pair_models").items() if k in infos and isinstance(v, dict)}
+    facts.update({k: v for s in gathered for k, v in s.get("models", {}).items()})
+    for k, v in facts.items():
+        infos[k].update(v)
     # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
     # (a resume loads only the pairs with images left)
-    try:
-        old = json.loads((out / "summary.json").read_text())
-        cfg_prompts, old_embedder = dict(old.get("prompts") or {}), old.get("embedder")
-    except (OSError, ValueError, AttributeError, TypeError):
-        cfg_prompts, old_embedder = {}, None
+    cfg_prompts, old_embedder = _previous(out, "prompts"), _previous(out, "embedder") or None
     cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
     cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
     emb_info = add_embedding_scores(run_rows, embedder, out) if embedder is not None else None
@@ -282,6 +299,8 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:
         summary["prompts"] = cfg_prompts
+    if facts:
+        summary["pair_models"] = facts
     # one row per id, sorted: the same file whatever the ranks, batches or restarts
     atomic_write_text(out / RESULTS, "".join(json_text(r, sort_keys=True) + "\n" for r in run_rows))
     for p in result_files(out)[1:]:

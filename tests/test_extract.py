@@ -541,3 +541,21 @@ def test_cli_records_the_lora_scale_and_prints_the_threshold(tiny_world, tmp_pat
                "--out", str(tmp_path / "one"), "--samples", "1", "--steps", "1", "--clusters", "1", "--device", "cpu",
                "-q"])
     assert rc == 0 and "(one sample: no threshold)" in capsys.readouterr().out
+
+
+def test_ddim_clips_only_where_the_config_says_so(tmp_path):
+    """A scheduler config without clip_sample (SDXL's Euler configs may lack it, a
+    hand-written one too) took DDIM's default, True: every predicted latent clipped to
+    [-1, 1]. Stable Diffusion's own configs say False; a config that says True keeps it."""
+    import json
+
+    from cgidm.guidance import load_scheduler
+
+    for given, want in (({}, (False, False)), ({"clip_sample": True, "set_alpha_to_one": True}, (True, True))):
+        folder = tmp_path / str(len(given)) / "scheduler"
+        folder.mkdir(parents=True)
+        (folder / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "beta_end": 0.012, **given}))
+        s = load_scheduler(folder.parent)
+        assert (s.config.clip_sample, s.config.set_alpha_to_one) == want, given

@@ -371,3 +371,18 @@ def test_diffusers_empty_float32_list_warning_is_dropped(tiny_world, caplog):
             "There are modules in X that should be kept in float32: ['norm']. Casting directly ...")
     said = [r.getMessage() for r in caplog.records if "kept in float32" in r.getMessage()]
     assert said == ["There are modules in X that should be kept in float32: ['norm']. Casting directly ..."]
+
+
+def test_a_finetune_folder_without_vae_takes_its_bases_resolution(tmp_path):
+    """A DreamBooth folder without vae/ was recorded at its UNet's sample_size times 1
+    ("resolution 64" for an SD 1.5 fine-tune run at 512): both models use the base's codec."""
+    unet = {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768, "sample_size": 64}
+    _write(tmp_path / "base" / "unet" / "config.json", unet)
+    _write(tmp_path / "base" / "scheduler" / "scheduler_config.json", {"prediction_type": "epsilon"})
+    _write(tmp_path / "base" / "vae" / "config.json", {"scaling_factor": 0.18215,
+                                                       "block_out_channels": [128, 256, 512, 512]})
+    _write(tmp_path / "ft" / "unet" / "config.json", unet)
+    base = families.detect_folder(tmp_path / "base")
+    ft = families.check_same(base, families.detect_folder(tmp_path / "ft"), "ft")
+    assert (base.native_resolution, ft.native_resolution, ft.vae_scaling_factor) == (512, 512, 0.18215)
+    assert ft.record() == base.record() == "sd1 epsilon latent 64 resolution 512 vae scaling 0.18215"

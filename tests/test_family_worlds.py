@@ -197,7 +197,7 @@ def test_sdxl_protection_conditions_on_the_image_size(smoke_worlds):
 
 
 @pytest.mark.parametrize("family", OTHER)
-def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_path, family):
+def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_path, family, capsys):
     import shutil
 
     import numpy as np
@@ -218,6 +218,7 @@ def test_protect_extract_and_baselines_run_on_every_family(smoke_worlds, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protected"] == len(members) + 1
     assert summary["family"].split()[0] == family.split("-")[0]
+    assert f"model family: {summary['family']}" in capsys.readouterr().out  # printed as the other commands do
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sum(r["loss_protected"] > r["loss_clean"] for r in rows) >= len(rows) - 1  # the loss it maximises rose
     changed = np.abs(np.asarray(Image.open(out / "protected" / "wide.png"), dtype=np.int64) - wide).max(axis=(0, 2))
@@ -251,3 +252,12 @@ def test_demo_tells_members_from_holdouts_in_every_family(tmp_path, capsys, fami
     assert summary["models"]["family"].startswith({"sd2-v": "sd2 v_prediction"}.get(family, family))
     auc = summary["by_metric"][summary["metric"]]["auc"]
     assert auc >= 0.9, (family, variant, auc)
+
+
+def test_an_sdxl_kohya_lora_on_an_sd1_base_is_named_sdxl(smoke_worlds, tiny_world):
+    """Its SGM block names (lora_unet_input_blocks_...) were mapped to nonsense module names
+    in a cut-off PEFT message that never said the file is SDXL's."""
+    from cgidm.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="its kohya layer names .* are SDXL's, a LoRA for Stable Diffusion XL"):
+        load_pair(tiny_world / "base", smoke_worlds["sdxl"] / "lora_kohya.safetensors")

@@ -239,3 +239,18 @@ def test_kill_inside_a_row_write_then_resume(tiny_world, folder):
     rows = _rows(out)
     assert len(rows) == 7 and len({r["id"] for r in rows}) == 7
     assert all("score" in r for r in rows)
+
+
+def test_screen_records_what_loading_each_pair_found(tiny_world, folder, tmp_path):
+    """The family, the format and a LoRA's layer counts went into authenticate's summary but
+    not screen's (its models were the manifest's paths); a resume that loads no pair keeps
+    them from the run that did."""
+    entries = read_manifest(folder, tiny_world / "base", tiny_world / "lora_kohya.safetensors")
+    out = tmp_path / "out"
+    first = screen(entries, out, CFG, progress=False)
+    models = first["models"]
+    assert models["family"].startswith("sd1 epsilon") and models["finetuned_format"] == "lora"
+    assert models["lora_match"]["matched"] == models["lora_match"]["total"] > 0
+    again = screen(entries, out, CFG, progress=False)  # every image done: no pair loads
+    assert again["models"] == models
+    assert "lora_match" in json.loads((out / "summary.json").read_text())["models"]
