@@ -77,9 +77,10 @@ def initial_latents(keys: torch.Tensor, latent_shape: Sequence[int], device) -> 
 
 def load_scheduler(base: str | Path):
     """``DDIMScheduler.from_config`` of the base's ``scheduler/`` config (local, offline).
-    ``clip_sample`` and ``set_alpha_to_one``, where the config does not give them (an Euler
-    config, a hand-written one), are False as in Stable Diffusion's own configs, not DDIM's
-    defaults (True): a latent's range is well beyond the [-1, 1] DDIM would clip it to."""
+    ``clip_sample``, where the config does not give it (an Euler config, a hand-written
+    one), is False as in Stable Diffusion's own configs, not DDIM's default (True): a
+    latent's range is well beyond the [-1, 1] DDIM would clip it to. (``set_alpha_to_one``
+    is left to the config and DDIM's default: DDPM configs never carry it.)"""
     from diffusers import DDIMScheduler
 
     folder = Path(base) / "scheduler"
@@ -87,10 +88,9 @@ def load_scheduler(base: str | Path):
         cfg = dict(DDIMScheduler.load_config(folder, local_files_only=True))
     except Exception as e:
         raise ValueError(f"{folder}: cannot read the scheduler config ({' '.join(str(e).split())})") from e
-    missing = [k for k in ("clip_sample", "set_alpha_to_one") if k not in cfg]
-    if missing:
-        log.info("%s: %s not in the config: False, as in Stable Diffusion's", folder, " and ".join(missing))
-    cfg.update(dict.fromkeys(missing, False))
+    if "clip_sample" not in cfg:
+        log.info("%s: clip_sample not in the config: False, as in Stable Diffusion's", folder)
+        cfg["clip_sample"] = False
     return DDIMScheduler.from_config(cfg)
 
 

@@ -268,7 +268,8 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
             unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=name)
         except Exception as e:
             sgm = not xl and any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in state)
-            hint = ": its kohya layer names (lora_unet_input_blocks_...) are SDXL's, a LoRA for Stable Diffusion XL?"
+            hint = ": its kohya layer names (lora_unet_input_blocks_...) are SGM's, as kohya names SDXL's: a LoRA for " \
+                   "Stable Diffusion XL?"
             raise _load_error(path, "UNet", e, hint if sgm else "") from e
         _stack(unet, name, scale)
         fit.add(unet, _unet_peft_state(unet_keys), name)

@@ -124,9 +124,9 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     ``statistic`` is U of the suspects (pairs suspect > control, ties counting 1/2); under
     the null of exchangeable scores it is ``n_suspect * n_controls / 2`` on average.
     Without ties and with at most ``EXACT_MAX`` images the p-value is exact (the
-    permutation distribution of U), without ties above that the normal approximation with
-    the continuity correction; with ties the permutation distribution with the ties
-    (``_u_permutation``). ``min_p`` is the smallest p-value these counts can give:
+    permutation distribution of U); with ties, the permutation distribution with the ties
+    where there are at most ``PERMUTATIONS`` splits (``_u_permutation``), else the normal
+    approximation with the tie and continuity corrections, never below ``min_p``. ``min_p`` is the smallest p-value these counts can give:
     ``1 / C(n_suspect + n_controls, n_controls)``. Non-finite scores are dropped."""
     from scipy.stats import mannwhitneyu
 
@@ -135,15 +135,19 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     if len(s) < 1 or len(c) < 2:
         raise ValueError(f"a set verdict needs at least 1 suspect and 2 control scores, got {len(s)} and {len(c)}")
     ties = len(np.unique(np.concatenate([s, c]))) < len(s) + len(c)
-    if ties:
+    min_p = math.exp(math.lgamma(len(s) + 1) + math.lgamma(len(c) + 1) - math.lgamma(len(s) + len(c) + 1))
+    if ties and math.comb(len(s) + len(c), len(s)) <= PERMUTATIONS:
         # the normal approximation can give less than the smallest p-value these counts
         # allow (two images at PSNR's cap against three controls: 0.048 where the exact p
-        # is 1/10); the permutation distribution of U with the ties as they are does not
-        statistic, p, method = _u_permutation(s, c)
+        # is 1/10); the permutation distribution of U with the ties as they are, every split
+        statistic, p = _u_permutation(s, c)
+        method = "exact (permutation, ties)"
     else:
-        method = "exact" if len(s) + len(c) <= EXACT_MAX else "asymptotic"
+        method = "exact" if not ties and len(s) + len(c) <= EXACT_MAX else "asymptotic"
         res = mannwhitneyu(s, c, alternative="greater", method=method, use_continuity=True)
-        statistic, p = float(res.statistic), float(res.pvalue)
+        # with ties in a large set (float32 scores tie by chance) the approximation, kept
+        # at or above the smallest p-value the counts allow
+        statistic, p = float(res.statistic), max(float(res.pvalue), min_p)
     return {
         "test": "Mann-Whitney U, one-sided (suspects > controls)",
         "method": method,
@@ -151,29 +155,30 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
         "p_value": min(max(p, 0.0), 1.0),
         "n_suspect": int(len(s)),
         "n_controls": int(len(c)),
-        "min_p": math.exp(math.lgamma(len(s) + 1) + math.lgamma(len(c) + 1) - math.lgamma(len(s) + len(c) + 1)),
+        "min_p": min_p,
         "level": float(level),
         "verdict": SET_VERDICTS[0] if p <= level else SET_VERDICTS[1],
     }
 
 
-PERMUTATIONS = 20_000  # random splits where there are more (then p >= 1 / 20001)
+PERMUTATIONS = 20_000  # with ties, splits up to which the permutation distribution is enumerated
 
 
-def _u_permutation(s: np.ndarray, c: np.ndarray) -> tuple[float, float, str]:
-    """``(U, p, method)`` with tied scores: U from mid-ranks, p from the permutation
-    distribution of the suspects' rank sum, exact (every split) where there are at most
-    ``PERMUTATIONS`` splits, else from that many random splits of a fixed seed."""
+def _u_permutation(s: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+    """``(U, p)`` with tied scores: U from mid-ranks, p the share of all splits of the
+    pooled mid-ranks whose suspects' rank sum is at least theirs (every split: callers
+    keep ``C(N, n) <= PERMUTATIONS``). One suspect: the share of pooled scores at least
+    its own."""
     from scipy.stats import permutation_test, rankdata
 
     ranks = rankdata(np.concatenate([s, c]))
     n = len(s)
     statistic = float(ranks[:n].sum() - n * (n + 1) / 2)
+    if n == 1:  # scipy's permutation_test needs two values a sample
+        return statistic, float((ranks >= ranks[0]).sum() / len(ranks))
     res = permutation_test((ranks[:n], ranks[n:]), lambda x, y, axis: np.sum(x, axis=axis), vectorized=True,
-                           permutation_type="independent", alternative="greater", n_resamples=PERMUTATIONS, batch=1000,
-                           random_state=np.random.default_rng(0))
-    exact = math.comb(len(ranks), n) <= PERMUTATIONS
-    return statistic, float(res.pvalue), "permutation (ties), " + ("exact" if exact else f"{PERMUTATIONS} random splits")
+                           permutation_type="independent", alternative="greater", n_resamples=PERMUTATIONS)
+    return statistic, float(res.pvalue)
 
 
 def calibrate(control_scores: Sequence[float], metric: str, level: float) -> Calibration:

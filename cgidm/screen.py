@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.batches import PairStats, RowWriter, run_pair
-from cgidm.config import AuthConfig, dtype_name
+from cgidm.config import EMBED_FIELDS, AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
 from cgidm.manifest import Entry
@@ -77,7 +77,6 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 pair_cfg, where = resolve_prompt(cfg, pair)
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
                 models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
-                log.info("%s: model family: %s", key, pair.info.get("family"))
             except (ModelLoadError, OSError, ValueError) as e:
                 # the other pairs still run; --retry-failed takes these images again
                 reason = "model pair failed to load: " + " ".join(str(e).split())
@@ -280,11 +279,12 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     # folder changed (scored again below with --embedder)
     stale = drop_stale_official(run_rows)
     if stale and embedder is None:
-        log.warning("%d rows' official_cos dropped: their folder's images changed since it was computed "
-                    "(give --embedder to score them again)", stale)
+        log.warning("%d rows' official_cos dropped: their folder's images changed since it was computed, or "
+                    "the row does not record them (an earlier version's); give --embedder to score them again", stale)
     infos = {e.pair.key: e.pair.info() for e in entries}
     # what loading found, for the pairs loaded now and those an earlier run loaded
-    facts = {k: v for k, v in _previous(out, "pair_models").items() if k in infos and isinstance(v, dict)}
+    facts = {k: {f: v[f] for f in LOADED_FACTS if f in v} for k, v in _previous(out, "pair_models").items()
+             if k in infos and isinstance(v, dict)}
     facts.update({k: v for s in gathered for k, v in s.get("models", {}).items()})
     for k, v in facts.items():
         infos[k].update(v)
@@ -294,7 +294,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
     cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
     emb_info = add_embedding_scores(run_rows, embedder, out) if embedder is not None else None
-    if emb_info is None and any("official_cos" in r for r in run_rows) and isinstance(old_embedder, dict):
+    if emb_info is None and any(f in r for r in run_rows for f in EMBED_FIELDS) and isinstance(old_embedder, dict):
         emb_info = old_embedder  # the scores kept were the earlier run's embedder's
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
     if cfg_prompts:

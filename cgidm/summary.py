@@ -116,6 +116,15 @@ def _stalled(summary: dict, good: Sequence[dict], cfg) -> None:
         summary.pop("stalled", None)
 
 
+def _fact(value) -> str:
+    """A model fact in one pair's models line: a LoRA's layer counts as ``matched/total``."""
+    if isinstance(value, dict) and {"matched", "total"} <= set(value):
+        return f"{value['matched']}/{value['total']}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optional[dict] = None) -> dict:
     """``summarize`` per pair (controls calibrate the images of their own pair), and over
     all pairs when there are several. ``infos``: ``{pair key: models info}``."""
@@ -132,7 +141,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
         summary.update(images=len(rows), scored=len(good), failed=len(rows) - len(good))
         _stalled(summary, good, cfg)
         summary["errors"] = {k: v for s in per.values() for k, v in s.get("errors", {}).items()}
-        summary["models"] = {k: " ".join(f"{a}={b}" for a, b in infos[k].items()) for k in per}
+        summary["models"] = {k: " ".join(f"{a}={_fact(b)}" for a, b in infos[k].items()) for k in per}
         verdicts = {k: v for s in per.values() for k, v in s.get("verdicts", {}).items()}
         if verdicts:
             summary["verdicts"] = verdicts

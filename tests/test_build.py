@@ -111,6 +111,7 @@ def test_gpu_check_reads_pytests_lines():
     assert pytest_summary("....\nSKIPPED [2] x.py:3: slow\n1 passed, 1 skipped in 5.58s\n") == "1 passed, 1 skipped in 5.58s"
     assert pytest_summary("===== 3 failed, 2 passed in 1.2s =====\n") == "3 failed, 2 passed in 1.2s"
     assert pytest_summary("collecting ...\n") == ""
+    assert pytest_summary("ss\n2 skipped in 1.0s\n") == "2 skipped in 1.0s"
     assert collected_count("612/1025 tests collected (413 deselected) in 3.1s") == 612
     assert collected_count("7 tests collected in 0.5s") == 7 and collected_count("no tests ran") is None
 

@@ -546,12 +546,13 @@ def test_cli_records_the_lora_scale_and_prints_the_threshold(tiny_world, tmp_pat
 def test_ddim_clips_only_where_the_config_says_so(tmp_path):
     """A scheduler config without clip_sample (SDXL's Euler configs may lack it, a
     hand-written one too) took DDIM's default, True: every predicted latent clipped to
-    [-1, 1]. Stable Diffusion's own configs say False; a config that says True keeps it."""
+    [-1, 1]. Stable Diffusion's own configs say False; a config that says True keeps it.
+    set_alpha_to_one stays the config's or DDIM's default (DDPM configs never carry it)."""
     import json
 
     from cgidm.guidance import load_scheduler
 
-    for given, want in (({}, (False, False)), ({"clip_sample": True, "set_alpha_to_one": True}, (True, True))):
+    for given, want in (({}, (False, True)), ({"clip_sample": True, "set_alpha_to_one": False}, (True, False))):
         folder = tmp_path / str(len(given)) / "scheduler"
         folder.mkdir(parents=True)
         (folder / "scheduler_config.json").write_text(json.dumps(

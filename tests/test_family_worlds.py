@@ -259,5 +259,5 @@ def test_an_sdxl_kohya_lora_on_an_sd1_base_is_named_sdxl(smoke_worlds, tiny_worl
     in a cut-off PEFT message that never said the file is SDXL's."""
     from cgidm.models import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="its kohya layer names .* are SDXL's, a LoRA for Stable Diffusion XL"):
+    with pytest.raises(ModelLoadError, match="kohya layer names .* are SGM.s, as kohya names SDXL.s: a LoRA for Stable"):
         load_pair(tiny_world / "base", smoke_worlds["sdxl"] / "lora_kohya.safetensors")

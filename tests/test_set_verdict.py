@@ -41,7 +41,7 @@ def test_ties_use_the_permutation_distribution_with_the_ties():
     # Of the C(6, 3) = 20 splits, the rank sums >= 14 are {4,4,6} three ways: p = 3/20 (the
     # normal approximation said 1 - Phi(sqrt 2) = 0.079)
     sv = set_verdict([1.0, 1.0, 2.0], [1.0, 0.0, 0.0], "latent_cos", 0.05)
-    assert sv["method"] == "permutation (ties), exact"
+    assert sv["method"] == "exact (permutation, ties)"
     assert sv["statistic"] == 8.0
     assert sv["p_value"] == pytest.approx(3 / 20, rel=1e-12)
     assert sv["verdict"] == SET_VERDICTS[1]
@@ -51,13 +51,37 @@ def test_ties_use_the_permutation_distribution_with_the_ties():
     sv = set_verdict([100.0, 100.0], [12.0, 12.0, 12.0], "psnr", 0.05)
     assert sv["p_value"] == pytest.approx(0.1) and sv["p_value"] >= sv["min_p"] - 1e-12
     assert sv["verdict"] == SET_VERDICTS[1]
-    # more splits than are drawn: random splits of a fixed seed, close to the approximation
+    # one suspect (a single image against the controls): the share of pooled scores at
+    # least its own, ties included: {1.0, 1.0} of 4 -> 1/2
+    sv = set_verdict([1.0], [1.0, 0.0, 0.5], "latent_cos", 0.05)
+    assert sv["method"] == "exact (permutation, ties)" and sv["p_value"] == pytest.approx(0.5)
+    # more splits than PERMUTATIONS (float32 scores tie by chance in a large screen): the
+    # approximation with the tie correction
     a = [round(0.01 * (i % 37), 2) for i in range(60)]
     b = [round(0.01 * (i % 31), 2) for i in range(50)]
-    sv, again = set_verdict(a, b, "latent_cos", 0.05), set_verdict(a, b, "latent_cos", 0.05)
-    assert sv == again and sv["method"].endswith("random splits")
+    sv = set_verdict(a, b, "latent_cos", 0.05)
     from scipy.stats import mannwhitneyu
-    assert sv["p_value"] == pytest.approx(float(mannwhitneyu(a, b, alternative="greater").pvalue), abs=0.02)
+    assert sv["method"] == "asymptotic"
+    assert sv["p_value"] == pytest.approx(float(mannwhitneyu(a, b, alternative="greater").pvalue), rel=1e-12)
+
+
+def test_a_tied_set_verdict_equals_every_split_counted():
+    """Small tied cases against a brute-force count of every split of the pooled mid-ranks."""
+    import itertools
+    import random
+
+    from scipy.stats import rankdata
+
+    rng = random.Random(0)
+    for _ in range(60):
+        ns, nc = rng.randint(1, 4), rng.randint(2, 5)
+        a, b = [rng.randint(0, 3) / 4 for _ in range(ns)], [rng.randint(0, 3) / 4 for _ in range(nc)]
+        ranks = rankdata(a + b)
+        at_least = sum(ranks[list(split)].sum() >= ranks[:ns].sum() - 1e-9
+                       for split in itertools.combinations(range(ns + nc), ns))
+        sv = set_verdict(a, b, "latent_cos", 0.05)
+        assert sv["p_value"] == pytest.approx(at_least / math.comb(ns + nc, ns), rel=1e-12), (a, b)
+        assert sv["p_value"] >= sv["min_p"] - 1e-12
 
 
 def test_non_finite_scores_are_dropped_and_too_few_refused():
@@ -124,6 +148,11 @@ def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
     assert s["calibration_error"].startswith("a: 1 control image given, 1 scored")
     assert "a" not in (s.get("pairs_without_controls") or {})
     assert s["pairs"]["a"]["calibration_error"] and s["pairs"]["b"]["controls"] == 2
+    # what loading found, in each pair's models line: a LoRA's counts as matched/total
+    s = summarize_pairs(rows, {"a": {"base": "x", "lora_match": {"matched": 3, "total": 4}},
+                               "b": {"base": "y", "finetuned_uses_base": ["text_encoder", "tokenizer"]}},
+                        AuthConfig(prompt="p"))
+    assert s["models"] == {"a": "base=x lora_match=3/4", "b": "base=y finetuned_uses_base=text_encoder,tokenizer"}
 
 
 def test_each_pair_gets_its_own_set_verdict():
