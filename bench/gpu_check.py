@@ -26,16 +26,16 @@ even when an earlier one failed:
              (pair_contrast_loss, pgd_update), no torch reduction in that run
   synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
 
-A stage the budget stops (rather than its own limit) is ``cut``, not ``failed``: the table,
-the row (``cut``) and the last line say so. Record the commit where the tree travels
-without ``.git``: ``CGIDM_GIT_SHA=<sha>`` (bench/common.py) goes into every row.
-
 then a table (stage -> ok / failed / cut / skipped, seconds, note) and one row in
 ``bench/results/gpu-check-<gpu>.json``: device, driver, versions, git SHA, command, every
 stage. With ``$OUT`` set (a GPU lease returns only what is under it, at most 8 files),
 every row file this run appended to (the pair-pass rows too, 5 files on a GPU) and one log
 of every stage so far (``gpu-check-<gpu>.log``) are copied there as each stage ends, so a
 run the lease cuts off keeps what it did. Exit status 1 if a stage failed or was cut, else 0.
+
+A stage the budget stops (rather than its own limit) is ``cut``, not ``failed``: the table,
+the row (``cut``) and the last line say so. Record the commit where the tree travels
+without ``.git``: ``CGIDM_GIT_SHA=<sha>`` (bench/common.py) goes into every row.
 
 Without CUDA it says so and runs the CPU smoke of the same stages (the extension checked,
 not rebuilt; the test modules collected; the ops on CPU without a sanitizer; bench_engine
@@ -486,22 +486,22 @@ def ops_workload(device: str, names: tuple[str, ...], compare: bool) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def copy_out(paths: list[Path], sub: str = "", quiet: bool = False) -> None:
+def copy_out(paths: list[Path], quiet: bool = False) -> None:
     out = os.environ.get("OUT")
     if not out:
         return
-    dst = Path(out) / sub
+    dst = Path(out)
     dst.mkdir(parents=True, exist_ok=True)
     for p in paths:
         if p.is_file():
             shutil.copy2(p, dst / p.name)
             if not quiet:
-                print(f"copied {p.name} to $OUT{'/' + sub if sub else ''}", flush=True)
+                print(f"copied {p.name} to $OUT", flush=True)
 
 
 def result_files(results: Path, slug: str, cuda: bool) -> list[Path]:
-    """The rows this run appends to: on a GPU every ``<bench>-<gpu>.json`` (the engine,
-    pair-pass, protect and extract benches, the check's own row); the CPU smoke's files."""
+    """The rows this run appends to: on a GPU the engine, pair-pass, protect and extract
+    benches' ``<bench>-<gpu>.json`` and the check's own row; the CPU smoke's files."""
     if cuda:  # these five only: other committed rows of this GPU would crowd the lease's 8 files
         names = ("engine", "pairpass", "protect-speed", "extract", "gpu-check")
         return [p for p in (results / f"{n}-{slug}.json" for n in names) if p.is_file()]

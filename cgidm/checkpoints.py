@@ -167,9 +167,9 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 def check_weight_values(state: dict, path: Path, finite: bool = False) -> None:
     """Refuse a file whose weight tensors cannot be a model's: of an integer or bool type
     (``.weight``, ``.bias`` and LoRA factors; an integer ``position_ids`` buffer or a kohya
-    ``.alpha`` saved from an integer rank is fine),
-    or with ``finite``, holding NaN or inf (checked on LoRA files, which are small). Either
-    ran before and gave NaN outputs: every PGD step skipped, scores without meaning."""
+    ``.alpha`` saved from an integer rank is fine), or with ``finite``, holding NaN or inf
+    (checked on LoRA files, which are small). Either ran before and gave NaN outputs: every
+    PGD step skipped, scores without meaning."""
     ints = [k for k, v in state.items() if not (v.is_floating_point() or v.is_complex())
             and k.endswith((".weight", ".bias", ".lora_magnitude_vector"))]
     if ints:

@@ -315,8 +315,9 @@ def weights_dtype(dtype: str, device) -> Any:
 
 
 def library_runtime(device, dtype) -> tuple:
-    """``(device, dtype)`` of a library call (``models.load_pair``), checked before any model loads (``None``: as
-    the weights are); dtype may be one of the CLI's names (auto, fp32, bf16, fp16)."""
+    """``(device, dtype)`` of a library call (``models.load_pair``), checked before any
+    model loads (``None``: as the weights are); dtype may be one of the CLI's names (auto,
+    fp32, bf16, fp16)."""
     import torch
 
     if device is not None:
@@ -333,7 +334,6 @@ def library_runtime(device, dtype) -> tuple:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or one of auto, fp32, bf16, fp16; got {dtype!r}")
     return device, dtype
-
 
 
 def dtype_name(dtype) -> str:

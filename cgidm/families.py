@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import ModelLoadError
+from cgidm.reference import TargetFn, v_target_ref
 
 log = logging.getLogger(__name__)
-from cgidm.reference import TargetFn, v_target_ref
 
 # prediction type -> target; None: the noise itself (the ops' own epsilon path, unchanged)
 TARGETS: dict[str, Optional[TargetFn]] = {"epsilon": None, "v_prediction": v_target_ref}

@@ -336,12 +336,18 @@ def _fix_alpha_names(alphas: Optional[dict]) -> Optional[dict]:
     return {fix(k): v for k, v in alphas.items()}
 
 
-# kohya text-encoder alphas as diffusers files them: the attention's under the old processor
-# names (``self_attn.to_q_lora``), the MLP's under ``mlp.fc1.lora_linear_layer``
-_TE_ALPHA_NAME = re.compile(r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)\.down\.weight\.alpha$")
+# A kohya text-encoder module in diffusers' old naming, what its conversion gives: the
+# attention's under the old processor names (``self_attn.to_q_lora``), the MLP's under
+# ``mlp.fc1.lora_linear_layer``; then a LoRA factor (``.down.weight``, ``.up.weight``) or the
+# module's alpha (``.down.weight.alpha``).
+_TE_OLD_MODULE = r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)"
+_TE_OLD_NAME = re.compile(_TE_OLD_MODULE + r"\.(down|up)\.weight$")
+_TE_ALPHA_NAME = re.compile(_TE_OLD_MODULE + r"\.down\.weight\.alpha$")
 
 
-_TE_OLD_NAME = re.compile(r"\.(?:self_attn\.to_(q|k|v|out)_lora|(mlp\.fc[12])\.lora_linear_layer)\.(down|up)\.weight$")
+def _te_module(m: re.Match) -> str:
+    """The module (``self_attn.q_proj``, ``mlp.fc1``) an old-naming match names."""
+    return f"self_attn.{m.group(1)}_proj" if m.group(1) else m.group(2)
 
 
 def _te_old_names_to_peft(keys: dict) -> dict:
@@ -354,8 +360,7 @@ def _te_old_names_to_peft(keys: dict) -> dict:
         m = _TE_OLD_NAME.search(k)
         if not m:
             return k
-        module = f"self_attn.{m.group(1)}_proj" if m.group(1) else m.group(2)
-        return f"{k[: m.start()]}.{module}.lora_{'A' if m.group(3) == 'down' else 'B'}.weight"
+        return f"{k[: m.start()]}.{_te_module(m)}.lora_{'A' if m.group(3) == 'down' else 'B'}.weight"
 
     return {fix(k): v for k, v in keys.items()}
 
@@ -372,8 +377,7 @@ def _te_alpha_names(alphas: dict, text_encoder, prefix: str) -> dict:
         m = _TE_ALPHA_NAME.search(k)
         if not m:
             return k
-        module = k[: m.start()] + (f".self_attn.{m.group(1)}_proj" if m.group(1) else f".{m.group(2)}")
-        module = module.removeprefix(prefix + ".")
+        module = f"{k[: m.start()]}.{_te_module(m)}".removeprefix(prefix + ".")
         if strip:
             module = module.removeprefix("text_model.")
         return f"{prefix}.{module}.lora.down.weight.alpha"  # diffusers keeps what is before ".lora.down."

@@ -304,7 +304,8 @@ def read_manifest(
         entries[entry.id] = entry
     if entries and not some_lora and float(lora_scale) != 1.0:
         # as authenticate refuses it: a scale that changes nothing is a mistaken run
-        raise ValueError(f"--lora-scale applies to a LoRA; no row of {source} loads one (lora_scale={float(lora_scale):g})")
+        raise ValueError(f"--lora-scale applies to a LoRA; no row of {source} loads one "
+                         f"(lora_scale={float(lora_scale):g})")
     return [entries[k] for k in sorted(entries)]
 
 

@@ -427,8 +427,9 @@ def load_pair(
                 raise ModelLoadError(f"{fp}: missing component 'unet' (no unet/ folder or UNet config.json)")
         else:
             state = load_state_dict(fp, allow_pickle)
-            check_weight_values(state, fp, finite=is_lora_state_dict(state))
-            if is_lora_state_dict(state):
+            is_lora = is_lora_state_dict(state)
+            check_weight_values(state, fp, finite=is_lora)
+            if is_lora:
                 unet_ft, te_ft, match = _apply_lora(state, unet_pre, te_pre, fp, lora_scale, allow_partial_lora,
                                                     copy_unet=False, text_encoder_keep=te_pre)
                 unet_pre = _pretrained_side(unet_ft)

@@ -126,8 +126,9 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     Without ties and with at most ``EXACT_MAX`` images the p-value is exact (the
     permutation distribution of U); with ties, the permutation distribution with the ties
     where there are at most ``PERMUTATIONS`` splits (``_u_permutation``), else the normal
-    approximation with the tie and continuity corrections, never below ``min_p``. ``min_p`` is the smallest p-value these counts can give:
-    ``1 / C(n_suspect + n_controls, n_controls)``. Non-finite scores are dropped."""
+    approximation with the tie and continuity corrections, never below ``min_p``, the
+    smallest p-value these counts can give: ``1 / C(n_suspect + n_controls, n_controls)``.
+    Non-finite scores are dropped."""
     from scipy.stats import mannwhitneyu
 
     s = _oriented([x for x in suspect_scores if x is not None and math.isfinite(x)], metric)

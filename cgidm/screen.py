@@ -102,13 +102,13 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
 LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base")
 
 
-def _previous(out: Path, key: str) -> dict:
-    """``summary.json``'s ``key`` from an earlier run into ``out`` ({} when there is none)."""
+def _previous(out: Path) -> dict:
+    """The dict entries of an earlier run's ``summary.json`` in ``out`` ({} when there is none)."""
     try:
-        value = json.loads((out / "summary.json").read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
         return {}
-    return value if isinstance(value, dict) else {}
+    return {k: v for k, v in summary.items() if isinstance(v, dict)} if isinstance(summary, dict) else {}
 
 
 def _lock(out: Path, rank: int, error: Optional[str] = None) -> Optional[OutputLock]:
@@ -282,15 +282,16 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         log.warning("%d rows' official_cos dropped: their folder's images changed since it was computed, or "
                     "the row does not record them (an earlier version's); give --embedder to score them again", stale)
     infos = {e.pair.key: e.pair.info() for e in entries}
+    previous = _previous(out)
     # what loading found, for the pairs loaded now and those an earlier run loaded
-    facts = {k: {f: v[f] for f in LOADED_FACTS if f in v} for k, v in _previous(out, "pair_models").items()
+    facts = {k: {f: v[f] for f in LOADED_FACTS if f in v} for k, v in previous.get("pair_models", {}).items()
              if k in infos and isinstance(v, dict)}
     facts.update({k: v for s in gathered for k, v in s.get("models", {}).items()})
     for k, v in facts.items():
         infos[k].update(v)
     # the prompts of the pairs loaded now, over those an earlier run of this folder resolved
     # (a resume loads only the pairs with images left)
-    cfg_prompts, old_embedder = _previous(out, "prompts"), _previous(out, "embedder") or None
+    cfg_prompts, old_embedder = previous.get("prompts", {}), previous.get("embedder")
     cfg_prompts = {k: v for k, v in cfg_prompts.items() if k in infos and isinstance(v, dict)}
     cfg_prompts.update({k: v for s in gathered for k, v in s.get("prompts", {}).items()})
     emb_info = add_embedding_scores(run_rows, embedder, out) if embedder is not None else None
