@@ -31,10 +31,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from cgidm import graphs
-from cgidm.config import DEFAULT_IMPL
+from cgidm.config import DEFAULT_IMPL, check_t_max
 from cgidm.reference import (
     EpsFn, InversionResult, Keys, PGDConfig, TargetFn, _expand_cond, as_keys, contrast_gradient, draw_step,
-    skip_rows, unet_eps_fn,
+    skip_rows, takes_unet_call, unet_eps_fn,
 )
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,13 @@ Model = Union[torch.nn.Module, EpsFn]
 def freeze(model: Model, dtype: Optional[torch.dtype] = None) -> EpsFn:
     """``requires_grad`` off on every weight (only the input gradient is ever taken: weight
     gradients would cost a second backward GEMM per layer) and, for a module, its weights
-    cast to ``dtype`` in place; returns the ``EpsFn``. Plain callables pass through."""
+    cast to ``dtype`` in place; returns the ``EpsFn``. Plain callables, and modules whose
+    forward takes no ``encoder_hidden_states``, pass through."""
     if isinstance(model, torch.nn.Module):
         model.requires_grad_(False)
         if dtype is not None:
             model.to(dtype=dtype)
-        return unet_eps_fn(model)
+        return unet_eps_fn(model)  # a module with a UNet's call is wrapped, any other is an EpsFn
     return model
 
 
@@ -152,6 +153,8 @@ class Engine:
             kind, shared = pairpass.pair_kind(model_ft, model_pre)
             if pair_pass is None:
                 name, self.pair_pass_why = pairpass.choose(kind, dev, pairpass.measured_here())
+                if name == "stacked" and not (takes_unet_call(model_ft) and takes_unet_call(model_pre)):
+                    name, self.pair_pass_why = "sequential", "stacked runs diffusers UNets only: two plain passes"
             else:
                 name, self.pair_pass_why = pair_pass, "asked for"
             pair_pass = pairpass.build(name, *((model_ft,) if shared else (model_ft, model_pre)))
@@ -164,6 +167,7 @@ class Engine:
                 raise ValueError(f"{name} must be [1, L, D], got {tuple(c.shape)}")
         self.cond_ft = _expand_cond(cond_ft.to(dev), self.b, self.k).contiguous()
         self.cond_pre = _expand_cond(cond_pre.to(dev), self.b, self.k).contiguous()
+        check_t_max(cfg.t_max, abar.shape[0])
         self.abar = abar.to(device=dev, dtype=torch.float64)
 
         shape = (self.b, *self.latent_shape)
@@ -248,7 +252,7 @@ class Engine:
         self.x_init.zero_()
         self.x0[:n_real].copy_(x0)
         self.x_init[:n_real].copy_(x_init)
-        self.mask.copy_(mask.reshape(self.latent_shape))
+        self.mask.copy_(self._shared_mask(mask))
         self.valid.copy_(torch.arange(self.b, device=self.device) < n_real)
         self.n_real.fill_(float(n_real))
         self._reset_state()
@@ -267,6 +271,9 @@ class Engine:
         syncs every step, so it is for progress bars, not for timed runs. The loss history
         of a multi-chunk run is the last chunk's."""
         total = x0.shape[0]
+        if total == 0:
+            raise ValueError("x0 is an empty batch: nothing to invert")
+        self._shared_mask(mask)
         keys = as_keys(keys, total, self.device)
         if self.use_graph:
             self.capture()
@@ -279,10 +286,18 @@ class Engine:
         history = parts[-1][2]
         x0f = x0.to(self.device).float()
         x_initf = x_init.to(self.device).float()
-        m = mask.to(device=self.device, dtype=torch.float32).reshape(self.latent_shape)
+        m = self._shared_mask(mask).to(device=self.device, dtype=torch.float32)
         cfg = self.cfg
         x_rec = x0f * m + (x_initf + delta).clamp(cfg.clamp_min, cfg.clamp_max) * (1 - m)
         return InversionResult(x_rec=x_rec, delta=delta, skipped_steps=skipped, loss_history=history)
+
+    def _shared_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` as ``[C, H, W]``: the engine holds one mask for the whole batch (another
+        layout with the same element count would be read in the wrong order)."""
+        if tuple(mask.shape) not in (self.latent_shape, (1, *self.latent_shape)):
+            raise ValueError(f"the engine takes one mask shared by the batch, [C, H, W] or [1, C, H, W] = "
+                             f"{list(self.latent_shape)}, got {list(mask.shape)}")
+        return mask.reshape(self.latent_shape)
 
     def _run_chunk(self, x0, x_init, mask, keys, callback):
         n_real = self.load(x0.to(self.device), x_init.to(self.device), mask.to(self.device), keys)

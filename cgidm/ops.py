@@ -85,6 +85,17 @@ def _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre) -> tuple[torch.dtype, t
     return z_dtype, xt_dtype
 
 
+def _same_device(*tensors, scalars=()) -> None:
+    # The fake kernels also serve calls with one input on "meta" (the dispatcher sends any
+    # call with a meta tensor to them): without this they would hand back uninitialised
+    # memory on the first input's device where the compiled kernels refuse the mix.
+    # ``scalars``: 0-d tensors that may stay on the CPU (draw_noise's step).
+    ts = [t for t in tensors if t is not None]
+    ts += [t for t in scalars if t is not None and not (t.dim() == 0 and t.device.type == "cpu")]
+    devices = {t.device for t in ts}
+    torch._check(len(devices) <= 1, lambda: f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def _check_mask(mask, shape) -> None:
     # one image's shape ([C, H, W] or [1, C, H, W]: shared by the batch) or the batch's: a mask with the right element
     # count in another shape would be read in the wrong order (as in csrc/ops.cpp)
@@ -104,7 +115,8 @@ def _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minu
         noise_ft.dim() == 4 and noise_ft.shape[1:] == x0.shape[1:],
         lambda: "noise_ft must be [N, C, H, W] with x0's latent shape",
     )
-    torch._check(n % b == 0, lambda: f"noise batch {n} is not a multiple of the image batch {b}")
+    # an empty batch (B = 0, N = 0) gives empty outputs, as the other ops do
+    torch._check(n % b == 0 if b else n == 0, lambda: f"noise batch {n} is not a multiple of the image batch {b}")
     torch._check(
         noise_pre is None or noise_pre.shape == noise_ft.shape,
         lambda: "noise_pre must have noise_ft's shape",
@@ -118,6 +130,7 @@ def _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minu
 
 @torch.library.register_fake("cgidm::pair_noise")
 def _pair_noise_fake(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
+    _same_device(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
     _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
     z_dtype, xt_dtype = _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre)
     z = x0.new_empty(x0.shape, dtype=z_dtype)
@@ -127,6 +140,7 @@ def _pair_noise_fake(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus
 
 @torch.library.register_fake("cgidm::pair_contrast_loss")
 def _pair_contrast_loss_fake(eps_ft, eps_pre, noise_ft, noise_pre):
+    _same_device(eps_ft, eps_pre, noise_ft, noise_pre)
     torch._check(
         eps_ft.shape == eps_pre.shape == noise_ft.shape
         and (noise_pre is None or noise_pre.shape == noise_ft.shape),
@@ -141,6 +155,7 @@ def _pair_contrast_loss_fake(eps_ft, eps_pre, noise_ft, noise_pre):
 
 @torch.library.register_fake("cgidm::pgd_update")
 def _pgd_update_fake(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
+    _same_device(delta, grad, x0, x_init, mask)
     torch._check(
         grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape,
         lambda: "delta, grad, x0 and x_init must have one shape",
@@ -162,12 +177,14 @@ def _check_draw_noise(keys, step, k, latent_shape, t_min, t_max) -> None:
 
 @torch.library.register_fake("cgidm::linf_update")
 def _linf_update_fake(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+    _same_device(delta, grad, x)
     torch._check(delta.dim() >= 1 and grad.shape == delta.shape == x.shape, lambda: "delta, grad and x must have one shape")
     return delta.new_empty(delta.shape, dtype=torch.float32), delta.new_empty(delta.shape[:1], dtype=torch.bool)
 
 
 @torch.library.register_fake("cgidm::draw_noise")
 def _draw_noise_fake(keys, step, k, latent_shape, t_min, t_max, independent):
+    _same_device(keys, scalars=(step,))
     _check_draw_noise(keys, step, k, latent_shape, t_min, t_max)
     n = keys.shape[0] * k
     t = keys.new_empty((n,), dtype=torch.int64)
@@ -176,13 +193,14 @@ def _draw_noise_fake(keys, step, k, latent_shape, t_min, t_max, independent):
 
 
 # --------------------------------------------------------------------------- default kernels
+# Outputs contiguous whatever the inputs' layout, as the fake kernels and the extension
+# give them (torch.compile trusts the fakes' strides).
 
 
 def _pair_noise_default(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar):
     _check_pair_noise(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
     z, x_t = reference.pair_noise_ref(x0, x, mask, noise_ft, noise_pre, sqrt_abar, sqrt_one_minus_abar)
-    _, xt_dtype = _pair_noise_dtypes(x0, x, mask, noise_ft, noise_pre)
-    return z, x_t.to(xt_dtype)
+    return z.contiguous(), x_t.contiguous()
 
 
 def _pair_contrast_loss_default(eps_ft, eps_pre, noise_ft, noise_pre):
@@ -191,7 +209,7 @@ def _pair_contrast_loss_default(eps_ft, eps_pre, noise_ft, noise_pre):
     loss = reference.pair_contrast_loss_ref(eps_ft, eps_pre, noise_ft, noise_pre)
     seed_ft = (eps_ft.float() - noise_ft.float()) * (2.0 / m)
     seed_pre = (eps_pre.float() - n_pre.float()) * (-2.0 / m)
-    return loss, seed_ft, seed_pre
+    return loss, seed_ft.contiguous(), seed_pre.contiguous()
 
 
 def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-100.0, clamp_max=100.0, per_sample=True):
@@ -200,7 +218,7 @@ def _pgd_update_default(delta, grad, x0, x_init, mask, alpha, eps, clamp_min=-10
     new_delta, z = reference.pgd_update_ref(  # z in fp32 as the fake says, whatever the mask's dtype
         delta, grad, x0, x_init, mask.float(), alpha, eps, clamp_min, clamp_max, per_sample
     )
-    return new_delta, z
+    return new_delta.contiguous(), z.contiguous()
 
 
 def _draw_noise_default(keys, step, k, latent_shape, t_min, t_max, independent):
@@ -209,14 +227,19 @@ def _draw_noise_default(keys, step, k, latent_shape, t_min, t_max, independent):
         keys, step, k, latent_shape, t_min, t_max, independent, keys.device
     )
     noise = noise_ft.unsqueeze(0) if noise_pre is None else torch.stack((noise_ft, noise_pre))
-    return t, noise
+    return t, noise.contiguous()
+
+
+def _linf_update_default(delta, grad, x, alpha, eps, lo=-1.0, hi=1.0):
+    new_delta, skipped = reference.linf_pgd_update_ref(delta, grad, x, alpha, eps, lo, hi)  # it checks the shapes
+    return new_delta.contiguous(), skipped
 
 
 torch.library.register_kernel("cgidm::pair_noise", None, _pair_noise_default)
 torch.library.register_kernel("cgidm::pair_contrast_loss", None, _pair_contrast_loss_default)
 torch.library.register_kernel("cgidm::pgd_update", None, _pgd_update_default)
 torch.library.register_kernel("cgidm::draw_noise", None, _draw_noise_default)
-torch.library.register_kernel("cgidm::linf_update", None, reference.linf_pgd_update_ref)  # it checks the shapes
+torch.library.register_kernel("cgidm::linf_update", None, _linf_update_default)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -99,8 +99,19 @@ def _pair_contrast_loss_backward(ctx, grad_loss, grad_seed_ft, grad_seed_pre):
     return tuple(grads)
 
 
+def _not_differentiable(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"cgidm::{name} is a PGD step, not differentiable: call it on detached tensors "
+                           "(or under torch.no_grad())")
+    return backward
+
+
 def register() -> None:
-    """Registers the formulas on the ops (``cgidm.ops`` calls it after defining them)."""
+    """Registers the formulas on the ops (``cgidm.ops`` calls it after defining them). The
+    PGD steps get a backward that refuses: without one, a graph through them would give no
+    gradient and only a warning, with the compiled kernels, but a gradient with the default."""
+    for name in ("pgd_update", "linf_update"):
+        torch.library.register_autograd(f"cgidm::{name}", _not_differentiable(name))
     torch.library.register_autograd(
         "cgidm::pair_noise", _pair_noise_backward, setup_context=_pair_noise_setup
     )

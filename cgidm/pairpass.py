@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from cgidm.reference import EpsFn, unet_eps_fn
+from cgidm.reference import EpsFn, takes_unet_call, unet_eps_fn
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,8 @@ class _Stacked(PairPass):
 
         if not (isinstance(model_ft, torch.nn.Module) and isinstance(model_pre, torch.nn.Module)):
             raise TypeError("stacked needs two modules (their weights are stacked)")
+        if not (takes_unet_call(model_ft) and takes_unet_call(model_pre)):
+            raise TypeError("stacked calls both models as diffusers UNets (encoder_hidden_states=...)")
         if type(model_ft) is not type(model_pre):
             raise ValueError(f"stacked needs one architecture: {type(model_ft).__name__} vs {type(model_pre).__name__}")
         s_ft, s_pre = model_ft.state_dict(), model_pre.state_dict()

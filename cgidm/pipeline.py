@@ -44,6 +44,23 @@ def make_mask(pair: ModelPair, cfg: AuthConfig) -> torch.Tensor:
     return block_mask(h, h, pair.latent_channels, blocks, cfg.pass_rate, device=pair.device)
 
 
+def _check_images(images: torch.Tensor, resolution: int) -> None:
+    """What ``prepare`` takes, as ``images.load_image(path, resolution)`` gives it: a float
+    batch at the pair's resolution, in [-1, 1] (uint8 pixels or another size would be
+    encoded silently wrong, or fail deep in the VAE)."""
+    where = "load images with cgidm.images.load_image(path, pair.resolution)"
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype} ({where})")
+    if tuple(images.shape[2:]) != (resolution, resolution):
+        raise ValueError(f"images must be {resolution} x {resolution} px, the pair's resolution, got "
+                         f"{images.shape[2]} x {images.shape[3]} ({where})")
+    lo, hi = float(images.min()), float(images.max())
+    if not (-1.001 <= lo and hi <= 1.001):  # NaN fails too
+        raise ValueError(f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] ({where})")
+
+
 @torch.no_grad()
 def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: AuthConfig) -> Prepared:
     """Encode (sampled, one generator per image, seeded by its key), mask, and build the
@@ -54,6 +71,9 @@ def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: Auth
     if isinstance(ids, str) or len(ids) != images.shape[0]:
         raise ValueError(f"ids must be a sequence of one id per image: {images.shape[0]} images, "
                          f"{'a string' if isinstance(ids, str) else f'{len(ids)} ids'}")
+    _check_images(images, pair.resolution)
+    if not isinstance(cfg, AuthConfig):
+        raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
     device = pair.device
     keys = [image_key(cfg.seed, i) for i in ids]
     gens = [torch.Generator(device=device).manual_seed(k) for k in keys]
@@ -105,6 +125,10 @@ def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     from cgidm.checkpointing import set_gradient_checkpointing
     from cgidm.ops import get_ops
 
+    if not isinstance(cfg, AuthConfig):
+        raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}"
+                        + (" (recover takes the whole AuthConfig; invert takes its .pgd)"
+                           if type(cfg).__name__ == "PGDConfig" else ""))
     if cfg.prompt is None:
         cfg, _ = resolve_prompt(cfg, pair)
     check_t_max(cfg.pgd.t_max, len(pair.abar))  # a screen's pairs load as its rows come

@@ -21,6 +21,7 @@ the subnormals.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from cgidm import rng
-from cgidm.config import PGDConfig  # noqa: F401 (re-exported: the spec's settings)
+from cgidm.config import PGDConfig, check_t_max  # noqa: F401 (PGDConfig re-exported: the spec's settings)
 
 # eps_fn(x_t [N, C, H, W], t [N] int64, cond [N, L, D]) -> eps [N, C, H, W]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,16 +57,22 @@ def pair_noise_ref(
     """
     b = x0.shape[0]
     n = noise_ft.shape[0]
-    if n % b:
+    if (n % b if b else n):
         raise ValueError(f"noise batch {n} is not a multiple of the image batch {b}")
-    k = n // b
-    z = x0 * mask + x * (1 - mask)
+    k = n // b if b else 1
+    # math in fp32 (as the compiled kernels do), the outputs in torch's promoted dtypes
+    z_dtype = torch.promote_types(torch.promote_types(x0.dtype, mask.dtype), x.dtype)
+    xt_dtype = torch.promote_types(z_dtype, noise_ft.dtype)
+    if noise_pre is not None:
+        xt_dtype = torch.promote_types(xt_dtype, noise_pre.dtype)
+    m = mask.float()
+    z = x0.float() * m + x.float() * (1 - m)
     zk = z.repeat_interleave(k, dim=0) if k > 1 else z
-    a = sqrt_abar.view(-1, 1, 1, 1).to(z.dtype)
-    s = sqrt_one_minus_abar.view(-1, 1, 1, 1).to(z.dtype)
-    x_ft = a * zk + s * noise_ft
-    x_pre = x_ft if noise_pre is None else a * zk + s * noise_pre
-    return z, torch.stack([x_ft, x_pre])
+    a = sqrt_abar.view(-1, 1, 1, 1).float()
+    s = sqrt_one_minus_abar.view(-1, 1, 1, 1).float()
+    x_ft = a * zk + s * noise_ft.float()
+    x_pre = x_ft if noise_pre is None else a * zk + s * noise_pre.float()
+    return z.to(z_dtype), torch.stack([x_ft, x_pre]).to(xt_dtype)
 
 
 def pair_contrast_loss_ref(
@@ -121,11 +128,12 @@ EPS_FROM_OUTPUT: dict[TargetFn, Callable[..., torch.Tensor]] = {v_target_ref: ep
 
 
 def _norm(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """L2 norm per sample ``[B, 1, 1, 1]`` or over the whole tensor (broadcastable).
+    """L2 norm per sample ``[B, 1, ...]`` or over the whole tensor (broadcastable).
     At ``B = 1`` both are the official whole-tensor norm."""
+    ones = [1] * (v.dim() - 1)  # [B, ...] of any rank, as the compiled kernels take it
     if per_sample:
-        return v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    return v.norm().view(1, 1, 1, 1).expand(v.shape[0], 1, 1, 1)
+        return v.flatten(1).norm(dim=1).view(-1, *ones)
+    return v.norm().view(1, *ones).expand(v.shape[0], *ones)
 
 
 def pgd_update_ref(
@@ -379,6 +387,9 @@ def invert(
         raise TypeError(f"cfg must be a PGDConfig, got {type(cfg).__name__}"
                         + (" (pass its .pgd)" if isinstance(getattr(cfg, "pgd", None), PGDConfig) else ""))
     b = x0.shape[0]
+    if b == 0:
+        raise ValueError("x0 is an empty batch: nothing to invert")
+    check_t_max(cfg.t_max, abar.shape[0])
     k = cfg.k
     device = x0.device
     keys = as_keys(keys, b, device)
@@ -445,9 +456,25 @@ def partial_representation(codec, x0: torch.Tensor, mask: torch.Tensor, generato
     return x_init, partial_image
 
 
+def takes_unet_call(model) -> bool:
+    """Whether ``model`` is called as a diffusers UNet, ``model(x_t, t,
+    encoder_hidden_states=cond, return_dict=False)[0]``, rather than as an ``EpsFn``."""
+    forward = getattr(model, "forward", None)
+    if not isinstance(model, torch.nn.Module) or forward is None:
+        return False
+    try:
+        return "encoder_hidden_states" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # no signature to read: taken as a UNet, as before
+        return True
+
+
 def unet_eps_fn(unet) -> EpsFn:
     """Wrap a diffusers ``UNet2DConditionModel`` (or any module with that call) as an
-    ``EpsFn``: inputs are cast to the UNet's dtype, the output comes back as is."""
+    ``EpsFn``: inputs are cast to the UNet's dtype, the output comes back as is. A module
+    whose forward takes no ``encoder_hidden_states`` is an ``EpsFn`` already: it comes back
+    as it is."""
+    if not takes_unet_call(unet):
+        return unet
     dtype = next(unet.parameters()).dtype
 
     def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -117,8 +117,9 @@ std::tuple<at::Tensor, at::Tensor> pair_noise(
   TORCH_CHECK(shared || noise_pre->sizes() == noise_ft.sizes(),
               "cgidm: noise_pre must have noise_ft's shape");
   const int64_t B = x0.size(0), N = noise_ft.size(0);
-  TORCH_CHECK(B > 0 && N % B == 0, "cgidm: noise batch ", N, " is not a multiple of the image batch ", B);
-  const int64_t K = N / B, M = x0.numel() / B;
+  // an empty batch (B = 0, N = 0) gives empty outputs, as the other ops do
+  TORCH_CHECK(B > 0 ? N % B == 0 : N == 0, "cgidm: noise batch ", N, " is not a multiple of the image batch ", B);
+  const int64_t K = B > 0 ? N / B : 1, M = B > 0 ? x0.numel() / B : 0;
   const bool batched = mask_is_batched(mask, x0.sizes());
   TORCH_CHECK(sqrt_abar.numel() == N && sqrt_one_minus_abar.numel() == N,
               "cgidm: sqrt_abar and sqrt_one_minus_abar must have one entry per sample");

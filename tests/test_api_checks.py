@@ -79,7 +79,17 @@ def test_prepare_refuses_inputs_that_do_not_match_and_recover_finds_the_prompt(w
         cgidm.prepare(world_pair, imgs[0], ["a"], CFG)
     with pytest.raises(ValueError, match="a string"):
         cgidm.prepare(world_pair, imgs[:1], "member/a.png", CFG)
+    with pytest.raises(ValueError, match="floating point in .-1, 1., got torch.uint8"):
+        cgidm.prepare(world_pair, ((imgs + 1) * 127.5).to(torch.uint8), ["a", "b"], CFG)  # torchvision's read_image
+    with pytest.raises(ValueError, match=r"in \[-1, 1\], got values in \[\d+, \d+\]"):
+        cgidm.prepare(world_pair, (imgs + 1) * 127.5, ["a", "b"], CFG)
+    with pytest.raises(ValueError, match="must be 16 x 16 px, the pair's resolution, got 24 x 24"):
+        cgidm.prepare(world_pair, torch.nn.functional.interpolate(imgs, size=24), ["a", "b"], CFG)
+    with pytest.raises(ValueError, match="empty batch"):
+        cgidm.prepare(world_pair, imgs[:0], [], CFG)
     prep = cgidm.prepare(world_pair, imgs, ["a", "b"], CFG)
+    with pytest.raises(TypeError, match="recover takes the whole AuthConfig; invert takes its .pgd"):
+        cgidm.recover(world_pair, prep, CFG.pgd)
     got = cgidm.recover(world_pair, prep, AuthConfig(pgd=PGDConfig(steps=1)))  # prompt None: the checkpoint's
     want = cgidm.recover(world_pair, prep, CFG)
     assert torch.equal(got.x_rec, want.x_rec)
