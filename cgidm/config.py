@@ -204,7 +204,7 @@ class RunOptions:
                       choices=DTYPES)
     embedder: Optional[str] = _opt(None, "local folder of a CLIP (CLIPVisionModelWithProjection) or DINO (ViTModel) "
                                          "model: the paper's validator (official_cos) and embed_cos")
-    allow_pickle: bool = _opt(False, "allow .ckpt/.bin/.pt files (loaded with torch.load(weights_only=True) only)")
+    allow_pickle: bool = _opt(False, "allow .ckpt/.bin/.pt/.pth/.pkl files (loaded with torch.load(weights_only=True) only)")
     allow_partial_lora: bool = _opt(False, "apply a LoRA whose layers only partly match the base")
     lora_scale: float = _opt(1.0, "strength of each LoRA (--finetuned as a LoRA file, --lora; stacked when both)")
     prefetch: int = _opt(2, "batches read and encoded ahead of the inversion (0: no background threads)")
