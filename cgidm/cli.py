@@ -463,15 +463,22 @@ def main(argv=None) -> int:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {_kept(args)}", file=sys.stderr)
         return EXIT_OUTPUT
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, UnicodeEncodeError):  # text that could not be written mid-run: a fault, not bad usage
+            return _stopped(e, args)
         print(f"cgidm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cgidm: interrupted; {_kept(args)}", file=sys.stderr)
         return 130
     except Exception as e:
-        logging.getLogger("cgidm").debug("the run stopped", exc_info=True)
-        print(f"cgidm: error: {_one_line(e)}; the run stopped ({type(e).__name__}); {_kept(args)}", file=sys.stderr)
-        return EXIT_STOPPED
+        return _stopped(e, args)
+
+
+def _stopped(e: Exception, args) -> int:
+    """Exit status 4: the run stopped on an unexpected error (the traceback at debug level)."""
+    logging.getLogger("cgidm").debug("the run stopped", exc_info=True)
+    print(f"cgidm: error: {_one_line(e)}; the run stopped ({type(e).__name__}); {_kept(args)}", file=sys.stderr)
+    return EXIT_STOPPED
 
 
 def _kept(args) -> str:

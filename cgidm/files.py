@@ -98,7 +98,9 @@ def output_dirs(out: Path, *names: str) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _replace_from_tmp(path, lambda f: f.write(text.encode()))
+    """``path`` replaced atomically by ``text`` in UTF-8; a file name that is not UTF-8 (held
+    as surrogates) is written as its escape, ``\\udce9``, not refused."""
+    _replace_from_tmp(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
 
 
 def atomic_save_image(image, path: Path) -> None:

@@ -124,7 +124,7 @@ class PairSpec:
         name = Path(self.lora or self.finetuned or self.base).name
         stem = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)[:40]
         blob = json.dumps([self._rel(self.base), self._rel(self.finetuned), self._rel(self.lora), self.lora_scale])
-        return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+        return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
     def _rel(self, path: Optional[str]) -> Optional[str]:
         if path is None or self.root is None:

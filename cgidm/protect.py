@@ -117,12 +117,13 @@ class _Run:
     """One protect run over the images still to do: batches, rows, outputs."""
 
     def __init__(self, model: BaseModel, cfg: ProtectConfig, out: Path, emit, progress: bool,
-                 names: Optional[dict[str, Optional[str]]] = None) -> None:
+                 names: Optional[dict[str, Optional[str]]] = None, target: Optional[torch.Tensor] = None) -> None:
         self.model, self.cfg, self.out, self.emit = model, cfg, out, emit
         self.names = names or {}  # image id -> its protected file under OUT/protected (``output_names``)
         self.cond = model.encode_prompt(cfg.prompt)
-        # the target's encoding per image size; R x R now, so a bad --target stops the run first
-        self._targets = {(model.resolution,) * 2: _target(model, cfg)}
+        # the target's encoding per image size; R x R now (``target``: already encoded), so a
+        # bad --target stops the run first
+        self._targets = {(model.resolution,) * 2: target if target is not None else _target(model, cfg)}
         self.engine: Optional[ProtectEngine] = None  # for one image size at a time (its graph's memory)
         self.used_graph = False
         # rows x pixels a batch may hold, lowered by out-of-memory faults (None: no fault yet);
@@ -389,6 +390,7 @@ def protect(
     out = Path(out)
     if model.abar is not None:
         check_t_max(cfg.t_max, len(model.abar))
+    target = _target(model, cfg)  # a --target too small for the model stops here, before --out records it
     output_dirs(out)
     dtype = dtype_name(next(model.unet.parameters()).dtype)
     results = out / RESULTS
@@ -407,7 +409,7 @@ def protect(
 
         graph, fallback, new = None, False, 0
         if todo:
-            runner = _Run(model, cfg, out, emit, progress, names)
+            runner = _Run(model, cfg, out, emit, progress, names, target)
             runner.run(todo)
             graph = runner.used_graph
             fallback = runner.low_memory_fallback

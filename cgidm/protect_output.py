@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -57,8 +58,36 @@ def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: 
     return out
 
 
-def _working_image(img: Image.Image, notes: list[str]) -> Image.Image:
-    """The original, upright, in a mode that can hold the perturbation."""
+def _raw_modes(img: Image.Image) -> list[str]:
+    """How the file stores its pixels, from an opened (not loaded) image's tiles:
+    ``"RGB;16B"``, ``"LA;16B"``, ...; empty once loaded."""
+    modes = []
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str):
+            modes.append(raw)
+    return modes
+
+
+def _colour_key_to_alpha(img: Image.Image, notes: list[str]) -> Image.Image:
+    """An RGB, L or 16-bit grey image with a transparent colour (PNG's tRNS) as RGBA / LA:
+    the perturbation moves pixels on and off a colour key, so the key cannot be kept."""
+    if img.mode in _SIXTEEN_BIT:  # Pillow's own conversion clips 16-bit grey and drops the key
+        a = np.asarray(img).astype(np.int64)
+        alpha = np.where(a == int(img.info["transparency"]), 0, 255).astype(np.uint8)
+        grey = np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
+        new = Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+    else:
+        new = img.convert("RGBA" if img.mode == "RGB" else "LA")
+    notes.append(f"{img.mode} with a transparent colour written as {new.mode} (the perturbation would move pixels "
+                 "on and off the colour key)")
+    return new
+
+
+def _working_image(img: Image.Image, notes: list[str], raw_modes: Sequence[str] = ()) -> Image.Image:
+    """The original, upright, in a mode that can hold the perturbation. ``raw_modes``:
+    ``_raw_modes`` of the file before it was loaded."""
     from cgidm.images import _high_depth_to_l
 
     try:
@@ -71,6 +100,12 @@ def _working_image(img: Image.Image, notes: list[str]) -> Image.Image:
             notes.append("EXIF orientation applied to the pixels")
         except Exception:
             notes.append("EXIF orientation unreadable, ignored")
+    if img.mode == "RGBA" and any(r.startswith("LA;16") for r in raw_modes):
+        # 16-bit grey with alpha, which Pillow opens as RGBA: grey it stays (one change for
+        # the three channels), in 8 bits (the note on fewer bits says so)
+        return img.convert("LA")
+    if img.mode in ("RGB", "L", *_SIXTEEN_BIT) and "transparency" in img.info:
+        return _colour_key_to_alpha(img, notes)
     if img.mode in _KEPT_MODES:
         return img
     if img.mode in ("I", "F"):
@@ -91,27 +126,52 @@ def _fewer_bits(img: Image.Image) -> bool:
     with alpha) as 8 bits per channel, and can write no such file."""
     if img.mode not in ("RGB", "RGBA", "LA"):
         return False
-    for tile in getattr(img, "tile", None) or ():
-        args = tile[3] if len(tile) > 3 else None
-        raw = args[0] if isinstance(args, tuple) and args else args
-        # 16 bits per channel, big/little/native-endian ("RGB;16B"); not "BGR;16", a BMP's
-        # 16 bits per pixel (5 or 6 per channel)
-        if isinstance(raw, str) and re.search(r";16[BLN]$", raw):
-            return True
-    return False
+    # 16 bits per channel, big/little/native-endian ("RGB;16B"); not "BGR;16", a BMP's
+    # 16 bits per pixel (5 or 6 per channel)
+    return any(re.search(r";16[BLN]$", raw) for raw in _raw_modes(img))
+
+
+# str values in ``info`` that are how the file was stored, not text about the picture
+_FORMAT_KEYS = frozenset({"compression"})
+# TIFF tags of the file's layout (sizes, strips, tiles, sample format, colour map, the
+# profile and XMP carried on their own), which Pillow's getexif returns for a TIFF
+_TIFF_LAYOUT = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 292, 293,
+                          317, 320, 322, 323, 324, 325, 330, 338, 339, 340, 341, 347, 700, 34675, *range(512, 522)})
+
+
+def _colour_chunks(src_info: dict, info: PngImagePlugin.PngInfo) -> None:
+    """The PNG colour chunks Pillow reads into ``info`` but does not write back: gamma
+    (``gAMA``), the sRGB rendering intent (``sRGB``; left out by Pillow beside an ICC
+    profile) and the chromaticities (``cHRM``)."""
+    gamma = src_info.get("gamma")
+    if isinstance(gamma, (int, float)) and 0 < gamma < 42949:
+        info.add(b"gAMA", struct.pack(">I", round(gamma * 100000)))
+    srgb = src_info.get("srgb")
+    if isinstance(srgb, int) and 0 <= srgb <= 3:
+        info.add(b"sRGB", bytes([srgb]))
+    chrm = src_info.get("chromaticity")
+    if isinstance(chrm, tuple) and len(chrm) == 8 and all(isinstance(v, (int, float)) and 0 <= v < 42949 for v in chrm):
+        info.add(b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in chrm)))
 
 
 # the ICC colour space (header bytes 16-20) each written mode needs
 _ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY", **{m: b"GRAY" for m in _SIXTEEN_BIT}}
 
 
-def _metadata(img: Image.Image, notes: list[str], stamp: dict, mode: str) -> dict:
-    """``Image.save`` keywords that carry the original's metadata into a PNG of ``mode``:
-    text chunks, the ICC profile (unless it is for another colour space: a CMYK image's
-    profile on the RGB file would be wrong), EXIF (orientation reset when it was applied),
-    dpi; plus cgidm's own ``cgidm-protect`` text chunk with the settings."""
+def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Image) -> dict:
+    """``Image.save`` keywords that carry the original's metadata into a PNG like
+    ``working`` (the image written): text chunks (XMP as ``working`` has it, its orientation
+    gone once applied), the ICC profile (unless it is for another colour space: a CMYK
+    image's profile on the RGB file would be wrong), gamma, sRGB intent and chromaticities,
+    EXIF (orientation reset when it was applied; a TIFF's layout tags left out), dpi; plus
+    cgidm's own ``cgidm-protect`` text chunk with the settings."""
+    mode = working.mode
     info = PngImagePlugin.PngInfo()
-    text = getattr(img, "text", None) or {k: v for k, v in img.info.items() if isinstance(v, str)}
+    text = dict(getattr(img, "text", None)
+                or {k: v for k, v in img.info.items() if isinstance(v, str) and k not in _FORMAT_KEYS})
+    for key in text:  # exif_transpose rewrites the XMP's orientation in the copy it returns
+        if isinstance(working.info.get(key), str):
+            text[key] = working.info[key]
     for key, value in text.items():
         if key == "cgidm-protect":
             continue
@@ -121,6 +181,7 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, mode: str) -> dic
         except UnicodeEncodeError:
             info.add_itxt(key, value)
     info.add_text("cgidm-protect", json.dumps(stamp, sort_keys=True))
+    _colour_chunks(img.info, info)
     kw: dict = {"pnginfo": info}
     icc = img.info.get("icc_profile")
     if isinstance(icc, bytes) and icc:
@@ -132,6 +193,9 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, mode: str) -> dic
             notes.append(f"ICC profile ({name} colour space) not copied: the file is written as {mode}")
     try:
         exif = img.getexif()
+        if img.format == "TIFF":  # a TIFF's own tags are its EXIF to Pillow: keep what describes the picture
+            for tag in [t for t in exif if t in _TIFF_LAYOUT]:
+                del exif[tag]
         if len(exif):
             if any("EXIF orientation applied" in n for n in notes):
                 exif[_ORIENTATION] = 1
@@ -199,9 +263,10 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
         if _fewer_bits(opened):
             notes.append(f"16 bits per channel read and written as 8 (the imaging library holds {opened.mode} "
                          "in 8 bits): the protected file is 8-bit")
+        raw_modes = _raw_modes(opened)
         opened.load()
-        img = _working_image(opened, notes)
-        kw = _metadata(opened, notes, stamp, img.mode)
+        img = _working_image(opened, notes, raw_modes)
+        kw = _metadata(opened, notes, stamp, img)
     w, h = img.size
     d = perturbation_levels(delta, (w, h), resolution, cover, multiple)  # float32, [h, w, 3]
     arr = np.asarray(img)

@@ -69,8 +69,8 @@ def _shown(value, other) -> str:
 
 
 def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
-    """Refuse a resume whose ``settings`` differ from those in ``out``'s state; record
-    them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
+    """Refuse a resume whose ``settings`` differ from those in ``out``'s state, once it
+    has rows; record them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
     path = out / STATE
     if path.exists():
         try:
@@ -92,7 +92,9 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
             elif (isinstance(was, str) and not was.startswith("sha256:") and target is not None
                     and settings["target"] is not None and _same_file(was, target)):
                 old["target"] = settings["target"]
-        if isinstance(old, dict) and old != settings:
+        # a run that wrote no row yet (stopped at a bad --target, interrupted before its first
+        # image) has nothing to mix up: the new settings replace its record
+        if isinstance(old, dict) and old != settings and any(True for _ in read_jsonl(out / RESULTS)):
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             what = ", ".join(f"{k} {_shown(old.get(k), settings.get(k))} there, "
                              f"{_shown(settings.get(k), old.get(k))} now" for k in diff)

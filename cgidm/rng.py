@@ -72,8 +72,9 @@ Word = Union[int, torch.Tensor]
 
 def image_key(seed: int, image_id: str) -> int:
     """The image's 63-bit Philox key: first 8 bytes (little endian) of
-    ``sha256(f"{seed}/{image_id}")``, top bit cleared."""
-    digest = hashlib.sha256(f"{seed}/{image_id}".encode("utf-8")).digest()
+    ``sha256(f"{seed}/{image_id}")``, top bit cleared. A file name that is not UTF-8 (its
+    bytes held as surrogates, as Python reads such names) hashes its own bytes."""
+    digest = hashlib.sha256(f"{seed}/{image_id}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 

@@ -204,7 +204,7 @@ def screen(
                         out, len(gone))
         # counted before any rank can start writing: the total bar counts lines added after this
         shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
-        digest = hashlib.sha256("\n".join(e.id for e in todo).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(e.id for e in todo).encode("utf-8", "surrogateescape")).hexdigest()
         if len(set(all_gather(digest))) > 1:
             raise RuntimeError(f"ranks see different finished rows in {out}: --out must be a folder every "
                                "rank reads and writes (a shared filesystem across machines)")

@@ -216,7 +216,8 @@ def validator_folders(rows: Sequence[dict]) -> dict:
     for r in rows:
         if "error" not in r and r.get("recovered"):
             ids.setdefault((r.get("pair"), r.get("label")), []).append(r["id"])
-    return {k: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()[:16] for k, v in ids.items()}
+    return {k: hashlib.sha256("\n".join(sorted(v)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            for k, v in ids.items()}
 
 
 def drop_stale_official(rows: Sequence[dict]) -> int:

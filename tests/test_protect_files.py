@@ -1,0 +1,147 @@
+"""``cgidm protect``'s written files on inputs found in real archives (docs/protect.md,
+"Modes and metadata"): a transparent colour (PNG tRNS) becomes an alpha channel instead
+of being lost, 16-bit grey with alpha stays grey, an XMP orientation follows the rotated
+pixels, the PNG colour chunks and a TIFF's picture tags (not its layout tags) carry over;
+a file name that is not UTF-8 is protected and reported; a ``--target`` too small for the
+model is refused before ``--out`` records it."""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from cgidm import cli
+from cgidm.config import ProtectConfig
+from cgidm.protect import collect_protect_items, protect
+from cgidm.protect_pgd import load_base
+from cgidm.rng import image_key
+
+FAST = dict(steps=2, eval_draws=2)
+XMP6 = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world):
+    return load_base(tiny_world / "base")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _grey_alpha16(path, rng) -> None:
+    """A 16-bit grey + alpha PNG (colour type 4), which Pillow opens as RGBA."""
+    la = rng.integers(0, 65536, (24, 24, 2))
+    raw = b"".join(b"\0" + la[y].astype(">u2").tobytes() for y in range(24))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 24, 24, 16, 4, 0, 0, 0))
+                     + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+
+
+def _make(folder) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    rgb = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    rgb[:6, :6] = (10, 20, 30)
+    Image.fromarray(rgb).save(folder / "rgb_key.png", transparency=(10, 20, 30))
+    grey = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    grey[:5, :7] = 7
+    Image.fromarray(grey, "L").save(folder / "grey_key.png", transparency=7)
+    deep = (rng.integers(0, 256, (24, 24)) * 257).astype(np.uint16)
+    deep[:4, :4] = 3000
+    Image.fromarray(deep).save(folder / "deep_key.png", transparency=3000)
+    _grey_alpha16(folder / "grey_alpha16.png", rng)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP6)
+    Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)).save(folder / "xmp6.png", pnginfo=info)
+    colour = PngImagePlugin.PngInfo()
+    colour.add(b"gAMA", struct.pack(">I", 55556))
+    colour.add(b"sRGB", b"\x01")
+    colour.add(b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000))
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "colour.png", pnginfo=colour)
+    tif = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    exif = tif.getexif()
+    exif[315] = "an artist"  # Artist
+    tif.save(folder / "scan.tif", exif=exif)
+
+
+def _transparent(path) -> np.ndarray:
+    """Which pixels are transparent: by the alpha channel, or where a colour key matches."""
+    img = Image.open(path)
+    key = img.info.get("transparency")
+    if key is None:
+        return np.asarray(img.convert("RGBA"))[..., 3] == 0
+    a = np.asarray(img)
+    return (a == np.asarray(key)).all(-1) if a.ndim == 3 else a == key
+
+
+def test_written_files_keep_transparency_grey_orientation_and_colour_metadata(base, tmp_path):
+    folder = tmp_path / "art"
+    _make(folder)
+    out = tmp_path / "out"
+    summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+    assert summary["failed"] == 0, summary["errors"]
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+    def written(image_id):
+        return Image.open(out / rows[image_id]["protected"])
+
+    for image_id, mode in (("rgb_key.png", "RGBA"), ("grey_key.png", "LA"), ("deep_key.png", "LA")):
+        src = folder / image_id
+        assert written(image_id).mode == mode, image_id
+        assert (_transparent(out / rows[image_id]["protected"]) == _transparent(src)).all(), image_id
+        assert _transparent(src).sum() >= 16
+        assert any("transparent colour written as" in n for n in rows[image_id]["notes"]), rows[image_id]["notes"]
+    assert written("grey_alpha16.png").mode == "LA"  # grey stays grey: one change for all three channels
+    rotated = written("xmp6.png")
+    assert rotated.size == (24, 36) and 'Orientation="6"' not in rotated.info.get("XML:com.adobe.xmp", "")
+    colour = written("colour.png").info
+    assert colour["gamma"] == pytest.approx(0.55556) and colour["srgb"] == 1
+    assert colour["chromaticity"] == pytest.approx((0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06))
+    scan = written("scan.tif")
+    assert scan.getexif().get(315) == "an artist"
+    assert not {256, 257, 259, 273, 279} & set(scan.getexif()), dict(scan.getexif())  # the TIFF's layout
+    assert "compression" not in scan.info
+
+
+def test_a_file_name_that_is_not_utf8_is_protected_and_reported(tiny_world, tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    latin1 = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a Latin-1 name from an old archive
+    rng = np.random.default_rng(1)
+    for name in (latin1, "ok.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "out"
+    code = cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder), "--out", str(out),
+                     "--steps", "1", "--eval-draws", "1", "-q"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protected"] == 2 and (out / "report.html").is_file()
+    assert "caf\\udce9.png" in (out / "report.html").read_text()
+    assert image_key(0, "ok.png") == image_key(0, "ok.png".encode().decode("utf-8", "surrogateescape"))
+
+
+def test_a_target_too_small_for_the_model_is_refused_before_out_records_it(base, tiny_world, tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "a.png")
+    small, good = tmp_path / "small.png", tmp_path / "good.png"
+    Image.new("RGB", (3, 3)).save(small)  # readable (the check before loading passes), under 16 px / 4
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(good)
+    items = collect_protect_items(folder)
+    out = tmp_path / "out"
+    cfg = ProtectConfig(**FAST, loss="textural")
+    with pytest.raises(ValueError, match="too small"):
+        protect(base, items, out, cfg.replace(target=str(small)), progress=False)
+    assert not out.exists()  # nothing made, nothing recorded
+    out.mkdir()
+    # a run that wrote no row (interrupted before its first image) does not hold its settings
+    (out / "protect.json").write_text(json.dumps({"settings": {"steps": 99}}))
+    summary = protect(base, items, out, cfg.replace(target=str(good)), progress=False)
+    assert summary["protected"] == 1
+    with pytest.raises(ValueError, match="other settings"):  # once it has rows, it does
+        protect(base, items, out, cfg.replace(target=str(good), steps=3), progress=False)
