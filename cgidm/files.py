@@ -38,8 +38,13 @@ class OutputError(OSError):
 
 def _tmp_path(path: Path) -> Path:
     # a leading dot and no image suffix: never listed as an input image or taken for a
-    # result; pid and thread in the name: writer threads and processes never share one
-    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    # result; pid and thread in the name: writer threads and processes never share one.
+    # At most 24 characters of the name and a hash of it: a temporary of a file whose own
+    # name is near the file system's limit (255 bytes) must still fit
+    name = path.name
+    if len(name) > 24:
+        name = f"{name[:24]}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    return path.with_name(f".{name}.tmp{os.getpid()}-{threading.get_ident()}")
 
 
 def _discard(tmp: Path) -> None:

@@ -126,6 +126,25 @@ class PairSpec:
         blob = json.dumps([self._rel(self.base), self._rel(self.finetuned), self._rel(self.lora), self.lora_scale])
         return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
+    def files_stamp(self) -> str:
+        """The model files as they are now: size and modification time of each file under
+        the pair's paths (16 hex digits). Screen rows carry it, so a model saved over at the
+        same path screens its images again (contents are not hashed: a copy that did not
+        keep the times counts as changed)."""
+        h = hashlib.sha256()
+        for path in (self.base, self.finetuned, self.lora):
+            if path is None:
+                continue
+            p = Path(path)
+            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+            for f in files:
+                try:
+                    st = f.stat()
+                    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                except OSError:
+                    h.update(f"{f}\0missing\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()[:16]
+
     def _rel(self, path: Optional[str]) -> Optional[str]:
         if path is None or self.root is None:
             return path

@@ -408,7 +408,9 @@ def protect(
             append_jsonl(results, row)
 
         graph, fallback, new = None, False, 0
-        if todo:
+        if todo:  # the earlier summary and report no longer match the rows: a stopped run leaves neither
+            for name in ("summary.json", "report.html"):
+                (out / name).unlink(missing_ok=True)
             runner = _Run(model, cfg, out, emit, progress, names, target)
             runner.run(todo)
             graph = runner.used_graph

@@ -16,6 +16,7 @@ Outside that part (the margins beyond 2:1, or beyond the centre square) nothing 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -34,6 +35,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _KEPT_MODES = ("RGB", "RGBA", "L", "LA") + _SIXTEEN_BIT
 _ORIENTATION = 0x0112
 PANEL_HEIGHT = 192
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 
 
 def perturbation_levels(delta: torch.Tensor, size: tuple[int, int], resolution: int, cover: str = "centre",
@@ -419,8 +421,15 @@ def report_settings(config: dict, rows: Sequence[dict] = ()) -> list[tuple[str, 
 def output_name(image_id: str) -> Optional[str]:
     """The protected file's path relative to ``OUT/protected``: the image's relative path,
     a PNG keeping its name and any other format getting ``.png`` appended
-    (``cat.jpg`` -> ``cat.jpg.png``), so two inputs never share an output."""
+    (``cat.jpg`` -> ``cat.jpg.png``), so two inputs never share an output; a name the
+    suffix would take past the file system's ``NAME_MAX`` bytes is cut and given a hash of
+    the image's path."""
     parts = image_id.split("/")
     if not parts or any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
         return None
-    return image_id if image_id.lower().endswith(".png") else image_id + ".png"
+    last = parts[-1] if parts[-1].lower().endswith(".png") else parts[-1] + ".png"
+    if len(last.encode("utf-8", "surrogateescape")) > NAME_MAX:  # a 252-byte "x.jpg" and its ".png"
+        digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        stem = last.encode("utf-8", "surrogateescape")[:NAME_MAX - 40].decode("utf-8", "ignore")
+        last = f"{stem}-{digest}.png"
+    return "/".join([*parts[:-1], last])

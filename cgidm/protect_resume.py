@@ -13,6 +13,9 @@ from cgidm.config import ProtectConfig
 from cgidm.files import atomic_write_json
 from cgidm.protect_output import output_name
 from cgidm.resume import read_jsonl
+from cgidm.resume import same_source as _same_source  # noqa: F401
+from cgidm.resume import sha256_file as _sha256
+from cgidm.resume import source as _source  # noqa: F401
 
 log = logging.getLogger("cgidm.protect")
 
@@ -101,39 +104,6 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
             raise ValueError(f"{out} holds a protect run with other settings ({what}); "
                              "resume with the same settings or use another --out")
     atomic_write_json(path, {"settings": settings}, sort_keys=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _source(path: Path) -> Optional[dict]:
-    """What a resume checks to tell that an input is the file that was protected: its
-    size and modification time, and its contents' digest."""
-    try:
-        st = Path(path).stat()
-        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
-    except OSError:
-        return None
-
-
-def _same_source(recorded, path: Path) -> bool:
-    """Whether ``path`` is the file a row recorded (``_source``): the same size and time,
-    or else the same contents (a copy of the folder that did not keep the times is the
-    same file; one saved over it is not). A row without a record is taken as the same."""
-    if not isinstance(recorded, dict):
-        return True
-    try:
-        st = Path(path).stat()
-        if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):
-            return True
-        return st.st_size == recorded.get("bytes") and _sha256(path) == recorded.get("sha256")
-    except OSError:
-        return True  # unreadable now: the run's loading says so
 
 
 def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[str]]:

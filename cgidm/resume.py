@@ -5,6 +5,7 @@ run left behind (docs/architecture.md, "Runners").
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.files import OutputError, atomic_write_text
+from cgidm.files import OutputError, atomic_write_text, json_text
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,16 @@ def done_rows(out: Path) -> dict[str, dict]:
     return rows
 
 
+def drop_rows(paths: Sequence[Path], ids: set[str]) -> None:
+    """The rows of ``ids`` taken out of the results files ``paths`` (rewritten atomically):
+    rows made from a file saved over since, which must not stand beside the new ones."""
+    for path in paths:
+        rows = read_jsonl(path)
+        kept = [r for r in rows if r.get("id") not in ids]
+        if len(kept) != len(rows):
+            atomic_write_text(path, "".join(json_text(r, sort_keys=True) + "\n" for r in kept))
+
+
 def settings_of(cfg, dtype_name: str) -> dict:
     """The flat ``{name: value}`` of the settings a resume must keep."""
     now = {}
@@ -148,6 +159,40 @@ def check_run_kind(out: Path, kind: str) -> None:
     if there is not None and there != kind:
         raise ValueError(f"{out} holds a cgidm {there} run; {kind} would overwrite its outputs: "
                          "use another --out")
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file's contents, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source(path: Path) -> Optional[dict]:
+    """What a resume checks to tell that an input is the file a row was made from: its
+    size and modification time, and its contents' digest."""
+    try:
+        st = Path(path).stat()
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    except OSError:
+        return None
+
+
+def same_source(recorded, path: Path) -> bool:
+    """Whether ``path`` is the file a row recorded (``source``): the same size and time,
+    or else the same contents (a copy of the folder that did not keep the times is the
+    same file; one saved over it is not). A row without a record is taken as the same."""
+    if not isinstance(recorded, dict):
+        return True
+    try:
+        st = Path(path).stat()
+        if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):
+            return True
+        return st.st_size == recorded.get("bytes") and sha256_file(path) == recorded.get("sha256")
+    except OSError:
+        return True  # unreadable now: the run's loading says so
 
 
 def remove_stale_temporaries(out: Path, folders: Sequence[Path] = ()) -> None:

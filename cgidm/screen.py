@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -32,8 +33,8 @@ from cgidm.pipeline import resolve_prompt
 from cgidm.progress import Progress, count_lines
 from cgidm.report import write_report
 from cgidm.resume import (
-    REMOVED, RESULTS, SHARDS, OutputLock, check_run_kind, check_state, done_rows, read_jsonl, remove_stale_temporaries,
-    repair_jsonl, result_files, settings_of,
+    REMOVED, RESULTS, SHARDS, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
+    remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of, source,
 )
 from cgidm.rows import error_row
 from cgidm.rows import RECOVERED, TRIPTYCHS
@@ -45,8 +46,10 @@ log = logging.getLogger(__name__)
 
 def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, *, device, dtype,
                  allow_pickle: bool, allow_partial_lora: bool, prefetch_depth: int,
-                 progress: Progress) -> dict:
-    """Screen this rank's entries, pair by pair; returns its timings."""
+                 progress: Progress, stamps: Optional[dict[str, str]] = None) -> dict:
+    """Screen this rank's entries, pair by pair; returns its timings. Each row records its
+    image file (``resume.source``) and its pair's model files (``stamps``, by pair key),
+    so that a resume can tell a file saved over at the same path."""
     import torch
 
     stats = PairStats()
@@ -56,6 +59,10 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     writer = RowWriter(threaded=prefetch_depth > 0)
 
     def emit(row):
+        if "error" not in row and isinstance(row.get("image"), str):
+            row["source"] = source(Path(row["image"]))
+        if stamps and row.get("pair") in stamps:
+            row["pair_files"] = stamps[row["pair"]]
         append_jsonl(sink, row)
         stats.images += 1
         progress.row_done(row)
@@ -102,10 +109,25 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
 LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base")
 
 
+PREVIOUS = ".summary.previous.json"  # an earlier run's summary while this one runs
+
+
+def _set_aside(out: Path) -> None:
+    """Before a resume writes its first row: the earlier run's summary and report no
+    longer match ``results.jsonl``. The summary is set aside (its facts about the pairs
+    are merged at the end, ``_previous``), the report removed: a run stopped before its
+    end leaves neither to be taken for its own."""
+    if (out / "summary.json").exists():
+        os.replace(out / "summary.json", out / PREVIOUS)
+    (out / "report.html").unlink(missing_ok=True)
+
+
 def _previous(out: Path) -> dict:
-    """The dict entries of an earlier run's ``summary.json`` in ``out`` ({} when there is none)."""
+    """The dict entries of an earlier run's ``summary.json`` in ``out``, or the one set
+    aside by ``_set_aside`` ({} when there is none)."""
     try:
-        summary = json.loads((out / "summary.json").read_text())
+        path = out / "summary.json"
+        summary = json.loads((path if path.exists() else out / PREVIOUS).read_text())
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in summary.items() if isinstance(v, dict)} if isinstance(summary, dict) else {}
@@ -198,16 +220,34 @@ def screen(
         gone = {e.id for e in entries if e.id in done and "error" not in done[e.id]
                 and any(isinstance(done[e.id].get(k), str) and not (out / done[e.id][k]).is_file()
                         for k in ("triptych", "recovered"))}
+        stamps = {e.pair.key: e.pair.files_stamp() for e in {e.pair.key: e for e in entries}.values()}
+        # a finished row whose image or model files were saved over since: screened again
+        # (rows from before these were recorded are taken as made from the files there now)
+        changed = {e.id for e in entries if e.id in done and e.id not in gone
+                   and (not same_source(done[e.id].get("source"), e.path)
+                        or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key])}
+        gone |= changed
         todo = [e for e in entries if e.id not in done or e.id in gone or (retry_failed and "error" in done[e.id])]
-        if rank == 0 and gone:
+        if rank == 0 and changed:
+            log.warning("%s: %d finished images have another image or model file at their path since; screening "
+                        "them again", out, len(changed))
+        if rank == 0 and gone - changed:
             log.warning("%s: %d scored images have lost their triptych or recovered image; screening them again",
-                        out, len(gone))
+                        out, len(gone - changed))
         # counted before any rank can start writing: the total bar counts lines added after this
         shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
         digest = hashlib.sha256("\n".join(e.id for e in todo).encode("utf-8", "surrogateescape")).hexdigest()
         if len(set(all_gather(digest))) > 1:
             raise RuntimeError(f"ranks see different finished rows in {out}: --out must be a folder every "
                                "rank reads and writes (a shared filesystem across machines)")
+        if rank == 0 and todo:
+            _set_aside(out)
+        if changed:  # each rank its own shard, rank 0 the merged rows and shards of ranks gone
+            own = [sink] if world > 1 else []
+            if rank == 0:
+                own = [out / RESULTS, *own, *(p for p in result_files(out)[1:]
+                                               if int(p.stem.split("-")[-1]) >= world)]
+            drop_rows(own, changed)
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
             failed = sum(1 for e in entries if "error" in done.get(e.id, {}))
@@ -223,7 +263,7 @@ def screen(
             try:
                 stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                      allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
-                                     progress=bars)
+                                     progress=bars, stamps=stamps)
                 stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
             except Exception as e:
                 if world == 1:
@@ -309,6 +349,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     summary["timing"] = timing(gathered, time.perf_counter() - t0)
     summary = json_values(summary)  # the summary returned is the one written: null, not inf
     atomic_write_json(out / "summary.json", summary)
+    (out / PREVIOUS).unlink(missing_ok=True)
     summary["report"] = str(write_report(out, run_rows, summary))
     return summary
 

@@ -1,0 +1,134 @@
+"""Resumed runs as evidence: a ``screen`` row is kept only while its image and its pair's
+model files are the ones it was made from (a file saved over at the same path is screened
+again); a resume that stops before its end leaves no summary or report of the earlier
+run to be taken for its own (screen and protect); a file name near the file system's limit
+is protected under a shortened name instead of stopping the run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cgidm import protect as protect_mod
+from cgidm import screen as screen_mod
+from cgidm.config import AuthConfig, PGDConfig, ProtectConfig
+from cgidm.manifest import read_manifest
+from cgidm.protect import collect_protect_items, protect
+from cgidm.protect_pgd import load_base
+from cgidm.screen import screen
+
+pytestmark = pytest.mark.xdist_group("screen")
+
+CFG = AuthConfig(prompt="a sks pattern", pgd=PGDConfig(steps=2, alpha=0.5, eps=20.0), batch_size=4)
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture()
+def world(tiny_world, tmp_path) -> tuple[Path, Path]:
+    """A folder of 2 members and 2 hold-outs, and a copy of the fine-tune this test may touch."""
+    imgs = tiny_world / "images"
+    root = tmp_path / "art"
+    for label in ("members", "holdouts"):
+        (root / label).mkdir(parents=True)
+        for p in sorted((imgs / label).iterdir())[:2]:
+            shutil.copy(p, root / label / p.name)
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(tiny_world / "finetuned", finetuned)
+    return root, finetuned
+
+
+def test_screen_screens_again_what_was_saved_over(tiny_world, world, caplog):
+    root, finetuned = world
+    out = root.parent / "out"
+    screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    first = _rows(out)
+    assert all(r["source"]["sha256"] and r["pair_files"] for r in first.values())
+    member = sorted((root / "members").iterdir())[0]
+    control = sorted((tiny_world / "images" / "controls").iterdir())[0]
+    shutil.copy(control, member)  # another picture under the member's name
+    caplog.set_level("WARNING")
+    screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert "1 finished images have another image or model file" in caplog.text
+    second = _rows(out)
+    changed = next(i for i in second if i.endswith(member.name))
+    assert second[changed]["latent_cos"] != first[changed]["latent_cos"]
+    assert second[changed]["source"] != first[changed]["source"]
+    assert all(second[i] == first[i] for i in first if i != changed)  # the others kept, untouched
+    # the model saved over (a new time on one of its files): every image again
+    weights = next(p for p in finetuned.rglob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    caplog.clear()
+    summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert "4 finished images have another image or model file" in caplog.text
+    assert summary["images"] == 4 and len(_rows(out)) == 4
+
+
+def test_a_stopped_screen_resume_leaves_no_earlier_summary_or_report(tiny_world, world, monkeypatch):
+    root, finetuned = world
+    out = root.parent / "out"
+    screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    pair_models = json.loads((out / "summary.json").read_text())["pair_models"]
+    shutil.copy(sorted((tiny_world / "images" / "holdouts").iterdir())[3], root / "holdouts" / "new.png")
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(screen_mod, "_screen_rank", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
+    summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert summary["images"] == 5 and (out / "report.html").is_file()
+    assert summary["pair_models"] == pair_models and not (out / screen_mod.PREVIOUS).exists()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world):
+    return load_base(tiny_world / "base")
+
+
+def test_a_stopped_protect_resume_leaves_no_earlier_summary_or_report(base, tiny_world, tmp_path, monkeypatch):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    members = sorted((tiny_world / "images" / "members").iterdir())
+    shutil.copy(members[0], folder / "a.png")
+    out = tmp_path / "out"
+    cfg = ProtectConfig(steps=1, eval_draws=1)
+    protect(base, collect_protect_items(folder), out, cfg, progress=False)
+    assert (out / "summary.json").is_file()
+    shutil.copy(members[1], folder / "b.png")
+
+    def stopped(self, todo):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(protect_mod._Run, "run", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            protect(base, collect_protect_items(folder), out, cfg, progress=False)
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
+    assert protect(base, collect_protect_items(folder), out, cfg, progress=False)["protected"] == 2
+
+
+def test_names_near_the_file_system_limit_are_protected(base, tiny_world, tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    members = sorted((tiny_world / "images" / "members").iterdir())
+    long_jpg = "J" * 251 + ".jpg"  # 255 bytes; with ".png" appended, 259: too long for one name
+    long_png = "P" * 236 + ".png"  # fits, but a temporary named after it did not
+    Image.open(members[0]).convert("RGB").save(folder / long_jpg, quality=95)
+    shutil.copy(members[1], folder / long_png)
+    out = tmp_path / "out"
+    summary = protect(base, collect_protect_items(folder), out, ProtectConfig(steps=1, eval_draws=1), progress=False)
+    assert summary["protected"] == 2 and summary["failed"] == 0
+    rows = _rows(out)
+    name = rows[long_jpg]["protected"].split("/")[-1]
+    assert len(name.encode()) <= 255 and name.startswith("J" * 200) and name.endswith(".png")
+    assert (out / rows[long_jpg]["protected"]).is_file() and rows[long_png]["protected"] == "protected/" + long_png
