@@ -20,7 +20,7 @@ from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.rows import RECOVERED, TRIPTYCHS
-from cgidm.summary import add_embedding_scores, check_embedder, summarize
+from cgidm.summary import add_embedding_scores, check_embedder, runtime, summarize
 
 __all__ = ["AuthConfig", "PGDConfig", "ImageItem", "collect_items", "Prepared", "prepare", "recover", "authenticate"]
 
@@ -123,6 +123,7 @@ def authenticate(
         rows.sort(key=lambda r: order.get(r["id"], len(order)))
         emb_info = add_embedding_scores(rows, embedder, out) if embedder is not None else None
         summary = summarize(rows, cfg, pair.info, emb_info)
+        summary["runtime"] = runtime(pair.device, next(pair.unet_ft.parameters()).dtype)
         summary["prompt_from"] = prompt_from
         if stats.extra.get("low_memory_fallback"):
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "

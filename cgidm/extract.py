@@ -42,6 +42,7 @@ from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
 from cgidm.resume import OutputLock, check_run_kind
 from cgidm.rng import image_key
+from cgidm.summary import runtime
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         "cuda_graph": use_graph,
         "device": str(device),
         "dtype": str(next(pair.unet_ft.parameters()).dtype).removeprefix("torch."),
+        "runtime": runtime(device, next(pair.unet_ft.parameters()).dtype),
         "features": kind,
         "samples": cfg.samples,
         "finite_samples": len(kept),
@@ -488,6 +490,8 @@ def settings_rows(summary: dict) -> list[tuple[str, str]]:
     rows += [("device", summary["device"]), ("dtype", summary["dtype"]),
              ("pair pass", f"{summary['pair_pass']['name']} ({summary['pair_pass']['kind']})"),
              ("CUDA graph", summary["cuda_graph"])]
+    if "runtime" in summary:
+        rows.append(("versions", f"cgidm {summary['runtime']['cgidm']}, torch {summary['runtime']['torch']}"))
     return [(name, _setting(v)) for name, v in rows]
 
 

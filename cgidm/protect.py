@@ -36,6 +36,7 @@ from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_de
 from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
                                    output_names, resume_plan)
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl
+from cgidm.summary import runtime
 
 __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
 
@@ -368,7 +369,7 @@ def _summary(rows: list[dict], cfg: ProtectConfig, model: BaseModel, dtype: str,
                     "loss protected / clean": statistics.median(gains) if gains else None},
         "config": cfg.to_json(), "base": model.info.get("base"), "family": model.info.get("family"),
         "resolution": model.resolution,
-        "device": str(model.device), "dtype": dtype,
+        "device": str(model.device), "dtype": dtype, "runtime": runtime(model.device, dtype),
         "timing": {"images": new, "wall_s": wall, "images_per_hour": 3600 * new / wall if new and wall > 0 else None},
     }
 

@@ -365,7 +365,7 @@ image as a fine-tuner would load it; protection raises it.</div>
 <div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>
 {% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b></div>{% endfor %}</div>
 <p class="sub">settings: {% for k, v in settings %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
-<p class="sub">base model: <code>{{ s.base }}</code>; device {{ s.device }}, dtype {{ s.dtype }}</p>
+<p class="sub">base model: <code>{{ s.base }}</code>; device {{ s.device }}, dtype {{ s.dtype }}{% if s.runtime %}; cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}{% endif %}</p>
 <table><thead><tr><th>image</th><th>size</th><th>mode</th><th>PSNR dB</th><th>SSIM</th><th>max change (levels)</th>
 <th>loss clean</th><th>loss protected</th><th>notes</th><th>original | protected | perturbation</th></tr></thead><tbody>
 {% for r in rows %}<tr><td>{{ r.id }}</td>{% if r.error %}<td class="error" colspan="9">failed: {{ r.error }}</td>

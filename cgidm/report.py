@@ -70,7 +70,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 The figures above pool every pair.</p>{% endif %}
 {% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k }} <code>{{ v.prompt }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
-engine {{ s.config.engine }}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
+engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>

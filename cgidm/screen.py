@@ -38,8 +38,8 @@ from cgidm.resume import (
 )
 from cgidm.rows import error_row
 from cgidm.rows import RECOVERED, TRIPTYCHS
-from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, summarize_pairs,
-                           timing)
+from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, runtime,
+                           summarize_pairs, timing)
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +282,14 @@ def screen(
             raise RuntimeError(f"another rank failed, so this one stops too ({errors[0]})")
         if rank != 0:
             return None
-        return _finish(out, entries, cfg, gathered, embedder)
+        return _finish(out, entries, cfg, gathered, embedder, runtime(device, dtype or torch.float32))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict], embedder=None) -> dict:
+def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict], embedder=None,
+            run_on: Optional[dict] = None) -> dict:
     """Rank 0: merge every rank's rows into ``results.jsonl`` (rows of images no longer
     listed move to ``results.removed.jsonl``), then the summary and the report."""
     t0 = time.perf_counter()
@@ -338,6 +339,8 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     if emb_info is None and any(f in r for r in run_rows for f in EMBED_FIELDS) and isinstance(old_embedder, dict):
         emb_info = old_embedder  # the scores kept were the earlier run's embedder's
     summary = summarize_pairs(run_rows, infos, cfg, emb_info)
+    if run_on:
+        summary["runtime"] = run_on
     if cfg_prompts:
         summary["prompts"] = cfg_prompts
     if facts:

@@ -7,12 +7,26 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures
+from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.score import calibrate, set_metrics, set_verdict
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "calibration_warning", "calibration_error", "set_verdict")
+
+
+def runtime(device, dtype) -> dict:
+    """How a summary's numbers were computed, beside its settings: the device and the
+    weights' dtype (fp16 and bf16 change scores), and the versions of cgidm, torch and
+    Python."""
+    import platform
+
+    import torch
+
+    import cgidm
+
+    return {"device": str(device), "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype),
+            "cgidm": cgidm.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None) -> dict:

@@ -103,6 +103,11 @@ def test_the_returned_summary_is_the_written_one(world_pair, tiny_world, tmp_pat
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k != "report"} == written
     json.dumps(summary, allow_nan=False)
+    import torch
+
+    assert summary["runtime"] == {"device": "cpu", "dtype": "fp32", "cgidm": cgidm.__version__,
+                                  "torch": torch.__version__, "python": written["runtime"]["python"]}
+    assert "on cpu in fp32 (cgidm " in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_load_pair_checks_its_arguments_before_loading(tmp_path):

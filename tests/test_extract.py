@@ -287,6 +287,7 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         assert s["pair_pass"]["kind"] == kind and s["cuda_graph"] is False  # on CPU
         assert s["samples"] == 8 and s["config"]["steps"] == 4
         assert s["scheduler"]["class"] == "DDIMScheduler"
+        assert s["runtime"]["device"] == "cpu" and s["runtime"]["dtype"] == "fp32" and s["runtime"]["cgidm"]
         assert 1 <= len(s["candidates"]) <= 3
         sizes = [c["cluster_size"] for c in s["candidates"]]
         assert sizes == sorted(sizes, reverse=True)

@@ -88,6 +88,7 @@ def test_a_stopped_screen_resume_leaves_no_earlier_summary_or_report(tiny_world,
     summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
     assert summary["images"] == 5 and (out / "report.html").is_file()
     assert summary["pair_models"] == pair_models and not (out / screen_mod.PREVIOUS).exists()
+    assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["dtype"] == "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,8 @@ def test_a_stopped_protect_resume_leaves_no_earlier_summary_or_report(base, tiny
         with pytest.raises(KeyboardInterrupt):
             protect(base, collect_protect_items(folder), out, cfg, progress=False)
     assert not (out / "summary.json").exists() and not (out / "report.html").exists()
-    assert protect(base, collect_protect_items(folder), out, cfg, progress=False)["protected"] == 2
+    summary = protect(base, collect_protect_items(folder), out, cfg, progress=False)
+    assert summary["protected"] == 2 and summary["runtime"]["dtype"] == "fp32"
 
 
 def test_names_near_the_file_system_limit_are_protected(base, tiny_world, tmp_path):
