@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from cgidm.files import shown
+
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -34,7 +36,7 @@ def _one_line(text, limit: int = 200) -> str:
         line = f"{line} {lines[1]}" + (" ..." if len(lines) > 2 else "")
     if isinstance(text, BaseException) and not isinstance(text, ModelLoadError):
         line = f"{type(text).__name__}: {line}" if line else type(text).__name__
-    line = line or "no reason given"
+    line = shown(line or "no reason given")  # a file name in it may hold terminal escapes
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

@@ -19,6 +19,7 @@ import sys
 import typing
 
 from cgidm import config
+from cgidm.files import ShownFilter, shown
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
 DEMO_PRESET = "demo"  # the settings `cgidm demo` runs unless --preset or flags say otherwise
@@ -411,11 +412,11 @@ def cmd_extract(args) -> int:
     if s.get("compare"):
         for p in s["compare"]["pairs"]:
             label = f" [{p['label']}]" if p["label"] else ""
-            print(f"  candidate {p['rank']:2d}: nearest {Path(p['nearest']).name}{label}  similarity {p['similarity']:.3f}  "
+            print(f"  candidate {p['rank']:2d}: nearest {shown(Path(p['nearest']).name)}{label}  similarity {p['similarity']:.3f}  "
                   f"SSIM {p['ssim']:.3f}  PSNR {p['psnr']:.1f} dB")
         failed = s["compare"]["failed"]
         for f in failed[:10]:
-            print(f"  not compared: {f['error']}")
+            print(f"  not compared: {shown(f['error'])}")
         if len(failed) > 10:
             print(f"  ... and {len(failed) - 10} more not compared (see extract.json)")
         m = s["compare"].get("labelled")
@@ -447,6 +448,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from cgidm.files import OutputError
+
+    for handler in logging.getLogger().handlers:  # file names in log lines: no terminal escapes
+        if not any(isinstance(f, ShownFilter) for f in handler.filters):
+            handler.addFilter(ShownFilter())
     from cgidm.models import ModelLoadError
 
     try:

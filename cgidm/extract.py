@@ -411,6 +411,7 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
 REPORT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cgidm extraction</title>
 <style>
+code,td,li{unicode-bidi:isolate}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 .sub{color:#666} .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}.card b{display:block;font-size:22px}

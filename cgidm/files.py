@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno as _errno
 import hashlib
 import json
+import logging
 import os
 import math
 import threading
@@ -100,6 +101,27 @@ def output_dirs(out: Path, *names: str) -> None:
             (Path(out) / name).mkdir(exist_ok=True)
     except OSError as e:
         raise OutputError(e.filename or out, e) from e
+
+
+def shown(text) -> str:
+    """``text`` fit for a terminal line: every character that is not printable (escape
+    sequences that clear the screen or set the window title, newlines, bidi overrides that
+    reverse what follows) written as its Python escape. File names are untrusted input."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+class ShownFilter(logging.Filter):
+    """A log handler's filter: a message that is not printable is logged as ``shown``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = shown(message), None
+        return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, json_values, output_dirs,
-                         output_path)
+                         output_path, shown)
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
@@ -434,7 +434,7 @@ def protect(
 def print_summary(summary: dict) -> None:
     print(f"images: {summary['images']}  protected: {summary['protected']}  failed: {summary['failed']}")
     for image_id, reason in list(summary["errors"].items())[:10]:
-        print(f"  failed {image_id}: {reason}")
+        print(f"  failed {shown(image_id)}: {shown(reason)}")
     m = summary["medians"]
     if m.get("PSNR dB") is not None:
         print(f"median PSNR {m['PSNR dB']:.2f} dB  SSIM {m['SSIM']:.4f}  max change {m['max change (levels)']:.0f} "

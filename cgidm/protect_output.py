@@ -351,6 +351,7 @@ def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float
 REPORT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cgidm protect report</title>
 <style>
+code,td,li{unicode-bidi:isolate}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222} .sub{color:#666}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px 14px} .card b{display:block;font-size:22px}
@@ -425,8 +426,9 @@ def output_name(image_id: str) -> Optional[str]:
     suffix would take past the file system's ``NAME_MAX`` bytes is cut and given a hash of
     the image's path."""
     parts = image_id.split("/")
-    if not parts or any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+    if not parts or any(p in ("", ".", "..") or p.startswith(".") or "\0" in p for p in parts):
         return None
+    parts = [p.replace("\\", "_") for p in parts]  # a Linux name may hold a backslash, a separator elsewhere
     last = parts[-1] if parts[-1].lower().endswith(".png") else parts[-1] + ".png"
     if len(last.encode("utf-8", "surrogateescape")) > NAME_MAX:  # a 252-byte "x.jpg" and its ".png"
         digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -463,9 +463,11 @@ def takes_unet_call(model) -> bool:
     if not isinstance(model, torch.nn.Module) or forward is None:
         return False
     try:
-        return "encoder_hidden_states" in inspect.signature(forward).parameters
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):  # no signature to read: taken as a UNet, as before
         return True
+    # a wrapper passing keywords on (``lora.AdaptersOff``) is called as what it wraps: a UNet
+    return "encoder_hidden_states" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def unet_eps_fn(unet) -> EpsFn:

@@ -23,6 +23,7 @@ TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>cgidm report</title>
 <style>
+code,td,li{unicode-bidi:isolate}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 h1{margin:0 0 4px} .sub{color:#666;margin-bottom:16px} .note{color:#666;font-size:smaller;max-width:24em}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}

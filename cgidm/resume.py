@@ -237,7 +237,11 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Unlock; the holder's line (pid, host name) is cleared, so a folder handed on
+        does not carry it."""
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
 

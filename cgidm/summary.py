@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
+from cgidm.files import shown
 from cgidm.score import calibrate, set_metrics, set_verdict
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
@@ -286,7 +287,7 @@ def print_summary(summary: dict) -> None:
     print(f"images: {summary['images']}  scored: {summary['scored']}  failed: {summary['failed']}")
     errors = list(summary.get("errors", {}).items())
     for image_id, reason in errors[:10]:
-        print(f"  failed {image_id}: {reason}")
+        print(f"  failed {shown(image_id)}: {shown(reason)}")
     if len(errors) > 10:
         print(f"  ... and {len(errors) - 10} more (see results.jsonl)")
     if summary.get("auc") is not None:

@@ -113,14 +113,15 @@ def test_a_file_name_that_is_not_utf8_is_protected_and_reported(tiny_world, tmp_
     folder.mkdir()
     latin1 = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a Latin-1 name from an old archive
     rng = np.random.default_rng(1)
-    for name in (latin1, "ok.png"):
+    for name in (latin1, "ok.png", "back\\slash.png"):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
     out = tmp_path / "out"
     code = cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder), "--out", str(out),
                      "--steps", "1", "--eval-draws", "1", "-q"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["protected"] == 2 and (out / "report.html").is_file()
+    assert summary["protected"] == 3 and (out / "report.html").is_file()
+    assert (out / "protected" / "back_slash.png").is_file()  # a backslash is a separator on other systems
     assert "caf\\udce9.png" in (out / "report.html").read_text()
     assert image_key(0, "ok.png") == image_key(0, "ok.png".encode().decode("utf-8", "surrogateescape"))
 
@@ -145,3 +146,21 @@ def test_a_target_too_small_for_the_model_is_refused_before_out_records_it(base,
     assert summary["protected"] == 1
     with pytest.raises(ValueError, match="other settings"):  # once it has rows, it does
         protect(base, items, out, cfg.replace(target=str(good), steps=3), progress=False)
+
+
+def test_file_names_reach_the_terminal_without_their_escapes(tiny_world, tmp_path, capsys):
+    """A name with an escape sequence (clear the screen, set the window title) or a bidi
+    override is printed as its escapes, in the failure list and in the log alike; the
+    report isolates such text (``unicode-bidi: isolate``) and escapes it as HTML."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "ok.png")
+    (folder / "x\x1b[2J\x1b]0;owned\x07\u202e.png").write_text("not an image")
+    out = tmp_path / "out"
+    code = cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder), "--out", str(out),
+                     "--steps", "1", "--eval-draws", "1", "-q"])
+    said = capsys.readouterr()
+    assert code == 1
+    assert "\x1b" not in said.out + said.err and "\u202e" not in said.out + said.err
+    assert "x\\x1b[2J\\x1b]0;owned\\x07\\u202e.png" in said.out
+    assert "unicode-bidi:isolate" in (out / "report.html").read_text()

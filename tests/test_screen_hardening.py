@@ -114,7 +114,9 @@ def test_a_second_run_on_the_same_out_says_who_holds_it(tiny_world, folder, caps
     assert code == cli.EXIT_USAGE
     assert "in use by another cgidm run (pid" in err
     assert not (out / "results.jsonl").exists()
+    assert (out / ".cgidm.lock").read_text() == "", "a released lock names no holder (pid, host)"
     assert _screen_cli(tiny_world, folder, out) == 0, "the lock goes with its holder"
+    assert (out / ".cgidm.lock").read_text() == ""
 
 
 def test_retry_failed_writes_the_new_outcome(tiny_world, folder):
