@@ -106,6 +106,24 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
         labels.setdefault(real, it.label)
 
 
+def file_sample_digest(path: Path, pieces: int = 16, piece: int = 1 << 16) -> str:
+    """SHA-256 of a file's contents, or of a large file's ``pieces`` blocks of ``piece``
+    bytes at evenly spaced offsets (its first and last included): a few MB read for a
+    model of GBs, enough to tell weights saved over (every tensor changes) from the same
+    file."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= pieces * piece * 4:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for k in range(pieces):
+                f.seek((size - piece) * k // (pieces - 1))
+                h.update(f.read(piece))
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class PairSpec:
     """The models one image is tested against; paths are absolute. ``root``: the manifest's
@@ -127,22 +145,23 @@ class PairSpec:
         return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
     def files_stamp(self) -> str:
-        """The model files as they are now: size and modification time of each file under
-        the pair's paths (16 hex digits). Screen rows carry it, so a model saved over at the
-        same path screens its images again (contents are not hashed: a copy that did not
-        keep the times counts as changed)."""
+        """The model files as they are now (16 hex digits): each file under the pair's paths
+        by its path inside that path, its size and ``file_sample_digest``. Screen rows carry
+        it, so a model saved over at the same path screens its images again, while a tree
+        moved or copied elsewhere (times not kept, another machine's local copy) does not."""
         h = hashlib.sha256()
-        for path in (self.base, self.finetuned, self.lora):
+        for i, path in enumerate((self.base, self.finetuned, self.lora)):
             if path is None:
                 continue
             p = Path(path)
             files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
             for f in files:
+                name = f"{i}/{f.relative_to(p).as_posix() if p.is_dir() else ''}"
                 try:
-                    st = f.stat()
-                    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                    line = f"{name}\0{f.stat().st_size}\0{file_sample_digest(f)}\n"
                 except OSError:
-                    h.update(f"{f}\0missing\n".encode("utf-8", "surrogateescape"))
+                    line = f"{name}\0missing\n"
+                h.update(line.encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:16]
 
     def _rel(self, path: Optional[str]) -> Optional[str]:

@@ -242,12 +242,12 @@ def screen(
                                "rank reads and writes (a shared filesystem across machines)")
         if rank == 0 and todo:
             _set_aside(out)
-        if changed:  # each rank its own shard, rank 0 the merged rows and shards of ranks gone
+        if gone:  # screened again: the old rows go (each rank its own shard; rank 0 the rest)
             own = [sink] if world > 1 else []
             if rank == 0:
-                own = [out / RESULTS, *own, *(p for p in result_files(out)[1:]
-                                               if int(p.stem.split("-")[-1]) >= world)]
-            drop_rows(own, changed)
+                own = result_files(out) if world == 1 else [
+                    out / RESULTS, *own, *(p for p in result_files(out)[1:] if int(p.stem.split("-")[-1]) >= world)]
+            drop_rows(own, gone)
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
             failed = sum(1 for e in entries if "error" in done.get(e.id, {}))

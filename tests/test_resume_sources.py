@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from cgidm import protect as protect_mod
 from cgidm import screen as screen_mod
@@ -61,13 +62,19 @@ def test_screen_screens_again_what_was_saved_over(tiny_world, world, caplog):
     assert second[changed]["latent_cos"] != first[changed]["latent_cos"]
     assert second[changed]["source"] != first[changed]["source"]
     assert all(second[i] == first[i] for i in first if i != changed)  # the others kept, untouched
-    # the model saved over (a new time on one of its files): every image again
-    weights = next(p for p in finetuned.rglob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    # the same model files with new times (copied without them, or another machine's copy): kept
+    for p in finetuned.rglob("*"):
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
     caplog.clear()
+    screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert "another image or model file" not in caplog.text and _rows(out) == second
+    # the model saved over (other weights at the same path): every image again
+    weights = finetuned / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
     summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
     assert "4 finished images have another image or model file" in caplog.text
     assert summary["images"] == 4 and len(_rows(out)) == 4
+    assert all(r["pair_files"] != second[i]["pair_files"] for i, r in _rows(out).items())
 
 
 def test_a_stopped_screen_resume_leaves_no_earlier_summary_or_report(tiny_world, world, monkeypatch):
@@ -134,3 +141,20 @@ def test_names_near_the_file_system_limit_are_protected(base, tiny_world, tmp_pa
     name = rows[long_jpg]["protected"].split("/")[-1]
     assert len(name.encode()) <= 255 and name.startswith("J" * 200) and name.endswith(".png")
     assert (out / rows[long_jpg]["protected"]).is_file() and rows[long_png]["protected"] == "protected/" + long_png
+
+
+def test_a_row_left_in_a_shard_does_not_outlive_its_changed_image(tiny_world, world):
+    """A killed two-rank run left an image's row in shards/rank-0.jsonl; the image is then
+    saved over with bytes that are no image, and a one-process resume screens it again:
+    its new error row stands, not the old score from the shard."""
+    root, finetuned = world
+    out = root.parent / "out"
+    screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "shards").mkdir(exist_ok=True)
+    (out / "shards" / "rank-0.jsonl").write_text(rows[0] + "\n")
+    (out / "results.jsonl").write_text("".join(r + "\n" for r in rows[1:]))
+    image = Path(json.loads(rows[0])["image"])
+    image.write_bytes(os.urandom(100))
+    summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert summary["failed"] == 1 and "error" in _rows(out)[json.loads(rows[0])["id"]]
