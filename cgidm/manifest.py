@@ -218,8 +218,15 @@ def _relative_name(path: Path, root: Path) -> str:
 
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest."""
-    text = path.read_text(encoding="utf-8-sig")
+    """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest. What a
+    spreadsheet or script may make of one is refused with the file and line named: another
+    encoding than UTF-8, an unclosed quote, a header without an image column (another
+    delimiter, Excel's ``sep=`` line), a cell or key given twice, a value of another type."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the manifest as UTF-8 "
+                         "(in a spreadsheet: CSV UTF-8)") from None
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
         path.suffix.lower() != ".csv" and text.lstrip().startswith("{"))
     records = []
@@ -229,23 +236,53 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({type(e).__name__})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: not a JSON object")
-            records.append((n, {str(k).strip().lower(): v for k, v in rec.items()}))
+            keys = [str(k).strip().lower() for k in rec]
+            twice = sorted({k for k in keys if keys.count(k) > 1 and k in READ_COLUMNS})
+            if twice:
+                raise ValueError(f"{path}:{n}: the key {twice[0]!r} is given twice (in another case)")
+            rec = {str(k).strip().lower(): v for k, v in rec.items()}
+            bad = [k for k in READ_COLUMNS if isinstance(rec.get(k), (dict, list))]
+            if bad:
+                raise ValueError(f"{path}:{n}: {bad[0]} must be a string, got a {type(rec[bad[0]]).__name__}")
+            records.append((n, rec))
         return records
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
+    lines = text.splitlines(keepends=True)
+    skip = 1 if lines and lines[0].strip().lower().startswith("sep=") else 0  # Excel's delimiter line
+    reader = csv.DictReader(io.StringIO("".join(lines[skip:]), newline=""), strict=True)
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as e:
+        raise ValueError(f"{path}:{1 + skip}: not a CSV header ({e})") from None
+    if not fieldnames:
         raise ValueError(f"{path}: empty manifest (a CSV needs a header line: image,label,base,finetuned,lora)")
-    names = [str(k).strip().lower() for k in reader.fieldnames if str(k).strip()]
+    names = [str(k).strip().lower() for k in fieldnames if str(k).strip()]
+    if not {"image", "path"} & set(names):
+        shown = ", ".join(repr(k) for k in names[:6]) + (" ..." if len(names) > 6 else "")
+        raise ValueError(f"{path}:{1 + skip}: the header has no 'image' column (found {shown}); columns are "
+                         "separated by commas: image,label,base,finetuned,lora")
     twice = sorted({k for k in names if names.count(k) > 1 and k in READ_COLUMNS})
     if twice:  # DictReader would keep the last column of a name silently (other columns are not read)
         raise ValueError(f"{path}: the header names {', '.join(repr(k) for k in twice)} more than once")
-    for rec in reader:
+    rows = iter(reader)
+    while True:
+        start = reader.line_num + 1 + skip
+        try:
+            rec = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # an unclosed quote, a field past the size limit
+            raise ValueError(f"{path}:{start}: not valid CSV ({e}); is a quote left open?") from None
         rec = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}
-        if any(v not in (None, "") for v in rec.values()):
-            records.append((reader.line_num, rec))
+        if any(v is not None and str(v).strip() for v in rec.values()):  # a row of blanks is no row
+            records.append((reader.line_num + skip, rec))
+    for n, rec in records:
+        image = _cell(rec, "image", "path")
+        if image is not None and ("\n" in image or "\r" in image):
+            raise ValueError(f"{path}:{n}: the image cell spans lines (a quote left open above?)")
     return records
 
 

@@ -63,7 +63,7 @@ def test_vae_encode_is_a_posterior_sample_keyed_by_the_image():
     codec = VaeCodec(vae)
 
     class Pair:  # what prepare reads of a model pair
-        latent_size, latent_channels, device = 16, 4, torch.device("cpu")
+        latent_size, latent_channels, resolution, device = 16, 4, 16, torch.device("cpu")
 
     Pair.codec = codec
     images = torch.rand(3, 3, 16, 16) * 2 - 1
