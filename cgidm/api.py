@@ -8,7 +8,6 @@ runner over the same batch loop. The names researchers use are re-exported here:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from cgidm.config import AuthConfig, PGDConfig, check_t_max  # noqa: F401 (re-ex
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
+from cgidm.progress import bar_options
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.rows import RECOVERED, TRIPTYCHS
@@ -83,8 +83,7 @@ def authenticate(
             raise OutputError(out, e) from e
         results = out / RESULTS
         rows: list[dict] = []
-        # in a log file (not a terminal) a bar prints a line every 30 s instead of redrawing
-        every = {} if sys.stderr.isatty() else {"mininterval": 30}
+        every = bar_options()  # in a log file (not a terminal) a line every 30 s instead of a redraw
         bar = tqdm(total=len(items), desc="images", unit="img", disable=not progress, **every)
 
         def emit(row: dict) -> None:
@@ -98,7 +97,9 @@ def authenticate(
             bar.update(1)
 
         def step_bar():
-            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False, disable=not progress, **every)
+            # a log file gets the images bar only: a PGD bar's lines for every batch would drown it
+            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False,
+                       disable=not progress or "file" in every, **every)
 
             def cb(step, loss):
                 pgd.update(1)
@@ -113,7 +114,7 @@ def authenticate(
         try:
             # the step bar reads each step's loss (a device sync a step): only when it is shown
             stats = run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
-                             step_callback=step_bar if progress else None)
+                             step_callback=step_bar if progress and "file" not in every else None)
         finally:
             try:
                 writer.close()

@@ -6,7 +6,6 @@ tested against (and timed against in ``bench/bench_extract.py``)."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -14,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from cgidm import graphs
+from cgidm.progress import bar_options
 from cgidm.rng import counter_draws, image_key
 
 log = logging.getLogger(__name__)
@@ -266,10 +266,9 @@ def sample(
     batch_size = min(batch_size, m)
     call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
     out = []
-    tty = sys.stderr.isatty()
     # a log file (not a terminal) gets a line every 30 s instead of a redraw every 0.1 s;
     # the count moves by a fraction of the batch every step
-    bar = tqdm(total=m, unit="sample", desc="sampling", disable=not progress, mininterval=0.1 if tty else 30,
+    bar = tqdm(total=m, unit="sample", desc="sampling", disable=not progress, **bar_options(),
                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
     t0 = time.perf_counter()
     lo = 0

@@ -27,6 +27,33 @@ class _NoEmptyFloat32List(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32List())
 
 
+class _LogLines:
+    """tqdm's file in a log (not a terminal): each refresh a line of its own, with no
+    carriage return or cursor move, so ``tail -f``, ``grep`` and line-based log
+    collectors see the run's progress as it goes."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.last = stream, None
+
+    def write(self, text: str) -> None:
+        for part in text.replace("\x1b[A", "").replace("\r", "\n").split("\n"):
+            line = part.strip()
+            if line and line != self.last:
+                self.stream.write(line + "\n")
+                self.last = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def bar_options() -> dict:
+    """tqdm keywords for a bar on this process's stderr: in a terminal a redraw every
+    0.1 s; in a log file a line of its own every 30 s."""
+    if sys.stderr.isatty():
+        return {"mininterval": 0.1}
+    return {"mininterval": 30, "file": _LogLines(sys.stderr)}
+
+
 class Progress:
     """This rank's bar (images done, images/hour, ETA) and, on rank 0 of several, a
     total bar fed by counting the lines of every rank's shard."""
@@ -35,9 +62,7 @@ class Progress:
                  enabled: bool, shard_lines: dict) -> None:
         from tqdm.auto import tqdm
 
-        tty = sys.stderr.isatty()
-        # a log file gets a line every 30 s instead of a redraw every 0.1 s
-        kw = dict(unit="img", disable=not enabled, mininterval=0.1 if tty else 30, dynamic_ncols=True)
+        kw = dict(unit="img", disable=not enabled, dynamic_ncols=True, **bar_options())
         self.t0 = time.perf_counter()
         self.count = 0
         self.lock = threading.Lock()

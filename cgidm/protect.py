@@ -33,6 +33,7 @@ from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
+from cgidm.progress import bar_options
 from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
                                    output_names, resume_plan)
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl
@@ -157,7 +158,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         # made with its total: a bar made before it would print an empty line first
-        self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress)
+        self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress, **bar_options())
         pending: dict[tuple[int, int], list[tuple[ProtectItem, torch.Tensor, list[str]]]] = {}
         for item in items:
             name = self._name(item)

@@ -168,12 +168,20 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
             bare = {k: n for k, n in bare.items() if n}
             if bare:
                 summary["pairs_without_controls"] = bare
-        for key in ("calibration_error", "calibration_warning"):  # a pair's, said with its key
-            said = [f"{k}: {s[key]}" for k, s in per.items() if s.get(key)]
-            if said:
-                summary[key] = "; ".join(said)
+        for key in ("calibration_error", "calibration_warning"):  # a pair's, said with its keys
+            by_message: dict[str, list[str]] = {}
+            for k, s in per.items():
+                if s.get(key):
+                    by_message.setdefault(s[key], []).append(k)
+            if by_message:  # one sentence per message, not one per pair (a screen may have hundreds)
+                summary[key] = "; ".join(f"{_some(keys)}: {m}" for m, keys in by_message.items())
     summary["pairs"] = {k: {**infos[k], **{f: s[f] for f in PAIR_SUMMARY_FIELDS if f in s}} for k, s in per.items()}
     return summary
+
+
+def _some(keys: Sequence[str], shown: int = 3) -> str:
+    """Pair keys in a line: the first ``shown`` and how many more."""
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:
@@ -314,8 +322,13 @@ def print_summary(summary: dict) -> None:
     if "flagged" in summary:
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
               f"of {len(summary['verdicts'])}")
-    for key, n in (summary.get("pairs_without_controls") or {}).items():
-        print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
+    bare = summary.get("pairs_without_controls") or {}
+    if len(bare) > 3:
+        print(f"warning: {len(bare)} pairs have no control images ({_some(list(bare))}): their "
+              f"{sum(bare.values())} images get no p-value or verdict (summary.json: pairs_without_controls)")
+    else:
+        for key, n in bare.items():
+            print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
     for key in ("calibration_error", "calibration_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")

@@ -148,6 +148,11 @@ def test_too_few_scored_controls_are_said_not_dropped(tmp_path, capsys):
     assert s["calibration_error"].startswith("a: 1 control image given, 1 scored")
     assert "a" not in (s.get("pairs_without_controls") or {})
     assert s["pairs"]["a"]["calibration_error"] and s["pairs"]["b"]["controls"] == 2
+    # many pairs with one message: one sentence naming a few, not the sentence once per pair
+    many = [{**r, "id": f"p{k}/{r['id']}", "pair": f"p{k}"} for k in range(6) for r in one]
+    s = summarize_pairs(many, {f"p{k}": {"base": "x"} for k in range(6)}, AuthConfig(prompt="p"))
+    assert s["calibration_error"].startswith("p0, p1, p2 and 3 more: 1 control image given, 1 scored")
+    assert s["calibration_error"].count("control image given") == 1
     # what loading found, in each pair's models line: a LoRA's counts as matched/total
     s = summarize_pairs(rows, {"a": {"base": "x", "lora_match": {"matched": 3, "total": 4}},
                                "b": {"base": "y", "finetuned_uses_base": ["text_encoder", "tokenizer"]}},

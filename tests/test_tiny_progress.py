@@ -77,3 +77,25 @@ def test_train_unet_reports_its_stage_and_trains_as_before(capsys):
     loss2, weights2 = run()
     assert loss == loss2 and torch.equal(weights, weights2)
     assert tiny.WORLD_VERSION == 3  # a cached world stays valid
+
+
+def test_bars_in_a_log_file_are_lines_of_their_own():
+    """In a log file (not a terminal) every bar refresh is one line ending in a newline:
+    no carriage returns or cursor moves, which ``tail -f`` and log collectors show as
+    nothing until the run ends; a line repeated as it is written again is written once."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from cgidm.progress import _LogLines
+
+    out = io.StringIO()
+    bar = tqdm(total=3, desc="images", file=_LogLines(out), mininterval=0, position=1)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("images:   0%") and lines[-1].startswith("images: 100%")
+    assert [f"{k}/3" in line for k, line in zip(range(4), lines)] == [True] * 4 and len(set(lines)) == len(lines)
