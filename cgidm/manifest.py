@@ -106,22 +106,43 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
         labels.setdefault(real, it.label)
 
 
-def file_sample_digest(path: Path, pieces: int = 16, piece: int = 1 << 16) -> str:
-    """SHA-256 of a file's contents, or of a large file's ``pieces`` blocks of ``piece``
-    bytes at evenly spaced offsets (its first and last included): a few MB read for a
-    model of GBs, enough to tell weights saved over (every tensor changes) from the same
-    file."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= pieces * piece * 4:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            for k in range(pieces):
-                f.seek((size - piece) * k // (pieces - 1))
-                h.update(f.read(piece))
-    return h.hexdigest()
+# what a model folder's loading reads: weights, configs, tokenizer files
+MODEL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".json", ".txt", ".model")
+
+
+def model_files(path: Path) -> list[tuple[str, Path]]:
+    """``(name inside the model, file)`` for what loading ``path`` reads: the file itself;
+    in a pipeline folder its top-level files and its components' folders (those
+    ``model_index.json`` names, and ``vae``/``codec``), through symlinks; in any other
+    folder (``unet/``) its own files. Not read: hidden entries, other subfolders (a
+    training run's ``checkpoint-*``, logs, a screen's ``--out`` kept there) and files of
+    other kinds (notes, images)."""
+    if not path.is_dir():
+        return [("", path)]
+    comps = {"vae", "codec"}
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        comps |= {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    except (OSError, ValueError, AttributeError):
+        comps = set()
+    found, seen = [], set()
+    for f in sorted(path.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES:
+            found.append((f.name, f))
+        elif f.is_dir() and f.name in comps:
+            for root, dirs, files in os.walk(f, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:  # a symlink loop
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                rel = Path(root).relative_to(path).as_posix()
+                found += [(f"{rel}/{n}", Path(root) / n) for n in sorted(files)
+                          if not n.startswith(".") and Path(n).suffix.lower() in MODEL_SUFFIXES]
+    return found
 
 
 @dataclass(frozen=True)
@@ -144,23 +165,22 @@ class PairSpec:
         blob = json.dumps([self._rel(self.base), self._rel(self.finetuned), self._rel(self.lora), self.lora_scale])
         return f"{stem.strip('.') or 'pair'}-{hashlib.sha256(blob.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
-    def files_stamp(self) -> str:
-        """The model files as they are now (16 hex digits): each file under the pair's paths
-        by its path inside that path, its size and ``file_sample_digest``. Screen rows carry
-        it, so a model saved over at the same path screens its images again, while a tree
-        moved or copied elsewhere (times not kept, another machine's local copy) does not."""
+    def files_stamp(self, sha256) -> str:
+        """The model files as they are now (16 hex digits): each file loading reads
+        (``model_files``) by its name inside the model, its size and ``sha256(file)`` (a
+        cache, ``resume.DigestCache``: contents are read again only when a file's size or
+        time changed). Screen rows carry it, so a model saved over at the same path screens
+        its images again, while a tree moved or copied elsewhere (times not kept, another
+        machine's local copy) does not."""
         h = hashlib.sha256()
         for i, path in enumerate((self.base, self.finetuned, self.lora)):
             if path is None:
                 continue
-            p = Path(path)
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            for f in files:
-                name = f"{i}/{f.relative_to(p).as_posix() if p.is_dir() else ''}"
+            for name, f in model_files(Path(path)):
                 try:
-                    line = f"{name}\0{f.stat().st_size}\0{file_sample_digest(f)}\n"
+                    line = f"{i}/{name}\0{f.stat().st_size}\0{sha256(f)}\n"
                 except OSError:
-                    line = f"{name}\0missing\n"
+                    line = f"{i}/{name}\0missing\n"
                 h.update(line.encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:16]
 
@@ -277,12 +297,11 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
         except csv.Error as e:  # an unclosed quote, a field past the size limit
             raise ValueError(f"{path}:{start}: not valid CSV ({e}); is a quote left open?") from None
         rec = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}
-        if any(v is not None and str(v).strip() for v in rec.values()):  # a row of blanks is no row
-            records.append((reader.line_num + skip, rec))
-    for n, rec in records:
         image = _cell(rec, "image", "path")
         if image is not None and ("\n" in image or "\r" in image):
-            raise ValueError(f"{path}:{n}: the image cell spans lines (a quote left open above?)")
+            raise ValueError(f"{path}:{start}: the image cell spans lines (a quote left open?)")
+        if any(v is not None and str(v).strip() for v in rec.values()):  # a row of blanks is no row
+            records.append((reader.line_num + skip, rec))
     return records
 
 

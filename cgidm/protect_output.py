@@ -80,6 +80,8 @@ def _colour_key_to_alpha(img: Image.Image, notes: list[str]) -> Image.Image:
         alpha = np.where(a == int(img.info["transparency"]), 0, 255).astype(np.uint8)
         grey = np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
         new = Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+        new.info = {k: v for k, v in img.info.items() if k != "transparency"}  # its XMP as rotated
+        notes.append("16-bit grey with a transparent colour written in 8 bits: LA has no 16-bit form")
     else:
         new = img.convert("RGBA" if img.mode == "RGB" else "LA")
     notes.append(f"{img.mode} with a transparent colour written as {new.mode} (the perturbation would move pixels "
@@ -135,8 +137,9 @@ def _fewer_bits(img: Image.Image) -> bool:
 
 # str values in ``info`` that are how the file was stored, not text about the picture
 _FORMAT_KEYS = frozenset({"compression"})
-# TIFF tags of the file's layout (sizes, strips, tiles, sample format, colour map, the
-# profile and XMP carried on their own), which Pillow's getexif returns for a TIFF
+# TIFF tags of the file's layout (sizes, strips, tiles, sample format, colour map; the ICC
+# profile and the XMP, tag 700, are carried as the PNG's own iCCP and iTXt), which Pillow's
+# getexif returns for a TIFF
 _TIFF_LAYOUT = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 292, 293,
                           317, 320, 322, 323, 324, 325, 330, 338, 339, 340, 341, 347, 700, 34675, *range(512, 522)})
 
@@ -182,6 +185,12 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Im
             info.add_text(key, value)
         except UnicodeEncodeError:
             info.add_itxt(key, value)
+    xmp = working.info.get("xmp")  # a TIFF's tag 700 or a JPEG's XMP packet, as rotated
+    if "XML:com.adobe.xmp" not in text and isinstance(xmp, bytes) and xmp:
+        try:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
+        except UnicodeDecodeError:
+            notes.append("XMP not UTF-8, not copied")
     info.add_text("cgidm-protect", json.dumps(stamp, sort_keys=True))
     _colour_chunks(img.info, info)
     kw: dict = {"pnginfo": info}

@@ -170,6 +170,40 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+DIGESTS = ".cgidm-digests.json"
+
+
+class DigestCache:
+    """Files' SHA-256 by path, size and modification time, kept in ``OUT/.cgidm-digests.json``
+    across runs: a resume reads a file's contents again only when its size or time changed
+    (a model of GBs once; a folder copied without its times once, not at every resume)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / DIGESTS
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        self.entries = entries if isinstance(entries, dict) else {}
+        self.changed = False
+
+    def sha256(self, path: Path) -> str:
+        st = Path(path).stat()
+        key = os.path.abspath(path)
+        kept = self.entries.get(key)
+        if isinstance(kept, list) and kept[:2] == [st.st_size, st.st_mtime_ns]:
+            return kept[2]
+        digest = sha256_file(path)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.changed:
+            atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True) + "\n")
+            self.changed = False
+
+
 def source(path: Path) -> Optional[dict]:
     """What a resume checks to tell that an input is the file a row was made from: its
     size and modification time, and its contents' digest."""
@@ -180,7 +214,7 @@ def source(path: Path) -> Optional[dict]:
         return None
 
 
-def same_source(recorded, path: Path) -> bool:
+def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> bool:
     """Whether ``path`` is the file a row recorded (``source``): the same size and time,
     or else the same contents (a copy of the folder that did not keep the times is the
     same file; one saved over it is not). A row without a record is taken as the same."""
@@ -190,7 +224,9 @@ def same_source(recorded, path: Path) -> bool:
         st = Path(path).stat()
         if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):
             return True
-        return st.st_size == recorded.get("bytes") and sha256_file(path) == recorded.get("sha256")
+        if st.st_size != recorded.get("bytes"):
+            return False
+        return (digests.sha256(path) if digests is not None else sha256_file(path)) == recorded.get("sha256")
     except OSError:
         return True  # unreadable now: the run's loading says so
 

@@ -33,7 +33,7 @@ from cgidm.pipeline import resolve_prompt
 from cgidm.progress import Progress, count_lines
 from cgidm.report import write_report
 from cgidm.resume import (
-    REMOVED, RESULTS, SHARDS, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
+    REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
     remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of, source,
 )
 from cgidm.rows import error_row
@@ -110,6 +110,25 @@ LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base
 
 
 PREVIOUS = ".summary.previous.json"  # an earlier run's summary while this one runs
+
+
+def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set, rank: int) -> tuple[dict, set]:
+    """``(stamps, changed)``, decided on rank 0 and handed to every rank: each pair's model
+    files stamp (``PairSpec.files_stamp``) and the ids of finished rows whose image or model
+    files were saved over since (rows from before these were recorded are taken as made
+    from the files there now). Contents are read through ``OUT/.cgidm-digests.json``:
+    again only where a file's size or time changed."""
+    decided = None
+    if rank == 0:
+        digests = DigestCache(out)
+        stamps = {e.pair.key: e.pair.files_stamp(digests.sha256) for e in {e.pair.key: e for e in entries}.values()}
+        changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
+                         and (not same_source(done[e.id].get("source"), e.path, digests)
+                              or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))
+        digests.save()
+        decided = (stamps, changed)
+    stamps, changed = all_gather(decided)[0]
+    return stamps, set(changed)
 
 
 def _set_aside(out: Path) -> None:
@@ -220,12 +239,7 @@ def screen(
         gone = {e.id for e in entries if e.id in done and "error" not in done[e.id]
                 and any(isinstance(done[e.id].get(k), str) and not (out / done[e.id][k]).is_file()
                         for k in ("triptych", "recovered"))}
-        stamps = {e.pair.key: e.pair.files_stamp() for e in {e.pair.key: e for e in entries}.values()}
-        # a finished row whose image or model files were saved over since: screened again
-        # (rows from before these were recorded are taken as made from the files there now)
-        changed = {e.id for e in entries if e.id in done and e.id not in gone
-                   and (not same_source(done[e.id].get("source"), e.path)
-                        or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key])}
+        stamps, changed = _changed_files(out, entries, done, gone, rank)
         gone |= changed
         todo = [e for e in entries if e.id not in done or e.id in gone or (retry_failed and "error" in done[e.id])]
         if rank == 0 and changed:
@@ -234,8 +248,6 @@ def screen(
         if rank == 0 and gone - changed:
             log.warning("%s: %d scored images have lost their triptych or recovered image; screening them again",
                         out, len(gone - changed))
-        # counted before any rank can start writing: the total bar counts lines added after this
-        shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
         digest = hashlib.sha256("\n".join(e.id for e in todo).encode("utf-8", "surrogateescape")).hexdigest()
         if len(set(all_gather(digest))) > 1:
             raise RuntimeError(f"ranks see different finished rows in {out}: --out must be a folder every "
@@ -248,6 +260,9 @@ def screen(
                 own = result_files(out) if world == 1 else [
                     out / RESULTS, *own, *(p for p in result_files(out)[1:] if int(p.stem.split("-")[-1]) >= world)]
             drop_rows(own, gone)
+            all_gather(None)  # every rank's shard is clean before rank 0 counts its lines
+        # counted before any rank starts writing: the total bar counts lines added after this
+        shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
             failed = sum(1 for e in entries if "error" in done.get(e.id, {}))

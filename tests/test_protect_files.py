@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 from cgidm import cli
 from cgidm.config import ProtectConfig
@@ -21,6 +21,9 @@ from cgidm.protect_pgd import load_base
 from cgidm.rng import image_key
 
 FAST = dict(steps=2, eval_draws=2)
+RIGHTS = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+          '<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:rights>(c) an artist</dc:rights>'
+          '</rdf:Description></rdf:RDF></x:xmpmeta>')
 XMP6 = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
         '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
 
@@ -64,9 +67,15 @@ def _make(folder) -> None:
     colour.add(b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000))
     Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "colour.png", pnginfo=colour)
     tif = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
-    exif = tif.getexif()
-    exif[315] = "an artist"  # Artist
-    tif.save(folder / "scan.tif", exif=exif)
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[315] = "an artist"  # Artist
+    ifd[700] = RIGHTS.encode()  # XMP, with the copyright line
+    tif.save(folder / "scan.tif", tiffinfo=ifd)
+    deep6 = (rng.integers(0, 256, (24, 36)) * 257).astype(np.uint16)
+    deep6[:3, :3] = 500
+    info6 = PngImagePlugin.PngInfo()
+    info6.add_itxt("XML:com.adobe.xmp", XMP6)
+    Image.fromarray(deep6).save(folder / "deep_key_xmp6.png", transparency=500, pnginfo=info6)
 
 
 def _transparent(path) -> np.ndarray:
@@ -106,6 +115,11 @@ def test_written_files_keep_transparency_grey_orientation_and_colour_metadata(ba
     assert scan.getexif().get(315) == "an artist"
     assert not {256, 257, 259, 273, 279} & set(scan.getexif()), dict(scan.getexif())  # the TIFF's layout
     assert "compression" not in scan.info
+    assert "<dc:rights>(c) an artist</dc:rights>" in scan.info["XML:com.adobe.xmp"]  # the TIFF's XMP, as PNG XMP
+    both = written("deep_key_xmp6.png")  # 16-bit grey, a colour key and an XMP rotation at once
+    assert both.mode == "LA" and both.size == (24, 36)
+    assert 'Orientation="6"' not in both.info.get("XML:com.adobe.xmp", "")
+    assert any("written in 8 bits" in n for n in rows["deep_key_xmp6.png"]["notes"])
 
 
 def test_a_file_name_that_is_not_utf8_is_protected_and_reported(tiny_world, tmp_path):

@@ -158,3 +158,44 @@ def test_a_row_left_in_a_shard_does_not_outlive_its_changed_image(tiny_world, wo
     image.write_bytes(os.urandom(100))
     summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
     assert summary["failed"] == 1 and "error" in _rows(out)[json.loads(rows[0])["id"]]
+
+
+def test_model_stamps_read_what_loading_reads(tiny_world, tmp_path, monkeypatch):
+    """The stamp covers the files a model folder's loading reads, through symlinks, and
+    nothing else: notes, a training run's checkpoints, hidden files and a screen's own
+    --out kept inside the model folder change nothing; a component reached through a
+    symlink does. Contents are hashed once, then known by size and time."""
+    from cgidm import resume
+    from cgidm.manifest import PairSpec, model_files
+    from cgidm.resume import DigestCache
+
+    model = tmp_path / "ft"
+    shutil.copytree(tiny_world / "finetuned", model)
+    spec = PairSpec(str(tiny_world / "base"), str(model))
+    (tmp_path / "out").mkdir()
+    digests = DigestCache(tmp_path / "out")
+    first = spec.files_stamp(digests.sha256)
+    names = {n for n, _ in model_files(model)}
+    assert {"model_index.json", "args.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"} <= names
+    (model / "README.md").write_text("notes")
+    (model / ".git").mkdir()
+    (model / ".git" / "x.safetensors").write_bytes(b"x")
+    (model / "checkpoint-500").mkdir()
+    (model / "checkpoint-500" / "model.safetensors").write_bytes(b"y")
+    (model / "screen-out").mkdir()
+    (model / "screen-out" / "summary.json").write_text("{}")
+    assert spec.files_stamp(digests.sha256) == first
+    # the UNet through a symlink, saved over: the stamp follows it
+    real = tmp_path / "real_unet"
+    shutil.move(model / "unet", real)
+    (model / "unet").symlink_to(real, target_is_directory=True)
+    assert spec.files_stamp(digests.sha256) == first
+    weights = real / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    assert spec.files_stamp(digests.sha256) != first
+    digests.save()
+    reads = []
+    monkeypatch.setattr(resume, "sha256_file", lambda p: reads.append(p) or "x")
+    again = DigestCache(tmp_path / "out")
+    spec.files_stamp(again.sha256)
+    assert reads == []  # every file known by its size and time from the saved digests
