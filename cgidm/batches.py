@@ -26,6 +26,7 @@ from cgidm.baselines import score_batch as score_baselines
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
 from cgidm.pipeline import make_mask, prepare, recover, shrink_engines
+from cgidm.resume import source
 from cgidm.rows import batch_rows, error_row
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
     """Read the images of ``batch`` and encode those that could be read."""
     ok, tensors, notes, failed = [], [], [], []
     for it in batch:
+        if getattr(it, "pair", None) is not None:
+            # a screen entry: its file as it is read (size, time, SHA-256), which its row
+            # records for a resume to tell a file saved over since (``resume.same_source``)
+            object.__setattr__(it, "source", source(it.path))
         try:
             x, note = load_image_with_notes(it.path, pair.resolution)
         except ImageError as e:

@@ -57,6 +57,8 @@ def _head(item) -> dict:
     row = {"image": str(item.path), "id": item.id, "label": item.label}
     if getattr(item, "pair", None) is not None:
         row["pair"] = item.pair.key
+    if getattr(item, "source", None) is not None:  # the file as it was read (batches.load_batch)
+        row["source"] = item.source
     return row
 
 

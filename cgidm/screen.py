@@ -34,7 +34,7 @@ from cgidm.progress import Progress, count_lines
 from cgidm.report import write_report
 from cgidm.resume import (
     REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
-    remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of, source,
+    remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of,
 )
 from cgidm.rows import error_row
 from cgidm.rows import RECOVERED, TRIPTYCHS
@@ -59,8 +59,6 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     writer = RowWriter(threaded=prefetch_depth > 0)
 
     def emit(row):
-        if "error" not in row and isinstance(row.get("image"), str):
-            row["source"] = source(Path(row["image"]))
         if stamps and row.get("pair") in stamps:
             row["pair_files"] = stamps[row["pair"]]
         append_jsonl(sink, row)

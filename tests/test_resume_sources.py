@@ -155,9 +155,15 @@ def test_a_row_left_in_a_shard_does_not_outlive_its_changed_image(tiny_world, wo
     (out / "shards" / "rank-0.jsonl").write_text(rows[0] + "\n")
     (out / "results.jsonl").write_text("".join(r + "\n" for r in rows[1:]))
     image = Path(json.loads(rows[0])["image"])
+    good = image.read_bytes()
     image.write_bytes(os.urandom(100))
     summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
-    assert summary["failed"] == 1 and "error" in _rows(out)[json.loads(rows[0])["id"]]
+    row = _rows(out)[json.loads(rows[0])["id"]]
+    assert summary["failed"] == 1 and "error" in row and row["source"]["bytes"] == 100  # the file as it was read
+    image.write_bytes(good)  # mended: screened again without --retry-failed, since it is another file now
+    summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    first = json.loads(rows[0])
+    assert summary["failed"] == 0 and _rows(out)[first["id"]]["latent_cos"] == first["latent_cos"]
 
 
 def test_model_stamps_read_what_loading_reads(tiny_world, tmp_path, monkeypatch):
