@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from cgidm.checkpoints import TRAINING_ARGS_FILES
 from cgidm.config import LABELS
 from cgidm.images import list_images
 from cgidm.lora import is_lora_file
@@ -108,30 +109,39 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
 
 # what a model folder's loading reads: weights, configs, tokenizer files
 MODEL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".json", ".txt", ".model")
+# the components cgidm loads from a pipeline folder, with or without a model_index.json
+COMPONENTS = frozenset({"unet", "vae", "codec", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                        "scheduler"})
+TOP_LEVEL = ("model_index.json", *TRAINING_ARGS_FILES)  # read at a pipeline folder's top (the prompt too)
+
+
+def _read_by_loader(names: Sequence[str]) -> list[str]:
+    """Of one folder's file names, those a loader reads: not another variant (``*.fp16.*``,
+    ``*.non_ema.*``) nor a ``.bin`` beside a ``.safetensors`` of the same stem."""
+    kept = [n for n in names if not n.startswith(".") and Path(n).suffix.lower() in MODEL_SUFFIXES
+            and ".fp16." not in n and ".non_ema." not in n]
+    safetensors = {Path(n).stem for n in kept if n.endswith(".safetensors")}
+    return [n for n in kept if not (n.endswith(".bin") and Path(n).stem in safetensors)]
 
 
 def model_files(path: Path) -> list[tuple[str, Path]]:
     """``(name inside the model, file)`` for what loading ``path`` reads: the file itself;
-    in a pipeline folder its top-level files and its components' folders (those
-    ``model_index.json`` names, and ``vae``/``codec``), through symlinks; in any other
+    in a pipeline folder (one with a component folder) ``model_index.json``, the training
+    arguments and its components' folders (``COMPONENTS``), through symlinks; in any other
     folder (``unet/``) its own files. Not read: hidden entries, other subfolders (a
-    training run's ``checkpoint-*``, logs, a screen's ``--out`` kept there) and files of
-    other kinds (notes, images)."""
+    training run's ``checkpoint-*``, ``safety_checker``, logs, a screen's ``--out`` kept
+    there), other weight variants and files of other kinds (notes, images, a ``.ckpt`` kept
+    beside)."""
     if not path.is_dir():
         return [("", path)]
-    comps = {"vae", "codec"}
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-        comps |= {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-    except (OSError, ValueError, AttributeError):
-        comps = set()
+    entries = sorted(path.iterdir())
+    if not any(f.name in COMPONENTS and f.is_dir() for f in entries):
+        return [(n, path / n) for n in _read_by_loader([f.name for f in entries if f.is_file()])]
     found, seen = [], set()
-    for f in sorted(path.iterdir()):
-        if f.name.startswith("."):
-            continue
-        if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES:
+    for f in entries:
+        if f.is_file() and f.name in TOP_LEVEL:
             found.append((f.name, f))
-        elif f.is_dir() and f.name in comps:
+        elif f.is_dir() and f.name in COMPONENTS:
             for root, dirs, files in os.walk(f, followlinks=True):
                 real = os.path.realpath(root)
                 if real in seen:  # a symlink loop
@@ -140,8 +150,7 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
                 seen.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 rel = Path(root).relative_to(path).as_posix()
-                found += [(f"{rel}/{n}", Path(root) / n) for n in sorted(files)
-                          if not n.startswith(".") and Path(n).suffix.lower() in MODEL_SUFFIXES]
+                found += [(f"{rel}/{n}", Path(root) / n) for n in _read_by_loader(sorted(files))]
     return found
 
 

@@ -191,7 +191,8 @@ class DigestCache:
         st = Path(path).stat()
         key = os.path.abspath(path)
         kept = self.entries.get(key)
-        if isinstance(kept, list) and kept[:2] == [st.st_size, st.st_mtime_ns]:
+        if (isinstance(kept, list) and len(kept) == 3 and kept[:2] == [st.st_size, st.st_mtime_ns]
+                and isinstance(kept[2], str) and len(kept[2]) == 64):  # a damaged entry is read again
             return kept[2]
         digest = sha256_file(path)
         self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
@@ -199,8 +200,12 @@ class DigestCache:
         return digest
 
     def save(self) -> None:
+        """Write the cache; one that cannot be written costs only time at the next resume."""
         if self.changed:
-            atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True) + "\n")
+            try:
+                atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True) + "\n")
+            except OutputError as e:
+                log.warning("%s (file digests are read again at the next resume)", e)
             self.changed = False
 
 
@@ -211,7 +216,7 @@ def source(path: Path) -> Optional[dict]:
         st = Path(path).stat()
         return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
     except OSError:
-        return None
+        return {"missing": True}  # not there or not readable: a resume tries it again once it is
 
 
 def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> bool:
@@ -220,6 +225,8 @@ def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> 
     same file; one saved over it is not). A row without a record is taken as the same."""
     if not isinstance(recorded, dict):
         return True
+    if recorded.get("missing"):
+        return not os.access(path, os.R_OK)  # still missing or unreadable: the same
     try:
         st = Path(path).stat()
         if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):

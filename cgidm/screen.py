@@ -118,14 +118,21 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set, r
     again only where a file's size or time changed."""
     decided = None
     if rank == 0:
-        digests = DigestCache(out)
-        stamps = {e.pair.key: e.pair.files_stamp(digests.sha256) for e in {e.pair.key: e for e in entries}.values()}
-        changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
-                         and (not same_source(done[e.id].get("source"), e.path, digests)
-                              or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))
-        digests.save()
-        decided = (stamps, changed)
-    stamps, changed = all_gather(decided)[0]
+        try:
+            digests = DigestCache(out)
+            stamps = {e.pair.key: e.pair.files_stamp(digests.sha256)
+                      for e in {e.pair.key: e for e in entries}.values()}
+            changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
+                             and (not same_source(done[e.id].get("source"), e.path, digests)
+                                  or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))
+            digests.save()
+            decided = (stamps, changed)
+        except Exception as e:  # every rank must reach the gather, and then stop with it
+            decided = f"{type(e).__name__}: {e}"
+    decided = all_gather(decided)[0]
+    if isinstance(decided, str):
+        raise RuntimeError(f"rank 0 could not check the files of the finished rows: {decided}")
+    stamps, changed = decided
     return stamps, set(changed)
 
 
@@ -263,7 +270,7 @@ def screen(
         shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
-            failed = sum(1 for e in entries if "error" in done.get(e.id, {}))
+            failed = sum(1 for e in entries if e.id not in gone and "error" in done.get(e.id, {}))
             left = (f" ({failed} of them failed: --retry-failed screens those again)"
                     if failed and not retry_failed else "")
             log.warning("resuming in %s: %d of %d images already done%s, %d to screen",

@@ -205,3 +205,52 @@ def test_model_stamps_read_what_loading_reads(tiny_world, tmp_path, monkeypatch)
     again = DigestCache(tmp_path / "out")
     spec.files_stamp(again.sha256)
     assert reads == []  # every file known by its size and time from the saved digests
+
+
+def test_stamps_without_a_model_index_and_a_damaged_digest_file(tiny_world, tmp_path):
+    """A fine-tune saved without model_index.json is still stamped by its components, and
+    not by weight variants or notes beside them; a damaged digest entry is read again, not
+    a crash."""
+    from cgidm.manifest import PairSpec, model_files
+    from cgidm.resume import DIGESTS, DigestCache
+
+    model = tmp_path / "ft"
+    shutil.copytree(tiny_world / "finetuned", model)
+    (model / "model_index.json").unlink()
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(weights, model / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    (model / "unet" / "notes.md").write_text("x")
+    names = {n for n, _ in model_files(model)}
+    assert "unet/diffusion_pytorch_model.safetensors" in names and "unet/config.json" in names
+    assert not {"unet/diffusion_pytorch_model.fp16.safetensors", "unet/notes.md"} & names
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / DIGESTS).write_text(json.dumps({str(weights): [weights.stat().st_size, weights.stat().st_mtime_ns]}))
+    spec = PairSpec(str(tiny_world / "base"), str(model))
+    first = spec.files_stamp(DigestCache(out).sha256)
+    shutil.copy(tiny_world / "base" / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    assert spec.files_stamp(DigestCache(out).sha256) != first
+
+
+def test_an_image_missing_when_screened_is_screened_once_it_is_there(tiny_world, world, monkeypatch):
+    root, finetuned = world
+    out = root.parent / "out"
+    entries = read_manifest(root, tiny_world / "base", finetuned)
+    member = sorted((root / "members").iterdir())[0]
+    kept = member.read_bytes()
+    member.unlink()  # listed, then gone before it is read
+    summary = screen(entries, out, CFG, progress=False)
+    assert summary["failed"] == 1
+    member.write_bytes(kept)
+    summary = screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+    assert summary["failed"] == 0 and summary["images"] == 4
+    # rank 0 failing to check the files stops the run with the reason (every rank, under torchrun)
+    from cgidm.resume import DigestCache
+
+    def broken(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DigestCache, "save", broken)
+    (member.parent / "new.png").write_bytes(kept)
+    with pytest.raises(RuntimeError, match="rank 0 could not check the files of the finished rows: OSError: disk full"):
+        screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
