@@ -19,7 +19,6 @@ import sys
 import typing
 
 from cgidm import config
-from cgidm.files import ShownFilter, shown
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
 DEMO_PRESET = "demo"  # the settings `cgidm demo` runs unless --preset or flags say otherwise
@@ -381,6 +380,7 @@ def cmd_extract(args) -> int:
     from pathlib import Path
 
     from cgidm.extract import extract, list_compare_images
+    from cgidm.files import shown
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(_join_negative_fractions(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cgidm.files import OutputError
+    from cgidm.files import OutputError, ShownFilter  # here: `cgidm --help` imports no numpy
 
     for handler in logging.getLogger().handlers:  # file names in log lines: no terminal escapes
         if not any(isinstance(f, ShownFilter) for f in handler.filters):

@@ -315,6 +315,7 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
     if _uses_lora(pair):
         models["lora_scale"] = pair.info.get("lora_scale")
+    weights = next(pair.unet_ft.parameters()).dtype
     summary = {
         "method": "FineXtract-style extraction (extrapolated guidance, clique clustering)",
         "models": models,
@@ -328,8 +329,8 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         "pair_pass": pass_info,
         "cuda_graph": use_graph,
         "device": str(device),
-        "dtype": str(next(pair.unet_ft.parameters()).dtype).removeprefix("torch."),
-        "runtime": runtime(device, next(pair.unet_ft.parameters()).dtype),
+        "dtype": str(weights).removeprefix("torch."),
+        "runtime": runtime(device, weights),
         "features": kind,
         "samples": cfg.samples,
         "finite_samples": len(kept),

@@ -117,11 +117,14 @@ TOP_LEVEL = ("model_index.json", *TRAINING_ARGS_FILES)  # read at a pipeline fol
 
 def _read_by_loader(names: Sequence[str]) -> list[str]:
     """Of one folder's file names, those a loader reads: not another variant (``*.fp16.*``,
-    ``*.non_ema.*``) nor a ``.bin`` beside a ``.safetensors`` of the same stem."""
+    ``*.non_ema.*``) nor a ``.bin`` where the folder has ``.safetensors`` weights (diffusers
+    and transformers load those: ``diffusion_pytorch_model.bin``, ``pytorch_model.bin`` beside
+    ``model.safetensors``)."""
     kept = [n for n in names if not n.startswith(".") and Path(n).suffix.lower() in MODEL_SUFFIXES
             and ".fp16." not in n and ".non_ema." not in n]
-    safetensors = {Path(n).stem for n in kept if n.endswith(".safetensors")}
-    return [n for n in kept if not (n.endswith(".bin") and Path(n).stem in safetensors)]
+    if any(n.endswith(".safetensors") for n in kept):
+        kept = [n for n in kept if not n.endswith(".bin")]
+    return kept
 
 
 def model_files(path: Path) -> list[tuple[str, Path]]:
@@ -246,6 +249,11 @@ def _relative_name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+def _twice(names: Sequence[str]) -> list[str]:
+    """The columns cgidm reads that ``names`` (lower case) give more than once."""
+    return sorted({k for k in names if names.count(k) > 1 and k in READ_COLUMNS})
+
+
 def _read_records(path: Path) -> list[tuple[int, dict]]:
     """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest. What a
     spreadsheet or script may make of one is refused with the file and line named: another
@@ -266,11 +274,11 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
             try:
                 rec = json.loads(line)
             except (ValueError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({type(e).__name__})") from None
+                why = e if isinstance(e, ValueError) else type(e).__name__  # the parser's words; too deep
+                raise ValueError(f"{path}:{n}: not a JSON object ({why})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: not a JSON object")
-            keys = [str(k).strip().lower() for k in rec]
-            twice = sorted({k for k in keys if keys.count(k) > 1 and k in READ_COLUMNS})
+            twice = _twice([str(k).strip().lower() for k in rec])
             if twice:
                 raise ValueError(f"{path}:{n}: the key {twice[0]!r} is given twice (in another case)")
             rec = {str(k).strip().lower(): v for k, v in rec.items()}
@@ -293,7 +301,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
         shown = ", ".join(repr(k) for k in names[:6]) + (" ..." if len(names) > 6 else "")
         raise ValueError(f"{path}:{1 + skip}: the header has no 'image' column (found {shown}); columns are "
                          "separated by commas: image,label,base,finetuned,lora")
-    twice = sorted({k for k in names if names.count(k) > 1 and k in READ_COLUMNS})
+    twice = _twice(names)
     if twice:  # DictReader would keep the last column of a name silently (other columns are not read)
         raise ValueError(f"{path}: the header names {', '.join(repr(k) for k in twice)} more than once")
     rows = iter(reader)

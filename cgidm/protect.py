@@ -34,9 +34,9 @@ from cgidm.protect_output import output_name, panel, protect_file, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
 from cgidm.progress import bar_options
-from cgidm.protect_resume import (PROTECTED, RESULTS, _source, check_settings, kept_settings,  # noqa: F401
-                                   output_names, resume_plan)
-from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl
+from cgidm.protect_resume import (PROTECTED, RESULTS, check_settings, kept_settings, output_names,  # noqa: F401
+                                   resume_plan)
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl, source
 from cgidm.summary import runtime
 
 __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
@@ -141,7 +141,7 @@ class _Run:
         self.progress = progress
         self.bar = None
         self.protected = 0  # images written in this run
-        self.sources: dict[str, Optional[dict]] = {}  # image id -> its input's record at loading (``_source``)
+        self.sources: dict[str, Optional[dict]] = {}  # image id -> its input's record at loading (``resume.source``)
 
     def _error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
@@ -170,7 +170,7 @@ class _Run:
             except ImageError as e:
                 self._error(item, e.reason)
                 continue
-            self.sources[item.id] = _source(item.path)  # the file as it was read
+            self.sources[item.id] = source(item.path)  # the file as it was read
             size = tuple(image.shape[-2:])
             batch = pending.setdefault(size, [])
             batch.append((item, image, notes))
@@ -290,13 +290,13 @@ class _Run:
         reads no tensor, so a GPU run does not sync for it); None without a bar."""
         if self.bar.disable:
             return None
-        steps, shown = self.cfg.steps, [0.0]
+        steps, drawn = self.cfg.steps, [0.0]
 
         def callback(step, delta, objective) -> None:
             now = time.monotonic()
-            if now - shown[0] >= 0.5 or step + 1 == steps:
+            if now - drawn[0] >= 0.5 or step + 1 == steps:
                 self.bar.set_postfix_str(f"batch of {n}: PGD step {step + 1}/{steps}")
-                shown[0] = now
+                drawn[0] = now
 
         return callback
 

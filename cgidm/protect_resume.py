@@ -3,7 +3,6 @@ the settings a resume must share (``check_settings``), each input's record and o
 name, and which images a run does (``resume_plan``)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -12,10 +11,7 @@ from typing import Optional, Sequence
 from cgidm.config import ProtectConfig
 from cgidm.files import atomic_write_json
 from cgidm.protect_output import output_name
-from cgidm.resume import read_jsonl
-from cgidm.resume import same_source as _same_source  # noqa: F401
-from cgidm.resume import sha256_file as _sha256
-from cgidm.resume import source as _source  # noqa: F401
+from cgidm.resume import DigestCache, read_jsonl, same_source, sha256_file
 
 log = logging.getLogger("cgidm.protect")
 
@@ -34,7 +30,7 @@ def _target_digest(path: str) -> str:
     """The target's identity for a resume: its file's contents, so the same file by another
     path is the same target."""
     try:
-        return "sha256:" + _sha256(Path(path).expanduser())[:16]
+        return "sha256:" + sha256_file(Path(path).expanduser())[:16]
     except OSError as e:
         raise ValueError(f"--target: cannot read {path}: {e.strerror or e}") from e
 
@@ -155,8 +151,10 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
     gone = [it for it in finished if not (out / PROTECTED / names[it.id]).is_file()]
     # a row written from another file at the same path (one saved over it since)
     gone_ids = {it.id for it in gone}
+    digests = DigestCache(out)  # a folder copied without its times is read once, not at every resume
     changed = [it for it in finished
-               if it.id not in gone_ids and not _same_source(done[it.id].get("source"), it.path)]
+               if it.id not in gone_ids and not same_source(done[it.id].get("source"), it.path, digests)]
+    digests.save()
     stale = len(set(done) - {it.id for it in items})
     failed = [it for it in items if "error" in done.get(it.id, {})]
     redo = {it.id for it in gone + changed} | ({it.id for it in failed} if retry_failed else set())

@@ -179,9 +179,9 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
     return summary
 
 
-def _some(keys: Sequence[str], shown: int = 3) -> str:
-    """Pair keys in a line: the first ``shown`` and how many more."""
-    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+def _some(keys: Sequence[str], first: int = 3) -> str:
+    """Pair keys in a line: the ``first`` few and how many more."""
+    return ", ".join(keys[:first]) + (f" and {len(keys) - first} more" if len(keys) > first else "")
 
 
 def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:

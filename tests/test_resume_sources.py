@@ -220,9 +220,11 @@ def test_stamps_without_a_model_index_and_a_damaged_digest_file(tiny_world, tmp_
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     shutil.copy(weights, model / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     (model / "unet" / "notes.md").write_text("x")
+    (model / "text_encoder" / "pytorch_model.bin").write_bytes(b"unread")  # transformers loads the .safetensors
     names = {n for n, _ in model_files(model)}
     assert "unet/diffusion_pytorch_model.safetensors" in names and "unet/config.json" in names
-    assert not {"unet/diffusion_pytorch_model.fp16.safetensors", "unet/notes.md"} & names
+    unread = {"unet/diffusion_pytorch_model.fp16.safetensors", "unet/notes.md", "text_encoder/pytorch_model.bin"}
+    assert not unread & names
     out = tmp_path / "out"
     out.mkdir()
     (out / DIGESTS).write_text(json.dumps({str(weights): [weights.stat().st_size, weights.stat().st_mtime_ns]}))
