@@ -200,8 +200,11 @@ class DigestCache:
         return digest
 
     def save(self) -> None:
-        """Write the cache; one that cannot be written costs only time at the next resume."""
+        """Write the cache, without the entries of files that are gone (a cache kept across
+        many resumes would otherwise grow with every file ever renamed); one that cannot be
+        written costs only time at the next resume."""
         if self.changed:
+            self.entries = {k: v for k, v in self.entries.items() if os.path.lexists(k)}
             try:
                 atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True) + "\n")
             except OutputError as e:

@@ -234,6 +234,28 @@ def test_stamps_without_a_model_index_and_a_damaged_digest_file(tiny_world, tmp_
     assert spec.files_stamp(DigestCache(out).sha256) != first
 
 
+def test_the_digest_cache_forgets_files_that_are_gone(tmp_path):
+    """Entries of files deleted or renamed since are left out when the cache is saved;
+    those still there are kept, read or not in this run."""
+    from cgidm.resume import DIGESTS, DigestCache
+
+    out = tmp_path / "out"
+    out.mkdir()
+    kept, gone = tmp_path / "kept.bin", tmp_path / "gone.bin"
+    kept.write_bytes(b"a")
+    gone.write_bytes(b"b")
+    cache = DigestCache(out)
+    cache.sha256(kept)
+    cache.sha256(gone)
+    cache.save()
+    gone.rename(tmp_path / "renamed.bin")
+    cache = DigestCache(out)
+    cache.sha256(tmp_path / "renamed.bin")
+    cache.save()
+    saved = json.loads((out / DIGESTS).read_text())
+    assert set(saved) == {str(kept), str(tmp_path / "renamed.bin")}
+
+
 def test_an_image_missing_when_screened_is_screened_once_it_is_there(tiny_world, world, monkeypatch):
     root, finetuned = world
     out = root.parent / "out"
