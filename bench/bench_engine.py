@@ -49,6 +49,7 @@ from common import RESULTS, append_row, percentiles, provenance, time_fn  # noqa
 from cgidm import reference, rng  # noqa: E402
 from cgidm.engine import Engine, plan_memory  # noqa: E402
 from cgidm.reference import PGDConfig  # noqa: E402
+from cgidm.testing.precision import full_fp32  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -214,7 +215,8 @@ def check_engine(engine: Engine, ft32, pre32, c_ft, c_pre, abar, x0, x_init, mas
     engine.load(x0[:b], x_init[:b], mask, keys)
 
     args = (x0[:b], x_init[:b], mask, c_ft, c_pre, t, noise, abar, reference.REFERENCE_OPS)
-    want = input_grad(reference.unet_eps_fn(ft32), reference.unet_eps_fn(pre32), *args)
+    with full_fp32(deterministic=False):  # the fp32 reference in fp32, not in TF32 convolutions
+        want = input_grad(reference.unet_eps_fn(ft32), reference.unet_eps_fn(pre32), *args)
     ft_lo = copy.deepcopy(ft32).to(dtype).requires_grad_(False)
     pre_lo = copy.deepcopy(pre32).to(dtype).requires_grad_(False)
     plain = input_grad(reference.unet_eps_fn(ft_lo), reference.unet_eps_fn(pre_lo), *args)

@@ -54,6 +54,7 @@ from cgidm import guidance as G  # noqa: E402
 from cgidm.config import ExtractConfig  # noqa: E402
 from cgidm.graphs import graph_wanted  # noqa: E402
 from cgidm.models import load_pair  # noqa: E402
+from cgidm.testing.precision import full_fp32  # noqa: E402
 from cgidm.testing.tiny import INSTANCE_PROMPT, build_tiny_world  # noqa: E402
 
 VARIANTS = ("full", "lora")
@@ -257,12 +258,8 @@ def sd15_check(cfg: SD15Config, models32, models, c_ft, c_pre, sched, shape) -> 
         fn, _ = X.pair_pass(SimpleNamespace(unet_ft=ft, unet_pre=pre, device=device))
         return G.sample(fn, c_ft, c_pre, sched, keys, shape, w, k, steps, 2, device, use_graph=use_graph)
 
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not TF32
-    try:
+    with full_fp32(deterministic=False):  # an fp32 reference, not TF32
         ref = batched(*models32, False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     got = batched(*models, None)
     plain = G.sample_plain(*models, c_ft, c_pre, sched, keys, shape, w, k, steps, device)
     if not (torch.isfinite(ref).all() and torch.isfinite(got).all()):

@@ -111,7 +111,8 @@ def build_models(cfg: Config):
 
     ucfg, tokens = unet_shape(cfg.full_size)
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**ucfg).to(cfg.device).eval().requires_grad_(False)
+    with torch.device(cfg.device):  # initialised where it runs (a full-size UNet: seconds on a CPU)
+        base = UNet2DConditionModel(**ucfg).eval().requires_grad_(False)
     models = {"base": base}
     if "lora" in cfg.kinds:
         adapted = copy.deepcopy(base)

@@ -97,6 +97,15 @@ def driver_version() -> str | None:
     return lines[0] if out.returncode == 0 and lines else None
 
 
+def kernels_available() -> dict:
+    """The op implementations this process has: the C++ extension (CPU, CUDA) and Triton."""
+    try:
+        from cgidm import ops
+    except ImportError:
+        return {}
+    return {"cpp": ops.has_cpp(), "cuda": ops.has_cuda(), "triton": ops.has_triton()}
+
+
 def provenance(device: torch.device) -> dict:
     """Where and how a result was measured."""
     try:
@@ -124,6 +133,9 @@ def provenance(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "python": platform.python_version(),
+        # which kernels the run could use: without the extension's CUDA kernels a GPU run
+        # falls back (Triton, then plain torch) with only a warning
+        "kernels": kernels_available(),
         "git_sha": git_sha(),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
     }

@@ -51,6 +51,16 @@ def world_items(tiny_world):
     return collect_items(None, imgs / "members", imgs / "holdouts")
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 as fp32 on a GPU (cgidm.testing.precision.full_fp32): no TF32 in the fp32
+    comparisons and references, cuDNN's deterministic algorithms for graph vs eager."""
+    from cgidm.testing.precision import full_fp32
+
+    with full_fp32():
+        yield
+
+
 # --------------------------------------------------------------------------- --cuda-cases
 
 
@@ -78,8 +88,21 @@ def _uses_cuda(item) -> bool:
     fn = getattr(item, "function", None)
     if fn is not None and _mentions_cuda(fn):
         return True
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
-    return any(_mentions_cuda(d[-1].func) for d in defs.values() if d)
+    # the fixtures the test asks for, and theirs; not the autouse ones (a module's autouse
+    # fixture that sets a CUDA flag would select all of its CPU cases too)
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {}) or {}
+    todo, seen = list(getattr(info, "argnames", ())), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not defs.get(name):
+            continue
+        seen.add(name)
+        fixture = defs[name][-1]
+        if _mentions_cuda(fixture.func):
+            return True
+        todo.extend(fixture.argnames)
+    return False
 
 
 @pytest.hookimpl(hookwrapper=True)

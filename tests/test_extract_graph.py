@@ -29,16 +29,6 @@ def needs_cuda():
         pytest.skip("needs CUDA")
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 as fp32 on a GPU: cuDNN's default TF32 convolutions would put 1e-3 errors
-    into the fp32 comparisons and references."""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def _shape(pair):
     return pair.latent_shape
 

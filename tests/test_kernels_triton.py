@@ -3,7 +3,6 @@
 in Triton's interpreter, on CUDA tensors compiled when a GPU is present."""
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from triton.language.random import philox_impl  # noqa: E402
 from cgidm import ops as cgidm_ops  # noqa: E402
 from cgidm import reference, rng  # noqa: E402
 from cgidm.kernels.pgd_update import interpreting, pgd_update_triton  # noqa: E402
+from cgidm.testing.precision import full_fp32  # noqa: E402
 from test_ops import (  # noqa: E402
     DTYPES,
     SHAPES,
@@ -349,22 +349,12 @@ def test_triton_draws_replay_inside_a_cuda_graph():
         assert_draws_close(out, rng.counter_draws(keys.cpu(), value, 2, (3, 17, 23), 1, 999, True, "cpu"))
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("noise,k", [("shared", 2), ("paper", 1)])
 def test_invert_with_triton_ops_recovers_the_reference_latents(tiny_pair, device, noise, k):  # noqa: F811
     require(device)
     # the expectation on the same device (a CUDA UNet's arithmetic is not the CPU's), TF32 off
-    with _no_tf32():
+    with full_fp32():
         want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k, device=device)
         got = run_invert(tiny_pair, cgidm_ops.get_ops("triton"), noise, k, device=device)
     assert_same_inversion(got, want)

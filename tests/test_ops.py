@@ -31,6 +31,7 @@ import torch
 
 from cgidm import ops as cgidm_ops
 from cgidm import reference
+from cgidm.testing.precision import full_fp32
 
 SHAPES = [(4, 64, 64), (4, 40, 56), (3, 17, 23)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -42,11 +43,8 @@ DEVICES = ["cpu", "cuda"]
 def _full_fp32():
     """No TF32 in fp32 matmuls and convolutions (the tiny UNet of the inversion tests), and
     deterministic cuDNN algorithms: those tests compare two runs of the same model."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False, deterministic=True):
+    with full_fp32():
         yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------- helpers

@@ -251,13 +251,11 @@ def test_sequential_takes_eps_fns():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n", [3, 1])
-def test_two_streams_equals_two_passes(base, full_ft, n):
+def test_two_streams_equals_two_passes(base, full_ft, n, no_tf32):
     ft, pre = copy.deepcopy(full_ft).cuda(), copy.deepcopy(base).cuda()
     args, seeds = inputs(n)
     args = tuple(a.cuda() for a in args)
     seeds = tuple(s.cuda() for s in seeds)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     want = forward_backward(pairpass.sequential(ft, pre), args, seeds)
     for _ in range(3):  # reuse of the side stream and of freed memory
         assert_matches(forward_backward(pairpass.two_streams(ft, pre), args, seeds), want, f"two_streams N={n}")

@@ -154,19 +154,6 @@ def test_runner_goes_on_eagerly_when_capture_fails(bases, tiny_world, tmp_path, 
 # --------------------------------------------------------------------------- CUDA graphs
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 as fp32 on a GPU: TF32 convolutions would put 1e-3 errors into the fp32
-    comparison with the plain loop."""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    # and graph vs eager bit for bit: cuDNN's deterministic algorithms (a backward-data one
-    # may add atomically)
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, deterministic=True, allow_tf32=False):
-        yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 @pytest.mark.parametrize("base_name,loss,k,random_start", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_graph_replay_takes_the_eager_steps(bases, base_name, loss, k, random_start, dtype, no_tf32):
