@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import functools
 import json
 import logging
 import math
@@ -169,7 +170,7 @@ class PairSpec:
     lora_scale: float = 1.0
     root: Optional[str] = None
 
-    @property
+    @functools.cached_property  # asked for per image: computed once per pair
     def key(self) -> str:
         """Readable and unique: the suspect model's file name and a hash of the whole spec."""
         name = Path(self.lora or self.finetuned or self.base).name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -73,6 +74,7 @@ class Progress:
             self.shards = out / SHARDS
             self.base = shard_lines
             self.done_before = done_before
+            self.lines = LineCounter()
             self.total_bar = tqdm(total=total, initial=done_before, desc="total", position=1, **kw)
             self.thread = threading.Thread(target=self._watch, name="cgidm-progress", daemon=True)
             self.thread.start()
@@ -89,7 +91,7 @@ class Progress:
             self.bar.set_postfix_str(self._rate(self.count, self.t0), refresh=False)
 
     def _refresh_total(self) -> None:
-        new = sum(max(0, count_lines(p) - self.base.get(p, 0)) for p in self.shards.glob("rank-*.jsonl"))
+        new = sum(max(0, self.lines.count(p) - self.base.get(p, 0)) for p in self.shards.glob("rank-*.jsonl"))
         self.total_bar.update(self.done_before + new - self.total_bar.n)
         self.total_bar.set_postfix_str(self._rate(new, self.t0), refresh=False)
 
@@ -111,6 +113,31 @@ def count_lines(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+class LineCounter:
+    """Lines of files that only grow, each read once: every call reads only the bytes
+    appended since the last (the total bar counts the shards every 2 s; reading them whole
+    each time grew with the square of a long run's rows). A file that shrank is counted
+    again from its start."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Path, tuple[int, int]] = {}  # path -> (bytes read, lines in them)
+
+    def count(self, path: Path) -> int:
+        offset, lines = self.seen.get(path, (0, 0))
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset, lines = 0, 0
+                f.seek(offset)
+                while chunk := f.read(1 << 20):
+                    offset += len(chunk)
+                    lines += chunk.count(b"\n")
+        except FileNotFoundError:
+            offset, lines = 0, 0
+        self.seen[path] = (offset, lines)
+        return lines
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ and one rank-test p-value for the whole suspect set (``set_verdict``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -96,16 +97,25 @@ class Calibration:
     def min_p(self) -> float:
         return 1.0 / (len(self.scores) + 1)
 
+    @functools.cached_property
+    def _controls(self) -> tuple[np.ndarray, float, float]:
+        """The oriented control scores sorted (NaN left out: never "at least as extreme"),
+        their mean and standard deviation: computed once, not per image judged (a screen
+        judges every image against the same controls)."""
+        c = _oriented(self.scores, self.metric)
+        sd = float(c.std(ddof=1)) if len(c) > 1 else 0.0
+        return np.sort(c[~np.isnan(c)]), float(c.mean()) if len(c) else math.nan, sd
+
     def judge(self, score: float) -> dict:
         """Empirical p-value (share of controls at least as extreme, with the +1 rule),
         z-score against the controls, and the verdict at ``level``."""
-        c = _oriented(self.scores, self.metric)
         s = float(_oriented([score], self.metric)[0])
         if not math.isfinite(s):
             return {"p_value": None, "z": None, "verdict": "failed"}
-        p = (1 + int((c >= s).sum())) / (len(c) + 1)
-        sd = float(c.std(ddof=1)) if len(c) > 1 else 0.0
-        z = (s - float(c.mean())) / sd if sd > 0 else None
+        ordered, mean, sd = self._controls
+        at_least = len(ordered) - int(np.searchsorted(ordered, s, side="left"))
+        p = (1 + at_least) / (len(self.scores) + 1)
+        z = (s - mean) / sd if sd > 0 else None
         verdict = "fine-tuned on" if p <= self.level else "no evidence"
         return {"p_value": p, "z": z, "verdict": verdict}
 

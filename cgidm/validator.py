@@ -275,6 +275,9 @@ def _features(x: torch.Tensor, name: str) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+SCORE_BLOCK = 4096  # originals scored at once: a folder of 100k images needs no 100k x 100k matrix
+
+
 def official_scores(
     originals: torch.Tensor,  # [N, D] features of the originals
     recovered: torch.Tensor,  # [M, D] features of the recovered images
@@ -301,13 +304,20 @@ def official_scores(
     if len(rgroups) != r.shape[0]:
         raise ValueError(f"{len(rgroups)} recovered groups for {r.shape[0]} recovered images")
     scores = torch.empty(o.shape[0])
-    for g in dict.fromkeys(groups):
-        oi = torch.tensor([i for i, x in enumerate(groups) if x == g])
-        ri = torch.tensor([i for i, x in enumerate(rgroups) if x == g], dtype=torch.long)
-        if ri.numel() == 0:
+    members: dict = {}  # group -> its originals, its recovered images (one pass over each list)
+    for i, g in enumerate(groups):
+        members.setdefault(g, ([], []))[0].append(i)
+    for i, g in enumerate(rgroups):
+        if g in members:
+            members[g][1].append(i)
+    for g, (oi, ri) in members.items():
+        if not ri:
             raise ValueError(f"group {g!r} has originals but no recovered images")
-        best = (o[oi] @ r[ri].T).max(dim=1).values  # [n_g]
-        scores[oi] = best.clamp_min(0) if zero_floor else best
+        rec = r[torch.tensor(ri, dtype=torch.long)]
+        for start in range(0, len(oi), SCORE_BLOCK):  # at most SCORE_BLOCK x n_g cosines at once
+            rows = torch.tensor(oi[start:start + SCORE_BLOCK], dtype=torch.long)
+            best = (o[rows] @ rec.T).max(dim=1).values
+            scores[rows] = best.clamp_min(0) if zero_floor else best
     return scores
 
 

@@ -48,3 +48,22 @@ def test_calibration_p_value_z_and_verdict():
     assert calibrate([1.0, 2.0, 3.0], "latent_cos", 0.05).min_p() == pytest.approx(0.25)
     with pytest.raises(ValueError):
         calibrate([1.0, math.nan], "latent_cos", 0.05)
+
+
+@pytest.mark.parametrize("metric", ["latent_cos", "latent_mse"])
+def test_calibration_judges_as_the_definition_with_ties_and_either_orientation(metric):
+    """The p-value from the sorted controls equals the count of controls at least as
+    extreme (oriented by the metric), ties included, for scores below, among and above
+    the controls; z from the controls' mean and sample standard deviation."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    controls = np.round(rng.normal(size=41), 1)  # rounded: many ties
+    cal = calibrate(controls.tolist(), metric, level=0.05)
+    sign = 1.0 if metric == "latent_cos" else -1.0
+    for score in [*controls[:10].tolist(), -9.0, 9.0, 0.05, float(controls.max()), float(controls.min())]:
+        got = cal.judge(score)
+        want_p = (1 + int((sign * controls >= sign * score).sum())) / (len(controls) + 1)
+        want_z = (sign * score - (sign * controls).mean()) / controls.std(ddof=1)
+        assert got["p_value"] == pytest.approx(want_p) and got["z"] == pytest.approx(want_z)
+        assert got["verdict"] == ("fine-tuned on" if want_p <= 0.05 else "no evidence")

@@ -99,3 +99,22 @@ def test_bars_in_a_log_file_are_lines_of_their_own():
     lines = text.splitlines()
     assert lines[0].startswith("images:   0%") and lines[-1].startswith("images: 100%")
     assert [f"{k}/3" in line for k, line in zip(range(4), lines)] == [True] * 4 and len(set(lines)) == len(lines)
+
+
+def test_the_line_counter_reads_only_what_was_appended(tmp_path):
+    """The total bar's shard counts: lines as the file grows (a row half-written counts
+    once its newline is there), a file not there yet as 0, one rewritten shorter from
+    its start; the bytes read are only those appended since the last count."""
+    from cgidm.progress import LineCounter, count_lines
+
+    path = tmp_path / "rank-0.jsonl"
+    lines = LineCounter()
+    assert lines.count(path) == 0
+    path.write_bytes(b'{"id": 1}\n{"id"')
+    assert lines.count(path) == 1
+    with path.open("ab") as f:
+        f.write(b': 2}\n' + b'{"id": 3}\n' * 3)
+    assert lines.count(path) == 5 == count_lines(path)
+    assert lines.seen[path] == (path.stat().st_size, 5)
+    path.write_bytes(b"x\n")
+    assert lines.count(path) == 1

@@ -88,6 +88,24 @@ def test_recovered_groups_may_differ_from_the_originals():
     assert torch.allclose(s, torch.tensor([1 / math.sqrt(2), 0.0]), atol=1e-6)
 
 
+def test_blocked_scoring_equals_the_whole_matrix(monkeypatch):
+    """Originals scored in blocks (a small block here), groups interleaved and of
+    different sizes: the same maxima as the whole cosine matrix restricted to each group."""
+    from cgidm import validator
+
+    monkeypatch.setattr(validator, "SCORE_BLOCK", 3)
+    g = torch.Generator().manual_seed(0)
+    o, r = torch.randn(11, 5, generator=g), torch.randn(9, 5, generator=g)
+    groups = ["a", "b", "a", "c", "a", "b", "a", "a", "c", "a", "b"]
+    rgroups = ["c", "a", "b", "a", "b", "c", "a", "b", "a"]
+    on, rn = torch.nn.functional.normalize(o, dim=1), torch.nn.functional.normalize(r, dim=1)
+    same = torch.tensor([[x == y for y in rgroups] for x in groups])
+    want = (on @ rn.T).masked_fill(~same, -2.0).max(dim=1).values
+    got = official_scores(o, r, groups, recovered_groups=rgroups, zero_floor=False)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(official_scores(o, r, groups, recovered_groups=rgroups), want.clamp_min(0), atol=1e-6)
+
+
 def test_scores_never_go_below_zero_like_the_official_zero_rows():
     o = torch.tensor([[1.0, 0.0]])
     r = torch.tensor([[-1.0, 0.5], [-0.5, -1.0]])
