@@ -51,11 +51,12 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
 {% if s.official %}<div class="card">official validator AUC ({{ s.embedder.kind if s.embedder else '' }}, max over the folder)<b>{{ fmt(s.official.auc) }}</b></div>
 <div class="card">official accuracy<b>{{ fmt(s.official.accuracy) }}</b></div>{% endif %}
-{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b></div>{% endif %}
+{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b>{% if s.flagged_by_chance %}<span class="sub">about {{ s.flagged_by_chance }} by chance were none trained on</span>{% endif %}</div>{% endif %}
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
-{% if sv %}<p class="{{ 'error' if sv.error or sv.verdict != 'no evidence' else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
+{% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}
+{% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
 ({{ sv.test }}, {{ sv.method }}; U = {{ fmt(sv.statistic) }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images).
 {% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</p>{% endif %}

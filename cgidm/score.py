@@ -116,11 +116,15 @@ class Calibration:
         at_least = len(ordered) - int(np.searchsorted(ordered, s, side="left"))
         p = (1 + at_least) / (len(self.scores) + 1)
         z = (s - mean) / sd if sd > 0 else None
-        verdict = "fine-tuned on" if p <= self.level else "no evidence"
+        verdict = VERDICTS[0] if p <= self.level else VERDICTS[2] if self.min_p() > self.level else VERDICTS[1]
         return {"p_value": p, "z": z, "verdict": verdict}
 
 
-SET_VERDICTS = ("fine-tuned on some of these images", "no evidence")
+# "inconclusive": no p-value the counts allow is at or below the level (too few controls,
+# or too few suspect and control images for the set), so "no evidence" would say what the
+# test could not have found
+VERDICTS = ("fine-tuned on", "no evidence", "inconclusive")
+SET_VERDICTS = ("fine-tuned on some of these images", "no evidence", "inconclusive")
 # scipy's exact null distribution of U takes milliseconds up to ~200 images (seconds at 400)
 EXACT_MAX = 200
 
@@ -168,7 +172,7 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
         "n_controls": int(len(c)),
         "min_p": min_p,
         "level": float(level),
-        "verdict": SET_VERDICTS[0] if p <= level else SET_VERDICTS[1],
+        "verdict": SET_VERDICTS[0] if p <= level else SET_VERDICTS[2] if min_p > level else SET_VERDICTS[1],
     }
 
 

@@ -12,8 +12,12 @@ from cgidm.files import shown
 from cgidm.score import calibrate, set_metrics, set_verdict
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
+# what looks like a swapped pair: suspects below the controls (the set test's p-value) or
+# members below the hold-outs (AUC), clearly rather than by chance
+WORSE_P, WORSE_AUC = 0.99, 0.2
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
-                       "controls", "flagged", "calibration_warning", "calibration_error", "set_verdict")
+                       "controls", "flagged", "flagged_by_chance", "calibration_warning", "calibration_error",
+                       "set_verdict")
 
 
 def runtime(device, dtype) -> dict:
@@ -66,6 +70,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         main = per[cfg.metric]
         summary.update({k: main.get(k) for k in ("auc", "accuracy", "tpr_at_1fpr", "threshold")})
         summary["roc"] = main.get("roc")
+        if (main.get("auc") is not None and main["auc"] <= WORSE_AUC
+                and min(main["n_members"], main["n_holdouts"]) >= 3):
+            summary["auc_warning"] = (f"members recover worse than hold-outs (AUC {main['auc']:.3f}): are --base "
+                                      f"and --finetuned swapped?")
         summary["by_metric"] = {m: {k: v for k, v in d.items() if k != "roc"} for m, d in per.items()}
         if all("official_cos" in r for r in labelled):
             from cgidm.validator import official_auc_accuracy
@@ -103,6 +111,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     verdicts[r["id"]] = {k: r[k] for k in VERDICT_FIELDS}
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(v["verdict"] == "fine-tuned on" for v in verdicts.values())
+            # per-image p-values are not corrected for testing many images: this many of
+            # them would be flagged on average were none in the fine-tune (set_verdict is
+            # the one test of the whole set)
+            summary["flagged_by_chance"] = round(cfg.level * len(verdicts), 2) if cal.min_p() <= cfg.level else 0
             suspects = [r["score"] for r in good if r.get("label") != "control"]
             if suspects:
                 try:
@@ -113,6 +125,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     if sv["min_p"] > cfg.level:
                         sv["warning"] = (f"{sv['n_suspect']} suspect and {sv['n_controls']} control images cannot "
                                          f"give p <= {cfg.level}: add images")
+                    elif sv["p_value"] >= WORSE_P:
+                        sv["warning"] = ("the suspect images recover clearly worse than the controls: are --base and "
+                                         "--finetuned swapped, or are the controls unlike the suspect images?")
                 summary["set_verdict"] = sv
     return summary
 
@@ -161,6 +176,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
         if verdicts:
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(s.get("flagged", 0) for s in per.values())
+            summary["flagged_by_chance"] = round(sum(s.get("flagged_by_chance", 0) for s in per.values()), 2)
             summary["controls"] = sum(s.get("controls", 0) for s in per.values())
             # pairs without controls of their own: their images get no p-value and no verdict
             bare = {k: sum(1 for r in by_pair[k] if "error" not in r and r.get("label") != "control")
@@ -320,8 +336,15 @@ def print_summary(summary: dict) -> None:
         gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
         print(f"preset {p['name']}" + (f"; departures: {gone}" if gone else ": no departures"))
     if "flagged" in summary:
+        chance = summary.get("flagged_by_chance") or 0
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
-              f"of {len(summary['verdicts'])}")
+              f"of {len(summary['verdicts'])}" + (f" (about {chance:g} would be by chance were none of them in the "
+                                                  f"fine-tune: each image is tested on its own; the set verdict "
+                                                  f"tests them together)" if chance else ""))
+    if (summary.get("scored") and summary.get("auc") is None and "verdicts" not in summary
+            and not summary.get("calibration_error") and not summary.get("pairs_without_controls")):
+        print("no verdict: scores alone say little; give --controls (images like these known not to be in the "
+              "fine-tune) for p-values and a verdict, or --members/--holdouts for AUC")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:
         print(f"warning: {len(bare)} pairs have no control images ({_some(list(bare))}): their "
@@ -329,7 +352,7 @@ def print_summary(summary: dict) -> None:
     else:
         for key, n in bare.items():
             print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
-    for key in ("calibration_error", "calibration_warning"):
+    for key in ("calibration_error", "calibration_warning", "auc_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):

@@ -55,10 +55,11 @@ def test_controls_give_verdicts(tiny_world, tmp_path):
     summary = authenticate(pair, items, tmp_path, cfg, progress=False)
     rows = _rows(tmp_path)
     judged = [r for r in rows if r["label"] is None]
-    assert len(judged) == 6 and all(r["verdict"] in ("fine-tuned on", "no evidence") for r in judged)
-    assert all(0 < r["p_value"] <= 1 for r in judged)
+    # 12 controls cannot reach p <= 0.05: every image inconclusive, none "no evidence"
+    assert len(judged) == 6 and all(r["verdict"] == "inconclusive" for r in judged)
+    assert all(1 / 13 <= r["p_value"] <= 1 for r in judged)
     assert summary["controls"] == 12
-    assert "calibration_warning" in summary  # 12 controls cannot reach p <= 0.05
+    assert "calibration_warning" in summary
 
 
 def test_cli_errors_exit_2_without_computing(tmp_path, capsys):

@@ -67,3 +67,7 @@ def test_calibration_judges_as_the_definition_with_ties_and_either_orientation(m
         want_z = (sign * score - (sign * controls).mean()) / controls.std(ddof=1)
         assert got["p_value"] == pytest.approx(want_p) and got["z"] == pytest.approx(want_z)
         assert got["verdict"] == ("fine-tuned on" if want_p <= 0.05 else "no evidence")
+    # too few controls for the level: not "no evidence" but "inconclusive", at any score
+    few = calibrate(controls[:12].tolist(), metric, level=0.05)
+    assert {few.judge(x)["verdict"] for x in (-9.0, 0.0, 9.0)} == {"inconclusive"}
+    assert few.judge(9.0 * sign)["p_value"] == pytest.approx(1 / 13)

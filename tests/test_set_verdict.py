@@ -25,8 +25,10 @@ def test_exact_mann_whitney_by_hand(suspects, controls, u, p):
     assert sv["statistic"] == u
     assert sv["p_value"] == pytest.approx(p, rel=1e-12)
     assert (sv["n_suspect"], sv["n_controls"]) == (len(suspects), len(controls))
-    assert sv["verdict"] == (SET_VERDICTS[0] if p <= 0.05 else SET_VERDICTS[1])
     assert sv["min_p"] == pytest.approx(1 / math.comb(len(suspects) + len(controls), len(controls)))
+    # two against two cannot reach 0.05 (min_p 1/6): inconclusive, whatever the scores
+    assert sv["verdict"] == (SET_VERDICTS[0] if p <= 0.05 else SET_VERDICTS[2] if sv["min_p"] > 0.05
+                             else SET_VERDICTS[1])
 
 
 def test_lower_is_better_metric_is_turned_around():
@@ -50,7 +52,7 @@ def test_ties_use_the_permutation_distribution_with_the_ties():
     # warning contradicted)
     sv = set_verdict([100.0, 100.0], [12.0, 12.0, 12.0], "psnr", 0.05)
     assert sv["p_value"] == pytest.approx(0.1) and sv["p_value"] >= sv["min_p"] - 1e-12
-    assert sv["verdict"] == SET_VERDICTS[1]
+    assert sv["verdict"] == SET_VERDICTS[2]  # 2 against 3 cannot reach 0.05
     # one suspect (a single image against the controls): the share of pooled scores at
     # least its own, ties included: {1.0, 1.0} of 4 -> 1/2
     sv = set_verdict([1.0], [1.0, 0.0, 0.5], "latent_cos", 0.05)
@@ -118,7 +120,8 @@ def test_summary_gives_one_verdict_for_the_suspect_set():
 def test_summary_warns_when_the_counts_cannot_reach_the_level():
     rows = [_row(0, None, 0.9), _row(1, None, 0.8), _row(2, "control", 0.1), _row(3, "control", 0.2)]
     sv = summarize(rows, AuthConfig(prompt="p"))["set_verdict"]
-    assert sv["p_value"] == pytest.approx(1 / 6) and sv["verdict"] == SET_VERDICTS[1]
+    # the lowest p two against two allow is 1/6: "inconclusive", not "no evidence"
+    assert sv["p_value"] == pytest.approx(1 / 6) and sv["verdict"] == SET_VERDICTS[2] == "inconclusive"
     assert "cannot give p <= 0.05" in sv["warning"]
 
 
@@ -229,3 +232,43 @@ def test_a_validator_score_whose_folder_changed_is_dropped():
     # an error row is in no folder
     rows2 = [dict(r) for r in rows] + [{"id": "member7", "label": "member", "pair": "p", "error": "x"}]
     assert drop_stale_official(rows2) == 0
+
+
+def test_a_pair_that_looks_swapped_is_said_so():
+    """Suspects clearly below the controls, or members clearly below the hold-outs, is what
+    a run with --base and --finetuned swapped gives: a warning asks, beside the verdict;
+    too few images, or scores in the usual order, give none."""
+    rows = [_row(i, None, 0.1 + i / 1000) for i in range(8)] + [_row(20 + i, "control", 0.9 + i / 1000)
+                                                                for i in range(8)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["set_verdict"]["verdict"] == SET_VERDICTS[1] and "swapped" in s["set_verdict"]["warning"]
+    labelled = [_row(i, "member", 0.1 + i / 1000) for i in range(4)] + [_row(10 + i, "holdout", 0.9 + i / 1000)
+                                                                        for i in range(4)]
+    s = summarize(labelled, AuthConfig(prompt="p"))
+    assert s["auc"] == 0.0 and "swapped" in s["auc_warning"]
+    usual = [_row(i, "member", 0.9 + i / 1000) for i in range(4)] + [_row(10 + i, "holdout", 0.1 + i / 1000)
+                                                                     for i in range(4)]
+    assert "auc_warning" not in summarize(usual, AuthConfig(prompt="p"))
+    few = [_row(0, "member", 0.1), _row(1, "holdout", 0.9)]
+    assert "auc_warning" not in summarize(few, AuthConfig(prompt="p"))
+
+
+def test_the_summary_says_how_many_flags_chance_would_give():
+    """Per-image p-values are not corrected for many images: the summary gives the flags
+    expected by chance (level x images judged), and none where no image could be flagged."""
+    rows = [_row(i, None, 0.5 + i / 1000) for i in range(40)] + [_row(100 + i, "control", i / 20) for i in range(20)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["flagged_by_chance"] == pytest.approx(0.05 * 40)
+    few = [_row(i, None, 0.5) for i in range(4)] + [_row(100 + i, "control", i / 10) for i in range(5)]
+    assert summarize(few, AuthConfig(prompt="p"))["flagged_by_chance"] == 0
+
+
+def test_scores_without_controls_or_labels_say_how_to_get_a_verdict(capsys, tmp_path):
+    rows = [_row(i, None, 0.5) for i in range(3)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    print_summary({**s, "report": str(tmp_path / "report.html")})
+    assert "no verdict: scores alone say little; give --controls" in capsys.readouterr().out
+    rows += [_row(100 + i, "control", i / 20) for i in range(20)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    print_summary({**s, "report": str(tmp_path / "report.html")})
+    assert "no verdict" not in capsys.readouterr().out
