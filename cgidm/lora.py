@@ -23,6 +23,27 @@ def is_lora_state_dict(state: dict) -> bool:
     return any(("lora" in k and (k.endswith(".weight") or k.endswith(".alpha"))) for k in state)
 
 
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' LoRA training scripts save
+
+
+def lora_in_folder(path) -> Optional[Path]:
+    """The LoRA file a LoRA training run's output folder holds, for a folder given where a
+    model or a LoRA is asked for: diffusers' ``pytorch_lora_weights.safetensors``, else the
+    folder's one LoRA ``.safetensors`` at its top level (kohya's ``<name>.safetensors``).
+    ``None`` for a file, a model folder (``unet/`` or ``config.json``) or a folder without
+    a LoRA file; several LoRA files (a run's epochs) are refused, naming them."""
+    p = Path(path) if path is not None else None
+    if p is None or not p.is_dir() or (p / "unet").is_dir() or (p / "config.json").is_file():
+        return None
+    if (p / DIFFUSERS_LORA_FILE).is_file():
+        return p / DIFFUSERS_LORA_FILE
+    found = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith(".") and is_lora_file(f))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ModelLoadError(f"{p}: {len(found)} LoRA files in this folder ({names}): give the one to test")
+    return found[0] if found else None
+
+
 def is_lora_file(path) -> Optional[bool]:
     """Whether ``path`` is a LoRA file: for ``.safetensors`` from its header's names alone
     (no tensor is read); ``None`` (cannot tell without unpickling it) for a pickle file

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.checkpoints import TRAINING_ARGS_FILES
+from cgidm.checkpoints import TRAINING_ARGS_FILES, ModelLoadError
 from cgidm.config import LABELS
 from cgidm.images import list_images
-from cgidm.lora import is_lora_file
+from cgidm.lora import is_lora_file, lora_in_folder
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,15 @@ READ_COLUMNS = ("image", "path", "label", "base", "finetuned", "lora", "lora_sca
 FOLDER_LABELS = {"member": "member", "members": "member", "holdout": "holdout", "holdouts": "holdout",
                  "control": "control", "controls": "control"}
 
+
+
+def _is_lora(path) -> Optional[bool]:
+    """``is_lora_file``, a LoRA training run's folder (``lora_in_folder``) counted as its
+    LoRA file; ``None`` where loading decides (a pickle, several LoRA files in a folder)."""
+    try:
+        return is_lora_file(lora_in_folder(path) or path)
+    except ModelLoadError:
+        return None
 
 def folder_label(path: Path, root: Path) -> Optional[str]:
     """The label of an image under ``root`` by its top subfolder (``members/``, ``Holdouts/``,
@@ -394,7 +403,7 @@ def read_manifest(
         if not math.isfinite(scale):
             raise ValueError(f"{at}: lora_scale must be a finite number, got {scale_cell or lora_scale!r}")
         if models["finetuned"] not in lora_files:
-            lora_files[models["finetuned"]] = is_lora_file(models["finetuned"])
+            lora_files[models["finetuned"]] = _is_lora(models["finetuned"])
         # a pickle file may be a LoRA: its scale is kept, and loading it decides
         any_lora = models["lora"] is not None or lora_files[models["finetuned"]] is not False
         if scale_cell is not None and not any_lora and scale != 1.0:

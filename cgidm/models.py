@@ -31,7 +31,7 @@ from cgidm import families
 from cgidm.config import library_runtime
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
-from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict
+from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict, lora_in_folder
 from cgidm.progress import library_bars_off, library_quiet
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,9 @@ def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Ten
 def _base_dir(base: str | Path) -> Path:
     p = _check_local(base, "base model")
     if not p.is_dir():
-        raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory")
+        raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory (the pretrained model "
+                             f"the fine-tune started from; a single file converts to one with diffusers: "
+                             f"StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR))")
     family = families.detect_folder(p)
     families.refuse_unsupported(family, str(p))
     extra = ("text_encoder_2", "tokenizer_2") if family is not None and family.name == "sdxl" else ()
@@ -383,6 +385,7 @@ def load_pair(
     """
     if finetuned is None and lora is None:
         raise ModelLoadError("give a fine-tuned model (--finetuned) or a LoRA (--lora)")
+    finetuned, lora = lora_in_folder(finetuned) or finetuned, lora_in_folder(lora) or lora  # a LoRA run's folder
     device, dtype = library_runtime(device, dtype)  # before anything loads
     if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
         raise TypeError(f"lora_scale must be a number, got {lora_scale!r}")
@@ -447,10 +450,14 @@ def load_pair(
                          f"the fine-tune {finetuned} is not a LoRA file and there is no --lora)")
     if lora is not None:
         lp = _check_local(lora, "LoRA")
+        if lp.is_dir():
+            raise ModelLoadError(f"{lp}: a folder without a LoRA .safetensors file at its top level: give the LoRA "
+                                 f"file" + (" (a model folder goes to --finetuned)" if (lp / "unet").is_dir() else ""))
         state = load_state_dict(lp, allow_pickle)
         check_weight_values(state, lp, finite=True)
         if not is_lora_state_dict(state):
-            raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)")
+            raise ModelLoadError(f"{lp}: no LoRA weights in this file (no lora_* keys)"
+                                 + (": a full fine-tune's weights? give it as --finetuned" if lp.is_file() else ""))
         # on the base, or stacked on a LoRA fine-tune of it (both adapters on, each at
         # lora_scale): ONE copy of the base weights, the pretrained side being the same UNet
         # with all its adapters off (taken again: the LoRA may add layers); on a separate

@@ -78,6 +78,37 @@ def test_lora_on_base_changes_only_the_finetuned_side(tiny_world):
     assert torch.allclose(_out(same)[0], ft)
 
 
+def test_a_lora_training_runs_folder_stands_for_its_lora_file(tiny_world, tmp_path):
+    """The folder a LoRA training run saves (diffusers' pytorch_lora_weights.safetensors,
+    or one kohya <name>.safetensors, logs and checkpoints beside) may be given as --lora or
+    --finetuned: its LoRA file is loaded. Several LoRA files are refused naming them; a
+    folder without one, or a full fine-tune's file as --lora, says what to give instead."""
+    import shutil
+
+    want = _out(load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors"))[0]
+    run = tmp_path / "lora-run"
+    (run / "checkpoint-500").mkdir(parents=True)
+    shutil.copy(tiny_world / "lora.safetensors", run / "pytorch_lora_weights.safetensors")
+    shutil.copy(tiny_world / "lora.safetensors", run / "checkpoint-500" / "pytorch_lora_weights.safetensors")
+    (run / "README.md").write_text("model card")
+    for pair in (load_pair(tiny_world / "base", lora=run), load_pair(tiny_world / "base", run)):
+        assert torch.allclose(_out(pair)[0], want)
+        assert str(run / "pytorch_lora_weights.safetensors") in (pair.info.get("lora"), pair.info.get("finetuned"))
+    kohya = tmp_path / "kohya-run"
+    kohya.mkdir()
+    shutil.copy(tiny_world / "lora_kohya.safetensors", kohya / "style.safetensors")
+    assert load_pair(tiny_world / "base", lora=kohya).info["lora"] == str(kohya / "style.safetensors")
+    shutil.copy(tiny_world / "lora_kohya.safetensors", kohya / "style-000002.safetensors")
+    with pytest.raises(ModelLoadError, match="2 LoRA files in this folder .*style-000002.safetensors"):
+        load_pair(tiny_world / "base", lora=kohya)
+    with pytest.raises(ModelLoadError, match="without a LoRA .safetensors file.*goes to --finetuned"):
+        load_pair(tiny_world / "base", lora=tiny_world / "finetuned")
+    with pytest.raises(ModelLoadError, match="give it as --finetuned"):
+        load_pair(tiny_world / "base", lora=tiny_world / "finetuned.safetensors")
+    with pytest.raises(ModelLoadError, match="from_single_file"):
+        load_pair(tiny_world / "finetuned.safetensors", tiny_world / "finetuned")
+
+
 def test_lora_scale_zero_is_the_base(tiny_world):
     pair = load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors", lora_scale=0.0)
     ft, pre = _out(pair)
