@@ -18,6 +18,7 @@ import re
 import sys
 import typing
 
+import cgidm
 from cgidm import config
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -79,7 +80,8 @@ def _models(p: argparse.ArgumentParser, required_base: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cgidm", description="CGI-DM copyright authentication of fine-tuned diffusion models")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log lines, and a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {cgidm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("authenticate", help="authenticate images against a base + fine-tuned model pair")
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local folder of a CLIP (CLIPVisionModelWithProjection) or DINO (ViTModel) model: the "
                             "features samples are clustered and compared by (--features auto takes it when given)")
     x_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    for command in sub.choices.values():  # -v after the command too (SUPPRESS: not given keeps the top-level's)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as cgidm -v")
+    parser.commands = sub.choices
     return parser
 
 
@@ -444,7 +449,10 @@ def _join_negative_fractions(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(_join_negative_fractions(sys.argv[1:] if argv is None else list(argv)))
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(_join_negative_fractions(sys.argv[1:] if argv is None else list(argv)))
+    if unknown:  # said with the command's own usage (the top-level one lists no option of it)
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from cgidm.files import OutputError, ShownFilter  # here: `cgidm --help` imports no numpy
@@ -503,8 +511,7 @@ def _kept(args) -> str:
     return "no rows were written"
 
 
-def _one_line(e: BaseException, limit: int = 600) -> str:
-    """Library errors (diffusers, safetensors) span many lines; a terminal wants one."""
+def _one_line(e: BaseException, limit: int = 600) -> str:  # library errors span lines; a terminal wants one
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -93,6 +93,12 @@ def _whole(name: str, value) -> None:
         raise TypeError(f"{name} must be a whole number, got {value!r}")
 
 
+def _check_prompt(prompt) -> None:
+    if prompt is not None and not prompt.strip():  # an unset shell variable, most likely
+        raise ValueError("the prompt is empty: give the fine-tune's instance prompt (e.g. --prompt 'sks style'), "
+                         "or leave --prompt out to use the one the checkpoint names")
+
+
 @dataclass(frozen=True)
 class PGDConfig:
     """L2 PGD settings; the defaults are the paper's (docs/faithfulness.md, "PGD")."""
@@ -165,6 +171,7 @@ class AuthConfig:
             raise TypeError(f"pgd must be a PGDConfig, got {type(self.pgd).__name__}")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a string (or None: the checkpoint's), got {type(self.prompt).__name__}")
+        _check_prompt(self.prompt)
         _whole("batch_size", self.batch_size)
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
@@ -233,9 +240,7 @@ def preset_config(name: Optional[str], **overrides) -> AuthConfig:
     """``AuthConfig`` of a preset (``None``: the defaults) with ``overrides`` on top."""
     if name is not None and name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
-    base = dict(PRESETS[name]) if name else {}
-    base.update(overrides)
-    return AuthConfig(preset=name).replace(**base)
+    return AuthConfig(preset=name).replace(**{**(PRESETS[name] if name else {}), **overrides})
 
 
 def departures(cfg: AuthConfig) -> dict:
@@ -387,8 +392,7 @@ class ExtractConfig:
     clique_budget: int = _opt(200_000, "clique-search steps per threshold before it counts as too dense", cli=False)
 
     def __post_init__(self) -> None:
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("the prompt is empty: give the fine-tune's instance prompt (e.g. --prompt 'sks style')")
+        _check_prompt(self.prompt)
         if self.pretrained_prompt not in EXTRACT_PRE_PROMPTS:
             raise ValueError(f"pretrained_prompt must be one of {EXTRACT_PRE_PROMPTS}, got {self.pretrained_prompt!r}")
         if self.features not in EXTRACT_FEATURES:
@@ -429,12 +433,9 @@ def parse_level(value, name: str = "value") -> float:
     """A pixel amount as a fraction of the 8-bit range: ``"8/255"``, ``"0.03"`` or a float,
     in ``(0, 1]``. A bare number above 1 is refused: it is ambiguous (levels or range?)."""
     text = str(value).strip()
+    num, slash, den = text.partition("/")
     try:
-        if "/" in text:
-            num, _, den = text.partition("/")
-            v = float(num) / float(den)
-        else:
-            v = float(text)
+        v = float(num) / float(den) if slash else float(text)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
     if not (0 < v <= 1):
@@ -497,12 +498,11 @@ class ProtectConfig:
             raise ValueError(f"textural weight must be a finite number >= 0, got {self.textural_weight}")
 
     @property
-    def budget_value(self) -> float:
-        """The budget as a fraction of the 8-bit range."""
+    def budget_value(self) -> float:  # as a fraction of the 8-bit range
         return parse_level(self.budget, "budget")
 
     @property
-    def step_value(self) -> float:
+    def step_value(self) -> float:  # as a fraction of the 8-bit range
         return parse_level(self.step_size, "step size")
 
     @property

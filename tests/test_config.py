@@ -35,6 +35,26 @@ def test_help_shows_dtype_engine_and_the_defaults(capsys):
     assert "(default: 1000)" in text and "(default: 0)" in text
 
 
+def test_version_verbose_after_the_command_and_a_mistyped_option(capsys):
+    """--version; -v before or after the command; an option no command has is refused
+    with the command's own usage (its options listed), exit status 2; an empty prompt
+    (an unset shell variable) is refused."""
+    from cgidm import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cgidm {__version__}"
+    assert _args("-v").verbose is True and _args().verbose is False
+    assert cli.build_parser().parse_args(["-v", "authenticate", "--base", "b", "--out", "o"]).verbose is True
+    with pytest.raises(SystemExit) as e:
+        cli.main(["authenticate", "--base", "b", "--out", "o", "--contols", "c"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cgidm authenticate: error: unrecognized arguments: --contols c" in err
+    assert "--controls" in err  # the command's usage
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        AuthConfig(prompt=" ")
+
+
 def test_flags_override_and_alpha_means_one_thing():
     cfg = cli.config_from_args(_args("--step-size", "0.5", "--level", "0.01", "--noise", "paper", "--steps", "7"))
     assert cfg.pgd.alpha == 0.5 and cfg.level == 0.01 and cfg.pgd.noise == "paper" and cfg.pgd.steps == 7
