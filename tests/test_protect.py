@@ -193,6 +193,9 @@ def test_cli_exit_codes(tiny_world, tmp_path, capsys, caplog):
               "--device", "cpu", "-q"]
     assert cli.main(["protect", *common, "--out", str(tmp_path / "a")]) == cli.EXIT_OK
     assert (tmp_path / "a" / "protected" / "member_00.png").is_file()
+    # what protection does, measured, is said beside the loss it raised: on the console and in the report
+    assert "note: what protection does is limited" in capsys.readouterr().out
+    assert "nothing of it\nwas left after JPEG q75" in (tmp_path / "a" / "report.html").read_text()
     (folder / "bad.png").write_text("nope")
     assert cli.main(["protect", *common, "--out", str(tmp_path / "b")]) == cli.EXIT_SOME_FAILED
     assert cli.main(["protect", *common, "--out", str(tmp_path / "c"), "--budget", "16"]) == cli.EXIT_USAGE
