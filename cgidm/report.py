@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from jinja2 import Environment, select_autoescape
 
-from cgidm.config import BASELINE_FIELDS, METRICS
+from cgidm.config import BASELINE_FIELDS, HIGHER_IS_BETTER, METRICS
 from cgidm.files import atomic_write_text
 
 TEMPLATE = """<!doctype html>
@@ -76,6 +76,8 @@ engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ 
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
+{% if rows|length < all_rows %}<p class="sub">The table shows {{ rows|length }} of {{ all_rows }} images: the failed,
+the flagged, then the best recovered. Every image's row is in <code>results.jsonl</code>.</p>{% endif %}
 <table id="rows"><thead><tr>
 <th data-k="s">image</th><th data-k="s">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n">score</th>
 {% for f in fields %}<th data-k="n">{{ f }}</th>{% endfor %}
@@ -98,8 +100,12 @@ document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
     const key = tr => { const t = tr.children[col] ? tr.children[col].textContent.trim() : '';
                         const v = parseFloat(t);  // an error row's "failed: ..." cell is not a number
                         return num ? (isNaN(v) ? -Infinity : v) : t; };
-    [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
-      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+    // each row's key read once, not at every comparison; the rows moved in one fragment
+    const keyed = [...body.rows].map(r => [key(r), r]);
+    keyed.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0) * (asc ? 1 : -1));
+    const frag = document.createDocumentFragment();
+    keyed.forEach(([, r]) => frag.appendChild(r));
+    body.appendChild(frag);
   });
 });
 </script>
@@ -209,6 +215,27 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
     return plots
 
 
+REPORT_ROWS = 2000  # table rows a browser still opens at once (10k took 19 s to load, 100k never)
+
+
+def shown_rows(rows: Sequence[dict], metric: Optional[str], limit: Optional[int] = None) -> list[dict]:
+    """The rows the report's table shows, by label then id: all of them up to ``limit``;
+    past it, the failed, then the flagged (by p-value), then the best recovered (by score,
+    oriented by ``metric``), ``limit`` in all. Every row stays in the results file."""
+    limit = REPORT_ROWS if limit is None else limit
+    if len(rows) > limit:
+        sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+
+        def rank(r: dict) -> tuple:
+            score = r.get("score")
+            good = isinstance(score, (int, float)) and math.isfinite(score)
+            return ("error" not in r, r.get("verdict") != "fine-tuned on", r.get("p_value") or 1.0,
+                    -sign * score if good else math.inf)
+
+        rows = sorted(rows, key=rank)[:limit]
+    return sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", "")))
+
+
 def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     """Render ``out/report.html`` (atomically); triptych paths are relative to ``out``."""
     out = Path(out)
@@ -228,7 +255,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
         lora_warnings.append(f"{stalled['images']} images: {stalled.get('note', '')}")
     html = env.from_string(TEMPLATE).render(
         models=models, lora_warnings=lora_warnings,
-        s=summary, rows=sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", ""))),
+        s=summary, rows=shown_rows(rows, summary.get("metric")), all_rows=len(rows),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt, compare=compare,
         sv=sv if isinstance(sv, dict) else None,
         pairs=any(r.get("pair") for r in rows),

@@ -272,3 +272,22 @@ def test_scores_without_controls_or_labels_say_how_to_get_a_verdict(capsys, tmp_
     s = summarize(rows, AuthConfig(prompt="p"))
     print_summary({**s, "report": str(tmp_path / "report.html")})
     assert "no verdict" not in capsys.readouterr().out
+
+
+def test_a_large_report_shows_the_failed_the_flagged_and_the_best_recovered(tmp_path, monkeypatch):
+    """Past REPORT_ROWS the table keeps the failed rows, then the flagged, then the best
+    recovered (oriented by the metric), says how many it shows, and still sorts by label
+    and id; the results file keeps every row."""
+    from cgidm import report
+
+    monkeypatch.setattr(report, "REPORT_ROWS", 4)
+    rows = [_row(i, None, 0.1 * i) for i in range(8)]
+    rows[0] = {"id": "img00", "image": "img00.png", "label": None, "error": "unreadable"}
+    rows[2]["verdict"], rows[2]["p_value"] = "fine-tuned on", 0.01
+    shown = report.shown_rows(rows, "latent_cos", limit=4)
+    assert [r["id"] for r in shown] == ["img00", "img02", "img06", "img07"]
+    assert [r["id"] for r in report.shown_rows(rows, "latent_mse", limit=4)] == ["img00", "img01", "img02", "img03"]
+    path = write_report(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
+    html = path.read_text()
+    assert "The table shows 4 of 8 images" in html and "img07" in html and "img05.png" not in html
+    assert "The table shows" not in write_report(tmp_path, rows[:4], summarize(rows[:4], AuthConfig(prompt="p"))).read_text()
