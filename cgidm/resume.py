@@ -199,6 +199,28 @@ class DigestCache:
         self.changed = True
         return digest
 
+    def warm(self, paths, workers: Optional[int] = None) -> None:
+        """Digest ``paths`` (each once) on several threads ahead of ``sha256`` calls that
+        then find them known: hashlib lets go of the GIL while it hashes, so a screen of
+        many pairs reads its model files in parallel, not one after another. A file that
+        cannot be read is left for the caller to meet."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(path) -> None:
+            try:
+                self.sha256(path)
+            except OSError:
+                pass
+
+        unique = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+        workers = workers or min(8, os.cpu_count() or 1)
+        if len(unique) < 2 or workers < 2:
+            for path in unique:
+                one(path)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cgidm-digest") as pool:
+            list(pool.map(one, unique))
+
     def save(self) -> None:
         """Write the cache, without the entries of files that are gone (a cache kept across
         many resumes would otherwise grow with every file ever renamed); one that cannot be

@@ -27,7 +27,7 @@ from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
-from cgidm.manifest import Entry
+from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
 from cgidm.progress import Progress, count_lines
@@ -120,8 +120,10 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set, r
     if rank == 0:
         try:
             digests = DigestCache(out)
-            stamps = {e.pair.key: e.pair.files_stamp(digests.sha256)
-                      for e in {e.pair.key: e for e in entries}.values()}
+            pairs = [e.pair for e in {e.pair.key: e for e in entries}.values()]
+            digests.warm(f for pair in pairs for path in {pair.base, pair.finetuned, pair.lora} - {None}
+                         for _, f in model_files(Path(path)))
+            stamps = {pair.key: pair.files_stamp(digests.sha256) for pair in pairs}
             changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
                              and (not same_source(done[e.id].get("source"), e.path, digests)
                                   or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))

@@ -278,3 +278,26 @@ def test_an_image_missing_when_screened_is_screened_once_it_is_there(tiny_world,
     (member.parent / "new.png").write_bytes(kept)
     with pytest.raises(RuntimeError, match="rank 0 could not check the files of the finished rows: OSError: disk full"):
         screen(read_manifest(root, tiny_world / "base", finetuned), out, CFG, progress=False)
+
+
+def test_the_digest_cache_warms_on_threads_each_file_once(tmp_path, monkeypatch):
+    """``warm`` reads each file once whatever path names it twice (on several threads), and
+    leaves an unreadable one to the caller; ``sha256`` then finds every digest known."""
+    from cgidm import resume
+    from cgidm.resume import DigestCache, sha256_file
+
+    files = [tmp_path / f"w{i}.bin" for i in range(6)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 1000)
+    reads = []
+
+    def counting(path):
+        reads.append(os.path.abspath(path))
+        return sha256_file(path)
+
+    monkeypatch.setattr(resume, "sha256_file", counting)
+    cache = DigestCache(tmp_path)
+    cache.warm([*files, tmp_path / "." / "w0.bin", tmp_path / "gone.bin"], workers=3)
+    assert sorted(reads) == sorted(str(f) for f in files)
+    before = len(reads)
+    assert [cache.sha256(f) for f in files] == [sha256_file(f) for f in files] and len(reads) == before
