@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from cgidm.files import shown
+from cgidm.files import regular_file, shown
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,20 @@ def check_loaded(model, loaded: dict, where, what: str) -> None:
                     what, ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
 
 
+def _regular(path: Path) -> None:
+    """A weights file that is a pipe (``--lora <(...)``) or a device would block the open or
+    never end: refused before it is opened."""
+    try:
+        regular_file(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: not found") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Parse and bound-check the JSON header of a safetensors file before loading it."""
+    _regular(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -153,6 +165,7 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         except Exception as e:  # safetensors raises its own error types
             raise ModelLoadError(f"{p}: cannot read safetensors file ({e})") from e
     check_pickle_allowed(p, allow_pickle)
+    _regular(p)
     if p.suffix.lower() not in PICKLE_SUFFIXES:
         raise ModelLoadError(f"{p}: unknown checkpoint format {p.suffix!r} (expected .safetensors)")
     try:

@@ -14,8 +14,9 @@ import errno as _errno
 import hashlib
 import json
 import logging
-import os
 import math
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,19 @@ def output_path(folder: str | Path, image_id: str, suffix: str = ".png") -> Path
     if path.parent != folder or path.name != name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"unsafe output name for image id {image_id!r}")
     return path
+
+
+class NotAFile(OSError):
+    """A path given as a file that is a pipe, a socket, a device or a folder."""
+
+
+def regular_file(path) -> None:
+    """Raise ``NotAFile`` unless ``path`` (through symlinks) is a regular file, before it is
+    opened: a named pipe blocks the open forever, a device (``/dev/zero``) never ends, and
+    neither gives way to Ctrl-C while a thread reads it. ``OSError`` if it is not there."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a plain file")
+        raise NotAFile(f"not a regular file ({kind})")

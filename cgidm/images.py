@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cgidm.config import COVERS
+from cgidm.files import NotAFile, regular_file
 
 log = logging.getLogger(__name__)
 # what marks a folder as cgidm's own output: any one of these files (the lock every run
@@ -61,24 +62,60 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
-    skip = [Path(os.path.abspath(e)) for e in exclude]
-    here = Path(os.path.abspath(d))
+    # compared through symlinks: an --out that is a link to the image folder is that folder
+    skip = [Path(os.path.realpath(e)) for e in exclude]
+    here = Path(os.path.realpath(d))
     for e in skip:
         if e == here or e in here.parents:  # every image would be left out as the run's output
             raise ValueError(f"the output folder {e} {'is' if e == here else 'holds'} the image folder {d}: "
                              "choose an output folder outside it")
-    found = []
-    for p in (d.rglob("*") if recursive else d.iterdir()):
-        rel = p.relative_to(d).parts
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or any(x.startswith(".") for x in rel):
-            continue
-        full = Path(os.path.abspath(p))
-        if any(full == e or e in full.parents for e in skip):
-            continue
-        found.append(p)
+    found, not_files, unlisted = [], [], []
+    for folder, names in _walk(d, recursive, unlisted):
+        for name in names:
+            p = folder / name
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not p.is_file() or not os.path.isfile(os.path.realpath(p)):
+                not_files.append(p)  # a broken link, a pipe, a folder named like an image
+                continue
+            full = Path(os.path.realpath(p))
+            if not any(full == e or e in full.parents for e in skip):
+                found.append(p)
+    if not quiet and not_files:
+        log.warning("%d entries under %s named like images are not image files and are left out (broken links, "
+                    "pipes, devices or folders): %s", len(not_files), d,
+                    ", ".join(p.relative_to(d).as_posix() for p in not_files[:3]) + (" ..." if len(not_files) > 3 else ""))
+    if not quiet and unlisted:
+        log.warning("%d folders under %s could not be read and are left out: %s", len(unlisted), d,
+                    "; ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else ""))
     if recursive:
         found = _outside_output_folders(d, found, quiet)
     return sorted(found)
+
+
+def _walk(d: Path, recursive: bool, unlisted: list):
+    """``(folder, file names)`` of ``d`` and, with ``recursive``, of its subfolders, linked
+    ones too (each real folder once: a link loop ends); hidden files and folders left out.
+    A folder that cannot be read is added to ``unlisted``; ``d`` itself is an error."""
+    def failed(e: OSError) -> None:
+        if os.path.realpath(e.filename or "") == os.path.realpath(d):
+            raise ValueError(f"cannot list the image folder {d}: {e.strerror or e}")
+        unlisted.append(f"{e.filename}: {e.strerror or e}")
+
+    seen = set()
+    for root, dirs, files in os.walk(d, onerror=failed, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        names = [n for n in files if not n.startswith(".")]  # a broken link is among the files
+        if not recursive:
+            names += [n for n in dirs if not n.startswith(".")]  # a folder named like an image: said
+        # real folders before links to them: a file is listed under its own folder's name
+        dirs[:] = sorted((x for x in dirs if not x.startswith(".")),
+                         key=lambda x: (os.path.islink(os.path.join(root, x)), x)) if recursive else []
+        yield Path(root), names
 
 
 _SAID: set = set()  # the output folders already warned about: (root, files listed, folders)
@@ -252,7 +289,7 @@ def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
 def _reason(e: BaseException) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image (unrecognised format)"
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotAFile)):
         return f"cannot open ({e.strerror or e})"
     text = str(e) or type(e).__name__
     if "truncated" in text.lower():
@@ -272,6 +309,7 @@ def load_image_with_notes(
         with warnings.catch_warnings():
             # our own limit below replaces PIL's warning; PIL's hard error still applies
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            regular_file(path)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > limit:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.files import OutputError, atomic_write_text, json_text
+from cgidm.files import OutputError, atomic_write_text, json_text, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def check_run_kind(out: Path, kind: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """The hex SHA-256 of a file's contents, read in 1 MiB blocks."""
+    """The hex SHA-256 of a file's contents, read in 1 MiB blocks (``OSError`` for a pipe or
+    a device: read, they would block or never end)."""
+    regular_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

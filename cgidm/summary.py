@@ -343,8 +343,9 @@ def print_summary(summary: dict) -> None:
                                                   f"tests them together)" if chance else ""))
     if (summary.get("scored") and summary.get("auc") is None and "verdicts" not in summary
             and not summary.get("calibration_error") and not summary.get("pairs_without_controls")):
-        print("no verdict: scores alone say little; give --controls (images like these known not to be in the "
-              "fine-tune) for p-values and a verdict, or --members/--holdouts for AUC")
+        print("no verdict: scores alone say little; give control images (like these, known not to be in the "
+              "fine-tune: --controls, or the label control) for p-values and a verdict, or members and hold-outs "
+              "for AUC")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:
         print(f"warning: {len(bare)} pairs have no control images ({_some(list(bare))}): their "

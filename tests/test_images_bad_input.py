@@ -252,6 +252,44 @@ def test_an_output_folder_that_is_or_holds_the_image_folder_is_refused(tmp_path)
         with pytest.raises(ValueError, match=f"the output folder .* {verb} the image folder .*: choose an output"):
             list_images(images, recursive=True, exclude=[out])
     assert [p.name for p in list_images(images, recursive=True, exclude=[images / "sub"])] == ["a.png"]
+    # an output folder given through a link to the image folder (or to its subfolder) is that folder
+    (tmp_path / "link").symlink_to(images, target_is_directory=True)
+    with pytest.raises(ValueError, match="is the image folder"):
+        list_images(images, recursive=True, exclude=[tmp_path / "link"])
+    (tmp_path / "sublink").symlink_to(images / "sub", target_is_directory=True)
+    assert [p.name for p in list_images(images, recursive=True, exclude=[tmp_path / "sublink"])] == ["a.png"]
+
+
+def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_path, caplog):
+    """Entries named like images that are not image files (a broken link, a folder) are
+    counted in a warning, not dropped silently; a linked subfolder is listed (once, under
+    its real name when both are there; a link loop ends); an image folder that cannot be
+    listed says so."""
+    import os
+
+    images = tmp_path / "art"
+    (images / "members").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("a.png", "members/b.png"):
+        (images / name).write_bytes(b"x")
+    (tmp_path / "elsewhere" / "c.png").write_bytes(b"x")
+    (images / "holdouts").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (images / "members" / "again").symlink_to(images / "members", target_is_directory=True)  # a loop
+    (images / "broken.png").symlink_to(tmp_path / "gone.png")
+    (images / "folder.png").mkdir()
+    with caplog.at_level("WARNING", logger="cgidm"):
+        flat = list_images(images)
+    assert [p.name for p in flat] == ["a.png"]
+    assert "2 entries under" in caplog.text and "broken.png, folder.png" in caplog.text
+    caplog.clear()
+    deep = list_images(images, recursive=True, quiet=True)
+    assert [p.relative_to(images).as_posix() for p in deep] == ["a.png", "holdouts/c.png", "members/b.png"]
+    assert caplog.text == ""
+    if os.geteuid() != 0:  # root reads any folder
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0)
+        with pytest.raises(ValueError, match="cannot list the image folder .*locked"):
+            list_images(locked)
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -296,3 +334,49 @@ def test_fuzz_mutated_valid_images(fmt, cut, flips):
     if cut is not None:
         data = data[: int(cut * len(data))]
     _check(bytes(data), "." + fmt.lower())
+
+
+def _returns_in_time(fn, seconds: float = 30.0):
+    """``fn()``'s result, or a failure if it has not returned in ``seconds`` (run on a
+    daemon thread: a hang fails the test instead of the whole run)."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} did not return in {seconds} s (blocked on a pipe or a device?)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_pipes_devices_and_folders_named_like_files_are_refused_without_blocking(tmp_path):
+    """A named pipe would block the open forever and /dev/zero never end (a manifest row, a
+    --target, --finetuned <(...)): each is refused before it is opened, as an image, as a
+    file screen's resume hashes, and as a weights file."""
+    import os
+
+    from cgidm.checkpoints import ModelLoadError, load_state_dict
+    from cgidm.resume import DigestCache, source
+
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "dir.png").mkdir()
+    for name, kind in (("pipe.png", "a named pipe"), ("zero.png", "a device"), ("dir.png", "a folder")):
+        with pytest.raises(ImageError, match=f"cannot open \\(not a regular file \\({kind}\\)\\)"):
+            _returns_in_time(lambda: load_image_with_notes(tmp_path / name, 16))
+        assert _returns_in_time(lambda: source(tmp_path / name)) == {"missing": True}
+        with pytest.raises(OSError, match="not a regular file"):
+            _returns_in_time(lambda: DigestCache(tmp_path).sha256(tmp_path / name))
+    with pytest.raises(ModelLoadError, match="cannot read \\(not a regular file \\(a named pipe\\)\\)"):
+        _returns_in_time(lambda: load_state_dict(tmp_path / "pipe.safetensors"))

@@ -267,7 +267,7 @@ def test_scores_without_controls_or_labels_say_how_to_get_a_verdict(capsys, tmp_
     rows = [_row(i, None, 0.5) for i in range(3)]
     s = summarize(rows, AuthConfig(prompt="p"))
     print_summary({**s, "report": str(tmp_path / "report.html")})
-    assert "no verdict: scores alone say little; give --controls" in capsys.readouterr().out
+    assert "no verdict: scores alone say little; give control images" in capsys.readouterr().out
     rows += [_row(100 + i, "control", i / 20) for i in range(20)]
     s = summarize(rows, AuthConfig(prompt="p"))
     print_summary({**s, "report": str(tmp_path / "report.html")})
