@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import typing
@@ -187,8 +188,6 @@ def _embedder(opts, device):
 
 def _quiet_loaders() -> None:
     """The loaders' own progress bars (a bar per file of a tiny model) drown ours."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from transformers.utils import logging as hf_logging
@@ -332,8 +331,6 @@ def cmd_demo(args) -> int:
 
 def _check_impl(impl: str, rt) -> None:
     """Refuse an implementation of the step ops that cannot run on the run's device."""
-    import os
-
     if rt.device.type != "cuda" and impl == "cuda":
         raise ValueError(f"--impl cuda runs on a GPU; on {rt.device.type} use auto, cpp or ref")
     if rt.device.type != "cuda" and impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -342,10 +339,8 @@ def _check_impl(impl: str, rt) -> None:
 
 
 def _out_folder(out: str, kind: str):
-    """``--out`` as a path, ``~`` expanded (the commands use the path it returns: a quoted
-    ``"~/x"`` is the home folder's, as for the other paths); a file there, or a folder
-    holding another command's run than ``kind``'s (``resume.check_run_kind``), is refused
-    before any model loads."""
+    """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a folder that
+    cannot be written or one holding another command's run (``check_run_kind``): refused."""
     from pathlib import Path
 
     from cgidm.resume import check_run_kind
@@ -353,6 +348,8 @@ def _out_folder(out: str, kind: str):
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # found before the models load, not after
+        raise ValueError(f"--out {out}: this folder cannot be written to (permission denied)")
     check_run_kind(path, kind)
     return path
 

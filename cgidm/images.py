@@ -316,17 +316,17 @@ def load_image_with_notes(
                     raise ImageError(
                         path, f"too large ({w}x{h} = {w * h} pixels, limit {limit}; decompression-bomb guard)"
                     )
+                need = min_side(resolution)
+                if min(w, h) < need:  # from the header, before any pixel is decoded (1 x 80 M px)
+                    raise ImageError(
+                        path, f"too small ({w}x{h}) for {resolution}x{resolution}: "
+                        f"the short side must be at least {need} px"
+                    )
                 if getattr(img, "is_animated", False):
                     notes.append("animated: first frame used")
                 img.load()
                 rgb = to_rgb(img, notes)
                 w, h = rgb.size
-                need = min_side(resolution)
-                if min(w, h) < need:
-                    raise ImageError(
-                        path, f"too small ({w}x{h}) for {resolution}x{resolution}: "
-                        f"the short side must be at least {need} px"
-                    )
                 if min(w, h) < resolution:
                     notes.append(f"upscaled from {w}x{h}")
                 if cover == "centre":

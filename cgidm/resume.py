@@ -57,6 +57,8 @@ def repair_jsonl(path: Path) -> int:
         f = open(path, "rb+")
     except FileNotFoundError:
         return 0
+    except OSError as e:  # a results file that cannot be written: the run could not append its rows
+        raise OutputError(path, e) from e
     with f:
         size = f.seek(0, os.SEEK_END)
         pos, keep = size, 0

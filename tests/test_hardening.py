@@ -505,3 +505,25 @@ def test_report_numbers_keep_small_p_values():
     lines, _ = _models({"base": "b", "memory_plan": {"unet_bytes": 1, "summary": "UNet weights 1 B"},
                         "other": {"a": 1, "b": 2}})
     assert dict(lines) == {"base": "b", "memory_plan": "UNet weights 1 B", "other": "a=1, b=2"}
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_loading(tmp_path, monkeypatch):
+    """A read-only --out is said before any model loads (exit status 2), and a results file
+    a resume cannot open for writing is an output error (exit status 3), not a crash."""
+    import os
+
+    from cgidm import cli
+    from cgidm.files import OutputError
+    from cgidm.resume import repair_jsonl
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(out) else real(p, mode, **kw))
+    with pytest.raises(ValueError, match="cannot be written to"):
+        cli._out_folder(str(out), "authenticate")
+    monkeypatch.setattr(os, "access", real)
+    assert cli._out_folder(str(out), "authenticate") == out
+    (out / "results.jsonl").mkdir()  # opened for writing, it fails as a read-only file would
+    with pytest.raises(OutputError, match="cannot write .*results.jsonl"):
+        repair_jsonl(out / "results.jsonl")

@@ -380,3 +380,17 @@ def test_pipes_devices_and_folders_named_like_files_are_refused_without_blocking
             _returns_in_time(lambda: DigestCache(tmp_path).sha256(tmp_path / name))
     with pytest.raises(ModelLoadError, match="cannot read \\(not a regular file \\(a named pipe\\)\\)"):
         _returns_in_time(lambda: load_state_dict(tmp_path / "pipe.safetensors"))
+
+
+def test_too_small_is_refused_from_the_header_before_decoding(tmp_path, monkeypatch):
+    """A 1 x N image is refused by its header's size; its pixels are never decoded."""
+    from PIL import ImageFile
+
+    path = _save(tmp_path, Image.new("L", (1, 4000)), "strip.png")
+
+    def no_decoding(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError, match="too small \\(1x4000\\)"):
+        load_image_with_notes(path, 16)
