@@ -144,10 +144,12 @@ def min_side(resolution: int) -> int:
 def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
     """16-bit, 32-bit integer and float greyscale -> 8-bit ``L`` by scaling the value
     range (PIL's own ``convert`` clips everything above 255 to white)."""
-    arr = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError("non-finite pixel values")
+    # one float64 copy, worked on in place (an image near the pixel limit is 0.7 GB of it;
+    # each temporary more was another 0.7 GB)
+    arr = np.array(img, dtype=np.float64)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # a NaN or an inf anywhere makes min or max one
+        raise ValueError("non-finite pixel values")
     if img.mode in _SIXTEEN_BIT:
         top = 65535.0
     elif img.mode == "F" and lo >= 0 and hi <= 1:
@@ -158,11 +160,13 @@ def _high_depth_to_l(img: Image.Image, notes: list[str]) -> Image.Image:
         top = 65535.0
     else:
         # No known range: stretch what is there, and say so.
-        arr = arr - lo
+        arr -= lo
         top = max(hi - lo, 1e-12)
         notes.append(f"{img.mode}-mode values [{lo:g}, {hi:g}] stretched to 8 bits")
-    out = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, "L")
+    arr *= 255.0 / top
+    np.rint(arr, out=arr)
+    np.clip(arr, 0, 255, out=arr)
+    return Image.fromarray(arr.astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
