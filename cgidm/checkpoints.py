@@ -121,7 +121,11 @@ def read_safetensors_header(path: Path) -> dict:
     """Parse and bound-check the JSON header of a safetensors file before loading it."""
     _regular(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # not readable: said as the model that cannot load, not as a crash
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ModelLoadError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")

@@ -527,3 +527,18 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(tmp_path, monke
     (out / "results.jsonl").mkdir()  # opened for writing, it fails as a read-only file would
     with pytest.raises(OutputError, match="cannot write .*results.jsonl"):
         repair_jsonl(out / "results.jsonl")
+
+
+def test_a_weights_file_that_cannot_be_read_is_a_model_error(tiny_world, monkeypatch):
+    """Permission denied on a weights file is the model that cannot load (exit status 2,
+    naming the file), not a crash."""
+    from cgidm import checkpoints
+    from cgidm.checkpoints import ModelLoadError, read_safetensors_header
+
+    def denied(path, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoints, "open", denied, raising=False)
+    weights = tiny_world / "finetuned" / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors: cannot read \\(Permission denied\\)"):
+        read_safetensors_header(weights)
