@@ -56,6 +56,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
 {% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}
+{% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
 {% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
 ({{ sv.test }}, {{ sv.method }}; U = {{ fmt(sv.statistic) }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images).

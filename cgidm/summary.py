@@ -15,6 +15,7 @@ VERDICT_FIELDS = ("p_value", "z", "verdict")
 # what looks like a swapped pair: suspects below the controls (the set test's p-value) or
 # members below the hold-outs (AUC), clearly rather than by chance
 WORSE_P, WORSE_AUC = 0.99, 0.2
+FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flagged_by_chance", "calibration_warning", "calibration_error",
                        "set_verdict")
@@ -70,6 +71,11 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         main = per[cfg.metric]
         summary.update({k: main.get(k) for k in ("auc", "accuracy", "tpr_at_1fpr", "threshold")})
         summary["roc"] = main.get("roc")
+        n = min(main["n_members"], main["n_holdouts"])
+        if main.get("auc") is not None and n < FEW_LABELLED:
+            summary["sample_warning"] = (f"AUC from {main['n_members']} members and {main['n_holdouts']} hold-outs: "
+                                         f"one image moves it by up to {1 / n:.2f} and the accuracy's threshold is "
+                                         f"chosen on these same images; TPR at 1 % FPR needs at least 100 hold-outs")
         if (main.get("auc") is not None and main["auc"] <= WORSE_AUC
                 and min(main["n_members"], main["n_holdouts"]) >= 3):
             summary["auc_warning"] = (f"members recover worse than hold-outs (AUC {main['auc']:.3f}): are --base "
@@ -353,7 +359,7 @@ def print_summary(summary: dict) -> None:
     else:
         for key, n in bare.items():
             print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
-    for key in ("calibration_error", "calibration_warning", "auc_warning"):
+    for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):

@@ -291,3 +291,11 @@ def test_a_large_report_shows_the_failed_the_flagged_and_the_best_recovered(tmp_
     html = path.read_text()
     assert "The table shows 4 of 8 images" in html and "img07" in html and "img05.png" not in html
     assert "The table shows" not in write_report(tmp_path, rows[:4], summarize(rows[:4], AuthConfig(prompt="p"))).read_text()
+
+
+def test_an_auc_from_few_labelled_images_comes_with_a_warning():
+    few = [_row(i, "member", 0.9 + i / 100) for i in range(3)] + [_row(10 + i, "holdout", 0.1) for i in range(4)]
+    s = summarize(few, AuthConfig(prompt="p"))
+    assert s["auc"] == 1.0 and "AUC from 3 members and 4 hold-outs: one image moves it by up to 0.33" in s["sample_warning"]
+    many = [_row(i, "member", 0.9 + i / 100) for i in range(10)] + [_row(20 + i, "holdout", 0.1) for i in range(10)]
+    assert "sample_warning" not in summarize(many, AuthConfig(prompt="p"))
