@@ -50,60 +50,74 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def list_images(directory: str | Path, recursive: bool = False, exclude=(), quiet: bool = False) -> list[Path]:
+def list_images(directory: str | Path, recursive: bool = False, exclude=(), quiet: bool = False,
+                follow_links: bool = True) -> list[Path]:
     """Image files of a folder (and its subfolders with ``recursive``), sorted. Hidden files
     and folders are skipped: macOS leaves ``._x.png`` resource forks next to every image,
     and cgidm's own temporary files start with a dot. Paths under a folder of ``exclude``
     (a run's own output folder inside the image folder) are skipped too, and so, with
     ``recursive``, is every subfolder holding a file of ``OUTPUT_MARKERS`` (an earlier
     cgidm run's outputs: protected copies, panels, triptychs), with a warning. An
-    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``. ``quiet``: no
-    warning (a count, not a listing the run reads)."""
+    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``. A linked
+    subfolder is listed when ``follow_links`` and it leads out of the tree (one inside is
+    listed under its own name; one to a folder above would list the tree again). Entries
+    named like images that are not image files and folders that cannot be read are said in
+    a warning. ``quiet``: no warning (a count, not a listing the run reads)."""
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
     # compared through symlinks: an --out that is a link to the image folder is that folder
-    skip = [Path(os.path.realpath(e)) for e in exclude]
-    here = Path(os.path.realpath(d))
+    skip = [os.path.realpath(e) for e in exclude]
+    here = os.path.realpath(d)
     for e in skip:
-        if e == here or e in here.parents:  # every image would be left out as the run's output
+        if _within(here, e):  # every image would be left out as the run's output
             raise ValueError(f"the output folder {e} {'is' if e == here else 'holds'} the image folder {d}: "
                              "choose an output folder outside it")
     found, not_files, unlisted = [], [], []
-    for folder, names in _walk(d, recursive, unlisted):
+    for folder, real_folder, names in _walk(d, here, recursive and follow_links, recursive, unlisted):
         for name in names:
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
             p = folder / name
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if not p.is_file() or not os.path.isfile(os.path.realpath(p)):
+            real = os.path.realpath(p) if os.path.islink(p) else os.path.join(real_folder, name)
+            if not os.path.isfile(real):
                 not_files.append(p)  # a broken link, a pipe, a folder named like an image
-                continue
-            full = Path(os.path.realpath(p))
-            if not any(full == e or e in full.parents for e in skip):
+            elif not any(_within(real, e) for e in skip):
                 found.append(p)
-    if not quiet and not_files:
-        log.warning("%d entries under %s named like images are not image files and are left out (broken links, "
-                    "pipes, devices or folders): %s", len(not_files), d,
-                    ", ".join(p.relative_to(d).as_posix() for p in not_files[:3]) + (" ..." if len(not_files) > 3 else ""))
-    if not quiet and unlisted:
-        log.warning("%d folders under %s could not be read and are left out: %s", len(unlisted), d,
-                    "; ".join(unlisted[:3]) + (" ..." if len(unlisted) > 3 else ""))
+    if not quiet:
+        _say_once("%d entries under %s named like images are not image files and are left out (broken links, "
+                  "pipes, devices or folders): %s", d, [p.relative_to(d).as_posix() for p in not_files], ", ")
+        _say_once("%d folders under %s could not be read and are left out: %s", d, unlisted, "; ")
     if recursive:
         found = _outside_output_folders(d, found, quiet)
     return sorted(found)
 
 
-def _walk(d: Path, recursive: bool, unlisted: list):
-    """``(folder, file names)`` of ``d`` and, with ``recursive``, of its subfolders, linked
-    ones too (each real folder once: a link loop ends); hidden files and folders left out.
-    A folder that cannot be read is added to ``unlisted``; ``d`` itself is an error."""
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _say_once(message: str, d: Path, what: list, sep: str) -> None:
+    """A listing's warning, once per folder and content (a folder listed twice in one run,
+    as ``extract --compare`` does, is said once)."""
+    key = (message, str(d), tuple(what))
+    if what and key not in _SAID:
+        _SAID.add(key)
+        log.warning(message, len(what), d, sep.join(what[:3]) + (" ..." if len(what) > 3 else ""))
+
+
+def _walk(d: Path, here: str, follow: bool, recursive: bool, unlisted: list):
+    """``(folder, its real path, file names)`` of ``d`` and, with ``recursive``, of its
+    subfolders; with ``follow`` also of linked subfolders leading out of the tree (each
+    real folder once); hidden files and folders left out. A folder that cannot be read is
+    added to ``unlisted``; ``d`` itself is an error."""
     def failed(e: OSError) -> None:
-        if os.path.realpath(e.filename or "") == os.path.realpath(d):
+        if os.path.realpath(e.filename or "") == here:
             raise ValueError(f"cannot list the image folder {d}: {e.strerror or e}")
         unlisted.append(f"{e.filename}: {e.strerror or e}")
 
     seen = set()
-    for root, dirs, files in os.walk(d, onerror=failed, followlinks=True):
+    for root, dirs, files in os.walk(d, onerror=failed, followlinks=follow):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
@@ -112,13 +126,22 @@ def _walk(d: Path, recursive: bool, unlisted: list):
         names = [n for n in files if not n.startswith(".")]  # a broken link is among the files
         if not recursive:
             names += [n for n in dirs if not n.startswith(".")]  # a folder named like an image: said
-        # real folders before links to them: a file is listed under its own folder's name
-        dirs[:] = sorted((x for x in dirs if not x.startswith(".")),
-                         key=lambda x: (os.path.islink(os.path.join(root, x)), x)) if recursive else []
-        yield Path(root), names
+        keep = []
+        for x in sorted(dirs) if recursive else ():
+            path = os.path.join(root, x)
+            if x.startswith("."):
+                continue
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                # inside the tree: listed under its own name; above it: the tree again
+                if not follow or _within(target, here) or _within(here, target):
+                    continue
+            keep.append(x)
+        dirs[:] = keep
+        yield Path(root), real, names
 
 
-_SAID: set = set()  # the output folders already warned about: (root, files listed, folders)
+_SAID: set = set()  # the listings' warnings already given (a folder listed twice in one run says them once)
 
 
 def _outside_output_folders(root: Path, found: list[Path], quiet: bool = False) -> list[Path]:

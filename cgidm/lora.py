@@ -32,7 +32,7 @@ def lora_in_folder(path) -> Optional[Path]:
     folder's one LoRA ``.safetensors`` at its top level (kohya's ``<name>.safetensors``).
     ``None`` for a file, a model folder (``unet/`` or ``config.json``) or a folder without
     a LoRA file; several LoRA files (a run's epochs) are refused, naming them."""
-    p = Path(path) if path is not None else None
+    p = Path(path).expanduser() if path is not None else None
     if p is None or not p.is_dir() or (p / "unet").is_dir() or (p / "config.json").is_file():
         return None
     if (p / DIFFUSERS_LORA_FILE).is_file():

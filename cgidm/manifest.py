@@ -78,11 +78,10 @@ def collect_items(
     options = {None: "--images", "member": "--members", "holdout": "--holdouts", "control": "--controls"}
     for folder, label in ((images, None), (members, "member"), (holdouts, "holdout"), (controls, "control")):
         if folder is not None:
-            # one listing of the whole tree: the folder's own images, and a count of those below
-            listed = list_images(folder, recursive=True, exclude=exclude, quiet=True)
-            root = Path(folder).expanduser()
-            found = [p for p in listed if p.parent == root]
-            below = len(listed) - len(found)
+            # the folder's own images (what it leaves out said), and a count of those below
+            # (linked folders not followed: a count, not worth walking a linked dataset for)
+            found = list_images(folder, exclude=exclude)
+            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True, follow_links=False)) - len(found)
             if not found:
                 raise FileNotFoundError(f"no images in {folder}" + (
                     f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders)"

@@ -56,6 +56,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
 {% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}
+{% if s.set_verdict_warning %}<p class="error">{{ s.set_verdict_warning }}</p>{% endif %}
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
 {% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
@@ -230,7 +231,8 @@ def shown_rows(rows: Sequence[dict], metric: Optional[str], limit: Optional[int]
         def rank(r: dict) -> tuple:
             score = r.get("score")
             good = isinstance(score, (int, float)) and math.isfinite(score)
-            return ("error" not in r, r.get("verdict") != "fine-tuned on", r.get("p_value") or 1.0,
+            flagged = r.get("verdict") == "fine-tuned on"
+            return ("error" not in r, not flagged, r.get("p_value") or 0.0 if flagged else 0.0,
                     -sign * score if good else math.inf)
 
         rows = sorted(rows, key=rank)[:limit]

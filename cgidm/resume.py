@@ -254,8 +254,8 @@ def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> 
     same file; one saved over it is not). A row without a record is taken as the same."""
     if not isinstance(recorded, dict):
         return True
-    if recorded.get("missing"):
-        return not os.access(path, os.R_OK)  # still missing or unreadable: the same
+    if recorded.get("missing"):  # still missing, unreadable or not a file (a pipe): the same
+        return not (os.access(path, os.R_OK) and os.path.isfile(path))
     try:
         st = Path(path).stat()
         if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):

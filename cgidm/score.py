@@ -176,6 +176,19 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
     }
 
 
+def worse_p(scores: Sequence[float], others: Sequence[float], metric: str) -> float:
+    """The p-value of "``scores`` recover worse than ``others``" (oriented by ``metric``),
+    the one-sided Mann-Whitney U test: what a pair with base and fine-tune swapped gives
+    its members against hold-outs, its suspects against controls. 1.0 with too few."""
+    from scipy.stats import mannwhitneyu
+
+    s = _oriented([x for x in scores if x is not None and math.isfinite(x)], metric)
+    o = _oriented([x for x in others if x is not None and math.isfinite(x)], metric)
+    if len(s) < 1 or len(o) < 1:
+        return 1.0
+    return float(mannwhitneyu(s, o, alternative="less").pvalue)
+
+
 PERMUTATIONS = 20_000  # with ties, splits up to which the permutation distribution is enumerated
 
 

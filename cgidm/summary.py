@@ -9,16 +9,16 @@ from typing import Optional, Sequence
 
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import shown
-from cgidm.score import calibrate, set_metrics, set_verdict
+from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
-# what looks like a swapped pair: suspects below the controls (the set test's p-value) or
-# members below the hold-outs (AUC), clearly rather than by chance
-WORSE_P, WORSE_AUC = 0.99, 0.2
+# what looks like a swapped pair: suspects below the controls or members below the
+# hold-outs, clearly rather than by chance (the one-sided rank test the other way round)
+WORSE_P = 0.01
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flagged_by_chance", "calibration_warning", "calibration_error",
-                       "set_verdict")
+                       "auc_warning", "sample_warning", "set_verdict")
 
 
 def runtime(device, dtype) -> dict:
@@ -76,8 +76,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             summary["sample_warning"] = (f"AUC from {main['n_members']} members and {main['n_holdouts']} hold-outs: "
                                          f"one image moves it by up to {1 / n:.2f} and the accuracy's threshold is "
                                          f"chosen on these same images; TPR at 1 % FPR needs at least 100 hold-outs")
-        if (main.get("auc") is not None and main["auc"] <= WORSE_AUC
-                and min(main["n_members"], main["n_holdouts"]) >= 3):
+        if main.get("auc") is not None and main["auc"] < 0.5 and worse_p(
+                [r[cfg.metric] for r in labelled if r["label"] == "member"],
+                [r[cfg.metric] for r in labelled if r["label"] == "holdout"], cfg.metric) <= WORSE_P:
             summary["auc_warning"] = (f"members recover worse than hold-outs (AUC {main['auc']:.3f}): are --base "
                                       f"and --finetuned swapped?")
         summary["by_metric"] = {m: {k: v for k, v in d.items() if k != "roc"} for m, d in per.items()}
@@ -131,7 +132,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     if sv["min_p"] > cfg.level:
                         sv["warning"] = (f"{sv['n_suspect']} suspect and {sv['n_controls']} control images cannot "
                                          f"give p <= {cfg.level}: add images")
-                    elif sv["p_value"] >= WORSE_P:
+                    elif worse_p(suspects, cal.scores, cfg.metric) <= WORSE_P:
                         sv["warning"] = ("the suspect images recover clearly worse than the controls: are --base and "
                                          "--finetuned swapped, or are the controls unlike the suspect images?")
                 summary["set_verdict"] = sv
@@ -190,11 +191,14 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
             bare = {k: n for k, n in bare.items() if n}
             if bare:
                 summary["pairs_without_controls"] = bare
-        for key in ("calibration_error", "calibration_warning"):  # a pair's, said with its keys
+        # a pair's messages, said with its keys (a swapped pair among good ones hides in the
+        # pooled AUC: its own warning is said); the pooled sample warning stays the pooled one's
+        for key in ("calibration_error", "calibration_warning", "auc_warning", "set_verdict_warning"):
             by_message: dict[str, list[str]] = {}
             for k, s in per.items():
-                if s.get(key):
-                    by_message.setdefault(s[key], []).append(k)
+                said = (s.get("set_verdict") or {}).get("warning") if key == "set_verdict_warning" else s.get(key)
+                if said:
+                    by_message.setdefault(said, []).append(k)
             if by_message:  # one sentence per message, not one per pair (a screen may have hundreds)
                 summary[key] = "; ".join(f"{_some(keys)}: {m}" for m, keys in by_message.items())
     summary["pairs"] = {k: {**infos[k], **{f: s[f] for f in PAIR_SUMMARY_FIELDS if f in s}} for k, s in per.items()}
@@ -359,7 +363,7 @@ def print_summary(summary: dict) -> None:
     else:
         for key, n in bare.items():
             print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
-    for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning"):
+    for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning", "set_verdict_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):

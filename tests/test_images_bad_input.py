@@ -262,9 +262,10 @@ def test_an_output_folder_that_is_or_holds_the_image_folder_is_refused(tmp_path)
 
 def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_path, caplog):
     """Entries named like images that are not image files (a broken link, a folder) are
-    counted in a warning, not dropped silently; a linked subfolder is listed (once, under
-    its real name when both are there; a link loop ends); an image folder that cannot be
-    listed says so."""
+    counted in a warning, not dropped silently, once however often the folder is listed; a
+    linked subfolder leading out of the tree is listed, one inside it only under its own
+    name, one to a folder above not at all (a link loop ends); an image folder that cannot
+    be listed says so."""
     import os
 
     images = tmp_path / "art"
@@ -275,6 +276,9 @@ def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_p
     (tmp_path / "elsewhere" / "c.png").write_bytes(b"x")
     (images / "holdouts").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (images / "members" / "again").symlink_to(images / "members", target_is_directory=True)  # a loop
+    (images / "a").mkdir()
+    (images / "a" / "featured").symlink_to(images / "members", target_is_directory=True)  # inside, met first
+    (images / "up").symlink_to(tmp_path, target_is_directory=True)  # a folder above the tree
     (images / "broken.png").symlink_to(tmp_path / "gone.png")
     (images / "folder.png").mkdir()
     with caplog.at_level("WARNING", logger="cgidm"):
@@ -282,8 +286,13 @@ def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_p
     assert [p.name for p in flat] == ["a.png"]
     assert "2 entries under" in caplog.text and "broken.png, folder.png" in caplog.text
     caplog.clear()
+    list_images(images)
+    assert caplog.text == ""  # said once
     deep = list_images(images, recursive=True, quiet=True)
+    # each image once, under its own folder's name (its label); nothing from above the tree
     assert [p.relative_to(images).as_posix() for p in deep] == ["a.png", "holdouts/c.png", "members/b.png"]
+    assert list_images(images, recursive=True, quiet=True, follow_links=False) == [images / "a.png",
+                                                                                  images / "members" / "b.png"]
     assert caplog.text == ""
     if os.geteuid() != 0:  # root reads any folder
         locked = tmp_path / "locked"

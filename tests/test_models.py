@@ -78,7 +78,7 @@ def test_lora_on_base_changes_only_the_finetuned_side(tiny_world):
     assert torch.allclose(_out(same)[0], ft)
 
 
-def test_a_lora_training_runs_folder_stands_for_its_lora_file(tiny_world, tmp_path):
+def test_a_lora_training_runs_folder_stands_for_its_lora_file(tiny_world, tmp_path, monkeypatch):
     """The folder a LoRA training run saves (diffusers' pytorch_lora_weights.safetensors,
     or one kohya <name>.safetensors, logs and checkpoints beside) may be given as --lora or
     --finetuned: its LoRA file is loaded. Several LoRA files are refused naming them; a
@@ -94,6 +94,8 @@ def test_a_lora_training_runs_folder_stands_for_its_lora_file(tiny_world, tmp_pa
     for pair in (load_pair(tiny_world / "base", lora=run), load_pair(tiny_world / "base", run)):
         assert torch.allclose(_out(pair)[0], want)
         assert str(run / "pytorch_lora_weights.safetensors") in (pair.info.get("lora"), pair.info.get("finetuned"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted "~/..." as the other paths take it
+    assert load_pair(tiny_world / "base", lora="~/lora-run").info["lora"].endswith("lora-run/pytorch_lora_weights.safetensors")
     kohya = tmp_path / "kohya-run"
     kohya.mkdir()
     shutil.copy(tiny_world / "lora_kohya.safetensors", kohya / "style.safetensors")

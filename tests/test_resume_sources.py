@@ -301,3 +301,18 @@ def test_the_digest_cache_warms_on_threads_each_file_once(tmp_path, monkeypatch)
     assert sorted(reads) == sorted(str(f) for f in files)
     before = len(reads)
     assert [cache.sha256(f) for f in files] == [sha256_file(f) for f in files] and len(reads) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_recorded_as_missing_stays_the_same_until_a_file_is_there(tmp_path):
+    """A manifest row naming a pipe is an error row recorded as missing; a resume does not
+    screen it again while it is still a pipe, and does once a file is there."""
+    from cgidm.resume import same_source, source
+
+    path = tmp_path / "x.png"
+    os.mkfifo(path)
+    recorded = source(path)
+    assert recorded == {"missing": True} and same_source(recorded, path)
+    path.unlink()
+    path.write_bytes(b"now a file")
+    assert not same_source(recorded, path)

@@ -242,15 +242,19 @@ def test_a_pair_that_looks_swapped_is_said_so():
                                                                 for i in range(8)]
     s = summarize(rows, AuthConfig(prompt="p"))
     assert s["set_verdict"]["verdict"] == SET_VERDICTS[1] and "swapped" in s["set_verdict"]["warning"]
-    labelled = [_row(i, "member", 0.1 + i / 1000) for i in range(4)] + [_row(10 + i, "holdout", 0.9 + i / 1000)
-                                                                        for i in range(4)]
+    labelled = [_row(i, "member", 0.1 + i / 1000) for i in range(6)] + [_row(10 + i, "holdout", 0.9 + i / 1000)
+                                                                        for i in range(6)]
     s = summarize(labelled, AuthConfig(prompt="p"))
-    assert s["auc"] == 0.0 and "swapped" in s["auc_warning"]
-    usual = [_row(i, "member", 0.9 + i / 1000) for i in range(4)] + [_row(10 + i, "holdout", 0.1 + i / 1000)
-                                                                     for i in range(4)]
+    assert s["auc"] == 0.0 and "swapped" in s["auc_warning"]  # one ordering in 924 by chance
+    usual = [_row(i, "member", 0.9 + i / 1000) for i in range(6)] + [_row(10 + i, "holdout", 0.1 + i / 1000)
+                                                                     for i in range(6)]
     assert "auc_warning" not in summarize(usual, AuthConfig(prompt="p"))
-    few = [_row(0, "member", 0.1), _row(1, "holdout", 0.9)]
-    assert "auc_warning" not in summarize(few, AuthConfig(prompt="p"))
+    # all four members below all four hold-outs happens once in 70 by chance: not clear enough
+    four = [_row(i, "member", 0.1 + i / 1000) for i in range(4)] + [_row(10 + i, "holdout", 0.9) for i in range(4)]
+    assert "auc_warning" not in summarize(four, AuthConfig(prompt="p"))
+    # one suspect below 20 controls: once in 21 by chance
+    one = [_row(0, None, 0.0)] + [_row(20 + i, "control", 0.5 + i / 100) for i in range(20)]
+    assert "warning" not in summarize(one, AuthConfig(prompt="p"))["set_verdict"]
 
 
 def test_the_summary_says_how_many_flags_chance_would_give():
@@ -287,6 +291,10 @@ def test_a_large_report_shows_the_failed_the_flagged_and_the_best_recovered(tmp_
     shown = report.shown_rows(rows, "latent_cos", limit=4)
     assert [r["id"] for r in shown] == ["img00", "img02", "img06", "img07"]
     assert [r["id"] for r in report.shown_rows(rows, "latent_mse", limit=4)] == ["img00", "img01", "img02", "img03"]
+    # rows without a p-value (controls) or not flagged rank by their score alone
+    mixed = [_row(i, None, i / 100, p_value=0.5, verdict="no evidence") for i in range(5)]
+    mixed += [_row(10 + i, "control", 0.9 + i / 100) for i in range(3)]
+    assert [r["id"] for r in report.shown_rows(mixed, "latent_cos", limit=4)] == ["img04", "img10", "img11", "img12"]
     path = write_report(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
     html = path.read_text()
     assert "The table shows 4 of 8 images" in html and "img07" in html and "img05.png" not in html
@@ -299,3 +307,13 @@ def test_an_auc_from_few_labelled_images_comes_with_a_warning():
     assert s["auc"] == 1.0 and "AUC from 3 members and 4 hold-outs: one image moves it by up to 0.33" in s["sample_warning"]
     many = [_row(i, "member", 0.9 + i / 100) for i in range(10)] + [_row(20 + i, "holdout", 0.1) for i in range(10)]
     assert "sample_warning" not in summarize(many, AuthConfig(prompt="p"))
+
+
+def test_a_swapped_pair_among_good_ones_is_named_in_a_screens_summary():
+    good = [{**_row(i, "member", 0.9 + i / 100), "pair": "good"} for i in range(6)]
+    good += [{**_row(10 + i, "holdout", 0.1 + i / 100), "pair": "good"} for i in range(6)]
+    swapped = [{**_row(20 + i, "member", 0.1 + i / 100), "pair": "swapped"} for i in range(6)]
+    swapped += [{**_row(30 + i, "holdout", 0.9 + i / 100), "pair": "swapped"} for i in range(6)]
+    s = summarize_pairs(good + swapped, {"good": {}, "swapped": {}}, AuthConfig(prompt="p"))
+    assert s["auc_warning"].startswith("swapped: members recover worse") and "good" not in s["auc_warning"]
+    assert "swapped" in s["pairs"]["swapped"]["auc_warning"] and "auc_warning" not in s["pairs"]["good"]
