@@ -295,18 +295,27 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
 
     from cgidm.validator import official_scores, paired_scores
 
+    from cgidm.feature_cache import FeatureCache, row_key
+
     good = [r for r in rows if "error" not in r and r.get("recovered")]
     if good:
-        orig, rec = [], []
-        for start in range(0, len(good), batch):
-            chunk = good[start:start + batch]
-            orig.append(embedder([_original_image(r["image"]) for r in chunk]))
+        cache = FeatureCache(out, embedder)  # rows embedded by an earlier run are not embedded again
+        keys = [row_key(r, r["image"], Path(out) / r["recovered"]) for r in good]
+        feats = {i: cache.get(k) for i, k in enumerate(keys) if cache.get(k) is not None}
+        todo = [i for i in range(len(good)) if i not in feats]
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            orig = embedder([_original_image(good[i]["image"]) for i in chunk])
             recs = []
-            for r in chunk:
-                with Image.open(Path(out) / r["recovered"]) as im:
+            for i in chunk:
+                with Image.open(Path(out) / good[i]["recovered"]) as im:
                     recs.append(im.convert("RGB"))
-            rec.append(embedder(recs))
-        o, c = torch.cat(orig).cpu(), torch.cat(rec).cpu()
+            for i, a, b in zip(chunk, orig, embedder(recs)):
+                feats[i] = (a.detach().float().cpu(), b.detach().float().cpu())
+                cache.put(keys[i], *feats[i])
+        cache.save([k for k in keys if k is not None])
+        o = torch.stack([feats[i][0] for i in range(len(good))])
+        c = torch.stack([feats[i][1] for i in range(len(good))])
         groups = [(r.get("pair"), r.get("label")) for r in good]
         official = official_scores(o, c, groups)
         paired = paired_scores(o, c)

@@ -317,3 +317,66 @@ def test_a_swapped_pair_among_good_ones_is_named_in_a_screens_summary():
     s = summarize_pairs(good + swapped, {"good": {}, "swapped": {}}, AuthConfig(prompt="p"))
     assert s["auc_warning"].startswith("swapped: members recover worse") and "good" not in s["auc_warning"]
     assert "swapped" in s["pairs"]["swapped"]["auc_warning"] and "auc_warning" not in s["pairs"]["good"]
+
+
+class _CountingEmbedder:
+    """A fake embedder: features from the mean colour and a fixed projection; counts images."""
+
+    kind, dim = "dino", 4
+
+    def __init__(self, folder):
+        self.folder, self.seen = folder, 0
+
+    def __call__(self, images):
+        import numpy as np
+        import torch
+
+        self.seen += len(images)
+        means = torch.tensor(np.array([np.asarray(im, dtype=np.float32).mean(axis=(0, 1)) for im in images]))
+        return torch.cat([means, means.sum(1, keepdim=True) ** 0.5], dim=1)
+
+
+def test_a_rerun_embeds_only_the_images_it_has_not_embedded(tmp_path, monkeypatch):
+    """With --embedder, features are kept in the output folder: a second run over the same
+    rows embeds nothing and gives the same scores; a recovery written anew is embedded
+    anew; another embedder does not read them; a damaged file is embedded again; past
+    MAX_CHUNKS runs the files merge into one of the rows asked for."""
+    from PIL import Image
+
+    from cgidm import feature_cache
+    from cgidm.summary import add_embedding_scores
+
+    out = tmp_path / "out"
+    (out / "recovered").mkdir(parents=True)
+    (tmp_path / "emb").mkdir()
+    rows = []
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 10, 200 - 30 * i)).save(tmp_path / f"img{i}.png")
+        Image.new("RGB", (8, 8), (40 * i + 5, 20, 190 - 30 * i)).save(out / "recovered" / f"img{i}.png")
+        rows.append({**_row(i, ("member", "holdout")[i % 2], 0.5), "image": str(tmp_path / f"img{i}.png"),
+                     "recovered": f"recovered/img{i}.png", "pair": "p"})
+    emb = _CountingEmbedder(tmp_path / "emb")
+    add_embedding_scores(rows, emb, out)
+    first = [(r["official_cos"], r["embed_cos"]) for r in rows]
+    assert emb.seen == 10
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen == 10 and [(r["official_cos"], r["embed_cos"]) for r in rows] == first
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(out / "recovered" / "img3.png")
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen == 12 and rows[3]["embed_cos"] != first[3][1]
+    other = _CountingEmbedder(tmp_path)  # another folder: another embedder
+    add_embedding_scores(rows, other, out)
+    assert other.seen == 10
+    mine = out / feature_cache.FEATURES / feature_cache.embedder_key(emb)
+    chunks = sorted(mine.glob("*.safetensors"))
+    assert len(chunks) == 2  # the first run's, and the one recovery embedded anew
+    chunks[0].write_bytes(b"damaged")
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen > 12
+    monkeypatch.setattr(feature_cache, "MAX_CHUNKS", 2)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out / "recovered" / "img0.png")
+    add_embedding_scores(rows, emb, out)
+    assert len(list(mine.glob("*.safetensors"))) == 1
+    seen = emb.seen
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen == seen
