@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,47 +32,65 @@ def _stat(path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def embedder_key(embedder) -> str:
-    folder = Path(str(embedder.folder))
-    files = sorted((f.name, *_stat(f)) for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
-    blob = json.dumps([embedder.kind, os.path.realpath(folder), int(embedder.dim), files])
+def embedder_key(embedder) -> Optional[str]:
+    """The embedder's identity: kind, folder, feature size, its files' sizes and times, and
+    the dtype and device it runs in (their features differ in the last digits). None for
+    an embedder without a folder of its own: nothing to tell two of them apart by."""
+    folder = getattr(embedder, "folder", None)
+    if folder is None or not Path(str(folder)).is_dir():
+        return None
+    folder = Path(str(folder))
+    files = sorted((f.name, *_stat(f)) for f in folder.iterdir() if f.is_file())
+    device = getattr(embedder, "device", None)
+    blob = json.dumps([embedder.kind, os.path.realpath(folder), int(embedder.dim), files,
+                       str(getattr(embedder, "dtype", None)), getattr(device, "type", str(device))])
     return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def row_key(row: dict, original: str, recovered: Path) -> Optional[str]:
-    """The key of a row's two images as they are now; None if either cannot be read."""
+def row_key(row: dict, original: str, out: Path) -> Optional[bytes]:
+    """The key of a row's two images as they are now (the recovery by its path inside
+    ``out``: the same however ``--out`` is spelled or wherever it moved); None if either
+    cannot be read."""
     try:
-        blob = json.dumps([row["id"], original, _stat(original), str(recovered), _stat(recovered)])
+        blob = json.dumps([row["id"], original, _stat(original), row["recovered"], _stat(out / row["recovered"])])
     except OSError:
         return None
-    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).digest()
 
 
 class FeatureCache:
-    """``get(key)`` -> ``(original, recovered)`` feature rows or None; ``put`` them; ``save``."""
+    """``get(key)`` -> ``(original, recovered)`` feature rows or None; ``put`` them; ``save``.
+    An embedder without a folder of its own is not cached (nothing is read or written)."""
 
     def __init__(self, out: Path, embedder) -> None:
-        self.folder = Path(out) / FEATURES / embedder_key(embedder)
-        self.known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.chunks = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
-        for chunk in self.chunks:
-            self._read(chunk)
+        key = embedder_key(embedder)
+        self.folder = Path(out) / FEATURES / key if key is not None else None
+        self.known: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.new: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.chunks = []
+        if self.folder is not None and self.folder.is_dir():
+            for tmp in self.folder.glob(".*.tmp"):  # a save cut off (Ctrl-C, killed): the run holds the lock
+                tmp.unlink(missing_ok=True)
+            for chunk in sorted(self.folder.glob("*.safetensors")):
+                if self._read(chunk):
+                    self.chunks.append(chunk)
 
-    def _read(self, chunk: Path) -> None:
-        from safetensors import safe_open
+    def _read(self, chunk: Path) -> bool:
+        from safetensors.torch import load_file
 
         try:
-            with safe_open(str(chunk), framework="pt") as f:
-                keys = json.loads((f.metadata() or {}).get("keys", "[]"))
-                o, r = f.get_tensor("original"), f.get_tensor("recovered")
-            if not (isinstance(keys, list) and len(keys) == o.shape[0] == r.shape[0]):
-                raise ValueError("keys and features of different lengths")
+            data = load_file(str(chunk))
+            keys, o, r = data["keys"], data["original"], data["recovered"]
+            if not (keys.dtype == torch.uint8 and keys.dim() == 2 and keys.shape[1] == 32
+                    and keys.shape[0] == o.shape[0] == r.shape[0]):
+                raise ValueError("keys and features do not match")
         except Exception as e:  # noqa: BLE001 - a damaged file costs only the time to embed again
-            log.warning("%s: features not read (%s); those images are embedded again", chunk, e)
-            return
-        for i, k in enumerate(keys):
-            self.known[k] = (o[i], r[i])
+            log.warning("%s: features not read (%s); removed, those images are embedded again", chunk, e)
+            chunk.unlink(missing_ok=True)  # our own file: said once, not at every run
+            return False
+        for i, k in enumerate(keys.numpy()):
+            self.known[k.tobytes()] = (o[i], r[i])
+        return True
 
     def get(self, key: Optional[str]):
         return None if key is None else self.known.get(key)
@@ -86,6 +105,8 @@ class FeatureCache:
         time at the next run."""
         from safetensors.torch import save_file
 
+        if self.folder is None:
+            return
         merge = len(self.chunks) + 1 > MAX_CHUNKS
         keep = {k: self.known[k] for k in dict.fromkeys(wanted) if k in self.known} if merge else self.new
         if not keep:
@@ -94,15 +115,18 @@ class FeatureCache:
         tmp = self.folder / f".{os.getpid()}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            save_file({"original": torch.stack([keep[k][0] for k in keys]).contiguous(),
-                       "recovered": torch.stack([keep[k][1] for k in keys]).contiguous()},
-                      str(tmp), metadata={"keys": json.dumps(keys)})
-            name = self.folder / f"{len(self.chunks) if not merge else 0:04d}-{os.getpid()}.safetensors"
+            # the keys as a tensor of digests, not JSON metadata: safetensors' header is
+            # limited to 100 MB, which a screen of 1.4 M rows would pass
+            save_file({"keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 32),
+                       "original": torch.stack([keep[k][0] for k in keys]).contiguous(),
+                       "recovered": torch.stack([keep[k][1] for k in keys]).contiguous()}, str(tmp))
+            name = self.folder / f"{time.time_ns():020d}-{os.getpid()}.safetensors"  # never an earlier one's
             os.replace(tmp, name)
             if merge:
                 for chunk in self.chunks:
                     if chunk != name:
                         chunk.unlink(missing_ok=True)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors too (a full disk)
             log.warning("%s: features not kept (%s); they are computed again at the next run", self.folder, e)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -116,7 +116,7 @@ def _walk(d: Path, here: str, follow: bool, recursive: bool, unlisted: list):
             raise ValueError(f"cannot list the image folder {d}: {e.strerror or e}")
         unlisted.append(f"{e.filename}: {e.strerror or e}")
 
-    seen = set()
+    seen, roots = set(), [here]  # the tree and each linked folder followed out of it
     for root, dirs, files in os.walk(d, onerror=failed, followlinks=follow):
         real = os.path.realpath(root)
         if real in seen:
@@ -127,15 +127,18 @@ def _walk(d: Path, here: str, follow: bool, recursive: bool, unlisted: list):
         if not recursive:
             names += [n for n in dirs if not n.startswith(".")]  # a folder named like an image: said
         keep = []
-        for x in sorted(dirs) if recursive else ():
+        # real folders before links (a file is listed under its own folder's name)
+        for x in sorted(dirs, key=lambda x: (os.path.islink(os.path.join(root, x)), x)) if recursive else ():
             path = os.path.join(root, x)
             if x.startswith("."):
                 continue
             if os.path.islink(path):
                 target = os.path.realpath(path)
-                # inside the tree: listed under its own name; above it: the tree again
-                if not follow or _within(target, here) or _within(here, target):
+                # inside the tree or a followed folder: listed under its own name; above one:
+                # listed again
+                if not follow or any(_within(target, r) or _within(r, target) for r in roots):
                     continue
+                roots.append(target)
             keep.append(x)
         dirs[:] = keep
         yield Path(root), real, names

@@ -300,7 +300,7 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
     good = [r for r in rows if "error" not in r and r.get("recovered")]
     if good:
         cache = FeatureCache(out, embedder)  # rows embedded by an earlier run are not embedded again
-        keys = [row_key(r, r["image"], Path(out) / r["recovered"]) for r in good]
+        keys = [row_key(r, r["image"], Path(out)) for r in good]
         feats = {i: cache.get(k) for i, k in enumerate(keys) if cache.get(k) is not None}
         todo = [i for i in range(len(good)) if i not in feats]
         for start in range(0, len(todo), batch):

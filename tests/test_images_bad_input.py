@@ -279,6 +279,9 @@ def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_p
     (images / "a").mkdir()
     (images / "a" / "featured").symlink_to(images / "members", target_is_directory=True)  # inside, met first
     (images / "up").symlink_to(tmp_path, target_is_directory=True)  # a folder above the tree
+    (tmp_path / "elsewhere" / "v2").mkdir()  # a versioned dataset: latest -> v2, inside the followed folder
+    (tmp_path / "elsewhere" / "v2" / "d.png").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "latest").symlink_to(tmp_path / "elsewhere" / "v2", target_is_directory=True)
     (images / "broken.png").symlink_to(tmp_path / "gone.png")
     (images / "folder.png").mkdir()
     with caplog.at_level("WARNING", logger="cgidm"):
@@ -290,7 +293,8 @@ def test_what_a_listing_leaves_out_is_said_and_linked_folders_are_followed(tmp_p
     assert caplog.text == ""  # said once
     deep = list_images(images, recursive=True, quiet=True)
     # each image once, under its own folder's name (its label); nothing from above the tree
-    assert [p.relative_to(images).as_posix() for p in deep] == ["a.png", "holdouts/c.png", "members/b.png"]
+    assert [p.relative_to(images).as_posix() for p in deep] == ["a.png", "holdouts/c.png", "holdouts/v2/d.png",
+                                                                "members/b.png"]
     assert list_images(images, recursive=True, quiet=True, follow_links=False) == [images / "a.png",
                                                                                   images / "members" / "b.png"]
     assert caplog.text == ""

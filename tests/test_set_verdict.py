@@ -380,3 +380,54 @@ def test_a_rerun_embeds_only_the_images_it_has_not_embedded(tmp_path, monkeypatc
     seen = emb.seen
     add_embedding_scores(rows, emb, out)
     assert emb.seen == seen
+
+
+def test_the_feature_cache_follows_the_run_not_the_spelling(tmp_path, monkeypatch):
+    """The same --out spelled otherwise finds its features; another dtype of the embedder
+    does not; an embedder without a folder is not cached; a failed write (a full disk,
+    safetensors' own error) costs only time and leaves no temporary."""
+    from PIL import Image
+
+    from cgidm import feature_cache
+    from cgidm.summary import add_embedding_scores
+
+    out = tmp_path / "out"
+    (out / "recovered").mkdir(parents=True)
+    (tmp_path / "emb").mkdir()
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (8, 8), (60 * i, 10, 30)).save(tmp_path / f"img{i}.png")
+        Image.new("RGB", (8, 8), (60 * i, 20, 30)).save(out / "recovered" / f"img{i}.png")
+        rows.append({**_row(i, None, 0.5), "image": str(tmp_path / f"img{i}.png"),
+                     "recovered": f"recovered/img{i}.png", "pair": "p"})
+    emb = _CountingEmbedder(tmp_path / "emb")
+    add_embedding_scores(rows, emb, out)
+    monkeypatch.chdir(tmp_path)
+    add_embedding_scores(rows, emb, "out")
+    assert emb.seen == 6
+    emb.dtype = "torch.bfloat16"
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen == 12
+    bare = _CountingEmbedder(None)
+    add_embedding_scores(rows, bare, out)
+    add_embedding_scores(rows, bare, out)
+    assert bare.seen == 12 and "official_cos" in rows[0]
+
+    def full(*a, **kw):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    emb.dtype = "torch.float16"
+    add_embedding_scores(rows, emb, out)
+    assert emb.seen == 18 and "official_cos" in rows[0]
+    assert not list((out / feature_cache.FEATURES).rglob(".*.tmp"))
+
+
+def test_the_swap_test_counts_ties_exactly():
+    """Members tied among themselves below tied hold-outs: the exact p-value with the ties
+    (1/56 for 3 against 5), not the normal approximation's 0.0068: no swap warning."""
+    from cgidm.score import worse_p
+
+    assert worse_p([20.0] * 3, [30.0] * 5, "latent_cos") == pytest.approx(1 / 56)
+    rows = [_row(i, "member", 20.0) for i in range(3)] + [_row(10 + i, "holdout", 30.0) for i in range(5)]
+    assert "auc_warning" not in summarize(rows, AuthConfig(prompt="p"))
