@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import functools
+import io
 import json
 import logging
 import math
@@ -31,7 +31,6 @@ FOLDER_LABELS = {"member": "member", "members": "member", "holdout": "holdout", 
                  "control": "control", "controls": "control"}
 
 
-
 def _is_lora(path) -> Optional[bool]:
     """``is_lora_file``, a LoRA training run's folder (``lora_in_folder``) counted as its
     LoRA file; ``None`` where loading decides (a pickle, several LoRA files in a folder)."""
@@ -39,6 +38,7 @@ def _is_lora(path) -> Optional[bool]:
         return is_lora_file(lora_in_folder(path) or path)
     except ModelLoadError:
         return None
+
 
 def folder_label(path: Path, root: Path) -> Optional[str]:
     """The label of an image under ``root`` by its top subfolder (``members/``, ``Holdouts/``,

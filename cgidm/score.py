@@ -177,12 +177,11 @@ def set_verdict(suspect_scores: Sequence[float], control_scores: Sequence[float]
 
 
 def worse_p(scores: Sequence[float], others: Sequence[float], metric: str) -> float:
-    """The p-value of "``scores`` recover worse than ``others``" (oriented by ``metric``),
-    the one-sided Mann-Whitney U test: what a pair with base and fine-tune swapped gives
-    its members against hold-outs, its suspects against controls (``set_verdict`` with the
-    roles turned round: ties handled, never below the smallest p the counts allow). 1.0
-    with too few."""
-    try:  # the set test with the roles turned round: its exact, tie-aware p-values
+    """The p-value of "``scores`` recover worse than ``others``" (oriented by ``metric``):
+    what a pair with base and fine-tune swapped gives its members against hold-outs, its
+    suspects against controls. ``set_verdict`` with the roles turned round (its exact,
+    tie-aware p-values, never below the smallest the counts allow); 1.0 with too few."""
+    try:
         return float(set_verdict(others, scores, metric, 0.05)["p_value"])
     except ValueError:  # too few scores
         return 1.0

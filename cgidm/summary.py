@@ -293,15 +293,14 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
     import torch
     from PIL import Image
 
-    from cgidm.validator import official_scores, paired_scores
-
     from cgidm.feature_cache import FeatureCache, row_key
+    from cgidm.validator import official_scores, paired_scores
 
     good = [r for r in rows if "error" not in r and r.get("recovered")]
     if good:
         cache = FeatureCache(out, embedder)  # rows embedded by an earlier run are not embedded again
         keys = [row_key(r, r["image"], Path(out)) for r in good]
-        feats = {i: cache.get(k) for i, k in enumerate(keys) if cache.get(k) is not None}
+        feats = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
         todo = [i for i in range(len(good)) if i not in feats]
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
