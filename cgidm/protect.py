@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,6 +47,9 @@ __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_prot
 log = logging.getLogger(__name__)
 
 PANELS = "panels"
+# Writer threads: a protected file's PNG encoding and SSIM (seconds for a photo) run beside
+# the next batch's steps; each holds an image's full-size arrays, so there are few.
+WRITERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ class _Run:
         self.bar = None
         self.protected = 0  # images written in this run
         self.sources: dict[str, Optional[dict]] = {}  # image id -> its input's record at loading (``resume.source``)
+        self._writer: Optional[ThreadPoolExecutor] = None
+        # the writes handed to it, in order: (item, image, notes, skipped, objective, start, future)
+        self._writes: deque = deque()
 
     def _error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
@@ -159,6 +168,14 @@ class _Run:
 
         # made with its total: a bar made before it would print an empty line first
         self.bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.progress, **bar_options())
+        try:
+            self._run(items)
+            self._finish_writes()
+        finally:
+            self._close_writer()
+            self.bar.close()
+
+    def _run(self, items: Sequence[ProtectItem]) -> None:
         pending: dict[tuple[int, int], list[tuple[ProtectItem, torch.Tensor, list[str]]]] = {}
         for item in items:
             name = self._name(item)
@@ -178,7 +195,6 @@ class _Run:
                 self._batch(pending.pop(size))
         for size in list(pending):
             self._batch(pending.pop(size))
-        self.bar.close()
 
     def batch_for(self, size: tuple[int, int]) -> int:
         """How many images of ``size = (H, W)`` px go in one batch: ``--batch-size``, or
@@ -210,13 +226,7 @@ class _Run:
             self._retry(batch, fault, oom)
             return
         for (item, image, notes), (delta, skipped, objective) in zip(batch, deltas):
-            try:
-                self._write(item, image, notes, delta, skipped, objective)
-            except OutputError:
-                raise
-            except Exception as e:  # an unusual file that loaded but does not write back
-                log.debug("writing %s failed", item.id, exc_info=True)
-                self._error(item, f"failed: {type(e).__name__}: {e}")
+            self._write(item, image, notes, delta, skipped, objective)
 
     def _retry(self, batch, fault: str, oom: bool) -> None:
         """After a fault: out of memory drops the engine, halves the batch and lowers the
@@ -311,13 +321,46 @@ class _Run:
         return self.names[item.id] if item.id in self.names else output_name(item.id)
 
     def _write(self, item: ProtectItem, image, notes, delta, skipped, objective) -> None:
+        """Hand the image's files to a writer thread (``_files``: the PNG, its scores, the panel,
+        the file read back), then finish, in order, the writes that are done: a full-size PNG
+        and its SSIM take seconds, which overlap the next batch's steps."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cgidm-write")
+        self._writes.append((item, image, notes, skipped, objective, time.perf_counter(),
+                             self._writer.submit(self._files, item, delta)))
+        self._finish_writes(WRITERS)
+
+    def _finish_writes(self, keep: int = 0) -> None:
+        """Finish the pending writes, oldest first, until at most ``keep`` are left; beyond those,
+        any that are already done."""
+        while self._writes and (len(self._writes) > keep or self._writes[0][-1].done()):
+            item, image, notes, skipped, objective, t0, files = self._writes.popleft()
+            try:
+                self._row(item, image, notes, skipped, objective, *files.result())
+            except OutputError:
+                raise
+            except Exception as e:  # an unusual file that loaded but does not write back
+                log.debug("writing %s failed", item.id, exc_info=True)
+                self._error(item, f"failed: {type(e).__name__}: {e}")
+                continue
+            log.debug("wrote %s in %.2f s", item.id, time.perf_counter() - t0)
+
+    def _close_writer(self) -> None:
+        """Stop the writer threads: a stopped run waits only for the files being written."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._writer = None
+        self._writes.clear()
+
+    def _files(self, item: ProtectItem, delta):
+        """In a writer thread: the protected file, its panel, and the file as a fine-tuner
+        loads it (rounded, mapped back, resized). Returns ``(fields, rel, panel path, read back)``."""
         rel = self._name(item)
         dst = self.out / PROTECTED / rel
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(dst.parent, e) from e
-        t0 = time.perf_counter()
         fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp,
                               self.cfg.cover, self.model.pixel_multiple)
         before, after, top = fields.pop("_before"), fields.pop("_after"), fields.pop("_top")
@@ -329,8 +372,10 @@ class _Run:
                                        "the margins are unchanged")
         panel_path = output_path(self.out / PANELS, item.id)
         atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
-        # the loss on the protected file as a fine-tuner loads it (rounded, mapped back, resized)
-        reread = self._load(dst)[0]
+        return fields, rel, panel_path, self._load(dst)[0]
+
+    def _row(self, item: ProtectItem, image, notes, skipped, objective, fields, rel, panel_path, reread) -> None:
+        """On the main thread (it runs the model): the loss before and after, and the row."""
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
@@ -346,7 +391,6 @@ class _Run:
                    m.startswith("animated") for m in fields["notes"]))] + fields["notes"]))}
         if not all(isinstance(v, (int, float)) and v == v for v in (losses[0], losses[1])):
             row["notes"].append("the reported loss is not finite")
-        log.debug("wrote %s in %.2f s", dst, time.perf_counter() - t0)
         self.emit(row)
         self.protected += 1
         self.bar.update(1)
