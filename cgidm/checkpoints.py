@@ -200,6 +200,27 @@ def check_weight_values(state: dict, path: Path, finite: bool = False) -> None:
             raise ModelLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]})")
 
 
+def check_finite_modules(parts) -> None:
+    """``ModelLoadError`` for a loaded model whose weights hold NaN or inf (``parts``:
+    ``(where, module)`` pairs, a parameter shared by two checked once, for the first): a
+    damaged file, or one saved from a training run that diverged, gives NaN everywhere it
+    reaches, so every step would be skipped and the scores would mean nothing. One float32
+    sum per tensor (NaN or inf in it makes the sum so) and one host sync a model; on the
+    device the model runs on (a CPU checks an SD UNet in about a second)."""
+    seen: set[int] = set()
+    for where, module in parts:
+        names, sums = [], []
+        for name, p in module.named_parameters():
+            if id(p) not in seen and p.is_floating_point():
+                seen.add(id(p))
+                names.append(name)
+                sums.append(p.detach().sum(dtype=torch.float32))
+        bad = (~torch.isfinite(torch.stack(sums))).nonzero().flatten().tolist() if sums else []
+        if bad:
+            raise ModelLoadError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {names[bad[0]]}): a "
+                                 "damaged file, or one saved from a training run that diverged")
+
+
 # --------------------------------------------------------------------------- prompt
 
 PROMPT_METADATA_KEYS = ("modelspec.trigger_phrase", "ss_instance_prompt", "instance_prompt")

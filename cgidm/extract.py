@@ -40,7 +40,7 @@ from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
-from cgidm.resume import OutputLock, check_run_kind
+from cgidm.resume import OutputLock, check_run_kind, remove_stale_temporaries
 from cgidm.rng import image_key
 from cgidm.summary import runtime
 
@@ -263,6 +263,8 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         _clear(out / sub, pattern)
     for name in ("grid.png", "samples.png", "report.html", "extract.json"):
         _clear(out, name)
+    # temporaries a killed run left (never renamed into place; this run holds the lock)
+    remove_stale_temporaries(out, [out / CANDIDATES, out / COMPARE, out / SAMPLES])
 
     t_start = time.perf_counter()
     device = pair.device

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
-    ModelLoadError, _check_local, _one_line, check_loaded, check_weight_values, find_prompt, load_state_dict,
+    ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt, load_state_dict,
     read_safetensors_header, weights_in,
 )
 from cgidm import families
@@ -480,6 +480,8 @@ def load_pair(
         m.eval().requires_grad_(False)
     pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info, family)
     pair.to(device=device, dtype=dtype)
+    check_finite_modules([(info["base"], m) for m in (unet_pre, te_pre, getattr(codec, "vae", None)) if m is not None]
+                         + [(str(finetuned or lora), m) for m in (unet_ft, te_ft)])
     info["memory_plan"] = memory_plan(pair)
     return pair
 

@@ -118,6 +118,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     import os
 
     from cgidm import families
+    from cgidm.checkpoints import check_finite_modules
     from cgidm.models import ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_side, _load_unet
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,6 +141,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     # the VAE encoder runs forward and backward every step: in the run's dtype, as the UNet
     # (a VAE whose config asks for fp32 keeps it under fp16: codec.VaeCodec.to)
     codec.to(device=device, **({} if dtype is None else {"dtype": dtype}))
+    check_finite_modules([(str(root), m) for m in (unet, te, getattr(codec, "vae", None)) if m is not None])
     info = {"base": str(root), "family": family.record()}
     return BaseModel(unet, te, tok, codec, abar.to(device), info, family.target)
 

@@ -142,13 +142,15 @@ def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[s
 
 def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, dict[str, Optional[str]]]:
     """``(todo, names)`` for a run over ``items`` in ``out``: the images to protect (no row,
-    a protected file gone, an input saved over since, or with ``retry_failed`` an error
+    a protected file or a panel gone, an input saved over since, or with ``retry_failed`` an error
     row), each said in a warning, and every image's output name (``output_names``). Each
     image's latest row counts (a redone image's new row after its old one)."""
     done = {r["id"]: r for r in read_jsonl(out / RESULTS)}
     names = output_names(items, done)
     finished = [it for it in items if "error" not in done.get(it.id, {"error": None})]
-    gone = [it for it in finished if not (out / PROTECTED / names[it.id]).is_file()]
+    # a protected file or a panel deleted since: the image again (the same files come back)
+    gone = [it for it in finished if not (out / PROTECTED / names[it.id]).is_file()
+            or not (isinstance(done[it.id].get("panel"), str) and (out / done[it.id]["panel"]).is_file())]
     # a row written from another file at the same path (one saved over it since)
     gone_ids = {it.id for it in gone}
     digests = DigestCache(out)  # a folder copied without its times is read once, not at every resume
@@ -164,8 +166,8 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
         return ", ".join(it.id for it in found[:5]) + (" ..." if len(found) > 5 else "")
 
     if gone:
-        log.warning("%s: %d protected files are missing (%s); protecting those images again", out, len(gone),
-                    some(gone))
+        log.warning("%s: %d protected files or panels are missing (%s); protecting those images again", out,
+                    len(gone), some(gone))
     if changed:
         log.warning("%s: %d inputs changed since they were protected (%s); protecting them again", out,
                     len(changed), some(changed))

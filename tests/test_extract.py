@@ -145,8 +145,9 @@ def test_batched_sampler_equals_the_plain_loop_and_ignores_batch_size(pairs, tin
                            shape, cfg.guidance, cfg.correction, steps)
     # batched convolutions sum in another order than unbatched ones (1e-5 of the largest
     # value per pass, tests/test_pairpass.py); w = 3 weighs each pass's error by |1 - w + k| + |w|
-    # ~ 5, over 5 steps
-    tol = 2e-4 * float(plain.abs().max())
+    # ~ 5, over 5 steps: 2.5e-4 (2.05e-4 measured on an AVX-512 CPU), twice that allowed; a
+    # wrong sample is off by the values themselves
+    tol = 5e-4 * float(plain.abs().max())
     for b, got in runs.items():
         torch.testing.assert_close(got, plain, rtol=0, atol=tol, msg=lambda m: f"batch {b}: {m}")
     assert torch.equal(runs[1], G.sample(fn, c_ft, c_pre, sched, keys, shape, cfg.guidance, cfg.correction, steps,
@@ -329,15 +330,21 @@ def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, ca
     assert "could not be read" in html and "broken.png" in html
 
 
-def test_cli_rerun_leaves_no_stale_candidates(tiny_world, tmp_path, capsys):
+def test_cli_rerun_leaves_no_stale_candidates_or_temporaries(tiny_world, tmp_path, capsys):
     from cgidm.cli import main
 
     out = tmp_path / "o"
     base = ["extract", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
             "--out", str(out), "--samples", "6", "--steps", "2", "--batch-size", "6", "-q", "--save-samples"]
     assert main(base + ["--clusters", "4"]) == 0
+    # temporaries a killed run leaves (never renamed into place) go with the next run
+    left = [out / "samples" / ".sample_00002.png.tmp13743-1", out / "candidates" / ".candidate_00.png.tmp1-1",
+            out / ".grid.png.tmp1-1"]
+    for p in left:
+        p.write_bytes(b"half a png")
     assert main(base[:-1] + ["--clusters", "1", "--candidates", "1"]) == 0
     capsys.readouterr()
+    assert not [p for p in left if p.exists()]
     assert sorted(p.name for p in (out / "candidates").iterdir()) == ["candidate_00.png"]
     assert not list((out / "samples").glob("sample_*.png"))
     assert len(_strict(out / "extract.json")["candidates"]) == 1

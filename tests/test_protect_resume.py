@@ -151,9 +151,19 @@ def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog)
     first = (out / "protected" / items[1].id).read_bytes()
     (out / "protected" / items[1].id).unlink()
     s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
-    assert "1 protected files are missing" in caplog.text
+    assert "1 protected files or panels are missing" in caplog.text
     assert s["protected"] == 2 and s["images"] == 2 and s["timing"]["images"] == 1
     assert (out / "protected" / items[1].id).read_bytes() == first  # the same draws: the same file
+    # a deleted panel is made again the same way; results.jsonl keeps one row an image
+    panel = out / json.loads((out / "results.jsonl").read_text().splitlines()[0])["panel"]
+    made = panel.read_bytes()
+    panel.unlink()
+    caplog.clear()
+    s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert "1 protected files or panels are missing" in caplog.text and s["timing"]["images"] == 1
+    assert panel.read_bytes() == made
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(it.id for it in items)
 
 
 def test_retry_failed_protects_a_mended_image_again(base, tiny_world, tmp_path, caplog):
