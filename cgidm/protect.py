@@ -3,7 +3,7 @@
 load -> PGD against the base model (``protect_pgd``) -> protected file, panel and scores
 (``protect_output``) -> one row per image -> summary and report. Resumable like
 ``screen``: every finished image is one complete line of ``OUT/results.jsonl``; the same
-command again protects only the images without a row (or whose protected file is gone;
+command again protects only the images without a row (or whose protected file or panel is gone;
 with ``--retry-failed`` also those whose row is an error), and refuses other settings or
 another base model (``OUT/protect.json``). A file that cannot be read becomes an error row; an exception while
 protecting a batch retries its images one at a time, and an image that still fails gets
