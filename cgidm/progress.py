@@ -12,6 +12,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from cgidm.resume import SHARDS
 
@@ -60,7 +61,7 @@ class Progress:
     total bar fed by counting the lines of every rank's shard."""
 
     def __init__(self, out: Path, mine: int, total: int, done_before: int, rank: int, world: int,
-                 enabled: bool, shard_lines: dict) -> None:
+                 enabled: bool, shard_lines: dict, lines: Optional[LineCounter] = None) -> None:
         from tqdm.auto import tqdm
 
         kw = dict(unit="img", disable=not enabled, dynamic_ncols=True, **bar_options())
@@ -74,7 +75,7 @@ class Progress:
             self.shards = out / SHARDS
             self.base = shard_lines
             self.done_before = done_before
-            self.lines = LineCounter()
+            self.lines = lines if lines is not None else LineCounter()  # the one that counted shard_lines
             self.total_bar = tqdm(total=total, initial=done_before, desc="total", position=1, **kw)
             self.thread = threading.Thread(target=self._watch, name="cgidm-progress", daemon=True)
             self.thread.start()

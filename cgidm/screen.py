@@ -30,7 +30,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_wri
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
-from cgidm.progress import Progress, count_lines
+from cgidm.progress import LineCounter, Progress
 from cgidm.report import write_report
 from cgidm.resume import (
     REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
@@ -268,8 +268,11 @@ def screen(
                     out / RESULTS, *own, *(p for p in result_files(out)[1:] if int(p.stem.split("-")[-1]) >= world)]
             drop_rows(own, gone)
             all_gather(None)  # every rank's shard is clean before rank 0 counts its lines
-        # counted before any rank starts writing: the total bar counts lines added after this
-        shard_lines = {p: count_lines(p) for p in (out / SHARDS).glob("rank-*.jsonl")} if rank == 0 else {}
+        # counted before any rank starts writing (for rank 0's total bar under torchrun): the
+        # bar counts the lines added after this, reading only the bytes added (``LineCounter``)
+        lines = LineCounter()
+        shard_lines = ({p: lines.count(p) for p in (out / SHARDS).glob("rank-*.jsonl")}
+                       if rank == 0 and world > 1 and progress else {})
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
             failed = sum(1 for e in entries if e.id not in gone and "error" in done.get(e.id, {}))
@@ -279,7 +282,7 @@ def screen(
                         out, len(entries) - len(todo), len(entries), left, len(todo))
 
         bars = Progress(out, len(mine), len(entries), len(entries) - len(todo), rank, world, progress,
-                        shard_lines)
+                        shard_lines, lines)
         failure: Optional[BaseException] = None
         try:
             try:

@@ -118,3 +118,36 @@ def test_the_line_counter_reads_only_what_was_appended(tmp_path):
     assert lines.seen[path] == (path.stat().st_size, 5)
     path.write_bytes(b"x\n")
     assert lines.count(path) == 1
+
+
+def test_the_total_bar_counts_the_rows_added_after_its_start_reading_each_byte_once(tmp_path, monkeypatch):
+    """Rank 0's total bar under torchrun: the shards' lines counted when screen starts are
+    the base; the bar shows the images done before plus the lines added since, and the
+    counter that took the base reads only what was appended after it."""
+    from cgidm import progress as P
+    from cgidm.resume import SHARDS
+
+    shards = tmp_path / SHARDS
+    shards.mkdir()
+    for r in range(2):
+        (shards / f"rank-{r}.jsonl").write_text('{"id": "old"}\n' * 3)
+    lines = P.LineCounter()
+    base = {p: lines.count(p) for p in shards.glob("rank-*.jsonl")}
+    read = []
+    real_open = open
+
+    def spy(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "rank-" in str(path):
+            real_seek = f.seek
+            f.seek = lambda off, *w: (read.append(off), real_seek(off, *w))[1]
+        return f
+
+    monkeypatch.setattr(P, "open", spy, raising=False)
+    bars = P.Progress(tmp_path, 4, 10, 6, 0, 2, True, base, lines)
+    for r in range(2):
+        with (shards / f"rank-{r}.jsonl").open("a") as f:
+            f.write('{"id": "new"}\n' * (r + 1))
+    bars.close()
+    assert bars.total_bar.n == 6 + 3
+    assert read and min(read) == len('{"id": "old"}\n') * 3  # never from the start again
