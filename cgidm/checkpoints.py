@@ -217,8 +217,10 @@ def check_finite_modules(parts) -> None:
                 sums.append(p.detach().sum(dtype=torch.float32))
         bad = (~torch.isfinite(torch.stack(sums))).nonzero().flatten().tolist() if sums else []
         if bad:
-            raise ModelLoadError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {names[bad[0]]}): a "
-                                 "damaged file, or one saved from a training run that diverged")
+            first = dict(module.named_parameters())[names[bad[0]]]
+            raise ModelLoadError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {names[bad[0]]}, as "
+                                 f"loaded in {str(first.dtype).replace('torch.', '')}): a damaged file, one saved "
+                                 "from a training run that diverged, or weights too large for that dtype")
 
 
 # --------------------------------------------------------------------------- prompt

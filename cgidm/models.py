@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
-    ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt, load_state_dict,
-    read_safetensors_header, weights_in,
+    ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt,
+    load_state_dict, read_safetensors_header, weights_in,
 )
 from cgidm import families
 from cgidm.config import library_runtime
@@ -480,8 +480,10 @@ def load_pair(
         m.eval().requires_grad_(False)
     pair = ModelPair(unet_pre, unet_ft, te_pre, te_ft, tok, tok_ft, codec, abar, info, family)
     pair.to(device=device, dtype=dtype)
-    check_finite_modules([(info["base"], m) for m in (unet_pre, te_pre, getattr(codec, "vae", None)) if m is not None]
-                         + [(str(finetuned or lora), m) for m in (unet_ft, te_ft)])
+    base_parts = (("unet", unet_pre), ("text encoder", te_pre), ("vae", getattr(codec, "vae", None)))
+    check_finite_modules([(f"{where} ({part})", m) for where, parts in (
+        (info["base"], base_parts), (finetuned or lora, (("unet", unet_ft), ("text encoder", te_ft))))
+        for part, m in parts if m is not None])
     info["memory_plan"] = memory_plan(pair)
     return pair
 

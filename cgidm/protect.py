@@ -15,10 +15,10 @@ Outputs in ``OUT``: ``protected/<relative path>`` (PNG, same size and mode as th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import statistics
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,14 +33,13 @@ from cgidm.config import ProtectConfig, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_text,
                          json_text, json_values, output_dirs, output_path, shown)
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
-from cgidm.protect_output import output_name, panel, protect_file, write_report
+from cgidm.protect_output import output_name, panel, protect_file, run_summary, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
 from cgidm.progress import bar_options
 from cgidm.protect_resume import (PROTECTED, RESULTS, check_settings, kept_settings, output_names,  # noqa: F401
                                    resume_plan)
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl, source
-from cgidm.summary import runtime
 
 __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
 
@@ -49,7 +48,9 @@ log = logging.getLogger(__name__)
 PANELS = "panels"
 # Writer threads: a protected file's PNG encoding and SSIM (seconds for a photo) run beside
 # the next batch's steps; each holds an image's full-size arrays, so there are few.
-WRITERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+# 0: each file finished before the next batch, on one thread (the tests' reference).
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+WRITERS = max(1, min(4, _CORES - 1))
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,13 @@ class _Run:
         self._writes: deque = deque()
 
     def _error(self, item: ProtectItem, reason: str) -> None:
+        """An error row, after the rows of the images before it still being written."""
+        if self._writes:
+            self._writes.append((item, reason, 0.0, None))
+        else:
+            self._emit_error(item, reason)
+
+    def _emit_error(self, item: ProtectItem, reason: str) -> None:
         self.emit({"id": item.id, "image": str(item.path), "error": reason})
         self.bar.update(1)
 
@@ -171,9 +179,17 @@ class _Run:
         try:
             self._run(items)
             self._finish_writes()
-        finally:
+        except KeyboardInterrupt:
+            # the images whose files are written keep them: their rows, so a resume does
+            # not protect them again (a second Ctrl-C stops this too)
             self._close_writer()
+            with contextlib.suppress(Exception):
+                self._finish_writes(stopping=True)
+            raise
+        finally:
+            self._writes.clear()
             self.bar.close()
+            self._close_writer()
 
     def _run(self, items: Sequence[ProtectItem]) -> None:
         pending: dict[tuple[int, int], list[tuple[ProtectItem, torch.Tensor, list[str]]]] = {}
@@ -321,27 +337,34 @@ class _Run:
         return self.names[item.id] if item.id in self.names else output_name(item.id)
 
     def _write(self, item: ProtectItem, image, notes, delta, skipped, objective) -> None:
-        """Hand the image's files to a writer thread (``_files``: the PNG, its scores, the panel,
-        the file read back), then finish, in order, the writes that are done: a full-size PNG
-        and its SSIM take seconds, which overlap the next batch's steps."""
+        """Hand the image's files to a writer thread (``_files``: the PNG, its scores, the
+        panel), then finish, in order, the writes that are done: a full-size PNG and its SSIM
+        take seconds, which overlap the next batch's steps (``WRITERS``)."""
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="cgidm-write")
-        self._writes.append((item, image, notes, skipped, objective, time.perf_counter(),
+            self._writer = ThreadPoolExecutor(max(1, WRITERS), thread_name_prefix="cgidm-write")
+        self._writes.append((item, (image, notes, skipped, objective), time.perf_counter(),
                              self._writer.submit(self._files, item, delta)))
         self._finish_writes(WRITERS)
 
-    def _finish_writes(self, keep: int = 0) -> None:
+    def _finish_writes(self, keep: int = 0, stopping: bool = False) -> None:
         """Finish the pending writes, oldest first, until at most ``keep`` are left; beyond those,
-        any that are already done."""
-        while self._writes and (len(self._writes) > keep or self._writes[0][-1].done()):
-            item, image, notes, skipped, objective, t0, files = self._writes.popleft()
+        any that are already done (``stopping``: only those, and none that failed)."""
+        while self._writes and (len(self._writes) > keep or self._writes[0][-1] is None
+                                or self._writes[0][-1].done()):
+            item, kept, t0, files = self._writes[0]
+            if stopping and files is not None and (files.cancelled() or files.exception() is not None):
+                return
+            self._writes.popleft()
+            if files is None:  # an error row queued behind earlier images' rows
+                self._emit_error(item, kept)
+                continue
             try:
-                self._row(item, image, notes, skipped, objective, *files.result())
+                self._row(item, *kept, *files.result())
             except OutputError:
                 raise
             except Exception as e:  # an unusual file that loaded but does not write back
                 log.debug("writing %s failed", item.id, exc_info=True)
-                self._error(item, f"failed: {type(e).__name__}: {e}")
+                self._emit_error(item, f"failed: {type(e).__name__}: {e}")
                 continue
             log.debug("wrote %s in %.2f s", item.id, time.perf_counter() - t0)
 
@@ -350,11 +373,10 @@ class _Run:
         if self._writer is not None:
             self._writer.shutdown(wait=True, cancel_futures=True)
             self._writer = None
-        self._writes.clear()
 
     def _files(self, item: ProtectItem, delta):
-        """In a writer thread: the protected file, its panel, and the file as a fine-tuner
-        loads it (rounded, mapped back, resized). Returns ``(fields, rel, panel path, read back)``."""
+        """In a writer thread: the protected file and its panel. Returns ``(fields, rel, panel
+        path, protected file)``."""
         rel = self._name(item)
         dst = self.out / PROTECTED / rel
         try:
@@ -372,10 +394,13 @@ class _Run:
                                        "the margins are unchanged")
         panel_path = output_path(self.out / PANELS, item.id)
         atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
-        return fields, rel, panel_path, self._load(dst)[0]
+        return fields, rel, panel_path, dst
 
-    def _row(self, item: ProtectItem, image, notes, skipped, objective, fields, rel, panel_path, reread) -> None:
-        """On the main thread (it runs the model): the loss before and after, and the row."""
+    def _row(self, item: ProtectItem, image, notes, skipped, objective, fields, rel, panel_path, dst) -> None:
+        """On the main thread (it runs the model; image loading is not thread-safe, as its
+        warnings filters are not): the loss before and after, on the protected file as a
+        fine-tuner loads it (rounded, mapped back, resized), and the row."""
+        reread = self._load(dst)[0]
         losses = eval_denoising_loss(self.model, torch.stack([image, reread]), [item.id, item.id], self.cfg.seed,
                                      self.cfg.prompt, self.cfg.eval_draws, self.cfg.t_min, self.cfg.t_max,
                                      cond=self.cond).tolist()
@@ -394,29 +419,6 @@ class _Run:
         self.emit(row)
         self.protected += 1
         self.bar.update(1)
-
-
-def _summary(rows: list[dict], cfg: ProtectConfig, model: BaseModel, dtype: str, wall: float, new: int) -> dict:
-    good = [r for r in rows if "error" not in r]
-
-    def med(key):
-        vals = [r[key] for r in good if isinstance(r.get(key), (int, float))]
-        return statistics.median(vals) if vals else None
-
-    gains = [r["loss_protected"] / r["loss_clean"] for r in good
-             if isinstance(r.get("loss_clean"), float) and isinstance(r.get("loss_protected"), float)
-             and r["loss_clean"] > 0]
-    return {
-        "images": len(rows), "protected": len(good), "failed": len(rows) - len(good),
-        "errors": {r["id"]: r["error"] for r in rows if "error" in r},
-        "medians": {"PSNR dB": med("psnr"), "SSIM": med("ssim"), "max change (levels)": med("linf_levels"),
-                    "loss clean": med("loss_clean"), "loss protected": med("loss_protected"),
-                    "loss protected / clean": statistics.median(gains) if gains else None},
-        "config": cfg.to_json(), "base": model.info.get("base"), "family": model.info.get("family"),
-        "resolution": model.resolution,
-        "device": str(model.device), "dtype": dtype, "runtime": runtime(model.device, dtype),
-        "timing": {"images": new, "wall_s": wall, "images_per_hour": 3600 * new / wall if new and wall > 0 else None},
-    }
 
 
 def protect(
@@ -470,7 +472,7 @@ def protect(
             listed = {it.id for it in items}
             atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in
                                                rows + [r for k, r in latest.items() if k not in listed]))
-        summary = _summary(rows, cfg, model, dtype, wall, new)
+        summary = run_summary(rows, cfg, model, dtype, wall, new)
         summary["timing"]["cuda_graph"] = graph  # None: nothing protected in this run
         if fallback:
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import statistics
 import struct
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from cgidm.files import _replace_from_tmp, atomic_write_text
 from cgidm.images import crop_box, view_of  # noqa: F401 (crop_box: the centre view's box)
+from cgidm.summary import runtime
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _KEPT_MODES = ("RGB", "RGBA", "L", "LA") + _SIXTEEN_BIT
@@ -396,6 +398,31 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
+
+def run_summary(rows: list[dict], cfg, model, dtype: str, wall: float, new: int) -> dict:
+    """``summary.json`` of a protect run: counts, errors, medians, settings, timing (``new``
+    images protected in ``wall`` seconds)."""
+    good = [r for r in rows if "error" not in r]
+
+    def med(key):
+        vals = [r[key] for r in good if isinstance(r.get(key), (int, float))]
+        return statistics.median(vals) if vals else None
+
+    gains = [r["loss_protected"] / r["loss_clean"] for r in good
+             if isinstance(r.get("loss_clean"), float) and isinstance(r.get("loss_protected"), float)
+             and r["loss_clean"] > 0]
+    return {
+        "images": len(rows), "protected": len(good), "failed": len(rows) - len(good),
+        "errors": {r["id"]: r["error"] for r in rows if "error" in r},
+        "medians": {"PSNR dB": med("psnr"), "SSIM": med("ssim"), "max change (levels)": med("linf_levels"),
+                    "loss clean": med("loss_clean"), "loss protected": med("loss_protected"),
+                    "loss protected / clean": statistics.median(gains) if gains else None},
+        "config": cfg.to_json(), "base": model.info.get("base"), "family": model.info.get("family"),
+        "resolution": model.resolution,
+        "device": str(model.device), "dtype": dtype, "runtime": runtime(model.device, dtype),
+        "timing": {"images": new, "wall_s": wall, "images_per_hour": 3600 * new / wall if new and wall > 0 else None},
+    }
 
 
 def write_report(out: Path, rows: Sequence[dict], summary: dict) -> Path:

@@ -141,7 +141,8 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     # the VAE encoder runs forward and backward every step: in the run's dtype, as the UNet
     # (a VAE whose config asks for fp32 keeps it under fp16: codec.VaeCodec.to)
     codec.to(device=device, **({} if dtype is None else {"dtype": dtype}))
-    check_finite_modules([(str(root), m) for m in (unet, te, getattr(codec, "vae", None)) if m is not None])
+    parts = (("unet", unet), ("text encoder", te), ("vae", getattr(codec, "vae", None)))
+    check_finite_modules([(f"{root} ({part})", m) for part, m in parts if m is not None])
     info = {"base": str(root), "family": family.record()}
     return BaseModel(unet, te, tok, codec, abar.to(device), info, family.target)
 

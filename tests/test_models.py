@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -296,32 +297,46 @@ def test_weights_missing_from_a_file_are_refused_not_made_up(tiny_world, tmp_pat
 def test_a_full_fine_tune_or_base_with_nan_or_inf_weights_is_refused(tiny_world, tmp_path):
     """NaN or inf in a full fine-tune (a single file, a diffusers folder) or in the base
     loaded and gave NaN everywhere: every PGD step skipped, "stalled", exit 0. Now it is
-    refused at loading, naming the file and a tensor; a finite fine-tune still loads."""
+    refused at loading, naming the model, the part and a tensor; a finite fine-tune still loads."""
     from safetensors.torch import load_file, save_file
 
     from cgidm.protect_pgd import load_base
+
+    def said(where, part, tensor=""):
+        return re.escape(f"{where} ({part}): 1 weight tensor(s) hold NaN or inf (e.g. {tensor}") + (
+            "" if tensor else r"\S+") + re.escape(", as loaded in float32)")
 
     single = load_file(str(tiny_world / "finetuned.safetensors"))
     key = next(k for k in single if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
     bad = single[key].clone()
     bad.view(-1)[bad.numel() // 2] = float("nan")
     save_file({**single, key: bad}, str(tmp_path / "nan.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"nan\.safetensors: 1 weight tensor\(s\) hold NaN or inf \(e\.g\. "):
+    with pytest.raises(ModelLoadError, match=said(tmp_path / "nan.safetensors", "unet")):
         load_pair(tiny_world / "base", tmp_path / "nan.safetensors")
-    folder = tmp_path / "ft"
-    shutil.copytree(tiny_world / "finetuned", folder)
-    weights = next((folder / "unet").glob("*.safetensors"))
-    state = load_file(str(weights))
-    name = sorted(k for k in state if k.endswith(".bias"))[0]
-    state[name] = state[name].clone().fill_(float("inf"))
-    save_file(state, str(weights))
-    with pytest.raises(ModelLoadError, match=f"ft: 1 weight tensor\\(s\\) hold NaN or inf \\(e.g. {name}\\)"):
+
+    def poisoned(name: str, part: str):
+        folder = tmp_path / name
+        shutil.copytree(tiny_world / "finetuned", folder)
+        weights = next((folder / part).glob("*.safetensors"))
+        state = load_file(str(weights))
+        tensor = sorted(k for k in state if k.endswith(".bias"))[0]
+        state[tensor] = state[tensor].clone().fill_(float("inf"))
+        save_file(state, str(weights))
+        return folder, tensor
+
+    folder, name = poisoned("ft", "unet")
+    with pytest.raises(ModelLoadError, match=said(folder, "unet", name)):
         load_pair(tiny_world / "base", folder)
     # the same folder as the base: refused as the base, by authenticate's loading and protect's
-    with pytest.raises(ModelLoadError, match=f"ft: 1 weight tensor\\(s\\) hold NaN or inf \\(e.g. {name}\\)"):
+    with pytest.raises(ModelLoadError, match=said(folder, "unet", name)):
         load_pair(folder, tiny_world / "finetuned")
-    with pytest.raises(ModelLoadError, match=f"ft: 1 weight tensor\\(s\\) hold NaN or inf \\(e.g. {name}\\)"):
+    with pytest.raises(ModelLoadError, match=said(folder, "unet", name)):
         load_base(folder)
+    folder, name = poisoned("bad-text", "text_encoder")  # (the tiny worlds have no VAE to poison)
+    with pytest.raises(ModelLoadError, match=said(folder, "text encoder")):
+        load_base(folder)
+    with pytest.raises(ModelLoadError, match=said(folder, "text encoder")):
+        load_pair(folder, tiny_world / "finetuned")
     assert load_pair(tiny_world / "base", tiny_world / "finetuned.safetensors").info["finetuned_format"] == "single-file"
 
 

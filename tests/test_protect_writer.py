@@ -1,13 +1,15 @@
-"""``cgidm protect``'s writer threads (docs/protect.md, "Speed"): a protected file's PNG,
-scores, panel and read-back run beside the next batch's steps; the rows come out in the
-order the images were protected, with the same content as one thread would give; a file
+"""``cgidm protect``'s writer threads (docs/protect.md, "How it runs"): a protected file's
+PNG, scores and panel are written beside the next batch's steps; the rows come out in the
+images' order (error rows too), with the content one thread gives (``WRITERS = 0``); a file
 that does not write back is an error row and the run goes on; an output that cannot be
-written stops the run with the rows before it complete and no writer thread left."""
+written stops the run with the rows before it complete and no writer thread left; Ctrl-C
+keeps the rows of the images whose files were written."""
 from __future__ import annotations
 
 import json
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -44,11 +46,11 @@ def _same(a: dict, b: dict) -> bool:
 def test_files_are_written_beside_the_next_batch_and_rows_keep_their_order(base, tiny_world, tmp_path, monkeypatch):
     """With two writers, the first image's file waits until the second image's steps have
     begun: one thread (writing before protecting the next) would time out here. The rows
-    and files equal those of a run with one writer that finishes each file before going on."""
+    and files equal those of a run that finishes each file before going on (``WRITERS = 0``)."""
     folder = _folder(tiny_world, tmp_path)
     items = collect_protect_items(folder)
     one = tmp_path / "one"
-    monkeypatch.setattr(P, "WRITERS", 1)
+    monkeypatch.setattr(P, "WRITERS", 0)
     protect(base, items, one, ProtectConfig(**FAST), progress=False)
 
     started = [threading.Event() for _ in items]
@@ -124,3 +126,54 @@ def test_an_output_that_cannot_be_written_stops_the_run_with_the_rows_before_it_
     monkeypatch.setattr(P, "protect_file", real_file)  # the disk has room again: the same command finishes
     summary = protect(base, items, out, ProtectConfig(**FAST), progress=False)
     assert summary["protected"] == 3 and sorted(r["id"] for r in _rows(out)) == sorted(it.id for it in items)
+
+
+def test_error_rows_keep_their_place_among_rows_still_being_written(base, tiny_world, tmp_path, monkeypatch):
+    folder = _folder(tiny_world, tmp_path, n=2)
+    (folder / "member_000b.png").write_text("not an image")  # sorted between the two members
+    items = collect_protect_items(folder)
+    assert [it.id for it in items][1] == "member_000b.png"
+    monkeypatch.setattr(P, "WRITERS", 2)
+    out = tmp_path / "out"
+    protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == [it.id for it in items] and "error" in rows[1]
+
+
+def test_ctrl_c_keeps_the_rows_of_the_images_whose_files_were_written(base, tiny_world, tmp_path, monkeypatch):
+    """Stopped while the third image is protected: the first two images' files are written
+    (or finish writing), so they get their rows and a resume protects only the third; the
+    finished folder equals an uninterrupted run's."""
+    folder = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(folder)
+    monkeypatch.setattr(P, "WRITERS", 2)
+    real_protect = P._Run._protect
+    calls = []
+
+    def stopped(self, its, images):
+        calls.append(its)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_protect(self, its, images)
+
+    real_file = P.protect_file
+
+    def slow(src, *a, **k):  # the second image's file is still being written at the stop
+        if src == items[1].path:
+            time.sleep(1.0)
+        return real_file(src, *a, **k)
+
+    monkeypatch.setattr(P._Run, "_protect", stopped)
+    monkeypatch.setattr(P, "protect_file", slow)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert [r["id"] for r in _rows(out)] == [it.id for it in items[:2]]
+    assert not [t for t in threading.enumerate() if t.name.startswith("cgidm-write")]
+    monkeypatch.setattr(P._Run, "_protect", real_protect)
+    monkeypatch.setattr(P, "protect_file", real_file)
+    summary = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert summary["timing"]["images"] == 1 and summary["protected"] == 3
+    whole = tmp_path / "whole"
+    protect(base, items, whole, ProtectConfig(**FAST), progress=False)
+    assert all(_same(x, y) for x, y in zip(sorted(_rows(out), key=lambda r: r["id"]), _rows(whole)))
