@@ -17,8 +17,8 @@ The runner (docs/extract.md) over two stages:
    representative is a candidate, densest cliques first.
 
 ``extract`` runs both for a ``ModelPair`` and writes the candidates, a grid,
-``extract.json`` and ``report.html``; ``compare_images`` puts each candidate beside its
-nearest image in a folder. Nothing here tests which model family it runs: the
+``extract.json`` and ``report.html``; ``extract_compare.compare_images`` puts each candidate
+beside its nearest image in a folder. Nothing here tests which model family it runs: the
 conditioning comes from ``ModelPair.encode_prompt``, the latent shape from the UNet, the
 sampler and its ``prediction_type`` from the base's scheduler config.
 """
@@ -41,7 +41,6 @@ from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
 from cgidm.resume import OutputLock, check_run_kind, remove_stale_temporaries
-from cgidm.rng import image_key
 from cgidm.summary import runtime
 
 log = logging.getLogger(__name__)
@@ -346,6 +345,8 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         "timing": {"sampling_s": sampling_s, "samples_per_hour": 3600 * cfg.samples / sampling_s if sampling_s else None},
     }
     if compare_items is not None:
+        from cgidm.extract_compare import compare_images
+
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
                                             [images[j] for j in cand_rows], candidates, out, cfg, embedder)
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
@@ -353,60 +354,6 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     write_report(out, summary)
     summary["report"] = str(out / "report.html")
     return summary
-
-
-@torch.no_grad()
-def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list, candidates: list[dict], out: Path,
-                   cfg: ExtractConfig, embedder) -> dict:
-    """Each candidate beside its nearest image of ``items`` (``(path, label)``), the
-    similarity in the clustering's feature space, SSIM and PSNR; each image's best
-    similarity to the candidates; with members and hold-outs among the labels, the
-    extracted fraction and AUC (``extraction_metrics``)."""
-    from cgidm.images import load_image
-    from cgidm.score import pixel_scores
-
-    res = pair.resolution
-    loaded, failed = [], []
-    for path, label in items:
-        try:
-            loaded.append((path, label, load_image(path, res)))
-        except ValueError as e:
-            failed.append({"image": str(path), "error": str(e)})
-    if not loaded:
-        raise ValueError("--compare: none of its images could be read (" + "; ".join(f["error"] for f in failed) + ")")
-    imgs = torch.stack([im for _, _, im in loaded])
-    if kind == "latent":
-        lats = []
-        for path, _, im in loaded:
-            g = torch.Generator(device=pair.device).manual_seed(image_key(cfg.seed, f"compare/{path.name}"))
-            lats.append(pair.codec.encode(im[None].to(pair.device), generator=g).float().cpu())
-        img_feats = unit_features(torch.cat(lats))
-        cand_feats = unit_features(torch.stack(cand_latents))
-    elif kind == "pixel":
-        img_feats = unit_features(pixel_features(imgs))
-        cand_feats = unit_features(pixel_features(torch.stack(cand_images)))
-    else:
-        img_feats = unit_features(embedder([to_pil(im) for im in imgs]))
-        cand_feats = unit_features(embedder([to_pil(im) for im in cand_images]))
-    sims, best = nearest(cand_feats, img_feats)
-    (out / COMPARE).mkdir(exist_ok=True)
-    pairs = []
-    for k, cand in enumerate(candidates):
-        j = int(np.argmax(sims[:, k]))
-        path, label, im = loaded[j]
-        px = pixel_scores(im, cand_images[k])
-        name = f"{COMPARE}/candidate_{cand['rank']:02d}.png"
-        atomic_save_image(grid([to_pil(cand_images[k]), to_pil(im)], columns=2, min_side=192), out / name)
-        pairs.append({"rank": cand["rank"], "candidate": cand["image"], "nearest": str(path), "label": label,
-                      "similarity": float(sims[j, k]), **px, "pair_image": name})
-    per_image = [{"image": str(path), "label": label, "best_similarity": float(best[j]),
-                  "best_candidate": int(np.argmax(sims[j]))} for j, (path, label, _) in enumerate(loaded)]
-    result = {"features": kind, "images": len(loaded), "failed": failed, "pairs": pairs, "per_image": per_image}
-    members = [r["best_similarity"] for r in per_image if r["label"] == "member"]
-    holdouts = [r["best_similarity"] for r in per_image if r["label"] == "holdout"]
-    if members and holdouts:
-        result["labelled"] = extraction_metrics(members, holdouts)
-    return result
 
 
 # --------------------------------------------------------------------------- report
