@@ -15,7 +15,6 @@ Outputs in ``OUT``: ``protected/<relative path>`` (PNG, same size and mode as th
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 PANELS = "panels"
 # Writer threads: a protected file's PNG encoding and SSIM (seconds for a photo) run beside
 # the next batch's steps; each holds an image's full-size arrays, so there are few.
-# 0: each file finished before the next batch, on one thread (the tests' reference).
+# 0: each file finished before the next image is protected (the tests' reference).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 WRITERS = max(1, min(4, _CORES - 1))
 
@@ -150,7 +149,8 @@ class _Run:
         self.protected = 0  # images written in this run
         self.sources: dict[str, Optional[dict]] = {}  # image id -> its input's record at loading (``resume.source``)
         self._writer: Optional[ThreadPoolExecutor] = None
-        # the writes handed to it, in order: (item, image, notes, skipped, objective, start, future)
+        # the writes handed to it, in order: (item, (image, notes, skipped, objective), start, future),
+        # and error rows queued behind them: (item, reason, 0.0, None)
         self._writes: deque = deque()
 
     def _error(self, item: ProtectItem, reason: str) -> None:
@@ -183,8 +183,11 @@ class _Run:
             # the images whose files are written keep them: their rows, so a resume does
             # not protect them again (a second Ctrl-C stops this too)
             self._close_writer()
-            with contextlib.suppress(Exception):
+            try:
                 self._finish_writes(stopping=True)
+            except Exception as e:  # noqa: BLE001 - the stop goes on; those images are redone
+                log.warning("stopping: the rows of %d written images were not kept (%s: %s)", len(self._writes),
+                            type(e).__name__, e)
             raise
         finally:
             self._writes.clear()
@@ -348,25 +351,26 @@ class _Run:
 
     def _finish_writes(self, keep: int = 0, stopping: bool = False) -> None:
         """Finish the pending writes, oldest first, until at most ``keep`` are left; beyond those,
-        any that are already done (``stopping``: only those, and none that failed)."""
+        any that are already done (``stopping``: up to the first that never ran). A write
+        leaves the queue only once its row is out, so a Ctrl-C while its row is made leaves
+        it for the stopping drain (at worst a row twice; the latest counts)."""
         while self._writes and (len(self._writes) > keep or self._writes[0][-1] is None
                                 or self._writes[0][-1].done()):
             item, kept, t0, files = self._writes[0]
-            if stopping and files is not None and (files.cancelled() or files.exception() is not None):
+            if stopping and files is not None and files.cancelled():
                 return
-            self._writes.popleft()
             if files is None:  # an error row queued behind earlier images' rows
                 self._emit_error(item, kept)
-                continue
-            try:
-                self._row(item, *kept, *files.result())
-            except OutputError:
-                raise
-            except Exception as e:  # an unusual file that loaded but does not write back
-                log.debug("writing %s failed", item.id, exc_info=True)
-                self._emit_error(item, f"failed: {type(e).__name__}: {e}")
-                continue
-            log.debug("wrote %s in %.2f s", item.id, time.perf_counter() - t0)
+            else:
+                try:
+                    self._row(item, *kept, *files.result())
+                    log.debug("wrote %s in %.2f s", item.id, time.perf_counter() - t0)
+                except OutputError:
+                    raise
+                except Exception as e:  # an unusual file that loaded but does not write back
+                    log.debug("writing %s failed", item.id, exc_info=True)
+                    self._emit_error(item, f"failed: {type(e).__name__}: {e}")
+            self._writes.popleft()
 
     def _close_writer(self) -> None:
         """Stop the writer threads: a stopped run waits only for the files being written."""

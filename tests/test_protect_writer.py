@@ -177,3 +177,30 @@ def test_ctrl_c_keeps_the_rows_of_the_images_whose_files_were_written(base, tiny
     whole = tmp_path / "whole"
     protect(base, items, whole, ProtectConfig(**FAST), progress=False)
     assert all(_same(x, y) for x, y in zip(sorted(_rows(out), key=lambda r: r["id"]), _rows(whole)))
+
+
+def test_ctrl_c_while_a_row_is_made_keeps_that_row(base, tiny_world, tmp_path, monkeypatch):
+    """Ctrl-C while the main thread waits on a write or makes its row (the read-back and
+    the loss): that image's file is written, so its row is kept by the stop, in order."""
+    folder = _folder(tiny_world, tmp_path)
+    items = collect_protect_items(folder)
+    monkeypatch.setattr(P, "WRITERS", 1)
+    real_row = P._Run._row
+    calls = []
+
+    def interrupted(self, item, *a):
+        calls.append(item.id)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_row(self, item, *a)
+
+    monkeypatch.setattr(P._Run, "_row", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    kept = [r["id"] for r in _rows(out)]
+    assert kept[0] == items[0].id and kept == [it.id for it in items[:len(kept)]]
+    monkeypatch.setattr(P._Run, "_row", real_row)
+    summary = protect(base, items, out, ProtectConfig(**FAST), progress=False)
+    assert summary["timing"]["images"] == len(items) - len(kept) and summary["protected"] == 3
+    assert [r["id"] for r in _rows(out)] == [it.id for it in items]
