@@ -36,6 +36,8 @@ import torch
 
 from cgidm.cliques import cluster, unit_features
 from cgidm.config import ExtractConfig
+from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, extraction_metrics, grid,  # noqa: F401
+                                     nearest, pixel_features)
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
@@ -46,25 +48,10 @@ from cgidm.summary import runtime
 log = logging.getLogger(__name__)
 
 CANDIDATES = "candidates"
-COMPARE = "compare"
 SAMPLES = "samples"
-# pixel features of decoded images are pooled to at most this side (a 512 px image would
-# make each feature 786k numbers; the clustering needs the layout, not every pixel)
-PIXEL_FEATURE_SIDE = 64
 
 
 # --------------------------------------------------------------------------- features and comparison
-
-
-def pixel_features(images: torch.Tensor) -> torch.Tensor:
-    """``[M, 3, H, W]`` in [-1, 1] -> ``[M, 3 * h * w]``, area-pooled to a side of at
-    most ``PIXEL_FEATURE_SIDE``."""
-    x = images.float().clamp(-1, 1)
-    side = max(x.shape[-2:])
-    if side > PIXEL_FEATURE_SIDE:
-        f = math.ceil(side / PIXEL_FEATURE_SIDE)
-        x = torch.nn.functional.avg_pool2d(x, f, ceil_mode=True)
-    return x.flatten(1)
 
 
 def feature_kind(cfg: ExtractConfig, embedder) -> str:
@@ -102,59 +89,7 @@ def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) 
     return [(p, folder_label(p, root)) for p in paths]
 
 
-def nearest(candidate_features: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarities ``[J, K]`` of ``J`` images against ``K`` candidates, and each
-    image's best similarity over the candidates ``[J]`` (its extraction score)."""
-    sims = unit_features(image_features) @ unit_features(candidate_features).T
-    return sims, sims.max(axis=1)
-
-
-def extraction_metrics(member_scores: Sequence[float], holdout_scores: Sequence[float]) -> dict:
-    """Each image scored by its best similarity to the extracted set: the fraction of
-    members above the highest hold-out (a threshold fixed on the hold-outs: none of them
-    counts as extracted), and members-vs-hold-outs AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    m = np.asarray(member_scores, dtype=np.float64)
-    h = np.asarray(holdout_scores, dtype=np.float64)
-    if m.size == 0 or h.size == 0:
-        return {"members": int(m.size), "holdouts": int(h.size), "threshold": None, "extracted_fraction": None,
-                "auc": None}
-    thr = float(h.max())
-    y = np.r_[np.ones(m.size), np.zeros(h.size)]
-    return {
-        "members": int(m.size),
-        "holdouts": int(h.size),
-        "threshold": thr,
-        "extracted": int((m > thr).sum()),
-        "extracted_fraction": float((m > thr).mean()),
-        "auc": float(roc_auc_score(y, np.r_[m, h])),
-    }
-
-
 # --------------------------------------------------------------------------- images
-
-
-def _enlarged(im, min_side: int):
-    from PIL import Image
-
-    w, h = im.size
-    s = max(1, math.ceil(min_side / max(h, 1)))
-    return im.resize((w * s, h * s), Image.NEAREST) if s > 1 else im
-
-
-def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4):
-    """PIL images (one size) tiled ``columns`` wide; small ones enlarged (nearest)."""
-    from PIL import Image
-
-    tiles = [_enlarged(im, min_side) for im in images]
-    w, h = tiles[0].size
-    cols = max(1, min(columns, len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    canvas = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), (255, 255, 255))
-    for i, im in enumerate(tiles):
-        canvas.paste(im, ((i % cols) * (w + pad), (i // cols) * (h + pad)))
-    return canvas
 
 
 def thumbnails(images: Sequence, side: int = 64, columns: int = 16, pad: int = 2):

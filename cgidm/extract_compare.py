@@ -1,5 +1,7 @@
 """``cgidm extract --compare DIR`` (docs/extract.md): each candidate beside its nearest
-image in a folder, and each image's best similarity to the candidates.
+image in a folder, and each image's best similarity to the candidates; and what the
+runner (``cgidm.extract``) shares with it: pixel features, the nearest candidates, the
+extraction metrics, image grids.
 
 The folder is read in chunks of ``CHUNK`` images: only their features stay (a latent, a
 64-px pixel feature or an embedding an image), so a folder of tens of thousands of images
@@ -8,20 +10,88 @@ pictures and pixel scores.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from cgidm.cliques import unit_features
 from cgidm.config import ExtractConfig
-from cgidm.extract import COMPARE, extraction_metrics, grid, nearest, pixel_features
 from cgidm.files import atomic_save_image
 from cgidm.images import load_image, to_pil
 from cgidm.rng import image_key
 from cgidm.score import pixel_scores
 
 CHUNK = 64  # images read and featurised together (3 MB each at 512 px)
+COMPARE = "compare"
+# pixel features of decoded images are pooled to at most this side (a 512 px image would
+# make each feature 786k numbers; the clustering needs the layout, not every pixel)
+PIXEL_FEATURE_SIDE = 64
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """``[M, 3, H, W]`` in [-1, 1] -> ``[M, 3 * h * w]``, area-pooled to a side of at
+    most ``PIXEL_FEATURE_SIDE``."""
+    x = images.float().clamp(-1, 1)
+    side = max(x.shape[-2:])
+    if side > PIXEL_FEATURE_SIDE:
+        f = math.ceil(side / PIXEL_FEATURE_SIDE)
+        x = torch.nn.functional.avg_pool2d(x, f, ceil_mode=True)
+    return x.flatten(1)
+
+
+def nearest(candidate_features: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities ``[J, K]`` of ``J`` images against ``K`` candidates, and each
+    image's best similarity over the candidates ``[J]`` (its extraction score)."""
+    sims = unit_features(image_features) @ unit_features(candidate_features).T
+    return sims, sims.max(axis=1)
+
+
+def extraction_metrics(member_scores: Sequence[float], holdout_scores: Sequence[float]) -> dict:
+    """Each image scored by its best similarity to the extracted set: the fraction of
+    members above the highest hold-out (a threshold fixed on the hold-outs: none of them
+    counts as extracted), and members-vs-hold-outs AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    m = np.asarray(member_scores, dtype=np.float64)
+    h = np.asarray(holdout_scores, dtype=np.float64)
+    if m.size == 0 or h.size == 0:
+        return {"members": int(m.size), "holdouts": int(h.size), "threshold": None, "extracted_fraction": None,
+                "auc": None}
+    thr = float(h.max())
+    y = np.r_[np.ones(m.size), np.zeros(h.size)]
+    return {
+        "members": int(m.size),
+        "holdouts": int(h.size),
+        "threshold": thr,
+        "extracted": int((m > thr).sum()),
+        "extracted_fraction": float((m > thr).mean()),
+        "auc": float(roc_auc_score(y, np.r_[m, h])),
+    }
+
+
+def _enlarged(im, min_side: int):
+    from PIL import Image
+
+    w, h = im.size
+    s = max(1, math.ceil(min_side / max(h, 1)))
+    return im.resize((w * s, h * s), Image.NEAREST) if s > 1 else im
+
+
+def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4):
+    """PIL images (one size) tiled ``columns`` wide; small ones enlarged (nearest)."""
+    from PIL import Image
+
+    tiles = [_enlarged(im, min_side) for im in images]
+    w, h = tiles[0].size
+    cols = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    canvas = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), (255, 255, 255))
+    for i, im in enumerate(tiles):
+        canvas.paste(im, ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return canvas
 
 
 def _features(pair, kind: str, chunk: list, cfg: ExtractConfig, embedder) -> np.ndarray:
