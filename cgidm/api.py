@@ -13,7 +13,7 @@ from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_t_max  # noqa: F401 (re-exported)
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.progress import bar_options
@@ -130,7 +130,7 @@ def authenticate(
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
                                               "(the same scores)")
         # rows again, in input order and with their verdicts
-        atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in rows))
+        atomic_write_jsonl(results, rows)
         summary = json_values(summary)  # the summary returned is the one written: null, not inf
         atomic_write_json(out / "summary.json", summary)
         summary["report"] = str(write_report(out, rows, summary))

@@ -209,16 +209,13 @@ def check_finite_modules(parts) -> None:
     device the model runs on (a CPU checks an SD UNet in about a second)."""
     seen: set[int] = set()
     for where, module in parts:
-        names, sums = [], []
-        for name, p in module.named_parameters():
-            if id(p) not in seen and p.is_floating_point():
-                seen.add(id(p))
-                names.append(name)
-                sums.append(p.detach().sum(dtype=torch.float32))
+        params = [(name, p) for name, p in module.named_parameters() if id(p) not in seen and p.is_floating_point()]
+        seen.update(id(p) for _, p in params)
+        sums = [p.detach().sum(dtype=torch.float32) for _, p in params]
         bad = (~torch.isfinite(torch.stack(sums))).nonzero().flatten().tolist() if sums else []
         if bad:
-            first = dict(module.named_parameters())[names[bad[0]]]
-            raise ModelLoadError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {names[bad[0]]}, as "
+            name, first = params[bad[0]]
+            raise ModelLoadError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {name}, as "
                                  f"loaded in {str(first.dtype).replace('torch.', '')}): a damaged file, one saved "
                                  "from a training run that diverged, or weights too large for that dtype")
 

@@ -165,6 +165,12 @@ def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2, sort_keys
     _replace_from_tmp(path, lambda f: f.write(text.encode()))
 
 
+def atomic_write_jsonl(path: Path, rows) -> None:
+    """``rows`` as JSON lines (keys sorted, as ``append_jsonl`` writes them), replacing
+    ``path`` atomically."""
+    atomic_write_text(path, "".join(json_text(r, sort_keys=True) + "\n" for r in rows))
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     """One complete line or nothing: a single ``write`` of the whole line, then fsync.
     A short or failed write (a full disk) is cut back off before ``OutputError``."""

@@ -61,7 +61,7 @@ class Progress:
     total bar fed by counting the lines of every rank's shard."""
 
     def __init__(self, out: Path, mine: int, total: int, done_before: int, rank: int, world: int,
-                 enabled: bool, shard_lines: dict, lines: Optional[LineCounter] = None) -> None:
+                 enabled: bool, lines: Optional[LineCounter] = None) -> None:
         from tqdm.auto import tqdm
 
         kw = dict(unit="img", disable=not enabled, dynamic_ncols=True, **bar_options())
@@ -73,9 +73,11 @@ class Progress:
         self.stop = threading.Event()
         if world > 1 and rank == 0 and enabled:
             self.shards = out / SHARDS
-            self.base = shard_lines
+            # ``lines``: the counter that counted the shards before any rank wrote; those
+            # lines are the base, and it goes on reading only what is appended
+            self.lines = lines if lines is not None else LineCounter()
+            self.base = {path: n for path, (_, n) in self.lines.seen.items()}
             self.done_before = done_before
-            self.lines = lines if lines is not None else LineCounter()  # the one that counted shard_lines
             self.total_bar = tqdm(total=total, initial=done_before, desc="total", position=1, **kw)
             self.thread = threading.Thread(target=self._watch, name="cgidm-progress", daemon=True)
             self.thread.start()
@@ -107,11 +109,6 @@ class Progress:
             self._refresh_total()
             self.total_bar.close()
         self.bar.close()
-
-
-def count_lines(path: Path) -> int:
-    """The lines of ``path`` now (0 if it is not there)."""
-    return LineCounter().count(path)
 
 
 class LineCounter:

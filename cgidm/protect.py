@@ -29,8 +29,8 @@ import torch
 
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_t_max, dtype_name
-from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_text,
-                         json_text, json_values, output_dirs, output_path, shown)
+from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_jsonl,
+                         json_values, output_dirs, output_path, shown)
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
 from cgidm.protect_output import output_name, panel, protect_file, run_summary, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
@@ -474,8 +474,7 @@ def protect(
         rows = [latest[it.id] for it in items if it.id in latest]
         if len(written) > len(latest):  # an image redone appended a row after its old one: one row an image
             listed = {it.id for it in items}
-            atomic_write_text(results, "".join(json_text(r, sort_keys=True) + "\n" for r in
-                                               rows + [r for k, r in latest.items() if k not in listed]))
+            atomic_write_jsonl(results, rows + [r for k, r in latest.items() if k not in listed])
         summary = run_summary(rows, cfg, model, dtype, wall, new)
         summary["timing"]["cuda_graph"] = graph  # None: nothing protected in this run
         if fallback:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.files import OutputError, atomic_write_text, json_text, regular_file
+from cgidm.files import OutputError, atomic_write_jsonl, atomic_write_text, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def drop_rows(paths: Sequence[Path], ids: set[str]) -> None:
         rows = read_jsonl(path)
         kept = [r for r in rows if r.get("id") not in ids]
         if len(kept) != len(rows):
-            atomic_write_text(path, "".join(json_text(r, sort_keys=True) + "\n" for r in kept))
+            atomic_write_jsonl(path, kept)
 
 
 def settings_of(cfg, dtype_name: str) -> dict:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_text, json_text, json_values, output_dirs
+from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -271,8 +271,9 @@ def screen(
         # counted before any rank starts writing (for rank 0's total bar under torchrun): the
         # bar counts the lines added after this, reading only the bytes added (``LineCounter``)
         lines = LineCounter()
-        shard_lines = ({p: lines.count(p) for p in (out / SHARDS).glob("rank-*.jsonl")}
-                       if rank == 0 and world > 1 and progress else {})
+        if rank == 0 and world > 1 and progress:
+            for p in (out / SHARDS).glob("rank-*.jsonl"):
+                lines.count(p)
         mine = todo[rank::world]
         if rank == 0 and len(todo) < len(entries):
             failed = sum(1 for e in entries if e.id not in gone and "error" in done.get(e.id, {}))
@@ -282,7 +283,7 @@ def screen(
                         out, len(entries) - len(todo), len(entries), left, len(todo))
 
         bars = Progress(out, len(mine), len(entries), len(entries) - len(todo), rank, world, progress,
-                        shard_lines, lines)
+                        lines)
         failure: Optional[BaseException] = None
         try:
             try:
@@ -331,7 +332,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     if removed or listed.intersection(before):
         # an image listed again has its row in results.jsonl only
         kept = {k: r for k, r in before.items() if k not in listed} | {r["id"]: r for r in removed}
-        atomic_write_text(out / REMOVED, "".join(json_text(kept[k], sort_keys=True) + "\n" for k in sorted(kept)))
+        atomic_write_jsonl(out / REMOVED, (kept[k] for k in sorted(kept)))
     run_rows = [rows[e.id] for e in entries]
     # a label changes no score: a manifest corrected since the last run relabels its rows
     relabelled = [e for e in entries if rows[e.id].get("label") != e.label]
@@ -371,7 +372,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     if facts:
         summary["pair_models"] = facts
     # one row per id, sorted: the same file whatever the ranks, batches or restarts
-    atomic_write_text(out / RESULTS, "".join(json_text(r, sort_keys=True) + "\n" for r in run_rows))
+    atomic_write_jsonl(out / RESULTS, run_rows)
     for p in result_files(out)[1:]:
         p.unlink()
     summary["timing"] = timing(gathered, time.perf_counter() - t0)
