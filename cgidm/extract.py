@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from cgidm.cliques import cluster, unit_features
+from cgidm.cliques import cluster
 from cgidm.config import ExtractConfig
-from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, extraction_metrics, grid,  # noqa: F401
-                                     nearest, pixel_features)
+from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, extraction_metrics, features_of,  # noqa: F401
+                                     grid, nearest, pixel_features)
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
@@ -60,16 +59,6 @@ def feature_kind(cfg: ExtractConfig, embedder) -> str:
     if cfg.features == "embed" and embedder is None:
         raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
     return cfg.features
-
-
-def features_of(kind: str, latents: torch.Tensor, images: torch.Tensor, embedder) -> np.ndarray:
-    """``[M, D]`` unit features of ``kind`` for latents ``[M, C, h, w]`` and their images
-    ``[M, 3, H, W]`` in [-1, 1]."""
-    if kind == "latent":
-        return unit_features(latents.float())
-    if kind == "pixel":
-        return unit_features(pixel_features(images))
-    return unit_features(embedder([to_pil(im) for im in images]))
 
 
 def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[tuple[Path, Optional[str]]]:

@@ -94,19 +94,27 @@ def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4):
     return canvas
 
 
+def features_of(kind: str, latents: torch.Tensor, images: torch.Tensor, embedder) -> np.ndarray:
+    """``[M, D]`` unit features of ``kind`` for latents ``[M, C, h, w]`` and their images
+    ``[M, 3, H, W]`` in [-1, 1]."""
+    if kind == "latent":
+        return unit_features(latents.float())
+    if kind == "pixel":
+        return unit_features(pixel_features(images))
+    return unit_features(embedder([to_pil(im) for im in images]))
+
+
 def _features(pair, kind: str, chunk: list, cfg: ExtractConfig, embedder) -> np.ndarray:
     """Unit feature rows of ``chunk`` (``(path, image)``); a latent is drawn with a key of the
     image's file name, so it does not depend on the chunk."""
-    if kind == "latent":
-        lats = []
-        for path, im in chunk:
-            g = torch.Generator(device=pair.device).manual_seed(image_key(cfg.seed, f"compare/{path.name}"))
-            lats.append(pair.codec.encode(im[None].to(pair.device), generator=g).float().cpu())
-        return unit_features(torch.cat(lats))
     imgs = torch.stack([im for _, im in chunk])
-    if kind == "pixel":
-        return unit_features(pixel_features(imgs))
-    return unit_features(embedder([to_pil(im) for im in imgs]))
+    if kind != "latent":
+        return features_of(kind, None, imgs, embedder)
+    lats = []
+    for path, im in chunk:
+        g = torch.Generator(device=pair.device).manual_seed(image_key(cfg.seed, f"compare/{path.name}"))
+        lats.append(pair.codec.encode(im[None].to(pair.device), generator=g).float().cpu())
+    return features_of(kind, torch.cat(lats), imgs, embedder)
 
 
 @torch.no_grad()
@@ -130,12 +138,7 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
     if not loaded:
         raise ValueError("--compare: none of its images could be read (" + "; ".join(f["error"] for f in failed) + ")")
     img_feats = np.concatenate(feats)
-    if kind == "latent":
-        cand_feats = unit_features(torch.stack(cand_latents))
-    elif kind == "pixel":
-        cand_feats = unit_features(pixel_features(torch.stack(cand_images)))
-    else:
-        cand_feats = unit_features(embedder([to_pil(im) for im in cand_images]))
+    cand_feats = features_of(kind, torch.stack(cand_latents), torch.stack(cand_images), embedder)
     sims, best = nearest(cand_feats, img_feats)
     (out / COMPARE).mkdir(exist_ok=True)
     pairs = []
