@@ -243,12 +243,19 @@ def preset_config(name: Optional[str], **overrides) -> AuthConfig:
     return AuthConfig(preset=name).replace(**{**(PRESETS[name] if name else {}), **overrides})
 
 
+def _flat(cfg: AuthConfig) -> dict:
+    return {**asdict(cfg.pgd), **{k: v for k, v in asdict(cfg).items() if k != "pgd"}}
+
+
 def departures(cfg: AuthConfig) -> dict:
-    """Settings of ``cfg`` that differ from its preset: ``{name: {"preset": a, "given": b}}``."""
+    """Settings of ``cfg`` that differ from its preset (the preset's values over the
+    defaults), whether the preset names them or not: ``{name: {"preset": a, "given": b}}``.
+    The prompt is not one: it is the fine-tune's, under every preset."""
     if not cfg.preset:
         return {}
-    flat = {**asdict(cfg.pgd), **{k: v for k, v in asdict(cfg).items() if k != "pgd"}}
-    return {k: {"preset": v, "given": flat[k]} for k, v in PRESETS[cfg.preset].items() if flat[k] != v}
+    given, preset = _flat(cfg), _flat(preset_config(cfg.preset))
+    return {k: {"preset": v, "given": given[k]} for k, v in preset.items()
+            if k not in ("prompt", "preset") and given[k] != v}
 
 
 # --------------------------------------------------------------------------- device and dtype
