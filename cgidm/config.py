@@ -101,7 +101,7 @@ def _check_prompt(prompt) -> None:
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """L2 PGD settings; the defaults are the paper's (docs/faithfulness.md, "PGD")."""
+    """L2 PGD settings: the paper's defaults but noise ``shared`` (docs/faithfulness.md)."""
 
     steps: int = _opt(1000, "PGD steps")
     alpha: float = _opt(2.0, "L2 PGD step size", flag="--step-size")
@@ -243,19 +243,12 @@ def preset_config(name: Optional[str], **overrides) -> AuthConfig:
     return AuthConfig(preset=name).replace(**{**(PRESETS[name] if name else {}), **overrides})
 
 
-def _flat(cfg: AuthConfig) -> dict:
-    return {**asdict(cfg.pgd), **{k: v for k, v in asdict(cfg).items() if k != "pgd"}}
-
-
 def departures(cfg: AuthConfig) -> dict:
-    """Settings of ``cfg`` that differ from its preset (the preset's values over the
-    defaults), whether the preset names them or not: ``{name: {"preset": a, "given": b}}``.
-    The prompt is not one: it is the fine-tune's, under every preset."""
-    if not cfg.preset:
-        return {}
-    given, preset = _flat(cfg), _flat(preset_config(cfg.preset))
-    return {k: {"preset": v, "given": given[k]} for k, v in preset.items()
-            if k not in ("prompt", "preset") and given[k] != v}
+    """Settings of ``cfg`` that differ from its preset's (over the defaults), named by the
+    preset or not, but the prompt (the fine-tune's): ``{name: {"preset": a, "given": b}}``."""
+    flat = [{**asdict(c.pgd), **asdict(c)} for c in (cfg, preset_config(cfg.preset))] if cfg.preset else [{}]
+    return {k: {"preset": v, "given": flat[0][k]} for k, v in flat[-1].items()
+            if k not in ("pgd", "prompt", "preset") and flat[0][k] != v}
 
 
 # --------------------------------------------------------------------------- device and dtype

@@ -1,7 +1,7 @@
 """CUDA-graph capture shared by the engine's CGI-DM step (``cgidm.engine``), the protection
 step (``cgidm.protect_pgd``) and the extraction's pair call (``cgidm.guidance``)
-(docs/architecture.md: a step reads and writes static buffers only, so one capture serves
-every replay)."""
+(docs/architecture.md, "CUDA graphs": a step reads and writes static buffers only, so one
+capture serves every replay)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, TypeVar

@@ -487,7 +487,7 @@ def protect(
 
 
 PROTECTION_CAVEAT = ("what protection does is limited: on our tiny worlds it raised a fine-tune's loss on the "
-                     "members by 12 %, nothing of it was left after JPEG q75, a 0.75 downscale or a median filter, "
+                     "members by 13 %, nothing of it was left after JPEG q75, a 0.75 downscale or a median filter, "
                      "and authentication still flagged the members (docs/protect.md, 'The effect, measured')")
 
 

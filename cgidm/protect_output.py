@@ -373,7 +373,7 @@ td img{height:120px;image-rendering:pixelated} .error{color:#b00;font-weight:bol
 <div class="sub">Each row: <i>original | protected | perturbation, amplified</i> (grey: unchanged;
 the full range: the budget). The denoising loss is the base model's, over fixed draws, on the
 image as a fine-tuner would load it; protection raises it. What that does to a fine-tune is
-limited: on our tiny worlds it raised a fine-tune's loss on the members by 12 %, and nothing of it
+limited: on our tiny worlds it raised a fine-tune's loss on the members by 13 %, and nothing of it
 was left after JPEG q75, a 0.75 downscale or a 3x3 median filter (cgidm's docs/protect.md,
 "The effect, measured").</div>
 <div class="cards"><div class="card">images<b>{{ s.images }}</b></div>
