@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     (a run's own output folder inside the image folder) are skipped too, and so, with
     ``recursive``, is every subfolder holding a file of ``OUTPUT_MARKERS`` (an earlier
     cgidm run's outputs: protected copies, panels, triptychs), with a warning. An
-    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``. A linked
+    ``exclude`` folder that is ``directory`` or holds it is a ``ValueError``, and so is
+    one with images of the listing that no cgidm run made (the user's, not outputs). A linked
     subfolder is listed when ``follow_links`` and it leads out of the tree (one inside is
     listed under its own name; one to a folder above would list the tree again). Entries
     named like images that are not image files and folders that cannot be read are said in
@@ -73,7 +75,7 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
         if _within(here, e):  # every image would be left out as the run's output
             raise ValueError(f"the output folder {e} {'is' if e == here else 'holds'} the image folder {d}: "
                              "choose an output folder outside it")
-    found, not_files, unlisted = [], [], []
+    found, not_files, unlisted, inside = [], [], [], {}
     for folder, real_folder, names in _walk(d, here, recursive and follow_links, recursive, unlisted):
         for name in names:
             if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
@@ -84,6 +86,15 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
                 not_files.append(p)  # a broken link, a pipe, a folder named like an image
             elif not any(_within(real, e) for e in skip):
                 found.append(p)
+            else:
+                inside.setdefault(next(e for e in skip if _within(real, e)), []).append(p)
+    for e, files in inside.items():
+        # the run's own outputs are left out; images a user keeps there would be, silently
+        if not quiet and not is_output_folder(Path(e)):
+            raise ValueError(f"the output folder {e} holds {len(files)} image{'s' if len(files) != 1 else ''} "
+                             f"of {d} ({', '.join(p.relative_to(d).as_posix() for p in files[:3])}"
+                             f"{' ...' if len(files) > 3 else ''}) and no cgidm run made it: those images would "
+                             "be left out; choose an output folder without images in it")
     if not quiet:
         _say_once("%d entries under %s named like images are not image files and are left out (broken links, "
                   "pipes, devices or folders): %s", d, [p.relative_to(d).as_posix() for p in not_files], ", ")
@@ -91,6 +102,11 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     if recursive:
         found = _outside_output_folders(d, found, quiet)
     return sorted(found)
+
+
+def is_output_folder(folder: Path) -> bool:
+    """``folder`` holds the files of a cgidm run's output (``OUTPUT_MARKERS``)."""
+    return any(all((folder / m).is_file() for m in group) for group in OUTPUT_MARKERS)
 
 
 def _within(path: str, folder: str) -> bool:
@@ -149,7 +165,7 @@ _SAID: set = set()  # the listings' warnings already given (a folder listed twic
 
 def _outside_output_folders(root: Path, found: list[Path], quiet: bool = False) -> list[Path]:
     folders = {f for p in found for f in p.parents if root in f.parents}  # each looked at once
-    outputs = sorted(f for f in folders if any(all((f / m).is_file() for m in group) for group in OUTPUT_MARKERS))
+    outputs = sorted(f for f in folders if is_output_folder(f))
     if not outputs:
         return found
     kept = [p for p in found if not any(f in p.parents for f in outputs)]
@@ -368,8 +384,10 @@ def load_image_with_notes(
                     image = (rgb if box == (0, 0, w, h) else rgb.crop(box)).resize(size, Image.BILINEAR)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, f"too large ({e}; decompression-bomb guard)") from e
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: said as ours is
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError(path, f"too large ({size[1] + ' pixels' if size else e}, limit {limit}; "
+                         "decompression-bomb guard)") from e
     except Exception as e:  # PIL parses untrusted bytes: any failure means a bad file
         raise ImageError(path, _reason(e)) from e
     # x / 127.5 - 1 equals the official x / 255 * 2 - 1 bit for bit in float32 (all 256 levels)

@@ -29,6 +29,9 @@ LOCK = ".cgidm.lock"
 SCORE_SETTINGS = ("prompt", "pgd", "blocks_per_side", "pass_rate", "seed", "engine", "impl", "baselines")
 
 
+_SAID: set = set()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Complete rows of a results file. A last line without its newline is what a kill
     during a write leaves: it is skipped here and cut off by ``repair_jsonl``."""
@@ -43,7 +46,9 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except ValueError:
-            log.warning("%s:%d: not a JSON row, ignored (its image will be screened again)", path, n)
+            if (str(path), n, line) not in _SAID:  # a file read several times in one run: said once
+                _SAID.add((str(path), n, line))
+                log.warning("%s:%d: not a JSON row, ignored (its image is done again)", path, n)
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             rows.append(row)

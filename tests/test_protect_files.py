@@ -178,3 +178,24 @@ def test_file_names_reach_the_terminal_without_their_escapes(tiny_world, tmp_pat
     assert "\x1b" not in said.out + said.err and "\u202e" not in said.out + said.err
     assert "x\\x1b[2J\\x1b]0;owned\\x07\\u202e.png" in said.out
     assert "unicode-bidi:isolate" in (out / "report.html").read_text()
+
+
+def test_an_out_inside_the_images_that_holds_the_users_images_is_refused(tiny_world, tmp_path, capsys):
+    """``--out`` inside ``--images`` is left out of the listing as the run's outputs: one
+    that already holds images no cgidm run made (the user's) is refused before anything is
+    written, rather than those images never being protected."""
+    folder = tmp_path / "art"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / name)
+    code = cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder),
+                     "--out", str(folder / "sub"), "--steps", "1", "--eval-draws", "1", "-q"])
+    assert code == 2 and "holds 1 image of" in capsys.readouterr().err
+    assert sorted(p.name for p in (folder / "sub").iterdir()) == ["b.png"]
+    out = folder / "out"  # a fresh one inside: the run's own, skipped on the next run
+    assert cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder), "--out", str(out),
+                     "--steps", "1", "--eval-draws", "1", "-q"]) == 0
+    assert cli.main(["protect", "--base", str(tiny_world / "base"), "--images", str(folder), "--out", str(out),
+                     "--steps", "1", "--eval-draws", "1", "-q"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["a.png", "sub/b.png"]

@@ -189,7 +189,7 @@ def test_shards_partition_the_ids_whatever_the_order():
 # --------------------------------------------------------------------------- resume files
 
 
-def test_partial_last_line_is_skipped_then_cut(tmp_path):
+def test_partial_last_line_is_skipped_then_cut(tmp_path, caplog):
     path = tmp_path / "results.jsonl"
     good = {"id": "a", "score": 1.0}
     failed = {"id": "b", "error": "cannot read image"}
@@ -198,6 +198,8 @@ def test_partial_last_line_is_skipped_then_cut(tmp_path):
                       + json.dumps(later) + "\n" + '{"id": "c", "sco').encode())
     assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "b"]
     assert done_rows(tmp_path)["b"] == later, "a scored row wins over an error row"
+    # the line that is not JSON is said once however often the file is read (any runner's words)
+    assert caplog.text.count("results.jsonl:3: not a JSON row, ignored (its image is done again)") == 1
     assert repair_jsonl(path) == len('{"id": "c", "sco')
     assert path.read_bytes().endswith(b"\n") and repair_jsonl(path) == 0
     assert repair_jsonl(tmp_path / "absent.jsonl") == 0
