@@ -348,6 +348,10 @@ def _out_folder(out: str, kind: str):
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    above = next((p for p in path.absolute().parents if p.exists()), path)  # where it would be made
+    if not path.exists() and not (above.is_dir() and os.access(above, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out {out}: cannot be made in {above} ("
+                         f"{'not writable' if above.is_dir() else 'a file, not a folder'})")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # found before the models load, not after
         raise ValueError(f"--out {out}: this folder cannot be written to (permission denied)")
     check_run_kind(path, kind)
@@ -394,8 +398,7 @@ def cmd_extract(args) -> int:
         logging.getLogger("cgidm.extract").warning("--embedder is not used by --features %s; not loaded",
                                                    cfg.features)
         opts = dataclasses.replace(opts, embedder=None)
-    out = _out_folder(args.out, "extract")
-    args.out = str(out)  # ~ expanded once
+    args.out = str(out := _out_folder(args.out, "extract"))  # ~ expanded once
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
     _quiet_loaders()
@@ -495,7 +498,7 @@ def _kept(args) -> str:
     """What a stopped run leaves: extract writes its outputs once its samples are drawn;
     the others, rows as they finish (said only where a results file is there)."""
     if args.command == "extract":
-        return "extract writes its outputs at the end: run it again"
+        return "extract writes its outputs at the end (an earlier run's in --out are left as they were): run it again"
     from pathlib import Path
 
     from cgidm.resume import RESULTS, SHARDS

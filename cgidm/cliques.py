@@ -117,7 +117,7 @@ class Clustering:
 
 
 def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile: float = 0.25, step: float = 0.01,
-            budget: int = 200_000) -> Clustering:
+            budget: int = 200_000, progress: bool = False) -> Clustering:
     """FineXtract's clustering of ``features [M, ...]`` (cosine similarity).
 
     The threshold starts at the ``start_quantile`` of the pairwise similarities (rounded
@@ -125,7 +125,8 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
     graph "similarity >= threshold" has at least ``n_clusters`` cliques (a threshold whose
     graph is too dense for ``budget`` search steps is passed over, as the official code
     passes over one that takes longer than its timeout). Clusters come densest first:
-    more samples, then a higher mean similarity, then the lower sample index."""
+    more samples, then a higher mean similarity, then the lower sample index. ``progress``:
+    a bar over the thresholds scanned (a dense graph's search takes a while)."""
     f = unit_features(features)
     m = f.shape[0]
     if m == 1:
@@ -137,7 +138,14 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
     last = math.floor(float(off.max()) / step) + 1
     scanned = []
     found = None
+    from tqdm.auto import tqdm
+
+    from cgidm.progress import bar_options
+
+    bar = tqdm(total=last + 1 - first, unit="threshold", desc="clustering (until enough cliques)",
+               disable=not progress, **bar_options())
     for i in range(first, last + 1):
+        bar.update(1)  # the threshold being scanned
         tau = i * step
         adj = sims >= tau
         np.fill_diagonal(adj, False)
@@ -153,6 +161,7 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
         found = (tau, cliques)
         if len(cliques) >= n_clusters:
             break
+    bar.close()
     if found is None or len(found[1]) < n_clusters:
         # above every similarity the graph has no edge: every sample a clique of its own,
         # as many cliques as there can be

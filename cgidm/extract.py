@@ -27,6 +27,8 @@ from __future__ import annotations
 import decimal
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,6 +50,12 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = "candidates"
 SAMPLES = "samples"
+# a run's outputs are written here, then moved into --out in place of the last run's: a run
+# that stops (an error, Ctrl-C, a kill) leaves the last run's outputs as they were
+STAGE = ".extract-new"
+# bytes per pair of samples the clustering holds at once (``cliques.cluster``: the float64
+# similarity matrix, its boolean graph, the upper triangle's indices and values)
+CLUSTER_BYTES = 30
 
 
 # --------------------------------------------------------------------------- features and comparison
@@ -106,10 +114,17 @@ def pair_pass(pair):
 
 def conditioning(pair, cfg: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cond_ft, cond_pre)`` ``[1, L, D]``: the fine-tune's encoding of the prompt, and
-    the pretrained model's of the prompt (``same``) or of the empty prompt (``empty``)."""
+    the pretrained model's of the prompt (``same``) or its unconditional input (``empty``:
+    the empty prompt's encoding, or on SDXL zeros where its pipeline says so, as its
+    classifier-free guidance has it: ``families.zero_text``)."""
+    from cgidm import families
+
     c_ft, c_pre = pair.encode_prompt(cfg.prompt)
     if cfg.pretrained_prompt == "empty":
         c_pre = pair.encode_prompt("")[1]
+        width = next((m.pooled_width for m in pair.unet_pre.modules() if isinstance(m, families.TextTimeUNet)), None)
+        if width is not None and families.zeros_for_empty_prompt(pair.info["base"]):
+            c_pre = families.zero_text(c_pre, width)
     return c_ft, c_pre
 
 
@@ -172,27 +187,73 @@ def extract(
         cfg, prompt_from = resolve_prompt(cfg, pair)
     kind = feature_kind(cfg, embedder)
     out = Path(out)
-    compare_items = list_compare_images(compare, exclude=[out]) if compare is not None else None
+    # what can be known before sampling is checked before it, so that a bad setting costs no
+    # sampling; whatever stops the run later leaves an earlier run's outputs as they were
+    if scheduler is None:
+        scheduler = load_scheduler(pair.info["base"])
+    trained = int(scheduler.config.num_train_timesteps)
+    if cfg.steps > trained:
+        raise ValueError(f"--steps {cfg.steps}: the base's scheduler has {trained} timesteps; give at most {trained}")
+    check_clustering_memory(cfg.samples)
+    compare_items = None
+    if compare is not None:
+        from cgidm.extract_compare import check_readable
+
+        compare_items = list_compare_images(compare, exclude=[out])
+        check_readable(compare_items, pair.resolution)
     with OutputLock(out):
-        return _extract_locked(pair, out, cfg, kind, compare_items, embedder, progress, prompt_from, scheduler)
+        check_run_kind(out, "extract")
+        stage = out / STAGE
+        shutil.rmtree(stage, ignore_errors=True)  # a killed run's (this run holds the lock)
+        stage.mkdir(parents=True)
+        try:
+            summary = _extract_staged(pair, stage, cfg, kind, compare_items, embedder, progress, prompt_from,
+                                      scheduler)
+            _publish(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        summary["report"] = str(out / "report.html")
+        return summary
 
 
-def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
-                    prompt_from: str, scheduler) -> dict:
-    """``extract`` once ``out``'s lock is held."""
-    check_run_kind(out, "extract")
-    out.mkdir(parents=True, exist_ok=True)
+def check_clustering_memory(samples: int) -> None:
+    """``ValueError`` for more samples than the clustering's pairwise similarities (about
+    ``CLUSTER_BYTES`` bytes per pair of samples) fit in this machine's memory."""
+    need = CLUSTER_BYTES * samples * samples
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        most = int(math.isqrt(have // CLUSTER_BYTES))
+        raise ValueError(f"--samples {samples}: clustering them compares every pair of samples, about "
+                         f"{need / 2**30:,.0f} GiB, more than this machine's {have / 2**30:,.0f} GiB of memory; "
+                         f"give at most about {most:,}")
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """The staged outputs into ``out``, in place of an earlier run's (cgidm's own names
+    only): the images first, the report and ``extract.json`` last."""
     for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
         _clear(out / sub, pattern)
     for name in ("grid.png", "samples.png", "report.html", "extract.json"):
         _clear(out, name)
-    # temporaries a killed run left (never renamed into place; this run holds the lock)
     remove_stale_temporaries(out, [out / CANDIDATES, out / COMPARE, out / SAMPLES])
+    for sub in (CANDIDATES, COMPARE, SAMPLES):
+        if (stage / sub).is_dir():
+            (out / sub).mkdir(exist_ok=True)
+            for p in sorted((stage / sub).iterdir()):
+                os.replace(p, out / sub / p.name)
+    for name in ("grid.png", "samples.png", "report.html", "extract.json"):
+        if (stage / name).is_file():
+            os.replace(stage / name, out / name)
 
+
+def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
+                    prompt_from: str, scheduler) -> dict:
+    """``extract`` into the staging folder ``out`` (paths in the summary are relative)."""
     t_start = time.perf_counter()
     device = pair.device
-    if scheduler is None:
-        scheduler = load_scheduler(pair.info["base"])
     c_ft, c_pre = conditioning(pair, cfg)
     pair_fn, pass_info = pair_pass(pair)
     latent_shape = pair.latent_shape
@@ -215,7 +276,8 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
     images = decode(pair, latents[kept], cfg.batch_size)
     feats = features_of(kind, latents[kept], images, embedder)
-    clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget)
+    clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,
+                         progress=progress)
 
     pils = [to_pil(im) for im in images]
     if cfg.save_samples:
@@ -272,11 +334,11 @@ def _extract_locked(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         from cgidm.extract_compare import compare_images
 
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
-                                            [images[j] for j in cand_rows], candidates, out, cfg, embedder)
+                                            [images[j] for j in cand_rows], candidates, out, cfg, embedder,
+                                            progress=progress)
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "extract.json", summary)
     write_report(out, summary)
-    summary["report"] = str(out / "report.html")
     return summary
 
 

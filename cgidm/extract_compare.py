@@ -118,15 +118,36 @@ def _features(pair, kind: str, chunk: list, cfg: ExtractConfig, embedder) -> np.
 
 
 @torch.no_grad()
+def check_readable(items, resolution: int) -> None:
+    """``ValueError`` when none of ``items`` (``(path, label)``) can be read for a model of
+    ``resolution`` (said before sampling; reading stops at the first image that can be)."""
+    failed = []
+    for path, _ in items:
+        try:
+            load_image(path, resolution)
+            return
+        except ValueError as e:
+            failed.append(str(e))
+    raise ValueError(_NONE_READ + "; ".join(failed[:5]) + (" ..." if len(failed) > 5 else "") + ")")
+
+
+_NONE_READ = "--compare: none of its images could be read ("
+
+
 def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list, candidates: list[dict], out: Path,
-                   cfg: ExtractConfig, embedder) -> dict:
+                   cfg: ExtractConfig, embedder, progress: bool = False) -> dict:
     """Each candidate beside its nearest image of ``items`` (``(path, label)``), the
     similarity in the clustering's feature space, SSIM and PSNR; each image's best
     similarity to the candidates; with members and hold-outs among the labels, the
     extracted fraction and AUC (``extraction_metrics``)."""
+    from tqdm.auto import tqdm
+
+    from cgidm.progress import bar_options
+
     res = pair.resolution
     loaded, failed, feats, chunk = [], [], [], []
-    for k, (path, label) in enumerate(items):
+    for k, (path, label) in enumerate(tqdm(items, unit="image", desc="comparing", disable=not progress,
+                                           **bar_options())):
         try:
             chunk.append((path, load_image(path, res)))
             loaded.append((path, label))
@@ -136,7 +157,7 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
             feats.append(_features(pair, kind, chunk, cfg, embedder))
             chunk = []
     if not loaded:
-        raise ValueError("--compare: none of its images could be read (" + "; ".join(f["error"] for f in failed) + ")")
+        raise ValueError(_NONE_READ + "; ".join(f["error"] for f in failed) + ")")
     img_feats = np.concatenate(feats)
     cand_feats = features_of(kind, torch.stack(cand_latents), torch.stack(cand_images), embedder)
     sims, best = nearest(cand_feats, img_feats)

@@ -325,6 +325,29 @@ def unpack_text_time(cond: torch.Tensor, pooled_width: int) -> tuple[torch.Tenso
     return cond[:, :-1], {"text_embeds": row[:, :pooled_width], "time_ids": row[:, pooled_width:pooled_width + TIME_IDS]}
 
 
+def zero_text(cond: torch.Tensor, pooled_width: int) -> torch.Tensor:
+    """SDXL's unconditional input where its pipeline zeroes the empty prompt
+    (``force_zeros_for_empty_prompt``): the text states and the pooled embedding of a packed
+    conditioning zero, its time ids kept (docs/extract.md, "Conditioning")."""
+    out = cond.clone()
+    out[:, :-1] = 0
+    out[:, -1, :pooled_width] = 0
+    return out
+
+
+def zeros_for_empty_prompt(base) -> bool:
+    """The base pipeline's ``force_zeros_for_empty_prompt`` (``model_index.json``); diffusers'
+    SDXL pipelines default to True where the file does not say."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(base) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    return bool(index.get("force_zeros_for_empty_prompt", True)) if isinstance(index, dict) else True
+
+
 class TextTimeUNet(torch.nn.Module):
     """An SDXL UNet called like an SD 1.x one: ``encoder_hidden_states`` is the packed
     conditioning (``pack_text_time``), unpacked into the text states and the

@@ -25,7 +25,7 @@ import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
     ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt,
-    load_state_dict, read_safetensors_header, weights_in,
+    load_state_dict, read_safetensors_header, warn_if_same_weights, weights_in,
 )
 from cgidm import families
 from cgidm.config import library_runtime
@@ -443,6 +443,8 @@ def load_pair(
                 family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
                 unet_ft, te_ft = _single_file(state, base_p, fp, te_pre, base_family.describe())
                 info["finetuned_format"] = "single-file"
+    if finetuned is not None and not loras and lora is None:
+        warn_if_same_weights(unet_ft, unet_pre, info["finetuned"])
     if loras or lora is not None:
         info["lora_scale"] = float(lora_scale)
     if lora is None and not loras and lora_scale != 1.0:

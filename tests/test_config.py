@@ -165,7 +165,7 @@ def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp
     argv = {"extract": ["extract", "--base", "b", "--finetuned", "f", "--out", str(tmp_path / "rows")],
             "protect": ["protect", "--base", "b", "--images", "i", "--out", str(tmp_path / "rows")],
             "authenticate": ["authenticate", "--base", "b", "--images", "i", "--out", str(tmp_path / "none")]}
-    said = {"extract": "extract writes its outputs at the end: run it again",
+    said = {"extract": "extract writes its outputs at the end (an earlier run's in --out are left as they were)",
             "protect": f"rows finished before it are complete in {tmp_path / 'rows' / 'results.jsonl'}",
             "authenticate": "no rows were written"}  # and no results.jsonl is named
     for fault, code in ((KeyboardInterrupt(), 130), (OutputError("o/x.png", OSError(28, "No space left")),

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cgidm import cliques as C
 from cgidm import extract as X
@@ -350,8 +351,60 @@ def test_cli_rerun_leaves_no_stale_candidates_or_temporaries(tiny_world, tmp_pat
     assert len(_strict(out / "extract.json")["candidates"]) == 1
 
 
+def _files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.name != ".cgidm.lock"}
+
+
+def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_path, monkeypatch):
+    """Outputs are written to a staging folder and moved into ``out`` at the end: a rerun
+    that stops after sampling (every sample non-finite, Ctrl-C, a crash while writing)
+    leaves the earlier run's candidates, grid, report and JSON, and no staging folder;
+    settings that cannot work are refused before sampling."""
+    out = tmp_path / "o"
+    cfg = ExtractConfig(prompt=PROMPT, samples=4, steps=2, clusters=2, save_samples=True)
+    X.extract(pairs["full"], out, cfg, progress=False)
+    before = _files(out)
+    assert "extract.json" in before and "candidates/candidate_00.png" in before and "samples/sample_00003.png" in before
+    with pytest.raises(ValueError, match="every sample is non-finite"):
+        X.extract(pairs["full"], out, cfg.replace(guidance=1e30), progress=False)
+    assert _files(out) == before and not (out / X.STAGE).exists()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(X, "write_report", crash)  # the last file, after every image is written
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg.replace(samples=5, save_samples=False), progress=False)
+    assert _files(out) == before and not (out / X.STAGE).exists()
+    monkeypatch.undo()
+
+    def never(*a, **k):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(X, "sample", never)
+    with pytest.raises(ValueError, match="--steps 1001: the base's scheduler has 1000 timesteps"):
+        X.extract(pairs["full"], out, cfg.replace(steps=1001), progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "fake.png").write_text("not an image")
+    Image.new("RGB", (1, 1)).save(bad / "tiny.png")
+    with pytest.raises(ValueError, match=r"--compare: none of its images could be read \(.*fake.png.*tiny.png"):
+        X.extract(pairs["full"], out, cfg, compare=bad, progress=False)
+    with pytest.raises(ValueError, match=r"--samples 10000000: clustering them .* GiB, more than this machine's"):
+        X.extract(pairs["full"], out, cfg.replace(samples=10**7), progress=False)
+    assert _files(out) == before
+    # a killed run's staging folder goes with the next run
+    (out / X.STAGE / "candidates").mkdir(parents=True)
+    (out / X.STAGE / "candidates" / "candidate_00.png").write_bytes(b"half")
+    monkeypatch.undo()
+    X.extract(pairs["full"], out, cfg.replace(save_samples=False), progress=False)
+    assert not (out / X.STAGE).exists()
+    assert not list((out / "samples").glob("sample_*.png")) and (out / "extract.json").is_file()
+
+
 @pytest.mark.parametrize("case", ["no_prompt", "no_base", "bad_compare", "empty_prompt", "out_is_file",
-                                  "embed_without_embedder"])
+                                  "out_under_a_file", "embed_without_embedder"])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case):
     from cgidm.cli import main
 
@@ -371,6 +424,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case
         extra = ["--prompt", "  "]
     elif case == "out_is_file":
         args["out"] = str(tmp_path / "file")
+    elif case == "out_under_a_file":  # found before the models load, not when writing
+        args["out"] = str(tmp_path / "file" / "o")
     else:
         extra = ["--features", "embed"]
     rc = main(["extract", *[x for k, v in args.items() for x in (f"--{k}", v)], "--samples", "2", "--steps", "1",
@@ -379,7 +434,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case
     assert rc == 2
     assert err.startswith("cgidm: error:") and "\n" not in err
     want = {"no_prompt": "prompt", "no_base": "missing", "bad_compare": "--compare", "empty_prompt": "prompt",
-            "out_is_file": "--out", "embed_without_embedder": "--embedder"}[case]
+            "out_is_file": "--out", "out_under_a_file": "a file, not a folder",
+            "embed_without_embedder": "--embedder"}[case]
     assert want in err
     assert not (tmp_path / "o" / "extract.json").exists()
 
@@ -568,3 +624,34 @@ def test_ddim_clips_only_where_the_config_says_so(tmp_path):
              "beta_start": 0.00085, "beta_end": 0.012, **given}))
         s = load_scheduler(folder.parent)
         assert (s.config.clip_sample, s.config.set_alpha_to_one) == want, given
+
+
+def test_sdxl_unconditional_side_is_zeros_where_its_pipeline_says(tmp_path):
+    """``--pretrained-prompt empty`` on SDXL: the text states and pooled embedding zero and
+    the time ids kept where ``force_zeros_for_empty_prompt`` is set or unsaid (diffusers'
+    default); the empty prompt's encoding where the pipeline sets it False; SD 1.x/2.x (no
+    added conditioning) always the encoding."""
+    from types import SimpleNamespace
+
+    from cgidm import families
+
+    class Unet(torch.nn.Module):
+        config = SimpleNamespace(projection_class_embeddings_input_dim=4 + 6 * 2, addition_time_embed_dim=2)
+
+    hidden, pooled, ids = torch.randn(1, 3, 12), torch.randn(1, 4), torch.arange(1.0, 7.0)[None]
+    packed = {p: families.pack_text_time(hidden + len(p), pooled + len(p), ids) for p in ("", "a sks pattern")}
+    pair = SimpleNamespace(encode_prompt=lambda p: (packed[p], packed[p]), unet_pre=families.TextTimeUNet(Unet()),
+                           info={"base": str(tmp_path)})
+    cfg = ExtractConfig(prompt="a sks pattern")
+    for index in (None, {"force_zeros_for_empty_prompt": True}):
+        if index is not None:
+            (tmp_path / "model_index.json").write_text(json.dumps(index))
+        c_ft, c_pre = X.conditioning(pair, cfg)
+        assert torch.equal(c_ft, packed["a sks pattern"])
+        hid, added = families.unpack_text_time(c_pre, 4)
+        assert not hid.any() and not added["text_embeds"].any() and torch.equal(added["time_ids"], ids)
+    (tmp_path / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
+    assert torch.equal(X.conditioning(pair, cfg)[1], packed[""])
+    assert torch.equal(X.conditioning(pair, cfg.replace(pretrained_prompt="same"))[1], packed["a sks pattern"])
+    plain = SimpleNamespace(encode_prompt=pair.encode_prompt, unet_pre=torch.nn.Linear(1, 1), info={"base": "x"})
+    assert torch.equal(X.conditioning(plain, cfg)[1], packed[""])

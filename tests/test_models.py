@@ -362,3 +362,16 @@ def test_weights_that_cannot_be_a_models_are_refused(tiny_world, tmp_path):
     alphas = {k: torch.tensor(int(v.item()) if v.numel() == 1 else 4) for k, v in lora.items() if k.endswith(".alpha")}
     save_file({**lora, **alphas}, str(tmp_path / "int_alpha.safetensors"))
     assert load_pair(tiny_world / "base", tmp_path / "int_alpha.safetensors").info["lora_match"]["matched"] > 0
+
+
+def test_a_finetune_with_the_bases_weights_is_said(tiny_world, tmp_path, caplog):
+    """The base given as the fine-tune (or a copy of it): both sides are one model, said in
+    a warning naming the path; a real fine-tune is not."""
+    caplog.set_level("WARNING", logger="cgidm.checkpoints")
+    load_pair(tiny_world / "base", tiny_world / "finetuned")
+    assert "the base model's weights exactly" not in caplog.text
+    copy = shutil.copytree(tiny_world / "base", tmp_path / "copy")
+    for suspect in (tiny_world / "base", copy):
+        caplog.clear()
+        load_pair(tiny_world / "base", suspect)
+        assert f"{suspect}: its UNet has the base model's weights exactly" in caplog.text
