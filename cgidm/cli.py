@@ -62,7 +62,7 @@ def _common(p: argparse.ArgumentParser, run_skip=("dist_timeout",), preset: typi
     g = p.add_argument_group("inversion")
     g.add_argument("--preset", choices=sorted(config.PRESETS), default=None,
                    help="a named set of settings (paper: what the official code runs); flags given beside it that "
-                        "change a setting (but --prompt) are recorded as departures" + (f" (default: {preset})" if preset else ""))
+                        "change a result (but --prompt) are recorded as departures" + (f" (default: {preset})" if preset else ""))
     shown = config.PRESETS[preset] if preset else None
     _add_fields(g, config.PGDConfig, defaults=shown)
     _add_fields(g, config.AuthConfig, defaults=shown)

@@ -161,6 +161,7 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
         found = (tau, cliques)
         if len(cliques) >= n_clusters:
             break
+    bar.total = bar.n  # the scan stops once enough: it ends full
     bar.close()
     if found is None or len(found[1]) < n_clusters:
         # above every similarity the graph has no edge: every sample a clique of its own,

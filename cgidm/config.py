@@ -224,7 +224,7 @@ class RunOptions:
             raise ValueError(f"--prefetch must be >= 0, got {self.prefetch}")
 
 
-# Presets: a named set of settings; a flag given beside a preset is recorded as a departure.
+# Presets: a named set of settings; a flag beside one that changes a result is a departure.
 PRESETS: dict[str, dict] = {
     # What the official code runs (docs/faithfulness.md).
     "paper": {"steps": 1000, "alpha": 2.0, "eps": 70.0, "clamp_min": -100.0, "clamp_max": 100.0,
@@ -244,11 +244,11 @@ def preset_config(name: Optional[str], **overrides) -> AuthConfig:
 
 
 def departures(cfg: AuthConfig) -> dict:
-    """Settings of ``cfg`` that differ from its preset's (over the defaults), named by the
-    preset or not, but the prompt (the fine-tune's): ``{name: {"preset": a, "given": b}}``."""
+    """Settings of ``cfg`` that change a result and differ from its preset's (over the
+    defaults), but the prompt (the fine-tune's): ``{name: {"preset": a, "given": b}}``."""
     flat = [{**asdict(c.pgd), **asdict(c)} for c in (cfg, preset_config(cfg.preset))] if cfg.preset else [{}]
-    return {k: {"preset": v, "given": flat[0][k]} for k, v in flat[-1].items()
-            if k not in ("pgd", "prompt", "preset") and flat[0][k] != v}
+    return {k: {"preset": v, "given": flat[0][k]} for k, v in flat[-1].items() if k not in (
+        "pgd", "prompt", "preset", "batch_size", "low_memory", "impl", "engine") and flat[0][k] != v}
 
 
 # --------------------------------------------------------------------------- device and dtype

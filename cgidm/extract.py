@@ -25,6 +25,7 @@ sampler and its ``prediction_type`` from the base's scheduler config.
 from __future__ import annotations
 
 import decimal
+import errno
 import logging
 import math
 import os
@@ -136,14 +137,6 @@ def decode(pair, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _clear(folder: Path, pattern: str) -> None:
-    """Outputs of an earlier run into the same folder (cgidm's own names only), so that
-    none of them is taken for this run's."""
-    if folder.is_dir():
-        for p in folder.glob(pattern):
-            p.unlink()
-
-
 def on_step(threshold: Optional[float], step: float) -> Optional[float]:
     """A threshold of the scan (a multiple of ``step``, computed as ``i * step``) rounded
     to the decimals of ``step``: 0.41, not 0.41000000000000003. ``None`` (one sample, no
@@ -232,21 +225,34 @@ def check_clustering_memory(samples: int) -> None:
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """The staged outputs into ``out``, in place of an earlier run's (cgidm's own names
-    only): the images first, the report and ``extract.json`` last."""
-    for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
-        _clear(out / sub, pattern)
-    for name in ("grid.png", "samples.png", "report.html", "extract.json"):
-        _clear(out, name)
-    remove_stale_temporaries(out, [out / CANDIDATES, out / COMPARE, out / SAMPLES])
+    """The staged outputs into ``out``: the images first, the report and ``extract.json``
+    last, then an earlier run's outputs this run did not write again (cgidm's own names
+    only) go. Whatever stops it midway, nothing is lost that no other file replaced."""
+    written = set()
+
+    def move(src: Path, dst: Path) -> None:
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            if e.errno != errno.EXDEV:  # a linked subfolder on another filesystem: copied over
+                raise
+            shutil.move(src, dst)
+        written.add(dst)
+
     for sub in (CANDIDATES, COMPARE, SAMPLES):
         if (stage / sub).is_dir():
             (out / sub).mkdir(exist_ok=True)
             for p in sorted((stage / sub).iterdir()):
-                os.replace(p, out / sub / p.name)
+                move(p, out / sub / p.name)
     for name in ("grid.png", "samples.png", "report.html", "extract.json"):
         if (stage / name).is_file():
-            os.replace(stage / name, out / name)
+            move(stage / name, out / name)
+    for sub, pattern in ((CANDIDATES, "candidate_*.png"), (COMPARE, "candidate_*.png"), (SAMPLES, "sample_*.png")):
+        if (out / sub).is_dir():
+            for p in (out / sub).glob(pattern):
+                if p not in written:
+                    p.unlink()
+    remove_stale_temporaries(out, [out / CANDIDATES, out / COMPARE, out / SAMPLES])
 
 
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,

@@ -117,7 +117,6 @@ def _features(pair, kind: str, chunk: list, cfg: ExtractConfig, embedder) -> np.
     return features_of(kind, torch.cat(lats), imgs, embedder)
 
 
-@torch.no_grad()
 def check_readable(items, resolution: int) -> None:
     """``ValueError`` when none of ``items`` (``(path, label)``) can be read for a model of
     ``resolution`` (said before sampling; reading stops at the first image that can be)."""
@@ -134,6 +133,7 @@ def check_readable(items, resolution: int) -> None:
 _NONE_READ = "--compare: none of its images could be read ("
 
 
+@torch.no_grad()
 def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list, candidates: list[dict], out: Path,
                    cfg: ExtractConfig, embedder, progress: bool = False) -> dict:
     """Each candidate beside its nearest image of ``items`` (``(path, label)``), the

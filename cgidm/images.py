@@ -90,11 +90,14 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
                 inside.setdefault(next(e for e in skip if _within(real, e)), []).append(p)
     for e, files in inside.items():
         # the run's own outputs are left out; images a user keeps there would be, silently
-        if not quiet and not is_output_folder(Path(e)):
-            raise ValueError(f"the output folder {e} holds {len(files)} image{'s' if len(files) != 1 else ''} "
-                             f"of {d} ({', '.join(p.relative_to(d).as_posix() for p in files[:3])}"
-                             f"{' ...' if len(files) > 3 else ''}) and no cgidm run made it: those images would "
-                             "be left out; choose an output folder without images in it")
+        theirs = [] if quiet or is_output_folder(Path(e)) else sorted(
+            p for p in files if not any(is_output_folder(f) for f in Path(os.path.realpath(p)).parents
+                                        if _within(str(f), e)))
+        if theirs:
+            raise ValueError(f"the output folder {e} holds {len(theirs)} image{'s' if len(theirs) != 1 else ''} "
+                             f"of {d} ({', '.join(p.relative_to(d).as_posix() for p in theirs[:3])}"
+                             f"{' ...' if len(theirs) > 3 else ''}) that no cgidm run made: they would be left "
+                             "out; choose an output folder without images in it")
     if not quiet:
         _say_once("%d entries under %s named like images are not image files and are left out (broken links, "
                   "pipes, devices or folders): %s", d, [p.relative_to(d).as_posix() for p in not_files], ", ")
@@ -385,9 +388,9 @@ def load_image_with_notes(
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: said as ours is
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        raise ImageError(path, f"too large ({size[1] + ' pixels' if size else e}, limit {limit}; "
-                         "decompression-bomb guard)") from e
+        size, pil = re.search(r"\((\d+) pixels\)", str(e)), 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageError(path, f"too large ({size[1] + ' pixels' if size else e}, limit "
+                         f"{min(limit, pil) if pil else limit}; decompression-bomb guard)") from e
     except Exception as e:  # PIL parses untrusted bytes: any failure means a bad file
         raise ImageError(path, _reason(e)) from e
     # x / 127.5 - 1 equals the official x / 255 * 2 - 1 bit for bit in float32 (all 256 levels)

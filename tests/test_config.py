@@ -69,9 +69,10 @@ def test_paper_preset_and_its_departures():
     cfg = cli.config_from_args(_args("--preset", "paper", "--steps", "5", "--noise", "shared"))
     assert departures(cfg) == {"steps": {"preset": 1000, "given": 5}, "noise": {"preset": "paper", "given": "shared"}}
     # a flag the preset does not name is a departure too (from the default under the preset);
-    # the prompt, the fine-tune's under every preset, is not
-    cfg = cli.config_from_args(_args("--preset", "demo", "--blocks-per-side", "2", "--seed", "5",
-                                     "--batch-size", "16", "--prompt", "sks style"))
+    # the prompt, the fine-tune's under every preset, is not, nor how a result is computed
+    cfg = cli.config_from_args(_args("--preset", "demo", "--blocks-per-side", "2", "--seed", "5", "--prompt",
+                                     "sks style", "--batch-size", "3", "--low-memory", "--impl", "ref",
+                                     "--engine", "reference"))
     assert departures(cfg) == {"blocks_per_side": {"preset": None, "given": 2}, "seed": {"preset": 0, "given": 5}}
     assert departures(cli.config_from_args(_args("--preset", "demo"))) == {}
     with pytest.raises(ValueError, match="preset must be one of"):

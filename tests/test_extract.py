@@ -6,8 +6,10 @@ and ``cgidm extract`` end to end on the tiny world, bad input included."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -394,6 +396,33 @@ def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_p
     with pytest.raises(ValueError, match=r"--samples 10000000: clustering them .* GiB, more than this machine's"):
         X.extract(pairs["full"], out, cfg.replace(samples=10**7), progress=False)
     assert _files(out) == before
+    # stopped while moving its outputs into place: nothing goes that no new file replaced
+    monkeypatch.undo()
+    real = os.replace
+
+    def stop_at_grid(src, dst):
+        if Path(dst) == out / "grid.png":  # publishing (staging writes its grid.png with os.replace too)
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(X.os, "replace", stop_at_grid)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg.replace(seed=1), progress=False)
+    monkeypatch.setattr(X.os, "replace", real)
+    now = _files(out)
+    assert set(before) <= set(now) and now["extract.json"] == before["extract.json"]
+    assert now["candidates/candidate_00.png"] != before["candidates/candidate_00.png"]  # moved in before the stop
+
+    def across(src, dst):  # a linked samples/ on another filesystem: copied over
+        if Path(dst).parent == out / "samples":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(X.os, "replace", across)
+    X.extract(pairs["full"], out, cfg, progress=False)
+    now = _files(out)  # the same run again: the same files (extract.json's timings aside)
+    assert {k for k in now if not k.startswith("samples/")} == {k for k in before if not k.startswith("samples/")}
+    assert all(now[k] == v for k, v in before.items() if k != "extract.json") and not (out / X.STAGE).exists()
     # a killed run's staging folder goes with the next run
     (out / X.STAGE / "candidates").mkdir(parents=True)
     (out / X.STAGE / "candidates" / "candidate_00.png").write_bytes(b"half")

@@ -97,8 +97,7 @@ def test_preset_paper_end_to_end_with_the_official_validator(tiny_world, tmp_pat
                      "--embedder", str(ensure_tiny_embedder(tmp_path)), "-q"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["preset"] == {"name": "paper", "departures": {"steps": {"preset": 1000, "given": 3},
-                                                                 "batch_size": {"preset": 8, "given": 12}}}
+    assert summary["preset"] == {"name": "paper", "departures": {"steps": {"preset": 1000, "given": 3}}}
     assert summary["config"]["pgd"]["noise"] == "paper" and summary["config"]["pgd"]["eps"] == 70.0
     assert summary["prompt_from"].startswith("instance_prompt in ")
     assert set(summary["official"]) >= {"auc", "accuracy", "exact_auc"}
