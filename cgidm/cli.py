@@ -163,11 +163,9 @@ def _given(args, cls) -> dict:
 
 
 def config_from_args(args, preset: typing.Optional[str] = None) -> config.AuthConfig:
-    """The run's ``AuthConfig``: the preset (``--preset``, else ``preset``), then every
-    flag given on top."""
-    name = args.preset or preset
+    """The run's ``AuthConfig``: the preset (``--preset``, else ``preset``), every flag given on top."""
     given = {**_given(args, config.PGDConfig), **_given(args, config.AuthConfig)}
-    return config.preset_config(name, **given)
+    return config.preset_config(args.preset or preset, **given)
 
 
 def run_options(args) -> config.RunOptions:
@@ -410,7 +408,9 @@ def cmd_extract(args) -> int:
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
                 prompt_from=prompt_from)
     c, t = s["clustering"], s["timing"]
-    print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({t['samples_per_hour']:,.0f} samples/hour); "
+    rate = (f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample") + (
+        f", {s['resumed_samples']} from the run that stopped" if s["resumed_samples"] else "")
+    print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({rate}); "
           f"{c['clusters']} clusters at {s['features']} similarity "
           f"{'>= %g' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
           f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")
@@ -495,10 +495,10 @@ def _stopped(e: Exception, args) -> int:
 
 
 def _kept(args) -> str:
-    """What a stopped run leaves: extract writes its outputs once its samples are drawn;
-    the others, rows as they finish (said only where a results file is there)."""
+    """What a stopped run leaves: extract its samples; the others their rows (where there)."""
     if args.command == "extract":
-        return "extract writes its outputs at the end (an earlier run's in --out are left as they were): run it again"
+        return ("extract writes its outputs at the end (an earlier run's in --out are left as they were): the "
+                "same command again draws only the samples not drawn yet")
     from pathlib import Path
 
     from cgidm.resume import RESULTS, SHARDS

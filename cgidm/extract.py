@@ -40,6 +40,7 @@ from cgidm.cliques import cluster
 from cgidm.config import ExtractConfig
 from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, extraction_metrics, features_of,  # noqa: F401
                                      grid, nearest, pixel_features)
+from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
@@ -201,10 +202,11 @@ def extract(
         stage.mkdir(parents=True)
         try:
             summary = _extract_staged(pair, stage, cfg, kind, compare_items, embedder, progress, prompt_from,
-                                      scheduler)
+                                      scheduler, out / PARTIAL)
             _publish(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+        (out / PARTIAL).unlink(missing_ok=True)  # published: nothing to resume
         summary["report"] = str(out / "report.html")
         return summary
 
@@ -256,21 +258,36 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
-                    prompt_from: str, scheduler) -> dict:
-    """``extract`` into the staging folder ``out`` (paths in the summary are relative)."""
+                    prompt_from: str, scheduler, partial: Path) -> dict:
+    """``extract`` into the staging folder ``out`` (paths in the summary are relative);
+    ``partial``: the samples a stopped run drew (``cgidm.extract_resume``)."""
     t_start = time.perf_counter()
     device = pair.device
     c_ft, c_pre = conditioning(pair, cfg)
     pair_fn, pass_info = pair_pass(pair)
     latent_shape = pair.latent_shape
-    keys = sample_keys(cfg.seed, range(cfg.samples))
+    # the samples a stopped run drew with these settings are kept; only the others are drawn
+    digest = sampling_digest(pair, cfg, scheduler, c_ft, c_pre, latent_shape)
+    drawn = load_partial(partial, digest, latent_shape)
+    todo = [i for i in range(cfg.samples) if i not in drawn]
+    if len(todo) < cfg.samples:
+        log.warning("%d of %d samples were drawn by a run that stopped (%s); drawing the other %d",
+                    cfg.samples - len(todo), cfg.samples, partial, len(todo))
+    saver = PartialSaver(partial, digest, drawn)
     use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()
-    latents = sample(pair_fn, c_ft, c_pre, scheduler, keys, latent_shape, cfg.guidance, cfg.correction, cfg.steps,
-                     cfg.batch_size, device, progress, use_graph)
+    if todo:
+        try:
+            sample(pair_fn, c_ft, c_pre, scheduler, sample_keys(cfg.seed, todo), latent_shape, cfg.guidance,
+                   cfg.correction, cfg.steps, cfg.batch_size, device, progress, use_graph,
+                   on_batch=lambda lo, x: saver.add(todo[lo:lo + x.shape[0]], x))
+        except BaseException:
+            saver.flush()
+            raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_s = time.perf_counter() - t0
+    latents = torch.stack([drawn[i] for i in range(cfg.samples)])
     if hasattr(pair_fn, "remove"):
         pair_fn.remove()
     latents = latents.float().cpu()
@@ -334,7 +351,9 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
             "scanned": [{**r, "threshold": on_step(r["threshold"], cfg.threshold_step)} for r in clustering.scanned],
         },
         "candidates": candidates,
-        "timing": {"sampling_s": sampling_s, "samples_per_hour": 3600 * cfg.samples / sampling_s if sampling_s else None},
+        "resumed_samples": cfg.samples - len(todo),
+        "timing": {"sampling_s": sampling_s,
+                   "samples_per_hour": 3600 * len(todo) / sampling_s if todo and sampling_s else None},
     }
     if compare_items is not None:
         from cgidm.extract_compare import compare_images

@@ -131,6 +131,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _replace_from_tmp(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _replace_from_tmp(path, lambda f: f.write(data))
+
+
 def atomic_save_image(image, path: Path) -> None:
     _replace_from_tmp(path, lambda f: image.save(f, format="PNG"))
 

@@ -248,6 +248,7 @@ def sample(
     device="cpu",
     progress: bool = False,
     use_graph: Optional[bool] = None,
+    on_batch=None,
 ) -> torch.Tensor:
     """``[M, C, H, W]`` fp32 final latents (on ``device``) of sampling with the
     extrapolated guidance, ``batch_size`` samples at a time (halved, and the batch run
@@ -255,7 +256,8 @@ def sample(
     once on the batch (both models on the same input) through one ``StaticPairCall`` of
     ``min(batch_size, M)`` rows (a CUDA graph with ``use_graph``, ``None`` = on CUDA
     devices; the last batch padded), then the guidance and one scheduler step, eagerly
-    (elementwise work, and diffusers schedulers keep Python-side state)."""
+    (elementwise work, and diffusers schedulers keep Python-side state). ``on_batch(lo, x)``
+    is called with each finished batch, samples ``lo .. lo + len(x)``."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -296,6 +298,8 @@ def sample(
                 call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
                 continue
             out.append(x)
+            if on_batch is not None:
+                on_batch(lo, x)
             lo += n
             bar.set_postfix_str(f"{3600 * lo / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
     finally:

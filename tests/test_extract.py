@@ -684,3 +684,45 @@ def test_sdxl_unconditional_side_is_zeros_where_its_pipeline_says(tmp_path):
     assert torch.equal(X.conditioning(pair, cfg.replace(pretrained_prompt="same"))[1], packed["a sks pattern"])
     plain = SimpleNamespace(encode_prompt=pair.encode_prompt, unet_pre=torch.nn.Linear(1, 1), info={"base": "x"})
     assert torch.equal(X.conditioning(plain, cfg)[1], packed[""])
+
+
+def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeypatch):
+    """Ctrl-C after the first batch: the samples drawn so far are kept in
+    ``OUT/.extract-partial.safetensors`` and the same run again draws only the others, with
+    the outputs of an uninterrupted run; other settings (another guidance) start afresh, and
+    a finished run leaves no partial file."""
+    from cgidm import extract_resume
+
+    cfg = ExtractConfig(prompt=PROMPT, samples=6, steps=2, clusters=2, batch_size=2)
+    ref = X.extract(pairs["full"], tmp_path / "ref", cfg, progress=False)
+    out = tmp_path / "o"
+    monkeypatch.setattr(extract_resume, "SAVE_EVERY_S", 0.0)
+    real, drawn = X.sample, []
+
+    def stop_after_one_batch(*a, on_batch=None, **k):
+        def hook(lo, x):
+            on_batch(lo, x)
+            raise KeyboardInterrupt
+        return real(*a, on_batch=hook, **k)
+
+    monkeypatch.setattr(X, "sample", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg, progress=False)
+    assert (out / extract_resume.PARTIAL).is_file() and not (out / "extract.json").exists()
+
+    def counting(*a, **k):
+        drawn.append(len(a[4]))  # the keys of the samples drawn
+        return real(*a, **k)
+
+    monkeypatch.setattr(X, "sample", counting)
+    s = X.extract(pairs["full"], out, cfg, progress=False)
+    assert drawn == [4] and s["resumed_samples"] == 2 and not (out / extract_resume.PARTIAL).exists()
+    assert [c["cluster"] for c in s["candidates"]] == [c["cluster"] for c in ref["candidates"]]
+    assert _files(out).keys() == _files(tmp_path / "ref").keys()
+    # another guidance: the stopped run's samples are not this run's
+    monkeypatch.setattr(X, "sample", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg, progress=False)
+    monkeypatch.setattr(X, "sample", counting)
+    assert X.extract(pairs["full"], out, cfg.replace(guidance=2.0), progress=False)["resumed_samples"] == 0
+    assert drawn == [4, 6]

@@ -1,0 +1,89 @@
+"""The samples a stopped ``cgidm extract`` run had drawn, kept for the next run
+(docs/extract.md, "Outputs"): ``OUT/.extract-partial.safetensors`` holds the final latents
+drawn so far, by sample index, with a digest of everything that decides a sample (the
+guidance, steps, seed, scheduler, latent shape, dtype and device type, both conditionings,
+the models' identity and a checksum of every UNet parameter). A run with the same digest
+draws only the samples missing; sample ``i``'s noise is keyed by ``i``, so the samples are
+those of an uninterrupted run (up to the float rounding of another batch). A safetensors
+file holds tensors only: reading it runs no code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from cgidm.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".extract-partial.safetensors"
+SAVE_EVERY_S = 30.0  # at most this much sampling is lost to a kill (each save rewrites the file)
+
+
+def sampling_digest(pair, cfg, scheduler, c_ft: torch.Tensor, c_pre: torch.Tensor, latent_shape) -> str:
+    """The hex SHA-256 of what decides sample ``i``'s final latent besides ``i``."""
+    h = hashlib.sha256()
+    info = {k: v for k, v in pair.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    weights = next(pair.unet_ft.parameters())
+    h.update(json.dumps({
+        "guidance": cfg.guidance, "correction": cfg.correction, "steps": cfg.steps, "seed": cfg.seed,
+        "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+        "shape": list(latent_shape), "dtype": str(weights.dtype), "device": weights.device.type, "models": info,
+    }, sort_keys=True, default=str).encode())
+    for t in (c_ft, c_pre):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for unet in (pair.unet_ft, pair.unet_pre):
+        sums = [p.detach().double().sum() for p in unet.parameters()] + [p.detach().double().abs().sum()
+                                                                         for p in unet.parameters()]
+        h.update(torch.stack(sums).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_partial(path: Path, digest: str, latent_shape) -> dict[int, torch.Tensor]:
+    """``{index: latent}`` a stopped run with this ``digest`` drew, or ``{}`` (none, another
+    run's settings, a file that cannot be read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("digest") != digest:
+                return {}
+            latents, indices = f.get_tensor("latents"), f.get_tensor("indices")
+    except Exception as e:  # noqa: BLE001 - a damaged file is only work lost
+        log.warning("%s: cannot read the samples of the run that stopped (%s); drawing them again", path, e)
+        return {}
+    if tuple(latents.shape[1:]) != tuple(latent_shape) or latents.shape[0] != indices.shape[0]:
+        return {}
+    return {int(i): latents[j].float() for j, i in enumerate(indices.tolist())}
+
+
+class PartialSaver:
+    """``add(indices, latents)`` after each batch; the file is rewritten at most every
+    ``SAVE_EVERY_S`` seconds (and by ``flush``)."""
+
+    def __init__(self, path: Path, digest: str, drawn: dict[int, torch.Tensor]) -> None:
+        self.path, self.digest, self.drawn = path, digest, drawn
+        self.last = time.monotonic()
+
+    def add(self, indices, latents: torch.Tensor) -> None:
+        for j, i in enumerate(indices):
+            self.drawn[int(i)] = latents[j].detach().float().cpu()
+        if time.monotonic() - self.last >= SAVE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save
+
+        order = sorted(self.drawn)
+        if order:
+            data = save({"latents": torch.stack([self.drawn[i] for i in order]).contiguous(),
+                         "indices": torch.tensor(order, dtype=torch.int64)}, metadata={"digest": self.digest})
+            atomic_write_bytes(self.path, data)
+        self.last = time.monotonic()
