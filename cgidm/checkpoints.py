@@ -220,8 +220,8 @@ def check_finite_modules(parts) -> None:
                                  "from a training run that diverged, or weights too large for that dtype")
 
 
-def warn_if_same_weights(finetuned, base, where) -> bool:
-    """Warn (and return True) when the fine-tuned UNet's weights equal the base's, tensor
+def warn_if_same_weights(finetuned, base, where) -> None:
+    """Warn when the fine-tuned UNet's weights equal the base's, tensor
     for tensor: ``where`` is the base itself or a copy of it, so both sides of every
     contrast are one model and nothing can be authenticated or extracted."""
     a, b = finetuned.state_dict(), base.state_dict()
@@ -230,8 +230,6 @@ def warn_if_same_weights(finetuned, base, where) -> bool:
         log.warning("%s: its UNet has the base model's weights exactly (the base itself, or a copy of it): "
                     "the fine-tuned and pretrained sides are one model, so every image scores alike and "
                     "nothing can be extracted; check --finetuned", shown(str(where)))
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- prompt

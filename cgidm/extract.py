@@ -38,8 +38,8 @@ import torch
 
 from cgidm.cliques import cluster
 from cgidm.config import ExtractConfig
-from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, extraction_metrics, features_of,  # noqa: F401
-                                     grid, nearest, pixel_features)
+from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, check_readable, compare_images,  # noqa: F401
+                                     extraction_metrics, features_of, grid, nearest, pixel_features)
 from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
@@ -191,8 +191,6 @@ def extract(
     check_clustering_memory(cfg.samples)
     compare_items = None
     if compare is not None:
-        from cgidm.extract_compare import check_readable
-
         compare_items = list_compare_images(compare, exclude=[out])
         check_readable(compare_items, pair.resolution)
     with OutputLock(out):
@@ -287,10 +285,9 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_s = time.perf_counter() - t0
-    latents = torch.stack([drawn[i] for i in range(cfg.samples)])
+    latents = torch.stack([drawn[i] for i in range(cfg.samples)])  # fp32 on the CPU (``PartialSaver``)
     if hasattr(pair_fn, "remove"):
         pair_fn.remove()
-    latents = latents.float().cpu()
     finite = torch.isfinite(latents.flatten(1)).all(dim=1)
     if not finite.all():
         log.warning("%d of %d samples are not finite and are left out", int((~finite).sum()), cfg.samples)
@@ -356,8 +353,6 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
                    "samples_per_hour": 3600 * len(todo) / sampling_s if todo and sampling_s else None},
     }
     if compare_items is not None:
-        from cgidm.extract_compare import compare_images
-
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
                                             [images[j] for j in cand_rows], candidates, out, cfg, embedder,
                                             progress=progress)

@@ -37,10 +37,10 @@ def sampling_digest(pair, cfg, scheduler, c_ft: torch.Tensor, c_pre: torch.Tenso
     }, sort_keys=True, default=str).encode())
     for t in (c_ft, c_pre):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    for unet in (pair.unet_ft, pair.unet_pre):
-        sums = [p.detach().double().sum() for p in unet.parameters()] + [p.detach().double().abs().sum()
-                                                                         for p in unet.parameters()]
-        h.update(torch.stack(sums).cpu().numpy().tobytes())
+    # each parameter once (a LoRA pair's two sides share theirs), its sum and absolute sum
+    params = {id(p): p.detach() for unet in (pair.unet_ft, pair.unet_pre) for p in unet.parameters()}
+    sums = [torch.stack([x.sum(), x.abs().sum()]) for x in (p.double() for p in params.values())]
+    h.update(torch.stack(sums).cpu().numpy().tobytes())
     return h.hexdigest()
 
 

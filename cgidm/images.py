@@ -87,12 +87,12 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
             elif not any(_within(real, e) for e in skip):
                 found.append(p)
             else:
-                inside.setdefault(next(e for e in skip if _within(real, e)), []).append(p)
+                inside.setdefault(next(e for e in skip if _within(real, e)), {})[Path(real)] = p
     for e, files in inside.items():
         # the run's own outputs are left out; images a user keeps there would be, silently
+        # (those in an earlier run's output folder inside it are outputs too)
         theirs = [] if quiet or is_output_folder(Path(e)) else sorted(
-            p for p in files if not any(is_output_folder(f) for f in Path(os.path.realpath(p)).parents
-                                        if _within(str(f), e)))
+            files[r] for r in _outside_output_folders(Path(e), list(files), quiet=True))
         if theirs:
             raise ValueError(f"the output folder {e} holds {len(theirs)} image{'s' if len(theirs) != 1 else ''} "
                              f"of {d} ({', '.join(p.relative_to(d).as_posix() for p in theirs[:3])}"
