@@ -2,11 +2,16 @@
 ``lora``, the SD 1.x tiny world, assembled beforehand) run as a user runs it, in a
 subprocess, with its wall time (the demo's own, world cached) and what its summary says:
 AUC, the members' and hold-outs' mean latent cosine, PSNR and SSIM, and the official
-validator's AUC. One JSON row in ``bench/results/demo-<device>.json`` (README, "What the
-demo shows").
+validator's AUC. One JSON row per family in ``bench/results/demo-<device>.json`` (README,
+"What the demo shows"; ``docs/families.md``, the family worlds' table).
+
+With ``--first-build`` each family's world is built afresh in a temporary folder first, in a
+subprocess, and that build's wall time is recorded too (``first_build_s``); the demos then
+run on that world.
 
     python bench/bench_demo.py
     python bench/bench_demo.py --variants full --threads 2
+    python bench/bench_demo.py --families sd2,sd2-v,sdxl --first-build --threads 2
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,21 +34,46 @@ from common import append_row, provenance
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="full,lora")
+    p.add_argument("--families", default="sd1", help="comma-separated: sd1, sd2, sd2-v, sdxl")
+    p.add_argument("--first-build", action="store_true",
+                   help="build each world afresh in a temporary folder and time the build")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the demo (default: unset)")
     a = p.parse_args()
 
-    from cgidm.testing.tiny import build_tiny_world
-
-    build_tiny_world()  # assembled before timing: the demo's wall time is that of a cached world
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
         torch.set_num_threads(a.threads)
-    row = {"variants": {}, "omp_num_threads": a.threads}
-    for variant in a.variants.split(","):
+    for family in a.families.split(","):
+        with tempfile.TemporaryDirectory() as worlds:
+            world = Path(worlds) / family if a.first_build else None
+            first_build_s = _build(family, world, env)
+            row = {"family": family, "first_build_s": first_build_s,
+                   **_demos(family, world, a.variants.split(","), env), "omp_num_threads": a.threads}
+        row.update(provenance(torch.device("cpu")))
+        print(append_row("demo", torch.device("cpu"), row))
+
+
+def _build(family: str, world: Path | None, env: dict) -> float | None:
+    """Build (or, without ``world``, make sure of) the family's world before any demo is timed,
+    in a subprocess; the wall time of a fresh build, else None."""
+    code = ("import sys; from cgidm.testing.family_worlds import build_family_world; "
+            "build_family_world(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, family, *([str(world)] if world else [])], env=env, check=True)
+    wall = time.perf_counter() - t0
+    if world is None:
+        return None
+    print(f"{family}: first build {wall:.0f} s")
+    return wall
+
+
+def _demos(family: str, world: Path | None, variants: list, env: dict) -> dict:
+    row = {"variants": {}}
+    for variant in variants:
         with tempfile.TemporaryDirectory() as out:
-            run = subprocess.run([sys.executable, "-m", "cgidm.cli", "demo", "--variant", variant, "--out", out, "-q"],
-                                 capture_output=True, text=True, env=env)
+            cmd = [sys.executable, "-m", "cgidm.cli", "demo", "--family", family, "--variant", variant, "--out", out, "-q"]
+            run = subprocess.run(cmd + (["--world", str(world)] if world else []), capture_output=True, text=True, env=env)
             if run.returncode != 0:
                 sys.exit(f"cgidm demo --variant {variant} failed ({run.returncode}): {run.stderr[-2000:]}")
             wall = float(re.search(r"demo wall time: ([0-9.]+) s", run.stdout)[1])
@@ -55,10 +86,9 @@ def main() -> None:
                                     "official_auc": float(official[1]) if official else None,
                                     "by_metric": {k: v.get("auc") for k, v in summary.get("by_metric", {}).items()
                                                   if isinstance(v, dict)}}
-        print(f"{variant}: {wall:.1f} s  AUC {summary.get('auc')}  members {means['member']}  "
+        print(f"{family} {variant}: {wall:.1f} s  AUC {summary.get('auc')}  members {means['member']}  "
               f"hold-outs {means['holdout']}  official {official[1] if official else None}")
-    row.update(provenance(torch.device("cpu")))
-    print(append_row("demo", torch.device("cpu"), row))
+    return row
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ file before going on (``WRITERS = 0``), in one process, runs alternating.
 The inputs are synthetic photos (``--size`` W x H JPEGs: gradients and noise), protected
 with the tiny world's base (``--base`` for another) at ``--steps`` steps and batch 1, so
 the PGD of one image and the writing of another's full-size PNG, SSIM and panel can
-overlap. The wall time of each run (loading excluded) goes into one JSON row in
-``bench/results/protect-writers-<device>.json``.
+overlap. The wall time of each run (loading excluded), and how long writing one image's
+files took (``write_s``: its PNG, PSNR and SSIM at full size and its panel, timed in the
+``WRITERS = 0`` runs, where nothing else runs beside it) go into one JSON row in
+``bench/results/protect-writers-<device>.json`` (``docs/protect.md``, "Files written beside
+the next batch").
 
     python bench/bench_protect_writers.py                    # 4 photos of 3200 x 2400, 60 steps
     python bench/bench_protect_writers.py --images 8 --steps 100 --repeats 3
@@ -60,6 +63,17 @@ def main() -> None:
     model = load_base(a.base, device=device)
     cfg = ProtectConfig(steps=a.steps, batch_size=1)
     default = P.WRITERS
+    files, write_s = P._Run._files, []
+
+    def timed_files(self, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return files(self, *args, **kw)
+        finally:
+            if P.WRITERS == 0:
+                write_s.append(time.perf_counter() - t0)
+
+    P._Run._files = timed_files
     walls: dict[str, list[float]] = {"writers_0": [], f"writers_{default}": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
@@ -74,12 +88,15 @@ def main() -> None:
                 walls[f"writers_{writers}"].append(time.perf_counter() - t0)
                 print(f"WRITERS={writers}: {walls[f'writers_{writers}'][-1]:.1f} s", flush=True)
         P.WRITERS = default
+    P._Run._files = files
     med = {k: statistics.median(v) for k, v in walls.items()}
     row = {**provenance(device), "bench": "protect_writers", "images": a.images, "size": [w, h], "steps": a.steps,
            "batch_size": 1, "base": Path(a.base).name, "wall_s": walls, "median_wall_s": med,
-           "speedup": med["writers_0"] / med[f"writers_{default}"]}
+           "speedup": med["writers_0"] / med[f"writers_{default}"],
+           "write_s": write_s, "median_write_s": statistics.median(write_s)}
     print(f"median: WRITERS=0 {med['writers_0']:.1f} s, WRITERS={default} {med[f'writers_{default}']:.1f} s "
-          f"({row['speedup']:.2f}x)")
+          f"({row['speedup']:.2f}x); one image's files {row['median_write_s']:.1f} s "
+          f"(median, {min(write_s):.1f}-{max(write_s):.1f} s)")
     print("row in", append_row("protect-writers", device, row))
 
 

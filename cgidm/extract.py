@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from cgidm.cliques import cluster
@@ -91,13 +92,19 @@ def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) 
 # --------------------------------------------------------------------------- images
 
 
-def thumbnails(images: Sequence, side: int = 64, columns: int = 16, pad: int = 2):
-    """A contact sheet of many images, each scaled to ``side`` (enlarged with nearest,
-    shrunk with area filtering)."""
+THUMB_SIDE = 64  # a sample's tile in samples.png
+
+
+def tile(im, side: int):
+    """``im`` scaled to ``side`` (enlarged with nearest, shrunk with area filtering)."""
     from PIL import Image
 
-    tiles = [im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.BOX) for im in images]
-    return grid(tiles, columns, min_side=side, pad=pad)
+    return im if im.size == (side, side) else im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.BOX)
+
+
+def thumbnails(images: Sequence, side: int = THUMB_SIDE, columns: int = 16, pad: int = 2):
+    """A contact sheet of many images, each scaled to ``side``."""
+    return grid([tile(im, side) for im in images], columns, min_side=side, pad=pad)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -128,6 +135,33 @@ def conditioning(pair, cfg: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor]:
         if width is not None and families.zeros_for_empty_prompt(pair.info["base"]):
             c_pre = families.zero_text(c_pre, width)
     return c_ft, c_pre
+
+
+def _describe(pair, latents: torch.Tensor, kept: list, kind: str, embedder, cfg: ExtractConfig, out: Path,
+              progress: bool) -> tuple[np.ndarray, list]:
+    """The clustering's unit features of the samples ``kept`` (rows of ``latents``) and a
+    ``THUMB_SIDE`` tile of each for ``samples.png``; with ``--save-samples`` each sample's
+    PNG too. Decoded a batch at a time, so no more than a batch of full-size images is held
+    however many samples there are (500 SDXL images in fp32 would be 6 GB)."""
+    from tqdm.auto import tqdm
+
+    from cgidm.progress import bar_options
+
+    if cfg.save_samples:
+        (out / SAMPLES).mkdir(exist_ok=True)
+    feats, tiles, b = [], [], cfg.batch_size
+    with tqdm(total=len(kept), unit="sample", desc="decoding", disable=not progress, **bar_options()) as bar:
+        for lo in range(0, len(kept), b):
+            rows = kept[lo:lo + b]
+            images = decode(pair, latents[rows], b)
+            feats.append(features_of(kind, latents[rows], images, embedder))
+            for i, im in zip(rows, images):
+                pil = to_pil(im)
+                if cfg.save_samples:
+                    atomic_save_image(pil, out / SAMPLES / f"sample_{i:05d}.png")
+                tiles.append(tile(pil, THUMB_SIDE))
+            bar.update(len(rows))
+    return np.concatenate(feats), tiles
 
 
 @torch.no_grad()
@@ -294,30 +328,26 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     kept = torch.nonzero(finite).flatten().tolist()
     if not kept:
         raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
-    images = decode(pair, latents[kept], cfg.batch_size)
-    feats = features_of(kind, latents[kept], images, embedder)
+    feats, tiles = _describe(pair, latents, kept, kind, embedder, cfg, out, progress)
     clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,
                          progress=progress)
-
-    pils = [to_pil(im) for im in images]
-    if cfg.save_samples:
-        (out / SAMPLES).mkdir(exist_ok=True)
-        for j, i in enumerate(kept):
-            atomic_save_image(pils[j], out / SAMPLES / f"sample_{i:05d}.png")
     order = [j for c in clustering.clusters for j in c.members]
-    atomic_save_image(thumbnails([pils[j] for j in order]), out / "samples.png")
+    atomic_save_image(thumbnails([tiles[j] for j in order], side=THUMB_SIDE), out / "samples.png")
+    del tiles
 
+    # the candidates decoded again (a few images), not every sample's kept: ``_describe``
+    cand_rows = [c.representative for c in clustering.clusters[:cfg.n_candidates]]
+    cand_images = decode(pair, latents[[kept[j] for j in cand_rows]], cfg.batch_size)
     (out / CANDIDATES).mkdir(exist_ok=True)
-    candidates = []
-    for rank, c in enumerate(clustering.clusters[:cfg.n_candidates]):
+    candidates, cand_pils = [], [to_pil(im) for im in cand_images]
+    for rank, (c, pil) in enumerate(zip(clustering.clusters, cand_pils)):
         name = f"{CANDIDATES}/candidate_{rank:02d}.png"
-        atomic_save_image(pils[c.representative], out / name)
+        atomic_save_image(pil, out / name)
         candidates.append({
             "rank": rank, "image": name, "sample": kept[c.representative], "cluster_size": c.size,
             "mean_similarity": c.mean_similarity, "cluster": [kept[j] for j in c.members],
         })
-    cand_rows = [clustering.clusters[i].representative for i in range(len(candidates))]
-    atomic_save_image(grid([pils[j] for j in cand_rows], columns=min(8, len(cand_rows))), out / "grid.png")
+    atomic_save_image(grid(cand_pils, columns=min(8, len(cand_pils))), out / "grid.png")
 
     models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
     if _uses_lora(pair):
@@ -354,7 +384,7 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     }
     if compare_items is not None:
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
-                                            [images[j] for j in cand_rows], candidates, out, cfg, embedder,
+                                            list(cand_images), candidates, out, cfg, embedder,
                                             progress=progress)
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
     atomic_write_json(out / "extract.json", summary)

@@ -726,3 +726,38 @@ def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeyp
     monkeypatch.setattr(X, "sample", counting)
     assert X.extract(pairs["full"], out, cfg.replace(guidance=2.0), progress=False)["resumed_samples"] == 0
     assert drawn == [4, 6]
+
+
+@pytest.mark.parametrize("features", ["latent", "pixel"])
+def test_samples_are_decoded_a_batch_at_a_time_and_the_candidates_are_the_samples(pairs, tmp_path, monkeypatch,
+                                                                                   features):
+    """However many samples, no more than a batch of full-size images is decoded at once;
+    the features a batch at a time are those of the whole set at once, row for row; the
+    candidates, decoded again, are their samples' images (the PNGs in samples/)."""
+    pair = pairs["full"]
+    calls = []
+    decode = X.decode
+
+    def counted(pair, latents, batch_size):
+        calls.append(latents.shape[0])
+        return decode(pair, latents, batch_size)
+
+    monkeypatch.setattr(X, "decode", counted)
+    cfg = ExtractConfig(prompt=PROMPT, samples=7, steps=2, seed=3, batch_size=3, clusters=2, candidates=2,
+                        features=features, save_samples=True)
+    latents = torch.randn(9, *pair.latent_shape, generator=torch.Generator().manual_seed(0))
+    kept = [0, 2, 3, 4, 5, 7, 8]  # rows 1 and 6 left out, as non-finite samples are
+    (tmp_path / "d").mkdir()
+    feats, tiles = X._describe(pair, latents, kept, features, None, cfg, tmp_path / "d", progress=False)
+    assert calls == [3, 3, 1] and len(tiles) == 7 and all(t.size == (X.THUMB_SIDE,) * 2 for t in tiles)
+    whole = X.features_of(features, latents[kept], decode(pair, latents[kept], 7), None)
+    np.testing.assert_allclose(feats, whole, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "d" / "samples").iterdir()) == [f"sample_{i:05d}.png" for i in kept]
+
+    calls.clear()
+    s = X.extract(pair, tmp_path / "o", cfg, progress=False)
+    assert max(calls) <= 3 and sum(calls) == 7 + len(s["candidates"])
+    for c in s["candidates"]:
+        got = np.asarray(Image.open(tmp_path / "o" / c["image"]), dtype=np.int16)
+        want = np.asarray(Image.open(tmp_path / "o" / "samples" / f"sample_{c['sample']:05d}.png"), dtype=np.int16)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1
