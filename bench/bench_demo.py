@@ -12,6 +12,11 @@ run on that world.
     python bench/bench_demo.py
     python bench/bench_demo.py --variants full --threads 2
     python bench/bench_demo.py --families sd2,sd2-v,sdxl --first-build --threads 2
+    python bench/bench_demo.py --variants full --extra "--baselines all --with-controls"
+    python bench/bench_demo.py --families sd1,sdxl --variants full --extra "--blocks-per-side 2"
+
+``--extra`` passes more options to each demo (recorded as ``extra_args``); the row then
+holds each baseline's AUC (``by_metric``) and, with controls, the set verdict.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,7 @@ def main() -> None:
     p.add_argument("--first-build", action="store_true",
                    help="build each world afresh in a temporary folder and time the build")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the demo (default: unset)")
+    p.add_argument("--extra", default="", help="more options for each demo, one string")
     a = p.parse_args()
 
     env = dict(os.environ)
@@ -49,7 +56,8 @@ def main() -> None:
             world = Path(worlds) / family if a.first_build else None
             first_build_s = _build(family, world, env)
             row = {"family": family, "first_build_s": first_build_s,
-                   **_demos(family, world, a.variants.split(","), env), "omp_num_threads": a.threads}
+                   **_demos(family, world, a.variants.split(","), shlex.split(a.extra), env),
+                   "extra_args": a.extra, "omp_num_threads": a.threads}
         row.update(provenance(torch.device("cpu")))
         print(append_row("demo", torch.device("cpu"), row))
 
@@ -68,11 +76,12 @@ def _build(family: str, world: Path | None, env: dict) -> float | None:
     return wall
 
 
-def _demos(family: str, world: Path | None, variants: list, env: dict) -> dict:
+def _demos(family: str, world: Path | None, variants: list, extra: list, env: dict) -> dict:
     row = {"variants": {}}
     for variant in variants:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-m", "cgidm.cli", "demo", "--family", family, "--variant", variant, "--out", out, "-q"]
+            cmd = [sys.executable, "-m", "cgidm.cli", "demo", "--family", family, "--variant", variant, "--out", out, "-q",
+                   *extra]
             run = subprocess.run(cmd + (["--world", str(world)] if world else []), capture_output=True, text=True, env=env)
             if run.returncode != 0:
                 sys.exit(f"cgidm demo --variant {variant} failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -84,6 +93,7 @@ def _demos(family: str, world: Path | None, variants: list, env: dict) -> dict:
         official = re.search(r"official validator .*?AUC ([0-9.]+)", run.stdout)
         row["variants"][variant] = {"wall_s": wall, "auc": summary.get("auc"), "means": means,
                                     "official_auc": float(official[1]) if official else None,
+                                    "set_verdict": summary.get("set_verdict"),
                                     "by_metric": {k: v.get("auc") for k, v in summary.get("by_metric", {}).items()
                                                   if isinstance(v, dict)}}
         print(f"{family} {variant}: {wall:.1f} s  AUC {summary.get('auc')}  members {means['member']}  "

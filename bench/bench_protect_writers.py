@@ -7,19 +7,25 @@ with the tiny world's base (``--base`` for another) at ``--steps`` steps and bat
 the PGD of one image and the writing of another's full-size PNG, SSIM and panel can
 overlap. The wall time of each run (loading excluded), and how long writing one image's
 files took (``write_s``: its PNG, PSNR and SSIM at full size and its panel, timed in the
-``WRITERS = 0`` runs, where nothing else runs beside it) go into one JSON row in
+``WRITERS = 0`` runs, where nothing else runs beside it) and the process's peak resident
+memory (``peak_rss_mb``: loading and every run; the photos are made in another process)
+go into one JSON row in
 ``bench/results/protect-writers-<device>.json`` (``docs/protect.md``, "Files written beside
 the next batch").
 
     python bench/bench_protect_writers.py                    # 4 photos of 3200 x 2400, 60 steps
     python bench/bench_protect_writers.py --images 8 --steps 100 --repeats 3
+    python bench/bench_protect_writers.py --images 1 --size 8000x6000 --steps 2 --repeats 1   # a large scan
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +84,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        photos(folder, a.images, w, h)
+        # in a child process: making the photos takes more memory than protecting them
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            pool.submit(photos, folder, a.images, w, h).result()
         items = collect_protect_items(folder)
         for r in range(a.repeats):
             for writers in (0, default):
@@ -93,10 +101,12 @@ def main() -> None:
     row = {**provenance(device), "bench": "protect_writers", "images": a.images, "size": [w, h], "steps": a.steps,
            "batch_size": 1, "base": Path(a.base).name, "wall_s": walls, "median_wall_s": med,
            "speedup": med["writers_0"] / med[f"writers_{default}"],
-           "write_s": write_s, "median_write_s": statistics.median(write_s)}
+           "write_s": write_s, "median_write_s": statistics.median(write_s),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"median: WRITERS=0 {med['writers_0']:.1f} s, WRITERS={default} {med[f'writers_{default}']:.1f} s "
           f"({row['speedup']:.2f}x); one image's files {row['median_write_s']:.1f} s "
-          f"(median, {min(write_s):.1f}-{max(write_s):.1f} s)")
+          f"(median, {min(write_s):.1f}-{max(write_s):.1f} s); "
+          f"peak memory {row['peak_rss_mb']:.0f} MB")
     print("row in", append_row("protect-writers", device, row))
 
 

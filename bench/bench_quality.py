@@ -353,6 +353,36 @@ def plot_budget(result: dict, path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def ints_of(text: str) -> tuple:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def plot_rows(numbers: tuple, path: Path) -> dict:
+    """The budget figure of rows ``numbers`` of ``quality-<device>.json``, measuring nothing:
+    their budget points together (a sweep measured in more than one run: the paper setting
+    in one, shared noise at larger budgets in another) and, of each baseline, the entry with
+    the most seeds among the rows (the full study's)."""
+    from common import RESULTS
+
+    lines = (RESULTS / "quality-cpu.json").read_text().splitlines()
+    rows = [json.loads(lines[n - 1]) for n in numbers]
+    budget = [b for r in rows for b in r.get("budget") or []]
+    best: dict = {}
+    for g in (g for r in rows for g in r.get("grades") or []):
+        key = (g["kind"], g["grade"], g["method"])
+        if g["auc"]["mean"] is not None and (key not in best or g["auc"]["n"] > best[key]["auc"]["n"]):
+            best[key] = g
+    result = {"budget": budget, "grades": list(best.values())}
+    kind, grade = budget[0]["kind"], budget[0]["grade"]
+    cgidm = "/".join(map(str, sorted({b["auc"]["n"] for b in budget})))
+    base = "/".join(map(str, sorted({g["auc"]["n"] for (k, gr, m), g in best.items()
+                                      if (k, gr) == (kind, grade) and m != CGIDM})))
+    plot_budget(result, path, f"study world, {kind} fine-tune, grade {grade}: CGI-DM {cgidm} seeds, "
+                              f"baselines {base} seeds\n(rows {', '.join(map(str, numbers))} of quality-cpu.json)")
+    print(f"budget figure of rows {numbers} written to {path}")
+    return result
+
+
 def print_table(result: dict) -> None:
     print(f"\n{'kind':5s} {'grade':>5s} {'method':10s} {'AUC mean±sd':>14s} {'TPR@1%FPR(ctl)':>15s} "
           f"{'holdout FPR':>11s} {'fwd/img':>8s} {'bwd/img':>8s}  members for p<0.01 (per seed)")
@@ -398,7 +428,12 @@ def main(argv=None) -> dict:
     p.add_argument("--grade-figure", default=None, help=f"default: {DOCS / 'quality-grade.png'}")
     p.add_argument("--budget-figure", default=None, help=f"default: {DOCS / 'quality-budget.png'}")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--plot-rows", default=None,
+                   help="draw the budget figure from these rows of the results file (1-based, comma-separated; "
+                        "their budget points and baselines together) and run nothing")
     args = p.parse_args(argv)
+    if args.plot_rows:
+        return plot_rows(ints_of(args.plot_rows), Path(args.budget_figure or DOCS / "quality-budget.png"))
     if args.threads:
         torch.set_num_threads(args.threads)
     ints = lambda s: tuple(int(x) for x in s.split(",") if x.strip())  # noqa: E731
