@@ -41,7 +41,7 @@ from cgidm.cliques import cluster
 from cgidm.config import ExtractConfig
 from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, check_readable, compare_images,  # noqa: F401
                                      extraction_metrics, features_of, grid, nearest, pixel_features)
-from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest
+from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest, sampling_settings
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
@@ -138,22 +138,24 @@ def conditioning(pair, cfg: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _describe(pair, latents: torch.Tensor, kept: list, kind: str, embedder, cfg: ExtractConfig, out: Path,
-              progress: bool) -> tuple[np.ndarray, list]:
+              progress: bool) -> tuple[np.ndarray, list, int]:
     """The clustering's unit features of the samples ``kept`` (rows of ``latents``) and a
     ``THUMB_SIDE`` tile of each for ``samples.png``; with ``--save-samples`` each sample's
-    PNG too. Decoded a batch at a time, so no more than a batch of full-size images is held
-    however many samples there are (500 SDXL images in fp32 would be 6 GB)."""
+    PNG too, and the decoding's batch size (``decode``). Decoded a batch at a time, so no more
+    than a batch of full-size images is held however many samples there are (500 SDXL images
+    in fp32 would be 6 GB)."""
     from tqdm.auto import tqdm
 
     from cgidm.progress import bar_options
 
     if cfg.save_samples:
         (out / SAMPLES).mkdir(exist_ok=True)
-    feats, tiles, b = [], [], cfg.batch_size
+    feats, tiles, b, lo = [], [], cfg.batch_size, 0
     with tqdm(total=len(kept), unit="sample", desc="decoding", disable=not progress, **bar_options()) as bar:
-        for lo in range(0, len(kept), b):
+        while lo < len(kept):
             rows = kept[lo:lo + b]
-            images = decode(pair, latents[rows], b)
+            lo += len(rows)
+            images, b = decode(pair, latents[rows], b)
             feats.append(features_of(kind, latents[rows], images, embedder))
             for i, im in zip(rows, images):
                 pil = to_pil(im)
@@ -161,15 +163,33 @@ def _describe(pair, latents: torch.Tensor, kept: list, kind: str, embedder, cfg:
                     atomic_save_image(pil, out / SAMPLES / f"sample_{i:05d}.png")
                 tiles.append(tile(pil, THUMB_SIDE))
             bar.update(len(rows))
-    return np.concatenate(feats), tiles
+    return np.concatenate(feats), tiles, b
 
 
 @torch.no_grad()
-def decode(pair, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``[M, 3, H, W]`` fp32 images in [-1, 1] on the CPU."""
-    out = [pair.codec.decode(latents[i:i + batch_size].to(pair.device)).float().clamp(-1, 1).cpu()
-           for i in range(0, latents.shape[0], batch_size)]
-    return torch.cat(out)
+def decode(pair, latents: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """``[M, 3, H, W]`` fp32 images in [-1, 1] on the CPU, decoded ``batch_size`` at a time,
+    and the batch size that fit: halved when a batch runs out of memory (the VAE at full
+    resolution may not take the batch the UNets did), as the sampler does."""
+    from cgidm.batches import is_out_of_memory
+
+    out, lo = [], 0
+    while lo < latents.shape[0]:
+        x = None
+        try:
+            x = pair.codec.decode(latents[lo:lo + batch_size].to(pair.device)).float().clamp(-1, 1).cpu()
+        except Exception as e:  # noqa: BLE001 - only out of memory is retried
+            if batch_size == 1 or not is_out_of_memory(e):
+                raise
+        if x is None:  # after the except block has let the failed batch's tensors go
+            if pair.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory decoding %d samples at once; going on with %d", batch_size, batch_size // 2)
+            batch_size //= 2
+            continue
+        out.append(x)
+        lo += x.shape[0]
+    return torch.cat(out), batch_size
 
 
 def on_step(threshold: Optional[float], step: float) -> Optional[float]:
@@ -299,13 +319,14 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     pair_fn, pass_info = pair_pass(pair)
     latent_shape = pair.latent_shape
     # the samples a stopped run drew with these settings are kept; only the others are drawn
-    digest = sampling_digest(pair, cfg, scheduler, c_ft, c_pre, latent_shape)
-    drawn = load_partial(partial, digest, latent_shape)
+    settings = sampling_settings(pair, cfg, scheduler, latent_shape)
+    digest = sampling_digest(settings, pair, c_ft, c_pre)
+    drawn = load_partial(partial, digest, latent_shape, settings)
     todo = [i for i in range(cfg.samples) if i not in drawn]
     if len(todo) < cfg.samples:
         log.warning("%d of %d samples were drawn by a run that stopped (%s); drawing the other %d",
                     cfg.samples - len(todo), cfg.samples, partial, len(todo))
-    saver = PartialSaver(partial, digest, drawn)
+    saver = PartialSaver(partial, digest, drawn, settings)
     use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()
     if todo:
@@ -316,6 +337,9 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         except BaseException:
             saver.flush()
             raise
+        # every sample kept before decoding: a stop (Ctrl-C, an error, a kill) while the
+        # samples are decoded, clustered or compared loses none of them
+        saver.flush()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_s = time.perf_counter() - t0
@@ -327,8 +351,9 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         log.warning("%d of %d samples are not finite and are left out", int((~finite).sum()), cfg.samples)
     kept = torch.nonzero(finite).flatten().tolist()
     if not kept:
+        partial.unlink(missing_ok=True)  # nothing worth resuming: the next run has other settings
         raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
-    feats, tiles = _describe(pair, latents, kept, kind, embedder, cfg, out, progress)
+    feats, tiles, fits = _describe(pair, latents, kept, kind, embedder, cfg, out, progress)
     clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,
                          progress=progress)
     order = [j for c in clustering.clusters for j in c.members]
@@ -337,7 +362,7 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
 
     # the candidates decoded again (a few images), not every sample's kept: ``_describe``
     cand_rows = [c.representative for c in clustering.clusters[:cfg.n_candidates]]
-    cand_images = decode(pair, latents[[kept[j] for j in cand_rows]], cfg.batch_size)
+    cand_images, _ = decode(pair, latents[[kept[j] for j in cand_rows]], fits)
     (out / CANDIDATES).mkdir(exist_ok=True)
     candidates, cand_pils = [], [to_pil(im) for im in cand_images]
     for rank, (c, pil) in enumerate(zip(clustering.clusters, cand_pils)):

@@ -4,8 +4,10 @@ drawn so far, by sample index, with a digest of everything that decides a sample
 guidance, steps, seed, scheduler, latent shape, dtype and device type, both conditionings,
 the models' identity and a checksum of every UNet parameter). A run with the same digest
 draws only the samples missing; sample ``i``'s noise is keyed by ``i``, so the samples are
-those of an uninterrupted run (up to the float rounding of another batch). A safetensors
-file holds tensors only: reading it runs no code.
+those of an uninterrupted run (up to the float rounding of another batch). A run with
+another digest is refused, naming the settings that differ (they are kept in the file
+beside the digest), so a stopped run's samples are never dropped without a word. A
+safetensors file holds tensors only: reading it runs no code.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,16 +28,24 @@ PARTIAL = ".extract-partial.safetensors"
 SAVE_EVERY_S = 30.0  # at most this much sampling is lost to a kill (each save rewrites the file)
 
 
-def sampling_digest(pair, cfg, scheduler, c_ft: torch.Tensor, c_pre: torch.Tensor, latent_shape) -> str:
-    """The hex SHA-256 of what decides sample ``i``'s final latent besides ``i``."""
-    h = hashlib.sha256()
+def sampling_settings(pair, cfg, scheduler, latent_shape) -> dict:
+    """The settings that decide a sample, as JSON values (part of the digest; said when a
+    stopped run's differ)."""
     info = {k: v for k, v in pair.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
     weights = next(pair.unet_ft.parameters())
-    h.update(json.dumps({
+    return json.loads(json.dumps({
         "guidance": cfg.guidance, "correction": cfg.correction, "steps": cfg.steps, "seed": cfg.seed,
+        "prompt": cfg.prompt, "pretrained_prompt": cfg.pretrained_prompt,
         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         "shape": list(latent_shape), "dtype": str(weights.dtype), "device": weights.device.type, "models": info,
-    }, sort_keys=True, default=str).encode())
+    }, sort_keys=True, default=str))
+
+
+def sampling_digest(settings: dict, pair, c_ft: torch.Tensor, c_pre: torch.Tensor) -> str:
+    """The hex SHA-256 of what decides sample ``i``'s final latent besides ``i``: the
+    ``settings`` (``sampling_settings``), both conditionings and the UNets' parameters."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
     for t in (c_ft, c_pre):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     # each parameter once (a LoRA pair's two sides share theirs), its sum and absolute sum
@@ -44,18 +55,22 @@ def sampling_digest(pair, cfg, scheduler, c_ft: torch.Tensor, c_pre: torch.Tenso
     return h.hexdigest()
 
 
-def load_partial(path: Path, digest: str, latent_shape) -> dict[int, torch.Tensor]:
-    """``{index: latent}`` a stopped run with this ``digest`` drew, or ``{}`` (none, another
-    run's settings, a file that cannot be read)."""
+def load_partial(path: Path, digest: str, latent_shape, settings: dict) -> dict[int, torch.Tensor]:
+    """``{index: latent}`` a stopped run with this ``digest`` drew, or ``{}`` (none, or a file
+    that cannot be read). ``ValueError`` when a stopped run with another digest left
+    samples: its settings and ``settings`` differ where the message says."""
     from safetensors import safe_open
 
     if not path.is_file():
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("digest") != digest:
-                return {}
+            meta = f.metadata() or {}
+            if meta.get("digest") != digest:
+                _refuse(path, f.get_slice("indices").get_shape()[0], meta.get("settings"), settings)
             latents, indices = f.get_tensor("latents"), f.get_tensor("indices")
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged file is only work lost
         log.warning("%s: cannot read the samples of the run that stopped (%s); drawing them again", path, e)
         return {}
@@ -64,12 +79,35 @@ def load_partial(path: Path, digest: str, latent_shape) -> dict[int, torch.Tenso
     return {int(i): latents[j].float() for j, i in enumerate(indices.tolist())}
 
 
+def _refuse(path: Path, n: int, theirs: Optional[str], ours: dict) -> None:
+    try:
+        old = json.loads(theirs) if theirs else None
+    except ValueError:
+        old = None
+    if isinstance(old, dict):
+        diff = []
+        for k in sorted(set(old) | set(ours)):
+            a, b = old.get(k), ours.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):  # the scheduler's, the models': the keys that differ
+                diff += [(f"{k} {sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b))
+                         if a.get(sub) != b.get(sub)]
+            elif a != b:
+                diff.append((k, a, b))
+        what = ("; ".join(f"{k} {a!r} there, {b!r} now" for k, a, b in diff) if diff
+                else "the same settings, other model weights or prompt encodings")
+    else:
+        what = "settings not recorded"
+    raise ValueError(f"{path.parent} holds {n} sample{'s' if n != 1 else ''} of a stopped extract run with other "
+                     f"settings ({what}): run it again with those settings to finish it, use another --out, or "
+                     f"delete {path} to start afresh")
+
+
 class PartialSaver:
     """``add(indices, latents)`` after each batch; the file is rewritten at most every
     ``SAVE_EVERY_S`` seconds (and by ``flush``)."""
 
-    def __init__(self, path: Path, digest: str, drawn: dict[int, torch.Tensor]) -> None:
-        self.path, self.digest, self.drawn = path, digest, drawn
+    def __init__(self, path: Path, digest: str, drawn: dict[int, torch.Tensor], settings: dict) -> None:
+        self.path, self.digest, self.drawn, self.settings = path, digest, drawn, settings
         self.last = time.monotonic()
 
     def add(self, indices, latents: torch.Tensor) -> None:
@@ -84,6 +122,7 @@ class PartialSaver:
         order = sorted(self.drawn)
         if order:
             data = save({"latents": torch.stack([self.drawn[i] for i in order]).contiguous(),
-                         "indices": torch.tensor(order, dtype=torch.int64)}, metadata={"digest": self.digest})
+                         "indices": torch.tensor(order, dtype=torch.int64)}, metadata={"digest": self.digest,
+                                                                      "settings": json.dumps(self.settings)})
             atomic_write_bytes(self.path, data)
         self.last = time.monotonic()

@@ -378,7 +378,11 @@ def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_p
     monkeypatch.setattr(X, "write_report", crash)  # the last file, after every image is written
     with pytest.raises(KeyboardInterrupt):
         X.extract(pairs["full"], out, cfg.replace(samples=5, save_samples=False), progress=False)
-    assert _files(out) == before and not (out / X.STAGE).exists()
+    # the earlier run's files as they were, beside the stopped run's samples (for its resume)
+    partial = out / X.PARTIAL
+    assert partial.is_file() and not (out / X.STAGE).exists()
+    partial.unlink()
+    assert _files(out) == before
     monkeypatch.undo()
 
     def never(*a, **k):
@@ -412,6 +416,8 @@ def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_p
     now = _files(out)
     assert set(before) <= set(now) and now["extract.json"] == before["extract.json"]
     assert now["candidates/candidate_00.png"] != before["candidates/candidate_00.png"]  # moved in before the stop
+    assert partial.is_file()  # its samples kept, for the same command again
+    partial.unlink()
 
     def across(src, dst):  # a linked samples/ on another filesystem: copied over
         if Path(dst).parent == out / "samples":
@@ -719,13 +725,67 @@ def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeyp
     assert drawn == [4] and s["resumed_samples"] == 2 and not (out / extract_resume.PARTIAL).exists()
     assert [c["cluster"] for c in s["candidates"]] == [c["cluster"] for c in ref["candidates"]]
     assert _files(out).keys() == _files(tmp_path / "ref").keys()
-    # another guidance: the stopped run's samples are not this run's
+    # another guidance: the stopped run's samples are not this run's, and are not dropped
+    # without a word: refused, naming what differs, the file and the outputs as they were
     monkeypatch.setattr(X, "sample", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         X.extract(pairs["full"], out, cfg, progress=False)
+    kept = (out / extract_resume.PARTIAL).read_bytes()
     monkeypatch.setattr(X, "sample", counting)
+    with pytest.raises(ValueError, match=r"holds 2 samples of a stopped extract run with other settings "
+                                         r"\(guidance 3.0 there, 2.0 now\)"):
+        X.extract(pairs["full"], out, cfg.replace(guidance=2.0), progress=False)
+    assert (out / extract_resume.PARTIAL).read_bytes() == kept and drawn == [4]
+    assert _files(out).keys() - {extract_resume.PARTIAL} == _files(tmp_path / "ref").keys()
+    # the same settings finish it; then other settings run
+    assert X.extract(pairs["full"], out, cfg, progress=False)["resumed_samples"] == 2
     assert X.extract(pairs["full"], out, cfg.replace(guidance=2.0), progress=False)["resumed_samples"] == 0
-    assert drawn == [4, 6]
+    assert drawn == [4, 4, 6]
+
+
+def test_a_stop_after_sampling_keeps_every_sample(pairs, tmp_path, monkeypatch):
+    """Ctrl-C or an error while the samples are decoded, clustered or compared: every sample
+    was kept when sampling ended, so the same command again draws none."""
+    from cgidm import extract_resume
+
+    cfg = ExtractConfig(prompt=PROMPT, samples=5, steps=2, clusters=2, batch_size=2)
+    out = tmp_path / "o"
+    cluster = X.cluster
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(X, "cluster", stop)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg, progress=False)
+    assert (out / extract_resume.PARTIAL).is_file()
+    monkeypatch.setattr(X, "cluster", cluster)
+    drawn, real = [], X.sample
+    monkeypatch.setattr(X, "sample", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    assert X.extract(pairs["full"], out, cfg, progress=False)["resumed_samples"] == 5 and drawn == []
+
+
+def test_decoding_halves_its_batch_when_out_of_memory(pairs, monkeypatch, caplog):
+    """A decode batch that runs out of memory is decoded again in halves, and the batch
+    size that fit is kept for the rest; the images are those of the whole batch at once."""
+    pair = pairs["full"]
+    latents = torch.randn(7, *pair.latent_shape, generator=torch.Generator().manual_seed(1))
+    want, _ = X.decode(pair, latents, 7)
+    real, sizes = pair.codec.decode, []
+
+    def small_memory(x):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(pair.codec, "decode", small_memory)
+    got, fits = X.decode(pair, latents, 8)
+    assert fits == 2 and sizes == [7, 4, 2, 2, 2, 1] and "out of memory decoding 8 samples" in caplog.text
+    torch.testing.assert_close(got, want)
+    monkeypatch.setattr(pair.codec, "decode", lambda x: (_ for _ in ()).throw(RuntimeError("not memory")))
+    with pytest.raises(RuntimeError, match="not memory"):
+        X.decode(pair, latents, 8)
 
 
 @pytest.mark.parametrize("features", ["latent", "pixel"])
@@ -748,9 +808,9 @@ def test_samples_are_decoded_a_batch_at_a_time_and_the_candidates_are_the_sample
     latents = torch.randn(9, *pair.latent_shape, generator=torch.Generator().manual_seed(0))
     kept = [0, 2, 3, 4, 5, 7, 8]  # rows 1 and 6 left out, as non-finite samples are
     (tmp_path / "d").mkdir()
-    feats, tiles = X._describe(pair, latents, kept, features, None, cfg, tmp_path / "d", progress=False)
-    assert calls == [3, 3, 1] and len(tiles) == 7 and all(t.size == (X.THUMB_SIDE,) * 2 for t in tiles)
-    whole = X.features_of(features, latents[kept], decode(pair, latents[kept], 7), None)
+    feats, tiles, fits = X._describe(pair, latents, kept, features, None, cfg, tmp_path / "d", progress=False)
+    assert calls == [3, 3, 1] and fits == 3 and len(tiles) == 7 and all(t.size == (X.THUMB_SIDE,) * 2 for t in tiles)
+    whole = X.features_of(features, latents[kept], decode(pair, latents[kept], 7)[0], None)
     np.testing.assert_allclose(feats, whole, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "d" / "samples").iterdir()) == [f"sample_{i:05d}.png" for i in kept]
 
