@@ -426,8 +426,8 @@ def cmd_extract(args) -> int:
             print(f"  ... and {len(failed) - 10} more not compared (see extract.json)")
         m = s["compare"].get("labelled")
         if m and m["auc"] is not None:
-            print(f"members extracted: {m['extracted']} of {m['members']} (similarity above the best hold-out's, "
-                  f"{m['threshold']:.3f}); AUC members vs hold-outs: {m['auc']:.3f}")
+            print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the {len(s['candidates'])} "
+                  f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: {m['auc']:.3f}")
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 

@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from cgidm.cliques import cluster
 from cgidm.config import ExtractConfig
 from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, check_readable, compare_images,  # noqa: F401
                                      extraction_metrics, features_of, grid, nearest, pixel_features)
+from cgidm.extract_samples import SAMPLES, decode, describe_samples, thumbnails
 from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest, sampling_settings
 from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
 from cgidm.graphs import graph_wanted
@@ -52,7 +52,6 @@ from cgidm.summary import runtime
 log = logging.getLogger(__name__)
 
 CANDIDATES = "candidates"
-SAMPLES = "samples"
 # a run's outputs are written here, then moved into --out in place of the last run's: a run
 # that stops (an error, Ctrl-C, a kill) leaves the last run's outputs as they were
 STAGE = ".extract-new"
@@ -89,24 +88,6 @@ def list_compare_images(folder: str | Path, exclude: Sequence[str | Path] = ()) 
     return [(p, folder_label(p, root)) for p in paths]
 
 
-# --------------------------------------------------------------------------- images
-
-
-THUMB_SIDE = 64  # a sample's tile in samples.png
-
-
-def tile(im, side: int):
-    """``im`` scaled to ``side`` (enlarged with nearest, shrunk with area filtering)."""
-    from PIL import Image
-
-    return im if im.size == (side, side) else im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.BOX)
-
-
-def thumbnails(images: Sequence, side: int = THUMB_SIDE, columns: int = 16, pad: int = 2):
-    """A contact sheet of many images, each scaled to ``side``."""
-    return grid([tile(im, side) for im in images], columns, min_side=side, pad=pad)
-
-
 # --------------------------------------------------------------------------- the runner
 
 
@@ -135,61 +116,6 @@ def conditioning(pair, cfg: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor]:
         if width is not None and families.zeros_for_empty_prompt(pair.info["base"]):
             c_pre = families.zero_text(c_pre, width)
     return c_ft, c_pre
-
-
-def _describe(pair, latents: torch.Tensor, kept: list, kind: str, embedder, cfg: ExtractConfig, out: Path,
-              progress: bool) -> tuple[np.ndarray, list, int]:
-    """The clustering's unit features of the samples ``kept`` (rows of ``latents``) and a
-    ``THUMB_SIDE`` tile of each for ``samples.png``; with ``--save-samples`` each sample's
-    PNG too, and the decoding's batch size (``decode``). Decoded a batch at a time, so no more
-    than a batch of full-size images is held however many samples there are (500 SDXL images
-    in fp32 would be 6 GB)."""
-    from tqdm.auto import tqdm
-
-    from cgidm.progress import bar_options
-
-    if cfg.save_samples:
-        (out / SAMPLES).mkdir(exist_ok=True)
-    feats, tiles, b, lo = [], [], cfg.batch_size, 0
-    with tqdm(total=len(kept), unit="sample", desc="decoding", disable=not progress, **bar_options()) as bar:
-        while lo < len(kept):
-            rows = kept[lo:lo + b]
-            lo += len(rows)
-            images, b = decode(pair, latents[rows], b)
-            feats.append(features_of(kind, latents[rows], images, embedder))
-            for i, im in zip(rows, images):
-                pil = to_pil(im)
-                if cfg.save_samples:
-                    atomic_save_image(pil, out / SAMPLES / f"sample_{i:05d}.png")
-                tiles.append(tile(pil, THUMB_SIDE))
-            bar.update(len(rows))
-    return np.concatenate(feats), tiles, b
-
-
-@torch.no_grad()
-def decode(pair, latents: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
-    """``[M, 3, H, W]`` fp32 images in [-1, 1] on the CPU, decoded ``batch_size`` at a time,
-    and the batch size that fit: halved when a batch runs out of memory (the VAE at full
-    resolution may not take the batch the UNets did), as the sampler does."""
-    from cgidm.batches import is_out_of_memory
-
-    out, lo = [], 0
-    while lo < latents.shape[0]:
-        x = None
-        try:
-            x = pair.codec.decode(latents[lo:lo + batch_size].to(pair.device)).float().clamp(-1, 1).cpu()
-        except Exception as e:  # noqa: BLE001 - only out of memory is retried
-            if batch_size == 1 or not is_out_of_memory(e):
-                raise
-        if x is None:  # after the except block has let the failed batch's tensors go
-            if pair.device.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning("out of memory decoding %d samples at once; going on with %d", batch_size, batch_size // 2)
-            batch_size //= 2
-            continue
-        out.append(x)
-        lo += x.shape[0]
-    return torch.cat(out), batch_size
 
 
 def on_step(threshold: Optional[float], step: float) -> Optional[float]:
@@ -307,6 +233,23 @@ def _publish(stage: Path, out: Path) -> None:
                 if p not in written:
                     p.unlink()
     remove_stale_temporaries(out, [out / CANDIDATES, out / COMPARE, out / SAMPLES])
+    for sub in (COMPARE, SAMPLES):  # emptied: this run wrote none (no --compare, no --save-samples)
+        try:
+            (out / sub).rmdir()
+        except OSError:  # not there, not empty (a user's file in it), or a link
+            pass
+
+
+def _say_clustering(clustering, cfg: ExtractConfig, samples: int) -> None:
+    """Warnings a reader of the candidates needs: no sample like another (their order then
+    means nothing), or fewer clusters than the candidates asked for."""
+    if samples > 1 and all(c.size == 1 for c in clustering.clusters):
+        log.warning("every cluster is a single sample: no two samples are alike at the threshold the scan reached, "
+                    "so the candidates are not ranked by anything (more --samples, or fewer --clusters, or other "
+                    "--features)")
+    if cfg.candidates is not None and len(clustering.clusters) < cfg.candidates:
+        log.warning("%d clusters: %d candidates written, not the %d --candidates asked for",
+                    len(clustering.clusters), len(clustering.clusters), cfg.candidates)
 
 
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
@@ -353,14 +296,15 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     if not kept:
         partial.unlink(missing_ok=True)  # nothing worth resuming: the next run has other settings
         raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
-    feats, tiles, fits = _describe(pair, latents, kept, kind, embedder, cfg, out, progress)
+    feats, tiles, fits = describe_samples(pair, latents, kept, kind, embedder, cfg, out, progress)
     clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,
                          progress=progress)
+    _say_clustering(clustering, cfg, len(kept))
     order = [j for c in clustering.clusters for j in c.members]
-    atomic_save_image(thumbnails([tiles[j] for j in order], side=THUMB_SIDE), out / "samples.png")
+    atomic_save_image(thumbnails([tiles[j] for j in order]), out / "samples.png")
     del tiles
 
-    # the candidates decoded again (a few images), not every sample's kept: ``_describe``
+    # the candidates decoded again (a few images), not every sample's kept: ``extract_samples``
     cand_rows = [c.representative for c in clustering.clusters[:cfg.n_candidates]]
     cand_images, _ = decode(pair, latents[[kept[j] for j in cand_rows]], fits)
     (out / CANDIDATES).mkdir(exist_ok=True)

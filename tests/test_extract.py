@@ -435,7 +435,7 @@ def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_p
     monkeypatch.undo()
     X.extract(pairs["full"], out, cfg.replace(save_samples=False), progress=False)
     assert not (out / X.STAGE).exists()
-    assert not list((out / "samples").glob("sample_*.png")) and (out / "extract.json").is_file()
+    assert not (out / "samples").exists() and (out / "extract.json").is_file()  # emptied, so gone
 
 
 @pytest.mark.parametrize("case", ["no_prompt", "no_base", "bad_compare", "empty_prompt", "out_is_file",
@@ -794,6 +794,8 @@ def test_samples_are_decoded_a_batch_at_a_time_and_the_candidates_are_the_sample
     """However many samples, no more than a batch of full-size images is decoded at once;
     the features a batch at a time are those of the whole set at once, row for row; the
     candidates, decoded again, are their samples' images (the PNGs in samples/)."""
+    from cgidm import extract_samples as S
+
     pair = pairs["full"]
     calls = []
     decode = X.decode
@@ -802,14 +804,16 @@ def test_samples_are_decoded_a_batch_at_a_time_and_the_candidates_are_the_sample
         calls.append(latents.shape[0])
         return decode(pair, latents, batch_size)
 
-    monkeypatch.setattr(X, "decode", counted)
+    monkeypatch.setattr(X, "decode", counted)  # the candidates
+    monkeypatch.setattr(S, "decode", counted)  # the samples
     cfg = ExtractConfig(prompt=PROMPT, samples=7, steps=2, seed=3, batch_size=3, clusters=2, candidates=2,
                         features=features, save_samples=True)
     latents = torch.randn(9, *pair.latent_shape, generator=torch.Generator().manual_seed(0))
     kept = [0, 2, 3, 4, 5, 7, 8]  # rows 1 and 6 left out, as non-finite samples are
     (tmp_path / "d").mkdir()
-    feats, tiles, fits = X._describe(pair, latents, kept, features, None, cfg, tmp_path / "d", progress=False)
-    assert calls == [3, 3, 1] and fits == 3 and len(tiles) == 7 and all(t.size == (X.THUMB_SIDE,) * 2 for t in tiles)
+    feats, tiles, fits = S.describe_samples(pair, latents, kept, features, None, cfg, tmp_path / "d", progress=False)
+    assert calls == [3, 3, 1] and fits == 3 and len(tiles) == 7
+    assert all(t.size == (S.THUMB_SIDE,) * 2 for t in tiles)
     whole = X.features_of(features, latents[kept], decode(pair, latents[kept], 7)[0], None)
     np.testing.assert_allclose(feats, whole, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "d" / "samples").iterdir()) == [f"sample_{i:05d}.png" for i in kept]
@@ -821,3 +825,18 @@ def test_samples_are_decoded_a_batch_at_a_time_and_the_candidates_are_the_sample
         got = np.asarray(Image.open(tmp_path / "o" / c["image"]), dtype=np.int16)
         want = np.asarray(Image.open(tmp_path / "o" / "samples" / f"sample_{c['sample']:05d}.png"), dtype=np.int16)
         assert got.shape == want.shape and np.abs(got - want).max() <= 1
+
+
+def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
+    """Every cluster a single sample (nothing alike: the candidates' order means nothing)
+    and fewer clusters than --candidates asked for: both said in a warning; neither when
+    the samples do cluster and the candidates asked for are there."""
+    cfg = ExtractConfig(prompt=PROMPT, samples=2, steps=2, clusters=3, candidates=5)
+    s = X.extract(pairs["full"], tmp_path / "a", cfg, progress=False)
+    assert all(c["cluster_size"] == 1 for c in s["candidates"])
+    assert "every cluster is a single sample" in caplog.text
+    assert f"{len(s['candidates'])} candidates written, not the 5 --candidates asked for" in caplog.text
+    caplog.clear()
+    s = X.extract(pairs["full"], tmp_path / "b", cfg.replace(samples=6, clusters=2, candidates=None), progress=False)
+    assert any(c["cluster_size"] > 1 for c in s["candidates"])
+    assert "single sample" not in caplog.text and "--candidates asked for" not in caplog.text
