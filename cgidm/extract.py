@@ -344,6 +344,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
             "threshold": on_step(clustering.threshold, cfg.threshold_step),
             "clusters": len(clustering.clusters),
             "sizes": [c.size for c in clustering.clusters],
+            # every cluster's samples, densest first: the order of the tiles in samples.png
+            "members": [[kept[j] for j in c.members] for c in clustering.clusters],
             "scanned": [{**r, "threshold": on_step(r["threshold"], cfg.threshold_step)} for r in clustering.scanned],
         },
         "candidates": candidates,

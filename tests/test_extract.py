@@ -834,6 +834,8 @@ def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
     cfg = ExtractConfig(prompt=PROMPT, samples=2, steps=2, clusters=3, candidates=5)
     s = X.extract(pairs["full"], tmp_path / "a", cfg, progress=False)
     assert all(c["cluster_size"] == 1 for c in s["candidates"])
+    members = json.loads((tmp_path / "a" / "extract.json").read_text())["clustering"]["members"]
+    assert sorted(i for m in members for i in m) == [0, 1] and [c["cluster"] for c in s["candidates"]] == members
     assert "every cluster is a single sample" in caplog.text
     assert f"{len(s['candidates'])} candidates written, not the 5 --candidates asked for" in caplog.text
     caplog.clear()
