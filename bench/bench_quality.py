@@ -365,8 +365,12 @@ def plot_rows(numbers: tuple, path: Path) -> dict:
     from common import RESULTS
 
     lines = (RESULTS / "quality-cpu.json").read_text().splitlines()
+    if not numbers or any(not 1 <= n <= len(lines) for n in numbers):
+        sys.exit(f"--plot-rows: rows are numbered 1 to {len(lines)}, got {numbers}")
     rows = [json.loads(lines[n - 1]) for n in numbers]
     budget = [b for r in rows for b in r.get("budget") or []]
+    if not budget:
+        sys.exit(f"--plot-rows {numbers}: none of these rows has budget points")
     best: dict = {}
     for g in (g for r in rows for g in r.get("grades") or []):
         key = (g["kind"], g["grade"], g["method"])

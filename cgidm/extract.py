@@ -294,7 +294,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         log.warning("%d of %d samples are not finite and are left out", int((~finite).sum()), cfg.samples)
     kept = torch.nonzero(finite).flatten().tolist()
     if not kept:
-        partial.unlink(missing_ok=True)  # nothing worth resuming: the next run has other settings
+        if all(not torch.isfinite(x).all() for x in drawn.values()):  # nothing there worth resuming
+            partial.unlink(missing_ok=True)
         raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
     feats, tiles, fits = describe_samples(pair, latents, kept, kind, embedder, cfg, out, progress)
     clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,

@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,9 @@ def sampling_settings(pair, cfg, scheduler, latent_shape) -> dict:
     info = {k: v for k, v in pair.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
     weights = next(pair.unet_ft.parameters())
     return json.loads(json.dumps({
-        "guidance": cfg.guidance, "correction": cfg.correction, "steps": cfg.steps, "seed": cfg.seed,
+        # one type each: 3 and 3.0 draw the same samples
+        "guidance": float(cfg.guidance), "correction": float(cfg.correction), "steps": int(cfg.steps),
+        "seed": int(cfg.seed),
         "prompt": cfg.prompt, "pretrained_prompt": cfg.pretrained_prompt,
         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         "shape": list(latent_shape), "dtype": str(weights.dtype), "device": weights.device.type, "models": info,
@@ -66,6 +67,10 @@ def load_partial(path: Path, digest: str, latent_shape, settings: dict) -> dict[
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            if "settings" not in meta:  # an older cgidm's file: its digest is not this one's
+                log.warning("%s: samples of a stopped run written by an older cgidm, which cannot be matched to "
+                            "these settings; drawing them again", path)
+                return {}
             if meta.get("digest") != digest:
                 _refuse(path, f.get_slice("indices").get_shape()[0], meta.get("settings"), settings)
             latents, indices = f.get_tensor("latents"), f.get_tensor("indices")
@@ -79,9 +84,9 @@ def load_partial(path: Path, digest: str, latent_shape, settings: dict) -> dict[
     return {int(i): latents[j].float() for j, i in enumerate(indices.tolist())}
 
 
-def _refuse(path: Path, n: int, theirs: Optional[str], ours: dict) -> None:
+def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
     try:
-        old = json.loads(theirs) if theirs else None
+        old = json.loads(theirs)
     except ValueError:
         old = None
     if isinstance(old, dict):

@@ -82,7 +82,8 @@ def decode(pair, latents: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, 
         if x is None:  # after the except block has let the failed batch's tensors go
             if pair.device.type == "cuda":
                 torch.cuda.empty_cache()
-            log.warning("out of memory decoding %d samples at once; going on with %d", batch_size, batch_size // 2)
+            log.warning("out of memory decoding %d samples at once; going on with %d",
+                        min(batch_size, latents.shape[0] - lo), batch_size // 2)
             batch_size //= 2
             continue
         out.append(x)

@@ -781,7 +781,7 @@ def test_decoding_halves_its_batch_when_out_of_memory(pairs, monkeypatch, caplog
 
     monkeypatch.setattr(pair.codec, "decode", small_memory)
     got, fits = X.decode(pair, latents, 8)
-    assert fits == 2 and sizes == [7, 4, 2, 2, 2, 1] and "out of memory decoding 8 samples" in caplog.text
+    assert fits == 2 and sizes == [7, 4, 2, 2, 2, 1] and "out of memory decoding 7 samples" in caplog.text
     torch.testing.assert_close(got, want)
     monkeypatch.setattr(pair.codec, "decode", lambda x: (_ for _ in ()).throw(RuntimeError("not memory")))
     with pytest.raises(RuntimeError, match="not memory"):
@@ -842,3 +842,57 @@ def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
     s = X.extract(pairs["full"], tmp_path / "b", cfg.replace(samples=6, clusters=2, candidates=None), progress=False)
     assert any(c["cluster_size"] > 1 for c in s["candidates"])
     assert "single sample" not in caplog.text and "--candidates asked for" not in caplog.text
+
+
+def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pairs, tmp_path, monkeypatch, caplog):
+    """Guidance 3 and 3.0 draw the same samples: a stopped run's are resumed across them. A
+    file an older cgidm wrote (no settings beside its digest) cannot be matched: a warning,
+    and the samples are drawn again. A run whose every sample is non-finite removes the file
+    only when nothing in it is finite (a bigger stopped run's samples are kept)."""
+    from safetensors.torch import save_file
+
+    from cgidm import extract_resume
+
+    monkeypatch.setattr(extract_resume, "SAVE_EVERY_S", 0.0)
+    out = tmp_path / "o"
+    cfg = ExtractConfig(prompt=PROMPT, samples=4, steps=2, clusters=2, batch_size=2, guidance=3)
+    real = X.sample
+
+    def stop_after_one_batch(*a, on_batch=None, **k):
+        def hook(lo, x):
+            on_batch(lo, x)
+            raise KeyboardInterrupt
+        return real(*a, on_batch=hook, **k)
+
+    monkeypatch.setattr(X, "sample", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg, progress=False)
+    monkeypatch.setattr(X, "sample", real)
+    assert X.extract(pairs["full"], out, cfg.replace(guidance=3.0), progress=False)["resumed_samples"] == 2
+
+    shape = pairs["full"].latent_shape
+    partial = out / extract_resume.PARTIAL
+    save_file({"latents": torch.zeros(2, *shape), "indices": torch.tensor([0, 1])}, str(partial),
+              metadata={"digest": "an older cgidm's"})
+    assert X.extract(pairs["full"], out, cfg, progress=False)["resumed_samples"] == 0
+    assert "written by an older cgidm" in caplog.text and not partial.exists()
+
+    # sample 0 non-finite, sample 1 finite, from a stopped run of these settings: --samples 1
+    # fails on its one non-finite sample and keeps the file (sample 1 is still worth resuming)
+    def nan_first(*a, on_batch=None, **k):
+        def hook(lo, x):
+            x = x.clone()
+            if lo == 0:
+                x[0] = float("nan")
+            on_batch(lo, x)
+            if lo + x.shape[0] >= 2:
+                raise KeyboardInterrupt
+        return real(*a, on_batch=hook, **k)
+
+    monkeypatch.setattr(X, "sample", nan_first)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg.replace(batch_size=1), progress=False)
+    monkeypatch.setattr(X, "sample", real)
+    with pytest.raises(ValueError, match="every sample is non-finite"):
+        X.extract(pairs["full"], out, cfg.replace(samples=1), progress=False)
+    assert partial.is_file()
