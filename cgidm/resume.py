@@ -135,8 +135,11 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
         old = before.get("settings")
         if old is not None and old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            what = ", ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-            raise ValueError(f"{out} holds a screen run with other settings ({what}); "
+            said = lambda k, v: "read from each checkpoint" if k == "prompt" and v is None else repr(v)  # noqa: E731
+            what = ", ".join(f"{k} {said(k, old.get(k))} there, {said(k, settings.get(k))} now" for k in diff)
+            hint = (" (a prompt given now is another setting even where a checkpoint names the same one: resume "
+                    "without --prompt, or with the one given before)" if "prompt" in diff else "")
+            raise ValueError(f"{out} holds a screen run with other settings ({what}){hint}; "
                              "resume with the same settings or use another --out")
         if isinstance(before.get("ids"), list):
             old_ids, new_ids = set(before["ids"]), set(ids)

@@ -324,6 +324,23 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
     return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
 
 
+def _print_pairs(pairs: dict, most: int = 20) -> None:
+    """A line per pair of a screen (a swapped or unrelated pair hides in the pooled AUC):
+    its AUC, flagged images and set verdict, as ``summary.json``'s ``pairs`` has them."""
+    for key, p in list(pairs.items())[:most]:
+        bits = [f"{p.get('scored', 0)} scored" + (f", {p['failed']} failed" if p.get("failed") else "")]
+        if p.get("auc") is not None:
+            bits.append(f"AUC {p['auc']:.3f}" + (" (few labelled images)" if p.get("sample_warning") else ""))
+        if p.get("flagged") is not None:
+            bits.append(f"flagged {p['flagged']}")
+        sv = p.get("set_verdict") or {}
+        if sv.get("p_value") is not None:
+            bits.append(f"set verdict: {sv['verdict']} (p = {sv['p_value']:.3g})")
+        print(f"  pair {shown(key)}: " + "; ".join(bits))
+    if len(pairs) > most:
+        print(f"  ... and {len(pairs) - most} more pairs (summary.json: pairs)")
+
+
 def print_summary(summary: dict) -> None:
     """The summary as the CLI prints it after authenticate, screen and the demo."""
     print(f"images: {summary['images']}  scored: {summary['scored']}  failed: {summary['failed']}")
@@ -332,9 +349,13 @@ def print_summary(summary: dict) -> None:
         print(f"  failed {shown(image_id)}: {shown(reason)}")
     if len(errors) > 10:
         print(f"  ... and {len(errors) - 10} more (see results.jsonl)")
+    pairs = summary.get("pairs") or {}
     if summary.get("auc") is not None:
-        print(f"AUC ({summary['metric']}): {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
+        pooled = f" pooled over {len(pairs)} pairs" if len(pairs) > 1 else ""
+        print(f"AUC ({summary['metric']}){pooled}: {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
               f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
+    if len(pairs) > 1:
+        _print_pairs(pairs)
     if summary.get("official"):
         o, kind = summary["official"], summary.get("embedder", {}).get("kind", "?")
         auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"

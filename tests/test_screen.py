@@ -496,3 +496,41 @@ def test_leave_group_waits_for_every_rank_on_the_store(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_screen_of_several_pairs_prints_a_line_per_pair(capsys):
+    """The pooled AUC of a good pair and a swapped one says 0.5: each pair's own AUC, flagged
+    images and set verdict are printed beside it, and the headline says it is pooled."""
+    from cgidm.summary import print_summary
+
+    good = {"scored": 12, "auc": 1.0, "flagged": 6, "sample_warning": "only 6 members and 6 hold-outs",
+            "set_verdict": {"p_value": 0.0166, "verdict": "fine-tuned on some of these images"}}
+    swapped = {"scored": 12, "failed": 1, "auc": 0.0, "flagged": 0}
+    summary = {"images": 25, "scored": 24, "failed": 1, "metric": "latent_cos", "auc": 0.5, "accuracy": 0.5,
+               "tpr_at_1fpr": 0.0, "pairs": {"ft": good, "base-3a8a": swapped}, "report": "r.html"}
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert "AUC (latent_cos) pooled over 2 pairs: 0.500" in out
+    assert ("  pair ft: 12 scored; AUC 1.000 (few labelled images); flagged 6; set verdict: fine-tuned on some of "
+            "these images (p = 0.0166)") in out
+    assert "  pair base-3a8a: 12 scored, 1 failed; AUC 0.000; flagged 0" in out
+    print_summary({**summary, "pairs": {"ft": good}})
+    out = capsys.readouterr().out
+    assert "AUC (latent_cos): 0.500" in out and "pair ft" not in out
+    many = {f"p{i}": swapped for i in range(25)}
+    print_summary({**summary, "pairs": many})
+    out = capsys.readouterr().out
+    assert out.count("  pair p") == 20 and "... and 5 more pairs (summary.json: pairs)" in out
+
+
+def test_a_prompt_given_on_resume_is_said_as_such(tmp_path):
+    """A run that read each checkpoint's prompt, resumed with --prompt: refused (another
+    setting), and the message says where the first run's prompt came from and what to do."""
+    from cgidm.resume import check_state
+
+    check_state(tmp_path, {"prompt": None, "steps": 2}, ["a"], rank=0)
+    with pytest.raises(ValueError, match=r"prompt read from each checkpoint there, 'a sks pattern' now\) \(a prompt "
+                                         r"given now is another setting .* resume without --prompt"):
+        check_state(tmp_path, {"prompt": "a sks pattern", "steps": 2}, ["a"], rank=0)
+    with pytest.raises(ValueError, match=r"steps 2 there, 3 now\); resume"):
+        check_state(tmp_path, {"prompt": None, "steps": 3}, ["a"], rank=0)
