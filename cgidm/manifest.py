@@ -263,8 +263,24 @@ def _twice(names: Sequence[str]) -> list[str]:
     return sorted({k for k in names if names.count(k) > 1 and k in READ_COLUMNS})
 
 
+def _json_record(rec, where: str) -> dict:
+    """One JSON row, its keys lower-cased; refused, said ``where``, unless an object of
+    strings with each key once."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    twice = _twice([str(k).strip().lower() for k in rec])
+    if twice:
+        raise ValueError(f"{where}: the key {twice[0]!r} is given twice (in another case)")
+    rec = {str(k).strip().lower(): v for k, v in rec.items()}
+    bad = [k for k in READ_COLUMNS if isinstance(rec.get(k), (dict, list))]
+    if bad:
+        raise ValueError(f"{where}: {bad[0]} must be a string, got a {type(rec[bad[0]]).__name__}")
+    return rec
+
+
 def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest. What a
+    """``(line number, row)`` of a CSV (with a header) or JSON Lines manifest, or ``(entry
+    number, row)`` of a JSON array of rows. What a
     spreadsheet or script may make of one is refused with the file and line named: another
     encoding than UTF-8, an unclosed quote, a header without an image column (another
     delimiter, Excel's ``sep=`` line), a cell or key given twice, a value of another type."""
@@ -275,6 +291,13 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
                          "(in a spreadsheet: CSV UTF-8)") from None
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
         path.suffix.lower() != ".csv" and text.lstrip().startswith("{"))
+    if path.suffix.lower() != ".csv" and text.lstrip().startswith("["):  # a JSON array of rows: each by its entry
+        try:
+            rows = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            why = e if isinstance(e, ValueError) else type(e).__name__
+            raise ValueError(f"{path}: not a JSON array of objects ({why})") from None
+        return [(f"entry {n}", _json_record(rec, f"{path}: entry {n}")) for n, rec in enumerate(rows, 1)]
     records = []
     if jsonl:
         for n, line in enumerate(text.splitlines(), 1):
@@ -285,16 +308,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
             except (ValueError, RecursionError) as e:
                 why = e if isinstance(e, ValueError) else type(e).__name__  # the parser's words; too deep
                 raise ValueError(f"{path}:{n}: not a JSON object ({why})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: not a JSON object")
-            twice = _twice([str(k).strip().lower() for k in rec])
-            if twice:
-                raise ValueError(f"{path}:{n}: the key {twice[0]!r} is given twice (in another case)")
-            rec = {str(k).strip().lower(): v for k, v in rec.items()}
-            bad = [k for k in READ_COLUMNS if isinstance(rec.get(k), (dict, list))]
-            if bad:
-                raise ValueError(f"{path}:{n}: {bad[0]} must be a string, got a {type(rec[bad[0]]).__name__}")
-            records.append((n, rec))
+            records.append((n, _json_record(rec, f"{path}:{n}")))
         return records
     lines = text.splitlines(keepends=True)
     skip = 1 if lines and lines[0].strip().lower().startswith("sep=") else 0  # Excel's delimiter line
@@ -374,11 +388,12 @@ def read_manifest(
         raise ValueError(f"{where}: no images listed")
 
     entries: dict[str, Entry] = {}
+    reals: dict[tuple, tuple] = {}
     specs: dict[PairSpec, PairSpec] = {}
     lora_files: dict[Optional[str], Optional[bool]] = {}  # fine-tune path -> whether it is a LoRA file (its header read once)
     some_lora = False
     for n, rec in records:
-        at = f"{where}:{n}" if n else where
+        at = f"{where}: {n}" if isinstance(n, str) else f"{where}:{n}" if n else where
         image = _cell(rec, "image", "path")
         if image is None:
             raise ValueError(f"{at}: no image (columns: image,label,base,finetuned,lora)")
@@ -421,6 +436,11 @@ def read_manifest(
                                  f"{old.label!r} and {entry.label!r}")
             log.warning("%s: %s is listed twice for the same models; screened once", at, image)
             continue
+        real = (spec, os.path.realpath(path))  # one file under two names (a link) and two labels
+        if reals.setdefault(real, (entry.label, image))[0] != entry.label:
+            first_label, first = reals[real]
+            raise ValueError(f"{at}: {image} is the file {first} (labelled {first_label!r}) for the same models, here "
+                             f"labelled {entry.label!r}: each image takes one label (it would score against itself)")
         entries[entry.id] = entry
     if entries and not some_lora and float(lora_scale) != 1.0:
         # as authenticate refuses it: a scale that changes nothing is a mistaken run

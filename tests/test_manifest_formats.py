@@ -52,3 +52,28 @@ def test_a_quote_left_open_across_lines_is_not_one_image(tree):
     text = 'image,label\n"img/a.png,member\nimg/b.png,holdout\nimg/c.png",holdout\n'
     with pytest.raises(ValueError, match=r"m.csv:2: the image cell spans lines"):
         _read(tree, "m.csv", text)
+
+
+def test_a_json_array_of_rows_is_read_and_its_entries_named(tree):
+    """A ``.json`` file holding an array of rows (what a script's ``json.dump`` of a list
+    writes) is read as JSON Lines is; a bad entry is named by its number."""
+    entries = _read(tree, "m.json", '[{"image": "img/a.png", "label": "member"},\n {"image": "img/b.png"}]\n')
+    assert [(e.path.name, e.label) for e in entries] == [("a.png", "member"), ("b.png", None)]
+    with pytest.raises(ValueError, match=r"m.json: entry 2: not a JSON object"):
+        _read(tree, "m.json", '[{"image": "img/a.png"}, "img/b.png"]')
+    with pytest.raises(ValueError, match=r"m.json: entry 1: label must be one of"):
+        _read(tree, "m.json", '[{"image": "img/a.png", "label": "maybe"}]')
+    with pytest.raises(ValueError, match=r"m.json: not a JSON array of objects"):
+        _read(tree, "m.json", '[{"image": "img/a.png"}')
+
+
+def test_one_file_under_two_names_and_two_labels_is_refused(tree):
+    """A link to a member listed as a control for the same models would score against
+    itself: refused, as authenticate refuses it; the same file for another pair is fine."""
+    (tree / "img" / "alias.png").symlink_to(tree / "img" / "a.png")
+    with pytest.raises(ValueError, match=r"m.csv:3: img/alias.png is the file img/a.png \(labelled 'member'\) for "
+                                         r"the same models, here labelled 'control'"):
+        _read(tree, "m.csv", "image,label\nimg/a.png,member\nimg/alias.png,control\n")
+    (tree / "ft2").mkdir()
+    entries = _read(tree, "m.csv", "image,label,finetuned\nimg/a.png,member,ft\nimg/alias.png,control,ft2\n")
+    assert len(entries) == 2
