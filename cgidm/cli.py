@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pathlib
 import re
 import sys
 import typing
@@ -306,9 +307,8 @@ def cmd_demo(args) -> int:
     for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
         stages = logging.getLogger(name)
         if not stages.handlers:
-            handler = logging.StreamHandler(sys.stdout)
+            stages.addHandler(handler := logging.StreamHandler(sys.stdout))
             handler.setFormatter(logging.Formatter("  %(message)s"))
-            stages.addHandler(handler)
         stages.setLevel(logging.INFO)
     root = build_family_world(args.family, args.world)
     print(f"tiny world: {root}")
@@ -337,13 +337,13 @@ def _check_impl(impl: str, rt) -> None:
 
 
 def _out_folder(out: str, kind: str):
-    """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a folder that
-    cannot be written or one holding another command's run (``check_run_kind``): refused."""
-    from pathlib import Path
-
+    """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a broken link, a folder
+    that cannot be written or one holding another command's run (``check_run_kind``): refused."""
     from cgidm.resume import check_run_kind
 
-    path = Path(out).expanduser()
+    path = pathlib.Path(out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"--out {out}: a link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     above = next((p for p in path.absolute().parents if p.exists()), path)  # where it would be made

@@ -439,7 +439,7 @@ def test_a_run_that_stops_leaves_the_last_runs_outputs_as_they_were(pairs, tmp_p
 
 
 @pytest.mark.parametrize("case", ["no_prompt", "no_base", "bad_compare", "empty_prompt", "out_is_file",
-                                  "out_under_a_file", "embed_without_embedder"])
+                                  "out_under_a_file", "out_a_broken_link", "embed_without_embedder"])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case):
     from cgidm.cli import main
 
@@ -461,6 +461,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case
         args["out"] = str(tmp_path / "file")
     elif case == "out_under_a_file":  # found before the models load, not when writing
         args["out"] = str(tmp_path / "file" / "o")
+    elif case == "out_a_broken_link":
+        (tmp_path / "link").symlink_to(tmp_path / "gone")
+        args["out"] = str(tmp_path / "link")
     else:
         extra = ["--features", "embed"]
     rc = main(["extract", *[x for k, v in args.items() for x in (f"--{k}", v)], "--samples", "2", "--steps", "1",
@@ -470,6 +473,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_world, tmp_path, capsys, case
     assert err.startswith("cgidm: error:") and "\n" not in err
     want = {"no_prompt": "prompt", "no_base": "missing", "bad_compare": "--compare", "empty_prompt": "prompt",
             "out_is_file": "--out", "out_under_a_file": "a file, not a folder",
+            "out_a_broken_link": "a link to " + str(tmp_path / "gone") + ", which does not exist",
             "embed_without_embedder": "--embedder"}[case]
     assert want in err
     assert not (tmp_path / "o" / "extract.json").exists()
