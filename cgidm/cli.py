@@ -499,13 +499,12 @@ def _kept(args) -> str:
     if args.command == "extract":
         return ("extract writes its outputs at the end (an earlier run's in --out are left as they were): the "
                 "same command again draws only the samples not drawn yet")
-    from pathlib import Path
-
     from cgidm.resume import RESULTS, SHARDS
 
-    out = Path(getattr(args, "out", "") or ".")
-    if (out / RESULTS).is_file():
-        return f"rows finished before it are complete in {out / RESULTS}"
+    out = pathlib.Path(getattr(args, "out", "") or ".")
+    if (out / RESULTS).is_file():  # authenticate and the demo do not resume: said, with what does
+        again = "" if args.command in ("screen", "protect") else " (the same command again starts over; screen resumes)"
+        return f"rows finished before it are complete in {out / RESULTS}{again}"
     if any(p.stat().st_size for p in (out / SHARDS).glob("*.jsonl")):  # torchrun's ranks, before the merge
         return f"rows finished before it are complete in {out / SHARDS} (the same command again resumes)"
     return "no rows were written"

@@ -183,3 +183,19 @@ def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp
     (tmp_path / "none" / "shards" / "rank-1.jsonl").write_text('{"id": "a"}\n')
     assert cli.main(argv["authenticate"]) == cli.EXIT_OUTPUT
     assert f"complete in {tmp_path / 'none' / 'shards'} (the same command again resumes)" in capsys.readouterr().err
+
+
+def test_a_stopped_authenticate_says_it_does_not_resume(monkeypatch, capsys, tmp_path):
+    """authenticate's rows are complete, but the same command again starts over: said, with
+    the command that resumes; screen's line promises nothing more than its rows."""
+    (tmp_path / "results.jsonl").write_text("")
+    for command, argv in (("authenticate", ["authenticate", "--base", "b", "--images", "i"]),
+                          ("screen", ["screen", "--manifest", "m.csv"])):
+        def stop(_args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, f"cmd_{command}", stop)
+        assert cli.main([*argv, "--out", str(tmp_path)]) == 130
+        err = capsys.readouterr().err
+        assert f"complete in {tmp_path / 'results.jsonl'}" in err
+        assert ("(the same command again starts over; screen resumes)" in err) == (command == "authenticate")
