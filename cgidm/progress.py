@@ -87,6 +87,12 @@ class Progress:
         dt = time.perf_counter() - t0
         return f"{3600 * n / dt:,.0f} img/h" if dt > 0 and n else "- img/h"
 
+    def say(self, text: str) -> None:
+        """A line above the bar (to stderr, where the bar is), when the bar shows."""
+        if not self.bar.disable:
+            with self.lock:
+                self.bar.write(text, file=sys.stderr)
+
     def row_done(self, row: dict) -> None:
         with self.lock:
             self.count += 1

@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, dtype_name
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
+from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs,
+                         shown)
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -82,6 +83,8 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 pair_cfg, where = resolve_prompt(cfg, pair)
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
                 models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
+                progress.say(f"pair {shown(key)}: {len(group)} images; {pair.info.get('family')}; "
+                             f"prompt {pair_cfg.prompt!r} ({shown(where)})")
             except (ModelLoadError, OSError, ValueError) as e:
                 # the other pairs still run; --retry-failed takes these images again
                 reason = "model pair failed to load: " + " ".join(str(e).split())

@@ -256,3 +256,17 @@ def test_screen_records_what_loading_each_pair_found(tiny_world, folder, tmp_pat
     again = screen(entries, out, CFG, progress=False)  # every image done: no pair loads
     assert again["models"] == models
     assert "lora_match" in json.loads((out / "summary.json").read_text())["models"]
+
+
+def test_each_pair_is_announced_as_it_loads(tiny_world, folder, capsys):
+    """With the bar on, a line per pair as it loads: its images, family and the prompt both
+    models encode with where it came from (authenticate prints these for its one pair)."""
+    out = folder.parent / "announced"
+    args = ["screen", "--manifest", str(folder), "--out", str(out), "--base", str(tiny_world / "base"),
+            "--finetuned", str(tiny_world / "finetuned"), *[a for a in CLI if a not in ("-q", "--prompt", PROMPT)]]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("pair "))
+    assert ": 7 images; sd1" in line and "prompt 'a sks pattern' (instance_prompt in " in line
+    quiet = [str(folder.parent / "quiet") if a == str(out) else a for a in args]  # a fresh run: the pair loads
+    assert cli.main([*quiet, "-q"]) == 0 and "pair " not in capsys.readouterr().err  # quiet: no bar, no line
