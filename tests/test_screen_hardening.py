@@ -270,3 +270,20 @@ def test_each_pair_is_announced_as_it_loads(tiny_world, folder, capsys):
     assert ": 7 images; sd1" in line and "prompt 'a sks pattern' (instance_prompt in " in line
     quiet = [str(folder.parent / "quiet") if a == str(out) else a for a in args]  # a fresh run: the pair loads
     assert cli.main([*quiet, "-q"]) == 0 and "pair " not in capsys.readouterr().err  # quiet: no bar, no line
+
+
+def test_an_image_gone_since_its_row_keeps_the_row_with_a_warning(tiny_world, folder, caplog):
+    """An image deleted after it was screened but still in the manifest: its row stays (the
+    score of when it was there) and a rerun says so, naming it; nothing is screened again."""
+    manifest = folder / "m.csv"
+    names = ["members/" + p.name for p in sorted((folder / "members").iterdir())]
+    manifest.write_text("image,label\n" + "".join(f"{n},member\n" for n in names))
+    entries = read_manifest(manifest, tiny_world / "base", tiny_world / "finetuned")
+    out = folder.parent / "gone-out"
+    screen(entries, out, CFG, progress=False)
+    before = _rows(out)
+    (folder / names[0]).unlink()
+    caplog.clear()
+    again = screen(read_manifest(manifest, tiny_world / "base", tiny_world / "finetuned"), out, CFG, progress=False)
+    assert "1 scored images are no longer at their path" in caplog.text and names[0].split("/")[1] in caplog.text
+    assert _rows(out) == before and again["timing"]["images"] == 0
