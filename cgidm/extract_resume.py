@@ -67,18 +67,18 @@ def load_partial(path: Path, digest: str, latent_shape, settings: dict) -> dict[
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if "settings" not in meta:  # an older cgidm's file: its digest is not this one's
-                log.warning("%s: samples of a stopped run written by an older cgidm, which cannot be matched to "
-                            "these settings; drawing them again", path)
-                return {}
-            if meta.get("digest") != digest:
-                _refuse(path, f.get_slice("indices").get_shape()[0], meta.get("settings"), settings)
-            latents, indices = f.get_tensor("latents"), f.get_tensor("indices")
-    except ValueError:
-        raise
+            n = f.get_slice("indices").get_shape()[0]
+            mine = meta.get("digest") == digest
+            latents, indices = (f.get_tensor("latents"), f.get_tensor("indices")) if mine else (None, None)
     except Exception as e:  # noqa: BLE001 - a damaged file is only work lost
         log.warning("%s: cannot read the samples of the run that stopped (%s); drawing them again", path, e)
         return {}
+    if "settings" not in meta:  # an older cgidm's file: its digest is not this one's
+        log.warning("%s: samples of a stopped run written by an older cgidm, which cannot be matched to "
+                    "these settings; drawing them again", path)
+        return {}
+    if not mine:
+        _refuse(path, n, meta["settings"], settings)
     if tuple(latents.shape[1:]) != tuple(latent_shape) or latents.shape[0] != indices.shape[0]:
         return {}
     return {int(i): latents[j].float() for j, i in enumerate(indices.tolist())}
@@ -109,15 +109,16 @@ def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
 
 class PartialSaver:
     """``add(indices, latents)`` after each batch; the file is rewritten at most every
-    ``SAVE_EVERY_S`` seconds (and by ``flush``)."""
+    ``SAVE_EVERY_S`` seconds (and by ``flush``, which writes only what it has not written)."""
 
     def __init__(self, path: Path, digest: str, drawn: dict[int, torch.Tensor], settings: dict) -> None:
         self.path, self.digest, self.drawn, self.settings = path, digest, drawn, settings
-        self.last = time.monotonic()
+        self.last, self.unsaved = time.monotonic(), False
 
     def add(self, indices, latents: torch.Tensor) -> None:
         for j, i in enumerate(indices):
             self.drawn[int(i)] = latents[j].detach().float().cpu()
+        self.unsaved = True
         if time.monotonic() - self.last >= SAVE_EVERY_S:
             self.flush()
 
@@ -125,9 +126,9 @@ class PartialSaver:
         from safetensors.torch import save
 
         order = sorted(self.drawn)
-        if order:
+        if order and self.unsaved:  # a save at the end of sampling just after the last batch's: once
             data = save({"latents": torch.stack([self.drawn[i] for i in order]).contiguous(),
                          "indices": torch.tensor(order, dtype=torch.int64)}, metadata={"digest": self.digest,
                                                                       "settings": json.dumps(self.settings)})
             atomic_write_bytes(self.path, data)
-        self.last = time.monotonic()
+        self.last, self.unsaved = time.monotonic(), False

@@ -258,8 +258,8 @@ def screen(
         if rank == 0 and gone - changed:
             log.warning("%s: %d scored images have lost their triptych or recovered image; screening them again",
                         out, len(gone - changed))
-        vanished = [e.id for e in entries if rank == 0 and e.id in done and e.id not in gone
-                    and "error" not in done[e.id] and not os.path.lexists(e.path)]
+        vanished = [] if rank else [e.id for e in entries if e.id in done and e.id not in gone
+                                    and "error" not in done[e.id] and not os.path.lexists(e.path)]
         if vanished:  # a row is kept (it is the evidence of when it was there), but not without a word
             log.warning("%s: %d scored images are no longer at their path (first: %s); their rows are kept from when "
                         "they were screened: take them out of the manifest to drop the rows", out, len(vanished),

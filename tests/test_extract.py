@@ -696,6 +696,16 @@ def test_sdxl_unconditional_side_is_zeros_where_its_pipeline_says(tmp_path):
     assert torch.equal(X.conditioning(plain, cfg)[1], packed[""])
 
 
+def _stop_after_one_batch(real):
+    """``sample`` that keeps its first batch (as the run's hook does) and then stops as Ctrl-C does."""
+    def stop(*a, on_batch=None, **k):
+        def hook(lo, x):
+            on_batch(lo, x)
+            raise KeyboardInterrupt
+        return real(*a, on_batch=hook, **k)
+    return stop
+
+
 def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeypatch):
     """Ctrl-C after the first batch: the samples drawn so far are kept in
     ``OUT/.extract-partial.safetensors`` and the same run again draws only the others, with
@@ -709,11 +719,7 @@ def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeyp
     monkeypatch.setattr(extract_resume, "SAVE_EVERY_S", 0.0)
     real, drawn = X.sample, []
 
-    def stop_after_one_batch(*a, on_batch=None, **k):
-        def hook(lo, x):
-            on_batch(lo, x)
-            raise KeyboardInterrupt
-        return real(*a, on_batch=hook, **k)
+    stop_after_one_batch = _stop_after_one_batch(real)
 
     monkeypatch.setattr(X, "sample", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -862,11 +868,7 @@ def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pai
     cfg = ExtractConfig(prompt=PROMPT, samples=4, steps=2, clusters=2, batch_size=2, guidance=3)
     real = X.sample
 
-    def stop_after_one_batch(*a, on_batch=None, **k):
-        def hook(lo, x):
-            on_batch(lo, x)
-            raise KeyboardInterrupt
-        return real(*a, on_batch=hook, **k)
+    stop_after_one_batch = _stop_after_one_batch(real)
 
     monkeypatch.setattr(X, "sample", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
