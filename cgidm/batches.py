@@ -193,6 +193,34 @@ def is_out_of_memory(e: BaseException) -> bool:
     return False
 
 
+def halving_batches(total: int, batch_size: int, run: Callable[[int, int], object], *, what: str,
+                    device=None, on_halve: Optional[Callable[[int], None]] = None) -> Iterator[tuple[int, object]]:
+    """``(lo, run(lo, size))`` for consecutive batches covering ``0 .. total``: ``run`` does
+    rows ``lo .. lo + size`` (or up to ``total``). A batch that runs out of memory is run
+    again at half the size (``on_halve(new_size)`` first, to rebuild what was sized for the
+    old one), after the except block has let the failed batch's tensors go; any other error,
+    or out of memory at size 1, is raised. ``what``: for the warning ("sampling")."""
+    lo = 0
+    while lo < total:
+        n = min(batch_size, total - lo)
+        x = None
+        try:
+            x = run(lo, batch_size)
+        except Exception as e:  # noqa: BLE001 - only out of memory is retried
+            if batch_size == 1 or not is_out_of_memory(e):
+                raise
+        if x is None:
+            batch_size //= 2
+            if on_halve is not None:
+                on_halve(batch_size)
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory %s a batch of %d; going on with batches of %d", what, n, batch_size)
+            continue
+        yield lo, x
+        lo += n
+
+
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cgidm.files import atomic_write_bytes
+from cgidm.resume import differences
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +90,8 @@ def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
         old = json.loads(theirs)
     except ValueError:
         old = None
-    if isinstance(old, dict):
-        diff = []
-        for k in sorted(set(old) | set(ours)):
-            a, b = old.get(k), ours.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):  # the scheduler's, the models': the keys that differ
-                diff += [(f"{k} {sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b))
-                         if a.get(sub) != b.get(sub)]
-            elif a != b:
-                diff.append((k, a, b))
-        what = ("; ".join(f"{k} {a!r} there, {b!r} now" for k, a, b in diff) if diff
-                else "the same settings, other model weights or prompt encodings")
+    if isinstance(old, dict):  # the scheduler's and the models' dicts: the keys that differ in them
+        what = differences(old, ours) or "the same settings, other model weights or prompt encodings"
     else:
         what = "settings not recorded"
     raise ValueError(f"{path.parent} holds {n} sample{'s' if n != 1 else ''} of a stopped extract run with other "

@@ -69,23 +69,13 @@ def decode(pair, latents: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, 
     """``[M, 3, H, W]`` fp32 images in [-1, 1] on the CPU, decoded ``batch_size`` at a time,
     and the batch size that fit: halved when a batch runs out of memory (the VAE at full
     resolution may not take the batch the UNets did), as the sampler does."""
-    from cgidm.batches import is_out_of_memory
+    from cgidm.batches import halving_batches
 
-    out, lo = [], 0
-    while lo < latents.shape[0]:
-        x = None
-        try:
-            x = pair.codec.decode(latents[lo:lo + batch_size].to(pair.device)).float().clamp(-1, 1).cpu()
-        except Exception as e:  # noqa: BLE001 - only out of memory is retried
-            if batch_size == 1 or not is_out_of_memory(e):
-                raise
-        if x is None:  # after the except block has let the failed batch's tensors go
-            if pair.device.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning("out of memory decoding %d samples at once; going on with %d",
-                        min(batch_size, latents.shape[0] - lo), batch_size // 2)
-            batch_size //= 2
-            continue
-        out.append(x)
-        lo += x.shape[0]
-    return torch.cat(out), batch_size
+    fits = [batch_size]
+
+    def run(lo: int, size: int) -> torch.Tensor:
+        return pair.codec.decode(latents[lo:lo + size].to(pair.device)).float().clamp(-1, 1).cpu()
+
+    out = [x for _, x in halving_batches(latents.shape[0], batch_size, run, what="decoding", device=pair.device,
+                                         on_halve=lambda size: fits.__setitem__(0, size))]
+    return torch.cat(out), fits[0]

@@ -254,11 +254,13 @@ def sample(
     extrapolated guidance, ``batch_size`` samples at a time (halved, and the batch run
     again, when one runs out of memory: the samples are the same); every step runs ``pair_fn``
     once on the batch (both models on the same input) through one ``StaticPairCall`` of
-    ``min(batch_size, M)`` rows (a CUDA graph with ``use_graph``, ``None`` = on CUDA
+    ``min(batch_size, M)`` rows (built again at the halved size) (a CUDA graph with ``use_graph``, ``None`` = on CUDA
     devices; the last batch padded), then the guidance and one scheduler step, eagerly
     (elementwise work, and diffusers schedulers keep Python-side state). ``on_batch(lo, x)``
     is called with each finished batch, samples ``lo .. lo + len(x)``."""
     from tqdm.auto import tqdm
+
+    from cgidm.batches import halving_batches
 
     device = torch.device(device)
     keys = keys.to(device)
@@ -266,45 +268,37 @@ def sample(
     if m < 1 or batch_size < 1:
         raise ValueError(f"need at least one sample and batch_size >= 1, got {m} samples, batch_size {batch_size}")
     batch_size = min(batch_size, m)
-    call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
+    calls = [None]  # one StaticPairCall at a time, sized for the batch; dropped when it halves
+
+    def run(lo: int, size: int) -> torch.Tensor:
+        if calls[0] is None:
+            calls[0] = StaticPairCall(pair_fn, cond_ft, cond_pre, size, latent_shape, device, use_graph)
+        return _sample_batch(calls[0], scheduler, keys[lo:lo + size], latent_shape, guidance, correction, steps,
+                             device, bar)
+
+    def drop(_size: int) -> None:  # before the cache is emptied: its graph's memory goes too
+        if calls[0] is not None:  # (None when building it ran out of memory)
+            calls[0].close()
+        calls[0] = None
+
     out = []
     # a log file (not a terminal) gets a line every 30 s instead of a redraw every 0.1 s;
     # the count moves by a fraction of the batch every step
     bar = tqdm(total=m, unit="sample", desc="sampling", disable=not progress, **bar_options(),
                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
     t0 = time.perf_counter()
-    lo = 0
     try:
-        while lo < m:
-            kb = keys[lo:lo + batch_size]
-            n = kb.shape[0]
-            x = None
-            try:
-                x = _sample_batch(call, scheduler, kb, latent_shape, guidance, correction, steps, device, bar)
-            except Exception as e:  # noqa: BLE001 - only out of memory is retried
-                from cgidm.batches import is_out_of_memory
-
-                if batch_size == 1 or not is_out_of_memory(e):
-                    raise
-            if x is None:
-                # out of memory, handled here, after the except block has released the failed
-                # step's traceback and tensors; every sample's noise is keyed by its index, so
-                # a smaller batch gives the same samples
-                call.close()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                batch_size //= 2
-                log.warning("out of memory sampling a batch of %d; going on with batches of %d", n, batch_size)
-                call = StaticPairCall(pair_fn, cond_ft, cond_pre, batch_size, latent_shape, device, use_graph)
-                continue
+        # every sample's noise is keyed by its index, so a smaller batch gives the same samples
+        for lo, x in halving_batches(m, batch_size, run, what="sampling", device=device, on_halve=drop):
             out.append(x)
             if on_batch is not None:
                 on_batch(lo, x)
-            lo += n
-            bar.set_postfix_str(f"{3600 * lo / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
+            done = lo + x.shape[0]
+            bar.set_postfix_str(f"{3600 * done / max(time.perf_counter() - t0, 1e-9):,.0f} samples/h", refresh=False)
     finally:
         bar.close()
-        call.close()
+        if calls[0] is not None:
+            calls[0].close()
     return torch.cat(out)
 
 

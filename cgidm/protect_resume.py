@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from cgidm.config import ProtectConfig
 from cgidm.files import atomic_write_json
 from cgidm.protect_output import output_name
-from cgidm.resume import DigestCache, read_jsonl, same_source, sha256_file
+from cgidm.resume import DigestCache, differences, read_jsonl, same_source, sha256_file
 
 log = logging.getLogger("cgidm.protect")
 
@@ -57,16 +57,6 @@ def kept_settings(cfg: ProtectConfig, model, dtype: str) -> dict:
     return json.loads(json.dumps(now))
 
 
-def _shown(value, other) -> str:
-    """A setting in a refusal beside the ``other`` value it differs from: a float to 6
-    digits (a budget of 0.03 is 7.65 levels, not 7.6499999999999995), or in full where 6
-    digits would show the two alike; anything else as its repr."""
-    if not isinstance(value, float):
-        return repr(value)
-    short = f"{value:.6g}"
-    return repr(value) if isinstance(other, (int, float)) and f"{other:.6g}" == short else short
-
-
 def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> None:
     """Refuse a resume whose ``settings`` differ from those in ``out``'s state, once it
     has rows; record them. ``target``: the ``--target`` path given now (an old run recorded its path)."""
@@ -94,9 +84,7 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
         # a run that wrote no row yet (stopped at a bad --target, interrupted before its first
         # image) has nothing to mix up: the new settings replace its record
         if isinstance(old, dict) and old != settings and any(True for _ in read_jsonl(out / RESULTS)):
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            what = ", ".join(f"{k} {_shown(old.get(k), settings.get(k))} there, "
-                             f"{_shown(settings.get(k), old.get(k))} now" for k in diff)
+            what = differences(old, settings)
             raise ValueError(f"{out} holds a protect run with other settings ({what}); "
                              "resume with the same settings or use another --out")
     atomic_write_json(path, {"settings": settings}, sort_keys=True)

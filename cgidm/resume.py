@@ -119,6 +119,36 @@ def settings_of(cfg, dtype_name: str) -> dict:
     return json.loads(json.dumps(now))
 
 
+def _shown(value, other) -> str:
+    """A setting beside the ``other`` value it differs from: a float to 6 digits (a budget
+    of 0.03 is 7.65 levels, not 7.6499999999999995), or in full where 6 digits would show
+    the two alike; anything else as its repr."""
+    if not isinstance(value, float):
+        return repr(value)
+    short = f"{value:.6g}"
+    return repr(value) if isinstance(other, (int, float)) and f"{other:.6g}" == short else short
+
+
+def differences(old: dict, new: dict, said=None) -> str:
+    """What differs between a stopped run's settings and this run's, as each command's
+    refusal to resume says it: ``key A there, B now`` for every key that differs, a nested
+    dict's by its own keys (``scheduler steps_offset 1 there, 0 now``); ``said(key, value)``
+    words a value its own way (or None for the usual). Empty when nothing differs."""
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [(f"{k} {sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b), key=str)
+                     if a.get(sub) != b.get(sub)]
+        elif a != b:
+            diff.append((k, a, b))
+
+    def word(k, v, other):
+        return (said and said(k, v)) or _shown(v, other)
+
+    return "; ".join(f"{k} {word(k, a, b)} there, {word(k, b, a)} now" for k, a, b in diff)
+
+
 def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dict:
     """Refuse to resume with settings that would give other scores; say what changed in
     the list of images since the last run. Returns ``{"added": [...], "removed": [...]}``
@@ -134,11 +164,11 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     if before is not None:
         old = before.get("settings")
         if old is not None and old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            said = lambda k, v: "read from each checkpoint" if k == "prompt" and v is None else repr(v)  # noqa: E731
-            what = ", ".join(f"{k} {said(k, old.get(k))} there, {said(k, settings.get(k))} now" for k in diff)
+            what = differences(old, settings, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None
+                               else None)
             hint = (" (a prompt given now is another setting even where a checkpoint names the same one: resume "
-                    "without --prompt, or with the one given before)" if "prompt" in diff else "")
+                    "without --prompt, or with the one given before)" if old.get("prompt") != settings.get("prompt")
+                    else "")
             raise ValueError(f"{out} holds a screen run with other settings ({what}){hint}; "
                              "resume with the same settings or use another --out")
         if isinstance(before.get("ids"), list):

@@ -399,6 +399,35 @@ def test_out_of_memory_is_seen_behind_the_error_it_caused():
     assert not is_out_of_memory(raised(lambda: 1 / 0))
 
 
+def test_halving_batches_covers_every_row_once_at_the_size_that_fits(caplog):
+    """The loop sampling and decoding share: a batch that runs out of memory is run again at
+    half the size (``on_halve`` first, here also failing on its first build), the rest of
+    the run keeps that size, every row is done once and in order; other errors, and out of
+    memory at size 1, are raised."""
+    from cgidm.batches import halving_batches
+
+    runs, halved = [], []
+
+    def run(lo, size):
+        runs.append((lo, size))
+        if size > 3 or (size == 3 and len(halved) == 1 and len(runs) == 2):  # 3 fails once more
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return list(range(lo, min(lo + size, 11)))
+
+    got = list(halving_batches(11, 7, run, what="testing", on_halve=halved.append))
+    assert halved == [3, 1] and runs == [(0, 7), (0, 3), (0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1),
+                                         (7, 1), (8, 1), (9, 1), (10, 1)]
+    assert [lo for lo, _ in got] == list(range(11)) and sum((x for _, x in got), []) == list(range(11))
+    assert "out of memory testing a batch of 7; going on with batches of 3" in caplog.text
+    assert [x for _, x in halving_batches(5, 2, lambda lo, size: [lo, size], what="t")] == [[0, 2], [2, 2], [4, 2]]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        list(halving_batches(2, 1, lambda lo, size: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("o")),
+                             what="t"))
+    with pytest.raises(ZeroDivisionError):
+        list(halving_batches(4, 4, lambda lo, size: 1 / 0, what="t", on_halve=halved.append))
+    assert halved == [3, 1]
+
+
 def test_a_killed_runs_temporaries_are_removed_by_the_next_run(pair, items, tmp_path):
     """Half-written files a SIGKILL left (hidden ``.name.tmpPID-...``) do not ship with the
     evidence: the next run into the folder removes them, in every folder a run writes."""

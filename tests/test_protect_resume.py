@@ -343,9 +343,25 @@ def test_the_reports_settings_leave_out_what_was_not_set():
 
 
 def test_a_refusal_shows_two_close_settings_apart():
-    from cgidm.protect_resume import _shown
+    from cgidm.resume import _shown
 
     assert (_shown(8.0, 7.6499999999999995), _shown(7.6499999999999995, 8.0)) == ("8", "7.65")
     # --budget 8/255 there, 0.03137255 now: 6 digits would show 8 and 8
     assert (_shown(8.0, 8.00000025), _shown(8.00000025, 8.0)) == ("8.0", "8.00000025")
     assert (_shown("centre", "full"), _shown(None, 5.0)) == ("'centre'", "None")
+
+
+def test_every_commands_refusal_words_what_differs_the_same_way():
+    """screen, protect and extract name what differs with one function: each key that
+    differs in order, a nested dict by its own keys, a value worded by the caller where it
+    asks, nothing for equal settings."""
+    from cgidm.resume import differences
+
+    old = {"steps": 2, "eps": 0.03, "scheduler": {"kind": "DDIM", "offset": 1}, "prompt": None, "same": [1]}
+    new = {"steps": 3, "eps": 0.03, "scheduler": {"kind": "DDIM", "offset": 0}, "prompt": "a cat", "same": [1],
+           "added": True}
+    assert differences(old, new) == ("added None there, True now; prompt None there, 'a cat' now; "
+                                     "scheduler offset 1 there, 0 now; steps 2 there, 3 now")
+    said = differences(old, new, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None else None)
+    assert "prompt read from each checkpoint there, 'a cat' now" in said
+    assert differences(old, dict(old)) == "" and differences({}, {}) == ""
