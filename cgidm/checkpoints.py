@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import struct
 from pathlib import Path
@@ -45,6 +46,8 @@ def _one_line(text, limit: int = 200) -> str:
 
 def _check_local(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
+    if not p.exists() and os.path.islink(p):
+        raise ModelLoadError(f"{what} {path}: a link that leads to no file (broken, or a loop of links)")
     if not p.exists():
         # owner/name, as a hub spells a repository: two parts, no file suffix, and no local
         # folder by the owner's name (a mistyped relative path is only "not found")
@@ -62,6 +65,24 @@ def _check_local(path: str | Path, what: str) -> Path:
     return p
 
 
+def permission_is_a_load_error(fn):
+    """``fn`` (a loader) with a ``PermissionError`` from anywhere inside it (a model folder
+    this user may not enter or list, a config it may not read: the libraries open files of
+    their own) raised as the ``ModelLoadError`` naming the path, not as a crash."""
+    import functools
+
+    @functools.wraps(fn)
+    def loader(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PermissionError as e:
+            where = shown(e.filename) if e.filename else "a model file"
+            raise ModelLoadError(f"{where}: {e.strerror or e} (a model's folders and files must be readable by "
+                                 "this user)") from None
+
+    return loader
+
+
 def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
@@ -71,19 +92,48 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
         )
 
 
+# the weights file a component folder's loader reads (diffusers', transformers'), whole or
+# as the shards its index lists
+MAIN_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def _loaded_safetensors(folder: Path, names: list[str]) -> list[str]:
+    """Of a folder's safetensors files, those its loader reads: the main file, or the
+    shards its index names; else every one but another variant's (``*.fp16.safetensors``).
+    Others (macOS's ``._`` files, an unused variant, a backup) are not read, so not checked."""
+    main = [n for n in MAIN_WEIGHTS if n in names]
+    if main:
+        return main[:1]
+    for index in (n + ".index.json" for n in MAIN_WEIGHTS):
+        if index in names:
+            try:
+                shards = json.loads((folder / index).read_text())["weight_map"].values()
+                return sorted({str(v) for v in shards})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelLoadError(f"{folder / index}: unreadable shard index ({_one_line(e, 120)})") from None
+    return [n for n in names if n.lower().endswith(".safetensors") and not re.search(r"\.[\w-]+\.safetensors$", n)]
+
+
 def weights_in(folder: Path, allow_pickle: bool) -> bool:
     """Whether a component folder's weights may be loaded; ``True`` = use safetensors."""
-    found = sorted(folder.glob("*.safetensors"))
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError as e:
+        raise ModelLoadError(f"{folder}: cannot read ({e.strerror or e})") from None
+    found = _loaded_safetensors(folder, names)
     if found:
         # diffusers would only say the folder failed; this names the file and the fault
-        for f in found:
-            read_safetensors_header(f)
+        for n in found:
+            read_safetensors_header(folder / n)
         return True
-    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    pickles = [n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
-        check_pickle_allowed(pickles[0], allow_pickle)
+        check_pickle_allowed(folder / pickles[0], allow_pickle)
         return False
-    raise ModelLoadError(f"{folder}: no weights file (expected *.safetensors)")
+    variants = [n for n in names if n.lower().endswith(".safetensors")]
+    raise ModelLoadError(f"{folder}: no weights file (expected {' or '.join(MAIN_WEIGHTS)})" + (
+        f"; it holds {', '.join(variants[:3])}: another variant's weights, which cgidm does not pick (rename the "
+        "file to load it)" if variants else ""))
 
 
 def check_loaded(model, loaded: dict, where, what: str) -> None:
@@ -174,8 +224,9 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         raise ModelLoadError(f"{p}: unknown checkpoint format {p.suffix!r} (expected .safetensors)")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{p}: cannot load with weights_only=True ({e})") from e
+    except Exception as e:  # an empty file's EOFError says nothing of its own
+        why = _one_line(e) if str(e).strip() else ("an empty file" if p.stat().st_size == 0 else type(e).__name__)
+        raise ModelLoadError(f"{p}: cannot load with weights_only=True ({why})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -195,7 +246,9 @@ def check_weight_values(state: dict, path: Path, finite: bool = False) -> None:
         raise ModelLoadError(f"{path}: {len(ints)} weight tensor(s) of an integer type (e.g. {ints[0]}: "
                              f"{state[ints[0]].dtype}): not a model's weights")
     if finite:
-        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        # float8 has no isfinite of its own: checked in float32 (a LoRA is small)
+        bad = [k for k, v in state.items() if v.is_floating_point()
+               and not bool(torch.isfinite(v if v.element_size() > 1 else v.float()).all())]
         if bad:
             raise ModelLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]})")
 

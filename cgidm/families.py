@@ -125,10 +125,11 @@ class Family:
 
 
 def _json(path: Path) -> Optional[dict]:
-    """A config file, ``None`` when absent; an unreadable one is named."""
-    if not path.is_file():
-        return None
+    """A config file, ``None`` when absent; an unreadable one is named (a folder this user
+    may not enter too: ``is_file`` raises there)."""
     try:
+        if not path.is_file():
+            return None
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: unreadable config ({e})") from e

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line
+from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line, read_safetensors_header
 from cgidm.progress import library_quiet
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,42 @@ def _encoders(text_encoder) -> tuple:
     return (text_encoder,)
 
 
+def adapter_metadata(path: Path) -> dict:
+    """The LoRA settings diffusers writes into a safetensors file's metadata
+    (``lora_adapter_metadata``: ``unet.r``, ``unet.lora_alpha``, ``alpha_pattern``,
+    ``use_rslora``, ... per model prefix) as a dict, ``{}`` where there are none. Its own
+    loader builds each adapter from them instead of from the tensors: without them a LoRA
+    trained at ``lora_alpha`` != ``r`` ran at the wrong strength (docs/families.md, "LoRA")."""
+    import json
+
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    meta = read_safetensors_header(Path(path)).get("__metadata__")
+    raw = meta.get("lora_adapter_metadata") if isinstance(meta, dict) else None
+    if raw is None:
+        return {}
+    try:
+        out = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        out = None
+    if not isinstance(out, dict):
+        raise ModelLoadError(f"{path}: malformed LoRA settings in the file's metadata (lora_adapter_metadata is "
+                             "not a JSON object)")
+    return out
+
+
+def _of_prefix(metadata: dict, prefix: str) -> Optional[dict]:
+    """The metadata for one model of the LoRA (the loaders drop the ``prefix.`` themselves),
+    None where it has none. Its ``init_lora_weights`` is always PEFT's default: the file's
+    tensors replace the initial A and B, but some initialisations (PiSSA, OLoRA, LoftQ) first
+    rewrite the base layer's weights, which here are also the pretrained side's, and
+    ``False`` leaves a random B on a targeted layer the file has no tensors for."""
+    own = {k: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+    if own:
+        own[prefix + ".init_lora_weights"] = True
+    return own or None
+
+
 def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool,
                         text_encoder_keep=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -261,6 +297,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
 
     xl = isinstance(text_encoder_base, DualTextEncoder)
     _refuse_unsupported(state, path)
+    metadata = adapter_metadata(path)
     try:
         if xl:  # kohya's SDXL LoRAs name the UNet's blocks as SGM does (input_blocks_4_1_...)
             converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=unet_base.config)
@@ -275,18 +312,24 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     te_keys = {p: {k: v for k, v in converted.items() if k.startswith(p + ".")} for p in te_prefixes}
     if not unet_keys and not any(te_keys.values()):
         raise ModelLoadError(f"{path}: LoRA keys match neither the UNet nor the text encoder (e.g. {next(iter(state))}; "
-                             "a diffusers/PEFT LoRA's keys start with 'unet.' or 'text_encoder.', a kohya LoRA's "
-                             "with 'lora_unet_' or 'lora_te')")
+                             "a diffusers LoRA's keys start with 'unet.' or 'text_encoder.', a kohya LoRA's with "
+                             "'lora_unet_' or 'lora_te'"
+                             + ("; a PEFT adapter saved on its own (base_model.model.*, its settings in "
+                                "adapter_config.json) is not read: save it with diffusers' save_lora_weights"
+                                if any(k.startswith("base_model.model.") for k in state) else "") + ")")
     # layers the converter kept under no known prefix count against the fit
     file_names = _layer_names(state)
     known = set(unet_keys).union(*(set(d) for d in te_keys.values()))
     fit = _LoraFit(total=len(_layer_names(set(converted) - known)))
     unet = copy.deepcopy(unet_base) if copy_unet else unet_base
     if unet_keys:
-        u_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
+        # the file's settings where it has them (the loaders take one or the other)
+        u_meta = _of_prefix(metadata, "unet")
+        u_alphas = None if u_meta else {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
         name = _free_adapter_name(unet)
         try:
-            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, adapter_name=name)
+            unet.load_lora_adapter(unet_keys, prefix="unet", network_alphas=u_alphas, metadata=u_meta,
+                                   adapter_name=name)
         except Exception as e:
             sgm = not xl and any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in state)
             hint = ": its kohya layer names (lora_unet_input_blocks_...) are SGM's, as kohya names SDXL's: a LoRA for " \
@@ -301,19 +344,26 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
         keys = _te_old_names_to_peft(te_keys[prefix])
         if not keys:
             continue
+        peft = _te_peft_state(keys, bases[i], prefix)
+        if not set(_peft_layers(peft)) & {n for n, _ in bases[i].named_modules()}:
+            # none of its layers is the encoder's (its loader fails on that with an IndexError):
+            # each counts as a misfit, so only --allow-partial-lora goes on, without them
+            fit.add(bases[i], peft)
+            continue
         te = copy.deepcopy(bases[i]) if id(bases[i]) in keep else bases[i]
-        t_alphas = _te_alpha_names({k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")},
-                                   te, prefix) or None
+        t_meta = _of_prefix(metadata, prefix)
+        t_alphas = None if t_meta else _te_alpha_names(
+            {k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")}, te, prefix) or None
         name = _free_adapter_name(te)
         try:
             # scale 1 here: the loader would scale every active adapter, not just this one
             StableDiffusionPipeline.load_lora_into_text_encoder(
-                keys, t_alphas, text_encoder=te, prefix=prefix, lora_scale=1.0, adapter_name=name,
+                keys, t_alphas, text_encoder=te, prefix=prefix, lora_scale=1.0, adapter_name=name, metadata=t_meta,
             )
         except Exception as e:
             raise _load_error(path, f"text encoder {prefix}", e) from e
         _stack(te, name, scale)
-        fit.add(te, _te_peft_state(keys, te, prefix), name)
+        fit.add(te, peft, name)
         encoders[i] = te
     te_out = text_encoder_base.with_encoders(*encoders) if xl else encoders[0]
     # the converter may drop or merge what it cannot name: never count fewer layers

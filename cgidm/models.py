@@ -25,7 +25,7 @@ import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
     ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt,
-    load_state_dict, read_safetensors_header, warn_if_same_weights, weights_in,
+    load_state_dict, permission_is_a_load_error, read_safetensors_header, warn_if_same_weights, weights_in,
 )
 from cgidm import families
 from cgidm.config import library_runtime
@@ -33,6 +33,7 @@ from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
 from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict, lora_in_folder
 from cgidm.progress import library_bars_off, library_quiet
+from cgidm.single_file import single_file_parts
 
 log = logging.getLogger(__name__)
 
@@ -249,64 +250,6 @@ def _base_dir(base: str | Path) -> Path:
 # --------------------------------------------------------------------------- fine-tunes
 
 
-def _single_file(state: dict, base: Path, path: Path, text_encoder_base, base_kind: str = "the base model"):
-    """The UNet (and text encoder, when the file has one) of a single-file checkpoint, in the
-    base's configuration; ``base_kind`` names the base's family in a misfit's message."""
-    from diffusers import UNet2DConditionModel
-
-    if not any(k.startswith("model.diffusion_model.") for k in state):
-        raise ModelLoadError(
-            f"{path}: not a single-file Stable Diffusion checkpoint (no 'model.diffusion_model.' keys) "
-            "and not a LoRA"
-        )
-    try:
-        unet = UNet2DConditionModel.from_single_file(
-            state, config=str(base), subfolder="unet", local_files_only=True
-        )
-    except Exception as e:
-        raise ModelLoadError(f"{path}: its UNet does not fit the base's architecture ({base_kind}): a fine-tune of "
-                             f"another model family or size, or an incomplete file? ({' '.join(str(e).split())[:200]})") from e
-    check_loaded(unet, {}, path, "UNet")
-    if isinstance(text_encoder_base, families.DualTextEncoder):
-        return unet, _single_file_sdxl_text(state, base, path, text_encoder_base)
-    te = text_encoder_base
-    # SD 1.x keeps CLIP under cond_stage_model.transformer., SD 2.x OpenCLIP under .model.
-    if any(k.startswith(("cond_stage_model.transformer.", "cond_stage_model.model.")) for k in state):
-        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-        from transformers import CLIPTextModel
-
-        try:
-            te = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, state, config=str(base), subfolder="text_encoder", local_files_only=True
-            )
-        except Exception as e:
-            raise ModelLoadError(f"{path}: text encoder does not match the base model's ({e})") from e
-        check_loaded(te, {}, path, "text encoder")
-    return unet, te
-
-
-def _single_file_sdxl_text(state: dict, base: Path, path: Path, te_base):
-    """SDXL single files keep CLIP ViT-L under ``conditioner.embedders.0.transformer.`` and
-    OpenCLIP bigG under ``conditioner.embedders.1.model.``; either may be absent (then the
-    base's)."""
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    encoders = [te_base.encoder, te_base.encoder_2]
-    for i, (prefix, cls, sub) in enumerate((("conditioner.embedders.0.transformer.", CLIPTextModel, "text_encoder"),
-                                            ("conditioner.embedders.1.model.", CLIPTextModelWithProjection,
-                                             "text_encoder_2"))):
-        if not any(k.startswith(prefix) for k in state):
-            continue
-        try:
-            encoders[i] = create_diffusers_clip_model_from_ldm(cls, state, config=str(base), subfolder=sub,
-                                                               local_files_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: text encoder {i + 1} does not match the base model's ({e})") from e
-        check_loaded(encoders[i], {}, path, f"text encoder {i + 1}")
-    return te_base.with_encoders(*encoders)
-
-
 def _note_base_parts(pipeline: Path, given: Path, family: families.Family, info: dict) -> None:
     """Say (log and ``info["finetuned_uses_base"]``) which of a fine-tune's parts are the
     base's: those its folder lacks (a DreamBooth run that trained the UNet alone), all but
@@ -361,6 +304,7 @@ def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
     return AdaptersOff(unet_ft) if adapter_layers(unet_ft) else unet_ft
 
 
+@permission_is_a_load_error
 def load_pair(
     base: str | Path,
     finetuned: str | Path | None = None,
@@ -441,7 +385,7 @@ def load_pair(
                 info["finetuned_format"] = "lora"
             else:
                 family = families.check_same(base_family, families.detect_state_dict(state, fp), str(fp))
-                unet_ft, te_ft = _single_file(state, base_p, fp, te_pre, base_family.describe())
+                unet_ft, te_ft = single_file_parts(state, base_p, fp, te_pre, base_family.describe())
                 info["finetuned_format"] = "single-file"
     if finetuned is not None and not loras and lora is None:
         warn_if_same_weights(unet_ft, unet_pre, info["finetuned"])
@@ -452,6 +396,9 @@ def load_pair(
                          f"the fine-tune {finetuned} is not a LoRA file and there is no --lora)")
     if lora is not None:
         lp = _check_local(lora, "LoRA")
+        if loras and os.path.samefile(lp, fp):
+            raise ModelLoadError(f"{lp} is given as both the fine-tune and --lora: it would be applied twice (at "
+                                 "twice its strength); give it once")
         if lp.is_dir():
             raise ModelLoadError(f"{lp}: a folder without a LoRA .safetensors file at its top level: give the LoRA "
                                  f"file" + (" (a model folder goes to --finetuned)" if (lp / "unet").is_dir() else ""))

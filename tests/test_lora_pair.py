@@ -397,3 +397,42 @@ def test_a_kohya_text_encoder_lora_of_some_projections_equals_its_peft_twin(tiny
         c_a, c_pre = a.encode_prompt("a sks pattern")
         assert (c_a - c_pre).abs().max() > 1e-2, mods
         torch.testing.assert_close(c_a, b.encode_prompt("a sks pattern")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_loras_own_settings_in_its_metadata_set_its_strength(tiny_world, tmp_path):
+    """diffusers writes a LoRA's PEFT settings into the file's metadata (``lora_alpha`` !=
+    ``r``, per model): they are read, so the LoRA equals its twin with alpha / r folded into
+    B (before, every layer ran at alpha / r = 1: here 2x too weak on the UNet, 2x too strong on
+    the text encoder). The file's initialisation is not taken: PiSSA rewrites the base
+    layers, which are also the pretrained side's (by up to 0.43 here). Metadata that is not a
+    JSON object is refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    unet = _plain_unet(tiny_world)
+    te = load_pair(tiny_world / "base", tiny_world / "finetuned").text_encoder_pre
+    layers = sorted({k.removeprefix("unet.").split(".lora_")[0]  # linear layers: PiSSA takes only those
+                     for k in load_file(str(tiny_world / "lora.safetensors")) if ".attn" in k})[:6]
+    te_layers = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"]
+    state = load_file(str(_lora_file(tmp_path / "plain.safetensors", 3, unet, te, layers, te_layers)))
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": layers, "unet.init_lora_weights": "pissa",
+            "text_encoder.r": 4, "text_encoder.lora_alpha": 2,
+            "text_encoder.target_modules": [n.split(".")[-1] for n in te_layers]}
+    save_file(state, str(tmp_path / "meta.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    folded = {k: v * (2.0 if k.startswith("unet.") else 0.5) if ".lora_B." in k else v for k, v in state.items()}
+    save_file(folded, str(tmp_path / "folded.safetensors"))
+    a = load_pair(tiny_world / "base", lora=tmp_path / "meta.safetensors")
+    b = load_pair(tiny_world / "base", lora=tmp_path / "folded.safetensors")
+    assert a.info["lora_match"] == {"matched": 8, "total": 8}
+    c_a, c_pre = a.encode_prompt("a sks pattern")
+    c_b = b.encode_prompt("a sks pattern")[0]
+    assert (c_a - c_pre).abs().max() > 1e-2
+    torch.testing.assert_close(c_a, c_b, rtol=1e-5, atol=1e-5)
+    out_a, out_b = _unet_out(a.unet_ft, c_b), _unet_out(b.unet_ft, c_b)
+    assert (out_a - _unet_out(unet, c_b)).abs().max() > 1e-3
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_unet_out(a.unet_pre, c_b), _unet_out(unet, c_b), rtol=0, atol=1e-6)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "[1, 2]"})
+    with pytest.raises(ModelLoadError, match="malformed LoRA settings in the file's metadata"):
+        load_pair(tiny_world / "base", lora=tmp_path / "bad.safetensors")

@@ -364,6 +364,28 @@ def test_weights_that_cannot_be_a_models_are_refused(tiny_world, tmp_path):
     assert load_pair(tiny_world / "base", tmp_path / "int_alpha.safetensors").info["lora_match"]["matched"] > 0
 
 
+def test_a_float8_lora_loads_as_its_values(tiny_world, tmp_path):
+    """A LoRA saved in float8 (its NaN check had no float8 kernel: a crash, exit 4) loads,
+    and is the same LoRA as its values saved in float32; a NaN in it is still found."""
+    from safetensors.torch import load_file, save_file
+
+    lora = load_file(str(tiny_world / "lora.safetensors"))
+    f8 = {k: v.to(torch.float8_e4m3fn) for k, v in lora.items()}
+    save_file(f8, str(tmp_path / "f8.safetensors"))
+    save_file({k: v.float() for k, v in f8.items()}, str(tmp_path / "f32.safetensors"))
+    a = load_pair(tiny_world / "base", lora=tmp_path / "f8.safetensors")
+    b = load_pair(tiny_world / "base", lora=tmp_path / "f32.safetensors")
+    assert a.info["lora_match"] == b.info["lora_match"] and a.info["lora_match"]["matched"] > 0
+    sa, sb = a.unet_ft.state_dict(), b.unet_ft.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    key = next(iter(f8))
+    nan = f8[key].clone()
+    nan.view(torch.uint8)[0] = 0x7F  # e4m3fn's NaN
+    save_file({**f8, key: nan}, str(tmp_path / "f8nan.safetensors"))
+    with pytest.raises(ModelLoadError, match="hold NaN or inf"):
+        load_pair(tiny_world / "base", lora=tmp_path / "f8nan.safetensors")
+
+
 def test_a_finetune_with_the_bases_weights_is_said(tiny_world, tmp_path, caplog):
     """The base given as the fine-tune (or a copy of it): both sides are one model, said in
     a warning naming the path; a real fine-tune is not."""
