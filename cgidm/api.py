@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cgidm.batches import RowWriter, run_pair
-from cgidm.config import AuthConfig, PGDConfig, check_t_max  # noqa: F401 (re-exported)
+from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
@@ -64,7 +64,11 @@ def authenticate(
 
     if not isinstance(cfg, AuthConfig):
         raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
-    out = Path(out)
+    check_impl(cfg.impl, pair.device)  # before any image: in the batch loop each would be an error row
+    out = Path(out).expanduser()
+    if isinstance(items, (str, Path)):
+        raise TypeError(f"items: a list of ImageItem, got the path {str(items)!r} (collect_items(folder) lists a "
+                        "folder's images)")
     items = list(items)
     if not items:
         raise ValueError("no images to authenticate")

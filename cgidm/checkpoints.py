@@ -65,20 +65,29 @@ def _check_local(path: str | Path, what: str) -> Path:
     return p
 
 
-def permission_is_a_load_error(fn):
-    """``fn`` (a loader) with a ``PermissionError`` from anywhere inside it (a model folder
-    this user may not enter or list, a config it may not read: the libraries open files of
-    their own) raised as the ``ModelLoadError`` naming the path, not as a crash."""
+def model_loader(fn):
+    """``fn`` (a loader) run with the hub libraries offline (``HF_HUB_OFFLINE=1`` while it
+    runs, the variable as it was afterwards: a child process started later is not told
+    otherwise), and a ``PermissionError`` from anywhere inside it (a model folder this user
+    may not enter or list, a config it may not read: the libraries open files of their own)
+    raised as the ``ModelLoadError`` naming the path, not as a crash."""
     import functools
 
     @functools.wraps(fn)
     def loader(*args, **kwargs):
+        before = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
         try:
             return fn(*args, **kwargs)
         except PermissionError as e:
             where = shown(e.filename) if e.filename else "a model file"
             raise ModelLoadError(f"{where}: {e.strerror or e} (a model's folders and files must be readable by "
                                  "this user)") from None
+        finally:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before
 
     return loader
 

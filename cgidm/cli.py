@@ -222,7 +222,7 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     _check_metric(cfg, opts)
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
-    _check_impl(cfg.impl, rt)
+    config.check_impl(cfg.impl, rt.device)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
     pair, cfg, prompt_from = _load_announced(opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
@@ -260,7 +260,7 @@ def cmd_screen(args) -> int:
                             exclude=[args.out])
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
-    _check_impl(cfg.impl, rt)
+    config.check_impl(cfg.impl, rt.device)
     started = init_distributed(rt.device, opts.dist_timeout)
     try:
         # only rank 0 scores with it (at the merge); loaded before the screening, so a bad
@@ -327,15 +327,6 @@ def cmd_demo(args) -> int:
     return code
 
 
-def _check_impl(impl: str, rt) -> None:
-    """Refuse an implementation of the step ops that cannot run on the run's device."""
-    if rt.device.type != "cuda" and impl == "cuda":
-        raise ValueError(f"--impl cuda runs on a GPU; on {rt.device.type} use auto, cpp or ref")
-    if rt.device.type != "cuda" and impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"--impl triton runs on a GPU (on {rt.device.type} only in Triton's slow interpreter, "
-                         "TRITON_INTERPRET=1); use auto, cpp or ref")
-
-
 def _out_folder(out: str, kind: str):
     """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a broken link, a folder
     that cannot be written or one holding another command's run (``check_run_kind``): refused."""
@@ -366,7 +357,7 @@ def cmd_protect(args) -> int:
     check_before_loading(cfg)
     _quiet_loaders()
     rt = config.resolve_runtime(opts.device, opts.dtype)
-    _check_impl(cfg.impl, rt)
+    config.check_impl(cfg.impl, rt.device)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  loss: {cfg.loss}  budget: {cfg.budget}  "
           f"step: {cfg.step_size}  steps: {cfg.steps}")
     model = load_base(args.base, device=rt.device, dtype=rt.dtype, allow_pickle=opts.allow_pickle)
@@ -375,7 +366,8 @@ def cmd_protect(args) -> int:
     where = (f"the centre {r}x{r} of each" if cfg.cover == "centre"
              else f"each whole, at its aspect ratio with the short side at {r} px")
     print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected {where}", flush=True)
-    summary = protect(model, items, args.out, cfg, progress=not args.quiet, retry_failed=args.retry_failed)
+    summary = protect(model, items, args.out, cfg, progress=not args.quiet, retry_failed=args.retry_failed,
+                      checked=True)
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 

@@ -14,9 +14,13 @@ import dataclasses
 import logging
 import math
 import numbers
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
+# the device and dtype of a run: their own module, their names here as before
+from cgidm.runtime import (  # noqa: F401
+    DEVICES_HELP, DTYPES, Runtime, check_impl, dtype_name, library_runtime, resolve_runtime, weights_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +28,8 @@ NOISE_MODES = ("shared", "paper")
 IMPLS = ("auto", "cuda", "triton", "cpp", "ref")
 DEFAULT_IMPL = "auto"  # by the tensors' device: the compiled kernels where built, else the reference
 ENGINES = ("reference", "engine")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 # the tiny worlds `cgidm demo --family` builds (cgidm/testing/family_worlds.py)
 FAMILY_WORLDS = ("sd1", "sd2", "sd2-v", "sdxl")
-DEVICES_HELP = "auto (CUDA when torch sees one, else CPU), cpu, cuda or cuda:N"
 LABELS = ("member", "holdout", "control")
 SCORE_FIELDS = ("latent_cos", "latent_mse", "ssim", "psnr")
 # embed_cos: an image against its own recovery; official_cos: against every recovery of its
@@ -93,6 +95,27 @@ def _whole(name: str, value) -> None:
         raise TypeError(f"{name} must be a whole number, got {value!r}")
 
 
+_KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "True or False"}
+
+
+def _check_types(cfg) -> None:
+    """Each field of a configuration typed ``int``, ``float``, ``str`` or ``bool`` (or
+    ``Optional`` of one) holds one: ``steps=2.5``, ``low_memory="no"`` (truthy) or
+    ``seed="x"`` ran until a library failed on them, mid-run, or never did."""
+    for f in dataclasses.fields(cfg):
+        t = str(f.type)
+        optional = t.startswith("Optional[")
+        kind = t[len("Optional["):-1] if optional else t
+        value = getattr(cfg, f.name)
+        if kind not in _KINDS or (optional and value is None):
+            continue
+        boolean = type(value).__name__ in ("bool", "bool_")  # numpy's too
+        if not {"int": isinstance(value, numbers.Integral) and not boolean,
+                "float": isinstance(value, numbers.Real) and not boolean,
+                "str": isinstance(value, str), "bool": boolean}[kind]:
+            raise TypeError(f"{f.name} must be {_KINDS[kind]}{' (or None)' if optional else ''}, got {value!r}")
+
+
 def _check_prompt(prompt) -> None:
     if prompt is not None and not prompt.strip():  # an unset shell variable, most likely
         raise ValueError("the prompt is empty: give the fine-tune's instance prompt (e.g. --prompt 'sks style'), "
@@ -115,6 +138,7 @@ class PGDConfig:
     t_max: int = _opt(999, "largest timestep drawn")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("steps", "k", "t_min", "t_max"):
             _whole(name, getattr(self, name))
         if self.noise not in NOISE_MODES:
@@ -167,11 +191,14 @@ class AuthConfig:
     def __post_init__(self) -> None:
         # one spelling in the summary and in equality: the names in BASELINES order, or None
         object.__setattr__(self, "baselines", ",".join(parse_baselines(self.baselines)) or None)
+        _check_types(self)
         if not isinstance(self.pgd, PGDConfig):
             raise TypeError(f"pgd must be a PGDConfig, got {type(self.pgd).__name__}")
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a string (or None: the checkpoint's), got {type(self.prompt).__name__}")
         _check_prompt(self.prompt)
+        if self.preset is not None and self.preset not in PRESETS:  # found only by the summary, after the work
+            raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))} (or None), got {self.preset!r}")
+        if self.pass_rate < 1:
+            raise ValueError(f"pass_rate must be >= 1, got {self.pass_rate}")
         _whole("batch_size", self.batch_size)
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
@@ -218,6 +245,7 @@ class RunOptions:
     dist_timeout: float = _opt(120.0, "minutes ranks wait for each other under torchrun")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not math.isfinite(self.lora_scale):
             raise ValueError(f"--lora-scale must be a finite number, got {self.lora_scale}")
         if self.prefetch < 0:
@@ -249,102 +277,6 @@ def departures(cfg: AuthConfig) -> dict:
     flat = [{**asdict(c.pgd), **asdict(c)} for c in (cfg, preset_config(cfg.preset))] if cfg.preset else [{}]
     return {k: {"preset": v, "given": flat[0][k]} for k, v in flat[-1].items() if k not in (
         "pgd", "prompt", "preset", "batch_size", "low_memory", "impl", "engine") and flat[0][k] != v}
-
-
-# --------------------------------------------------------------------------- device and dtype
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype of the UNet weights
-    note: str = ""
-
-
-def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """The device and weights' dtype of a run, decided here and nowhere else.
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) a CUDA device becomes ``cuda:LOCAL_RANK``
-    (one GPU per local rank) and the choice is logged; ``cuda:N`` is refused there, as it
-    would put every rank on one GPU."""
-    import torch
-
-    want = (device or "auto").strip().lower()
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(want)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device: {device!r} is not a device ({DEVICES_HELP})") from e
-    note = ""
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            if dev.index is not None:
-                raise ValueError(f"--device {device} names one GPU; under torchrun give --device cuda "
-                                 "and each rank takes cuda:LOCAL_RANK")
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            # a launcher that shows each rank its own GPU only (CUDA_VISIBLE_DEVICES per rank,
-            # SLURM --gpus-per-task=1) leaves one device, cuda:0, whatever LOCAL_RANK says
-            dev = torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local)
-            note = f"rank {os.environ.get('RANK', '?')}: --device {device} -> {dev} (LOCAL_RANK {local})"
-        elif dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{dev} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-        # kernels launched without a device guard of their own (Triton's) go to the current device
-        torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise ValueError(f"--device: {device!r} is not supported ({DEVICES_HELP})")
-    if note:
-        log.warning("%s", note)
-    return Runtime(dev, weights_dtype(dtype, dev), note)
-
-
-def weights_dtype(dtype: str, device) -> Any:
-    """The torch dtype of a ``--dtype`` name on ``device``: ``auto`` is bf16 on a CUDA
-    device that computes it (else fp16) and fp32 on CPU."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if torch.device(device).type == "cuda":
-        # bf16 where the GPU computes it (compute capability 8.0, Ampere, and later), not where
-        # torch would emulate it (is_bf16_supported's default counts emulation)
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.float32
-
-
-def library_runtime(device, dtype) -> tuple:
-    """``(device, dtype)`` of a library call (``models.load_pair``), checked before any
-    model loads (``None``: as the weights are); dtype may be one of the CLI's names (auto,
-    fp32, bf16, fp16)."""
-    import torch
-
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"device {device!r} is not a device") from e
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {device}: not supported (cpu or cuda)")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    if isinstance(dtype, str):
-        return device, weights_dtype(dtype, device or "cpu")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or one of auto, fp32, bf16, fp16; got {dtype!r}")
-    return device, dtype
-
-
-def dtype_name(dtype) -> str:
-    import torch
-
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 # --------------------------------------------------------------------------- extraction
@@ -392,6 +324,7 @@ class ExtractConfig:
     clique_budget: int = _opt(200_000, "clique-search steps per threshold before it counts as too dense", cli=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_prompt(self.prompt)
         if self.pretrained_prompt not in EXTRACT_PRE_PROMPTS:
             raise ValueError(f"pretrained_prompt must be one of {EXTRACT_PRE_PROMPTS}, got {self.pretrained_prompt!r}")
@@ -484,6 +417,7 @@ class ProtectConfig:
     impl: str = _opt(DEFAULT_IMPL, "implementation of the L-inf step op", choices=IMPLS)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         parse_level(self.budget, "budget")
         parse_level(self.step_size, "step size")
         if self.loss not in PROTECT_LOSSES:

@@ -269,8 +269,10 @@ class Engine:
     ) -> InversionResult:
         """``reference.invert`` over chunks of ``B`` images (the last one padded), with the
         same ``keys`` giving the same draws, eager or replayed. ``callback(step, loss)``
-        syncs every step, so it is for progress bars, not for timed runs. The loss history
-        of a multi-chunk run is the last chunk's."""
+        syncs every step, so it is for progress bars, not for timed runs; over several
+        chunks it sees each chunk's steps in turn. The loss history holds every step's loss
+        with a ``callback``, else the last step's; over several chunks, each step's is the
+        mean over all images (each chunk's weighed by its images), as the reference's is."""
         total = x0.shape[0]
         if total == 0:
             raise ValueError("x0 is an empty batch: nothing to invert")
@@ -284,7 +286,7 @@ class Engine:
             parts.append(self._run_chunk(x0[start:stop], x_init[start:stop], mask, keys[start:stop], callback))
         delta = torch.cat([p[0] for p in parts])
         skipped = torch.cat([p[1] for p in parts])
-        history = parts[-1][2]
+        history = [sum(len(p[0]) * p[2][i] for p in parts) / total for i in range(len(parts[0][2]))]
         x0f = x0.to(self.device).float()
         x_initf = x_init.to(self.device).float()
         m = self._shared_mask(mask).to(device=self.device, dtype=torch.float32)

@@ -160,7 +160,7 @@ def extract(
 
         cfg, prompt_from = resolve_prompt(cfg, pair)
     kind = feature_kind(cfg, embedder)
-    out = Path(out)
+    out = Path(out).expanduser()
     # what can be known before sampling is checked before it, so that a bad setting costs no
     # sampling; whatever stops the run later leaves an earlier run's outputs as they were
     if scheduler is None:

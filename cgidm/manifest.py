@@ -61,6 +61,8 @@ class ImageItem:
             raise ValueError(f"label must be one of {LABELS} or empty, got {self.label!r}")
         if not self.id:
             self.id = f"{self.label or 'image'}/{self.path.name}"
+        if not isinstance(self.id, str):  # it names the image's output files
+            raise TypeError(f"an image's id must be a string, got {self.id!r}")
 
     pair = None  # one-pair runs: no pair column
 
@@ -103,6 +105,8 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
     ids: dict[str, Path] = {}
     labels: dict[str, Optional[str]] = {}
     for it in items:
+        if not (hasattr(it, "id") and hasattr(it, "path")):
+            raise TypeError(f"images are given as ImageItem (collect_items(folder) lists a folder's), got {it!r}")
         if it.id in ids:
             raise ValueError(f"two images have the id {it.id!r} ({ids[it.id]} and {it.path}): an id names an "
                              "image's outputs; give them distinct ids or file names")

@@ -25,7 +25,7 @@ import torch
 
 from cgidm.checkpoints import (  # noqa: F401 (find_prompt, read_safetensors_header: re-exported)
     ModelLoadError, _check_local, _one_line, check_finite_modules, check_loaded, check_weight_values, find_prompt,
-    load_state_dict, permission_is_a_load_error, read_safetensors_header, warn_if_same_weights, weights_in,
+    load_state_dict, model_loader, read_safetensors_header, warn_if_same_weights, weights_in,
 )
 from cgidm import families
 from cgidm.config import library_runtime
@@ -304,7 +304,7 @@ def _pretrained_side(unet_ft: torch.nn.Module) -> torch.nn.Module:
     return AdaptersOff(unet_ft) if adapter_layers(unet_ft) else unet_ft
 
 
-@permission_is_a_load_error
+@model_loader
 def load_pair(
     base: str | Path,
     finetuned: str | Path | None = None,
@@ -337,7 +337,6 @@ def load_pair(
         raise ValueError(f"--lora-scale must be a finite number, got {lora_scale}")
     if lora_scale == 0:
         log.warning("--lora-scale 0: the LoRA adds nothing, so the fine-tuned side is its base")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base_p = _base_dir(base)
     base_family = families.detect_folder(base_p) or families.Family("sd1", None, str(base_p))
     families.refuse_unsupported(base_family, str(base_p))

@@ -91,7 +91,7 @@ def prepare(pair: ModelPair, images: torch.Tensor, ids: Sequence[str], cfg: Auth
 
 def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: int):
     """The pair's engine for a bucket of ``batch`` images, built once per (bucket, settings,
-    prompt) and kept on the pair: on a GPU each bucket's step is captured once as a CUDA
+    prompt) and kept on the pair, for the latest settings only: on a GPU each bucket's step is captured once as a CUDA
     graph and replayed for every later batch, a smaller tail batch being padded."""
     from cgidm.engine import Engine
     from cgidm.pairpass import low_memory_pass
@@ -100,6 +100,10 @@ def _engine(pair: ModelPair, cfg: AuthConfig, c_ft, c_pre, latent_shape, batch: 
     key = (batch, cfg.pgd, cfg.impl, cfg.prompt, tuple(latent_shape), cfg.low_memory)
     engine = cache.get(key)
     if engine is None:
+        # the engines of other settings or prompts go: a run keeps one setting (its buckets
+        # stay), and a sweep in one process held every engine it ran, graphs and buffers
+        for old in [k for k in cache if k[1:] != key[1:]]:
+            del cache[old]
         engine = Engine(pair.unet_ft, pair.unet_pre, c_ft, c_pre, pair.abar, latent_shape, cfg.pgd,
                         batch=batch, device=pair.device, impl=cfg.impl, target=_target(pair),
                         pair_pass=low_memory_pass(pair.unet_ft, pair.unet_pre, pair.device) if cfg.low_memory else None)
@@ -121,7 +125,9 @@ def shrink_engines(pair: ModelPair, max_batch: int) -> None:
 
 def recover(pair: ModelPair, prep: Prepared, cfg: AuthConfig, callback=None):
     """PGD on the contrast loss; returns the reference's ``InversionResult``. Without
-    ``cfg.prompt``, the checkpoint's instance prompt (``resolve_prompt``)."""
+    ``cfg.prompt``, the checkpoint's instance prompt (``resolve_prompt``). With the engine,
+    more images than ``cfg.batch_size`` run in chunks of it: ``callback`` sees each chunk's
+    steps in turn (``Engine.invert``)."""
     from cgidm.checkpointing import set_gradient_checkpointing
     from cgidm.ops import get_ops
 

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from cgidm.batches import is_out_of_memory
-from cgidm.config import ProtectConfig, check_t_max, dtype_name
+from cgidm.config import ProtectConfig, check_impl, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_jsonl,
                          json_values, output_dirs, output_path, shown)
 from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
@@ -432,14 +432,19 @@ def protect(
     cfg: ProtectConfig = ProtectConfig(),
     progress: bool = True,
     retry_failed: bool = False,
+    checked: bool = False,
 ) -> dict:
     """Protect ``items`` against ``model``; writes ``out`` (module docstring) and returns
     the summary. Raises ``OutputError`` when an output cannot be written (the rows
     finished before stay complete) and ``ValueError`` for a resume with other settings.
-    ``retry_failed``: the images whose row is an error are protected again."""
+    ``retry_failed``: the images whose row is an error are protected again. ``checked``:
+    the caller ran ``check_before_loading`` (its warnings are said once)."""
     if not isinstance(cfg, ProtectConfig):
         raise TypeError(f"cfg must be a ProtectConfig, got {type(cfg).__name__}")
-    out = Path(out)
+    if not checked:
+        check_before_loading(cfg)
+    check_impl(cfg.impl, model.device)
+    out = Path(out).expanduser()
     if model.abar is not None:
         check_t_max(cfg.t_max, len(model.abar))
     target = _target(model, cfg)  # a --target too small for the model stops here, before --out records it

@@ -36,7 +36,8 @@ import torch
 
 from cgidm import graphs, rng
 from cgidm.checkpointing import set_gradient_checkpointing
-from cgidm.config import DEFAULT_IMPL, ProtectConfig
+from cgidm.checkpoints import model_loader
+from cgidm.config import DEFAULT_IMPL, ProtectConfig, library_runtime
 from cgidm.models import LatentGeometry
 from cgidm.ops import get_ops, step_draws
 from cgidm.reference import TargetFn, linf_pgd_update_ref, loss_scale  # noqa: F401 (the step's spec)
@@ -107,6 +108,7 @@ class BaseModel(LatentGeometry):
         return cache[prompt]
 
 
+@model_loader
 def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
               allow_pickle: bool = False) -> BaseModel:
     """The base pipeline directory (offline, the checks of ``cgidm.models``); UNet weights
@@ -115,13 +117,12 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     gives the loss's target (epsilon or v) and how a prompt becomes conditioning (SDXL: both
     text encoders and the added conditioning, its UNet called through
     ``families.TextTimeUNet``)."""
-    import os
-
     from cgidm import families
     from cgidm.checkpoints import check_finite_modules
     from cgidm.models import ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_side, _load_unet
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device, dtype = library_runtime(device, dtype)  # the names load_pair takes ("fp16", "auto"), checked first
+    device = device or torch.device("cpu")
     root = _base_dir(base)
     family = families.detect_folder(root) or families.Family("sd1", None, str(root))
     unet = _load_unet(root / "unet", allow_pickle)

@@ -380,9 +380,11 @@ def invert(
     default is this module's plain-torch twins, and the compiled ops are drop-in.
     ``callback(step, loss)`` and the history get the unscaled loss, averaged over images.
     ``target``: the family's regression target (``contrast_gradient``; ``None``: epsilon).
+    A diffusers UNet may stand for either denoiser (``unet_eps_fn``, as the engine takes it).
     """
     if generator is not None:
         raise TypeError(_NO_GENERATORS)
+    eps_ft, eps_pre = unet_eps_fn(eps_ft), unet_eps_fn(eps_pre)
     if not isinstance(cfg, PGDConfig):
         raise TypeError(f"cfg must be a PGDConfig, got {type(cfg).__name__}"
                         + (" (pass its .pgd)" if isinstance(getattr(cfg, "pgd", None), PGDConfig) else ""))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.batches import PairStats, RowWriter, run_pair
-from cgidm.config import EMBED_FIELDS, AuthConfig, dtype_name
+from cgidm.config import EMBED_FIELDS, AuthConfig, check_impl, dtype_name, library_runtime
 from cgidm.distributed import all_gather, dist_info
 from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs,
                          shown)
@@ -211,8 +211,12 @@ def screen(
         device = resolve_runtime("auto", "fp32").device
     if not isinstance(cfg, AuthConfig):
         raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
+    # before any image: in the batch loop a device or step ops that cannot run would make
+    # every image an error row, and an error row is final on a resume
+    device = library_runtime(device, None)[0]
+    check_impl(cfg.impl, device)
     t_start = time.perf_counter()
-    out = Path(out)
+    out = Path(out).expanduser()
     rank, world = dist_info()
     unusable = None  # rank 0 merges and scores with the embedder; the other ranks need none
     if rank == 0:

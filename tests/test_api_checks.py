@@ -93,6 +93,14 @@ def test_prepare_refuses_inputs_that_do_not_match_and_recover_finds_the_prompt(w
     got = cgidm.recover(world_pair, prep, AuthConfig(pgd=PGDConfig(steps=1)))  # prompt None: the checkpoint's
     want = cgidm.recover(world_pair, prep, CFG)
     assert torch.equal(got.x_rec, want.x_rec)
+    # invert takes the pair's diffusers UNets as they are, as the engine does
+    from cgidm.reference import unet_eps_fn
+
+    c_ft, c_pre = world_pair.encode_prompt("a sks pattern")
+    args = (prep.x0, prep.x_init, prep.mask, c_ft, c_pre, world_pair.abar, CFG.pgd)
+    plain = cgidm.invert(world_pair.unet_ft, world_pair.unet_pre, *args, keys=prep.keys)
+    wrapped = cgidm.invert(unet_eps_fn(world_pair.unet_ft), unet_eps_fn(world_pair.unet_pre), *args, keys=prep.keys)
+    assert torch.equal(plain.x_rec, wrapped.x_rec) and not torch.equal(plain.x_rec, prep.x_init)
 
 
 def test_the_returned_summary_is_the_written_one(world_pair, tiny_world, tmp_path):
@@ -135,3 +143,98 @@ def test_load_pair_takes_the_clis_dtype_names(tiny_world):
 
     pair = load_pair(tiny_world / "base", tiny_world / "finetuned", dtype="bf16")
     assert next(pair.unet_ft.parameters()).dtype == torch.bfloat16
+
+
+def test_settings_that_cannot_run_are_refused_before_any_image(world_pair, tiny_world, tmp_path):
+    """What the CLI refuses before loading, the API refuses before any image: step ops for
+    another device, a device that is not one, a preset that does not exist, a value of the
+    wrong type in any configuration. Each ran before: every image an error row (final for
+    ``screen``, whose resume then had nothing to do), or the whole run and then a failure in
+    the summary, or a library's error mid-run; ``low_memory="no"`` turned it on."""
+    from cgidm.config import ProtectConfig, RunOptions
+    from cgidm.manifest import read_manifest
+
+    items = cgidm.collect_items(members=tiny_world / "images" / "members")[:1]
+    with pytest.raises(ValueError, match="--impl cuda runs on a GPU; on cpu use auto, cpp or ref"):
+        cgidm.authenticate(world_pair, items, tmp_path / "a", CFG.replace(impl="cuda"), progress=False)
+    manifest = tmp_path / "m.csv"
+    first = sorted((tiny_world / "images" / "members").glob("*.png"))[0]
+    manifest.write_text(f"image,label,base,finetuned\n{first},member,{tiny_world / 'base'},"
+                        f"{tiny_world / 'finetuned'}\n")
+    entries = read_manifest(manifest)
+    with pytest.raises(ValueError, match="device 'cdua' is not a device"):
+        cgidm.screen(entries, tmp_path / "s", CFG, device="cdua", progress=False)
+    with pytest.raises(ValueError, match="--impl cuda runs on a GPU"):
+        cgidm.screen(entries, tmp_path / "s", CFG.replace(impl="cuda"), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="preset must be one of demo, paper"):
+        AuthConfig(preset="papper")
+    for make, match in [(lambda: AuthConfig(low_memory="no"), "low_memory must be True or False, got 'no'"),
+                        (lambda: AuthConfig(seed="abc"), "seed must be a whole number, got 'abc'"),
+                        (lambda: AuthConfig(level="0.05"), "level must be a number, got '0.05'"),
+                        (lambda: AuthConfig(blocks_per_side="4"), r"blocks_per_side must be a whole number \(or None\)"),
+                        (lambda: PGDConfig(alpha="2"), "alpha must be a number, got '2'"),
+                        (lambda: ProtectConfig(steps=2.5), "steps must be a whole number, got 2.5"),
+                        (lambda: ProtectConfig(prompt=None), "prompt must be a string, got None"),
+                        (lambda: ExtractConfig(candidates=1.5), r"candidates must be a whole number \(or None\)"),
+                        (lambda: ExtractConfig(guidance="3"), "guidance must be a number, got '3'"),
+                        (lambda: RunOptions(allow_pickle=1), "allow_pickle must be True or False, got 1")]:
+        with pytest.raises(TypeError, match=match):
+            make()
+    with pytest.raises(ValueError, match="pass_rate must be >= 1"):
+        AuthConfig(pass_rate=0)
+    import numpy as np
+
+    assert AuthConfig(low_memory=np.bool_(True), level=np.float32(0.1), seed=np.int64(2)).seed == 2
+
+
+def test_paths_and_items_are_taken_as_the_cli_takes_them(world_pair, tiny_world, tmp_path, monkeypatch):
+    """``~`` in ``out`` is the home folder (it made a folder named ``~``); a folder given
+    as the items, or an id that is not a string, is named as the mistake."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    items = cgidm.collect_items(members=tiny_world / "images" / "members")[:1]
+    cgidm.authenticate(world_pair, items, "~/run", CFG, progress=False)
+    assert (tmp_path / "home" / "run" / "results.jsonl").is_file() and not (tmp_path / "~").exists()
+    with pytest.raises(TypeError, match="items: a list of ImageItem, got the path"):
+        cgidm.authenticate(world_pair, str(tiny_world / "images" / "members"), tmp_path / "b", CFG)
+    with pytest.raises(TypeError, match="images are given as ImageItem"):
+        cgidm.authenticate(world_pair, [str(items[0].path)], tmp_path / "b", CFG)
+    with pytest.raises(TypeError, match="an image's id must be a string, got 5"):
+        ImageItem(items[0].path, "member", id=5)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_sweep_in_one_process_keeps_only_the_latest_settings_engines(world_pair, tiny_world):
+    """A pair keeps the engines of the settings it ran last (each bucket of them), not one
+    per setting ever run: on a GPU each holds its buffers and captured graph."""
+    imgs = torch.stack([load_image(p, 16) for p in sorted((tiny_world / "images" / "members").glob("*.png"))[:3]])
+    cfg = CFG.replace(engine="engine", batch_size=2)
+    prep = cgidm.prepare(world_pair, imgs, ["a", "b", "c"], cfg)
+    world_pair.__dict__.pop("_engines", None)
+    for steps in (1, 2, 3):
+        cgidm.recover(world_pair, prep, cfg.replace(steps=steps))
+        cgidm.recover(world_pair, cgidm.prepare(world_pair, imgs[:1], ["a"], cfg), cfg.replace(steps=steps))
+    cgidm.recover(world_pair, prep, cfg.replace(steps=3, batch_size=4))
+    keys = list(world_pair.__dict__["_engines"])
+    assert sorted(k[0] for k in keys) == [2, 4] and {k[1].steps for k in keys} == {3}
+    cgidm.recover(world_pair, prep, cfg.replace(prompt="another prompt", steps=3))
+    assert [k[3] for k in world_pair.__dict__["_engines"]] == ["another prompt"]
+
+
+def test_loaders_take_the_same_names_and_leave_the_environment_as_it_was(tiny_world, monkeypatch):
+    """``load_base`` takes the dtype and device names ``load_pair`` takes ("bf16" was a torch
+    TypeError; "auto" a RuntimeError), both take ``device="auto"`` as the CLI does, and
+    neither leaves ``HF_HUB_OFFLINE`` set for the processes started after them."""
+    from cgidm.protect import load_base
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model = load_base(tiny_world / "base", device="auto", dtype="bf16")
+    assert next(model.unet.parameters()).dtype == torch.bfloat16 and model.device.type == "cpu"
+    pair = cgidm.load_pair(tiny_world / "base", tiny_world / "finetuned", device="auto")
+    assert pair.device.type == "cpu" and "HF_HUB_OFFLINE" not in __import__("os").environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    load_base(tiny_world / "base")
+    assert __import__("os").environ["HF_HUB_OFFLINE"] == "0"
+    with pytest.raises(ValueError, match="device 'gpu' is not a device"):
+        load_base(tiny_world / "base", device="gpu")
