@@ -21,6 +21,10 @@ from cgidm.config import COVERS
 from cgidm.files import NotAFile, regular_file
 
 log = logging.getLogger(__name__)
+# Pillow's warnings for a damaged EXIF block ("Corrupt EXIF data", "Truncated File Read")
+# name no file and reach the terminal as raw library lines (from a writer thread too); what
+# could not be read is said in the image's notes
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 # what marks a folder as cgidm's own output: any one of these files (the lock every run
 # takes first, protect's settings, extract's record), or all of a group (the rows and
 # summary of a run from before the lock)

@@ -82,7 +82,7 @@ def check_before_loading(cfg: ProtectConfig) -> None:
         log.warning("--target is not used by --loss advdm (only by textural and fused); it is ignored")
     elif cfg.target is not None:
         try:
-            load_image_with_notes(cfg.target, 8)
+            load_image_with_notes(cfg.target, 1)  # readable; its size is checked against the model's
         except ImageError as e:
             raise ValueError(f"--target {cfg.target}: {e.reason}") from None
     if cfg.textural_weight is not None and cfg.loss != "fused":

@@ -100,7 +100,9 @@ def _working_image(img: Image.Image, notes: list[str], raw_modes: Sequence[str] 
         orientation = img.getexif().get(_ORIENTATION, 1)
     except Exception:
         orientation = 1
-    if orientation not in (None, 1):
+    if orientation not in (None, 1) and orientation not in range(2, 9):  # exif_transpose leaves these
+        notes.append(f"EXIF orientation {orientation!r} is not one of 1-8, ignored")
+    elif orientation not in (None, 1):
         try:
             img = ImageOps.exif_transpose(img)
             notes.append("EXIF orientation applied to the pixels")
@@ -179,6 +181,9 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Im
     for key in text:  # exif_transpose rewrites the XMP's orientation in the copy it returns
         if isinstance(working.info.get(key), str):
             text[key] = working.info[key]
+    comment = img.info.get("comment")  # a JPEG's or GIF's comment (often its copyright line), as bytes
+    if isinstance(comment, bytes) and comment.strip(b"\0 ") and "Comment" not in text:
+        text["Comment"] = comment.decode("utf-8", "replace")
     for key, value in text.items():
         if key == "cgidm-protect":
             continue
@@ -213,6 +218,8 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Im
             if any("EXIF orientation applied" in n for n in notes):
                 exif[_ORIENTATION] = 1
             kw["exif"] = exif.tobytes()
+        elif isinstance(img.info.get("exif"), bytes) and len(img.info["exif"]) > 8:  # a block with no tag read
+            notes.append("EXIF unreadable, not copied")
     except Exception:
         notes.append("EXIF unreadable, not copied")
     dpi = img.info.get("dpi")

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from cgidm.config import ProtectConfig
 from cgidm.files import atomic_write_json
-from cgidm.protect_output import output_name
+from cgidm.protect_output import NAME_MAX, output_name
 from cgidm.resume import DigestCache, differences, read_jsonl, same_source, sha256_file
 
 log = logging.getLogger("cgidm.protect")
@@ -90,6 +90,17 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
     atomic_write_json(path, {"settings": settings}, sort_keys=True)
 
 
+def _numbered(name: str, k: int) -> str:
+    """``name`` (a path ending in ``.png``) with ``~k`` before its suffix, its last part cut
+    to the file system's ``NAME_MAX`` bytes: a 251-byte name and its ``~1`` stopped the whole
+    run (the write failed as a full disk does)."""
+    head, sep, last = name.rpartition("/")
+    stem, tail = last[:-4], f"~{k}{last[-4:]}"
+    while len((stem + tail).encode("utf-8", "surrogateescape")) > NAME_MAX:
+        stem = stem[:-1]
+    return f"{head}{sep}{stem}{tail}"
+
+
 def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[str]]:
     """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
     finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
@@ -121,7 +132,7 @@ def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[s
         name, k = first, 0
         while name is not None and not free(name, it.id):
             k += 1
-            name = f"{first[:-4]}~{k}{first[-4:]}"
+            name = _numbered(first, k)
         if name is not None:
             taken.add(key(name))
         names[it.id] = name

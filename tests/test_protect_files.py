@@ -199,3 +199,42 @@ def test_an_out_inside_the_images_that_holds_the_users_images_is_refused(tiny_wo
                      "--steps", "1", "--eval-draws", "1", "-q"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["a.png", "sub/b.png"]
+
+
+def test_comments_odd_orientations_and_damaged_exif_are_said(base, tmp_path):
+    """A JPEG's comment (often its copyright line) is kept as the PNG's ``Comment``; an
+    EXIF orientation outside 1-8 is said to be ignored (it was said to be applied); a
+    damaged EXIF block is said in the row's notes, not in Pillow's raw warning lines."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    pixels = lambda: Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))  # noqa: E731
+    pixels().save(folder / "comment.jpg", comment=b"(c) an artist 2026", quality=95)
+    for value in (0, 9):
+        ex = Image.Exif()
+        ex[0x0112] = value
+        pixels().save(folder / f"orient{value}.jpg", exif=ex, quality=95)
+    ex = Image.Exif()
+    ex[315] = "an artist"
+    ex[0x010E] = "a description long enough to be cut off"
+    pixels().save(folder / "damaged.jpg", exif=ex.tobytes()[:30], quality=95)
+    out = tmp_path / "out"
+    summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+    assert summary["failed"] == 0, summary["errors"]
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert Image.open(out / rows["comment.jpg"]["protected"]).info["Comment"] == "(c) an artist 2026"
+    for value in (0, 9):
+        notes = rows[f"orient{value}.jpg"]["notes"]
+        assert f"EXIF orientation {value} is not one of 1-8, ignored" in notes and not any(
+            "applied" in n for n in notes), notes
+        assert Image.open(out / rows[f"orient{value}.jpg"]["protected"]).size == (16, 16)
+    assert "EXIF unreadable, not copied" in rows["damaged.jpg"]["notes"]
+    # pytest sets the warning filters of its own around a test: the process cgidm runs in is checked
+    import subprocess
+    import sys
+
+    read = "from PIL import Image; im = Image.open({!r}); im.getexif(); im.load()"
+    for prelude, said in (("", True), ("import cgidm.images; ", False)):
+        err = subprocess.run([sys.executable, "-c", prelude + read.format(str(folder / "damaged.jpg"))],
+                             capture_output=True, text=True, check=True).stderr
+        assert ("TiffImagePlugin" in err) is said, err

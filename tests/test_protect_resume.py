@@ -73,6 +73,12 @@ def test_a_written_name_stays_with_its_image():
     done = {i: {"id": i, "protected": f"protected/{i}"} for i in ("cat.PNG", "cat.png")}
     assert output_names([ProtectItem(None, i) for i in ("cat.PNG", "cat.png", "Cat.png")], done) == {
         "cat.PNG": "cat.PNG", "cat.png": "cat.png", "Cat.png": "Cat~1.png"}
+    # a numbered name stays within 255 bytes (a 251-byte name and its "~1" stopped the run)
+    long_a, long_b = "d/" + "A" * 251 + ".png", "d/" + "a" * 251 + ".png"
+    names = output_names([ProtectItem(None, long_a), ProtectItem(None, long_b)], {})
+    assert names[long_a] == long_a and names[long_b] == "d/" + "a" * 249 + "~1.png"
+    wide = "é" * 125 + ".png"  # 254 bytes: cut by whole characters
+    assert output_names([ProtectItem(None, wide.upper()), ProtectItem(None, wide)], {})[wide] == "é" * 124 + "~1.png"
 
 
 def test_a_resume_refuses_another_base_and_other_eval_draws(base, tiny_world, tmp_path):
