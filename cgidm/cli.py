@@ -452,7 +452,11 @@ def main(argv=None) -> int:
     for handler in logging.getLogger().handlers:  # file names in log lines: no terminal escapes
         if not any(isinstance(f, ShownFilter) for f in handler.filters):
             handler.addFilter(ShownFilter())
-    from cgidm.models import ModelLoadError
+    try:
+        from cgidm.models import ModelLoadError  # torch and diffusers: seconds, a Ctrl-C may come in them
+    except KeyboardInterrupt:
+        print("cgidm: interrupted before anything was done", file=sys.stderr)
+        return 130
 
     try:
         if args.command == "authenticate":

@@ -334,3 +334,21 @@ def test_a_quoted_tilde_out_is_the_home_folder(tiny_world, tmp_path, monkeypatch
     assert code == cli.EXIT_OK
     assert (home / "o" / "results.jsonl").exists() and (home / "o" / "report.html").exists()
     assert list(work.iterdir()) == []
+
+
+def test_ctrl_c_while_the_libraries_load_is_a_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """The first seconds of a run import torch and diffusers; a Ctrl-C there printed a
+    traceback (later ones were said in one line already)."""
+    import sys
+    import types
+
+    from cgidm import cli
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "cgidm.models", Loading("cgidm.models"))
+    code = cli.main(["demo", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip() == "cgidm: interrupted before anything was done"
