@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -65,18 +66,26 @@ def _check_local(path: str | Path, what: str) -> Path:
     return p
 
 
+_OFFLINE = {"lock": threading.Lock(), "loads": 0, "ours": False}
+
+
 def model_loader(fn):
-    """``fn`` (a loader) run with the hub libraries offline (``HF_HUB_OFFLINE=1`` while it
-    runs, the variable as it was afterwards: a child process started later is not told
-    otherwise), and a ``PermissionError`` from anywhere inside it (a model folder this user
-    may not enter or list, a config it may not read: the libraries open files of their own)
-    raised as the ``ModelLoadError`` naming the path, not as a crash."""
+    """``fn`` (a loader) run with ``HF_HUB_OFFLINE=1`` where the user did not set it (every
+    load also passes ``local_files_only``; the variable is the net under it), taken out again
+    when the last load running ends, so a child process started later is not told otherwise
+    (the hub library, imported during a load, reads it once: that process stays offline);
+    and a ``PermissionError`` from anywhere inside it (a model folder this user may not enter
+    or list, a config it may not read: the libraries open files of their own) raised as the
+    ``ModelLoadError`` naming the path, not as a crash."""
     import functools
 
     @functools.wraps(fn)
     def loader(*args, **kwargs):
-        before = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        with _OFFLINE["lock"]:  # loads in several threads: the first sets it, the last takes it out
+            if _OFFLINE["loads"] == 0:
+                _OFFLINE["ours"] = "HF_HUB_OFFLINE" not in os.environ
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            _OFFLINE["loads"] += 1
         try:
             return fn(*args, **kwargs)
         except PermissionError as e:
@@ -84,10 +93,10 @@ def model_loader(fn):
             raise ModelLoadError(f"{where}: {e.strerror or e} (a model's folders and files must be readable by "
                                  "this user)") from None
         finally:
-            if before is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = before
+            with _OFFLINE["lock"]:
+                _OFFLINE["loads"] -= 1
+                if _OFFLINE["loads"] == 0 and _OFFLINE["ours"]:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
 
     return loader
 
@@ -107,19 +116,19 @@ MAIN_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
 def _loaded_safetensors(folder: Path, names: list[str]) -> list[str]:
-    """Of a folder's safetensors files, those its loader reads: the main file, or the
-    shards its index names; else every one but another variant's (``*.fp16.safetensors``).
+    """Of a folder's safetensors files, those its loader may read: the main file and the
+    shards an index names; else every one but another variant's (``*.fp16.safetensors``).
     Others (macOS's ``._`` files, an unused variant, a backup) are not read, so not checked."""
-    main = [n for n in MAIN_WEIGHTS if n in names]
-    if main:
-        return main[:1]
+    read = [n for n in MAIN_WEIGHTS if n in names]  # and the shards, where an index is there too
     for index in (n + ".index.json" for n in MAIN_WEIGHTS):
         if index in names:
             try:
                 shards = json.loads((folder / index).read_text())["weight_map"].values()
-                return sorted({str(v) for v in shards})
+                read += sorted({str(v) for v in shards} - set(read))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ModelLoadError(f"{folder / index}: unreadable shard index ({_one_line(e, 120)})") from None
+    if read:
+        return read
     return [n for n in names if n.lower().endswith(".safetensors") and not re.search(r"\.[\w-]+\.safetensors$", n)]
 
 
@@ -428,3 +437,53 @@ def find_prompt(
     if not looked:
         return None, "no fine-tuned model or LoRA given"
     return None, "no instance prompt recorded (" + "; ".join(looked) + ")"
+
+
+# --------------------------------------------------------------------------- a LoRA file's settings
+
+
+def adapter_metadata(path: Path) -> dict:
+    """The LoRA settings diffusers writes into a safetensors file's metadata
+    (``lora_adapter_metadata``: ``unet.r``, ``unet.lora_alpha``, ``alpha_pattern``,
+    ``use_rslora``, ... per model prefix) as a dict, ``{}`` where there are none. Its own
+    loader builds each adapter from them instead of from the tensors: without them a LoRA
+    trained at ``lora_alpha`` != ``r`` ran at the wrong strength (docs/families.md, "LoRA")."""
+    import json
+
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    meta = read_safetensors_header(Path(path)).get("__metadata__")
+    raw = meta.get("lora_adapter_metadata") if isinstance(meta, dict) else None
+    if raw is None:
+        return {}
+    try:
+        out = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        out = None
+    if not isinstance(out, dict):
+        raise ModelLoadError(f"{path}: malformed LoRA settings in the file's metadata (lora_adapter_metadata is "
+                             "not a JSON object)")
+    # settings a newer PEFT wrote that this one does not have would stop the load (LoraConfig
+    # takes no unknown keyword): left out, and said
+    import dataclasses
+
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(k for k in out if k.partition(".")[2] not in known)
+    if unknown:
+        log.warning("%s: LoRA settings in the file's metadata that this PEFT does not know, ignored: %s", path,
+                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    return {k: v for k, v in out.items() if k not in unknown}
+
+
+def metadata_of(metadata: dict, prefix: str) -> Optional[dict]:
+    """The metadata for one model of the LoRA (the loaders drop the ``prefix.`` themselves),
+    None where it has none. Its ``init_lora_weights`` is always PEFT's default: the file's
+    tensors replace the initial A and B, but some initialisations (PiSSA, OLoRA, LoftQ) first
+    rewrite the base layer's weights, which here are also the pretrained side's, and
+    ``False`` leaves a random B on a targeted layer the file has no tensors for."""
+    own = {k: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+    if own:
+        own[prefix + ".init_lora_weights"] = True
+    return own or None

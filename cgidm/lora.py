@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line, read_safetensors_header
+from cgidm.checkpoints import PICKLE_SUFFIXES, ModelLoadError, _one_line, adapter_metadata, metadata_of
 from cgidm.progress import library_quiet
 
 log = logging.getLogger(__name__)
@@ -253,42 +253,6 @@ def _encoders(text_encoder) -> tuple:
     return (text_encoder,)
 
 
-def adapter_metadata(path: Path) -> dict:
-    """The LoRA settings diffusers writes into a safetensors file's metadata
-    (``lora_adapter_metadata``: ``unet.r``, ``unet.lora_alpha``, ``alpha_pattern``,
-    ``use_rslora``, ... per model prefix) as a dict, ``{}`` where there are none. Its own
-    loader builds each adapter from them instead of from the tensors: without them a LoRA
-    trained at ``lora_alpha`` != ``r`` ran at the wrong strength (docs/families.md, "LoRA")."""
-    import json
-
-    if Path(path).suffix.lower() != ".safetensors":
-        return {}
-    meta = read_safetensors_header(Path(path)).get("__metadata__")
-    raw = meta.get("lora_adapter_metadata") if isinstance(meta, dict) else None
-    if raw is None:
-        return {}
-    try:
-        out = json.loads(raw) if isinstance(raw, str) else None
-    except (ValueError, RecursionError):
-        out = None
-    if not isinstance(out, dict):
-        raise ModelLoadError(f"{path}: malformed LoRA settings in the file's metadata (lora_adapter_metadata is "
-                             "not a JSON object)")
-    return out
-
-
-def _of_prefix(metadata: dict, prefix: str) -> Optional[dict]:
-    """The metadata for one model of the LoRA (the loaders drop the ``prefix.`` themselves),
-    None where it has none. Its ``init_lora_weights`` is always PEFT's default: the file's
-    tensors replace the initial A and B, but some initialisations (PiSSA, OLoRA, LoftQ) first
-    rewrite the base layer's weights, which here are also the pretrained side's, and
-    ``False`` leaves a random B on a targeted layer the file has no tensors for."""
-    own = {k: v for k, v in metadata.items() if k.startswith(prefix + ".")}
-    if own:
-        own[prefix + ".init_lora_weights"] = True
-    return own or None
-
-
 def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool,
                         text_encoder_keep=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -324,7 +288,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     unet = copy.deepcopy(unet_base) if copy_unet else unet_base
     if unet_keys:
         # the file's settings where it has them (the loaders take one or the other)
-        u_meta = _of_prefix(metadata, "unet")
+        u_meta = metadata_of(metadata, "unet")
         u_alphas = None if u_meta else {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")} or None
         name = _free_adapter_name(unet)
         try:
@@ -351,7 +315,7 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
             fit.add(bases[i], peft)
             continue
         te = copy.deepcopy(bases[i]) if id(bases[i]) in keep else bases[i]
-        t_meta = _of_prefix(metadata, prefix)
+        t_meta = metadata_of(metadata, prefix)
         t_alphas = None if t_meta else _te_alpha_names(
             {k: v for k, v in (alphas or {}).items() if k.startswith(prefix + ".")}, te, prefix) or None
         name = _free_adapter_name(te)
@@ -503,6 +467,13 @@ class AdaptersOff(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.adapted.parameters()).dtype
+
+    @property
+    def unet_call(self) -> bool:
+        """Called as what it wraps (``reference.takes_unet_call``): a UNet."""
+        from cgidm.reference import takes_unet_call
+
+        return takes_unet_call(self.adapted)
 
     def forward(self, *args, **kwargs):
         with adapters_disabled(self._layers):

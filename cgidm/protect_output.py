@@ -167,6 +167,21 @@ def _colour_chunks(src_info: dict, info: PngImagePlugin.PngInfo) -> None:
 _ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY", **{m: b"GRAY" for m in _SIXTEEN_BIT}}
 
 
+def _exif_entries(raw) -> Optional[int]:
+    """The number of tags an EXIF block's first directory declares: 0 for no block, None
+    where the block is too short or malformed to say."""
+    if not isinstance(raw, bytes) or not raw:
+        return 0
+    tiff = raw[6:] if raw.startswith(b"Exif\0\0") else raw
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    (first,) = struct.unpack(order + "I", tiff[4:8])
+    if first + 2 > len(tiff):
+        return None
+    return struct.unpack(order + "H", tiff[first:first + 2])[0]
+
+
 def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Image) -> dict:
     """``Image.save`` keywords that carry the original's metadata into a PNG like
     ``working`` (the image written): text chunks (XMP as ``working`` has it, its orientation
@@ -183,7 +198,11 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Im
             text[key] = working.info[key]
     comment = img.info.get("comment")  # a JPEG's or GIF's comment (often its copyright line), as bytes
     if isinstance(comment, bytes) and comment.strip(b"\0 ") and "Comment" not in text:
-        text["Comment"] = comment.decode("utf-8", "replace")
+        comment = comment.rstrip(b"\0").replace(b"\0", b" ")  # no NUL in a PNG text
+        try:
+            text["Comment"] = comment.decode("utf-8")
+        except UnicodeDecodeError:  # no set encoding: an old "\xa9 2024" is Windows-1252's copyright sign
+            text["Comment"] = comment.decode("cp1252", "replace")
     for key, value in text.items():
         if key == "cgidm-protect":
             continue
@@ -218,7 +237,7 @@ def _metadata(img: Image.Image, notes: list[str], stamp: dict, working: Image.Im
             if any("EXIF orientation applied" in n for n in notes):
                 exif[_ORIENTATION] = 1
             kw["exif"] = exif.tobytes()
-        elif isinstance(img.info.get("exif"), bytes) and len(img.info["exif"]) > 8:  # a block with no tag read
+        elif _exif_entries(img.info.get("exif")) != 0:  # tags there (or no readable count), none read
             notes.append("EXIF unreadable, not copied")
     except Exception:
         notes.append("EXIF unreadable, not copied")

@@ -460,16 +460,29 @@ def partial_representation(codec, x0: torch.Tensor, mask: torch.Tensor, generato
 
 def takes_unet_call(model) -> bool:
     """Whether ``model`` is called as a diffusers UNet, ``model(x_t, t,
-    encoder_hidden_states=cond, return_dict=False)[0]``, rather than as an ``EpsFn``."""
+    encoder_hidden_states=cond, return_dict=False)[0]``, rather than as an ``EpsFn``: by its
+    forward's ``encoder_hidden_states``, read through ``DataParallel``'s ``.module`` and
+    ``torch.compile``'s ``._orig_mod`` (both take ``**kwargs``, whatever they wrap). A
+    wrapper of cgidm's own that passes keywords on says so itself (``unet_call``:
+    ``lora.AdaptersOff``)."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    marked = getattr(model, "unet_call", None)
+    if marked is not None:
+        return bool(marked)
+    inner = getattr(model, "_orig_mod", None)
+    if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        inner = model.module
+    if isinstance(inner, torch.nn.Module):
+        return takes_unet_call(inner)
     forward = getattr(model, "forward", None)
-    if not isinstance(model, torch.nn.Module) or forward is None:
+    if forward is None:
         return False
     try:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):  # no signature to read: taken as a UNet, as before
         return True
-    # a wrapper passing keywords on (``lora.AdaptersOff``) is called as what it wraps: a UNet
-    return "encoder_hidden_states" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return "encoder_hidden_states" in params
 
 
 def unet_eps_fn(unet) -> EpsFn:

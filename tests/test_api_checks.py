@@ -225,7 +225,8 @@ def test_a_sweep_in_one_process_keeps_only_the_latest_settings_engines(world_pai
 def test_loaders_take_the_same_names_and_leave_the_environment_as_it_was(tiny_world, monkeypatch):
     """``load_base`` takes the dtype and device names ``load_pair`` takes ("bf16" was a torch
     TypeError; "auto" a RuntimeError), both take ``device="auto"`` as the CLI does, and
-    neither leaves ``HF_HUB_OFFLINE`` set for the processes started after them."""
+    ``HF_HUB_OFFLINE`` is set while they load (unless the user set it) and taken out after:
+    a process started later is not told otherwise."""
     from cgidm.protect import load_base
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -233,8 +234,44 @@ def test_loaders_take_the_same_names_and_leave_the_environment_as_it_was(tiny_wo
     assert next(model.unet.parameters()).dtype == torch.bfloat16 and model.device.type == "cpu"
     pair = cgidm.load_pair(tiny_world / "base", tiny_world / "finetuned", device="auto")
     assert pair.device.type == "cpu" and "HF_HUB_OFFLINE" not in __import__("os").environ
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    load_base(tiny_world / "base")
-    assert __import__("os").environ["HF_HUB_OFFLINE"] == "0"
+    seen = []
+    monkeypatch.setattr("cgidm.models._base_dir", lambda base: seen.append(__import__("os").environ.get(
+        "HF_HUB_OFFLINE")) or (_ for _ in ()).throw(cgidm.ModelLoadError("stop")))
+    with pytest.raises(cgidm.ModelLoadError):
+        cgidm.load_pair(tiny_world / "base", tiny_world / "finetuned")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a value the user set is not overridden
+    with pytest.raises(cgidm.ModelLoadError):
+        cgidm.load_pair(tiny_world / "base", tiny_world / "finetuned")
+    assert seen == ["1", "0"] and __import__("os").environ["HF_HUB_OFFLINE"] == "0"
     with pytest.raises(ValueError, match="device 'gpu' is not a device"):
         load_base(tiny_world / "base", device="gpu")
+
+
+def test_a_denoiser_in_a_wrapper_is_not_taken_for_a_unet(world_pair, tiny_world):
+    """``DataParallel`` and ``torch.compile`` forward ``**kwargs``: a plain denoiser inside
+    one was called as a UNet (``encoder_hidden_states=``, a TypeError); a UNet inside one,
+    and a LoRA pair's pretrained side, are UNets."""
+    from cgidm.lora import AdaptersOff
+    from cgidm.reference import takes_unet_call
+
+    class Eps(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(scale))
+
+        def forward(self, x, t, c):
+            return self.w * x
+
+    for wrap in (torch.nn.DataParallel, torch.compile):
+        assert not takes_unet_call(wrap(Eps(0.5))) and takes_unet_call(wrap(world_pair.unet_ft))
+    lora = cgidm.load_pair(tiny_world / "base", lora=tiny_world / "lora.safetensors")
+    assert isinstance(lora.unet_pre, AdaptersOff) and takes_unet_call(lora.unet_pre)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 4, 4)
+    mask[:, ::2] = 1
+    cond = torch.zeros(1, 2, 3)
+    args = (x0, x0 * mask, mask, cond, cond, world_pair.abar, PGDConfig(steps=2))
+    keys = torch.tensor([1, 2])
+    got = cgidm.invert(torch.nn.DataParallel(Eps(0.5)), torch.nn.DataParallel(Eps(0.2)), *args, keys=keys)
+    want = cgidm.invert(Eps(0.5), Eps(0.2), *args, keys=keys)
+    assert torch.equal(got.x_rec, want.x_rec)

@@ -399,7 +399,7 @@ def test_a_kohya_text_encoder_lora_of_some_projections_equals_its_peft_twin(tiny
         torch.testing.assert_close(c_a, b.encode_prompt("a sks pattern")[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_loras_own_settings_in_its_metadata_set_its_strength(tiny_world, tmp_path):
+def test_a_loras_own_settings_in_its_metadata_set_its_strength(tiny_world, tmp_path, caplog):
     """diffusers writes a LoRA's PEFT settings into the file's metadata (``lora_alpha`` !=
     ``r``, per model): they are read, so the LoRA equals its twin with alpha / r folded into
     B (before, every layer ran at alpha / r = 1: here 2x too weak on the UNet, 2x too strong on
@@ -433,6 +433,13 @@ def test_a_loras_own_settings_in_its_metadata_set_its_strength(tiny_world, tmp_p
     assert (out_a - _unet_out(unet, c_b)).abs().max() > 1e-3
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(_unet_out(a.unet_pre, c_b), _unet_out(unet, c_b), rtol=0, atol=1e-6)
+    # a setting a newer PEFT wrote is left out, with a warning (it stopped the load)
+    newer = {**meta, "unet.some_future_field": 1}
+    save_file(state, str(tmp_path / "newer.safetensors"), metadata={"lora_adapter_metadata": json.dumps(newer)})
+    with caplog.at_level("WARNING", logger="cgidm.lora"):
+        c = load_pair(tiny_world / "base", lora=tmp_path / "newer.safetensors")
+    assert "this PEFT does not know, ignored: unet.some_future_field" in caplog.text
+    torch.testing.assert_close(_unet_out(c.unet_ft, c_b), out_b, rtol=1e-4, atol=1e-5)
     save_file(state, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "[1, 2]"})
     with pytest.raises(ModelLoadError, match="malformed LoRA settings in the file's metadata"):
         load_pair(tiny_world / "base", lora=tmp_path / "bad.safetensors")

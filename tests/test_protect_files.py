@@ -218,6 +218,8 @@ def test_comments_odd_orientations_and_damaged_exif_are_said(base, tmp_path):
     ex[315] = "an artist"
     ex[0x010E] = "a description long enough to be cut off"
     pixels().save(folder / "damaged.jpg", exif=ex.tobytes()[:30], quality=95)
+    pixels().save(folder / "latin1.jpg", comment=b"\xa9 2024 Jane Doe\x00", quality=95)  # no set encoding
+    pixels().save(folder / "empty_exif.jpg", exif=Image.Exif().tobytes(), quality=95)  # well-formed, no tag
     out = tmp_path / "out"
     summary = protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
     assert summary["failed"] == 0, summary["errors"]
@@ -229,6 +231,8 @@ def test_comments_odd_orientations_and_damaged_exif_are_said(base, tmp_path):
             "applied" in n for n in notes), notes
         assert Image.open(out / rows[f"orient{value}.jpg"]["protected"]).size == (16, 16)
     assert "EXIF unreadable, not copied" in rows["damaged.jpg"]["notes"]
+    assert Image.open(out / rows["latin1.jpg"]["protected"]).info["Comment"] == "\u00a9 2024 Jane Doe"
+    assert not rows["empty_exif.jpg"].get("notes"), rows["empty_exif.jpg"]
     # pytest sets the warning filters of its own around a test: the process cgidm runs in is checked
     import subprocess
     import sys
