@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -417,6 +418,8 @@ class ProtectConfig:
     impl: str = _opt(DEFAULT_IMPL, "implementation of the L-inf step op", choices=IMPLS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.target, os.PathLike):  # a path as the API gives it: kept as its text
+            object.__setattr__(self, "target", os.fspath(self.target))
         _check_types(self)
         parse_level(self.budget, "budget")
         parse_level(self.step_size, "step size")

@@ -181,6 +181,9 @@ def test_settings_that_cannot_run_are_refused_before_any_image(world_pair, tiny_
                         (lambda: RunOptions(allow_pickle=1), "allow_pickle must be True or False, got 1")]:
         with pytest.raises(TypeError, match=match):
             make()
+    from pathlib import Path
+
+    assert ProtectConfig(loss="textural", target=Path("t.png")).target == "t.png"  # a path is taken as its text
     with pytest.raises(ValueError, match="pass_rate must be >= 1"):
         AuthConfig(pass_rate=0)
     import numpy as np
