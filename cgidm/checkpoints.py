@@ -448,8 +448,6 @@ def adapter_metadata(path: Path) -> dict:
     ``use_rslora``, ... per model prefix) as a dict, ``{}`` where there are none. Its own
     loader builds each adapter from them instead of from the tensors: without them a LoRA
     trained at ``lora_alpha`` != ``r`` ran at the wrong strength (docs/families.md, "LoRA")."""
-    import json
-
     if Path(path).suffix.lower() != ".safetensors":
         return {}
     meta = read_safetensors_header(Path(path)).get("__metadata__")

@@ -100,14 +100,14 @@ def _working_image(img: Image.Image, notes: list[str], raw_modes: Sequence[str] 
         orientation = img.getexif().get(_ORIENTATION, 1)
     except Exception:
         orientation = 1
-    if orientation not in (None, 1) and orientation not in range(2, 9):  # exif_transpose leaves these
-        notes.append(f"EXIF orientation {orientation!r} is not one of 1-8, ignored")
-    elif orientation not in (None, 1):
+    if orientation in range(2, 9):
         try:
             img = ImageOps.exif_transpose(img)
             notes.append("EXIF orientation applied to the pixels")
         except Exception:
             notes.append("EXIF orientation unreadable, ignored")
+    elif orientation not in (None, 1):  # exif_transpose leaves these
+        notes.append(f"EXIF orientation {orientation!r} is not one of 1-8, ignored")
     if img.mode == "RGBA" and any(r.startswith("LA;16") for r in raw_modes):
         # 16-bit grey with alpha, which Pillow opens as RGBA: grey it stays (one change for
         # the three channels), in 8 bits (the note on fewer bits says so)
