@@ -42,7 +42,7 @@ from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, check_readable, 
                                      extraction_metrics, features_of, grid, nearest, pixel_features)
 from cgidm.extract_samples import SAMPLES, decode, describe_samples, thumbnails
 from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest, sampling_settings
-from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text
+from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text, shown
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
@@ -372,7 +372,8 @@ REPORT = """<!doctype html>
 code,td,li{unicode-bidi:isolate}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 .sub{color:#666} .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
-.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px}.card b{display:block;font-size:22px}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px;max-width:22em}.card b{display:block;font-size:22px}
+.note{display:block;color:#666;font-size:smaller} code,td{unicode-bidi:isolate}
 img{image-rendering:pixelated} table{border-collapse:collapse;margin-top:16px}
 th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-align:middle}
 .settings th{font-weight:normal;color:#666}
@@ -381,30 +382,32 @@ td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 <h1>cgidm extraction</h1>
 <p class="sub">Samples drawn with the guidance extrapolated from the pretrained model toward the fine-tune
 (<code>{{ s.guidance_formula }}</code>, w = {{ s.config.guidance }}, k = {{ s.config.correction }},
-pretrained prompt: {{ s.config.pretrained_prompt }}), then clustered; each candidate is the
-representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt }}</code> ({{ s.prompt_from }}).</p>
-<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+pretrained prompt: {{ s.config.pretrained_prompt|shown }}), then clustered; each candidate is the
+representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt|shown }}</code> ({{ s.prompt_from|shown }}).</p>
+<p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
 <h2>Settings</h2>
 <table class="settings"><tbody>
-{% for name, value in settings %}<tr><th>{{ name }}</th><td>{{ value }}</td></tr>
+{% for name, value in settings %}<tr><th>{{ name }}</th><td>{{ value|shown }}</td></tr>
 {% endfor %}</tbody></table>
 <div class="cards">
 <div class="card">samples<b>{{ s.finite_samples }}</b></div>
 <div class="card">clusters<b>{{ s.clustering.clusters }}</b></div>
 <div class="card">threshold ({{ s.features }} cosine)<b>{{ fmt(s.clustering.threshold) }}</b></div>
-{% if s.compare and s.compare.labelled %}<div class="card">members extracted<b>{{ s.compare.labelled.extracted }} / {{ s.compare.labelled.members }}</b></div>
-<div class="card">AUC members vs hold-outs<b>{{ fmt(s.compare.labelled.auc) }}</b></div>{% endif %}
+{% if s.compare and s.compare.labelled %}{% set lab = s.compare.labelled %}<div class="card">members extracted<b>{{ lab.extracted }} / {{ lab.members }}</b>
+<span class="note">a member counts when its best similarity to a candidate is above every hold-out's
+(threshold {{ fmt(lab.threshold) }}, the best of {{ lab.holdouts }} hold-out{{ 's' if lab.holdouts != 1 else '' }}): no hold-out counts</span></div>
+<div class="card">AUC members vs hold-outs<b>{{ fraction(lab.auc) }}</b><span class="note">each image ranked by its best similarity to a candidate</span></div>{% endif %}
 </div>
 <h2>Candidates</h2><img alt="candidates" src="grid.png" style="max-width:100%">
 {% if s.compare %}<h2>Nearest images in the compared folder</h2>
 <table><thead><tr><th>rank</th><th>cluster size</th><th>candidate | nearest</th><th>nearest</th><th>label</th>
-<th>similarity</th><th>SSIM</th><th>PSNR</th></tr></thead><tbody>
+<th>similarity</th><th>SSIM</th><th>PSNR (dB)</th></tr></thead><tbody>
 {% for p in s.compare.pairs %}<tr><td>{{ p.rank }}</td><td>{{ s.candidates[loop.index0].cluster_size }}</td>
-<td><img alt="candidate {{ p.rank }}" src="{{ p.pair_image }}"></td><td><code>{{ p.nearest }}</code></td>
+<td><img alt="candidate {{ p.rank }}" src="{{ p.pair_image }}"></td><td><code>{{ p.nearest|shown }}</code></td>
 <td class="{{ p.label or '' }}">{{ p.label or '' }}</td><td>{{ fmt(p.similarity) }}</td><td>{{ fmt(p.ssim) }}</td>
 <td>{{ fmt(p.psnr) }}</td></tr>{% endfor %}</tbody></table>
 {% if s.compare.failed %}<p class="sub">{{ s.compare.failed | length }} image(s) of the folder could not be read and
-were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error }}</code></li>{% endfor %}</ul>{% endif %}
+were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error|shown }}</code></li>{% endfor %}</ul>{% endif %}
 {% else %}
 <table><thead><tr><th>rank</th><th>cluster size</th><th>mean similarity</th><th>candidate</th></tr></thead><tbody>
 {% for c in s.candidates %}<tr><td>{{ c.rank }}</td><td>{{ c.cluster_size }}</td><td>{{ fmt(c.mean_similarity) }}</td>
@@ -464,8 +467,11 @@ def write_report(out: Path, summary: dict) -> Path:
     """``report.html`` beside the images it shows (relative links only)."""
     from jinja2 import Environment, select_autoescape
 
+    from cgidm.report import fraction
+
     env = Environment(autoescape=select_autoescape(default=True))
-    html = env.from_string(REPORT).render(s=summary, fmt=_fmt, settings=settings_rows(summary))
+    env.filters["shown"] = shown  # names and prompts are untrusted: bidi overrides and controls as escapes
+    html = env.from_string(REPORT).render(s=summary, fmt=_fmt, fraction=fraction, settings=settings_rows(summary))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from cgidm.files import _replace_from_tmp, atomic_write_text
+from cgidm.files import _replace_from_tmp, atomic_write_text, shown
 from cgidm.images import crop_box, view_of  # noqa: F401 (crop_box: the centre view's box)
 from cgidm.summary import runtime
 
@@ -391,7 +391,7 @@ REPORT = """<!doctype html>
 code,td,li{unicode-bidi:isolate}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222} .sub{color:#666}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
-.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px} .card b{display:block;font-size:22px}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px} .card b{display:block;font-size:22px} .note{display:block;color:#666;font-size:smaller;max-width:16em} td,code{unicode-bidi:isolate}
 table{border-collapse:collapse;margin-top:16px} th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left}
 td img{height:120px;image-rendering:pixelated} .error{color:#b00;font-weight:bold}
 </style></head><body>
@@ -404,16 +404,16 @@ was left after JPEG q75, a 0.75 downscale or a 3x3 median filter (cgidm's docs/p
 "The effect, measured").</div>
 <div class="cards"><div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>
-{% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b></div>{% endfor %}</div>
-<p class="sub">settings: {% for k, v in settings %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
-<p class="sub">base model: <code>{{ s.base }}</code>; device {{ s.device }}, dtype {{ s.dtype }}{% if s.runtime %}; cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}{% endif %}</p>
+{% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b>{% if k == 'loss protected / clean' %}<span class="note">each image's own ratio, then their median: not the two medians beside it divided</span>{% endif %}</div>{% endfor %}</div>
+<p class="sub">settings: {% for k, v in settings %}{{ k }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+<p class="sub">base model: <code>{{ s.base|shown }}</code>; device {{ s.device }}, dtype {{ s.dtype }}{% if s.runtime %}; cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}{% endif %}</p>
 <table><thead><tr><th>image</th><th>size</th><th>mode</th><th>PSNR dB</th><th>SSIM</th><th>max change (levels)</th>
 <th>loss clean</th><th>loss protected</th><th>notes</th><th>original | protected | perturbation</th></tr></thead><tbody>
-{% for r in rows %}<tr><td>{{ r.id }}</td>{% if r.error %}<td class="error" colspan="9">failed: {{ r.error }}</td>
+{% for r in rows %}<tr><td>{{ r.id|shown }}</td>{% if r.error %}<td class="error" colspan="9">failed: {{ r.error|shown }}</td>
 {% else %}<td>{{ r.size[0] }}&times;{{ r.size[1] }}</td><td>{{ r.mode }}</td><td>{{ fmt(r.psnr) }}</td><td>{{ fmt(r.ssim) }}</td>
 <td>{{ fmt(r.linf_levels) }}</td><td>{{ fmt(r.loss_clean) }}</td><td>{{ fmt(r.loss_protected) }}</td>
-<td>{{ (r.notes or [])|join('; ') }}</td>
-<td>{% set link = r.panel|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="{{ r.id }}" src="{{ link }}"></a>{% endif %}</td>{% endif %}</tr>
+<td>{{ (r.notes or [])|join('; ')|shown }}</td>
+<td>{% set link = r.panel|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="{{ r.id|shown }}" src="{{ link }}"></a>{% endif %}</td>{% endif %}</tr>
 {% endfor %}</tbody></table></body></html>
 """
 
@@ -459,6 +459,7 @@ def write_report(out: Path, rows: Sequence[dict], summary: dict) -> Path:
 
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
+    env.filters["shown"] = shown  # names are untrusted: bidi overrides and controls as escapes
     html = env.from_string(REPORT).render(s=summary, rows=sorted(rows, key=lambda r: r.get("id", "")), fmt=_fmt,
                                           settings=report_settings(summary.get("config") or {}, rows))
     path = Path(out) / "report.html"

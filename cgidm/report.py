@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from jinja2 import Environment, select_autoescape
 
 from cgidm.config import BASELINE_FIELDS, HIGHER_IS_BETTER, METRICS
-from cgidm.files import atomic_write_text
+from cgidm.files import atomic_write_text, shown
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -46,12 +46,12 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">scored<b>{{ s.scored }}</b></div>
 <div class="card">failed<b>{{ s.failed }}</b></div>
-{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ "%.3f"|format(s.auc) }}</b></div>
-<div class="card">accuracy<b>{{ "%.3f"|format(s.accuracy) }}</b></div>
-<div class="card">TPR @ 1% FPR<b>{{ "%.3f"|format(s.tpr_at_1fpr) }}</b></div>{% endif %}
-{% if s.official %}<div class="card">official validator AUC ({{ s.embedder.kind if s.embedder else '' }}, max over the folder)<b>{{ fmt(s.official.auc) }}</b></div>
-<div class="card">official accuracy<b>{{ fmt(s.official.accuracy) }}</b></div>{% endif %}
-{% if s.flagged is defined %}<div class="card">flagged (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}</b>{% if s.flagged_by_chance %}<span class="sub">about {{ s.flagged_by_chance }} by chance were none trained on</span>{% endif %}</div>{% endif %}
+{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ fraction(s.auc) }}</b></div>
+<div class="card">accuracy<b>{{ fraction(s.accuracy) }}</b></div>
+<div class="card">TPR @ 1% FPR<b>{{ fraction(s.tpr_at_1fpr) }}</b></div>{% endif %}
+{% if s.official %}<div class="card">official validator AUC ({{ (s.embedder.label or s.embedder.kind) if s.embedder else '' }}, max over the folder)<b>{{ fraction(s.official.auc) }}</b></div>
+<div class="card">official accuracy<b>{{ fraction(s.official.accuracy) }}</b></div>{% endif %}
+{% if s.flagged is defined %}<div class="card">flagged as fine-tuned on (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}{% if s.verdicts %} of {{ s.verdicts|length }}{% endif %}</b>{% if s.flagged_by_chance %}<span class="note">each image tested on its own: about {{ s.flagged_by_chance }} would be flagged by chance if none had been trained on</span>{% endif %}</div>{% endif %}
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
@@ -60,37 +60,38 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
 {% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
-({{ sv.test }}, {{ sv.method }}; U = {{ fmt(sv.statistic) }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images).
+({{ sv.test }}, {{ sv.method }}; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
+{{ sv.holdouts_left_out }} hold-out{{ 's' if sv.holdouts_left_out != 1 else '' }}, known not trained on, left out{% endif %}).
 {% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</p>{% endif %}
 {% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
-<tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fmt(m.auc) }}</td><td>{{ fmt(m.accuracy) }}</td><td>{{ fmt(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
+<tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fraction(m.auc) }}</td><td>{{ fraction(m.accuracy) }}</td><td>{{ fraction(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
 {% if s.pairs and s.pairs|length > 1 %}<table class="compare"><thead><tr><th>pair</th><th>images</th><th>failed</th>
-<th>AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k }}</td>
-<td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fmt(p.auc) }}</td>
+<th>AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k|shown }}</td>
+<td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fraction(p.auc) }}</td>
 <td>{% if p.flagged is defined %}{{ p.flagged }}{% endif %}</td>
 <td>{% if p.set_verdict and p.set_verdict.p_value is not none %}{{ p.set_verdict.verdict }} (p = {{ fmt(p.set_verdict.p_value) }}){% endif %}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Each pair on its own: the AUC of its members vs hold-outs, its images flagged against its own controls.
 The figures above pool every pair.</p>{% endif %}
-{% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k }} <code>{{ v.prompt }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
+{% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k|shown }} <code>{{ v.prompt|shown }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt|shown }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
-{% if models %}<p class="sub">models: {% for k, v in models %}{{ k }} = <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
-{% for w in lora_warnings %}<p class="error">{{ w }}</p>{% endfor %}
+{% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{% for w in lora_warnings %}<p class="error">{{ w|shown }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
 {% if rows|length < all_rows %}<p class="sub">The table shows {{ rows|length }} of {{ all_rows }} images: the failed,
 the flagged, then the best recovered. Every image's row is in <code>results.jsonl</code>.</p>{% endif %}
 <table id="rows"><thead><tr>
 <th data-k="s">image</th><th data-k="s">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n">score</th>
-{% for f in fields %}<th data-k="n">{{ f }}</th>{% endfor %}
-<th data-k="n">p-value</th><th data-k="s">verdict</th><th>original | partial | recovered</th></tr></thead>
+{% for f in fields %}<th data-k="n">{{ f }}{% if f == 'psnr' %} (dB){% endif %}</th>{% endfor %}
+{% if zs %}<th data-k="n" title="how many control standard deviations above the controls' mean (oriented: positive is a better recovery)">z</th>{% endif %}<th data-k="n">p-value</th><th data-k="s">verdict{% if s.config and s.config.level is defined and s.flagged is defined %} (p &le; {{ s.config.level }}){% endif %}</th><th>original | partial | recovered</th></tr></thead>
 <tbody>{% for r in rows %}
 <tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
-<td>{{ r.id }}{% if r.notes %}<div class="note">{{ r.notes|join('; ') }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ r.label or '' }}</td>{% if pairs %}<td>{{ r.pair or '' }}</td>{% endif %}
-{% if r.error %}<td class="error" colspan="{{ fields|length + 3 }}">failed: {{ r.error }}</td><td></td>
+<td>{{ r.id|shown }}{% if r.notes %}<div class="note">{{ r.notes|join('; ')|shown }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ (r.label or '')|shown }}</td>{% if pairs %}<td>{{ (r.pair or '')|shown }}</td>{% endif %}
+{% if r.error %}<td class="error" colspan="{{ fields|length + (4 if zs else 3) }}">failed: {{ r.error|shown }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
-<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
-<td>{% set link = r.triptych|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="triptych of {{ r.id }}" src="{{ link }}"></a>{% elif r.triptych %}<code>{{ r.triptych }}</code>{% endif %}</td>{% endif %}
+{% if zs %}<td>{{ "%+.2f"|format(r.z) if r.z is number else '' }}</td>{% endif %}<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
+<td>{% set link = r.triptych|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="triptych of {{ r.id|shown }}" src="{{ link }}"></a>{% elif r.triptych %}<code>{{ r.triptych|shown }}</code>{% endif %}</td>{% endif %}
 </tr>{% endfor %}</tbody></table>
 <script>
 document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
@@ -121,9 +122,24 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        # a small p-value keeps its digits (0.0000 would read as impossible)
-        return f"{v:.3g}" if 0 < abs(v) < 5e-4 else f"{v:.4f}"
+        # a small value (a p-value) keeps three digits: 0.000549, not 0.0005 (nor 0.0000,
+        # which would read as impossible)
+        return f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.4f}"
     return str(v)
+
+
+def fraction(v, digits: int = 3) -> str:
+    """A fraction (AUC, accuracy, a rate) to ``digits`` decimals, with more where rounding
+    would show 1 or 0 for what is not exactly that: 0.9996 is ``0.9996``, not ``1.000``."""
+    if not isinstance(v, (int, float)):
+        return "" if v is None else str(v)
+    if not math.isfinite(v):
+        return str(v)
+    text = f"{v:.{digits}f}"
+    while digits < 6 and float(text) in (0.0, 1.0) and v not in (0, 1):
+        digits += 1
+        text = f"{v:.{digits}f}"
+    return text
 
 
 def local_link(value) -> Optional[str]:
@@ -182,31 +198,43 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots = []
     good = [r for r in rows if "error" not in r]
     if good:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         groups: dict[str, list[float]] = {}
+        off: dict[str, int] = {}  # a score that is not a finite number (nan, inf) has no bin
         for r in good:
-            groups.setdefault(r.get("label") or "unlabelled", []).append(r["score"])
-        lo = min(min(v) for v in groups.values())
-        hi = max(max(v) for v in groups.values())
-        bins = 20 if hi > lo else 1
+            label = r.get("label") or "unlabelled"
+            score = r.get("score")
+            if isinstance(score, (int, float)) and math.isfinite(score):
+                groups.setdefault(label, []).append(float(score))
+            else:
+                off[label] = off.get(label, 0) + 1
         colors = {"member": "#c33", "holdout": "#27c", "control": "#888", "unlabelled": "#5a5"}
-        for label, vals in sorted(groups.items()):
-            ax.hist(vals, bins=bins, range=(lo, hi + 1e-12), alpha=0.55, label=f"{label} ({len(vals)})",
-                    color=colors.get(label))
+        if groups:
+            lo = min(min(v) for v in groups.values())
+            hi = max(max(v) for v in groups.values())
+            bins = 20 if hi > lo else 1
+            for label, vals in sorted(groups.items()):
+                ax.hist(vals, bins=bins, range=(lo, hi + max(1e-12, abs(hi) * 1e-9)), alpha=0.55,
+                        label=f"{label} ({len(vals)})", color=colors.get(label))
+            ax.legend(fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # images are counted whole
         ax.set_xlabel(f"score ({summary.get('metric')})")
         ax.set_ylabel("images")
-        ax.set_title("scores by label")
-        ax.legend(fontsize=8)
-        plots.append({"alt": "score histogram", "data": _png(fig)})
+        gone = ", ".join(f"{n} {label}" for label, n in sorted(off.items()))
+        ax.set_title("scores by label" + (f"\nnot a number, not drawn: {gone}" if gone else ""),
+                     fontsize=None if not gone else 9)
+        plots.append({"alt": "score histogram" + (f" ({gone} not a number, not drawn)" if gone else ""),
+                      "data": _png(fig)})
         plt.close(fig)
     roc = summary.get("roc")
     if roc:
         fig, ax = plt.subplots(figsize=(3.4, 3.2))
-        ax.plot(roc["fpr"], roc["tpr"], color="#c33", lw=2, label=f"AUC {summary['auc']:.3f}")
+        ax.plot(roc["fpr"], roc["tpr"], color="#c33", lw=2, label=f"AUC {fraction(summary['auc'])}")
         ax.plot([0, 1], [0, 1], color="#aaa", ls="--", lw=1)
         ax.set_xlabel("false positive rate (hold-outs)")
         ax.set_ylabel("true positive rate (members)")
@@ -252,6 +280,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     sv = summary.get("set_verdict")
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["local_link"] = local_link
+    env.filters["shown"] = shown  # ids and names are untrusted: bidi overrides and controls as escapes
     models, lora_warnings = _models(summary.get("models"))
     stalled = summary.get("stalled")
     if isinstance(stalled, dict) and stalled.get("images"):
@@ -259,7 +288,8 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     html = env.from_string(TEMPLATE).render(
         models=models, lora_warnings=lora_warnings,
         s=summary, rows=shown_rows(rows, summary.get("metric")), all_rows=len(rows),
-        fields=fields, plots=_plots(rows, summary), fmt=_fmt, compare=compare,
+        fields=fields, plots=_plots(rows, summary), fmt=_fmt, fraction=fraction, compare=compare,
+        zs=any(isinstance(r.get("z"), (int, float)) for r in rows),
         sv=sv if isinstance(sv, dict) else None,
         pairs=any(r.get("pair") for r in rows),
     )

@@ -67,6 +67,14 @@ def set_metrics(scores: Sequence[float], is_member: Sequence[bool], metric: str 
 
     y = np.asarray(is_member, dtype=bool)
     s = _oriented(scores, metric)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        # a score that is not a finite number (a non-finite recovery, an edited results
+        # file) ranks: NaN and -inf as the worst recovery, +inf as the best, as the
+        # calibration ranks them; sklearn refuses them as they are
+        fin = s[~bad]
+        lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 0.0)
+        s = np.where(np.isnan(s) | (s == -np.inf), lo - 1.0, np.where(s == np.inf, hi + 1.0, s))
     if y.all() or (~y).all():
         return {"auc": None, "accuracy": None, "tpr_at_1fpr": None, "n_members": int(y.sum()),
                 "n_holdouts": int((~y).sum())}

@@ -9,9 +9,11 @@ from typing import Optional, Sequence
 
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import shown
+from cgidm.report import fraction
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
+SUSPECT_LABELS = (None, "member")  # the images the set verdict tests (hold-outs are known clean)
 # what looks like a swapped pair: suspects below the controls or members below the
 # hold-outs, clearly rather than by chance (the one-sided rank test the other way round)
 WORSE_P = 0.01
@@ -122,7 +124,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # them would be flagged on average were none in the fine-tune (set_verdict is
             # the one test of the whole set)
             summary["flagged_by_chance"] = round(cfg.level * len(verdicts), 2) if cal.min_p() <= cfg.level else 0
-            suspects = [r["score"] for r in good if r.get("label") != "control"]
+            # the suspect set: members and unlabelled images; hold-outs are known not to be in
+            # the fine-tune, so counting them would dilute a set that was trained on
+            # (docs/architecture.md, "Where new things plug in")
+            suspects = [r["score"] for r in good if r.get("label") in SUSPECT_LABELS]
             if suspects:
                 try:
                     sv = set_verdict(suspects, cal.scores, cfg.metric, cfg.level)
@@ -135,6 +140,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     elif worse_p(suspects, cal.scores, cfg.metric) <= WORSE_P:
                         sv["warning"] = ("the suspect images recover clearly worse than the controls: are --base and "
                                          "--finetuned swapped, or are the controls unlike the suspect images?")
+                held = sum(r.get("label") == "holdout" for r in good)
+                if held:
+                    sv["holdouts_left_out"] = held
                 summary["set_verdict"] = sv
     return summary
 
@@ -321,7 +329,11 @@ def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int =
         folders = validator_folders(rows)
         for r, g, a, b in zip(good, groups, official.tolist(), paired.tolist()):
             r["official_cos"], r["embed_cos"], r["official_folder"] = float(a), float(b), folders[g]
-    return {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
+    info = {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
+    if getattr(embedder, "stand_in", False):
+        info["stand_in"] = True
+        info["label"] = embedder.label
+    return info
 
 
 def _print_pairs(pairs: dict, most: int = 20) -> None:
@@ -330,7 +342,7 @@ def _print_pairs(pairs: dict, most: int = 20) -> None:
     for key, p in list(pairs.items())[:most]:
         bits = [f"{p.get('scored', 0)} scored" + (f", {p['failed']} failed" if p.get("failed") else "")]
         if p.get("auc") is not None:
-            bits.append(f"AUC {p['auc']:.3f}" + (" (few labelled images)" if p.get("sample_warning") else ""))
+            bits.append(f"AUC {fraction(p['auc'])}" + (" (few labelled images)" if p.get("sample_warning") else ""))
         if p.get("flagged") is not None:
             bits.append(f"flagged {p['flagged']}")
         sv = p.get("set_verdict") or {}
@@ -352,22 +364,25 @@ def print_summary(summary: dict) -> None:
     pairs = summary.get("pairs") or {}
     if summary.get("auc") is not None:
         pooled = f" pooled over {len(pairs)} pairs" if len(pairs) > 1 else ""
-        print(f"AUC ({summary['metric']}){pooled}: {summary['auc']:.3f}  accuracy: {summary['accuracy']:.3f}  "
-              f"TPR@1%FPR: {summary['tpr_at_1fpr']:.3f}")
+        print(f"AUC ({summary['metric']}){pooled}: {fraction(summary['auc'])}  "
+              f"accuracy: {fraction(summary['accuracy'])}  TPR@1%FPR: {fraction(summary['tpr_at_1fpr'])}")
     if len(pairs) > 1:
         _print_pairs(pairs)
     if summary.get("official"):
-        o, kind = summary["official"], summary.get("embedder", {}).get("kind", "?")
-        auc = "n/a" if o["auc"] is None else f"{o['auc']:.3f}"
-        print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {o['accuracy']:.3f}  "
-              f"(exact AUC {o['exact_auc']:.3f})")
+        e = summary.get("embedder", {})
+        o, kind = summary["official"], e.get("label") or e.get("kind", "?")
+        auc = "n/a" if o["auc"] is None else fraction(o["auc"])
+        print(f"official validator ({kind}, max over the folder): AUC {auc}  accuracy: {fraction(o['accuracy'])}  "
+              f"(exact AUC {fraction(o['exact_auc'])})")
     for name, m in summary.get("by_metric", {}).items():
         if name.startswith("baseline_") and m.get("auc") is not None:
-            print(f"  baseline {name[len('baseline_'):]}: AUC {m['auc']:.3f}  accuracy: {m['accuracy']:.3f}")
+            print(f"  baseline {name[len('baseline_'):]}: AUC {fraction(m['auc'])}  accuracy: {fraction(m['accuracy'])}")
     sv = summary.get("set_verdict")
     if sv and sv.get("p_value") is not None:
+        held = sv.get("holdouts_left_out")
         print(f"set verdict: {sv['verdict']} (p = {sv['p_value']:.3g}; {sv['n_suspect']} suspect vs "
-              f"{sv['n_controls']} control images, one-sided Mann-Whitney U)")
+              f"{sv['n_controls']} control images, one-sided Mann-Whitney U"
+              + (f"; {held} hold-out{'s' if held != 1 else ''}, known not trained on, left out" if held else "") + ")")
         if sv.get("warning"):
             print(f"warning: {sv['warning']}")
     if summary.get("preset"):

@@ -141,16 +141,24 @@ def dino_features(model, pixel_values: torch.Tensor, n_last: int = DINO_LAST_BLO
     return torch.cat([model.layernorm(h[:, 0]) for h in hidden[-n_last:]], dim=-1)
 
 
+# a file in an embedder folder that says its weights are not a trained model's (the tiny
+# world's random ViT): reports name such an embedder as a stand-in, never as DINO or CLIP
+STAND_IN_FILE = "cgidm-stand-in.txt"
+
+
 class OfficialEmbedder:
     """A CLIP or DINO image embedder with the official preprocessing.
 
     ``kind`` is ``"clip"`` or ``"dino"``; ``dim`` the feature size (512 for ViT-B/32,
-    1536 for ViT-S/16); ``spec`` the preprocessing."""
+    1536 for ViT-S/16); ``spec`` the preprocessing; ``stand_in`` true for a folder marked
+    as untrained (``STAND_IN_FILE``); ``label`` the name reports give it."""
 
     def __init__(self, model, kind: str, folder: Path, device, dtype: torch.dtype) -> None:
         self.model = model
         self.kind = kind
         self.folder = folder
+        self.stand_in = (Path(folder) / STAND_IN_FILE).is_file()
+        self.label = f"random stand-in in {kind.upper()}'s layout, not {kind.upper()}" if self.stand_in else kind
         self.device = torch.device(device)
         self.dtype = dtype
         cfg = model.config

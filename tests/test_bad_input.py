@@ -162,14 +162,18 @@ def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_worl
     protect run's results.jsonl, summary.json and report.html). Refused before any model
     loads, with nothing in the folder touched."""
     import cgidm.models
+    import cgidm.protect
     import cgidm.protect_pgd
     from cgidm.resume import check_run_kind, run_in
 
     def refuse(*a, **k):
         raise AssertionError("a model loaded although --out is refused")
 
+    # cgidm.protect holds its own name for load_base (the CLI's): both are patched, and
+    # imported first, so that no module imported under the patch keeps the refusal
     monkeypatch.setattr(cgidm.models, "load_pair", refuse)
     monkeypatch.setattr(cgidm.protect_pgd, "load_base", refuse)
+    monkeypatch.setattr(cgidm.protect, "load_base", refuse)
     imgs, base, ft = tiny_world / "images", str(tiny_world / "base"), str(tiny_world / "finetuned")
     argv = {
         "protect": ["protect", "--base", base, "--images", str(imgs / "members")],

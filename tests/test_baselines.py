@@ -227,7 +227,9 @@ def test_authenticate_writes_baselines_beside_cgidm(pair_and_items, tmp_path):
     # members come back for the fine-tune and not for the base: the loss difference and PIA
     # separate the tiny world's 3 members from its 3 hold-outs
     assert bm["baseline_loss_diff"]["auc"] == 1.0 and bm["baseline_pia"]["auc"] == 1.0
-    assert summary["set_verdict"]["n_suspect"] == 6 and summary["set_verdict"]["n_controls"] == 3
+    # the set verdict tests the 3 members (the 3 hold-outs are known clean) against the controls
+    sv = summary["set_verdict"]
+    assert (sv["n_suspect"], sv["n_controls"], sv["holdouts_left_out"]) == (3, 3, 3)
     assert summary["config"]["baselines"] == ",".join(BASELINES)
     html = (tmp_path / "report.html").read_text()
     assert "CGI-DM (latent_cos)" in html and "<td>secmi</td>" in html

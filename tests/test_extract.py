@@ -307,6 +307,9 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         assert "members extracted" in said.out
         html = (out / "report.html").read_text()
         assert "candidate_00.png" in html and "grid.png" in html
+        # the card states its rule and the threshold the hold-outs set
+        assert f"members extracted<b>{lab['extracted']} / 6</b>" in html
+        assert f"above every hold-out's\n(threshold {lab['threshold']:.3f}, the best of 6 hold-outs)" in html
 
 
 def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, capsys):

@@ -107,14 +107,29 @@ def test_summary_gives_one_verdict_for_the_suspect_set():
     cfg = AuthConfig(prompt="p")
     s = summarize(rows, cfg)
     sv = s["set_verdict"]
-    assert (sv["n_suspect"], sv["n_controls"]) == (12, 12)
-    assert sv["statistic"] == 144.0
-    assert sv["p_value"] == pytest.approx(1 / math.comb(24, 12))
+    # the suspect set is the members and the unlabelled images: hold-outs are known clean
+    assert (sv["n_suspect"], sv["n_controls"], sv["holdouts_left_out"]) == (8, 12, 4)
+    assert sv["statistic"] == 96.0
+    assert sv["p_value"] == pytest.approx(1 / math.comb(20, 8))
     assert sv["verdict"] == SET_VERDICTS[0] and "warning" not in sv
     # the same scores, suspects now mixed in with the controls: no evidence
     mixed = [r if r["label"] == "control" else _row(int(r["id"][3:]), r["label"], 0.1 + int(r["id"][3:]) / 1000 + 0.0005)
              for r in rows]
     assert summarize(mixed, cfg)["set_verdict"]["verdict"] == SET_VERDICTS[1]
+
+
+def test_hold_outs_do_not_dilute_the_set_verdict():
+    # 4 members far above 12 controls; 8 hold-outs (never trained on) among the lowest.
+    # Counted as suspects they would give U = 48 + 0 of 144 and "no evidence".
+    rows = [_row(i, "member", 0.9 + i / 1000) for i in range(4)]
+    rows += [_row(10 + i, "holdout", 0.05 + i / 1000) for i in range(8)]
+    rows += [_row(20 + i, "control", 0.1 + i / 1000) for i in range(12)]
+    sv = summarize(rows, AuthConfig(prompt="p"))["set_verdict"]
+    assert (sv["n_suspect"], sv["holdouts_left_out"]) == (4, 8)
+    assert sv["p_value"] == pytest.approx(1 / math.comb(16, 4)) and sv["verdict"] == SET_VERDICTS[0]
+    # with no hold-outs the field is absent
+    assert "holdouts_left_out" not in summarize([r for r in rows if r["label"] != "holdout"],
+                                                AuthConfig(prompt="p"))["set_verdict"]
 
 
 def test_summary_warns_when_the_counts_cannot_reach_the_level():

@@ -1,0 +1,163 @@
+"""What the report and the printed summary say: figures that do not round to what they
+are not, a set verdict that says which images it tested, untrusted names shown as
+escapes, a histogram that survives a score that is not a number, and a stand-in
+embedder that is not called DINO."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from cgidm.config import AuthConfig
+from cgidm.report import _fmt, fraction, write_report
+from cgidm.summary import print_summary, summarize
+
+
+def _row(i, label, score, **extra):
+    return {"id": f"img{i:02d}", "image": f"img{i:02d}.png", "label": label, "score": score, "latent_cos": score,
+            **extra}
+
+
+@pytest.mark.parametrize("value, text", [(0.9996, "0.9996"), (0.99996, "0.99996"), (1.0, "1.000"), (1, "1.000"),
+                                         (0.0004, "0.0004"), (0.0, "0.000"), (0.8125, "0.812"), (0.5, "0.500"),
+                                         (None, ""), (float("nan"), "nan")])
+def test_a_fraction_is_not_rounded_to_one_or_zero(value, text):
+    assert fraction(value) == text
+
+
+@pytest.mark.parametrize("value, text", [(0.000549, "0.000549"), (0.00549, "0.00549"), (0.0166, "0.0166"),
+                                         (0.25, "0.2500"), (0.0, "0.0000"), (-0.003, "-0.003")])
+def test_small_values_keep_three_digits(value, text):
+    assert _fmt(value) == text
+
+
+def _html(tmp_path, rows, summary):
+    return write_report(tmp_path, rows, summary).read_text()
+
+
+def test_the_report_says_which_images_the_set_verdict_tested(tmp_path, capsys):
+    rows = [_row(i, "member", 0.9 + i / 1000) for i in range(4)]
+    rows += [_row(10 + i, "holdout", 0.05 + i / 1000) for i in range(3)]
+    rows += [_row(20 + i, "control", 0.1 + i / 1000) for i in range(12)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    s["report"] = "r"
+    html = _html(tmp_path, rows, s)
+    # the statistic as the integer it is, the hold-outs named as left out
+    assert "U = 48;" in html and "4 suspect vs 12 control images;\n3 hold-outs, known not trained on, left out" in html
+    print_summary(s)
+    out = capsys.readouterr().out
+    assert "4 suspect vs 12 control images, one-sided Mann-Whitney U; 3 hold-outs, known not trained on, left out" in out
+
+
+def test_the_flagged_card_and_the_verdict_column_give_the_level(tmp_path):
+    rows = [_row(i, None, 0.9 - i / 100) for i in range(20)]
+    rows += [_row(30 + i, "control", 0.1 + i / 1000) for i in range(19)]
+    s = summarize(rows, AuthConfig(prompt="p", level=0.05))
+    html = _html(tmp_path, rows, s)
+    assert s["flagged"] == 20 and s["flagged_by_chance"] == 1.0
+    assert "flagged as fine-tuned on (p &le; 0.05)<b>20 of 20</b>" in html
+    assert "about 1.0 would be flagged by chance if none had been trained on" in html
+    assert "verdict (p &le; 0.05)</th>" in html
+    # the z-score of each image is a column; the top image is far above the controls
+    assert ">z</th>" in html
+    z = max(r["z"] for r in rows if "z" in r)
+    assert f"<td>{z:+.2f}</td>" in html
+
+
+def test_psnr_has_its_unit(tmp_path):
+    rows = [_row(i, None, 0.5, psnr=14.25) for i in range(2)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert "psnr (dB)</th>" in _html(tmp_path, rows, s)
+
+
+def test_bidi_and_control_characters_in_names_are_escapes(tmp_path):
+    evil = "gpj.\u202eevil\x1b[2J.png"
+    rows = [{**_row(0, None, 0.5), "id": evil, "triptych": "t/x.png", "notes": ["n\u202e"]}]
+    rows.append({"id": "b\u2066ad", "label": None, "error": "broken \u202e name"})
+    s = summarize(rows, AuthConfig(prompt="p\u202eq"))
+    html = _html(tmp_path, rows, s)
+    for ch in ("\u202e", "\u2066", "\x1b"):
+        assert ch not in html
+    assert "gpj.\\u202eevil\\x1b[2J.png" in html and "failed: broken \\u202e name" in html
+    assert 'alt="triptych of gpj.\\u202eevil' in html and "p\\u202eq" in html and "n\\u202e" in html
+
+
+def test_a_score_that_is_not_a_number_leaves_the_histogram_drawn(tmp_path):
+    rows = [_row(0, "member", float("nan")), _row(1, "member", 0.8), _row(2, "holdout", float("inf")),
+            _row(3, "holdout", 0.2)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    # ranked as the calibration ranks them: NaN the worst recovery, +inf the best; of the
+    # four member-hold-out pairs only 0.8 > 0.2 goes the members' way
+    assert s["auc"] == 0.25
+    html = _html(tmp_path, rows, s)
+    assert 'alt="score histogram (1 holdout, 1 member not a number, not drawn)"' in html
+    # every score not a number: the axes are drawn, empty, and say why
+    rows = [_row(0, None, float("nan"))]
+    html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
+    assert 'alt="score histogram (1 unlabelled not a number, not drawn)"' in html
+
+
+def test_the_histogram_counts_images_in_whole_numbers():
+    from cgidm import report
+
+    captured = {}
+    real = report._png
+
+    def keep(fig):
+        captured.setdefault("ticks", fig.axes[0].get_yticks())
+        return real(fig)
+
+    rows = [_row(0, "member", 0.8), _row(1, "holdout", 0.2)]
+    report._png = keep
+    try:
+        report._plots(rows, {"metric": "latent_cos"})
+    finally:
+        report._png = real
+    assert len(captured["ticks"]) and all(float(t).is_integer() for t in captured["ticks"])
+
+
+def test_the_stand_in_embedder_is_not_called_dino(tmp_path):
+    from cgidm.testing.embedder import ensure_tiny_embedder
+    from cgidm.validator import STAND_IN_FILE, load_official_embedder
+
+    folder = ensure_tiny_embedder(tmp_path)
+    emb = load_official_embedder(folder)
+    assert emb.kind == "dino" and emb.stand_in and "stand-in" in emb.label and "not DINO" in emb.label
+    # a world cached before the marker existed gets it on its next use
+    (folder / STAND_IN_FILE).unlink()
+    assert not load_official_embedder(folder).stand_in
+    ensure_tiny_embedder(tmp_path)
+    assert load_official_embedder(folder).stand_in
+    # the report's card and the printed line name it so
+    rows = [_row(i, ("member", "holdout")[i % 2], 0.5, official_cos=0.3 + i / 10) for i in range(4)]
+    s = summarize(rows, AuthConfig(prompt="p"),
+                  embedder_info={"kind": "dino", "folder": str(folder), "dim": 192, "stand_in": True,
+                                 "label": emb.label})
+    html = _html(tmp_path, rows, s)
+    assert re.search(r"official validator AUC \(random stand-in in DINO.{1,6}s layout, not DINO, max", html)
+
+
+def test_a_real_folder_is_named_by_its_kind(tmp_path):
+    from cgidm.testing.embedder import ensure_tiny_embedder
+    from cgidm.validator import STAND_IN_FILE, load_official_embedder
+
+    folder = ensure_tiny_embedder(tmp_path)
+    (folder / STAND_IN_FILE).unlink()
+    emb = load_official_embedder(folder)
+    assert emb.label == "dino" and not math.isnan(emb.dim)
+
+
+def test_protect_report_says_what_its_ratio_is_and_escapes_names(tmp_path):
+    from cgidm.protect_output import write_report as protect_report
+
+    rows = [{"id": "a\u202egnp.png", "size": [8, 8], "mode": "RGB", "psnr": 40.0, "ssim": 0.99, "linf_levels": 8.0,
+             "loss_clean": 0.1, "loss_protected": 0.2, "notes": ["kept \u2067x"], "panel": "panels/a.png"},
+            {"id": "b.png", "error": "not an image \u202e"}]
+    summary = {"images": 2, "protected": 1, "failed": 1, "base": "m\u202e", "device": "cpu", "dtype": "fp32",
+               "medians": {"PSNR dB": 40.0, "loss protected / clean": 2.0}, "config": {}}
+    html = protect_report(tmp_path, rows, summary).read_text()
+    assert "each image's own ratio, then their median" in html
+    for ch in ("\u202e", "\u2067"):
+        assert ch not in html
+    assert "a\\u202egnp.png" in html and "kept \\u2067x" in html and "not an image \\u202e" in html
