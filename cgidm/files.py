@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +106,24 @@ def output_dirs(out: Path, *names: str) -> None:
 
 
 def shown(text) -> str:
-    """``text`` fit for a terminal line: every character that is not printable (escape
-    sequences that clear the screen or set the window title, newlines, bidi overrides that
-    reverse what follows) written as its Python escape. File names are untrusted input."""
+    """``text`` fit for a terminal line or a report: every character that is not printable
+    (escape sequences that clear the screen or set the window title, newlines, bidi
+    overrides that reverse what follows) written as its Python escape; in a text that is not
+    in NFC, its combining marks too (``cafe\\u0301``), so that a decomposed name is not shown
+    as the composed one beside it, a different file. File names are untrusted input."""
     text = str(text)
-    if text.isprintable():
+    composed = text.isascii() or _is_nfc(text)
+    if composed and text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in text)
+    return "".join(c if c.isprintable() and (composed or not unicodedata.combining(c))
+                   else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
+def _is_nfc(text: str) -> bool:
+    try:
+        return unicodedata.is_normalized("NFC", text)
+    except (ValueError, UnicodeError):  # not expected for str; a name is shown rather than refused
+        return True
 
 
 class ShownFilter(logging.Filter):
@@ -120,8 +131,9 @@ class ShownFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.isprintable():
-            record.msg, record.args = shown(message), None
+        said = shown(message)
+        if said != message:
+            record.msg, record.args = said, None
         return True
 
 

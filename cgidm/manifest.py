@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from cgidm.checkpoints import TRAINING_ARGS_FILES, ModelLoadError
 from cgidm.config import LABELS
+from cgidm.files import shown
 from cgidm.images import list_images
 from cgidm.lora import is_lora_file, lora_in_folder
 
@@ -91,7 +92,7 @@ def collect_items(
             if below:
                 log.warning("%s %s: %d images in subfolders are not read (only the folder's own images are)",
                             options[label], folder, below)
-            items += [ImageItem(p, label) for p in found]
+            items += _once(found, label, items)
             check_items(items, options)  # one file under two labels would score against itself
     if not items:
         raise ValueError("no images given (use --images, or --members and --holdouts)")
@@ -112,12 +113,31 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
                              "image's outputs; give them distinct ids or file names")
         ids[it.id] = it.path
         real = os.path.realpath(it.path)
-        if real in labels and labels[real] != it.label:
-            first = labels[real]
+        if real in labels and labels[real][0] != it.label:
+            first = labels[real][0]
             given = (f"by both {options[first]} and {options[it.label]}" if options
                      else f"with the labels {first!r} and {it.label!r}")
             raise ValueError(f"{it.path} is given {given}: each image takes one label")
-        labels.setdefault(real, it.label)
+        if real in labels:  # given so (another id, another draw); in a sample, it weighs twice
+            log.warning("%s (id %s) is the file %s again: it is scored and counted once per id", shown(it.path),
+                        shown(it.id), shown(labels[real][1]))
+        labels.setdefault(real, (it.label, it.path))
+
+
+def _once(found: Sequence[Path], label: Optional[str], items: Sequence[ImageItem]) -> list[ImageItem]:
+    """``found`` as items of ``label``, each file once: a second name of a file already
+    listed under the same label (a link) is left out with a warning, as a manifest's
+    repeated line is (counted twice, it would weigh twice in the AUC and the set verdict)."""
+    seen = {os.path.realpath(it.path): it.path for it in items if it.label == label}
+    kept = []
+    for path in found:
+        real = os.path.realpath(path)
+        if real in seen:
+            log.warning("%s is the file %s, listed already: scored once", shown(path), shown(seen[real]))
+            continue
+        seen[real] = path
+        kept.append(ImageItem(path, label))
+    return kept
 
 
 # what a model folder's loading reads: weights, configs, tokenizer files
@@ -325,8 +345,8 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
         raise ValueError(f"{path}: empty manifest (a CSV needs a header line: image,label,base,finetuned,lora)")
     names = [str(k).strip().lower() for k in fieldnames if str(k).strip()]
     if not {"image", "path"} & set(names):
-        shown = ", ".join(repr(k) for k in names[:6]) + (" ..." if len(names) > 6 else "")
-        raise ValueError(f"{path}:{1 + skip}: the header has no 'image' column (found {shown}); columns are "
+        found = ", ".join(repr(k) for k in names[:6]) + (" ..." if len(names) > 6 else "")
+        raise ValueError(f"{path}:{1 + skip}: the header has no 'image' column (found {found}); columns are "
                          "separated by commas: image,label,base,finetuned,lora")
     twice = _twice(names)
     if twice:  # DictReader would keep the last column of a name silently (other columns are not read)
@@ -440,11 +460,15 @@ def read_manifest(
                                  f"{old.label!r} and {entry.label!r}")
             log.warning("%s: %s is listed twice for the same models; screened once", at, image)
             continue
-        real = (spec, os.path.realpath(path))  # one file under two names (a link) and two labels
+        real = (spec, os.path.realpath(path))  # one file under two names (a link)
         if reals.setdefault(real, (entry.label, image))[0] != entry.label:
             first_label, first = reals[real]
             raise ValueError(f"{at}: {image} is the file {first} (labelled {first_label!r}) for the same models, here "
                              f"labelled {entry.label!r}: each image takes one label (it would score against itself)")
+        if reals[real][1] != image:  # the same label: counted twice, it would weigh twice in the AUC and set verdict
+            log.warning("%s: %s is the file %s, listed already for the same models; screened once", at,
+                        shown(image), shown(reals[real][1]))
+            continue
         entries[entry.id] = entry
     if entries and not some_lora and float(lora_scale) != 1.0:
         # as authenticate refuses it: a scale that changes nothing is a mistaken run

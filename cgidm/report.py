@@ -58,6 +58,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}
 {% if s.set_verdict_warning %}<p class="error">{{ s.set_verdict_warning }}</p>{% endif %}
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
+{% for line in unjudged %}<p class="error">{{ line }}</p>{% endfor %}
 {% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
 ({{ sv.test }}, {{ sv.method }}; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
@@ -68,8 +69,8 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
 {% if s.pairs and s.pairs|length > 1 %}<table class="compare"><thead><tr><th>pair</th><th>images</th><th>failed</th>
 <th>AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k|shown }}</td>
-<td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fraction(p.auc) }}</td>
-<td>{% if p.flagged is defined %}{{ p.flagged }}{% endif %}</td>
+<td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fraction(p.auc) }}{% if p.sample_warning and p.auc is not none %} (few labelled images){% endif %}</td>
+<td>{% if p.flagged is defined %}{{ p.flagged }}{% elif not p.controls and not p.calibration_error %}no controls: no verdicts{% endif %}</td>
 <td>{% if p.set_verdict and p.set_verdict.p_value is not none %}{{ p.set_verdict.verdict }} (p = {{ fmt(p.set_verdict.p_value) }}){% endif %}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Each pair on its own: the AUC of its members vs hold-outs, its images flagged against its own controls.
 The figures above pool every pair.</p>{% endif %}
@@ -269,6 +270,8 @@ def shown_rows(rows: Sequence[dict], metric: Optional[str], limit: Optional[int]
 
 def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     """Render ``out/report.html`` (atomically); triptych paths are relative to ``out``."""
+    from cgidm.summary import unjudged
+
     out = Path(out)
     fields = [f for f in METRICS + BASELINE_FIELDS
               if any(f in r for r in rows)]
@@ -289,7 +292,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
         models=models, lora_warnings=lora_warnings,
         s=summary, rows=shown_rows(rows, summary.get("metric")), all_rows=len(rows),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt, fraction=fraction, compare=compare,
-        zs=any(isinstance(r.get("z"), (int, float)) for r in rows),
+        zs=any(isinstance(r.get("z"), (int, float)) for r in rows), unjudged=unjudged(summary),
         sv=sv if isinstance(sv, dict) else None,
         pairs=any(r.get("pair") for r in rows),
     )

@@ -213,6 +213,26 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
     return summary
 
 
+def unjudged(summary: dict) -> list[str]:
+    """What the summary cannot judge and why, as the CLI prints it and the report shows it:
+    no verdict at all (no controls, no labels), or the pairs without controls of their own
+    (their images have no p-value and no verdict, whatever the other pairs' cards say)."""
+    lines = []
+    if (summary.get("scored") and summary.get("auc") is None and "verdicts" not in summary
+            and not summary.get("calibration_error") and not summary.get("pairs_without_controls")):
+        lines.append("no verdict: scores alone say little; give control images (like these, known not to be in the "
+                     "fine-tune: --controls, or the label control) for p-values and a verdict, or members and "
+                     "hold-outs for AUC")
+    bare = summary.get("pairs_without_controls") or {}
+    if len(bare) > 3:
+        lines.append(f"warning: {len(bare)} pairs have no control images ({_some([shown(k) for k in bare])}): their "
+                     f"{sum(bare.values())} images get no p-value or verdict (summary.json: pairs_without_controls)")
+    else:
+        lines += [f"warning: pair {shown(key)} has no control images: its {n} images get no p-value or verdict"
+                  for key, n in bare.items()]
+    return lines
+
+
 def _some(keys: Sequence[str], first: int = 3) -> str:
     """Pair keys in a line: the ``first`` few and how many more."""
     return ", ".join(keys[:first]) + (f" and {len(keys) - first} more" if len(keys) > first else "")
@@ -395,18 +415,8 @@ def print_summary(summary: dict) -> None:
               f"of {len(summary['verdicts'])}" + (f" (about {chance:g} would be by chance were none of them in the "
                                                   f"fine-tune: each image is tested on its own; the set verdict "
                                                   f"tests them together)" if chance else ""))
-    if (summary.get("scored") and summary.get("auc") is None and "verdicts" not in summary
-            and not summary.get("calibration_error") and not summary.get("pairs_without_controls")):
-        print("no verdict: scores alone say little; give control images (like these, known not to be in the "
-              "fine-tune: --controls, or the label control) for p-values and a verdict, or members and hold-outs "
-              "for AUC")
-    bare = summary.get("pairs_without_controls") or {}
-    if len(bare) > 3:
-        print(f"warning: {len(bare)} pairs have no control images ({_some(list(bare))}): their "
-              f"{sum(bare.values())} images get no p-value or verdict (summary.json: pairs_without_controls)")
-    else:
-        for key, n in bare.items():
-            print(f"warning: pair {key} has no control images: its {n} images get no p-value or verdict")
+    for line in unjudged(summary):
+        print(line)
     for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning", "set_verdict_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")

@@ -161,3 +161,35 @@ def test_protect_report_says_what_its_ratio_is_and_escapes_names(tmp_path):
     for ch in ("\u202e", "\u2067"):
         assert ch not in html
     assert "a\\u202egnp.png" in html and "kept \\u2067x" in html and "not an image \\u202e" in html
+
+
+def test_the_report_says_what_it_cannot_judge(tmp_path):
+    from cgidm.summary import summarize_pairs
+
+    # one pair, no controls, no labels: the report says there is no verdict, and why
+    rows = [_row(i, None, 0.5 + i / 10) for i in range(3)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert "no verdict: scores alone say little; give control images" in _html(tmp_path, rows, s)
+    # two pairs, one without controls: its images are named as unjudged beside the other's cards
+    rows = [{**_row(i, "member" if i < 3 else None, 0.9), "id": f"a/{i}", "pair": "a"} for i in range(5)]
+    rows += [{**_row(10 + i, "control", 0.1 + i / 100), "id": f"a/c{i}", "pair": "a"} for i in range(4)]
+    rows += [{**_row(20 + i, ("member", "holdout")[i % 2], 0.5 + i / 10), "id": f"b/{i}", "pair": "b"}
+             for i in range(4)]
+    s = summarize_pairs(rows, {"a": {"base": "x"}, "b": {"base": "y"}}, AuthConfig(prompt="p"))
+    html = _html(tmp_path, rows, s)
+    assert "warning: pair b has no control images: its 4 images get no p-value or verdict" in html
+    assert "no controls: no verdicts" in html and "(few labelled images)" in html
+
+
+def test_a_decomposed_name_is_not_shown_as_the_composed_one(tmp_path):
+    import unicodedata
+
+    from cgidm.files import shown
+
+    nfc = "café ñ.png"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert shown(nfc) == nfc and shown(nfd) == "cafe\\u0301 n\\u0303.png"
+    assert shown("日本語 한국어.png") == "日本語 한국어.png"  # composed text is left as it is
+    rows = [{**_row(0, None, 0.5), "id": f"image/{nfc}"}, {**_row(1, None, 0.6), "id": f"image/{nfd}"}]
+    html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
+    assert f"<td>image/{nfc}" in html and "<td>image/cafe\\u0301 n\\u0303.png" in html

@@ -351,7 +351,7 @@ def test_pairs_load_once_and_unreadable_images_get_error_rows(tiny_world, tmp_pa
     assert summary["auc"] is not None and set(summary["models"]) == set(loads)
     html = (tmp_path / "out" / "report.html").read_text()
     for key, pair in summary["pairs"].items():  # a row per pair: its images, failures, its own AUC
-        assert f"<tr><td>{key}</td>\n<td>{pair['images']}</td><td>{pair['failed']}</td><td>{pair['auc']:.3f}</td>" in html
+        assert f"<tr><td>{key}</td>\n<td>{pair['images']}</td><td>{pair['failed']}</td><td>{pair['auc']:.3f}" in html
 
 
 # --------------------------------------------------------------------------- processes

@@ -446,3 +446,43 @@ def test_the_swap_test_counts_ties_exactly():
     assert worse_p([20.0] * 3, [30.0] * 5, "latent_cos") == pytest.approx(1 / 56)
     rows = [_row(i, "member", 20.0) for i in range(3)] + [_row(10 + i, "holdout", 30.0) for i in range(5)]
     assert "auc_warning" not in summarize(rows, AuthConfig(prompt="p"))
+
+
+def test_one_file_under_two_names_is_scored_once(tmp_path, caplog):
+    """A link beside its file, under the same label, was scored and counted twice: it
+    weighed twice in the AUC and the set verdict. A folder lists it once (warned), a
+    manifest screens it once (warned); items given to the API are warned of."""
+    import logging
+    import os
+
+    from PIL import Image
+
+    from cgidm.manifest import ImageItem, check_items, collect_items, read_manifest
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(folder / f"m{i}.png")
+    os.symlink(folder / "m0.png", folder / "again.png")
+    with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
+        items = collect_items(images=folder)
+    assert sorted(it.path.name for it in items) == ["again.png", "m1.png"] or \
+        sorted(it.path.name for it in items) == ["m0.png", "m1.png"]
+    assert len(items) == 2 and "listed already: scored once" in caplog.text
+    # items given to the API under their own ids are scored as given (another id, another
+    # draw), with a warning that they count twice
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
+        check_items([ImageItem(folder / "m0.png"), ImageItem(folder / "again.png")])
+    assert "is the file" in caplog.text and "counted once per id" in caplog.text
+    # a manifest: the second name of the file is screened once, with a warning
+    (tmp_path / "base").mkdir()
+    (tmp_path / "ft").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,label,base,finetuned\n" + "".join(
+        f"imgs/{n},member,base,ft\n" for n in ("m0.png", "m1.png", "again.png")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
+        entries = read_manifest(manifest)
+    assert sorted(e.path.name for e in entries) == ["m0.png", "m1.png"]
+    assert "again.png is the file imgs/m0.png, listed already for the same models; screened once" in caplog.text
