@@ -388,19 +388,35 @@ def _prompt_in_folder(folder: Path) -> tuple[Optional[str], str]:
     folders = [folder]
     if not (folder / "unet").is_dir() and (folder.parent / "unet").is_dir():
         folders.append(folder.parent)
+    seen = []  # what the files held that was no prompt: said, rather than "no instance_prompt"
     for d in folders:
         for name in TRAINING_ARGS_FILES:
             f = d / name
             try:
-                if not f.is_file() or f.stat().st_size > MAX_TRAINING_ARGS_BYTES:
+                if not f.is_file():
+                    continue
+                if f.stat().st_size > MAX_TRAINING_ARGS_BYTES:
+                    seen.append(f"{f} is over {MAX_TRAINING_ARGS_BYTES // 1024} kB, not read")
                     continue
                 args = json.loads(f.read_text())
-            except (OSError, ValueError, RecursionError):
+            except (OSError, ValueError, RecursionError) as e:
+                seen.append(f"{f} is not readable JSON ({type(e).__name__})")
                 continue
             prompt = _instance_prompt_of(args)
             if prompt:
                 return prompt, f"instance_prompt in {f}"
+            if _has_instance_prompt(args):
+                seen.append(f"{f} has an instance_prompt that is empty or not text")
+    if seen:
+        return None, f"{folder}: no usable instance_prompt: " + "; ".join(seen)
     return None, f"{folder}: no instance_prompt in {', '.join(TRAINING_ARGS_FILES)}"
+
+
+def _has_instance_prompt(args) -> bool:
+    """Whether ``instance_prompt`` is there at all, where ``_instance_prompt_of`` looks."""
+    if not isinstance(args, dict):
+        return False
+    return "instance_prompt" in args or any(isinstance(v, dict) and "instance_prompt" in v for v in args.values())
 
 
 def _prompt_in(path: Path) -> tuple[Optional[str], str]:

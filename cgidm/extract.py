@@ -244,9 +244,18 @@ def _say_clustering(clustering, cfg: ExtractConfig, samples: int) -> None:
     """Warnings a reader of the candidates needs: no sample like another (their order then
     means nothing), or fewer clusters than the candidates asked for."""
     if samples > 1 and all(c.size == 1 for c in clustering.clusters):
-        log.warning("every cluster is a single sample: no two samples are alike at the threshold the scan reached, "
-                    "so the candidates are not ranked by anything (more --samples, or fewer --clusters, or other "
-                    "--features)")
+        grouped = [s for s in clustering.scanned or () if 0 < s.get("cliques", samples) < cfg.clusters]
+        if grouped and samples > cfg.clusters:
+            # the samples were alike (as a strongly memorised fine-tune's are), too alike to
+            # split into --clusters groups: the scan went past them to a sample each
+            best = max(grouped, key=lambda s: s["cliques"])
+            log.warning("the samples are too alike to split into %d clusters (at most %d, at threshold %s), so every "
+                        "sample is a cluster of its own and the candidates are not ranked by anything: try "
+                        "--clusters %d", cfg.clusters, best["cliques"], f"{best['threshold']:.4g}", best["cliques"])
+        else:
+            log.warning("every cluster is a single sample: no two samples are alike at the threshold the scan "
+                        "reached, so the candidates are not ranked by anything (more --samples, or fewer "
+                        "--clusters, or other --features)")
     if cfg.candidates is not None and len(clustering.clusters) < cfg.candidates:
         log.warning("%d clusters: %d candidates written, not the %d --candidates asked for",
                     len(clustering.clusters), len(clustering.clusters), cfg.candidates)

@@ -857,6 +857,27 @@ def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
     assert "single sample" not in caplog.text and "--candidates asked for" not in caplog.text
 
 
+def test_samples_too_alike_to_split_are_said_to_be_alike(caplog):
+    """Samples so alike (a strongly memorised fine-tune's) that the scan went from fewer
+    cliques than --clusters straight to a sample each: said as too alike, with the
+    --clusters that would group them, not as "no two samples are alike"."""
+    import logging
+
+    from cgidm.cliques import Cluster, Clustering
+
+    singles = [Cluster((j,), j, None) for j in range(6)]
+    scanned = [{"threshold": 0.99, "cliques": 1}, {"threshold": 1.0, "cliques": 6}]
+    cfg = ExtractConfig(prompt=PROMPT, samples=6, clusters=2)
+    with caplog.at_level(logging.WARNING, logger="cgidm.extract"):
+        X._say_clustering(Clustering(1.0, singles, scanned), cfg, 6)
+    assert "too alike to split into 2 clusters (at most 1, at threshold 0.99)" in caplog.text
+    assert "try --clusters 1" in caplog.text and "no two samples are alike" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cgidm.extract"):  # nothing ever grouped: not alike
+        X._say_clustering(Clustering(1.0, singles, [{"threshold": 0.5, "cliques": 6}]), cfg, 6)
+    assert "no two samples are alike" in caplog.text
+
+
 def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pairs, tmp_path, monkeypatch, caplog):
     """Guidance 3 and 3.0 draw the same samples: a stopped run's are resumed across them. A
     file an older cgidm wrote (no settings beside its digest) cannot be matched: a warning,

@@ -102,6 +102,22 @@ def test_world_records_its_instance_prompt(tiny_world):
     assert prompt == INSTANCE_PROMPT and "ss_tag_frequency" in where
 
 
+@pytest.mark.parametrize("args, said", [
+    ('{"instance_prompt": 123}', "args.json has an instance_prompt that is empty or not text"),
+    ('{"train": {"instance_prompt": ["a", "b"]}}', "args.json has an instance_prompt that is empty or not text"),
+    ('{"instance_prompt": "  "}', "args.json has an instance_prompt that is empty or not text"),
+    ('{"instance_prompt": "sks', "args.json is not readable JSON (JSONDecodeError)"),
+    ('{"lr": 1}', "no instance_prompt in args.json"),
+])
+def test_a_recorded_prompt_that_cannot_be_used_is_said_so(tmp_path, args, said):
+    """An instance_prompt that is there but not text, or a file that is not JSON, was said
+    as "no instance_prompt in args.json": the reader looked for a key that was there."""
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "args.json").write_text(args)
+    prompt, where = find_prompt(tmp_path / "ft")
+    assert prompt is None and said in where
+
+
 def test_prompt_records_are_added_to_an_older_world(tiny_world, tmp_path):
     from safetensors.torch import load_file, save_file
 
