@@ -405,18 +405,32 @@ def _prompt_in_folder(folder: Path) -> tuple[Optional[str], str]:
             prompt = _instance_prompt_of(args)
             if prompt:
                 return prompt, f"instance_prompt in {f}"
-            if _has_instance_prompt(args):
-                seen.append(f"{f} has an instance_prompt that is empty or not text")
+            why = _unusable_prompt(args)
+            if why:
+                seen.append(f"{f} has an instance_prompt that {why}")
     if seen:
         return None, f"{folder}: no usable instance_prompt: " + "; ".join(seen)
     return None, f"{folder}: no instance_prompt in {', '.join(TRAINING_ARGS_FILES)}"
 
 
-def _has_instance_prompt(args) -> bool:
-    """Whether ``instance_prompt`` is there at all, where ``_instance_prompt_of`` looks."""
+def _unusable_prompt(args) -> Optional[str]:
+    """Why the ``instance_prompt`` where ``_instance_prompt_of`` looks cannot be used (as
+    ``_clean_prompt`` refuses it), or None when there is none."""
     if not isinstance(args, dict):
-        return False
-    return "instance_prompt" in args or any(isinstance(v, dict) and "instance_prompt" in v for v in args.values())
+        return None
+    values = [args["instance_prompt"]] if "instance_prompt" in args else []
+    values += [v["instance_prompt"] for v in args.values() if isinstance(v, dict) and "instance_prompt" in v]
+    if not values:
+        return None
+    value = values[0]
+    if not isinstance(value, str):
+        return f"is not text ({type(value).__name__})"
+    text = " ".join(value.split())
+    if not text:
+        return "is empty"
+    if len(text) > MAX_PROMPT_CHARS:
+        return f"is over {MAX_PROMPT_CHARS} characters ({len(text)})"
+    return "has characters that are not printable"
 
 
 def _prompt_in(path: Path) -> tuple[Optional[str], str]:

@@ -376,7 +376,7 @@ def cmd_extract(args) -> int:
     from pathlib import Path
 
     from cgidm.extract import extract, list_compare_images
-    from cgidm.files import shown
+    from cgidm.files import fraction, shown
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
@@ -419,7 +419,8 @@ def cmd_extract(args) -> int:
         m = s["compare"].get("labelled")
         if m and m["auc"] is not None:
             print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the {len(s['candidates'])} "
-                  f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: {m['auc']:.3f}")
+                  f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
+                  f"{fraction(m['auc'])}")
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 

@@ -109,14 +109,29 @@ def shown(text) -> str:
     """``text`` fit for a terminal line or a report: every character that is not printable
     (escape sequences that clear the screen or set the window title, newlines, bidi
     overrides that reverse what follows) written as its Python escape; in a text that is not
-    in NFC, its combining marks too (``cafe\\u0301``), so that a decomposed name is not shown
-    as the composed one beside it, a different file. File names are untrusted input."""
+    in NFC, every character past ASCII too (``cafe\\u0301``), so that a decomposed name
+    (combining marks, conjoining jamo, a singleton such as the Angstrom sign) is not shown as
+    the composed one beside it, a different file. File names are untrusted input."""
     text = str(text)
     composed = text.isascii() or _is_nfc(text)
     if composed and text.isprintable():
         return text
-    return "".join(c if c.isprintable() and (composed or not unicodedata.combining(c))
+    return "".join(c if c.isprintable() and (composed or c.isascii())
                    else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
+def fraction(v, digits: int = 3) -> str:
+    """A fraction (AUC, accuracy, a rate) to ``digits`` decimals, with more where rounding
+    would show 1 or 0 for what is not exactly that: 0.9996 is ``0.9996``, not ``1.000``."""
+    if not isinstance(v, (int, float)):
+        return "" if v is None else str(v)
+    if not math.isfinite(v):
+        return str(v)
+    text = f"{v:.{digits}f}"
+    while digits < 6 and float(text) in (0.0, 1.0) and v not in (0, 1):
+        digits += 1
+        text = f"{v:.{digits}f}"
+    return text
 
 
 def _is_nfc(text: str) -> bool:

@@ -112,7 +112,7 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
             raise ValueError(f"two images have the id {it.id!r} ({ids[it.id]} and {it.path}): an id names an "
                              "image's outputs; give them distinct ids or file names")
         ids[it.id] = it.path
-        real = os.path.realpath(it.path)
+        real = same_file_key(it.path)
         if real in labels and labels[real][0] != it.label:
             first = labels[real][0]
             given = (f"by both {options[first]} and {options[it.label]}" if options
@@ -124,14 +124,26 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
         labels.setdefault(real, (it.label, it.path))
 
 
+def same_file_key(path) -> object:
+    """What makes two names one file: its device and inode (a symbolic link followed, a
+    hard link too), or its real path where the file cannot be read (a missing image is
+    an error row later, not a refusal here)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+    # a filesystem without inode numbers gives 0 for every file: the real path then
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+
+
 def _once(found: Sequence[Path], label: Optional[str], items: Sequence[ImageItem]) -> list[ImageItem]:
     """``found`` as items of ``label``, each file once: a second name of a file already
     listed under the same label (a link) is left out with a warning, as a manifest's
     repeated line is (counted twice, it would weigh twice in the AUC and the set verdict)."""
-    seen = {os.path.realpath(it.path): it.path for it in items if it.label == label}
+    seen = {same_file_key(it.path): it.path for it in items if it.label == label}
     kept = []
     for path in found:
-        real = os.path.realpath(path)
+        real = same_file_key(path)
         if real in seen:
             log.warning("%s is the file %s, listed already: scored once", shown(path), shown(seen[real]))
             continue
@@ -460,7 +472,7 @@ def read_manifest(
                                  f"{old.label!r} and {entry.label!r}")
             log.warning("%s: %s is listed twice for the same models; screened once", at, image)
             continue
-        real = (spec, os.path.realpath(path))  # one file under two names (a link)
+        real = (spec, same_file_key(path))  # one file under two names (a link, hard or symbolic)
         if reals.setdefault(real, (entry.label, image))[0] != entry.label:
             first_label, first = reals[real]
             raise ValueError(f"{at}: {image} is the file {first} (labelled {first_label!r}) for the same models, here "

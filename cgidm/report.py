@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from jinja2 import Environment, select_autoescape
 
 from cgidm.config import BASELINE_FIELDS, HIGHER_IS_BETTER, METRICS
-from cgidm.files import atomic_write_text, shown
+from cgidm.files import atomic_write_text, fraction, shown  # noqa: F401 (fraction: re-exported)
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -74,7 +74,7 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 <td>{% if p.set_verdict and p.set_verdict.p_value is not none %}{{ p.set_verdict.verdict }} (p = {{ fmt(p.set_verdict.p_value) }}){% endif %}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Each pair on its own: the AUC of its members vs hold-outs, its images flagged against its own controls.
 The figures above pool every pair.</p>{% endif %}
-{% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k|shown }} <code>{{ v.prompt|shown }}</code> ({{ v.from }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt|shown }}</code>{% if s.prompt_from %} ({{ s.prompt_from }}){% endif %}{% endif %};
+{% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k|shown }} <code>{{ v.prompt|shown }}</code> ({{ v.from|shown }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt|shown }}</code>{% if s.prompt_from %} ({{ s.prompt_from|shown }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
@@ -127,20 +127,6 @@ def _fmt(v) -> str:
         # which would read as impossible)
         return f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.4f}"
     return str(v)
-
-
-def fraction(v, digits: int = 3) -> str:
-    """A fraction (AUC, accuracy, a rate) to ``digits`` decimals, with more where rounding
-    would show 1 or 0 for what is not exactly that: 0.9996 is ``0.9996``, not ``1.000``."""
-    if not isinstance(v, (int, float)):
-        return "" if v is None else str(v)
-    if not math.isfinite(v):
-        return str(v)
-    text = f"{v:.{digits}f}"
-    while digits < 6 and float(text) in (0.0, 1.0) and v not in (0, 1):
-        digits += 1
-        text = f"{v:.{digits}f}"
-    return text
 
 
 def local_link(value) -> Optional[str]:

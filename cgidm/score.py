@@ -70,11 +70,13 @@ def set_metrics(scores: Sequence[float], is_member: Sequence[bool], metric: str 
     bad = ~np.isfinite(s)
     if bad.any():
         # a score that is not a finite number (a non-finite recovery, an edited results
-        # file) ranks: NaN and -inf as the worst recovery, +inf as the best, as the
-        # calibration ranks them; sklearn refuses them as they are
+        # file) ranks: NaN as the worst recovery, an infinite one by its sign once
+        # oriented (an infinite latent_mse is the worst); sklearn refuses them as they are
         fin = s[~bad]
         lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 0.0)
         s = np.where(np.isnan(s) | (s == -np.inf), lo - 1.0, np.where(s == np.inf, hi + 1.0, s))
+    else:
+        lo, hi = -math.inf, math.inf
     if y.all() or (~y).all():
         return {"auc": None, "accuracy": None, "tpr_at_1fpr": None, "n_members": int(y.sum()),
                 "n_holdouts": int((~y).sum())}
@@ -83,10 +85,12 @@ def set_metrics(scores: Sequence[float], is_member: Sequence[bool], metric: str 
     acc = (tpr * p + (1 - fpr) * n) / (p + n)
     best = int(np.argmax(acc))
     ok = fpr <= 0.01
+    t = float(thr[best])
+    t = math.inf if t > hi else -math.inf if t < lo else t  # a stand-in above is the infinite score it stood for
     return {
         "auc": float(roc_auc_score(y, s)),
         "accuracy": float(acc[best]),
-        "threshold": float(thr[best]) if HIGHER_IS_BETTER.get(metric, True) else float(-thr[best]),
+        "threshold": t if HIGHER_IS_BETTER.get(metric, True) else -t,
         "tpr_at_1fpr": float(tpr[ok].max()) if ok.any() else 0.0,
         "n_members": int(p),
         "n_holdouts": int(n),

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
-from cgidm.files import shown
-from cgidm.report import fraction
+from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
@@ -81,7 +80,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         if main.get("auc") is not None and main["auc"] < 0.5 and worse_p(
                 [r[cfg.metric] for r in labelled if r["label"] == "member"],
                 [r[cfg.metric] for r in labelled if r["label"] == "holdout"], cfg.metric) <= WORSE_P:
-            summary["auc_warning"] = (f"members recover worse than hold-outs (AUC {main['auc']:.3f}): are --base "
+            summary["auc_warning"] = (f"members recover worse than hold-outs (AUC {fraction(main['auc'])}): are --base "
                                       f"and --finetuned swapped?")
         summary["by_metric"] = {m: {k: v for k, v in d.items() if k != "roc"} for m, d in per.items()}
         if all("official_cos" in r for r in labelled):
@@ -128,6 +127,12 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
             suspects = [r["score"] for r in good if r.get("label") in SUSPECT_LABELS]
+            held = sum(r.get("label") == "holdout" for r in good)
+            if not suspects and held:
+                summary["set_verdict"] = {
+                    "error": f"every image besides the controls is a hold-out ({held}), known not to be in the "
+                             f"fine-tune; the set verdict tests members and unlabelled images",
+                    "holdouts_left_out": held}
             if suspects:
                 try:
                     sv = set_verdict(suspects, cal.scores, cfg.metric, cfg.level)
@@ -140,7 +145,6 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     elif worse_p(suspects, cal.scores, cfg.metric) <= WORSE_P:
                         sv["warning"] = ("the suspect images recover clearly worse than the controls: are --base and "
                                          "--finetuned swapped, or are the controls unlike the suspect images?")
-                held = sum(r.get("label") == "holdout" for r in good)
                 if held:
                     sv["holdouts_left_out"] = held
                 summary["set_verdict"] = sv
@@ -405,6 +409,8 @@ def print_summary(summary: dict) -> None:
               + (f"; {held} hold-out{'s' if held != 1 else ''}, known not trained on, left out" if held else "") + ")")
         if sv.get("warning"):
             print(f"warning: {sv['warning']}")
+    elif sv and sv.get("error"):
+        print(f"no set verdict: {sv['error']}")
     if summary.get("preset"):
         p = summary["preset"]
         gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
@@ -414,7 +420,7 @@ def print_summary(summary: dict) -> None:
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "
               f"of {len(summary['verdicts'])}" + (f" (about {chance:g} would be by chance were none of them in the "
                                                   f"fine-tune: each image is tested on its own; the set verdict "
-                                                  f"tests them together)" if chance else ""))
+                                                  f"is one test of the suspect images together)" if chance else ""))
     for line in unjudged(summary):
         print(line)
     for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning", "set_verdict_warning"):

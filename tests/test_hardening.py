@@ -103,9 +103,11 @@ def test_world_records_its_instance_prompt(tiny_world):
 
 
 @pytest.mark.parametrize("args, said", [
-    ('{"instance_prompt": 123}', "args.json has an instance_prompt that is empty or not text"),
-    ('{"train": {"instance_prompt": ["a", "b"]}}', "args.json has an instance_prompt that is empty or not text"),
-    ('{"instance_prompt": "  "}', "args.json has an instance_prompt that is empty or not text"),
+    ('{"instance_prompt": 123}', "args.json has an instance_prompt that is not text (int)"),
+    ('{"train": {"instance_prompt": ["a", "b"]}}', "args.json has an instance_prompt that is not text (list)"),
+    ('{"instance_prompt": "  "}', "args.json has an instance_prompt that is empty"),
+    ('{"instance_prompt": "' + "sks dog " * 40 + '"}', "has an instance_prompt that is over 300 characters (319)"),
+    ('{"instance_prompt": "sks\\u202edog"}', "has an instance_prompt that has characters that are not printable"),
     ('{"instance_prompt": "sks', "args.json is not readable JSON (JSONDecodeError)"),
     ('{"lr": 1}', "no instance_prompt in args.json"),
 ])

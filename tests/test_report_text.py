@@ -76,11 +76,13 @@ def test_bidi_and_control_characters_in_names_are_escapes(tmp_path):
     rows = [{**_row(0, None, 0.5), "id": evil, "triptych": "t/x.png", "notes": ["n\u202e"]}]
     rows.append({"id": "b\u2066ad", "label": None, "error": "broken \u202e name"})
     s = summarize(rows, AuthConfig(prompt="p\u202eq"))
+    s["prompt_from"] = "instance_prompt in /m\u202e/args.json"
     html = _html(tmp_path, rows, s)
     for ch in ("\u202e", "\u2066", "\x1b"):
         assert ch not in html
     assert "gpj.\\u202eevil\\x1b[2J.png" in html and "failed: broken \\u202e name" in html
     assert 'alt="triptych of gpj.\\u202eevil' in html and "p\\u202eq" in html and "n\\u202e" in html
+    assert "/m\\u202e/args.json" in html
 
 
 def test_a_score_that_is_not_a_number_leaves_the_histogram_drawn(tmp_path):
@@ -92,6 +94,13 @@ def test_a_score_that_is_not_a_number_leaves_the_histogram_drawn(tmp_path):
     assert s["auc"] == 0.25
     html = _html(tmp_path, rows, s)
     assert 'alt="score histogram (1 holdout, 1 member not a number, not drawn)"' in html
+    # an infinite latent_mse is the worst recovery; the threshold is never a stand-in value
+    from cgidm.score import set_metrics
+
+    m = set_metrics([math.inf, 0.2, 0.3, 0.5], [True, False, False, False], "latent_mse")
+    assert m["auc"] == 0.0
+    m = set_metrics([math.inf, 0.2, 0.3, 0.5], [True, False, False, False], "latent_cos")
+    assert m["auc"] == 1.0 and m["threshold"] == math.inf
     # every score not a number: the axes are drawn, empty, and say why
     rows = [_row(0, None, float("nan"))]
     html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
@@ -190,6 +199,8 @@ def test_a_decomposed_name_is_not_shown_as_the_composed_one(tmp_path):
     nfd = unicodedata.normalize("NFD", nfc)
     assert shown(nfc) == nfc and shown(nfd) == "cafe\\u0301 n\\u0303.png"
     assert shown("日本語 한국어.png") == "日本語 한국어.png"  # composed text is left as it is
+    # conjoining jamo and the Angstrom sign are not combining marks, and not NFC either
+    assert shown("\u1100\u1161.png") == "\\u1100\\u1161.png" and shown("\u212b.png") == "\\u212b.png"
     rows = [{**_row(0, None, 0.5), "id": f"image/{nfc}"}, {**_row(1, None, 0.6), "id": f"image/{nfd}"}]
     html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
     assert f"<td>image/{nfc}" in html and "<td>image/cafe\\u0301 n\\u0303.png" in html

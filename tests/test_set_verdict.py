@@ -132,6 +132,17 @@ def test_hold_outs_do_not_dilute_the_set_verdict():
                                                 AuthConfig(prompt="p"))["set_verdict"]
 
 
+def test_hold_outs_alone_get_no_set_verdict_and_are_told_why(capsys):
+    rows = [_row(i, "holdout", 0.5 + i / 100) for i in range(4)] + [_row(10 + i, "control", 0.1 + i / 100)
+                                                                    for i in range(4)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    sv = s["set_verdict"]
+    assert "p_value" not in sv and sv["holdouts_left_out"] == 4 and "every image besides the controls" in sv["error"]
+    s["report"] = "r"
+    print_summary(s)
+    assert "no set verdict: every image besides the controls is a hold-out (4)" in capsys.readouterr().out
+
+
 def test_summary_warns_when_the_counts_cannot_reach_the_level():
     rows = [_row(0, None, 0.9), _row(1, None, 0.8), _row(2, "control", 0.1), _row(3, "control", 0.2)]
     sv = summarize(rows, AuthConfig(prompt="p"))["set_verdict"]
@@ -464,11 +475,12 @@ def test_one_file_under_two_names_is_scored_once(tmp_path, caplog):
     for i in range(2):
         Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(folder / f"m{i}.png")
     os.symlink(folder / "m0.png", folder / "again.png")
+    os.link(folder / "m1.png", folder / "hard.png")  # a hard link is one file too
     with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
         items = collect_items(images=folder)
-    assert sorted(it.path.name for it in items) == ["again.png", "m1.png"] or \
-        sorted(it.path.name for it in items) == ["m0.png", "m1.png"]
-    assert len(items) == 2 and "listed already: scored once" in caplog.text
+    # the first name listed (sorted) is kept
+    assert sorted(it.path.name for it in items) == ["again.png", "hard.png"]
+    assert caplog.text.count("listed already: scored once") == 2
     # items given to the API under their own ids are scored as given (another id, another
     # draw), with a warning that they count twice
     caplog.clear()
@@ -480,9 +492,10 @@ def test_one_file_under_two_names_is_scored_once(tmp_path, caplog):
     (tmp_path / "ft").mkdir()
     manifest = tmp_path / "m.csv"
     manifest.write_text("image,label,base,finetuned\n" + "".join(
-        f"imgs/{n},member,base,ft\n" for n in ("m0.png", "m1.png", "again.png")))
+        f"imgs/{n},member,base,ft\n" for n in ("m0.png", "m1.png", "again.png", "hard.png")))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
         entries = read_manifest(manifest)
     assert sorted(e.path.name for e in entries) == ["m0.png", "m1.png"]
     assert "again.png is the file imgs/m0.png, listed already for the same models; screened once" in caplog.text
+    assert "hard.png is the file imgs/m1.png" in caplog.text
