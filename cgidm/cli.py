@@ -420,7 +420,8 @@ def cmd_extract(args) -> int:
         if m and m["auc"] is not None:
             print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the {len(s['candidates'])} "
                   f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
-                  f"{fraction(m['auc'])}")
+                  f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
+                                              f"threshold too" if m.get("controls") else ""))
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 

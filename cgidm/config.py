@@ -273,9 +273,11 @@ def preset_config(name: Optional[str], **overrides) -> AuthConfig:
 
 
 def departures(cfg: AuthConfig) -> dict:
-    """Settings of ``cfg`` that change a result and differ from its preset's (over the
-    defaults), but the prompt (the fine-tune's): ``{name: {"preset": a, "given": b}}``."""
-    flat = [{**asdict(c.pgd), **asdict(c)} for c in (cfg, preset_config(cfg.preset))] if cfg.preset else [{}]
+    """Settings of ``cfg`` that change a result and differ from its preset's (without a
+    preset, from the defaults), but the prompt (the fine-tune's):
+    ``{name: {"preset": a, "given": b}}``."""
+    base = preset_config(cfg.preset) if cfg.preset else type(cfg)()  # no preset: the defaults (the paper's)
+    flat = [{**asdict(c.pgd), **asdict(c)} for c in (cfg, base)]
     return {k: {"preset": v, "given": flat[0][k]} for k, v in flat[-1].items() if k not in (
         "pgd", "prompt", "preset", "batch_size", "low_memory", "impl", "engine") and flat[0][k] != v}
 

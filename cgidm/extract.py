@@ -404,7 +404,8 @@ representative of a cluster of similar samples, densest first. Prompt: <code>{{ 
 <div class="card">threshold ({{ s.features }} cosine)<b>{{ fmt(s.clustering.threshold) }}</b></div>
 {% if s.compare and s.compare.labelled %}{% set lab = s.compare.labelled %}<div class="card">members extracted<b>{{ lab.extracted }} / {{ lab.members }}</b>
 <span class="note">a member counts when its best similarity to a candidate is above every hold-out's
-(threshold {{ fmt(lab.threshold) }}, the best of {{ lab.holdouts }} hold-out{{ 's' if lab.holdouts != 1 else '' }}): no hold-out counts</span></div>
+(threshold {{ fmt(lab.threshold) }}, the best of {{ lab.holdouts }} hold-out{{ 's' if lab.holdouts != 1 else '' }}): no hold-out counts{% if lab.controls %};
+{{ lab.controls_above }} of {{ lab.controls }} control images (also never trained on) are above it too{% endif %}</span></div>
 <div class="card">AUC members vs hold-outs<b>{{ fraction(lab.auc) }}</b><span class="note">each image ranked by its best similarity to a candidate</span></div>{% endif %}
 </div>
 <h2>Candidates</h2><img alt="candidates" src="grid.png" style="max-width:100%">

@@ -179,4 +179,8 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
     holdouts = [r["best_similarity"] for r in per_image if r["label"] == "holdout"]
     if members and holdouts:
         result["labelled"] = extraction_metrics(members, holdouts)
+        controls = [r["best_similarity"] for r in per_image if r["label"] == "control"]
+        if controls:  # known clean too, but not in the threshold: how many of them pass it is said
+            result["labelled"]["controls"] = len(controls)
+            result["labelled"]["controls_above"] = int(sum(c > result["labelled"]["threshold"] for c in controls))
     return result

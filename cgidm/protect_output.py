@@ -397,10 +397,13 @@ td img{height:120px;image-rendering:pixelated} .error{color:#b00;font-weight:bol
 </style></head><body>
 <h1>cgidm protect</h1>
 <div class="sub">Each row: <i>original | protected | perturbation, amplified</i> (grey: unchanged;
-the full range: the budget). The denoising loss is the base model's, over fixed draws, on the
-image as a fine-tuner would load it; protection raises it. What that does to a fine-tune is
-limited: on our tiny worlds it raised a fine-tune's loss on the members by 13 %, and nothing of it
-was left after JPEG q75, a 0.75 downscale or a 3x3 median filter (cgidm's docs/protect.md,
+black and white: the whole budget{% if s.config and s.config.budget_levels is number %}, &plusmn;{{ "%g"|format(s.config.budget_levels) }} levels
+of 255, so the change is shown {{ "%g"|format((127.5 / ([s.config.budget_levels, 1]|max))|round(1)) }} times larger{% endif %}).
+The denoising loss is the base model's, over fixed draws, on the image as a fine-tuner would load it;
+protection raises it (the loss ratio below is this run's). PSNR above 35 dB and SSIM above 0.95 are
+usually hard to see. What protection does to a fine-tune is limited: on our tiny worlds it raised
+a fine-tune's loss on the members by 13 %, nothing of it was left after JPEG q75, a 0.75 downscale
+or a 3x3 median filter, and authentication still flagged the members (cgidm's docs/protect.md,
 "The effect, measured").</div>
 <div class="cards"><div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>

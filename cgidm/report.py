@@ -37,20 +37,32 @@ th{cursor:pointer;background:#fafafa;position:sticky;top:0} th:hover{background:
 td img{height:96px;image-rendering:pixelated}
 .member{color:#b00}.holdout{color:#06a}.control{color:#666}.error{color:#b00;font-weight:bold}
 .flag{background:#fee}
+.verdict{border:2px solid #999;border-radius:8px;padding:10px 14px;margin:12px 0;max-width:60em}
+.verdict.hit{border-color:#b00} .verdict .note{display:block;max-width:none;margin-top:4px}
+.card .note{display:block}
 </style></head><body>
 <h1>cgidm report</h1>
 <div class="sub">CGI-DM: half of each image's latent was removed and recovered from the contrast
-between the fine-tuned and the pretrained model. Images the model was fine-tuned on come back;
-others do not. Each row shows <i>original | partial | recovered</i>.</div>
+between the fine-tuned and the pretrained model. Images the model was fine-tuned on come back
+closer to the original than images it never saw (a score: higher is closer, but for <code>latent_mse</code>).
+Each row shows <i>original | partial | recovered</i>.</div>
+{% if sv %}<div class="verdict {{ 'hit' if sv.verdict == 'fine-tuned on some of these images' else '' }}"><b>Was the model fine-tuned on some of these images?</b>
+{% if sv.error %}No set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
+({{ sv.test }}, {{ sv.method }}; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
+{{ sv.holdouts_left_out }} hold-out{{ 's' if sv.holdouts_left_out != 1 else '' }}, known not trained on, left out{% endif %}).
+<span class="note">One test of the suspect images (members and unlabelled images) together against the controls: a small p
+means they recover better than images known not to be in the fine-tune, more than chance explains.{% if sv.verdict == 'no evidence' %}
+"No evidence" is not proof that the images were not used.{% endif %}</span>
+{% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</div>{% endif %}
 <div class="cards">
 <div class="card">images<b>{{ s.images }}</b></div>
 <div class="card">scored<b>{{ s.scored }}</b></div>
 <div class="card">failed<b>{{ s.failed }}</b></div>
-{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ fraction(s.auc) }}</b></div>
-<div class="card">accuracy<b>{{ fraction(s.accuracy) }}</b></div>
-<div class="card">TPR @ 1% FPR<b>{{ fraction(s.tpr_at_1fpr) }}</b></div>{% endif %}
-{% if s.official %}<div class="card">official validator AUC ({{ (s.embedder.label or s.embedder.kind) if s.embedder else '' }}, max over the folder)<b>{{ fraction(s.official.auc) }}</b></div>
-<div class="card">official accuracy<b>{{ fraction(s.official.accuracy) }}</b></div>{% endif %}
+{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ fraction(s.auc) }}</b><span class="note">members vs hold-outs: 1 every member above every hold-out, 0.5 chance</span></div>
+<div class="card">accuracy<b>{{ fraction(s.accuracy) }}</b><span class="note">at the best threshold, chosen on these same images</span></div>
+<div class="card">TPR @ 1% FPR<b>{{ fraction(s.tpr_at_1fpr) }}</b><span class="note">members found when at most 1 % of hold-outs are{% if s.by_metric and s.by_metric[s.metric] and s.by_metric[s.metric].n_holdouts < 100 %}; with {{ s.by_metric[s.metric].n_holdouts }} hold-outs (under 100) it is not measured well{% endif %}</span></div>{% endif %}
+{% if s.official %}{% set standin = s.embedder and s.embedder.stand_in %}<div class="card">official validator AUC ({{ (s.embedder.label or s.embedder.kind) if s.embedder else '' }}, max over the folder)<b>{{ fraction(s.official.auc) }}</b>{% if standin %}<span class="note error">a random network: this checks the code path and says nothing about the images</span>{% endif %}</div>
+<div class="card">official accuracy{% if standin %} (random stand-in){% endif %}<b>{{ fraction(s.official.accuracy) }}</b></div>{% endif %}
 {% if s.flagged is defined %}<div class="card">flagged as fine-tuned on (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}{% if s.verdicts %} of {{ s.verdicts|length }}{% endif %}</b>{% if s.flagged_by_chance %}<span class="note">each image tested on its own: about {{ s.flagged_by_chance }} would be flagged by chance if none had been trained on</span>{% endif %}</div>{% endif %}
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
@@ -59,11 +71,6 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 {% if s.set_verdict_warning %}<p class="error">{{ s.set_verdict_warning }}</p>{% endif %}
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
 {% for line in unjudged %}<p class="error">{{ line }}</p>{% endfor %}
-{% if sv %}<p class="{{ 'error' if sv.error or sv.verdict not in ('no evidence', 'inconclusive') else 'sub' }}"><b>Was the model fine-tuned on some of these images?</b>
-{% if sv.error %}no set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
-({{ sv.test }}, {{ sv.method }}; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
-{{ sv.holdouts_left_out }} hold-out{{ 's' if sv.holdouts_left_out != 1 else '' }}, known not trained on, left out{% endif %}).
-{% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</p>{% endif %}
 {% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
 <tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fraction(m.auc) }}</td><td>{{ fraction(m.accuracy) }}</td><td>{{ fraction(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
@@ -76,7 +83,8 @@ others do not. Each row shows <i>original | partial | recovered</i>.</div>
 The figures above pool every pair.</p>{% endif %}
 {% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k|shown }} <code>{{ v.prompt|shown }}</code> ({{ v.from|shown }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt|shown }}</code>{% if s.prompt_from %} ({{ s.prompt_from|shown }}){% endif %}{% endif %};
 PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
-engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}</p>{% endif %}
+engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}{% if s.departures_from_defaults %};
+settings that differ from the defaults (the paper's):{% for k, v in s.departures_from_defaults.items() %} {{ k }} {{ v.given }} (default {{ v.preset }}){% endfor %}{% endif %}{% if s.config.seed is defined %}; seed {{ s.config.seed }}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% for w in lora_warnings %}<p class="error">{{ w|shown }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
@@ -208,7 +216,7 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
             for label, vals in sorted(groups.items()):
                 ax.hist(vals, bins=bins, range=(lo, hi + max(1e-12, abs(hi) * 1e-9)), alpha=0.55,
                         label=f"{label} ({len(vals)})", color=colors.get(label))
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # images are counted whole
         ax.set_xlabel(f"score ({summary.get('metric')})")
         ax.set_ylabel("images")

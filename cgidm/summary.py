@@ -56,6 +56,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     }
     if cfg.preset:
         summary["preset"] = {"name": cfg.preset, "departures": departures(cfg)}
+    elif departures(cfg):  # a run with fewer steps than the paper's, say, is said to be one
+        summary["departures_from_defaults"] = departures(cfg)
     _stalled(summary, good, cfg)
     if info:
         summary["models"] = info
@@ -109,8 +111,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             summary["controls"] = len(cal.scores)
             if cal.min_p() > cfg.level:
                 summary["calibration_warning"] = (
-                    f"{len(cal.scores)} controls cannot give p <= {cfg.level}: "
-                    f"use at least {math.ceil(1 / cfg.level) - 1}"
+                    f"{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
+                    f"can get is 1/{len(cal.scores) + 1} = {cal.min_p():.3g}, so no image can be flagged on its own "
+                    f"(each per-image verdict is 'inconclusive', whatever its z); use at least "
+                    f"{math.ceil(1 / cfg.level) - 1} controls, or read the set verdict"
                 )
             verdicts = {}
             for r in good:
@@ -415,6 +419,10 @@ def print_summary(summary: dict) -> None:
         p = summary["preset"]
         gone = ", ".join(f"{k} {v['given']} (preset {v['preset']})" for k, v in p["departures"].items())
         print(f"preset {p['name']}" + (f"; departures: {gone}" if gone else ": no departures"))
+    elif summary.get("departures_from_defaults"):
+        gone = ", ".join(f"{k} {v['given']} (default {v['preset']})"
+                         for k, v in summary["departures_from_defaults"].items())
+        print(f"settings that differ from the defaults (the paper's): {gone}")
     if "flagged" in summary:
         chance = summary.get("flagged_by_chance") or 0
         print(f"flagged as fine-tuned on (p <= {summary['config']['level']}): {summary['flagged']} "

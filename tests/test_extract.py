@@ -310,6 +310,11 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         # the card states its rule and the threshold the hold-outs set
         assert f"members extracted<b>{lab['extracted']} / 6</b>" in html
         assert f"above every hold-out's\n(threshold {lab['threshold']:.3f}, the best of 6 hold-outs)" in html
+        # the controls, never trained on either, are counted against the same threshold
+        above = sum(r["best_similarity"] > lab["threshold"] for r in cmp["per_image"] if r["label"] == "control")
+        assert lab["controls"] == 12 and lab["controls_above"] == above
+        assert f"{above} of 12 control images (also never trained on) are above it too" in html
+        assert f"{above} of 12 controls above the threshold too" in said.out
 
 
 def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, capsys):

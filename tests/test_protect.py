@@ -195,7 +195,10 @@ def test_cli_exit_codes(tiny_world, tmp_path, capsys, caplog):
     assert (tmp_path / "a" / "protected" / "member_00.png").is_file()
     # what protection does, measured, is said beside the loss it raised: on the console and in the report
     assert "note: what protection does is limited" in capsys.readouterr().out
-    assert "nothing of it\nwas left after JPEG q75" in (tmp_path / "a" / "report.html").read_text()
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "nothing of it was left after JPEG q75" in html and "authentication still flagged the members" in html
+    # the panel's amplification is said: 8/255 is +-8 levels, shown 15.9 times larger
+    assert "&plusmn;8 levels\nof 255, so the change is shown 15.9 times larger" in html
     (folder / "bad.png").write_text("nope")
     assert cli.main(["protect", *common, "--out", str(tmp_path / "b")]) == cli.EXIT_SOME_FAILED
     assert cli.main(["protect", *common, "--out", str(tmp_path / "c"), "--budget", "16"]) == cli.EXIT_USAGE

@@ -204,3 +204,35 @@ def test_a_decomposed_name_is_not_shown_as_the_composed_one(tmp_path):
     rows = [{**_row(0, None, 0.5), "id": f"image/{nfc}"}, {**_row(1, None, 0.6), "id": f"image/{nfd}"}]
     html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
     assert f"<td>image/{nfc}" in html and "<td>image/cafe\\u0301 n\\u0303.png" in html
+
+
+def test_a_run_off_the_defaults_and_a_stand_in_are_said_plainly(tmp_path, capsys):
+    from cgidm.config import PGDConfig
+
+    rows = [_row(i, ("member", "holdout")[i % 2], 0.5 + i / 10, official_cos=0.3 + i / 10) for i in range(4)]
+    rows += [_row(10 + i, "control", 0.1 + i / 100) for i in range(3)]
+    cfg = AuthConfig(prompt="p", pgd=PGDConfig(steps=30))
+    s = summarize(rows, cfg, embedder_info={"kind": "dino", "folder": "f", "dim": 8, "stand_in": True,
+                                            "label": "random stand-in in DINO's layout, not DINO"})
+    assert s["departures_from_defaults"] == {"steps": {"preset": 1000, "given": 30}}
+    html = _html(tmp_path, rows, s)
+    assert "settings that differ from the defaults (the paper's): steps 30 (default 1000)" in html
+    assert "a random network: this checks the code path and says nothing about the images" in html
+    assert "official accuracy (random stand-in)" in html
+    # too few controls for any image: said with the smallest p-value one image can get
+    assert "the smallest p-value one image can get is 1/4 = 0.25" in s["calibration_warning"]
+    # the set verdict comes first, before the cards, with what it means
+    assert html.index("Was the model fine-tuned on some of these images?") < html.index('<div class="cards">')
+    s["report"] = "r"
+    print_summary(s)
+    assert "settings that differ from the defaults (the paper's): steps 30 (default 1000)" in capsys.readouterr().out
+    # a preset run without departures and a run on the defaults say nothing of the kind
+    assert "departures_from_defaults" not in summarize(rows, AuthConfig(prompt="p"))
+
+
+def test_no_evidence_is_not_proof(tmp_path):
+    rows = [_row(i, None, 0.1 + i / 1000) for i in range(6)] + [_row(10 + i, "control", 0.1 + i / 1000 + 0.0005)
+                                                                for i in range(20)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["set_verdict"]["verdict"] == "no evidence"
+    assert "\"No evidence\" is not proof that the images were not used." in _html(tmp_path, rows, s)
