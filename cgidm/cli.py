@@ -330,6 +330,7 @@ def cmd_demo(args) -> int:
 def _out_folder(out: str, kind: str):
     """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a broken link, a folder
     that cannot be written or one holding another command's run (``check_run_kind``): refused."""
+    from cgidm.files import unwritable_reason
     from cgidm.resume import check_run_kind
 
     path = pathlib.Path(out).expanduser()
@@ -340,9 +341,9 @@ def _out_folder(out: str, kind: str):
     above = next((p for p in path.absolute().parents if p.exists()), path)  # where it would be made
     if not path.exists() and not (above.is_dir() and os.access(above, os.W_OK | os.X_OK)):
         raise ValueError(f"--out {out}: cannot be made in {above} ("
-                         f"{'not writable' if above.is_dir() else 'a file, not a folder'})")
+                         f"{unwritable_reason(above) if above.is_dir() else 'a file, not a folder'})")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # found before the models load, not after
-        raise ValueError(f"--out {out}: this folder cannot be written to (permission denied)")
+        raise ValueError(f"--out {out}: this folder cannot be written to ({unwritable_reason(path)})")
     check_run_kind(path, kind)
     return path
 

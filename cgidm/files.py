@@ -271,3 +271,14 @@ def regular_file(path) -> None:
                 else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                 else "not a plain file")
         raise NotAFile(f"not a regular file ({kind})")
+
+
+def unwritable_reason(folder) -> str:
+    """Why a folder ``os.access`` refuses cannot be written: a read-only file system (a
+    permission change would not help) or the permissions."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "a read-only file system"
+    except (OSError, AttributeError):  # no statvfs (Windows): the permissions, as before
+        pass
+    return "permission denied"

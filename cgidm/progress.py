@@ -53,7 +53,8 @@ def bar_options() -> dict:
     0.1 s; in a log file a line of its own every 30 s."""
     if sys.stderr.isatty():
         return {"mininterval": 0.1}
-    return {"mininterval": 30, "file": _LogLines(sys.stderr)}
+    # maxinterval too: tqdm's monitor redraws every maxinterval (10 s by default) otherwise
+    return {"mininterval": 30, "maxinterval": 30, "file": _LogLines(sys.stderr)}
 
 
 class Progress:

@@ -126,7 +126,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # per-image p-values are not corrected for testing many images: this many of
             # them would be flagged on average were none in the fine-tune (set_verdict is
             # the one test of the whole set)
-            summary["flagged_by_chance"] = round(cfg.level * len(verdicts), 2) if cal.min_p() <= cfg.level else 0
+            summary["flagged_by_chance"] = round(chance_rate(len(cal.scores), cfg.level) * len(verdicts), 2)
             # the suspect set: members and unlabelled images; hold-outs are known not to be in
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
@@ -153,6 +153,20 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     sv["holdouts_left_out"] = held
                 summary["set_verdict"] = sv
     return summary
+
+
+def chance_rate(controls: int, level: float) -> float:
+    """The chance that an image not in the fine-tune is flagged: its p-value is k/(n+1)
+    for n controls, so p <= level is k/(n+1) <= level, with k at most floor(level (n+1))
+    and each k equally likely (exchangeable scores, no ties). With 38 controls at 0.05
+    that is 1/39, not 0.05; with 12 it is 0."""
+    n1 = controls + 1
+    k = int(level * n1)
+    while (k + 1) / n1 <= level:  # the comparison the p-value's own takes (float division)
+        k += 1
+    while k > 0 and k / n1 > level:
+        k -= 1
+    return k / n1
 
 
 def _stalled(summary: dict, good: Sequence[dict], cfg) -> None:

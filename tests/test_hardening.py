@@ -560,3 +560,37 @@ def test_a_weights_file_that_cannot_be_read_is_a_model_error(tiny_world, monkeyp
     weights = tiny_world / "finetuned" / "unet" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors: cannot read \\(Permission denied\\)"):
         read_safetensors_header(weights)
+
+
+def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    """os.access cannot tell a read-only mount from permissions: the message said
+    "permission denied" where no permission change would help."""
+    import os
+    import types
+
+    from cgidm import cli
+    from cgidm.files import unwritable_reason
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    assert unwritable_reason(out) == "permission denied"
+    with pytest.raises(ValueError, match=r"this folder cannot be written to \(permission denied\)"):
+        cli._out_folder(str(out), "authenticate")
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(ValueError, match=r"cannot be written to \(a read-only file system\)"):
+        cli._out_folder(str(out), "authenticate")
+    with pytest.raises(ValueError, match=r"cannot be made in .* \(a read-only file system\)"):
+        cli._out_folder(str(out / "new"), "authenticate")
+
+
+def test_a_log_file_gets_a_bar_line_at_most_every_30_s(monkeypatch):
+    """tqdm's monitor thread redraws every maxinterval (10 s by default) whatever the
+    mininterval: a log file got a line every 10-20 s."""
+    import io
+
+    from cgidm.progress import bar_options
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    opts = bar_options()
+    assert opts["mininterval"] == 30 and opts["maxinterval"] >= 30

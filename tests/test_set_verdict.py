@@ -285,10 +285,24 @@ def test_a_pair_that_looks_swapped_is_said_so():
 
 def test_the_summary_says_how_many_flags_chance_would_give():
     """Per-image p-values are not corrected for many images: the summary gives the flags
-    expected by chance (level x images judged), and none where no image could be flagged."""
+    expected by chance (the largest p-value the controls allow at the level, times the images
+    judged: 1/21 with 20 controls), and none where no image could be flagged."""
     rows = [_row(i, None, 0.5 + i / 1000) for i in range(40)] + [_row(100 + i, "control", i / 20) for i in range(20)]
     s = summarize(rows, AuthConfig(prompt="p"))
-    assert s["flagged_by_chance"] == pytest.approx(0.05 * 40)
+    assert s["flagged_by_chance"] == pytest.approx(40 / 21, abs=0.005)
+    # 38 controls: p <= 0.05 only as p = 1/39 (2/39 > 0.05), so about n/39, not 0.05 n
+    from cgidm.summary import chance_rate
+
+    assert chance_rate(38, 0.05) == 1 / 39 and chance_rate(19, 0.05) == 1 / 20 and chance_rate(12, 0.05) == 0
+    assert chance_rate(40, 0.05) == 2 / 41 and chance_rate(999, 0.05) == 0.05
+    # the rate is what the p-values give: over every rank an image can take among n controls
+    from cgidm.score import Calibration
+
+    for n in (12, 19, 38, 40):
+        cal = Calibration(tuple(float(i) for i in range(n)), "latent_cos", 0.05)
+        ranks = [i - 0.5 for i in range(n + 1)]  # each gap between controls, and above all
+        flagged = sum(cal.judge(x)["verdict"] == "fine-tuned on" for x in ranks)
+        assert flagged / (n + 1) == pytest.approx(chance_rate(n, 0.05))
     few = [_row(i, None, 0.5) for i in range(4)] + [_row(100 + i, "control", i / 10) for i in range(5)]
     assert summarize(few, AuthConfig(prompt="p"))["flagged_by_chance"] == 0
 
