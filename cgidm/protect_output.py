@@ -409,7 +409,7 @@ or a 3x3 median filter, and authentication still flagged the members (cgidm's do
 <div class="card">protected<b>{{ s.protected }}</b></div><div class="card">failed<b>{{ s.failed }}</b></div>
 {% for k, v in s.medians.items() %}<div class="card">median {{ k }}<b>{{ fmt(v) }}</b>{% if k == 'loss protected / clean' %}<span class="note">each image's own ratio, then their median: not the two medians beside it divided</span>{% endif %}</div>{% endfor %}</div>
 <p class="sub">settings: {% for k, v in settings %}{{ k }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
-<p class="sub">base model: <code>{{ s.base|shown }}</code>; device {{ s.device }}, dtype {{ s.dtype }}{% if s.runtime %}; cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}{% endif %}</p>
+<p class="sub">base model: <code>{{ s.base|shown }}</code>; device {{ s.device }}, dtype {{ s.dtype }}{% if s.runtime %}; cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}{% if s.runtime.time %}; {{ s.runtime.time }}{% endif %}{% endif %}</p>
 <table><thead><tr><th>image</th><th>size</th><th>mode</th><th>PSNR dB</th><th>SSIM</th><th>max change (levels)</th>
 <th>loss clean</th><th>loss protected</th><th>notes</th><th>original | protected | perturbation</th></tr></thead><tbody>
 {% for r in rows %}<tr><td>{{ r.id|shown }}</td>{% if r.error %}<td class="error" colspan="9">failed: {{ r.error|shown }}</td>

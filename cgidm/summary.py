@@ -24,16 +24,19 @@ PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_
 
 def runtime(device, dtype) -> dict:
     """How a summary's numbers were computed, beside its settings: the device and the
-    weights' dtype (fp16 and bf16 change scores), and the versions of cgidm, torch and
-    Python."""
+    weights' dtype (fp16 and bf16 change scores), the versions of cgidm, torch and
+    Python, and when (UTC, as the run ends)."""
     import platform
 
     import torch
 
     import cgidm
 
+    from datetime import datetime, timezone
+
     return {"device": str(device), "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype),
-            "cgidm": cgidm.__version__, "torch": torch.__version__, "python": platform.python_version()}
+            "cgidm": cgidm.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None) -> dict:

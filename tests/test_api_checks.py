@@ -4,6 +4,7 @@ embedder's folder instead of a loaded embedder, inputs of ``prepare`` that do no
 and returns the summary it writes (null, not infinity)."""
 from __future__ import annotations
 
+import re
 import json
 import math
 import shutil
@@ -114,7 +115,9 @@ def test_the_returned_summary_is_the_written_one(world_pair, tiny_world, tmp_pat
     import torch
 
     assert summary["runtime"] == {"device": "cpu", "dtype": "fp32", "cgidm": cgidm.__version__,
-                                  "torch": torch.__version__, "python": written["runtime"]["python"]}
+                                  "torch": torch.__version__, "python": written["runtime"]["python"],
+                                  "time": written["runtime"]["time"]}
+    assert re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ", summary["runtime"]["time"])
     assert "on cpu in fp32 (cgidm " in (tmp_path / "out" / "report.html").read_text()
 
 
