@@ -315,12 +315,21 @@ _KOHYA_DATASET_DIR = re.compile(r"^\d+_(.+)$")  # kohya: "<repeats>_<instance pr
 def _clean_prompt(value) -> Optional[str]:
     """A prompt fit to use and to print, or None: one line, printable (no terminal
     escapes from an untrusted file), at most ``MAX_PROMPT_CHARS``."""
+    return None if _prompt_problem(value) else " ".join(value.split())
+
+
+def _prompt_problem(value) -> Optional[str]:
+    """Why ``value`` is no prompt ``_clean_prompt`` gives, or None when it is one."""
     if not isinstance(value, str):
-        return None
+        return f"is not text ({type(value).__name__})"
     text = " ".join(value.split())
-    if not text or len(text) > MAX_PROMPT_CHARS or not text.isprintable():
-        return None
-    return text
+    if not text:
+        return "is empty"
+    if len(text) > MAX_PROMPT_CHARS:
+        return f"is over {MAX_PROMPT_CHARS} characters ({len(text)})"
+    if not text.isprintable():
+        return "has characters that are not printable"
+    return None
 
 
 def _most_frequent_tag(raw: str) -> Optional[str]:
@@ -367,20 +376,18 @@ def _prompt_in_safetensors(path: Path) -> tuple[Optional[str], str]:
     return None, f"{path}: no trigger phrase, instance prompt or tag frequencies in its metadata"
 
 
-def _instance_prompt_of(args) -> Optional[str]:
-    """``instance_prompt`` at the top of a training-arguments object or one level down
-    (some trainers nest their arguments under a section)."""
+def _instance_prompts(args) -> list:
+    """The ``instance_prompt`` values of a training-arguments object, as they are: at its
+    top, then one level down (some trainers nest their arguments under a section)."""
     if not isinstance(args, dict):
-        return None
-    prompt = _clean_prompt(args.get("instance_prompt"))
-    if prompt:
-        return prompt
-    for value in args.values():
-        if isinstance(value, dict):
-            prompt = _clean_prompt(value.get("instance_prompt"))
-            if prompt:
-                return prompt
-    return None
+        return []
+    found = [args["instance_prompt"]] if "instance_prompt" in args else []
+    return found + [v["instance_prompt"] for v in args.values() if isinstance(v, dict) and "instance_prompt" in v]
+
+
+def _instance_prompt_of(args) -> Optional[str]:
+    """The first usable ``instance_prompt`` of a training-arguments object, or None."""
+    return next((p for p in map(_clean_prompt, _instance_prompts(args)) if p), None)
 
 
 def _prompt_in_folder(folder: Path) -> tuple[Optional[str], str]:
@@ -405,32 +412,12 @@ def _prompt_in_folder(folder: Path) -> tuple[Optional[str], str]:
             prompt = _instance_prompt_of(args)
             if prompt:
                 return prompt, f"instance_prompt in {f}"
-            why = _unusable_prompt(args)
-            if why:
-                seen.append(f"{f} has an instance_prompt that {why}")
+            values = _instance_prompts(args)
+            if values:  # there, but none usable: why the first is not
+                seen.append(f"{f} has an instance_prompt that {_prompt_problem(values[0])}")
     if seen:
         return None, f"{folder}: no usable instance_prompt: " + "; ".join(seen)
     return None, f"{folder}: no instance_prompt in {', '.join(TRAINING_ARGS_FILES)}"
-
-
-def _unusable_prompt(args) -> Optional[str]:
-    """Why the ``instance_prompt`` where ``_instance_prompt_of`` looks cannot be used (as
-    ``_clean_prompt`` refuses it), or None when there is none."""
-    if not isinstance(args, dict):
-        return None
-    values = [args["instance_prompt"]] if "instance_prompt" in args else []
-    values += [v["instance_prompt"] for v in args.values() if isinstance(v, dict) and "instance_prompt" in v]
-    if not values:
-        return None
-    value = values[0]
-    if not isinstance(value, str):
-        return f"is not text ({type(value).__name__})"
-    text = " ".join(value.split())
-    if not text:
-        return "is empty"
-    if len(text) > MAX_PROMPT_CHARS:
-        return f"is over {MAX_PROMPT_CHARS} characters ({len(text)})"
-    return "has characters that are not printable"
 
 
 def _prompt_in(path: Path) -> tuple[Optional[str], str]:

@@ -27,12 +27,11 @@ def runtime(device, dtype) -> dict:
     weights' dtype (fp16 and bf16 change scores), the versions of cgidm, torch and
     Python, and when (UTC, as the run ends)."""
     import platform
+    from datetime import datetime, timezone
 
     import torch
 
     import cgidm
-
-    from datetime import datetime, timezone
 
     return {"device": str(device), "dtype": dtype if isinstance(dtype, str) else dtype_name(dtype),
             "cgidm": cgidm.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -57,10 +56,11 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         "auc": None,  # set below when there are labelled images; the report reads it always
         "config": cfg.to_json(),
     }
+    departed = departures(cfg)
     if cfg.preset:
-        summary["preset"] = {"name": cfg.preset, "departures": departures(cfg)}
-    elif departures(cfg):  # a run with fewer steps than the paper's, say, is said to be one
-        summary["departures_from_defaults"] = departures(cfg)
+        summary["preset"] = {"name": cfg.preset, "departures": departed}
+    elif departed:  # a run with fewer steps than the paper's, say, is said to be one
+        summary["departures_from_defaults"] = departed
     _stalled(summary, good, cfg)
     if info:
         summary["models"] = info
