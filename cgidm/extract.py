@@ -311,7 +311,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
                          progress=progress)
     _say_clustering(clustering, cfg, len(kept))
     order = [j for c in clustering.clusters for j in c.members]
-    atomic_save_image(thumbnails([tiles[j] for j in order]), out / "samples.png")
+    atomic_save_image(thumbnails([tiles[j] for j in order], groups=[c.size for c in clustering.clusters]),
+                      out / "samples.png")
     del tiles
 
     # the candidates decoded again (a few images), not every sample's kept: ``extract_samples``
@@ -326,7 +327,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
             "rank": rank, "image": name, "sample": kept[c.representative], "cluster_size": c.size,
             "mean_similarity": c.mean_similarity, "cluster": [kept[j] for j in c.members],
         })
-    atomic_save_image(grid(cand_pils, columns=min(8, len(cand_pils))), out / "grid.png")
+    words = [f"rank {c['rank']}: {c['cluster_size']} sample{'s' if c['cluster_size'] != 1 else ''}" for c in candidates]
+    atomic_save_image(grid(cand_pils, columns=min(8, len(cand_pils)), labels=words), out / "grid.png")
 
     models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
     if _uses_lora(pair):
@@ -422,7 +424,9 @@ were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error|sh
 <table><thead><tr><th>rank</th><th>cluster size</th><th>mean similarity</th><th>candidate</th></tr></thead><tbody>
 {% for c in s.candidates %}<tr><td>{{ c.rank }}</td><td>{{ c.cluster_size }}</td><td>{{ fmt(c.mean_similarity) }}</td>
 <td><img alt="candidate {{ c.rank }}" src="{{ c.image }}"></td></tr>{% endfor %}</tbody></table>{% endif %}
-<h2>All samples, by cluster</h2><img alt="samples" src="samples.png" style="max-width:100%">
+<h2>All samples, by cluster</h2><p class="sub">Densest cluster first. The strip under each sample is its
+cluster's colour (two colours, in turn, so that neighbouring clusters differ); the number on a cluster's
+first sample is its rank, the rank of its candidate above.</p><img alt="samples" src="samples.png" style="max-width:100%">
 </body></html>
 """
 

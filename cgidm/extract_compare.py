@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,13 +80,19 @@ def _enlarged(im, min_side: int):
     return im.resize((w * s, h * s), Image.NEAREST) if s > 1 else im
 
 
-def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4):
-    """PIL images (one size) tiled ``columns`` wide; small ones enlarged (nearest)."""
+def grid(images: Sequence, columns: int, min_side: int = 128, pad: int = 4, labels: Optional[Sequence] = None):
+    """PIL images (one size) tiled ``columns`` wide; small ones enlarged (nearest); with
+    ``labels``, each named in a strip under it (``captions``)."""
     from PIL import Image
+
+    from cgidm.captions import caption_under
 
     tiles = [_enlarged(im, min_side) for im in images]
     w, h = tiles[0].size
     cols = max(1, min(columns, len(tiles)))
+    if labels is not None:
+        tiles = [caption_under(tiles[i:i + cols], labels[i:i + cols], pad) for i in range(0, len(tiles), cols)]
+        w, h, cols = max(t.size[0] for t in tiles), tiles[0].size[1], 1
     rows = math.ceil(len(tiles) / cols)
     canvas = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), (255, 255, 255))
     for i, im in enumerate(tiles):
@@ -169,7 +175,9 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
         im = load_image(path, res)  # read again: the same pixels (it was read above)
         px = pixel_scores(im, cand_images[k])
         name = f"{COMPARE}/candidate_{cand['rank']:02d}.png"
-        atomic_save_image(grid([to_pil(cand_images[k]), to_pil(im)], columns=2, min_side=192), out / name)
+        words = (f"candidate, rank {cand['rank']}", f"nearest {float(sims[j, k]):.3f}: {path.name}")
+        atomic_save_image(grid([to_pil(cand_images[k]), to_pil(im)], columns=2, min_side=256, labels=words),
+                          out / name)
         pairs.append({"rank": cand["rank"], "candidate": cand["image"], "nearest": str(path), "label": label,
                       "similarity": float(sims[j, k]), **px, "pair_image": name})
     per_image = [{"image": str(path), "label": label, "best_similarity": float(best[j]),

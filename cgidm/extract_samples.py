@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,34 @@ def tile(im, side: int):
     return im if im.size == (side, side) else im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.BOX)
 
 
-def thumbnails(images: Sequence, side: int = THUMB_SIDE, columns: int = 16, pad: int = 2):
-    """A contact sheet of many images, each scaled to ``side``."""
-    return grid([tile(im, side) for im in images], columns, min_side=side, pad=pad)
+BANDS = ((214, 228, 245), (250, 222, 200))  # the strips of neighbouring clusters, in turn
+
+
+def thumbnails(images: Sequence, side: int = THUMB_SIDE, columns: int = 16, pad: int = 2,
+               groups: Optional[Sequence[int]] = None):
+    """A contact sheet of many images, each scaled to ``side``. With ``groups`` (the sizes
+    of consecutive runs of ``images``: the clusters, densest first) each tile has a strip
+    under it in its group's colour, the colours taking turns, and each group's first tile
+    has the group's rank in it, so that where one cluster ends and the next begins is seen."""
+    if groups is None:
+        return grid([tile(im, side) for im in images], columns, min_side=side, pad=pad)
+    from PIL import Image, ImageDraw
+
+    from cgidm.captions import INK, ascii_text, font, strip_height
+
+    if sum(groups) != len(images):
+        raise ValueError(f"groups count {sum(groups)} images, not {len(images)}")
+    size = 10
+    line = strip_height(size)
+    cells = []
+    for rank, n in enumerate(groups):
+        for k in range(n):
+            cell = Image.new("RGB", (side, side + line), BANDS[rank % len(BANDS)])
+            cell.paste(tile(images[len(cells)], side), (0, 0))
+            if k == 0:
+                ImageDraw.Draw(cell).text((2, side + (line - size) // 2), ascii_text(rank), fill=INK, font=font(size))
+            cells.append(cell)
+    return grid(cells, columns, min_side=side, pad=pad)
 
 
 def describe_samples(pair, latents: torch.Tensor, kept: list, kind: str, embedder, cfg: ExtractConfig, out: Path,

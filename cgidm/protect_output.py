@@ -372,17 +372,17 @@ def _amplified(before: np.ndarray, after: np.ndarray, top: float, limit_levels: 
 
 
 def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
-    """original | protected | perturbation amplified to the full range (grey = 0)."""
+    """original | protected | perturbation amplified to the full range (grey = 0), each
+    named in a strip under it (``captions``), the amplification with it."""
+    from cgidm.captions import caption_under
+
     ims = [_display(before, top), _display(after, top), _amplified(before, after, top, limit_levels)]
     w, h = ims[0].size
     s = PANEL_HEIGHT / max(h, 1)
     size = (max(1, round(w * s)), PANEL_HEIGHT)
     ims = [im.resize(size, Image.NEAREST if s >= 1 else Image.LANCZOS) for im in ims]
-    pad = 6
-    canvas = Image.new("RGB", (3 * size[0] + 2 * pad, size[1]), (255, 255, 255))
-    for i, im in enumerate(ims):
-        canvas.paste(im, (i * (size[0] + pad), 0))
-    return canvas
+    gain = 127.5 / max(limit_levels, 1.0)
+    return caption_under(ims, ("original", "protected", f"change x{gain:.3g}"), pad=6)
 
 
 REPORT = """<!doctype html>

@@ -21,10 +21,15 @@ TRIPTYCHS = "triptychs"
 RECOVERED = "recovered"
 
 
+TRIPTYCH_LABELS = ("original", "half removed", "recovered")
+
+
 def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, min_side: int = 192):
-    """original | partial | recovered, side by side; tiny images are enlarged (nearest)
-    so that their cells stay visible."""
+    """original | partial | recovered, side by side, each named in a strip under it
+    (``captions``); tiny images are enlarged (nearest) so that their cells stay visible."""
     from PIL import Image
+
+    from cgidm.captions import caption_under
 
     ims = [to_pil(x) for x in (original, partial, recovered)]
     w, h = ims[0].size
@@ -32,11 +37,7 @@ def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Ten
     if s > 1:
         ims = [im.resize((w * s, h * s), Image.NEAREST) for im in ims]
         w, h = w * s, h * s
-    pad = max(2, w // 32)
-    canvas = Image.new("RGB", (3 * w + 2 * pad, h), (255, 255, 255))
-    for i, im in enumerate(ims):
-        canvas.paste(im, (i * (w + pad), 0))
-    return canvas
+    return caption_under(ims, TRIPTYCH_LABELS, pad=max(2, w // 32))
 
 
 def score_batch(prep, result, recovered: torch.Tensor) -> list[dict]:

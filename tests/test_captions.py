@@ -1,0 +1,128 @@
+"""Words in the pictures (cgidm/captions.py): each part of a triptych, protect panel,
+candidate grid and compare pair is named under it, the picture itself is pasted unchanged
+above, and the contact sheet shows where each cluster begins."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgidm.captions import PAPER, ascii_text, caption_under, fitted, font, strip_height
+
+
+def _noise(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8))
+
+
+def _inked(a: np.ndarray) -> bool:
+    return bool((a != np.array(PAPER, dtype=a.dtype)).any())
+
+
+def test_each_label_is_drawn_under_its_own_image_and_the_images_are_unchanged():
+    ims = [_noise(70, 50, 0), _noise(90, 50, 1), _noise(60, 50, 2)]
+    out = np.asarray(caption_under(ims, ["left", None, "right"], pad=5))
+    assert out.shape == (50 + strip_height(), 70 + 90 + 60 + 2 * 5, 3)
+    x = 0
+    for im, label in zip(ims, ["left", None, "right"]):
+        w = im.size[0]
+        assert np.array_equal(out[:50, x:x + w], np.asarray(im))
+        assert _inked(out[50:, x:x + w]) == (label is not None)
+        if x:
+            assert not _inked(out[:, x - 5:x]), "the gap between images stays blank"
+        x += w + 5
+
+
+def test_a_long_label_is_cut_to_its_image_and_never_spills_into_the_next():
+    ims = [_noise(40, 30, 0), _noise(40, 30, 1)]
+    out = np.asarray(caption_under(ims, ["a label far too long for forty pixels", None], pad=4))
+    assert _inked(out[30:, :40])
+    assert not _inked(out[30:, 40:])
+    cut = fitted("a label far too long for forty pixels", 36)
+    assert cut.endswith("...") and font().getlength(cut) <= 36
+    assert fitted("short", 200) == "short"
+    assert fitted("anything", 1) == ""
+
+
+def test_names_from_files_are_drawn_in_ascii_with_their_escapes():
+    assert ascii_text("plain.png") == "plain.png"
+    assert ascii_text("caf\u00e9.png") == "caf\\xe9.png"
+    assert ascii_text("a\u202egnp.exe") == "a\\u202egnp.exe"  # a bidi override is not obeyed
+    assert ascii_text("x\ny") == "x\\ny"
+    assert ascii_text(3) == "3"
+
+
+def test_the_triptych_names_its_three_panels():
+    from cgidm.rows import TRIPTYCH_LABELS, triptych
+
+    g = torch.Generator().manual_seed(0)
+    x = [torch.rand(3, 16, 16, generator=g) * 2 - 1 for _ in range(3)]
+    out = np.asarray(triptych(*x))
+    side = 16 * 12  # enlarged to min_side 192
+    pad = side // 32
+    assert out.shape == (side + strip_height(), 3 * side + 2 * pad, 3)
+    from cgidm.images import to_pil
+
+    for i, t in enumerate(x):
+        x0 = i * (side + pad)
+        assert np.array_equal(out[:side, x0:x0 + side], np.asarray(to_pil(t).resize((side, side), Image.NEAREST)))
+        assert _inked(out[side:, x0:x0 + side])
+    assert TRIPTYCH_LABELS == ("original", "half removed", "recovered")
+
+
+def test_the_protect_panel_names_its_parts_and_the_amplification():
+    from cgidm import protect_output as O
+
+    rng = np.random.default_rng(3)
+    before = rng.integers(0, 256, (24, 36, 3)).astype(np.uint8)
+    after = np.clip(before.astype(np.int64) + rng.integers(-8, 9, before.shape), 0, 255).astype(np.uint8)
+    out = np.asarray(O.panel(before, after, 255, 8))
+    h, w = O.PANEL_HEIGHT, round(36 * O.PANEL_HEIGHT / 24)
+    assert out.shape == (h + strip_height(), 3 * w + 2 * 6, 3)
+    third = np.asarray(O._amplified(before, after, 255, 8).resize((w, h), Image.NEAREST))
+    assert np.array_equal(out[:h, 2 * (w + 6):], third)
+    for i in range(3):
+        assert _inked(out[h:, i * (w + 6):i * (w + 6) + w])
+    # the amplification in the label: drawn exactly as caption_under draws it
+    want = np.asarray(caption_under([Image.new("RGB", (w, h), PAPER)] * 3,
+                                    ("original", "protected", "change x15.9"), pad=6))
+    assert np.array_equal(out[h:], want[h:])
+
+
+def test_a_labelled_grid_keeps_every_tile_in_its_place():
+    from cgidm.extract_compare import grid
+
+    ims = [_noise(32, 32, i) for i in range(5)]
+    out = np.asarray(grid(ims, columns=2, min_side=64, pad=4, labels=[f"rank {i}" for i in range(5)]))
+    cell_h = 64 + strip_height()
+    assert out.shape == (3 * cell_h + 2 * 4, 2 * 64 + 4, 3)
+    for i, im in enumerate(ims):
+        y, x = (i // 2) * (cell_h + 4), (i % 2) * (64 + 4)
+        assert np.array_equal(out[y:y + 64, x:x + 64], np.asarray(im.resize((64, 64), Image.NEAREST)))
+        assert _inked(out[y + 64:y + cell_h, x:x + 64])
+    assert not _inked(out[2 * (cell_h + 4):, 64 + 4:]), "nothing where the sixth tile would be"
+    unlabelled = np.asarray(grid(ims, columns=2, min_side=64, pad=4))
+    assert unlabelled.shape == (3 * 64 + 2 * 4, 2 * 64 + 4, 3)
+
+
+def test_the_contact_sheet_marks_where_each_cluster_begins():
+    from cgidm.extract_samples import BANDS, thumbnails
+
+    side, pad = 20, 2
+    ims = [_noise(20, 20, i) for i in range(7)]
+    groups = [3, 1, 2, 1]
+    out = np.asarray(thumbnails(ims, side=side, columns=4, pad=pad, groups=groups))
+    line = strip_height(10)
+    assert out.shape == (2 * (side + line) + pad, 4 * side + 3 * pad, 3)
+    owner = [r for r, n in enumerate(groups) for _ in range(n)]
+    for i, im in enumerate(ims):
+        y, x = (i // 4) * (side + line + pad), (i % 4) * (side + pad)
+        assert np.array_equal(out[y:y + side, x:x + side], np.asarray(im))
+        strip = out[y + side:y + side + line, x:x + side].reshape(-1, 3)
+        band = np.array(BANDS[owner[i] % len(BANDS)], dtype=np.uint8)
+        first = i == 0 or owner[i] != owner[i - 1]
+        # a cluster's colour everywhere in its strip, with its rank written on its first tile only
+        assert (strip == band).all(axis=1).mean() > (0.5 if first else 0.999)
+        assert (strip != band).any() == first
+    with pytest.raises(ValueError, match="groups count 6 images, not 7"):
+        thumbnails(ims, side=side, groups=[3, 3])
+    with pytest.raises(ValueError, match="groups count 8 images, not 7"):
+        thumbnails(ims, side=side, groups=[4, 4])
