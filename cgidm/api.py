@@ -17,6 +17,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_wri
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.progress import bar_options
+from cgidm.provenance import model_digests, pair_paths
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.rows import RECOVERED, TRIPTYCHS
@@ -53,9 +54,11 @@ def authenticate(
     progress: bool = True,
     prefetch_depth: int = 2,
     prompt_from: str | None = None,
+    hash_models: bool = False,
 ) -> dict:
     """Authenticate images against a model pair; writes ``out/results.jsonl``,
-    ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``.
+    ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``. With
+    ``hash_models`` the summary names every model file read by its SHA-256 (``provenance``).
     Returns the summary. Raises ``OutputError`` when an output cannot be written; the
     rows finished before it stay complete in ``results.jsonl``. Without ``cfg.prompt`` the
     checkpoint's instance prompt is used (``pipeline.resolve_prompt``); ``prompt_from``
@@ -85,6 +88,8 @@ def authenticate(
             _clear_previous(out)
         except OSError as e:
             raise OutputError(out, e) from e
+        # before the run: the files as they were loaded (a file saved over during the run is not)
+        files = model_digests(pair_paths(pair.info), out, progress) if hash_models else None
         results = out / RESULTS
         rows: list[dict] = []
         every = bar_options()  # in a log file (not a terminal) a line every 30 s instead of a redraw
@@ -130,6 +135,8 @@ def authenticate(
         summary = summarize(rows, cfg, pair.info, emb_info)
         summary["runtime"] = runtime(pair.device, next(pair.unet_ft.parameters()).dtype)
         summary["prompt_from"] = prompt_from
+        if files is not None:
+            summary["model_files"] = files
         if stats.extra.get("low_memory_fallback"):
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
                                               "(the same scores)")

@@ -49,10 +49,10 @@ def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
     """Read the images of ``batch`` and encode those that could be read."""
     ok, tensors, notes, failed = [], [], [], []
     for it in batch:
-        if getattr(it, "pair", None) is not None:
-            # a screen entry: its file as it is read (size, time, SHA-256), which its row
-            # records for a resume to tell a file saved over since (``resume.same_source``)
-            object.__setattr__(it, "source", source(it.path))
+        # the file as it is read (size, time, SHA-256), which its row records: the evidence
+        # names the image by its contents, and a screen's resume tells a file saved over
+        # since (``resume.same_source``)
+        object.__setattr__(it, "source", source(it.path))
         try:
             x, note = load_image_with_notes(it.path, pair.resolution)
         except ImageError as e:

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (the same one to resume)")
     _models(s, required_base=False)
     s.add_argument("--retry-failed", action="store_true", help="screen again the images whose row is an error")
-    _common(s, run_skip=())
+    _common(s, run_skip=("hash_models",))  # screen records them always
 
     d = sub.add_parser("demo", help="build (or reuse) the tiny model pair and authenticate its images")
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(pr.add_argument_group("protection"), config.ProtectConfig)
     pr_run = pr.add_argument_group("run")
     _add_fields(pr_run, config.RunOptions,
-                skip=("embedder", "allow_partial_lora", "lora_scale", "prefetch", "dist_timeout"))
+                skip=("embedder", "allow_partial_lora", "lora_scale", "prefetch", "dist_timeout", "hash_models"))
     pr_run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     x = sub.add_parser(
         "extract", help="extract fine-tuning images: sample with guidance extrapolated from the base toward the "
@@ -227,7 +227,7 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     pair, cfg, prompt_from = _load_announced(opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
-                           prefetch_depth=opts.prefetch, prompt_from=prompt_from)
+                           prefetch_depth=opts.prefetch, prompt_from=prompt_from, hash_models=opts.hash_models)
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
@@ -399,7 +399,7 @@ def cmd_extract(args) -> int:
     pair, cfg, prompt_from = _load_announced(opts, rt, args.base, args.finetuned, args.lora, cfg)
     embedder = _embedder(opts, rt.device)
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
-                prompt_from=prompt_from)
+                prompt_from=prompt_from, hash_models=opts.hash_models)
     c, t = s["clustering"], s["timing"]
     rate = (f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample") + (
         f", {s['resumed_samples']} from the run that stopped" if s["resumed_samples"] else "")

@@ -46,6 +46,7 @@ from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text,
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
+from cgidm.provenance import model_digests, pair_paths, table as model_digests_table
 from cgidm.resume import OutputLock, check_run_kind, remove_stale_temporaries
 from cgidm.summary import runtime
 
@@ -142,6 +143,7 @@ def extract(
     progress: bool = True,
     prompt_from: str = "given",
     scheduler=None,
+    hash_models: bool = False,
 ) -> dict:
     """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
     ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
@@ -152,7 +154,8 @@ def extract(
     (``None``: a pair built without it). The whole
     run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
     refused (``ValueError``) before anything in it is cleared or written. Returns what
-    ``extract.json`` holds."""
+    ``extract.json`` holds. ``hash_models``: the model files read, by SHA-256, in it too
+    (``provenance``)."""
     if not isinstance(cfg, ExtractConfig):
         raise TypeError(f"cfg must be an ExtractConfig, got {type(cfg).__name__}")
     if cfg.prompt is None:
@@ -178,9 +181,10 @@ def extract(
         stage = out / STAGE
         shutil.rmtree(stage, ignore_errors=True)  # a killed run's (this run holds the lock)
         stage.mkdir(parents=True)
+        files = model_digests(pair_paths(pair.info), out, progress) if hash_models else None
         try:
             summary = _extract_staged(pair, stage, cfg, kind, compare_items, embedder, progress, prompt_from,
-                                      scheduler, out / PARTIAL)
+                                      scheduler, out / PARTIAL, files)
             _publish(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -262,9 +266,10 @@ def _say_clustering(clustering, cfg: ExtractConfig, samples: int) -> None:
 
 
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
-                    prompt_from: str, scheduler, partial: Path) -> dict:
+                    prompt_from: str, scheduler, partial: Path, files: Optional[dict] = None) -> dict:
     """``extract`` into the staging folder ``out`` (paths in the summary are relative);
-    ``partial``: the samples a stopped run drew (``cgidm.extract_resume``)."""
+    ``partial``: the samples a stopped run drew (``cgidm.extract_resume``); ``files``: the
+    model files' digests (``provenance``)."""
     t_start = time.perf_counter()
     device = pair.device
     c_ft, c_pre = conditioning(pair, cfg)
@@ -365,6 +370,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         "timing": {"sampling_s": sampling_s,
                    "samples_per_hour": 3600 * len(todo) / sampling_s if todo and sampling_s else None},
     }
+    if files is not None:
+        summary["model_files"] = files
     if compare_items is not None:
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
                                             list(cand_images), candidates, out, cfg, embedder,
@@ -396,6 +403,7 @@ td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 pretrained prompt: {{ s.config.pretrained_prompt|shown }}), then clustered; each candidate is the
 representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt|shown }}</code> ({{ s.prompt_from|shown }}).</p>
 <p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
+{{ files_table }}
 <h2>Settings</h2>
 <table class="settings"><tbody>
 {% for name, value in settings %}<tr><th>{{ name }}</th><td>{{ value|shown }}</td></tr>
@@ -485,7 +493,8 @@ def write_report(out: Path, summary: dict) -> Path:
 
     env = Environment(autoescape=select_autoescape(default=True))
     env.filters["shown"] = shown  # names and prompts are untrusted: bidi overrides and controls as escapes
-    html = env.from_string(REPORT).render(s=summary, fmt=_fmt, fraction=fraction, settings=settings_rows(summary))
+    html = env.from_string(REPORT).render(s=summary, fmt=_fmt, fraction=fraction, settings=settings_rows(summary),
+                                          files_table=model_digests_table(summary.get("model_files")))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path

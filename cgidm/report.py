@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 from jinja2 import Environment, select_autoescape
 
+from cgidm import provenance
 from cgidm.config import BASELINE_FIELDS, HIGHER_IS_BETTER, METRICS
 from cgidm.files import atomic_write_text, fraction, shown  # noqa: F401 (fraction: re-exported)
 
@@ -86,6 +87,7 @@ PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.c
 engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% if s.runtime.time %}, {{ s.runtime.time }}{% endif %}{% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}{% if s.departures_from_defaults %};
 settings that differ from the defaults (the paper's):{% for k, v in s.departures_from_defaults.items() %} {{ k }} {{ v.given }} (default {{ v.preset }}){% endfor %}{% endif %}{% if s.config.seed is defined %}; seed {{ s.config.seed }}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{{ files_table }}
 {% for w in lora_warnings %}<p class="error">{{ w|shown }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
 {% if rows|length < all_rows %}<p class="sub">The table shows {{ rows|length }} of {{ all_rows }} images: the failed,
@@ -283,7 +285,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     if isinstance(stalled, dict) and stalled.get("images"):
         lora_warnings.append(f"{stalled['images']} images: {stalled.get('note', '')}")
     html = env.from_string(TEMPLATE).render(
-        models=models, lora_warnings=lora_warnings,
+        models=models, lora_warnings=lora_warnings, files_table=provenance.table(summary.get("model_files")),
         s=summary, rows=shown_rows(rows, summary.get("metric")), all_rows=len(rows),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt, fraction=fraction, compare=compare,
         zs=any(isinstance(r.get("z"), (int, float)) for r in rows), unjudged=unjudged(summary),

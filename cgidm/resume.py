@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from cgidm.files import OutputError, atomic_write_jsonl, atomic_write_text, regular_file
 
@@ -241,11 +241,12 @@ class DigestCache:
         self.changed = True
         return digest
 
-    def warm(self, paths, workers: Optional[int] = None) -> None:
+    def warm(self, paths, workers: Optional[int] = None, done: Optional[Callable[[str], None]] = None) -> None:
         """Digest ``paths`` (each once) on several threads ahead of ``sha256`` calls that
         then find them known: hashlib lets go of the GIL while it hashes, so a screen of
         many pairs reads its model files in parallel, not one after another. A file that
-        cannot be read is left for the caller to meet."""
+        cannot be read is left for the caller to meet. ``done(path)``: called after each
+        (a progress bar)."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(path) -> None:
@@ -253,6 +254,8 @@ class DigestCache:
                 self.sha256(path)
             except OSError:
                 pass
+            if done is not None:
+                done(path)
 
         unique = list(dict.fromkeys(os.path.abspath(p) for p in paths))
         workers = workers or min(8, os.cpu_count() or 1)

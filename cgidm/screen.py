@@ -31,6 +31,7 @@ from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_wr
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
+from cgidm import provenance
 from cgidm.progress import LineCounter, Progress
 from cgidm.report import write_report
 from cgidm.resume import (
@@ -113,12 +114,14 @@ LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base
 PREVIOUS = ".summary.previous.json"  # an earlier run's summary while this one runs
 
 
-def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set, rank: int) -> tuple[dict, set]:
-    """``(stamps, changed)``, decided on rank 0 and handed to every rank: each pair's model
-    files stamp (``PairSpec.files_stamp``) and the ids of finished rows whose image or model
-    files were saved over since (rows from before these were recorded are taken as made
-    from the files there now). Contents are read through ``OUT/.cgidm-digests.json``:
-    again only where a file's size or time changed."""
+def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set,
+                   rank: int) -> tuple[dict, set, dict]:
+    """``(stamps, changed, files)``, decided on rank 0 and handed to every rank: each pair's
+    model files stamp (``PairSpec.files_stamp``), the ids of finished rows whose image or
+    model files were saved over since (rows from before these were recorded are taken as
+    made from the files there now), and each pair's files by digest (``provenance.record``,
+    for the summary). Contents are read through ``OUT/.cgidm-digests.json``: again only
+    where a file's size or time changed."""
     decided = None
     if rank == 0:
         try:
@@ -127,18 +130,19 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set, r
             digests.warm(f for pair in pairs for path in {pair.base, pair.finetuned, pair.lora} - {None}
                          for _, f in model_files(Path(path)))
             stamps = {pair.key: pair.files_stamp(digests.sha256) for pair in pairs}
+            files = {pair.key: provenance.record(pair.info(), digests.sha256) for pair in pairs}
             changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
                              and (not same_source(done[e.id].get("source"), e.path, digests)
                                   or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))
             digests.save()
-            decided = (stamps, changed)
+            decided = (stamps, changed, files)
         except Exception as e:  # every rank must reach the gather, and then stop with it
             decided = f"{type(e).__name__}: {e}"
     decided = all_gather(decided)[0]
     if isinstance(decided, str):
         raise RuntimeError(f"rank 0 could not check the files of the finished rows: {decided}")
-    stamps, changed = decided
-    return stamps, set(changed)
+    stamps, changed, files = decided
+    return stamps, set(changed), files
 
 
 def _set_aside(out: Path) -> None:
@@ -253,7 +257,7 @@ def screen(
         gone = {e.id for e in entries if e.id in done and "error" not in done[e.id]
                 and any(isinstance(done[e.id].get(k), str) and not (out / done[e.id][k]).is_file()
                         for k in ("triptych", "recovered"))}
-        stamps, changed = _changed_files(out, entries, done, gone, rank)
+        stamps, changed, files = _changed_files(out, entries, done, gone, rank)
         gone |= changed
         todo = [e for e in entries if e.id not in done or e.id in gone or (retry_failed and "error" in done[e.id])]
         if rank == 0 and changed:
@@ -321,16 +325,17 @@ def screen(
             raise RuntimeError(f"another rank failed, so this one stops too ({errors[0]})")
         if rank != 0:
             return None
-        return _finish(out, entries, cfg, gathered, embedder, runtime(device, dtype or torch.float32))
+        return _finish(out, entries, cfg, gathered, embedder, runtime(device, dtype or torch.float32), files)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict], embedder=None,
-            run_on: Optional[dict] = None) -> dict:
+            run_on: Optional[dict] = None, files: Optional[dict] = None) -> dict:
     """Rank 0: merge every rank's rows into ``results.jsonl`` (rows of images no longer
-    listed move to ``results.removed.jsonl``), then the summary and the report."""
+    listed move to ``results.removed.jsonl``), then the summary (with ``files``: each
+    pair's model files by digest) and the report."""
     t0 = time.perf_counter()
     rows = done_rows(out)
     missing = [e.id for e in entries if e.id not in rows]
@@ -384,6 +389,8 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         summary["prompts"] = cfg_prompts
     if facts:
         summary["pair_models"] = facts
+    if files:
+        summary["model_files"] = files
     # one row per id, sorted: the same file whatever the ranks, batches or restarts
     atomic_write_jsonl(out / RESULTS, run_rows)
     for p in result_files(out)[1:]:
