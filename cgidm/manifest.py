@@ -84,7 +84,8 @@ def collect_items(
             # the folder's own images (what it leaves out said), and a count of those below
             # (linked folders not followed: a count, not worth walking a linked dataset for)
             found = list_images(folder, exclude=exclude)
-            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True, follow_links=False)) - len(found)
+            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True, follow_links=False)) - len(
+                found) if _has_subfolder(folder) else 0
             if not found:
                 raise FileNotFoundError(f"no images in {folder}" + (
                     f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders)"
@@ -97,6 +98,16 @@ def collect_items(
     if not items:
         raise ValueError("no images given (use --images, or --members and --holdouts)")
     return items
+
+
+def _has_subfolder(folder) -> bool:
+    """Whether ``folder`` has a folder in it (not hidden): without one there is nothing
+    below to count, and the folder is not listed a second time."""
+    try:
+        with os.scandir(Path(folder).expanduser()) as entries:
+            return any(not e.name.startswith(".") and e.is_dir(follow_symlinks=False) for e in entries)
+    except OSError:
+        return True  # let the listing meet it
 
 
 def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> None:

@@ -289,6 +289,24 @@ def test_authenticate_says_it_does_not_read_subfolders(tiny_world, tmp_path, cap
     assert "1 images in subfolders are not read" in caplog.text and "output folders" not in caplog.text
 
 
+def test_a_folder_without_subfolders_is_listed_once(tiny_world, tmp_path, monkeypatch):
+    from cgidm import manifest
+
+    src = sorted((tiny_world / "images" / "members").glob("*.png"))
+    (tmp_path / "art" / ".hidden").mkdir(parents=True)  # hidden: never listed, so nothing below to count
+    shutil.copy(src[0], tmp_path / "art" / "a.png")
+    shutil.copy(src[1], tmp_path / "art" / ".hidden" / "h.png")
+    calls = []
+    listing = manifest.list_images
+    monkeypatch.setattr(manifest, "list_images", lambda *a, **kw: calls.append(kw) or listing(*a, **kw))
+    assert [i.path.name for i in manifest.collect_items(tmp_path / "art")] == ["a.png"]
+    assert len(calls) == 1 and not calls[0].get("recursive")
+    (tmp_path / "art" / "sub").mkdir()
+    calls.clear()
+    manifest.collect_items(tmp_path / "art")
+    assert [kw.get("recursive", False) for kw in calls] == [False, True]
+
+
 def test_demo_help_shows_the_demo_presets_values(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
