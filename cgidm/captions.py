@@ -9,14 +9,27 @@ as escapes, since the built-in font has no glyphs for most scripts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from cgidm.files import shown
 
-CAPTION_SIZE = 13  # pixels: the font's size in a caption strip
+CAPTION_SIZE = 13  # pixels: the smallest font in a caption strip
 INK = (40, 40, 40)
 PAPER = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Name:
+    """A caption that ends in a file's name: where it does not fit, the name is cut in its
+    middle, so that its end (a number, the extension) still tells it from its siblings."""
+
+    prefix: str
+    name: str
+
+
+Label = Union[None, str, Sequence[str], Name]  # a tuple: alternatives, the first that fits
 
 
 @lru_cache(maxsize=8)
@@ -29,6 +42,13 @@ def font(size: int = CAPTION_SIZE):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one bitmap size
         return ImageFont.load_default()
+
+
+def caption_size(height: int) -> int:
+    """The font size for pictures ``height`` pixels high: a sixteenth of it, from
+    ``CAPTION_SIZE`` to 40, so that a caption stays readable where the picture is shown
+    smaller than its pixels."""
+    return max(CAPTION_SIZE, min(40, round(height / 16)))
 
 
 def ascii_text(text) -> str:
@@ -48,27 +68,54 @@ def fitted(text: str, width: int, size: int = CAPTION_SIZE) -> str:
     return ""
 
 
+def fitted_name(prefix: str, name: str, width: int, size: int = CAPTION_SIZE) -> str:
+    """``prefix + name`` in ``width`` pixels: ``name`` cut in its middle (two thirds of what
+    is kept from its end); where not even ``prefix...`` fits, cut at the end."""
+    f = font(size)
+    if f.getlength(prefix + name) <= width:
+        return prefix + name
+    for k in range(len(name) - 1, 0, -1):
+        tail = (2 * k + 2) // 3
+        text = f"{prefix}{name[:k - tail]}...{name[len(name) - tail:]}"
+        if f.getlength(text) <= width:
+            return text
+    return fitted(prefix + name, width, size)
+
+
+def _text(label: Label, width: int, size: int) -> str:
+    if isinstance(label, Name):
+        return fitted_name(ascii_text(label.prefix), ascii_text(label.name), width, size)
+    alternatives = [label] if isinstance(label, str) else list(label)
+    for alt in alternatives[:-1]:
+        if font(size).getlength(ascii_text(alt)) <= width:
+            return ascii_text(alt)
+    return fitted(ascii_text(alternatives[-1]), width, size)
+
+
 def strip_height(size: int = CAPTION_SIZE) -> int:
     """The height of one caption line under a picture."""
     return size + max(4, size // 2)
 
 
-def caption_under(images: Sequence, labels: Sequence[Optional[str]], pad: int, size: int = CAPTION_SIZE):
+def caption_under(images: Sequence, labels: Sequence[Label], pad: int, size: Optional[int] = None,
+                  min_width: int = 0):
     """PIL images of one height side by side, ``pad`` apart, each with its label in a strip
-    under it (a ``None`` label leaves the strip blank)."""
+    under it (a ``None`` label leaves the strip blank; ``Label`` says what else a label can
+    be). ``size``: the font's, by default ``caption_size`` of the height; ``min_width``: the
+    narrowest cell, so that a narrow image keeps its label (the image at the cell's left)."""
     from PIL import Image, ImageDraw
 
-    widths = [im.size[0] for im in images]
     h = max(im.size[1] for im in images)
+    size = size or caption_size(h)
+    widths = [max(im.size[0], min_width) for im in images]
     line = strip_height(size)
     canvas = Image.new("RGB", (sum(widths) + pad * (len(images) - 1), h + line), PAPER)
     draw = ImageDraw.Draw(canvas)
     x = 0
     for im, w, label in zip(images, widths, labels):
         canvas.paste(im, (x, 0))
-        if label:
-            text = fitted(ascii_text(label), w - 4, size)
-            if text:
-                draw.text((x + 2, h + (line - size) // 2), text, fill=INK, font=font(size))
+        text = _text(label, w - 4, size) if label else ""
+        if text:
+            draw.text((x + 2, h + (line - size) // 2), text, fill=INK, font=font(size))
         x += w + pad
     return canvas

@@ -374,10 +374,9 @@ def cmd_protect(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from pathlib import Path
-
     from cgidm.extract import extract, list_compare_images
     from cgidm.files import fraction, shown
+    from cgidm.provenance import said
 
     if args.finetuned is None and args.lora is None:
         raise ValueError("give --finetuned PATH and/or --lora PATH")
@@ -410,7 +409,7 @@ def cmd_extract(args) -> int:
     if s.get("compare"):
         for p in s["compare"]["pairs"]:
             label = f" [{p['label']}]" if p["label"] else ""
-            print(f"  candidate {p['rank']:2d}: nearest {shown(Path(p['nearest']).name)}{label}  similarity {p['similarity']:.3f}  "
+            print(f"  candidate {p['rank']:2d}: nearest {shown(pathlib.Path(p['nearest']).name)}{label}  similarity {p['similarity']:.3f}  "
                   f"SSIM {p['ssim']:.3f}  PSNR {p['psnr']:.1f} dB")
         failed = s["compare"]["failed"]
         for f in failed[:10]:
@@ -423,6 +422,8 @@ def cmd_extract(args) -> int:
                   f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
                   f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
                                               f"threshold too" if m.get("controls") else ""))
+    if s.get("model_files"):
+        print(said(s["model_files"]))
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 

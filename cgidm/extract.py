@@ -332,7 +332,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
             "rank": rank, "image": name, "sample": kept[c.representative], "cluster_size": c.size,
             "mean_similarity": c.mean_similarity, "cluster": [kept[j] for j in c.members],
         })
-    words = [f"rank {c['rank']}: {c['cluster_size']} sample{'s' if c['cluster_size'] != 1 else ''}" for c in candidates]
+    words = [(f"rank {c['rank']}: {c['cluster_size']} sample{'s' if c['cluster_size'] != 1 else ''}",
+              f"rank {c['rank']}: {c['cluster_size']}", f"{c['rank']}: {c['cluster_size']}") for c in candidates]
     atomic_save_image(grid(cand_pils, columns=min(8, len(cand_pils)), labels=words), out / "grid.png")
 
     models = {k: v for k, v in pair.info.items() if k in ("base", "finetuned", "lora", "finetuned_format", "family")}
@@ -434,7 +435,7 @@ were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error|sh
 <td><img alt="candidate {{ c.rank }}" src="{{ c.image }}"></td></tr>{% endfor %}</tbody></table>{% endif %}
 <h2>All samples, by cluster</h2><p class="sub">Densest cluster first. The strip under each sample is its
 cluster's colour (two colours, in turn, so that neighbouring clusters differ); the number on a cluster's
-first sample is its rank, the rank of its candidate above.</p><img alt="samples" src="samples.png" style="max-width:100%">
+first sample is its rank: the rank of its candidate above, where the cluster is among the candidates written.</p><img alt="samples" src="samples.png" style="max-width:100%">
 </body></html>
 """
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from cgidm.captions import Name
 from cgidm.cliques import unit_features
 from cgidm.config import ExtractConfig
 from cgidm.files import atomic_save_image
@@ -175,7 +176,8 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
         im = load_image(path, res)  # read again: the same pixels (it was read above)
         px = pixel_scores(im, cand_images[k])
         name = f"{COMPARE}/candidate_{cand['rank']:02d}.png"
-        words = (f"candidate, rank {cand['rank']}", f"nearest {float(sims[j, k]):.3f}: {path.name}")
+        # the nearest image's label (its subfolder) or "nearest", the similarity, its name
+        words = (f"candidate, rank {cand['rank']}", Name(f"{label or 'nearest'} {float(sims[j, k]):.3f}: ", path.name))
         atomic_save_image(grid([to_pil(cand_images[k]), to_pil(im)], columns=2, min_side=256, labels=words),
                           out / name)
         pairs.append({"rank": cand["rank"], "candidate": cand["image"], "nearest": str(path), "label": label,

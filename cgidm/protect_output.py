@@ -382,7 +382,8 @@ def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float
     size = (max(1, round(w * s)), PANEL_HEIGHT)
     ims = [im.resize(size, Image.NEAREST if s >= 1 else Image.LANCZOS) for im in ims]
     gain = 127.5 / max(limit_levels, 1.0)
-    return caption_under(ims, ("original", "protected", f"change x{gain:.3g}"), pad=6)
+    return caption_under(ims, ("original", "protected", (f"change x{gain:.3g}", f"x{gain:.3g}")), pad=6,
+                         min_width=96)
 
 
 REPORT = """<!doctype html>

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from cgidm.files import shown
 from cgidm.manifest import model_files
 from cgidm.resume import DigestCache
 
@@ -98,8 +99,6 @@ def table(files):
     from jinja2 import Environment
     from markupsafe import Markup
 
-    from cgidm.files import shown
-
     found = rows(files)
     if not found:
         return ""
@@ -107,3 +106,13 @@ def table(files):
     env.filters["shown"] = shown
     total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
     return Markup(env.from_string(TABLE).render(rows=found, total=total, pairs=any(r["pair"] for r in found)))
+
+
+def said(files) -> str:
+    """One terminal line for a summary's ``model_files``."""
+    found = rows(files)
+    unread = [r for r in found if "sha256" not in r]
+    total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
+    return (f"model files: {len(found)} read ({total / 2**20:,.1f} MiB), each by its SHA-256 in the summary and the "
+            "report" + (f"; {len(unread)} could not be read (first: {shown(unread[0]['file'] or unread[0]['role'])}: "
+                        f"{shown(unread[0].get('error'))})" if unread else ""))

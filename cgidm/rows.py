@@ -21,12 +21,11 @@ TRIPTYCHS = "triptychs"
 RECOVERED = "recovered"
 
 
-TRIPTYCH_LABELS = ("original", "half removed", "recovered")
-
-
-def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, min_side: int = 192):
+def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, removed: float,
+             min_side: int = 192):
     """original | partial | recovered, side by side, each named in a strip under it
-    (``captions``); tiny images are enlarged (nearest) so that their cells stay visible."""
+    (``captions``; the partial image with ``removed``, the share of the latent removed);
+    tiny images are enlarged (nearest) so that their cells stay visible."""
     from PIL import Image
 
     from cgidm.captions import caption_under
@@ -37,7 +36,8 @@ def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Ten
     if s > 1:
         ims = [im.resize((w * s, h * s), Image.NEAREST) for im in ims]
         w, h = w * s, h * s
-    return caption_under(ims, TRIPTYCH_LABELS, pad=max(2, w // 32))
+    return caption_under(ims, ("original", (f"{100 * removed:.0f}% of the latent removed", f"{100 * removed:.0f}% removed"),
+                               "recovered"), pad=max(2, w // 32))
 
 
 def score_batch(prep, result, recovered: torch.Tensor) -> list[dict]:
@@ -83,13 +83,14 @@ def batch_rows(items: Sequence, notes: Sequence, prep, result, recovered: torch.
     scores = score_batch(prep, result, recovered)
     images, partials = prep.images.detach().float().cpu(), prep.partial_images.detach().float().cpu()
     recs = recovered.detach().float().cpu()
+    removed = 1.0 - float(prep.mask.float().mean())  # 1 = kept (``masks.block_mask``)
     finite = torch.isfinite(result.x_rec.detach().flatten(1)).all(1).tolist()
     for i, (item, sc) in enumerate(zip(items, scores)):
         if finite[i] and all(math.isfinite(v) for v in sc.values() if isinstance(v, float)):
             rec_path = output_path(Path(out) / RECOVERED, item.id)
             atomic_save_image(to_pil(recs[i]), rec_path)
             path = output_path(Path(out) / TRIPTYCHS, item.id)
-            atomic_save_image(triptych(images[i], partials[i], recs[i]), path)
+            atomic_save_image(triptych(images[i], partials[i], recs[i], removed), path)
             row = {**_head(item), "triptych": f"{TRIPTYCHS}/{path.name}", "recovered": f"{RECOVERED}/{rec_path.name}",
                    "score": sc.get(metric), **sc}
         else:

@@ -453,4 +453,8 @@ def print_summary(summary: dict) -> None:
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):
         print(f"warning: {summary['stalled']['images']} images: {summary['stalled']['note']}")
+    if summary.get("model_files"):
+        from cgidm.provenance import said
+
+        print(said(summary["model_files"]))
     print(f"report: {summary['report']}")

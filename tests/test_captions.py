@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cgidm.captions import PAPER, ascii_text, caption_under, fitted, font, strip_height
+from cgidm.captions import PAPER, ascii_text, caption_size, caption_under, fitted, font, strip_height
 
 
 def _noise(w, h, seed):
@@ -42,6 +42,33 @@ def test_a_long_label_is_cut_to_its_image_and_never_spills_into_the_next():
     assert fitted("anything", 1) == ""
 
 
+def test_a_file_name_is_cut_in_its_middle_so_siblings_stay_apart():
+    from cgidm.captions import Name, fitted_name
+
+    a, b = "dataset_export_2024_01_01_image_00017.png", "dataset_export_2024_01_01_image_00018.png"
+    cut_a, cut_b = fitted_name("nearest 0.787: ", a, 200), fitted_name("nearest 0.787: ", b, 200)
+    assert cut_a.startswith("nearest 0.787: ") and "..." in cut_a and font().getlength(cut_a) <= 200
+    assert cut_a.endswith("00017.png") and cut_b.endswith("00018.png")
+    assert fitted_name("p: ", "short.png", 200) == "p: short.png"
+    assert fitted_name("a prefix far too long: ", a, 30).endswith("...")  # not even the prefix: cut at the end
+    # in a strip: the same text as fitted_name gives, escaped first
+    ims = [_noise(200, 40, 0)]
+    got = np.asarray(caption_under(ims, [Name("nearest: ", "caf\u00e9_" + a)], pad=0))
+    escaped = ascii_text("caf\u00e9_" + a)
+    assert escaped.startswith("caf\\xe9_")
+    want = np.asarray(caption_under(ims, [fitted_name("nearest: ", escaped, 196, caption_size(40))], pad=0))
+    assert np.array_equal(got, want)
+
+
+def test_alternatives_take_the_first_that_fits_and_the_size_follows_the_picture():
+    ims = [_noise(60, 40, 0)]
+    short = np.asarray(caption_under(ims, [("a label far too long for sixty pixels", "fits")], pad=0))
+    assert np.array_equal(short, np.asarray(caption_under(ims, ["fits"], pad=0)))
+    assert caption_size(192) == 13 and caption_size(512) == 32 and caption_size(2048) == 40
+    big = caption_under([_noise(600, 512, 1)], ["x"], pad=0)
+    assert big.size == (600, 512 + strip_height(32))
+
+
 def test_names_from_files_are_drawn_in_ascii_with_their_escapes():
     assert ascii_text("plain.png") == "plain.png"
     assert ascii_text("caf\u00e9.png") == "caf\\xe9.png"
@@ -50,12 +77,12 @@ def test_names_from_files_are_drawn_in_ascii_with_their_escapes():
     assert ascii_text(3) == "3"
 
 
-def test_the_triptych_names_its_three_panels():
-    from cgidm.rows import TRIPTYCH_LABELS, triptych
+def test_the_triptych_names_its_three_panels_and_how_much_was_removed():
+    from cgidm.rows import triptych
 
     g = torch.Generator().manual_seed(0)
     x = [torch.rand(3, 16, 16, generator=g) * 2 - 1 for _ in range(3)]
-    out = np.asarray(triptych(*x))
+    out = np.asarray(triptych(*x, removed=0.5))
     side = 16 * 12  # enlarged to min_side 192
     pad = side // 32
     assert out.shape == (side + strip_height(), 3 * side + 2 * pad, 3)
@@ -65,7 +92,14 @@ def test_the_triptych_names_its_three_panels():
         x0 = i * (side + pad)
         assert np.array_equal(out[:side, x0:x0 + side], np.asarray(to_pil(t).resize((side, side), Image.NEAREST)))
         assert _inked(out[side:, x0:x0 + side])
-    assert TRIPTYCH_LABELS == ("original", "half removed", "recovered")
+    # the middle label is the share removed, which the mask sets (not always a half)
+    other = np.asarray(triptych(*x, removed=0.875))
+    assert np.array_equal(other[:, :side], out[:, :side]) and np.array_equal(other[:, -side:], out[:, -side:])
+    assert not np.array_equal(other[side:], out[side:])
+    blank = [Image.new("RGB", (side, side), PAPER)] * 3
+    want = np.asarray(caption_under(blank, ("original", ("50% of the latent removed", "50% removed"), "recovered"),
+                                    pad=pad))
+    assert np.array_equal(out[side:], want[side:])
 
 
 def test_the_protect_panel_names_its_parts_and_the_amplification():
@@ -85,6 +119,16 @@ def test_the_protect_panel_names_its_parts_and_the_amplification():
     want = np.asarray(caption_under([Image.new("RGB", (w, h), PAPER)] * 3,
                                     ("original", "protected", "change x15.9"), pad=6))
     assert np.array_equal(out[h:], want[h:])
+    # a narrow (portrait) image keeps its labels and the amplification: its cells are widened
+    tall = rng.integers(0, 256, (400, 30, 3)).astype(np.uint8)
+    narrow = np.asarray(O.panel(tall, tall, 255, 8))
+    cell = round(30 * O.PANEL_HEIGHT / 400)
+    assert narrow.shape == (h + strip_height(), 3 * 96 + 2 * 6, 3)
+    assert np.array_equal(narrow[:h, :cell], np.asarray(O._display(tall, 255).resize((cell, h), Image.LANCZOS)))
+    assert not _inked(narrow[:h, cell:96]), "the widening is blank"
+    want = np.asarray(caption_under([Image.new("RGB", (96, h), PAPER)] * 3,
+                                    ("original", "protected", "change x15.9"), pad=6))
+    assert np.array_equal(narrow[h:], want[h:])
 
 
 def test_a_labelled_grid_keeps_every_tile_in_its_place():

@@ -82,6 +82,10 @@ def test_the_table_flattens_both_shapes_and_escapes_names():
     assert "3 files" in html and "13 bytes" in html
     assert provenance.table(None) == "" and provenance.table({}) == "" and provenance.rows([1]) == []
     assert "<th>pair</th>" not in str(provenance.table(one))
+    assert provenance.said(many) == ("model files: 3 read (0.0 MiB), each by its SHA-256 in the summary and the "
+                                     "report; 1 could not be read (first: lora: No such file)")
+    assert provenance.said({"base": [{"file": "a", "bytes": 3 * 2**20, "sha256": "c" * 64}]}).startswith(
+        "model files: 1 read (3.0 MiB), each by its SHA-256")
 
 
 @pytest.mark.slow
@@ -92,8 +96,10 @@ def test_authenticate_with_hash_models_records_every_file_and_the_report_lists_t
             "--lora", str(tiny_world / "lora.safetensors"), "--members", str(imgs / "members"),
             "--holdouts", str(imgs / "holdouts"), "--out", str(out), "--preset", "demo", "--steps", "2",
             "--prompt", INSTANCE_PROMPT, "-q"]
-    assert cli.main(args + ["--hash-models"]) == 0, capsys.readouterr().out
+    assert cli.main(args + ["--hash-models"]) == 0
+    printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    assert provenance.said(summary["model_files"]) in printed
     _check_against_disk(summary["model_files"], {"base": tiny_world / "base", "finetuned": tiny_world / "finetuned",
                                                  "lora": tiny_world / "lora.safetensors"})
     html = (out / "report.html").read_text()
@@ -102,6 +108,7 @@ def test_authenticate_with_hash_models_records_every_file_and_the_report_lists_t
     # without the option nothing is recorded, and the report says nothing of it
     assert cli.main(args) == 0
     assert "model_files" not in json.loads((out / "summary.json").read_text())
+    assert "model files:" not in capsys.readouterr().out
     assert "Model files read" not in (out / "report.html").read_text()
 
 
