@@ -17,7 +17,7 @@ from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_wri
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.progress import bar_options
-from cgidm.provenance import model_digests, pair_paths
+from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.rows import RECOVERED, TRIPTYCHS
@@ -83,13 +83,13 @@ def authenticate(
     output_dirs(out)
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
         check_run_kind(out, "authenticate")
+        # before the previous run's outputs go (a stop while hashing leaves them) and the run
+        files = model_digests(pair_models(pair.info), out, progress) if hash_models else None
         output_dirs(out, TRIPTYCHS, RECOVERED)
         try:
             _clear_previous(out)
         except OSError as e:
             raise OutputError(out, e) from e
-        # before the run: the files as they were loaded (a file saved over during the run is not)
-        files = model_digests(pair_paths(pair.info), out, progress) if hash_models else None
         results = out / RESULTS
         rows: list[dict] = []
         every = bar_options()  # in a log file (not a terminal) a line every 30 s instead of a redraw
@@ -137,6 +137,7 @@ def authenticate(
         summary["prompt_from"] = prompt_from
         if files is not None:
             summary["model_files"] = files
+            check_unchanged(summary)
         if stats.extra.get("low_memory_fallback"):
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
                                               "(the same scores)")

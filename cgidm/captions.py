@@ -9,6 +9,7 @@ as escapes, since the built-in font has no glyphs for most scripts.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Union
@@ -32,10 +33,15 @@ class Name:
 Label = Union[None, str, Sequence[str], Name]  # a tuple: alternatives, the first that fits
 
 
-@lru_cache(maxsize=8)
 def font(size: int = CAPTION_SIZE):
     """Pillow's built-in font at ``size`` (its bitmap font where Pillow predates sizes or
-    lacks FreeType)."""
+    lacks FreeType), one per thread: protect draws its panels on writer threads, and a
+    FreeType face is not to be shared between threads without the GIL."""
+    return _font(size, threading.get_ident())
+
+
+@lru_cache(maxsize=64)
+def _font(size: int, thread: int):
     from PIL import ImageFont
 
     try:
@@ -105,6 +111,8 @@ def caption_under(images: Sequence, labels: Sequence[Label], pad: int, size: Opt
     narrowest cell, so that a narrow image keeps its label (the image at the cell's left)."""
     from PIL import Image, ImageDraw
 
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images and {len(labels)} labels")
     h = max(im.size[1] for im in images)
     size = size or caption_size(h)
     widths = [max(im.size[0], min_width) for im in images]

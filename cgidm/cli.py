@@ -423,7 +423,7 @@ def cmd_extract(args) -> int:
                   f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
                                               f"threshold too" if m.get("controls") else ""))
     if s.get("model_files"):
-        print(said(s["model_files"]))
+        print(said(s))
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 

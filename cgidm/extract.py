@@ -46,7 +46,7 @@ from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text,
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
-from cgidm.provenance import model_digests, pair_paths, table as model_digests_table
+from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.resume import OutputLock, check_run_kind, remove_stale_temporaries
 from cgidm.summary import runtime
 
@@ -178,10 +178,10 @@ def extract(
         check_readable(compare_items, pair.resolution)
     with OutputLock(out):
         check_run_kind(out, "extract")
+        files = model_digests(pair_models(pair.info), out, progress) if hash_models else None
         stage = out / STAGE
         shutil.rmtree(stage, ignore_errors=True)  # a killed run's (this run holds the lock)
         stage.mkdir(parents=True)
-        files = model_digests(pair_paths(pair.info), out, progress) if hash_models else None
         try:
             summary = _extract_staged(pair, stage, cfg, kind, compare_items, embedder, progress, prompt_from,
                                       scheduler, out / PARTIAL, files)
@@ -371,13 +371,14 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         "timing": {"sampling_s": sampling_s,
                    "samples_per_hour": 3600 * len(todo) / sampling_s if todo and sampling_s else None},
     }
-    if files is not None:
-        summary["model_files"] = files
     if compare_items is not None:
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
                                             list(cand_images), candidates, out, cfg, embedder,
                                             progress=progress)
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
+    if files is not None:
+        summary["model_files"] = files
+        check_unchanged(summary)
     atomic_write_json(out / "extract.json", summary)
     write_report(out, summary)
     return summary
@@ -389,7 +390,7 @@ REPORT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cgidm extraction</title>
 <style>
 code,td,li{unicode-bidi:isolate}
-body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+body{font-family:system-ui,sans-serif;margin:24px;color:#222} .error{color:#b00;font-weight:bold}
 .sub{color:#666} .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:120px;max-width:22em}.card b{display:block;font-size:22px}
 .note{display:block;color:#666;font-size:smaller} code,td{unicode-bidi:isolate}
@@ -490,12 +491,13 @@ def write_report(out: Path, summary: dict) -> Path:
     """``report.html`` beside the images it shows (relative links only)."""
     from jinja2 import Environment, select_autoescape
 
+    from cgidm import provenance
     from cgidm.report import fraction
 
     env = Environment(autoescape=select_autoescape(default=True))
     env.filters["shown"] = shown  # names and prompts are untrusted: bidi overrides and controls as escapes
     html = env.from_string(REPORT).render(s=summary, fmt=_fmt, fraction=fraction, settings=settings_rows(summary),
-                                          files_table=model_digests_table(summary.get("model_files")))
+                                          files_table=provenance.table(summary))
     path = Path(out) / "report.html"
     atomic_write_text(path, html)
     return path

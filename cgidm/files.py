@@ -111,12 +111,14 @@ def shown(text) -> str:
     overrides that reverse what follows) written as its Python escape; in a text that is not
     in NFC, every character past ASCII too (``cafe\\u0301``), so that a decomposed name
     (combining marks, conjoining jamo, a singleton such as the Angstrom sign) is not shown as
-    the composed one beside it, a different file. File names are untrusted input."""
+    the composed one beside it, a different file. A backslash is written doubled, so that a
+    name holding the six characters ``\\u202e`` is not shown as one holding the override.
+    File names are untrusted input."""
     text = str(text)
     composed = text.isascii() or _is_nfc(text)
-    if composed and text.isprintable():
+    if composed and text.isprintable() and "\\" not in text:
         return text
-    return "".join(c if c.isprintable() and (composed or c.isascii())
+    return "".join(c if c.isprintable() and c != "\\" and (composed or c.isascii())
                    else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
 

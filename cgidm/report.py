@@ -285,7 +285,7 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
     if isinstance(stalled, dict) and stalled.get("images"):
         lora_warnings.append(f"{stalled['images']} images: {stalled.get('note', '')}")
     html = env.from_string(TEMPLATE).render(
-        models=models, lora_warnings=lora_warnings, files_table=provenance.table(summary.get("model_files")),
+        models=models, lora_warnings=lora_warnings, files_table=provenance.table(summary),
         s=summary, rows=shown_rows(rows, summary.get("metric")), all_rows=len(rows),
         fields=fields, plots=_plots(rows, summary), fmt=_fmt, fraction=fraction, compare=compare,
         zs=any(isinstance(r.get("z"), (int, float)) for r in rows), unjudged=unjudged(summary),

@@ -216,8 +216,8 @@ DIGESTS = ".cgidm-digests.json"
 
 
 class DigestCache:
-    """Files' SHA-256 by path, size and modification time, kept in ``OUT/.cgidm-digests.json``
-    across runs: a resume reads a file's contents again only when its size or time changed
+    """Files' SHA-256 by path, size, times and inode, kept in ``OUT/.cgidm-digests.json``
+    across runs: a resume reads a file's contents again only when one of those changed
     (a model of GBs once; a folder copied without its times once, not at every resume)."""
 
     def __init__(self, out: Path) -> None:
@@ -230,14 +230,18 @@ class DigestCache:
         self.changed = False
 
     def sha256(self, path: Path) -> str:
+        """The file's digest, read again unless its size, modification and change times
+        and inode are those it was read with: a file saved over with its old size and time
+        (``cp -p``, ``touch -d``) still changed its change time, which no call sets."""
         st = Path(path).stat()
         key = os.path.abspath(path)
         kept = self.entries.get(key)
-        if (isinstance(kept, list) and len(kept) == 3 and kept[:2] == [st.st_size, st.st_mtime_ns]
-                and isinstance(kept[2], str) and len(kept[2]) == 64):  # a damaged entry is read again
-            return kept[2]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        if (isinstance(kept, list) and len(kept) == 5 and kept[:4] == stamp
+                and isinstance(kept[4], str) and len(kept[4]) == 64):  # a damaged or older entry is read again
+            return kept[4]
         digest = sha256_file(path)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.entries[key] = [*stamp, digest]
         self.changed = True
         return digest
 

@@ -23,6 +23,7 @@ import types
 from pathlib import Path
 from typing import Optional, Sequence
 
+from cgidm import provenance
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, check_impl, dtype_name, library_runtime
 from cgidm.distributed import all_gather, dist_info
@@ -31,7 +32,6 @@ from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_wr
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
-from cgidm import provenance
 from cgidm.progress import LineCounter, Progress
 from cgidm.report import write_report
 from cgidm.resume import (
@@ -119,8 +119,8 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set,
     """``(stamps, changed, files)``, decided on rank 0 and handed to every rank: each pair's
     model files stamp (``PairSpec.files_stamp``), the ids of finished rows whose image or
     model files were saved over since (rows from before these were recorded are taken as
-    made from the files there now), and each pair's files by digest (``provenance.record``,
-    for the summary). Contents are read through ``OUT/.cgidm-digests.json``: again only
+    made from the files there now), and every pair's model files by digest
+    (``provenance.record``, for the summary). Contents are read through ``OUT/.cgidm-digests.json``: again only
     where a file's size or time changed."""
     decided = None
     if rank == 0:
@@ -130,7 +130,8 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set,
             digests.warm(f for pair in pairs for path in {pair.base, pair.finetuned, pair.lora} - {None}
                          for _, f in model_files(Path(path)))
             stamps = {pair.key: pair.files_stamp(digests.sha256) for pair in pairs}
-            files = {pair.key: provenance.record(pair.info(), digests.sha256) for pair in pairs}
+            files = provenance.record((m for pair in pairs for m in provenance.pair_models(pair.info())),
+                                      digests.sha256)
             changed = sorted(e.id for e in entries if e.id in done and e.id not in gone
                              and (not same_source(done[e.id].get("source"), e.path, digests)
                                   or done[e.id].get("pair_files", stamps[e.pair.key]) != stamps[e.pair.key]))
@@ -334,8 +335,8 @@ def screen(
 def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list[dict], embedder=None,
             run_on: Optional[dict] = None, files: Optional[dict] = None) -> dict:
     """Rank 0: merge every rank's rows into ``results.jsonl`` (rows of images no longer
-    listed move to ``results.removed.jsonl``), then the summary (with ``files``: each
-    pair's model files by digest) and the report."""
+    listed move to ``results.removed.jsonl``), then the summary (with ``files``: the
+    model files by digest) and the report."""
     t0 = time.perf_counter()
     rows = done_rows(out)
     missing = [e.id for e in entries if e.id not in rows]
@@ -391,6 +392,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
         summary["pair_models"] = facts
     if files:
         summary["model_files"] = files
+        provenance.check_unchanged(summary)
     # one row per id, sorted: the same file whatever the ranks, batches or restarts
     atomic_write_jsonl(out / RESULTS, run_rows)
     for p in result_files(out)[1:]:

@@ -456,5 +456,5 @@ def print_summary(summary: dict) -> None:
     if summary.get("model_files"):
         from cgidm.provenance import said
 
-        print(said(summary["model_files"]))
+        print(said(summary))
     print(f"report: {summary['report']}")

@@ -40,6 +40,22 @@ def test_a_long_label_is_cut_to_its_image_and_never_spills_into_the_next():
     assert cut.endswith("...") and font().getlength(cut) <= 36
     assert fitted("short", 200) == "short"
     assert fitted("anything", 1) == ""
+    with pytest.raises(ValueError, match="2 images and 1 labels"):  # never an image dropped silently
+        caption_under(ims, ["one"], pad=4)
+
+
+def test_each_thread_draws_with_its_own_font():
+    import threading
+
+    from cgidm.captions import CAPTION_SIZE
+
+    here = font(CAPTION_SIZE)
+    assert font(CAPTION_SIZE) is here
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(font(CAPTION_SIZE)))
+    t.start()
+    t.join()
+    assert seen[0] is not here and seen[0].getlength("x15.9") == here.getlength("x15.9")
 
 
 def test_a_file_name_is_cut_in_its_middle_so_siblings_stay_apart():
@@ -51,13 +67,15 @@ def test_a_file_name_is_cut_in_its_middle_so_siblings_stay_apart():
     assert cut_a.endswith("00017.png") and cut_b.endswith("00018.png")
     assert fitted_name("p: ", "short.png", 200) == "p: short.png"
     assert fitted_name("a prefix far too long: ", a, 30).endswith("...")  # not even the prefix: cut at the end
-    # in a strip: the same text as fitted_name gives, escaped first
-    ims = [_noise(200, 40, 0)]
-    got = np.asarray(caption_under(ims, [Name("nearest: ", "caf\u00e9_" + a)], pad=0))
+    # a Name in a strip: escaped first (a backslash doubled, a character past ASCII as its
+    # escape), then cut in its middle
+    from cgidm.captions import _text
+
     escaped = ascii_text("caf\u00e9_" + a)
     assert escaped.startswith("caf\\xe9_")
-    want = np.asarray(caption_under(ims, [fitted_name("nearest: ", escaped, 196, caption_size(40))], pad=0))
-    assert np.array_equal(got, want)
+    got = _text(Name("nearest: ", "caf\u00e9_" + a), 196, caption_size(40))
+    assert got == fitted_name("nearest: ", escaped, 196, caption_size(40)) and got.endswith("00017.png")
+    assert ascii_text("a\\u202e.png") == "a\\\\u202e.png", "six characters are not shown as the override"
 
 
 def test_alternatives_take_the_first_that_fits_and_the_size_follows_the_picture():

@@ -206,6 +206,15 @@ def test_a_decomposed_name_is_not_shown_as_the_composed_one(tmp_path):
     assert f"<td>image/{nfc}" in html and "<td>image/cafe\\u0301 n\\u0303.png" in html
 
 
+def test_a_name_spelling_an_escape_is_not_shown_as_the_character():
+    from cgidm.files import shown
+
+    assert shown("evil\u202egnp.png") == "evil\\u202egnp.png"  # the override itself
+    assert shown("evil\\u202egnp.png") == "evil\\\\u202egnp.png"  # six characters a user typed
+    assert shown("C:\\art\\x.png") == "C:\\\\art\\\\x.png"
+    assert shown("plain/path.png") == "plain/path.png"
+
+
 def test_a_run_off_the_defaults_and_a_stand_in_are_said_plainly(tmp_path, capsys):
     from cgidm.config import PGDConfig
 
