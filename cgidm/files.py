@@ -113,13 +113,36 @@ def shown(text) -> str:
     (combining marks, conjoining jamo, a singleton such as the Angstrom sign) is not shown as
     the composed one beside it, a different file. A backslash is written doubled, so that a
     name holding the six characters ``\\u202e`` is not shown as one holding the override.
+    In a word that mixes Latin, Greek and Cyrillic letters, its letters past ASCII are
+    escaped too (``p\\u0430ypal``), so that a Cyrillic a does not pass for a Latin one.
     File names are untrusted input."""
     text = str(text)
     composed = text.isascii() or _is_nfc(text)
-    if composed and text.isprintable() and "\\" not in text:
+    mixed = set() if text.isascii() else _mixed_script_letters(text)
+    if composed and text.isprintable() and "\\" not in text and not mixed:
         return text
-    return "".join(c if c.isprintable() and c != "\\" and (composed or c.isascii())
-                   else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    return "".join(c if c.isprintable() and c != "\\" and (composed or c.isascii()) and i not in mixed
+                   else c.encode("unicode_escape", "backslashreplace").decode("ascii") for i, c in enumerate(text))
+
+
+_LOOK_ALIKE = {"LATIN", "GREEK", "CYRILLIC"}  # scripts whose letters pass for each other's
+
+
+def _mixed_script_letters(text: str) -> set[int]:
+    """Positions of the letters past ASCII in the words (runs of letters) of ``text`` that
+    mix two of ``_LOOK_ALIKE``'s scripts; words of one script each (``Ελληνικά_photo``)
+    and scripts that are not look-alikes (kana beside kanji) are left alone."""
+    out: set[int] = set()
+    word: list[int] = []
+    for i, c in enumerate(text + " "):
+        if c.isalpha():
+            word.append(i)
+            continue
+        scripts = {unicodedata.name(text[j], "?").split(" ")[0] for j in word} & _LOOK_ALIKE
+        if len(scripts) > 1:
+            out.update(j for j in word if not text[j].isascii())
+        word = []
+    return out
 
 
 def fraction(v, digits: int = 3) -> str:

@@ -245,3 +245,15 @@ def test_no_evidence_is_not_proof(tmp_path):
     s = summarize(rows, AuthConfig(prompt="p"))
     assert s["set_verdict"]["verdict"] == "no evidence"
     assert "\"No evidence\" is not proof that the images were not used." in _html(tmp_path, rows, s)
+
+
+def test_a_word_mixing_look_alike_scripts_has_its_foreign_letters_escaped():
+    from cgidm.files import shown
+
+    assert shown("p\u0430ypal.png") == "p\\u0430ypal.png"  # a Cyrillic a among Latin letters
+    assert shown("\u03b1lpha.png") == "\\u03b1lpha.png"  # a Greek alpha
+    assert shown("\u0441\u043e\u0441\u0435") == "\u0441\u043e\u0441\u0435"  # one script in the word: as it is
+    # words of one script each, and scripts that do not pass for each other, are left alone
+    for name in ("\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac_photo.png", "Moskva_\u041c\u043e\u0441\u043a\u0432\u0430.png",
+                 "\u732b\u306e\u7d75.png", "caf\u00e9.png", "na\u00efve r\u00e9sum\u00e9.png"):
+        assert shown(name) == name
