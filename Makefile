@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch==2.13.0 is the CPU wheel these machines carry; a machine that already has a CUDA
-# torch keeps it (TORCH_SPEC= skips the pin).
+# torch==2.13.0 is the CPU wheel these machines carry; a torch already in the venv is kept
+# (a rerun), and TORCH_SPEC= skips the pin (pip then picks the torch setup.py allows).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 

@@ -268,6 +268,7 @@ def cmd_screen(args) -> int:
         # gather, where they are (not at the group's exit barrier, while they gather)
         embedder, unusable = None, None
         if dist_info()[0] == 0:
+            print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
             try:
                 embedder = _embedder(opts, rt.device)
             except Exception as e:  # noqa: BLE001 - any failure stops every rank
@@ -303,12 +304,14 @@ def cmd_demo(args) -> int:
 
     args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
     t0 = time.time()
-    print(f"building (or reusing) the tiny {args.family} model world (a few minutes the first time) ...", flush=True)
+    print(f"building (or reusing) the tiny {args.family} model world (" + ("seconds: its trained weights ship with "
+          "cgidm" if args.family == "sd1" else "a few minutes the first time: it is trained") + ") ...", flush=True)
     for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
         stages = logging.getLogger(name)
         if not stages.handlers:
             stages.addHandler(handler := logging.StreamHandler(sys.stdout))
             handler.setFormatter(logging.Formatter("  %(message)s"))
+            stages.propagate = False  # said once, not again by the root logger's handler
         stages.setLevel(logging.INFO)
     root = build_family_world(args.family, args.world)
     print(f"tiny world: {root}")
@@ -319,10 +322,8 @@ def cmd_demo(args) -> int:
         args.embedder = str(ensure_tiny_embedder(root))
         print("official validator: a small random ViT in DINO's layout stands in for DINO (no weights are "
               "downloaded); pass --embedder DIR for a real DINO or CLIP folder")
-    if args.variant == "full":
-        code = _run_one_pair(args, root / "base", root / "finetuned", None, items, preset=DEMO_PRESET)
-    else:
-        code = _run_one_pair(args, root / "base", None, root / "lora.safetensors", items, preset=DEMO_PRESET)
+    suspect = (root / "finetuned", None) if args.variant == "full" else (None, root / "lora.safetensors")
+    code = _run_one_pair(args, root / "base", *suspect, items, preset=DEMO_PRESET)
     print(f"demo wall time: {time.time() - t0:.1f} s")
     return code
 

@@ -405,7 +405,6 @@ td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 pretrained prompt: {{ s.config.pretrained_prompt|shown }}), then clustered; each candidate is the
 representative of a cluster of similar samples, densest first. Prompt: <code>{{ s.prompt|shown }}</code> ({{ s.prompt_from|shown }}).</p>
 <p class="sub">models: {% for k, v in s.models.items() %}{{ k }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>
-{{ files_table }}
 <h2>Settings</h2>
 <table class="settings"><tbody>
 {% for name, value in settings %}<tr><th>{{ name }}</th><td>{{ value|shown }}</td></tr>
@@ -437,6 +436,7 @@ were not compared:</p><ul>{% for f in s.compare.failed %}<li><code>{{ f.error|sh
 <h2>All samples, by cluster</h2><p class="sub">Densest cluster first. The strip under each sample is its
 cluster's colour (two colours, in turn, so that neighbouring clusters differ); the number on a cluster's
 first sample is its rank: the rank of its candidate above, where the cluster is among the candidates written.</p><img alt="samples" src="samples.png" style="max-width:100%">
+{{ files_table }}
 </body></html>
 """
 

@@ -397,8 +397,9 @@ table{border-collapse:collapse;margin-top:16px} th,td{border-bottom:1px solid #e
 td img{height:120px;image-rendering:pixelated} .error{color:#b00;font-weight:bold}
 </style></head><body>
 <h1>cgidm protect</h1>
-<div class="sub">Each row: <i>original | protected | perturbation, amplified</i> (grey: unchanged;
-black and white: the whole budget{% if s.config and s.config.budget_levels is number %}, &plusmn;{{ "%g"|format(s.config.budget_levels) }} levels
+<div class="sub">Each row: <i>original | protected | perturbation, amplified</i> (each colour channel on its own:
+grey where unchanged, black and white where all three moved by the whole budget down or up, a colour where the
+channels moved apart{% if s.config and s.config.budget_levels is number %}; the budget is &plusmn;{{ "%g"|format(s.config.budget_levels) }} levels
 of 255, so the change is shown {{ "%g"|format((127.5 / ([s.config.budget_levels, 1]|max))|round(1)) }} times larger{% endif %}).
 The denoising loss is the base model's, over fixed draws, on the image as a fine-tuner would load it;
 protection raises it (the loss ratio below is this run's). PSNR above 35 dB and SSIM above 0.95 are

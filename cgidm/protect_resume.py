@@ -176,6 +176,10 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
     if len(todo) < len(items):
         left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
                 if failed and not retry_failed else "")
-        log.warning("%s: %d of %d images already done%s; protecting the other %d", out,
-                    len(items) - len(todo), len(items), left, len(todo))
+        if todo:
+            log.warning("%s: %d of %d images already done%s; protecting the other %d", out,
+                        len(items) - len(todo), len(items), left, len(todo))
+        else:
+            log.warning("%s: all %d images already done%s; nothing to protect (the summary and report are "
+                        "written again)", out, len(items), left)
     return todo, names

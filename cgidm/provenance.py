@@ -26,12 +26,12 @@ ROLES = ("base", "finetuned", "lora")
 
 def record(models: Iterable[str], sha256: Callable[[Path], str]) -> dict:
     """``{model path: [{"file", "bytes", "mtime_ns", "sha256"}]}`` for each model folder or
-    file of ``models`` (each once); ``file`` is the name inside the model (empty for a single
+    file of ``models`` (each once, by its absolute path); ``file`` is the name inside the model (empty for a single
     file). A file that cannot be read is recorded with its error instead of a digest."""
     from cgidm.manifest import model_files
 
     out = {}
-    for model in dict.fromkeys(str(m) for m in models):
+    for model in dict.fromkeys(os.path.abspath(os.path.expanduser(m)) for m in models):
         entries = []
         for name, f in model_files(Path(model)):
             try:
@@ -53,7 +53,7 @@ def model_digests(models: Iterable[str], out: Path, progress: bool = False) -> d
     from cgidm.progress import bar_options
     from cgidm.resume import DigestCache
 
-    models = list(dict.fromkeys(str(m) for m in models))
+    models = list(dict.fromkeys(os.path.abspath(os.path.expanduser(m)) for m in models))
     if not models:
         log.warning("no model paths to hash (a pair built without load_pair records none): no model_files")
     files = [f for m in models for _, f in model_files(Path(m))]

@@ -45,7 +45,7 @@ td img{height:96px;image-rendering:pixelated}
 <h1>cgidm report</h1>
 <div class="sub">CGI-DM: half of each image's latent was removed and recovered from the contrast
 between the fine-tuned and the pretrained model. Images the model was fine-tuned on come back
-closer to the original than images it never saw (a score: higher is closer, but for <code>latent_mse</code>).
+closer to the original than images it never saw (a score: higher is closer, except <code>latent_mse</code>, where lower is).
 Each row shows <i>original | partial | recovered</i>.</div>
 {% if sv %}<div class="verdict {{ 'hit' if sv.verdict == 'fine-tuned on some of these images' else '' }}"><b>Was the model fine-tuned on some of these images?</b>
 {% if sv.error %}No set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
@@ -87,7 +87,6 @@ PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.c
 engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% if s.runtime.time %}, {{ s.runtime.time }}{% endif %}{% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}{% if s.departures_from_defaults %};
 settings that differ from the defaults (the paper's):{% for k, v in s.departures_from_defaults.items() %} {{ k }} {{ v.given }} (default {{ v.preset }}){% endfor %}{% endif %}{% if s.config.seed is defined %}; seed {{ s.config.seed }}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
-{{ files_table }}
 {% for w in lora_warnings %}<p class="error">{{ w|shown }}</p>{% endfor %}
 <div class="plots">{% for p in plots %}<img alt="{{ p.alt }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
 {% if rows|length < all_rows %}<p class="sub">The table shows {{ rows|length }} of {{ all_rows }} images: the failed,
@@ -104,6 +103,7 @@ the flagged, then the best recovered. Every image's row is in <code>results.json
 {% if zs %}<td>{{ "%+.2f"|format(r.z) if r.z is number else '' }}</td>{% endif %}<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
 <td>{% set link = r.triptych|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="triptych of {{ r.id|shown }}" src="{{ link }}"></a>{% elif r.triptych %}<code>{{ r.triptych|shown }}</code>{% endif %}</td>{% endif %}
 </tr>{% endfor %}</tbody></table>
+{{ files_table }}
 <script>
 document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
   let asc = false;

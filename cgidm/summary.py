@@ -238,16 +238,24 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
     return summary
 
 
+CONTROLS_HINT = ("control images (like these, known not to be in the fine-tune: authenticate's --controls DIR; in "
+                 "a screen manifest the label control, or a controls/ subfolder)")
+
+
 def unjudged(summary: dict) -> list[str]:
     """What the summary cannot judge and why, as the CLI prints it and the report shows it:
     no verdict at all (no controls, no labels), or the pairs without controls of their own
     (their images have no p-value and no verdict, whatever the other pairs' cards say)."""
     lines = []
-    if (summary.get("scored") and summary.get("auc") is None and "verdicts" not in summary
-            and not summary.get("calibration_error") and not summary.get("pairs_without_controls")):
-        lines.append("no verdict: scores alone say little; give control images (like these, known not to be in the "
-                     "fine-tune: --controls, or the label control) for p-values and a verdict, or members and "
-                     "hold-outs for AUC")
+    uncalibrated = (summary.get("scored") and "verdicts" not in summary and not summary.get("calibration_error")
+                    and not summary.get("pairs_without_controls"))
+    if uncalibrated and summary.get("auc") is None:
+        lines.append(f"no verdict: scores alone say little; give {CONTROLS_HINT} for p-values and a verdict, or "
+                     "members and hold-outs for AUC")
+    elif uncalibrated:
+        lines.append("no verdict on whether the model was fine-tuned on these images: the AUC says how well CGI-DM "
+                     f"tells the known members from the hold-outs here; give {CONTROLS_HINT} for p-values and a "
+                     "verdict (the demo: --with-controls)")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:
         lines.append(f"warning: {len(bare)} pairs have no control images ({_some([shown(k) for k in bare])}): their "

@@ -178,7 +178,16 @@ def test_the_report_says_what_it_cannot_judge(tmp_path):
     # one pair, no controls, no labels: the report says there is no verdict, and why
     rows = [_row(i, None, 0.5 + i / 10) for i in range(3)]
     s = summarize(rows, AuthConfig(prompt="p"))
-    assert "no verdict: scores alone say little; give control images" in _html(tmp_path, rows, s)
+    html = _html(tmp_path, rows, s)
+    assert "no verdict: scores alone say little; give control images" in html
+    assert "--controls DIR; in a screen manifest the label control, or a controls/ subfolder" in html
+    # members and hold-outs without controls: an AUC, and no verdict, which is said (an artist
+    # reading the demo's report would look for one)
+    rows = [_row(i, ("member", "holdout")[i % 2], 0.5 + i / 10) for i in range(4)]
+    html = _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
+    assert "no verdict on whether the model was fine-tuned on these images: the AUC says how well" in html
+    rows += [_row(10 + i, "control", 0.1 + i / 100) for i in range(4)]
+    assert "no verdict on whether" not in _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
     # two pairs, one without controls: its images are named as unjudged beside the other's cards
     rows = [{**_row(i, "member" if i < 3 else None, 0.9), "id": f"a/{i}", "pair": "a"} for i in range(5)]
     rows += [{**_row(10 + i, "control", 0.1 + i / 100), "id": f"a/c{i}", "pair": "a"} for i in range(4)]
