@@ -16,6 +16,7 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch present"; \
 	elif [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -c constraints.txt numpy  # setup.py imports torch, which warns without it
 	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 	touch $@
 

@@ -304,6 +304,7 @@ def cmd_demo(args) -> int:
 
     args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
     t0 = time.time()
+    _quiet_loaders()  # before the world is built: its loads and saves have bars of their own
     print(f"building (or reusing) the tiny {args.family} model world (" + ("seconds: its trained weights ship with "
           "cgidm" if args.family == "sd1" else "a few minutes the first time: it is trained") + ") ...", flush=True)
     for name in ("cgidm.testing.tiny", "cgidm.testing.family_worlds"):
@@ -318,7 +319,6 @@ def cmd_demo(args) -> int:
     imgs = root / "images"
     items = collect_items(None, imgs / "members", imgs / "holdouts", imgs / "controls" if args.with_controls else None)
     if args.embedder is None:
-        _quiet_loaders()
         args.embedder = str(ensure_tiny_embedder(root))
         print("official validator: a small random ViT in DINO's layout stands in for DINO (no weights are "
               "downloaded); pass --embedder DIR for a real DINO or CLIP folder")
