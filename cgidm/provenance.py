@@ -7,7 +7,7 @@ anyone can save over.
 saved over since a row was made); ``authenticate`` and ``extract`` with ``--hash-models``
 (reading every file once more before the run; docs/architecture.md gives what it costs).
 Digests go through ``resume.DigestCache`` in the output folder, so a rerun into it reads a
-file again only when its size, times or inode changed. A file that changes during the run
+file again only when its size or times changed. A file that changes during the run
 is named at its end (``changed``).
 """
 from __future__ import annotations

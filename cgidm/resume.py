@@ -216,7 +216,7 @@ DIGESTS = ".cgidm-digests.json"
 
 
 class DigestCache:
-    """Files' SHA-256 by path, size, times and inode, kept in ``OUT/.cgidm-digests.json``
+    """Files' SHA-256 by path, size and times, kept in ``OUT/.cgidm-digests.json``
     across runs: a resume reads a file's contents again only when one of those changed
     (a model of GBs once; a folder copied without its times once, not at every resume)."""
 
@@ -230,16 +230,18 @@ class DigestCache:
         self.changed = False
 
     def sha256(self, path: Path) -> str:
-        """The file's digest, read again unless its size, modification and change times
-        and inode are those it was read with: a file saved over with its old size and time
-        (``cp -p``, ``touch -d``) still changed its change time, which no call sets."""
+        """The file's digest, read again unless its size and modification and change times
+        are those it was read with: a file saved over with its old size and time (``cp -p``,
+        ``touch -d``, or another file renamed into its place) still has a new change time,
+        which no call sets. (Not the inode: some network and FUSE file systems number files
+        anew at each mount, which would read every model again at every resume.)"""
         st = Path(path).stat()
         key = os.path.abspath(path)
         kept = self.entries.get(key)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        if (isinstance(kept, list) and len(kept) == 5 and kept[:4] == stamp
-                and isinstance(kept[4], str) and len(kept[4]) == 64):  # a damaged or older entry is read again
-            return kept[4]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        if (isinstance(kept, list) and len(kept) == 4 and kept[:3] == stamp
+                and isinstance(kept[3], str) and len(kept[3]) == 64):  # a damaged or older entry is read again
+            return kept[3]
         digest = sha256_file(path)
         self.entries[key] = [*stamp, digest]
         self.changed = True
