@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
@@ -55,10 +55,14 @@ def authenticate(
     prefetch_depth: int = 2,
     prompt_from: str | None = None,
     hash_models: bool = False,
+    model_files: Optional[dict] = None,
 ) -> dict:
     """Authenticate images against a model pair; writes ``out/results.jsonl``,
     ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``. With
-    ``hash_models`` the summary names every model file read by its SHA-256 (``provenance``).
+    ``hash_models`` the summary names every model file read by its SHA-256 (``provenance``),
+    hashed when the run starts; ``model_files``: such a record made before the pair was
+    loaded (``provenance.model_digests``, what the CLI does), so that it is of the bytes
+    loaded: a file saved over since is named at the end (``model_files_changed``).
     Returns the summary. Raises ``OutputError`` when an output cannot be written; the
     rows finished before it stay complete in ``results.jsonl``. Without ``cfg.prompt`` the
     checkpoint's instance prompt is used (``pipeline.resolve_prompt``); ``prompt_from``
@@ -84,7 +88,8 @@ def authenticate(
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
         check_run_kind(out, "authenticate")
         # before the previous run's outputs go (a stop while hashing leaves them) and the run
-        files = model_digests(pair_models(pair.info), out, progress) if hash_models else None
+        files = model_files if model_files is not None else (
+            model_digests(pair_models(pair.info), out, progress) if hash_models else None)
         output_dirs(out, TRIPTYCHS, RECOVERED)
         try:
             _clear_previous(out)

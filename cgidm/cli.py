@@ -170,8 +170,7 @@ def config_from_args(args, preset: typing.Optional[str] = None) -> config.AuthCo
 
 
 def run_options(args) -> config.RunOptions:
-    given = _given(args, config.RunOptions)
-    return config.RunOptions(**given)
+    return config.RunOptions(**_given(args, config.RunOptions))
 
 
 def _check_metric(cfg, opts) -> None:
@@ -195,22 +194,25 @@ def _quiet_loaders() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_announced(opts, rt, base, finetuned, lora, cfg):
+def _load_announced(args, opts, rt, base, finetuned, lora, cfg):
     """Load the pair on the resolved device and dtype and resolve the prompt, printing the
-    family, the memory plan and the prompt; returns ``(pair, cfg, prompt_from)``."""
+    family, the memory plan and the prompt; returns ``(pair, cfg, prompt_from, files)``,
+    ``files`` the model files' digests with --hash-models, taken before loading (a file
+    saved over later is named at the end of the run: ``provenance.changed``)."""
     from cgidm.models import load_pair
     from cgidm.pipeline import resolve_prompt
+    from cgidm.provenance import model_digests
 
+    files = model_digests(filter(None, (base, finetuned, lora)), args.out, not args.quiet) if opts.hash_models else None
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)
     print(f"model family: {pair.info['family']}")
-    plan = pair.info.get("memory_plan")
-    if plan:
+    if plan := pair.info.get("memory_plan"):
         print(f"memory plan (estimate): {plan['summary']}")
     cfg, prompt_from = resolve_prompt(cfg, pair)
     print(f"prompt: {cfg.prompt!r} ({prompt_from})", flush=True)
-    return pair, cfg, prompt_from
+    return pair, cfg, prompt_from, files
 
 
 def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
@@ -224,10 +226,10 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     rt = config.resolve_runtime(opts.device, opts.dtype)
     config.check_impl(cfg.impl, rt.device)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  engine: {cfg.engine}  impl: {cfg.impl}")
-    pair, cfg, prompt_from = _load_announced(opts, rt, base, finetuned, lora, cfg)
+    pair, cfg, prompt_from, files = _load_announced(args, opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
-                           prefetch_depth=opts.prefetch, prompt_from=prompt_from, hash_models=opts.hash_models)
+                           prefetch_depth=opts.prefetch, prompt_from=prompt_from, model_files=files)
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
@@ -386,8 +388,7 @@ def cmd_extract(args) -> int:
     if cfg.features == "embed" and not opts.embedder:
         raise ValueError("--features embed needs --embedder DIR (a local CLIP or DINO model folder)")
     if cfg.features in ("latent", "pixel") and opts.embedder:
-        logging.getLogger("cgidm.extract").warning("--embedder is not used by --features %s; not loaded",
-                                                   cfg.features)
+        logging.getLogger("cgidm.extract").warning("--embedder is not used by --features %s; not loaded", cfg.features)
         opts = dataclasses.replace(opts, embedder=None)
     args.out = str(out := _out_folder(args.out, "extract"))  # ~ expanded once
     if args.compare is not None:
@@ -396,10 +397,10 @@ def cmd_extract(args) -> int:
     rt = config.resolve_runtime(opts.device, opts.dtype)
     print(f"device: {rt.device}  dtype: {config.dtype_name(rt.dtype)}  samples: {cfg.samples}  steps: {cfg.steps}  "
           f"guidance w: {cfg.guidance}  k: {cfg.correction}  pretrained prompt: {cfg.pretrained_prompt}")
-    pair, cfg, prompt_from = _load_announced(opts, rt, args.base, args.finetuned, args.lora, cfg)
+    pair, cfg, prompt_from, files = _load_announced(args, opts, rt, args.base, args.finetuned, args.lora, cfg)
     embedder = _embedder(opts, rt.device)
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
-                prompt_from=prompt_from, hash_models=opts.hash_models)
+                prompt_from=prompt_from, model_files=files)
     c, t = s["clustering"], s["timing"]
     rate = (f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample") + (
         f", {s['resumed_samples']} from the run that stopped" if s["resumed_samples"] else "")
@@ -424,7 +425,7 @@ def cmd_extract(args) -> int:
                   f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
                                               f"threshold too" if m.get("controls") else ""))
     if s.get("model_files"):
-        print(said(s))
+        print(said(s, "extract.json"))
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")
     return EXIT_OK
 
@@ -464,15 +465,9 @@ def main(argv=None) -> int:
         return 130
 
     try:
-        if args.command == "authenticate":
-            return cmd_authenticate(args)
-        if args.command == "screen":
-            return cmd_screen(args)
-        if args.command == "protect":
-            return cmd_protect(args)
-        if args.command == "extract":
-            return cmd_extract(args)
-        return cmd_demo(args)
+        commands = {"authenticate": cmd_authenticate, "screen": cmd_screen, "protect": cmd_protect,
+                    "extract": cmd_extract, "demo": cmd_demo}
+        return commands[args.command](args)
     except OutputError as e:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {_kept(args)}", file=sys.stderr)
         return EXIT_OUTPUT

@@ -144,6 +144,7 @@ def extract(
     prompt_from: str = "given",
     scheduler=None,
     hash_models: bool = False,
+    model_files: Optional[dict] = None,
 ) -> dict:
     """Sample, cluster and write the candidates of ``pair`` (a ``ModelPair``) into
     ``out``; with ``compare`` (a folder of images) put each candidate beside its nearest
@@ -155,7 +156,8 @@ def extract(
     run holds ``out``'s lock (``resume.OutputLock``): a folder another cgidm run holds is
     refused (``ValueError``) before anything in it is cleared or written. Returns what
     ``extract.json`` holds. ``hash_models``: the model files read, by SHA-256, in it too
-    (``provenance``)."""
+    (``provenance``), hashed when the run starts; ``model_files``: such a record made before
+    the pair was loaded (as ``authenticate`` takes it)."""
     if not isinstance(cfg, ExtractConfig):
         raise TypeError(f"cfg must be an ExtractConfig, got {type(cfg).__name__}")
     if cfg.prompt is None:
@@ -178,7 +180,8 @@ def extract(
         check_readable(compare_items, pair.resolution)
     with OutputLock(out):
         check_run_kind(out, "extract")
-        files = model_digests(pair_models(pair.info), out, progress) if hash_models else None
+        files = model_files if model_files is not None else (
+            model_digests(pair_models(pair.info), out, progress) if hash_models else None)
         stage = out / STAGE
         shutil.rmtree(stage, ignore_errors=True)  # a killed run's (this run holds the lock)
         stage.mkdir(parents=True)

@@ -25,7 +25,7 @@ ROLES = ("base", "finetuned", "lora")
 
 
 def record(models: Iterable[str], sha256: Callable[[Path], str]) -> dict:
-    """``{model path: [{"file", "bytes", "mtime_ns", "sha256"}]}`` for each model folder or
+    """``{model path: [{"file", "bytes", "mtime_ns", "ctime_ns", "sha256"}]}`` for each model folder or
     file of ``models`` (each once, by its absolute path); ``file`` is the name inside the model (empty for a single
     file). A file that cannot be read is recorded with its error instead of a digest."""
     from cgidm.manifest import model_files
@@ -36,7 +36,8 @@ def record(models: Iterable[str], sha256: Callable[[Path], str]) -> dict:
         for name, f in model_files(Path(model)):
             try:
                 st = f.stat()
-                entries.append({"file": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256(f)})
+                entries.append({"file": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                "ctime_ns": st.st_ctime_ns, "sha256": sha256(f)})
             except OSError as e:
                 entries.append({"file": name, "error": e.strerror or str(e)})
         out[model] = entries
@@ -63,6 +64,10 @@ def model_digests(models: Iterable[str], out: Path, progress: bool = False) -> d
             sizes[os.path.abspath(f)] = f.stat().st_size
         except OSError:
             sizes[os.path.abspath(f)] = 0
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)  # for the cache, when hashed before the run makes it
+    except OSError:
+        pass  # the cache is not written (a warning); the digests are
     digests = DigestCache(out)
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="model files' SHA-256",
               disable=not progress, **bar_options()) as bar:
@@ -79,21 +84,23 @@ def pair_models(info: Optional[dict]) -> list[str]:
 
 
 def changed(files) -> list[str]:
-    """The files of a ``record`` whose size or modification time is not what was recorded
-    (or that are gone): saved over during the run, so the digest may not be of the bytes
-    used. ``model path/file`` each."""
+    """The files of a ``record`` whose size, modification or change time is not what was
+    recorded (or that are gone): saved over since they were hashed, so the digest may not be
+    of the bytes used (the change time moves even where ``cp -p`` or ``touch -d`` put the
+    old size and time back). ``model path/file`` each."""
     out = []
     for r in rows(files):
         if "sha256" not in r:
             continue
-        path = Path(r["model"]) / r["file"] if r["file"] else Path(r["model"])
+        path = Path(_path_of(r))
         try:
             st = path.stat()
-            same = (st.st_size, st.st_mtime_ns) == (r.get("bytes"), r.get("mtime_ns"))
+            same = ((st.st_size, st.st_mtime_ns) == (r.get("bytes"), r.get("mtime_ns"))
+                    and r.get("ctime_ns", st.st_ctime_ns) == st.st_ctime_ns)
         except OSError:
             same = False
         if not same:
-            out.append(str(path))
+            out.append(_path_of(r))
     return out
 
 
@@ -103,8 +110,9 @@ def check_unchanged(summary: dict) -> None:
     moved = changed(summary.get("model_files"))
     if moved:
         summary["model_files_changed"] = moved
-        log.warning("%d model files changed during the run (first: %s): their recorded SHA-256 may not be of "
-                    "the bytes used", len(moved), shown(moved[0]))
+        log.warning("%d model file%s changed after %s hashed (first: %s): the recorded SHA-256 may not be of the "
+                    "bytes used", len(moved), "s" if len(moved) != 1 else "", "they were" if len(moved) != 1 else
+                    "it was", shown(moved[0]))
 
 
 def rows(files) -> list[dict]:
@@ -115,12 +123,14 @@ def rows(files) -> list[dict]:
             for e in entries if isinstance(e, dict)]
 
 
-TABLE = """<details class="files"><summary>Model files: {{ rows|length }} file{{ 's' if rows|length != 1 else '' }},
+TABLE = """<details class="files"{% if moved %} open{% endif %}><summary>Model files: {{ rows|length }} file{{ 's' if rows|length != 1 else '' }},
 {{ "{:,}".format(total) }} bytes, each by its SHA-256 when the run started (what was tested, whatever is at these
-paths later){% if moved %}; <span class="error">{{ moved|length }} changed during the run</span>{% endif %}</summary>
+paths later){% if unread %}; <span class="error">{{ unread }} could not be read</span>{% endif %}{% if moved %};
+<span class="error">{{ moved|length }} changed after they were hashed, marked below: their SHA-256 may not be of the
+bytes used</span>{% endif %}</summary>
 <table><thead><tr><th>model</th><th>file</th><th>bytes</th><th>SHA-256</th></tr></thead><tbody>
 {% for r in rows %}<tr><td><code>{{ r.model|shown }}</code></td><td><code>{{ (r.file or '(the file itself)')|shown }}</code></td>
-<td>{{ "{:,}".format(r.bytes) if r.bytes is number else '' }}</td><td>{% if r.sha256 %}<code>{{ r.sha256|shown }}</code>{% else %}<span class="error">not read: {{ r.error|shown }}</span>{% endif %}</td></tr>
+<td>{{ "{:,}".format(r.bytes) if r.bytes is number else '' }}</td><td>{% if r.sha256 %}<code>{{ r.sha256|shown }}</code>{% if r.changed %} <span class="error">changed after it was hashed</span>{% endif %}{% else %}<span class="error">not read: {{ r.error|shown }}</span>{% endif %}</td></tr>
 {% endfor %}</tbody></table></details>"""
 
 
@@ -137,19 +147,28 @@ def table(summary: dict):
     env.filters["shown"] = shown
     total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
     moved = summary.get("model_files_changed")
-    return Markup(env.from_string(TABLE).render(rows=found, total=total,
-                                                moved=moved if isinstance(moved, list) else []))
+    moved = moved if isinstance(moved, list) else []
+    for r in found:
+        r["changed"] = _path_of(r) in moved
+    return Markup(env.from_string(TABLE).render(rows=found, total=total, moved=moved,
+                                                unread=sum("sha256" not in r for r in found)))
 
 
-def said(summary: dict) -> str:
-    """One terminal line for a summary's ``model_files``."""
+def said(summary: dict, where: str = "the summary") -> str:
+    """One terminal line for a summary's ``model_files`` (``where``: the file they are in)."""
     found = rows(summary.get("model_files"))
     unread = [r for r in found if "sha256" not in r]
     total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
     line = (f"model files: {len(found)} ({total / 2**20:,.1f} MiB) of {len(summary['model_files'])} model"
-            f"{'s' if len(summary['model_files']) != 1 else ''}, each by its SHA-256 in the summary and the report")
+            f"{'s' if len(summary['model_files']) != 1 else ''}, each by its SHA-256 in {where} and the report")
     if unread:
         first = unread[0]
-        line += f"; {len(unread)} could not be read (first: {shown(first['file'] or first['model'])}: " \
-                f"{shown(first.get('error'))})"
+        line += f"; {len(unread)} could not be read (first: {shown(_path_of(first))}: {shown(first.get('error'))})"
+    moved = summary.get("model_files_changed")
+    if isinstance(moved, list) and moved:
+        line += f"; {len(moved)} changed after they were hashed (model_files_changed)"
     return line
+
+
+def _path_of(r: dict) -> str:
+    return str(Path(r["model"]) / r["file"]) if r.get("file") else str(r["model"])

@@ -287,25 +287,29 @@ class DigestCache:
 
 def source(path: Path) -> Optional[dict]:
     """What a resume checks to tell that an input is the file a row was made from: its
-    size and modification time, and its contents' digest."""
+    size, modification and change times, and its contents' digest."""
     try:
         st = Path(path).stat()
-        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "sha256": sha256_file(path)}
     except OSError:
         return {"missing": True}  # not there or not readable: a resume tries it again once it is
 
 
 def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> bool:
-    """Whether ``path`` is the file a row recorded (``source``): the same size and time,
-    or else the same contents (a copy of the folder that did not keep the times is the
-    same file; one saved over it is not). A row without a record is taken as the same."""
+    """Whether ``path`` is the file a row recorded (``source``): the same size and times
+    (the change time too where recorded: a file saved over with its old size and time put
+    back by ``cp -p`` or ``touch -d`` has a new one), or else the same contents (a copy of
+    the folder that did not keep the times is the same file; one saved over it is not). A
+    row without a record is taken as the same."""
     if not isinstance(recorded, dict):
         return True
     if recorded.get("missing"):  # still missing, unreadable or not a file (a pipe): the same
         return not (os.access(path, os.R_OK) and os.path.isfile(path))
     try:
         st = Path(path).stat()
-        if (st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns")):
+        if ((st.st_size, st.st_mtime_ns) == (recorded.get("bytes"), recorded.get("mtime_ns"))
+                and recorded.get("ctime_ns", st.st_ctime_ns) == st.st_ctime_ns):
             return True
         if st.st_size != recorded.get("bytes"):
             return False

@@ -238,8 +238,16 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
     return summary
 
 
-CONTROLS_HINT = ("control images (like these, known not to be in the fine-tune: authenticate's --controls DIR; in "
-                 "a screen manifest the label control, or a controls/ subfolder)")
+def controls_hint(summary: dict) -> str:
+    """How this run's command takes control images: a screen (its summary has ``timing``)
+    from its manifest, authenticate from ``--controls``, the demo from ``--with-controls``."""
+    if isinstance(summary.get("timing"), dict):
+        how = "in the manifest, the label control, or a controls/ subfolder of a folder manifest"
+    elif (summary.get("preset") or {}).get("name") == "demo":
+        how = "cgidm demo --with-controls; cgidm authenticate --controls DIR"
+    else:
+        how = "--controls DIR"
+    return f"control images (like these, known not to be in the fine-tune: {how})"
 
 
 def unjudged(summary: dict) -> list[str]:
@@ -250,12 +258,12 @@ def unjudged(summary: dict) -> list[str]:
     uncalibrated = (summary.get("scored") and "verdicts" not in summary and not summary.get("calibration_error")
                     and not summary.get("pairs_without_controls"))
     if uncalibrated and summary.get("auc") is None:
-        lines.append(f"no verdict: scores alone say little; give {CONTROLS_HINT} for p-values and a verdict, or "
-                     "members and hold-outs for AUC")
+        lines.append(f"no verdict: scores alone say little; give {controls_hint(summary)} for p-values and a "
+                     "verdict, or members and hold-outs for AUC")
     elif uncalibrated:
         lines.append("no verdict on whether the model was fine-tuned on these images: the AUC says how well CGI-DM "
-                     f"tells the known members from the hold-outs here; give {CONTROLS_HINT} for p-values and a "
-                     "verdict (the demo: --with-controls)")
+                     f"tells the known members from the hold-outs here; give {controls_hint(summary)} for p-values "
+                     "and a verdict")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:
         lines.append(f"warning: {len(bare)} pairs have no control images ({_some([shown(k) for k in bare])}): their "

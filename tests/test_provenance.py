@@ -42,8 +42,15 @@ def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path):
     _check_against_disk(rec, [unet, single])
     assert [e["file"] for e in rec[str(unet)]] == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert rec[str(single)] == [{"file": "", "bytes": 4097, "mtime_ns": single.stat().st_mtime_ns,
-                                 "sha256": _sha(single)}]
+                                 "ctime_ns": single.stat().st_ctime_ns, "sha256": _sha(single)}]
     assert provenance.changed(rec) == []
+    # saved over with the old size and time put back (cp -p): the change time still says so
+    st = single.stat()
+    single.write_bytes(b"\x01" * 4097)
+    os.utime(single, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert provenance.changed(rec) == [str(single)]
+    single.write_bytes(b"\x00" * 4097)
+    rec = provenance.record([str(unet), str(single)], sha256_file)
     # a file saved over after it was hashed is named; one that cannot be read is recorded
     # with its error, not skipped or raised
     (unet / "config.json").write_text('{"x": 1}')
@@ -52,7 +59,10 @@ def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path):
     summary = {"model_files": rec}
     provenance.check_unchanged(summary)
     assert summary["model_files_changed"] == [str(unet / "config.json"), str(single)]
-    assert "2 changed during the run" in str(provenance.table(summary))
+    html = str(provenance.table(summary))
+    assert "2 changed after they were hashed, marked below" in html and "<details class=\"files\" open>" in html
+    assert html.count("changed after it was hashed") == 2  # each marked in its row
+    assert "; 2 changed after they were hashed (model_files_changed)" in provenance.said(summary)
     gone = provenance.record([str(single)], sha256_file)[str(single)]
     assert gone == [{"file": "", "error": "No such file or directory"}]
 
@@ -90,7 +100,8 @@ def test_the_table_and_the_line_escape_names_and_count_each_model_once():
         ("/m/base", "unet/x.safetensors"), ("/m/lora.safetensors", ""), ("/m/evil\u202egnp", "w.safetensors")]
     html = str(provenance.table(summary))
     assert "\u202e" not in html and "evil\\u202egnp" in html
-    assert "a" * 64 in html and "not read: No such file" in html and "changed during the run" not in html
+    assert "a" * 64 in html and "not read: No such file" in html and "changed after" not in html
+    assert "1 could not be read" in html and "<details class=\"files\">" in html
     assert "3 files" in html and f"{12 + 3 * 2**20:,} bytes" in html
     assert provenance.said(summary) == ("model files: 3 (3.0 MiB) of 3 models, each by its SHA-256 in the summary "
                                         "and the report; 1 could not be read (first: /m/lora.safetensors: "
@@ -107,14 +118,25 @@ def test_a_pair_without_paths_is_said_to_have_nothing_to_hash(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_authenticate_with_hash_models_records_every_file_and_the_report_lists_them(tiny_world, tmp_path, capsys):
+def test_authenticate_with_hash_models_records_every_file_and_the_report_lists_them(tiny_world, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from cgidm import models as M
+
     imgs = tiny_world / "images"
     out = tmp_path / "out"
+    loading, hashed_first = M.load_pair, []
+
+    def load_pair(*a, **kw):  # the files are hashed before they are loaded: the record is of the bytes used
+        hashed_first.append((out / ".cgidm-digests.json").is_file())
+        return loading(*a, **kw)
+
+    monkeypatch.setattr(M, "load_pair", load_pair)
     models = [tiny_world / "base", tiny_world / "finetuned", tiny_world / "lora.safetensors"]
     args = ["authenticate", "--base", str(models[0]), "--finetuned", str(models[1]), "--lora", str(models[2]),
             "--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts"), "--out", str(out),
             "--preset", "demo", "--steps", "2", "--prompt", INSTANCE_PROMPT, "-q"]
     assert cli.main(args + ["--hash-models"]) == 0
+    assert hashed_first == [True]
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert provenance.said(summary) in printed and "of 3 models" in printed
@@ -127,7 +149,9 @@ def test_authenticate_with_hash_models_records_every_file_and_the_report_lists_t
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for r in rows:
         src = Path(r["image"])
-        assert r["source"] == {"bytes": src.stat().st_size, "mtime_ns": src.stat().st_mtime_ns, "sha256": _sha(src)}
+        st = src.stat()
+        assert r["source"] == {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                               "sha256": _sha(src)}
     # without the option nothing is recorded, and the report says nothing of it
     assert cli.main(args) == 0
     assert "model_files" not in json.loads((out / "summary.json").read_text())

@@ -180,7 +180,11 @@ def test_the_report_says_what_it_cannot_judge(tmp_path):
     s = summarize(rows, AuthConfig(prompt="p"))
     html = _html(tmp_path, rows, s)
     assert "no verdict: scores alone say little; give control images" in html
-    assert "--controls DIR; in a screen manifest the label control, or a controls/ subfolder" in html
+    assert "known not to be in the fine-tune: --controls DIR)" in html and "manifest" not in html
+    # a screen's (its summary has timing) names its manifest's way; the demo its own option
+    assert "the label control, or a controls/ subfolder" in _html(tmp_path, rows, {**s, "timing": {"images": 3}})
+    demo = {**s, "preset": {"name": "demo", "departures": {}}}
+    assert "cgidm demo --with-controls; cgidm authenticate --controls DIR" in _html(tmp_path, rows, demo)
     # members and hold-outs without controls: an AUC, and no verdict, which is said (an artist
     # reading the demo's report would look for one)
     rows = [_row(i, ("member", "holdout")[i % 2], 0.5 + i / 10) for i in range(4)]
