@@ -203,7 +203,8 @@ def _load_announced(args, opts, rt, base, finetuned, lora, cfg):
     from cgidm.pipeline import resolve_prompt
     from cgidm.provenance import model_digests
 
-    files = model_digests(filter(None, (base, finetuned, lora)), args.out, not args.quiet) if opts.hash_models else None
+    files = model_digests(filter(None, (base, finetuned, lora, opts.embedder)), args.out,
+                          not args.quiet) if opts.hash_models else None  # the embedder scores too
     kw = {"allow_partial_lora": True} if opts.allow_partial_lora else {}
     pair = load_pair(base, finetuned, lora, allow_pickle=opts.allow_pickle, lora_scale=opts.lora_scale,
                      device=rt.device, dtype=rt.dtype, **kw)

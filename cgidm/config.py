@@ -244,8 +244,8 @@ class RunOptions:
     lora_scale: float = _opt(1.0, "strength of each LoRA (--finetuned as a LoRA file, --lora; stacked when both)")
     prefetch: int = _opt(2, "batches read and encoded ahead of the inversion (0: no background threads)")
     dist_timeout: float = _opt(120.0, "minutes ranks wait for each other under torchrun")
-    hash_models: bool = _opt(False, "record the SHA-256 of every model file read (base, fine-tune, LoRA) in the "
-                                    "summary and the report, as provenance; reads each file once more")
+    hash_models: bool = _opt(False, "record the SHA-256 of every model file read (base, fine-tune, LoRA, embedder) "
+                                    "in the summary and the report, as provenance; reads each file once more")
 
     def __post_init__(self) -> None:
         _check_types(self)
