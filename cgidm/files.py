@@ -135,10 +135,10 @@ def _mixed_script_letters(text: str) -> set[int]:
     out: set[int] = set()
     word: list[int] = []
     for i, c in enumerate(text + " "):
-        if c.isalpha():
+        if c.isalpha() or unicodedata.category(c).startswith("M"):  # a mark (an invisible joiner) is of its word
             word.append(i)
             continue
-        scripts = {unicodedata.name(text[j], "?").split(" ")[0] for j in word} & _LOOK_ALIKE
+        scripts = {unicodedata.name(text[j], "?").split(" ")[0] for j in word if text[j].isalpha()} & _LOOK_ALIKE
         if len(scripts) > 1:
             out.update(j for j in word if not text[j].isascii())
         word = []

@@ -33,7 +33,7 @@ def record(models: Iterable[str], sha256: Callable[[Path], str]) -> dict:
     out = {}
     for model in dict.fromkeys(os.path.abspath(os.path.expanduser(m)) for m in models):
         entries = []
-        for name, f in model_files(Path(model)):
+        for name, f in _listed(model, model_files):
             try:
                 st = f.stat()
                 entries.append({"file": name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -57,7 +57,7 @@ def model_digests(models: Iterable[str], out: Path, progress: bool = False) -> d
     models = list(dict.fromkeys(os.path.abspath(os.path.expanduser(m)) for m in models))
     if not models:
         log.warning("no model paths to hash (a pair built without load_pair records none): no model_files")
-    files = [f for m in models for _, f in model_files(Path(m))]
+    files = [f for m in models for _, f in _listed(m, model_files)]
     sizes = {}
     for f in files:
         try:
@@ -78,16 +78,26 @@ def model_digests(models: Iterable[str], out: Path, progress: bool = False) -> d
         digests.save()
 
 
+def _listed(model: str, model_files) -> list:
+    """``model_files`` of ``model``; a folder that cannot be listed is one entry that cannot
+    be read (its error recorded), not a stop before the loader says what is wrong."""
+    try:
+        return model_files(Path(model))
+    except OSError:
+        return [("", Path(model))]
+
+
 def pair_models(info: Optional[dict]) -> list[str]:
     """The model paths of a pair's ``info`` (``load_pair``; ``PairSpec.info``)."""
     return [info[k] for k in ROLES if isinstance(info, dict) and isinstance(info.get(k), str)]
 
 
 def changed(files) -> list[str]:
-    """The files of a ``record`` whose size, modification or change time is not what was
-    recorded (or that are gone): saved over since they were hashed, so the digest may not be
-    of the bytes used (the change time moves even where ``cp -p`` or ``touch -d`` put the
-    old size and time back). ``model path/file`` each."""
+    """The files of a ``record`` saved over since they were hashed (or gone), so that the
+    digest may not be of the bytes used: another size or modification time, or, where only
+    the change time moved (``cp -p`` or ``touch -d`` put the old size and time back; but a
+    ``chmod`` or a hard link moves it too), other contents, read again to tell.
+    ``model path/file`` each."""
     out = []
     for r in rows(files):
         if "sha256" not in r:
@@ -95,8 +105,11 @@ def changed(files) -> list[str]:
         path = Path(_path_of(r))
         try:
             st = path.stat()
-            same = ((st.st_size, st.st_mtime_ns) == (r.get("bytes"), r.get("mtime_ns"))
-                    and r.get("ctime_ns", st.st_ctime_ns) == st.st_ctime_ns)
+            same = (st.st_size, st.st_mtime_ns) == (r.get("bytes"), r.get("mtime_ns"))
+            if same and r.get("ctime_ns", st.st_ctime_ns) != st.st_ctime_ns:
+                from cgidm.resume import sha256_file
+
+                same = sha256_file(path) == r["sha256"]
         except OSError:
             same = False
         if not same:
@@ -171,4 +184,4 @@ def said(summary: dict, where: str = "the summary") -> str:
 
 
 def _path_of(r: dict) -> str:
-    return str(Path(r["model"]) / r["file"]) if r.get("file") else str(r["model"])
+    return str(Path(str(r["model"])) / str(r["file"])) if r.get("file") else str(r["model"])

@@ -243,7 +243,7 @@ def controls_hint(summary: dict) -> str:
     from its manifest, authenticate from ``--controls``, the demo from ``--with-controls``."""
     if isinstance(summary.get("timing"), dict):
         how = "in the manifest, the label control, or a controls/ subfolder of a folder manifest"
-    elif (summary.get("preset") or {}).get("name") == "demo":
+    elif isinstance(summary.get("preset"), dict) and summary["preset"].get("name") == "demo":
         how = "cgidm demo --with-controls; cgidm authenticate --controls DIR"
     else:
         how = "--controls DIR"

@@ -52,6 +52,25 @@ def world_items(tiny_world):
 
 
 @pytest.fixture
+def move_ctime():
+    """``move_ctime(path, than)``: make ``path``'s change time differ from ``than`` (a
+    ``chmod`` to its own mode, a tick apart: a file system with coarse change times, as
+    kernels before 6.13 keep them, gives two writes a microsecond apart the same one), or
+    skip where it cannot be moved."""
+    import time
+
+    def move(path, than: int) -> None:
+        for _ in range(300):
+            if os.stat(path).st_ctime_ns != than:
+                return
+            time.sleep(0.01)
+            os.chmod(path, os.stat(path).st_mode)
+        pytest.skip("this file system's change time does not move")
+
+    return move
+
+
+@pytest.fixture
 def no_tf32():
     """fp32 as fp32 on a GPU (cgidm.testing.precision.full_fp32): no TF32 in the fp32
     comparisons and references, cuDNN's deterministic algorithms for graph vs eager."""

@@ -30,7 +30,7 @@ def _check_against_disk(record: dict, models) -> None:
             assert e["mtime_ns"] == f.stat().st_mtime_ns
 
 
-def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path):
+def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path, move_ctime, monkeypatch):
     unet = tmp_path / "unet"
     unet.mkdir()
     (unet / "config.json").write_text("{}")
@@ -48,8 +48,18 @@ def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path):
     st = single.stat()
     single.write_bytes(b"\x01" * 4097)
     os.utime(single, ns=(st.st_atime_ns, st.st_mtime_ns))
+    move_ctime(single, st.st_ctime_ns)
     assert provenance.changed(rec) == [str(single)]
+    # the same bytes with only a new change time (a chmod, a hard link): read again, and the same
     single.write_bytes(b"\x00" * 4097)
+    os.utime(single, ns=(st.st_atime_ns, st.st_mtime_ns))
+    move_ctime(single, st.st_ctime_ns)
+    from cgidm import resume
+
+    reads = []
+    monkeypatch.setattr(resume, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
+    assert provenance.changed(rec) == [] and reads == [single]
+    monkeypatch.undo()
     rec = provenance.record([str(unet), str(single)], sha256_file)
     # a file saved over after it was hashed is named; one that cannot be read is recorded
     # with its error, not skipped or raised
@@ -67,7 +77,7 @@ def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path):
     assert gone == [{"file": "", "error": "No such file or directory"}]
 
 
-def test_digests_go_through_the_output_folders_cache(tmp_path, monkeypatch):
+def test_digests_go_through_the_output_folders_cache(tmp_path, monkeypatch, move_ctime):
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"abc" * 1000)
     out = tmp_path / "out"
@@ -87,6 +97,7 @@ def test_digests_go_through_the_output_folders_cache(tmp_path, monkeypatch):
     st = model.stat()
     model.write_bytes(b"abd" * 1000)
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    move_ctime(model, st.st_ctime_ns)
     again = provenance.model_digests([str(model)], out)[str(model)][0]
     assert again["sha256"] == _sha(model) != first[str(model)][0]["sha256"]
 

@@ -270,3 +270,13 @@ def test_a_word_mixing_look_alike_scripts_has_its_foreign_letters_escaped():
     for name in ("\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac_photo.png", "Moskva_\u041c\u043e\u0441\u043a\u0432\u0430.png",
                  "\u732b\u306e\u7d75.png", "caf\u00e9.png", "na\u00efve r\u00e9sum\u00e9.png"):
         assert shown(name) == name
+
+
+def test_an_invisible_mark_does_not_split_a_mixed_word():
+    from cgidm.files import shown
+
+    # a combining grapheme joiner or a variation selector between the letters: still one word
+    assert shown("p\u034f\u0430\u034fypal.png") == "p\\u034f\\u0430\\u034fypal.png"
+    assert shown("p\ufe00\u0430ypal") == "p\\ufe00\\u0430ypal"
+    assert shown("p\u0430\u0301ypal") == "p\\u0430\\u0301ypal"  # the accent escaped with its letter
+    assert shown("\u041c\u043e\u0441\u043a\u0432\u0430\u0301") == "\u041c\u043e\u0441\u043a\u0432\u0430\u0301"

@@ -318,7 +318,8 @@ def test_a_pipe_recorded_as_missing_stays_the_same_until_a_file_is_there(tmp_pat
     assert not same_source(recorded, path)
 
 
-def test_a_file_saved_over_with_its_old_size_and_time_is_not_the_same(tmp_path):
+def test_a_file_saved_over_with_its_old_size_and_time_is_not_the_same(tmp_path, move_ctime, monkeypatch):
+    from cgidm import resume
     from cgidm.resume import same_source, source
 
     f = tmp_path / "a.png"
@@ -328,11 +329,15 @@ def test_a_file_saved_over_with_its_old_size_and_time_is_not_the_same(tmp_path):
     st = f.stat()
     f.write_bytes(b"other picture")  # the same size
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and its old time put back (cp -p, touch -d)
+    move_ctime(f, recorded["ctime_ns"])
     assert f.stat().st_mtime_ns == recorded["mtime_ns"] and not same_source(recorded, f)
-    # the same bytes with a new change time (chmod, a copy): read, and the same
+    # the same bytes with a new change time (chmod, a copy): read again, and the same
     f.write_bytes(b"first picture")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert same_source(recorded, f)
+    move_ctime(f, recorded["ctime_ns"])
+    reads, real = [], resume.sha256_file
+    monkeypatch.setattr(resume, "sha256_file", lambda p: reads.append(p) or real(p))
+    assert same_source(recorded, f) and reads == [f]
     # a row from before change times were recorded: size and time decide, as they did
     old = {k: v for k, v in recorded.items() if k != "ctime_ns"}
     assert same_source(old, f)
