@@ -158,7 +158,7 @@ def table(summary: dict):
         return ""
     env = Environment(autoescape=True)
     env.filters["shown"] = shown
-    total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
+    total = _total_bytes(found)
     moved = summary.get("model_files_changed")
     moved = moved if isinstance(moved, list) else []
     for r in found:
@@ -171,7 +171,7 @@ def said(summary: dict, where: str = "the summary") -> str:
     """One terminal line for a summary's ``model_files`` (``where``: the file they are in)."""
     found = rows(summary.get("model_files"))
     unread = [r for r in found if "sha256" not in r]
-    total = sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
+    total = _total_bytes(found)
     line = (f"model files: {len(found)} ({total / 2**20:,.1f} MiB) of {len(summary['model_files'])} model"
             f"{'s' if len(summary['model_files']) != 1 else ''}, each by its SHA-256 in {where} and the report")
     if unread:
@@ -181,6 +181,10 @@ def said(summary: dict, where: str = "the summary") -> str:
     if isinstance(moved, list) and moved:
         line += f"; {len(moved)} changed after they were hashed (model_files_changed)"
     return line
+
+
+def _total_bytes(found: list[dict]) -> int:
+    return sum(r["bytes"] for r in found if isinstance(r.get("bytes"), int))
 
 
 def _path_of(r: dict) -> str:
