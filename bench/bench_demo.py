@@ -21,6 +21,7 @@ holds each baseline's AUC (``by_metric``) and, with controls, the set verdict.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -92,9 +93,14 @@ def _demos(family: str, world: Path | None, variants: list, extra: list, env: di
         means = {label: {k: statistics.mean(r[k] for r in rows if r.get("label") == label)
                          for k in ("latent_cos", "psnr", "ssim")} for label in ("member", "holdout")}
         official = re.search(r"official validator .*?AUC ([0-9.]+)", run.stdout)
+        # with --with-controls: how many of each label got each per-image verdict
+        verdicts = {label: dict(collections.Counter(r["verdict"] for r in rows if r.get("label") == label
+                                                    and r.get("verdict")))
+                    for label in ("member", "holdout")} if summary.get("verdicts") else None
         row["variants"][variant] = {"wall_s": wall, "auc": summary.get("auc"), "means": means,
                                     "official_auc": float(official[1]) if official else None,
-                                    "set_verdict": summary.get("set_verdict"),
+                                    "set_verdict": summary.get("set_verdict"), "verdicts": verdicts,
+                                    "controls": summary.get("controls"),
                                     "by_metric": {k: v.get("auc") for k, v in summary.get("by_metric", {}).items()
                                                   if isinstance(v, dict)}}
         print(f"{family} {variant}: {wall:.1f} s  AUC {summary.get('auc')}  members {means['member']}  "

@@ -19,18 +19,28 @@ def _rows(out):
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_demo_members_vs_holdouts_auc(tiny_world, tmp_path, capsys, variant):
     out = tmp_path / variant
-    code = cli.main(["demo", "--out", str(out), "--variant", variant, "-q"])
+    # the full variant as `cgidm demo --with-controls`: the world's 24 controls are enough
+    # for a per-image verdict at 0.05 (the smallest p-value is 1/25)
+    controls = ["--with-controls"] if variant == "full" else []
+    code = cli.main(["demo", "--out", str(out), "--variant", variant, "-q", *controls])
     printed = capsys.readouterr().out
     assert code == 0, printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["auc"] >= 0.9, summary
     assert "AUC (latent_cos)" in printed and "report:" in printed
     rows = _rows(out)
-    assert len(rows) == 12 and {r["label"] for r in rows} == {"member", "holdout"}
+    labels = {"member", "holdout"} | ({"control"} if controls else set())
+    assert len(rows) == 12 + 24 * bool(controls) and {r["label"] for r in rows} == labels
     html = (out / "report.html").read_text()
     for r in rows:
         assert r["id"] in html
         assert (out / r["triptych"]).is_file()
+    if controls:
+        assert summary["controls"] == 24 and "calibration_warning" not in summary
+        members = [r for r in rows if r["label"] == "member"]
+        assert all(r["verdict"] == "fine-tuned on" and r["p_value"] == pytest.approx(1 / 25) for r in members), members
+        assert summary["flagged"] >= 6 and f"flagged as fine-tuned on (p <= 0.05): {summary['flagged']} of 12" in printed
+        assert summary["set_verdict"]["verdict"] == "fine-tuned on some of these images"
 
 
 def test_same_seed_same_scores_and_other_seed_differs(tiny_world, tmp_path):
@@ -51,11 +61,20 @@ def test_controls_give_verdicts(tiny_world, tmp_path):
     pair = load_pair(tiny_world / "base", tiny_world / "finetuned")
     imgs = tiny_world / "images"
     items = collect_items(imgs / "members", None, None, imgs / "controls")
-    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=3, batch_size=20)
-    summary = authenticate(pair, items, tmp_path, cfg, progress=False)
-    rows = _rows(tmp_path)
+    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=3, batch_size=30)
+    summary = authenticate(pair, items, tmp_path / "all", cfg, progress=False)
+    rows = _rows(tmp_path / "all")
     judged = [r for r in rows if r["label"] is None]
+    controls = sorted(r["score"] for r in rows if r["label"] == "control")
+    assert len(judged) == 6 and summary["controls"] == len(controls) == 24
+    assert "calibration_warning" not in summary
+    for r in judged:  # the +1 rule against the 24 controls, and the verdict at 0.05
+        assert r["p_value"] == pytest.approx((1 + sum(c >= r["score"] for c in controls)) / 25)
+        assert r["verdict"] == ("fine-tuned on" if r["p_value"] <= 0.05 else "no evidence")
     # 12 controls cannot reach p <= 0.05: every image inconclusive, none "no evidence"
+    few = collect_items(imgs / "members", None, None, None) + [i for i in items if i.label == "control"][:12]
+    summary = authenticate(pair, few, tmp_path / "few", cfg, progress=False)
+    judged = [r for r in _rows(tmp_path / "few") if r["label"] is None]
     assert len(judged) == 6 and all(r["verdict"] == "inconclusive" for r in judged)
     assert all(1 / 13 <= r["p_value"] <= 1 for r in judged)
     assert summary["controls"] == 12

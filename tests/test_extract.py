@@ -300,7 +300,7 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         for name in ("grid.png", "samples.png", "report.html"):
             assert (out / name).is_file()
         cmp = s["compare"]
-        assert cmp["images"] == 24 and len(cmp["pairs"]) == len(s["candidates"])
+        assert cmp["images"] == 36 and len(cmp["pairs"]) == len(s["candidates"])
         assert all((out / p["pair_image"]).is_file() for p in cmp["pairs"])
         lab = cmp["labelled"]
         assert lab["members"] == 6 and lab["holdouts"] == 6 and 0 <= lab["auc"] <= 1
@@ -312,9 +312,9 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         assert f"above every hold-out's\n(threshold {lab['threshold']:.3f}, the best of 6 hold-outs)" in html
         # the controls, never trained on either, are counted against the same threshold
         above = sum(r["best_similarity"] > lab["threshold"] for r in cmp["per_image"] if r["label"] == "control")
-        assert lab["controls"] == 12 and lab["controls_above"] == above
-        assert f"{above} of 12 control images (also never trained on) are above it too" in html
-        assert f"{above} of 12 controls above the threshold too" in said.out
+        assert lab["controls"] == 24 and lab["controls_above"] == above
+        assert f"{above} of 24 control images (also never trained on) are above it too" in html
+        assert f"{above} of 24 controls above the threshold too" in said.out
 
 
 def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, capsys):

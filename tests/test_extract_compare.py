@@ -39,9 +39,9 @@ def test_compare_does_not_depend_on_its_chunk_and_holds_one_chunk(tiny_world, tm
         monkeypatch.setattr(XC, "CHUNK", chunk)
         held.clear()
         results[chunk] = _run(tiny_world, tmp_path / f"out-{chunk}", folder, features)
-        assert max(held) == min(chunk, 24) and sum(held) == 24
+        assert max(held) == min(chunk, 36) and sum(held) == 36
     (whole, files), *others = results.values()
-    assert whole["images"] == 24 and len(whole["failed"]) == 1 and "member_03b.png" in whole["failed"][0]["image"]
+    assert whole["images"] == 36 and len(whole["failed"]) == 1 and "member_03b.png" in whole["failed"][0]["image"]
     for cmp, pictures in others:
         assert cmp["per_image"] == whole["per_image"] and cmp["pairs"] == whole["pairs"]
         assert pictures == files

@@ -34,9 +34,12 @@ def _same_world(a: Path, b: Path) -> None:
     assert (a / "finetuned" / "args.json").read_text() == (b / "finetuned" / "args.json").read_text()
 
 
+SMALL = WorldConfig(pretrain_per_style=2, pretrain_steps=2, members=2, holdouts=2, controls=2,
+                    finetune_steps=2, lora_steps=2, lora_rank=2, batch=2)
+
+
 def test_train_export_assemble_round_trip(tmp_path, monkeypatch):
-    cfg = WorldConfig(pretrain_per_style=2, pretrain_steps=2, members=2, holdouts=2, controls=2,
-                      finetune_steps=2, lora_steps=2, lora_rank=2, batch=2)
+    cfg = SMALL
     stamp = {"version": WORLD_VERSION, **asdict(cfg)}
     trained = build_tiny_world(tmp_path / "trained", cfg, train=True)
     monkeypatch.setattr(fixture, "WEIGHTS", tmp_path / "weights")
@@ -44,8 +47,23 @@ def test_train_export_assemble_round_trip(tmp_path, monkeypatch):
     path = fixture.export_fixture(trained, stamp, tmp_path / "weights" / fixture.fixture_path(WORLD_VERSION).name)
     assert fixture.find_fixture(stamp) == path
     assert fixture.find_fixture({**stamp, "seed": 1}) is None, "another configuration is trained, not assembled"
+    assert fixture.find_fixture({**stamp, "members": 3}) is None
+    # training never reads the hold-outs or controls: more of them, the same weights
+    assert fixture.find_fixture({**stamp, "holdouts": 3, "controls": 5}) == path
     assembled = build_tiny_world(tmp_path / "assembled", cfg)
     _same_world(trained, assembled)
+
+
+def test_the_weights_do_not_depend_on_the_holdout_and_control_counts(tmp_path):
+    """What lets find_fixture leave ``UNTRAINED`` out: two trainings, other counts."""
+    from dataclasses import replace
+
+    a = build_tiny_world(tmp_path / "a", SMALL, train=True)
+    b = build_tiny_world(tmp_path / "b", replace(SMALL, holdouts=1, controls=4), train=True)
+    for rel in WEIGHT_FILES:
+        ta, tb = load_file(str(a / rel)), load_file(str(b / rel))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel
+    assert len(list((b / "images" / "controls").glob("*.png"))) == 4
 
 
 def test_the_shipped_weights_are_the_default_worlds(tiny_world):
