@@ -190,6 +190,16 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def flag_line_text(summary: dict) -> Optional[str]:
+    """What the histogram's dashed line means: "flagged above 0.603 (p <= 0.05)"; None
+    without per-image verdicts (no controls, or too few to reach the level)."""
+    at = summary.get("flag_line")
+    if not isinstance(at, (int, float)) or not math.isfinite(at):
+        return None
+    side = "above" if HIGHER_IS_BETTER.get(summary.get("metric"), True) else "below"
+    return f"flagged {side} {at:.4g} (p <= {summary.get('config', {}).get('level', 0.05)})"
+
+
 def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
     import matplotlib
 
@@ -218,6 +228,9 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
             for label, vals in sorted(groups.items()):
                 ax.hist(vals, bins=bins, range=(lo, hi + max(1e-12, abs(hi) * 1e-9)), alpha=0.55,
                         label=f"{label} ({len(vals)})", color=colors.get(label))
+            line = flag_line_text(summary)
+            if line:  # where the per-image verdict starts: beyond it, flagged
+                ax.axvline(summary["flag_line"], color="#000", ls="--", lw=1.2, label=line)
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # images are counted whole
         ax.set_xlabel(f"score ({summary.get('metric')})")
@@ -225,7 +238,9 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
         gone = ", ".join(f"{n} {label}" for label, n in sorted(off.items()))
         ax.set_title("scores by label" + (f"\nnot a number, not drawn: {gone}" if gone else ""),
                      fontsize=None if not gone else 9)
-        plots.append({"alt": "score histogram" + (f" ({gone} not a number, not drawn)" if gone else ""),
+        line = flag_line_text(summary) if groups else None
+        plots.append({"alt": "score histogram" + (f"; dashed line: {line}" if line else "") +
+                      (f" ({gone} not a number, not drawn)" if gone else ""),
                       "data": _png(fig)})
         plt.close(fig)
     roc = summary.get("roc")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,22 @@ class Calibration:
         z = (s - mean) / sd if sd > 0 else None
         verdict = VERDICTS[0] if p <= self.level else VERDICTS[2] if self.min_p() > self.level else VERDICTS[1]
         return {"p_value": p, "z": z, "verdict": verdict}
+
+    def flag_line(self) -> Optional[float]:
+        """The score an image must be beyond to be flagged (strictly above it, or below it
+        for a lower-is-better metric): the (m+1)-th most extreme control, with m the most
+        controls at least as extreme that ``judge`` still flags at ``level``. ``None``
+        when no p-value the count allows reaches the level."""
+        ordered, _, _ = self._controls
+        n = len(self.scores)
+        m = int(math.floor(self.level * (n + 1))) - 1
+        while m >= 0 and (1 + m) / (n + 1) > self.level:  # the same comparison as judge's
+            m -= 1
+        while (2 + m) / (n + 1) <= self.level:
+            m += 1
+        if m < 0 or m >= len(ordered):
+            return None
+        return float(_oriented([ordered[-(m + 1)]], self.metric)[0])
 
 
 # "inconclusive": no p-value the counts allow is at or below the level (too few controls,

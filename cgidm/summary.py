@@ -18,8 +18,8 @@ SUSPECT_LABELS = (None, "member")  # the images the set verdict tests (hold-outs
 WORSE_P = 0.01
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
-                       "controls", "flagged", "flagged_by_chance", "calibration_warning", "calibration_error",
-                       "auc_warning", "sample_warning", "set_verdict")
+                       "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
+                       "calibration_error", "auc_warning", "sample_warning", "set_verdict")
 
 
 def runtime(device, dtype) -> dict:
@@ -126,6 +126,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     verdicts[r["id"]] = {k: r[k] for k in VERDICT_FIELDS}
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(v["verdict"] == "fine-tuned on" for v in verdicts.values())
+            summary["flag_line"] = cal.flag_line()  # drawn on the report's histogram
             # per-image p-values are not corrected for testing many images: this many of
             # them would be flagged on average were none in the fine-tune (set_verdict is
             # the one test of the whole set)

@@ -280,3 +280,16 @@ def test_an_invisible_mark_does_not_split_a_mixed_word():
     assert shown("p\ufe00\u0430ypal") == "p\\ufe00\\u0430ypal"
     assert shown("p\u0430\u0301ypal") == "p\\u0430\\u0301ypal"  # the accent escaped with its letter
     assert shown("\u041c\u043e\u0441\u043a\u0432\u0430\u0301") == "\u041c\u043e\u0441\u043a\u0432\u0430\u0301"
+
+
+def test_the_histogram_draws_where_the_verdict_starts(tmp_path):
+    """With enough controls a dashed line marks the score beyond which an image is
+    flagged, said in the picture's legend and alt text; not with too few."""
+    rows = [_row(i, "control", i / 100) for i in range(24)] + [_row(30, "member", 0.9), _row(31, "member", 0.2)]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["flag_line"] == 0.23 and s["verdicts"]["img30"]["verdict"] == "fine-tuned on"
+    assert s["verdicts"]["img31"]["verdict"] == "no evidence"
+    assert 'alt="score histogram; dashed line: flagged above 0.23 (p &lt;= 0.05)"' in _html(tmp_path, rows, s)
+    rows = rows[12:]  # 12 controls: no p-value reaches 0.05
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["flag_line"] is None and 'alt="score histogram"' in _html(tmp_path, rows, s)

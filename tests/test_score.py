@@ -71,3 +71,34 @@ def test_calibration_judges_as_the_definition_with_ties_and_either_orientation(m
     few = calibrate(controls[:12].tolist(), metric, level=0.05)
     assert {few.judge(x)["verdict"] for x in (-9.0, 0.0, 9.0)} == {"inconclusive"}
     assert few.judge(9.0 * sign)["p_value"] == pytest.approx(1 / 13)
+
+
+@pytest.mark.parametrize("metric", ["latent_cos", "latent_mse"])
+@pytest.mark.parametrize("n, level", [(12, 0.05), (19, 0.05), (24, 0.05), (41, 0.05), (100, 0.05), (9, 0.1),
+                                      (30, 0.1)])
+def test_the_flag_line_splits_what_judge_flags(metric, n, level):
+    """Every score beyond the flag line (above, or below for latent_mse) is flagged and
+    none at or short of it, ties among the controls included; None where the count of
+    controls cannot reach the level."""
+    import numpy as np
+
+    controls = np.round(np.random.default_rng(n).normal(size=n), 1).tolist()
+    cal = calibrate(controls, metric, level)
+    line = cal.flag_line()
+    if cal.min_p() > level:
+        assert line is None
+        return
+    assert line in controls
+    sign = 1.0 if metric == "latent_cos" else -1.0
+    for s in sorted(set(controls)) + [line + 1e-9, line - 1e-9, -9.0, 9.0]:
+        assert (cal.judge(s)["verdict"] == "fine-tuned on") == (sign * s > sign * line), s
+
+
+def test_the_flag_line_by_hand():
+    # 24 controls 0..23 at 0.05: only a score above all of them (p = 1/25) is flagged
+    assert calibrate(list(range(24)), "latent_cos", 0.05).flag_line() == 23
+    # 41 at 0.05: p = 2/42 <= 0.05 with one control at least as extreme, so the second highest
+    assert calibrate(list(range(41)), "latent_cos", 0.05).flag_line() == 39
+    # lower is better: the line is the lowest control
+    assert calibrate(list(range(24)), "latent_mse", 0.05).flag_line() == 0
+    assert calibrate(list(range(12)), "latent_cos", 0.05).flag_line() is None

@@ -102,7 +102,7 @@ def test_manifest_csv_jsonl_and_folder(tiny_world, tmp_path):
     folder = read_manifest(imgs, base=str(base), finetuned=str(ft))
     labels = {e.path.name: e.label for e in folder}
     assert labels["member_00.png"] == "member" and labels["holdout_03.png"] == "holdout"
-    assert labels["control_00.png"] == "control" and len(folder) == 24
+    assert labels["control_00.png"] == "control" and len(folder) == 36
     assert read_manifest(imgs, base=str(base), finetuned=str(ft)) == folder, "ids are stable"
     # an earlier run's output folder inside the manifest folder is not read for images
     (imgs_copy := tmp_path / "copy").mkdir()
