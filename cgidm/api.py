@@ -20,6 +20,7 @@ from cgidm.progress import bar_options
 from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
+from cgidm.evidence import EVIDENCE, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import add_embedding_scores, check_embedder, runtime, summarize
 
@@ -36,7 +37,7 @@ def _clear_previous(out: Path) -> None:
     summary, the report and the triptychs those rows name. Nothing else is touched."""
     results = out / RESULTS
     for row in read_jsonl(results):
-        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
+        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered"), (EVIDENCE, "evidence")):
             name = row.get(key)
             if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]:
                 (out / name).unlink(missing_ok=True)
@@ -146,7 +147,9 @@ def authenticate(
         if stats.extra.get("low_memory_fallback"):
             summary["low_memory_fallback"] = ("one image did not fit in memory: the run went on with --low-memory "
                                               "(the same scores)")
-        # rows again, in input order and with their verdicts
+        if summary.get("flagged"):
+            summary["evidence_cards"] = write_cards(out, rows, summary)
+        # rows again, in input order and with their verdicts (and their evidence cards)
         atomic_write_jsonl(results, rows)
         summary = json_values(summary)  # the summary returned is the one written: null, not inf
         atomic_write_json(out / "summary.json", summary)

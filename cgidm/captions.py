@@ -127,3 +127,20 @@ def caption_under(images: Sequence, labels: Sequence[Label], pad: int, size: Opt
             draw.text((x + 2, h + (line - size) // 2), text, fill=INK, font=font(size))
         x += w + pad
     return canvas
+
+
+def lines_under(image, labels: Sequence[Label], size: int = CAPTION_SIZE):
+    """``image`` with ``labels`` under it, a line each, each fitted to its width (``Label``
+    says what a label can be; a ``None`` label leaves its line blank)."""
+    from PIL import Image, ImageDraw
+
+    w, h = image.size
+    line = strip_height(size)
+    canvas = Image.new("RGB", (w, h + line * len(labels) + line // 2), PAPER)
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        text = _text(label, w - 8, size) if label else ""
+        if text:
+            draw.text((4, h + i * line + (line - size) // 2), text, fill=INK, font=font(size))
+    return canvas

@@ -100,7 +100,7 @@ the flagged, then the best recovered. Every image's row is in <code>results.json
 <td>{{ r.id|shown }}{% if r.notes %}<div class="note">{{ r.notes|join('; ')|shown }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ (r.label or '')|shown }}</td>{% if pairs %}<td>{{ (r.pair or '')|shown }}</td>{% endif %}
 {% if r.error %}<td class="error" colspan="{{ fields|length + (4 if zs else 3) }}">failed: {{ r.error|shown }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
-{% if zs %}<td>{{ "%+.2f"|format(r.z) if r.z is number else '' }}</td>{% endif %}<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}</td>
+{% if zs %}<td>{{ "%+.2f"|format(r.z) if r.z is number else '' }}</td>{% endif %}<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}{% set card = r.evidence|local_link %}{% if card %} <a href="{{ card }}" title="the triptych with its verdict, score, models and settings written under it: one picture to pass on">(evidence card)</a>{% endif %}</td>
 <td>{% set link = r.triptych|local_link %}{% if link %}<a href="{{ link }}"><img loading="lazy" alt="triptych of {{ r.id|shown }}" src="{{ link }}"></a>{% elif r.triptych %}<code>{{ r.triptych|shown }}</code>{% endif %}</td>{% endif %}
 </tr>{% endfor %}</tbody></table>
 {{ files_table }}

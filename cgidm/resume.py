@@ -320,9 +320,9 @@ def same_source(recorded, path: Path, digests: Optional[DigestCache] = None) -> 
 
 def remove_stale_temporaries(out: Path, folders: Sequence[Path] = ()) -> None:
     """Temporary files of a killed run (never renamed into place) in ``out``, the folders
-    authenticate and screen write (triptychs, recovered images, shards) and ``folders``.
+    authenticate and screen write (triptychs, recovered images, evidence cards, shards) and ``folders``.
     Only called by the holder of the folder's lock, so no live run's temporaries are touched."""
-    for folder in (out, out / "triptychs", out / "recovered", out / SHARDS, *folders):
+    for folder in (out, out / "triptychs", out / "recovered", out / "evidence", out / SHARDS, *folders):
         for p in folder.glob(".*.tmp*"):
             with contextlib.suppress(OSError):
                 p.unlink()

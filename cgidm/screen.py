@@ -39,6 +39,7 @@ from cgidm.resume import (
     remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of,
 )
 from cgidm.rows import error_row
+from cgidm.evidence import drop_card, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, runtime,
                            summarize_pairs, timing)
@@ -347,6 +348,8 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
             r.pop(k, None)
     listed = {e.id for e in entries}
     removed = [rows[k] for k in sorted(rows) if k not in listed]
+    for r in removed:  # kept without a verdict, so without a card
+        drop_card(out, r)
     before = {r["id"]: r for r in read_jsonl(out / REMOVED)}
     if removed or listed.intersection(before):
         # an image listed again has its row in results.jsonl only
@@ -393,6 +396,10 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     if files:
         summary["model_files"] = files
         provenance.check_unchanged(summary)
+    # a card for each flagged image, none left for those no longer flagged (evidence.py)
+    cards = write_cards(out, run_rows, summary)
+    if cards:
+        summary["evidence_cards"] = cards
     # one row per id, sorted: the same file whatever the ranks, batches or restarts
     atomic_write_jsonl(out / RESULTS, run_rows)
     for p in result_files(out)[1:]:

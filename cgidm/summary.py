@@ -463,6 +463,10 @@ def print_summary(summary: dict) -> None:
               f"of {len(summary['verdicts'])}" + (f" (about {chance:g} would be by chance were none of them in the "
                                                   f"fine-tune: each image is tested on its own; the set verdict "
                                                   f"is one test of the suspect images together)" if chance else ""))
+    if summary.get("evidence_cards"):
+        where = Path(summary["report"]).parent / "evidence" if summary.get("report") else Path("evidence")
+        print(f"evidence cards: {summary['evidence_cards']} in {shown(where)}/ (each flagged image's triptych with "
+              f"its verdict, score, models and settings written under it)")
     for line in unjudged(summary):
         print(line)
     for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning", "set_verdict_warning"):

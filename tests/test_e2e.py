@@ -41,6 +41,11 @@ def test_demo_members_vs_holdouts_auc(tiny_world, tmp_path, capsys, variant):
         assert all(r["verdict"] == "fine-tuned on" and r["p_value"] == pytest.approx(1 / 25) for r in members), members
         assert summary["flagged"] >= 6 and f"flagged as fine-tuned on (p <= 0.05): {summary['flagged']} of 12" in printed
         assert summary["set_verdict"]["verdict"] == "fine-tuned on some of these images"
+        # an evidence card for each flagged image, linked from the report
+        carded = [r for r in rows if "evidence" in r]
+        assert {r["id"] for r in carded} == {r["id"] for r in rows if r.get("verdict") == "fine-tuned on"}
+        assert all((out / r["evidence"]).is_file() and f'href="{r["evidence"]}"' in html for r in carded)
+        assert f"evidence cards: {len(carded)} in " in printed
 
 
 def test_same_seed_same_scores_and_other_seed_differs(tiny_world, tmp_path):

@@ -158,6 +158,15 @@ def test_controls_verdicts_strict_json_and_no_threads(tiny_world, folder):
     judged = [r for r in rows if r["label"] != "control"]
     assert all(r["verdict"] in ("fine-tuned on", "no evidence") and 0 < r["p_value"] <= 1 for r in judged)
     assert _every_json_is_strict(out) >= 3
+    # an evidence card for each flagged image, named by its row, none for the others
+    flagged = {r["id"] for r in judged if r["verdict"] == "fine-tuned on"}
+    assert flagged and {r["id"] for r in rows if "evidence" in r} == flagged
+    assert summary["evidence_cards"] == len(flagged) == len(list((out / "evidence").iterdir()))
+    assert all((out / r["evidence"]).is_file() for r in rows if "evidence" in r)
+    # the same folder at a level no image can reach: the verdicts change and the cards go
+    assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.01") == 0
+    assert all(r["verdict"] == "inconclusive" and "evidence" not in r for r in _rows(out) if r["label"] != "control")
+    assert not list((out / "evidence").iterdir())
 
 
 def test_summary_threshold_never_writes_infinity(tiny_world, folder):

@@ -1,0 +1,125 @@
+"""Evidence cards (docs/architecture.md, "Evidence cards"): for each image flagged as
+fine-tuned on, ``evidence/<its triptych's name>``, the triptych with the finding written
+under it: the verdict and its p-value against how many controls, the image's score beside
+the score it had to beat, the models (with a digest where the run recorded one) and the
+settings. A rights holder passes one picture on; it says on its own what was found, and
+how, where a triptych alone shows only a recovery.
+
+Cards are drawn once the run's verdicts are known (at its end: a resume with more controls
+can change them) and are the run's own files: a row that has one names it (``evidence``),
+and a card whose image is no longer flagged is removed, as is every card a new run into
+the same folder replaces (``api._clear_previous``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cgidm.captions import Label, Name, caption_size, lines_under
+from cgidm.config import HIGHER_IS_BETTER
+from cgidm.files import OutputError, atomic_save_image
+from cgidm.score import VERDICTS
+
+log = logging.getLogger(__name__)
+
+EVIDENCE = "evidence"
+
+
+def card_path(row: dict) -> Optional[str]:
+    """``evidence/<name>`` for a row whose triptych is ``triptychs/<name>``, else None."""
+    name = row.get("triptych")
+    if not isinstance(name, str) or "/" not in name:
+        return None
+    base = name.rsplit("/", 1)[1]
+    return f"{EVIDENCE}/{base}" if base and base not in (".", "..") else None
+
+
+def _digest(path, files: dict) -> str:
+    """`` (sha256 1a2b...)`` for a model recorded as one file; for a folder, how many of its
+    files were hashed (each file's SHA-256 is in the run's summary, ``model_files``)."""
+    listed = files.get(str(path)) if isinstance(files, dict) else None
+    if isinstance(listed, list) and len(listed) == 1 and isinstance(listed[0], dict) and listed[0].get("sha256"):
+        return f" (sha256 {listed[0]['sha256'][:16]}...)"
+    if isinstance(listed, list) and listed:
+        return f" ({len(listed)} files hashed)"
+    return ""
+
+
+def card_lines(row: dict, summary: dict) -> list[Label]:
+    """What a card says under the triptych, a line each."""
+    pair = (summary.get("pairs") or {}).get(row.get("pair")) if row.get("pair") else None
+    ctx = pair if isinstance(pair, dict) else summary
+    models = ctx if "finetuned" in ctx else summary.get("models") or {}
+    cfg = summary.get("config") or {}
+    metric, level = summary.get("metric") or cfg.get("metric"), cfg.get("level")
+    lines: list[Label] = [Name("image: ", str(row.get("id")))]
+    if row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
+        lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
+    p, n = row.get("p_value"), ctx.get("controls")
+    lines.append((f"verdict: {row.get('verdict')} (p = {p:.3g} <= {level}, against {n} control images)",
+                  f"{row.get('verdict')}: p = {p:.3g} <= {level}, {n} controls"))
+    score, line = row.get("score"), ctx.get("flag_line")
+    above = "above" if HIGHER_IS_BETTER.get(metric, True) else "below"
+    said = f"{metric} {score:.4g}" if isinstance(score, (int, float)) else f"{metric} -"
+    if isinstance(line, (int, float)):
+        said += f"; flagged {above} {line:.4g}, the control it had to beat"
+    if isinstance(row.get("z"), (int, float)):
+        said += f"; z = {row['z']:.2f}"
+    lines.append(said)
+    sv = ctx.get("set_verdict") or {}
+    if isinstance(sv.get("p_value"), (int, float)):
+        lines.append(f"set verdict on the run's {sv.get('n_suspect')} suspect images: {sv.get('verdict')} "
+                     f"(p = {sv['p_value']:.3g})")
+    files = summary.get("model_files") or {}
+    for key in ("finetuned", "lora", "base"):
+        if models.get(key):
+            lines.append(Name(f"{'fine-tune' if key == 'finetuned' else key}{_digest(models[key], files)}: ",
+                              str(models[key])))
+    pgd, run = cfg.get("pgd") or {}, summary.get("runtime") or {}
+    settings = [f"cgidm {run['cgidm']}" if run.get("cgidm") else "cgidm",
+                f"{pgd.get('steps')} PGD steps" if pgd.get("steps") else None,
+                f"noise {pgd['noise']}" if pgd.get("noise") else None,
+                f"seed {cfg['seed']}" if cfg.get("seed") is not None else None,
+                str(run["time"])[:10] if run.get("time") else None]
+    lines.append(", ".join(s for s in settings if s))
+    return lines
+
+
+def drop_card(out: str | Path, row: dict) -> None:
+    """``row`` without its card: the key gone, and the file its triptych's name gives."""
+    row.pop("evidence", None)
+    rel = card_path(row)
+    if rel is not None:
+        (Path(out) / rel).unlink(missing_ok=True)
+
+
+def write_cards(out: str | Path, rows: Sequence[dict], summary: dict) -> int:
+    """A card for every row flagged as fine-tuned on (``row["evidence"]`` set to it), and
+    none for the others (an earlier card of theirs removed); returns how many were drawn.
+    A triptych that cannot be read leaves its row without a card, said in the log."""
+    from PIL import Image
+
+    out = Path(out)
+    drawn = 0
+    for row in rows:
+        rel = card_path(row)
+        if rel is None or row.get("verdict") != VERDICTS[0]:
+            drop_card(out, row)
+            continue
+        row.pop("evidence", None)
+        try:
+            with Image.open(out / row["triptych"]) as im:
+                picture = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            log.warning("no evidence card for %s: its triptych could not be read (%s)", row.get("id"), e)
+            continue
+        card = lines_under(picture, card_lines(row, summary), caption_size(picture.size[1]))
+        try:
+            (out / EVIDENCE).mkdir(exist_ok=True)
+            atomic_save_image(card, out / rel)
+        except OSError as e:
+            raise OutputError(out / rel, e) from e
+        row["evidence"] = rel
+        drawn += 1
+    return drawn

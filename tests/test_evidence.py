@@ -1,0 +1,101 @@
+"""Evidence cards: a flagged image's triptych with the finding written under it."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgidm.captions import Name
+from cgidm.evidence import card_lines, card_path, write_cards
+
+SHA = "ab" * 32
+
+
+def _summary(**over):
+    s = {"metric": "latent_cos", "controls": 24, "flag_line": 0.5,
+         "config": {"level": 0.05, "seed": 0, "pgd": {"steps": 3, "noise": "shared"}},
+         "models": {"base": "/m/base", "finetuned": "/m/ft.safetensors"},
+         "model_files": {"/m/ft.safetensors": [{"file": "ft.safetensors", "sha256": SHA}],
+                         "/m/base": [{"file": "a", "sha256": SHA}, {"file": "b", "sha256": SHA}]},
+         "runtime": {"cgidm": "0.1.0", "time": "2026-12-01T09:00:00+00:00"},
+         "set_verdict": {"p_value": 0.001, "n_suspect": 6, "verdict": "fine-tuned on some of these images"}}
+    s.update(over)
+    return s
+
+
+def _row(i, verdict, **over):
+    return {"id": f"img{i}.png", "label": None, "score": 0.8, "p_value": 0.04, "z": 3.25, "verdict": verdict,
+            "triptych": f"triptychs/img{i}.png-{i:04d}.png", **over}
+
+
+def _texts(lines):
+    return [x.prefix + x.name if isinstance(x, Name) else x if isinstance(x, str) else x[0] for x in lines]
+
+
+def test_a_card_says_the_verdict_score_models_and_settings():
+    text = _texts(card_lines(_row(0, "fine-tuned on"), _summary()))
+    assert text[0] == "image: img0.png"
+    assert text[1] == "verdict: fine-tuned on (p = 0.04 <= 0.05, against 24 control images)"
+    assert text[2] == "latent_cos 0.8; flagged above 0.5, the control it had to beat; z = 3.25"
+    assert text[3] == "set verdict on the run's 6 suspect images: fine-tuned on some of these images (p = 0.001)"
+    assert text[4] == f"fine-tune (sha256 {SHA[:16]}...): /m/ft.safetensors"
+    assert text[5] == "base (2 files hashed): /m/base"
+    assert text[6] == "cgidm 0.1.0, 3 PGD steps, noise shared, seed 0, 2026-12-01"
+    # lower is better: below the line; a hold-out flagged all the same is called what it is
+    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout"), _summary(metric="latent_mse")))
+    assert "a false positive" in text[1] and text[3].startswith("latent_mse 0.8; flagged below 0.5")
+
+
+def test_a_screen_card_takes_its_pairs_controls_line_and_models():
+    pairs = {"p1": {"base": "/b1", "finetuned": "/f1", "lora": "/l1.safetensors", "controls": 19, "flag_line": 0.7}}
+    text = _texts(card_lines(_row(0, "fine-tuned on", pair="p1"), _summary(pairs=pairs, models={})))
+    assert "against 19 control images" in text[1] and "flagged above 0.7" in text[2]
+    assert [t.split(":")[0] for t in text[-4:-1]] == ["fine-tune", "lora", "base"]
+
+
+def test_write_cards_draws_the_flagged_and_removes_what_is_no_longer(tmp_path, caplog):
+    (tmp_path / "triptychs").mkdir()
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 120, 3), dtype=np.uint8))
+    for i in range(3):
+        picture.save(tmp_path / "triptychs" / f"img{i}.png-{i:04d}.png")
+    (tmp_path / "evidence").mkdir()
+    stale = tmp_path / card_path(_row(1, "no evidence"))
+    stale.write_bytes(b"an earlier run's card")
+    rows = [_row(0, "fine-tuned on"), _row(1, "no evidence", evidence="evidence/x.png"), _row(2, "fine-tuned on"),
+            _row(3, "fine-tuned on"), {"id": "bad", "error": "unreadable"}]
+    (tmp_path / "triptychs" / "img2.png-0002.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        assert write_cards(tmp_path, rows, _summary()) == 1
+    assert rows[0]["evidence"] == "evidence/img0.png-0000.png" and all("evidence" not in r for r in rows[1:])
+    assert not stale.exists() and "img2.png" in caplog.text and "img3.png" in caplog.text
+    with Image.open(tmp_path / rows[0]["evidence"]) as card:
+        assert card.size[0] == 120 and card.size[1] > 40 + 7 * 13
+        assert np.array_equal(np.asarray(card.convert("RGB"))[:40], np.asarray(picture))
+    assert sorted(p.name for p in (tmp_path / "evidence").iterdir()) == ["img0.png-0000.png"]
+
+
+def test_a_card_path_stays_in_the_evidence_folder():
+    assert card_path({"triptych": "triptychs/a.png"}) == "evidence/a.png"
+    assert card_path({"triptych": "triptychs/.."}) is None and card_path({"triptych": None}) is None
+    assert card_path({}) is None
+
+
+def test_a_new_authenticate_run_removes_the_cards_its_rows_named(tmp_path):
+    from cgidm.api import _clear_previous
+
+    (tmp_path / "evidence").mkdir()
+    (tmp_path / "evidence" / "a.png").write_bytes(b"card")
+    (tmp_path / "evidence" / "mine.png").write_bytes(b"not named by a row")
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a", "evidence": "evidence/a.png"}) + "\n")
+    _clear_previous(tmp_path)
+    assert [p.name for p in (tmp_path / "evidence").iterdir()] == ["mine.png"]
+
+
+@pytest.mark.parametrize("verdict", ["no evidence", "inconclusive", "failed", None])
+def test_no_card_without_the_verdict(tmp_path, verdict):
+    rows = [_row(0, verdict)]
+    assert write_cards(tmp_path, rows, _summary()) == 0 and "evidence" not in rows[0]
+    assert not (tmp_path / "evidence").exists()
