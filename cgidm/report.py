@@ -197,7 +197,8 @@ def flag_line_text(summary: dict) -> Optional[str]:
     if not isinstance(at, (int, float)) or not math.isfinite(at):
         return None
     side = "above" if HIGHER_IS_BETTER.get(summary.get("metric"), True) else "below"
-    return f"flagged {side} {at:.4g} (p <= {summary.get('config', {}).get('level', 0.05)})"
+    level = (summary.get("config") or {}).get("level")
+    return f"flagged {side} {at:.4g}" + (f" (p <= {level})" if level is not None else "")
 
 
 def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:

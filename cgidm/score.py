@@ -135,7 +135,9 @@ class Calibration:
         """The score an image must be beyond to be flagged (strictly above it, or below it
         for a lower-is-better metric): the (m+1)-th most extreme control, with m the most
         controls at least as extreme that ``judge`` still flags at ``level``. ``None``
-        when no p-value the count allows reaches the level."""
+        when no p-value the count allows reaches the level. Made by ``calibrate``, which
+        keeps finite control scores only (a NaN among them would count in ``judge``'s
+        denominator and never as at least as extreme)."""
         ordered, _, _ = self._controls
         n = len(self.scores)
         m = int(math.floor(self.level * (n + 1))) - 1

@@ -290,6 +290,11 @@ def test_the_histogram_draws_where_the_verdict_starts(tmp_path):
     assert s["flag_line"] == 0.23 and s["verdicts"]["img30"]["verdict"] == "fine-tuned on"
     assert s["verdicts"]["img31"]["verdict"] == "no evidence"
     assert 'alt="score histogram; dashed line: flagged above 0.23 (p &lt;= 0.05)"' in _html(tmp_path, rows, s)
+    # lower is better: flagged below the lowest control
+    mse = [{**r, "latent_mse": r["score"]} for r in rows]
+    s = summarize(mse, AuthConfig(prompt="p", metric="latent_mse"))
+    assert s["flag_line"] == 0.0 and s["verdicts"]["img31"]["verdict"] == "no evidence"
+    assert 'alt="score histogram; dashed line: flagged below 0 (p &lt;= 0.05)"' in _html(tmp_path, mse, s)
     rows = rows[12:]  # 12 controls: no p-value reaches 0.05
     s = summarize(rows, AuthConfig(prompt="p"))
     assert s["flag_line"] is None and 'alt="score histogram"' in _html(tmp_path, rows, s)

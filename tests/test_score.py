@@ -74,8 +74,8 @@ def test_calibration_judges_as_the_definition_with_ties_and_either_orientation(m
 
 
 @pytest.mark.parametrize("metric", ["latent_cos", "latent_mse"])
-@pytest.mark.parametrize("n, level", [(12, 0.05), (19, 0.05), (24, 0.05), (41, 0.05), (100, 0.05), (9, 0.1),
-                                      (30, 0.1)])
+@pytest.mark.parametrize("n, level", [(12, 0.05), (19, 0.05), (24, 0.05), (38, 0.05), (39, 0.05), (41, 0.05),
+                                      (99, 0.01), (100, 0.05), (9, 0.1), (30, 0.1)])
 def test_the_flag_line_splits_what_judge_flags(metric, n, level):
     """Every score beyond the flag line (above, or below for latent_mse) is flagged and
     none at or short of it, ties among the controls included; None where the count of
@@ -97,6 +97,8 @@ def test_the_flag_line_splits_what_judge_flags(metric, n, level):
 def test_the_flag_line_by_hand():
     # 24 controls 0..23 at 0.05: only a score above all of them (p = 1/25) is flagged
     assert calibrate(list(range(24)), "latent_cos", 0.05).flag_line() == 23
+    # 39 at 0.05: p = 2/40 = 0.05 with one control at least as extreme, the second highest
+    assert calibrate(list(range(39)), "latent_cos", 0.05).flag_line() == 37
     # 41 at 0.05: p = 2/42 <= 0.05 with one control at least as extreme, so the second highest
     assert calibrate(list(range(41)), "latent_cos", 0.05).flag_line() == 39
     # lower is better: the line is the lowest control

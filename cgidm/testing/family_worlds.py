@@ -59,7 +59,7 @@ class FamilyWorldConfig:
     pretrain_steps: int = 100
     members: int = 6
     holdouts: int = 6
-    controls: int = 12
+    controls: int = 24  # as the tiny world's: enough for a per-image verdict at 0.05
     finetune_steps: int = 300
     lora_steps: int = 400
     lora_rank: int = 16
