@@ -36,14 +36,18 @@ def card_path(row: dict) -> Optional[str]:
 
 
 def _digest(path, files: dict) -> str:
-    """`` (sha256 1a2b...)`` for a model recorded as one file; for a folder, how many of its
-    files were hashed (each file's SHA-256 is in the run's summary, ``model_files``)."""
+    """`` (sha256 1a2b...)`` for a model recorded as one file; for a folder, its files'
+    count and ``provenance.folder_digest`` (each file's SHA-256 is in the run's summary,
+    ``model_files``)."""
+    from cgidm.provenance import folder_digest
+
     listed = files.get(str(path)) if isinstance(files, dict) else None
-    if isinstance(listed, list) and len(listed) == 1 and isinstance(listed[0], dict) and listed[0].get("sha256"):
+    whole = folder_digest(listed)
+    if whole is None:
+        return ""
+    if len(listed) == 1 and not listed[0].get("file"):
         return f" (sha256 {listed[0]['sha256'][:16]}...)"
-    if isinstance(listed, list) and listed:
-        return f" ({len(listed)} files hashed)"
-    return ""
+    return f" ({len(listed)} files, folder digest {whole[:16]}...)"
 
 
 def card_lines(row: dict, summary: dict) -> list[Label]:
@@ -63,13 +67,14 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
     above = "above" if HIGHER_IS_BETTER.get(metric, True) else "below"
     said = f"{metric} {score:.4g}" if isinstance(score, (int, float)) else f"{metric} -"
     if isinstance(line, (int, float)):
-        said += f"; flagged {above} {line:.4g}, the control it had to beat"
+        said += f"; flagged {above} {line:.6g}, the control it had to beat"
     if isinstance(row.get("z"), (int, float)):
         said += f"; z = {row['z']:.2f}"
     lines.append(said)
     sv = ctx.get("set_verdict") or {}
     if isinstance(sv.get("p_value"), (int, float)):
-        lines.append(f"set verdict on the run's {sv.get('n_suspect')} suspect images: {sv.get('verdict')} "
+        whose = "this pair's" if ctx is pair else "the run's"
+        lines.append(f"set verdict on {whose} {sv.get('n_suspect')} suspect images: {sv.get('verdict')} "
                      f"(p = {sv['p_value']:.3g})")
     files = summary.get("model_files") or {}
     for key in ("finetuned", "lora", "base"):

@@ -44,6 +44,18 @@ def record(models: Iterable[str], sha256: Callable[[Path], str]) -> dict:
     return out
 
 
+def folder_digest(entries) -> Optional[str]:
+    """One SHA-256 for a model folder's recorded files: of the lines ``<sha256>  <file>``
+    (as ``sha256sum`` prints them), sorted by name; None if a file has no digest."""
+    import hashlib
+
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries):
+        return None
+    lines = "".join(f"{e['sha256']}  {e['file']}\n" for e in sorted(entries, key=lambda e: str(e["file"])))
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def model_digests(models: Iterable[str], out: Path, progress: bool = False) -> dict:
     """``record`` of ``models`` through the digest cache of the output folder ``out``
     (warmed on several threads: a pair's files are read in parallel), with a bar of the

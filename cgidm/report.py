@@ -68,6 +68,7 @@ means they recover better than images known not to be in the fine-tune, more tha
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
+{% if s.copies_warning %}<p class="error">{{ s.copies_warning }}</p>{% endif %}
 {% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}
 {% if s.set_verdict_warning %}<p class="error">{{ s.set_verdict_warning }}</p>{% endif %}
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
@@ -198,7 +199,7 @@ def flag_line_text(summary: dict) -> Optional[str]:
         return None
     side = "above" if HIGHER_IS_BETTER.get(summary.get("metric"), True) else "below"
     level = (summary.get("config") or {}).get("level")
-    return f"flagged {side} {at:.4g}" + (f" (p <= {level})" if level is not None else "")
+    return f"flagged {side} {at:.6g}" + (f" (p <= {level})" if level is not None else "")
 
 
 def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
@@ -261,8 +262,11 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
 REPORT_ROWS = 2000  # table rows a browser still opens at once (10k took 19 s to load, 100k never)
 
 
+TABLE_ORDER = {None: 0, "member": 1, "holdout": 2, "control": 3}
+
+
 def shown_rows(rows: Sequence[dict], metric: Optional[str], limit: Optional[int] = None) -> list[dict]:
-    """The rows the report's table shows, by label then id: all of them up to ``limit``;
+    """The rows the report's table shows, by label (``TABLE_ORDER``) then id: all of them up to ``limit``;
     past it, the failed, then the flagged (by p-value), then the best recovered (by score,
     oriented by ``metric``), ``limit`` in all. Every row stays in the results file."""
     limit = REPORT_ROWS if limit is None else limit
@@ -277,7 +281,9 @@ def shown_rows(rows: Sequence[dict], metric: Optional[str], limit: Optional[int]
                     -sign * score if good else math.inf)
 
         rows = sorted(rows, key=rank)[:limit]
-    return sorted(rows, key=lambda r: (r.get("label") or "", r.get("id", "")))
+    # the images tested first (unlabelled, members), then hold-outs, then the controls
+    return sorted(rows, key=lambda r: (TABLE_ORDER.get(r.get("label"), len(TABLE_ORDER)), str(r.get("label")),
+                                       r.get("id", "")))
 
 
 def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:

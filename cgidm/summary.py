@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from cgidm.copies import find_copies
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
@@ -19,7 +20,7 @@ WORSE_P = 0.01
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
-                       "calibration_error", "auc_warning", "sample_warning", "set_verdict")
+                       "calibration_error", "copies_warning", "auc_warning", "sample_warning", "set_verdict")
 
 
 def runtime(device, dtype) -> dict:
@@ -97,7 +98,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 # the paper's validator: max over the folder, AUC and accuracy on its grid
                 summary["official"] = official_auc_accuracy(members, holdouts)
     given = sum(r.get("label") == "control" for r in rows)
-    controls = [r["score"] for r in good if r.get("label") == "control"]
+    copies = find_copies(good, SUSPECT_LABELS)  # the same picture twice: docs/architecture.md, "Copies"
+    if copies.warning():
+        summary["copies_warning"] = copies.warning()
+    controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in copies.left_out]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
         # null of exchangeable scores fails (a larger folder raises every score in it)
@@ -109,12 +113,13 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             cal = calibrate(controls, cfg.metric, cfg.level)
         except ValueError as e:  # too few scored (unreadable files): said, not left out silently
             summary["calibration_error"] = (f"{given} control image{'s' if given != 1 else ''} given, "
-                                            f"{len(controls)} scored: {e}; no p-values or verdicts")
+                                            f"{len(controls)} scored and used: {e}; no p-values or verdicts")
         else:
             summary["controls"] = len(cal.scores)
             if cal.min_p() > cfg.level:
+                used = f"{given} control images given, {len(cal.scores)} used: " if given != len(cal.scores) else ""
                 summary["calibration_warning"] = (
-                    f"{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
+                    f"{used}{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
                     f"can get is 1/{len(cal.scores) + 1} = {cal.min_p():.3g}, so no image can be flagged on its own "
                     f"(each per-image verdict is 'inconclusive', whatever its z); use at least "
                     f"{math.ceil(1 / cfg.level) - 1} controls, or read the set verdict"
@@ -134,7 +139,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # the suspect set: members and unlabelled images; hold-outs are known not to be in
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
-            suspects = [r["score"] for r in good if r.get("label") in SUSPECT_LABELS]
+            suspects = [r["score"] for r in good
+                        if r.get("label") in SUSPECT_LABELS and r["id"] not in copies.counted_once]
             held = sum(r.get("label") == "holdout" for r in good)
             if not suspects and held:
                 summary["set_verdict"] = {
@@ -208,6 +214,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
     else:
         # AUC over every pair's members and hold-outs; verdicts stay those of each pair
         summary = summarize([r for r in rows if r.get("label") != "control"], cfg, None, embedder_info)
+        summary.pop("copies_warning", None)  # one image under two pairs is two tests, not a copy: per pair below
         good = [r for r in rows if "error" not in r]
         summary.update(images=len(rows), scored=len(good), failed=len(rows) - len(good))
         _stalled(summary, good, cfg)
@@ -227,7 +234,8 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
                 summary["pairs_without_controls"] = bare
         # a pair's messages, said with its keys (a swapped pair among good ones hides in the
         # pooled AUC: its own warning is said); the pooled sample warning stays the pooled one's
-        for key in ("calibration_error", "calibration_warning", "auc_warning", "set_verdict_warning"):
+        for key in ("calibration_error", "calibration_warning", "copies_warning", "auc_warning",
+                    "set_verdict_warning"):
             by_message: dict[str, list[str]] = {}
             for k, s in per.items():
                 said = (s.get("set_verdict") or {}).get("warning") if key == "set_verdict_warning" else s.get(key)
@@ -469,7 +477,8 @@ def print_summary(summary: dict) -> None:
               f"its verdict, score, models and settings written under it)")
     for line in unjudged(summary):
         print(line)
-    for key in ("calibration_error", "calibration_warning", "sample_warning", "auc_warning", "set_verdict_warning"):
+    for key in ("calibration_error", "calibration_warning", "copies_warning", "sample_warning", "auc_warning",
+                "set_verdict_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):

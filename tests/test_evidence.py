@@ -1,6 +1,7 @@
 """Evidence cards: a flagged image's triptych with the finding written under it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -18,7 +19,7 @@ def _summary(**over):
     s = {"metric": "latent_cos", "controls": 24, "flag_line": 0.5,
          "config": {"level": 0.05, "seed": 0, "pgd": {"steps": 3, "noise": "shared"}},
          "models": {"base": "/m/base", "finetuned": "/m/ft.safetensors"},
-         "model_files": {"/m/ft.safetensors": [{"file": "ft.safetensors", "sha256": SHA}],
+         "model_files": {"/m/ft.safetensors": [{"file": "", "sha256": SHA}],
                          "/m/base": [{"file": "a", "sha256": SHA}, {"file": "b", "sha256": SHA}]},
          "runtime": {"cgidm": "0.1.0", "time": "2026-12-01T09:00:00+00:00"},
          "set_verdict": {"p_value": 0.001, "n_suspect": 6, "verdict": "fine-tuned on some of these images"}}
@@ -42,7 +43,8 @@ def test_a_card_says_the_verdict_score_models_and_settings():
     assert text[2] == "latent_cos 0.8; flagged above 0.5, the control it had to beat; z = 3.25"
     assert text[3] == "set verdict on the run's 6 suspect images: fine-tuned on some of these images (p = 0.001)"
     assert text[4] == f"fine-tune (sha256 {SHA[:16]}...): /m/ft.safetensors"
-    assert text[5] == "base (2 files hashed): /m/base"
+    folder = hashlib.sha256(f"{SHA}  a\n{SHA}  b\n".encode()).hexdigest()  # sha256sum a b | sha256sum
+    assert text[5] == f"base (2 files, folder digest {folder[:16]}...): /m/base"
     assert text[6] == "cgidm 0.1.0, 3 PGD steps, noise shared, seed 0, 2026-12-01"
     # lower is better: below the line; a hold-out flagged all the same is called what it is
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout"), _summary(metric="latent_mse")))
@@ -50,9 +52,11 @@ def test_a_card_says_the_verdict_score_models_and_settings():
 
 
 def test_a_screen_card_takes_its_pairs_controls_line_and_models():
-    pairs = {"p1": {"base": "/b1", "finetuned": "/f1", "lora": "/l1.safetensors", "controls": 19, "flag_line": 0.7}}
+    pairs = {"p1": {"base": "/b1", "finetuned": "/f1", "lora": "/l1.safetensors", "controls": 19, "flag_line": 0.7,
+                    "set_verdict": {"p_value": 0.01, "n_suspect": 6, "verdict": "fine-tuned on some of these images"}}}
     text = _texts(card_lines(_row(0, "fine-tuned on", pair="p1"), _summary(pairs=pairs, models={})))
     assert "against 19 control images" in text[1] and "flagged above 0.7" in text[2]
+    assert text[3].startswith("set verdict on this pair's 6 suspect images")
     assert [t.split(":")[0] for t in text[-4:-1]] == ["fine-tune", "lora", "base"]
 
 
@@ -99,3 +103,23 @@ def test_no_card_without_the_verdict(tmp_path, verdict):
     rows = [_row(0, verdict)]
     assert write_cards(tmp_path, rows, _summary()) == 0 and "evidence" not in rows[0]
     assert not (tmp_path / "evidence").exists()
+
+
+def test_the_folder_digest_is_sha256sum_of_its_files_lines(tmp_path):
+    """What a reader can check without cgidm: `sha256sum` of the files, sorted by name,
+    piped into `sha256sum` again."""
+    import subprocess
+
+    from cgidm.provenance import folder_digest, record
+    from cgidm.resume import sha256_file
+
+    model = tmp_path / "m"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "config.json").write_text('{"a": 1}')
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    entries = record([str(model)], sha256_file)[str(model)]
+    names = sorted(e["file"] for e in entries)
+    listing = subprocess.run(["sha256sum", *names], cwd=model, capture_output=True, text=True, check=True).stdout
+    assert folder_digest(entries) == hashlib.sha256(listing.encode()).hexdigest()
+    assert folder_digest(entries + [{"file": "x", "error": "unreadable"}]) is None

@@ -335,6 +335,9 @@ def test_a_large_report_shows_the_failed_the_flagged_and_the_best_recovered(tmp_
     mixed = [_row(i, None, i / 100, p_value=0.5, verdict="no evidence") for i in range(5)]
     mixed += [_row(10 + i, "control", 0.9 + i / 100) for i in range(3)]
     assert [r["id"] for r in report.shown_rows(mixed, "latent_cos", limit=4)] == ["img04", "img10", "img11", "img12"]
+    # the images tested before the controls: a demo's 24 controls do not push its members down
+    labelled = [_row(0, "control", 0.5), _row(1, "member", 0.5), _row(2, "holdout", 0.5), _row(3, None, 0.5)]
+    assert [r["label"] for r in report.shown_rows(labelled, "latent_cos")] == [None, "member", "holdout", "control"]
     path = write_report(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))
     html = path.read_text()
     assert "The table shows 4 of 8 images" in html and "img07" in html and "img05.png" not in html
