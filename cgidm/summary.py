@@ -226,12 +226,17 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
             summary["flagged"] = sum(s.get("flagged", 0) for s in per.values())
             summary["flagged_by_chance"] = round(sum(s.get("flagged_by_chance", 0) for s in per.values()), 2)
             summary["controls"] = sum(s.get("controls", 0) for s in per.values())
-            # pairs without controls of their own: their images get no p-value and no verdict
-            bare = {k: sum(1 for r in by_pair[k] if "error" not in r and r.get("label") != "control")
-                    for k, s in per.items() if not s.get("controls") and not s.get("calibration_error")}
-            bare = {k: n for k, n in bare.items() if n}
+        calibrated = {k for k, s in per.items() if s.get("controls") or s.get("calibration_error")}
+        if calibrated:
+            # pairs without controls of their own: their images get no p-value and no verdict;
+            # pairs with controls and nothing else: their controls calibrate no image
+            tested = {k: sum(1 for r in by_pair[k] if "error" not in r and r.get("label") != "control") for k in per}
+            bare = {k: n for k, n in tested.items() if n and k not in calibrated}
             if bare:
                 summary["pairs_without_controls"] = bare
+            idle = {k: per[k].get("controls", 0) for k in sorted(calibrated) if not tested[k]}
+            if idle:
+                summary["pairs_with_only_controls"] = idle
         # a pair's messages, said with its keys (a swapped pair among good ones hides in the
         # pooled AUC: its own warning is said); the pooled sample warning stays the pooled one's
         for key in ("calibration_error", "calibration_warning", "copies_warning", "auc_warning",
@@ -273,6 +278,11 @@ def unjudged(summary: dict) -> list[str]:
         lines.append("no verdict on whether the model was fine-tuned on these images: the AUC says how well CGI-DM "
                      f"tells the known members from the hold-outs here; give {controls_hint(summary)} for p-values "
                      "and a verdict")
+    idle = summary.get("pairs_with_only_controls") or {}
+    if idle:  # controls calibrate the images of their own pair only
+        lines.append(f"warning: {len(idle)} pair{'s' if len(idle) > 1 else ''} ({_some([shown(k) for k in idle])}) "
+                     f"{'have' if len(idle) > 1 else 'has'} control images and no image to test: controls count "
+                     "only for images on the same base, fine-tune, LoRA and lora_scale")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:
         lines.append(f"warning: {len(bare)} pairs have no control images ({_some([shown(k) for k in bare])}): their "

@@ -516,3 +516,18 @@ def test_one_file_under_two_names_is_scored_once(tmp_path, caplog):
     assert sorted(e.path.name for e in entries) == ["m0.png", "m1.png"]
     assert "again.png is the file imgs/m0.png, listed already for the same models; screened once" in caplog.text
     assert "hard.png is the file imgs/m1.png" in caplog.text
+
+
+def test_controls_under_another_pair_are_said_not_called_missing():
+    """A screen whose controls sit under a pair with nothing else to test: the pairs with
+    images are named as without controls, the controls' pair as calibrating nothing,
+    rather than "give control images"."""
+    from cgidm.summary import summarize_pairs, unjudged
+
+    rows = [{**_row(i, None, 0.5 + i / 100), "pair": k, "id": f"{k}/{i}"} for k in ("a", "b") for i in range(3)]
+    rows += [{**_row(i, "control", i / 100), "pair": "c", "id": f"c/{i}"} for i in range(20)]
+    s = summarize_pairs(rows, {k: {"base": k} for k in "abc"}, AuthConfig(prompt="p"))
+    assert s["pairs_without_controls"] == {"a": 3, "b": 3} and s["pairs_with_only_controls"] == {"c": 20}
+    said = "\n".join(unjudged(s))
+    assert "give control images" not in said and "pair a has no control images" in said
+    assert "1 pair (c) has control images and no image to test" in said
