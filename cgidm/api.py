@@ -20,7 +20,7 @@ from cgidm.progress import bar_options
 from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
-from cgidm.evidence import EVIDENCE, write_cards
+from cgidm.evidence import drop_card, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import add_embedding_scores, check_embedder, runtime, summarize
 
@@ -34,13 +34,15 @@ OUTPUTS = ("summary.json", "report.html")
 
 def _clear_previous(out: Path) -> None:
     """Outputs of an earlier run into ``out`` that this run will write anew: the rows, the
-    summary, the report and the triptychs those rows name. Nothing else is touched."""
+    summary, the report, and the triptychs and evidence cards of those rows. Nothing else
+    is touched."""
     results = out / RESULTS
     for row in read_jsonl(results):
-        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered"), (EVIDENCE, "evidence")):
+        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
             name = row.get(key)
             if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]:
                 (out / name).unlink(missing_ok=True)
+        drop_card(out, row)  # by its id: a run killed before its rows named their cards leaves none
     for name in (RESULTS, *OUTPUTS):
         (out / name).unlink(missing_ok=True)
     remove_stale_temporaries(out)  # a killed run's half-written files

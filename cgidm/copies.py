@@ -42,11 +42,13 @@ class Copies:
     def counted_once(self) -> set[str]:
         return {a for a, _ in self.suspects}
 
-    def warning(self) -> Optional[str]:
+    def warning(self, set_verdict: bool = True) -> Optional[str]:
+        """What the copies changed, in a sentence; ``set_verdict``: whether there is one to
+        count the suspects' copies in (controls given, a per-image metric)."""
         said = []
         for pairs, what in ((self.controls, "control images left out of the calibration, each a copy (the same "
                                              "SHA-256) of an image tested or of another control"),
-                            (self.suspects, "suspect images counted once in the set verdict, each a copy of "
+                            (self.suspects if set_verdict else [], "suspect images counted once in the set verdict, each a copy of "
                                             "another suspect image"),
                             (self.conflicts, "members that are copies of hold-outs: the labels contradict each "
                                              "other")):

@@ -13,12 +13,15 @@ the same folder replaces (``api._clear_previous``).
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.captions import Label, Name, caption_size, lines_under
 from cgidm.config import HIGHER_IS_BETTER
-from cgidm.files import OutputError, atomic_save_image
+from cgidm.files import OutputError, atomic_save_image, output_path, shown
+from cgidm.rows import TRIPTYCHS
 from cgidm.score import VERDICTS
 
 log = logging.getLogger(__name__)
@@ -27,12 +30,13 @@ EVIDENCE = "evidence"
 
 
 def card_path(row: dict) -> Optional[str]:
-    """``evidence/<name>`` for a row whose triptych is ``triptychs/<name>``, else None."""
-    name = row.get("triptych")
-    if not isinstance(name, str) or "/" not in name:
+    """``evidence/<name>``: the name ``files.output_path`` gives the row's id, as it gives
+    its triptych (``triptychs/<name>``); None for a row without a usable id. Taken from the
+    id, never from a path a row holds (a results file can be edited)."""
+    try:
+        return f"{EVIDENCE}/{output_path(EVIDENCE, row['id']).name}" if isinstance(row.get("id"), str) else None
+    except ValueError:
         return None
-    base = name.rsplit("/", 1)[1]
-    return f"{EVIDENCE}/{base}" if base and base not in (".", "..") else None
 
 
 def _digest(path, files: dict) -> str:
@@ -41,7 +45,8 @@ def _digest(path, files: dict) -> str:
     ``model_files``)."""
     from cgidm.provenance import folder_digest
 
-    listed = files.get(str(path)) if isinstance(files, dict) else None
+    where = os.path.abspath(os.path.expanduser(str(path)))  # model_files is keyed by absolute paths
+    listed = files.get(where) if isinstance(files, dict) else None
     whole = folder_digest(listed)
     if whole is None:
         return ""
@@ -50,11 +55,22 @@ def _digest(path, files: dict) -> str:
     return f" ({len(listed)} files, folder digest {whole[:16]}...)"
 
 
+def _apart(score, line, least: int = 4) -> int:
+    """Significant digits that show ``score`` and the flag ``line`` apart (the score is
+    strictly beyond the line: at 4 digits two close values would read alike)."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (score, line)):
+        return least
+    for digits in range(least, 17):
+        if f"{score:.{digits}g}" != f"{line:.{digits}g}":
+            return digits
+    return 17
+
+
 def card_lines(row: dict, summary: dict) -> list[Label]:
     """What a card says under the triptych, a line each."""
     pair = (summary.get("pairs") or {}).get(row.get("pair")) if row.get("pair") else None
     ctx = pair if isinstance(pair, dict) else summary
-    models = ctx if "finetuned" in ctx else summary.get("models") or {}
+    models = ctx if ctx is pair else summary.get("models") or {}
     cfg = summary.get("config") or {}
     metric, level = summary.get("metric") or cfg.get("metric"), cfg.get("level")
     lines: list[Label] = [Name("image: ", str(row.get("id")))]
@@ -65,9 +81,10 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                   f"{row.get('verdict')}: p = {p:.3g} <= {level}, {n} controls"))
     score, line = row.get("score"), ctx.get("flag_line")
     above = "above" if HIGHER_IS_BETTER.get(metric, True) else "below"
-    said = f"{metric} {score:.4g}" if isinstance(score, (int, float)) else f"{metric} -"
+    digits = _apart(score, line)
+    said = f"{metric} {score:.{digits}g}" if isinstance(score, (int, float)) else f"{metric} -"
     if isinstance(line, (int, float)):
-        said += f"; flagged {above} {line:.6g}, the control it had to beat"
+        said += f"; flagged {above} {line:.{digits}g}, the control it had to beat"
     if isinstance(row.get("z"), (int, float)):
         said += f"; z = {row['z']:.2f}"
     lines.append(said)
@@ -77,10 +94,12 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
         lines.append(f"set verdict on {whose} {sv.get('n_suspect')} suspect images: {sv.get('verdict')} "
                      f"(p = {sv['p_value']:.3g})")
     files = summary.get("model_files") or {}
+    scale = models.get("lora_scale")
     for key in ("finetuned", "lora", "base"):
         if models.get(key):
-            lines.append(Name(f"{'fine-tune' if key == 'finetuned' else key}{_digest(models[key], files)}: ",
-                              str(models[key])))
+            what = {"finetuned": "fine-tune", "lora": "lora" + (
+                f" at scale {scale:g}" if isinstance(scale, (int, float)) and scale != 1 else "")}.get(key, key)
+            lines.append(Name(f"{what}{_digest(models[key], files)}: ", str(models[key])))
     pgd, run = cfg.get("pgd") or {}, summary.get("runtime") or {}
     settings = [f"cgidm {run['cgidm']}" if run.get("cgidm") else "cgidm",
                 f"{pgd.get('steps')} PGD steps" if pgd.get("steps") else None,
@@ -92,32 +111,34 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
 
 
 def drop_card(out: str | Path, row: dict) -> None:
-    """``row`` without its card: the key gone, and the file its triptych's name gives."""
+    """``row`` without its card: the key gone, and the card its id names removed."""
     row.pop("evidence", None)
     rel = card_path(row)
     if rel is not None:
-        (Path(out) / rel).unlink(missing_ok=True)
+        path = Path(out) / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 def write_cards(out: str | Path, rows: Sequence[dict], summary: dict) -> int:
     """A card for every row flagged as fine-tuned on (``row["evidence"]`` set to it), and
-    none for the others (an earlier card of theirs removed); returns how many were drawn.
-    A triptych that cannot be read leaves its row without a card, said in the log."""
+    none for the others (an earlier card of theirs removed, failed rows' too); returns how
+    many were drawn. A triptych that cannot be read leaves its row without a card, said in
+    the log."""
     from PIL import Image
 
     out = Path(out)
     drawn = 0
     for row in rows:
+        drop_card(out, row)
         rel = card_path(row)
         if rel is None or row.get("verdict") != VERDICTS[0]:
-            drop_card(out, row)
             continue
-        row.pop("evidence", None)
-        try:
-            with Image.open(out / row["triptych"]) as im:
+        try:  # the triptych the id names, not whatever path the row holds
+            with Image.open(output_path(out / TRIPTYCHS, row["id"])) as im:
                 picture = im.convert("RGB")
         except (OSError, ValueError) as e:
-            log.warning("no evidence card for %s: its triptych could not be read (%s)", row.get("id"), e)
+            log.warning("no evidence card for %s: its triptych could not be read (%s)", shown(row["id"]), e)
             continue
         card = lines_under(picture, card_lines(row, summary), caption_size(picture.size[1]))
         try:

@@ -130,7 +130,8 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
                      else f"with the labels {first!r} and {it.label!r}")
             raise ValueError(f"{it.path} is given {given}: each image takes one label")
         if real in labels:  # given so (another id, another draw); in a sample, it weighs twice
-            log.warning("%s (id %s) is the file %s again: it is scored and counted once per id", shown(it.path),
+            log.warning("%s (id %s) is the file %s again: it is scored once per id, and counted once in the "
+                        "calibration and the set verdict (the same SHA-256)", shown(it.path),
                         shown(it.id), shown(labels[real][1]))
         labels.setdefault(real, (it.label, it.path))
 

@@ -99,8 +99,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 summary["official"] = official_auc_accuracy(members, holdouts)
     given = sum(r.get("label") == "control" for r in rows)
     copies = find_copies(good, SUSPECT_LABELS)  # the same picture twice: docs/architecture.md, "Copies"
-    if copies.warning():
-        summary["copies_warning"] = copies.warning()
+    said = copies.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
+    if said:
+        summary["copies_warning"] = said
     controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in copies.left_out]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
@@ -281,7 +282,7 @@ def unjudged(summary: dict) -> list[str]:
     idle = summary.get("pairs_with_only_controls") or {}
     if idle:  # controls calibrate the images of their own pair only
         lines.append(f"warning: {len(idle)} pair{'s' if len(idle) > 1 else ''} ({_some([shown(k) for k in idle])}) "
-                     f"{'have' if len(idle) > 1 else 'has'} control images and no image to test: controls count "
+                     f"{'have' if len(idle) > 1 else 'has'} control images and no scored image to test: controls count "
                      "only for images on the same base, fine-tune, LoRA and lora_scale")
     bare = summary.get("pairs_without_controls") or {}
     if len(bare) > 3:

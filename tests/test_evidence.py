@@ -5,12 +5,15 @@ import hashlib
 import json
 import logging
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from cgidm.captions import Name
 from cgidm.evidence import card_lines, card_path, write_cards
+from cgidm.files import output_path
 
 SHA = "ab" * 32
 
@@ -28,8 +31,8 @@ def _summary(**over):
 
 
 def _row(i, verdict, **over):
-    return {"id": f"img{i}.png", "label": None, "score": 0.8, "p_value": 0.04, "z": 3.25, "verdict": verdict,
-            "triptych": f"triptychs/img{i}.png-{i:04d}.png", **over}
+    row = {"id": f"img{i}.png", "label": None, "score": 0.8, "p_value": 0.04, "z": 3.25, "verdict": verdict}
+    return {**row, "triptych": f"triptychs/{output_path('triptychs', row['id']).name}", **over}
 
 
 def _texts(lines):
@@ -64,38 +67,64 @@ def test_write_cards_draws_the_flagged_and_removes_what_is_no_longer(tmp_path, c
     (tmp_path / "triptychs").mkdir()
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 120, 3), dtype=np.uint8))
     for i in range(3):
-        picture.save(tmp_path / "triptychs" / f"img{i}.png-{i:04d}.png")
+        picture.save(tmp_path / _row(i, None)["triptych"])
     (tmp_path / "evidence").mkdir()
-    stale = tmp_path / card_path(_row(1, "no evidence"))
-    stale.write_bytes(b"an earlier run's card")
+    stale = [tmp_path / card_path(_row(i, None)) for i in (1, 4)]
+    for p in stale:
+        p.write_bytes(b"an earlier run's card")
     rows = [_row(0, "fine-tuned on"), _row(1, "no evidence", evidence="evidence/x.png"), _row(2, "fine-tuned on"),
-            _row(3, "fine-tuned on"), {"id": "bad", "error": "unreadable"}]
-    (tmp_path / "triptychs" / "img2.png-0002.png").write_bytes(b"not a png")
+            _row(3, "fine-tuned on", triptych="../elsewhere.png"), {"id": "img4.png", "error": "unreadable"}]
+    (tmp_path / rows[2]["triptych"]).write_bytes(b"not a png")
+    (tmp_path / "elsewhere.png").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
         assert write_cards(tmp_path, rows, _summary()) == 1
-    assert rows[0]["evidence"] == "evidence/img0.png-0000.png" and all("evidence" not in r for r in rows[1:])
-    assert not stale.exists() and "img2.png" in caplog.text and "img3.png" in caplog.text
+    assert rows[0]["evidence"] == card_path(rows[0]) and all("evidence" not in r for r in rows[1:])
+    # the no-longer-flagged and the now-failed lose their cards; a triptych that cannot be
+    # read gives none; the path a row holds is not read (img3's own triptych is missing)
+    assert not any(p.exists() for p in stale) and "img2.png" in caplog.text and "img3.png" in caplog.text
     with Image.open(tmp_path / rows[0]["evidence"]) as card:
         assert card.size[0] == 120 and card.size[1] > 40 + 7 * 13
         assert np.array_equal(np.asarray(card.convert("RGB"))[:40], np.asarray(picture))
-    assert sorted(p.name for p in (tmp_path / "evidence").iterdir()) == ["img0.png-0000.png"]
+    assert sorted(p.name for p in (tmp_path / "evidence").iterdir()) == [Path(card_path(rows[0])).name]
 
 
-def test_a_card_path_stays_in_the_evidence_folder():
-    assert card_path({"triptych": "triptychs/a.png"}) == "evidence/a.png"
-    assert card_path({"triptych": "triptychs/.."}) is None and card_path({"triptych": None}) is None
-    assert card_path({}) is None
+def test_a_card_path_comes_from_the_id_and_stays_in_the_evidence_folder():
+    assert card_path({"id": "a.png"}) == f"evidence/{output_path('evidence', 'a.png').name}"
+    assert card_path({"id": "x", "triptych": "triptychs/../../etc/passwd"}) == card_path({"id": "x"})
+    for bad in ({"id": "../../x"}, {"id": ".."}, {"id": "a/b"}, {"id": "a\x00b"}):
+        rel = card_path(bad)
+        assert rel is None or (rel.startswith("evidence/") and "/" not in rel[len("evidence/"):] and
+                               rel[len("evidence/"):] not in (".", ".."))
+    assert card_path({}) is None and card_path({"id": 3}) is None
 
 
-def test_a_new_authenticate_run_removes_the_cards_its_rows_named(tmp_path):
+def test_a_new_authenticate_run_removes_the_cards_of_its_rows(tmp_path):
     from cgidm.api import _clear_previous
 
     (tmp_path / "evidence").mkdir()
-    (tmp_path / "evidence" / "a.png").write_bytes(b"card")
-    (tmp_path / "evidence" / "mine.png").write_bytes(b"not named by a row")
-    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a", "evidence": "evidence/a.png"}) + "\n")
+    card = tmp_path / card_path({"id": "a"})
+    card.write_bytes(b"card")
+    (tmp_path / "evidence" / "mine.png").write_bytes(b"not a row's")
+    # the row does not name its card (a run killed between drawing and writing its rows)
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a"}) + "\n")
     _clear_previous(tmp_path)
     assert [p.name for p in (tmp_path / "evidence").iterdir()] == ["mine.png"]
+
+
+def test_the_score_and_the_line_are_written_apart():
+    text = _texts(card_lines(_row(0, "fine-tuned on", score=0.365649), _summary(flag_line=0.365648)))
+    assert "latent_cos 0.365649; flagged above 0.365648" in text[2]
+
+
+def test_a_lora_only_pair_names_its_models_and_scale_and_relative_paths_find_their_digest(tmp_path, monkeypatch):
+    pairs = {"p2": {"base": "/b", "lora": "/l.safetensors", "lora_scale": 0.5, "controls": 20, "flag_line": 0.1}}
+    text = _texts(card_lines(_row(0, "fine-tuned on", pair="p2"), _summary(pairs=pairs, models={"p2": "base=/b"})))
+    assert "lora at scale 0.5: /l.safetensors" in text and "base: /b" in text
+    monkeypatch.chdir(tmp_path)
+    files = {str(tmp_path / "ft.safetensors"): [{"file": "", "sha256": SHA}]}
+    text = _texts(card_lines(_row(0, "fine-tuned on"), _summary(models={"finetuned": "ft.safetensors"},
+                                                                model_files=files)))
+    assert f"fine-tune (sha256 {SHA[:16]}...): ft.safetensors" in text
 
 
 @pytest.mark.parametrize("verdict", ["no evidence", "inconclusive", "failed", None])

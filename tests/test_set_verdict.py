@@ -499,11 +499,11 @@ def test_one_file_under_two_names_is_scored_once(tmp_path, caplog):
     assert sorted(it.path.name for it in items) == ["again.png", "hard.png"]
     assert caplog.text.count("listed already: scored once") == 2
     # items given to the API under their own ids are scored as given (another id, another
-    # draw), with a warning that they count twice
+    # draw), with a warning that the verdicts count them once (copies.py)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cgidm.manifest"):
         check_items([ImageItem(folder / "m0.png"), ImageItem(folder / "again.png")])
-    assert "is the file" in caplog.text and "counted once per id" in caplog.text
+    assert "is the file" in caplog.text and "scored once per id, and counted once in the calibration" in caplog.text
     # a manifest: the second name of the file is screened once, with a warning
     (tmp_path / "base").mkdir()
     (tmp_path / "ft").mkdir()
@@ -530,4 +530,4 @@ def test_controls_under_another_pair_are_said_not_called_missing():
     assert s["pairs_without_controls"] == {"a": 3, "b": 3} and s["pairs_with_only_controls"] == {"c": 20}
     said = "\n".join(unjudged(s))
     assert "give control images" not in said and "pair a has no control images" in said
-    assert "1 pair (c) has control images and no image to test" in said
+    assert "1 pair (c) has control images and no scored image to test" in said
