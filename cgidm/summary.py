@@ -17,6 +17,7 @@ SUSPECT_LABELS = (None, "member")  # the images the set verdict tests (hold-outs
 # what looks like a swapped pair: suspects below the controls or members below the
 # hold-outs, clearly rather than by chance (the one-sided rank test the other way round)
 WORSE_P = 0.01
+READ_SET = ", or read the set verdict"  # advice dropped where the set cannot reach the level either
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
@@ -123,7 +124,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     f"{used}{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
                     f"can get is 1/{len(cal.scores) + 1} = {cal.min_p():.3g}, so no image can be flagged on its own "
                     f"(each per-image verdict is 'inconclusive', whatever its z); use at least "
-                    f"{math.ceil(1 / cfg.level) - 1} controls, or read the set verdict"
+                    f"{math.ceil(1 / cfg.level) - 1} controls{READ_SET}"
                 )
             verdicts = {}
             for r in good:
@@ -155,6 +156,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     sv = {"error": str(e)}
                 else:
                     if sv["min_p"] > cfg.level:
+                        if summary.get("calibration_warning"):  # no help there either
+                            summary["calibration_warning"] = summary["calibration_warning"].replace(READ_SET, "")
                         sv["warning"] = (f"{sv['n_suspect']} suspect and {sv['n_controls']} control images cannot "
                                          f"give p <= {cfg.level}: add images")
                     elif worse_p(suspects, cal.scores, cfg.metric) <= WORSE_P:

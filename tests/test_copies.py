@@ -75,3 +75,12 @@ def test_the_cli_says_a_copy_was_left_out(tiny_world, tmp_path, capsys):
     assert code == 0, out
     assert "warning: 1 control images left out of the calibration" in out and "copy_of_a.png = " in out
     assert "copy_of_a.png" in (tmp_path / "out" / "report.html").read_text().split("left out of the calibration")[1]
+
+
+def test_too_few_controls_points_to_the_set_verdict_only_where_it_can_reach_the_level():
+    def cal(suspects, controls):
+        rows = [_row(f"s{i}", None, 0.9 + i / 100) for i in range(suspects)] + _controls(controls)
+        return summarize(rows, AuthConfig(prompt="p"))["calibration_warning"]
+
+    assert cal(6, 12).endswith("or read the set verdict")  # 1/C(18, 6): the set can say it
+    assert not cal(1, 2).endswith("or read the set verdict")  # 1/3: neither can
