@@ -42,6 +42,15 @@ class Copies:
     def counted_once(self) -> set[str]:
         return {a for a, _ in self.suspects}
 
+    def marks(self) -> dict[str, str]:
+        """``{id: the id it is a copy of}`` for the rows (``copy_of``); a member and a hold-out
+        that are one file each name the other."""
+        marks = {a: b for a, b in self.controls + self.suspects}
+        for member, holdout in self.conflicts:
+            marks.setdefault(member, holdout)
+            marks.setdefault(holdout, member)
+        return marks
+
     def warning(self, set_verdict: bool = True) -> Optional[str]:
         """What the copies changed, in a sentence; ``set_verdict``: whether there is one to
         count the suspects' copies in (controls given, a per-image metric)."""

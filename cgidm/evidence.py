@@ -73,8 +73,15 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
     models = ctx if ctx is pair else summary.get("models") or {}
     cfg = summary.get("config") or {}
     metric, level = summary.get("metric") or cfg.get("metric"), cfg.get("level")
-    lines: list[Label] = [Name("image: ", str(row.get("id")))]
-    if row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
+    sha = (row.get("source") or {}).get("sha256") if isinstance(row.get("source"), dict) else None
+    lines: list[Label] = [Name(f"image{f' (sha256 {sha[:16]}...)' if isinstance(sha, str) else ''}: ",
+                               str(row.get("id")))]
+    copy_of = row.get("copy_of")
+    if isinstance(copy_of, str):  # copies.py: one picture, not two findings
+        lines.append(Name(f"the same file (SHA-256) as {'a hold-out' if row.get('label') == 'member' else 'a member'}"
+                          f", the labels contradicting each other: " if row.get("label") in ("member", "holdout")
+                          else "the same file (SHA-256) as another image here, one picture: ", copy_of))
+    elif row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
         lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
     p, n = row.get("p_value"), ctx.get("controls")
     lines.append((f"verdict: {row.get('verdict')} (p = {p:.3g} <= {level}, against {n} control images)",
@@ -95,14 +102,28 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                      f"(p = {sv['p_value']:.3g})")
     files = summary.get("model_files") or {}
     scale = models.get("lora_scale")
+    scaled = f" at scale {scale:g}" if isinstance(scale, (int, float)) and scale != 1 else ""
+    # the scale is the LoRA's: the --lora one, or the fine-tune itself when it is a LoRA
+    on = "lora" if models.get("lora") else "finetuned" if models.get("finetuned_format") == "lora" else None
+    moved = [str(m) for m in summary.get("model_files_changed") or []]
     for key in ("finetuned", "lora", "base"):
         if models.get(key):
-            what = {"finetuned": "fine-tune", "lora": "lora" + (
-                f" at scale {scale:g}" if isinstance(scale, (int, float)) and scale != 1 else "")}.get(key, key)
-            lines.append(Name(f"{what}{_digest(models[key], files)}: ", str(models[key])))
+            where = os.path.abspath(os.path.expanduser(str(models[key])))
+            what = {"finetuned": "fine-tune"}.get(key, key) + (scaled if key == on else "")
+            if any(m == where or m.startswith(where.rstrip(os.sep) + os.sep) for m in moved):
+                what += " (CHANGED during the run: the digest may not be of the bytes used)"
+            lines.append(Name(f"{what}{_digest(models[key], files)}: ", where))
+    prompt = ((summary.get("prompts") or {}).get(row.get("pair")) or {}).get("prompt") if row.get("pair") else None
+    prompt = prompt if prompt is not None else cfg.get("prompt")
+    if isinstance(prompt, str):
+        lines.append(Name("prompt: ", repr(prompt)))
     pgd, run = cfg.get("pgd") or {}, summary.get("runtime") or {}
+    preset = (summary.get("preset") or {}).get("name") if isinstance(summary.get("preset"), dict) else None
     settings = [f"cgidm {run['cgidm']}" if run.get("cgidm") else "cgidm",
-                f"{pgd.get('steps')} PGD steps" if pgd.get("steps") else None,
+                f"preset {preset}" if preset else None,
+                f"{pgd.get('steps')} PGD steps" + (f" of {pgd['alpha']:g} within {pgd['eps']:g}" if isinstance(
+                    pgd.get("alpha"), (int, float)) and isinstance(pgd.get("eps"), (int, float)) else "")
+                if pgd.get("steps") else None,
                 f"noise {pgd['noise']}" if pgd.get("noise") else None,
                 f"seed {cfg['seed']}" if cfg.get("seed") is not None else None,
                 str(run["time"])[:10] if run.get("time") else None]

@@ -98,7 +98,7 @@ the flagged, then the best recovered. Every image's row is in <code>results.json
 {% if zs %}<th data-k="n" title="how many control standard deviations above the controls' mean (oriented: positive is a better recovery)">z</th>{% endif %}<th data-k="n">p-value</th><th data-k="s">verdict{% if s.config and s.config.level is defined and s.flagged is defined %} (p &le; {{ s.config.level }}){% endif %}</th><th>original | partial | recovered</th></tr></thead>
 <tbody>{% for r in rows %}
 <tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
-<td>{{ r.id|shown }}{% if r.notes %}<div class="note">{{ r.notes|join('; ')|shown }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ (r.label or '')|shown }}</td>{% if pairs %}<td>{{ (r.pair or '')|shown }}</td>{% endif %}
+<td>{{ r.id|shown }}{% if r.notes %}<div class="note">{{ r.notes|join('; ')|shown }}</div>{% endif %}{% if r.copy_of %}<div class="note">the same file (SHA-256) as {{ r.copy_of|shown }}{% if r.label == 'control' %}: left out of the calibration{% elif r.label in ('member', 'holdout') %}: the labels contradict each other{% else %}: counted once in the set verdict{% endif %}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ (r.label or '')|shown }}</td>{% if pairs %}<td>{{ (r.pair or '')|shown }}</td>{% endif %}
 {% if r.error %}<td class="error" colspan="{{ fields|length + (4 if zs else 3) }}">failed: {{ r.error|shown }}</td><td></td>
 {% else %}<td>{{ fmt(r.score) }}</td>{% for f in fields %}<td>{{ fmt(r[f]) }}</td>{% endfor %}
 {% if zs %}<td>{{ "%+.2f"|format(r.z) if r.z is number else '' }}</td>{% endif %}<td>{{ fmt(r.p_value) }}</td><td>{{ r.verdict or '' }}{% set card = r.evidence|local_link %}{% if card %} <a href="{{ card }}" title="the triptych with its verdict, score, models and settings written under it: one picture to pass on">(evidence card)</a>{% endif %}</td>
@@ -114,10 +114,12 @@ document.querySelectorAll('#rows th[data-k]').forEach((th, col) => {
     const num = th.dataset.k === 'n';
     const key = tr => { const t = tr.children[col] ? tr.children[col].textContent.trim() : '';
                         const v = parseFloat(t);  // an error row's "failed: ..." cell is not a number
-                        return num ? (isNaN(v) ? -Infinity : v) : t; };
-    // each row's key read once, not at every comparison; the rows moved in one fragment
+                        return num ? (isNaN(v) ? null : v) : t; };
+    // each row's key read once, not at every comparison; the rows moved in one fragment;
+    // an empty cell (a control's p-value, a failed row's score) last either way
     const keyed = [...body.rows].map(r => [key(r), r]);
-    keyed.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0) * (asc ? 1 : -1));
+    keyed.sort((a, b) => a[0] === null || b[0] === null ? (a[0] === null) - (b[0] === null)
+                         : (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0) * (asc ? 1 : -1));
     const frag = document.createDocumentFragment();
     keyed.forEach(([, r]) => frag.appendChild(r));
     body.appendChild(frag);
@@ -191,6 +193,23 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _bins(lo: float, hi: float, summary: dict, n: int = 20):
+    """Histogram bin edges over [lo, hi]: ``n`` bins, shifted so that one edge falls on the
+    flag line, on the side that keeps a score at the line (not flagged) out of the flagged
+    side's bin: just above it where higher is better, on it where lower is."""
+    import numpy as np
+
+    if not hi > lo:
+        return np.array([lo - 0.5, hi + 0.5])
+    width, at = (hi - lo) / n, summary.get("flag_line")
+    if not isinstance(at, (int, float)) or not lo <= at <= hi:
+        return np.linspace(lo, hi + max(1e-12, abs(hi) * 1e-9), n + 1)
+    if HIGHER_IS_BETTER.get(summary.get("metric"), True):
+        at += max(1e-12, abs(at) * 1e-9)  # a bin is [a, b): the line's own score stays left
+    start = at - math.ceil((at - lo) / width) * width
+    return start + width * np.arange(int(math.ceil((hi - start) / width)) + 2)
+
+
 def flag_line_text(summary: dict) -> Optional[str]:
     """What the histogram's dashed line means: "flagged above 0.603 (p <= 0.05)"; None
     without per-image verdicts (no controls, or too few to reach the level)."""
@@ -215,8 +234,11 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         groups: dict[str, list[float]] = {}
         off: dict[str, int] = {}  # a score that is not a finite number (nan, inf) has no bin
+        copies = sum(r.get("label") == "control" and "copy_of" in r for r in good)
         for r in good:
             label = r.get("label") or "unlabelled"
+            if label == "control" and "copy_of" in r:
+                continue  # left out of the calibration (copies.py): not drawn among the controls
             score = r.get("score")
             if isinstance(score, (int, float)) and math.isfinite(score):
                 groups.setdefault(label, []).append(float(score))
@@ -226,10 +248,10 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
         if groups:
             lo = min(min(v) for v in groups.values())
             hi = max(max(v) for v in groups.values())
-            bins = 20 if hi > lo else 1
+            bins = _bins(lo, hi, summary)
             for label, vals in sorted(groups.items()):
-                ax.hist(vals, bins=bins, range=(lo, hi + max(1e-12, abs(hi) * 1e-9)), alpha=0.55,
-                        label=f"{label} ({len(vals)})", color=colors.get(label))
+                left = f"; {copies} copies left out" if label == "control" and copies else ""
+                ax.hist(vals, bins=bins, alpha=0.55, label=f"{label} ({len(vals)}{left})", color=colors.get(label))
             line = flag_line_text(summary)
             if line:  # where the per-image verdict starts: beyond it, flagged
                 ax.axvline(summary["flag_line"], color="#000", ls="--", lw=1.2, label=line)

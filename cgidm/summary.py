@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.copies import find_copies
+from cgidm.copies import Copies, find_copies
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
@@ -40,11 +40,13 @@ def runtime(device, dtype) -> dict:
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None) -> dict:
+def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_info: Optional[dict] = None,
+              copies: bool = True) -> dict:
     """Counts, member-vs-holdout metrics for every score field and every baseline
     (``by_metric``: ``baseline_<name>`` beside CGI-DM's), verdicts against controls
     (written into the rows), and one verdict for the whole suspect set against the controls
-    (``set_verdict``)."""
+    (``set_verdict``). ``copies``: look for copies among the rows (``copy_of`` written into
+    them); not across pairs, where one image under two models is two tests."""
     good = [r for r in rows if "error" not in r]
     for r in good:  # the metric's value now, whatever metric a resumed row was scored under
         if cfg.metric in r:
@@ -99,11 +101,17 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 # the paper's validator: max over the folder, AUC and accuracy on its grid
                 summary["official"] = official_auc_accuracy(members, holdouts)
     given = sum(r.get("label") == "control" for r in rows)
-    copies = find_copies(good, SUSPECT_LABELS)  # the same picture twice: docs/architecture.md, "Copies"
-    said = copies.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
+    found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
+    if copies:
+        marks = found.marks()
+        for r in rows:  # as found now (a resumed row may carry an earlier run's)
+            r.pop("copy_of", None)
+            if r.get("id") in marks and "error" not in r:
+                r["copy_of"] = marks[r["id"]]
+    said = found.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
     if said:
         summary["copies_warning"] = said
-    controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in copies.left_out]
+    controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in found.left_out]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
         # null of exchangeable scores fails (a larger folder raises every score in it)
@@ -142,7 +150,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
             suspects = [r["score"] for r in good
-                        if r.get("label") in SUSPECT_LABELS and r["id"] not in copies.counted_once]
+                        if r.get("label") in SUSPECT_LABELS and r["id"] not in found.counted_once]
             held = sum(r.get("label") == "holdout" for r in good)
             if not suspects and held:
                 summary["set_verdict"] = {
@@ -217,8 +225,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
         summary = dict(next(iter(per.values())))
     else:
         # AUC over every pair's members and hold-outs; verdicts stay those of each pair
-        summary = summarize([r for r in rows if r.get("label") != "control"], cfg, None, embedder_info)
-        summary.pop("copies_warning", None)  # one image under two pairs is two tests, not a copy: per pair below
+        summary = summarize([r for r in rows if r.get("label") != "control"], cfg, None, embedder_info, copies=False)
         good = [r for r in rows if "error" not in r]
         summary.update(images=len(rows), scored=len(good), failed=len(rows) - len(good))
         _stalled(summary, good, cfg)

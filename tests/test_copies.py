@@ -84,3 +84,26 @@ def test_too_few_controls_points_to_the_set_verdict_only_where_it_can_reach_the_
 
     assert cal(6, 12).endswith("or read the set verdict")  # 1/C(18, 6): the set can say it
     assert not cal(1, 2).endswith("or read the set verdict")  # 1/3: neither can
+
+
+def test_copies_are_marked_on_their_rows_and_in_the_report(tmp_path):
+    from cgidm.report import _bins, write_report
+
+    rows = [_row("mine", None, 0.9), _row("again", None, 0.8, "mine")] + _controls() + [
+        _row("copy", "control", 0.95, "mine"), _row("m", "member", 0.7), _row("h", "holdout", 0.2, "m")]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    marks = {r["id"]: r.get("copy_of") for r in rows if r.get("copy_of")}
+    assert marks == {"again": "mine", "copy": "mine", "m": "h", "h": "m"}
+    html = write_report(tmp_path, rows, s).read_text()
+    assert "the same file (SHA-256) as mine: left out of the calibration" in html
+    assert "the same file (SHA-256) as mine: counted once in the set verdict" in html
+    assert "the same file (SHA-256) as h: the labels contradict each other" in html
+    # summarized again (a resume) with the copy gone: its mark goes too
+    rows = [r for r in rows if r["id"] != "copy"]
+    summarize(rows, AuthConfig(prompt="p"))
+    assert {r["id"] for r in rows if r.get("copy_of")} == {"again", "m", "h"}
+    # the histogram's bins put an edge at the line, the line's own control on its side
+    edges = _bins(0.0, 1.0, {"flag_line": 0.19, "metric": "latent_cos"})
+    assert any(0.19 < e <= 0.19 + 1e-9 for e in edges) and edges[0] <= 0.0 and edges[-1] > 1.0
+    edges = _bins(0.0, 1.0, {"flag_line": 0.19, "metric": "latent_mse"})
+    assert any(abs(e - 0.19) < 1e-12 for e in edges)

@@ -124,7 +124,7 @@ def test_a_lora_only_pair_names_its_models_and_scale_and_relative_paths_find_the
     files = {str(tmp_path / "ft.safetensors"): [{"file": "", "sha256": SHA}]}
     text = _texts(card_lines(_row(0, "fine-tuned on"), _summary(models={"finetuned": "ft.safetensors"},
                                                                 model_files=files)))
-    assert f"fine-tune (sha256 {SHA[:16]}...): ft.safetensors" in text
+    assert f"fine-tune (sha256 {SHA[:16]}...): {tmp_path / 'ft.safetensors'}" in text  # where it was run
 
 
 @pytest.mark.parametrize("verdict", ["no evidence", "inconclusive", "failed", None])
@@ -152,3 +152,22 @@ def test_the_folder_digest_is_sha256sum_of_its_files_lines(tmp_path):
     listing = subprocess.run(["sha256sum", *names], cwd=model, capture_output=True, text=True, check=True).stdout
     assert folder_digest(entries) == hashlib.sha256(listing.encode()).hexdigest()
     assert folder_digest(entries + [{"file": "x", "error": "unreadable"}]) is None
+
+
+def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_model():
+    summary = _summary(models={"base": "/m/base", "finetuned": "/m/ft.safetensors", "finetuned_format": "lora",
+                               "lora_scale": 0.5}, model_files_changed=["/m/base/unet/x.safetensors"],
+                       preset={"name": "demo"}, config={"level": 0.05, "seed": 0, "prompt": "a sks pattern",
+                                                        "pgd": {"steps": 3, "noise": "shared", "alpha": 0.25,
+                                                                "eps": 10.0}})
+    row = _row(0, "fine-tuned on", source={"sha256": SHA}, copy_of="img9.png")
+    text = _texts(card_lines(row, summary))
+    assert text[0] == f"image (sha256 {SHA[:16]}...): img0.png"
+    assert text[1] == "the same file (SHA-256) as another image here, one picture: img9.png"
+    assert f"fine-tune at scale 0.5 (sha256 {SHA[:16]}...): /m/ft.safetensors" in text
+    assert any(t.startswith("base (CHANGED during the run") for t in text)
+    assert "prompt: 'a sks pattern'" in text
+    assert text[-1].startswith("cgidm 0.1.0, preset demo, 3 PGD steps of 0.25 within 10, noise shared")
+    # a hold-out that is a copy of a member: not called a false positive
+    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png"), _summary()))
+    assert "a false positive" not in " ".join(text) and text[1].endswith("contradicting each other: m.png")
