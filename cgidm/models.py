@@ -347,7 +347,7 @@ def load_pair(
     abar = _load_abar(base_p, families.PREDICTION_TYPES)
     family = base_family
     unet_ft, te_ft, tok_ft = unet_pre, te_pre, tok
-    info = {"base": str(base_p)}
+    info = {"base": os.path.abspath(base_p)}  # absolute: the evidence names the models wherever it is read
     loras = 0  # LoRA files applied
 
     def count(match: dict) -> None:
@@ -356,7 +356,7 @@ def load_pair(
 
     if finetuned is not None:
         fp = _check_local(finetuned, "fine-tuned model")
-        info["finetuned"] = str(fp)
+        info["finetuned"] = os.path.abspath(fp)
         if fp.is_dir():
             family = families.check_same(base_family, families.detect_folder(fp), str(fp))
             if (fp / "unet").is_dir():
@@ -417,7 +417,7 @@ def load_pair(
             unet_pre = _pretrained_side(unet_ft)
         loras += 1
         count(match)
-        info["lora"] = str(lp)
+        info["lora"] = os.path.abspath(lp)
     _check_compatible(unet_pre, unet_ft, te_ft, codec, str(finetuned or lora))
     if family.added_cond == "text_time":
         unet_pre, unet_ft = _with_text_time(unet_pre, unet_ft)

@@ -171,3 +171,13 @@ def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_mod
     # a hold-out that is a copy of a member: not called a false positive
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png"), _summary()))
     assert "a false positive" not in " ".join(text) and text[1].endswith("contradicting each other: m.png")
+
+
+def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkeypatch):
+    """The summary, the report and the cards name the models wherever they are read."""
+    from cgidm.models import load_pair
+
+    monkeypatch.chdir(tiny_world)
+    pair = load_pair("base", "finetuned", lora="lora.safetensors")
+    assert pair.info["base"] == str(tiny_world / "base") and pair.info["finetuned"] == str(tiny_world / "finetuned")
+    assert pair.info["lora"] == str(tiny_world / "lora.safetensors")
