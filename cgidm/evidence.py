@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from cgidm.captions import Label, Name, caption_size, lines_under
 from cgidm.config import HIGHER_IS_BETTER
+from cgidm.copies import digest
 from cgidm.files import OutputError, atomic_save_image, output_path, shown
 from cgidm.rows import TRIPTYCHS
 from cgidm.score import VERDICTS
@@ -39,13 +40,12 @@ def card_path(row: dict) -> Optional[str]:
         return None
 
 
-def _digest(path, files: dict) -> str:
+def _digest(where: str, files: dict) -> str:
     """`` (sha256 1a2b...)`` for a model recorded as one file; for a folder, its files'
     count and ``provenance.folder_digest`` (each file's SHA-256 is in the run's summary,
-    ``model_files``)."""
+    ``model_files``, keyed by absolute path as ``where`` is)."""
     from cgidm.provenance import folder_digest
 
-    where = os.path.abspath(os.path.expanduser(str(path)))  # model_files is keyed by absolute paths
     listed = files.get(where) if isinstance(files, dict) else None
     whole = folder_digest(listed)
     if whole is None:
@@ -73,7 +73,7 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
     models = ctx if ctx is pair else summary.get("models") or {}
     cfg = summary.get("config") or {}
     metric, level = summary.get("metric") or cfg.get("metric"), cfg.get("level")
-    sha = (row.get("source") or {}).get("sha256") if isinstance(row.get("source"), dict) else None
+    sha = digest(row)
     lines: list[Label] = [Name(f"image{f' (sha256 {sha[:16]}...)' if isinstance(sha, str) else ''}: ",
                                str(row.get("id")))]
     copy_of = row.get("copy_of")
@@ -112,7 +112,7 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
             what = {"finetuned": "fine-tune"}.get(key, key) + (scaled if key == on else "")
             if any(m == where or m.startswith(where.rstrip(os.sep) + os.sep) for m in moved):
                 what += " (CHANGED during the run: the digest may not be of the bytes used)"
-            lines.append(Name(f"{what}{_digest(models[key], files)}: ", where))
+            lines.append(Name(f"{what}{_digest(where, files)}: ", where))
     prompt = ((summary.get("prompts") or {}).get(row.get("pair")) or {}).get("prompt") if row.get("pair") else None
     prompt = prompt if prompt is not None else cfg.get("prompt")
     if isinstance(prompt, str):

@@ -17,7 +17,6 @@ SUSPECT_LABELS = (None, "member")  # the images the set verdict tests (hold-outs
 # what looks like a swapped pair: suspects below the controls or members below the
 # hold-outs, clearly rather than by chance (the one-sided rank test the other way round)
 WORSE_P = 0.01
-READ_SET = ", or read the set verdict"  # advice dropped where the set cannot reach the level either
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
@@ -126,14 +125,6 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                                             f"{len(controls)} scored and used: {e}; no p-values or verdicts")
         else:
             summary["controls"] = len(cal.scores)
-            if cal.min_p() > cfg.level:
-                used = f"{given} control images given, {len(cal.scores)} used: " if given != len(cal.scores) else ""
-                summary["calibration_warning"] = (
-                    f"{used}{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
-                    f"can get is 1/{len(cal.scores) + 1} = {cal.min_p():.3g}, so no image can be flagged on its own "
-                    f"(each per-image verdict is 'inconclusive', whatever its z); use at least "
-                    f"{math.ceil(1 / cfg.level) - 1} controls{READ_SET}"
-                )
             verdicts = {}
             for r in good:
                 if r.get("label") != "control":
@@ -151,6 +142,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # (docs/architecture.md, "Where new things plug in")
             suspects = [r["score"] for r in good
                         if r.get("label") in SUSPECT_LABELS and r["id"] not in found.counted_once]
+            set_unreachable = False  # the set verdict cannot reach the level either
             held = sum(r.get("label") == "holdout" for r in good)
             if not suspects and held:
                 summary["set_verdict"] = {
@@ -164,8 +156,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                     sv = {"error": str(e)}
                 else:
                     if sv["min_p"] > cfg.level:
-                        if summary.get("calibration_warning"):  # no help there either
-                            summary["calibration_warning"] = summary["calibration_warning"].replace(READ_SET, "")
+                        set_unreachable = True
                         sv["warning"] = (f"{sv['n_suspect']} suspect and {sv['n_controls']} control images cannot "
                                          f"give p <= {cfg.level}: add images")
                     elif worse_p(suspects, cal.scores, cfg.metric) <= WORSE_P:
@@ -174,6 +165,14 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 if held:
                     sv["holdouts_left_out"] = held
                 summary["set_verdict"] = sv
+            if cal.min_p() > cfg.level:
+                used = f"{given} control images given, {len(cal.scores)} used: " if given != len(cal.scores) else ""
+                summary["calibration_warning"] = (
+                    f"{used}{len(cal.scores)} controls cannot give p <= {cfg.level}: the smallest p-value one image "
+                    f"can get is 1/{len(cal.scores) + 1} = {cal.min_p():.3g}, so no image can be flagged on its own "
+                    f"(each per-image verdict is 'inconclusive', whatever its z); use at least "
+                    f"{math.ceil(1 / cfg.level) - 1} controls"
+                ) + ("" if set_unreachable else ", or read the set verdict")
     return summary
 
 
