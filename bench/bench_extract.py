@@ -272,10 +272,13 @@ def sd15_check(cfg: SD15Config, models32, models, c_ft, c_pre, sched, shape) -> 
             "plain_max_abs_err": err_plain, "ref_max_abs": scale}
 
 
-def sd15_speed(cfg: SD15Config) -> dict:
+def sd15_speed(cfg: SD15Config, res: Optional[dict] = None) -> dict:
     """The check, then the plain loop, the pair pass at batch 1 and at the largest batch of
-    ``cfg.batches`` that fits; returns the row's measurements."""
+    ``cfg.batches`` that fits; returns the row's measurements, put into ``res`` as each is
+    made (a run stopped part way keeps what it measured)."""
     from diffusers import DDIMScheduler
+
+    res = {} if res is None else res
 
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
@@ -283,10 +286,10 @@ def sd15_speed(cfg: SD15Config) -> dict:
     dtype = DTYPES[cfg.dtype]
     ft, pre = copy.deepcopy(ft32).to(dtype), copy.deepcopy(pre32).to(dtype)
     sched = DDIMScheduler(**SD15_SCHEDULER)
-    check = sd15_check(cfg, (ft32, pre32), (ft, pre), c_ft, c_pre, sched, shape)
+    res["check"] = sd15_check(cfg, (ft32, pre32), (ft, pre), c_ft, c_pre, sched, shape)
     del ft32, pre32
     free_memory()
-    fn, pass_info = X.pair_pass(SimpleNamespace(unet_ft=ft, unet_pre=pre, device=device))
+    fn, res["pair_pass"] = X.pair_pass(SimpleNamespace(unet_ft=ft, unet_pre=pre, device=device))
     graph = graph_wanted(None, device)
     w, k, steps = cfg.guidance, cfg.correction, cfg.steps
 
@@ -311,10 +314,10 @@ def sd15_speed(cfg: SD15Config) -> dict:
         print(f"{method} b={b}: {med:,.0f} samples/hour", flush=True)
         return r
 
-    rows = [measure("plain", 1, cfg.samples, plain(cfg.samples), plain(1))]
+    rows, out_of_memory = res.setdefault("speed", []), res.setdefault("out_of_memory", [])
+    rows.append(measure("plain", 1, cfg.samples, plain(cfg.samples), plain(1)))
     med_plain = rows[0].median_samples_per_hour
     rows.append(measure("pair pass", 1, cfg.samples, batched(cfg.samples, 1), batched(1, 1), med_plain))
-    out_of_memory = []
     for b in sorted({b for b in cfg.batches if b > 1}, reverse=True):
         n = max(cfg.samples, b)
         try:
@@ -324,7 +327,7 @@ def sd15_speed(cfg: SD15Config) -> dict:
             out_of_memory.append({"batch": b, "error": str(e).splitlines()[0][:300]})
             print(f"pair pass b={b}: out of memory, next batch", flush=True)
             free_memory()
-    return {"check": check, "pair_pass": pass_info, "speed": rows, "out_of_memory": out_of_memory}
+    return res
 
 
 def sd15_table(cfg: SD15Config, rows: list[SD15Speed]) -> str:
@@ -345,24 +348,33 @@ def main_sd15(a) -> int:
     cfg = SD15Config(a.device, a.tiny, a.dtype, a.speed_steps or 50, a.speed_samples or 8,
                      tuple(a.batches or (32, 16, 8)), a.repeats, a.guidance, a.correction, a.seed)
     t0 = time.perf_counter()
-    res = sd15_speed(cfg)
+    res: dict = {}
+    failed = None
+    try:
+        sd15_speed(cfg, res)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - what was measured is kept, the failure said
+        failed, res["error"] = e, f"{type(e).__name__}: {e}"
     wall = time.perf_counter() - t0
-    print(sd15_table(cfg, res["speed"]))
+    rows = res.get("speed", [])
+    print(sd15_table(cfg, rows))
     print(f"bench wall time: {wall:.0f} s")
     if not a.no_save:
         dev = torch.device(cfg.device)
-        rows = res["speed"]
-        best = rows[-1]
+        summary = {}
+        if rows:
+            summary["plain_samples_per_hour"] = rows[0].median_samples_per_hour
+        if len(rows) > 1:
+            best = rows[-1]
+            summary.update(batch1_samples_per_hour=rows[1].median_samples_per_hour, batch1_vs_plain=rows[1].vs_plain,
+                           best_batch=best.batch, best_samples_per_hour=best.median_samples_per_hour,
+                           best_vs_plain=best.vs_plain)
         path = append_row("extract-smoke" if cfg.tiny else "extract", dev, {
             "bench": "extract", "mode": "sd15", "smoke": cfg.tiny, **provenance(dev), "config": asdict(cfg),
-            **res, "speed": [asdict(r) for r in rows],
-            "summary": {"plain_samples_per_hour": rows[0].median_samples_per_hour,
-                        "batch1_samples_per_hour": rows[1].median_samples_per_hour,
-                        "batch1_vs_plain": rows[1].vs_plain, "best_batch": best.batch,
-                        "best_samples_per_hour": best.median_samples_per_hour, "best_vs_plain": best.vs_plain},
-            "wall_s": wall,
+            **res, "speed": [asdict(r) for r in rows], "summary": summary, "wall_s": wall,
         })
         print(f"appended to {path}")
+    if failed is not None:
+        raise failed
     return 0
 
 

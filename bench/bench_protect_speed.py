@@ -313,7 +313,8 @@ def main(argv=None) -> None:
     rows: list[Row] = []
     try:
         extra, failed = run(cfg, rows), None
-    except Exception as e:  # noqa: BLE001 - the rows measured before it are kept, and it is said
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the rows measured before it (or before the
+        # check's time budget stopped it: gpu_check sends SIGINT first) are kept, and it is said
         extra, failed = {"error": f"{type(e).__name__}: {e}"}, e
     g = goals(rows)
     print(f"{'name':<17} {'batch':>5} {'graph':>5} {'ms/img-step':>12} {'s/image':>8} {'img/h':>8} {'peak GiB':>8} "

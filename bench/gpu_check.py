@@ -49,6 +49,7 @@ script cannot rot between GPU runs: tests/test_build.py runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -71,6 +72,7 @@ NO_CUDA_LINE = "gpu-check: no CUDA device here (torch.cuda.is_available() is Fal
 OPS = ("pair_noise", "pair_contrast_loss", "pgd_update", "draw_noise", "linf_update")
 REDUCTIONS = ("pair_contrast_loss", "pgd_update", "linf_update")  # block_sum in shared memory
 CUDA_SKIP = re.compile(r"needs CUDA|extension not built|CUDA kernels", re.I)
+GRACE_S = 15.0  # what a stage stopped by a timeout gets between SIGINT and SIGKILL to write its rows
 STAGES = ("build", "bench", "protect", "extract", "tests", "memcheck", "racecheck", "synccheck", "pairpass")
 # What the stages import: the runtime and test dependencies (setup.py) a CUDA machine's own
 # python3 may lack (diffusers does: ../shared/tools/gpu-wheels.sh carries it).
@@ -110,14 +112,17 @@ class Runner:
         self.stages.append(stage)
         print(f"== {stage.name}: {stage.status} ({stage.seconds:.0f} s) {stage.note}", flush=True)
         if self.after is not None:
-            self.after(stage)
+            try:
+                self.after(stage)
+            except Exception as e:  # noqa: BLE001 - copying out must not stop the check
+                print(f"   (copying the results out failed: {type(e).__name__}: {e})", flush=True)
         return stage
 
     def command(self, name: str, cmd: list[str], timeout_s: float, env: Optional[dict] = None) -> tuple[Optional[int], str, float]:
         """``(exit status or None on timeout, output, seconds)``; the output is also logged.
         ``self.cut`` says whether the budget gave it less than ``timeout_s``."""
-        self.cut = self.left() - 5 < timeout_s
-        timeout_s = min(timeout_s, self.left() - 5)
+        self.cut = self.left() - 5 - GRACE_S < timeout_s
+        timeout_s = min(timeout_s, self.left() - 5 - GRACE_S)
         print(f"-- {name}: {' '.join(cmd)}  (timeout {timeout_s:.0f} s)", flush=True)
         log = self.logs / f"{name}.log"
         self.written = [p for p in self.written if p != log] + [log]
@@ -130,7 +135,16 @@ class Runner:
             try:
                 rc: Optional[int] = proc.wait(timeout=max(1.0, timeout_s))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                # SIGINT first: a bench stopped part way writes the rows it measured
+                # (KeyboardInterrupt), then SIGKILL for whatever is still running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 rc = None
         seconds = time.monotonic() - t0
@@ -187,7 +201,7 @@ def find_sanitizer() -> Optional[str]:
     found = shutil.which("compute-sanitizer")
     if found:
         return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", cuda_home()):
         if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
             return str(Path(home) / "bin" / "compute-sanitizer")
     return None
@@ -580,7 +594,10 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     for name, reserve, run in plan:
         runner.reserve = reserve
         if want(name):
-            run()
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - a fault of the check itself: said, the next stages run
+                runner.add(Stage(name, "failed", 0.0, f"gpu_check itself: {type(e).__name__}: {str(e)[:300]}"))
 
     failed = [s.name for s in runner.stages if s.status == "failed"]
     cut = [s.name for s in runner.stages if s.status == "cut"]

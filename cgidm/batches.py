@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from cgidm.baselines import score_batch as score_baselines
+from cgidm.copies import phash
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
 from cgidm.pipeline import make_mask, prepare, recover, shrink_engines
@@ -58,6 +59,8 @@ def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
         except ImageError as e:
             failed.append((it, e.reason))
             continue
+        # how the picture looks (copies.py): the same picture saved again is one picture
+        object.__setattr__(it, "phash", phash(x))
         ok.append(it)
         tensors.append(x)
         notes.append(note)

@@ -78,9 +78,12 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                                str(row.get("id")))]
     copy_of = row.get("copy_of")
     if isinstance(copy_of, str):  # copies.py: one picture, not two findings
-        lines.append(Name(f"the same file (SHA-256) as {'a hold-out' if row.get('label') == 'member' else 'a member'}"
+        bits = row.get("copy_bits")
+        same = (f"the same picture (perceptual hash {bits} of 64 bits apart)" if isinstance(bits, int)
+                else "the same file (SHA-256)")
+        lines.append(Name(f"{same} as {'a hold-out' if row.get('label') == 'member' else 'a member'}"
                           f", the labels contradicting each other: " if row.get("label") in ("member", "holdout")
-                          else "the same file (SHA-256) as another image here, one picture: ", copy_of))
+                          else f"{same} as another image here, one picture: ", copy_of))
     elif row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
         lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
     p, n = row.get("p_value"), ctx.get("controls")

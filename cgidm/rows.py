@@ -60,6 +60,8 @@ def _head(item) -> dict:
         row["pair"] = item.pair.key
     if getattr(item, "source", None) is not None:  # the file as it was read (batches.load_batch)
         row["source"] = item.source
+    if getattr(item, "phash", None) is not None:  # its perceptual hash (copies.py)
+        row["phash"] = item.phash
     return row
 
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.copies import Copies, find_copies
+from cgidm.copies import Copies, find_copies, pooled_warning
 from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
@@ -20,7 +20,7 @@ WORSE_P = 0.01
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
-                       "calibration_error", "copies_warning", "auc_warning", "sample_warning", "set_verdict")
+                       "calibration_error", "copies_warning", "copies", "auc_warning", "sample_warning", "set_verdict")
 
 
 def runtime(device, dtype) -> dict:
@@ -105,11 +105,15 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         marks = found.marks()
         for r in rows:  # as found now (a resumed row may carry an earlier run's)
             r.pop("copy_of", None)
+            r.pop("copy_bits", None)
             if r.get("id") in marks and "error" not in r:
-                r["copy_of"] = marks[r["id"]]
+                r["copy_of"], bits = marks[r["id"]]
+                if bits is not None:
+                    r["copy_bits"] = bits
     said = found.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
     if said:
         summary["copies_warning"] = said
+        summary["copies"] = found.counts(set_verdict=bool(given) and cfg.metric != "official_cos")
     controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in found.left_out]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
@@ -257,7 +261,8 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
                 if said:
                     by_message.setdefault(said, []).append(k)
             if by_message:  # one sentence per message, not one per pair (a screen may have hundreds)
-                summary[key] = "; ".join(f"{_some(keys)}: {m}" for m, keys in by_message.items())
+                summary[key] = ((key == "copies_warning" and pooled_warning(per))
+                                or "; ".join(f"{_some(keys)}: {m}" for m, keys in by_message.items()))
     summary["pairs"] = {k: {**infos[k], **{f: s[f] for f in PAIR_SUMMARY_FIELDS if f in s}} for k, s in per.items()}
     return summary
 

@@ -116,6 +116,43 @@ def test_gpu_check_reads_pytests_lines():
     assert collected_count("7 tests collected in 0.5s") == 7 and collected_count("no tests ran") is None
 
 
+def test_a_stage_stopped_by_its_timeout_gets_sigint_first_to_write_its_rows(tmp_path, monkeypatch):
+    """A bench the time budget stops writes what it measured (KeyboardInterrupt) before the
+    SIGKILL; one that ignores SIGINT is killed all the same."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "WORK", tmp_path)
+    monkeypatch.setattr(gpu_check, "GRACE_S", 3.0)
+    runner = gpu_check.Runner(dict(os.environ), 60)
+    kept = tmp_path / "kept.txt"
+    polite = (f"import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              f"    open({str(kept)!r}, 'w').write('rows')\n    raise")
+    st = runner.stage("polite", [sys.executable, "-c", polite], 1.0)
+    assert st.status == "failed" and "timed out" in st.note and kept.read_text() == "rows"
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    st = runner.stage("stubborn", [sys.executable, "-c", stubborn], 1.0)
+    assert st.status == "failed" and st.seconds < 30
+
+
+def test_a_fault_of_the_check_itself_fails_its_stage_and_the_next_stages_run(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CGIDM_BENCH_RESULTS=str(tmp_path / "results"),
+               CGIDM_GPU_CHECK_WORK=str(tmp_path / "work"))
+    env.pop("OUT", None)
+    code = ("import sys; sys.path.insert(0, 'bench'); import gpu_check as g\n"
+            "def broken(*a): raise KeyError('planted')\n"
+            "g.bench_protect = broken\n"
+            "g.bench_extract = lambda r, *a: r.add(g.Stage('extract', 'ok', 0.0, 'ran after'))\n"
+            "sys.exit(g.main(['--only', 'protect,extract']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("stage      status"):]
+    assert re.search(r"^protect +failed .*gpu_check itself: KeyError: 'planted'", table, re.M), table
+    assert re.search(r"^extract +ok .*ran after", table, re.M), table
+    row = json.loads((tmp_path / "results" / "gpu-check-cpu.json").read_text().splitlines()[-1])
+    assert not row["ok"]
+
+
 def test_cuda_cases_selects_the_cuda_cases_only():
     """gpu-check's tests stage runs ``--cuda-cases``: a device-parametrized test's cuda case
     and a test that checks for CUDA itself are in, the cpu case and a CPU-only test out.

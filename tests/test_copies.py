@@ -1,6 +1,7 @@
 """Copies: the same picture under two names (its rows' SHA-256 alike) is one picture."""
 from __future__ import annotations
 
+import random
 import shutil
 
 from cgidm import cli
@@ -61,18 +62,26 @@ def test_one_image_under_two_pairs_is_not_a_copy():
     assert s["flagged"] == 2
 
 
-def test_the_cli_says_a_copy_was_left_out(tiny_world, tmp_path, capsys):
+def _authenticate_with_a_copy_among_the_controls(tiny_world, tmp_path, capsys, copy) -> str:
+    """``authenticate`` of member_00 as a.png against the world's controls and ``copy(member_00,
+    controls folder)``; its terminal output."""
     imgs = tiny_world / "images"
     suspects, controls = tmp_path / "mine", tmp_path / "controls"
     suspects.mkdir()
     shutil.copy(imgs / "members" / "member_00.png", suspects / "a.png")
     shutil.copytree(imgs / "controls", controls)
-    shutil.copy(imgs / "members" / "member_00.png", controls / "copy_of_a.png")
+    copy(imgs / "members" / "member_00.png", controls)
     code = cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
                      "--images", str(suspects), "--controls", str(controls), "--out", str(tmp_path / "out"),
                      "--preset", "demo", "--steps", "2", "-q"])
     out = capsys.readouterr().out
     assert code == 0, out
+    return out
+
+
+def test_the_cli_says_a_copy_was_left_out(tiny_world, tmp_path, capsys):
+    out = _authenticate_with_a_copy_among_the_controls(tiny_world, tmp_path, capsys,
+                                                       lambda f, d: shutil.copy(f, d / "copy_of_a.png"))
     assert "warning: 1 control images left out of the calibration" in out and "copy_of_a.png = " in out
     assert "copy_of_a.png" in (tmp_path / "out" / "report.html").read_text().split("left out of the calibration")[1]
 
@@ -107,3 +116,106 @@ def test_copies_are_marked_on_their_rows_and_in_the_report(tmp_path):
     assert any(0.19 < e <= 0.19 + 1e-9 for e in edges) and edges[0] <= 0.0 and edges[-1] > 1.0
     edges = _bins(0.0, 1.0, {"flag_line": 0.19, "metric": "latent_mse"})
     assert any(abs(e - 0.19) < 1e-12 for e in edges)
+
+
+def _dct_hash_by_hand(grey: "np.ndarray") -> str:
+    """pHash from the DCT-II's definition, sum over x, y of g cos(pi u (2x+1)/64) cos(pi v (2y+1)/64)."""
+    import numpy as np
+
+    k = np.arange(32)
+    basis = np.cos(np.pi * np.outer(np.arange(8), 2 * k + 1) / 64)  # [u, x]
+    low = basis @ grey @ basis.T
+    bits = (low > np.median(low)).ravel()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def test_the_perceptual_hash_is_the_dct_hash():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cgidm.copies import phash
+
+    # a flat picture: every coefficient but the mean is 0, so only the first bit is set
+    assert phash(torch.full((3, 40, 40), 0.3)) == "8000000000000000"
+    rng = np.random.default_rng(3)
+    for h, w in ((32, 32), (17, 45), (64, 48)):
+        x = torch.from_numpy(rng.uniform(-1, 1, (3, h, w)).astype(np.float32))
+        rgb = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        grey = np.asarray(Image.fromarray(rgb).convert("L").resize((32, 32), Image.LANCZOS), np.float64)
+        assert phash(x) == _dct_hash_by_hand(grey)
+
+
+def test_the_same_picture_saved_again_is_near_and_other_pictures_are_not(tiny_world, tmp_path):
+    import itertools
+
+    from PIL import Image
+
+    from cgidm.copies import NEAR, phash
+    from cgidm.images import load_image_with_notes
+
+    def bits(a, b):
+        return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+    files = sorted((tiny_world / "images").rglob("*.png"))
+    hashes = [phash(load_image_with_notes(f, 16)[0]) for f in files]
+    assert min(bits(a, b) for a, b in itertools.combinations(hashes, 2)) > NEAR
+    for f, h in zip(files[::5], hashes[::5]):
+        im = Image.open(f).convert("RGB")
+        im.save(tmp_path / "q75.jpg", quality=75)
+        im.resize((im.width * 3, im.height * 3), Image.BICUBIC).save(tmp_path / "big.png")
+        for again in (tmp_path / "q75.jpg", tmp_path / "big.png"):
+            assert bits(h, phash(load_image_with_notes(again, 16)[0])) <= NEAR
+
+
+def _looks(name, label, score, hash_, **extra):
+    return _row(name, label, score, **extra) | {"phash": hash_}
+
+
+def test_copies_are_found_by_their_look_when_their_bytes_differ():
+    base = 0x0123456789ABCDEF
+    near, far = f"{base ^ 0b111:016x}", f"{base ^ 0x1FF:016x}"  # 3 and 9 bits apart
+    rows = ([_looks("mine", None, 0.9, f"{base:016x}")] + _controls()
+            + [_looks("jpeg", "control", 0.9, near), _looks("other", "control", 0.85, far)])
+    rng = random.Random(0)  # pictures of their own: about 32 bits from each other
+    for r in rows[1:21]:
+        r["phash"] = f"{rng.getrandbits(64):016x}"
+    found = find_copies(rows, SUSPECT_LABELS)
+    assert found.controls == [("jpeg", "mine")] and found.apart == {("jpeg", "mine"): 3}
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["controls"] == 21 and "(first: jpeg = mine, hashes 3 of 64 bits apart)" in s["copies_warning"]
+    jpeg = next(r for r in rows if r["id"] == "jpeg")
+    assert jpeg["copy_of"] == "mine" and jpeg["copy_bits"] == 3
+    # the same bytes win over a look: no bits on an identical file
+    rows.append(_looks("bytes", "control", 0.5, far, content="mine"))
+    summarize(rows, AuthConfig(prompt="p"))
+    assert rows[-1]["copy_of"] == "mine" and "copy_bits" not in rows[-1]
+
+
+def test_a_resaved_copy_among_the_controls_is_left_out_end_to_end(tiny_world, tmp_path, capsys):
+    from PIL import Image
+
+    def resave(f, d):
+        Image.open(f).convert("RGB").save(d / "a_again.jpg", quality=75)
+
+    out = _authenticate_with_a_copy_among_the_controls(tiny_world, tmp_path, capsys, resave)
+    assert "warning: 1 control images left out of the calibration" in out and "a_again.jpg = image/a.png, hashes " in out
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "the same picture (perceptual hash" in html and "as image/a.png: left out of the calibration" in html
+
+
+def test_a_screens_copies_in_many_pairs_are_added_up_in_one_sentence():
+    def pair(k, copies):
+        rows = [_row("mine", None, 0.9)] + _controls() + [_row(f"copy{i}", "control", 0.9, "mine") for i in range(copies)]
+        return [{**r, "pair": k, "id": f"{k}/{r['id']}"} for r in rows]
+
+    rows = pair("p1", 2) + pair("p2", 1) + pair("p3", 0)
+    s = summarize_pairs(rows, {"p1": {}, "p2": {}, "p3": {}}, AuthConfig(prompt="p"))
+    assert s["pairs"]["p1"]["copies"] == {"left_out": 2} and "copies" not in s["pairs"]["p3"]
+    said = s["copies_warning"]
+    assert said.startswith("copies within 2 pairs: 3 control images left out of the calibration (")
+    assert "the first, p1: 2 control images left out" in said and "(first: p1/copy0 = p1/mine)" in said
+    assert said.count("A copy: the same file") == 1
+    # one pair with copies: its own sentence, named
+    s = summarize_pairs(pair("p1", 1) + pair("p3", 0), {"p1": {}, "p3": {}}, AuthConfig(prompt="p"))
+    assert s["copies_warning"].startswith("p1: 1 control images left out of the calibration")

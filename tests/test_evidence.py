@@ -171,6 +171,9 @@ def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_mod
     # a hold-out that is a copy of a member: not called a false positive
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png"), _summary()))
     assert "a false positive" not in " ".join(text) and text[1].endswith("contradicting each other: m.png")
+    # a copy found by its look (the same picture saved again) says how near
+    text = _texts(card_lines(_row(0, "fine-tuned on", copy_of="img9.png", copy_bits=2), _summary()))
+    assert text[1] == "the same picture (perceptual hash 2 of 64 bits apart) as another image here, one picture: img9.png"
 
 
 def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkeypatch):

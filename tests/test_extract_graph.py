@@ -292,3 +292,25 @@ def test_bench_sd15_mode_refuses_cpu_and_smokes_with_tiny_unets(tmp_path):
     assert methods == [("plain", 1, False), ("pair pass", 1, False), ("pair pass", 4, False)]
     assert all(s["median_samples_per_hour"] > 0 for s in row["speed"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["extract-smoke-cpu.json"]
+
+
+def test_bench_sd15_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
+    """gpu_check stops a bench past its time with SIGINT: the row keeps the runs measured."""
+    monkeypatch.setenv("CGIDM_BENCH_RESULTS", str(tmp_path))
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_extract
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    measured = bench_extract.SD15Speed("plain", 1, 3, False, 100.0, 90.0, 110.0, 1.0, None, None)
+
+    def stopped(cfg, res):
+        res["speed"] = [measured]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_extract, "sd15_speed", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench_extract.main(["--sd15", "--tiny", "--device", "cpu"])
+    row = json.loads((tmp_path / "extract-smoke-cpu.json").read_text().splitlines()[-1])
+    assert row["error"] == "KeyboardInterrupt: " and [s["method"] for s in row["speed"]] == ["plain"]
+    assert row["summary"] == {"plain_samples_per_hour": 100.0}
