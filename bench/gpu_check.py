@@ -157,7 +157,7 @@ class Runner:
               judge: Optional[Callable[[int, str], tuple[str, str]]] = None, env: Optional[dict] = None) -> Stage:
         """Runs ``cmd`` unless the budget is spent; ``judge(rc, output)`` -> (status, note)
         overrides the plain exit-status verdict."""
-        if self.left() < 20:
+        if self.left() < 20 + GRACE_S:
             return self.add(Stage(name, "cut", 0.0, "not run: time budget spent"))
         rc, out, seconds = self.command(name, cmd, timeout_s, env)
         if rc is None:
@@ -611,8 +611,10 @@ def check(budget_s: float, only: Optional[set[str]] = None) -> int:
     combined_log(runner, log)
     print(f"row appended to {path}; stage logs in {runner.logs} (all in {log})", flush=True)
     copy_out([*result_files(RESULTS, slug, cuda), log])
+    skipped = [s.name for s in runner.stages if s.status == "skipped"]
     verdict = "FAILED: " + ", ".join(failed) if failed else "all stages passed" if not cut else "passed what ran"
     print(f"gpu-check: {verdict}{'; cut by the time budget: ' + ', '.join(cut) if cut else ''}"
+          f"{'; skipped (not checked): ' + ', '.join(skipped) if skipped else ''}"
           f"{'' if cuda else ' (CPU smoke)'}", flush=True)
     return 1 if failed or cut else 0
 

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
+from cgidm.images import refuse_images_inside
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
 from cgidm.progress import bar_options
@@ -83,6 +84,7 @@ def authenticate(
     if not items:
         raise ValueError("no images to authenticate")
     check_items(items)
+    refuse_images_inside(out, [it.path for it in items])
     check_embedder(cfg, embedder)
     check_t_max(cfg.pgd.t_max, len(pair.abar))
     cfg, found_from = resolve_prompt(cfg, pair)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from cgidm.baselines import score_batch as score_baselines
-from cgidm.copies import phash
+from cgidm.copies import fingerprint
 from cgidm.files import OutputError
 from cgidm.images import ImageError, load_image_with_notes
 from cgidm.pipeline import make_mask, prepare, recover, shrink_engines
@@ -54,13 +54,14 @@ def load_batch(pair, batch: Sequence, cfg, stream=None) -> Loaded:
         # names the image by its contents, and a screen's resume tells a file saved over
         # since (``resume.same_source``)
         object.__setattr__(it, "source", source(it.path))
+        object.__setattr__(it, "fingerprint", None)  # an earlier load's, of a file since replaced
         try:
             x, note = load_image_with_notes(it.path, pair.resolution)
         except ImageError as e:
             failed.append((it, e.reason))
             continue
-        # how the picture looks (copies.py): the same picture saved again is one picture
-        object.__setattr__(it, "phash", phash(x))
+        # the pixels the model is given (copies.py): the same picture in another file is one
+        object.__setattr__(it, "fingerprint", fingerprint(x))
         ok.append(it)
         tensors.append(x)
         notes.append(note)

@@ -403,9 +403,10 @@ def cmd_extract(args) -> int:
     s = extract(pair, out, cfg, compare=args.compare, embedder=embedder, progress=not args.quiet,
                 prompt_from=prompt_from, model_files=files)
     c, t = s["clustering"], s["timing"]
-    rate = (f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample") + (
-        f", {s['resumed_samples']} from the run that stopped" if s["resumed_samples"] else "")
-    print(f"{s['finite_samples']} samples in {t['sampling_s']:.1f} s ({rate}); "
+    rate = f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample"
+    took = (f" ({s['samples'] - s['resumed_samples']} drawn in {t['sampling_s']:.1f} s, {rate}; {s['resumed_samples']} "
+            f"by the run that stopped)" if s["resumed_samples"] else f" in {t['sampling_s']:.1f} s ({rate})")
+    print(f"{s['finite_samples']} samples{took}; "
           f"{c['clusters']} clusters at {s['features']} similarity "
           f"{'>= %g' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
           f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")

@@ -1,10 +1,12 @@
 """Images given twice under other names (docs/architecture.md, "Copies"). Every row
-records the SHA-256 of the file it read (``source``) and a perceptual hash of the picture
-the model was given (``phash``); two rows with the same digest, or whose hashes differ in
-at most ``NEAR`` of their 64 bits (the picture saved again, re-encoded or resized), are one
-picture. A link to a file given under two labels is refused before a run
-(``manifest.check_items``); a copy is only seen once its contents are read, so it is
-handled here, where the verdicts are made:
+records the SHA-256 of the file it read (``source``), the SHA-256 of the pixels the model
+was given (``pixels``) and their perceptual hash (``phash``). Two rows with the same file
+or the same pixels are one picture (a copy); two whose hashes differ in at most ``NEAR`` of
+their 64 bits look alike (the picture saved again as JPEG or resized, or two pictures
+simple enough to hash alike: flat colours, one shape in other colours, lines of text). A
+link to a file given under two labels is refused before a run (``manifest.check_items``);
+a copy is only seen once its contents are read, so it is handled here, where the verdicts
+are made:
 
 - a control that is a copy of an image being tested (or of an earlier control) is left
   out of the calibration: a suspect's own copy among the controls ties with it and takes
@@ -13,9 +15,14 @@ handled here, where the verdicts are made:
 - a suspect image that is a copy of an earlier one counts once in the set verdict (its own
   row keeps its p-value), or one picture given three times would weigh three times;
 - a member that is a copy of a hold-out is said: the labels contradict each other.
+
+Look-alikes are only said (``alike``): a hash cannot tell the same picture re-encoded from
+two different simple pictures, so nothing is left out on its word.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -24,11 +31,21 @@ import torch
 
 from cgidm.files import shown
 
-# Most bits two hashes of one picture differ in (docs/architecture.md, "Copies"). Measured
-# on the tiny worlds (16 px, where a hash is coarsest): the same picture saved as JPEG
-# (quality 40 or 75) or at half size is at most 6 bits from its own hash, two different
+# Most bits the hashes of two look-alikes differ in (docs/architecture.md, "Copies").
+# Measured on the tiny worlds (16 px, where a hash is coarsest): the same picture saved as
+# JPEG (quality 40 or 75) or at half size is at most 6 bits from its own hash, two different
 # pictures 16 or more apart; on scikit-image's sample photographs at 512 px, 0 to 2 and 24.
 NEAR = 8
+
+# what ``warning`` names, by the key ``counts`` gives
+KINDS = {"left_out": "control images left out of the calibration",
+         "counted_once": "suspect images counted once in the set verdict",
+         "conflicts": "members that are copies of hold-outs",
+         "alike": "images that look like another image here"}
+WHAT_A_COPY_IS = "A copy: the same file or the same pixels (SHA-256)"
+ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart: the same picture saved again (JPEG, resized), or "
+         f"pictures too simple to tell apart by the hash; counted as given: leave out a control that is a suspect "
+         f"image saved again")
 
 
 def digest(row: dict) -> Optional[str]:
@@ -37,78 +54,85 @@ def digest(row: dict) -> Optional[str]:
     return src.get("sha256") if isinstance(src, dict) and isinstance(src.get("sha256"), str) else None
 
 
-# what ``warning`` names, by the key ``counts`` gives
-KINDS = {"left_out": "control images left out of the calibration",
-         "counted_once": "suspect images counted once in the set verdict",
-         "conflicts": "members that are copies of hold-outs"}
-WHAT_A_COPY_IS = (f"A copy: the same file (SHA-256), or the same picture saved again (perceptual hashes at most {NEAR} "
-                  f"of 64 bits apart)")
-
-
-def phash(image: torch.Tensor) -> str:
-    """The DCT perceptual hash (pHash) of an image ``[3, H, W]`` in [-1, 1] (what the model
-    is given), as 16 hex digits: its luminance resized to 32 x 32, the 8 x 8 lowest
-    frequencies of its 2-D DCT-II, each bit whether a coefficient is above their median."""
+def fingerprint(image: torch.Tensor) -> dict:
+    """``{"pixels", "phash"}`` of an image ``[3, H, W]`` in [-1, 1] (what the model is
+    given): the SHA-256 of its 8-bit pixels, and its DCT perceptual hash (pHash) as 16 hex
+    digits: its luminance resized to 32 x 32, the 8 x 8 lowest frequencies of its 2-D
+    DCT-II, each bit whether a coefficient is above their median."""
     import scipy.fft
     from PIL import Image
 
-    rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grey = Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB").convert("L").resize((32, 32), Image.LANCZOS)
+    rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    rgb = np.ascontiguousarray(rgb)
+    size = f"{rgb.shape[1]}x{rgb.shape[0]}:".encode()
+    grey = Image.fromarray(rgb, "RGB").convert("L").resize((32, 32), Image.LANCZOS)
     low = scipy.fft.dctn(np.asarray(grey, dtype=np.float64), type=2)[:8, :8]
-    return np.packbits((low > np.median(low)).ravel()).tobytes().hex()
+    return {"pixels": hashlib.sha256(size + rgb.tobytes()).hexdigest(),
+            "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex()}
 
 
-def _phash(row: dict) -> Optional[bytes]:
+def _phash(row: dict) -> Optional[int]:
     h = row.get("phash")
-    if isinstance(h, str) and len(h) == 16:
-        try:
-            return bytes.fromhex(h)
-        except ValueError:
-            return None
-    return None
+    return int(h, 16) if isinstance(h, str) and re.fullmatch(r"[0-9a-fA-F]{16}", h) else None
+
+
+# set bits of each byte value, for numpy without bitwise_count (before 2.0)
+_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BITS[x.view(np.uint8)].reshape(-1, 8).sum(axis=1)
 
 
 class _Seen:
-    """The first row of each picture met so far, found by its digest or a near hash."""
+    """The first row of each picture met so far: by its file's or pixels' digest (``near``
+    False), or by a hash at most ``NEAR`` bits from its own (``near`` True)."""
 
-    def __init__(self) -> None:
+    def __init__(self, near: bool) -> None:
+        self.near = near
         self.by_digest: dict[str, str] = {}
         self.ids: list[str] = []
-        self.hashes = bytearray()  # 8 bytes a row, in the order of ``ids``
+        self.hashes = np.zeros(64, dtype=np.uint64)  # in the order of ``ids``; grown by doubling
 
     def find(self, row: dict) -> tuple[Optional[str], Optional[int]]:
-        """``(id of the first row of the same picture, bits apart or None when the same
-        file)``; ``(None, None)`` when it is a new picture."""
-        h = digest(row)
-        if h is not None and h in self.by_digest:
-            return self.by_digest[h], None
+        """``(id of the first row of the same picture, hash bits apart when ``near``)``;
+        ``(None, None)`` when it is a new picture."""
+        if not self.near:
+            for h in (digest(row), row.get("pixels")):
+                if isinstance(h, str) and h in self.by_digest:
+                    return self.by_digest[h], None
+            return None, None
         p = _phash(row)
         if p is not None and self.ids:
-            apart = np.unpackbits(np.frombuffer(bytes(self.hashes), np.uint8).reshape(-1, 8)
-                                  ^ np.frombuffer(p, np.uint8), axis=1).sum(axis=1)
+            apart = _popcount(self.hashes[:len(self.ids)] ^ np.uint64(p))
             i = int(np.argmin(apart))  # the first of the nearest
             if apart[i] <= NEAR:
                 return self.ids[i], int(apart[i])
         return None, None
 
     def add(self, row: dict) -> None:
-        h, p = digest(row), _phash(row)
-        if h is not None:
-            self.by_digest.setdefault(h, row["id"])
-        if p is not None:
+        if not self.near:
+            for h in (digest(row), row.get("pixels")):
+                if isinstance(h, str):
+                    self.by_digest.setdefault(h, row["id"])
+        elif (p := _phash(row)) is not None:
+            if len(self.ids) == len(self.hashes):
+                self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])
+            self.hashes[len(self.ids)] = p
             self.ids.append(row["id"])
-            self.hashes += p
 
 
 @dataclass
 class Copies:
-    """Pairs ``(id, id of the row it is a copy of)``; ``apart``: the hash bits apart of a
-    copy found by its look alone (not the same file)."""
+    """Pairs ``(id, id of the row it is a copy of)``; ``alike``: ``(id, id it looks like,
+    hash bits apart)`` of the rows that are not copies."""
 
     controls: list[tuple[str, str]] = field(default_factory=list)
     suspects: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[tuple[str, str]] = field(default_factory=list)
-    apart: dict[tuple[str, str], int] = field(default_factory=dict)
+    alike: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def left_out(self) -> set[str]:
@@ -118,40 +142,47 @@ class Copies:
     def counted_once(self) -> set[str]:
         return {a for a, _ in self.suspects}
 
-    def marks(self) -> dict[str, tuple[str, Optional[int]]]:
-        """``{id: (the id it is a copy of, hash bits apart or None for the same file)}`` for
-        the rows (``copy_of``, ``copy_bits``); a member and a hold-out that are one picture
-        each name the other."""
-        marks = {a: (b, self.apart.get((a, b))) for a, b in self.controls + self.suspects}
+    def marks(self) -> dict[str, str]:
+        """``{id: the id it is a copy of}`` for the rows (``copy_of``); a member and a hold-out
+        that are one picture each name the other."""
+        marks = {a: b for a, b in self.controls + self.suspects}
         for member, holdout in self.conflicts:
-            bits = self.apart.get((member, holdout))
-            marks.setdefault(member, (holdout, bits))
-            marks.setdefault(holdout, (member, bits))
+            marks.setdefault(member, holdout)
+            marks.setdefault(holdout, member)
         return marks
 
-    def _kinds(self, set_verdict: bool) -> list[tuple[str, list[tuple[str, str]]]]:
+    def alike_marks(self) -> dict[str, tuple[str, int]]:
+        """``{id: (the id it looks like, hash bits apart)}`` (``looks_like``, ``looks_bits``)."""
+        return {a: (b, bits) for a, b, bits in self.alike}
+
+    def _kinds(self, set_verdict: bool) -> list[tuple[str, list]]:
         return [("left_out", self.controls), ("counted_once", self.suspects if set_verdict else []),
-                ("conflicts", self.conflicts)]
+                ("conflicts", self.conflicts), ("alike", self.alike)]
 
     def counts(self, set_verdict: bool = True) -> dict[str, int]:
-        """How many copies of each kind ``warning`` names (a pair's ``copies``, which a
-        screen's own warning adds up: ``pooled_warning``)."""
+        """How many of each kind ``warning`` names (a pair's ``copies``, which a screen's own
+        warning adds up: ``pooled_warning``)."""
         return {kind: len(pairs) for kind, pairs in self._kinds(set_verdict) if pairs}
 
     def warning(self, set_verdict: bool = True) -> Optional[str]:
-        """What the copies changed, in a sentence; ``set_verdict``: whether there is one to
-        count the suspects' copies in (controls given, a per-image metric)."""
+        """What the copies changed and which images look alike, in a sentence;
+        ``set_verdict``: whether there is one to count the suspects' copies in (controls
+        given, a per-image metric)."""
         said = []
         for kind, pairs in self._kinds(set_verdict):
-            what = KINDS[kind] + {"left_out": ", each a copy of an image tested or of another control",
-                                  "counted_once": ", each a copy of another suspect image",
-                                  "conflicts": ": the labels contradict each other"}[kind]
-            if pairs:
-                a, b = pairs[0]
-                bits = self.apart.get((a, b))
-                how = "" if bits is None else f", hashes {bits} of 64 bits apart"
-                said.append(f"{len(pairs)} {what} (first: {shown(a)} = {shown(b)}{how})")
-        return "; ".join(said) + f". {WHAT_A_COPY_IS}" if said else None
+            if not pairs:
+                continue
+            first = f"{shown(pairs[0][0])} = {shown(pairs[0][1])}"
+            if kind == "alike":
+                said.append(f"{len(pairs)} {KINDS[kind]} (first: {first}, {pairs[0][2]} bits apart; {ALIKE})")
+                continue
+            what = {"left_out": ", each a copy of an image tested or of another control",
+                    "counted_once": ", each a copy of another suspect image",
+                    "conflicts": ": the labels contradict each other"}[kind]
+            said.append(f"{len(pairs)} {KINDS[kind]}{what} (first: {first})")
+        if not said:
+            return None
+        return "; ".join(said) + (f". {WHAT_A_COPY_IS}" if any(k != "alike" for k in self.counts(set_verdict)) else "")
 
 
 def pooled_warning(per: dict[str, dict]) -> Optional[str]:
@@ -167,41 +198,56 @@ def pooled_warning(per: dict[str, dict]) -> Optional[str]:
             total[kind] = total.get(kind, 0) + n
     first = next(iter(said))
     counted = ", ".join(f"{total[kind]} {what}" for kind, what in KINDS.items() if total.get(kind))
-    own = said[first].split(f". {WHAT_A_COPY_IS}")[0]
-    return (f"copies within {len(said)} pairs: {counted} (each pair's in pairs.<key>.copies_warning; the first, "
-            f"{shown(first)}: {own}). {WHAT_A_COPY_IS}")
+    return (f"copies or look-alikes within {len(said)} pairs: {counted} (each pair's in pairs.<key>.copies_warning; "
+            f"the first, {shown(first)}: {said[first]})")
 
 
-def find_copies(rows: Sequence[dict], suspect_labels: Sequence[Optional[str]]) -> Copies:
-    """The copies among ``rows`` (scored rows: a failed one read no picture)."""
-    found = Copies()
-
-    def note(kind: list, a: dict, first: Optional[str], bits: Optional[int]) -> bool:
-        if first is None:
-            return False
-        kind.append((a["id"], first))
-        if bits is not None:
-            found.apart[(a["id"], first)] = bits
-        return True
-
-    tested, holdouts = _Seen(), _Seen()
+def _find(rows: Sequence[dict], suspect_labels: Sequence[Optional[str]], near: bool,
+          skip: frozenset = frozenset()) -> tuple[list, list, list]:
+    """``(controls, suspects, conflicts)``: ``(id, first id, bits apart or None)`` of each;
+    the rows of ``skip`` (copies already) are looked up against, never looked for."""
+    controls_found, suspects_found, conflicts = [], [], []
+    tested, holdouts = _Seen(near), _Seen(near)
     for r in rows:
         if r.get("label") != "control":
             tested.add(r)
         if r.get("label") == "holdout":
             holdouts.add(r)
-    controls = _Seen()
+    controls = _Seen(near)
     for r in rows:
-        if r.get("label") == "control":
+        if r.get("label") == "control" and r["id"] not in skip:
             first, bits = tested.find(r)
             if first is None:
                 first, bits = controls.find(r)
-            if not note(found.controls, r, first, bits):
+            if first is not None:
+                controls_found.append((r["id"], first, bits))
+            else:
                 controls.add(r)
-    suspects = _Seen()
+    suspects = _Seen(near)
     for r in rows:
-        if r.get("label") in suspect_labels and not note(found.suspects, r, *suspects.find(r)):
-            suspects.add(r)
-        if r.get("label") == "member":
-            note(found.conflicts, r, *holdouts.find(r))
+        if r.get("label") in suspect_labels:
+            first, bits = suspects.find(r)
+            if first is None:
+                suspects.add(r)
+            elif r["id"] not in skip:
+                suspects_found.append((r["id"], first, bits))
+        if r.get("label") == "member" and r["id"] not in skip:
+            first, bits = holdouts.find(r)
+            if first is not None:
+                conflicts.append((r["id"], first, bits))
+    return controls_found, suspects_found, conflicts
+
+
+def find_copies(rows: Sequence[dict], suspect_labels: Sequence[Optional[str]]) -> Copies:
+    """The copies among ``rows`` (scored rows: a failed one read no picture), and the rows
+    that are no copy but look like another (``alike``)."""
+    controls, suspects, conflicts = _find(rows, suspect_labels, near=False)
+    found = Copies([(a, b) for a, b, _ in controls], [(a, b) for a, b, _ in suspects],
+                   [(a, b) for a, b, _ in conflicts])
+    marked = frozenset(found.marks())
+    seen: set[str] = set()
+    for a, b, bits in (x for kind in _find(rows, suspect_labels, near=True, skip=marked) for x in kind):
+        if a not in seen:
+            seen.add(a)
+            found.alike.append((a, b, bits))
     return found

@@ -78,14 +78,16 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                                str(row.get("id")))]
     copy_of = row.get("copy_of")
     if isinstance(copy_of, str):  # copies.py: one picture, not two findings
-        bits = row.get("copy_bits")
-        same = (f"the same picture (perceptual hash {bits} of 64 bits apart)" if isinstance(bits, int)
-                else "the same file (SHA-256)")
+        same = "the same file or pixels (SHA-256)"
         lines.append(Name(f"{same} as {'a hold-out' if row.get('label') == 'member' else 'a member'}"
                           f", the labels contradicting each other: " if row.get("label") in ("member", "holdout")
                           else f"{same} as another image here, one picture: ", copy_of))
-    elif row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
-        lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
+    else:
+        if isinstance(row.get("looks_like"), str):  # said, not acted on: a hash cannot tell
+            lines.append(Name(f"looks like another image here (perceptual hashes {row.get('looks_bits')} of 64 bits "
+                              f"apart), counted as a picture of its own: ", row["looks_like"]))
+        if row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
+            lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
     p, n = row.get("p_value"), ctx.get("controls")
     lines.append((f"verdict: {row.get('verdict')} (p = {p:.3g} <= {level}, against {n} control images)",
                   f"{row.get('verdict')}: p = {p:.3g} <= {level}, {n} controls"))

@@ -263,9 +263,10 @@ def _say_clustering(clustering, cfg: ExtractConfig, samples: int) -> None:
             log.warning("every cluster is a single sample: no two samples are alike at the threshold the scan "
                         "reached, so the candidates are not ranked by anything (more --samples, or fewer "
                         "--clusters, or other --features)")
-    if cfg.candidates is not None and len(clustering.clusters) < cfg.candidates:
-        log.warning("%d clusters: %d candidates written, not the %d --candidates asked for",
-                    len(clustering.clusters), len(clustering.clusters), cfg.candidates)
+    if len(clustering.clusters) < cfg.n_candidates:  # asked for with --candidates, or --clusters by default
+        log.warning("%d clusters: %d candidates written, not the %d %s asked for", len(clustering.clusters),
+                    len(clustering.clusters), cfg.n_candidates,
+                    "--candidates" if cfg.candidates is not None else "(--candidates, by default --clusters)")
 
 
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,

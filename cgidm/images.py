@@ -111,6 +111,24 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     return sorted(found)
 
 
+def refuse_images_inside(out: str | Path, paths) -> None:
+    """A ``ValueError`` when an image of ``paths`` is inside the output folder ``out`` (or
+    is reached through a link into it): a run writes its outputs beside them, and a second
+    run over the folder would read its own outputs as images. What ``list_images``'s
+    ``exclude`` refuses for a folder the CLI lists, for the lists the API is given."""
+    o = os.path.realpath(Path(out).expanduser())
+    real_dirs: dict[str, str] = {}
+    for p in paths:
+        p = str(p)
+        d = os.path.dirname(os.path.abspath(p))
+        if d not in real_dirs:
+            real_dirs[d] = os.path.realpath(d)
+        real = os.path.realpath(p) if os.path.islink(p) else os.path.join(real_dirs[d], os.path.basename(p))
+        if _within(real, o):
+            raise ValueError(f"the output folder {out} holds the image {p}: choose an output folder outside the "
+                             "images' folders (a run writes beside them, and the next would read its own outputs)")
+
+
 def is_output_folder(folder: Path) -> bool:
     """``folder`` holds the files of a cgidm run's output (``OUTPUT_MARKERS``)."""
     return any(all((folder / m).is_file() for m in group) for group in OUTPUT_MARKERS)

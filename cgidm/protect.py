@@ -31,7 +31,7 @@ from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_impl, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_jsonl,
                          json_values, output_dirs, output_path, shown)
-from cgidm.images import ImageError, list_images, load_image_with_notes, view_of
+from cgidm.images import ImageError, list_images, load_image_with_notes, refuse_images_inside, view_of
 from cgidm.protect_output import output_name, panel, protect_file, run_summary, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
@@ -445,6 +445,7 @@ def protect(
         check_before_loading(cfg)
     check_impl(cfg.impl, model.device)
     out = Path(out).expanduser()
+    refuse_images_inside(out, [it.path for it in items])
     if model.abar is not None:
         check_t_max(cfg.t_max, len(model.abar))
     target = _target(model, cfg)  # a --target too small for the model stops here, before --out records it

@@ -60,8 +60,8 @@ def _head(item) -> dict:
         row["pair"] = item.pair.key
     if getattr(item, "source", None) is not None:  # the file as it was read (batches.load_batch)
         row["source"] = item.source
-    if getattr(item, "phash", None) is not None:  # its perceptual hash (copies.py)
-        row["phash"] = item.phash
+    if getattr(item, "fingerprint", None) is not None:  # its pixels' digest and perceptual hash (copies.py)
+        row.update(item.fingerprint)
     return row
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm import provenance
+from cgidm.images import refuse_images_inside
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, check_impl, dtype_name, library_runtime
 from cgidm.distributed import all_gather, dist_info
@@ -238,6 +239,7 @@ def screen(
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
+    refuse_images_inside(out, [e.path for e in entries])
     output_dirs(out)
     lock = _lock(out, rank, unusable)  # before anything is made inside: a held folder is left as it is
     try:

@@ -103,13 +103,14 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
     if copies:
         marks = found.marks()
+        alike = found.alike_marks()
         for r in rows:  # as found now (a resumed row may carry an earlier run's)
-            r.pop("copy_of", None)
-            r.pop("copy_bits", None)
-            if r.get("id") in marks and "error" not in r:
-                r["copy_of"], bits = marks[r["id"]]
-                if bits is not None:
-                    r["copy_bits"] = bits
+            for k in ("copy_of", "looks_like", "looks_bits"):
+                r.pop(k, None)
+            if "error" not in r and r.get("id") in marks:
+                r["copy_of"] = marks[r["id"]]
+            elif "error" not in r and r.get("id") in alike:
+                r["looks_like"], r["looks_bits"] = alike[r["id"]]
     said = found.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
     if said:
         summary["copies_warning"] = said

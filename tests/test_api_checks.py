@@ -72,6 +72,31 @@ def test_items_that_would_overwrite_each_other_are_refused(world_pair, tiny_worl
         assert [i.path for i in cgidm.collect_items(members="~/art")] == [home / "art" / "img.png"]
 
 
+def test_an_output_folder_holding_the_images_is_refused_by_the_api_as_by_the_cli(world_pair, tiny_world, tmp_path):
+    """authenticate, protect and screen given listed images and an ``out`` that holds them
+    (or the link to one) write nothing, as the CLI refuses such an --out."""
+    from cgidm.manifest import read_manifest
+    from cgidm.protect import ProtectConfig, collect_protect_items, protect
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_world / "images" / "members", art / "m")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.png").symlink_to(art / "m" / "member_00.png")
+    items = cgidm.collect_items(members=art / "m")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (art / "m", art):
+        with pytest.raises(ValueError, match="the output folder .* holds the image .*member_00.png"):
+            cgidm.authenticate(world_pair, items, out, CFG, progress=False)
+        with pytest.raises(ValueError, match="holds the image"):
+            protect(world_pair, collect_protect_items(art / "m"), out, ProtectConfig(steps=1), progress=False)
+        with pytest.raises(ValueError, match="holds the image"):
+            cgidm.screen(read_manifest(art / "m", base=tiny_world / "base", finetuned=tiny_world / "finetuned"),
+                         out, CFG, progress=False)
+    with pytest.raises(ValueError, match="holds the image .*link.png"):
+        cgidm.authenticate(world_pair, cgidm.collect_items(members=tmp_path / "elsewhere"), art, CFG, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_prepare_refuses_inputs_that_do_not_match_and_recover_finds_the_prompt(world_pair, tiny_world):
     imgs = torch.stack([load_image(p, 16) for p in sorted((tiny_world / "images" / "members").glob("*.png"))[:2]])
     with pytest.raises(ValueError, match="2 images, 1 ids"):

@@ -124,11 +124,11 @@ def test_a_stage_stopped_by_its_timeout_gets_sigint_first_to_write_its_rows(tmp_
 
     monkeypatch.setattr(gpu_check, "WORK", tmp_path)
     monkeypatch.setattr(gpu_check, "GRACE_S", 3.0)
-    runner = gpu_check.Runner(dict(os.environ), 60)
+    runner = gpu_check.Runner(dict(os.environ), 120)
     kept = tmp_path / "kept.txt"
     polite = (f"import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
               f"    open({str(kept)!r}, 'w').write('rows')\n    raise")
-    st = runner.stage("polite", [sys.executable, "-c", polite], 1.0)
+    st = runner.stage("polite", [sys.executable, "-c", polite], 4.0)  # time to reach its try on a busy machine
     assert st.status == "failed" and "timed out" in st.note and kept.read_text() == "rows"
     stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
     st = runner.stage("stubborn", [sys.executable, "-c", stubborn], 1.0)

@@ -104,9 +104,9 @@ def test_copies_are_marked_on_their_rows_and_in_the_report(tmp_path):
     marks = {r["id"]: r.get("copy_of") for r in rows if r.get("copy_of")}
     assert marks == {"again": "mine", "copy": "mine", "m": "h", "h": "m"}
     html = write_report(tmp_path, rows, s).read_text()
-    assert "the same file (SHA-256) as mine: left out of the calibration" in html
-    assert "the same file (SHA-256) as mine: counted once in the set verdict" in html
-    assert "the same file (SHA-256) as h: the labels contradict each other" in html
+    assert "the same file or pixels (SHA-256) as mine: left out of the calibration" in html
+    assert "the same file or pixels (SHA-256) as mine: counted once in the set verdict" in html
+    assert "the same file or pixels (SHA-256) as h: the labels contradict each other" in html
     # summarized again (a resume) with the copy gone: its mark goes too
     rows = [r for r in rows if r["id"] != "copy"]
     summarize(rows, AuthConfig(prompt="p"))
@@ -129,79 +129,105 @@ def _dct_hash_by_hand(grey: "np.ndarray") -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
+def _phash(x):
+    from cgidm.copies import fingerprint
+
+    return fingerprint(x)["phash"]
+
+
 def test_the_perceptual_hash_is_the_dct_hash():
     import numpy as np
     import torch
     from PIL import Image
 
-    from cgidm.copies import phash
-
     # a flat picture: every coefficient but the mean is 0, so only the first bit is set
-    assert phash(torch.full((3, 40, 40), 0.3)) == "8000000000000000"
+    assert _phash(torch.full((3, 40, 40), 0.3)) == "8000000000000000"
     rng = np.random.default_rng(3)
     for h, w in ((32, 32), (17, 45), (64, 48)):
         x = torch.from_numpy(rng.uniform(-1, 1, (3, h, w)).astype(np.float32))
         rgb = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         grey = np.asarray(Image.fromarray(rgb).convert("L").resize((32, 32), Image.LANCZOS), np.float64)
-        assert phash(x) == _dct_hash_by_hand(grey)
+        assert _phash(x) == _dct_hash_by_hand(grey)
 
 
-def test_the_same_picture_saved_again_is_near_and_other_pictures_are_not(tiny_world, tmp_path):
+def test_the_pixels_digest_is_of_the_8_bit_pixels_and_their_size():
+    import hashlib
+
+    import torch
+
+    from cgidm.copies import fingerprint
+
+    x = torch.zeros(3, 2, 3)
+    x[0, 1, 2] = 1.0  # red 255 at row 1, column 2; the rest 127.5 -> 128
+    rgb = bytes([128] * 3 * 5 + [255, 128, 128])
+    assert fingerprint(x)["pixels"] == hashlib.sha256(b"3x2:" + rgb).hexdigest()
+    assert fingerprint(x.reshape(3, 3, 2))["pixels"] != fingerprint(x)["pixels"]
+
+
+def test_the_same_picture_saved_again_looks_alike_and_other_pictures_do_not(tiny_world, tmp_path):
     import itertools
 
     from PIL import Image
 
-    from cgidm.copies import NEAR, phash
+    from cgidm.copies import NEAR
     from cgidm.images import load_image_with_notes
 
     def bits(a, b):
         return bin(int(a, 16) ^ int(b, 16)).count("1")
 
     files = sorted((tiny_world / "images").rglob("*.png"))
-    hashes = [phash(load_image_with_notes(f, 16)[0]) for f in files]
+    hashes = [_phash(load_image_with_notes(f, 16)[0]) for f in files]
     assert min(bits(a, b) for a, b in itertools.combinations(hashes, 2)) > NEAR
     for f, h in zip(files[::5], hashes[::5]):
         im = Image.open(f).convert("RGB")
         im.save(tmp_path / "q75.jpg", quality=75)
         im.resize((im.width * 3, im.height * 3), Image.BICUBIC).save(tmp_path / "big.png")
         for again in (tmp_path / "q75.jpg", tmp_path / "big.png"):
-            assert bits(h, phash(load_image_with_notes(again, 16)[0])) <= NEAR
+            assert bits(h, _phash(load_image_with_notes(again, 16)[0])) <= NEAR
 
 
 def _looks(name, label, score, hash_, **extra):
     return _row(name, label, score, **extra) | {"phash": hash_}
 
 
-def test_copies_are_found_by_their_look_when_their_bytes_differ():
+def test_look_alikes_are_said_and_counted_as_given_and_the_same_pixels_are_a_copy():
     base = 0x0123456789ABCDEF
     near, far = f"{base ^ 0b111:016x}", f"{base ^ 0x1FF:016x}"  # 3 and 9 bits apart
-    rows = ([_looks("mine", None, 0.9, f"{base:016x}")] + _controls()
+    rows = ([_looks("mine", None, 0.9, f"{base:016x}", pixels="p-mine")] + _controls()
             + [_looks("jpeg", "control", 0.9, near), _looks("other", "control", 0.85, far)])
     rng = random.Random(0)  # pictures of their own: about 32 bits from each other
     for r in rows[1:21]:
         r["phash"] = f"{rng.getrandbits(64):016x}"
     found = find_copies(rows, SUSPECT_LABELS)
-    assert found.controls == [("jpeg", "mine")] and found.apart == {("jpeg", "mine"): 3}
+    assert found.controls == [] and found.alike == [("jpeg", "mine", 3)]
     s = summarize(rows, AuthConfig(prompt="p"))
-    assert s["controls"] == 21 and "(first: jpeg = mine, hashes 3 of 64 bits apart)" in s["copies_warning"]
+    assert s["controls"] == 22 and s["copies"] == {"alike": 1}
+    assert s["copies_warning"].startswith("1 images that look like another image here (first: jpeg = mine, 3 bits apart;")
+    assert "A copy:" not in s["copies_warning"]
     jpeg = next(r for r in rows if r["id"] == "jpeg")
-    assert jpeg["copy_of"] == "mine" and jpeg["copy_bits"] == 3
-    # the same bytes win over a look: no bits on an identical file
-    rows.append(_looks("bytes", "control", 0.5, far, content="mine"))
-    summarize(rows, AuthConfig(prompt="p"))
-    assert rows[-1]["copy_of"] == "mine" and "copy_bits" not in rows[-1]
+    assert jpeg["looks_like"] == "mine" and jpeg["looks_bits"] == 3 and "copy_of" not in jpeg
+    # the same pixels from another file (a PNG saved again without its metadata): a copy, left out
+    rows.append(_looks("png", "control", 0.9, near, pixels="p-mine"))
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["controls"] == 22 and rows[-1]["copy_of"] == "mine" and "looks_like" not in rows[-1]
+    assert s["copies"] == {"left_out": 1, "alike": 1} and s["copies_warning"].endswith(
+        "A copy: the same file or the same pixels (SHA-256)")
 
 
-def test_a_resaved_copy_among_the_controls_is_left_out_end_to_end(tiny_world, tmp_path, capsys):
+def test_a_resaved_jpeg_among_the_controls_is_said_and_a_lossless_one_left_out_end_to_end(tiny_world, tmp_path,
+                                                                                            capsys):
     from PIL import Image
 
     def resave(f, d):
         Image.open(f).convert("RGB").save(d / "a_again.jpg", quality=75)
+        Image.open(f).convert("RGB").save(d / "a_again.png", optimize=True, compress_level=1)  # other bytes
 
     out = _authenticate_with_a_copy_among_the_controls(tiny_world, tmp_path, capsys, resave)
-    assert "warning: 1 control images left out of the calibration" in out and "a_again.jpg = image/a.png, hashes " in out
+    assert "warning: 1 control images left out of the calibration" in out and "a_again.png = image/a.png" in out
+    assert "1 images that look like another image here (first: control/a_again.jpg = image/a.png, " in out
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "the same picture (perceptual hash" in html and "as image/a.png: left out of the calibration" in html
+    assert "the same file or pixels (SHA-256) as image/a.png: left out of the calibration" in html
+    assert "looks like image/a.png (perceptual hashes" in html
 
 
 def test_a_screens_copies_in_many_pairs_are_added_up_in_one_sentence():
@@ -213,9 +239,30 @@ def test_a_screens_copies_in_many_pairs_are_added_up_in_one_sentence():
     s = summarize_pairs(rows, {"p1": {}, "p2": {}, "p3": {}}, AuthConfig(prompt="p"))
     assert s["pairs"]["p1"]["copies"] == {"left_out": 2} and "copies" not in s["pairs"]["p3"]
     said = s["copies_warning"]
-    assert said.startswith("copies within 2 pairs: 3 control images left out of the calibration (")
+    assert said.startswith("copies or look-alikes within 2 pairs: 3 control images left out of the calibration (")
     assert "the first, p1: 2 control images left out" in said and "(first: p1/copy0 = p1/mine)" in said
     assert said.count("A copy: the same file") == 1
     # one pair with copies: its own sentence, named
     s = summarize_pairs(pair("p1", 1) + pair("p3", 0), {"p1": {}, "p3": {}}, AuthConfig(prompt="p"))
     assert s["copies_warning"].startswith("p1: 1 control images left out of the calibration")
+
+
+def test_a_look_alike_of_a_copy_is_still_said_and_a_malformed_hash_is_not_compared():
+    h = "0123456789abcdef"
+    rows = ([_looks("m", "member", 0.9, h, pixels="p-m"), _looks("h", "holdout", 0.2, h, pixels="p-m"),
+             _looks("c", "control", 0.9, f"{int(h, 16) ^ 1:016x}")] + _controls()
+            + [_looks("odd", "control", 0.4, "0011223344556  7"), _looks("short", "control", 0.4, "00 11 22 33 4455")])
+    found = find_copies(rows, SUSPECT_LABELS)
+    assert found.conflicts == [("m", "h")] and found.alike == [("c", "m", 1)]
+    assert not {"odd", "short"} & {a for a, *_ in found.alike + found.controls}
+
+
+def test_many_rows_are_compared_by_hash_in_numpy():
+    """A screen's pair of thousands of images: every look-alike found, none invented."""
+    rng = random.Random(1)
+    rows = [_looks(f"s{i}", None, 0.5, f"{rng.getrandbits(64):016x}") for i in range(3000)]
+    rows += [_looks(f"c{i}", "control", 0.5, f"{rng.getrandbits(64):016x}") for i in range(3000)]
+    for i in range(0, 3000, 500):  # a control that is suspect i with 2 bits changed
+        rows.append(_looks(f"again{i}", "control", 0.5, f"{int(rows[i]['phash'], 16) ^ 0b101:016x}"))
+    found = find_copies(rows, SUSPECT_LABELS)
+    assert sorted(found.alike) == sorted((f"again{i}", f"s{i}", 2) for i in range(0, 3000, 500))

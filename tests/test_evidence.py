@@ -163,7 +163,7 @@ def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_mod
     row = _row(0, "fine-tuned on", source={"sha256": SHA}, copy_of="img9.png")
     text = _texts(card_lines(row, summary))
     assert text[0] == f"image (sha256 {SHA[:16]}...): img0.png"
-    assert text[1] == "the same file (SHA-256) as another image here, one picture: img9.png"
+    assert text[1] == "the same file or pixels (SHA-256) as another image here, one picture: img9.png"
     assert f"fine-tune at scale 0.5 (sha256 {SHA[:16]}...): /m/ft.safetensors" in text
     assert any(t.startswith("base (CHANGED during the run") for t in text)
     assert "prompt: 'a sks pattern'" in text
@@ -171,9 +171,10 @@ def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_mod
     # a hold-out that is a copy of a member: not called a false positive
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png"), _summary()))
     assert "a false positive" not in " ".join(text) and text[1].endswith("contradicting each other: m.png")
-    # a copy found by its look (the same picture saved again) says how near
-    text = _texts(card_lines(_row(0, "fine-tuned on", copy_of="img9.png", copy_bits=2), _summary()))
-    assert text[1] == "the same picture (perceptual hash 2 of 64 bits apart) as another image here, one picture: img9.png"
+    # a look-alike is said (how near), and a hold-out's card still calls it a false positive
+    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", looks_like="img9.png", looks_bits=2), _summary()))
+    assert text[1] == ("looks like another image here (perceptual hashes 2 of 64 bits apart), counted as a picture of "
+                       "its own: img9.png") and text[2].endswith("a false positive")
 
 
 def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkeypatch):

@@ -859,7 +859,12 @@ def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
     caplog.clear()
     s = X.extract(pairs["full"], tmp_path / "b", cfg.replace(samples=6, clusters=2, candidates=None), progress=False)
     assert any(c["cluster_size"] > 1 for c in s["candidates"])
-    assert "single sample" not in caplog.text and "--candidates asked for" not in caplog.text
+    assert "single sample" not in caplog.text and "asked for" not in caplog.text
+    # without --candidates, as many as --clusters are asked for
+    caplog.clear()
+    s = X.extract(pairs["full"], tmp_path / "c", cfg.replace(samples=1, clusters=3, candidates=None), progress=False)
+    assert len(s["candidates"]) == 1
+    assert "1 candidates written, not the 3 (--candidates, by default --clusters) asked for" in caplog.text
 
 
 def test_samples_too_alike_to_split_are_said_to_be_alike(caplog):
