@@ -2,8 +2,8 @@
 records the SHA-256 of the file it read (``source``), the SHA-256 of the pixels the model
 was given (``pixels``) and their perceptual hash (``phash``). Two rows with the same file
 or the same pixels are one picture (a copy); two whose hashes differ in at most ``NEAR`` of
-their 64 bits look alike (the picture saved again as JPEG or resized, or two pictures
-simple enough to hash alike: flat colours, one shape in other colours, lines of text). A
+their 64 bits, with mean colours within ``COLOUR`` levels, look alike (the picture saved
+again as JPEG or resized, or two pictures simple enough to hash alike: lines of text). A
 link to a file given under two labels is refused before a run (``manifest.check_items``);
 a copy is only seen once its contents are read, so it is handled here, where the verdicts
 are made:
@@ -36,6 +36,13 @@ from cgidm.files import shown
 # JPEG (quality 40 or 75) or at half size is at most 6 bits from its own hash, two different
 # pictures 16 or more apart; on scikit-image's sample photographs at 512 px, 0 to 2 and 24.
 NEAR = 8
+# Most 8-bit levels the mean colours of two look-alikes differ in, channel by channel: the
+# hash is of luminance alone and blind to contrast, so one shape in two colours (a logo's
+# colourways) or two flat colours hash alike. Measured: saving again as JPEG (quality 40 to
+# 90) moved a mean by at most 15 levels on the tiny worlds' saturated 16 px pictures (their
+# colour is subsampled over 2 x 2 pixels) and by 1 on the sample photographs at 512 px;
+# resizing by at most 2.
+COLOUR = 24
 
 # what ``warning`` names, by the key ``counts`` gives
 KINDS = {"left_out": "control images left out of the calibration",
@@ -43,7 +50,7 @@ KINDS = {"left_out": "control images left out of the calibration",
          "conflicts": "members that are copies of hold-outs",
          "alike": "images that look like another image here"}
 WHAT_A_COPY_IS = "A copy: the same file or the same pixels (SHA-256)"
-ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart: the same picture saved again (JPEG, resized), or "
+ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart, mean colours within {COLOUR} levels: the same picture saved again (JPEG, resized), or "
          f"pictures too simple to tell apart by the hash; counted as given: leave out a control that is a suspect "
          f"image saved again")
 
@@ -55,10 +62,10 @@ def digest(row: dict) -> Optional[str]:
 
 
 def fingerprint(image: torch.Tensor) -> dict:
-    """``{"pixels", "phash"}`` of an image ``[3, H, W]`` in [-1, 1] (what the model is
-    given): the SHA-256 of its 8-bit pixels, and its DCT perceptual hash (pHash) as 16 hex
-    digits: its luminance resized to 32 x 32, the 8 x 8 lowest frequencies of its 2-D
-    DCT-II, each bit whether a coefficient is above their median."""
+    """``{"pixels", "phash", "colour"}`` of an image ``[3, H, W]`` in [-1, 1] (what the
+    model is given): the SHA-256 of its 8-bit pixels; its DCT perceptual hash (pHash) as 16
+    hex digits: its luminance resized to 32 x 32, the 8 x 8 lowest frequencies of its 2-D
+    DCT-II, each bit whether a coefficient is above their median; its mean colour (``rrggbb``)."""
     import scipy.fft
     from PIL import Image
 
@@ -67,8 +74,16 @@ def fingerprint(image: torch.Tensor) -> dict:
     size = f"{rgb.shape[1]}x{rgb.shape[0]}:".encode()
     grey = Image.fromarray(rgb, "RGB").convert("L").resize((32, 32), Image.LANCZOS)
     low = scipy.fft.dctn(np.asarray(grey, dtype=np.float64), type=2)[:8, :8]
+    mean = np.rint(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
     return {"pixels": hashlib.sha256(size + rgb.tobytes()).hexdigest(),
-            "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex()}
+            "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex(), "colour": mean.tobytes().hex()}
+
+
+def _colour(row: dict) -> tuple[int, int, int]:
+    c = row.get("colour")
+    if isinstance(c, str) and re.fullmatch(r"[0-9a-fA-F]{6}", c):
+        return tuple(bytes.fromhex(c))
+    return (-1, -1, -1)  # not recorded (a row of an earlier version): the hash alone
 
 
 def _phash(row: dict) -> Optional[int]:
@@ -95,6 +110,7 @@ class _Seen:
         self.by_digest: dict[str, str] = {}
         self.ids: list[str] = []
         self.hashes = np.zeros(64, dtype=np.uint64)  # in the order of ``ids``; grown by doubling
+        self.colours = np.zeros((64, 3), dtype=np.int16)
 
     def find(self, row: dict) -> tuple[Optional[str], Optional[int]]:
         """``(id of the first row of the same picture, hash bits apart when ``near``)``;
@@ -106,7 +122,12 @@ class _Seen:
             return None, None
         p = _phash(row)
         if p is not None and self.ids:
-            apart = _popcount(self.hashes[:len(self.ids)] ^ np.uint64(p))
+            n = len(self.ids)
+            apart = _popcount(self.hashes[:n] ^ np.uint64(p)).astype(np.int64)
+            c = np.array(_colour(row), dtype=np.int16)
+            if c[0] >= 0:  # another mean colour is another picture, however its luminance hashes
+                known = self.colours[:n, 0] >= 0
+                apart[known & (np.abs(self.colours[:n] - c).max(axis=1) > COLOUR)] = 65
             i = int(np.argmin(apart))  # the first of the nearest
             if apart[i] <= NEAR:
                 return self.ids[i], int(apart[i])
@@ -120,7 +141,9 @@ class _Seen:
         elif (p := _phash(row)) is not None:
             if len(self.ids) == len(self.hashes):
                 self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])
+                self.colours = np.concatenate([self.colours, np.zeros_like(self.colours)])
             self.hashes[len(self.ids)] = p
+            self.colours[len(self.ids)] = _colour(row)
             self.ids.append(row["id"])
 
 

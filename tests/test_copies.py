@@ -266,3 +266,30 @@ def test_many_rows_are_compared_by_hash_in_numpy():
         rows.append(_looks(f"again{i}", "control", 0.5, f"{int(rows[i]['phash'], 16) ^ 0b101:016x}"))
     found = find_copies(rows, SUSPECT_LABELS)
     assert sorted(found.alike) == sorted((f"again{i}", f"s{i}", 2) for i in range(0, 3000, 500))
+
+
+def test_one_shape_in_two_colours_does_not_look_alike_and_a_jpeg_of_it_does(tmp_path):
+    """The hash is luminance alone: the mean colour tells a logo's colourways apart."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from cgidm.copies import fingerprint
+    from cgidm.images import load_image_with_notes
+
+    rows = []
+    for name, fill in (("red", "red"), ("black", "black")):
+        im = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=fill)
+        im.save(tmp_path / f"{name}.png")
+        rows.append({"id": name, "label": None if name == "red" else "control", "score": 0.5,
+                     **fingerprint(load_image_with_notes(tmp_path / f"{name}.png", 64)[0])})
+    assert rows[0]["phash"] == rows[1]["phash"]  # the same shape: the same luminance hash
+    assert find_copies(rows, SUSPECT_LABELS).alike == []
+    Image.open(tmp_path / "red.png").save(tmp_path / "red.jpg", quality=75)
+    again = {"id": "again", "label": "control", "score": 0.5,
+             **fingerprint(load_image_with_notes(tmp_path / "red.jpg", 64)[0])}
+    assert [a[:2] for a in find_copies(rows + [again], SUSPECT_LABELS).alike] == [("again", "red")]
+    # a row without a colour (an earlier version's) is compared by its hash alone
+    old = {k: v for k, v in rows[1].items() if k != "colour"}
+    assert [a[:2] for a in find_copies([rows[0], old], SUSPECT_LABELS).alike] == [("black", "red")]
+    assert fingerprint(torch.zeros(3, 4, 4))["colour"] == "808080"  # 127.5 rounds to 128
