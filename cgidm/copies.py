@@ -46,8 +46,9 @@ COLOUR = 24
 
 # what ``warning`` names, by the key ``counts`` gives
 KINDS = {"left_out": "control images left out of the calibration",
-         "counted_once": "suspect images counted once in the set verdict",
+         "counted_once": "images tested counted once (in the set verdict; members and hold-outs in the AUC)",
          "conflicts": "members that are copies of hold-outs",
+         "of_holdouts": "unlabelled images that are copies of hold-outs",
          "alike": "images that look like another image here"}
 WHAT_A_COPY_IS = "A copy: the same file or the same pixels (SHA-256)"
 ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart, mean colours within {COLOUR} levels: the same picture saved again (JPEG, resized), or "
@@ -149,12 +150,16 @@ class _Seen:
 
 @dataclass
 class Copies:
-    """Pairs ``(id, id of the row it is a copy of)``; ``alike``: ``(id, id it looks like,
-    hash bits apart)`` of the rows that are not copies."""
+    """Pairs ``(id, id of the row it is a copy of)``: ``controls`` (left out of the
+    calibration), ``tested`` (images tested given again under their kind of label: a suspect
+    of a suspect, a hold-out of a hold-out; counted once), ``conflicts`` (a member of a
+    hold-out), ``of_holdouts`` (an unlabelled image of a hold-out); ``alike``: ``(id, id it
+    looks like, hash bits apart)`` of rows that are not copies, found the same ways."""
 
     controls: list[tuple[str, str]] = field(default_factory=list)
-    suspects: list[tuple[str, str]] = field(default_factory=list)
+    tested: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[tuple[str, str]] = field(default_factory=list)
+    of_holdouts: list[tuple[str, str]] = field(default_factory=list)
     alike: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
@@ -163,36 +168,44 @@ class Copies:
 
     @property
     def counted_once(self) -> set[str]:
-        return {a for a, _ in self.suspects}
+        """Left out of the set verdict and the AUC: their first copy is there."""
+        return {a for a, _ in self.tested}
 
-    def marks(self) -> dict[str, str]:
-        """``{id: the id it is a copy of}`` for the rows (``copy_of``); a member and a hold-out
-        that are one picture each name the other."""
-        marks = {a: b for a, b in self.controls + self.suspects}
-        for member, holdout in self.conflicts:
-            marks.setdefault(member, holdout)
-            marks.setdefault(holdout, member)
+    def marks(self) -> dict[str, tuple[str, str]]:
+        """``{id: (the id it is a copy of, its kind: a key of KINDS)}`` for the rows
+        (``copy_of``, ``copy_kind``); a member and a hold-out that are one picture each name
+        the other, as do an unlabelled image and its hold-out."""
+        marks = {a: (b, kind) for kind, pairs in (("left_out", self.controls), ("counted_once", self.tested))
+                 for a, b in pairs}
+        for kind, pairs in (("conflicts", self.conflicts), ("of_holdouts", self.of_holdouts)):
+            for a, b in pairs:
+                marks.setdefault(a, (b, kind))
+                marks.setdefault(b, (a, kind))
         return marks
 
     def alike_marks(self) -> dict[str, tuple[str, int]]:
-        """``{id: (the id it looks like, hash bits apart)}`` (``looks_like``, ``looks_bits``)."""
-        return {a: (b, bits) for a, b, bits in self.alike}
+        """``{id: (the id it looks like, hash bits apart)}`` (``looks_like``, ``looks_bits``):
+        both rows of a look-alike name each other (a suspect's own row says that a control
+        looks like it), each the first it was found with."""
+        marks: dict[str, tuple[str, int]] = {}
+        for a, b, bits in self.alike:
+            marks.setdefault(a, (b, bits))
+            marks.setdefault(b, (a, bits))
+        return marks
 
-    def _kinds(self, set_verdict: bool) -> list[tuple[str, list]]:
-        return [("left_out", self.controls), ("counted_once", self.suspects if set_verdict else []),
-                ("conflicts", self.conflicts), ("alike", self.alike)]
+    def _kinds(self) -> list[tuple[str, list]]:
+        return [("left_out", self.controls), ("counted_once", self.tested), ("conflicts", self.conflicts),
+                ("of_holdouts", self.of_holdouts), ("alike", self.alike)]
 
-    def counts(self, set_verdict: bool = True) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
         """How many of each kind ``warning`` names (a pair's ``copies``, which a screen's own
         warning adds up: ``pooled_warning``)."""
-        return {kind: len(pairs) for kind, pairs in self._kinds(set_verdict) if pairs}
+        return {kind: len(pairs) for kind, pairs in self._kinds() if pairs}
 
-    def warning(self, set_verdict: bool = True) -> Optional[str]:
-        """What the copies changed and which images look alike, in a sentence;
-        ``set_verdict``: whether there is one to count the suspects' copies in (controls
-        given, a per-image metric)."""
+    def warning(self) -> Optional[str]:
+        """What the copies changed and which images look alike, in a sentence."""
         said = []
-        for kind, pairs in self._kinds(set_verdict):
+        for kind, pairs in self._kinds():
             if not pairs:
                 continue
             first = f"{shown(pairs[0][0])} = {shown(pairs[0][1])}"
@@ -200,12 +213,13 @@ class Copies:
                 said.append(f"{len(pairs)} {KINDS[kind]} (first: {first}, {pairs[0][2]} bits apart; {ALIKE})")
                 continue
             what = {"left_out": ", each a copy of an image tested or of another control",
-                    "counted_once": ", each a copy of another suspect image",
-                    "conflicts": ": the labels contradict each other"}[kind]
+                    "counted_once": ", each a copy of an earlier one",
+                    "conflicts": ": the labels contradict each other",
+                    "of_holdouts": ", known not trained on"}[kind]
             said.append(f"{len(pairs)} {KINDS[kind]}{what} (first: {first})")
         if not said:
             return None
-        return "; ".join(said) + (f". {WHAT_A_COPY_IS}" if any(k != "alike" for k in self.counts(set_verdict)) else "")
+        return "; ".join(said) + (f". {WHAT_A_COPY_IS}" if any(k != "alike" for k in self.counts()) else "")
 
 
 def pooled_warning(per: dict[str, dict]) -> Optional[str]:
@@ -226,47 +240,48 @@ def pooled_warning(per: dict[str, dict]) -> Optional[str]:
 
 
 def _find(rows: Sequence[dict], suspect_labels: Sequence[Optional[str]], near: bool,
-          skip: frozenset = frozenset()) -> tuple[list, list, list]:
-    """``(controls, suspects, conflicts)``: ``(id, first id, bits apart or None)`` of each;
-    the rows of ``skip`` (copies already) are looked up against, never looked for."""
-    controls_found, suspects_found, conflicts = [], [], []
-    tested, holdouts = _Seen(near), _Seen(near)
+          skip: frozenset = frozenset()) -> tuple[list, ...]:
+    """``(controls, tested, conflicts, of_holdouts)``: ``(id, first id, bits apart or None)``
+    of each; the rows of ``skip`` (copies already) are looked up against, never looked for."""
+    found: tuple[list, ...] = ([], [], [], [])
+    controls_found, tested_found, conflicts, of_holdouts = found
+    everything, holdouts = _Seen(near), _Seen(near)
     for r in rows:
         if r.get("label") != "control":
-            tested.add(r)
+            everything.add(r)
         if r.get("label") == "holdout":
             holdouts.add(r)
     controls = _Seen(near)
     for r in rows:
         if r.get("label") == "control" and r["id"] not in skip:
-            first, bits = tested.find(r)
+            first, bits = everything.find(r)
             if first is None:
                 first, bits = controls.find(r)
             if first is not None:
                 controls_found.append((r["id"], first, bits))
             else:
                 controls.add(r)
-    suspects = _Seen(near)
+    groups = {"suspect": _Seen(near), "holdout": _Seen(near)}  # a suspect's copy is a suspect's
     for r in rows:
-        if r.get("label") in suspect_labels:
-            first, bits = suspects.find(r)
+        label = r.get("label")
+        group = "suspect" if label in suspect_labels else "holdout" if label == "holdout" else None
+        if group is not None:
+            first, bits = groups[group].find(r)
             if first is None:
-                suspects.add(r)
+                groups[group].add(r)
             elif r["id"] not in skip:
-                suspects_found.append((r["id"], first, bits))
-        if r.get("label") == "member" and r["id"] not in skip:
+                tested_found.append((r["id"], first, bits))
+        if label in ("member", None) and r["id"] not in skip:
             first, bits = holdouts.find(r)
             if first is not None:
-                conflicts.append((r["id"], first, bits))
-    return controls_found, suspects_found, conflicts
+                (conflicts if label == "member" else of_holdouts).append((r["id"], first, bits))
+    return found
 
 
 def find_copies(rows: Sequence[dict], suspect_labels: Sequence[Optional[str]]) -> Copies:
     """The copies among ``rows`` (scored rows: a failed one read no picture), and the rows
     that are no copy but look like another (``alike``)."""
-    controls, suspects, conflicts = _find(rows, suspect_labels, near=False)
-    found = Copies([(a, b) for a, b, _ in controls], [(a, b) for a, b, _ in suspects],
-                   [(a, b) for a, b, _ in conflicts])
+    found = Copies(*([(a, b) for a, b, _ in kind] for kind in _find(rows, suspect_labels, near=False)))
     marked = frozenset(found.marks())
     seen: set[str] = set()
     for a, b, bits in (x for kind in _find(rows, suspect_labels, near=True, skip=marked) for x in kind):

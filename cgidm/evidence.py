@@ -77,16 +77,19 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
     lines: list[Label] = [Name(f"image{f' (sha256 {sha[:16]}...)' if isinstance(sha, str) else ''}: ",
                                str(row.get("id")))]
     copy_of = row.get("copy_of")
-    if isinstance(copy_of, str):  # copies.py: one picture, not two findings
-        same = "the same file or pixels (SHA-256)"
-        lines.append(Name(f"{same} as {'a hold-out' if row.get('label') == 'member' else 'a member'}"
-                          f", the labels contradicting each other: " if row.get("label") in ("member", "holdout")
-                          else f"{same} as another image here, one picture: ", copy_of))
+    kind, holdout = row.get("copy_kind"), row.get("label") == "holdout"
+    if isinstance(copy_of, str) and kind == "conflicts":  # copies.py: one picture, not two findings
+        lines.append(Name(f"the same picture (SHA-256) as {'a member' if holdout else 'a hold-out'}, labels "
+                          "contradicting: ", copy_of))
     else:
-        if isinstance(row.get("looks_like"), str):  # said, not acted on: a hash cannot tell
-            lines.append(Name(f"looks like another image here (perceptual hashes {row.get('looks_bits')} of 64 bits "
-                              f"apart), counted as a picture of its own: ", row["looks_like"]))
-        if row.get("label") == "holdout":  # flagged all the same: the card says what is known of it
+        if isinstance(copy_of, str):
+            lines.append(Name({"of_holdouts": "the same picture (SHA-256) as an unlabelled image: " if holdout
+                               else "the same picture (SHA-256) as a hold-out, known not trained on: "}.get(
+                kind, "the same picture (SHA-256) as an earlier image here, counted once: "), copy_of))
+        elif isinstance(row.get("looks_like"), str):  # said, not acted on: a hash cannot tell
+            lines.append(Name(f"looks like ({row.get('looks_bits')} hash bits apart; counted apart): ",
+                              row["looks_like"]))
+        if holdout:  # flagged all the same: the card says what is known of it
             lines.append("labelled a hold-out, known not to be in the fine-tune: a false positive")
     p, n = row.get("p_value"), ctx.get("controls")
     lines.append((f"verdict: {row.get('verdict')} (p = {p:.3g} <= {level}, against {n} control images)",

@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -111,12 +112,14 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     return sorted(found)
 
 
-def refuse_images_inside(out: str | Path, paths) -> None:
+def refuse_images_inside(out: str | Path, paths, only: Sequence[str] = ()) -> None:
     """A ``ValueError`` when an image of ``paths`` is inside the output folder ``out`` (or
     is reached through a link into it): a run writes its outputs beside them, and a second
     run over the folder would read its own outputs as images. What ``list_images``'s
-    ``exclude`` refuses for a folder the CLI lists, for the lists the API is given."""
+    ``exclude`` refuses for a folder the CLI lists, for the lists the API is given.
+    ``only``: the subfolders of ``out`` that count (a run's own outputs), not all of it."""
     o = os.path.realpath(Path(out).expanduser())
+    inside = [os.path.join(o, f) for f in only] or [o]
     real_dirs: dict[str, str] = {}
     for p in paths:
         p = str(p)
@@ -124,9 +127,10 @@ def refuse_images_inside(out: str | Path, paths) -> None:
         if d not in real_dirs:
             real_dirs[d] = os.path.realpath(d)
         real = os.path.realpath(p) if os.path.islink(p) else os.path.join(real_dirs[d], os.path.basename(p))
-        if _within(real, o):
-            raise ValueError(f"the output folder {out} holds the image {p}: choose an output folder outside the "
-                             "images' folders (a run writes beside them, and the next would read its own outputs)")
+        if any(_within(real, f) for f in inside):
+            raise ValueError(f"the output folder {out} holds the image {p}{' among its outputs' if only else ''}: "
+                             "choose an output folder outside the images' folders (a run writes beside them, and "
+                             "the next would read its own outputs)")
 
 
 def is_output_folder(folder: Path) -> bool:

@@ -40,7 +40,7 @@ from cgidm.resume import (
     remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of,
 )
 from cgidm.rows import error_row
-from cgidm.evidence import drop_card, write_cards
+from cgidm.evidence import EVIDENCE, drop_card, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
 from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, runtime,
                            summarize_pairs, timing)
@@ -239,7 +239,8 @@ def screen(
         raise ValueError("no images to screen")
     if len({e.id for e in entries}) != len(entries):
         raise ValueError("image ids must be unique (read_manifest drops duplicates)")
-    refuse_images_inside(out, [e.path for e in entries])
+    # a CSV or JSON manifest may name images in --out (README), but not the run's own outputs
+    refuse_images_inside(out, [e.path for e in entries], only=(TRIPTYCHS, RECOVERED, EVIDENCE, SHARDS))
     output_dirs(out)
     lock = _lock(out, rank, unusable)  # before anything is made inside: a held folder is left as it is
     try:

@@ -69,7 +69,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         summary["models"] = info
     if embedder_info:
         summary["embedder"] = embedder_info
-    labelled = [r for r in good if r.get("label") in ("member", "holdout")]
+    found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
+    label_of = {r["id"]: r.get("label") for r in good}
+    again = {a for a, b in found.tested if label_of.get(a) == label_of.get(b)}  # one picture, one point of the AUC
+    labelled = [r for r in good if r.get("label") in ("member", "holdout") and r["id"] not in again]
     if labelled:
         y = [r["label"] == "member" for r in labelled]
         per = {m: set_metrics([r[m] for r in labelled], y, m) for m in METRICS if all(m in r for r in labelled)}
@@ -100,21 +103,20 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 # the paper's validator: max over the folder, AUC and accuracy on its grid
                 summary["official"] = official_auc_accuracy(members, holdouts)
     given = sum(r.get("label") == "control" for r in rows)
-    found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
     if copies:
         marks = found.marks()
         alike = found.alike_marks()
         for r in rows:  # as found now (a resumed row may carry an earlier run's)
-            for k in ("copy_of", "looks_like", "looks_bits"):
+            for k in ("copy_of", "copy_kind", "looks_like", "looks_bits"):
                 r.pop(k, None)
             if "error" not in r and r.get("id") in marks:
-                r["copy_of"] = marks[r["id"]]
+                r["copy_of"], r["copy_kind"] = marks[r["id"]]
             elif "error" not in r and r.get("id") in alike:
                 r["looks_like"], r["looks_bits"] = alike[r["id"]]
-    said = found.warning(set_verdict=bool(given) and cfg.metric != "official_cos")
+    said = found.warning()
     if said:
         summary["copies_warning"] = said
-        summary["copies"] = found.counts(set_verdict=bool(given) and cfg.metric != "official_cos")
+        summary["copies"] = found.counts()
     controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in found.left_out]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the

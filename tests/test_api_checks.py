@@ -73,8 +73,9 @@ def test_items_that_would_overwrite_each_other_are_refused(world_pair, tiny_worl
 
 
 def test_an_output_folder_holding_the_images_is_refused_by_the_api_as_by_the_cli(world_pair, tiny_world, tmp_path):
-    """authenticate, protect and screen given listed images and an ``out`` that holds them
-    (or the link to one) write nothing, as the CLI refuses such an --out."""
+    """authenticate and protect given listed images and an ``out`` that holds them (or the
+    link to one) write nothing, as the CLI refuses such an --out; screen, whose CSV manifest
+    may name images in --out, refuses those among a run's own outputs."""
     from cgidm.manifest import read_manifest
     from cgidm.protect import ProtectConfig, collect_protect_items, protect
 
@@ -89,9 +90,13 @@ def test_an_output_folder_holding_the_images_is_refused_by_the_api_as_by_the_cli
             cgidm.authenticate(world_pair, items, out, CFG, progress=False)
         with pytest.raises(ValueError, match="holds the image"):
             protect(world_pair, collect_protect_items(art / "m"), out, ProtectConfig(steps=1), progress=False)
-        with pytest.raises(ValueError, match="holds the image"):
-            cgidm.screen(read_manifest(art / "m", base=tiny_world / "base", finetuned=tiny_world / "finetuned"),
-                         out, CFG, progress=False)
+    (art / "m" / "triptychs").mkdir()
+    shutil.copy(art / "m" / "member_00.png", art / "m" / "triptychs" / "t.png")
+    (tmp_path / "list.csv").write_text("image\nart/m/member_01.png\nart/m/triptychs/t.png\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="holds the image .*t.png among its outputs"):
+        cgidm.screen(read_manifest(tmp_path / "list.csv", base=tiny_world / "base", finetuned=tiny_world / "finetuned"),
+                     art / "m", CFG, progress=False)
     with pytest.raises(ValueError, match="holds the image .*link.png"):
         cgidm.authenticate(world_pair, cgidm.collect_items(members=tmp_path / "elsewhere"), art, CFG, progress=False)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

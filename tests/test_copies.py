@@ -25,9 +25,9 @@ def test_find_copies_names_each_copy_and_its_first():
             {"id": "x", "label": "control", "score": 0.2}]  # no source: not compared
     found = find_copies(rows, SUSPECT_LABELS)
     assert found.controls == [("c0", "a"), ("c2", "c1")] and found.left_out == {"c0", "c2"}
-    assert found.suspects == [("b", "a")] and found.conflicts == [("m", "h")]
+    assert found.tested == [("b", "a")] and found.conflicts == [("m", "h")]
     said = found.warning()
-    assert "2 control images left out" in said and "(first: c0 = a)" in said and "1 suspect images counted once" in said
+    assert "2 control images left out" in said and "(first: c0 = a)" in said and "1 images tested counted once" in said
     assert find_copies(_controls(), SUSPECT_LABELS).warning() is None
 
 
@@ -101,11 +101,12 @@ def test_copies_are_marked_on_their_rows_and_in_the_report(tmp_path):
     rows = [_row("mine", None, 0.9), _row("again", None, 0.8, "mine")] + _controls() + [
         _row("copy", "control", 0.95, "mine"), _row("m", "member", 0.7), _row("h", "holdout", 0.2, "m")]
     s = summarize(rows, AuthConfig(prompt="p"))
-    marks = {r["id"]: r.get("copy_of") for r in rows if r.get("copy_of")}
-    assert marks == {"again": "mine", "copy": "mine", "m": "h", "h": "m"}
+    marks = {r["id"]: (r.get("copy_of"), r.get("copy_kind")) for r in rows if r.get("copy_of")}
+    assert marks == {"again": ("mine", "counted_once"), "copy": ("mine", "left_out"), "m": ("h", "conflicts"),
+                     "h": ("m", "conflicts")}
     html = write_report(tmp_path, rows, s).read_text()
     assert "the same file or pixels (SHA-256) as mine: left out of the calibration" in html
-    assert "the same file or pixels (SHA-256) as mine: counted once in the set verdict" in html
+    assert "the same file or pixels (SHA-256) as mine: counted once" in html
     assert "the same file or pixels (SHA-256) as h: the labels contradict each other" in html
     # summarized again (a resume) with the copy gone: its mark goes too
     rows = [r for r in rows if r["id"] != "copy"]
@@ -293,3 +294,32 @@ def test_one_shape_in_two_colours_does_not_look_alike_and_a_jpeg_of_it_does(tmp_
     old = {k: v for k, v in rows[1].items() if k != "colour"}
     assert [a[:2] for a in find_copies([rows[0], old], SUSPECT_LABELS).alike] == [("black", "red")]
     assert fingerprint(torch.zeros(3, 4, 4))["colour"] == "808080"  # 127.5 rounds to 128
+
+
+def test_copies_without_controls_are_said_and_count_once_in_the_auc():
+    members = [_row(f"m{i}", "member", 0.8 + i / 100) for i in range(3)]
+    holdouts = [_row(f"h{i}", "holdout", 0.2 + i / 100) for i in range(3)]
+    rows = members + holdouts + [_row("m0again", "member", 0.81, "m0"), _row("h0again", "holdout", 0.21, "h0")]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["copies"] == {"counted_once": 2} and "2 images tested counted once" in s["copies_warning"]
+    assert (s["by_metric"]["latent_cos"]["n_members"], s["by_metric"]["latent_cos"]["n_holdouts"]) == (3, 3)
+    # an unlabelled copy of a member stays in the AUC beside it (only the set verdict counts it once)
+    rows = [_row("u", None, 0.81, "m0")] + members + holdouts
+    s = summarize(rows, AuthConfig(prompt="p"))
+    assert s["by_metric"]["latent_cos"]["n_members"] == 3 and rows[1]["copy_kind"] == "counted_once"
+
+
+def test_an_unlabelled_copy_or_look_alike_of_a_hold_out_is_said_and_both_look_alikes_name_each_other():
+    h = "0123456789abcdef"
+    rows = ([_looks("h0", "holdout", 0.2, h, pixels="p-h0"), _looks("up0", None, 0.3, "f" * 16, pixels="p-h0"),
+             _looks("h1", "holdout", 0.2, "00ff00ff00ff00ff"), _looks("up1", None, 0.3, "00ff00ff00ff00fe")]
+            + _controls())
+    rng = random.Random(0)
+    for r in rows[4:]:
+        r["phash"] = f"{rng.getrandbits(64):016x}"
+    s = summarize(rows, AuthConfig(prompt="p"))
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["up0"]["copy_of"] == "h0" and by_id["h0"]["copy_of"] == "up0"
+    assert by_id["up0"]["copy_kind"] == by_id["h0"]["copy_kind"] == "of_holdouts"
+    assert "1 unlabelled images that are copies of hold-outs, known not trained on (first: up0 = h0)" in s["copies_warning"]
+    assert (by_id["up1"]["looks_like"], by_id["h1"]["looks_like"]) == ("h1", "up1") and by_id["h1"]["looks_bits"] == 1

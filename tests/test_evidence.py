@@ -160,21 +160,26 @@ def test_a_card_names_the_scale_the_copies_the_prompt_the_step_and_a_changed_mod
                        preset={"name": "demo"}, config={"level": 0.05, "seed": 0, "prompt": "a sks pattern",
                                                         "pgd": {"steps": 3, "noise": "shared", "alpha": 0.25,
                                                                 "eps": 10.0}})
-    row = _row(0, "fine-tuned on", source={"sha256": SHA}, copy_of="img9.png")
+    row = _row(0, "fine-tuned on", source={"sha256": SHA}, copy_of="img9.png", copy_kind="counted_once")
     text = _texts(card_lines(row, summary))
     assert text[0] == f"image (sha256 {SHA[:16]}...): img0.png"
-    assert text[1] == "the same file or pixels (SHA-256) as another image here, one picture: img9.png"
+    assert text[1] == "the same picture (SHA-256) as an earlier image here, counted once: img9.png"
     assert f"fine-tune at scale 0.5 (sha256 {SHA[:16]}...): /m/ft.safetensors" in text
     assert any(t.startswith("base (CHANGED during the run") for t in text)
     assert "prompt: 'a sks pattern'" in text
     assert text[-1].startswith("cgidm 0.1.0, preset demo, 3 PGD steps of 0.25 within 10, noise shared")
     # a hold-out that is a copy of a member: not called a false positive
-    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png"), _summary()))
-    assert "a false positive" not in " ".join(text) and text[1].endswith("contradicting each other: m.png")
+    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="m.png", copy_kind="conflicts"),
+                             _summary()))
+    assert "a false positive" not in " ".join(text) and text[1] == (
+        "the same picture (SHA-256) as a member, labels contradicting: m.png")
+    # a hold-out that an unlabelled image copies: a false positive all the same
+    text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", copy_of="u.png", copy_kind="of_holdouts"),
+                             _summary()))
+    assert text[1] == "the same picture (SHA-256) as an unlabelled image: u.png" and text[2].endswith("a false positive")
     # a look-alike is said (how near), and a hold-out's card still calls it a false positive
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout", looks_like="img9.png", looks_bits=2), _summary()))
-    assert text[1] == ("looks like another image here (perceptual hashes 2 of 64 bits apart), counted as a picture of "
-                       "its own: img9.png") and text[2].endswith("a false positive")
+    assert text[1] == "looks like (2 hash bits apart; counted apart): img9.png" and text[2].endswith("a false positive")
 
 
 def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkeypatch):
