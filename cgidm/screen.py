@@ -151,11 +151,14 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set,
 def _set_aside(out: Path) -> None:
     """Before a resume writes its first row: the earlier run's summary and report no
     longer match ``results.jsonl``. The summary is set aside (its facts about the pairs
-    are merged at the end, ``_previous``), the report removed: a run stopped before its
-    end leaves neither to be taken for its own."""
+    are merged at the end, ``_previous``), the report and the evidence cards removed (the
+    end draws those still flagged again): a run stopped before its end leaves none of them
+    to be taken for its own."""
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / PREVIOUS)
     (out / "report.html").unlink(missing_ok=True)
+    for card in (out / EVIDENCE).glob("*.png"):
+        card.unlink(missing_ok=True)
 
 
 def _previous(out: Path) -> dict:

@@ -190,3 +190,16 @@ def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkey
     pair = load_pair("base", "finetuned", lora="lora.safetensors")
     assert pair.info["base"] == str(tiny_world / "base") and pair.info["finetuned"] == str(tiny_world / "finetuned")
     assert pair.info["lora"] == str(tiny_world / "lora.safetensors")
+
+
+def test_a_screen_resume_with_work_to_do_sets_the_earlier_cards_aside_with_its_report(tmp_path):
+    """A resume stopped before its end leaves no card of the earlier summary (their set
+    verdict no longer matches the rows); the end draws those still flagged again."""
+    from cgidm.screen import PREVIOUS, _set_aside
+
+    (tmp_path / "evidence").mkdir()
+    (tmp_path / "evidence" / "a.png").write_bytes(b"card")
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "report.html").write_text("<html>")
+    _set_aside(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["evidence", PREVIOUS])
