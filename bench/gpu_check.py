@@ -76,7 +76,7 @@ GRACE_S = 15.0  # what a stage stopped by a timeout gets between SIGINT and SIGK
 STAGES = ("build", "bench", "protect", "extract", "tests", "memcheck", "racecheck", "synccheck", "pairpass")
 # What the stages import: the runtime and test dependencies (setup.py) a CUDA machine's own
 # python3 may lack (diffusers does: ../shared/tools/gpu-wheels.sh carries it).
-IMPORTS = ("diffusers", "transformers", "peft", "safetensors", "skimage", "sklearn", "jinja2", "tqdm", "matplotlib",
+IMPORTS = ("diffusers", "transformers", "peft", "safetensors", "scipy", "skimage", "sklearn", "jinja2", "tqdm", "matplotlib",
            "pytest", "xdist", "hypothesis")
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "peft", "safetensors", "numpy", "importlib_metadata")
 

@@ -12,9 +12,12 @@ are made:
   out of the calibration: a suspect's own copy among the controls ties with it and takes
   its verdict away, and a control counted twice makes the p-values look finer than the
   controls are;
-- a suspect image that is a copy of an earlier one counts once in the set verdict (its own
-  row keeps its p-value), or one picture given three times would weigh three times;
-- a member that is a copy of a hold-out is said: the labels contradict each other.
+- an image tested that is a copy of an earlier one of its kind (suspects: unlabelled or
+  member; hold-outs) counts once in the set verdict, and once in the AUC where the two
+  share a label (its own row keeps its p-value), or one picture given three times would
+  weigh three times;
+- a member that is a copy of a hold-out is said (the labels contradict each other), and so
+  is an unlabelled image that is one (an upload known not trained on).
 
 Look-alikes are only said (``alike``): a hash cannot tell the same picture re-encoded from
 two different simple pictures, so nothing is left out on its word.
@@ -51,9 +54,9 @@ KINDS = {"left_out": "control images left out of the calibration",
          "of_holdouts": "unlabelled images that are copies of hold-outs",
          "alike": "images that look like another image here"}
 WHAT_A_COPY_IS = "A copy: the same file or the same pixels (SHA-256)"
-ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart, mean colours within {COLOUR} levels: the same picture saved again (JPEG, resized), or "
-         f"pictures too simple to tell apart by the hash; counted as given: leave out a control that is a suspect "
-         f"image saved again")
+ALIKE = (f"perceptual hashes at most {NEAR} of 64 bits apart, mean colours within {COLOUR} levels: the same "
+         f"picture saved again (JPEG, resized), or pictures too simple to tell apart by the hash; counted as given: "
+         f"leave out a control that is a suspect image saved again")
 
 
 def digest(row: dict) -> Optional[str]:
