@@ -30,7 +30,17 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImageP
 # takes first, protect's settings, extract's record), or all of a group (the rows and
 # summary of a run from before the lock)
 OUTPUT_MARKERS = ((".cgidm.lock",), ("protect.json",), ("extract.json",), ("results.jsonl", "summary.json"))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# notes of what the model was given, which ``protect`` (whose file keeps the whole picture,
+# upright by its own note) leaves out of its rows
+UPRIGHT = "turned upright by its EXIF orientation"
+CENTRE = "only its centre "
+# a loading note protect says of what the model saw: the protected file keeps its own transparency
+MODEL_SAW = {"transparency flattened on white": "transparency flattened on white in what the model saw"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
+# pictures in formats cgidm does not read (PIL cannot, or not without another library):
+# said when left out of a listing, not skipped as silently as a .txt beside the images
+OTHER_PICTURES = (".heic", ".heif", ".svg", ".jxl", ".psd", ".kra", ".xcf", ".ai", ".eps", ".raw", ".dng", ".cr2",
+                  ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf")
 
 # PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
 # pixel is decoded, so a small file that declares a huge image costs nothing. Raising it
@@ -80,10 +90,12 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
         if _within(here, e):  # every image would be left out as the run's output
             raise ValueError(f"the output folder {e} {'is' if e == here else 'holds'} the image folder {d}: "
                              "choose an output folder outside it")
-    found, not_files, unlisted, inside = [], [], [], {}
+    found, not_files, unlisted, inside, unread = [], [], [], {}, []
     for folder, real_folder, names in _walk(d, here, recursive and follow_links, recursive, unlisted):
         for name in names:
             if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                if os.path.splitext(name)[1].lower() in OTHER_PICTURES:
+                    unread.append((folder / name).relative_to(d).as_posix())
                 continue
             p = folder / name
             real = os.path.realpath(p) if os.path.islink(p) else os.path.join(real_folder, name)
@@ -107,6 +119,8 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
         _say_once("%d entries under %s named like images are not image files and are left out (broken links, "
                   "pipes, devices or folders): %s", d, [p.relative_to(d).as_posix() for p in not_files], ", ")
         _say_once("%d folders under %s could not be read and are left out: %s", d, unlisted, "; ")
+        _say_once("%d pictures under %s are in formats cgidm does not read and are left out (save them as PNG or "
+                  "JPEG to use them): %s", d, unread, ", ")
     if recursive:
         found = _outside_output_folders(d, found, quiet)
     return sorted(found)
@@ -131,6 +145,21 @@ def refuse_images_inside(out: str | Path, paths, only: Sequence[str] = ()) -> No
             raise ValueError(f"the output folder {out} holds the image {p}{' among its outputs' if only else ''}: "
                              "choose an output folder outside the images' folders (a run writes beside them, and "
                              "the next would read its own outputs)")
+
+
+def no_images(folder: str | Path) -> str:
+    """Why a folder lists no image, for its error: ``no images in FOLDER``, with the files
+    it does hold (their formats not read) and the formats read."""
+    try:
+        names = sorted(e.name for e in os.scandir(Path(folder).expanduser())
+                       if not e.name.startswith(".") and e.is_file())
+    except OSError:
+        names = []
+    if not names:
+        return f"no images in {folder}"
+    return (f"no images in {folder}: {len(names)} file{'s' if len(names) != 1 else ''} of other types ("
+            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); the formats read are "
+            f"{' '.join(IMAGE_SUFFIXES)}")
 
 
 def is_output_folder(folder: Path) -> bool:
@@ -256,7 +285,10 @@ def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
     """
     notes = [] if notes is None else notes
     try:
+        turned = img.getexif().get(0x0112) in range(2, 9)  # an orientation other than "as stored"
         img = ImageOps.exif_transpose(img)
+        if turned:
+            notes.append(UPRIGHT)
     except Exception:  # a corrupt EXIF block should not cost the picture
         notes.append("EXIF orientation unreadable, ignored")
     if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
@@ -406,6 +438,9 @@ def load_image_with_notes(
                     notes.append(f"upscaled from {w}x{h}")
                 if cover == "centre":
                     image = _resize_crop(rgb, resolution)
+                    left, top, right, bottom = crop_box(w, h, resolution)
+                    if (right - left, bottom - top) != (w, h):  # what the model reads is a square
+                        notes.append(f"{CENTRE}{right - left}x{bottom - top} of {w}x{h} used (the model reads a square)")
                 else:
                     box, size = view_of(w, h, resolution, cover, multiple)
                     if box != (0, 0, w, h):

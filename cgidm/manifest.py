@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from cgidm.checkpoints import TRAINING_ARGS_FILES, ModelLoadError
 from cgidm.config import LABELS
 from cgidm.files import shown
-from cgidm.images import list_images
+from cgidm.images import list_images, no_images
 from cgidm.lora import is_lora_file, lora_in_folder
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,19 @@ def collect_items(
     folders never listed (the run's own output folder)."""
     items: list[ImageItem] = []
     options = {None: "--images", "member": "--members", "holdout": "--holdouts", "control": "--controls"}
+    given = [f for f in (images, members, holdouts, controls) if f is not None]
     for folder, label in ((images, None), (members, "member"), (holdouts, "holdout"), (controls, "control")):
         if folder is not None:
             # the folder's own images (what it leaves out said), and a count of those below
-            # (linked folders not followed: a count, not worth walking a linked dataset for)
+            # (linked folders not followed: a count, not worth walking a linked dataset for),
+            # less those of another folder given (--controls inside --images is read)
             found = list_images(folder, exclude=exclude)
-            below = len(list_images(folder, recursive=True, exclude=exclude, quiet=True, follow_links=False)) - len(
-                found) if _has_subfolder(folder) else 0
+            here = os.path.realpath(Path(folder).expanduser())
+            nested = [g for g in given if os.path.realpath(Path(g).expanduser()).startswith(here.rstrip(os.sep) + os.sep)]
+            below = len(list_images(folder, recursive=True, exclude=[*exclude, *nested], quiet=True,
+                                    follow_links=False)) - len(found) if _has_subfolder(folder) else 0
             if not found:
-                raise FileNotFoundError(f"no images in {folder}" + (
+                raise FileNotFoundError(no_images(folder) + (
                     f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders)"
                     if below else ""))
             if below:

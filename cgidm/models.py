@@ -31,7 +31,7 @@ from cgidm import families
 from cgidm.config import library_runtime
 from cgidm.codec import IDENTITY_CODEC_CLASS, IdentityCodec, VaeCodec
 from cgidm.families import encode_text as _encode  # noqa: F401 (cgidm.protect_pgd imports it from here)
-from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_state_dict, lora_in_folder
+from cgidm.lora import AdaptersOff, _apply_lora, adapter_layers, is_lora_file, is_lora_state_dict, lora_in_folder
 from cgidm.progress import library_bars_off, library_quiet
 from cgidm.single_file import single_file_parts
 
@@ -235,9 +235,13 @@ def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Ten
 def _base_dir(base: str | Path) -> Path:
     p = _check_local(base, "base model")
     if not p.is_dir():
+        if is_lora_file(p):  # the suspect's own file given as the base
+            raise ModelLoadError(f"{p}: a LoRA, given as --base: the base is the pretrained model folder the LoRA was "
+                                 "trained on; give the LoRA as --finetuned (or --lora), the pretrained model as --base")
         raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory (the pretrained model "
                              f"the fine-tune started from; a single file converts to one with diffusers: "
-                             f"StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR))")
+                             f"StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)); if this file "
+                             f"is the suspect fine-tune, give it as --finetuned")
     family = families.detect_folder(p)
     families.refuse_unsupported(family, str(p))
     extra = ("text_encoder_2", "tokenizer_2") if family is not None and family.name == "sdxl" else ()

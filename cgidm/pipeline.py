@@ -173,8 +173,11 @@ def resolve_prompt(cfg: AuthConfig, pair: ModelPair) -> tuple[AuthConfig, str]:
 
     prompt, where = find_prompt(pair.info.get("finetuned"), pair.info.get("lora"))
     if prompt is None:
+        in_base, _ = find_prompt(pair.info.get("base")) if pair.info.get("base") else (None, "")
+        swapped = (f"; but the base model records one ({in_base!r}): are --base and --finetuned swapped? The base "
+                   "is the pretrained model, the fine-tune the suspect one" if in_base is not None else "")
         raise ValueError(
             "no prompt: the fine-tune does not say which prompt it was trained with "
-            f"({where}); pass --prompt TEXT, the instance prompt of the fine-tune (e.g. 'sks style')"
+            f"({where}){swapped}; pass --prompt TEXT, the instance prompt of the fine-tune (e.g. 'sks style')"
         )
     return cfg.replace(prompt=prompt), where

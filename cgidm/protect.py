@@ -31,7 +31,8 @@ from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_impl, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_jsonl,
                          json_values, output_dirs, output_path, shown)
-from cgidm.images import ImageError, list_images, load_image_with_notes, refuse_images_inside, view_of
+from cgidm.images import (CENTRE, MODEL_SAW, UPRIGHT, ImageError, list_images, load_image_with_notes, no_images,
+                          refuse_images_inside, view_of)
 from cgidm.protect_output import output_name, panel, protect_file, run_summary, write_report
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
@@ -68,7 +69,7 @@ def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()
     root = Path(images).expanduser()
     found = list_images(root, recursive=True, exclude=exclude)
     if not found:
-        raise FileNotFoundError(f"no images in {root}")
+        raise FileNotFoundError(no_images(root))
     return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
 
 
@@ -415,9 +416,11 @@ class _Run:
                "objective_first": objective[0], "objective_last": objective[1], "skipped_steps": int(skipped),
                **({} if weight is None else {"textural_weight": weight}),
                # an animation's writing note says what its loading note says, and more; a note
-               # both the loading and the writing made (a 32-bit image's stretch) is said once
-               "notes": list(dict.fromkeys([n for n in notes if not (n.startswith("animated") and any(
-                   m.startswith("animated") for m in fields["notes"]))] + fields["notes"]))}
+               # both the loading and the writing made (a 32-bit image's stretch) is said once;
+               # the file keeps the whole picture (turned and cut by the writing's own notes)
+               "notes": list(dict.fromkeys([MODEL_SAW.get(n, n) for n in notes if not (n.startswith("animated") and any(
+                   m.startswith("animated") for m in fields["notes"])) and n != UPRIGHT and not n.startswith(CENTRE)]
+                   + fields["notes"]))}
         if not all(isinstance(v, (int, float)) and v == v for v in (losses[0], losses[1])):
             row["notes"].append("the reported loss is not finite")
         self.emit(row)

@@ -65,6 +65,25 @@ def test_sd2_like_finetune_against_sd1_base(tiny_world, tmp_path):
         load_pair(tiny_world / "base", ft)
 
 
+def test_the_suspects_model_given_as_the_base_is_named_as_such(tiny_world):
+    """A LoRA or a single-file fine-tune as --base, or the two folders swapped: the message
+    says which is which, not only how to convert a file or to pass a prompt."""
+    from cgidm.config import AuthConfig
+    from cgidm.pipeline import resolve_prompt
+
+    with pytest.raises(ModelLoadError, match="a LoRA, given as --base: .* give the LoRA as --finetuned"):
+        load_pair(tiny_world / "lora.safetensors", tiny_world / "finetuned")
+    with pytest.raises(ModelLoadError, match="if this file is the suspect fine-tune, give it as --finetuned"):
+        load_pair(tiny_world / "finetuned.safetensors", tiny_world / "base")
+    swapped = load_pair(tiny_world / "finetuned", tiny_world / "base")
+    with pytest.raises(ValueError, match=r"the base model records one \('a sks pattern'\): are --base and "
+                                         r"--finetuned swapped\?"):
+        resolve_prompt(AuthConfig(), swapped)
+    with pytest.raises(ValueError, match="no prompt") as e:
+        resolve_prompt(AuthConfig(), load_pair(tiny_world / "base", tiny_world / "base"))
+    assert "swapped" not in str(e.value)
+
+
 def test_v_prediction_base_with_an_epsilon_finetune_is_refused(tiny_world, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_world / "base", base)

@@ -424,3 +424,41 @@ def test_too_small_is_refused_from_the_header_before_decoding(tmp_path, monkeypa
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageError, match="too small \\(1x4000\\)"):
         load_image_with_notes(path, 16)
+
+
+def test_pictures_in_formats_not_read_are_said_and_a_folder_without_images_names_what_it_holds(tmp_path, caplog):
+    from cgidm.manifest import collect_items
+    from cgidm.protect import collect_protect_items
+
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    (phone / "IMG_1.HEIC").write_bytes(b"heic")
+    (phone / "notes.pdf").write_bytes(b"%PDF")
+    for collect in (lambda d: collect_items(images=d), collect_protect_items):
+        with pytest.raises(FileNotFoundError, match=r"no images in .*phone: 2 files of other types \(IMG_1.HEIC, "
+                                                    r"notes.pdf\); the formats read are .png .jpg"):
+            collect(phone)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8), "red").save(mixed / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(mixed / "b.jfif", format="JPEG")  # a JPEG under Windows' name
+    (mixed / "c.heic").write_bytes(b"heic")
+    (mixed / "d.txt").write_text("notes")
+    assert [p.name for p in list_images(mixed)] == ["a.png", "b.jfif"]
+    assert "1 pictures under" in caplog.text
+    assert "cgidm does not read and are left out (save them as PNG or JPEG to use them): c.heic" in caplog.text
+    assert "d.txt" not in caplog.text
+
+
+def test_the_centre_the_model_reads_and_an_exif_turn_are_noted(tmp_path):
+    wide = Image.new("RGB", (48, 32), "red")
+    wide.save(tmp_path / "wide.png")
+    _, notes = load_image_with_notes(tmp_path / "wide.png", 16)
+    assert notes == ["only its centre 32x32 of 48x32 used (the model reads a square)"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees
+    Image.new("RGB", (32, 48), "blue").save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    x, notes = load_image_with_notes(tmp_path / "phone.jpg", 16)
+    assert notes[0] == "turned upright by its EXIF orientation" and notes[1].startswith("only its centre 32x32 of 48x32")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "square.png")
+    assert load_image_with_notes(tmp_path / "square.png", 16)[1] == []

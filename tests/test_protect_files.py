@@ -105,6 +105,9 @@ def test_written_files_keep_transparency_grey_orientation_and_colour_metadata(ba
         assert (_transparent(out / rows[image_id]["protected"]) == _transparent(src)).all(), image_id
         assert _transparent(src).sum() >= 16
         assert any("transparent colour written as" in n for n in rows[image_id]["notes"]), rows[image_id]["notes"]
+    # the model's square cut is not the file's (xmp6.png is 36 x 24); the flattening is of what the model saw
+    assert not any(n.startswith("only its centre") or "upright" in n for r in rows.values() for n in r.get("notes", []))
+    assert "transparency flattened on white in what the model saw" in rows["rgb_key.png"]["notes"]
     assert written("grey_alpha16.png").mode == "LA"  # grey stays grey: one change for all three channels
     rotated = written("xmp6.png")
     assert rotated.size == (24, 36) and 'Orientation="6"' not in rotated.info.get("XML:com.adobe.xmp", "")

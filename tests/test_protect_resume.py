@@ -287,6 +287,14 @@ def test_authenticate_says_it_does_not_read_subfolders(tiny_world, tmp_path, cap
     shutil.copy(src[2], tmp_path / "art" / "run1" / "triptychs" / "t.png")
     assert [i.path.name for i in collect_items(tmp_path / "art")] == ["b.png"]
     assert "1 images in subfolders are not read" in caplog.text and "output folders" not in caplog.text
+    # a controls folder inside the images folder is read as the controls: not counted
+    caplog.clear()
+    (tmp_path / "art" / "sub" / "a.png").rename(tmp_path / "art" / "a.png")
+    (tmp_path / "art" / "controls").mkdir()
+    shutil.copy(src[3], tmp_path / "art" / "controls" / "c.png")
+    items = collect_items(tmp_path / "art", controls=tmp_path / "art" / "controls")
+    assert [(i.path.name, i.label) for i in items] == [("a.png", None), ("b.png", None), ("c.png", "control")]
+    assert "not read" not in caplog.text
 
 
 def test_a_folder_without_subfolders_is_listed_once(tiny_world, tmp_path, monkeypatch):
