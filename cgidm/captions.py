@@ -75,11 +75,16 @@ def fitted(text: str, width: int, size: int = CAPTION_SIZE) -> str:
 
 
 def fitted_name(prefix: str, name: str, width: int, size: int = CAPTION_SIZE) -> str:
-    """``prefix + name`` in ``width`` pixels: ``name`` cut in its middle (two thirds of what
-    is kept from its end); where not even ``prefix...`` fits, cut at the end."""
+    """``prefix + name`` in ``width`` pixels: a path's folders cut first (its file name kept
+    whole where it fits), else ``name`` cut in its middle (two thirds of what is kept from
+    its end); where not even ``prefix...`` fits, cut at the end."""
     f = font(size)
     if f.getlength(prefix + name) <= width:
         return prefix + name
+    folder, sep, file = name.rpartition("/")
+    if sep and f.getlength(f"{prefix}.../{file}") <= width:
+        k = next(k for k in range(len(folder), -1, -1) if f.getlength(f"{prefix}{folder[:k]}.../{file}") <= width)
+        return f"{prefix}{folder[:k]}.../{file}"
     for k in range(len(name) - 1, 0, -1):
         tail = (2 * k + 2) // 3
         text = f"{prefix}{name[:k - tail]}...{name[len(name) - tail:]}"

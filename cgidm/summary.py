@@ -126,6 +126,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                                         "metric (embed_cos, latent_cos, ...)")
     elif given:
         try:
+            if (summary.get("stalled") or {}).get("images") == len(good):  # one model twice: no recovery at all
+                raise ValueError("every PGD step of every image was skipped, so nothing was recovered to judge")
             cal = calibrate(controls, cfg.metric, cfg.level)
         except ValueError as e:  # too few scored (unreadable files): said, not left out silently
             summary["calibration_error"] = (f"{given} control image{'s' if given != 1 else ''} given, "

@@ -67,6 +67,13 @@ def test_a_file_name_is_cut_in_its_middle_so_siblings_stay_apart():
     assert cut_a.endswith("00017.png") and cut_b.endswith("00018.png")
     assert fitted_name("p: ", "short.png", 200) == "p: short.png"
     assert fitted_name("a prefix far too long: ", a, 30).endswith("...")  # not even the prefix: cut at the end
+    # a path: its folders are cut before its file name, which stays whole where it fits
+    path = "/tmp/some/long/folder/of/models/JaneDoeStyle_v2_epoch10_final.safetensors"
+    cut = fitted_name("fine-tune: ", path, 420)
+    assert cut.startswith("fine-tune: /tmp/") and cut.endswith(".../JaneDoeStyle_v2_epoch10_final.safetensors")
+    assert font().getlength(cut) <= 420 and font().getlength(cut.replace(".../", "o.../")) > 420  # as much as fits
+    narrow = fitted_name("fine-tune: ", path, 200)  # the file name alone too long: cut in its middle
+    assert "..." in narrow and narrow.endswith(".safetensors") and font().getlength(narrow) <= 200
     # a Name in a strip: escaped first (a backslash doubled, a character past ASCII as its
     # escape), then cut in its middle
     from cgidm.captions import _text

@@ -531,3 +531,18 @@ def test_controls_under_another_pair_are_said_not_called_missing():
     said = "\n".join(unjudged(s))
     assert "give control images" not in said and "pair a has no control images" in said
     assert "1 pair (c) has control images and no scored image to test" in said
+
+
+def test_no_verdict_when_every_image_stalled():
+    """The fine-tune given as its own base (or no gradient anywhere): every PGD step of every
+    image skipped, so the scores are the starting point's; no p-value or verdict is given."""
+    from cgidm.config import AuthConfig, PGDConfig
+    from cgidm.summary import summarize
+
+    cfg = AuthConfig(prompt="p", pgd=PGDConfig(steps=4))
+    rows = [{"id": f"c{i}", "label": "control", "score": i / 30, "latent_cos": i / 30, "skipped_steps": 4}
+            for i in range(20)] + [{"id": "mine", "label": None, "score": 0.9, "latent_cos": 0.9, "skipped_steps": 4}]
+    s = summarize(rows, cfg)
+    assert "verdicts" not in s and "nothing was recovered to judge; no p-values or verdicts" in s["calibration_error"]
+    rows[-1]["skipped_steps"] = 0  # one image recovered: judged as usual
+    assert summarize(rows, cfg)["verdicts"]["mine"]["verdict"] == "fine-tuned on"
