@@ -390,7 +390,7 @@ class _Run:
             raise OutputError(dst.parent, e) from e
         fields = protect_file(item.path, dst, delta, self.model.resolution, self.cfg.budget_value, self.stamp,
                               self.cfg.cover, self.model.pixel_multiple)
-        before, after, top = fields.pop("_before"), fields.pop("_after"), fields.pop("_top")
+        before, after, top, alpha = (fields.pop(k) for k in ("_before", "_after", "_top", "_alpha"))
         if self.cfg.cover == "centre":
             w, h = fields["size"]
             (left, upper, right, lower), _ = view_of(w, h, self.model.resolution, "centre")
@@ -398,7 +398,7 @@ class _Run:
                 fields["notes"].append(f"--cover centre: only the centre {right - left}x{lower - upper} protected; "
                                        "the margins are unchanged")
         panel_path = output_path(self.out / PANELS, item.id)
-        atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255), panel_path)
+        atomic_save_image(panel(before, after, top, self.cfg.budget_value * 255, alpha), panel_path)
         return fields, rel, panel_path, dst
 
     def _row(self, item: ProtectItem, image, notes, skipped, objective, fields, rel, panel_path, dst) -> None:

@@ -345,6 +345,7 @@ def protect_file(src: Path, dst: Path, delta: torch.Tensor, resolution: int, bud
     row = {"size": [w, h], "mode": result.mode, "linf_levels": scores.pop("change") / scale, **scores}
     row["notes"] = notes
     row["_before"], row["_after"], row["_top"] = colour, after, top
+    row["_alpha"] = arr[..., -1] if img.mode in ("RGBA", "LA") else None  # the panel shows it on white
     return row
 
 
@@ -358,10 +359,19 @@ def _rgb_in_strips(h: int, w: int, levels) -> Image.Image:
     return Image.fromarray(out, "RGB")
 
 
-def _display(a: np.ndarray, top: float) -> Image.Image:
-    """``a`` (levels up to ``top``) as an 8-bit RGB image."""
+def _display(a: np.ndarray, top: float, alpha: Optional[np.ndarray] = None) -> Image.Image:
+    """``a`` (levels up to ``top``) as an 8-bit RGB image; with ``alpha`` (up to ``top``)
+    composited on white, as the picture looks (not the colours transparent pixels hide)."""
     gain = np.float32(255.0 / top)
-    return _rgb_in_strips(*a.shape[:2], lambda rows: a[rows].astype(np.float32) * gain)
+    if alpha is None:
+        return _rgb_in_strips(*a.shape[:2], lambda rows: a[rows].astype(np.float32) * gain)
+
+    def on_white(rows):
+        k = alpha[rows].astype(np.float32) / np.float32(top)
+        k = k[..., None] if a.ndim == 3 else k
+        return a[rows].astype(np.float32) * gain * k + np.float32(255.0) * (1 - k)
+
+    return _rgb_in_strips(*a.shape[:2], on_white)
 
 
 def _amplified(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
@@ -371,12 +381,14 @@ def _amplified(before: np.ndarray, after: np.ndarray, top: float, limit_levels: 
         after[rows].astype(np.float32) - before[rows]) * gain)
 
 
-def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float) -> Image.Image:
+def panel(before: np.ndarray, after: np.ndarray, top: float, limit_levels: float,
+          alpha: Optional[np.ndarray] = None) -> Image.Image:
     """original | protected | perturbation amplified to the full range (grey = 0), each
-    named in a strip under it (``captions``), the amplification with it."""
+    named in a strip under it (``captions``), the amplification with it; the two pictures
+    on white where ``alpha`` makes them transparent."""
     from cgidm.captions import caption_under
 
-    ims = [_display(before, top), _display(after, top), _amplified(before, after, top, limit_levels)]
+    ims = [_display(before, top, alpha), _display(after, top, alpha), _amplified(before, after, top, limit_levels)]
     w, h = ims[0].size
     s = PANEL_HEIGHT / max(h, 1)
     size = (max(1, round(w * s)), PANEL_HEIGHT)

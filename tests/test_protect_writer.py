@@ -204,3 +204,22 @@ def test_ctrl_c_while_a_row_is_made_keeps_that_row(base, tiny_world, tmp_path, m
     summary = protect(base, items, out, ProtectConfig(**FAST), progress=False)
     assert summary["timing"]["images"] == len(items) - len(kept) and summary["protected"] == 3
     assert [r["id"] for r in _rows(out)] == [it.id for it in items]
+
+
+def test_the_panel_shows_a_transparent_picture_on_white_not_the_colours_it_hides():
+    import numpy as np
+
+    from cgidm.protect_output import _display
+
+    colour = np.zeros((5, 7, 3), dtype=np.uint8)
+    colour[..., 0] = 200  # red under every pixel
+    alpha = np.full((5, 7), 255, dtype=np.uint8)
+    alpha[:, :3] = 0  # the left three columns transparent
+    alpha[:, 3] = 51  # one column at 20 %
+    shown = np.asarray(_display(colour, 255, alpha))
+    assert (shown[:, :3] == 255).all()  # white, not the red hidden there
+    assert (shown[:, 4:] == (200, 0, 0)).all()
+    assert tuple(shown[0, 3]) == (round(200 * 0.2 + 255 * 0.8), 204, 204)
+    grey = np.asarray(_display(colour[..., 0], 255, alpha))  # LA: one channel
+    assert (grey[:, :3] == 255).all() and (grey[:, 4:] == 200).all()
+    assert (np.asarray(_display(colour, 255)) == np.asarray(_display(colour, 255, np.full((5, 7), 255, np.uint8)))).all()
