@@ -16,10 +16,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from cgidm.config import COVERS
-from cgidm.files import NotAFile, regular_file
+from cgidm.files import NotAFile, regular_file, shown
 
 log = logging.getLogger(__name__)
 # Pillow's warnings for a damaged EXIF block ("Corrupt EXIF data", "Truncated File Read")
@@ -36,11 +36,13 @@ UPRIGHT = "turned upright by its EXIF orientation"
 CENTRE = "only its centre "
 # a loading note protect says of what the model saw: the protected file keeps its own transparency
 MODEL_SAW = {"transparency flattened on white": "transparency flattened on white in what the model saw"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
+# AVIF where this Pillow reads it (11.2 and later, built with libavif), else said as unread
+_AVIF = (".avif",) if features.check("avif") else ()
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", *_AVIF, ".bmp", ".tif", ".tiff", ".gif")
 # pictures in formats cgidm does not read (PIL cannot, or not without another library):
 # said when left out of a listing, not skipped as silently as a .txt beside the images
 OTHER_PICTURES = (".heic", ".heif", ".svg", ".jxl", ".psd", ".kra", ".xcf", ".ai", ".eps", ".raw", ".dng", ".cr2",
-                  ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf")
+                  ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", *(() if _AVIF else (".avif",)))
 
 # PIL's own default: about 270 MB as 8-bit RGB. Checked on the header's size before any
 # pixel is decoded, so a small file that declares a huge image costs nothing. Raising it
@@ -94,7 +96,7 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     for folder, real_folder, names in _walk(d, here, recursive and follow_links, recursive, unlisted):
         for name in names:
             if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                if os.path.splitext(name)[1].lower() in OTHER_PICTURES:
+                if os.path.splitext(name)[1].lower() in OTHER_PICTURES and not os.path.isdir(folder / name):
                     unread.append((folder / name).relative_to(d).as_posix())
                 continue
             p = folder / name
@@ -156,10 +158,10 @@ def no_images(folder: str | Path) -> str:
     except OSError:
         names = []
     if not names:
-        return f"no images in {folder}"
-    return (f"no images in {folder}: {len(names)} file{'s' if len(names) != 1 else ''} of other types ("
-            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); the formats read are "
-            f"{' '.join(IMAGE_SUFFIXES)}")
+        return f"no images in {shown(folder)}"
+    return (f"no images in {shown(folder)}: {len(names)} file{'s' if len(names) != 1 else ''} of other types ("
+            f"{', '.join(shown(n) for n in names[:3])}{' ...' if len(names) > 3 else ''}; the formats read are "
+            f"{' '.join(IMAGE_SUFFIXES)})")
 
 
 def is_output_folder(folder: Path) -> bool:

@@ -173,7 +173,9 @@ def resolve_prompt(cfg: AuthConfig, pair: ModelPair) -> tuple[AuthConfig, str]:
 
     prompt, where = find_prompt(pair.info.get("finetuned"), pair.info.get("lora"))
     if prompt is None:
-        in_base, _ = find_prompt(pair.info.get("base")) if pair.info.get("base") else (None, "")
+        # a base that records one, beside a fine-tune that does not: the two given swapped?
+        in_base, _ = find_prompt(pair.info["base"]) if pair.info.get("base") and pair.info.get("finetuned") else (
+            None, "")
         swapped = (f"; but the base model records one ({in_base!r}): are --base and --finetuned swapped? The base "
                    "is the pretrained model, the fine-tune the suspect one" if in_base is not None else "")
         raise ValueError(

@@ -157,8 +157,8 @@ def _set_aside(out: Path) -> None:
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / PREVIOUS)
     (out / "report.html").unlink(missing_ok=True)
-    for card in (out / EVIDENCE).glob("*.png"):
-        card.unlink(missing_ok=True)
+    for row in done_rows(out).values():  # the cards the rows name, nothing else in the folder
+        drop_card(out, row)
 
 
 def _previous(out: Path) -> dict:

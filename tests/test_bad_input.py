@@ -82,6 +82,13 @@ def test_the_suspects_model_given_as_the_base_is_named_as_such(tiny_world):
     with pytest.raises(ValueError, match="no prompt") as e:
         resolve_prompt(AuthConfig(), load_pair(tiny_world / "base", tiny_world / "base"))
     assert "swapped" not in str(e.value)
+    # no --finetuned at all (a LoRA on a DreamBooth base that records a prompt): nothing to swap
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="no prompt") as e:
+        resolve_prompt(AuthConfig(), SimpleNamespace(info={"base": str(tiny_world / "finetuned"),
+                                                           "lora": str(tiny_world / "nothing.safetensors")}))
+    assert "swapped" not in str(e.value)
 
 
 def test_v_prediction_base_with_an_epsilon_finetune_is_refused(tiny_world, tmp_path):

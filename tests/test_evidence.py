@@ -195,11 +195,17 @@ def test_models_given_by_relative_paths_are_recorded_absolute(tiny_world, monkey
 def test_a_screen_resume_with_work_to_do_sets_the_earlier_cards_aside_with_its_report(tmp_path):
     """A resume stopped before its end leaves no card of the earlier summary (their set
     verdict no longer matches the rows); the end draws those still flagged again."""
+    import json
+
+    from cgidm.evidence import card_path
     from cgidm.screen import PREVIOUS, _set_aside
 
     (tmp_path / "evidence").mkdir()
-    (tmp_path / "evidence" / "a.png").write_bytes(b"card")
+    row = {"id": "p1/a.png", "label": None, "score": 0.9, "verdict": "fine-tuned on"}
+    (tmp_path / card_path(row)).write_bytes(b"card")
+    (tmp_path / "evidence" / "keep.png").write_bytes(b"not a card of these rows")
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "report.html").write_text("<html>")
     _set_aside(tmp_path)
-    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["evidence", PREVIOUS])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["evidence", "keep.png", "results.jsonl", PREVIOUS])

@@ -436,7 +436,7 @@ def test_pictures_in_formats_not_read_are_said_and_a_folder_without_images_names
     (phone / "notes.pdf").write_bytes(b"%PDF")
     for collect in (lambda d: collect_items(images=d), collect_protect_items):
         with pytest.raises(FileNotFoundError, match=r"no images in .*phone: 2 files of other types \(IMG_1.HEIC, "
-                                                    r"notes.pdf\); the formats read are .png .jpg"):
+                                                    r"notes.pdf; the formats read are .png .jpg"):
             collect(phone)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -462,3 +462,17 @@ def test_the_centre_the_model_reads_and_an_exif_turn_are_noted(tmp_path):
     assert notes[0] == "turned upright by its EXIF orientation" and notes[1].startswith("only its centre 32x32 of 48x32")
     Image.new("RGB", (32, 32), "blue").save(tmp_path / "square.png")
     assert load_image_with_notes(tmp_path / "square.png", 16)[1] == []
+
+
+def test_a_folder_named_like_a_picture_is_not_said_unread_and_names_are_escaped(tmp_path, caplog):
+    from cgidm.images import no_images
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "shoot.raw").mkdir()
+    list_images(tmp_path / "a")
+    assert "shoot.raw" not in caplog.text
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "\x1b]0;owned\x07.txt").write_text("")
+    said = no_images(tmp_path / "b")
+    assert "\x1b" not in said and "\\x1b]0;owned\\x07.txt" in said
