@@ -83,6 +83,11 @@ def fingerprint(image: torch.Tensor) -> dict:
             "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex(), "colour": mean.tobytes().hex()}
 
 
+def _digests(row: dict) -> list[str]:
+    """What tells a row's picture exactly: its file's and its pixels' SHA-256, where recorded."""
+    return [h for h in (digest(row), row.get("pixels")) if isinstance(h, str)]
+
+
 def _colour(row: dict) -> tuple[int, int, int]:
     c = row.get("colour")
     if isinstance(c, str) and re.fullmatch(r"[0-9a-fA-F]{6}", c):
@@ -120,10 +125,7 @@ class _Seen:
         """``(id of the first row of the same picture, hash bits apart when ``near``)``;
         ``(None, None)`` when it is a new picture."""
         if not self.near:
-            for h in (digest(row), row.get("pixels")):
-                if isinstance(h, str) and h in self.by_digest:
-                    return self.by_digest[h], None
-            return None, None
+            return next(((self.by_digest[h], None) for h in _digests(row) if h in self.by_digest), (None, None))
         p = _phash(row)
         if p is not None and self.ids:
             n = len(self.ids)
@@ -139,9 +141,8 @@ class _Seen:
 
     def add(self, row: dict) -> None:
         if not self.near:
-            for h in (digest(row), row.get("pixels")):
-                if isinstance(h, str):
-                    self.by_digest.setdefault(h, row["id"])
+            for h in _digests(row):
+                self.by_digest.setdefault(h, row["id"])
         elif (p := _phash(row)) is not None:
             if len(self.ids) == len(self.hashes):
                 self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])

@@ -95,8 +95,9 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     found, not_files, unlisted, inside, unread = [], [], [], {}, []
     for folder, real_folder, names in _walk(d, here, recursive and follow_links, recursive, unlisted):
         for name in names:
-            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                if os.path.splitext(name)[1].lower() in OTHER_PICTURES and not os.path.isdir(folder / name):
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix not in IMAGE_SUFFIXES:
+                if suffix in OTHER_PICTURES and not os.path.isdir(folder / name):
                     unread.append((folder / name).relative_to(d).as_posix())
                 continue
             p = folder / name

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from cgidm.checkpoints import TRAINING_ARGS_FILES, ModelLoadError
 from cgidm.config import LABELS
 from cgidm.files import shown
-from cgidm.images import list_images, no_images
+from cgidm.images import _within, list_images, no_images
 from cgidm.lora import is_lora_file, lora_in_folder
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def collect_items(
             # less those of another folder given (--controls inside --images is read)
             found = list_images(folder, exclude=exclude)
             here = os.path.realpath(Path(folder).expanduser())
-            nested = [g for g in given if os.path.realpath(Path(g).expanduser()).startswith(here.rstrip(os.sep) + os.sep)]
+            real = {g: os.path.realpath(Path(g).expanduser()) for g in given}
+            nested = [g for g in given if real[g] != here and _within(real[g], here)]
             below = len(list_images(folder, recursive=True, exclude=[*exclude, *nested], quiet=True,
                                     follow_links=False)) - len(found) if _has_subfolder(folder) else 0
             if not found:

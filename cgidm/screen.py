@@ -148,7 +148,7 @@ def _changed_files(out: Path, entries: Sequence[Entry], done: dict, gone: set,
     return stamps, set(changed), files
 
 
-def _set_aside(out: Path) -> None:
+def _set_aside(out: Path, done: dict) -> None:
     """Before a resume writes its first row: the earlier run's summary and report no
     longer match ``results.jsonl``. The summary is set aside (its facts about the pairs
     are merged at the end, ``_previous``), the report and the evidence cards removed (the
@@ -157,7 +157,7 @@ def _set_aside(out: Path) -> None:
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / PREVIOUS)
     (out / "report.html").unlink(missing_ok=True)
-    for row in done_rows(out).values():  # the cards the rows name, nothing else in the folder
+    for row in done.values():  # the cards the finished rows name, nothing else in the folder
         drop_card(out, row)
 
 
@@ -285,7 +285,7 @@ def screen(
             raise RuntimeError(f"ranks see different finished rows in {out}: --out must be a folder every "
                                "rank reads and writes (a shared filesystem across machines)")
         if rank == 0 and todo:
-            _set_aside(out)
+            _set_aside(out, done)
         if gone:  # screened again: the old rows go (each rank its own shard; rank 0 the rest)
             own = [sink] if world > 1 else []
             if rank == 0:

@@ -198,6 +198,7 @@ def test_a_screen_resume_with_work_to_do_sets_the_earlier_cards_aside_with_its_r
     import json
 
     from cgidm.evidence import card_path
+    from cgidm.resume import done_rows
     from cgidm.screen import PREVIOUS, _set_aside
 
     (tmp_path / "evidence").mkdir()
@@ -207,5 +208,5 @@ def test_a_screen_resume_with_work_to_do_sets_the_earlier_cards_aside_with_its_r
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "report.html").write_text("<html>")
-    _set_aside(tmp_path)
+    _set_aside(tmp_path, done_rows(tmp_path))
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["evidence", "keep.png", "results.jsonl", PREVIOUS])
