@@ -23,7 +23,8 @@ from cgidm.report import write_report
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
 from cgidm.evidence import drop_card, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
-from cgidm.summary import add_embedding_scores, check_embedder, runtime, summarize
+from cgidm.embed_scores import add_embedding_scores, check_embedder
+from cgidm.summary import runtime, summarize
 
 __all__ = ["AuthConfig", "PGDConfig", "ImageItem", "collect_items", "Prepared", "prepare", "recover", "authenticate"]
 

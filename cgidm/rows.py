@@ -43,7 +43,7 @@ def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Ten
 def score_batch(prep, result, recovered: torch.Tensor) -> list[dict]:
     """Scores of every image of an inverted batch: latent cosine/MSE on the removed half,
     SSIM/PSNR, and the skipped steps. Embedding scores come later, from the saved
-    recovered images (``summary.add_embedding_scores``)."""
+    recovered images (``embed_scores.add_embedding_scores``)."""
     lat = latent_scores(prep.x0, result.x_rec, prep.mask)
     rows = []
     for i in range(prep.x0.shape[0]):

@@ -42,8 +42,8 @@ from cgidm.resume import (
 from cgidm.rows import error_row
 from cgidm.evidence import EVIDENCE, drop_card, write_cards
 from cgidm.rows import RECOVERED, TRIPTYCHS
-from cgidm.summary import (VERDICT_FIELDS, add_embedding_scores, check_embedder, drop_stale_official, runtime,
-                           summarize_pairs, timing)
+from cgidm.embed_scores import add_embedding_scores, check_embedder, drop_stale_official
+from cgidm.summary import VERDICT_FIELDS, runtime, summarize_pairs, timing
 
 log = logging.getLogger(__name__)
 

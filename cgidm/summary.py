@@ -2,17 +2,17 @@
 against controls, per pair and over all pairs (docs/architecture.md, "Stages")."""
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.copies import Copies, find_copies, pooled_warning
-from cgidm.config import BASELINE_FIELDS, EMBED_FIELDS, METRICS, departures, dtype_name
+from cgidm.config import BASELINE_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
 
 VERDICT_FIELDS = ("p_value", "z", "verdict")
+STALLED_VERDICT = {"p_value": None, "z": None, "verdict": "failed"}  # nothing recovered to judge
 SUSPECT_LABELS = (None, "member")  # the images the set verdict tests (hold-outs are known clean)
 # what looks like a swapped pair: suspects below the controls or members below the
 # hold-outs, clearly rather than by chance (the one-sided rank test the other way round)
@@ -117,7 +117,11 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     if said:
         summary["copies_warning"] = said
         summary["copies"] = found.counts()
-    controls = [r["score"] for r in good if r.get("label") == "control" and r["id"] not in found.left_out]
+    # a stalled image's score is its starting point's, not a recovery's: no control for the
+    # null, and no verdict of its own (docs/architecture.md, "Verdicts")
+    stuck = set(stalled_ids(good, cfg))
+    controls = [r["score"] for r in good
+                if r.get("label") == "control" and r["id"] not in found.left_out and r["id"] not in stuck]
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
         # null of exchangeable scores fails (a larger folder raises every score in it)
@@ -137,7 +141,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             verdicts = {}
             for r in good:
                 if r.get("label") != "control":
-                    r.update(cal.judge(r["score"]))
+                    r.update(cal.judge(r["score"]) if r["id"] not in stuck else STALLED_VERDICT)
                     verdicts[r["id"]] = {k: r[k] for k in VERDICT_FIELDS}
             summary["verdicts"] = verdicts
             summary["flagged"] = sum(v["verdict"] == "fine-tuned on" for v in verdicts.values())
@@ -150,7 +154,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
             suspects = [r["score"] for r in good
-                        if r.get("label") in SUSPECT_LABELS and r["id"] not in found.counted_once]
+                        if r.get("label") in SUSPECT_LABELS and r["id"] not in found.counted_once | stuck]
             set_unreachable = False  # the set verdict cannot reach the level either
             held = sum(r.get("label") == "holdout" for r in good)
             if not suspects and held:
@@ -199,16 +203,21 @@ def chance_rate(controls: int, level: float) -> float:
     return k / n1
 
 
+def stalled_ids(good: Sequence[dict], cfg) -> list[str]:
+    """The scored images whose every PGD step was skipped."""
+    return [r["id"] for r in good if cfg.pgd.steps > 0 and r.get("skipped_steps", 0) >= cfg.pgd.steps]
+
+
 def _stalled(summary: dict, good: Sequence[dict], cfg) -> None:
     """``summary["stalled"]``: the scored images whose every PGD step was skipped (a zero or
     non-finite gradient at every step: a non-finite model, a LoRA scale that breaks it).
     Their scores are those of the starting point, not of a recovery."""
-    steps = cfg.pgd.steps
-    ids = [r["id"] for r in good if steps > 0 and r.get("skipped_steps", 0) >= steps]
+    ids = stalled_ids(good, cfg)
     if ids:
         summary["stalled"] = {"images": len(ids), "ids": ids[:20],
                               "note": "every PGD step was skipped (zero or non-finite gradient): these scores are "
-                                      "of the starting point, not of a recovery"}
+                                      "of the starting point, not of a recovery, so they get no verdict and "
+                                      "calibrate nothing"}
     else:
         summary.pop("stalled", None)
 
@@ -343,97 +352,6 @@ def timing(stats: list[dict], finalize_s: float = 0.0) -> dict:
         "low_memory_fallback": any(s.get("low_memory_fallback", False) for s in stats),
         "per_rank": stats,
     }
-
-
-def check_embedder(cfg, embedder) -> None:
-    """An embedding metric needs an embedder, and an embedder is a loaded one (not its
-    folder): say so before any compute."""
-    if embedder is not None and not callable(embedder):
-        raise TypeError(f"embedder must be a loaded embedder (cgidm.validator.load_official_embedder(folder)), "
-                        f"got {type(embedder).__name__}")
-    if cfg.metric in EMBED_FIELDS and embedder is None:
-        raise ValueError(f"--metric {cfg.metric} needs --embedder DIR (a local CLIP or DINO model folder)")
-
-
-def _original_image(path: str):
-    """The original as the validator reads it: the file itself, upright 8-bit RGB."""
-    from PIL import Image
-
-    from cgidm.images import to_rgb
-
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
-
-
-def validator_folders(rows: Sequence[dict]) -> dict:
-    """``{(pair, label): fingerprint}`` of the scored rows' validator folders: what an
-    ``official_cos`` (a maximum over its folder's recoveries) was computed over."""
-    ids: dict = {}
-    for r in rows:
-        if "error" not in r and r.get("recovered"):
-            ids.setdefault((r.get("pair"), r.get("label")), []).append(r["id"])
-    return {k: hashlib.sha256("\n".join(sorted(v)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-            for k, v in ids.items()}
-
-
-def drop_stale_official(rows: Sequence[dict]) -> int:
-    """Remove ``official_cos`` from the rows whose folder has gained, lost or changed an
-    image since it was computed (a resume after the image list or labels changed, a
-    failed image retried); returns how many. Such a maximum is over other recoveries."""
-    now, n = validator_folders(rows), 0
-    for r in rows:
-        if "official_cos" in r and r.get("official_folder") != now.get((r.get("pair"), r.get("label"))):
-            r.pop("official_cos")
-            r.pop("official_folder", None)
-            n += 1
-    return n
-
-
-def add_embedding_scores(rows: Sequence[dict], embedder, out: Path, batch: int = 32) -> dict:
-    """The paper's validator on the scored rows, in place: ``official_cos`` (each original
-    against every recovered image of its folder: same pair and label, the maximum cosine)
-    and ``embed_cos`` (against its own recovery); ``summarize`` then sets the rows' ``score``
-    by the metric.
-    Originals are read from their files and recovered images from the saved 8-bit PNGs,
-    as the official validator reads them (docs/faithfulness.md, "Scoring"). Returns what
-    the summary records about the embedder."""
-    import torch
-    from PIL import Image
-
-    from cgidm.feature_cache import FeatureCache, row_key
-    from cgidm.validator import official_scores, paired_scores
-
-    good = [r for r in rows if "error" not in r and r.get("recovered")]
-    if good:
-        cache = FeatureCache(out, embedder)  # rows embedded by an earlier run are not embedded again
-        keys = [row_key(r, r["image"], Path(out)) for r in good]
-        feats = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
-        todo = [i for i in range(len(good)) if i not in feats]
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            orig = embedder([_original_image(good[i]["image"]) for i in chunk])
-            recs = []
-            for i in chunk:
-                with Image.open(Path(out) / good[i]["recovered"]) as im:
-                    recs.append(im.convert("RGB"))
-            for i, a, b in zip(chunk, orig, embedder(recs)):
-                feats[i] = (a.detach().float().cpu(), b.detach().float().cpu())
-                cache.put(keys[i], *feats[i])
-        cache.save([k for k in keys if k is not None])
-        o = torch.stack([feats[i][0] for i in range(len(good))])
-        c = torch.stack([feats[i][1] for i in range(len(good))])
-        groups = [(r.get("pair"), r.get("label")) for r in good]
-        official = official_scores(o, c, groups)
-        paired = paired_scores(o, c)
-        folders = validator_folders(rows)
-        for r, g, a, b in zip(good, groups, official.tolist(), paired.tolist()):
-            r["official_cos"], r["embed_cos"], r["official_folder"] = float(a), float(b), folders[g]
-    info = {"kind": embedder.kind, "folder": str(embedder.folder), "dim": int(embedder.dim)}
-    if getattr(embedder, "stand_in", False):
-        info["stand_in"] = True
-        info["label"] = embedder.label
-    return info
 
 
 def _print_pairs(pairs: dict, most: int = 20) -> None:

@@ -235,7 +235,7 @@ def test_a_resume_rescores_by_the_new_metric_and_takes_the_new_labels(entries, r
     assert summary["auc"] == summary["by_metric"]["ssim"]["auc"]
     swapped = {"member": "holdout", "holdout": "member"}
     relabelled = [dataclasses.replace(e, label=swapped[e.label]) if e.id == entries[0].id else e for e in entries]
-    from cgidm.summary import validator_folders
+    from cgidm.embed_scores import validator_folders
 
     folders = validator_folders(_rows(out))  # as a run with --embedder left them
     rows = [{**r, "official_cos": 0.5, "official_folder": folders[(r.get("pair"), r.get("label"))]} for r in _rows(out)]

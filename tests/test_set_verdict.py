@@ -241,7 +241,7 @@ def test_the_folder_maximum_gets_no_p_values():
 def test_a_validator_score_whose_folder_changed_is_dropped():
     """A resume after the image list changed kept every other image's folder maximum: the
     official AUC was computed over images no longer listed."""
-    from cgidm.summary import drop_stale_official, validator_folders
+    from cgidm.embed_scores import drop_stale_official, validator_folders
 
     rows = [{"id": f"{label}{i}", "label": label, "pair": "p", "recovered": f"r/{label}{i}.png"}
             for label in ("member", "holdout") for i in range(3)]
@@ -387,7 +387,7 @@ def test_a_rerun_embeds_only_the_images_it_has_not_embedded(tmp_path, monkeypatc
     from PIL import Image
 
     from cgidm import feature_cache
-    from cgidm.summary import add_embedding_scores
+    from cgidm.embed_scores import add_embedding_scores
 
     out = tmp_path / "out"
     (out / "recovered").mkdir(parents=True)
@@ -432,7 +432,7 @@ def test_the_feature_cache_follows_the_run_not_the_spelling(tmp_path, monkeypatc
     from PIL import Image
 
     from cgidm import feature_cache
-    from cgidm.summary import add_embedding_scores
+    from cgidm.embed_scores import add_embedding_scores
 
     out = tmp_path / "out"
     (out / "recovered").mkdir(parents=True)
@@ -544,5 +544,29 @@ def test_no_verdict_when_every_image_stalled():
             for i in range(20)] + [{"id": "mine", "label": None, "score": 0.9, "latent_cos": 0.9, "skipped_steps": 4}]
     s = summarize(rows, cfg)
     assert "verdicts" not in s and "nothing was recovered to judge; no p-values or verdicts" in s["calibration_error"]
-    rows[-1]["skipped_steps"] = 0  # one image recovered: judged as usual
+    rows[-1]["skipped_steps"] = 0  # one image recovered, but its controls calibrate nothing
+    assert "0 scored and used" in summarize(rows, cfg)["calibration_error"]
+    for r in rows:  # every image recovered: judged as usual
+        r["skipped_steps"] = 0
     assert summarize(rows, cfg)["verdicts"]["mine"]["verdict"] == "fine-tuned on"
+
+
+def test_a_stalled_image_among_recovered_ones_gets_no_verdict():
+    """Some images stalled, the others recovered: a stalled suspect is 'failed' with no
+    p-value and out of the set verdict; a stalled control is out of the null."""
+    from cgidm.config import AuthConfig, PGDConfig
+    from cgidm.summary import summarize
+
+    cfg = AuthConfig(prompt="p", pgd=PGDConfig(steps=4))
+    rows = [{"id": f"c{i}", "label": "control", "score": i / 30, "latent_cos": i / 30, "skipped_steps": 0}
+            for i in range(20)]
+    rows += [{"id": f"s{i}", "label": None, "score": 0.9, "latent_cos": 0.9, "skipped_steps": 4 * (i == 0)}
+             for i in range(3)]
+    s = summarize(rows, cfg)
+    assert s["verdicts"]["s0"] == {"p_value": None, "z": None, "verdict": "failed"}
+    assert s["verdicts"]["s1"]["verdict"] == "fine-tuned on" and s["flagged"] == 2
+    assert s["set_verdict"]["n_suspect"] == 2 and s["stalled"]["ids"] == ["s0"]
+    assert s["controls"] == 20
+    rows[0]["skipped_steps"] = rows[1]["skipped_steps"] = 4  # two stalled controls calibrate nothing
+    s = summarize(rows, cfg)
+    assert s["controls"] == 18 and "s0" not in [r["id"] for r in rows if r.get("verdict") == "fine-tuned on"]
