@@ -152,13 +152,17 @@ def _set_aside(out: Path, done: dict) -> None:
     """Before a resume writes its first row: the earlier run's summary and report no
     longer match ``results.jsonl``. The summary is set aside (its facts about the pairs
     are merged at the end, ``_previous``), the report and the evidence cards removed (the
-    end draws those still flagged again): a run stopped before its end leaves none of them
-    to be taken for its own."""
+    end draws those still flagged again), and the rows' verdicts taken out: a run stopped
+    before its end leaves none of them to be taken for its own."""
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / PREVIOUS)
     (out / "report.html").unlink(missing_ok=True)
     for row in done.values():  # the cards the finished rows name, nothing else in the folder
         drop_card(out, row)
+    judged = (*VERDICT_FIELDS, EVIDENCE)
+    rows = read_jsonl(out / RESULTS)
+    if any(k in r for r in rows for k in judged):  # judged against the earlier run's whole set
+        atomic_write_jsonl(out / RESULTS, [{k: v for k, v in r.items() if k not in judged} for r in rows])
 
 
 def _previous(out: Path) -> dict:

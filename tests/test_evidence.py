@@ -208,5 +208,11 @@ def test_a_screen_resume_with_work_to_do_sets_the_earlier_cards_aside_with_its_r
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "report.html").write_text("<html>")
+    row2 = {"id": "p1/b.png", "label": None, "score": 0.1}
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write(json.dumps({**row, "evidence": card_path(row)}) + "\n" + json.dumps(row2) + "\n")
     _set_aside(tmp_path, done_rows(tmp_path))
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["evidence", "keep.png", "results.jsonl", PREVIOUS])
+    # the rows keep their scores, not the earlier run's verdicts and cards
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows == [{k: row[k] for k in ("id", "label", "score")}] * 2 + [row2]
