@@ -103,6 +103,38 @@ def _text(label: Label, width: int, size: int) -> str:
     return fitted(ascii_text(alternatives[-1]), width, size)
 
 
+WRAP_LINES = 4  # the most lines one label of a card takes; past it, the rest is cut
+INDENT = "  "  # a wrapped label's later lines, so that they read as one label's
+
+
+def wrapped(label: Label, width: int, size: int = CAPTION_SIZE, most: int = WRAP_LINES) -> list[str]:
+    """``label`` in lines of ``width`` pixels, none of its text cut where ``most`` lines
+    hold it: broken after a space, ``/``, ``_`` or ``-`` where one is near the end of a
+    line, else anywhere; the later lines indented. Of a tuple, the first alternative (the
+    fullest) is the one wrapped. Past ``most`` lines the last one is cut: a name in its
+    middle (its end kept), other text at its end."""
+    if not isinstance(label, Name):
+        text, name = ascii_text(label if isinstance(label, str) else label[0]), False
+    else:
+        text, name = ascii_text(label.prefix) + ascii_text(label.name), True
+    f, lines, rest = font(size), [], text
+    while rest and len(lines) < most - 1:
+        lead = INDENT if lines else ""
+        if f.getlength(lead + rest) <= width:
+            break
+        n = next((n for n in range(len(rest), 0, -1) if f.getlength(lead + rest[:n]) <= width), 0)
+        if n == 0:
+            break
+        soft = max((rest.rfind(c, 0, n) + 1 for c in " /_-"), default=0)
+        n = soft if soft > n * 2 // 3 else n
+        lines.append(lead + rest[:n].rstrip())
+        rest = rest[n:].lstrip(" ")
+    if rest:
+        lead = INDENT if lines else ""
+        lines.append(fitted_name(lead, rest, width, size) if name else fitted(lead + rest, width, size))
+    return lines
+
+
 def strip_height(size: int = CAPTION_SIZE) -> int:
     """The height of one caption line under a picture."""
     return size + max(4, size // 2)
@@ -135,17 +167,18 @@ def caption_under(images: Sequence, labels: Sequence[Label], pad: int, size: Opt
 
 
 def lines_under(image, labels: Sequence[Label], size: int = CAPTION_SIZE):
-    """``image`` with ``labels`` under it, a line each, each fitted to its width (``Label``
-    says what a label can be; a ``None`` label leaves its line blank)."""
+    """``image`` with ``labels`` under it, each wrapped to its width (``wrapped``; ``Label``
+    says what a label can be; a ``None`` label leaves its line blank): what a card says is
+    evidence, so it is not cut where a few lines hold it."""
     from PIL import Image, ImageDraw
 
     w, h = image.size
     line = strip_height(size)
-    canvas = Image.new("RGB", (w, h + line * len(labels) + line // 2), PAPER)
+    texts = [t for label in labels for t in (wrapped(label, w - 8, size) if label else [""])]
+    canvas = Image.new("RGB", (w, h + line * len(texts) + line // 2), PAPER)
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(labels):
-        text = _text(label, w - 8, size) if label else ""
+    for i, text in enumerate(texts):
         if text:
             draw.text((4, h + i * line + (line - size) // 2), text, fill=INK, font=font(size))
     return canvas

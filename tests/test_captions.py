@@ -195,3 +195,30 @@ def test_the_contact_sheet_marks_where_each_cluster_begins():
         thumbnails(ims, side=side, groups=[3, 3])
     with pytest.raises(ValueError, match="groups count 8 images, not 7"):
         thumbnails(ims, side=side, groups=[4, 4])
+
+
+def test_a_card_wraps_a_long_line_rather_than_cut_it():
+    """What a card says is evidence: a path or a prompt too long for the card's width goes
+    on over the next lines, none of it cut where four lines hold it; longer, the last line
+    is cut (a name keeps its end)."""
+    from cgidm.captions import INDENT, Name, lines_under, wrapped
+
+    path = "/home/someone/models/checkpoints/JaneDoeStyle_v2_epoch10_final.safetensors"
+    got = wrapped(Name("fine-tune (sha256 0123456789abcdef...): ", path), 300)
+    assert 1 < len(got) <= 4 and all(font().getlength(t) <= 300 for t in got)
+    assert got[0].startswith("fine-tune (sha256") and all(t.startswith(INDENT) for t in got[1:])
+    joined = got[0] + "".join(t[len(INDENT):] for t in got[1:])
+    assert joined.replace(" ", "") == ("fine-tune (sha256 0123456789abcdef...): " + path).replace(" ", "")
+    assert any(t.endswith("/") for t in got[:-1]), "broken after a folder where one is near the end of a line"
+    assert wrapped(Name("p: ", "short.png"), 300) == ["p: short.png"]
+    # a tuple's fullest alternative is wrapped, not swapped for the short one
+    assert wrapped(("verdict: fine-tuned on (p = 0.04 <= 0.05, against 24 control images)", "short"), 200)[0] \
+        .startswith("verdict: fine-tuned on")
+    many = wrapped("x" * 500, 100)
+    assert len(many) == 4 and many[-1].endswith("...") and all(font().getlength(t) <= 100 for t in many)
+    tail = wrapped(Name("image: ", "a" * 300 + "_00017.png"), 160)
+    assert len(tail) == 4 and tail[-1].endswith("00017.png") and "..." in tail[-1]
+    # the card grows by the lines the wrapping takes
+    im = _noise(300, 40, 0)
+    one, two = lines_under(im, ["short"]), lines_under(im, [Name("fine-tune: ", path)])
+    assert two.size[1] - one.size[1] == (len(wrapped(Name("fine-tune: ", path), 292)) - 1) * strip_height()
