@@ -134,7 +134,7 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                 if pgd.get("steps") else None,
                 f"noise {pgd['noise']}" if pgd.get("noise") else None,
                 f"seed {cfg['seed']}" if cfg.get("seed") is not None else None,
-                str(run["time"])[:10] if run.get("time") else None]
+                f"judged {str(run['time'])[:10]}" if run.get("time") else None]
     lines.append(", ".join(s for s in settings if s))
     return lines
 

@@ -48,7 +48,7 @@ def test_a_card_says_the_verdict_score_models_and_settings():
     assert text[4] == f"fine-tune (sha256 {SHA[:16]}...): /m/ft.safetensors"
     folder = hashlib.sha256(f"{SHA}  a\n{SHA}  b\n".encode()).hexdigest()  # sha256sum a b | sha256sum
     assert text[5] == f"base (2 files, folder digest {folder[:16]}...): /m/base"
-    assert text[6] == "cgidm 0.1.0, 3 PGD steps, noise shared, seed 0, 2026-12-01"
+    assert text[6] == "cgidm 0.1.0, 3 PGD steps, noise shared, seed 0, judged 2026-12-01"
     # lower is better: below the line; a hold-out flagged all the same is called what it is
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout"), _summary(metric="latent_mse")))
     assert "a false positive" in text[1] and text[3].startswith("latent_mse 0.8; flagged below 0.5")
