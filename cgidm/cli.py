@@ -369,8 +369,9 @@ def cmd_protect(args) -> int:
     print(f"model family: {model.info['family']}")
     r = model.resolution
     where = (f"the centre {r}x{r} of each" if cfg.cover == "centre"
-             else f"each whole, at its aspect ratio with the short side at {r} px")
-    print(f"prompt: {cfg.prompt!r}; {len(items)} images, protected {where}", flush=True)
+             else f"each whole up to 2:1 (a longer one: its centre 2:1), at its aspect ratio with the short side at "
+                  f"{r} px")
+    print(f"prompt: {cfg.prompt!r}; {len(items)} image{'s' if len(items) != 1 else ''}, protected {where}", flush=True)
     summary = protect(model, items, args.out, cfg, progress=not args.quiet, retry_failed=args.retry_failed,
                       checked=True)
     print_summary(summary)

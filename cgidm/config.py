@@ -147,7 +147,7 @@ class PGDConfig:
         if self.steps < 0 or self.k < 1:
             raise ValueError(f"--steps must be >= 0 and --timesteps-per-image >= 1, got {self.steps} and {self.k}")
         if not (0 <= self.t_min <= self.t_max):
-            raise ValueError("need 0 <= t_min <= t_max")
+            raise ValueError(f"need 0 <= --t-min <= --t-max, got {self.t_min} and {self.t_max}")
         for name, flag in (("alpha", "--step-size"), ("eps", "--radius")):
             value = getattr(self, name)
             if not (value > 0 and value != float("inf")):
@@ -431,10 +431,14 @@ class ProtectConfig:
             raise ValueError(f"loss must be one of {PROTECT_LOSSES}, got {self.loss!r}")
         if self.cover not in COVERS:
             raise ValueError(f"cover must be one of {COVERS}, got {self.cover!r}")
-        if self.steps < 0 or self.k < 1 or self.batch_size < 1 or self.eval_draws < 1:
-            raise ValueError("steps must be >= 0; timesteps per image, batch size and eval draws >= 1")
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        for name, flag in (("k", "--timesteps-per-image"), ("batch_size", "--batch-size"),
+                           ("eval_draws", "--eval-draws")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not (0 <= self.t_min <= self.t_max):
-            raise ValueError("need 0 <= t_min <= t_max")
+            raise ValueError(f"need 0 <= --t-min <= --t-max, got {self.t_min} and {self.t_max}")
         if self.textural_weight is not None and not (self.textural_weight >= 0 and self.textural_weight != float("inf")):
             raise ValueError(f"textural weight must be a finite number >= 0, got {self.textural_weight}")
 

@@ -34,6 +34,7 @@ OUTPUT_MARKERS = ((".cgidm.lock",), ("protect.json",), ("extract.json",), ("resu
 # upright by its own note) leaves out of its rows
 UPRIGHT = "turned upright by its EXIF orientation"
 CENTRE = "only its centre "
+LONGER = "longer than 2:1"  # the note of an image cut to its centre 2:1
 # a loading note protect says of what the model saw: the protected file keeps its own transparency
 MODEL_SAW = {"transparency flattened on white": "transparency flattened on white in what the model saw"}
 # AVIF where this Pillow reads it (11.2 and later, built with libavif), else said as unread
@@ -447,7 +448,7 @@ def load_image_with_notes(
                 else:
                     box, size = view_of(w, h, resolution, cover, multiple)
                     if box != (0, 0, w, h):
-                        notes.append(f"longer than 2:1: only its centre {box[2] - box[0]}x{box[3] - box[1]} used")
+                        notes.append(f"{LONGER}: only its centre {box[2] - box[0]}x{box[3] - box[1]} used")
                     image = (rgb if box == (0, 0, w, h) else rgb.crop(box)).resize(size, Image.BILINEAR)
     except ImageError:
         raise

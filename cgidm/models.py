@@ -232,16 +232,19 @@ def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Ten
     return sched.alphas_cumprod.double()
 
 
-def _base_dir(base: str | Path) -> Path:
+def _base_dir(base: str | Path, pair: bool = True) -> Path:
+    """The base model's folder, checked; ``pair``: for a command with a fine-tune beside it
+    (``protect`` has none: its errors do not point at --finetuned)."""
     p = _check_local(base, "base model")
     if not p.is_dir():
         if is_lora_file(p):  # the suspect's own file given as the base
             raise ModelLoadError(f"{p}: a LoRA, given as --base: the base is the pretrained model folder the LoRA was "
-                                 "trained on; give the LoRA as --finetuned (or --lora), the pretrained model as --base")
-        raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory (the pretrained model "
-                             f"the fine-tune started from; a single file converts to one with diffusers: "
-                             f"StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)); if this file "
-                             f"is the suspect fine-tune, give it as --finetuned")
+                                 "trained on; " + ("give the LoRA as --finetuned (or --lora), the pretrained model as "
+                                                   "--base" if pair else "protect against that pretrained model"))
+        raise ModelLoadError(f"{p}: the base model must be a diffusers pipeline directory (the pretrained model"
+                             + (" the fine-tune started from" if pair else "") + "; a single file converts to one "
+                             "with diffusers: StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR))"
+                             + ("; if this file is the suspect fine-tune, give it as --finetuned" if pair else ""))
     family = families.detect_folder(p)
     families.refuse_unsupported(family, str(p))
     extra = ("text_encoder_2", "tokenizer_2") if family is not None and family.name == "sdxl" else ()

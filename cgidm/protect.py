@@ -37,8 +37,8 @@ from cgidm.protect_output import output_name, panel, protect_file, run_summary, 
 from cgidm.protect_pgd import (BaseModel, ProtectEngine, builtin_target, eval_denoising_loss, load_base,  # noqa: F401
                                protect_batch, target_latent, textural_weight)
 from cgidm.progress import bar_options
-from cgidm.protect_resume import (PROTECTED, RESULTS, check_settings, kept_settings, output_names,  # noqa: F401
-                                   resume_plan)
+from cgidm.protect_resume import (PROTECTED, RESULTS, check_before_loading, check_settings, kept_settings,  # noqa: F401
+                                   output_names, resume_plan)
 from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, repair_jsonl, source
 
 __all__ = ["ProtectConfig", "ProtectItem", "check_before_loading", "collect_protect_items", "load_base", "protect"]
@@ -71,26 +71,6 @@ def collect_protect_items(images: str | Path, exclude: Sequence[str | Path] = ()
     if not found:
         raise FileNotFoundError(no_images(root))
     return [ProtectItem(p, p.relative_to(root).as_posix()) for p in found]
-
-
-def check_before_loading(cfg: ProtectConfig) -> None:
-    """What the settings alone show, before a model loads or ``--out`` is made: warnings
-    for settings that change nothing, and a ``ValueError`` for a ``--target`` that is not
-    a readable image."""
-    if cfg.steps == 0 and not cfg.random_start:
-        log.warning("--steps 0 without --random-start: the images are written unchanged")
-    if cfg.target is not None and not cfg.needs_target:
-        log.warning("--target is not used by --loss advdm (only by textural and fused); it is ignored")
-    elif cfg.target is not None:
-        try:
-            load_image_with_notes(cfg.target, 1)  # readable; its size is checked against the model's
-        except ImageError as e:
-            raise ValueError(f"--target {cfg.target}: {e.reason}") from None
-    if cfg.textural_weight is not None and cfg.loss != "fused":
-        log.warning("--textural-weight only weighs --loss fused's two terms; with --loss %s it is ignored", cfg.loss)
-    if cfg.budget_value * 255 < 1:
-        log.warning("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones "
-                    "can hold it)", cfg.budget)
 
 
 def _target(model: BaseModel, cfg: ProtectConfig, size: Optional[tuple[int, int]] = None) -> Optional[torch.Tensor]:
@@ -457,7 +437,7 @@ def protect(
     results = out / RESULTS
     t0 = time.perf_counter()
     with OutputLock(out):  # taken before anything is made inside: a held folder is left as it is
-        check_run_kind(out, "protect")
+        check_run_kind(out, "protect", (PROTECTED, PANELS, "report.html"))
         output_dirs(out, PANELS, PROTECTED)
         check_settings(out, kept_settings(cfg, model, dtype), cfg.target)
         repair_jsonl(results)
@@ -504,6 +484,9 @@ def print_summary(summary: dict) -> None:
     print(f"images: {summary['images']}  protected: {summary['protected']}  failed: {summary['failed']}")
     for image_id, reason in list(summary["errors"].items())[:10]:
         print(f"  failed {shown(image_id)}: {shown(reason)}")
+    if part := summary.get("partly"):
+        print(f"warning: {len(part)} image{'s' if len(part) != 1 else ''} longer than 2:1 ({shown(part[0])}"
+              f"{', ...' if len(part) > 1 else ''}): only the centre 2:1 of each protected, the rest left unchanged")
     m = summary["medians"]
     if m.get("PSNR dB") is not None:
         print(f"median PSNR {m['PSNR dB']:.2f} dB  SSIM {m['SSIM']:.4f}  max change {m['max change (levels)']:.0f} "

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from cgidm.files import _replace_from_tmp, atomic_write_text, shown
-from cgidm.images import crop_box, view_of  # noqa: F401 (crop_box: the centre view's box)
+from cgidm.images import LONGER, crop_box, view_of  # noqa: F401 (crop_box: the centre view's box)
 from cgidm.summary import runtime
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -124,7 +124,7 @@ def _working_image(img: Image.Image, notes: list[str], raw_modes: Sequence[str] 
         new = img.convert("RGBA")
     else:
         new = img.convert("RGB")
-    notes.append(f"{img.mode} written as {new.mode} (a {img.mode} image cannot hold the perturbation)")
+    notes.append(f"{img.mode} written as {new.mode} (mode {img.mode} cannot hold the perturbation)")
     return new
 
 
@@ -436,11 +436,9 @@ or a 3x3 median filter, and authentication still flagged the members (cgidm's do
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return ""
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    return "" if v is None else str(v)
 
 
 def run_summary(rows: list[dict], cfg, model, dtype: str, wall: float, new: int) -> dict:
@@ -457,7 +455,8 @@ def run_summary(rows: list[dict], cfg, model, dtype: str, wall: float, new: int)
              and r["loss_clean"] > 0]
     return {
         "images": len(rows), "protected": len(good), "failed": len(rows) - len(good),
-        "errors": {r["id"]: r["error"] for r in rows if "error" in r},
+        "errors": {r["id"]: r["error"] for r in rows if "error" in r},  # and those protected in part:
+        "partly": [r["id"] for r in good if any(str(n).startswith(LONGER) for n in r.get("notes") or ())],
         "medians": {"PSNR dB": med("psnr"), "SSIM": med("ssim"), "max change (levels)": med("linf_levels"),
                     "loss clean": med("loss_clean"), "loss protected": med("loss_protected"),
                     "loss protected / clean": statistics.median(gains) if gains else None},

@@ -123,7 +123,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
 
     device, dtype = library_runtime(device, dtype)  # the names load_pair takes ("fp16", "auto"), checked first
     device = device or torch.device("cpu")
-    root = _base_dir(base)
+    root = _base_dir(base, pair=False)
     family = families.detect_folder(root) or families.Family("sd1", None, str(root))
     unet = _load_unet(root / "unet", allow_pickle)
     codec = _load_codec(root, allow_pickle, family)

@@ -1,5 +1,6 @@
-"""What a ``cgidm protect`` run keeps across runs (docs/protect.md, "Resume and errors"):
-the settings a resume must share (``check_settings``), each input's record and output
+"""A ``cgidm protect`` run's settings and what it keeps across runs (docs/protect.md,
+"Resume and errors"): what the settings alone show (``check_before_loading``), the
+settings a resume must share (``check_settings``), each input's record and output
 name, and which images a run does (``resume_plan``)."""
 from __future__ import annotations
 
@@ -24,6 +25,35 @@ PROTECTED = "protected"
 # contents are kept beside them (``kept_settings``).
 KEPT_SETTINGS = ("prompt", "steps", "loss", "target", "textural_weight", "k", "t_min", "t_max", "random_start",
                  "seed", "budget_levels", "step_levels", "cover", "eval_draws")
+
+
+LOUD_LEVELS = 32  # a budget above this many 8-bit levels is said: the papers' is 8 to 16
+
+
+def check_before_loading(cfg: ProtectConfig) -> None:
+    """What the settings alone show, before a model loads or ``--out`` is made: warnings
+    for settings that change nothing or a budget far past the papers', and a ``ValueError``
+    for a ``--target`` that is not a readable image."""
+    from cgidm.images import ImageError, load_image_with_notes
+
+    if cfg.steps == 0 and not cfg.random_start:
+        log.warning("--steps 0 without --random-start: the images are written unchanged")
+    if cfg.target is not None and not cfg.needs_target:
+        log.warning("--target is not used by --loss advdm (only by textural and fused); it is ignored")
+    elif cfg.target is not None:
+        try:
+            load_image_with_notes(cfg.target, 1)  # readable; its size is checked against the model's
+        except ImageError as e:
+            raise ValueError(f"--target {cfg.target}: {e.reason}") from None
+    if cfg.textural_weight is not None and cfg.loss != "fused":
+        log.warning("--textural-weight only weighs --loss fused's two terms; with --loss %s it is ignored", cfg.loss)
+    levels = cfg.budget_value * 255
+    if levels < 1:
+        log.warning("--budget %s is under one 8-bit level: 8-bit images are written unchanged (only 16-bit ones "
+                    "can hold it)", cfg.budget)
+    elif levels > LOUD_LEVELS:
+        log.warning("--budget %s lets each pixel move by up to %.0f of 255 levels (1 is the whole range; the papers "
+                    "use 8/255 to 16/255): the change will be plain to see", cfg.budget, levels)
 
 
 def _target_digest(path: str) -> str:
@@ -83,8 +113,8 @@ def check_settings(out: Path, settings: dict, target: Optional[str] = None) -> N
                 old["target"] = settings["target"]
         # a run that wrote no row yet (stopped at a bad --target, interrupted before its first
         # image) has nothing to mix up: the new settings replace its record
-        if isinstance(old, dict) and old != settings and any(True for _ in read_jsonl(out / RESULTS)):
-            what = differences(old, settings)
+        what = differences(old, settings) if isinstance(old, dict) else ""
+        if what and any(True for _ in read_jsonl(out / RESULTS)):
             raise ValueError(f"{out} holds a protect run with other settings ({what}); "
                              "resume with the same settings or use another --out")
     atomic_write_json(path, {"settings": settings}, sort_keys=True)
@@ -165,14 +195,14 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
         return ", ".join(it.id for it in found[:5]) + (" ..." if len(found) > 5 else "")
 
     if gone:
-        log.warning("%s: %d protected files or panels are missing (%s); protecting those images again", out,
-                    len(gone), some(gone))
+        log.warning("%s: the protected file or panel of %d image%s is missing (%s); protecting %s again", out,
+                    len(gone), "s" * (len(gone) != 1), some(gone), "them" if len(gone) != 1 else "it")
     if changed:
-        log.warning("%s: %d inputs changed since they were protected (%s); protecting them again", out,
-                    len(changed), some(changed))
+        log.warning("%s: %d input%s changed since protected (%s); protecting %s again", out, len(changed),
+                    "s" * (len(changed) != 1), some(changed), "them" if len(changed) != 1 else "it")
     if stale:
-        log.warning("%s: %d rows are of images no longer in the image folder; they stay in %s, not counted",
-                    out, stale, RESULTS)
+        log.warning("%s: %d row%s of images no longer in the image folder; kept in %s, not counted", out, stale,
+                    "s" * (stale != 1), RESULTS)
     if len(todo) < len(items):
         left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
                 if failed and not retry_failed else "")

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -129,18 +130,25 @@ def _shown(value, other) -> str:
     return repr(value) if isinstance(other, (int, float)) and f"{other:.6g}" == short else short
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and not isinstance(a, bool):
+        return a == b or math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
 def differences(old: dict, new: dict, said=None) -> str:
     """What differs between a stopped run's settings and this run's, as each command's
     refusal to resume says it: ``key A there, B now`` for every key that differs, a nested
     dict's by its own keys (``scheduler steps_offset 1 there, 0 now``); ``said(key, value)``
-    words a value its own way (or None for the usual). Empty when nothing differs."""
+    words a value its own way (or None for the usual). Empty when nothing differs; numbers
+    within a relative 1e-9 are the same (``--budget 8/255`` and ``0.0313725490196``)."""
     diff = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff += [(f"{k} {sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b), key=str)
-                     if a.get(sub) != b.get(sub)]
-        elif a != b:
+                     if not _same(a.get(sub), b.get(sub))]
+        elif not _same(a, b):
             diff.append((k, a, b))
 
     def word(k, v, other):
@@ -163,7 +171,7 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     changes = {"added": [], "removed": []}
     if before is not None:
         old = before.get("settings")
-        if old is not None and old != settings:
+        if isinstance(old, dict) and differences(old, settings):
             what = differences(old, settings, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None
                                else None)
             hint = (" (a prompt given now is another setting even where a checkpoint names the same one: resume "
@@ -193,12 +201,23 @@ def run_in(out: Path) -> Optional[str]:
     return "authenticate" if (out / RESULTS).is_file() or (out / "summary.json").is_file() else None
 
 
-def check_run_kind(out: Path, kind: str) -> None:
-    """``ValueError`` when ``out`` holds another command's run than ``kind``'s."""
+def check_run_kind(out: Path, kind: str, outputs: Sequence[str] = ()) -> None:
+    """``ValueError`` when ``out`` holds another command's run than ``kind``'s, or no run of
+    cgidm's yet (no state file, no results) but some of the files or non-empty folders
+    ``outputs`` that a run of ``kind`` writes: someone else's, which it would write over."""
     there = run_in(out)
     if there is not None and there != kind:
-        raise ValueError(f"{out} holds a cgidm {there} run; {kind} would overwrite its outputs: "
-                         "use another --out")
+        found = next((n for k, n in RUN_STATES if k == there), None) or " or ".join(
+            n for n in (RESULTS, "summary.json") if (out / n).is_file())
+        raise ValueError(f"{out} holds {found}, of a cgidm {there} run"
+                         + (" or another program's" if there == "authenticate" else "")
+                         + f"; {kind} would overwrite its outputs: use another --out")
+    mine = dict(RUN_STATES).get(kind)
+    if there is None and mine:
+        found = [n for n in outputs if (out / n).is_file() or ((out / n).is_dir() and any((out / n).iterdir()))]
+        if found:
+            raise ValueError(f"{out} already holds {', '.join(found)} and no {mine}: not a cgidm {kind} run's, "
+                             f"and {kind} would write over them: use another --out")
 
 
 def sha256_file(path: Path) -> str:

@@ -75,6 +75,13 @@ def test_the_suspects_model_given_as_the_base_is_named_as_such(tiny_world):
         load_pair(tiny_world / "lora.safetensors", tiny_world / "finetuned")
     with pytest.raises(ModelLoadError, match="if this file is the suspect fine-tune, give it as --finetuned"):
         load_pair(tiny_world / "finetuned.safetensors", tiny_world / "base")
+    # protect has no --finetuned: its errors do not point at one
+    from cgidm.protect import load_base
+
+    for wrong in ("finetuned.safetensors", "lora.safetensors"):
+        with pytest.raises(ModelLoadError, match="diffusers pipeline directory|protect against that") as e:
+            load_base(tiny_world / wrong)
+        assert "--finetuned" not in str(e.value) and "fine-tune started from" not in str(e.value)
     swapped = load_pair(tiny_world / "finetuned", tiny_world / "base")
     with pytest.raises(ValueError, match=r"the base model records one \('a sks pattern'\): are --base and "
                                          r"--finetuned swapped\?"):
@@ -222,7 +229,7 @@ def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_worl
             if command == kind or (kind, command) == ("authenticate", "demo"):
                 continue
             assert cli.main([*args, "--out", str(out), "-q"]) == cli.EXIT_USAGE, (kind, command)
-            assert f"holds a cgidm {kind} run" in capsys.readouterr().err, (kind, command)
+            assert f", of a cgidm {kind} run" in capsys.readouterr().err, (kind, command)
             assert sorted(p.name for p in out.iterdir()) == sorted(files), (kind, command)
     assert run_in(tmp_path / "none") is None and run_in(tmp_path) is None
 

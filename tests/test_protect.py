@@ -214,7 +214,7 @@ def test_cli_exit_codes(tiny_world, tmp_path, capsys, caplog):
     (folder / "bad.png").unlink()
     assert cli.main(["protect", *common, "--out", str(tmp_path / "g"), "--steps", "0"]) == cli.EXIT_OK
     said = capsys.readouterr()
-    assert "the images are written unchanged" in caplog.text and "each whole, at its aspect ratio" in said.out
+    assert "the images are written unchanged" in caplog.text and "each whole up to 2:1 (a longer one: its centre 2:1), at its aspect ratio" in said.out
 
 
 def test_cli_defaults_come_from_the_configuration():
@@ -276,7 +276,25 @@ def test_the_api_refuses_another_commands_folder(base, tiny_world, tmp_path):
     out.mkdir()
     (out / "extract.json").write_text("{}")
     (out / "report.html").write_text("extract's report")
-    with pytest.raises(ValueError, match="holds a cgidm extract run; protect would overwrite"):
+    with pytest.raises(ValueError, match="holds extract.json, of a cgidm extract run; protect would overwrite"):
         protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
     assert sorted(p.name for p in out.iterdir() if p.name != ".cgidm.lock") == ["extract.json", "report.html"]
     assert (out / "report.html").read_text() == "extract's report"
+
+
+def test_a_fresh_run_refuses_an_out_holding_someone_elses_outputs(base, tiny_world, tmp_path):
+    """An --out with no protect run of cgidm's (no protect.json) that already holds a
+    protected/ file or a report.html is refused before anything is written over them; the
+    same command resumes its own run, which has the state file."""
+    folder = _folder(tiny_world, tmp_path, n=1)
+    for name in ("protected/x.png", "report.html"):
+        out = tmp_path / name.replace("/", "_")
+        (out / name).parent.mkdir(parents=True)
+        (out / name).write_text("mine")
+        with pytest.raises(ValueError, match=f"already holds {name.split('/')[0]} and no protect.json"):
+            protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+        assert (out / name).read_text() == "mine"
+    out = tmp_path / "ours"
+    protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)
+    (out / "panels").mkdir(exist_ok=True)
+    protect(base, collect_protect_items(folder), out, ProtectConfig(**FAST), progress=False)  # its own: resumed

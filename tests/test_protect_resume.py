@@ -157,7 +157,7 @@ def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog)
     first = (out / "protected" / items[1].id).read_bytes()
     (out / "protected" / items[1].id).unlink()
     s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
-    assert "1 protected files or panels are missing" in caplog.text
+    assert "the protected file or panel of 1 image is missing" in caplog.text
     assert s["protected"] == 2 and s["images"] == 2 and s["timing"]["images"] == 1
     assert (out / "protected" / items[1].id).read_bytes() == first  # the same draws: the same file
     # a deleted panel is made again the same way; results.jsonl keeps one row an image
@@ -166,7 +166,7 @@ def test_a_deleted_output_is_protected_again(base, tiny_world, tmp_path, caplog)
     panel.unlink()
     caplog.clear()
     s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
-    assert "1 protected files or panels are missing" in caplog.text and s["timing"]["images"] == 1
+    assert "the protected file or panel of 1 image is missing" in caplog.text and s["timing"]["images"] == 1
     assert panel.read_bytes() == made
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(it.id for it in items)
@@ -198,7 +198,11 @@ def test_an_earlier_runs_outputs_are_not_inputs(base, tiny_world, tmp_path, capl
     assert caplog.text.count("files in cgidm output folders under") == 1
 
 
-def test_notes_of_a_long_image_and_of_an_animation(base, tmp_path):
+def test_notes_of_a_long_image_and_of_an_animation(base, tmp_path, capsys):
+    """A panorama is protected in its centre 2:1 only: its row says so, and so do the
+    summary and the lines printed after the run (the rest is left unchanged)."""
+    from cgidm.protect import print_summary
+
     d = tmp_path / "art"
     d.mkdir()
     rng = np.random.default_rng(0)
@@ -206,9 +210,12 @@ def test_notes_of_a_long_image_and_of_an_animation(base, tmp_path):
     frames = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(2)]
     frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
     out = tmp_path / "out"
-    protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    summary = protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
     rows = {r["id"]: r for r in _rows(out)}
     assert "longer than 2:1: only its centre 32x16 used" in rows["strip.png"]["notes"]
+    assert summary["partly"] == ["strip.png"]
+    print_summary(summary)
+    assert "warning: 1 image longer than 2:1 (strip.png): only the centre 2:1 of each protected" in capsys.readouterr().out
     assert [n for n in rows["anim.gif"]["notes"] if n.startswith("animated")] == [
         "animated: first frame protected and written"]
 
@@ -223,6 +230,16 @@ def test_cli_refuses_what_cannot_run(tiny_world, tmp_path, capsys, caplog):
     assert "--impl cuda runs on a GPU" in capsys.readouterr().err
     assert cli.main(["protect", *common, "--out", str(tmp_path / "c"), "--budget", "0.5/255"]) == cli.EXIT_OK
     assert "under one 8-bit level" in caplog.text
+    caplog.clear()
+    assert cli.main(["protect", *common, "--out", str(tmp_path / "loud"), "--budget", "1", "--steps", "0"]) == cli.EXIT_OK
+    assert "lets each pixel move by up to 255 of 255 levels (1 is the whole range" in caplog.text
+    for flag, bad, said in (("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+                            ("--eval-draws", "0", "--eval-draws must be >= 1, got 0"),
+                            ("--timesteps-per-image", "0", "--timesteps-per-image must be >= 1, got 0"),
+                            ("--t-min", "600", "need 0 <= --t-min <= --t-max, got 600 and 500")):
+        extra = ["--t-max", "500"] if flag == "--t-min" else []
+        assert cli.main(["protect", *common, "--out", str(tmp_path / "range"), flag, bad, *extra]) == cli.EXIT_USAGE
+        assert said in capsys.readouterr().err, flag
     assert cli.main(["protect", *common[:3], str(d / "member_00.png"), "--out", str(tmp_path / "d")]) \
         == cli.EXIT_USAGE
     assert "is a file, not a folder of images" in capsys.readouterr().err
@@ -339,7 +356,7 @@ def test_an_input_saved_over_is_protected_again_and_a_copy_is_not(base, tiny_wor
     other = sorted((tiny_world / "images" / "holdouts").glob("*.png"))[0]
     shutil.copy(other, d / "member_01.png")
     s = protect(base, items, out, ProtectConfig(**FAST), progress=False)
-    assert "1 inputs changed since they were protected (member_01.png)" in caplog.text
+    assert "1 input changed since protected (member_01.png); protecting it again" in caplog.text
     assert s["timing"]["images"] == 1 and s["protected"] == 2
     assert np.abs(_pixels(out / "protected" / "member_01.png") - _pixels(other)).max() <= 8
 
@@ -350,7 +367,7 @@ def test_rows_of_images_no_longer_there_are_said_and_not_counted(base, tiny_worl
     protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
     (d / "member_01.png").rename(d / "renamed.png")
     s = protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
-    assert "1 rows are of images no longer in the image folder" in caplog.text
+    assert "1 row of images no longer in the image folder" in caplog.text
     assert s["images"] == s["protected"] == 2
 
 
@@ -397,3 +414,7 @@ def test_every_commands_refusal_words_what_differs_the_same_way():
     said = differences(old, new, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None else None)
     assert "prompt read from each checkpoint there, 'a cat' now" in said
     assert differences(old, dict(old)) == "" and differences({}, {}) == ""
+    # a budget written as 8/255 or as its decimals is the same; 8 and 9 levels are not
+    eight = {"budget_levels": 8.0, "scheduler": {"eta": 0.0313725490196 * 255}}
+    assert differences(eight, {"budget_levels": 0.0313725490196 * 255, "scheduler": {"eta": 8.0}}) == ""
+    assert differences(eight, {**eight, "budget_levels": 8.00001}) == "budget_levels 8 there, 8.00001 now"
