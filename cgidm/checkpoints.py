@@ -299,8 +299,8 @@ def warn_if_same_weights(finetuned, base, where) -> None:
     if finetuned is base or (a.keys() == b.keys() and all(
             x.shape == b[k].shape and x.dtype == b[k].dtype and torch.equal(x, b[k]) for k, x in a.items())):
         log.warning("%s: its UNet has the base model's weights exactly (the base itself, or a copy of it): "
-                    "the fine-tuned and pretrained sides are one model, so every image scores alike and "
-                    "nothing can be extracted; check --finetuned", shown(str(where)))
+                    "the fine-tuned and pretrained sides are one model, with no contrast between them: nothing "
+                    "can be recovered or extracted; check --finetuned", shown(str(where)))
 
 
 # --------------------------------------------------------------------------- prompt

@@ -118,7 +118,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         summary["copies_warning"] = said
         summary["copies"] = found.counts()
     # a stalled image's score is its starting point's, not a recovery's: no control for the
-    # null, and no verdict of its own (docs/architecture.md, "Verdicts")
+    # null, and no verdict of its own (README.md, "Bad input and untrusted files")
     stuck = set(stalled_ids(good, cfg))
     controls = [r["score"] for r in good
                 if r.get("label") == "control" and r["id"] not in found.left_out and r["id"] not in stuck]

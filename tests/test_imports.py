@@ -1,5 +1,5 @@
 """The package's modules follow the data flow: no import cycle, and nothing below a runner
-imports a runner or the command line (docs/architecture.md, "Modules")."""
+imports a runner or the command line (docs/architecture.md, "Runners")."""
 from __future__ import annotations
 
 import ast
@@ -137,3 +137,27 @@ def test_loading_models_draws_no_library_bars_and_keeps_the_libraries_settings(t
     finally:
         if not was:
             tl.disable_progress_bar()
+
+
+def test_every_cited_docs_section_exists():
+    """Code, tests and docs cite sections as ``docs/<file>.md, "<Section>"``: each names a
+    heading of that file, or a paragraph's bold label (its words, or the start of them), so
+    a renamed section is found."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    heading = re.compile(r"^(?:#+ (.+)|\*\*([^*]+?)\.?\*\*)", re.M)  # a heading, or a paragraph's bold label
+    headings = {p.name: [(a or b).strip() for a, b in heading.findall(p.read_text())]
+                for p in [*(root / "docs").glob("*.md"), root / "README.md"]}
+    cite = re.compile(r"(?<![\w/])(docs/[\w-]+\.md|README\.md),\s+[\"'`]+([^\"'`\n]+)[\"'`]")
+    files = [p for d in ("cgidm", "tests", "bench", "kernels", "csrc", "docs") for p in (root / d).rglob("*")
+             if p.suffix in (".py", ".md", ".cpp", ".cu", ".h", ".txt") and p.is_file()] + [root / "README.md"]
+    bad, seen = [], 0
+    for p in files:
+        for m in cite.finditer(p.read_text(errors="replace")):
+            name, section = Path(m.group(1)).name, " ".join(m.group(2).split())
+            seen += 1
+            if name not in headings or not any(h.startswith(section) or section.startswith(h)
+                                               for h in headings[name]):
+                bad.append(f"{p.relative_to(root)}: {m.group(1)}, {section!r}")
+    assert seen > 30 and not bad, bad

@@ -1,6 +1,6 @@
 """``ProtectEngine`` (what ``protect_batch`` and ``cgidm protect`` run: one PGD step on
 static buffers, captured in a CUDA graph on a GPU) against ``protect_loop``, the plain
-loop with fresh tensors every step (docs/protect.md, "The engine").
+loop with fresh tensors every step (docs/protect.md, "How it runs").
 
 Two bases: the tiny world's (identity codec: the pixels are the latent) and a random
 SD-shaped one with a VAE, so that the keyed posterior sample and the encoder's backward
