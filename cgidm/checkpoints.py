@@ -291,16 +291,21 @@ def check_finite_modules(parts) -> None:
                                  "from a training run that diverged, or weights too large for that dtype")
 
 
-def warn_if_same_weights(finetuned, base, where) -> None:
-    """Warn when the fine-tuned UNet's weights equal the base's, tensor
+SAME_AS_BASE = ("its UNet has the base model's weights exactly (the base itself, or a copy of it): the fine-tuned "
+                "and pretrained sides are one model, with no contrast between them: nothing can be recovered or "
+                "extracted; check --finetuned")
+
+
+def warn_if_same_weights(finetuned, base, where) -> bool:
+    """Warn (and True) when the fine-tuned UNet's weights equal the base's, tensor
     for tensor: ``where`` is the base itself or a copy of it, so both sides of every
     contrast are one model and nothing can be authenticated or extracted."""
     a, b = finetuned.state_dict(), base.state_dict()
     if finetuned is base or (a.keys() == b.keys() and all(
             x.shape == b[k].shape and x.dtype == b[k].dtype and torch.equal(x, b[k]) for k, x in a.items())):
-        log.warning("%s: its UNet has the base model's weights exactly (the base itself, or a copy of it): "
-                    "the fine-tuned and pretrained sides are one model, with no contrast between them: nothing "
-                    "can be recovered or extracted; check --finetuned", shown(str(where)))
+        log.warning("%s: %s", shown(str(where)), SAME_AS_BASE)
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------- prompt

@@ -380,7 +380,7 @@ def cmd_protect(args) -> int:
 
 def cmd_extract(args) -> int:
     from cgidm.extract import extract, list_compare_images
-    from cgidm.files import fraction, shown
+    from cgidm.files import counted, fraction, shown
     from cgidm.provenance import said
 
     if args.finetuned is None and args.lora is None:
@@ -407,10 +407,10 @@ def cmd_extract(args) -> int:
     rate = f"{t['samples_per_hour']:,.0f} samples/hour" if t["samples_per_hour"] else "no new sample"
     took = (f" ({s['samples'] - s['resumed_samples']} drawn in {t['sampling_s']:.1f} s, {rate}; {s['resumed_samples']} "
             f"by the run that stopped)" if s["resumed_samples"] else f" in {t['sampling_s']:.1f} s ({rate})")
-    print(f"{s['finite_samples']} samples{took}; "
-          f"{c['clusters']} clusters at {s['features']} similarity "
-          f"{'>= %g' % c['threshold'] if c['threshold'] is not None else '(one sample: no threshold)'}; "
-          f"{len(s['candidates'])} candidates (cluster sizes {', '.join(str(x['cluster_size']) for x in s['candidates'])})")
+    print(f"{counted(s['finite_samples'], 'sample')}{took}; {counted(c['clusters'], 'cluster')} "
+          + (f"at {s['features']} similarity >= {c['threshold']:g}" if c["threshold"] is not None else "(one sample)")
+          + f"; {counted(len(s['candidates']), 'candidate')} (cluster sizes "
+            f"{', '.join(str(x['cluster_size']) for x in s['candidates'])})")
     if s.get("compare"):
         for p in s["compare"]["pairs"]:
             label = f" [{p['label']}]" if p["label"] else ""
@@ -423,8 +423,8 @@ def cmd_extract(args) -> int:
             print(f"  ... and {len(failed) - 10} more not compared (see extract.json)")
         m = s["compare"].get("labelled")
         if m and m["auc"] is not None:
-            print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the {len(s['candidates'])} "
-                  f"candidates above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
+            print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the "
+                  f"{counted(len(s['candidates']), 'candidate')} above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
                   f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
                                               f"threshold too" if m.get("controls") else ""))
     if s.get("model_files"):
@@ -463,14 +463,15 @@ def main(argv=None) -> int:
             handler.addFilter(ShownFilter())
     try:
         from cgidm.models import ModelLoadError  # torch and diffusers: seconds, a Ctrl-C may come in them
+        from cgidm.progress import Terminated, term_as_interrupt
     except KeyboardInterrupt:
         print("cgidm: interrupted before anything was done", file=sys.stderr)
         return 130
-
+    commands = {"authenticate": cmd_authenticate, "screen": cmd_screen, "protect": cmd_protect,
+                "extract": cmd_extract, "demo": cmd_demo}
     try:
-        commands = {"authenticate": cmd_authenticate, "screen": cmd_screen, "protect": cmd_protect,
-                    "extract": cmd_extract, "demo": cmd_demo}
-        return commands[args.command](args)
+        with term_as_interrupt():  # SIGTERM (timeout, a batch scheduler) stops a run as Ctrl-C does
+            return commands[args.command](args)
     except OutputError as e:
         print(f"cgidm: error: {_one_line(e)}; the run stopped, {_kept(args)}", file=sys.stderr)
         return EXIT_OUTPUT
@@ -479,9 +480,10 @@ def main(argv=None) -> int:
             return _stopped(e, args)
         print(f"cgidm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"cgidm: interrupted; {_kept(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"cgidm: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; {_kept(args)}",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         return _stopped(e, args)
 

@@ -4,6 +4,7 @@ from the lower quartile of the similarities until there are ``N`` cliques; each 
 representative is the sample nearest its mean."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -11,6 +12,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from cgidm.files import counted
+
+log = logging.getLogger("cgidm.extract")
 
 
 def unit_features(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -44,10 +49,13 @@ def maximum_clique(nbrs: Sequence[int], alive: int, sims: np.ndarray, budget: li
     """The largest clique among the ``alive`` nodes (bit masks; ``nbrs[i]``: node ``i``'s
     neighbours), ties broken by the higher mean similarity, then by the lower node
     numbers: Bron–Kerbosch with Tomita's pivot, pruned by size. ``budget[0]`` counts the
-    search steps left; ``TooDense`` when it runs out."""
+    search steps left, a step being a branch the size bound did not cut (a cut one costs a
+    popcount); ``TooDense`` when it runs out."""
     best = {"size": 0, "score": -math.inf, "mask": 0}
 
     def expand(r: int, size: int, p: int, x: int) -> None:
+        if p and size + p.bit_count() < best["size"]:
+            return
         budget[0] -= 1
         if budget[0] < 0:
             raise TooDense
@@ -59,8 +67,6 @@ def maximum_clique(nbrs: Sequence[int], alive: int, sims: np.ndarray, budget: li
                     score = _clique_score(r, sims)
                     if score > best["score"]:
                         best.update(score=score, mask=r)
-            return
-        if size + p.bit_count() < best["size"]:
             return
         pivot = max(_bits(p | x), key=lambda u: (p & nbrs[u]).bit_count())
         for v in _bits(p & ~nbrs[pivot]):
@@ -81,13 +87,22 @@ def maximum_clique(nbrs: Sequence[int], alive: int, sims: np.ndarray, budget: li
 def clique_partition(adjacency: np.ndarray, sims: np.ndarray, budget: int) -> list[list[int]]:
     """The official code's greedy cover: take the largest clique out of the graph, again
     and again, until no node is left (a lone node is a clique of one). ``adjacency``
-    ``[M, M]`` bool (no self-loops). ``TooDense`` past ``budget`` search steps."""
+    ``[M, M]`` bool (no self-loops). ``TooDense`` past ``budget`` search steps.
+
+    A node with no neighbour left is a clique of one whenever it is taken: such nodes are
+    taken out without a search (the same cover, in another order), so a sparse graph of
+    many samples, mostly alone, costs a search of the few joined ones only."""
     m = adjacency.shape[0]
     nbrs = [sum(1 << int(j) for j in np.flatnonzero(adjacency[i])) for i in range(m)]
     alive = (1 << m) - 1
     left = [budget]
     cliques = []
     while alive:
+        lone = [i for i in _bits(alive) if not nbrs[i] & alive]
+        if lone:
+            cliques += [[i] for i in lone]
+            alive &= ~sum(1 << i for i in lone)
+            continue
         mask = maximum_clique(nbrs, alive, sims, left)
         cliques.append(list(_bits(mask)))
         alive &= ~mask
@@ -181,3 +196,37 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
     clusters.sort(key=lambda c: (-c.size, -(c.mean_similarity if c.mean_similarity is not None else -math.inf),
                                  c.members[0]))
     return Clustering(tau, clusters, scanned)
+
+
+def said_of(clustering: Clustering, cfg, samples: int) -> list[str]:
+    """Warnings a reader of ``cgidm extract``'s candidates needs (``cfg``: its
+    ``ExtractConfig``; logged, and returned for its summary and report): no sample like another (their order then means nothing), or fewer
+    clusters than the candidates asked for."""
+    said: list[str] = []
+    dense = [s["threshold"] for s in clustering.scanned or () if s.get("too_dense")]
+    alone = samples > 1 and all(c.size == 1 for c in clustering.clusters)
+    grouped = [s for s in clustering.scanned or () if 0 < s.get("cliques", samples) < cfg.clusters]
+    if alone and dense:
+        said.append(f"every cluster is a single sample: the graphs at similarities {dense[0]:.4g} to {dense[-1]:.4g} "
+                    f"joined too many samples for the clique search ({cfg.clique_budget} steps each), and above them "
+                    "no two samples are alike, so the candidates are not ranked by anything (fewer --samples, or "
+                    "more --steps for samples less like noise)")
+    elif alone and grouped and samples > cfg.clusters:
+        # the samples were alike (as a strongly memorised fine-tune's are), too alike to
+        # split into --clusters groups: the scan went past them to a sample each
+        best = max(grouped, key=lambda s: s["cliques"])
+        said.append(f"the samples are too alike to split into {cfg.clusters} clusters (at most {best['cliques']}, at "
+                    f"threshold {best['threshold']:.4g}), so every sample is a cluster of its own and the candidates "
+                    f"are not ranked by anything: try --clusters {best['cliques']}")
+    elif alone:
+        said.append("every cluster is a single sample: no two samples are alike at the threshold the scan reached, "
+                    "so the candidates are not ranked by anything (more --samples, or fewer --clusters, or other "
+                    "--features)")
+    if len(clustering.clusters) < cfg.n_candidates:  # asked for with --candidates, or --clusters by default
+        said.append(f"{counted(len(clustering.clusters), 'cluster')}: "
+                    f"{counted(len(clustering.clusters), 'candidate')} written, not the {cfg.n_candidates} "
+                    + ("--candidates" if cfg.candidates is not None else "(--candidates, by default --clusters)")
+                    + " asked for")
+    for text in said:
+        log.warning("%s", text)
+    return said

@@ -36,13 +36,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from cgidm.cliques import cluster
+from cgidm.cliques import cluster, said_of
 from cgidm.config import ExtractConfig
 from cgidm.extract_compare import (COMPARE, PIXEL_FEATURE_SIDE, check_readable, compare_images,  # noqa: F401
                                      extraction_metrics, features_of, grid, nearest, pixel_features)
 from cgidm.extract_samples import SAMPLES, decode, describe_samples, thumbnails
 from cgidm.extract_resume import PARTIAL, PartialSaver, load_partial, sampling_digest, sampling_settings
-from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text, shown
+from cgidm.checkpoints import SAME_AS_BASE
+from cgidm.files import atomic_save_image, atomic_write_json, atomic_write_text, counted, shown
 from cgidm.graphs import graph_wanted
 from cgidm.guidance import load_scheduler, sample, sample_keys
 from cgidm.images import to_pil
@@ -191,7 +192,8 @@ def extract(
             _publish(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        (out / PARTIAL).unlink(missing_ok=True)  # published: nothing to resume
+        if not summary.get("samples_kept_beyond"):
+            (out / PARTIAL).unlink(missing_ok=True)  # published: nothing to resume
         summary["report"] = str(out / "report.html")
         return summary
 
@@ -247,28 +249,6 @@ def _publish(stage: Path, out: Path) -> None:
             pass
 
 
-def _say_clustering(clustering, cfg: ExtractConfig, samples: int) -> None:
-    """Warnings a reader of the candidates needs: no sample like another (their order then
-    means nothing), or fewer clusters than the candidates asked for."""
-    if samples > 1 and all(c.size == 1 for c in clustering.clusters):
-        grouped = [s for s in clustering.scanned or () if 0 < s.get("cliques", samples) < cfg.clusters]
-        if grouped and samples > cfg.clusters:
-            # the samples were alike (as a strongly memorised fine-tune's are), too alike to
-            # split into --clusters groups: the scan went past them to a sample each
-            best = max(grouped, key=lambda s: s["cliques"])
-            log.warning("the samples are too alike to split into %d clusters (at most %d, at threshold %s), so every "
-                        "sample is a cluster of its own and the candidates are not ranked by anything: try "
-                        "--clusters %d", cfg.clusters, best["cliques"], f"{best['threshold']:.4g}", best["cliques"])
-        else:
-            log.warning("every cluster is a single sample: no two samples are alike at the threshold the scan "
-                        "reached, so the candidates are not ranked by anything (more --samples, or fewer "
-                        "--clusters, or other --features)")
-    if len(clustering.clusters) < cfg.n_candidates:  # asked for with --candidates, or --clusters by default
-        log.warning("%d clusters: %d candidates written, not the %d %s asked for", len(clustering.clusters),
-                    len(clustering.clusters), cfg.n_candidates,
-                    "--candidates" if cfg.candidates is not None else "(--candidates, by default --clusters)")
-
-
 def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_items, embedder, progress: bool,
                     prompt_from: str, scheduler, partial: Path, files: Optional[dict] = None) -> dict:
     """``extract`` into the staging folder ``out`` (paths in the summary are relative);
@@ -284,9 +264,15 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     digest = sampling_digest(settings, pair, c_ft, c_pre)
     drawn = load_partial(partial, digest, latent_shape, settings)
     todo = [i for i in range(cfg.samples) if i not in drawn]
+    warnings = [SAME_AS_BASE] if pair.info.get("same_as_base") else []
     if len(todo) < cfg.samples:
-        log.warning("%d of %d samples were drawn by a run that stopped (%s); drawing the other %d",
-                    cfg.samples - len(todo), cfg.samples, partial, len(todo))
+        log.warning("%d of %d samples were drawn by a run that stopped (%s); %s", cfg.samples - len(todo), cfg.samples,
+                    partial, f"drawing the other {len(todo)}" if todo else "none left to draw")
+    beyond = sum(i >= cfg.samples for i in drawn)
+    if beyond:  # kept for a run with more --samples: never dropped without a word
+        warnings.append(f"{counted(beyond, 'sample')} a stopped run drew past --samples {cfg.samples} not used; kept "
+                        f"in {partial.name} for a run with more --samples")
+        log.warning("%s", warnings[-1])
     saver = PartialSaver(partial, digest, drawn, settings)
     use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()
@@ -309,16 +295,18 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         pair_fn.remove()
     finite = torch.isfinite(latents.flatten(1)).all(dim=1)
     if not finite.all():
-        log.warning("%d of %d samples are not finite and are left out", int((~finite).sum()), cfg.samples)
+        warnings.append(f"{int((~finite).sum())} of {cfg.samples} samples are not finite and are left out")
+        log.warning("%s", warnings[-1])
     kept = torch.nonzero(finite).flatten().tolist()
     if not kept:
         if all(not torch.isfinite(x).all() for x in drawn.values()):  # nothing there worth resuming
             partial.unlink(missing_ok=True)
-        raise ValueError("every sample is non-finite (NaN or inf): lower --guidance")
+        raise ValueError("every sample is non-finite (NaN or inf): lower --guidance"
+                         + (" or --correction" if cfg.correction else ""))
     feats, tiles, fits = describe_samples(pair, latents, kept, kind, embedder, cfg, out, progress)
     clustering = cluster(feats, cfg.clusters, cfg.threshold_quantile, cfg.threshold_step, cfg.clique_budget,
                          progress=progress)
-    _say_clustering(clustering, cfg, len(kept))
+    warnings += said_of(clustering, cfg, len(kept))
     order = [j for c in clustering.clusters for j in c.members]
     atomic_save_image(thumbnails([tiles[j] for j in order], groups=[c.size for c in clustering.clusters]),
                       out / "samples.png")
@@ -372,6 +360,8 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         },
         "candidates": candidates,
         "resumed_samples": cfg.samples - len(todo),
+        "samples_kept_beyond": beyond,  # in the partial file, for a later run with more --samples
+        "warnings": warnings,
         "timing": {"sampling_s": sampling_s,
                    "samples_per_hour": 3600 * len(todo) / sampling_s if todo and sampling_s else None},
     }
@@ -404,6 +394,7 @@ th,td{border-bottom:1px solid #eee;padding:6px 8px;text-align:left;vertical-alig
 td img{height:128px} .member{color:#b00}.holdout{color:#06a}
 </style></head><body>
 <h1>cgidm extraction</h1>
+{% if s.warnings %}<ul class="error">{% for w in s.warnings %}<li>warning: {{ w|shown }}</li>{% endfor %}</ul>{% endif %}
 <p class="sub">Samples drawn with the guidance extrapolated from the pretrained model toward the fine-tune
 (<code>{{ s.guidance_formula }}</code>, w = {{ s.config.guidance }}, k = {{ s.config.correction }},
 pretrained prompt: {{ s.config.pretrained_prompt|shown }}), then clustered; each candidate is the

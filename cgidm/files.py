@@ -145,6 +145,11 @@ def _mixed_script_letters(text: str) -> set[int]:
     return out
 
 
+def counted(n: int, word: str) -> str:
+    """``1 sample``, ``3 samples``: a count with its noun (an English plural in -s)."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fraction(v, digits: int = 3) -> str:
     """A fraction (AUC, accuracy, a rate) to ``digits`` decimals, with more where rounding
     would show 1 or 0 for what is not exactly that: 0.9996 is ``0.9996``, not ``1.000``."""

@@ -394,7 +394,8 @@ def load_pair(
                 unet_ft, te_ft = single_file_parts(state, base_p, fp, te_pre, base_family.describe())
                 info["finetuned_format"] = "single-file"
     if finetuned is not None and not loras and lora is None:
-        warn_if_same_weights(unet_ft, unet_pre, info["finetuned"])
+        if warn_if_same_weights(unet_ft, unet_pre, info["finetuned"]):
+            info["same_as_base"] = True  # said again where the run's outputs are read
     if loras or lora is not None:
         info["lora_scale"] = float(lora_scale)
     if lora is None and not loras and lora_scale != 1.0:

@@ -1,12 +1,14 @@
 """Progress of a run: images done, images/hour and the ETA, for one rank and, on rank 0
 of several, for all of them (fed by counting the lines of every rank's shard). In a log
-file (not a terminal) a bar prints a line every 30 s instead of redrawing."""
+file (not a terminal) a bar prints a line every 30 s instead of redrawing. And how a run
+is stopped: SIGTERM is taken as Ctrl-C (``term_as_interrupt``)."""
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -15,6 +17,29 @@ from pathlib import Path
 from typing import Optional
 
 from cgidm.resume import SHARDS
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what ``timeout``, a batch scheduler or ``docker stop`` send, taken as Ctrl-C,
+    so a run keeps what it finished (rows, an extract's samples) and says so."""
+
+
+@contextlib.contextmanager
+def term_as_interrupt():
+    """Inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere nothing changes);
+    the handler before is put back after."""
+    def stop(signum, frame):
+        raise Terminated
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 class _NoEmptyFloat32List(logging.Filter):

@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -237,6 +239,37 @@ def test_the_papers_stopping_rule_can_merge_near_orthogonal_clusters():
     res = C.cluster(pts, 3)
     assert len(res.clusters) >= 3
     assert res.clusters[0].size > 9
+
+
+def test_a_sparse_graph_of_many_samples_is_searched_not_passed_over():
+    """Samples mostly alone at a threshold (many near-random samples, a few close pairs):
+    the lone ones are taken out without a search, so the cover fits the budget where a
+    search over every sample ran out of steps, and the cover is the same as the plain
+    greedy one (the largest clique, again and again)."""
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(700, 512))
+    f[1::50] = f[::50] + 0.05 * rng.normal(size=(14, 512))  # 14 close pairs among unrelated samples
+    res = C.cluster(f, 10, budget=20_000)
+    assert res.threshold < 0.5 and res.scanned[-1] == {"threshold": res.threshold, "cliques": len(res.clusters)}
+    where = {j: k for k, c in enumerate(res.clusters) for j in c.members}
+    assert all(where[i] == where[i + 1] for i in range(0, 700, 50))  # each close pair in one cluster
+    # the same cover as a search without the shortcut, on small random graphs
+    for seed in range(40):
+        g = np.random.default_rng(seed)
+        x = g.normal(size=(int(g.integers(3, 16)), 5))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sims = x @ x.T
+        adj = sims >= g.uniform(-0.3, 0.9)
+        np.fill_diagonal(adj, False)
+        cover = C.clique_partition(adj, sims, 10**6)
+        alive, want = set(range(len(x))), []
+        while alive:  # brute force: the largest clique left, ties to the higher mean similarity
+            best = max((c for r in range(1, len(alive) + 1) for c in itertools.combinations(sorted(alive), r)
+                        if all(adj[a, b] for a, b in itertools.combinations(c, 2))),
+                       key=lambda c: (len(c), C._clique_score(sum(1 << i for i in c), sims)))
+            want.append(sorted(best))
+            alive -= set(best)
+        assert sorted(map(sorted, cover)) == sorted(want), seed
 
 
 def test_clustering_edge_cases_and_budget():
@@ -873,19 +906,26 @@ def test_samples_too_alike_to_split_are_said_to_be_alike(caplog):
     --clusters that would group them, not as "no two samples are alike"."""
     import logging
 
-    from cgidm.cliques import Cluster, Clustering
+    from cgidm.cliques import Cluster, Clustering, said_of
 
     singles = [Cluster((j,), j, None) for j in range(6)]
     scanned = [{"threshold": 0.99, "cliques": 1}, {"threshold": 1.0, "cliques": 6}]
     cfg = ExtractConfig(prompt=PROMPT, samples=6, clusters=2)
     with caplog.at_level(logging.WARNING, logger="cgidm.extract"):
-        X._say_clustering(Clustering(1.0, singles, scanned), cfg, 6)
+        said = said_of(Clustering(1.0, singles, scanned), cfg, 6)
     assert "too alike to split into 2 clusters (at most 1, at threshold 0.99)" in caplog.text
     assert "try --clusters 1" in caplog.text and "no two samples are alike" not in caplog.text
+    assert len(said) == 1 and said[0] in caplog.text  # returned for the summary and the report too
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cgidm.extract"):  # nothing ever grouped: not alike
-        X._say_clustering(Clustering(1.0, singles, [{"threshold": 0.5, "cliques": 6}]), cfg, 6)
+        said_of(Clustering(1.0, singles, [{"threshold": 0.5, "cliques": 6}]), cfg, 6)
     assert "no two samples are alike" in caplog.text
+    # the thresholds below were passed over as too dense to search: said so, not "not alike"
+    dense = [{"threshold": 0.4, "too_dense": True}, {"threshold": 0.41, "too_dense": True},
+             {"threshold": 0.42, "cliques": 6}]
+    said = said_of(Clustering(0.42, singles, dense), cfg, 6)
+    assert "similarities 0.4 to 0.41 joined too many samples for the clique search" in said[0]
+    assert "no two samples are alike at the threshold" not in said[0]
 
 
 def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pairs, tmp_path, monkeypatch, caplog):
@@ -936,3 +976,46 @@ def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pai
     with pytest.raises(ValueError, match="every sample is non-finite"):
         X.extract(pairs["full"], out, cfg.replace(samples=1), progress=False)
     assert partial.is_file()
+
+
+def test_a_resume_with_fewer_samples_keeps_the_others_and_says_so(pairs, tmp_path, monkeypatch, caplog):
+    """A stopped run drew more samples than --samples now asks for: the others are not
+    used, said (terminal, extract.json, report), and kept in the partial file, from which a
+    later run with more --samples takes them."""
+    from cgidm import extract_resume
+
+    monkeypatch.setattr(extract_resume, "SAVE_EVERY_S", 0.0)
+    out = tmp_path / "o"
+    cfg = ExtractConfig(prompt=PROMPT, samples=6, steps=2, clusters=2, batch_size=2)
+    real = X.sample
+
+    def stop_after_two_batches(*a, on_batch=None, **k):
+        def hook(lo, x):
+            on_batch(lo, x)
+            if lo + x.shape[0] >= 4:
+                raise KeyboardInterrupt
+        return real(*a, on_batch=hook, **k)
+
+    monkeypatch.setattr(X, "sample", stop_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        X.extract(pairs["full"], out, cfg, progress=False)
+    monkeypatch.setattr(X, "sample", real)
+    s = X.extract(pairs["full"], out, cfg.replace(samples=2), progress=False)
+    said = "2 samples a stopped run drew past --samples 2 not used; kept in"
+    assert s["samples_kept_beyond"] == 2 and said in caplog.text and any(said in w for w in s["warnings"])
+    assert "none left to draw" in caplog.text and said in (out / "report.html").read_text()
+    assert (out / extract_resume.PARTIAL).is_file()
+    assert X.extract(pairs["full"], out, cfg, progress=False)["resumed_samples"] == 4  # and then 2 more drawn
+    assert not (out / extract_resume.PARTIAL).exists()
+
+
+def test_a_finetune_that_is_its_base_is_said_in_the_outputs(pairs, tmp_path, monkeypatch):
+    """Loading warns when the fine-tune has the base's weights exactly; extract.json and the
+    report say it too, so the candidates are not read as a normal extraction."""
+    from cgidm.checkpoints import SAME_AS_BASE
+
+    monkeypatch.setitem(pairs["full"].info, "same_as_base", True)
+    s = X.extract(pairs["full"], tmp_path / "o", ExtractConfig(prompt=PROMPT, samples=2, steps=1, clusters=1),
+                  progress=False)
+    assert s["warnings"][0] == SAME_AS_BASE
+    assert "warning: its UNet has the base model&#39;s weights exactly" in (tmp_path / "o" / "report.html").read_text()

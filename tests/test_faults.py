@@ -449,3 +449,30 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(pair, items, tmp_
     (tmp_path / "shards" / ".r.jsonl.tmp3-4").write_bytes(b"half")
     remove_stale_temporaries(tmp_path, [extra])
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_world, tmp_path):
+    """SIGTERM (timeout, a batch scheduler, docker stop) is taken as Ctrl-C: extract keeps
+    the samples it drew for the same command to finish, says so, and exits with 143."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cgidm.cli", "extract", "--base", str(tiny_world / "base"),
+           "--finetuned", str(tiny_world / "finetuned"), "--out", str(out), "--samples", "4000",
+           "--batch-size", "4", "--steps", "20", "--prompt", INSTANCE_PROMPT, "-q"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not (out / ".extract-new").exists():  # sampling has begun
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.returncode == 143, err
+    assert "cgidm: stopped by SIGTERM; extract writes its outputs at the end" in err
+    assert (out / ".extract-partial.safetensors").is_file() and not (out / ".extract-new").exists()

@@ -390,10 +390,11 @@ def test_a_finetune_with_the_bases_weights_is_said(tiny_world, tmp_path, caplog)
     """The base given as the fine-tune (or a copy of it): both sides are one model, said in
     a warning naming the path; a real fine-tune is not."""
     caplog.set_level("WARNING", logger="cgidm.checkpoints")
-    load_pair(tiny_world / "base", tiny_world / "finetuned")
+    assert "same_as_base" not in load_pair(tiny_world / "base", tiny_world / "finetuned").info
     assert "the base model's weights exactly" not in caplog.text
     copy = shutil.copytree(tiny_world / "base", tmp_path / "copy")
     for suspect in (tiny_world / "base", copy):
         caplog.clear()
-        load_pair(tiny_world / "base", suspect)
+        pair = load_pair(tiny_world / "base", suspect)
         assert f"{suspect}: its UNet has the base model's weights exactly" in caplog.text
+        assert pair.info["same_as_base"] is True  # said again in extract's outputs (tests/test_extract.py)
