@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
 from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
@@ -76,11 +78,16 @@ def authenticate(
 
     if not isinstance(cfg, AuthConfig):
         raise TypeError(f"cfg must be an AuthConfig, got {type(cfg).__name__}")
+    if not isinstance(getattr(pair, "device", None), torch.device):  # a path, or anything but a loaded pair
+        raise TypeError(f"pair: a loaded model pair (cgidm.load_pair(base, finetuned)), got {type(pair).__name__}"
+                        + (f" {str(pair)!r}" if isinstance(pair, (str, Path)) else ""))
     check_impl(cfg.impl, pair.device)  # before any image: in the batch loop each would be an error row
     out = Path(out).expanduser()
     if isinstance(items, (str, Path)):
         raise TypeError(f"items: a list of ImageItem, got the path {str(items)!r} (collect_items(folder) lists a "
                         "folder's images)")
+    if isinstance(items, ImageItem):
+        raise TypeError("items: a list of ImageItem, got one ImageItem: wrap it in a list")
     items = list(items)
     if not items:
         raise ValueError("no images to authenticate")

@@ -140,6 +140,9 @@ class Engine:
 
         if batch < 1:
             raise ValueError("batch must be >= 1")
+        if not isinstance(cfg, PGDConfig):  # an AuthConfig holds one (.pgd), as invert says
+            raise TypeError(f"cfg must be a PGDConfig, got {type(cfg).__name__}"
+                            + (" (pass its .pgd)" if isinstance(getattr(cfg, "pgd", None), PGDConfig) else ""))
         self.device = torch.device(device)
         self.cfg = cfg
         self.b, self.k = batch, cfg.k

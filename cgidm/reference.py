@@ -170,7 +170,7 @@ def pgd_update_ref(
     dnorm = _norm(delta, per_sample)
     factor = torch.where(dnorm > eps, eps / dnorm.clamp_min(1e-12), torch.ones_like(dnorm))
     delta = delta * factor
-    z = x0.float() * mask + (x_init + delta) * free
+    z = x0.float() * mask.float() + (x_init + delta) * free
     return delta, z
 
 

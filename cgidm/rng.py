@@ -80,6 +80,8 @@ def image_key(seed: int, image_id: str) -> int:
 
 def image_keys(seed: int, image_ids: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """``[B]`` int64: ``image_key(seed, id)`` for each id (built on the host, then moved)."""
+    if isinstance(image_ids, (str, bytes)):  # one id is not a list of its characters
+        raise TypeError(f"image_ids must be a sequence of ids, got one {type(image_ids).__name__}: wrap it in a list")
     return torch.tensor([image_key(seed, i) for i in image_ids], dtype=torch.int64).to(device)
 
 
@@ -145,6 +147,8 @@ def counter_draws(
     fp32 and ``noise_pre`` (same shape, ``None`` unless ``independent``); sample
     ``n = b*K + k``. Plain torch, capturable in a CUDA graph when ``step`` is a device
     tensor."""
+    if not (0 <= t_min <= t_max) or k < 1:  # the compiled kernels' own checks (a -5 would index abar from its end)
+        raise ValueError(f"need 0 <= t_min <= t_max and k >= 1, got t_min={t_min}, t_max={t_max}, k={k}")
     c, h, w = (int(s) for s in latent_shape)
     m = c * h * w
     groups = (m + 3) // 4

@@ -6,6 +6,7 @@
 // a tiny part of a PGD step (a UNet forward and backward).
 #include <cmath>
 
+#include "clamp.h"
 #include "cuda_common.cuh"
 
 namespace cgidm {
@@ -29,9 +30,9 @@ __global__ void __launch_bounds__(kThreads) linf_update_kernel(
     // sign(g) * alpha: 0 for a zero entry (no step), +-alpha otherwise.
     const float s = step ? (g > 0.0f ? alpha : (g < 0.0f ? -alpha : 0.0f)) : 0.0f;
     // __fadd_rn: never contracted with anything, as the reference's separate fp32 ops.
-    float d = fminf(fmaxf(__fadd_rn(delta[j], s), -eps), eps);
+    float d = clamp_keep_nan(__fadd_rn(delta[j], s), -eps, eps);
     const float xj = x[j];
-    d = fminf(fmaxf(d, __fsub_rn(lo, xj)), __fsub_rn(hi, xj));
+    d = clamp_keep_nan(d, __fsub_rn(lo, xj), __fsub_rn(hi, xj));
     delta_out[j] = d;
   }
 }

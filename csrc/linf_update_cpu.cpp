@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "clamp.h"
 #include "launch.h"
 
 namespace cgidm::cpu {
@@ -67,10 +68,10 @@ void linf_update(
         // sign(g) * alpha: 0 for a zero entry (no step), +-alpha otherwise.
         float s = g > 0.0f ? a : 0.0f;
         s = g < 0.0f ? -a : s;
-        float d = std::min(std::max(delta[j] + s, -eps), eps);
+        float d = clamp_keep_nan(delta[j] + s, -eps, eps);
         // Clip to the room [lo - x, hi - x] left in the pixel range, never past the budget.
         const float xj = x[j];
-        d = std::min(std::max(d, lo - xj), hi - xj);
+        d = clamp_keep_nan(d, lo - xj, hi - xj);
         delta_out[j] = d;
       });
     }

@@ -5,6 +5,7 @@
 // The whole-batch mode runs on one SM; the update is a tiny part of a PGD step.
 #include <cmath>
 
+#include "clamp.h"
 #include "cuda_common.cuh"
 
 namespace cgidm {
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) pgd_update_kernel(
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
     const float gn = ok ? grad[j] * free_of(j) / norm : 0.0f;
     const float xi = x_init[j];
-    const float d = fminf(fmaxf(xi + (delta[j] - alpha * gn), clamp_min), clamp_max) - xi;
+    const float d = clamp_keep_nan(xi + (delta[j] - alpha * gn), clamp_min, clamp_max) - xi;
     delta_out[j] = d;
     s += d * d;
   }

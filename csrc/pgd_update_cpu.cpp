@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "clamp.h"
 #include "cpu_common.h"
 #include "launch.h"
 
@@ -93,7 +94,7 @@ void pgd_update(
                  s += lane_sum(j0, j1, [&](int64_t j) {
                    const float gn = step ? grad[j] * (1.0f - mask[j + moff]) / norm : 0.0f;
                    const float xi = x_init[j];
-                   const float d = std::min(std::max(xi + (delta[j] - alpha * gn), clamp_min), clamp_max) - xi;
+                   const float d = clamp_keep_nan(xi + (delta[j] - alpha * gn), clamp_min, clamp_max) - xi;
                    delta_out[j] = d;
                    return d * d;
                  });

@@ -57,9 +57,10 @@ def _linf_update_kernel(
         s = tl.where(g > 0.0, alpha, tl.where(g < 0.0, -alpha, 0.0))
         s = tl.where(step, s, 0.0)
         d = tl.load(delta_ptr + offs, mask=inb, other=0.0).to(tl.float32) + s
-        d = tl.minimum(tl.maximum(d, -eps), eps)
+        # NaN kept (torch.clamp's rule): Triton's minimum/maximum drop a NaN operand by default
+        d = tl.minimum(tl.maximum(d, -eps, propagate_nan=tl.PropagateNan.ALL), eps, propagate_nan=tl.PropagateNan.ALL)
         xv = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        d = tl.minimum(tl.maximum(d, lo - xv), hi - xv)
+        d = tl.minimum(tl.maximum(d, lo - xv, propagate_nan=tl.PropagateNan.ALL), hi - xv, propagate_nan=tl.PropagateNan.ALL)
         tl.store(delta_out_ptr + offs, d, mask=inb)
 
 

@@ -68,7 +68,7 @@ def _pgd_update_kernel(
         gn = tl.where(ok, tl.div_rn(g * free, safe_norm), 0.0)
         d = tl.load(delta_ptr + offs, mask=inb, other=0.0).to(tl.float32) - alpha * gn
         xi = tl.load(x_init_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        d = tl.minimum(tl.maximum(xi + d, clamp_min), clamp_max) - xi
+        d = tl.minimum(tl.maximum(xi + d, clamp_min, propagate_nan=tl.PropagateNan.ALL), clamp_max, propagate_nan=tl.PropagateNan.ALL) - xi  # NaN kept
         tl.store(delta_out_ptr + offs, d, mask=inb)
         acc += tl.where(inb, d * d, 0.0)
     dnorm = tl.sqrt_rn(tl.sum(acc, axis=0))

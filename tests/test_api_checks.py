@@ -63,6 +63,10 @@ def test_items_that_would_overwrite_each_other_are_refused(world_pair, tiny_worl
         cgidm.authenticate(world_pair, [], tmp_path / "out", CFG, progress=False)
     with pytest.raises(TypeError, match="embedder must be a loaded embedder"):
         cgidm.authenticate(world_pair, items[:1], tmp_path / "out", CFG, embedder=str(tmp_path), progress=False)
+    with pytest.raises(TypeError, match=r"pair: a loaded model pair \(cgidm.load_pair\(base, finetuned\)\), got str"):
+        cgidm.authenticate(str(tiny_world / "base"), items, tmp_path / "out", CFG, progress=False)
+    with pytest.raises(TypeError, match="got one ImageItem: wrap it in a list"):
+        cgidm.authenticate(world_pair, items[0], tmp_path / "out", CFG, progress=False)
     assert not (tmp_path / "out").exists()
     # ~ is the home folder for the image folders too, as for the models
     home = tmp_path / "home"

@@ -360,3 +360,15 @@ def test_recover_with_the_engine_equals_the_reference(unets):
     torch.testing.assert_close(got.x_rec, want.x_rec, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="engine must be"):
         recover(pair, prep(), AuthConfig(prompt="p", pgd=pgd, engine="fast"))
+
+
+def test_the_engine_takes_a_pgd_config_and_says_so():
+    """An AuthConfig given for the engine's cfg: the TypeError invert gives, not an
+    AttributeError on a field it lacks."""
+    from cgidm.config import AuthConfig
+    from cgidm.engine import Engine
+
+    f = lambda x, t, c: x.tanh()  # noqa: E731
+    with pytest.raises(TypeError, match=r"cfg must be a PGDConfig, got AuthConfig \(pass its .pgd\)"):
+        Engine(f, f, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.linspace(0.99, 0.01, 1000), (4, 4, 4),
+               AuthConfig(prompt="p"))

@@ -89,6 +89,21 @@ def test_pgd_update_triton_zero_and_nonfinite_gradients(device, grad_kind, per_s
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_pgd_update_triton_keeps_a_nan_delta_nan(device):
+    """Triton's minimum/maximum drop a NaN operand by default: the clamp keeps it, as the
+    reference's torch.clamp does (else a finite -100 and every entry shrunk)."""
+    require(device)
+    d = torch.tensor([float("nan"), 0.1, 0.2, 0.0]).view(1, 1, 1, 4)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    z, m = torch.zeros(1, 1, 1, 4), torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4)
+    for alpha in (0.5, float("nan")):
+        want = reference.pgd_update_ref(d, g, z, z, m, alpha, 1.0)
+        got = pgd_update_triton(*to((d, g, z, z, m), device=device), alpha, 1.0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_pgd_update_triton_strided_inputs_batched_mask_and_inactive_projection(device, per_sample):
     require(device)

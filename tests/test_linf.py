@@ -305,3 +305,18 @@ def test_protect_step_goes_through_get_ops(monkeypatch):
     b = protect_pgd.protect_batch(model, x, ["a", "b"], cfg, z_target=z_t, impl="ref")
     assert calls == ["ref"] * 6 and torch.equal(a.delta, b.delta)
     assert protect_pgd.linf_pgd_update_ref is reference.linf_pgd_update_ref  # one copy of the spec
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linf_update_keeps_a_nan_delta_or_image_nan(impl):
+    """A NaN in delta or in the image comes out NaN in that entry only, as the reference's
+    clamps give it (min/max that drop a NaN operand would hand back a finite number)."""
+    device = require(impl)
+    delta = torch.tensor([[float("nan"), 0.0, 0.01]], device=device)
+    x = torch.tensor([[0.0, float("nan"), 0.5]], device=device)
+    grad = torch.ones(1, 3, device=device)
+    got, skipped = update_fn(impl)(delta, grad, x, ALPHA, EPS, -1.0, 1.0)
+    want, _ = reference.linf_pgd_update_ref(delta.cpu(), grad.cpu(), x.cpu(), ALPHA, EPS)
+    assert torch.isnan(want[0, :2]).all() and torch.isfinite(want[0, 2])
+    torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+    assert not skipped.any()

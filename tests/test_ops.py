@@ -783,3 +783,20 @@ def test_invert_with_compiled_ops_recovers_the_reference_latents(tiny_pair, impl
     want = run_invert(tiny_pair, reference.REFERENCE_OPS, noise, k, device=device)
     got = run_invert(tiny_pair, cgidm_ops.get_ops(impl), noise, k, device=device)
     assert_same_inversion(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["default"])
+def test_pgd_update_keeps_a_nan_delta_nan(impl):
+    """A NaN in delta (or a NaN alpha) comes out NaN where the reference's does, and the
+    other entries as the reference has them: a clamp that dropped the NaN would hand back a
+    finite number and shrink the whole image in the projection."""
+    device = require(impl)
+    d = torch.tensor([float("nan"), 0.1, 0.2, 0.0]).view(1, 1, 1, 4)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    z, m = torch.zeros(1, 1, 1, 4), torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4)
+    for alpha in (0.5, float("nan")):
+        want = reference.pgd_update_ref(d, g, z, z, m, alpha, 1.0)
+        got = public_ops(impl).pgd_update(*to((d, g, z, z, m), device=device), alpha, 1.0)
+        assert torch.isnan(want[0]).any()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, equal_nan=True)

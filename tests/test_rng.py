@@ -392,3 +392,16 @@ def test_engines_draw_with_the_op_on_cuda_and_the_plain_draws_elsewhere():
             ops = cgidm_ops.get_ops(impl)
         assert step_draws(ops, "cpu") is rng.counter_draws
         assert step_draws(ops, torch.device("cuda")) is ops.draw_noise
+
+
+def test_the_reference_draws_refuse_what_the_compiled_kernels_refuse():
+    """One id is not a list of its characters; a timestep range or a K the kernels refuse
+    is refused here too (a -5 would index the schedule from its end)."""
+    from cgidm import rng
+
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        rng.image_keys(0, "member_00.png")
+    keys = rng.image_keys(0, ["a", "b"])
+    for t_min, t_max, k in ((500, 100, 1), (-5, 3, 1), (0, 999, 0)):
+        with pytest.raises(ValueError, match="need 0 <= t_min <= t_max and k >= 1"):
+            rng.counter_draws(keys, 0, k, (1, 1, 1), t_min, t_max, False, "cpu")
