@@ -15,7 +15,8 @@ default kernel (every device), so installs without the extension still work; the
 extension ``cgidm._C`` (csrc/) adds CPU and CUDA kernels on top. The Triton kernels
 (``cgidm.kernels``) are torch ops of their own, ``cgidm::<op>_triton`` for ``pgd_update``,
 ``linf_update`` and ``draw_noise`` (``torch.library.triton_op``: ``torch.compile`` sees into
-them), with their schemas; ``triton_ops()`` registers
+them on a GPU; Triton's CPU interpreter, ``TRITON_INTERPRET=1``, runs them eagerly only, as
+it reads the tensors' storage, which a traced graph does not have), with their schemas; ``triton_ops()`` registers
 them on first use, since importing triton is slow and must follow ``TRITON_INTERPRET``.
 They serve CUDA tensors when the CUDA kernels are absent.
 

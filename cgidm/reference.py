@@ -41,6 +41,15 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 # --------------------------------------------------------------------------- ops (refs)
 
 
+def check_mask(mask: torch.Tensor, like: torch.Tensor) -> None:
+    """The compiled kernels' contract for a mask (``ValueError`` otherwise, rather than a
+    broadcast they would not make): ``[C, H, W]``, or ``[B, C, H, W]`` / ``[1, C, H, W]``."""
+    if not (tuple(mask.shape) == tuple(like.shape[1:]) or (
+            mask.dim() == like.dim() and mask.shape[0] in (1, like.shape[0]) and mask.shape[1:] == like.shape[1:])):
+        raise ValueError(f"cgidm: mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape "
+                         f"{list(like.shape)}), got {list(mask.shape)}")
+
+
 def pair_noise_ref(
     x0: torch.Tensor,  # [B, C, H, W] clean latent
     x: torch.Tensor,  # [B, C, H, W] x_init + delta
@@ -55,6 +64,7 @@ def pair_noise_ref(
     Returns ``z [B, C, H, W]`` and ``x_t [2, N, C, H, W]`` (index 0: fine-tuned model's
     input, 1: pretrained model's). With ``noise_pre=None`` both use ``noise_ft``.
     """
+    check_mask(mask, x0)
     b = x0.shape[0]
     n = noise_ft.shape[0]
     if (n % b if b else n):
@@ -86,6 +96,8 @@ def pair_contrast_loss_ref(
     Its gradient seeds are ``2(eps_ft - n)/M`` and ``-2(eps_pre - n')/M``
     (``M = C*H*W``), which autograd derives from this expression.
     """
+    if eps_ft.dim() < 2 or math.prod(eps_ft.shape[1:]) == 0:
+        raise ValueError("cgidm: the loss of an empty latent is undefined")
     noise_pre = noise_ft if noise_pre is None else noise_pre
     d_ft = eps_ft.float() - noise_ft.float()
     d_pre = eps_pre.float() - noise_pre.float()
@@ -159,6 +171,7 @@ def pgd_update_ref(
     one norm and one projection over the whole batch; ``invert`` never does (every image
     is its own problem), the ops keep it for callers that want it.
     """
+    check_mask(mask, delta)
     free = 1 - mask.float()
     g = grad.float() * free
     norm = _norm(g, per_sample)

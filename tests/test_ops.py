@@ -800,3 +800,22 @@ def test_pgd_update_keeps_a_nan_delta_nan(impl):
         assert torch.isnan(want[0]).any()
         for a, b in zip(got, want):
             torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpp"])
+def test_a_mask_or_a_latent_the_kernels_refuse_the_reference_refuses(impl):
+    """One contract for every implementation: a mask in another shape than [C, H, W] or
+    [B|1, C, H, W] is refused (not broadcast), and so is the loss of an empty latent."""
+    if impl == "cpp":
+        require("cpp")
+    ops = cgidm_ops.get_ops(impl)
+    a = [torch.randn(3, 4, 8, 8) for _ in range(4)]
+    for bad in (torch.ones(8, 8), torch.ones(2, 4, 8, 8), torch.ones(4, 8, 7)):
+        with pytest.raises((ValueError, RuntimeError), match="mask must be"):
+            ops.pgd_update(*a, bad * 0.5, 0.5, 1.0)
+        with pytest.raises((ValueError, RuntimeError), match="mask must be"):
+            ops.pair_noise(a[0], a[1], bad, a[2], None, torch.ones(3), torch.ones(3))
+    for good in (torch.ones(4, 8, 8), torch.ones(1, 4, 8, 8), torch.ones(3, 4, 8, 8)):
+        ops.pgd_update(*a, good * 0.5, 0.5, 1.0)
+    with pytest.raises((ValueError, RuntimeError), match="the loss of an empty latent is undefined"):
+        ops.pair_contrast_loss(*[torch.randn(2, 0, 4, 4)] * 3, None)
