@@ -91,7 +91,9 @@ def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
     except ValueError:
         old = None
     if isinstance(old, dict):  # the scheduler's and the models' dicts: the keys that differ in them
-        what = differences(old, ours) or "the same settings, other model weights or prompt encodings"
+        words = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # as --dtype says them
+        what = (differences(old, ours, lambda k, v: words.get(v) if k == "dtype" else None)
+                or "the same settings, other model weights or prompt encodings")
     else:
         what = "settings not recorded"
     raise ValueError(f"{path.parent} holds {n} sample{'s' if n != 1 else ''} of a stopped extract run with other "

@@ -1019,3 +1019,12 @@ def test_a_finetune_that_is_its_base_is_said_in_the_outputs(pairs, tmp_path, mon
                   progress=False)
     assert s["warnings"][0] == SAME_AS_BASE
     assert "warning: its UNet has the base model&#39;s weights exactly" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_a_refused_resume_says_the_dtype_as_the_option_does(tmp_path):
+    """The stopped run's weights in fp32, this one's in bf16: said as --dtype says them."""
+    from cgidm.extract_resume import _refuse
+
+    with pytest.raises(ValueError, match="dtype fp32 there, bf16 now"):
+        _refuse(tmp_path / ".extract-partial.safetensors", 3, json.dumps({"dtype": "torch.float32", "w": 3}),
+                {"dtype": "torch.bfloat16", "w": 3})
