@@ -424,9 +424,9 @@ def cmd_extract(args) -> int:
         m = s["compare"].get("labelled")
         if m and m["auc"] is not None:
             print(f"members extracted: {m['extracted']} of {m['members']} (best similarity to the "
-                  f"{counted(len(s['candidates']), 'candidate')} above the best hold-out's, {m['threshold']:.3f}); AUC members vs hold-outs: "
-                  f"{fraction(m['auc'])}" + (f"; {m['controls_above']} of {m['controls']} controls above the "
-                                              f"threshold too" if m.get("controls") else ""))
+                  f"{counted(len(s['candidates']), 'candidate')} above the best hold-out's, {m['threshold']:.3f}); "
+                  f"AUC members vs hold-outs: {fraction(m['auc'])}"
+                  + (f"; {m['controls_above']} of {m['controls']} controls above the threshold too" if m.get("controls") else ""))
     if s.get("model_files"):
         print(said(s, "extract.json"))
     print(f"candidates: {out / 'grid.png'}  report: {s['report']}")

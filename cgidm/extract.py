@@ -369,6 +369,9 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         summary["compare"] = compare_images(pair, compare_items, kind, [latents[kept[j]] for j in cand_rows],
                                             list(cand_images), candidates, out, cfg, embedder,
                                             progress=progress)
+        if summary["compare"].get("unlabelled_why"):
+            warnings.append(f"--compare {summary['compare']['unlabelled_why']}")
+            log.warning("%s", warnings[-1])
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
     if files is not None:
         summary["model_files"] = files

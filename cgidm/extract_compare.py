@@ -193,4 +193,8 @@ def compare_images(pair, items, kind: str, cand_latents: list, cand_images: list
         if controls:  # known clean too, but not in the threshold: how many of them pass it is said
             result["labelled"]["controls"] = len(controls)
             result["labelled"]["controls_above"] = int(sum(c > result["labelled"]["threshold"] for c in controls))
+    elif members or holdouts:  # one labelled side alone sets no threshold: said, not left out silently
+        result["unlabelled_why"] = (f"{'members' if members else 'hold-outs'} only ({len(members or holdouts)}; no "
+                                    f"{'holdouts' if members else 'members'}/ images read): no fraction of members "
+                                    "extracted and no AUC, which need both")
     return result

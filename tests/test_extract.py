@@ -350,6 +350,21 @@ def test_cli_end_to_end_full_and_lora(tiny_world, tmp_path, capsys):
         assert f"{above} of 24 controls above the threshold too" in said.out
 
 
+def test_compare_with_members_and_no_holdouts_says_why_there_is_no_auc(tiny_world, pairs, tmp_path):
+    """members/ read and holdouts/ empty: no threshold can be set, and that is said (a
+    warning in extract.json and the report), not left out silently."""
+    import shutil
+
+    folder = tmp_path / "cmp"
+    (folder / "holdouts").mkdir(parents=True)
+    shutil.copytree(tiny_world / "images" / "members", folder / "members")
+    cfg = ExtractConfig(prompt=PROMPT, samples=3, steps=2, clusters=1)
+    s = X.extract(pairs["full"], tmp_path / "o", cfg, compare=folder, progress=False)
+    assert "labelled" not in s["compare"]
+    assert any("members only (6; no holdouts/ images read): no fraction of members extracted and no AUC" in w
+               for w in s["warnings"])
+
+
 def test_cli_names_the_compare_images_it_could_not_read(tiny_world, tmp_path, capsys):
     """A broken file in --compare is skipped, and said so on the terminal and in the
     report as well as in extract.json."""
