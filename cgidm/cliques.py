@@ -200,24 +200,26 @@ def cluster(features: np.ndarray | torch.Tensor, n_clusters: int, start_quantile
 
 def said_of(clustering: Clustering, cfg, samples: int) -> list[str]:
     """Warnings a reader of ``cgidm extract``'s candidates needs (``cfg``: its
-    ``ExtractConfig``; logged, and returned for its summary and report): no sample like another (their order then means nothing), or fewer
-    clusters than the candidates asked for."""
+    ``ExtractConfig``; logged, and returned for its summary and report): no sample like
+    another (their order then means nothing), or fewer clusters than the candidates asked
+    for."""
     said: list[str] = []
     dense = [s["threshold"] for s in clustering.scanned or () if s.get("too_dense")]
     alone = samples > 1 and all(c.size == 1 for c in clustering.clusters)
     grouped = [s for s in clustering.scanned or () if 0 < s.get("cliques", samples) < cfg.clusters]
-    if alone and dense:
-        said.append(f"every cluster is a single sample: the graphs at similarities {dense[0]:.4g} to {dense[-1]:.4g} "
-                    f"joined too many samples for the clique search ({cfg.clique_budget} steps each), and above them "
-                    "no two samples are alike, so the candidates are not ranked by anything (fewer --samples, or "
-                    "more --steps for samples less like noise)")
-    elif alone and grouped and samples > cfg.clusters:
+    if alone and grouped and samples > cfg.clusters:
         # the samples were alike (as a strongly memorised fine-tune's are), too alike to
         # split into --clusters groups: the scan went past them to a sample each
         best = max(grouped, key=lambda s: s["cliques"])
         said.append(f"the samples are too alike to split into {cfg.clusters} clusters (at most {best['cliques']}, at "
                     f"threshold {best['threshold']:.4g}), so every sample is a cluster of its own and the candidates "
                     f"are not ranked by anything: try --clusters {best['cliques']}")
+    elif alone and dense:
+        span = f"{dense[0]:.4g}" + (f" to {dense[-1]:.4g}" if len(dense) > 1 else "")
+        said.append(f"every cluster is a single sample: the graph{'s' if len(dense) > 1 else ''} at similarity "
+                    f"{span} joined too many samples for the clique search ({cfg.clique_budget} steps each), and "
+                    "above them no two samples are alike, so the candidates are not ranked by anything (fewer "
+                    "--samples, or more --steps for samples less like noise)")
     elif alone:
         said.append("every cluster is a single sample: no two samples are alike at the threshold the scan reached, "
                     "so the candidates are not ranked by anything (more --samples, or fewer --clusters, or other "

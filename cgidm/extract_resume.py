@@ -28,10 +28,16 @@ PARTIAL = ".extract-partial.safetensors"
 SAVE_EVERY_S = 30.0  # at most this much sampling is lost to a kill (each save rewrites the file)
 
 
+FOUND_FACTS = ("same_as_base",)
+
+
 def sampling_settings(pair, cfg, scheduler, latent_shape) -> dict:
     """The settings that decide a sample, as JSON values (part of the digest; said when a
     stopped run's differ)."""
-    info = {k: v for k, v in pair.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    # what loading found (a fine-tune with its base's weights) is not a setting: the weights
+    # are in the digest, and a fact found later must not refuse an earlier run's samples
+    info = {k: v for k, v in pair.info.items()
+            if isinstance(v, (str, int, float, bool, type(None))) and k not in FOUND_FACTS}
     weights = next(pair.unet_ft.parameters())
     return json.loads(json.dumps({
         # one type each: 3 and 3.0 draw the same samples

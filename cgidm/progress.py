@@ -26,20 +26,24 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def term_as_interrupt():
-    """Inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere nothing changes);
-    the handler before is put back after."""
+    """Inside, SIGTERM raises ``Terminated`` in the main thread (elsewhere nothing changes),
+    once: a second SIGTERM (a process group's, a scheduler's again) is ignored while the run
+    saves what it finished; the handler before is put back after."""
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated
 
     try:
         before = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: signals are not ours to take
+        before = False
+    if before is False:
         yield
         return
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    finally:  # None: a handler not set from Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 class _NoEmptyFloat32List(logging.Filter):

@@ -134,8 +134,11 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                 raise ValueError("every PGD step of every image was skipped, so nothing was recovered to judge")
             cal = calibrate(controls, cfg.metric, cfg.level)
         except ValueError as e:  # too few scored (unreadable files): said, not left out silently
+            stalled = sum(r.get("label") == "control" and r["id"] in stuck for r in good)
             summary["calibration_error"] = (f"{given} control image{'s' if given != 1 else ''} given, "
-                                            f"{len(controls)} scored and used: {e}; no p-values or verdicts")
+                                            f"{len(controls)} scored and used"
+                                            + (f" ({stalled} stalled: every PGD step skipped)" if stalled else "")
+                                            + f": {e}; no p-values or verdicts")
         else:
             summary["controls"] = len(cal.scores)
             verdicts = {}
@@ -149,7 +152,8 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
             # per-image p-values are not corrected for testing many images: this many of
             # them would be flagged on average were none in the fine-tune (set_verdict is
             # the one test of the whole set)
-            summary["flagged_by_chance"] = round(chance_rate(len(cal.scores), cfg.level) * len(verdicts), 2)
+            judged = sum(v["p_value"] is not None for v in verdicts.values())  # not a stalled or non-finite one
+            summary["flagged_by_chance"] = round(chance_rate(len(cal.scores), cfg.level) * judged, 2)
             # the suspect set: members and unlabelled images; hold-outs are known not to be in
             # the fine-tune, so counting them would dilute a set that was trained on
             # (docs/architecture.md, "Where new things plug in")
@@ -157,7 +161,11 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                         if r.get("label") in SUSPECT_LABELS and r["id"] not in found.counted_once | stuck]
             set_unreachable = False  # the set verdict cannot reach the level either
             held = sum(r.get("label") == "holdout" for r in good)
-            if not suspects and held:
+            stalled = sum(r.get("label") in SUSPECT_LABELS and r["id"] in stuck for r in good)
+            if not suspects and stalled:
+                summary["set_verdict"] = {"error": f"every suspect image stalled ({stalled}: every PGD step skipped), "
+                                                   "so nothing was recovered to test"}
+            elif not suspects and held:
                 summary["set_verdict"] = {
                     "error": f"every image besides the controls is a hold-out ({held}), known not to be in the "
                              f"fine-tune; the set verdict tests members and unlabelled images",

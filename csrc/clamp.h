@@ -1,8 +1,9 @@
 // A clamp with torch's NaN rule, for the CPU and the CUDA kernels alike: v clamped to
-// [lo, hi] (as min(max(v, lo), hi)), and NaN where v, lo or hi is NaN, as torch.clamp and
-// torch.minimum/maximum give; fminf/fmaxf and std::min/max drop a NaN operand, so a NaN
-// delta (or image) would come out finite and the projection would move every other entry.
-// Nothing is built with fast-math (setup.py, CMakeLists.txt): x != x is the NaN test.
+// [lo, hi], and a NaN v kept NaN, as torch.clamp keeps it. Written as std::max then
+// std::min are defined (a < b ? b : a), which keeps a NaN v and vectorises as they do;
+// CUDA's fminf/fmaxf drop a NaN operand, so a NaN delta came out finite there and the
+// projection moved every other entry of the image. A NaN bound (lo - x for a NaN image
+// x) is the caller's to keep (linf_update: d = x != x ? x : d).
 #pragma once
 
 #ifdef __CUDACC__
@@ -14,9 +15,8 @@
 namespace cgidm {
 
 CGIDM_HOST_DEVICE inline float clamp_keep_nan(float v, float lo, float hi) {
-  if (v != v || lo != lo || hi != hi) return v + lo + hi;  // NaN
-  const float m = v < lo ? lo : v;
-  return m > hi ? hi : m;
+  const float m = v < lo ? lo : v;  // std::max(v, lo)
+  return hi < m ? hi : m;           // std::min(m, hi)
 }
 
 }  // namespace cgidm

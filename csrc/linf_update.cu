@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(kThreads) linf_update_kernel(
     float d = clamp_keep_nan(__fadd_rn(delta[j], s), -eps, eps);
     const float xj = x[j];
     d = clamp_keep_nan(d, __fsub_rn(lo, xj), __fsub_rn(hi, xj));
+    d = xj != xj ? xj : d;  // a NaN image entry: NaN, as the reference's torch.minimum gives
     delta_out[j] = d;
   }
 }

@@ -72,6 +72,7 @@ void linf_update(
         // Clip to the room [lo - x, hi - x] left in the pixel range, never past the budget.
         const float xj = x[j];
         d = clamp_keep_nan(d, lo - xj, hi - xj);
+        d = xj != xj ? xj : d;  // a NaN image entry: NaN, as the reference's torch.minimum gives
         delta_out[j] = d;
       });
     }

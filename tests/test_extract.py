@@ -699,7 +699,7 @@ def test_cli_records_the_lora_scale_and_prints_the_threshold(tiny_world, tmp_pat
     rc = main(["extract", "--base", str(tiny_world / "base"), "--lora", str(tiny_world / "lora.safetensors"),
                "--out", str(tmp_path / "one"), "--samples", "1", "--steps", "1", "--clusters", "1", "--device", "cpu",
                "-q"])
-    assert rc == 0 and "(one sample: no threshold)" in capsys.readouterr().out
+    assert rc == 0 and "1 sample in" in (said := capsys.readouterr().out) and "1 cluster (one sample); 1 candidate " in said
 
 
 def test_ddim_clips_only_where_the_config_says_so(tmp_path):
@@ -912,7 +912,7 @@ def test_candidates_that_rank_nothing_are_said(pairs, tmp_path, caplog):
     caplog.clear()
     s = X.extract(pairs["full"], tmp_path / "c", cfg.replace(samples=1, clusters=3, candidates=None), progress=False)
     assert len(s["candidates"]) == 1
-    assert "1 candidates written, not the 3 (--candidates, by default --clusters) asked for" in caplog.text
+    assert "1 cluster: 1 candidate written, not the 3 (--candidates, by default --clusters) asked for" in caplog.text
 
 
 def test_samples_too_alike_to_split_are_said_to_be_alike(caplog):
@@ -939,8 +939,12 @@ def test_samples_too_alike_to_split_are_said_to_be_alike(caplog):
     dense = [{"threshold": 0.4, "too_dense": True}, {"threshold": 0.41, "too_dense": True},
              {"threshold": 0.42, "cliques": 6}]
     said = said_of(Clustering(0.42, singles, dense), cfg, 6)
-    assert "similarities 0.4 to 0.41 joined too many samples for the clique search" in said[0]
+    assert "graphs at similarity 0.4 to 0.41 joined too many samples for the clique search" in said[0]
     assert "no two samples are alike at the threshold" not in said[0]
+    # grouped below --clusters above a dense one: too alike, not too dense
+    said = said_of(Clustering(1.0, singles, [dense[0], {"threshold": 0.41, "cliques": 1},
+                                             {"threshold": 1.0, "cliques": 6}]), cfg, 6)
+    assert "too alike to split into 2 clusters" in said[0]
 
 
 def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pairs, tmp_path, monkeypatch, caplog):

@@ -476,3 +476,36 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_world, tmp_path):
     assert proc.returncode == 143, err
     assert "cgidm: stopped by SIGTERM; extract writes its outputs at the end" in err
     assert (out / ".extract-partial.safetensors").is_file() and not (out / ".extract-new").exists()
+
+
+def test_a_second_sigterm_waits_for_the_first_to_be_handled():
+    """The first SIGTERM raises Terminated; one more while the run saves is ignored; the
+    handler before is back afterwards. Off the main thread nothing is taken."""
+    import threading
+
+    from cgidm.progress import Terminated, term_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with term_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # ignored: the cleanup runs to its end
+                time.sleep(0.2)
+    assert signal.getsignal(signal.SIGTERM) == before
+    seen = []
+
+    def off_main():
+        with term_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+            try:  # an error of the command's: not chained to the refusal to take the signal
+                raise RuntimeError("x")
+            except RuntimeError as e:
+                seen.append(e.__context__)
+
+    t = threading.Thread(target=off_main)
+    t.start()
+    t.join()
+    assert seen == [before, None]

@@ -570,3 +570,12 @@ def test_a_stalled_image_among_recovered_ones_gets_no_verdict():
     rows[0]["skipped_steps"] = rows[1]["skipped_steps"] = 4  # two stalled controls calibrate nothing
     s = summarize(rows, cfg)
     assert s["controls"] == 18 and "s0" not in [r["id"] for r in rows if r.get("verdict") == "fine-tuned on"]
+    # every suspect stalled, hold-outs beside: said as stalled, not as "every image is a hold-out"
+    for r in rows[20:]:
+        r["skipped_steps"] = 4
+    held = [{"id": f"h{i}", "label": "holdout", "score": 0.2, "latent_cos": 0.2, "skipped_steps": 0} for i in range(3)]
+    s = summarize(rows + held, cfg)
+    assert s["set_verdict"]["error"].startswith("every suspect image stalled (3: every PGD step skipped)")
+    for r in rows[:20]:  # every control stalled: said in the calibration error
+        r["skipped_steps"] = 4
+    assert "20 control images given, 0 scored and used (20 stalled" in summarize(rows + held, cfg)["calibration_error"]
