@@ -3,6 +3,7 @@ JSON Lines files under bench/results/."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -145,6 +146,16 @@ def append_row(name: str, device: torch.device, row: dict) -> Path:
     """Append ``row`` as one JSON line to ``bench/results/<name>-<device>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{device_slug(device)}.json"
-    with path.open("a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    with path.open("a") as f:  # strict JSON: a value not measured (NaN: no CUDA memory on a CPU) is null
+        f.write(json.dumps(_strict(row), sort_keys=True, allow_nan=False) + "\n")
     return path
+
+
+def _strict(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return v

@@ -22,7 +22,7 @@ measured yet: stages the budget stops are ``cut``), each run even when an earlie
   memcheck   ``compute-sanitizer --tool memcheck`` on ``gpu_check.py ops``: every op, every
              dtype, odd shapes, both noise modes, both norm modes, against the reference
   racecheck  ``--tool racecheck`` on the ops that reduce in shared memory
-             (pair_contrast_loss, pgd_update), no torch reduction in that run
+             (pair_contrast_loss, pgd_update, linf_update), no torch reduction in that run
   synccheck  ``--tool synccheck`` on the same (barriers in divergent code)
   pairpass   ``bench/bench_pairpass.py --full-size``: the pair-pass variants the engine picks from
 
