@@ -160,7 +160,10 @@ def differences(old: dict, new: dict, said=None) -> str:
 def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dict:
     """Refuse to resume with settings that would give other scores; say what changed in
     the list of images since the last run. Returns ``{"added": [...], "removed": [...]}``
-    (empty on a first run) and, on rank 0, records the current state."""
+    (empty on a first run) and, on rank 0, records the current state. An earlier run that
+    scored no image (every row an error: a pair that could not load without --prompt) has
+    no score to mix up: its settings are replaced, and ``"retry": True`` says that its
+    failed images are to be screened again."""
     path = out / STATE
     before: Optional[dict] = None
     if path.exists():
@@ -171,7 +174,11 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     changes = {"added": [], "removed": []}
     if before is not None:
         old = before.get("settings")
-        if isinstance(old, dict) and differences(old, settings):
+        scored = isinstance(old, dict) and differences(old, settings) and any(
+            "error" not in r for r in done_rows(out).values())
+        if isinstance(old, dict) and differences(old, settings) and not scored:
+            changes["retry"] = True
+        elif isinstance(old, dict) and differences(old, settings):
             what = differences(old, settings, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None
                                else None)
             hint = (" (a prompt given now is another setting even where a checkpoint names the same one: resume "
@@ -181,7 +188,7 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
                              "resume with the same settings or use another --out")
         if isinstance(before.get("ids"), list):
             old_ids, new_ids = set(before["ids"]), set(ids)
-            changes = {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids)}
+            changes.update(added=sorted(new_ids - old_ids), removed=sorted(old_ids - new_ids))
     if rank == 0:
         atomic_write_text(path, json.dumps({"settings": settings, "ids": sorted(ids)}, indent=1, sort_keys=True) + "\n")
     return changes

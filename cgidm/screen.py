@@ -254,6 +254,11 @@ def screen(
         output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
         ids = [e.id for e in entries]
         changes = check_state(out, settings_of(cfg, dtype_name(dtype or torch.float32)), ids, rank)
+        if changes.get("retry"):  # the earlier run scored nothing: its failures are screened again
+            if rank == 0:
+                log.warning("%s: the earlier run scored no image (every row an error) under other settings; "
+                            "these settings replace them and its failed images are screened again", out)
+            retry_failed = True
         if rank == 0 and (changes["added"] or changes["removed"]):
             log.warning("the list of images changed since the last run in %s: %d added, %d removed%s", out,
                         len(changes["added"]), len(changes["removed"]),
@@ -353,6 +358,9 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     missing = [e.id for e in entries if e.id not in rows]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no row after the run (first: {missing[0]})")
+    # also when nothing was screened (a resume with another --level): a stop from here on
+    # leaves no summary, report, card or verdict of the earlier run beside the rows
+    _set_aside(out, rows)
     for r in rows.values():
         for k in VERDICT_FIELDS:
             r.pop(k, None)

@@ -167,6 +167,24 @@ def test_controls_verdicts_strict_json_and_no_threads(tiny_world, folder):
     assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.01") == 0
     assert all(r["verdict"] == "inconclusive" and "evidence" not in r for r in _rows(out) if r["label"] != "control")
     assert not list((out / "evidence").iterdir())
+    # a resume with nothing to screen stopped while it draws the cards: nothing of the earlier
+    # run's summary, report, cards or verdicts is left beside the rows
+    import cgidm.screen as S
+
+    assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.25") == 0
+    assert list((out / "evidence").iterdir())
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(S, "write_cards", stopped)
+        assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.2") == 130
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
+    assert not list((out / "evidence").iterdir())
+    assert not any("verdict" in r or "evidence" in r for r in _rows(out))
+    assert _screen_cli(tiny_world, folder, out, "--prefetch", "0", "--level", "0.25") == 0  # and it comes back
+    assert summary == {**_strict((out / "summary.json").read_text()), **{k: summary[k] for k in ("timing", "runtime")}}
 
 
 def test_summary_threshold_never_writes_infinity(tiny_world, folder):
@@ -296,3 +314,22 @@ def test_an_image_gone_since_its_row_keeps_the_row_with_a_warning(tiny_world, fo
     again = screen(read_manifest(manifest, tiny_world / "base", tiny_world / "finetuned"), out, CFG, progress=False)
     assert "1 scored images are no longer at their path" in caplog.text and names[0].split("/")[1] in caplog.text
     assert _rows(out) == before and again["timing"]["images"] == 0
+
+
+def test_a_run_that_scored_nothing_takes_the_settings_given_now(tiny_world, folder, caplog):
+    """A pair with no recorded prompt: every row an error asking for --prompt. The same
+    command with --prompt is not refused as other settings (the earlier run scored nothing
+    to mix up): its failed images are screened again."""
+    ft = folder.parent / "ft"
+    shutil.copytree(tiny_world / "finetuned", ft)
+    (ft / "args.json").unlink()
+    out = folder.parent / "out"
+    base = ["screen", "--manifest", str(folder), "--out", str(out), "--base", str(tiny_world / "base"),
+            "--finetuned", str(ft), "--steps", "2", "--step-size", "0.5", "--radius", "20", "-q"]
+    assert cli.main(base) == cli.EXIT_SOME_FAILED
+    assert all("pass --prompt" in r["error"] for r in _rows(out))
+    assert cli.main([*base, "--prompt", PROMPT]) == cli.EXIT_OK
+    assert "the earlier run scored no image" in caplog.text
+    assert not any("error" in r for r in _rows(out)) and len(_rows(out)) == 7
+    # once it has scores, other settings are refused as before
+    assert cli.main([*base, "--prompt", "another"]) == cli.EXIT_USAGE
