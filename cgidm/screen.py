@@ -110,7 +110,7 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
 
 
 # the facts load_pair records that a screen keeps per pair (authenticate keeps the whole info)
-LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base")
+LOADED_FACTS = ("family", "finetuned_format", "lora_match", "finetuned_uses_base", "same_as_base")
 
 
 PREVIOUS = ".summary.previous.json"  # an earlier run's summary while this one runs

@@ -64,7 +64,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         summary["preset"] = {"name": cfg.preset, "departures": departed}
     elif departed:  # a run with fewer steps than the paper's, say, is said to be one
         summary["departures_from_defaults"] = departed
-    _stalled(summary, good, cfg)
+    _stalled(summary, good, cfg, info)
     if info:
         summary["models"] = info
     if embedder_info:
@@ -72,7 +72,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
     label_of = {r["id"]: r.get("label") for r in good}
     again = {a for a, b in found.tested if label_of.get(a) == label_of.get(b)}  # one picture, one point of the AUC
-    labelled = [r for r in good if r.get("label") in ("member", "holdout") and r["id"] not in again]
+    # a stalled image's score is its starting point's, not a recovery's: no point of the AUC,
+    # no control for the null, and no verdict of its own (README.md, "Bad input and untrusted files")
+    stuck = set(stalled_ids(good, cfg))
+    labelled = [r for r in good if r.get("label") in ("member", "holdout") and r["id"] not in again | stuck]
     if labelled:
         y = [r["label"] == "member" for r in labelled]
         per = {m: set_metrics([r[m] for r in labelled], y, m) for m in METRICS if all(m in r for r in labelled)}
@@ -117,9 +120,6 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     if said:
         summary["copies_warning"] = said
         summary["copies"] = found.counts()
-    # a stalled image's score is its starting point's, not a recovery's: no control for the
-    # null, and no verdict of its own (README.md, "Bad input and untrusted files")
-    stuck = set(stalled_ids(good, cfg))
     controls = [r["score"] for r in good
                 if r.get("label") == "control" and r["id"] not in found.left_out and r["id"] not in stuck]
     if given and cfg.metric == "official_cos":
@@ -216,16 +216,18 @@ def stalled_ids(good: Sequence[dict], cfg) -> list[str]:
     return [r["id"] for r in good if cfg.pgd.steps > 0 and r.get("skipped_steps", 0) >= cfg.pgd.steps]
 
 
-def _stalled(summary: dict, good: Sequence[dict], cfg) -> None:
+def _stalled(summary: dict, good: Sequence[dict], cfg, info: Optional[dict] = None) -> None:
     """``summary["stalled"]``: the scored images whose every PGD step was skipped (a zero or
     non-finite gradient at every step: a non-finite model, a LoRA scale that breaks it).
     Their scores are those of the starting point, not of a recovery."""
     ids = stalled_ids(good, cfg)
     if ids:
+        why = ("the fine-tune has the base model's weights exactly (the base itself, or a copy), so there is no "
+               "contrast: " if (info or {}).get("same_as_base") else "")
         summary["stalled"] = {"images": len(ids), "ids": ids[:20],
-                              "note": "every PGD step was skipped (zero or non-finite gradient): these scores are "
-                                      "of the starting point, not of a recovery, so they get no verdict and "
-                                      "calibrate nothing"}
+                              "note": f"{why}every PGD step was skipped (zero or non-finite gradient): these scores are "
+                                      "of the starting point, not of a recovery, so they are no point of the AUC, get "
+                                      "no verdict and calibrate nothing"}
     else:
         summary.pop("stalled", None)
 
@@ -306,6 +308,9 @@ def unjudged(summary: dict) -> list[str]:
     no verdict at all (no controls, no labels), or the pairs without controls of their own
     (their images have no p-value and no verdict, whatever the other pairs' cards say)."""
     lines = []
+    if summary.get("scored") and (summary.get("stalled") or {}).get("images") == summary["scored"]:
+        return ["no AUC and no verdict: every image stalled (every PGD step skipped), so nothing was recovered; "
+                "is --finetuned the base itself, or a copy of it?"]
     uncalibrated = (summary.get("scored") and "verdicts" not in summary and not summary.get("calibration_error")
                     and not summary.get("pairs_without_controls"))
     if uncalibrated and summary.get("auc") is None:

@@ -579,3 +579,24 @@ def test_a_stalled_image_among_recovered_ones_gets_no_verdict():
     for r in rows[:20]:  # every control stalled: said in the calibration error
         r["skipped_steps"] = 4
     assert "20 control images given, 0 scored and used (20 stalled" in summarize(rows + held, cfg)["calibration_error"]
+
+
+def test_stalled_images_are_no_point_of_the_auc_and_the_cause_is_said():
+    """A stalled member or hold-out is out of the AUC (its score is the starting point's);
+    every image stalled: no AUC, and the line printed says why, naming the base copy when
+    loading found one."""
+    from cgidm.config import AuthConfig, PGDConfig
+    from cgidm.summary import summarize, unjudged
+
+    cfg = AuthConfig(prompt="p", pgd=PGDConfig(steps=4))
+    rows = [{"id": f"m{i}", "label": "member", "score": 0.9, "latent_cos": 0.9, "skipped_steps": 0} for i in range(3)]
+    rows += [{"id": f"h{i}", "label": "holdout", "score": 0.1, "latent_cos": 0.1, "skipped_steps": 0} for i in range(3)]
+    rows.append({"id": "h-stalled", "label": "holdout", "score": 0.95, "latent_cos": 0.95, "skipped_steps": 4})
+    s = summarize(rows, cfg)
+    assert s["auc"] == 1.0 and s["by_metric"]["latent_cos"]["n_holdouts"] == 3
+    for r in rows:
+        r["skipped_steps"] = 4
+    s = summarize(rows, cfg, {"base": "b", "same_as_base": True})
+    assert s["auc"] is None and s["stalled"]["note"].startswith("the fine-tune has the base model's weights exactly")
+    assert unjudged(s) == ["no AUC and no verdict: every image stalled (every PGD step skipped), so nothing was "
+                           "recovered; is --finetuned the base itself, or a copy of it?"]
