@@ -109,8 +109,8 @@ INDENT = "  "  # a wrapped label's later lines, so that they read as one label's
 
 def wrapped(label: Label, width: int, size: int = CAPTION_SIZE, most: int = WRAP_LINES) -> list[str]:
     """``label`` in lines of ``width`` pixels, none of its text cut where ``most`` lines
-    hold it: broken after a space, ``/``, ``_`` or ``-`` where one is near the end of a
-    line, else anywhere; the later lines indented. Of a tuple, the first alternative (the
+    hold it: broken after a space, ``/``, ``_`` or a ``-`` not inside a number (a date stays
+    whole) where one is near the end of a line, else anywhere; the later lines indented. Of a tuple, the first alternative (the
     fullest) is the one wrapped. Past ``most`` lines the last one is cut: a name in its
     middle (its end kept), other text at its end."""
     if not isinstance(label, Name):
@@ -125,7 +125,9 @@ def wrapped(label: Label, width: int, size: int = CAPTION_SIZE, most: int = WRAP
         n = next((n for n in range(len(rest), 0, -1) if f.getlength(lead + rest[:n]) <= width), 0)
         if n == 0:
             break
-        soft = max((rest.rfind(c, 0, n) + 1 for c in " /_-"), default=0)
+        # after a space, / or _, or a - not inside a number (a date stays whole)
+        soft = max((i + 1 for i in range(n) if rest[i] in " /_" or (rest[i] == "-" and not (
+            0 < i < len(rest) - 1 and rest[i - 1].isdigit() and rest[i + 1].isdigit()))), default=0)
         n = soft if soft > n * 2 // 3 else n
         lines.append(lead + rest[:n].rstrip())
         rest = rest[n:].lstrip(" ")

@@ -115,6 +115,11 @@ def _has_subfolder(folder) -> bool:
         return True  # let the listing meet it
 
 
+def _label(label) -> str:
+    """A label as a message says it: ``'holdout'``, or ``none (unlabelled)``."""
+    return "none (unlabelled)" if label is None else repr(label)
+
+
 def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> None:
     """``ValueError`` for two items with one id (the id names an image's outputs and keys
     its draws: one would overwrite the other's evidence) or one file under two labels.
@@ -132,7 +137,7 @@ def check_items(items: Sequence[ImageItem], options: Optional[dict] = None) -> N
         if real in labels and labels[real][0] != it.label:
             first = labels[real][0]
             given = (f"by both {options[first]} and {options[it.label]}" if options
-                     else f"with the labels {first!r} and {it.label!r}")
+                     else f"with the labels {_label(first)} and {_label(it.label)}")
             raise ValueError(f"{it.path} is given {given}: each image takes one label")
         if real in labels:  # given so (another id, another draw); in a sample, it weighs twice
             log.warning("%s (id %s) is the file %s again: it is scored once per id, and counted once in the "
@@ -486,7 +491,7 @@ def read_manifest(
         if old is not None:
             if old.label != entry.label:
                 raise ValueError(f"{at}: {image} is listed twice for the same models with labels "
-                                 f"{old.label!r} and {entry.label!r}")
+                                 f"{_label(old.label)} and {_label(entry.label)}")
             log.warning("%s: %s is listed twice for the same models; screened once", at, image)
             continue
         real = (spec, same_file_key(path))  # one file under two names (a link, hard or symbolic)

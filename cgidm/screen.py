@@ -11,6 +11,7 @@ torchrun, merged by rank 0 at the end); a restarted run skips the ids already th
 """
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import itertools
@@ -50,10 +51,12 @@ log = logging.getLogger(__name__)
 
 def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, *, device, dtype,
                  allow_pickle: bool, allow_partial_lora: bool, prefetch_depth: int,
-                 progress: Progress, stamps: Optional[dict[str, str]] = None) -> dict:
+                 progress: Progress, stamps: Optional[dict[str, str]] = None,
+                 listed: Optional[dict[str, int]] = None) -> dict:
     """Screen this rank's entries, pair by pair; returns its timings. Each row records its
     image file (``resume.source``) and its pair's model files (``stamps``, by pair key),
-    so that a resume can tell a file saved over at the same path."""
+    so that a resume can tell a file saved over at the same path. ``listed``: each pair's
+    images in the manifest (a resume's pair line says how many of them are left)."""
     import torch
 
     stats = PairStats()
@@ -86,7 +89,9 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 pair_cfg, where = resolve_prompt(cfg, pair)
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
                 models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
-                progress.say(f"pair {shown(key)}: {len(group)} images; {pair.info.get('family')}; "
+                total = (listed or {}).get(key, len(group))
+                left = f"{len(group)} of {total} images to screen" if total != len(group) else f"{total} images"
+                progress.say(f"pair {shown(key)}: {left}; {pair.info.get('family')}; "
                              f"prompt {pair_cfg.prompt!r} ({shown(where)})")
             except (ModelLoadError, OSError, ValueError) as e:
                 # the other pairs still run; --retry-failed takes these images again
@@ -323,7 +328,8 @@ def screen(
             try:
                 stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                      allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
-                                     progress=bars, stamps=stamps)
+                                     progress=bars, stamps=stamps,
+                                     listed=collections.Counter(e.pair.key for e in entries))
                 stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
             except Exception as e:
                 if world == 1:

@@ -222,3 +222,12 @@ def test_a_card_wraps_a_long_line_rather_than_cut_it():
     im = _noise(300, 40, 0)
     one, two = lines_under(im, ["short"]), lines_under(im, [Name("fine-tune: ", path)])
     assert two.size[1] - one.size[1] == (len(wrapped(Name("fine-tune: ", path), 292)) - 1) * strip_height()
+
+
+def test_a_date_is_not_broken_at_its_dashes():
+    from cgidm.captions import wrapped
+
+    text = "cgidm 0.1.1, preset demo, 100 PGD steps of 0.25 within 10, noise shared, seed 0, judged 2026-12-01"
+    for width in range(380, 700, 7):
+        lines = wrapped(text, width)
+        assert any("2026-12-01" in t for t in lines), (width, lines)

@@ -77,3 +77,9 @@ def test_one_file_under_two_names_and_two_labels_is_refused(tree):
     (tree / "ft2").mkdir()
     entries = _read(tree, "m.csv", "image,label,finetuned\nimg/a.png,member,ft\nimg/alias.png,control,ft2\n")
     assert len(entries) == 2
+
+
+def test_one_image_listed_labelled_and_unlabelled_is_said_in_words(tree):
+    with pytest.raises(ValueError, match=r"listed twice for the same models with labels 'holdout' and none "
+                                         r"\(unlabelled\)"):
+        _read(tree, "m.csv", "image,label\nimg/a.png,holdout\nimg/a.png,\n")

@@ -297,6 +297,12 @@ def test_each_pair_is_announced_as_it_loads(tiny_world, folder, capsys):
     assert ": 7 images; sd1" in line and "prompt 'a sks pattern' (instance_prompt in " in line
     quiet = [str(folder.parent / "quiet") if a == str(out) else a for a in args]  # a fresh run: the pair loads
     assert cli.main([*quiet, "-q"]) == 0 and "pair " not in capsys.readouterr().err  # quiet: no bar, no line
+    # a resume with two images left: how many of the pair's are left to screen
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    assert cli.main(args) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("pair "))
+    assert ": 2 of 7 images to screen; sd1" in line
 
 
 def test_an_image_gone_since_its_row_keeps_the_row_with_a_warning(tiny_world, folder, caplog):
