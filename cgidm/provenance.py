@@ -106,10 +106,9 @@ def pair_models(info: Optional[dict]) -> list[str]:
 
 def changed(files) -> list[str]:
     """The files of a ``record`` saved over since they were hashed (or gone), so that the
-    digest may not be of the bytes used: another size or modification time, or, where only
-    the change time moved (``cp -p`` or ``touch -d`` put the old size and time back; but a
-    ``chmod`` or a hard link moves it too), other contents, read again to tell.
-    ``model path/file`` each."""
+    digest may not be of the bytes used: another size, or, where a time moved (a ``touch``,
+    ``cp -p`` or ``touch -d`` putting the old time back, a ``chmod``, a hard link), other
+    contents, read again to tell. ``model path/file`` each."""
     out = []
     for r in rows(files):
         if "sha256" not in r:
@@ -117,8 +116,8 @@ def changed(files) -> list[str]:
         path = Path(_path_of(r))
         try:
             st = path.stat()
-            same = (st.st_size, st.st_mtime_ns) == (r.get("bytes"), r.get("mtime_ns"))
-            if same and r.get("ctime_ns", st.st_ctime_ns) != st.st_ctime_ns:
+            same = st.st_size == r.get("bytes")
+            if same and (st.st_mtime_ns != r.get("mtime_ns") or r.get("ctime_ns", st.st_ctime_ns) != st.st_ctime_ns):
                 from cgidm.resume import sha256_file
 
                 same = sha256_file(path) == r["sha256"]

@@ -59,6 +59,10 @@ def test_record_of_a_folder_a_single_file_and_an_unreadable_entry(tmp_path, move
     reads = []
     monkeypatch.setattr(resume, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
     assert provenance.changed(rec) == [] and reads == [single]
+    # touched (a new modification time, the same bytes): read again, and the same
+    os.utime(single, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    reads.clear()
+    assert provenance.changed(rec) == [] and reads == [single]
     monkeypatch.undo()
     rec = provenance.record([str(unet), str(single)], sha256_file)
     # a file saved over after it was hashed is named; one that cannot be read is recorded
