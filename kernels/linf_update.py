@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 # the same block sizes as the L2 update, and the same interpreter check
-from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, interpreter_inputs, launcher
+from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, check_floats, interpreter_inputs, launcher
 
 
 @triton.jit
@@ -76,6 +76,7 @@ def linf_update_triton(
     """One L-inf PGD ascent step; returns ``(delta [B, ...] fp32, skipped [B] bool)``."""
     if delta.dim() < 1 or not (grad.shape == delta.shape and x.shape == delta.shape):
         raise ValueError("delta, grad and x must have one shape [B, ...]")
+    check_floats("L-inf update", delta=delta, grad=grad, x=x)
     b = delta.shape[0]
     m = delta[0].numel() if b > 0 else 0
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)

@@ -117,6 +117,17 @@ def interpreter_inputs(tensors: list, lead: torch.Tensor, what: str) -> list:
     return [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_floats(what: str, **tensors: torch.Tensor) -> None:
+    """``TypeError`` naming a tensor that is not a real float (complex, an integer): the
+    kernels read real floats only (a bool mask is taken as 0/1 by the caller)."""
+    for name, t in tensors.items():
+        if t.dtype not in FLOATS:
+            raise TypeError(f"the Triton {what}: {name} must be a real floating tensor, got {t.dtype}")
+
+
 def pgd_update_triton(
     delta: torch.Tensor,  # [B, C, H, W]
     grad: torch.Tensor,  # [B, C, H, W]
@@ -132,6 +143,8 @@ def pgd_update_triton(
     """One L2 PGD step; returns ``(delta [B, C, H, W] fp32, z [B, C, H, W] fp32)``."""
     if not (grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape):
         raise ValueError("delta, grad, x0 and x_init must have one shape")
+    check_floats("PGD update", delta=delta, grad=grad, x0=x0, x_init=x_init,
+                 **({} if mask.dtype == torch.bool else {"mask": mask}))
     b = delta.shape[0]
     m = math.prod(delta.shape[1:])
     # a mask with the right element count in another shape would be read in the wrong order

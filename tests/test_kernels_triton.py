@@ -396,3 +396,14 @@ def test_cpu_cases_in_a_fresh_interpreter():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_the_triton_updates_refuse_tensors_that_are_not_real_floats():
+    """A complex or integer tensor is refused by name (it was a KeyError on the dtype)."""
+    from cgidm.kernels.linf_update import linf_update_triton
+
+    z = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(TypeError, match="grad must be a real floating tensor, got torch.complex64"):
+        pgd_update_triton(z, z.to(torch.complex64), z, z, torch.ones(1, 2, 2), 0.5, 1.0)
+    with pytest.raises(TypeError, match="x must be a real floating tensor, got torch.int64"):
+        linf_update_triton(z, z, z.long(), 0.01, 0.03)
