@@ -30,12 +30,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clone, cache = Path(tmp) / "clone", Path(tmp) / "cache"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CGIDM_", "VIRTUAL_ENV"))}
-        env["XDG_CACHE_HOME"] = str(cache)  # the tiny worlds built afresh, as on a new machine
+        # a new machine's environment: only what finds programs and the package index, every
+        # cache (the tiny worlds, pip's, torch.compile's, Triton's) empty, no colour codes
+        keep = ("HOME", "LANG", "LC_ALL", "USER", "TMPDIR", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST",
+                "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE")
+        env = {k: os.environ[k] for k in keep if k in os.environ}
+        venv = os.environ.get("VIRTUAL_ENV")
+        env["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                      if not (venv and p.startswith(venv)) and not p.startswith(str(ROOT)))
+        env.update(XDG_CACHE_HOME=str(cache), PIP_CACHE_DIR=str(cache / "pip"), NO_COLOR="1",
+                   TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
+                   TRITON_HOME=str(cache / "triton-home"))
         t0 = time.perf_counter()
         run = subprocess.run(["bash", ".ci/run"], cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-    found = re.findall(r"^=*\s*(\d+ (?:passed|failed).*? in [0-9.]+s.*?)\s*=*$", run.stdout, re.M)
+    found = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped).*? in [0-9.]+s.*?)\s*=*$", run.stdout, re.M)
     summary = found[-1] if found else None
     pytest_s = re.search(r" in ([0-9.]+)s", summary) if summary else None
     row = {**provenance(torch.device("cpu")), "measured_sha": sha.strip(), "exit_status": run.returncode,

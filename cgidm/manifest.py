@@ -497,8 +497,9 @@ def read_manifest(
         real = (spec, same_file_key(path))  # one file under two names (a link, hard or symbolic)
         if reals.setdefault(real, (entry.label, image))[0] != entry.label:
             first_label, first = reals[real]
-            raise ValueError(f"{at}: {image} is the file {first} (labelled {first_label!r}) for the same models, here "
-                             f"labelled {entry.label!r}: each image takes one label (it would score against itself)")
+            raise ValueError(f"{at}: {image} is the file {first} (labelled {_label(first_label)}) for the same models, "
+                             f"here labelled {_label(entry.label)}: each image takes one label (it would score against "
+                             "itself)")
         if reals[real][1] != image:  # the same label: counted twice, it would weigh twice in the AUC and set verdict
             log.warning("%s: %s is the file %s, listed already for the same models; screened once", at,
                         shown(image), shown(reals[real][1]))

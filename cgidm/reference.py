@@ -203,6 +203,8 @@ def linf_pgd_update_ref(
     ``(delta [B, 3, H, W] fp32, skipped [B] bool)``."""
     if delta.dim() < 1 or grad.shape != delta.shape or x.shape != delta.shape:
         raise ValueError("delta, grad and x must have one shape [B, ...]")
+    if not all(math.isfinite(float(v)) for v in (alpha, eps, lo, hi)):
+        raise ValueError("cgidm: alpha, eps, lo and hi must be finite")
     g = grad.float()
     # [B, M] also for a 1-D delta (M = 1) and for B = 0, as the compiled kernels read it
     ok = torch.isfinite(g).reshape(g.shape[0], math.prod(g.shape[1:])).all(1)

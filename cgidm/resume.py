@@ -163,7 +163,8 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     (empty on a first run) and, on rank 0, records the current state. An earlier run that
     scored no image (every row an error: a pair that could not load without --prompt) has
     no score to mix up: its settings are replaced, and ``"retry": True`` says that its
-    failed images are to be screened again."""
+    failed images are to be screened again; the state keeps ``retry_pending`` until the run
+    finishes (``clear_retry``), so that a retry stopped part way is taken up again."""
     path = out / STATE
     before: Optional[dict] = None
     if path.exists():
@@ -174,11 +175,12 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
     changes = {"added": [], "removed": []}
     if before is not None:
         old = before.get("settings")
-        scored = isinstance(old, dict) and differences(old, settings) and any(
-            "error" not in r for r in done_rows(out).values())
-        if isinstance(old, dict) and differences(old, settings) and not scored:
+        differs = isinstance(old, dict) and bool(differences(old, settings))
+        if differs and not any("error" not in r for r in done_rows(out).values()):
             changes["retry"] = True
-        elif isinstance(old, dict) and differences(old, settings):
+        elif not differs and before.get("retry_pending") is True:
+            changes["retry"] = True
+        elif differs:
             what = differences(old, settings, lambda k, v: "read from each checkpoint" if k == "prompt" and v is None
                                else None)
             hint = (" (a prompt given now is another setting even where a checkpoint names the same one: resume "
@@ -190,8 +192,20 @@ def check_state(out: Path, settings: dict, ids: Sequence[str], rank: int) -> dic
             old_ids, new_ids = set(before["ids"]), set(ids)
             changes.update(added=sorted(new_ids - old_ids), removed=sorted(old_ids - new_ids))
     if rank == 0:
-        atomic_write_text(path, json.dumps({"settings": settings, "ids": sorted(ids)}, indent=1, sort_keys=True) + "\n")
+        state = {"settings": settings, "ids": sorted(ids), **({"retry_pending": True} if changes.get("retry") else {})}
+        atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
     return changes
+
+
+def clear_retry(out: Path) -> None:
+    """The run finished: a retry ``check_state`` asked for is done."""
+    path = out / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and state.pop("retry_pending", None) is not None:
+        atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 # The file each command keeps in its output folder (authenticate and the demo: rows or a

@@ -37,8 +37,8 @@ from cgidm.pipeline import resolve_prompt
 from cgidm.progress import LineCounter, Progress
 from cgidm.report import write_report
 from cgidm.resume import (
-    REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, done_rows, drop_rows, read_jsonl,
-    remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of,
+    REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, clear_retry, done_rows, drop_rows,
+    read_jsonl, remove_stale_temporaries, repair_jsonl, result_files, same_source, settings_of,
 )
 from cgidm.rows import error_row
 from cgidm.evidence import EVIDENCE, drop_card, write_cards
@@ -49,14 +49,20 @@ from cgidm.summary import VERDICT_FIELDS, runtime, summarize_pairs, timing
 log = logging.getLogger(__name__)
 
 
+def _counts(todo: Sequence[Entry], entries: Sequence[Entry]) -> dict[str, tuple[int, int]]:
+    """``{pair key: (images left to screen, images listed)}``."""
+    left = collections.Counter(e.pair.key for e in todo)
+    return {k: (left[k], n) for k, n in collections.Counter(e.pair.key for e in entries).items()}
+
+
 def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, *, device, dtype,
                  allow_pickle: bool, allow_partial_lora: bool, prefetch_depth: int,
                  progress: Progress, stamps: Optional[dict[str, str]] = None,
-                 listed: Optional[dict[str, int]] = None) -> dict:
+                 counts: Optional[dict[str, tuple[int, int]]] = None) -> dict:
     """Screen this rank's entries, pair by pair; returns its timings. Each row records its
     image file (``resume.source``) and its pair's model files (``stamps``, by pair key),
-    so that a resume can tell a file saved over at the same path. ``listed``: each pair's
-    images in the manifest (a resume's pair line says how many of them are left)."""
+    so that a resume can tell a file saved over at the same path. ``counts``: each pair's
+    images left to screen on every rank and in the manifest (said in the pair's line)."""
     import torch
 
     stats = PairStats()
@@ -89,8 +95,9 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 pair_cfg, where = resolve_prompt(cfg, pair)
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
                 models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
-                total = (listed or {}).get(key, len(group))
-                left = f"{len(group)} of {total} images to screen" if total != len(group) else f"{total} images"
+                todo, total = (counts or {}).get(key, (len(group), len(group)))
+                left = (f"{todo} of {total} images to screen" if todo != total else f"{total} images") + (
+                    f" ({len(group)} on this rank)" if len(group) != todo else "")
                 progress.say(f"pair {shown(key)}: {left}; {pair.info.get('family')}; "
                              f"prompt {pair_cfg.prompt!r} ({shown(where)})")
             except (ModelLoadError, OSError, ValueError) as e:
@@ -259,10 +266,11 @@ def screen(
         output_dirs(out, TRIPTYCHS, RECOVERED, *((SHARDS,) if world > 1 else ()))
         ids = [e.id for e in entries]
         changes = check_state(out, settings_of(cfg, dtype_name(dtype or torch.float32)), ids, rank)
-        if changes.get("retry"):  # the earlier run scored nothing: its failures are screened again
+        if all_gather(bool(changes.get("retry")))[0]:  # rank 0's reading: every rank the same todo
             if rank == 0:
-                log.warning("%s: the earlier run scored no image (every row an error) under other settings; "
-                            "these settings replace them and its failed images are screened again", out)
+                log.warning("%s: the earlier run scored no image under its settings (no row, or every row an "
+                            "error); the settings given now replace them and its failed images are screened again",
+                            out)
             retry_failed = True
         if rank == 0 and (changes["added"] or changes["removed"]):
             log.warning("the list of images changed since the last run in %s: %d added, %d removed%s", out,
@@ -329,7 +337,7 @@ def screen(
                 stats = _screen_rank(mine, out, sink, cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                      allow_partial_lora=allow_partial_lora, prefetch_depth=prefetch_depth,
                                      progress=bars, stamps=stamps,
-                                     listed=collections.Counter(e.pair.key for e in entries))
+                                     counts=_counts(todo, entries))
                 stats.update(rank=rank, wall_s=time.perf_counter() - t_start)
             except Exception as e:
                 if world == 1:
@@ -432,6 +440,7 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     summary = json_values(summary)  # the summary returned is the one written: null, not inf
     atomic_write_json(out / "summary.json", summary)
     (out / PREVIOUS).unlink(missing_ok=True)
+    clear_retry(out)
     summary["report"] = str(write_report(out, run_rows, summary))
     return summary
 

@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 
+#include <cmath>
+
 #include "launch.h"
 
 #ifdef CGIDM_WITH_CUDA
@@ -321,6 +323,9 @@ std::tuple<at::Tensor, at::Tensor> linf_update(
   TORCH_CHECK(delta.dim() >= 1, "cgidm: delta must be [B, ...]");
   TORCH_CHECK(grad.sizes() == delta.sizes() && x.sizes() == delta.sizes(),
               "cgidm: delta, grad and x must have one shape");
+  // (a NaN step would be a NaN change wherever the gradient is 0: the reference's own check)
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(eps) && std::isfinite(lo) && std::isfinite(hi),
+              "cgidm: alpha, eps, lo and hi must be finite");
   check_same_device(delta, {&grad, &x});
   const int64_t B = delta.size(0);
   const int64_t M = B > 0 ? delta.numel() / B : 0;

@@ -15,6 +15,8 @@ Design limits:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +79,8 @@ def linf_update_triton(
     if delta.dim() < 1 or not (grad.shape == delta.shape and x.shape == delta.shape):
         raise ValueError("delta, grad and x must have one shape [B, ...]")
     check_floats("L-inf update", delta=delta, grad=grad, x=x)
+    if not all(math.isfinite(float(v)) for v in (alpha, eps, lo, hi)):
+        raise ValueError("cgidm: alpha, eps, lo and hi must be finite")
     b = delta.shape[0]
     m = delta[0].numel() if b > 0 else 0
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)

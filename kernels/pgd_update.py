@@ -143,8 +143,9 @@ def pgd_update_triton(
     """One L2 PGD step; returns ``(delta [B, C, H, W] fp32, z [B, C, H, W] fp32)``."""
     if not (grad.shape == delta.shape and x0.shape == delta.shape and x_init.shape == delta.shape):
         raise ValueError("delta, grad, x0 and x_init must have one shape")
-    check_floats("PGD update", delta=delta, grad=grad, x0=x0, x_init=x_init,
-                 **({} if mask.dtype == torch.bool else {"mask": mask}))
+    if not mask.is_floating_point() and not mask.is_complex():  # a bool or integer mask: 0/1, as the others read it
+        mask = mask.float()
+    check_floats("PGD update", delta=delta, grad=grad, x0=x0, x_init=x_init, mask=mask)
     b = delta.shape[0]
     m = math.prod(delta.shape[1:])
     # a mask with the right element count in another shape would be read in the wrong order
@@ -153,8 +154,6 @@ def pgd_update_triton(
         raise ValueError(f"mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape "
                          f"{tuple(delta.shape)}), got {tuple(mask.shape)}")
     mask_batched = tuple(mask.shape) not in shared
-    if mask.dtype == torch.bool:
-        mask = mask.float()
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
     z = torch.empty_like(delta_out)
     if delta.numel() == 0:

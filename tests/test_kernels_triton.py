@@ -407,3 +407,11 @@ def test_the_triton_updates_refuse_tensors_that_are_not_real_floats():
         pgd_update_triton(z, z.to(torch.complex64), z, z, torch.ones(1, 2, 2), 0.5, 1.0)
     with pytest.raises(TypeError, match="x must be a real floating tensor, got torch.int64"):
         linf_update_triton(z, z, z.long(), 0.01, 0.03)
+
+
+def test_the_triton_pgd_update_takes_an_integer_mask_as_the_others_do():
+    z, g = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    m = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.uint8)
+    want = reference.pgd_update_ref(z, g, z, z, m, 0.5, 1.0)
+    for a, b in zip(pgd_update_triton(z, g, z, z, m, 0.5, 1.0), want):
+        torch.testing.assert_close(a, b)

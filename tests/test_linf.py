@@ -320,3 +320,14 @@ def test_linf_update_keeps_a_nan_delta_or_image_nan(impl):
     assert torch.isnan(want[0, :2]).all() and torch.isfinite(want[0, 2])
     torch.testing.assert_close(got.cpu(), want, equal_nan=True)
     assert not skipped.any()
+
+
+@pytest.mark.parametrize("impl", ["ref", "default", "cpp", "cuda", "triton-cpu", "triton-cuda"])
+def test_linf_update_refuses_a_step_or_budget_that_is_not_finite(impl):
+    """A NaN alpha would be a NaN change wherever the gradient is 0 in the reference and
+    none in the kernels: every implementation refuses it, and a non-finite eps or range."""
+    device = require(impl)
+    z = torch.zeros(1, 3, device=device)
+    for alpha, eps, lo in ((float("nan"), EPS, -1.0), (ALPHA, float("inf"), -1.0), (ALPHA, EPS, float("-inf"))):
+        with pytest.raises((ValueError, RuntimeError), match="alpha, eps, lo and hi must be finite"):
+            update_fn(impl)(z, z, z, alpha, eps, lo, 1.0)

@@ -271,6 +271,7 @@ def test_a_resume_makes_a_deleted_triptych_again(entries, tmp_path, caplog):
 
 def test_resume_with_other_settings_is_refused(entries, reference, tmp_path):
     shutil.copy(reference[0] / "screen.json", tmp_path)
+    shutil.copy(reference[0] / "results.jsonl", tmp_path)  # scored rows: other settings would mix with them
     other = AuthConfig(prompt=PROMPT, pgd=PGDConfig(steps=STEPS, alpha=STEP_SIZE, eps=RADIUS), seed=1)
     with pytest.raises(ValueError, match="other settings"):
         screen(entries, tmp_path, other, progress=False)
@@ -529,6 +530,7 @@ def test_a_prompt_given_on_resume_is_said_as_such(tmp_path):
     from cgidm.resume import check_state
 
     check_state(tmp_path, {"prompt": None, "steps": 2}, ["a"], rank=0)
+    (tmp_path / "results.jsonl").write_text('{"id": "a", "score": 0.5}\n')  # a scored row to mix up
     with pytest.raises(ValueError, match=r"prompt read from each checkpoint there, 'a sks pattern' now\) \(a prompt "
                                          r"given now is another setting .* resume without --prompt"):
         check_state(tmp_path, {"prompt": "a sks pattern", "steps": 2}, ["a"], rank=0)

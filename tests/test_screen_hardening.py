@@ -339,3 +339,23 @@ def test_a_run_that_scored_nothing_takes_the_settings_given_now(tiny_world, fold
     assert not any("error" in r for r in _rows(out)) and len(_rows(out)) == 7
     # once it has scores, other settings are refused as before
     assert cli.main([*base, "--prompt", "another"]) == cli.EXIT_USAGE
+    assert "retry_pending" not in json.loads((out / "screen.json").read_text())  # the retry is done
+
+
+def test_a_retry_stopped_part_way_is_taken_up_again(tmp_path):
+    """check_state: the retry of a run that scored nothing is kept pending in the state
+    until the run finishes, so the same command after a stop still screens the failures."""
+    from cgidm.resume import check_state, clear_retry
+
+    out = tmp_path
+    (out / "results.jsonl").write_text(json.dumps({"id": "a", "error": "no prompt"}) + "\n")
+    check_state(out, {"prompt": None}, ["a"], 0)
+    assert check_state(out, {"prompt": "p"}, ["a"], 0).get("retry") is True
+    # stopped after one row was scored: the same settings again still retry
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps({"id": "b", "score": 0.5}) + "\n")
+    assert check_state(out, {"prompt": "p"}, ["a", "b"], 0).get("retry") is True
+    clear_retry(out)
+    assert "retry" not in check_state(out, {"prompt": "p"}, ["a", "b"], 0)
+    with pytest.raises(ValueError, match="other settings"):  # scored now: other settings refused
+        check_state(out, {"prompt": "q"}, ["a", "b"], 0)
