@@ -144,14 +144,16 @@ class PGDConfig:
             _whole(name, getattr(self, name))
         if self.noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        # each option by its flag and its field (the API's name): --radius (eps)
         if self.steps < 0 or self.k < 1:
-            raise ValueError(f"--steps must be >= 0 and --timesteps-per-image >= 1, got {self.steps} and {self.k}")
+            raise ValueError(f"--steps (steps) must be >= 0 and --timesteps-per-image (k) >= 1, got {self.steps} and "
+                             f"{self.k}")
         if not (0 <= self.t_min <= self.t_max):
-            raise ValueError(f"need 0 <= --t-min <= --t-max, got {self.t_min} and {self.t_max}")
+            raise ValueError(f"need 0 <= --t-min <= --t-max (t_min, t_max), got {self.t_min} and {self.t_max}")
         for name, flag in (("alpha", "--step-size"), ("eps", "--radius")):
             value = getattr(self, name)
             if not (value > 0 and value != float("inf")):
-                raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+                raise ValueError(f"{flag} ({name}) must be a finite number > 0, got {value}")
         if self.noise == "paper" and self.k != 1:
             raise ValueError("paper noise mode draws one t per step: k must be 1")
         if not (math.isfinite(self.clamp_min) and math.isfinite(self.clamp_max) and self.clamp_min < self.clamp_max):

@@ -88,6 +88,12 @@ def test_bad_values_are_refused():
         PGDConfig(noise="nope")
     with pytest.raises(ValueError, match="k must be 1"):
         PGDConfig(noise="paper", k=2)
+    # each option by its flag and the field an API caller set
+    for field, flag in (("eps", "--radius"), ("alpha", "--step-size")):
+        with pytest.raises(ValueError, match=rf"{flag} \({field}\) must be a finite number > 0, got -1.0"):
+            PGDConfig(**{field: -1.0})
+    with pytest.raises(ValueError, match=r"--timesteps-per-image \(k\) >= 1"):
+        PGDConfig(k=0)
 
 
 def test_runtime_on_cpu():

@@ -265,7 +265,7 @@ def test_cli_authenticate_refusals(tiny_world, tmp_path, capsys):
     assert "--members and --holdouts go together" in capsys.readouterr().err
     both = ["--members", str(imgs / "members"), "--holdouts", str(imgs / "holdouts")]
     assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "b"), "--radius", "-1"]) == cli.EXIT_USAGE
-    assert "--radius must be a finite number > 0" in capsys.readouterr().err
+    assert "--radius (eps) must be a finite number > 0" in capsys.readouterr().err
     assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "c"), "--t-max", "1000"]) == cli.EXIT_USAGE
     assert "past the model's last timestep" in capsys.readouterr().err
     assert cli.main(["authenticate", *pair, *both, "--out", str(tmp_path / "d"), "--blocks-per-side", "100"]) \
