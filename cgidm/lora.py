@@ -253,6 +253,23 @@ def _encoders(text_encoder) -> tuple:
     return (text_encoder,)
 
 
+def _check_ranks(meta: Optional[dict], keys: dict, prefix: str, path: Path) -> None:
+    """A LoRA's metadata ranks (``<prefix>.r``, ``<prefix>.rank_pattern``) are whole numbers
+    no larger than its tensors' largest: PEFT builds every adapter at the metadata's rank
+    before the tensors are read, so a rank of millions in a 1 MB file would take all the
+    memory first. (Not "one of the tensors' ranks": a default ``r`` that a full
+    ``rank_pattern`` overrides everywhere is no tensor's.)"""
+    if not meta:
+        return
+    ranks = {int(v.shape[0]) for k, v in keys.items() if k.endswith("lora_A.weight") and v.dim() >= 1}
+    given = [meta.get(f"{prefix}.r")] + list((meta.get(f"{prefix}.rank_pattern") or {}).values())
+    bad = [r for r in given if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1
+                                                 or (ranks and r > max(ranks)))]
+    if bad:
+        raise ModelLoadError(f"{path}: the LoRA settings in the file's metadata give rank {bad[0]!r}, its tensors "
+                             f"have rank {', '.join(map(str, sorted(ranks)))}: a damaged or forged file")
+
+
 def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, scale: float, copy_unet: bool,
                         text_encoder_keep=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -286,6 +303,8 @@ def _apply_lora_quietly(state: dict, unet_base, text_encoder_base, path: Path, s
     known = set(unet_keys).union(*(set(d) for d in te_keys.values()))
     fit = _LoraFit(total=len(_layer_names(set(converted) - known)))
     unet = copy.deepcopy(unet_base) if copy_unet else unet_base
+    for prefix, keys in (("unet", unet_keys), *te_keys.items()):
+        _check_ranks(metadata_of(metadata, prefix), keys, prefix, path)
     if unet_keys:
         # the file's settings where it has them (the loaders take one or the other)
         u_meta = metadata_of(metadata, "unet")

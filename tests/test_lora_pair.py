@@ -443,3 +443,9 @@ def test_a_loras_own_settings_in_its_metadata_set_its_strength(tiny_world, tmp_p
     save_file(state, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "[1, 2]"})
     with pytest.raises(ModelLoadError, match="malformed LoRA settings in the file's metadata"):
         load_pair(tiny_world / "base", lora=tmp_path / "bad.safetensors")
+    # a rank past the tensors' (PEFT would build every adapter at it first: all the memory)
+    for forged in ({**meta, "unet.r": 5_000_000}, {**meta, "text_encoder.rank_pattern": {"q_proj": 10**9}},
+                   {**meta, "unet.r": "4"}):
+        save_file(state, str(tmp_path / "forged.safetensors"), metadata={"lora_adapter_metadata": json.dumps(forged)})
+        with pytest.raises(ModelLoadError, match=r"metadata give rank .* its tensors have rank 4: a damaged or forged"):
+            load_pair(tiny_world / "base", lora=tmp_path / "forged.safetensors")
