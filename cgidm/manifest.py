@@ -197,7 +197,9 @@ def _read_by_loader(names: Sequence[str]) -> list[str]:
 def model_files(path: Path) -> list[tuple[str, Path]]:
     """``(name inside the model, file)`` for what loading ``path`` reads: the file itself;
     in a pipeline folder (one with a component folder) ``model_index.json``, the training
-    arguments and its components' folders (``COMPONENTS``), through symlinks; in any other
+    arguments and its components' folders (``COMPONENTS``; a component folder that is a
+    link is followed, a link to a folder inside one is not: ``tokenizer/root -> /`` in an
+    untrusted model would have every file of the host read and listed); in any other
     folder (``unet/``) its own files. Not read: hidden entries, other subfolders (a
     training run's ``checkpoint-*``, ``safety_checker``, logs, a screen's ``--out`` kept
     there), other weight variants and files of other kinds (notes, images, a ``.ckpt`` kept
@@ -212,7 +214,7 @@ def model_files(path: Path) -> list[tuple[str, Path]]:
         if f.is_file() and f.name in TOP_LEVEL:
             found.append((f.name, f))
         elif f.is_dir() and f.name in COMPONENTS:
-            for root, dirs, files in os.walk(f, followlinks=True):
+            for root, dirs, files in os.walk(f, followlinks=False):
                 real = os.path.realpath(root)
                 if real in seen:  # a symlink loop
                     dirs[:] = []

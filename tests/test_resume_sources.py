@@ -199,6 +199,10 @@ def test_model_stamps_read_what_loading_reads(tiny_world, tmp_path, monkeypatch)
     weights = real / "diffusion_pytorch_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
     assert spec.files_stamp(digests.sha256) != first
+    # a link to a folder inside a component is not followed: an untrusted model's
+    # tokenizer/root -> / would have every file of the host read and listed
+    (model / "tokenizer" / "root").symlink_to(tmp_path / "real_unet", target_is_directory=True)
+    assert not any(n.startswith("tokenizer/root") for n, _ in model_files(model))
     digests.save()
     reads = []
     monkeypatch.setattr(resume, "sha256_file", lambda p: reads.append(p) or "x")
