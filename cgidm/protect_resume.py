@@ -131,6 +131,15 @@ def _numbered(name: str, k: int) -> str:
     return f"{head}{sep}{stem}{tail}"
 
 
+def _safe(name: str) -> bool:
+    """A row's recorded name is a file under ``protected/`` as ``output_name`` makes them (a
+    results file can be edited, or come with a folder someone else made: ``../../x.png``
+    would be written outside --out): relative, no empty or hidden part (``..`` is one), no
+    backslash, a ``.png``."""
+    return (name.lower().endswith(".png") and "\\" not in name and "\0" not in name
+            and all(p and not p.startswith(".") for p in name.split("/")))
+
+
 def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[str]]:
     """Each image's protected file under ``OUT/protected`` (``None``: an unsafe path). A
     finished row keeps the name it was written under. Otherwise ``output_name``'s, unless
@@ -145,7 +154,8 @@ def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[s
     folders = {key("/".join(parts[:n])) for it in items for parts in [it.id.split("/")] for n in range(1, len(parts))}
     prefix = PROTECTED + "/"
     recorded = {i: r["protected"][len(prefix):] for i, r in done.items()
-                if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)}
+                if isinstance(r.get("protected"), str) and r["protected"].startswith(prefix)
+                and _safe(r["protected"][len(prefix):])}
     writer = {name: i for i, name in recorded.items()}  # a name two rows share: its last writer's
     taken = {key(name) for name in recorded.values()}
 

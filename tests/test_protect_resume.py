@@ -418,3 +418,19 @@ def test_every_commands_refusal_words_what_differs_the_same_way():
     eight = {"budget_levels": 8.0, "scheduler": {"eta": 0.0313725490196 * 255}}
     assert differences(eight, {"budget_levels": 0.0313725490196 * 255, "scheduler": {"eta": 8.0}}) == ""
     assert differences(eight, {**eight, "budget_levels": 8.00001}) == "budget_levels 8 there, 8.00001 now"
+
+
+def test_a_recorded_name_that_leaves_the_folder_is_not_taken(base, tiny_world, tmp_path):
+    """A results file edited (or shipped with someone's folder) to name
+    protected/../../x.png: the resume writes the image under its own name inside --out."""
+    d = _folder(tiny_world, tmp_path, n=1)
+    out = tmp_path / "out"
+    protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    row = _rows(out)[0]
+    (out / row["protected"]).unlink()
+    row["protected"] = "protected/../../escape/owned.png"
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+    protect(base, collect_protect_items(d), out, ProtectConfig(**FAST), progress=False)
+    assert not (tmp_path / "escape").exists()
+    assert [r["protected"] for r in _rows(out)] == ["protected/member_00.png"]
+    assert (out / "protected" / "member_00.png").is_file()
