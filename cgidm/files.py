@@ -96,11 +96,19 @@ def _replace_from_tmp(path: Path, write) -> None:
 
 def output_dirs(out: Path, *names: str) -> None:
     """``out`` and its subfolders ``names``, made if missing; a failure (permission, full
-    disk) is an ``OutputError`` naming the folder."""
+    disk) is an ``OutputError`` naming the folder. A subfolder that is a link is refused:
+    a run writes and removes files in it by name (an earlier run's triptychs), which a link
+    would have it do in another folder."""
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         for name in names:
-            (Path(out) / name).mkdir(exist_ok=True)
+            sub = Path(out) / name
+            if sub.is_symlink():
+                raise OutputError(sub, OSError(f"a link (to {os.readlink(sub)}), not a folder of this output's own: "
+                                               "a run writes and removes files in it"))
+            sub.mkdir(exist_ok=True)
+    except OutputError:
+        raise
     except OSError as e:
         raise OutputError(e.filename or out, e) from e
 

@@ -315,3 +315,21 @@ def test_a_denoiser_in_a_wrapper_is_not_taken_for_a_unet(world_pair, tiny_world)
     got = cgidm.invert(torch.nn.DataParallel(Eps(0.5)), torch.nn.DataParallel(Eps(0.2)), *args, keys=keys)
     want = cgidm.invert(Eps(0.5), Eps(0.2), *args, keys=keys)
     assert torch.equal(got.x_rec, want.x_rec)
+
+
+def test_an_output_subfolder_that_is_a_link_is_refused(world_pair, tiny_world, tmp_path):
+    """triptychs/ a link to another folder: a run would remove an earlier run's files by
+    name there, and write its own there; refused, with nothing there touched."""
+    from cgidm.files import OutputError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.png").write_bytes(b"mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "triptychs").symlink_to(elsewhere, target_is_directory=True)
+    (out / "results.jsonl").write_text(json.dumps({"id": "x", "triptych": "triptychs/secret.png"}) + "\n")
+    items = cgidm.collect_items(members=tiny_world / "images" / "members")[:1]
+    with pytest.raises(OutputError, match="triptychs: a link .* not a folder of this output's own"):
+        cgidm.authenticate(world_pair, items, out, CFG, progress=False)
+    assert [p.name for p in elsewhere.iterdir()] == ["secret.png"]
