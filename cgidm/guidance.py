@@ -83,7 +83,10 @@ def load_scheduler(base: str | Path):
     is left to the config and DDIM's default: DDPM configs never carry it.)"""
     from diffusers import DDIMScheduler
 
+    from cgidm.families import check_timesteps
+
     folder = Path(base) / "scheduler"
+    check_timesteps(folder)
     try:
         cfg = dict(DDIMScheduler.load_config(folder, local_files_only=True))
     except Exception as e:

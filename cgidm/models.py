@@ -212,6 +212,14 @@ def _load_codec(base: Path, allow_pickle: bool, family: Optional[families.Family
     raise ModelLoadError(f"{base}: missing component 'vae' (no vae/ folder)")
 
 
+def _checked(check, *args):
+    """``check(*args)``, its ``ValueError`` a ``ModelLoadError`` (a model that cannot be used)."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+
+
 def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Tensor:
     """The base scheduler's ``alphas_cumprod``; a prediction type outside ``allowed`` is
     refused (the default, epsilon only, is protection's: its loss predicts the noise)."""
@@ -221,6 +229,7 @@ def _load_abar(base: Path, allowed: tuple[str, ...] = ("epsilon",)) -> torch.Ten
     pred = families.prediction_type(folder)
     if pred is None:
         raise ModelLoadError(f"{folder}: missing scheduler_config.json")
+    _checked(families.check_timesteps, folder)
     if pred not in allowed:
         raise ModelLoadError(
             f"{folder}: prediction_type {pred!r} is not supported here (supported: {', '.join(allowed)})"
@@ -349,7 +358,7 @@ def load_pair(
     families.refuse_unsupported(base_family, str(base_p))
     unet_pre = _load_unet(base_p / "unet", allow_pickle)
     codec = _load_codec(base_p, allow_pickle, base_family)
-    resolution = int(unet_pre.config.sample_size) * codec.factor
+    resolution = _checked(families.check_latent_size, unet_pre, base_p / "unet") * codec.factor
     te_pre, tok = _load_text_side(base_p, base_family, resolution, allow_pickle)
     abar = _load_abar(base_p, families.PREDICTION_TYPES)
     family = base_family

@@ -119,7 +119,7 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     ``families.TextTimeUNet``)."""
     from cgidm import families
     from cgidm.checkpoints import check_finite_modules
-    from cgidm.models import ModelLoadError, _base_dir, _load_abar, _load_codec, _load_text_side, _load_unet
+    from cgidm.models import ModelLoadError, _base_dir, _checked, _load_abar, _load_codec, _load_text_side, _load_unet
 
     device, dtype = library_runtime(device, dtype)  # the names load_pair takes ("fp16", "auto"), checked first
     device = device or torch.device("cpu")
@@ -127,7 +127,8 @@ def load_base(base: str | Path, device: str | torch.device = "cpu", dtype: Optio
     family = families.detect_folder(root) or families.Family("sd1", None, str(root))
     unet = _load_unet(root / "unet", allow_pickle)
     codec = _load_codec(root, allow_pickle, family)
-    te, tok = _load_text_side(root, family, int(unet.config.sample_size) * codec.factor, allow_pickle)
+    te, tok = _load_text_side(root, family, _checked(families.check_latent_size, unet, root / "unet") * codec.factor,
+                              allow_pickle)
     if family.added_cond == "text_time":
         unet = families.TextTimeUNet(unet)
     abar = _load_abar(root, families.PREDICTION_TYPES)

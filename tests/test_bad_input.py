@@ -389,3 +389,29 @@ def test_ctrl_c_while_the_libraries_load_is_a_line_not_a_traceback(monkeypatch, 
     code = cli.main(["demo", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
     assert code == 130 and err.strip() == "cgidm: interrupted before anything was done"
+
+
+def test_sizes_in_an_untrusted_config_that_would_take_all_the_memory_are_refused(tiny_world, tmp_path):
+    """A scheduler config of 3e9 timesteps (its schedule allocated before any check) or a
+    UNet sample_size of 200000 (images resized to it): refused in one line, nothing built."""
+    import json
+    import shutil
+
+    from cgidm.guidance import load_scheduler
+    from cgidm.protect import load_base
+
+    for part, key, value, said in (("scheduler/scheduler_config.json", "num_train_timesteps", 3_000_000_000,
+                                    "num_train_timesteps 3000000000 in scheduler_config.json is not a whole number"),
+                                   ("unet/config.json", "sample_size", 200_000,
+                                    "sample_size 200000 in the UNet's config is not a whole number from 1 to 1024")):
+        base = tmp_path / key
+        shutil.copytree(tiny_world / "base", base)
+        cfg = json.loads((base / part).read_text())
+        (base / part).write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ModelLoadError, match=said):
+            load_pair(base, lora=tiny_world / "lora.safetensors")
+        with pytest.raises(ModelLoadError, match=said):
+            load_base(base)
+        if key == "num_train_timesteps":
+            with pytest.raises(ValueError, match=said):
+                load_scheduler(base)
