@@ -23,7 +23,7 @@ from cgidm.config import HIGHER_IS_BETTER
 from cgidm.copies import digest
 from cgidm.files import OutputError, atomic_save_image, output_path, shown
 from cgidm.rows import TRIPTYCHS
-from cgidm.score import VERDICTS
+from cgidm.score import SET_VERDICTS, VERDICTS
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,13 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
         whose = "this pair's" if ctx is pair else "the run's"
         lines.append(f"set verdict on {whose} {sv.get('n_suspect')} suspect images: {sv.get('verdict')} "
                      f"(p = {sv['p_value']:.3g})")
+        if sv.get("verdict") != SET_VERDICTS[0]:  # read beside it, not alone: one image's test of many
+            chance = ctx.get("flagged_by_chance")
+            lines.append("CAUTION: the set verdict does not find the fine-tune trained on these images; this image's "
+                         "own p-value is one test of many" + (f" (about {chance:g} would be flagged by chance)"
+                                                               if isinstance(chance, (int, float)) and chance else ""))
+    if isinstance(sv.get("warning"), str):  # a swapped pair, too few images: said where the card is read
+        lines.append(f"CAUTION: {sv['warning']}")
     files = summary.get("model_files") or {}
     scale = models.get("lora_scale")
     scaled = f" at scale {scale:g}" if isinstance(scale, (int, float)) and scale != 1 else ""
@@ -121,6 +128,8 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
             if any(m == where or m.startswith(where.rstrip(os.sep) + os.sep) for m in moved):
                 what += " (CHANGED during the run: the digest may not be of the bytes used)"
             lines.append(Name(f"{what}{_digest(where, files)}: ", where))
+    if not files:  # named by path only, which anyone can save over
+        lines.append("models named by path only: --hash-models names them by the SHA-256 of their files")
     prompt = ((summary.get("prompts") or {}).get(row.get("pair")) or {}).get("prompt") if row.get("pair") else None
     prompt = prompt if prompt is not None else cfg.get("prompt")
     if isinstance(prompt, str):

@@ -49,6 +49,14 @@ def test_a_card_says_the_verdict_score_models_and_settings():
     folder = hashlib.sha256(f"{SHA}  a\n{SHA}  b\n".encode()).hexdigest()  # sha256sum a b | sha256sum
     assert text[5] == f"base (2 files, folder digest {folder[:16]}...): /m/base"
     assert text[6] == "cgidm 0.1.0, 3 PGD steps, noise shared, seed 0, judged 2026-12-01"
+    # a set verdict of no evidence, a warning on it, no model digests: each said on the card
+    weak = {"p_value": 0.08, "n_suspect": 6, "verdict": "no evidence", "warning": "are --base and --finetuned swapped?"}
+    text = _texts(card_lines(_row(0, "fine-tuned on"), _summary(set_verdict=weak, flagged_by_chance=0.48,
+                                                                model_files={})))
+    assert text[4] == ("CAUTION: the set verdict does not find the fine-tune trained on these images; this image's "
+                       "own p-value is one test of many (about 0.48 would be flagged by chance)")
+    assert text[5] == "CAUTION: are --base and --finetuned swapped?"
+    assert "models named by path only: --hash-models names them by the SHA-256 of their files" in text
     # lower is better: below the line; a hold-out flagged all the same is called what it is
     text = _texts(card_lines(_row(0, "fine-tuned on", label="holdout"), _summary(metric="latent_mse")))
     assert "a false positive" in text[1] and text[3].startswith("latent_mse 0.8; flagged below 0.5")
