@@ -41,12 +41,16 @@ def _clear_previous(out: Path) -> None:
     summary, the report, and the triptychs and evidence cards of those rows. Nothing else
     is touched."""
     results = out / RESULTS
+    cards = 0
     for row in read_jsonl(results):
         for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
             name = row.get(key)
             if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]:
                 (out / name).unlink(missing_ok=True)
-        drop_card(out, row)  # by its id: a run killed before its rows named their cards leaves none
+        cards += drop_card(out, row)  # by its id: a run killed before its rows named their cards leaves none
+    if cards:  # evidence someone may have meant to keep: said, not gone without a word
+        log.warning("%s: the earlier run's %d evidence card%s removed: a new authenticate run into the same --out "
+                    "replaces the earlier one (another --out keeps both)", out, cards, "s" * (cards != 1))
     for name in (RESULTS, *OUTPUTS):
         (out / name).unlink(missing_ok=True)
     remove_stale_temporaries(out)  # a killed run's half-written files

@@ -148,14 +148,17 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
     return lines
 
 
-def drop_card(out: str | Path, row: dict) -> None:
-    """``row`` without its card: the key gone, and the card its id names removed."""
+def drop_card(out: str | Path, row: dict) -> bool:
+    """``row`` without its card: the key gone, and the card its id names removed (True
+    when there was one)."""
     row.pop("evidence", None)
     rel = card_path(row)
     if rel is not None:
         path = Path(out) / rel
         if path.is_file() or path.is_symlink():
             path.unlink(missing_ok=True)
+            return True
+    return False
 
 
 def write_cards(out: str | Path, rows: Sequence[dict], summary: dict) -> int:

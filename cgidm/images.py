@@ -85,7 +85,8 @@ def list_images(directory: str | Path, recursive: bool = False, exclude=(), quie
     a warning. ``quiet``: no warning (a count, not a listing the run reads)."""
     d = Path(directory).expanduser()
     if not d.is_dir():
-        raise FileNotFoundError(f"{d} is a file, not a folder of images" if d.exists() else f"image folder not found: {d}")
+        raise FileNotFoundError(f"{d} is a file, not a folder of images (put it in a folder of its own and give that)"
+                                if d.exists() else f"image folder not found: {d}")
     # compared through symlinks: an --out that is a link to the image folder is that folder
     skip = [os.path.realpath(e) for e in exclude]
     here = os.path.realpath(d)

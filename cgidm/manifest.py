@@ -93,7 +93,8 @@ def collect_items(
                                     follow_links=False)) - len(found) if _has_subfolder(folder) else 0
             if not found:
                 raise FileNotFoundError(no_images(folder) + (
-                    f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders)"
+                    f" ({below} in its subfolders: {options[label]} reads the folder itself, not its subfolders; give "
+                    "a subfolder, or put the images into one folder)"
                     if below else ""))
             if below:
                 log.warning("%s %s: %d images in subfolders are not read (only the folder's own images are)",

@@ -180,6 +180,7 @@ def resolve_prompt(cfg: AuthConfig, pair: ModelPair) -> tuple[AuthConfig, str]:
                    "is the pretrained model, the fine-tune the suspect one" if in_base is not None else "")
         raise ValueError(
             "no prompt: the fine-tune does not say which prompt it was trained with "
-            f"({where}){swapped}; pass --prompt TEXT, the instance prompt of the fine-tune (e.g. 'sks style')"
+            f"({where}){swapped}; pass --prompt TEXT, the instance prompt of the fine-tune (e.g. 'sks style'; the "
+            "trigger word its model page gives is best, a short description of the work also serves, less sharply)"
         )
     return cfg.replace(prompt=prompt), where

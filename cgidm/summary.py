@@ -432,6 +432,11 @@ def print_summary(summary: dict) -> None:
               f"of {len(summary['verdicts'])}" + (f" (about {chance:g} would be by chance were none of them in the "
                                                   f"fine-tune: each image is tested on its own; the set verdict "
                                                   f"is one test of the suspect images together)" if chance else ""))
+        named = [k for k, v in summary["verdicts"].items() if v.get("verdict") == "fine-tuned on"]
+        for image_id in named[:10]:  # which ones, not only how many
+            print(f"  flagged: {shown(image_id)}")
+        if len(named) > 10:
+            print(f"  ... and {len(named) - 10} more (the report lists them first)")
     if summary.get("evidence_cards"):
         where = Path(summary["report"]).parent / "evidence" if summary.get("report") else Path("evidence")
         print(f"evidence cards: {summary['evidence_cards']} in {shown(where)}/ (each flagged image's triptych with "

@@ -40,6 +40,7 @@ def test_demo_members_vs_holdouts_auc(tiny_world, tmp_path, capsys, variant):
         members = [r for r in rows if r["label"] == "member"]
         assert all(r["verdict"] == "fine-tuned on" and r["p_value"] == pytest.approx(1 / 25) for r in members), members
         assert summary["flagged"] >= 6 and f"flagged as fine-tuned on (p <= 0.05): {summary['flagged']} of 12" in printed
+        assert all(f"  flagged: {r['id']}" in printed for r in members)  # named, not only counted
         assert summary["set_verdict"]["verdict"] == "fine-tuned on some of these images"
         # an evidence card for each flagged image, linked from the report
         carded = [r for r in rows if "evidence" in r]

@@ -106,7 +106,7 @@ def test_a_card_path_comes_from_the_id_and_stays_in_the_evidence_folder():
     assert card_path({}) is None and card_path({"id": 3}) is None
 
 
-def test_a_new_authenticate_run_removes_the_cards_of_its_rows(tmp_path):
+def test_a_new_authenticate_run_removes_the_cards_of_its_rows(tmp_path, caplog):
     from cgidm.api import _clear_previous
 
     (tmp_path / "evidence").mkdir()
@@ -117,6 +117,7 @@ def test_a_new_authenticate_run_removes_the_cards_of_its_rows(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a"}) + "\n")
     _clear_previous(tmp_path)
     assert [p.name for p in (tmp_path / "evidence").iterdir()] == ["mine.png"]
+    assert "the earlier run's 1 evidence card removed: a new authenticate run" in caplog.text  # said
 
 
 def test_the_score_and_the_line_are_written_apart():
