@@ -69,7 +69,10 @@ def fingerprint(image: torch.Tensor) -> dict:
     """``{"pixels", "phash", "colour"}`` of an image ``[3, H, W]`` in [-1, 1] (what the
     model is given): the SHA-256 of its 8-bit pixels; its DCT perceptual hash (pHash) as 16
     hex digits: its luminance resized to 32 x 32, the 8 x 8 lowest frequencies of its 2-D
-    DCT-II, each bit whether a coefficient is above their median; its mean colour (``rrggbb``)."""
+    DCT-II, each bit whether a coefficient is above their median; its mean colour (``rrggbb``);
+    its fine ``detail``: the mean absolute difference of neighbouring grey pixels, in 8-bit
+    levels (noise: tens; a painting: a few; a blurred photo: about one), which tells controls
+    of another kind than the suspect images (``unlike_controls``)."""
     import scipy.fft
     from PIL import Image
 
@@ -79,8 +82,38 @@ def fingerprint(image: torch.Tensor) -> dict:
     grey = Image.fromarray(rgb, "RGB").convert("L").resize((32, 32), Image.LANCZOS)
     low = scipy.fft.dctn(np.asarray(grey, dtype=np.float64), type=2)[:8, :8]
     mean = np.rint(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    g = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.float64)
+    steps = [np.abs(np.diff(g, axis=a)).ravel() for a in (0, 1) if g.shape[a] > 1]
+    detail = round(float(np.concatenate(steps).mean()), 3) if steps else 0.0
     return {"pixels": hashlib.sha256(size + rgb.tobytes()).hexdigest(),
-            "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex(), "colour": mean.tobytes().hex()}
+            "phash": np.packbits((low > np.median(low)).ravel()).tobytes().hex(), "colour": mean.tobytes().hex(),
+            "detail": detail}
+
+
+UNLIKE_P = 1e-3  # a two-sided rank test of the controls' detail against the suspects' this clear,
+UNLIKE_RATIO = 1.5  # and medians this far apart: said (never acted on: a statistic cannot tell style)
+
+
+def unlike_controls(suspects: Sequence[dict], controls: Sequence[dict]) -> Optional[str]:
+    """A warning when the control images differ clearly from the suspect images in fine
+    detail (random noise, or blurred photographs, as controls for paintings): against such
+    controls clean images recover differently and can come out flagged. None when they are
+    alike, or too few to tell (fewer than 5 of either)."""
+    a = [r["detail"] for r in suspects if isinstance(r.get("detail"), (int, float))]
+    b = [r["detail"] for r in controls if isinstance(r.get("detail"), (int, float))]
+    if len(a) < 5 or len(b) < 5:
+        return None
+    from scipy.stats import mannwhitneyu
+
+    ma, mb = float(np.median(a)), float(np.median(b))
+    p = float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    far = max(ma, mb) > UNLIKE_RATIO * max(min(ma, mb), 0.5)
+    if p < UNLIKE_P and far:
+        return (f"the control images differ clearly from the images tested in fine detail (median "
+                f"{mb:.3g} against {ma:.3g} levels between neighbouring pixels, rank test p = {p:.2g}): controls must "
+                "be like the images tested (the same kind of picture, style and size), or clean images recover "
+                "differently from them and can come out flagged")
+    return None
 
 
 def _digests(row: dict) -> list[str]:

@@ -115,6 +115,8 @@ def card_lines(row: dict, summary: dict) -> list[Label]:
                                                                if isinstance(chance, (int, float)) and chance else ""))
     if isinstance(sv.get("warning"), str):  # a swapped pair, too few images: said where the card is read
         lines.append(f"CAUTION: {sv['warning']}")
+    if isinstance(ctx.get("controls_warning"), str):
+        lines.append(f"CAUTION: {ctx['controls_warning']}")
     files = summary.get("model_files") or {}
     scale = models.get("lora_scale")
     scaled = f" at scale {scale:g}" if isinstance(scale, (int, float)) and scale != 1 else ""

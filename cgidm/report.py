@@ -67,6 +67,7 @@ means they recover better than images known not to be in the fine-tune, more tha
 {% if s.flagged is defined %}<div class="card">flagged as fine-tuned on (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}{% if s.verdicts %} of {{ s.verdicts|length }}{% endif %}</b>{% if s.flagged_by_chance %}<span class="note">each image tested on its own: about {{ s.flagged_by_chance }} would be flagged by chance if none had been trained on</span>{% endif %}</div>{% endif %}
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
+{% if s.controls_warning %}<p class="error">{{ s.controls_warning }}</p>{% endif %}
 {% if s.calibration_warning %}<p class="error">{{ s.calibration_warning }}</p>{% endif %}
 {% if s.copies_warning %}<p class="error">{{ s.copies_warning }}</p>{% endif %}
 {% if s.auc_warning %}<p class="error">{{ s.auc_warning }}</p>{% endif %}

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cgidm.copies import Copies, find_copies, pooled_warning
+from cgidm.copies import Copies, find_copies, pooled_warning, unlike_controls
 from cgidm.config import BASELINE_FIELDS, METRICS, departures, dtype_name
 from cgidm.files import fraction, shown
 from cgidm.score import calibrate, set_metrics, set_verdict, worse_p
@@ -20,7 +20,8 @@ WORSE_P = 0.01
 FEW_LABELLED = 10  # members or hold-outs below which an AUC comes with a warning
 PAIR_SUMMARY_FIELDS = ("images", "scored", "failed", "auc", "accuracy", "tpr_at_1fpr", "threshold",
                        "controls", "flagged", "flag_line", "flagged_by_chance", "calibration_warning",
-                       "calibration_error", "copies_warning", "copies", "auc_warning", "sample_warning", "set_verdict")
+                       "calibration_error", "copies_warning", "copies", "auc_warning", "sample_warning", "set_verdict",
+                       "controls_warning")
 
 
 def runtime(device, dtype) -> dict:
@@ -122,6 +123,10 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         summary["copies"] = found.counts()
     controls = [r["score"] for r in good
                 if r.get("label") == "control" and r["id"] not in found.left_out and r["id"] not in stuck]
+    unlike = unlike_controls([r for r in good if r.get("label") != "control"],
+                             [r for r in good if r.get("label") == "control"]) if given else None
+    if unlike:
+        summary["controls_warning"] = unlike
     if given and cfg.metric == "official_cos":
         # a maximum over its folder: suspects' and controls' folders differ in size, so the
         # null of exchangeable scores fails (a larger folder raises every score in it)
@@ -278,7 +283,7 @@ def summarize_pairs(rows: Sequence[dict], infos: dict, cfg, embedder_info: Optio
         # a pair's messages, said with its keys (a swapped pair among good ones hides in the
         # pooled AUC: its own warning is said); the pooled sample warning stays the pooled one's
         for key in ("calibration_error", "calibration_warning", "copies_warning", "auc_warning",
-                    "set_verdict_warning"):
+                    "set_verdict_warning", "controls_warning"):
             by_message: dict[str, list[str]] = {}
             for k, s in per.items():
                 said = (s.get("set_verdict") or {}).get("warning") if key == "set_verdict_warning" else s.get(key)
@@ -443,8 +448,8 @@ def print_summary(summary: dict) -> None:
               f"its verdict, score, models and settings written under it)")
     for line in unjudged(summary):
         print(line)
-    for key in ("calibration_error", "calibration_warning", "copies_warning", "sample_warning", "auc_warning",
-                "set_verdict_warning"):
+    for key in ("controls_warning", "calibration_error", "calibration_warning", "copies_warning", "sample_warning",
+                "auc_warning", "set_verdict_warning"):
         if summary.get(key):
             print(f"warning: {summary[key]}")
     if summary.get("stalled"):

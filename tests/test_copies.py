@@ -323,3 +323,26 @@ def test_an_unlabelled_copy_or_look_alike_of_a_hold_out_is_said_and_both_look_al
     assert by_id["up0"]["copy_kind"] == by_id["h0"]["copy_kind"] == "of_holdouts"
     assert "1 unlabelled images that are copies of hold-outs, known not trained on (first: up0 = h0)" in s["copies_warning"]
     assert (by_id["up1"]["looks_like"], by_id["h1"]["looks_like"]) == ("h1", "up1") and by_id["h1"]["looks_bits"] == 1
+
+
+def test_controls_of_another_kind_are_said():
+    """Noise or blurred photographs as controls for paintings: their fine detail differs
+    clearly from the images tested, said (a warning in the summary, the report and on each
+    card); controls of the same kind, or too few to tell, are not."""
+    import numpy as np
+    import torch
+
+    from cgidm.copies import fingerprint, unlike_controls
+
+    rng = np.random.default_rng(0)
+
+    def rows(make, n):
+        return [fingerprint(torch.from_numpy(make()).permute(2, 0, 1)) for _ in range(n)]
+
+    painting = lambda: np.kron(rng.uniform(-1, 1, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.float32)  # noqa: E731
+    noise = lambda: rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32)  # noqa: E731
+    tested, alike, unlike = rows(painting, 8), rows(painting, 12), rows(noise, 12)
+    said = unlike_controls(tested, unlike)
+    assert said and said.startswith("the control images differ clearly from the images tested in fine detail")
+    assert unlike_controls(tested, alike) is None
+    assert unlike_controls(tested[:4], unlike) is None  # too few to tell

@@ -37,6 +37,7 @@ def test_demo_members_vs_holdouts_auc(tiny_world, tmp_path, capsys, variant):
         assert (out / r["triptych"]).is_file()
     if controls:
         assert summary["controls"] == 24 and "calibration_warning" not in summary
+        assert "controls_warning" not in summary  # the world's controls are of the suspects' kind
         members = [r for r in rows if r["label"] == "member"]
         assert all(r["verdict"] == "fine-tuned on" and r["p_value"] == pytest.approx(1 / 25) for r in members), members
         assert summary["flagged"] >= 6 and f"flagged as fine-tuned on (p <= 0.05): {summary['flagged']} of 12" in printed
