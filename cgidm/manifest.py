@@ -501,8 +501,7 @@ def read_manifest(
         if reals.setdefault(real, (entry.label, image))[0] != entry.label:
             first_label, first = reals[real]
             raise ValueError(f"{at}: {image} is the file {first} (labelled {_label(first_label)}) for the same models, "
-                             f"here labelled {_label(entry.label)}: each image takes one label (it would score against "
-                             "itself)")
+                             f"here labelled {_label(entry.label)}: each image takes one label (else it scores against itself)")
         if reals[real][1] != image:  # the same label: counted twice, it would weigh twice in the AUC and set verdict
             log.warning("%s: %s is the file %s, listed already for the same models; screened once", at,
                         shown(image), shown(reals[real][1]))
