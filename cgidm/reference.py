@@ -42,8 +42,7 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], to
 
 
 def check_mask(mask: torch.Tensor, like: torch.Tensor) -> None:
-    """The compiled kernels' contract for a mask (``ValueError`` otherwise, rather than a
-    broadcast they would not make): ``[C, H, W]``, or ``[B, C, H, W]`` / ``[1, C, H, W]``."""
+    """A mask as the compiled kernels take it, else ``ValueError`` (never broadcast): ``[C, H, W]``, ``[B|1, C, H, W]``."""
     if not (tuple(mask.shape) == tuple(like.shape[1:]) or (
             mask.dim() == like.dim() and mask.shape[0] in (1, like.shape[0]) and mask.shape[1:] == like.shape[1:])):
         raise ValueError(f"cgidm: mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape "
@@ -187,6 +186,13 @@ def pgd_update_ref(
     return delta, z
 
 
+def check_linf_scalars(alpha: float, eps: float, lo: float, hi: float) -> None:
+    """``linf_update``'s scalars are finite in every implementation (and the C++ glue's): a
+    NaN step would be NaN where the gradient is 0 here, and no change in the kernels."""
+    if not all(math.isfinite(float(v)) for v in (alpha, eps, lo, hi)):
+        raise ValueError("cgidm: alpha, eps, lo and hi must be finite")
+
+
 def linf_pgd_update_ref(
     delta: torch.Tensor,  # [B, 3, H, W] fp32
     grad: torch.Tensor,  # [B, 3, H, W] d objective / d image
@@ -203,8 +209,7 @@ def linf_pgd_update_ref(
     ``(delta [B, 3, H, W] fp32, skipped [B] bool)``."""
     if delta.dim() < 1 or grad.shape != delta.shape or x.shape != delta.shape:
         raise ValueError("delta, grad and x must have one shape [B, ...]")
-    if not all(math.isfinite(float(v)) for v in (alpha, eps, lo, hi)):
-        raise ValueError("cgidm: alpha, eps, lo and hi must be finite")
+    check_linf_scalars(alpha, eps, lo, hi)
     g = grad.float()
     # [B, M] also for a 1-D delta (M = 1) and for B = 0, as the compiled kernels read it
     ok = torch.isfinite(g).reshape(g.shape[0], math.prod(g.shape[1:])).all(1)

@@ -15,13 +15,12 @@ Design limits:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 # the same block sizes as the L2 update, and the same interpreter check
+from cgidm.reference import check_linf_scalars
 from cgidm.kernels.pgd_update import BLOCK, INTERPRET_BLOCK, check_floats, interpreter_inputs, launcher
 
 
@@ -79,8 +78,7 @@ def linf_update_triton(
     if delta.dim() < 1 or not (grad.shape == delta.shape and x.shape == delta.shape):
         raise ValueError("delta, grad and x must have one shape [B, ...]")
     check_floats("L-inf update", delta=delta, grad=grad, x=x)
-    if not all(math.isfinite(float(v)) for v in (alpha, eps, lo, hi)):
-        raise ValueError("cgidm: alpha, eps, lo and hi must be finite")
+    check_linf_scalars(alpha, eps, lo, hi)
     b = delta.shape[0]
     m = delta[0].numel() if b > 0 else 0
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)

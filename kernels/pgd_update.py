@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cgidm.reference import check_mask
+
 BLOCK = 1024
 INTERPRET_BLOCK = 4096  # the interpreter pays per op, not per element: fewer, wider sweeps
 
@@ -149,11 +151,8 @@ def pgd_update_triton(
     b = delta.shape[0]
     m = math.prod(delta.shape[1:])
     # a mask with the right element count in another shape would be read in the wrong order
-    shared = (tuple(delta.shape[1:]), (1, *delta.shape[1:]))
-    if tuple(mask.shape) not in (*shared, tuple(delta.shape)):
-        raise ValueError(f"mask must be [C, H, W] or [B, C, H, W] (or [1, C, H, W]; the latent's shape "
-                         f"{tuple(delta.shape)}), got {tuple(mask.shape)}")
-    mask_batched = tuple(mask.shape) not in shared
+    check_mask(mask, delta)
+    mask_batched = tuple(mask.shape) not in (tuple(delta.shape[1:]), (1, *delta.shape[1:]))
     delta_out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
     z = torch.empty_like(delta_out)
     if delta.numel() == 0:
