@@ -15,7 +15,8 @@ import torch
 
 from cgidm.batches import RowWriter, run_pair
 from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
-from cgidm.files import OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs
+from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, counted, json_values,
+                         output_dirs)
 from cgidm.images import refuse_images_inside
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
@@ -49,8 +50,8 @@ def _clear_previous(out: Path) -> None:
                 (out / name).unlink(missing_ok=True)
         cards += drop_card(out, row)  # by its id: a run killed before its rows named their cards leaves none
     if cards:  # evidence someone may have meant to keep: said, not gone without a word
-        log.warning("%s: the earlier run's %d evidence card%s removed: a new authenticate run into the same --out "
-                    "replaces the earlier one (another --out keeps both)", out, cards, "s" * (cards != 1))
+        log.warning("%s: the earlier run's %s removed: a new authenticate run into the same --out replaces the "
+                    "earlier one (another --out keeps both)", out, counted(cards, "evidence card"))
     for name in (RESULTS, *OUTPUTS):
         (out / name).unlink(missing_ok=True)
     remove_stale_temporaries(out)  # a killed run's half-written files

@@ -265,14 +265,17 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
     drawn = load_partial(partial, digest, latent_shape, settings)
     todo = [i for i in range(cfg.samples) if i not in drawn]
     warnings = [SAME_AS_BASE] if pair.info.get("same_as_base") else []
+
+    def warn(text: str) -> None:  # said now, and kept for extract.json and the report
+        warnings.append(text)
+        log.warning("%s", text)
     if len(todo) < cfg.samples:
         log.warning("%d of %d samples were drawn by a run that stopped (%s); %s", cfg.samples - len(todo), cfg.samples,
                     partial, f"drawing the other {len(todo)}" if todo else "none left to draw")
     beyond = sum(i >= cfg.samples for i in drawn)
     if beyond:  # kept for a run with more --samples: never dropped without a word
-        warnings.append(f"{counted(beyond, 'sample')} a stopped run drew past --samples {cfg.samples} not used; kept "
-                        f"in {partial.name} for a run with more --samples")
-        log.warning("%s", warnings[-1])
+        warn(f"{counted(beyond, 'sample')} a stopped run drew past --samples {cfg.samples} not used; kept in "
+             f"{partial.name} for a run with more --samples")
     saver = PartialSaver(partial, digest, drawn, settings)
     use_graph = graph_wanted(None, device)
     t0 = time.perf_counter()
@@ -295,8 +298,7 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
         pair_fn.remove()
     finite = torch.isfinite(latents.flatten(1)).all(dim=1)
     if not finite.all():
-        warnings.append(f"{int((~finite).sum())} of {cfg.samples} samples are not finite and are left out")
-        log.warning("%s", warnings[-1])
+        warn(f"{int((~finite).sum())} of {cfg.samples} samples are not finite and are left out")
     kept = torch.nonzero(finite).flatten().tolist()
     if not kept:
         if all(not torch.isfinite(x).all() for x in drawn.values()):  # nothing there worth resuming
@@ -370,8 +372,7 @@ def _extract_staged(pair, out: Path, cfg: ExtractConfig, kind: str, compare_item
                                             list(cand_images), candidates, out, cfg, embedder,
                                             progress=progress)
         if summary["compare"].get("unlabelled_why"):
-            warnings.append(f"--compare {summary['compare']['unlabelled_why']}")
-            log.warning("%s", warnings[-1])
+            warn(f"--compare {summary['compare']['unlabelled_why']}")
     summary["timing"]["wall_s"] = time.perf_counter() - t_start
     if files is not None:
         summary["model_files"] = files

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -91,14 +92,21 @@ def load_partial(path: Path, digest: str, latent_shape, settings: dict) -> dict[
     return {int(i): latents[j].float() for j, i in enumerate(indices.tolist())}
 
 
+def _dtype_word(value) -> Optional[str]:
+    """A recorded ``"torch.float32"`` as ``--dtype`` says it (``fp32``; ``runtime.dtype_name``)."""
+    from cgidm.runtime import dtype_name
+
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    return dtype_name(dtype) if isinstance(dtype, torch.dtype) else None
+
+
 def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
     try:
         old = json.loads(theirs)
     except ValueError:
         old = None
     if isinstance(old, dict):  # the scheduler's and the models' dicts: the keys that differ in them
-        words = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # as --dtype says them
-        what = (differences(old, ours, lambda k, v: words.get(v) if k == "dtype" else None)
+        what = (differences(old, ours, lambda k, v: _dtype_word(v) if k == "dtype" else None)
                 or "the same settings, other model weights or prompt encodings")
     else:
         what = "settings not recorded"

@@ -154,12 +154,17 @@ MAX_TIMESTEPS = 100_000  # a scheduler's num_train_timesteps (SD's: 1000); past 
 MAX_LATENT = 1024  # a UNet's sample_size (SD's: 64, 96, 128), 8192 px images; past it, refused
 
 
+def _whole_in(n, most: int) -> bool:
+    """``n`` a whole number (not a bool) from 1 to ``most``."""
+    return isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= most
+
+
 def check_timesteps(scheduler_folder: Path) -> None:
     """``ValueError`` for a ``num_train_timesteps`` that is not a whole number in
     1..``MAX_TIMESTEPS``: the scheduler allocates its schedule at that length before any
     check of its own (3e9 in an untrusted config took 12 GB)."""
     n = (_json(scheduler_folder / "scheduler_config.json") or {}).get("num_train_timesteps", 1000)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TIMESTEPS:
+    if not _whole_in(n, MAX_TIMESTEPS):
         raise ValueError(f"{scheduler_folder}: num_train_timesteps {n!r} in scheduler_config.json is not a whole "
                          f"number from 1 to {MAX_TIMESTEPS:,} (Stable Diffusion's is 1000)")
 
@@ -169,7 +174,7 @@ def check_latent_size(unet, where) -> int:
     otherwise: images are resized to it times the codec's factor, so 200000 in an untrusted
     config asked for 40 GB)."""
     n = unet.config.sample_size
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LATENT:
+    if not _whole_in(n, MAX_LATENT):
         raise ValueError(f"{where}: sample_size {n!r} in the UNet's config is not a whole number from 1 to "
                          f"{MAX_LATENT} (Stable Diffusion's: 64, 96, 128)")
     return n

@@ -30,7 +30,7 @@ import torch
 from cgidm.batches import is_out_of_memory
 from cgidm.config import ProtectConfig, check_impl, check_t_max, dtype_name
 from cgidm.files import (OutputError, append_jsonl, atomic_save_image, atomic_write_json, atomic_write_jsonl,
-                         json_values, output_dirs, output_path, shown)
+                         counted, json_values, output_dirs, output_path, shown)
 from cgidm.images import (CENTRE, MODEL_SAW, UPRIGHT, ImageError, list_images, load_image_with_notes, no_images,
                           refuse_images_inside, view_of)
 from cgidm.protect_output import output_name, panel, protect_file, run_summary, write_report
@@ -485,7 +485,7 @@ def print_summary(summary: dict) -> None:
     for image_id, reason in list(summary["errors"].items())[:10]:
         print(f"  failed {shown(image_id)}: {shown(reason)}")
     if part := summary.get("partly"):
-        print(f"warning: {len(part)} image{'s' if len(part) != 1 else ''} longer than 2:1 ({shown(part[0])}"
+        print(f"warning: {counted(len(part), 'image')} longer than 2:1 ({shown(part[0])}"
               f"{', ...' if len(part) > 1 else ''}): only the centre 2:1 of each protected, the rest left unchanged")
     m = summary["medians"]
     if m.get("PSNR dB") is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cgidm.config import ProtectConfig
-from cgidm.files import atomic_write_json
+from cgidm.files import atomic_write_json, counted
 from cgidm.protect_output import NAME_MAX, output_name
 from cgidm.resume import DigestCache, differences, read_jsonl, same_source, sha256_file
 
@@ -132,12 +132,11 @@ def _numbered(name: str, k: int) -> str:
 
 
 def _safe(name: str) -> bool:
-    """A row's recorded name is a file under ``protected/`` as ``output_name`` makes them (a
-    results file can be edited, or come with a folder someone else made: ``../../x.png``
-    would be written outside --out): relative, no empty or hidden part (``..`` is one), no
-    backslash, a ``.png``."""
-    return (name.lower().endswith(".png") and "\\" not in name and "\0" not in name
-            and all(p and not p.startswith(".") for p in name.split("/")))
+    """A row's recorded name is one ``output_name`` makes (``output_name`` gives it back as
+    it is: relative, no empty or hidden part, ``..`` among them, a ``.png``): a results file
+    can be edited, or come with a folder someone else made, and ``../../x.png`` would be
+    written outside --out."""
+    return output_name(name) == name
 
 
 def output_names(items: Sequence, done: dict[str, dict]) -> dict[str, Optional[str]]:
@@ -205,14 +204,14 @@ def resume_plan(items: Sequence, out: Path, retry_failed: bool) -> tuple[list, d
         return ", ".join(it.id for it in found[:5]) + (" ..." if len(found) > 5 else "")
 
     if gone:
-        log.warning("%s: the protected file or panel of %d image%s is missing (%s); protecting %s again", out,
-                    len(gone), "s" * (len(gone) != 1), some(gone), "them" if len(gone) != 1 else "it")
+        log.warning("%s: the protected file or panel of %s is missing (%s); protecting %s again", out,
+                    counted(len(gone), "image"), some(gone), "them" if len(gone) != 1 else "it")
     if changed:
-        log.warning("%s: %d input%s changed since protected (%s); protecting %s again", out, len(changed),
-                    "s" * (len(changed) != 1), some(changed), "them" if len(changed) != 1 else "it")
+        log.warning("%s: %s changed since protected (%s); protecting %s again", out, counted(len(changed), "input"),
+                    some(changed), "them" if len(changed) != 1 else "it")
     if stale:
-        log.warning("%s: %d row%s of images no longer in the image folder; kept in %s, not counted", out, stale,
-                    "s" * (stale != 1), RESULTS)
+        log.warning("%s: %s of images no longer in the image folder; kept in %s, not counted", out,
+                    counted(stale, "row"), RESULTS)
     if len(todo) < len(items):
         left = (f" ({len(failed)} of them failed: --retry-failed protects those again)"
                 if failed and not retry_failed else "")

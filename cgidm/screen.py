@@ -164,13 +164,15 @@ def _set_aside(out: Path, done: dict) -> None:
     """Before a resume writes its first row: the earlier run's summary and report no
     longer match ``results.jsonl``. The summary is set aside (its facts about the pairs
     are merged at the end, ``_previous``), the report and the evidence cards removed (the
-    end draws those still flagged again), and the rows' verdicts taken out: a run stopped
-    before its end leaves none of them to be taken for its own."""
+    end draws those still flagged again), and the rows' verdicts taken out, in ``done`` and
+    in the file: a run stopped before its end leaves none of them to be taken for its own."""
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / PREVIOUS)
     (out / "report.html").unlink(missing_ok=True)
     for row in done.values():  # the cards the finished rows name, nothing else in the folder
         drop_card(out, row)
+        for k in VERDICT_FIELDS:
+            row.pop(k, None)
     judged = (*VERDICT_FIELDS, EVIDENCE)
     rows = read_jsonl(out / RESULTS)
     if any(k in r for r in rows for k in judged):  # judged against the earlier run's whole set
@@ -375,9 +377,6 @@ def _finish(out: Path, entries: Sequence[Entry], cfg: AuthConfig, gathered: list
     # also when nothing was screened (a resume with another --level): a stop from here on
     # leaves no summary, report, card or verdict of the earlier run beside the rows
     _set_aside(out, rows)
-    for r in rows.values():
-        for k in VERDICT_FIELDS:
-            r.pop(k, None)
     listed = {e.id for e in entries}
     removed = [rows[k] for k in sorted(rows) if k not in listed]
     for r in removed:  # kept without a verdict, so without a card

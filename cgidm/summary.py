@@ -65,7 +65,9 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
         summary["preset"] = {"name": cfg.preset, "departures": departed}
     elif departed:  # a run with fewer steps than the paper's, say, is said to be one
         summary["departures_from_defaults"] = departed
-    _stalled(summary, good, cfg, info)
+    # a stalled image's score is its starting point's, not a recovery's: no point of the AUC,
+    # no control for the null, and no verdict of its own (README.md, "Bad input and untrusted files")
+    stuck = set(_stalled(summary, good, cfg, info))
     if info:
         summary["models"] = info
     if embedder_info:
@@ -73,9 +75,6 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
     found = find_copies(good, SUSPECT_LABELS) if copies else Copies()  # docs/architecture.md, "Copies"
     label_of = {r["id"]: r.get("label") for r in good}
     again = {a for a, b in found.tested if label_of.get(a) == label_of.get(b)}  # one picture, one point of the AUC
-    # a stalled image's score is its starting point's, not a recovery's: no point of the AUC,
-    # no control for the null, and no verdict of its own (README.md, "Bad input and untrusted files")
-    stuck = set(stalled_ids(good, cfg))
     labelled = [r for r in good if r.get("label") in ("member", "holdout") and r["id"] not in again | stuck]
     if labelled:
         y = [r["label"] == "member" for r in labelled]
@@ -135,7 +134,7 @@ def summarize(rows: Sequence[dict], cfg, info: Optional[dict] = None, embedder_i
                                         "metric (embed_cos, latent_cos, ...)")
     elif given:
         try:
-            if (summary.get("stalled") or {}).get("images") == len(good):  # one model twice: no recovery at all
+            if good and len(stuck) == len(good):  # one model twice: no recovery at all
                 raise ValueError("every PGD step of every image was skipped, so nothing was recovered to judge")
             cal = calibrate(controls, cfg.metric, cfg.level)
         except ValueError as e:  # too few scored (unreadable files): said, not left out silently
@@ -216,16 +215,11 @@ def chance_rate(controls: int, level: float) -> float:
     return k / n1
 
 
-def stalled_ids(good: Sequence[dict], cfg) -> list[str]:
-    """The scored images whose every PGD step was skipped."""
-    return [r["id"] for r in good if cfg.pgd.steps > 0 and r.get("skipped_steps", 0) >= cfg.pgd.steps]
-
-
-def _stalled(summary: dict, good: Sequence[dict], cfg, info: Optional[dict] = None) -> None:
+def _stalled(summary: dict, good: Sequence[dict], cfg, info: Optional[dict] = None) -> list[str]:
     """``summary["stalled"]``: the scored images whose every PGD step was skipped (a zero or
     non-finite gradient at every step: a non-finite model, a LoRA scale that breaks it).
-    Their scores are those of the starting point, not of a recovery."""
-    ids = stalled_ids(good, cfg)
+    Their scores are those of the starting point, not of a recovery. Returns their ids."""
+    ids = [r["id"] for r in good if cfg.pgd.steps > 0 and r.get("skipped_steps", 0) >= cfg.pgd.steps]
     if ids:
         why = ("the fine-tune has the base model's weights exactly (the base itself, or a copy), so there is no "
                "contrast: " if (info or {}).get("same_as_base") else "")
@@ -235,6 +229,7 @@ def _stalled(summary: dict, good: Sequence[dict], cfg, info: Optional[dict] = No
                                       "no verdict and calibrate nothing"}
     else:
         summary.pop("stalled", None)
+    return ids
 
 
 def _fact(value) -> str:

@@ -752,12 +752,14 @@ def test_sdxl_unconditional_side_is_zeros_where_its_pipeline_says(tmp_path):
     assert torch.equal(X.conditioning(plain, cfg)[1], packed[""])
 
 
-def _stop_after_one_batch(real):
-    """``sample`` that keeps its first batch (as the run's hook does) and then stops as Ctrl-C does."""
+def _stop_after(real, drawn: int = 1):
+    """``sample`` that keeps its batches (as the run's hook does) until ``drawn`` samples are
+    drawn (1: the first batch), then stops as Ctrl-C does."""
     def stop(*a, on_batch=None, **k):
         def hook(lo, x):
             on_batch(lo, x)
-            raise KeyboardInterrupt
+            if lo + x.shape[0] >= drawn:
+                raise KeyboardInterrupt
         return real(*a, on_batch=hook, **k)
     return stop
 
@@ -775,7 +777,7 @@ def test_a_stopped_run_resumes_with_the_samples_it_drew(pairs, tmp_path, monkeyp
     monkeypatch.setattr(extract_resume, "SAVE_EVERY_S", 0.0)
     real, drawn = X.sample, []
 
-    stop_after_one_batch = _stop_after_one_batch(real)
+    stop_after_one_batch = _stop_after(real)
 
     monkeypatch.setattr(X, "sample", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -961,7 +963,7 @@ def test_a_partial_file_is_matched_by_value_and_an_older_ones_is_drawn_again(pai
     cfg = ExtractConfig(prompt=PROMPT, samples=4, steps=2, clusters=2, batch_size=2, guidance=3)
     real = X.sample
 
-    stop_after_one_batch = _stop_after_one_batch(real)
+    stop_after_one_batch = _stop_after(real)
 
     monkeypatch.setattr(X, "sample", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -1007,15 +1009,7 @@ def test_a_resume_with_fewer_samples_keeps_the_others_and_says_so(pairs, tmp_pat
     out = tmp_path / "o"
     cfg = ExtractConfig(prompt=PROMPT, samples=6, steps=2, clusters=2, batch_size=2)
     real = X.sample
-
-    def stop_after_two_batches(*a, on_batch=None, **k):
-        def hook(lo, x):
-            on_batch(lo, x)
-            if lo + x.shape[0] >= 4:
-                raise KeyboardInterrupt
-        return real(*a, on_batch=hook, **k)
-
-    monkeypatch.setattr(X, "sample", stop_after_two_batches)
+    monkeypatch.setattr(X, "sample", _stop_after(real, 4))  # two batches of 2
     with pytest.raises(KeyboardInterrupt):
         X.extract(pairs["full"], out, cfg, progress=False)
     monkeypatch.setattr(X, "sample", real)
