@@ -80,7 +80,7 @@ exts, cmdclass = ext_modules()
 
 setup(
     name="cgidm",
-    version="0.1.1",
+    version="0.1.2",
     description="CGI-DM copyright authentication of fine-tuned diffusion models",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,

@@ -5,7 +5,7 @@
 >>> items = cgidm.collect_items(members="mine/", holdouts="others/")
 >>> summary = cgidm.authenticate(pair, items, "out/", cgidm.AuthConfig(prompt="sks style"))
 """
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 
 _LAZY = {
     "load_pair": "cgidm.models",

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from cgidm.batches import RowWriter, run_pair
-from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max  # noqa: F401 (re-exported)
+from cgidm.config import AuthConfig, PGDConfig, check_impl, check_t_max, dtype_name  # noqa: F401 (re-exported)
 from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, counted, json_values,
                          output_dirs)
 from cgidm.images import refuse_images_inside
@@ -23,9 +23,11 @@ from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F
 from cgidm.progress import bar_options
 from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.report import write_report
-from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries
+from cgidm import auth_resume
+from cgidm.auth_resume import model_stamp
+from cgidm.resume import OutputLock, check_run_kind, read_jsonl, remove_stale_temporaries, settings_of
 from cgidm.evidence import drop_card, write_cards
-from cgidm.rows import RECOVERED, TRIPTYCHS
+from cgidm.rows import RECOVERED, TRIPTYCHS, own_files
 from cgidm.embed_scores import add_embedding_scores, check_embedder
 from cgidm.summary import runtime, summarize
 
@@ -44,10 +46,8 @@ def _clear_previous(out: Path) -> None:
     results = out / RESULTS
     cards = 0
     for row in read_jsonl(results):
-        for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
-            name = row.get(key)
-            if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]:
-                (out / name).unlink(missing_ok=True)
+        for path in own_files(out, row):
+            path.unlink(missing_ok=True)
         cards += drop_card(out, row)  # by its id: a run killed before its rows named their cards leaves none
     if cards:  # evidence someone may have meant to keep: said, not gone without a word
         log.warning("%s: the earlier run's %s removed: a new authenticate run into the same --out replaces the "
@@ -68,6 +68,7 @@ def authenticate(
     prompt_from: str | None = None,
     hash_models: bool = False,
     model_files: Optional[dict] = None,
+    resume: bool = False,
 ) -> dict:
     """Authenticate images against a model pair; writes ``out/results.jsonl``,
     ``out/triptychs/*.png``, ``out/summary.json`` and ``out/report.html``. With
@@ -78,7 +79,10 @@ def authenticate(
     Returns the summary. Raises ``OutputError`` when an output cannot be written; the
     rows finished before it stay complete in ``results.jsonl``. Without ``cfg.prompt`` the
     checkpoint's instance prompt is used (``pipeline.resolve_prompt``); ``prompt_from``
-    records where a given prompt came from."""
+    records where a given prompt came from. With ``resume`` a stopped run in ``out`` goes on:
+    its finished rows are kept where the settings and model files are the same
+    (``auth_resume.plan``; ``ValueError`` where they are not); without it, an earlier run's
+    outputs are replaced."""
     from tqdm.auto import tqdm
 
     if not isinstance(cfg, AuthConfig):
@@ -109,14 +113,26 @@ def authenticate(
         files = model_files if model_files is not None else (
             model_digests(pair_models(pair.info), out, progress) if hash_models else None)
         output_dirs(out, TRIPTYCHS, RECOVERED)
+        settings = settings_of(cfg, dtype_name(next(pair.unet_ft.parameters()).dtype))
+        stamp = model_stamp(pair.info, files)
+        found = resume and (out / auth_resume.STATE).is_file()
+        kept, todo = auth_resume.plan(out, items, settings, stamp) if resume else ([], items)
         try:
-            _clear_previous(out)
+            if resume:
+                auth_resume.set_aside(out, kept)
+                remove_stale_temporaries(out)
+            else:
+                _clear_previous(out)
+            auth_resume.write_state(out, settings, stamp)
         except OSError as e:
             raise OutputError(out, e) from e
+        if resume and progress:
+            print(f"resuming: {counted(len(kept), 'finished image')} kept, {len(todo)} to authenticate" if found
+                  else f"resuming: no stopped run in {out}; {counted(len(todo), 'image')} to authenticate", flush=True)
         results = out / RESULTS
-        rows: list[dict] = []
+        rows: list[dict] = [{k: v for k, v in r.items() if k not in auth_resume.JUDGED} for r in kept]
         every = bar_options()  # in a log file (not a terminal) a line every 30 s instead of a redraw
-        bar = tqdm(total=len(items), desc="images", unit="img", disable=not progress, **every)
+        bar = tqdm(total=len(items), initial=len(rows), desc="images", unit="img", disable=not progress, **every)
 
         def emit(row: dict) -> None:
             try:
@@ -145,7 +161,7 @@ def authenticate(
         writer = RowWriter(threaded=prefetch_depth > 0)
         try:
             # the step bar reads each step's loss (a device sync a step): only when it is shown
-            stats = run_pair(pair, items, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
+            stats = run_pair(pair, todo, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
                              step_callback=step_bar if progress and "file" not in every else None)
         finally:
             try:

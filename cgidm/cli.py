@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--holdouts", default=None, help="folder of images known not to be in the fine-tune")
     a.add_argument("--controls", default=None, help="folder of control images (not in the fine-tune) for calibrated verdicts")
     a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--resume", action="store_true", help="go on with a stopped run in --out: its finished images "
+                                                         "are kept (the same settings and model files)")
     _common(a)
 
     s = sub.add_parser(
@@ -230,7 +232,8 @@ def _run_one_pair(args, base, finetuned, lora, items, preset=None) -> int:
     pair, cfg, prompt_from, files = _load_announced(args, opts, rt, base, finetuned, lora, cfg)
     embedder = _embedder(opts, rt.device)
     summary = authenticate(pair, items, args.out, cfg, embedder=embedder, progress=not args.quiet,
-                           prefetch_depth=opts.prefetch, prompt_from=prompt_from, model_files=files)
+                           prefetch_depth=opts.prefetch, prompt_from=prompt_from, model_files=files,
+                           resume=getattr(args, "resume", False))
     print_summary(summary)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
@@ -244,7 +247,7 @@ def cmd_authenticate(args) -> int:
         raise ValueError("--members and --holdouts go together (give both, or --images DIR alone)")
     if (args.images is None) == (args.members is None):
         raise ValueError("give --images DIR, or --members DIR and --holdouts DIR (not both)")
-    args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
+    args.out = str(out_folder(args.out, "authenticate"))  # ~ expanded once
     items = collect_items(args.images, args.members, args.holdouts, args.controls, exclude=[args.out])
     return _run_one_pair(args, args.base, args.finetuned, args.lora, items)
 
@@ -258,7 +261,7 @@ def cmd_screen(args) -> int:
     cfg = config_from_args(args)
     opts = run_options(args)
     _check_metric(cfg, opts)
-    args.out = str(_out_folder(args.out, "screen"))  # ~ expanded once
+    args.out = str(out_folder(args.out, "screen"))  # ~ expanded once
     entries = read_manifest(args.manifest, args.base, args.finetuned, args.lora, opts.lora_scale,
                             exclude=[args.out])
     _quiet_loaders()
@@ -305,7 +308,7 @@ def cmd_demo(args) -> int:
     from cgidm.testing.embedder import ensure_tiny_embedder
     from cgidm.testing.family_worlds import build_family_world
 
-    args.out = str(_out_folder(args.out, "authenticate"))  # ~ expanded once
+    args.out = str(out_folder(args.out, "authenticate"))  # ~ expanded once
     t0 = time.time()
     _quiet_loaders()  # before the world is built: its loads and saves have bars of their own
     print(f"building (or reusing) the tiny {args.family} model world (" + ("seconds: its trained weights ship with "
@@ -331,25 +334,10 @@ def cmd_demo(args) -> int:
     return code
 
 
-def _out_folder(out: str, kind: str):
-    """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a broken link, a folder
-    that cannot be written or one holding another command's run (``check_run_kind``): refused."""
-    from cgidm.files import unwritable_reason
-    from cgidm.resume import check_run_kind
+def out_folder(out: str, kind: str) -> pathlib.Path:  # here: `cgidm --help` imports no numpy
+    from cgidm.resume import out_folder
 
-    path = pathlib.Path(out).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"--out {out}: a link to {os.readlink(path)}, which does not exist")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    above = next((p for p in path.absolute().parents if p.exists()), path)  # where it would be made
-    if not path.exists() and not (above.is_dir() and os.access(above, os.W_OK | os.X_OK)):
-        raise ValueError(f"--out {out}: cannot be made in {above} ("
-                         f"{unwritable_reason(above) if above.is_dir() else 'a file, not a folder'})")
-    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # found before the models load, not after
-        raise ValueError(f"--out {out}: this folder cannot be written to ({unwritable_reason(path)})")
-    check_run_kind(path, kind)
-    return path
+    return out_folder(out, kind)
 
 
 def cmd_protect(args) -> int:
@@ -357,7 +345,7 @@ def cmd_protect(args) -> int:
 
     cfg = config.ProtectConfig(**_given(args, config.ProtectConfig))
     opts = run_options(args)
-    args.out = str(_out_folder(args.out, "protect"))  # ~ expanded once
+    args.out = str(out_folder(args.out, "protect"))  # ~ expanded once
     items = collect_protect_items(args.images, exclude=[args.out])
     check_before_loading(cfg)
     _quiet_loaders()
@@ -392,7 +380,7 @@ def cmd_extract(args) -> int:
     if cfg.features in ("latent", "pixel") and opts.embedder:
         logging.getLogger("cgidm.extract").warning("--embedder is not used by --features %s; not loaded", cfg.features)
         opts = dataclasses.replace(opts, embedder=None)
-    args.out = str(out := _out_folder(args.out, "extract"))  # ~ expanded once
+    args.out = str(out := out_folder(args.out, "extract"))  # ~ expanded once
     if args.compare is not None:
         list_compare_images(args.compare, exclude=[out])  # a bad folder stops the run before any model loads
     _quiet_loaders()
@@ -503,8 +491,9 @@ def _kept(args) -> str:
     from cgidm.resume import RESULTS, SHARDS
 
     out = pathlib.Path(getattr(args, "out", "") or ".")
-    if (out / RESULTS).is_file():  # authenticate and the demo do not resume: said, with what does
-        again = "" if args.command in ("screen", "protect") else " (the same command again starts over; screen resumes)"
+    if (out / RESULTS).is_file():  # authenticate resumes with --resume; the demo starts over
+        again = {"screen": "", "protect": "", "authenticate": " (the same command with --resume goes on from them)"}.get(
+            args.command, " (the same command again starts over)")
         return f"rows finished before it are complete in {out / RESULTS}{again}"
     if any(p.stat().st_size for p in (out / SHARDS).glob("*.jsonl")):  # torchrun's ranks, before the merge
         return f"rows finished before it are complete in {out / SHARDS} (the same command again resumes)"

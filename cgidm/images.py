@@ -11,12 +11,13 @@ import math
 import os
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, features
+from PIL import Image, ImageOps, PngImagePlugin, features
 
 from cgidm.config import COVERS
 from cgidm.files import NotAFile, regular_file, shown
@@ -409,6 +410,46 @@ def _reason(e: BaseException) -> str:
     return f"corrupt or unreadable image ({type(e).__name__}: {text})"
 
 
+# bits per pixel of PNG's raw modes (PngImagePlugin._MODES) and Adam7's passes: (row, column, row step, column step)
+_PNG_BITS = {"1": 1, "L;2": 2, "L;4": 4, "L": 8, "I;16B": 16, "RGB": 24, "RGB;16B": 48, "P;1": 1, "P;2": 2,
+             "P;4": 4, "P": 8, "LA": 16, "LA;16B": 32, "RGBA": 32, "RGBA;16B": 64}
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def _load(img: Image.Image) -> None:
+    """``img.load()``; for a PNG whose data ends before its last row, ``OSError`` (truncated): Pillow's
+    decoder leaves the rows black without an error when the zlib stream ends cleanly. What Pillow
+    reads is inflated again alongside, only counted (the file is read once, nothing kept)."""
+    tile = img.tile
+    if not isinstance(img, PngImagePlugin.PngImageFile) or len(tile) != 1 or tile[0][3] not in _PNG_BITS:
+        img.load()
+        return
+    x0, y0, x1, y1 = tile[0][1]
+    w, h, bits = x1 - x0, y1 - y0, _PNG_BITS[tile[0][3]]
+    need = sum(-((r - h) // dr) * (1 + (-((c - w) // dc) * bits + 7) // 8)  # rows x (filter byte + row)
+               for r, c, dr, dc in (_ADAM7 if img.info.get("interlace") else ((0, 0, 1, 1),)) if h > r and w > c)
+    inflate, got, read, calls = zlib.decompressobj(), [0], img.load_read, []
+
+    def counted(n: int) -> bytes:
+        calls.append(n)
+        data = left = read(n)
+        try:
+            while left and got[0] < need and not inflate.eof:
+                got[0] += len(inflate.decompress(left, 1 << 20))
+                left = inflate.unconsumed_tail
+        except zlib.error:  # a broken stream: Pillow's decoder says so itself
+            got[0] = need
+        return data
+
+    img.load_read = counted  # what ImageFile.load reads the data with
+    img.load()
+    del img.load_read
+    if got[0] < need and not inflate.eof:  # output zlib still holds (the input is all in)
+        got[0] += len(inflate.flush())
+    if got[0] < need and calls:  # a Pillow that reads otherwise: not judged, never all refused
+        raise OSError(f"image file is truncated (its image data ends after {got[0]} of {need} bytes)")
+
+
 def load_image_with_notes(
     path: str | Path, resolution: int, max_pixels: int | None = None, cover: str = "centre", multiple: int = 1
 ) -> tuple[torch.Tensor, list[str]]:
@@ -436,7 +477,7 @@ def load_image_with_notes(
                     )
                 if getattr(img, "is_animated", False):
                     notes.append("animated: first frame used")
-                img.load()
+                _load(img)
                 rgb = to_rgb(img, notes)
                 w, h = rgb.size
                 if min(w, h) < resolution:

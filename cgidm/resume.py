@@ -208,10 +208,11 @@ def clear_retry(out: Path) -> None:
         atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
-# The file each command keeps in its output folder (authenticate and the demo: rows or a
-# summary with none of these beside them). Another command in that folder would clear or
+# The file each command keeps in its output folder (authenticate and the demo: also rows or
+# a summary with none of these beside them, as a cgidm before 0.1.2 left them). Another command in that folder would clear or
 # mix its outputs (results.jsonl, summary.json, report.html), so it is refused.
-RUN_STATES = (("protect", "protect.json"), ("extract", "extract.json"), ("screen", STATE))
+RUN_STATES = (("protect", "protect.json"), ("extract", "extract.json"), ("screen", STATE),
+              ("authenticate", "authenticate.json"))
 
 
 def run_in(out: Path) -> Optional[str]:
@@ -228,10 +229,11 @@ def check_run_kind(out: Path, kind: str, outputs: Sequence[str] = ()) -> None:
     ``outputs`` that a run of ``kind`` writes: someone else's, which it would write over."""
     there = run_in(out)
     if there is not None and there != kind:
-        found = next((n for k, n in RUN_STATES if k == there), None) or " or ".join(
+        state = next(n for k, n in RUN_STATES if k == there)
+        found = state if (out / state).is_file() else " or ".join(
             n for n in (RESULTS, "summary.json") if (out / n).is_file())
         raise ValueError(f"{out} holds {found}, of a cgidm {there} run"
-                         + (" or another program's" if there == "authenticate" else "")
+                         + ("" if (out / state).is_file() else " or another program's")
                          + f"; {kind} would overwrite its outputs: use another --out")
     mine = dict(RUN_STATES).get(kind)
     if there is None and mine:
@@ -413,3 +415,23 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def out_folder(out: str, kind: str) -> Path:
+    """``--out`` as a path, ``~`` expanded (a quoted ``"~/x"`` too); a file there, a broken link, a folder
+    that cannot be written or one holding another command's run (``check_run_kind``): refused."""
+    from cgidm.files import unwritable_reason
+
+    path = Path(out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"--out {out}: a link to {os.readlink(path)}, which does not exist")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    above = next((p for p in path.absolute().parents if p.exists()), path)  # where it would be made
+    if not path.exists() and not (above.is_dir() and os.access(above, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out {out}: cannot be made in {above} ("
+                         f"{unwritable_reason(above) if above.is_dir() else 'a file, not a folder'})")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # found before the models load, not after
+        raise ValueError(f"--out {out}: this folder cannot be written to ({unwritable_reason(path)})")
+    check_run_kind(path, kind)
+    return path

@@ -21,6 +21,19 @@ TRIPTYCHS = "triptychs"
 RECOVERED = "recovered"
 
 
+def own_files(out: Path, row: dict) -> list[Path]:
+    """The triptych and recovered image a row names, where each is a file of this run's
+    own folders (``triptychs/NAME``, ``recovered/NAME``): a name edited to point elsewhere
+    is neither read nor removed."""
+    found = []
+    for folder, key in ((TRIPTYCHS, "triptych"), (RECOVERED, "recovered")):
+        name = row.get(key)
+        if isinstance(name, str) and name.startswith(folder + "/") and "/" not in name[len(folder) + 1:] \
+                and name[len(folder) + 1:] not in ("", ".", ".."):
+            found.append(Path(out) / name)
+    return found
+
+
 def triptych(original: torch.Tensor, partial: torch.Tensor, recovered: torch.Tensor, removed: float,
              min_side: int = 192):
     """original | partial | recovered, side by side, each named in a strip under it

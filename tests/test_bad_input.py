@@ -217,9 +217,11 @@ def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_worl
     }
     runs = {"protect": ["protect.json", "results.jsonl", "summary.json", "report.html"],
             "extract": ["extract.json", "report.html"], "screen": ["screen.json", "results.jsonl", "summary.json"],
-            "authenticate": ["results.jsonl", "summary.json", "report.html"]}
-    for kind, files in runs.items():
-        out = tmp_path / kind
+            "authenticate": ["results.jsonl", "summary.json", "report.html"],
+            "authenticate-0.1.2": ["authenticate.json"]}  # a run stopped before its first row
+    for folder, files in runs.items():
+        kind = folder.split("-")[0]
+        out = tmp_path / folder
         out.mkdir()
         for name in files:
             (out / name).write_text("{}\n")

@@ -191,11 +191,13 @@ def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp
     assert f"complete in {tmp_path / 'none' / 'shards'} (the same command again resumes)" in capsys.readouterr().err
 
 
-def test_a_stopped_authenticate_says_it_does_not_resume(monkeypatch, capsys, tmp_path):
-    """authenticate's rows are complete, but the same command again starts over: said, with
-    the command that resumes; screen's line promises nothing more than its rows."""
+def test_a_stopped_authenticate_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    """authenticate's rows are complete and --resume goes on from them; the demo's same
+    command starts over; screen's line promises nothing more than its rows."""
     (tmp_path / "results.jsonl").write_text("")
-    for command, argv in (("authenticate", ["authenticate", "--base", "b", "--images", "i"]),
+    said = {"authenticate": "(the same command with --resume goes on from them)",
+            "demo": "(the same command again starts over)"}
+    for command, argv in (("authenticate", ["authenticate", "--base", "b", "--images", "i"]), ("demo", ["demo"]),
                           ("screen", ["screen", "--manifest", "m.csv"])):
         def stop(_args):
             raise KeyboardInterrupt
@@ -204,4 +206,5 @@ def test_a_stopped_authenticate_says_it_does_not_resume(monkeypatch, capsys, tmp
         assert cli.main([*argv, "--out", str(tmp_path)]) == 130
         err = capsys.readouterr().err
         assert f"complete in {tmp_path / 'results.jsonl'}" in err
-        assert ("(the same command again starts over; screen resumes)" in err) == (command == "authenticate")
+        assert err.rstrip().endswith(f"complete in {tmp_path / 'results.jsonl'} {said[command]}".rstrip()
+                                     if command in said else f"complete in {tmp_path / 'results.jsonl'}"), err

@@ -539,9 +539,9 @@ def test_an_out_that_cannot_be_written_is_refused_before_loading(tmp_path, monke
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(out) else real(p, mode, **kw))
     with pytest.raises(ValueError, match="cannot be written to"):
-        cli._out_folder(str(out), "authenticate")
+        cli.out_folder(str(out), "authenticate")
     monkeypatch.setattr(os, "access", real)
-    assert cli._out_folder(str(out), "authenticate") == out
+    assert cli.out_folder(str(out), "authenticate") == out
     (out / "results.jsonl").mkdir()  # opened for writing, it fails as a read-only file would
     with pytest.raises(OutputError, match="cannot write .*results.jsonl"):
         repair_jsonl(out / "results.jsonl")
@@ -576,12 +576,12 @@ def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     assert unwritable_reason(out) == "permission denied"
     with pytest.raises(ValueError, match=r"this folder cannot be written to \(permission denied\)"):
-        cli._out_folder(str(out), "authenticate")
+        cli.out_folder(str(out), "authenticate")
     monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
     with pytest.raises(ValueError, match=r"cannot be written to \(a read-only file system\)"):
-        cli._out_folder(str(out), "authenticate")
+        cli.out_folder(str(out), "authenticate")
     with pytest.raises(ValueError, match=r"cannot be made in .* \(a read-only file system\)"):
-        cli._out_folder(str(out / "new"), "authenticate")
+        cli.out_folder(str(out / "new"), "authenticate")
 
 
 def test_a_log_file_gets_a_bar_line_at_most_every_30_s(monkeypatch):

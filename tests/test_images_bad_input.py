@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cgidm.images import ImageError, list_images, load_image, load_image_with_notes, min_side
+from cgidm.images import ImageError, _load, list_images, load_image, load_image_with_notes, min_side
 
 
 def _grey(value: float) -> float:
@@ -27,15 +27,24 @@ def _save(tmp_path, im, name, **kw) -> Path:
     return path
 
 
-def _png(w: int, h: int, bit_depth: int, colour_type: int, raw: bytes) -> bytes:
-    """A PNG written by hand: PIL cannot write 16-bit RGB, and a bomb needs a header that
-    lies about its size."""
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+def _png(w: int, h: int, bit_depth: int, colour_type: int, raw: bytes, interlace: int = 0, parts: int = 1,
+         plte: bytes = b"") -> bytes:
+    """A PNG written by hand: PIL cannot write 16-bit RGB or interlaced PNGs, and a bomb or a
+    file whose data ends early needs a header that lies about its size. ``raw``: the filtered
+    scanlines, compressed into one zlib stream cut into ``parts`` IDAT chunks (and an empty one
+    after the first when there are three or more); ``plte``: a palette."""
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, interlace)
+    data = zlib.compress(raw)
+    pieces = [data[len(data) * i // parts:len(data) * (i + 1) // parts] for i in range(parts)]
+    if parts >= 3:
+        pieces.insert(1, b"")  # empty IDAT chunks are allowed
+    idats = b"".join(_chunk(b"IDAT", piece) for piece in pieces)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + (_chunk(b"PLTE", plte) if plte else b"") + idats
+            + _chunk(b"IEND", b""))
 
 
 # --------------------------------------------------------------------------- modes
@@ -476,3 +485,101 @@ def test_a_folder_named_like_a_picture_is_not_said_unread_and_names_are_escaped(
     (tmp_path / "b" / "\x1b]0;owned\x07.txt").write_text("")
     said = no_images(tmp_path / "b")
     assert "\x1b" not in said and "\\x1b]0;owned\\x07.txt" in said
+
+
+# --------------------------------------------------------------------------- PNG data that ends early
+
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+# (bit depth, colour type, samples per pixel): every kind of PNG there is
+_KINDS = [(1, 0, 1), (2, 0, 1), (4, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (16, 2, 3), (1, 3, 1), (2, 3, 1),
+          (4, 3, 1), (8, 3, 1), (8, 4, 2), (16, 4, 2), (8, 6, 4), (16, 6, 4)]
+_ENDS_EARLY = r"truncated image \(image file is truncated \(its image data ends after \d+ of \d+ bytes\)\)"
+
+
+def _scanlines(px: np.ndarray, bits: int) -> list[bytes]:
+    """The rows of ``px`` (h x w x samples) at ``bits`` per sample, each with filter byte 0."""
+    flat = px.reshape(px.shape[0], -1)
+    if bits == 16:
+        body = flat.astype(">u2").view(np.uint8)
+    else:  # each sample's low ``bits`` bits, packed from the top of each byte
+        bits_of = np.unpackbits(flat.astype(np.uint8)[..., None], axis=-1)[..., 8 - bits:]
+        body = np.packbits(bits_of.reshape(px.shape[0], -1), axis=1)
+    return [b"\0" + row.tobytes() for row in body]
+
+
+def _kind_png(w: int, h: int, kind, interlace: int = 0, parts: int = 1, drop: int = 0) -> tuple[bytes, np.ndarray]:
+    """A ``w x h`` PNG of ``kind`` with random pixels (and the pixels), its last ``drop``
+    scanlines left out of a zlib stream that still ends cleanly."""
+    bits, colour_type, samples = kind
+    rng = np.random.default_rng(w * h + bits)
+    px = rng.integers(0, 1 << bits, (h, w, samples))
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    rows = [row for r, c, dr, dc in passes if h > r and w > c for row in _scanlines(px[r::dr, c::dc], bits)]
+    plte = rng.integers(0, 256, 3 << min(bits, 8), dtype=np.uint8).tobytes() if colour_type == 3 else b""
+    return _png(w, h, bits, colour_type, b"".join(rows[:len(rows) - drop]), interlace, parts, plte), px
+
+
+def test_png_whose_data_ends_cleanly_before_its_last_row_is_a_truncated_image(tmp_path):
+    """A complete zlib stream of fewer rows than the header declares: this Pillow reads it
+    without an error, the missing rows black; cgidm refuses it as a truncated image."""
+    rng = np.random.default_rng(0)
+    px = rng.integers(1, 256, (48, 64, 3), dtype=np.uint8)
+    small = tmp_path / "small.png"
+    small.write_bytes(_png(64, 48, 8, 2, b"".join(b"\0" + px[y].tobytes() for y in range(20))))  # 20 of 48 rows
+    big = tmp_path / "big.png"  # 9000 x 9000 declared, 2000 rows there
+    big.write_bytes(_png(9000, 9000, 8, 0, (b"\0" + b"\x80" * 9000) * 2000))
+    for path, got, need in ((small, 20 * 193, 48 * 193), (big, 2000 * 9001, 9000 * 9001)):
+        with pytest.raises(ImageError, match=rf"truncated image \(image file is truncated \(its image data ends "
+                                             rf"after {got} of {need} bytes\)\)") as e:
+            load_image(path, 16)
+        assert e.value.path == str(path) and e.value.reason.startswith("truncated image (")
+
+
+@pytest.mark.parametrize("interlace,parts,drop", [(0, 1, 1), (0, 3, 30), (1, 1, 1), (1, 2, 40)])
+@pytest.mark.parametrize("kind", [(8, 2, 3), (1, 0, 1), (4, 3, 1), (16, 0, 1), (16, 4, 2), (16, 6, 4)], ids=str)
+def test_png_of_any_kind_ending_early_is_a_truncated_image(tmp_path, kind, interlace, parts, drop):
+    path = tmp_path / "short.png"
+    path.write_bytes(_kind_png(64, 48, kind, interlace, parts, drop)[0])
+    with pytest.raises(ImageError, match=_ENDS_EARLY):
+        load_image(path, 16)
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("kind", _KINDS, ids=str)
+def test_valid_png_of_every_kind_loads_as_before(tmp_path, kind, interlace):
+    """Each bit depth and colour type, interlaced (Adam7, with passes left empty by a small
+    size) or not, in one IDAT chunk or several: the same pixels as Pillow's own load."""
+    for (w, h), parts in (((13, 9), 1), ((1, 1), 1), ((3, 6), 2), ((9, 17), 4), ((64, 48), 3)):
+        path = tmp_path / f"{w}x{h}.png"
+        data, px = _kind_png(w, h, kind, interlace, parts)
+        path.write_bytes(data)
+        with Image.open(path) as im:
+            im.load()
+            plain = np.asarray(im)
+        with Image.open(path) as im:
+            _load(im)
+            assert np.array_equal(np.asarray(im), plain), (w, h)
+        if kind[0] == 8 and kind[1] != 3:
+            assert np.array_equal(plain.reshape(px.shape), px)
+        if min(w, h) >= 8:
+            assert load_image(path, 16).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("default_image", [False, True])
+def test_apng_and_pillow_written_pngs_load_as_before(tmp_path, default_image):
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    path = tmp_path / "anim.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], default_image=default_image)
+    assert "animated: first frame used" in load_image_with_notes(path, 16)[1]
+    with Image.open(path) as im:
+        _load(im)
+        assert np.array_equal(np.asarray(im), np.asarray(frames[0]))
+    big = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))  # Pillow writes many IDAT chunks
+    for mode in ("RGB", "RGBA", "LA", "P", "I;16", "1"):
+        im = big.convert(mode) if mode != "I;16" else Image.fromarray(
+            np.asarray(big.convert("L")).astype(np.uint16) * 257)
+        im.save(tmp_path / "big.png")
+        with Image.open(tmp_path / "big.png") as got:
+            _load(got)
+            assert np.array_equal(np.asarray(got), np.asarray(im)), mode

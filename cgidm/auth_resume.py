@@ -1,0 +1,129 @@
+"""What ``cgidm authenticate --resume`` keeps of a stopped run (docs/architecture.md,
+"Runners"). Every authenticate run records in ``OUT/authenticate.json`` the settings that
+decide a score (``resume.settings_of``, as screen's) and its model files by size and
+modification time (and SHA-256 with ``--hash-models``). A resume takes the finished rows of
+a run with the same settings and the same model files, of images still given and still
+the file their row was made from (``resume.same_source``), whose recovered image and
+triptych are still there; every other image is authenticated again. The set verdict,
+report and evidence cards are always made anew over all the rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cgidm import provenance
+from cgidm.evidence import EVIDENCE, drop_card
+from cgidm.files import atomic_write_jsonl, atomic_write_text, counted
+from cgidm.resume import RESULTS, differences, read_jsonl, same_source
+from cgidm.rows import own_files
+from cgidm.summary import VERDICT_FIELDS
+
+log = logging.getLogger(__name__)
+
+STATE = "authenticate.json"
+JUDGED = (*VERDICT_FIELDS, EVIDENCE)  # given against the whole set: made again at the end
+
+
+def model_stamp(info: Optional[dict], files: Optional[dict] = None) -> dict:
+    """``{model path: [{"file", "bytes", "mtime_ns", "ctime_ns", "sha256"}]}`` of the pair's
+    model files: what a resume compares to tell a model saved over since. Only sizes and
+    times are read; ``sha256`` is taken from ``files`` (a ``provenance.record`` of them, with
+    ``--hash-models``) and is None without it."""
+    digests = {(r["model"], r.get("file")): r.get("sha256") for r in provenance.rows(files)}
+    return {model: [{**e, "sha256": digests.get((model, e.get("file")))} for e in entries]
+            for model, entries in provenance.record(provenance.pair_models(info), lambda f: None).items()}
+
+
+def _moved(old: dict, now: dict) -> list[str]:
+    """The model files of ``old`` (a stamp) that are not those of ``now``: another size, or
+    another time without the same recorded SHA-256 on both sides; a file added or gone."""
+    def flat(stamp):
+        return {(m, e.get("file")): e for m, entries in stamp.items() if isinstance(entries, list)
+                for e in entries if isinstance(e, dict)} if isinstance(stamp, dict) else {}
+
+    a, b = flat(old), flat(now)
+    moved = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        same = x is not None and y is not None and x.get("bytes") == y.get("bytes") and "error" not in y and (
+            x.get("mtime_ns") == y.get("mtime_ns") or (x.get("sha256") is not None and x.get("sha256") == y.get("sha256")))
+        if not same:
+            moved.append(os.path.join(key[0], key[1]) if key[1] else key[0])
+    return moved
+
+
+def write_state(out: Path, settings: dict, stamp: dict) -> None:
+    atomic_write_text(out / STATE, json.dumps({"settings": settings, "models": stamp}, indent=1, sort_keys=True) + "\n")
+
+
+def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[dict], list]:
+    """``(rows kept, items to authenticate)`` for ``--resume`` into ``out``. ``ValueError``
+    when ``out`` holds a run with other settings or other model files (nothing is touched);
+    a folder with no run in it resumes nothing."""
+    rows = read_jsonl(out / RESULTS)
+    try:
+        state = json.loads((out / STATE).read_text())
+    except FileNotFoundError:
+        state = None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out / STATE} cannot be read ({e}): run without --resume to start over") from e
+    if state is None:
+        if rows:
+            raise ValueError(f"{out} holds rows but no {STATE} (a run of a cgidm before 0.1.2, or another "
+                             "program's): nothing tells what settings they were made with; run without --resume "
+                             "to start over, or use another --out")
+        return [], list(items)
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+        raise ValueError(f"{out / STATE} is not an authenticate run's state: run without --resume to start over")
+    what = differences(state["settings"], settings, lambda k, v: "read from the checkpoint" if k == "prompt"
+                       and v is None else None)
+    if what:
+        raise ValueError(f"{out} holds an authenticate run with other settings ({what}); resume with the same "
+                         "settings, or run without --resume to start over")
+    moved = _moved(state.get("models"), stamp)
+    if moved:
+        raise ValueError(f"{out} holds an authenticate run of other model files: {counted(len(moved), 'file')} "
+                         f"changed since (first: {provenance.shown(moved[0])}); run without --resume to start over")
+    done = {}
+    for r in rows:  # a later row of an id wins; an error is done again
+        done[r["id"]] = r
+    kept, todo = [], []
+    for it in items:
+        r = done.get(it.id)
+        if r is not None and "error" not in r and _files_there(out, r) and same_source(r.get("source"), it.path):
+            kept.append(r)
+        else:
+            todo.append(it)
+    redone = sum(1 for it in todo if it.id in done)
+    if redone:
+        log.warning("%s authenticated again: an error, or an image or output file changed since",
+                    counted(redone, "finished row's image"))
+    return kept, todo
+
+
+def _files_there(out: Path, row: dict) -> bool:
+    files = own_files(out, row)
+    return len(files) == 2 and all(f.is_file() for f in files)
+
+
+def set_aside(out: Path, kept: Sequence[dict]) -> int:
+    """Before the resumed run writes a row: the stopped (or finished) run's summary, report
+    and evidence cards go, and ``results.jsonl`` holds only the ``kept`` rows, without the
+    verdicts they were given against the earlier set. Returns how many rows were dropped
+    (their images are done again, or no longer given: their outputs are removed)."""
+    keep = {r["id"] for r in kept}
+    before = read_jsonl(out / RESULTS)
+    for r in before:
+        drop_card(out, r)
+        if r["id"] not in keep:
+            for path in own_files(out, r):
+                path.unlink(missing_ok=True)
+    for name in ("summary.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    rows = [{k: v for k, v in r.items() if k not in JUDGED} for r in kept]
+    atomic_write_jsonl(out / RESULTS, rows)
+    return len({r["id"] for r in before} - keep)

@@ -1,0 +1,162 @@
+"""``cgidm authenticate --resume``: a stopped run goes on with the images it did not finish,
+and gives the rows, verdicts and cards an uninterrupted run gives (docs/architecture.md,
+"Runners"); a resume that would mix other settings or other model files is refused with
+nothing touched."""
+import json
+import shutil
+
+import pytest
+
+import cgidm.api
+from cgidm import cli
+from cgidm.api import authenticate, collect_items
+from cgidm.auth_resume import STATE
+from cgidm.config import preset_config
+from cgidm.models import load_pair
+from cgidm.testing.tiny import INSTANCE_PROMPT
+
+pytestmark = pytest.mark.xdist_group("tiny_world_resume")
+
+SCORES = ("latent_cos", "latent_mse", "ssim", "psnr", "skipped_steps")
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _scores(rows):
+    return {r["id"]: tuple(r[k] for k in SCORES) for r in rows}
+
+
+def _stop_after(monkeypatch, n):
+    """``authenticate``'s rows stop with a Ctrl-C once ``n`` are written."""
+    written = []
+    real = cgidm.api.append_jsonl
+
+    def append(path, row):
+        if len(written) == n:
+            raise KeyboardInterrupt
+        real(path, row)
+        written.append(row["id"])
+
+    monkeypatch.setattr(cgidm.api, "append_jsonl", append)
+    return written
+
+
+def _count_run(monkeypatch):
+    """The ids each ``run_pair`` call of authenticate is given."""
+    given = []
+    real = cgidm.api.run_pair
+
+    def run_pair(pair, items, *a, **k):
+        given.extend(it.id for it in items)
+        return real(pair, items, *a, **k)
+
+    monkeypatch.setattr(cgidm.api, "run_pair", run_pair)
+    return given
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_world):
+    imgs = tiny_world / "images"
+    items = collect_items(imgs / "members", None, None, imgs / "controls")[:14]  # 6 suspects, 8 controls
+    cfg = preset_config("demo", prompt=INSTANCE_PROMPT, steps=4, batch_size=3)
+    return load_pair(tiny_world / "base", tiny_world / "finetuned"), items, cfg
+
+
+@pytest.fixture(scope="module")
+def whole(setup, tmp_path_factory):
+    """An uninterrupted run: the rows and summary a resumed one must give."""
+    pair, items, cfg = setup
+    out = tmp_path_factory.mktemp("whole")
+    summary = authenticate(pair, items, out, cfg, progress=False)
+    return _rows(out), summary
+
+
+def test_a_stopped_run_resumes_with_the_images_it_did_not_finish(setup, whole, tmp_path, monkeypatch):
+    pair, items, cfg = setup
+    out = tmp_path / "run"
+    written = _stop_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        authenticate(pair, items, out, cfg, progress=False)
+    monkeypatch.undo()
+    assert len(written) == 5 and not (out / "summary.json").exists() and (out / STATE).is_file()
+    given = _count_run(monkeypatch)
+    summary = authenticate(pair, items, out, cfg, progress=False, resume=True)
+    assert sorted(given) == sorted(it.id for it in items if it.id not in written)  # the rest, each once
+    rows, (full_rows, full_summary) = _rows(out), whole
+    assert [r["id"] for r in rows] == [r["id"] for r in full_rows]  # input order
+    ours, theirs = _scores(rows), _scores(full_rows)
+    for k in theirs:  # per-image draws keyed by the id: the same up to another batch's rounding
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), k
+    assert [r.get("verdict") for r in rows] == [r.get("verdict") for r in full_rows]
+    for k in ("images", "controls", "verdicts", "flagged", "set_verdict"):
+        assert summary[k] == full_summary[k], k
+    cards = sorted(p.name for p in (out / "evidence").glob("*.png"))
+    assert cards == sorted(r["evidence"].split("/")[-1] for r in rows if r.get("evidence"))
+    # a finished run resumed with another --level: nothing computed again, verdicts judged anew
+    given.clear()
+    again = authenticate(pair, items, out, cfg.replace(level=0.2), progress=False, resume=True)
+    assert given == [] and _scores(_rows(out)) == ours and again["config"]["level"] == 0.2
+
+
+def test_a_resume_refuses_other_settings_or_models_and_touches_nothing(setup, tiny_world, tmp_path, monkeypatch):
+    pair, items, cfg = setup
+    out = tmp_path / "run"
+    _stop_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        authenticate(pair, items, out, cfg, progress=False)
+    monkeypatch.undo()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"other settings \(pgd\.steps 4 there, 5 now\).*without --resume"):
+        authenticate(pair, items, out, cfg.replace(pgd=cfg.pgd.replace(steps=5)), progress=False, resume=True)
+    # the fine-tune saved over since (a config rewritten with one more byte)
+    ft = tmp_path / "finetuned"
+    shutil.copytree(tiny_world / "finetuned", ft)
+    other = load_pair(tiny_world / "base", ft)
+    with pytest.raises(ValueError, match="other model files"):  # another path is another model
+        authenticate(other, items, out, cfg, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # rows with no state (a cgidm before 0.1.2): nothing tells their settings
+    (out / STATE).unlink()
+    with pytest.raises(ValueError, match=f"no {STATE}"):
+        authenticate(pair, items, out, cfg, progress=False, resume=True)
+
+
+def test_a_resume_redoes_changed_images_and_drops_those_no_longer_given(setup, tmp_path, monkeypatch):
+    pair, items, cfg = setup
+    out, imgs = tmp_path / "run", tmp_path / "imgs"
+    imgs.mkdir()
+    local = []
+    for it in items:  # copies the test may change
+        shutil.copy(it.path, imgs / f"{it.label}-{it.path.name}")
+        local.append(type(it)(imgs / f"{it.label}-{it.path.name}", it.label, it.id))
+    _stop_after(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        authenticate(pair, local, out, cfg, progress=False)
+    monkeypatch.undo()
+    done = [r["id"] for r in _rows(out)]
+    changed, dropped = done[0], done[1]
+    byid = {it.id: it for it in local}
+    shutil.copy(byid[done[2]].path, byid[changed].path)  # saved over with another image
+    gone = _rows(out)[1]["triptych"]
+    given = _count_run(monkeypatch)
+    rest = [it for it in local if it.id != dropped]
+    authenticate(pair, rest, out, cfg, progress=False, resume=True)
+    assert sorted(given) == sorted([changed] + [it.id for it in rest if it.id not in done])
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == [it.id for it in rest]
+    assert not (out / gone).exists()  # the dropped row's outputs went with it
+
+
+def test_resume_on_the_command_line(tiny_world, tmp_path, capsys):
+    """``--resume`` into an empty folder authenticates every image; into a run, the images
+    it finished are kept; each said."""
+    imgs = tiny_world / "images"
+    argv = ["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+            "--images", str(imgs / "members"), "--out", str(tmp_path / "o"), "--preset", "demo", "--steps", "2",
+            "--device", "cpu", "--resume"]
+    assert cli.main(argv) == cli.EXIT_OK
+    assert f"resuming: no stopped run in {tmp_path / 'o'}; 6 images to authenticate" in capsys.readouterr().out
+    assert cli.main(argv) == cli.EXIT_OK
+    assert "resuming: 6 finished images kept, 0 to authenticate" in capsys.readouterr().out
