@@ -106,7 +106,9 @@ def _refuse(path: Path, n: int, theirs: str, ours: dict) -> None:
     except ValueError:
         old = None
     if isinstance(old, dict):  # the scheduler's and the models' dicts: the keys that differ in them
-        what = (differences(old, ours, lambda k, v: _dtype_word(v) if k == "dtype" else None)
+        said = lambda k, v: _dtype_word(v) if k == "dtype" else None  # noqa: E731
+        # the digest is of the exact values: --guidance 3 and 3.0000000001 draw other samples
+        what = (differences(old, ours, said) or differences(old, ours, said, exact=True)
                 or "the same settings, other model weights or prompt encodings")
     else:
         what = "settings not recorded"

@@ -130,25 +130,26 @@ def _shown(value, other) -> str:
     return repr(value) if isinstance(other, (int, float)) and f"{other:.6g}" == short else short
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and not isinstance(a, bool):
+def _same(a, b, exact: bool = False) -> bool:
+    if not exact and isinstance(a, float) and isinstance(b, float):
         return a == b or math.isclose(a, b, rel_tol=1e-9)
     return a == b
 
 
-def differences(old: dict, new: dict, said=None) -> str:
+def differences(old: dict, new: dict, said=None, exact: bool = False) -> str:
     """What differs between a stopped run's settings and this run's, as each command's
     refusal to resume says it: ``key A there, B now`` for every key that differs, a nested
     dict's by its own keys (``scheduler steps_offset 1 there, 0 now``); ``said(key, value)``
     words a value its own way (or None for the usual). Empty when nothing differs; numbers
-    within a relative 1e-9 are the same (``--budget 8/255`` and ``0.0313725490196``)."""
+    within a relative 1e-9 are the same (``--budget 8/255`` and ``0.0313725490196``) unless
+    ``exact``."""
     diff = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff += [(f"{k} {sub}", a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b), key=str)
-                     if not _same(a.get(sub), b.get(sub))]
-        elif not _same(a, b):
+                     if not _same(a.get(sub), b.get(sub), exact)]
+        elif not _same(a, b, exact):
             diff.append((k, a, b))
 
     def word(k, v, other):

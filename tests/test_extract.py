@@ -1041,3 +1041,15 @@ def test_a_refused_resume_says_the_dtype_as_the_option_does(tmp_path):
     with pytest.raises(ValueError, match="dtype fp32 there, bf16 now"):
         _refuse(tmp_path / ".extract-partial.safetensors", 3, json.dumps({"dtype": "torch.float32", "w": 3}),
                 {"dtype": "torch.bfloat16", "w": 3})
+
+
+def test_a_refused_resume_names_a_guidance_that_differs_past_the_ninth_digit(tmp_path):
+    """The digest is of the exact settings (3 and 3.0000000001 draw other samples); the
+    refusal names the setting in full, not "the same settings"."""
+    from cgidm.extract_resume import _refuse
+
+    with pytest.raises(ValueError, match=r"\(guidance 3.0 there, 3.0000000001 now\)"):
+        _refuse(tmp_path / ".extract-partial.safetensors", 3, json.dumps({"guidance": 3.0, "steps": 50}),
+                {"guidance": 3.0000000001, "steps": 50})
+    with pytest.raises(ValueError, match="the same settings, other model weights"):
+        _refuse(tmp_path / ".extract-partial.safetensors", 3, json.dumps({"guidance": 3.0}), {"guidance": 3.0})
