@@ -20,6 +20,31 @@ from cgidm import provenance
 from cgidm.config import BASELINE_FIELDS, HIGHER_IS_BETTER, METRICS
 from cgidm.files import atomic_write_text, fraction, shown  # noqa: F401 (fraction: re-exported)
 
+# What each score column measures, in plain words: the ``title`` (tooltip) of its header.
+# The column keeps its technical name, which results.jsonl and summary.json use.
+METRIC_TITLES = {
+    "latent_cos": "cosine similarity of the original and the recovered latent (the model's compressed form of the "
+                  "image), on the hidden part only: at most 1 (the same direction); higher is a closer recovery",
+    "latent_mse": "mean squared difference of the original and the recovered latent, on the hidden part only: "
+                  "lower is a closer recovery",
+    "ssim": "structural similarity (SSIM) of the original and the recovered picture: 1 is identical; higher is closer",
+    "psnr": "peak signal-to-noise ratio (PSNR) of the recovered picture against the original, in decibels, "
+            "at most 100: higher is closer",
+    "embed_cos": "cosine similarity of the embeddings (CLIP or DINO, --embedder) of the original and its own "
+                 "recovery: higher is closer",
+    "official_cos": "the paper's validator: the highest cosine similarity of the original's embedding (CLIP or DINO) "
+                    "with those of every recovered image of its folder: higher is closer",
+}
+# the baselines' columns keep their names; their rows in the comparison table get these
+BASELINE_TITLES = {
+    "loss_diff": "the pretrained model's denoising loss minus the fine-tuned model's, no recovery: higher = member",
+    "ft_only": "the same recovery steered by the fine-tuned model alone, no contrast: higher = member",
+    "pre_only": "the same recovery steered by the pretrained model alone: higher = member",
+    "masked": "the partial picture alone, no recovery, scored the same way: higher = member",
+    "pia": "PIA (Kong et al., ICLR 2024), a membership test on the fine-tuned model: lower = member",
+    "secmi": "SecMI (Duan et al., ICML 2023), a membership test on the fine-tuned model: lower = member",
+}
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>cgidm report</title>
@@ -41,30 +66,59 @@ td img{height:96px;image-rendering:pixelated}
 .verdict{border:2px solid #999;border-radius:8px;padding:10px 14px;margin:12px 0;max-width:60em}
 .verdict.hit{border-color:#b00} .verdict .note{display:block;max-width:none;margin-top:4px}
 .card .note{display:block}
+abbr[title],th[title],span[title]{text-decoration:underline dotted} .card[title]{cursor:help}
+.guide{max-width:75em;margin:8px 0 12px} .guide summary{cursor:pointer} .guide li{margin:3px 0}
 </style></head><body>
 <h1>cgidm report</h1>
-<div class="sub">CGI-DM: half of each image's latent was removed and recovered from the contrast
+<div class="sub">CGI-DM: {{ g.hidden }} of each image's latent was removed and recovered from the contrast
 between the fine-tuned and the pretrained model. Images the model was fine-tuned on come back
 closer to the original than images it never saw (a score: higher is closer, except <code>latent_mse</code>, where lower is).
 Each row shows <i>original | partial | recovered</i>.</div>
+<details class="guide"><summary><b>How to read this report</b>: in plain words, what was done to each image and
+what the scores and verdicts mean</summary><ul>
+<li><b>What was done.</b> Each image was turned into the model's compressed form (its <i>latent</i>) and {{ g.hidden }}
+of it was hidden. A step-by-step search (<abbr title="projected gradient descent">PGD</abbr>) rebuilt the hidden part,
+steered by the <i>contrast</i> between the suspect fine-tuned model and the original model it was made from.</li>
+<li><b>Scores</b> say how close the recovered image came to the original (the score column is <code>{{ g.metric }}</code>;
+hover over a column's name for what it measures). Higher is closer (for <code>latent_mse</code>, lower is), and images
+the model was fine-tuned on tend to come back closer than images it never saw.</li>
+<li><b>Controls</b>: images like these (same kind, style and size) known not to be in the fine-tune. How well they come
+back shows what happens without training; a score alone says little.</li>
+<li><b>p-value</b> of an image: the share of controls that came back at least as well, counting the image itself; small
+means few did. <b>z</b>: how many standard deviations of the control scores it lies from their average, positive
+when it came back better.</li>
+<li><b>Verdict</b> of an image: <i>fine-tuned on</i> when its p-value is at most {{ g.level }}; <i>no evidence</i> above
+that, which is not proof it was not used; <i>inconclusive</i> when too few controls allow so small a p-value. Each image
+is tested on its own, so some images never trained on are flagged by chance.</li>
+<li><b>Set verdict</b> (the box at the top): one test of all the suspect images together (members and unlabelled
+images, not hold-outs) against the controls; its p-value is the chance that they would rank at least this far above
+the controls if none of them were in the fine-tune.</li>
+<li><b>AUC</b>, when images labelled <i>member</i> (known to be in the fine-tune) and <i>hold-out</i> (known not to be)
+were given: the chance that a member scores better than a hold-out; 1 means every member above every hold-out, 0.5 a
+coin toss. It says how well the method tells them apart here; it is not a verdict.</li>
+<li><b>failed</b>: an image that could not be scored (the reason is in its row). <b>Stalled</b>: every search step was
+skipped (no usable gradient), so the score is of the starting point: verdict <i>failed</i>, no p-value, left out of
+the AUC and the set verdict.</li>
+</ul></details>
 {% if sv %}<div class="verdict {{ 'hit' if sv.verdict == 'fine-tuned on some of these images' else '' }}"><b>Was the model fine-tuned on some of these images?</b>
-{% if sv.error %}No set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at level {{ sv.level }}: p = {{ fmt(sv.p_value) }}
-({{ sv.test }}, {{ sv.method }}; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
+{% if sv.error %}No set verdict: {{ sv.error }}{% else %}<b>{{ sv.verdict }}</b> at <abbr title="{{ g.level_title }}">level</abbr> {{ sv.level }}: p = {{ fmt(sv.p_value) }}
+(<span title="a rank test of whether the suspect images' scores tend to be better than the controls'; U counts the
+(suspect, control) pairs in which the suspect came back better, ties counting half, out of {{ sv.n_suspect }} &times; {{ sv.n_controls }} pairs">{{ sv.test }}, {{ sv.method }}</span>; U = {{ "%g"|format(sv.statistic) if sv.statistic is number else sv.statistic }}; {{ sv.n_suspect }} suspect vs {{ sv.n_controls }} control images{% if sv.holdouts_left_out %};
 {{ sv.holdouts_left_out }} hold-out{{ 's' if sv.holdouts_left_out != 1 else '' }}, known not trained on, left out{% endif %}).
 <span class="note">One test of the suspect images (members and unlabelled images) together against the controls: a small p
 means they recover better than images known not to be in the fine-tune, more than chance explains.{% if sv.verdict == 'no evidence' %}
 "No evidence" is not proof that the images were not used.{% endif %}</span>
 {% if sv.warning %}<span class="error">{{ sv.warning }}</span>{% endif %}{% endif %}</div>{% endif %}
 <div class="cards">
-<div class="card">images<b>{{ s.images }}</b></div>
-<div class="card">scored<b>{{ s.scored }}</b></div>
-<div class="card">failed<b>{{ s.failed }}</b></div>
-{% if s.auc is defined and s.auc is not none %}<div class="card">AUC ({{ s.metric }})<b>{{ fraction(s.auc) }}</b><span class="note">members vs hold-outs: 1 every member above every hold-out, 0.5 chance</span></div>
-<div class="card">accuracy<b>{{ fraction(s.accuracy) }}</b><span class="note">at the best threshold, chosen on these same images</span></div>
-<div class="card">TPR @ 1% FPR<b>{{ fraction(s.tpr_at_1fpr) }}</b><span class="note">members found when at most 1 % of hold-outs are{% if s.by_metric and s.by_metric[s.metric] and s.by_metric[s.metric].n_holdouts < 100 %}; with {{ s.by_metric[s.metric].n_holdouts }} hold-outs (under 100) it is not measured well{% endif %}</span></div>{% endif %}
-{% if s.official %}{% set standin = s.embedder and s.embedder.stand_in %}<div class="card">official validator AUC ({{ (s.embedder.label or s.embedder.kind) if s.embedder else '' }}, max over the folder)<b>{{ fraction(s.official.auc) }}</b>{% if standin %}<span class="note error">a random network: this checks the code path and says nothing about the images</span>{% endif %}</div>
+<div class="card" title="images given">images<b>{{ s.images }}</b></div>
+<div class="card" title="images whose hidden part was rebuilt and scored">scored<b>{{ s.scored }}</b></div>
+<div class="card" title="images that could not be scored; the reason is in each one's row">failed<b>{{ s.failed }}</b></div>
+{% if s.auc is defined and s.auc is not none %}<div class="card" title="{{ g.auc_title }}">AUC ({{ s.metric }})<b>{{ fraction(s.auc) }}</b><span class="note">members vs hold-outs: 1 every member above every hold-out, 0.5 chance</span></div>
+<div class="card" title="the share of members and hold-outs on the right side of the one score threshold that sorts them best">accuracy<b>{{ fraction(s.accuracy) }}</b><span class="note">at the best threshold, chosen on these same images</span></div>
+<div class="card" title="{{ g.tpr_title }}">TPR @ 1% FPR<b>{{ fraction(s.tpr_at_1fpr) }}</b><span class="note">members found when at most 1 % of hold-outs are{% if s.by_metric and s.by_metric[s.metric] and s.by_metric[s.metric].n_holdouts < 100 %}; with {{ s.by_metric[s.metric].n_holdouts }} hold-outs (under 100) it is not measured well{% endif %}</span></div>{% endif %}
+{% if s.official %}{% set standin = s.embedder and s.embedder.stand_in %}<div class="card" title="the paper's own scoring: each original against every recovered image of its folder (the highest cosine of their CLIP or DINO embeddings), members vs hold-outs on its grid of thresholds">official validator AUC ({{ (s.embedder.label or s.embedder.kind) if s.embedder else '' }}, max over the folder)<b>{{ fraction(s.official.auc) }}</b>{% if standin %}<span class="note error">a random network: this checks the code path and says nothing about the images</span>{% endif %}</div>
 <div class="card">official accuracy{% if standin %} (random stand-in){% endif %}<b>{{ fraction(s.official.accuracy) }}</b></div>{% endif %}
-{% if s.flagged is defined %}<div class="card">flagged as fine-tuned on (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}{% if s.verdicts %} of {{ s.verdicts|length }}{% endif %}</b>{% if s.flagged_by_chance %}<span class="note">each image tested on its own: about {{ s.flagged_by_chance }} would be flagged by chance if none had been trained on</span>{% endif %}</div>{% endif %}
+{% if s.flagged is defined %}<div class="card" title="images whose own p-value is at most the level: each one tested on its own">flagged as fine-tuned on (p &le; {{ s.config.level if s.config else '' }})<b>{{ s.flagged }}{% if s.verdicts %} of {{ s.verdicts|length }}{% endif %}</b>{% if s.flagged_by_chance %}<span class="note">each image tested on its own: about {{ s.flagged_by_chance }} would be flagged by chance if none had been trained on</span>{% endif %}</div>{% endif %}
 </div>
 {% if s.calibration_error %}<p class="error">{{ s.calibration_error }}</p>{% endif %}
 {% if s.controls_warning %}<p class="error">{{ s.controls_warning }}</p>{% endif %}
@@ -74,18 +128,22 @@ means they recover better than images known not to be in the fine-tune, more tha
 {% if s.set_verdict_warning %}<p class="error">{{ s.set_verdict_warning }}</p>{% endif %}
 {% if s.sample_warning %}<p class="sub">{{ s.sample_warning }}</p>{% endif %}
 {% for line in unjudged %}<p class="error">{{ line }}</p>{% endfor %}
-{% if compare %}<table class="compare"><thead><tr><th>method</th><th>AUC</th><th>accuracy</th><th>TPR @ 1% FPR</th></tr></thead>
-<tbody>{% for name, m in compare %}<tr><td>{{ name }}</td><td>{{ fraction(m.auc) }}</td><td>{{ fraction(m.accuracy) }}</td><td>{{ fraction(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
-<p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py).</p>{% endif %}
+{% if compare %}<table class="compare"><thead><tr><th>method</th><th title="{{ g.auc_title }}">AUC</th><th>accuracy</th><th title="{{ g.tpr_title }}">TPR @ 1% FPR</th></tr></thead>
+<tbody>{% for name, m in compare %}<tr{% if baseline_titles[name] %} title="{{ baseline_titles[name] }}"{% endif %}><td>{{ name }}</td><td>{{ fraction(m.auc) }}</td><td>{{ fraction(m.accuracy) }}</td><td>{{ fraction(m.tpr_at_1fpr) }}</td></tr>{% endfor %}</tbody></table>
+<p class="sub">Baselines on the same pair and images, members vs hold-outs (cgidm/baselines.py): other tests of
+whether an image was in the fine-tune, run for comparison, each in its <code>baseline_&lt;name&gt;</code> column below.</p>{% endif %}
 {% if s.pairs and s.pairs|length > 1 %}<table class="compare"><thead><tr><th>pair</th><th>images</th><th>failed</th>
-<th>AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k|shown }}</td>
+<th title="{{ g.auc_title }}">AUC</th><th>flagged</th><th>set verdict</th></tr></thead><tbody>{% for k, p in s.pairs.items() %}<tr><td>{{ k|shown }}</td>
 <td>{{ p.images }}</td><td>{{ p.failed }}</td><td>{{ fraction(p.auc) }}{% if p.sample_warning and p.auc is not none %} (few labelled images){% endif %}</td>
 <td>{% if p.flagged is defined %}{{ p.flagged }}{% elif not p.controls and not p.calibration_error %}no controls: no verdicts{% endif %}</td>
 <td>{% if p.set_verdict and p.set_verdict.p_value is not none %}{{ p.set_verdict.verdict }} (p = {{ fmt(p.set_verdict.p_value) }}){% endif %}</td></tr>{% endfor %}</tbody></table>
 <p class="sub">Each pair on its own: the AUC of its members vs hold-outs, its images flagged against its own controls.
 The figures above pool every pair.</p>{% endif %}
 {% if s.config %}<p class="sub">{% if s.config.prompt is none and s.prompts %}prompts: {% for k, v in s.prompts.items() %}{{ k|shown }} <code>{{ v.prompt|shown }}</code> ({{ v.from|shown }}){% if not loop.last %}, {% endif %}{% endfor %}{% else %}prompt: <code>{{ s.config.prompt|shown }}</code>{% if s.prompt_from %} ({{ s.prompt_from|shown }}){% endif %}{% endif %};
-PGD {{ s.config.pgd.steps }} steps, step {{ s.config.pgd.alpha }}, radius {{ s.config.pgd.eps }}, noise {{ s.config.pgd.noise }},
+<abbr title="projected gradient descent: the step-by-step search that rebuilds the hidden part">PGD</abbr> {{ s.config.pgd.steps }} steps,
+<abbr title="how far (L2) each step moves the hidden part">step</abbr> {{ s.config.pgd.alpha }},
+<abbr title="how far (L2) the rebuilt part may move in all from where the search started">radius</abbr> {{ s.config.pgd.eps }},
+<abbr title="shared: both models see the same random noise and timestep at each step; paper: each draws its own, as the paper's code does">noise</abbr> {{ s.config.pgd.noise }},
 engine {{ s.config.engine }}{% if s.runtime %}, on {{ s.runtime.device }} in {{ s.runtime.dtype }} (cgidm {{ s.runtime.cgidm }}, torch {{ s.runtime.torch }}){% if s.runtime.time %}, {{ s.runtime.time }}{% endif %}{% endif %}{% if s.preset %}; preset {{ s.preset.name }}{% for k, v in s.preset.departures.items() %}{% if loop.first %}, departures:{% endif %} {{ k }} {{ v.given }} (preset {{ v.preset }}){% endfor %}{% endif %}{% if s.departures_from_defaults %};
 settings that differ from the defaults (the paper's):{% for k, v in s.departures_from_defaults.items() %} {{ k }} {{ v.given }} (default {{ v.preset }}){% endfor %}{% endif %}{% if s.config.seed is defined %}; seed {{ s.config.seed }}{% endif %}</p>{% endif %}
 {% if models %}<p class="sub">models: {% for k, v in models %}{{ k|shown }} = <code>{{ v|shown }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
@@ -94,9 +152,9 @@ settings that differ from the defaults (the paper's):{% for k, v in s.departures
 {% if rows|length < all_rows %}<p class="sub">The table shows {{ rows|length }} of {{ all_rows }} images: the failed,
 the flagged, then the best recovered. Every image's row is in <code>results.jsonl</code>.</p>{% endif %}
 <table id="rows"><thead><tr>
-<th data-k="s">image</th><th data-k="s">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n">score</th>
-{% for f in fields %}<th data-k="n">{{ f }}{% if f == 'psnr' %} (dB){% endif %}</th>{% endfor %}
-{% if zs %}<th data-k="n" title="how many control standard deviations above the controls' mean (oriented: positive is a better recovery)">z</th>{% endif %}<th data-k="n">p-value</th><th data-k="s">verdict{% if s.config and s.config.level is defined and s.flagged is defined %} (p &le; {{ s.config.level }}){% endif %}</th><th>original | partial | recovered</th></tr></thead>
+<th data-k="s">image</th><th data-k="s" title="member: known to be in the fine-tune; holdout: known not to be; control: known not to be, the yardstick of the p-values; empty: unlabelled, to be tested">label</th>{% if pairs %}<th data-k="s">pair</th>{% endif %}<th data-k="n" title="{{ g.score_title }}">score</th>
+{% for f in fields %}<th data-k="n"{% if f in metric_titles %} title="{{ metric_titles[f] }}"{% endif %}>{{ f }}{% if f == 'psnr' %} (dB){% endif %}</th>{% endfor %}
+{% if zs %}<th data-k="n" title="how many control standard deviations above the controls' mean (oriented: positive is a better recovery)">z</th>{% endif %}<th data-k="n" title="the share of controls that came back at least as well as this image, counting the image itself: small means few did">p-value</th><th data-k="s" title="fine-tuned on: p-value at most the level; no evidence: above it (not proof the image was not used); inconclusive: too few controls for any image to reach the level; failed: nothing to judge (stalled: every search step skipped; or a score that is not a number)">verdict{% if s.config and s.config.level is defined and s.flagged is defined %} (p &le; {{ s.config.level }}){% endif %}</th><th title="the original; the partial picture, what was left once part of the latent was hidden; the recovered picture, with the hidden part rebuilt">original | partial | recovered</th></tr></thead>
 <tbody>{% for r in rows %}
 <tr class="{{ 'flag' if r.verdict == 'fine-tuned on' else '' }}">
 <td>{{ r.id|shown }}{% if r.notes %}<div class="note">{{ r.notes|join('; ')|shown }}</div>{% endif %}{% if r.looks_like %}<div class="note">looks like {{ r.looks_like|shown }} (perceptual hashes {{ r.looks_bits }} of 64 bits apart): counted as given</div>{% endif %}{% if r.copy_of %}<div class="note">the same file or pixels (SHA-256) as {{ r.copy_of|shown }}: {{ {'left_out': 'left out of the calibration', 'counted_once': 'counted once', 'conflicts': 'the labels contradict each other', 'of_holdouts': ('an unlabelled image' if r.label == 'holdout' else 'a hold-out, known not trained on')}.get(r.copy_kind, 'one picture') }}</div>{% endif %}</td><td class="{{ r.label or '' }}">{{ (r.label or '')|shown }}</td>{% if pairs %}<td>{{ (r.pair or '')|shown }}</td>{% endif %}
@@ -282,6 +340,30 @@ def _plots(rows: Sequence[dict], summary: dict) -> list[dict]:
     return plots
 
 
+def _guide(summary: dict) -> dict:
+    """What the plain-language parts of the report say that depends on the run: how much
+    of the latent was hidden (half with the default mask), the level, the score's name and
+    which way is closer."""
+    cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    metric = summary.get("metric")
+    level = cfg.get("level")
+    level = "the level" if level is None else level
+    # blocks of 4x4 cells (no blocks_per_side given) with two 2x2 corners kept: half the latent
+    default_mask = cfg.get("blocks_per_side") is None and cfg.get("pass_rate") == 2
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    closer = "higher is closer" if higher else "lower is closer"
+    return {
+        "hidden": "half" if default_mask else "part", "metric": metric, "level": level,
+        "level_title": "the p-value at or below which the verdict is 'fine-tuned on'",
+        "score_title": f"the score the AUC and the verdicts use: {metric}, repeated ({closer})",
+        "auc_title": "area under the ROC curve: the chance that a member (known to be in the fine-tune) scores "
+                     "better than a hold-out (known not to be), ties counting half; 1 every member above every "
+                     "hold-out, 0.5 chance",
+        "tpr_title": "true positive rate at 1 % false positive rate: the share of members above a score threshold "
+                     "that at most 1 % of hold-outs pass",
+    }
+
+
 REPORT_ROWS = 2000  # table rows a browser still opens at once (10k took 19 s to load, 100k never)
 
 
@@ -335,7 +417,8 @@ def write_report(out: str | Path, rows: Sequence[dict], summary: dict) -> Path:
         fields=fields, plots=_plots(rows, summary), fmt=_fmt, fraction=fraction, compare=compare,
         zs=any(isinstance(r.get("z"), (int, float)) for r in rows), unjudged=unjudged(summary),
         sv=sv if isinstance(sv, dict) else None,
-        pairs=any(r.get("pair") for r in rows),
+        pairs=any(r.get("pair") for r in rows), g=_guide(summary), metric_titles=METRIC_TITLES,
+        baseline_titles=BASELINE_TITLES,
     )
     path = out / "report.html"
     atomic_write_text(path, html)

@@ -1,11 +1,12 @@
 """What the report and the printed summary say: figures that do not round to what they
 are not, a set verdict that says which images it tested, untrusted names shown as
-escapes, a histogram that survives a score that is not a number, and a stand-in
-embedder that is not called DINO."""
+escapes, a histogram that survives a score that is not a number, a stand-in
+embedder that is not called DINO, and plain words for readers who are not researchers."""
 from __future__ import annotations
 
 import math
 import re
+from html.parser import HTMLParser
 
 import pytest
 
@@ -298,3 +299,135 @@ def test_the_histogram_draws_where_the_verdict_starts(tmp_path):
     rows = rows[12:]  # 12 controls: no p-value reaches 0.05
     s = summarize(rows, AuthConfig(prompt="p"))
     assert s["flag_line"] is None and 'alt="score histogram"' in _html(tmp_path, rows, s)
+
+
+class _Titles(HTMLParser):
+    """Each element's text and ``title`` in a report: ``(tag, title, text)``, with the text of
+    the elements inside it; and the text of the guide (``<details class="guide">``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self._open, self.guide, self._in_guide = [], [], "", 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "details" and attrs.get("class") == "guide":
+            self._in_guide = 1
+        elif tag == "details" and self._in_guide:
+            self._in_guide += 1
+        if tag not in ("br", "img", "meta", "input"):
+            self._open.append([tag, attrs.get("title"), ""])
+
+    def handle_endtag(self, tag):
+        if tag == "details" and self._in_guide:
+            self._in_guide -= 1
+        while self._open:
+            el = self._open.pop()
+            self.found.append(tuple(el))
+            if self._open:
+                self._open[-1][2] += el[2]
+            if el[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if self._open:
+            self._open[-1][2] += data
+        if self._in_guide:
+            self.guide += data
+
+    def titles(self, tag, text):
+        """The titles of the ``tag`` elements whose text, spaces folded, is ``text``, in order."""
+        return [t for g, t, x in self.found if g == tag and " ".join(x.split()) == text]
+
+    def title(self, tag, text):
+        """The title of the first such element, or None."""
+        return next(iter(self.titles(tag, text)), None)
+
+
+def _labelled_run(n_controls=24, **cfg):
+    rows = [_row(i, "member", 0.9 + i / 1000, baseline_pia=float(i)) for i in range(4)]
+    rows += [_row(10 + i, "holdout", 0.3 + i / 1000, baseline_pia=10.0 + i) for i in range(4)]
+    rows += [_row(20 + i, "control", 0.1 + i / 1000, baseline_pia=20.0 + i) for i in range(n_controls)]
+    return rows, summarize(rows, AuthConfig(prompt="p", **cfg))
+
+
+def test_the_report_says_how_to_read_it_in_plain_words(tmp_path):
+    """A section for an artist or a rights holder: what was done to each image, what the
+    scores, the p-values, z, the verdicts, the AUC and "failed"/stalled mean; near the
+    top, before the set verdict and the cards, and tied to this run's level and score."""
+    rows, s = _labelled_run()
+    html = _html(tmp_path, rows, s)
+    page = _Titles()
+    page.feed(html)
+    guide = " ".join(page.guide.split())
+    assert guide.startswith("How to read this report")
+    start = html.index('<details class="guide">')
+    assert start < html.index("Was the model fine-tuned on some of these images?") < html.index('<div class="cards">')
+    for said in ("Each image was turned into the model's compressed form (its latent) and half of it was hidden",
+                 "steered by the contrast between the suspect fine-tuned model and the original model it was made from",
+                 "the score column is latent_cos", "Higher is closer (for latent_mse, lower is)",
+                 "known not to be in the fine-tune",
+                 "p-value of an image: the share of controls that came back at least as well, counting the image "
+                 "itself",
+                 "z: how many standard deviations of the control scores it lies from their average, positive when "
+                 "it came back better",
+                 "fine-tuned on when its p-value is at most 0.05", "which is not proof it was not used",
+                 "Set verdict (the box at the top): one test of all the suspect images together",
+                 "AUC, when images labelled member (known to be in the fine-tune) and hold-out (known not to be)",
+                 "the chance that a member scores better than a hold-out", "it is not a verdict",
+                 "failed: an image that could not be scored", "Stalled: every search step was skipped",
+                 "left out of the AUC and the set verdict"):
+        assert said in guide, said
+    assert page.title("abbr", "PGD") == "projected gradient descent"
+    # the level is the run's, and a mask other than the default hides part, not half, of the latent
+    rows, s = _labelled_run(level=0.01, blocks_per_side=2)
+    guide = " ".join(_html(tmp_path, rows, s).split())
+    assert "at most 0.01;" in guide and "and part of it was hidden" in guide and "half of it" not in guide
+
+
+def test_technical_names_have_plain_tooltips(tmp_path):
+    """Every score column, z, the p-value, the verdict, the label and the cards carry a
+    plain title; the names stay the technical ones (results.jsonl and summary.json use
+    them); the settings line explains PGD, step, radius and noise."""
+    from cgidm.config import BASELINES, METRICS
+    from cgidm.report import BASELINE_TITLES, METRIC_TITLES
+
+    assert set(METRIC_TITLES) == set(METRICS) and set(BASELINE_TITLES) == set(BASELINES)
+    rows, s = _labelled_run()
+    rows = [{**r, "latent_mse": 1 - r["score"], "ssim": r["score"], "psnr": 20.0} for r in rows]
+    s = summarize(rows, AuthConfig(prompt="p"))
+    page = _Titles()
+    page.feed(_html(tmp_path, rows, s))
+    for name in ("latent_cos", "latent_mse", "ssim"):
+        assert page.title("th", name) == METRIC_TITLES[name], name
+    assert page.title("th", "psnr (dB)") == METRIC_TITLES["psnr"]
+    assert "on the hidden part only" in METRIC_TITLES["latent_cos"]
+    assert "lower is a closer recovery" in METRIC_TITLES["latent_mse"]
+    assert page.title("th", "score") == ("the score the AUC and the verdicts use: latent_cos, repeated "
+                                         "(higher is closer)")
+    assert "standard deviations" in page.title("th", "z")
+    assert page.title("th", "p-value").startswith("the share of controls that came back at least as well")
+    assert "no evidence: above it (not proof" in page.title("th", "verdict (p ≤ 0.05)")
+    assert "member: known to be in the fine-tune" in page.title("th", "label")
+    assert page.title("th", "original | partial | recovered")
+    for card in (f"images{len(rows)}", f"scored{len(rows)}", "failed0"):
+        assert page.title("div", card), card
+    auc = next(t for g, t, x in page.found if g == "div" and x.startswith("AUC (latent_cos)"))
+    assert auc.startswith("area under the ROC curve: the chance that a member")
+    assert next(t for g, t, x in page.found if g == "div" and x.startswith("TPR @ 1% FPR")).startswith(
+        "true positive rate at 1 % false positive rate")
+    assert next(t for g, t, x in page.found if g == "div" and x.startswith("flagged as fine-tuned on"))
+    # the settings line and the set verdict's test
+    assert page.titles("abbr", "PGD")[-1].startswith("projected gradient descent: the step-by-step search")
+    for word in ("step", "radius", "noise", "level"):
+        assert page.title("abbr", word), word
+    test = s["set_verdict"]["test"] + ", " + s["set_verdict"]["method"]
+    assert page.title("span", test).startswith("a rank test of whether the suspect images' scores tend to be better")
+    # the baselines: their columns keep their names, their rows in the comparison say what they are
+    pia_row = next(t for g, t, x in page.found if g == "tr" and x.startswith("pia"))
+    assert pia_row == BASELINE_TITLES["pia"] and "lower = member" in pia_row
+    # a lower-is-better score says so
+    s = summarize(rows, AuthConfig(prompt="p", metric="latent_mse"))
+    page = _Titles()
+    page.feed(_html(tmp_path, rows, s))
+    assert page.title("th", "score").endswith("latent_mse, repeated (lower is closer)")
