@@ -113,7 +113,8 @@ def authenticate(
         files = model_files if model_files is not None else (
             model_digests(pair_models(pair.info), out, progress) if hash_models else None)
         output_dirs(out, TRIPTYCHS, RECOVERED)
-        settings = settings_of(cfg, dtype_name(next(pair.unet_ft.parameters()).dtype))
+        settings = auth_resume.run_settings(settings_of(cfg, dtype_name(next(pair.unet_ft.parameters()).dtype)),
+                                            pair.info)
         stamp = model_stamp(pair.info, files)
         found = resume and (out / auth_resume.STATE).is_file()
         kept, todo = auth_resume.plan(out, items, settings, stamp) if resume else ([], items)

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 STATE = "authenticate.json"
 JUDGED = (*VERDICT_FIELDS, EVIDENCE)  # given against the whole set: made again at the end
+# the validator's scores: a maximum over each folder, given again (with --embedder) over the rows of this run
+EMBEDDED = ("embed_cos", "official_cos", "official_folder")
+
+
+def run_settings(settings: dict, info: Optional[dict]) -> dict:
+    """``settings`` (``resume.settings_of``) with what else decides a score in a one-pair
+    run: which model is on which side, and the LoRA's strength (screen has both in its pair
+    key)."""
+    info = info if isinstance(info, dict) else {}
+    return {**settings, "models": {role: info.get(role) for role in provenance.ROLES},
+            "lora_scale": info.get("lora_scale")}
 
 
 def model_stamp(info: Optional[dict], files: Optional[dict] = None) -> dict:
@@ -39,8 +50,9 @@ def model_stamp(info: Optional[dict], files: Optional[dict] = None) -> dict:
 
 
 def _moved(old: dict, now: dict) -> list[str]:
-    """The model files of ``old`` (a stamp) that are not those of ``now``: another size, or
-    another time without the same recorded SHA-256 on both sides; a file added or gone."""
+    """The model files of ``old`` (a stamp) that are not those of ``now``: another size,
+    another SHA-256 where both sides have one (``--hash-models``), else another time; a
+    file added or gone."""
     def flat(stamp):
         return {(m, e.get("file")): e for m, entries in stamp.items() if isinstance(entries, list)
                 for e in entries if isinstance(e, dict)} if isinstance(stamp, dict) else {}
@@ -49,8 +61,9 @@ def _moved(old: dict, now: dict) -> list[str]:
     moved = []
     for key in sorted(set(a) | set(b), key=str):
         x, y = a.get(key), b.get(key)
+        hashed = x is not None and y is not None and x.get("sha256") is not None and y.get("sha256") is not None
         same = x is not None and y is not None and x.get("bytes") == y.get("bytes") and "error" not in y and (
-            x.get("mtime_ns") == y.get("mtime_ns") or (x.get("sha256") is not None and x.get("sha256") == y.get("sha256")))
+            x.get("sha256") == y.get("sha256") if hashed else x.get("mtime_ns") == y.get("mtime_ns"))
         if not same:
             moved.append(os.path.join(key[0], key[1]) if key[1] else key[0])
     return moved
@@ -81,13 +94,17 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
         raise ValueError(f"{out / STATE} is not an authenticate run's state: run without --resume to start over")
     what = differences(state["settings"], settings, lambda k, v: "read from the checkpoint" if k == "prompt"
                        and v is None else None)
+    moved = [] if what else _moved(state.get("models"), stamp)
+    if (what or moved) and not any("error" not in r for r in rows):  # nothing scored: nothing to mix up
+        log.warning("%s: the stopped run scored no image; its settings are replaced by these", out)
+        return [], list(items)
     if what:
         raise ValueError(f"{out} holds an authenticate run with other settings ({what}); resume with the same "
                          "settings, or run without --resume to start over")
-    moved = _moved(state.get("models"), stamp)
     if moved:
         raise ValueError(f"{out} holds an authenticate run of other model files: {counted(len(moved), 'file')} "
-                         f"changed since (first: {provenance.shown(moved[0])}); run without --resume to start over")
+                         f"given at another path or changed since (first: {provenance.shown(moved[0])}); run "
+                         "without --resume to start over")
     done = {}
     for r in rows:  # a later row of an id wins; an error is done again
         done[r["id"]] = r
@@ -95,7 +112,8 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
     for it in items:
         r = done.get(it.id)
         if r is not None and "error" not in r and _files_there(out, r) and same_source(r.get("source"), it.path):
-            kept.append(r)
+            # the file as given now (the same: a folder moved since is read there)
+            kept.append({**{k: v for k, v in r.items() if k not in EMBEDDED}, "image": str(it.path)})
         else:
             todo.append(it)
     redone = sum(1 for it in todo if it.id in done)

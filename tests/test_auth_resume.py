@@ -110,13 +110,28 @@ def test_a_resume_refuses_other_settings_or_models_and_touches_nothing(setup, ti
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"other settings \(pgd\.steps 4 there, 5 now\).*without --resume"):
         authenticate(pair, items, out, cfg.replace(pgd=cfg.pgd.replace(steps=5)), progress=False, resume=True)
-    # the fine-tune saved over since (a config rewritten with one more byte)
     ft = tmp_path / "finetuned"
     shutil.copytree(tiny_world / "finetuned", ft)
     other = load_pair(tiny_world / "base", ft)
-    with pytest.raises(ValueError, match="other model files"):  # another path is another model
-        authenticate(other, items, out, cfg, progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(models finetuned .* there, .* now\)"):
+        authenticate(other, items, out, cfg, progress=False, resume=True)  # another path is another model
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    swapped = load_pair(tiny_world / "finetuned", tiny_world / "base")  # the sides swapped to fix a run
+    with pytest.raises(ValueError, match=r"other settings \(models base .*/base' there, .*/finetuned' now; "
+                                         r"models finetuned .*/finetuned' there, .*/base' now\)"):
+        authenticate(swapped, items, out, cfg, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the fine-tune saved over since its run stopped (a config rewritten with one more byte)
+    out2 = tmp_path / "run2"
+    _stop_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        authenticate(other, items, out2, cfg, progress=False)
+    monkeypatch.undo()
+    config = ft / "unet" / "config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(ValueError, match=r"other model files: 1 file given at another path or changed since "
+                                         r"\(first: .*unet/config.json\)"):
+        authenticate(load_pair(tiny_world / "base", ft), items, out2, cfg, progress=False, resume=True)
     # rows with no state (a cgidm before 0.1.2): nothing tells their settings
     (out / STATE).unlink()
     with pytest.raises(ValueError, match=f"no {STATE}"):
@@ -160,3 +175,49 @@ def test_resume_on_the_command_line(tiny_world, tmp_path, capsys):
     assert f"resuming: no stopped run in {tmp_path / 'o'}; 6 images to authenticate" in capsys.readouterr().out
     assert cli.main(argv) == cli.EXIT_OK
     assert "resuming: 6 finished images kept, 0 to authenticate" in capsys.readouterr().out
+
+
+def test_a_resume_reads_a_moved_folder_there_and_gives_the_validator_scores_anew(setup, tmp_path, monkeypatch):
+    """Kept rows name the image where it is now (the same file, its folder moved), and lose
+    the validator's scores of the earlier run (a maximum over a folder that may have
+    changed): given again with an embedder, not carried over without one."""
+    pair, items, cfg = setup
+    out, old, new = tmp_path / "run", tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    local = []
+    for it in items[:4]:
+        shutil.copy(it.path, old / it.path.name)
+        local.append(type(it)(old / it.path.name, it.label, it.id))
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        authenticate(pair, local, out, cfg, progress=False)
+    monkeypatch.undo()
+    rows = _rows(out)
+    rows[0]["official_cos"], rows[0]["official_folder"] = 0.99, "x"  # as an earlier run with --embedder left it
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old.rename(new)
+    moved = [type(it)(new / it.path.name, it.label, it.id) for it in local]
+    given = _count_run(monkeypatch)
+    summary = authenticate(pair, moved, out, cfg, progress=False, resume=True)
+    assert len(given) == 2  # the two finished rows kept: the same files, read in their new folder
+    rows = _rows(out)
+    assert [r["image"] for r in rows] == [str(it.path) for it in moved]
+    assert not any("official_cos" in r or "official_folder" in r for r in rows) and "official" not in summary
+
+
+def test_a_resume_compares_the_lora_strength_and_replaces_settings_that_scored_nothing(tmp_path):
+    """A LoRA's strength decides every score (``--lora-scale``); a stopped run whose every
+    row is an error has nothing to mix up: its settings are replaced and its images redone."""
+    from cgidm import auth_resume
+    from cgidm.manifest import ImageItem
+
+    info = {"base": "/m/base", "lora": "/m/lora.safetensors", "lora_scale": 1.0}
+    then = auth_resume.run_settings({"pgd.steps": 4}, info)
+    auth_resume.write_state(tmp_path, then, {})
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "image/a.png", "score": 0.5}) + "\n")
+    items = [ImageItem(tmp_path / "a.png")]
+    now = auth_resume.run_settings({"pgd.steps": 4}, {**info, "lora_scale": 0.5})
+    with pytest.raises(ValueError, match=r"other settings \(lora_scale 1 there, 0.5 now\)"):
+        auth_resume.plan(tmp_path, items, now, {})
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "image/a.png", "error": "failed: x"}) + "\n")
+    assert auth_resume.plan(tmp_path, items, now, {}) == ([], items)
