@@ -237,11 +237,39 @@ def check_run_kind(out: Path, kind: str, outputs: Sequence[str] = ()) -> None:
                          + ("" if (out / state).is_file() else " or another program's")
                          + f"; {kind} would overwrite its outputs: use another --out")
     mine = dict(RUN_STATES).get(kind)
+    if there == kind == "authenticate" and not (out / mine).is_file() and (foreign := _not_cgidm(out)):
+        raise ValueError(f"{out} holds {foreign} and no {mine}: not a cgidm run's, and {kind} would replace it: "
+                         "use another --out")
     if there is None and mine:
         found = [n for n in outputs if (out / n).is_file() or ((out / n).is_dir() and any((out / n).iterdir()))]
         if found:
             raise ValueError(f"{out} already holds {', '.join(found)} and no {mine}: not a cgidm {kind} run's, "
                              f"and {kind} would write over them: use another --out")
+
+
+def _not_cgidm(out: Path) -> Optional[str]:
+    """The name of a ``results.jsonl`` or ``summary.json`` in ``out`` that no cgidm run wrote
+    (read as far as its first 64 KiB): a row that is not a JSON object with an ``id`` and an
+    ``image`` (a partial last line is what a killed run leaves, and passes), a summary that
+    is not one with ``images``. None when both are cgidm's or absent."""
+    try:
+        with open(out / RESULTS, "rb") as f:
+            lines = f.read(1 << 16).split(b"\n")[:-1]
+        for line in filter(bytes.strip, lines):
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("id"), str) and "image" in row):
+                return RESULTS
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return RESULTS
+    try:
+        summary = json.loads((out / "summary.json").read_bytes()[: 1 << 24])
+        return None if isinstance(summary, dict) and "images" in summary else "summary.json"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "summary.json"
 
 
 def sha256_file(path: Path) -> str:

@@ -189,6 +189,31 @@ def test_cli_sd2_like_finetune_exits_2(tiny_world, tmp_path, capsys, no_compute)
     assert str(ft) in _errors(err)[0] and "cross_attention_dim" in err
 
 
+# what an authenticate run of cgidm writes (a row with its id and image; a summary with its count)
+CGIDM_LIKE = {"results.jsonl": '{"id": "image/a.png", "image": "a.png"}', "summary.json": '{"images": 1}'}
+
+
+def test_authenticate_refuses_results_no_cgidm_run_wrote(tmp_path):
+    """A folder with another program's results.jsonl or summary.json and no authenticate.json:
+    authenticate would replace them, so it is refused; cgidm's own (a run of a cgidm before
+    0.1.2, a partial last line of a killed run) is taken."""
+    from cgidm.resume import check_run_kind
+
+    foreign = {"results.jsonl": ['{"loss": 0.3}', "epoch 1 done"], "summary.json": ['[1, 2]', '{"acc": 0.9}', "x"]}
+    for name, texts in foreign.items():
+        for text in texts:
+            out = tmp_path / f"{name}-{len(text)}"
+            out.mkdir()
+            (out / name).write_text(text + "\n")
+            with pytest.raises(ValueError, match=f"holds {name} and no authenticate.json: not a cgidm run's"):
+                check_run_kind(out, "authenticate")
+    out = tmp_path / "cgidm"
+    out.mkdir()
+    (out / "results.jsonl").write_text(CGIDM_LIKE["results.jsonl"] + '\n{"id": "image/b.p')
+    (out / "summary.json").write_text(CGIDM_LIKE["summary.json"])
+    check_run_kind(out, "authenticate")
+
+
 def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_world, tmp_path, capsys, monkeypatch):
     """protect, extract, screen and authenticate (and the demo) each keep their own files in
     --out; one command in another's folder would clear or mix them (authenticate deleted a
@@ -224,7 +249,7 @@ def test_an_output_folder_of_another_command_is_refused_before_loading(tiny_worl
         out = tmp_path / folder
         out.mkdir()
         for name in files:
-            (out / name).write_text("{}\n")
+            (out / name).write_text(CGIDM_LIKE.get(name, "{}") + "\n")
         assert run_in(out) == kind
         check_run_kind(out, kind)  # the same command resumes or redoes its own run
         for command, args in argv.items():

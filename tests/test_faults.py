@@ -243,8 +243,9 @@ def test_half_written_row_is_cut_back(tmp_path, monkeypatch):
 
 
 def test_triptych_rename_fails(pair, items, tmp_path, monkeypatch):
-    # each image renames its recovered image, then its triptych: call 4 is the second triptych
-    monkeypatch.setattr(cgidm.files.os, "replace", _fail_on_call(4, _enospc)(os.replace))
+    # the state file is renamed into place first; then each image renames its recovered image, then its
+    # triptych: call 5 is the second triptych
+    monkeypatch.setattr(cgidm.files.os, "replace", _fail_on_call(5, _enospc)(os.replace))
     with pytest.raises(OutputError) as e:
         authenticate(pair, items, tmp_path, _cfg(), progress=False)
     assert "triptychs" in e.value.path
