@@ -112,12 +112,12 @@ def authenticate(
         # before the previous run's outputs go (a stop while hashing leaves them) and the run
         files = model_files if model_files is not None else (
             model_digests(pair_models(pair.info), out, progress) if hash_models else None)
-        output_dirs(out, TRIPTYCHS, RECOVERED)
         settings = auth_resume.run_settings(settings_of(cfg, dtype_name(next(pair.unet_ft.parameters()).dtype)),
                                             pair.info)
         stamp = model_stamp(pair.info, files)
         found = resume and (out / auth_resume.STATE).is_file()
         kept, todo = auth_resume.plan(out, items, settings, stamp) if resume else ([], items)
+        output_dirs(out, TRIPTYCHS, RECOVERED)  # a refused resume makes nothing
         try:
             if resume:
                 auth_resume.set_aside(out, kept)
@@ -127,7 +127,7 @@ def authenticate(
             auth_resume.write_state(out, settings, stamp)
         except OSError as e:
             raise OutputError(out, e) from e
-        if resume and progress:
+        if resume:  # said with -q too: a resume into the wrong folder starts afresh
             print(f"resuming: {counted(len(kept), 'finished image')} kept, {len(todo)} to authenticate" if found
                   else f"resuming: no stopped run in {out}; {counted(len(todo), 'image')} to authenticate", flush=True)
         results = out / RESULTS

@@ -51,8 +51,9 @@ def model_stamp(info: Optional[dict], files: Optional[dict] = None) -> dict:
 
 def _moved(old: dict, now: dict) -> list[str]:
     """The model files of ``old`` (a stamp) that are not those of ``now``: another size,
-    another SHA-256 where both sides have one (``--hash-models``), else another time; a
-    file added or gone."""
+    another SHA-256 where both sides have one (``--hash-models``), else another modification
+    or change time (a ``chmod`` too: without digests the contents cannot tell); a file
+    added or gone."""
     def flat(stamp):
         return {(m, e.get("file")): e for m, entries in stamp.items() if isinstance(entries, list)
                 for e in entries if isinstance(e, dict)} if isinstance(stamp, dict) else {}
@@ -63,10 +64,18 @@ def _moved(old: dict, now: dict) -> list[str]:
         x, y = a.get(key), b.get(key)
         hashed = x is not None and y is not None and x.get("sha256") is not None and y.get("sha256") is not None
         same = x is not None and y is not None and x.get("bytes") == y.get("bytes") and "error" not in y and (
-            x.get("sha256") == y.get("sha256") if hashed else x.get("mtime_ns") == y.get("mtime_ns"))
+            x.get("sha256") == y.get("sha256") if hashed else  # a file saved over with its old time put back
+            (x.get("mtime_ns"), x.get("ctime_ns")) == (y.get("mtime_ns"), y.get("ctime_ns")))  # has a new ctime
         if not same:
             moved.append(os.path.join(key[0], key[1]) if key[1] else key[0])
     return moved
+
+
+def _said(key: str, value) -> Optional[str]:
+    """A recorded setting's None in words, as the options say it."""
+    if value is not None:
+        return None
+    return {"prompt": "read from the checkpoint", "lora_scale": "none (no LoRA)"}.get(key, "none")
 
 
 def write_state(out: Path, settings: dict, stamp: dict) -> None:
@@ -92,8 +101,7 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
         return [], list(items)
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         raise ValueError(f"{out / STATE} is not an authenticate run's state: run without --resume to start over")
-    what = differences(state["settings"], settings, lambda k, v: "read from the checkpoint" if k == "prompt"
-                       and v is None else None)
+    what = differences(state["settings"], settings, _said)
     moved = [] if what else _moved(state.get("models"), stamp)
     if (what or moved) and not any("error" not in r for r in rows):  # nothing scored: nothing to mix up
         log.warning("%s: the stopped run scored no image; its settings are replaced by these", out)
@@ -103,8 +111,8 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
                          "settings, or run without --resume to start over")
     if moved:
         raise ValueError(f"{out} holds an authenticate run of other model files: {counted(len(moved), 'file')} "
-                         f"given at another path or changed since (first: {provenance.shown(moved[0])}); run "
-                         "without --resume to start over")
+                         f"changed since, or touched (first: {provenance.shown(moved[0])}; with --hash-models on "
+                         "both runs their contents are compared instead); run without --resume to start over")
     done = {}
     for r in rows:  # a later row of an id wins; an error is done again
         done[r["id"]] = r
@@ -118,8 +126,8 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
             todo.append(it)
     redone = sum(1 for it in todo if it.id in done)
     if redone:
-        log.warning("%s authenticated again: an error, or an image or output file changed since",
-                    counted(redone, "finished row's image"))
+        log.warning("%s of finished rows authenticated again: an error, or an image or output file changed since",
+                    counted(redone, "image"))
     return kept, todo
 
 
@@ -134,11 +142,12 @@ def set_aside(out: Path, kept: Sequence[dict]) -> int:
     verdicts they were given against the earlier set. Returns how many rows were dropped
     (their images are done again, or no longer given: their outputs are removed)."""
     keep = {r["id"] for r in kept}
+    theirs = {path for r in kept for path in own_files(out, r)}  # never removed for another row naming them
     before = read_jsonl(out / RESULTS)
     for r in before:
         drop_card(out, r)
         if r["id"] not in keep:
-            for path in own_files(out, r):
+            for path in set(own_files(out, r)) - theirs:
                 path.unlink(missing_ok=True)
     for name in ("summary.json", "report.html"):
         (out / name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import sys
+import time
 import typing
 
 import cgidm
@@ -302,8 +303,6 @@ def cmd_screen(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import time
-
     from cgidm.manifest import collect_items
     from cgidm.testing.embedder import ensure_tiny_embedder
     from cgidm.testing.family_worlds import build_family_world
@@ -440,6 +439,7 @@ def _join_negative_fractions(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(_join_negative_fractions(sys.argv[1:] if argv is None else list(argv)))
+    args.started = time.time()  # a results file older than this is an earlier run's (``_kept``)
     if unknown:  # said with the command's own usage (the top-level one lists no option of it)
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -491,6 +491,10 @@ def _kept(args) -> str:
     from cgidm.resume import RESULTS, SHARDS
 
     out = pathlib.Path(getattr(args, "out", "") or ".")
+    if args.command == "authenticate" and (out / RESULTS).is_file() and (
+            (out / RESULTS).stat().st_mtime < getattr(args, "started", 0)):  # stopped before its first write
+        return (f"it wrote no row: {out / RESULTS} holds an earlier run's rows as they were (the same command "
+                "with --resume goes on from them where their settings are these; without it, it starts over)")
     if (out / RESULTS).is_file():  # authenticate resumes with --resume; the demo starts over
         again = {"screen": "", "protect": "", "authenticate": " (the same command with --resume goes on from them)"}.get(
             args.command, " (the same command again starts over)")

@@ -129,13 +129,19 @@ def test_a_resume_refuses_other_settings_or_models_and_touches_nothing(setup, ti
     monkeypatch.undo()
     config = ft / "unet" / "config.json"
     config.write_text(config.read_text() + " ")
-    with pytest.raises(ValueError, match=r"other model files: 1 file given at another path or changed since "
-                                         r"\(first: .*unet/config.json\)"):
+    with pytest.raises(ValueError, match=r"other model files: 1 file changed since, or touched "
+                                         r"\(first: .*unet/config.json;"):
         authenticate(load_pair(tiny_world / "base", ft), items, out2, cfg, progress=False, resume=True)
     # rows with no state (a cgidm before 0.1.2): nothing tells their settings
     (out / STATE).unlink()
     with pytest.raises(ValueError, match=f"no {STATE}"):
         authenticate(pair, items, out, cfg, progress=False, resume=True)
+    old = tmp_path / "old"  # such a folder with its rows only: no output folder made beside them
+    old.mkdir()
+    shutil.copy(out / "results.jsonl", old / "results.jsonl")
+    with pytest.raises(ValueError, match=f"no {STATE}"):
+        authenticate(pair, items, old, cfg, progress=False, resume=True)
+    assert sorted(p.name for p in old.iterdir()) == [".cgidm.lock", "results.jsonl"]
 
 
 def test_a_resume_redoes_changed_images_and_drops_those_no_longer_given(setup, tmp_path, monkeypatch):
@@ -173,8 +179,45 @@ def test_resume_on_the_command_line(tiny_world, tmp_path, capsys):
             "--device", "cpu", "--resume"]
     assert cli.main(argv) == cli.EXIT_OK
     assert f"resuming: no stopped run in {tmp_path / 'o'}; 6 images to authenticate" in capsys.readouterr().out
-    assert cli.main(argv) == cli.EXIT_OK
+    assert cli.main([*argv, "-q"]) == cli.EXIT_OK  # said without progress bars too
     assert "resuming: 6 finished images kept, 0 to authenticate" in capsys.readouterr().out
+
+
+def test_a_model_file_is_the_same_by_its_digest_or_else_by_every_time():
+    """A file saved over with its size and modification time put back (``cp -p``, ``touch
+    -r``) has a new change time: another file, unless both runs hashed it (--hash-models)
+    and the digests agree."""
+    from cgidm.auth_resume import _moved
+
+    def stamp(**e):
+        return {"/m": [{"file": "unet/w.safetensors", "bytes": 10, "mtime_ns": 1, "ctime_ns": 1, "sha256": None, **e}]}
+
+    assert _moved(stamp(), stamp()) == []
+    assert _moved(stamp(), stamp(ctime_ns=2)) == ["/m/unet/w.safetensors"]
+    assert _moved(stamp(), stamp(bytes=11)) == ["/m/unet/w.safetensors"]
+    assert _moved(stamp(sha256="a"), stamp(sha256="a", ctime_ns=2, mtime_ns=3)) == []
+    assert _moved(stamp(sha256="a"), stamp(sha256="b")) == ["/m/unet/w.safetensors"]
+    assert _moved(stamp(), {"/m": []}) == ["/m/unet/w.safetensors"]
+
+
+def test_a_dropped_row_never_removes_the_files_a_kept_row_names(tmp_path):
+    """A row no longer given (or a forged one) naming a kept row's triptych: the kept row's
+    files stay."""
+    from cgidm.auth_resume import set_aside
+
+    for folder in ("triptychs", "recovered"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(b"x")
+        (tmp_path / folder / "gone.png").write_bytes(b"x")
+    kept = {"id": "image/a.png", "image": "a.png", "triptych": "triptychs/a.png", "recovered": "recovered/a.png"}
+    ghost = {**kept, "id": "image/ghost.png"}
+    gone = {"id": "image/gone.png", "image": "g.png", "triptych": "triptychs/gone.png",
+            "recovered": "recovered/gone.png"}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (kept, ghost, gone)))
+    assert set_aside(tmp_path, [kept]) == 2
+    assert (tmp_path / "triptychs/a.png").is_file() and (tmp_path / "recovered/a.png").is_file()
+    assert not (tmp_path / "triptychs/gone.png").exists() and not (tmp_path / "recovered/gone.png").exists()
+    assert _rows(tmp_path) == [kept]
 
 
 def test_a_resume_reads_a_moved_folder_there_and_gives_the_validator_scores_anew(setup, tmp_path, monkeypatch):

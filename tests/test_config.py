@@ -3,6 +3,7 @@ departures, and the one device/dtype resolution."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -200,6 +201,7 @@ def test_a_stopped_authenticate_says_how_to_resume(monkeypatch, capsys, tmp_path
     for command, argv in (("authenticate", ["authenticate", "--base", "b", "--images", "i"]), ("demo", ["demo"]),
                           ("screen", ["screen", "--manifest", "m.csv"])):
         def stop(_args):
+            (tmp_path / "results.jsonl").write_text("")  # the run's own write: after it started
             raise KeyboardInterrupt
 
         monkeypatch.setattr(cli, f"cmd_{command}", stop)
@@ -208,3 +210,10 @@ def test_a_stopped_authenticate_says_how_to_resume(monkeypatch, capsys, tmp_path
         assert f"complete in {tmp_path / 'results.jsonl'}" in err
         assert err.rstrip().endswith(f"complete in {tmp_path / 'results.jsonl'} {said[command]}".rstrip()
                                      if command in said else f"complete in {tmp_path / 'results.jsonl'}"), err
+    # stopped before it wrote anything (loading the models): the rows are an earlier run's
+    monkeypatch.setattr(cli, "cmd_authenticate", lambda _args: (_ for _ in ()).throw(KeyboardInterrupt))
+    os.utime(tmp_path / "results.jsonl", (1, 1))
+    assert cli.main(["authenticate", "--base", "b", "--images", "i", "--out", str(tmp_path)]) == 130
+    assert (f"it wrote no row: {tmp_path / 'results.jsonl'} holds an earlier run's rows as they were (the same "
+            "command with --resume goes on from them where their settings are these; without it, it starts over)"
+            in capsys.readouterr().err)
