@@ -8,6 +8,7 @@ runner over the same batch loop. The names researchers use are re-exported here:
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,7 +21,7 @@ from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_wr
 from cgidm.images import refuse_images_inside
 from cgidm.manifest import ImageItem, check_items, collect_items  # noqa: F401 (re-exported)
 from cgidm.pipeline import Prepared, prepare, recover, resolve_prompt  # noqa: F401 (re-exported)
-from cgidm.progress import bar_options
+from cgidm.progress import bar_options, first_steps_estimate
 from cgidm.provenance import check_unchanged, model_digests, pair_models
 from cgidm.report import write_report
 from cgidm import auth_resume
@@ -145,12 +146,19 @@ def authenticate(
             rows.append(row)
             bar.update(1)
 
+        # on a CPU, one line from the first batch's steps: how long the run will take
+        first = (first_steps_estimate(cfg.pgd.steps, len(todo), cfg.batch_size, lambda text: tqdm.write(
+            text, file=sys.stderr)) if progress and pair.device.type == "cpu" else None)
+
         def step_bar():
-            # a log file gets the images bar only: a PGD bar's lines for every batch would drown it
-            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False,
-                       disable=not progress or "file" in every, **every)
+            timed = first() if first else None
+            if "file" in every:  # a log file gets the images bar only: a PGD bar's lines would drown it
+                return timed
+            pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False, **every)
 
             def cb(step, loss):
+                if timed:
+                    timed(step, loss)
                 pgd.update(1)
                 if step % 10 == 0:
                     pgd.set_postfix(contrast=f"{loss:+.4f}")
@@ -163,7 +171,7 @@ def authenticate(
         try:
             # the step bar reads each step's loss (a device sync a step): only when it is shown
             stats = run_pair(pair, todo, cfg, out, emit, writer, prefetch_depth=prefetch_depth,
-                             step_callback=step_bar if progress and "file" not in every else None)
+                             step_callback=step_bar if progress and (first or "file" not in every) else None)
         finally:
             try:
                 writer.close()

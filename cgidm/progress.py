@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from cgidm.resume import SHARDS
 
@@ -84,6 +84,42 @@ def bar_options() -> dict:
         return {"mininterval": 0.1}
     # maxinterval too: tqdm's monitor redraws every maxinterval (10 s by default) otherwise
     return {"mininterval": 30, "maxinterval": 30, "file": _LogLines(sys.stderr)}
+
+
+def _duration(seconds: float) -> str:
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+            else f"{seconds / 3600:.1f} h")
+
+
+def first_steps_estimate(steps: int, images: int, batch: int, say: Callable[[str], None]):
+    """A ``step_callback`` for ``batches.run_pair`` that times the first batch's PGD steps and
+    says once, after 30 s of them or at that batch's end, about how long a batch and the run
+    take: on a CPU the paper's 1000 steps take long, and no bar says how long before the
+    first batch ends. Timed from the second step (past the first step's warm-up); later
+    batches get no callback (it reads each step's loss: a device sync)."""
+    given = []
+
+    def factory() -> Optional[Callable[[int, float], None]]:
+        if given:
+            return None
+        given.append(True)
+        start: list[float] = []
+
+        def cb(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            if step == 0 or not start:
+                start[:] = [now]
+            elif start[0] > 0 and (now - start[0] >= 30 or step == steps - 1):
+                per = (now - start[0]) / step
+                runs = -(-images // max(1, batch))
+                say(f"PGD: {per:.3g} s a step (from the first batch's first {step + 1}): about "
+                    f"{_duration(per * steps)} a batch of up to {batch}, {_duration(per * steps * runs)} for "
+                    f"{images} image{'s' if images != 1 else ''}")
+                start[0] = -1.0  # said
+
+        return cb
+
+    return factory
 
 
 class Progress:

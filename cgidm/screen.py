@@ -34,7 +34,7 @@ from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_wr
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
-from cgidm.progress import LineCounter, Progress
+from cgidm.progress import LineCounter, Progress, first_steps_estimate
 from cgidm.report import write_report
 from cgidm.resume import (
     REMOVED, RESULTS, SHARDS, DigestCache, OutputLock, check_run_kind, check_state, clear_retry, done_rows, drop_rows,
@@ -70,6 +70,9 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     prompts: dict[str, str] = {}
     models: dict[str, dict] = {}  # what loading each pair found (family, format, LoRA match)
     writer = RowWriter(threaded=prefetch_depth > 0)
+    # on a CPU, one line from the first batch's steps: how long this rank's images will take
+    first = (first_steps_estimate(cfg.pgd.steps, len(mine), cfg.batch_size, progress.say)
+             if not progress.bar.disable and torch.device(device).type == "cpu" else None)
 
     def emit(row):
         if stamps and row.get("pair") in stamps:
@@ -107,7 +110,8 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 fail_all(group, reason)
                 continue
             load_s += time.perf_counter() - t0
-            run_pair(pair, group, pair_cfg, out, emit, writer, prefetch_depth=prefetch_depth, stats=stats)
+            run_pair(pair, group, pair_cfg, out, emit, writer, prefetch_depth=prefetch_depth, stats=stats,
+                     step_callback=first)
             del pair
             # the pair's engines and closures refer to each other: only a collection frees
             # the UNets and graph pools before the next pair loads beside them

@@ -152,3 +152,43 @@ def test_the_total_bar_counts_the_rows_added_after_its_start_reading_each_byte_o
     bars.close()
     assert bars.total_bar.n == 6 + 3
     assert read and min(read) == len('{"id": "old"}\n') * 3  # never from the start again
+
+
+def test_the_first_batch_s_steps_say_how_long_the_run_takes(monkeypatch):
+    """One line, from the first batch's steps after the first (its warm-up), once 30 s of them
+    have passed or at the batch's end; later batches get no callback (no device sync)."""
+    import cgidm.progress as progress
+
+    clock, said = Clock(), []
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    factory = progress.first_steps_estimate(1000, 10, 4, said.append)
+    cb = factory()
+    clock.now += 50.0  # the first step: compile, warm-up
+    cb(0, 0.1)
+    for step in range(1, 16):
+        clock.now += 2.0
+        cb(step, 0.1)
+    # 15 steps of 2 s after the first (30 s): 2 s a step, 2000 s a batch, 3 batches of up to 4
+    assert said == ["PGD: 2 s a step (from the first batch's first 16): about 33 min a batch of up to 4, "
+                    "1.7 h for 10 images"]
+    for step in range(16, 1000):
+        cb(step, 0.1)
+    assert len(said) == 1 and factory() is None
+    short = progress.first_steps_estimate(3, 1, 1, said.append)()  # a batch shorter than 30 s: at its end
+    for step in range(3):
+        clock.now += 1.0
+        short(step, 0.0)
+    assert said[-1] == "PGD: 1 s a step (from the first batch's first 3): about 3 s a batch of up to 1, 3 s for 1 image"
+
+
+def test_authenticate_on_a_cpu_says_the_estimate_in_a_log(tiny_world, tmp_path, capsys):
+    """In a log file (no PGD bar) the estimate is the one line before the first batch ends."""
+    from cgidm import cli
+
+    imgs = tiny_world / "images"
+    assert cli.main(["authenticate", "--base", str(tiny_world / "base"), "--finetuned", str(tiny_world / "finetuned"),
+                     "--images", str(imgs / "members"), "--out", str(tmp_path / "o"), "--preset", "demo",
+                     "--steps", "5", "--batch-size", "4", "--device", "cpu"]) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert err.count("PGD: ") == 1 and "(from the first batch's first 5): about " in err, err
+    assert "a batch of up to 4, " in err and " for 6 images" in err
