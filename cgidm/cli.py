@@ -492,7 +492,8 @@ def _kept(args) -> str:
 
     out = pathlib.Path(getattr(args, "out", "") or ".")
     if args.command == "authenticate" and (out / RESULTS).is_file() and (
-            (out / RESULTS).stat().st_mtime < getattr(args, "started", 0)):  # stopped before its first write
+            (out / RESULTS).stat().st_mtime < getattr(args, "started", 0) - 1):  # stopped before its first write
+        # (a second's slack: a file's time comes from a coarser clock than time.time())
         return (f"it wrote no row: {out / RESULTS} holds an earlier run's rows as they were (the same command "
                 "with --resume goes on from them where their settings are these; without it, it starts over)")
     if (out / RESULTS).is_file():  # authenticate resumes with --resume; the demo starts over

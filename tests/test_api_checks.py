@@ -328,7 +328,8 @@ def test_an_output_subfolder_that_is_a_link_is_refused(world_pair, tiny_world, t
     out = tmp_path / "out"
     out.mkdir()
     (out / "triptychs").symlink_to(elsewhere, target_is_directory=True)
-    (out / "results.jsonl").write_text(json.dumps({"id": "x", "triptych": "triptychs/secret.png"}) + "\n")
+    (out / "results.jsonl").write_text(json.dumps({"id": "x", "image": "x.png", "triptych": "triptychs/secret.png"})
+                                       + "\n")
     items = cgidm.collect_items(members=tiny_world / "images" / "members")[:1]
     with pytest.raises(OutputError, match="triptychs: a link .* not a folder of this output's own"):
         cgidm.authenticate(world_pair, items, out, CFG, progress=False)

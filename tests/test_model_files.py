@@ -59,8 +59,12 @@ def test_sharded_weights_are_checked_shard_by_shard(tiny_world, copy):
         copy / "unet", max_shard_size="300KB")
     shards = sorted((copy / "unet").glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) > 1 and (copy / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    want = _unet_out(load_pair(tiny_world / "base", tiny_world / "finetuned"))
-    torch.testing.assert_close(_unet_out(load_pair(tiny_world / "base", copy)), want, rtol=0, atol=0)
+    whole, sharded = load_pair(tiny_world / "base", tiny_world / "finetuned"), load_pair(tiny_world / "base", copy)
+    # the same weights, bit for bit; the outputs agree to rounding (CPU kernels sum in an order that
+    # depends on where a memory-mapped tensor starts, and a file's header length moves that)
+    want, got = whole.unet_ft.state_dict(), sharded.unet_ft.state_dict()
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    torch.testing.assert_close(_unet_out(sharded), _unet_out(whole), rtol=1e-5, atol=1e-6)
     shards[-1].write_bytes(shards[-1].read_bytes()[:-100])
     with pytest.raises(ModelLoadError, match=f"{shards[-1].name}: truncated safetensors file"):
         load_pair(tiny_world / "base", copy)
