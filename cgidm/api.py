@@ -147,7 +147,8 @@ def authenticate(
             bar.update(1)
 
         # on a CPU, one line from the first batch's steps: how long the run will take
-        first = (first_steps_estimate(cfg.pgd.steps, len(todo), cfg.batch_size, lambda text: tqdm.write(
+        first = (first_steps_estimate(cfg.pgd.steps, len(todo), -(-len(todo) // cfg.batch_size), cfg.batch_size,
+                                      lambda text: tqdm.write(
             text, file=sys.stderr)) if progress and pair.device.type == "cpu" else None)
 
         def step_bar():

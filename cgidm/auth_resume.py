@@ -62,6 +62,8 @@ def _moved(old: dict, now: dict) -> list[str]:
     moved = []
     for key in sorted(set(a) | set(b), key=str):
         x, y = a.get(key), b.get(key)
+        if x is not None and y is not None and "error" in x and "error" in y:  # unreadable then and now (a
+            continue  # dangling link the loaders pass over): the same
         hashed = x is not None and y is not None and x.get("sha256") is not None and y.get("sha256") is not None
         same = x is not None and y is not None and x.get("bytes") == y.get("bytes") and "error" not in y and (
             x.get("sha256") == y.get("sha256") if hashed else  # a file saved over with its old time put back
@@ -119,7 +121,8 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
     kept, todo = [], []
     for it in items:
         r = done.get(it.id)
-        if r is not None and "error" not in r and _files_there(out, r) and same_source(r.get("source"), it.path):
+        if (r is not None and "error" not in r and r.get("label") == it.label and _files_there(out, r)
+                and same_source(r.get("source"), it.path)):  # a label given otherwise now (the API's own ids)
             # the file as given now (the same: a folder moved since is read there)
             kept.append({**{k: v for k, v in r.items() if k not in EMBEDDED}, "image": str(it.path)})
         else:

@@ -91,31 +91,33 @@ def _duration(seconds: float) -> str:
             else f"{seconds / 3600:.1f} h")
 
 
-def first_steps_estimate(steps: int, images: int, batch: int, say: Callable[[str], None]):
-    """A ``step_callback`` for ``batches.run_pair`` that times the first batch's PGD steps and
-    says once, after 30 s of them or at that batch's end, about how long a batch and the run
-    take: on a CPU the paper's 1000 steps take long, and no bar says how long before the
-    first batch ends. Timed from the second step (past the first step's warm-up); later
-    batches get no callback (it reads each step's loss: a device sync)."""
-    given = []
+def first_steps_estimate(steps: int, images: int, batches: int, batch: int, say: Callable[[str], None]):
+    """A ``step_callback`` for ``batches.run_pair`` that times the first PGD steps and says
+    once, after 30 s of them or at the end of a batch, about how long a batch and the run
+    (``batches`` batches of up to ``batch`` for ``images`` images) take: on a CPU the paper's
+    1000 steps take long, and no bar says how long before the first batch ends. Timed from a
+    batch's second step (past the first step's warm-up); a batch retried, or run in chunks,
+    times again until the line is said; then no callback is given (it reads each step's
+    loss: a device sync)."""
+    said: list[bool] = []
 
     def factory() -> Optional[Callable[[int, float], None]]:
-        if given:
+        if said:
             return None
-        given.append(True)
         start: list[float] = []
 
         def cb(step: int, loss: float) -> None:
+            if said:
+                return
             now = time.perf_counter()
             if step == 0 or not start:
-                start[:] = [now]
-            elif start[0] > 0 and (now - start[0] >= 30 or step == steps - 1):
-                per = (now - start[0]) / step
-                runs = -(-images // max(1, batch))
+                start[:] = [now, step]
+            elif now - start[0] >= 30 or step == steps - 1:
+                per = (now - start[0]) / (step - start[1])
+                said.append(True)
                 say(f"PGD: {per:.3g} s a step (from the first batch's first {step + 1}): about "
-                    f"{_duration(per * steps)} a batch of up to {batch}, {_duration(per * steps * runs)} for "
+                    f"{_duration(per * steps)} a batch of up to {batch}, {_duration(per * steps * batches)} for "
                     f"{images} image{'s' if images != 1 else ''}")
-                start[0] = -1.0  # said
 
         return cb
 

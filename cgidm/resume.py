@@ -249,7 +249,7 @@ def check_run_kind(out: Path, kind: str, outputs: Sequence[str] = ()) -> None:
 
 def _not_cgidm(out: Path) -> Optional[str]:
     """The name of a ``results.jsonl`` or ``summary.json`` in ``out`` that no cgidm run wrote
-    (read as far as its first 64 KiB): a row that is not a JSON object with an ``id`` and an
+    (its rows as far as the first 64 KiB): a row that is not a JSON object with an ``id`` and an
     ``image`` (a partial last line is what a killed run leaves, and passes), a summary that
     is not one with ``images``. None when both are cgidm's or absent."""
     try:
@@ -264,7 +264,7 @@ def _not_cgidm(out: Path) -> Optional[str]:
     except (OSError, ValueError):
         return RESULTS
     try:
-        summary = json.loads((out / "summary.json").read_bytes()[: 1 << 24])
+        summary = json.loads((out / "summary.json").read_bytes())
         return None if isinstance(summary, dict) and "images" in summary else "summary.json"
     except FileNotFoundError:
         return None

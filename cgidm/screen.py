@@ -71,7 +71,8 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     models: dict[str, dict] = {}  # what loading each pair found (family, format, LoRA match)
     writer = RowWriter(threaded=prefetch_depth > 0)
     # on a CPU, one line from the first batch's steps: how long this rank's images will take
-    first = (first_steps_estimate(cfg.pgd.steps, len(mine), cfg.batch_size, progress.say)
+    batches = sum(-(-len(list(g)) // cfg.batch_size) for _, g in itertools.groupby(mine, key=lambda e: e.pair.key))
+    first = (first_steps_estimate(cfg.pgd.steps, len(mine), batches, cfg.batch_size, progress.say)
              if not progress.bar.disable and torch.device(device).type == "cpu" else None)
 
     def emit(row):

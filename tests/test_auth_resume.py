@@ -264,3 +264,26 @@ def test_a_resume_compares_the_lora_strength_and_replaces_settings_that_scored_n
         auth_resume.plan(tmp_path, items, now, {})
     (tmp_path / "results.jsonl").write_text(json.dumps({"id": "image/a.png", "error": "failed: x"}) + "\n")
     assert auth_resume.plan(tmp_path, items, now, {}) == ([], items)
+
+
+def test_a_label_given_otherwise_now_is_authenticated_again_and_an_unreadable_file_stays_the_same(tmp_path):
+    """The API's own ids: an image given now with another label than its row's is done again
+    (a kept row would carry the old label into the AUC and the calibration). A model file
+    that could not be read then and cannot now (a dangling link the loaders pass over) is no
+    change."""
+    from cgidm import auth_resume
+    from cgidm.manifest import ImageItem
+
+    for folder in ("triptychs", "recovered"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(b"x")
+    row = {"id": "x", "image": "x.png", "label": "member", "triptych": "triptychs/x.png", "recovered": "recovered/x.png"}
+    auth_resume.write_state(tmp_path, {}, {})
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    member, holdout = ImageItem(tmp_path / "x.png", "member", "x"), ImageItem(tmp_path / "x.png", "holdout", "x")
+    assert auth_resume.plan(tmp_path, [member], {}, {}) == ([{**row, "image": str(member.path)}], [])
+    assert auth_resume.plan(tmp_path, [holdout], {}, {}) == ([], [holdout])
+    gone = {"/m": [{"file": "unet/extra.json", "error": "No such file or directory"}]}
+    assert auth_resume._moved(gone, gone) == []
+    assert auth_resume._moved(gone, {"/m": [{"file": "unet/extra.json", "bytes": 1, "mtime_ns": 1, "ctime_ns": 1,
+                                             "sha256": None}]}) == ["/m/unet/extra.json"]

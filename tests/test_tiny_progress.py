@@ -161,7 +161,9 @@ def test_the_first_batch_s_steps_say_how_long_the_run_takes(monkeypatch):
 
     clock, said = Clock(), []
     monkeypatch.setattr(progress.time, "perf_counter", clock)
-    factory = progress.first_steps_estimate(1000, 10, 4, said.append)
+    factory = progress.first_steps_estimate(1000, 10, 3, 4, said.append)
+    failed = factory()  # a first try that fails (out of memory) before it says anything: timed again
+    failed(0, 0.1)
     cb = factory()
     clock.now += 50.0  # the first step: compile, warm-up
     cb(0, 0.1)
@@ -173,8 +175,10 @@ def test_the_first_batch_s_steps_say_how_long_the_run_takes(monkeypatch):
                     "1.7 h for 10 images"]
     for step in range(16, 1000):
         cb(step, 0.1)
+    for step in range(1000):  # the batch's next chunk: said once
+        cb(step, 0.1)
     assert len(said) == 1 and factory() is None
-    short = progress.first_steps_estimate(3, 1, 1, said.append)()  # a batch shorter than 30 s: at its end
+    short = progress.first_steps_estimate(3, 1, 1, 1, said.append)()  # a batch shorter than 30 s: at its end
     for step in range(3):
         clock.now += 1.0
         short(step, 0.0)
