@@ -148,14 +148,18 @@ def authenticate(
 
         # on a CPU, one line from the first batch's steps: how long the run will take
         first = (first_steps_estimate(cfg.pgd.steps, len(todo), -(-len(todo) // cfg.batch_size), cfg.batch_size,
-                                      lambda text: tqdm.write(
-            text, file=sys.stderr)) if progress and pair.device.type == "cpu" else None)
+                                      lambda text: tqdm.write(text, file=sys.stderr), padded=cfg.engine == "engine",
+                                      baselines=bool(cfg.baseline_names))
+                 if progress and pair.device.type == "cpu" else None)
 
-        def step_bar():
-            timed = first() if first else None
+        pgd_bars: list = []  # closed when the run stops too: a stop's message is not printed over one
+
+        def step_bar(n=None):
+            timed = first(n) if first else None
             if "file" in every:  # a log file gets the images bar only: a PGD bar's lines would drown it
                 return timed
             pgd = tqdm(total=cfg.pgd.steps, desc="  PGD", unit="step", leave=False, **every)
+            pgd_bars[:] = [pgd]
 
             def cb(step, loss):
                 if timed:
@@ -177,7 +181,8 @@ def authenticate(
             try:
                 writer.close()
             finally:
-                bar.close()
+                for b in (*pgd_bars, bar):
+                    b.close()
         order = {it.id: i for i, it in enumerate(items)}
         rows.sort(key=lambda r: order.get(r["id"], len(order)))
         emb_info = add_embedding_scores(rows, embedder, out) if embedder is not None else None

@@ -248,7 +248,7 @@ def run_pair(
     *,
     prefetch_depth: int = 2,
     stats: Optional[PairStats] = None,
-    step_callback: Optional[Callable[[], Callable]] = None,
+    step_callback: Optional[Callable[[int], Optional[Callable]]] = None,
 ) -> PairStats:
     """Authenticate ``items`` against one loaded ``pair`` in batches of ``cfg.batch_size``;
     every item ends as exactly one row handed to ``emit`` (on the writer's thread). A mask
@@ -313,7 +313,7 @@ def run_pair(
             if prep is None:
                 prep = prepare(pair, torch.stack(tensors), [it.id for it in its], cfg)
             t0 = time.perf_counter()
-            result = recover(pair, prep, run_cfg[0], callback=step_callback() if step_callback else None)
+            result = recover(pair, prep, run_cfg[0], callback=step_callback(len(its)) if step_callback else None)
             if pair.device.type == "cuda":
                 torch.cuda.synchronize(pair.device)
             stats.engine_s += time.perf_counter() - t0

@@ -87,24 +87,28 @@ def bar_options() -> dict:
 
 
 def _duration(seconds: float) -> str:
-    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
-            else f"{seconds / 3600:.1f} h")
+    return ("under 1 s" if seconds < 1 else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+            if seconds < 5400 else f"{seconds / 3600:.1f} h")
 
 
-def first_steps_estimate(steps: int, images: int, batches: int, batch: int, say: Callable[[str], None]):
-    """A ``step_callback`` for ``batches.run_pair`` that times the first PGD steps and says
-    once, after 30 s of them or at the end of a batch, about how long a batch and the run
-    (``batches`` batches of up to ``batch`` for ``images`` images) take: on a CPU the paper's
-    1000 steps take long, and no bar says how long before the first batch ends. Timed from a
+def first_steps_estimate(steps: int, images: int, batches: int, batch: int, say: Callable[[str], None], *,
+                         padded: bool = True, baselines: bool = False):
+    """A ``step_callback`` factory for ``batches.run_pair`` (called with each batch's image
+    count) that times the first PGD steps and says once, after 30 s of them or at the end of
+    a batch, about how long a batch and the run (``batches`` batches of up to ``batch`` for
+    ``images`` images) take: on a CPU the paper's 1000 steps take long, and no bar says how
+    long before the first batch ends. ``padded``: a smaller batch costs a whole one (the
+    engine pads it to its bucket); else the cost is per image (the reference). Timed from a
     batch's second step (past the first step's warm-up); a batch retried, or run in chunks,
     times again until the line is said; then no callback is given (it reads each step's
-    loss: a device sync)."""
+    loss: a device sync). The figure is the search's alone: ``baselines`` says so."""
     said: list[bool] = []
 
-    def factory() -> Optional[Callable[[int, float], None]]:
+    def factory(n: Optional[int] = None) -> Optional[Callable[[int, float], None]]:
         if said:
             return None
         start: list[float] = []
+        size = n or batch
 
         def cb(step: int, loss: float) -> None:
             if said:
@@ -114,10 +118,13 @@ def first_steps_estimate(steps: int, images: int, batches: int, batch: int, say:
                 start[:] = [now, step]
             elif now - start[0] >= 30 or step == steps - 1:
                 per = (now - start[0]) / (step - start[1])
+                one, run = (per * steps, per * steps * batches) if padded else (
+                    per / size * batch * steps, per / size * images * steps)
                 said.append(True)
-                say(f"PGD: {per:.3g} s a step (from the first batch's first {step + 1}): about "
-                    f"{_duration(per * steps)} a batch of up to {batch}, {_duration(per * steps * batches)} for "
-                    f"{images} image{'s' if images != 1 else ''}")
+                say(f"estimate: the PGD search takes {per:.3g} s a step for {size} image{'s' if size != 1 else ''} "
+                    f"(timed over steps {start[1] + 2} to {step + 1} of {steps}): about {_duration(one)} a batch of "
+                    f"up to {batch}, {_duration(run)} for {images} image{'s' if images != 1 else ''}"
+                    + (", besides the baselines" if baselines else ""))
 
         return cb
 
@@ -136,7 +143,8 @@ class Progress:
         self.t0 = time.perf_counter()
         self.count = 0
         self.lock = threading.Lock()
-        self.bar = tqdm(total=mine, desc=f"rank {rank}/{world}" if world > 1 else "images", position=0, **kw)
+        self.label = f"rank {rank}/{world}" if world > 1 else None  # said before this rank's own lines
+        self.bar = tqdm(total=mine, desc=self.label or "images", position=0, **kw)
         self.total_bar = None
         self.stop = threading.Event()
         if world > 1 and rank == 0 and enabled:

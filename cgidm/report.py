@@ -84,15 +84,15 @@ hover over a column's name for what it measures). Higher is closer (for <code>la
 the model was fine-tuned on tend to come back closer than images it never saw.</li>
 <li><b>Controls</b>: images like these (same kind, style and size) known not to be in the fine-tune. How well they come
 back shows what happens without training; a score alone says little.</li>
-<li><b>p-value</b> of an image: the share of controls that came back at least as well, counting the image itself; small
-means few did. <b>z</b>: how many standard deviations of the control scores it lies from their average, positive
+<li><b>p-value</b> of an image: the share of {{ g.controls }} that came back at least as well, counting the image
+itself; small means few did{% if not g.judged %} (none here: no controls were given, so no p-value or verdict){% endif %}. <b>z</b>: how many standard deviations of the control scores it lies from their average, positive
 when it came back better.</li>
 <li><b>Verdict</b> of an image: <i>fine-tuned on</i> when its p-value is at most {{ g.level }}; <i>no evidence</i> above
 that, which is not proof it was not used; <i>inconclusive</i> when too few controls allow so small a p-value. Each image
 is tested on its own, so some images never trained on are flagged by chance.</li>
-<li><b>Set verdict</b> (the box at the top): one test of all the suspect images together (members and unlabelled
-images, not hold-outs) against the controls; its p-value is the chance that they would rank at least this far above
-the controls if none of them were in the fine-tune.</li>
+{% if g.judged %}<li><b>Set verdict</b> ({{ g.set_where }}): one test of all the suspect images together (members and
+unlabelled images, not hold-outs) against {{ g.against }}; its p-value is the chance that they would rank at least this
+far above the controls if none of them were in the fine-tune.</li>{% endif %}
 <li><b>AUC</b>, when images labelled <i>member</i> (known to be in the fine-tune) and <i>hold-out</i> (known not to be)
 were given: the chance that a member scores better than a hold-out; 1 means every member above every hold-out, 0.5 a
 coin toss. It says how well the method tells them apart here; it is not a verdict.</li>
@@ -352,8 +352,15 @@ def _guide(summary: dict) -> dict:
     default_mask = cfg.get("blocks_per_side") is None and cfg.get("pass_rate") == 2
     higher = HIGHER_IS_BETTER.get(metric, True)
     closer = "higher is closer" if higher else "lower is closer"
+    pairs = summary.get("pairs") if isinstance(summary.get("pairs"), dict) else {}
+    several = len(pairs) > 1  # a screen of several pairs: each judged against its own controls
     return {
         "hidden": "half" if default_mask else "part", "metric": metric, "level": level,
+        "judged": bool(summary.get("controls")) or any(isinstance(p, dict) and p.get("controls")
+                                                       for p in pairs.values()),
+        "controls": "the controls of its pair" if several else "controls",
+        "against": "the controls of its pair" if several else "the controls",
+        "set_where": "per pair, in the table of pairs" if several else "the box at the top",
         "level_title": "the p-value at or below which the verdict is 'fine-tuned on'",
         "score_title": f"the score the AUC and the verdicts use: {metric}, repeated ({closer})",
         "auc_title": "area under the ROC curve: the chance that a member (known to be in the fine-tune) scores "

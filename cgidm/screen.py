@@ -29,8 +29,8 @@ from cgidm.images import refuse_images_inside
 from cgidm.batches import PairStats, RowWriter, run_pair
 from cgidm.config import EMBED_FIELDS, AuthConfig, check_impl, dtype_name, library_runtime
 from cgidm.distributed import all_gather, dist_info
-from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, json_values, output_dirs,
-                         shown)
+from cgidm.files import (OutputError, append_jsonl, atomic_write_json, atomic_write_jsonl, counted, json_values,
+                         output_dirs, shown)
 from cgidm.manifest import Entry, model_files
 from cgidm.models import ModelLoadError
 from cgidm.pipeline import resolve_prompt
@@ -72,7 +72,9 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
     writer = RowWriter(threaded=prefetch_depth > 0)
     # on a CPU, one line from the first batch's steps: how long this rank's images will take
     batches = sum(-(-len(list(g)) // cfg.batch_size) for _, g in itertools.groupby(mine, key=lambda e: e.pair.key))
-    first = (first_steps_estimate(cfg.pgd.steps, len(mine), batches, cfg.batch_size, progress.say)
+    first = (first_steps_estimate(cfg.pgd.steps, len(mine), batches, cfg.batch_size,
+                                  lambda text: progress.say(f"{progress.label}: {text}" if progress.label else text),
+                                  padded=cfg.engine == "engine", baselines=bool(cfg.baseline_names))
              if not progress.bar.disable and torch.device(device).type == "cpu" else None)
 
     def emit(row):
@@ -100,7 +102,7 @@ def _screen_rank(mine: Sequence[Entry], out: Path, sink: Path, cfg: AuthConfig, 
                 prompts[key] = {"prompt": pair_cfg.prompt, "from": where}
                 models[key] = {k: pair.info[k] for k in LOADED_FACTS if k in pair.info}
                 todo, total = (counts or {}).get(key, (len(group), len(group)))
-                left = (f"{todo} of {total} images to screen" if todo != total else f"{total} images") + (
+                left = (f"{todo} of {total} images to screen" if todo != total else counted(total, "image")) + (
                     f" ({len(group)} on this rank)" if len(group) != todo else "")
                 progress.say(f"pair {shown(key)}: {left}; {pair.info.get('family')}; "
                              f"prompt {pair_cfg.prompt!r} ({shown(where)})")

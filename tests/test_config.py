@@ -194,10 +194,10 @@ def test_stop_messages_promise_only_rows_that_are_there(monkeypatch, capsys, tmp
 
 def test_a_stopped_authenticate_says_how_to_resume(monkeypatch, capsys, tmp_path):
     """authenticate's rows are complete and --resume goes on from them; the demo's same
-    command starts over; screen's line promises nothing more than its rows."""
+    command starts over; screen's same command goes on."""
     (tmp_path / "results.jsonl").write_text("")
     said = {"authenticate": "(the same command with --resume goes on from them)",
-            "demo": "(the same command again starts over)"}
+            "demo": "(the same command again starts over)", "screen": "(the same command again goes on from them)"}
     for command, argv in (("authenticate", ["authenticate", "--base", "b", "--images", "i"]), ("demo", ["demo"]),
                           ("screen", ["screen", "--manifest", "m.csv"])):
         def stop(_args):

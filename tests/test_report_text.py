@@ -383,6 +383,21 @@ def test_the_report_says_how_to_read_it_in_plain_words(tmp_path):
     rows, s = _labelled_run(level=0.01, blocks_per_side=2)
     guide = " ".join(_html(tmp_path, rows, s).split())
     assert "at most 0.01;" in guide and "and part of it was hidden" in guide and "half of it" not in guide
+    # several pairs: each judged against its own controls, its set verdict in the table of pairs
+    from cgidm.summary import summarize_pairs
+
+    rows, _ = _labelled_run()
+    rows = [{**r, "pair": p} for p in ("p1", "p2") for r in rows]
+    rows = [{**r, "id": f"{r['pair']}/{r['id']}"} for r in rows]
+    html = _html(tmp_path, rows, summarize_pairs(rows, {"p1": {}, "p2": {}}, AuthConfig(prompt="p")))
+    guide = " ".join(re.sub("<[^>]+>", "", html).split())
+    assert "the share of the controls of its pair that came back" in guide and "box at the top" not in guide
+    assert "Set verdict (per pair, in the table of pairs): one test of all the suspect images together (members and " \
+           "unlabelled images, not hold-outs) against the controls of its pair" in guide
+    # no controls: no p-value, no verdict, no set verdict: said, and no box pointed at
+    rows = [r for r in _labelled_run()[0] if r["label"] != "control"]
+    guide = " ".join(re.sub("<[^>]+>", "", _html(tmp_path, rows, summarize(rows, AuthConfig(prompt="p")))).split())
+    assert "(none here: no controls were given, so no p-value or verdict)" in guide and "Set verdict" not in guide
 
 
 def test_technical_names_have_plain_tooltips(tmp_path):

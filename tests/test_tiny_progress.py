@@ -162,27 +162,36 @@ def test_the_first_batch_s_steps_say_how_long_the_run_takes(monkeypatch):
     clock, said = Clock(), []
     monkeypatch.setattr(progress.time, "perf_counter", clock)
     factory = progress.first_steps_estimate(1000, 10, 3, 4, said.append)
-    failed = factory()  # a first try that fails (out of memory) before it says anything: timed again
+    failed = factory(4)  # a first try that fails (out of memory) before it says anything: timed again
     failed(0, 0.1)
-    cb = factory()
+    cb = factory(4)
     clock.now += 50.0  # the first step: compile, warm-up
     cb(0, 0.1)
     for step in range(1, 16):
         clock.now += 2.0
         cb(step, 0.1)
     # 15 steps of 2 s after the first (30 s): 2 s a step, 2000 s a batch, 3 batches of up to 4
-    assert said == ["PGD: 2 s a step (from the first batch's first 16): about 33 min a batch of up to 4, "
-                    "1.7 h for 10 images"]
+    assert said == ["estimate: the PGD search takes 2 s a step for 4 images (timed over steps 2 to 16 of 1000): "
+                    "about 33 min a batch of up to 4, 1.7 h for 10 images"]
     for step in range(16, 1000):
         cb(step, 0.1)
     for step in range(1000):  # the batch's next chunk: said once
         cb(step, 0.1)
-    assert len(said) == 1 and factory() is None
+    assert len(said) == 1 and factory(4) is None
     short = progress.first_steps_estimate(3, 1, 1, 1, said.append)()  # a batch shorter than 30 s: at its end
     for step in range(3):
         clock.now += 1.0
         short(step, 0.0)
-    assert said[-1] == "PGD: 1 s a step (from the first batch's first 3): about 3 s a batch of up to 1, 3 s for 1 image"
+    assert said[-1] == ("estimate: the PGD search takes 1 s a step for 1 image (timed over steps 2 to 3 of 3): about "
+                        "3 s a batch of up to 1, 3 s for 1 image")
+    # the reference engine pads nothing: a first batch of 1 image times one image's share; and with baselines the
+    # figure is said to leave them out
+    one = progress.first_steps_estimate(100, 17, 2, 16, said.append, padded=False, baselines=True)(1)
+    for step in range(100):
+        clock.now += 0.5
+        one(step, 0.0)
+    assert said[-1] == ("estimate: the PGD search takes 0.5 s a step for 1 image (timed over steps 2 to 61 of 100): "
+                        "about 13 min a batch of up to 16, 14 min for 17 images, besides the baselines")
 
 
 def test_authenticate_on_a_cpu_says_the_estimate_in_a_log(tiny_world, tmp_path, capsys):
@@ -194,5 +203,5 @@ def test_authenticate_on_a_cpu_says_the_estimate_in_a_log(tiny_world, tmp_path, 
                      "--images", str(imgs / "members"), "--out", str(tmp_path / "o"), "--preset", "demo",
                      "--steps", "5", "--batch-size", "4", "--device", "cpu"]) == cli.EXIT_OK
     err = capsys.readouterr().err
-    assert err.count("PGD: ") == 1 and "(from the first batch's first 5): about " in err, err
+    assert err.count("estimate: the PGD search takes ") == 1 and "(timed over steps 2 to 5 of 5): about " in err, err
     assert "a batch of up to 4, " in err and " for 6 images" in err
