@@ -132,7 +132,7 @@ def authenticate(
             print(f"resuming: {counted(len(kept), 'finished image')} kept, {len(todo)} to authenticate" if found
                   else f"resuming: no stopped run in {out}; {counted(len(todo), 'image')} to authenticate", flush=True)
         results = out / RESULTS
-        rows: list[dict] = [{k: v for k, v in r.items() if k not in auth_resume.JUDGED} for r in kept]
+        rows: list[dict] = list(kept)
         every = bar_options()  # in a log file (not a terminal) a line every 30 s instead of a redraw
         bar = tqdm(total=len(items), initial=len(rows), desc="images", unit="img", disable=not progress, **every)
 

@@ -59,18 +59,21 @@ def _moved(old: dict, now: dict) -> list[str]:
                 for e in entries if isinstance(e, dict)} if isinstance(stamp, dict) else {}
 
     a, b = flat(old), flat(now)
-    moved = []
-    for key in sorted(set(a) | set(b), key=str):
-        x, y = a.get(key), b.get(key)
-        if x is not None and y is not None and "error" in x and "error" in y:  # unreadable then and now (a
-            continue  # dangling link the loaders pass over): the same
-        hashed = x is not None and y is not None and x.get("sha256") is not None and y.get("sha256") is not None
-        same = x is not None and y is not None and x.get("bytes") == y.get("bytes") and "error" not in y and (
-            x.get("sha256") == y.get("sha256") if hashed else  # a file saved over with its old time put back
-            (x.get("mtime_ns"), x.get("ctime_ns")) == (y.get("mtime_ns"), y.get("ctime_ns")))  # has a new ctime
-        if not same:
-            moved.append(os.path.join(key[0], key[1]) if key[1] else key[0])
-    return moved
+    return [os.path.join(m, f) if f else m for m, f in sorted(set(a) | set(b), key=str)
+            if not _same_file(a.get((m, f)), b.get((m, f)))]
+
+
+def _same_file(x: Optional[dict], y: Optional[dict]) -> bool:
+    if x is None or y is None:  # added or gone
+        return False
+    if "error" in x or "error" in y:  # unreadable then and now (a dangling link the loaders pass over): the same
+        return "error" in x and "error" in y
+    if x.get("bytes") != y.get("bytes"):
+        return False
+    if x.get("sha256") is not None and y.get("sha256") is not None:
+        return x["sha256"] == y["sha256"]
+    # a file saved over with its old modification time put back has a new change time
+    return (x.get("mtime_ns"), x.get("ctime_ns")) == (y.get("mtime_ns"), y.get("ctime_ns"))
 
 
 def _said(key: str, value) -> Optional[str]:
@@ -85,7 +88,8 @@ def write_state(out: Path, settings: dict, stamp: dict) -> None:
 
 
 def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[dict], list]:
-    """``(rows kept, items to authenticate)`` for ``--resume`` into ``out``. ``ValueError``
+    """``(rows kept, items to authenticate)`` for ``--resume`` into ``out``, the kept rows
+    without their verdicts, cards and validator scores (made again). ``ValueError``
     when ``out`` holds a run with other settings or other model files (nothing is touched);
     a folder with no run in it resumes nothing."""
     rows = read_jsonl(out / RESULTS)
@@ -115,16 +119,15 @@ def plan(out: Path, items: Sequence, settings: dict, stamp: dict) -> tuple[list[
         raise ValueError(f"{out} holds an authenticate run of other model files: {counted(len(moved), 'file')} "
                          f"changed since, or touched (first: {provenance.shown(moved[0])}; with --hash-models on "
                          "both runs their contents are compared instead); run without --resume to start over")
-    done = {}
-    for r in rows:  # a later row of an id wins; an error is done again
-        done[r["id"]] = r
+    done = {r["id"]: r for r in rows}  # a later row of an id wins; an error is done again
     kept, todo = [], []
     for it in items:
         r = done.get(it.id)
         if (r is not None and "error" not in r and r.get("label") == it.label and _files_there(out, r)
                 and same_source(r.get("source"), it.path)):  # a label given otherwise now (the API's own ids)
-            # the file as given now (the same: a folder moved since is read there)
-            kept.append({**{k: v for k, v in r.items() if k not in EMBEDDED}, "image": str(it.path)})
+            # without what is given again over the whole set; the file as given now (the same: a
+            # folder moved since is read there)
+            kept.append({**{k: v for k, v in r.items() if k not in (*JUDGED, *EMBEDDED)}, "image": str(it.path)})
         else:
             todo.append(it)
     redone = sum(1 for it in todo if it.id in done)
@@ -141,8 +144,8 @@ def _files_there(out: Path, row: dict) -> bool:
 
 def set_aside(out: Path, kept: Sequence[dict]) -> int:
     """Before the resumed run writes a row: the stopped (or finished) run's summary, report
-    and evidence cards go, and ``results.jsonl`` holds only the ``kept`` rows, without the
-    verdicts they were given against the earlier set. Returns how many rows were dropped
+    and evidence cards go, and ``results.jsonl`` holds only the ``kept`` rows (``plan``'s,
+    without the verdicts they were given against the earlier set). Returns how many rows were dropped
     (their images are done again, or no longer given: their outputs are removed)."""
     keep = {r["id"] for r in kept}
     theirs = {path for r in kept for path in own_files(out, r)}  # never removed for another row naming them
@@ -154,6 +157,5 @@ def set_aside(out: Path, kept: Sequence[dict]) -> int:
                 path.unlink(missing_ok=True)
     for name in ("summary.json", "report.html"):
         (out / name).unlink(missing_ok=True)
-    rows = [{k: v for k, v in r.items() if k not in JUDGED} for r in kept]
-    atomic_write_jsonl(out / RESULTS, rows)
+    atomic_write_jsonl(out / RESULTS, kept)
     return len({r["id"] for r in before} - keep)

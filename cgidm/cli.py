@@ -497,9 +497,9 @@ def _kept(args) -> str:
         return (f"it wrote no row: {out / RESULTS} holds an earlier run's rows as they were (the same command "
                 "with --resume goes on from them where their settings are these; without it, it starts over)")
     if (out / RESULTS).is_file():  # authenticate resumes with --resume; the demo starts over
-        again = {"screen": " (the same command again goes on from them)", "protect": " (the same command again goes "
-                 "on from them)", "authenticate": " (the same command with --resume goes on from them)"}.get(
-            args.command, " (the same command again starts over)")
+        again = (" (the same command again goes on from them)" if args.command in ("screen", "protect") else
+                 " (the same command with --resume goes on from them)" if args.command == "authenticate" else
+                 " (the same command again starts over)")
         return f"rows finished before it are complete in {out / RESULTS}{again}"
     if any(p.stat().st_size for p in (out / SHARDS).glob("*.jsonl")):  # torchrun's ranks, before the merge
         return f"rows finished before it are complete in {out / SHARDS} (the same command again resumes)"
